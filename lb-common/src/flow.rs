@@ -1,0 +1,166 @@
+//! Conntrack entries (`XLB_FLOWS`). A flow has two entries: one keyed by the
+//! client's tuple (ORIGINAL) and one keyed by the tuple the backend's replies
+//! carry (REPLY). Each entry holds the complete rewrite for packets matching
+//! its key, so both directions cost one lookup.
+
+use crate::assert_size;
+
+/// A 5-tuple exactly as it appears in a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr_be: u32,
+    pub dst_addr_be: u32,
+    pub src_port_be: u16,
+    pub dst_port_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+assert_size!(FlowKey, 16);
+
+impl FlowKey {
+    /// The key of the opposite direction's entry, given this entry's rewrite.
+    /// Packets matching `self` leave as `flow.new_*`; the peer sees them
+    /// reversed.
+    #[inline(always)]
+    pub const fn peer_of(flow: &Flow, proto: u8) -> Self {
+        Self {
+            src_addr_be: flow.new_dst_addr_be,
+            dst_addr_be: flow.new_src_addr_be,
+            src_port_be: flow.new_dst_port_be,
+            dst_port_be: flow.new_src_port_be,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `Flow::direction`: client -> backend.
+pub const FLOW_DIR_ORIGINAL: u8 = 0;
+/// `Flow::direction`: backend -> client.
+pub const FLOW_DIR_REPLY: u8 = 1;
+
+/// `Flow::state` bits (TCP; UDP flows stay 0 apart from `SEEN_REPLY`).
+pub const FLOW_S_SYN: u8 = 1 << 0;
+/// A packet has been seen in the reply direction.
+pub const FLOW_S_SEEN_REPLY: u8 = 1 << 1;
+pub const FLOW_S_FIN_ORIGINAL: u8 = 1 << 2;
+pub const FLOW_S_FIN_REPLY: u8 = 1 << 3;
+pub const FLOW_S_RST: u8 = 1 << 4;
+
+/// One conntrack entry: what to rewrite packets matching its key to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub new_src_addr_be: u32,
+    pub new_dst_addr_be: u32,
+    pub new_src_port_be: u16,
+    pub new_dst_port_be: u16,
+    /// Backend the flow was sent to (id in `XLB_BACKENDS`).
+    pub backend_id: u32,
+    /// Service the flow belongs to (`Service::id`).
+    pub service_id: u32,
+    /// `FLOW_DIR_*`.
+    pub direction: u8,
+    /// `FLOW_S_*`, kept identical in both entries of a flow.
+    pub state: u8,
+    pub _pad: [u8; 2],
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet, refreshed at
+    /// most about once a second.
+    pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns()` when the flow was created.
+    pub created_ns: u64,
+}
+assert_size!(Flow, 40);
+
+impl Flow {
+    /// Idle timeout of this entry, in seconds, under `cfg`.
+    #[inline(always)]
+    pub const fn timeout_s(&self, proto: u8, cfg: &crate::GlobalConfig) -> u32 {
+        if proto != crate::IPPROTO_TCP {
+            return cfg.udp_timeout_s;
+        }
+        let both_fins = FLOW_S_FIN_ORIGINAL | FLOW_S_FIN_REPLY;
+        if self.state & FLOW_S_RST != 0 || self.state & both_fins == both_fins {
+            cfg.tcp_closing_timeout_s
+        } else if self.state & FLOW_S_SEEN_REPLY == 0 {
+            cfg.tcp_syn_timeout_s
+        } else {
+            cfg.tcp_established_timeout_s
+        }
+    }
+
+    /// Whether the entry has been idle longer than its timeout at `now_ns`.
+    #[inline(always)]
+    pub const fn expired(&self, proto: u8, cfg: &crate::GlobalConfig, now_ns: u64) -> bool {
+        let timeout_ns = self.timeout_s(proto, cfg) as u64 * 1_000_000_000;
+        now_ns.saturating_sub(self.last_seen_ns) > timeout_ns
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)], Copy, integers only, no implicit padding (asserted).
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Flow {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::GlobalConfig;
+
+    #[test]
+    fn peer_key_reverses_rewrite() {
+        let flow = Flow {
+            new_src_addr_be: 1,
+            new_dst_addr_be: 2,
+            new_src_port_be: 3,
+            new_dst_port_be: 4,
+            ..Flow::default()
+        };
+        let peer = FlowKey::peer_of(&flow, crate::IPPROTO_UDP);
+        assert_eq!((peer.src_addr_be, peer.dst_addr_be), (2, 1));
+        assert_eq!((peer.src_port_be, peer.dst_port_be), (4, 3));
+    }
+
+    #[test]
+    fn tcp_timeouts_follow_state() {
+        let cfg = GlobalConfig::DEFAULT;
+        let mut flow = Flow::default();
+        assert_eq!(
+            flow.timeout_s(crate::IPPROTO_TCP, &cfg),
+            cfg.tcp_syn_timeout_s
+        );
+        flow.state |= FLOW_S_SEEN_REPLY;
+        assert_eq!(
+            flow.timeout_s(crate::IPPROTO_TCP, &cfg),
+            cfg.tcp_established_timeout_s
+        );
+        flow.state |= FLOW_S_FIN_ORIGINAL;
+        assert_eq!(
+            flow.timeout_s(crate::IPPROTO_TCP, &cfg),
+            cfg.tcp_established_timeout_s,
+            "a half-close keeps the flow open"
+        );
+        flow.state |= FLOW_S_FIN_REPLY;
+        assert_eq!(
+            flow.timeout_s(crate::IPPROTO_TCP, &cfg),
+            cfg.tcp_closing_timeout_s
+        );
+        assert_eq!(flow.timeout_s(crate::IPPROTO_UDP, &cfg), cfg.udp_timeout_s);
+    }
+
+    #[test]
+    fn expiry_uses_last_seen() {
+        let cfg = GlobalConfig::DEFAULT;
+        let flow = Flow {
+            last_seen_ns: 1_000_000_000,
+            ..Flow::default()
+        };
+        let limit = 1_000_000_000 + u64::from(cfg.udp_timeout_s) * 1_000_000_000;
+        assert!(!flow.expired(crate::IPPROTO_UDP, &cfg, limit));
+        assert!(flow.expired(crate::IPPROTO_UDP, &cfg, limit + 1));
+    }
+}

@@ -1,0 +1,31 @@
+//! The contract between the xlb datapath (`lb-ebpf`) and the agent (`xlb`):
+//! map names and sizes, `#[repr(C)]` keys and values, and the verdict reasons
+//! both sides count and print.
+//!
+//! Byte order: every field whose name ends in `_be` holds the value exactly as
+//! it is on the wire (network byte order), so the datapath can compare and copy
+//! it without swapping. Everything else is host order.
+#![no_std]
+
+pub mod flow;
+pub mod hash;
+pub mod maps;
+pub mod reason;
+pub mod service;
+
+pub use flow::{Flow, FlowKey};
+pub use reason::Reason;
+pub use service::{Backend, GlobalConfig, NodeAddr, Service, ServiceKey};
+
+/// IP protocol numbers xlb balances.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Compile-time size check for a shared type: the datapath and the agent must
+/// agree on every byte, and hidden padding is a bug on one of the two sides.
+#[macro_export]
+macro_rules! assert_size {
+    ($ty:ty, $size:expr) => {
+        const _: () = assert!(core::mem::size_of::<$ty>() == $size);
+    };
+}

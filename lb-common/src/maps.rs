@@ -1,0 +1,34 @@
+//! Names and default capacities of every BPF map, defined once for both sides.
+//!
+//! The datapath declares each map as a `static` with exactly this name; the
+//! agent opens them by these names and may resize the ones marked "load-time"
+//! with `EbpfLoader::set_max_entries` before loading.
+
+/// `HashMap<ServiceKey, Service>`: frontends. NodePorts use `addr_be == 0`.
+pub const SERVICES: &str = "XLB_SERVICES";
+/// `Array<u32>`: backend selection slots (backend ids), one region per service
+/// at `Service::table_offset .. + table_size`. Load-time sized.
+pub const SELECT: &str = "XLB_SELECT";
+/// `Array<Backend>`: backends by id. Id 0 is never used. Load-time sized.
+pub const BACKENDS: &str = "XLB_BACKENDS";
+/// `LruHashMap<FlowKey, Flow>`: conntrack, two entries per flow. Load-time sized.
+pub const FLOWS: &str = "XLB_FLOWS";
+/// `HashMap<u32 /* addr_be */, NodeAddr>`: addresses that NodePorts answer on.
+pub const NODE_ADDRS: &str = "XLB_NODE_ADDRS";
+/// `HashMap<u32 /* ifindex */, u32 /* addr_be */>`: masquerade source address
+/// per egress interface.
+pub const IFACE_ADDRS: &str = "XLB_IFACE_ADDRS";
+/// `Array<GlobalConfig>` with one element.
+pub const CONFIG: &str = "XLB_CONFIG";
+/// `PerCpuArray<u64>` indexed by `Reason as u32`: packets per verdict reason.
+pub const STATS: &str = "XLB_STATS";
+
+/// Name of the XDP program in the object file.
+pub const PROGRAM: &str = "xlb";
+
+pub const SERVICES_MAX: u32 = 65_536;
+pub const SELECT_MAX: u32 = 1 << 22;
+pub const BACKENDS_MAX: u32 = 131_072;
+pub const FLOWS_MAX: u32 = 1 << 20;
+pub const NODE_ADDRS_MAX: u32 = 256;
+pub const IFACE_ADDRS_MAX: u32 = 256;

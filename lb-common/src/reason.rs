@@ -1,0 +1,99 @@
+//! Why the datapath did what it did with a packet. One enum for both sides:
+//! the datapath counts each packet under exactly one reason in `XLB_STATS`,
+//! and the agent prints the same names.
+
+/// The XDP action a reason implies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Rewritten and sent on (XDP_REDIRECT or XDP_TX).
+    Forward,
+    /// Handed to the kernel stack untouched (XDP_PASS).
+    Pass,
+    /// Dropped (XDP_DROP).
+    Drop,
+}
+
+macro_rules! reasons {
+    ($($variant:ident = $value:literal, $name:literal, $verdict:ident, $doc:literal;)*) => {
+        /// One counter per reason; the value is the index in `XLB_STATS`.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Reason {
+            $(#[doc = $doc] $variant = $value,)*
+        }
+
+        impl Reason {
+            /// Every reason, in counter order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)*];
+
+            /// The name operators see (CLI, metrics labels).
+            pub const fn name(self) -> &'static str {
+                match self { $(Reason::$variant => $name,)* }
+            }
+
+            pub const fn verdict(self) -> Verdict {
+                match self { $(Reason::$variant => Verdict::$verdict,)* }
+            }
+
+            /// What the reason means, for help text.
+            pub const fn description(self) -> &'static str {
+                match self { $(Reason::$variant => $doc,)* }
+            }
+
+            pub const fn from_index(index: u32) -> Option<Reason> {
+                match index { $($value => Some(Reason::$variant),)* _ => None }
+            }
+        }
+    };
+}
+
+reasons! {
+    FwdNewFlow = 0, "fwd_new_flow", Forward, "first packet of a flow: backend chosen, flow recorded, rewritten";
+    FwdEstablished = 1, "fwd_established", Forward, "client-to-backend packet of a known flow";
+    FwdReply = 2, "fwd_reply", Forward, "backend-to-client packet of a known flow, reverse NAT applied";
+    PassNotReady = 3, "pass_not_ready", Pass, "the agent has not finished writing the configuration yet";
+    PassNotIpv4 = 4, "pass_not_ipv4", Pass, "not an untagged IPv4 frame (ARP, IPv6, VLAN, ...)";
+    PassMalformed = 5, "pass_malformed", Pass, "truncated or inconsistent headers; left for the kernel to judge";
+    PassFragment = 6, "pass_fragment", Pass, "IPv4 fragment; xlb does not reassemble";
+    PassNotTcpUdp = 7, "pass_not_tcp_udp", Pass, "neither TCP nor UDP (ICMP, ...)";
+    PassNotService = 8, "pass_not_service", Pass, "no service on this address and port, and no flow";
+    PassTcpNoFlow = 9, "pass_tcp_no_flow", Pass, "TCP segment other than SYN for a service with no flow; the kernel resets it";
+    PassFibFailed = 10, "pass_fib_failed", Pass, "the kernel FIB has no usable route to the destination";
+    DropNoBackend = 11, "drop_no_backend", Drop, "the service has no backends";
+    DropNoNeighbour = 12, "drop_no_neighbour", Drop, "the next hop's MAC address is not resolved yet";
+    DropSnatExhausted = 13, "drop_snat_exhausted", Drop, "no free masquerade port for this backend";
+    DropTtlExpired = 14, "drop_ttl_expired", Drop, "TTL would reach zero when forwarded";
+    DropFlowInsert = 15, "drop_flow_insert", Drop, "the conntrack entry could not be written";
+}
+
+/// Number of counters in `XLB_STATS`.
+pub const REASON_COUNT: u32 = Reason::ALL.len() as u32;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_are_dense_and_names_unique() {
+        for (index, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index);
+            assert_eq!(Reason::from_index(index as u32), Some(*reason));
+            for other in &Reason::ALL[index + 1..] {
+                assert_ne!(reason.name(), other.name());
+            }
+        }
+        assert_eq!(Reason::from_index(REASON_COUNT), None);
+    }
+
+    #[test]
+    fn name_prefix_matches_verdict() {
+        for reason in Reason::ALL {
+            let prefix = match reason.verdict() {
+                Verdict::Forward => "fwd_",
+                Verdict::Pass => "pass_",
+                Verdict::Drop => "drop_",
+            };
+            assert!(reason.name().starts_with(prefix), "{}", reason.name());
+        }
+    }
+}

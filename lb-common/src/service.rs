@@ -1,0 +1,120 @@
+//! Frontend, backend and global-settings map types (written by the agent's
+//! reconciler only, read by the datapath per packet).
+
+use crate::assert_size;
+
+/// `ServiceKey::addr_be` for a NodePort: it answers on every node address
+/// (`XLB_NODE_ADDRS`) rather than on one address.
+pub const ADDR_ANY_NODE: u32 = 0;
+
+/// A frontend: (address, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+assert_size!(ServiceKey, 8);
+
+/// New flows go through masquerade (externalTrafficPolicy=Cluster).
+pub const SERVICE_F_MASQUERADE: u32 = 1 << 0;
+
+/// A service as the datapath sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Agent-assigned id, stable while the service exists.
+    pub id: u32,
+    /// First slot of this service's region in `XLB_SELECT`.
+    pub table_offset: u32,
+    /// Slots in the region; 0 means "no backends".
+    pub table_size: u32,
+    /// `SERVICE_F_*`.
+    pub flags: u32,
+}
+assert_size!(Service, 16);
+
+/// The backend slot is in use (set last when written, cleared first when removed).
+pub const BACKEND_F_ACTIVE: u32 = 1 << 0;
+
+/// A backend (pod IP and target port), indexed by id in `XLB_BACKENDS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub _pad: u16,
+    /// `BACKEND_F_*`.
+    pub flags: u32,
+}
+assert_size!(Backend, 12);
+
+/// Value of `XLB_NODE_ADDRS` (reserved for per-address flags).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddr {
+    pub flags: u32,
+}
+assert_size!(NodeAddr, 4);
+
+/// Settings that apply to every packet. `XLB_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// Masquerade source ports are taken from `snat_port_min..=snat_port_max`
+    /// (host order). Keep this range out of `net.ipv4.ip_local_port_range`.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Seed for the flow hash (backend choice and masquerade port).
+    pub hash_seed: u32,
+    /// Idle timeouts, seconds.
+    pub tcp_syn_timeout_s: u32,
+    pub tcp_established_timeout_s: u32,
+    pub tcp_closing_timeout_s: u32,
+    pub udp_timeout_s: u32,
+    /// `CONFIG_F_*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+assert_size!(GlobalConfig, 32);
+
+/// Set by the agent once the whole config is written; until then the
+/// datapath passes everything.
+pub const CONFIG_F_READY: u32 = 1 << 0;
+
+impl GlobalConfig {
+    pub const DEFAULT: Self = Self {
+        snat_port_min: 61_000,
+        snat_port_max: 65_535,
+        hash_seed: 0x5eed_0001,
+        tcp_syn_timeout_s: 60,
+        tcp_established_timeout_s: 86_400,
+        tcp_closing_timeout_s: 10,
+        udp_timeout_s: 60,
+        flags: 0,
+        _pad: 0,
+    };
+}
+
+impl Default for GlobalConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all these are #[repr(C)], Copy, made only of integers, and have no
+    // implicit padding (sizes asserted above), so every bit pattern is valid.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Service {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NodeAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GlobalConfig {}
+}

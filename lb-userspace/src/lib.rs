@@ -1,0 +1,1 @@
+//! The xlb agent as a library, so tests and xtask can drive its parts.
