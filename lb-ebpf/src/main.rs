@@ -1,14 +1,187 @@
-//! xlb's XDP entry point.
+//! xlb's XDP entry point: parse, find the flow or the service, choose a
+//! backend, rewrite, forward; count every packet under one reason.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod fib;
+#[cfg(target_arch = "bpf")]
+mod lookup;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
+mod parse;
+#[cfg(target_arch = "bpf")]
+mod select;
+
+#[cfg(target_arch = "bpf")]
 mod prog {
-    use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+    use aya_ebpf::{
+        bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+    };
+    use lb_common::{
+        Flow, FlowKey, IPPROTO_TCP, Reason,
+        flow::FLOW_DIR_REPLY,
+        hash::flow_hash,
+        reason::Verdict,
+        service::{CONFIG_F_READY, SERVICE_F_MASQUERADE},
+    };
+
+    use crate::{
+        conntrack::{self, NewFlow},
+        fib, lookup,
+        maps::{XLB_CONFIG, XLB_IFACE_ADDRS, count},
+        nat,
+        parse::{self, Packet, TCP_ACK, TCP_SYN},
+        select,
+    };
 
     #[xdp]
-    pub fn xlb(_ctx: XdpContext) -> u32 {
-        xdp_action::XDP_PASS
+    pub fn xlb(ctx: XdpContext) -> u32 {
+        let (action, reason) = match try_xlb(&ctx) {
+            Ok(done) => done,
+            Err(reason) => (action_for(reason), reason),
+        };
+        count(reason);
+        action
+    }
+
+    #[inline(always)]
+    fn action_for(reason: Reason) -> u32 {
+        match reason.verdict() {
+            Verdict::Drop => xdp_action::XDP_DROP,
+            // A Forward reason only reaches here with its action already set.
+            Verdict::Pass | Verdict::Forward => xdp_action::XDP_PASS,
+        }
+    }
+
+    #[inline(always)]
+    fn try_xlb(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
+        let cfg = match XLB_CONFIG.get(0) {
+            Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => *cfg,
+            _ => return Err(Reason::PassNotReady),
+        };
+        let packet = parse::parse(ctx)?;
+        let key = flow_key(&packet);
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+
+        if let Some(flow) = conntrack::lookup(&key, &cfg, now) {
+            // SAFETY: valid map value pointer for this run.
+            let current = unsafe { *flow };
+            let reply = current.direction == FLOW_DIR_REPLY;
+            let restart = syn && conntrack::is_closed(&current);
+            if reply || (!restart && select::backend_still_serves(&current)) {
+                conntrack::track(flow, key.proto, packet.l4.tcp_flags, now);
+                let reason = if reply {
+                    Reason::FwdReply
+                } else {
+                    Reason::FwdEstablished
+                };
+                return forward(ctx, &packet, &current, reason);
+            }
+            // A closed flow's tuple reused by a new SYN, or a flow whose
+            // backend is gone: choose again, as for a new flow.
+        }
+
+        let service = lookup::service_for(key.dst_addr_be, key.dst_port_be, key.proto)
+            .ok_or(Reason::PassNotService)?;
+        if key.proto == IPPROTO_TCP && !syn {
+            return Err(Reason::PassTcpNoFlow);
+        }
+        let (backend_id, backend) = select::backend_for(&service, flow_hash(&key, cfg.hash_seed))
+            .ok_or(Reason::DropNoBackend)?;
+        check_ttl(&packet)?;
+        let hop = fib::next_hop(
+            ctx,
+            key.src_addr_be,
+            backend.addr_be,
+            key.proto,
+            tot_len(&packet),
+        )?;
+        let masquerade_addr_be = if service.flags & SERVICE_F_MASQUERADE != 0 {
+            Some(masquerade_addr(hop.ifindex)?)
+        } else {
+            None
+        };
+        let new = NewFlow {
+            service_id: service.id,
+            backend_id,
+            backend,
+            masquerade_addr_be,
+            syn,
+        };
+        let flow = conntrack::create(&key, &new, &cfg, now)?;
+        nat::rewrite(&packet, &flow);
+        Ok((fib::send(ctx, packet.eth, &hop), Reason::FwdNewFlow))
+    }
+
+    /// Sends a packet of a known flow on, rewritten as the flow says.
+    #[inline(always)]
+    fn forward(
+        ctx: &XdpContext,
+        packet: &Packet,
+        flow: &Flow,
+        reason: Reason,
+    ) -> Result<(u32, Reason), Reason> {
+        check_ttl(packet)?;
+        let hop = fib::next_hop(
+            ctx,
+            flow.new_src_addr_be,
+            flow.new_dst_addr_be,
+            packet.ip.proto,
+            tot_len(packet),
+        )?;
+        nat::rewrite(packet, flow);
+        Ok((fib::send(ctx, packet.eth, &hop), reason))
+    }
+
+    #[inline(always)]
+    fn flow_key(packet: &Packet) -> FlowKey {
+        let (src_port_be, dst_port_be) = packet.l4.ports_be();
+        // SAFETY: the parser checked the IPv4 header is inside the packet.
+        let (src, dst) = unsafe { ((*packet.ip.hdr).src_addr, (*packet.ip.hdr).dst_addr) };
+        FlowKey {
+            src_addr_be: u32::from_ne_bytes(src),
+            dst_addr_be: u32::from_ne_bytes(dst),
+            src_port_be,
+            dst_port_be,
+            proto: packet.ip.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// We forward like a router: a packet that would leave with TTL 0 is
+    /// dropped here rather than sent.
+    #[inline(always)]
+    fn check_ttl(packet: &Packet) -> Result<(), Reason> {
+        // SAFETY: the parser checked the IPv4 header is inside the packet.
+        if unsafe { (*packet.ip.hdr).ttl } <= 1 {
+            return Err(Reason::DropTtlExpired);
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn tot_len(packet: &Packet) -> u16 {
+        // SAFETY: the parser checked the IPv4 header is inside the packet.
+        u16::from_be_bytes(unsafe { (*packet.ip.hdr).tot_len })
+    }
+
+    /// The node's address on the interface the FIB chose, used as the
+    /// masquerade source so replies come back through this node.
+    #[inline(always)]
+    fn masquerade_addr(ifindex: u32) -> Result<u32, Reason> {
+        match XLB_IFACE_ADDRS.get_ptr(ifindex) {
+            // SAFETY: plain-integer map value.
+            Some(addr) => Ok(unsafe { *addr }),
+            None => Err(Reason::PassFibFailed),
+        }
     }
 
     #[cfg(not(test))]

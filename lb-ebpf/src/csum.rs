@@ -1,0 +1,127 @@
+//! Incremental Internet checksum updates (RFC 1624, eqn. 3). Every rewrite in
+//! the datapath goes through these; nothing else touches a checksum.
+//!
+//! All values are taken in *memory order*: the bytes as they sit in the packet,
+//! read as native integers. One's-complement sums are byte-order independent
+//! (RFC 1071), so no swapping is needed and the result is stored the same way.
+
+/// Folds a 32-bit one's-complement accumulator to 16 bits.
+#[inline(always)]
+const fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Running difference between old and new field values.
+#[derive(Clone, Copy, Default)]
+pub struct CsumDelta(u32);
+
+impl CsumDelta {
+    #[inline(always)]
+    pub const fn new() -> Self {
+        Self(0)
+    }
+
+    /// Accounts for a 16-bit field changing from `old` to `new`.
+    #[inline(always)]
+    pub const fn replace16(self, old: u16, new: u16) -> Self {
+        Self(fold(self.0 + (!old) as u32 + new as u32) as u32)
+    }
+
+    /// Accounts for a 32-bit field (an IPv4 address) changing.
+    #[inline(always)]
+    pub const fn replace32(self, old: u32, new: u32) -> Self {
+        self.replace16(old as u16, new as u16)
+            .replace16((old >> 16) as u16, (new >> 16) as u16)
+    }
+
+    /// Applies the difference to a checksum field's current value.
+    #[inline(always)]
+    pub const fn apply(self, check: u16) -> u16 {
+        !fold((!check) as u32 + self.0)
+    }
+
+    /// Like `apply`, for a UDP checksum: 0 means "no checksum" and stays 0,
+    /// and a computed 0 is sent as 0xffff (RFC 768).
+    #[inline(always)]
+    pub const fn apply_udp(self, check: u16) -> u16 {
+        if check == 0 {
+            return 0;
+        }
+        match self.apply(check) {
+            0 => 0xffff,
+            sum => sum,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Full RFC 1071 checksum over `data`, in memory order.
+    fn full(data: &[u8]) -> u16 {
+        let mut sum = 0u32;
+        for chunk in data.chunks(2) {
+            let word = [chunk[0], *chunk.get(1).unwrap_or(&0)];
+            sum += u32::from(u16::from_ne_bytes(word));
+        }
+        !fold(fold(sum) as u32)
+    }
+
+    fn word(data: &[u8], at: usize) -> u16 {
+        u16::from_ne_bytes([data[at], data[at + 1]])
+    }
+
+    #[test]
+    fn incremental_equals_full_recompute() {
+        // A 20-byte IPv4 header with the checksum at 10..12.
+        let mut header = [
+            0x45, 0, 0, 0x54, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 2, 198, 18, 0, 1,
+        ];
+        let check = full(&header);
+        header[10..12].copy_from_slice(&check.to_ne_bytes());
+        assert_eq!(full(&header), 0, "a valid header sums to zero");
+
+        for new_dst in [
+            [198u8, 18, 1, 2],
+            [255, 255, 255, 255],
+            [0, 0, 0, 0],
+            [1, 2, 3, 4],
+        ] {
+            let mut rewritten = header;
+            let old = u32::from_ne_bytes([header[16], header[17], header[18], header[19]]);
+            rewritten[16..20].copy_from_slice(&new_dst);
+            let new = u32::from_ne_bytes(new_dst);
+            let updated = CsumDelta::new()
+                .replace32(old, new)
+                .apply(word(&header, 10));
+            rewritten[10..12].copy_from_slice(&updated.to_ne_bytes());
+            assert_eq!(full(&rewritten), 0, "dst {new_dst:?}");
+        }
+    }
+
+    #[test]
+    fn ttl_decrement_updates_checksum() {
+        let mut header = [
+            0x45, 0, 0, 0x54, 0, 0, 0, 0, 1, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        let check = full(&header);
+        header[10..12].copy_from_slice(&check.to_ne_bytes());
+        let old = word(&header, 8);
+        header[8] -= 1;
+        let updated = CsumDelta::new()
+            .replace16(old, word(&header, 8))
+            .apply(word(&header, 10));
+        header[10..12].copy_from_slice(&updated.to_ne_bytes());
+        assert_eq!(full(&header), 0);
+    }
+
+    #[test]
+    fn udp_zero_checksum_is_kept() {
+        let delta = CsumDelta::new().replace32(1, 2);
+        assert_eq!(delta.apply_udp(0), 0);
+        assert_ne!(delta.apply_udp(0x1234), 0);
+    }
+}

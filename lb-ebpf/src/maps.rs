@@ -1,0 +1,46 @@
+//! The datapath's maps. Names, key/value types and sizes come from lb-common
+//! so the agent opens exactly these.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Flow, FlowKey, GlobalConfig, NodeAddr, Service, ServiceKey, maps as size,
+    reason::REASON_COUNT,
+};
+
+#[map]
+pub static XLB_SERVICES: HashMap<ServiceKey, Service> =
+    HashMap::with_max_entries(size::SERVICES_MAX, 0);
+
+#[map]
+pub static XLB_SELECT: Array<u32> = Array::with_max_entries(size::SELECT_MAX, 0);
+
+#[map]
+pub static XLB_BACKENDS: Array<Backend> = Array::with_max_entries(size::BACKENDS_MAX, 0);
+
+#[map]
+pub static XLB_FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(size::FLOWS_MAX, 0);
+
+#[map]
+pub static XLB_NODE_ADDRS: HashMap<u32, NodeAddr> =
+    HashMap::with_max_entries(size::NODE_ADDRS_MAX, 0);
+
+#[map]
+pub static XLB_IFACE_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(size::IFACE_ADDRS_MAX, 0);
+
+#[map]
+pub static XLB_CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static XLB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+/// Counts one packet under `reason`.
+#[inline(always)]
+pub fn count(reason: lb_common::Reason) {
+    if let Some(counter) = XLB_STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *counter += 1 };
+    }
+}

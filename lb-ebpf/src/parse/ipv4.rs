@@ -1,0 +1,49 @@
+//! IPv4: header length (options allowed), total length, fragments, protocol.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason};
+use network_types::ip::Ipv4Hdr;
+
+use super::ptr_at;
+
+/// More-fragments flag and fragment offset bits of `Ipv4Hdr::frags`.
+const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+
+pub struct Ipv4 {
+    pub hdr: *mut Ipv4Hdr,
+    /// Offset of the L4 header from the start of the frame.
+    pub l4_offset: usize,
+    pub proto: u8,
+}
+
+#[inline(always)]
+pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Ipv4, Reason> {
+    let hdr: *mut Ipv4Hdr = ptr_at(ctx, offset)?;
+    // SAFETY: ptr_at checked that the fixed 20-byte header is inside the packet.
+    let (vihl, tot_len, frags, proto) = unsafe {
+        (
+            (*hdr).vihl,
+            u16::from_be_bytes((*hdr).tot_len),
+            u16::from_be_bytes((*hdr).frags),
+            (*hdr).proto,
+        )
+    };
+    let header_len = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN || usize::from(tot_len) < header_len {
+        return Err(Reason::PassMalformed);
+    }
+    if offset + usize::from(tot_len) > ctx.data_end() - ctx.data() {
+        return Err(Reason::PassMalformed);
+    }
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    if frags & IP_MF_OFFSET_MASK != 0 {
+        return Err(Reason::PassFragment);
+    }
+    Ok(Ipv4 {
+        hdr,
+        l4_offset: offset + header_len,
+        proto,
+    })
+}

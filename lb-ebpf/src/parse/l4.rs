@@ -1,0 +1,72 @@
+//! TCP and UDP: the ports and checksum xlb rewrites, and TCP flags.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{IPPROTO_TCP, Reason};
+use network_types::{tcp::TcpHdr, udp::UdpHdr};
+
+use super::{Ipv4, ptr_at};
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Offset of the flags byte in a TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
+/// Offsets of the checksum field in the TCP and UDP headers.
+const TCP_CHECK_OFFSET: usize = 16;
+const UDP_CHECK_OFFSET: usize = 6;
+
+pub struct L4 {
+    /// Source and destination port, as on the wire (both headers start so).
+    pub ports: *mut [[u8; 2]; 2],
+    /// The TCP or UDP checksum field.
+    pub check: *mut [u8; 2],
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
+}
+
+impl L4 {
+    /// (source, destination) port in memory order.
+    #[inline(always)]
+    pub fn ports_be(&self) -> (u16, u16) {
+        // SAFETY: parse_l4 checked the header is inside the packet.
+        let ports = unsafe { *self.ports };
+        (u16::from_ne_bytes(ports[0]), u16::from_ne_bytes(ports[1]))
+    }
+}
+
+#[inline(always)]
+pub fn parse_l4(ctx: &XdpContext, ip: &Ipv4) -> Result<L4, Reason> {
+    let offset = ip.l4_offset;
+    if ip.proto == IPPROTO_TCP {
+        let tcp: *mut TcpHdr = ptr_at(ctx, offset)?;
+        // SAFETY: ptr_at checked the 20-byte header is inside the packet.
+        let (doff_flags, flags) = unsafe {
+            let raw = tcp.cast::<u8>();
+            (*raw.add(12), *raw.add(TCP_FLAGS_OFFSET))
+        };
+        if doff_flags >> 4 < 5 {
+            return Err(Reason::PassMalformed);
+        }
+        Ok(L4 {
+            ports: tcp.cast(),
+            // SAFETY: inside the header checked above.
+            check: unsafe { tcp.cast::<u8>().add(TCP_CHECK_OFFSET).cast() },
+            tcp_flags: flags,
+        })
+    } else {
+        let udp: *mut UdpHdr = ptr_at(ctx, offset)?;
+        // SAFETY: ptr_at checked the 8-byte header is inside the packet.
+        let len = unsafe { u16::from_be_bytes((*udp).len) };
+        if usize::from(len) < UdpHdr::LEN {
+            return Err(Reason::PassMalformed);
+        }
+        Ok(L4 {
+            ports: udp.cast(),
+            // SAFETY: inside the header checked above.
+            check: unsafe { udp.cast::<u8>().add(UDP_CHECK_OFFSET).cast() },
+            tcp_flags: 0,
+        })
+    }
+}

@@ -1,0 +1,42 @@
+//! Packet parsing: the only module that turns packet offsets into pointers.
+//! Each layer is checked against `data_end` before it is read, and malformed
+//! input becomes a `Reason`, never a guess.
+
+mod eth;
+mod ipv4;
+mod l4;
+
+pub use eth::parse_eth;
+pub use ipv4::{Ipv4, parse_ipv4};
+pub use l4::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_l4};
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::Reason;
+
+/// Pointer to a `T` at `offset` bytes into the packet, if the whole `T` is
+/// inside the packet.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return Err(Reason::PassMalformed);
+    }
+    Ok((start + offset) as *mut T)
+}
+
+/// The headers xlb rewrites, located and validated.
+pub struct Packet {
+    pub eth: *mut network_types::eth::EthHdr,
+    pub ip: Ipv4,
+    pub l4: L4,
+}
+
+/// Parses Ethernet, IPv4 and the TCP/UDP header of an XDP frame.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
+    let eth = parse_eth(ctx)?;
+    let ip = parse_ipv4(ctx, network_types::eth::EthHdr::LEN)?;
+    let l4 = parse_l4(ctx, &ip)?;
+    Ok(Packet { eth, ip, l4 })
+}
