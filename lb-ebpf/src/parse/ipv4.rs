@@ -13,6 +13,8 @@ pub struct Ipv4 {
     pub hdr: *mut Ipv4Hdr,
     /// Offset of the L4 header from the start of the frame.
     pub l4_offset: usize,
+    /// Bytes of L4 header and payload the IPv4 total length declares.
+    pub l4_len: usize,
     pub proto: u8,
 }
 
@@ -44,6 +46,7 @@ pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Ipv4, Reason> {
     Ok(Ipv4 {
         hdr,
         l4_offset: offset + header_len,
+        l4_len: usize::from(tot_len) - header_len,
         proto,
     })
 }

@@ -39,6 +39,8 @@ impl L4 {
 #[inline(always)]
 pub fn parse_l4(ctx: &XdpContext, ip: &Ipv4) -> Result<L4, Reason> {
     let offset = ip.l4_offset;
+    // A header in the frame's trailing bytes but past the IPv4 total length
+    // is not part of this packet.
     if ip.proto == IPPROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, offset)?;
         // SAFETY: ptr_at checked the 20-byte header is inside the packet.
@@ -46,7 +48,8 @@ pub fn parse_l4(ctx: &XdpContext, ip: &Ipv4) -> Result<L4, Reason> {
             let raw = tcp.cast::<u8>();
             (*raw.add(12), *raw.add(TCP_FLAGS_OFFSET))
         };
-        if doff_flags >> 4 < 5 {
+        let header_len = usize::from(doff_flags >> 4) * 4;
+        if header_len < TcpHdr::LEN || header_len > ip.l4_len {
             return Err(Reason::PassMalformed);
         }
         Ok(L4 {
@@ -59,7 +62,7 @@ pub fn parse_l4(ctx: &XdpContext, ip: &Ipv4) -> Result<L4, Reason> {
         let udp: *mut UdpHdr = ptr_at(ctx, offset)?;
         // SAFETY: ptr_at checked the 8-byte header is inside the packet.
         let len = unsafe { u16::from_be_bytes((*udp).len) };
-        if usize::from(len) < UdpHdr::LEN {
+        if usize::from(len) < UdpHdr::LEN || usize::from(len) > ip.l4_len {
             return Err(Reason::PassMalformed);
         }
         Ok(L4 {
