@@ -15,7 +15,9 @@ pub mod service;
 
 pub use flow::{Flow, FlowKey};
 pub use reason::Reason;
-pub use service::{Backend, GlobalConfig, NodeAddr, Service, ServiceKey};
+pub use service::{
+    Affinity, AffinityKey, Backend, GlobalConfig, NodeAddr, Service, ServiceKey, SourceRange,
+};
 
 /// IP protocol numbers xlb balances.
 pub const IPPROTO_TCP: u8 = 6;

@@ -18,6 +18,10 @@ pub const NODE_ADDRS: &str = "XLB_NODE_ADDRS";
 /// `HashMap<u32 /* ifindex */, u32 /* addr_be */>`: masquerade source address
 /// per egress interface.
 pub const IFACE_ADDRS: &str = "XLB_IFACE_ADDRS";
+/// `LruHashMap<AffinityKey, Affinity>`: sessionAffinity=ClientIP state.
+pub const AFFINITY: &str = "XLB_AFFINITY";
+/// `LpmTrie<SourceRange, u32>`: loadBalancerSourceRanges allowlists.
+pub const SOURCE_RANGES: &str = "XLB_SOURCE_RANGES";
 /// `Array<GlobalConfig>` with one element.
 pub const CONFIG: &str = "XLB_CONFIG";
 /// `PerCpuArray<u64>` indexed by `Reason as u32`: packets per verdict reason.
@@ -32,3 +36,5 @@ pub const BACKENDS_MAX: u32 = 131_072;
 pub const FLOWS_MAX: u32 = 1 << 20;
 pub const NODE_ADDRS_MAX: u32 = 256;
 pub const IFACE_ADDRS_MAX: u32 = 256;
+pub const AFFINITY_MAX: u32 = 1 << 18;
+pub const SOURCE_RANGES_MAX: u32 = 16_384;

@@ -11,6 +11,8 @@ pub enum Verdict {
     Pass,
     /// Dropped (XDP_DROP).
     Drop,
+    /// Answered in place with an ICMP error or TCP RST and sent back (XDP_TX).
+    Reject,
 }
 
 macro_rules! reasons {
@@ -64,6 +66,9 @@ reasons! {
     DropSnatExhausted = 13, "drop_snat_exhausted", Drop, "no free masquerade port for this backend";
     DropTtlExpired = 14, "drop_ttl_expired", Drop, "TTL would reach zero when forwarded";
     DropFlowInsert = 15, "drop_flow_insert", Drop, "the conntrack entry could not be written";
+    RejectPortUnreachable = 16, "reject_port_unreachable", Reject, "UDP to a service with no endpoints: ICMP port unreachable sent back";
+    RejectTcpReset = 17, "reject_tcp_reset", Reject, "SYN to a service with no endpoints: TCP RST sent back";
+    DropSourceRange = 18, "drop_source_range", Drop, "source address outside the service's loadBalancerSourceRanges";
 }
 
 /// Number of counters in `XLB_STATS`.
@@ -92,6 +97,7 @@ mod tests {
                 Verdict::Forward => "fwd_",
                 Verdict::Pass => "pass_",
                 Verdict::Drop => "drop_",
+                Verdict::Reject => "reject_",
             };
             assert!(reason.name().starts_with(prefix), "{}", reason.name());
         }

@@ -20,6 +20,15 @@ assert_size!(ServiceKey, 8);
 
 /// New flows go through masquerade (externalTrafficPolicy=Cluster).
 pub const SERVICE_F_MASQUERADE: u32 = 1 << 0;
+/// sessionAffinity=ClientIP: a client's new flows go to the backend its last
+/// flow went to, within `Service::affinity_timeout_s`.
+pub const SERVICE_F_AFFINITY: u32 = 1 << 1;
+/// With no backend, drop silently (externalTrafficPolicy=Local on a node
+/// with no local endpoint, as kube-proxy) instead of rejecting.
+pub const SERVICE_F_DROP_IF_EMPTY: u32 = 1 << 2;
+/// Only sources in `XLB_SOURCE_RANGES` for this service may open flows
+/// (loadBalancerSourceRanges).
+pub const SERVICE_F_SOURCE_RANGES: u32 = 1 << 3;
 
 /// A service as the datapath sees it.
 #[repr(C)]
@@ -33,11 +42,18 @@ pub struct Service {
     pub table_size: u32,
     /// `SERVICE_F_*`.
     pub flags: u32,
+    /// sessionAffinity timeout, seconds (with `SERVICE_F_AFFINITY`).
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
 }
-assert_size!(Service, 16);
+assert_size!(Service, 24);
 
-/// The backend slot is in use (set last when written, cleared first when removed).
+/// The backend slot is in use (set last when written, cleared first when
+/// removed). Flows to an inactive backend are re-balanced.
 pub const BACKEND_F_ACTIVE: u32 = 1 << 0;
+/// The endpoint is terminating: it keeps its flows but session affinity no
+/// longer sends new flows to it.
+pub const BACKEND_F_TERMINATING: u32 = 1 << 1;
 
 /// A backend (pod IP and target port), indexed by id in `XLB_BACKENDS`.
 #[repr(C)]
@@ -50,6 +66,37 @@ pub struct Backend {
     pub flags: u32,
 }
 assert_size!(Backend, 12);
+
+/// `XLB_AFFINITY` key: one client of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client_addr_be: u32,
+}
+assert_size!(AffinityKey, 8);
+
+/// `XLB_AFFINITY` value: where the client's last new flow went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the client's last new flow.
+    pub last_seen_ns: u64,
+}
+assert_size!(Affinity, 16);
+
+/// `XLB_SOURCE_RANGES` key data (after the LPM prefix length): the service
+/// id, matched in full, then the source address prefix. An LPM prefix length
+/// of `32 + n` means "this service, sources in addr/n".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRange {
+    pub service_id: u32,
+    pub addr_be: u32,
+}
+assert_size!(SourceRange, 8);
 
 /// Value of `XLB_NODE_ADDRS` (reserved for per-address flags).
 #[repr(C)]
@@ -115,6 +162,12 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NodeAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Affinity {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SourceRange {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GlobalConfig {}
 }

@@ -1,8 +1,13 @@
-//! Service lookup: which frontend, if any, a packet is addressed to.
+//! Service lookup: which frontend, if any, a packet is addressed to, and
+//! whether its source may open a flow there.
 
-use lb_common::{NodeAddr, Service, ServiceKey, service::ADDR_ANY_NODE};
+use aya_ebpf::maps::lpm_trie::Key;
+use lb_common::{
+    NodeAddr, Service, ServiceKey, SourceRange,
+    service::{ADDR_ANY_NODE, SERVICE_F_SOURCE_RANGES},
+};
 
-use crate::maps::{XLB_NODE_ADDRS, XLB_SERVICES};
+use crate::maps::{XLB_NODE_ADDRS, XLB_SERVICES, XLB_SOURCE_RANGES};
 
 /// The service for (destination address, port, protocol): an exact frontend
 /// first (LoadBalancer / external IPs), then a NodePort on a node address.
@@ -29,4 +34,21 @@ pub fn service_for(dst_addr_be: u32, dst_port_be: u16, proto: u8) -> Option<Serv
     XLB_SERVICES
         .get_ptr(node_port)
         .map(|service| unsafe { *service })
+}
+
+/// loadBalancerSourceRanges: with the flag set, only sources inside one of
+/// the service's prefixes may open flows.
+#[inline(always)]
+pub fn source_allowed(service: &Service, src_addr_be: u32) -> bool {
+    if service.flags & SERVICE_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        64,
+        SourceRange {
+            service_id: service.id,
+            addr_be: src_addr_be,
+        },
+    );
+    XLB_SOURCE_RANGES.get(&key).is_some()
 }

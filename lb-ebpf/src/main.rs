@@ -16,6 +16,8 @@ mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
+mod reject;
+#[cfg(target_arch = "bpf")]
 mod select;
 
 #[cfg(target_arch = "bpf")]
@@ -28,7 +30,7 @@ mod prog {
         flow::FLOW_DIR_REPLY,
         hash::flow_hash,
         reason::Verdict,
-        service::{CONFIG_F_READY, SERVICE_F_MASQUERADE},
+        service::{CONFIG_F_READY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE},
     };
 
     use crate::{
@@ -37,7 +39,7 @@ mod prog {
         maps::{XLB_CONFIG, XLB_IFACE_ADDRS, count},
         nat,
         parse::{self, Packet, TCP_ACK, TCP_SYN},
-        select,
+        reject, select,
     };
 
     #[xdp]
@@ -55,7 +57,7 @@ mod prog {
         match reason.verdict() {
             Verdict::Drop => xdp_action::XDP_DROP,
             // A Forward reason only reaches here with its action already set.
-            Verdict::Pass | Verdict::Forward => xdp_action::XDP_PASS,
+            Verdict::Pass | Verdict::Forward | Verdict::Reject => xdp_action::XDP_PASS,
         }
     }
 
@@ -91,11 +93,21 @@ mod prog {
 
         let service = lookup::service_for(key.dst_addr_be, key.dst_port_be, key.proto)
             .ok_or(Reason::PassNotService)?;
+        if !lookup::source_allowed(&service, key.src_addr_be) {
+            return Err(Reason::DropSourceRange);
+        }
         if key.proto == IPPROTO_TCP && !syn {
             return Err(Reason::PassTcpNoFlow);
         }
-        let (backend_id, backend) = select::backend_for(&service, flow_hash(&key, cfg.hash_seed))
-            .ok_or(Reason::DropNoBackend)?;
+        let hash = flow_hash(&key, cfg.hash_seed);
+        let Some((backend_id, backend)) =
+            select::backend_for_client(&service, key.src_addr_be, hash, now)
+        else {
+            if service.flags & SERVICE_F_DROP_IF_EMPTY != 0 {
+                return Err(Reason::DropNoBackend);
+            }
+            return reject::reject(ctx, &packet);
+        };
         check_ttl(&packet)?;
         let hop = fib::next_hop(
             ctx,

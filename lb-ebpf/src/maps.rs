@@ -2,12 +2,13 @@
 //! so the agent opens exactly these.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Flow, FlowKey, GlobalConfig, NodeAddr, Service, ServiceKey, maps as size,
-    reason::REASON_COUNT,
+    Affinity, AffinityKey, Backend, Flow, FlowKey, GlobalConfig, NodeAddr, Service, ServiceKey,
+    SourceRange, maps as size, reason::REASON_COUNT,
 };
 
 #[map]
@@ -29,6 +30,14 @@ pub static XLB_NODE_ADDRS: HashMap<u32, NodeAddr> =
 
 #[map]
 pub static XLB_IFACE_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(size::IFACE_ADDRS_MAX, 0);
+
+#[map]
+pub static XLB_AFFINITY: LruHashMap<AffinityKey, Affinity> =
+    LruHashMap::with_max_entries(size::AFFINITY_MAX, 0);
+
+#[map]
+pub static XLB_SOURCE_RANGES: LpmTrie<SourceRange, u32> =
+    LpmTrie::with_max_entries(size::SOURCE_RANGES_MAX, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static XLB_CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);

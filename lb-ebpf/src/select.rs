@@ -1,9 +1,14 @@
 //! Backend selection: a flow hash indexes the service's slot table, which the
-//! agent fills in proportion to backend weights.
+//! agent fills in proportion to backend weights (Maglev); sessionAffinity
+//! ClientIP pins a client's new flows to the backend of its last one.
 
-use lb_common::{Backend, Flow, Service, service::BACKEND_F_ACTIVE};
+use aya_ebpf::bindings::BPF_ANY;
+use lb_common::{
+    Affinity, AffinityKey, Backend, Flow, Service,
+    service::{BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, SERVICE_F_AFFINITY},
+};
 
-use crate::maps::{XLB_BACKENDS, XLB_SELECT};
+use crate::maps::{XLB_AFFINITY, XLB_BACKENDS, XLB_SELECT};
 
 /// The backend for a new flow with hash `hash`, if the service has one.
 #[inline(always)]
@@ -20,8 +25,51 @@ pub fn backend_for(service: &Service, hash: u32) -> Option<(u32, Backend)> {
     Some((id, backend))
 }
 
+/// The backend for a new flow from `client_addr_be`: with ClientIP affinity,
+/// the one the client's last flow went to while that is recent and the
+/// backend still takes new flows; otherwise `backend_for`, remembered.
+#[inline(always)]
+pub fn backend_for_client(
+    service: &Service,
+    client_addr_be: u32,
+    hash: u32,
+    now: u64,
+) -> Option<(u32, Backend)> {
+    if service.flags & SERVICE_F_AFFINITY == 0 {
+        return backend_for(service, hash);
+    }
+    let key = AffinityKey {
+        service_id: service.id,
+        client_addr_be,
+    };
+    if let Some(entry) = XLB_AFFINITY.get_ptr_mut(key) {
+        // SAFETY: valid LRU value pointer for this run; plain integers.
+        let entry = unsafe { &mut *entry };
+        let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
+        if now.saturating_sub(entry.last_seen_ns) <= timeout_ns {
+            if let Some(backend) = XLB_BACKENDS.get(entry.backend_id) {
+                let usable = BACKEND_F_ACTIVE | BACKEND_F_TERMINATING;
+                if backend.flags & usable == BACKEND_F_ACTIVE {
+                    entry.last_seen_ns = now;
+                    return Some((entry.backend_id, *backend));
+                }
+            }
+        }
+    }
+    let (id, backend) = backend_for(service, hash)?;
+    let affinity = Affinity {
+        backend_id: id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    // Losing the record only costs the client its stickiness once.
+    let _ = XLB_AFFINITY.insert(key, affinity, u64::from(BPF_ANY));
+    Some((id, backend))
+}
+
 /// Whether the backend a flow was sent to is still there, so the flow's
 /// packets never go to a removed backend or one whose id was reused.
+/// Terminating backends keep their flows.
 #[inline(always)]
 pub fn backend_still_serves(flow: &Flow) -> bool {
     match XLB_BACKENDS.get(flow.backend_id) {
