@@ -65,13 +65,19 @@ pub struct Flow {
     /// `FLOW_S_*`, kept identical in both entries of a flow.
     pub state: u8,
     pub _pad: [u8; 2],
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet, refreshed at
-    /// most about once a second.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) of the last
+    /// packet, refreshed at most about once a second.
     pub last_seen_ns: u64,
-    /// `bpf_ktime_get_ns()` when the flow was created.
+    /// `bpf_ktime_get_coarse_ns()` when the flow was created.
     pub created_ns: u64,
+    /// Next hop for this entry's packets as the FIB last said (egress
+    /// interface, MACs), re-checked with each timestamp refresh so a route
+    /// or neighbour change is followed within about a second. 0: not known.
+    pub hop_ifindex: u32,
+    pub hop_src_mac: [u8; 6],
+    pub hop_dst_mac: [u8; 6],
 }
-assert_size!(Flow, 40);
+assert_size!(Flow, 56);
 
 impl Flow {
     /// Idle timeout of this entry, in seconds, under `cfg`.

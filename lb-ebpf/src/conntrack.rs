@@ -12,6 +12,7 @@ use lb_common::{
 };
 
 use crate::{
+    fib::NextHop,
     maps::XLB_FLOWS,
     parse::{TCP_FIN, TCP_RST},
 };
@@ -45,9 +46,10 @@ pub fn is_closed(flow: &Flow) -> bool {
 }
 
 /// Records what `tcp_flags` (0 for UDP) says about the flow, in this entry and
-/// its peer, and refreshes both timestamps when due.
+/// its peer, and refreshes both timestamps when due. Returns whether the
+/// entry's cached next hop is due for a re-check too.
 #[inline(always)]
-pub fn track(flow: *mut Flow, proto: u8, tcp_flags: u8, now: u64) {
+pub fn track(flow: *mut Flow, proto: u8, tcp_flags: u8, now: u64) -> bool {
     // SAFETY: `flow` came from a map lookup and stays valid during this run.
     let entry = unsafe { &mut *flow };
     let reply = entry.direction == FLOW_DIR_REPLY;
@@ -65,8 +67,9 @@ pub fn track(flow: *mut Flow, proto: u8, tcp_flags: u8, now: u64) {
         }
     }
     let changed = add & !entry.state != 0;
-    if !changed && now.saturating_sub(entry.last_seen_ns) < REFRESH_NS {
-        return;
+    let due = now.saturating_sub(entry.last_seen_ns) >= REFRESH_NS;
+    if !changed && !due {
+        return entry.hop_ifindex == 0;
     }
     entry.state |= add;
     entry.last_seen_ns = now;
@@ -76,6 +79,30 @@ pub fn track(flow: *mut Flow, proto: u8, tcp_flags: u8, now: u64) {
         peer.state |= add;
         peer.last_seen_ns = now;
     }
+    due || entry.hop_ifindex == 0
+}
+
+/// Caches the FIB's answer in the entry `flow` points to.
+#[inline(always)]
+pub fn remember_hop(flow: *mut Flow, hop: &NextHop) {
+    // SAFETY: `flow` came from a map lookup and stays valid during this run.
+    let entry = unsafe { &mut *flow };
+    entry.hop_ifindex = hop.ifindex;
+    entry.hop_src_mac = hop.src_mac;
+    entry.hop_dst_mac = hop.dst_mac;
+}
+
+/// The entry's cached next hop, if it has one.
+#[inline(always)]
+pub fn cached_hop(flow: &Flow) -> Option<NextHop> {
+    if flow.hop_ifindex == 0 {
+        return None;
+    }
+    Some(NextHop {
+        ifindex: flow.hop_ifindex,
+        src_mac: flow.hop_src_mac,
+        dst_mac: flow.hop_dst_mac,
+    })
 }
 
 /// What a new flow needs besides the packet's own tuple.
@@ -87,6 +114,8 @@ pub struct NewFlow {
     /// (externalTrafficPolicy=Local).
     pub masquerade_addr_be: Option<u32>,
     pub syn: bool,
+    /// Where the FIB sends the client's packets (cached in the entry).
+    pub hop: NextHop,
 }
 
 /// Records a new flow (both entries) and returns the ORIGINAL entry.
@@ -109,6 +138,9 @@ pub fn create(key: &FlowKey, new: &NewFlow, cfg: &GlobalConfig, now: u64) -> Res
         _pad: [0; 2],
         last_seen_ns: now,
         created_ns: now,
+        hop_ifindex: new.hop.ifindex,
+        hop_src_mac: new.hop.src_mac,
+        hop_dst_mac: new.hop.dst_mac,
     };
     let reply = Flow {
         new_src_addr_be: key.dst_addr_be,
@@ -116,6 +148,7 @@ pub fn create(key: &FlowKey, new: &NewFlow, cfg: &GlobalConfig, now: u64) -> Res
         new_src_port_be: key.dst_port_be,
         new_dst_port_be: key.src_port_be,
         direction: FLOW_DIR_REPLY,
+        hop_ifindex: 0,
         ..original
     };
     // The reply entry first: a reply can only follow the forwarded packet,

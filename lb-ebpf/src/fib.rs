@@ -12,6 +12,7 @@ use network_types::eth::EthHdr;
 const AF_INET: u8 = 2;
 
 /// Where a packet goes next.
+#[derive(Clone, Copy)]
 pub struct NextHop {
     pub ifindex: u32,
     pub src_mac: [u8; 6],

@@ -23,7 +23,8 @@ mod select;
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+        bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp,
+        programs::XdpContext,
     };
     use lb_common::{
         Flow, FlowKey, IPPROTO_TCP, Reason,
@@ -69,8 +70,9 @@ mod prog {
         };
         let packet = parse::parse(ctx)?;
         let key = flow_key(&packet);
-        // SAFETY: bpf_ktime_get_ns has no preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: no preconditions. The coarse clock (tick resolution) is
+        // plenty for idle timeouts and costs a fraction of the precise one.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
         let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
         if let Some(flow) = conntrack::lookup(&key, &cfg, now) {
@@ -79,13 +81,13 @@ mod prog {
             let reply = current.direction == FLOW_DIR_REPLY;
             let restart = syn && conntrack::is_closed(&current);
             if reply || (!restart && select::backend_still_serves(&current)) {
-                conntrack::track(flow, key.proto, packet.l4.tcp_flags, now);
+                let recheck = conntrack::track(flow, key.proto, packet.l4.tcp_flags, now);
                 let reason = if reply {
                     Reason::FwdReply
                 } else {
                     Reason::FwdEstablished
                 };
-                return forward(ctx, &packet, &current, reason);
+                return forward(ctx, &packet, flow, &current, recheck, reason);
             }
             // A closed flow's tuple reused by a new SYN, or a flow whose
             // backend is gone: choose again, as for a new flow.
@@ -127,28 +129,39 @@ mod prog {
             backend,
             masquerade_addr_be,
             syn,
+            hop,
         };
         let flow = conntrack::create(&key, &new, &cfg, now)?;
         nat::rewrite(&packet, &flow);
         Ok((fib::send(ctx, packet.eth, &hop), Reason::FwdNewFlow))
     }
 
-    /// Sends a packet of a known flow on, rewritten as the flow says.
+    /// Sends a packet of a known flow on, rewritten as the flow says, to the
+    /// next hop cached in its entry (asking the FIB when it is due).
     #[inline(always)]
     fn forward(
         ctx: &XdpContext,
         packet: &Packet,
+        entry: *mut Flow,
         flow: &Flow,
+        recheck: bool,
         reason: Reason,
     ) -> Result<(u32, Reason), Reason> {
         check_ttl(packet)?;
-        let hop = fib::next_hop(
-            ctx,
-            flow.new_src_addr_be,
-            flow.new_dst_addr_be,
-            packet.ip.proto,
-            tot_len(packet),
-        )?;
+        let hop = match conntrack::cached_hop(flow) {
+            Some(hop) if !recheck => hop,
+            _ => {
+                let hop = fib::next_hop(
+                    ctx,
+                    flow.new_src_addr_be,
+                    flow.new_dst_addr_be,
+                    packet.ip.proto,
+                    tot_len(packet),
+                )?;
+                conntrack::remember_hop(entry, &hop);
+                hop
+            }
+        };
         nat::rewrite(packet, flow);
         Ok((fib::send(ctx, packet.eth, &hop), reason))
     }

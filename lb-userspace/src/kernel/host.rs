@@ -1,0 +1,182 @@
+//! What the agent reads from the host outside BPF: interface addresses,
+//! interface indexes, the monotonic clock, the ephemeral port range.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{CStr, CString};
+use std::io;
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+
+use crate::reconcile::NodeFacts;
+
+/// One IPv4 address of one interface, in the kernel's order (an interface's
+/// primary address comes first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceAddress {
+    pub interface: String,
+    pub ifindex: u32,
+    pub address: Ipv4Addr,
+}
+
+/// Every IPv4 address on the node (in this network namespace).
+pub fn ipv4_addresses() -> io::Result<Vec<InterfaceAddress>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a pointer to a list it allocates into `head`;
+    // we pass a valid out-pointer and free the list below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = Vec::new();
+    let mut cursor = head;
+    while !cursor.is_null() {
+        // SAFETY: `cursor` is a non-null node of the list getifaddrs returned,
+        // which stays valid until freeifaddrs.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        if entry.ifa_addr.is_null() || entry.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null and points to a sockaddr owned by the list.
+        let family = unsafe { (*entry.ifa_addr).sa_family };
+        if i32::from(family) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: the family is AF_INET, so the sockaddr is a sockaddr_in.
+        let raw = unsafe {
+            (*entry.ifa_addr.cast::<libc::sockaddr_in>())
+                .sin_addr
+                .s_addr
+        };
+        // SAFETY: ifa_name is a non-null NUL-terminated string owned by the list.
+        let name = unsafe { CStr::from_ptr(entry.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        // Labelled aliases ("eth0:1") belong to the interface before the colon.
+        let device = name.split(':').next().unwrap_or(&name).to_owned();
+        let Some(ifindex) = ifindex(&device) else {
+            continue;
+        };
+        found.push(InterfaceAddress {
+            interface: device,
+            ifindex,
+            address: Ipv4Addr::from(u32::from_be(raw)),
+        });
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed once;
+    // nothing borrowed from it outlives this point (names were copied).
+    unsafe { libc::freeifaddrs(head) };
+    Ok(found)
+}
+
+/// Index of interface `name`, if it exists.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string for the call's duration.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The node facts the reconciler needs, from the current addresses.
+pub fn node_facts() -> io::Result<NodeFacts> {
+    Ok(facts_from(&ipv4_addresses()?))
+}
+
+fn facts_from(addresses: &[InterfaceAddress]) -> NodeFacts {
+    let local_addresses: BTreeSet<Ipv4Addr> = addresses
+        .iter()
+        .map(|entry| entry.address)
+        .filter(|address| !address.is_loopback())
+        .collect();
+    let mut interface_addresses = BTreeMap::new();
+    for entry in addresses {
+        interface_addresses
+            .entry(entry.ifindex)
+            .or_insert(entry.address);
+    }
+    NodeFacts {
+        local_addresses,
+        interface_addresses,
+    }
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of `bpf_ktime_get_coarse_ns()`, which
+/// the datapath stamps flows with.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid out-pointer; CLOCK_MONOTONIC_COARSE exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    if rc != 0 {
+        return 0;
+    }
+    let seconds = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+    seconds * 1_000_000_000 + nanos
+}
+
+/// `net.ipv4.ip_local_port_range`, if readable.
+pub fn ephemeral_ports() -> Option<RangeInclusive<u16>> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    parse_port_range(&text)
+}
+
+fn parse_port_range(text: &str) -> Option<RangeInclusive<u16>> {
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    let low = ports.next()?.ok()?;
+    let high = ports.next()?.ok()?;
+    Some(low..=high)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_listed_and_indexed() {
+        let addresses = ipv4_addresses().map_err(|e| e.to_string());
+        let Ok(addresses) = addresses else {
+            panic!("{addresses:?}");
+        };
+        let lo = addresses.iter().find(|a| a.interface == "lo");
+        assert_eq!(lo.map(|a| a.address), Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(lo.map(|a| a.ifindex), ifindex("lo"));
+        assert_eq!(ifindex("no-such-if0"), None);
+    }
+
+    #[test]
+    fn facts_keep_first_address_per_interface_and_drop_loopback() {
+        let entry = |interface: &str, ifindex, address| InterfaceAddress {
+            interface: interface.to_owned(),
+            ifindex,
+            address,
+        };
+        let facts = facts_from(&[
+            entry("lo", 1, Ipv4Addr::LOCALHOST),
+            entry("eth0", 2, Ipv4Addr::new(198, 18, 0, 1)),
+            entry("eth0", 2, Ipv4Addr::new(198, 18, 0, 2)),
+        ]);
+        assert_eq!(
+            facts.local_addresses.into_iter().collect::<Vec<_>>(),
+            [Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2)]
+        );
+        assert_eq!(
+            facts.interface_addresses.into_iter().collect::<Vec<_>>(),
+            [(1, Ipv4Addr::LOCALHOST), (2, Ipv4Addr::new(198, 18, 0, 1))]
+        );
+    }
+
+    #[test]
+    fn port_range_file_format() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some(32_768..=60_999));
+        assert_eq!(parse_port_range("garbage"), None);
+    }
+
+    #[test]
+    fn clock_moves_forward() {
+        let before = monotonic_ns();
+        assert!(before > 0);
+        assert!(monotonic_ns() >= before);
+    }
+}

@@ -1,0 +1,4 @@
+//! Config sources. Each produces a whole `DesiredState`, never deltas.
+
+pub mod locate;
+pub mod yaml;

@@ -1,0 +1,581 @@
+use std::net::Ipv4Addr;
+
+use super::*;
+
+const ORIGIN: &str = "config/x.yaml";
+
+const GOOD: &str = "\
+node:
+  interfaces: [eth0]
+services:
+  - name: web
+    protocol: TCP
+    nodePort: 30080
+    targetPort: 8080
+    backends:
+      - address: 198.18.1.2
+      - address: 198.18.2.2
+        port: 9090
+        weight: 3
+        name: pod-b
+";
+
+fn parse_ok(text: &str) -> LoadedConfig {
+    match parse(ORIGIN, text, &Overrides::default()) {
+        Ok(config) => config,
+        Err(error) => panic!("expected a valid config, got:\n{error}"),
+    }
+}
+
+/// Every line of the error for `text`.
+fn errors(text: &str) -> Vec<String> {
+    errors_with(text, &Overrides::default())
+}
+
+fn errors_with(text: &str, overrides: &Overrides) -> Vec<String> {
+    match parse(ORIGIN, text, overrides) {
+        Ok(config) => panic!("expected an error, got {:?}", config.state),
+        Err(error) => error.to_string().lines().map(str::to_owned).collect(),
+    }
+}
+
+/// The single error for `text`.
+fn error(text: &str) -> String {
+    let mut all = errors(text);
+    assert_eq!(all.len(), 1, "{all:#?}");
+    all.remove(0)
+}
+
+#[test]
+fn good_config_becomes_desired_state() {
+    let config = parse_ok(GOOD);
+    let state = &config.state;
+    assert_eq!(state.interfaces, ["eth0"]);
+    assert_eq!(state.node_addresses, None);
+    assert_eq!(state.masquerade_ports, DEFAULT_MASQUERADE_PORTS);
+    assert_eq!(state.table_size, DEFAULT_TABLE_SIZE);
+    assert_eq!(state.conntrack, Conntrack::default());
+    assert_eq!(state.services.len(), 1);
+    let web = &state.services[0];
+    assert_eq!(
+        (web.name.as_str(), web.namespace.as_str()),
+        ("web", "default")
+    );
+    assert_eq!((web.protocol, web.node_port), (Protocol::Tcp, 30080));
+    assert_eq!(
+        web.backends,
+        [
+            Backend {
+                address: Ipv4Addr::new(198, 18, 1, 2),
+                port: 8080,
+                weight: 1,
+                name: None
+            },
+            Backend {
+                address: Ipv4Addr::new(198, 18, 2, 2),
+                port: 9090,
+                weight: 3,
+                name: Some(String::from("pod-b"))
+            },
+        ]
+    );
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    assert_eq!(state.backend_count(), 2);
+}
+
+#[test]
+fn every_optional_field() {
+    let config = parse_ok(
+        "\
+node:
+  interfaces: [eth0, eth1]
+  addresses: [198.18.0.1, 198.18.0.2]
+masquerade:
+  portRange: \"62000-63000\"
+conntrack:
+  tcpTimeoutSeconds: 3600
+  tcpSynTimeoutSeconds: 30
+  tcpClosingTimeoutSeconds: 5
+  udpTimeoutSeconds: 20
+  maxFlows: 4096
+selection:
+  tableSize: 4093
+services:
+  - name: dns
+    namespace: kube-system
+    protocol: UDP
+    nodePort: 30053
+    targetPort: 53
+    backends:
+      - address: 198.18.3.3
+        weight: 0
+      - address: 198.18.3.4
+",
+    );
+    let state = config.state;
+    assert_eq!(
+        state.node_addresses,
+        Some(vec![
+            Ipv4Addr::new(198, 18, 0, 1),
+            Ipv4Addr::new(198, 18, 0, 2)
+        ])
+    );
+    assert_eq!(state.masquerade_ports, 62_000..=63_000);
+    assert_eq!(
+        state.conntrack,
+        Conntrack {
+            tcp_timeout_s: 3600,
+            tcp_syn_timeout_s: 30,
+            tcp_closing_timeout_s: 5,
+            udp_timeout_s: 20,
+            max_flows: 4096,
+        }
+    );
+    assert_eq!(state.table_size, 4093);
+    assert_eq!(state.services[0].namespace, "kube-system");
+    assert_eq!(state.services[0].protocol, Protocol::Udp);
+    assert_eq!(state.services[0].backends[0].weight, 0);
+}
+
+#[test]
+fn demo_and_example_configs_are_valid() {
+    for name in ["demo.yaml", "example.yaml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../config")
+            .join(name);
+        let config = match load(&path, &Overrides::default()) {
+            Ok(config) => config,
+            Err(error) => panic!("{error}"),
+        };
+        assert!(!config.state.services.is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn node_port_out_of_range() {
+    let text = GOOD.replace("nodePort: 30080", "nodePort: 70000");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:6:15: services[0].nodePort: 70000 is not a port; \
+         use 1-65535 (NodePorts are usually 30000-32767)"
+    );
+}
+
+#[test]
+fn error_in_second_service_names_its_index_and_line() {
+    let text = format!(
+        "{GOOD}{}",
+        r"  - name: api
+    nodePort: 30081
+    targetPort: 80
+    backends:
+      - address: 198.18.1.2
+      - address: 198.18.1.300
+"
+    );
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:19:18: services[1].backends[1].address: \"198.18.1.300\" is not an IPv4 \
+         address; write it as four numbers 0-255, e.g. 198.18.1.2 (IPv6 is not supported yet)"
+    );
+}
+
+#[test]
+fn target_port_and_backend_port_ranges() {
+    let text = GOOD
+        .replace("targetPort: 8080", "targetPort: 0")
+        .replace("port: 9090", "port: -1");
+    assert_eq!(
+        errors(&text),
+        [
+            "config/x.yaml:7:17: services[0].targetPort: 0 is not a port; use 1-65535",
+            "config/x.yaml:11:15: services[0].backends[1].port: -1 is not a port; use 1-65535",
+        ]
+    );
+}
+
+#[test]
+fn backend_without_any_port() {
+    let text = GOOD.replace("    targetPort: 8080\n", "");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:8:9: services[0].backends[0]: has no port; \
+         set services[0].targetPort, or port on this backend"
+    );
+}
+
+#[test]
+fn named_target_port() {
+    let text = GOOD.replace("targetPort: 8080", "targetPort: http");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:7:17: services[0].targetPort: \"http\" is not a number; write a plain \
+         number (named ports are not supported)"
+    );
+}
+
+#[test]
+fn duplicate_node_port_and_name() {
+    let text = format!(
+        "{GOOD}{}",
+        r"  - name: web
+    nodePort: 30080
+    targetPort: 80
+"
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "config/x.yaml:14:11: services[1].name: \"web\" is already the name of services[0] \
+             in namespace \"default\"; give each service a unique name",
+            "config/x.yaml:15:15: services[1].nodePort: TCP 30080 is already the nodePort of \
+             services[0]; give each service its own nodePort (TCP and UDP may share one)",
+        ]
+    );
+}
+
+#[test]
+fn same_node_port_for_tcp_and_udp_is_fine() {
+    let text = format!(
+        "{GOOD}{}",
+        r"  - name: web-udp
+    protocol: UDP
+    nodePort: 30080
+    targetPort: 80
+"
+    );
+    assert_eq!(parse_ok(&text).state.services.len(), 2);
+}
+
+#[test]
+fn same_name_in_two_namespaces_is_fine() {
+    let text = format!(
+        "{GOOD}{}",
+        r"  - name: web
+    namespace: other
+    nodePort: 30081
+    targetPort: 80
+"
+    );
+    assert_eq!(parse_ok(&text).state.services.len(), 2);
+}
+
+#[test]
+fn bad_protocol() {
+    let text = GOOD.replace("protocol: TCP", "protocol: tcp");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:5:15: services[0].protocol: \"tcp\" is not a supported protocol; \
+         use TCP or UDP (upper case, as in a Kubernetes Service)"
+    );
+}
+
+#[test]
+fn bad_names() {
+    let text = GOOD.replace("name: web", "name: Web_1");
+    assert!(
+        error(&text).starts_with(
+            "config/x.yaml:4:11: services[0].name: \"Web_1\" is not a valid name; use 1-63"
+        ),
+        "{}",
+        error(&text)
+    );
+}
+
+#[test]
+fn weights() {
+    let text = GOOD.replace("weight: 3", "weight: 1001");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:12:17: services[0].backends[1].weight: 1001 is not a usable weight; \
+         use 0-1000 (0 sends it no new flows; default 1)"
+    );
+    let text = GOOD.replace("weight: 3", "weight: 0").replace(
+        "      - address: 198.18.1.2\n",
+        "      - address: 198.18.1.2\n        weight: 0\n",
+    );
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:9:7: services[0].backends: every backend has weight 0, so new flows \
+         could go nowhere; give at least one backend a weight of 1 or more"
+    );
+}
+
+#[test]
+fn duplicate_backend() {
+    let text = GOOD
+        .replace("198.18.2.2", "198.18.1.2")
+        .replace("port: 9090", "port: 8080");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:10:18: services[0].backends[1].address: 198.18.1.2:8080 is listed twice \
+         (also services[0].backends[0]); list each backend once; use weight to give it a larger \
+         share"
+    );
+}
+
+#[test]
+fn special_backend_addresses() {
+    for address in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255"] {
+        let text = GOOD.replace("198.18.2.2", address);
+        assert_eq!(
+            error(&text),
+            format!(
+                "config/x.yaml:10:18: services[0].backends[1].address: {address} cannot be a \
+                 backend; use the pod's unicast IPv4 address"
+            )
+        );
+    }
+}
+
+#[test]
+fn unknown_field_is_located_by_serde() {
+    let text = GOOD.replace("nodePort: 30080", "nodeport: 30080");
+    let message = error(&text);
+    assert!(
+        message.starts_with(
+            "config/x.yaml:6:5: services[0]: unknown field `nodeport`, expected one of"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(
+            "; remove it or correct its spelling; keys are camelCase as in config/example.yaml"
+        ),
+        "{message}"
+    );
+}
+
+#[test]
+fn unknown_top_level_field() {
+    let text = format!("{GOOD}extra: 1\n");
+    let message = error(&text);
+    assert!(
+        message.starts_with("config/x.yaml:14:1: unknown field `extra`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn missing_required_field() {
+    let text = GOOD.replace("    nodePort: 30080\n", "");
+    let message = error(&text);
+    assert!(
+        message.starts_with("config/x.yaml:4:5: services[0]: missing field `nodePort`; add it"),
+        "{message}"
+    );
+}
+
+#[test]
+fn wrong_type() {
+    let text = GOOD.replace("interfaces: [eth0]", "interfaces: eth0");
+    let message = error(&text);
+    assert!(
+        message.starts_with("config/x.yaml:2:15: node.interfaces: invalid type: string \"eth0\", expected a sequence"),
+        "{message}"
+    );
+}
+
+#[test]
+fn yaml_syntax_error() {
+    let text = GOOD.replace("nodePort: 30080", "nodePort 30080");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:7:5: could not find expected ':', while scanning a simple key at line 6 \
+         column 5; fix the YAML syntax (indentation, a missing ':' or space after it, an \
+         unclosed quote or bracket)"
+    );
+}
+
+#[test]
+fn empty_config() {
+    assert_eq!(
+        error("# nothing here\n\n"),
+        "config/x.yaml:1:1: the config is empty; describe the node and its services; start from \
+         config/example.yaml"
+    );
+}
+
+#[test]
+fn interfaces() {
+    let text = GOOD.replace("interfaces: [eth0]", "interfaces: []");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:2:15: node.interfaces: no interface to attach the datapath to; list \
+         interfaces in node.interfaces or pass --iface"
+    );
+    let overrides = Overrides {
+        interfaces: vec![String::from("veth9"), String::from("veth9")],
+    };
+    let config = parse(ORIGIN, &text, &overrides).map_err(|e| e.to_string());
+    let config = config.as_ref().map(|c| &c.state.interfaces);
+    assert_eq!(config, Ok(&vec![String::from("veth9")]));
+
+    let text = GOOD.replace("interfaces: [eth0]", "interfaces: [eth0, eth0, \"a/b\"]");
+    assert_eq!(
+        errors(&text),
+        [
+            "config/x.yaml:2:22: node.interfaces[1]: \"eth0\" is listed twice (also \
+             node.interfaces[0]); list each interface once",
+            "config/x.yaml:2:28: node.interfaces[2]: \"a/b\" is not an interface name; use the \
+             name `ip link` shows (1-15 characters, no '/', ':' or spaces)",
+        ]
+    );
+}
+
+#[test]
+fn iface_override_replaces_config_list() {
+    let overrides = Overrides {
+        interfaces: vec![String::from("veth0")],
+    };
+    let config = parse(ORIGIN, GOOD, &overrides).map_err(|e| e.to_string());
+    let Ok(config) = config else {
+        panic!("{config:?}");
+    };
+    assert_eq!(config.state.interfaces, ["veth0"]);
+    assert_eq!(config.interface_field(0), "--iface");
+    let config = parse_ok(GOOD);
+    assert_eq!(config.interface_field(0), "node.interfaces[0]");
+}
+
+#[test]
+fn node_addresses() {
+    let text = GOOD.replace(
+        "  interfaces: [eth0]\n",
+        "  interfaces: [eth0]\n  addresses:\n    - 198.18.0.1\n    - 198.18.0.1\n    - fe80::1\n",
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "config/x.yaml:5:7: node.addresses[1]: 198.18.0.1 is listed twice (also \
+             node.addresses[0]); list each address once",
+            "config/x.yaml:6:7: node.addresses[2]: \"fe80::1\" is not an IPv4 address; write it \
+             as four numbers 0-255, e.g. 198.18.1.2 (IPv6 is not supported yet)",
+        ]
+    );
+    let text = GOOD.replace(
+        "  interfaces: [eth0]\n",
+        "  interfaces: [eth0]\n  addresses: []\n",
+    );
+    assert!(error(&text).starts_with("config/x.yaml:3:14: node.addresses: the list is empty"));
+}
+
+#[test]
+fn masquerade_port_range() {
+    let with = |range: &str| format!("{GOOD}masquerade:\n  portRange: \"{range}\"\n");
+    assert_eq!(
+        error(&with("65535-61000")),
+        "config/x.yaml:15:14: masquerade.portRange: \"65535-61000\" is inverted; write the lower \
+         port first: \"61000-65535\""
+    );
+    assert_eq!(
+        error(&with("61000-70000")),
+        "config/x.yaml:15:14: masquerade.portRange: \"61000-70000\" has a port outside 1-65535; \
+         write two ports 1-65535, lower first, e.g. \"61000-65535\""
+    );
+    assert!(error(&with("61000")).contains("\"61000\" is not a port range"));
+    let narrow = parse_ok(&with("61000-61009"));
+    assert_eq!(narrow.warnings.len(), 1);
+    assert!(
+        narrow.warnings[0]
+            .to_string()
+            .starts_with("config/x.yaml:15:14: masquerade.portRange: only 10 ports")
+    );
+}
+
+#[test]
+fn ephemeral_overlap_is_a_located_warning() {
+    let config = parse_ok(&format!("{GOOD}masquerade:\n  portRange: 50000-65535\n"));
+    assert_eq!(
+        ephemeral_overlap(&config, &(32_768..=60_999)).map(|w| w.to_string()),
+        Some(String::from(
+            "config/x.yaml:15:14: masquerade.portRange: 50000-65535 overlaps the kernel's \
+             ephemeral ports 32768-60999 (net.ipv4.ip_local_port_range); move one of them so \
+             they do not overlap, e.g. sysctl net.ipv4.ip_local_port_range=\"32768 60999\""
+        ))
+    );
+    let config = parse_ok(GOOD);
+    assert_eq!(ephemeral_overlap(&config, &(32_768..=60_999)), None);
+    let warning = ephemeral_overlap(&config, &(1024..=65_535)).map(|w| w.to_string());
+    assert!(
+        warning
+            .as_deref()
+            .is_some_and(|w| w.contains("61000-65535 (the default) overlaps")),
+        "{warning:?}"
+    );
+}
+
+#[test]
+fn conntrack_and_selection() {
+    let text = format!(
+        "{GOOD}conntrack:\n  udpTimeoutSeconds: 0\n  maxFlows: 10\nselection:\n  tableSize: 1000\n"
+    );
+    assert_eq!(
+        errors(&text),
+        [
+            "config/x.yaml:15:22: conntrack.udpTimeoutSeconds: 0 is not a usable timeout; use \
+             1-31536000 seconds, or leave it out for the default of 60",
+            "config/x.yaml:16:13: conntrack.maxFlows: 10 is not a usable flow table size; use \
+             1024-67108864, or leave it out for the default of 1048576",
+            "config/x.yaml:18:14: selection.tableSize: 1000 is not prime; use a prime such as \
+             1021, 4093 or 65537",
+        ]
+    );
+}
+
+#[test]
+fn more_backends_than_slots() {
+    let text = format!("{GOOD}selection:\n  tableSize: 2\n")
+        .replace("weight: 3", "weight: 3\n      - address: 198.18.9.9");
+    assert!(
+        error(&text).starts_with(
+            "config/x.yaml:9:7: services[0].backends: 3 weighted backends do not fit a selection \
+             table of 2 slots"
+        ),
+        "{}",
+        error(&text)
+    );
+}
+
+#[test]
+fn no_services_is_a_warning() {
+    let config = parse_ok("node:\n  interfaces: [eth0]\n");
+    assert_eq!(config.warnings.len(), 1);
+    assert!(
+        config.warnings[0]
+            .to_string()
+            .starts_with("config/x.yaml:1:1: services: no services are configured")
+    );
+}
+
+#[test]
+fn problems_are_reported_in_document_order_and_all_at_once() {
+    let text = GOOD
+        .replace("nodePort: 30080", "nodePort: 0")
+        .replace("198.18.1.2", "x")
+        .replace("weight: 3", "weight: -3");
+    assert_eq!(errors(&text).len(), 3);
+}
+
+#[test]
+fn read_error_names_the_file() {
+    let message = load(Path::new("/nonexistent/xlb.yaml"), &Overrides::default())
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    assert_eq!(
+        message,
+        Err(String::from(
+            "/nonexistent/xlb.yaml: cannot read the config: No such file or directory (os error \
+             2); check the path given to --config"
+        ))
+    );
+}
+
+#[test]
+fn primes() {
+    let primes: Vec<u32> = (0..30).filter(|n| is_prime(*n)).collect();
+    assert_eq!(primes, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+    assert!(is_prime(DEFAULT_TABLE_SIZE));
+    assert!(is_prime(65_537));
+    assert!(is_prime(MAX_TABLE_SIZE));
+}

@@ -1,0 +1,206 @@
+//! Talking to the echo backends through xlb with plain `std::net` sockets
+//! (create them inside the client namespace with [`crate::in_netns`]).
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail, ensure};
+
+/// Default timeout for one request/reply over the lab.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An echo server's answer to `WHO`: `name=NAME local=IP:PORT peer=IP:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Who {
+    /// The backend's name, `backend-N`.
+    pub name: String,
+    /// The address the backend was reached at (after DNAT: its own).
+    pub local: SocketAddr,
+    /// The client as the backend saw it (after masquerade: the node).
+    pub peer: SocketAddr,
+}
+
+impl FromStr for Who {
+    type Err = anyhow::Error;
+
+    fn from_str(line: &str) -> anyhow::Result<Who> {
+        let mut name = None;
+        let mut local = None;
+        let mut peer = None;
+        for field in line.trim_end().split(' ') {
+            let (key, value) = field
+                .split_once('=')
+                .ok_or_else(|| anyhow!("WHO answer {line:?}: field {field:?} is not key=value"))?;
+            match key {
+                "name" => name = Some(value.to_owned()),
+                "local" => {
+                    local = Some(
+                        value
+                            .parse()
+                            .with_context(|| format!("WHO answer {line:?}: local"))?,
+                    )
+                }
+                "peer" => {
+                    peer = Some(
+                        value
+                            .parse()
+                            .with_context(|| format!("WHO answer {line:?}: peer"))?,
+                    )
+                }
+                _ => bail!("WHO answer {line:?}: unknown field {key:?}"),
+            }
+        }
+        Ok(Who {
+            name: name.ok_or_else(|| anyhow!("WHO answer {line:?} has no name="))?,
+            local: local.ok_or_else(|| anyhow!("WHO answer {line:?} has no local="))?,
+            peer: peer.ok_or_else(|| anyhow!("WHO answer {line:?} has no peer="))?,
+        })
+    }
+}
+
+/// A UDP socket on an ephemeral port with `IO_TIMEOUT` read timeout. Call it
+/// inside the client namespace.
+pub fn udp_socket() -> anyhow::Result<UdpSocket> {
+    let socket = UdpSocket::bind("0.0.0.0:0").context("binding a UDP socket")?;
+    socket.set_read_timeout(Some(IO_TIMEOUT))?;
+    Ok(socket)
+}
+
+/// Send `payload` to `target` and wait for one datagram; returns the reply
+/// and the address it came from (xlb must answer from `target` itself).
+pub fn udp_exchange(
+    socket: &UdpSocket,
+    target: SocketAddr,
+    payload: &[u8],
+) -> anyhow::Result<(Vec<u8>, SocketAddr)> {
+    socket
+        .send_to(payload, target)
+        .with_context(|| format!("sending a UDP datagram to {target}"))?;
+    let mut buf = vec![0u8; 65_536];
+    let (len, from) = socket.recv_from(&mut buf).with_context(|| {
+        format!(
+            "no UDP reply from {target} to {} within {IO_TIMEOUT:?}",
+            socket
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        )
+    })?;
+    buf.truncate(len);
+    Ok((buf, from))
+}
+
+/// `WHO` over UDP; returns the answer and the reply's source address.
+pub fn udp_who(socket: &UdpSocket, target: SocketAddr) -> anyhow::Result<(Who, SocketAddr)> {
+    let (reply, from) = udp_exchange(socket, target, b"WHO\n")?;
+    let line = String::from_utf8(reply).context("WHO answer over UDP is not UTF-8")?;
+    Ok((line.parse()?, from))
+}
+
+/// One TCP connection: `WHO\n`, then `payload`, half-close; read the WHO line
+/// and the echo to EOF. Writing runs on its own thread so payloads larger
+/// than the socket buffers cannot deadlock.
+pub fn tcp_who_echo(target: SocketAddr, payload: &[u8]) -> anyhow::Result<Who> {
+    tcp_who_echo_timeout(target, payload, IO_TIMEOUT)
+}
+
+/// [`tcp_who_echo`] with `timeout` for the connect and for each read/write.
+pub fn tcp_who_echo_timeout(
+    target: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<Who> {
+    let mut stream = TcpStream::connect_timeout(&target, timeout)
+        .with_context(|| format!("connecting to {target}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    ensure!(
+        stream.peer_addr()? == target,
+        "connected to {target} but the peer is {}",
+        stream.peer_addr()?
+    );
+    let mut writer = stream.try_clone()?;
+    let received = std::thread::scope(|scope| {
+        let sender = scope.spawn(move || -> std::io::Result<()> {
+            writer.write_all(b"WHO\n")?;
+            writer.write_all(payload)?;
+            writer.shutdown(Shutdown::Write)
+        });
+        let mut received = Vec::with_capacity(payload.len() + 128);
+        let read = stream.read_to_end(&mut received);
+        let sent = sender.join().expect("TCP sender thread panicked");
+        sent.with_context(|| format!("sending {} bytes to {target}", payload.len()))?;
+        read.with_context(|| {
+            format!(
+                "reading the echo from {target} ({} of {} bytes and the WHO line arrived)",
+                received.len(),
+                payload.len()
+            )
+        })?;
+        anyhow::Ok(received)
+    })?;
+    let newline = received
+        .iter()
+        .position(|&byte| byte == b'\n')
+        .ok_or_else(|| anyhow!("{target} sent no WHO line ({} bytes)", received.len()))?;
+    let who: Who = std::str::from_utf8(&received[..newline])
+        .context("WHO answer over TCP is not UTF-8")?
+        .parse()?;
+    let echoed = &received[newline + 1..];
+    ensure!(
+        echoed.len() == payload.len(),
+        "{target} ({}) echoed {} bytes, expected {}",
+        who.name,
+        echoed.len(),
+        payload.len()
+    );
+    ensure!(
+        echoed == payload,
+        "{target} ({}) echoed different bytes (first difference at offset {})",
+        who.name,
+        echoed
+            .iter()
+            .zip(payload)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0)
+    );
+    Ok(who)
+}
+
+/// `len` bytes of a recognisable pattern seeded by `seed`.
+pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as u8
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_who_line() {
+        let who: Who = "name=backend-2 local=198.18.2.2:4444 peer=198.18.2.1:40001\n"
+            .parse()
+            .unwrap();
+        assert_eq!(who.name, "backend-2");
+        assert_eq!(who.local, "198.18.2.2:4444".parse().unwrap());
+        assert_eq!(who.peer, "198.18.2.1:40001".parse().unwrap());
+        assert!("name=x local=1.2.3.4:5".parse::<Who>().is_err());
+        assert!("hello".parse::<Who>().is_err());
+    }
+
+    #[test]
+    fn pattern_differs_by_seed() {
+        assert_eq!(pattern(100, 1), pattern(100, 1));
+        assert_ne!(pattern(100, 1), pattern(100, 2));
+    }
+}

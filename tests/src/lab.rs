@@ -1,0 +1,281 @@
+//! The lab topology of `config/demo.yaml`: a client, a node (where the agent
+//! attaches XDP) and N backend pods, each in its own network namespace and
+//! joined to the node by a veth pair.
+//!
+//! ```text
+//!  client ns            node ns (xlb, ip_forward=1)          backend-N ns
+//!  eth0 198.18.0.2 ---- xlb-c  198.18.0.1
+//!                       xlb-bN 198.18.N.1 ------------------ eth0 198.18.N.2
+//!                                                            xlb-echo :3333/tcp :4444/udp
+//! ```
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::netns::unique_stem;
+use crate::{ChildGuard, LabError, Netns, ScratchDir, XLB_ECHO_BIN_ENV, bin_from_env, poll_until};
+
+/// The node's address towards the client; NodePorts answer here.
+pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The client's address.
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The node's interface towards the client.
+pub const NODE_CLIENT_IF: &str = "xlb-c";
+/// Interface name inside the client and backend namespaces.
+pub const POD_IF: &str = "eth0";
+
+/// `tcp-echo` in config/demo.yaml.
+pub const TCP_ECHO_NODE_PORT: u16 = 30999;
+/// `udp-echo` in config/demo.yaml.
+pub const UDP_ECHO_NODE_PORT: u16 = 30998;
+/// Where every backend's xlb-echo listens.
+pub const ECHO_TCP_PORT: u16 = 3333;
+pub const ECHO_UDP_PORT: u16 = 4444;
+
+/// How long a backend's echo server may take to start listening.
+const ECHO_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `198.18.0.1:30999`, the TCP echo NodePort.
+pub fn tcp_echo_service() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(NODE_ADDR, TCP_ECHO_NODE_PORT))
+}
+
+/// `198.18.0.1:30998`, the UDP echo NodePort.
+pub fn udp_echo_service() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(NODE_ADDR, UDP_ECHO_NODE_PORT))
+}
+
+/// A backend pod: its namespace and the echo server running in it.
+#[derive(Debug)]
+pub struct Backend {
+    // Field order is drop order: stop the server, then remove the namespace.
+    echo: ChildGuard,
+    pub netns: Netns,
+    /// 1-based, as in `backend-N`, `xlb-bN` and 198.18.N.0/24.
+    pub index: u8,
+    /// The name its echo server reports: `backend-N`.
+    pub name: String,
+    /// The pod's address, 198.18.N.2.
+    pub addr: Ipv4Addr,
+    /// The node's address on this backend's link, 198.18.N.1: what the
+    /// backend sees as the peer of masqueraded traffic.
+    pub node_addr: Ipv4Addr,
+    /// The node's interface towards this backend, `xlb-bN`.
+    pub node_if: String,
+}
+
+impl Backend {
+    /// The echo server's process id.
+    pub fn echo_pid(&self) -> u32 {
+        self.echo.id()
+    }
+}
+
+/// A built lab; dropping it stops its processes and removes its namespaces
+/// and scratch directory.
+#[derive(Debug)]
+pub struct Lab {
+    // Drop order: backends (their servers), client, node, then files.
+    pub backends: Vec<Backend>,
+    pub client: Netns,
+    pub node: Netns,
+    dir: ScratchDir,
+    echo_bin: PathBuf,
+}
+
+impl Lab {
+    /// Build the lab with `backends` backend pods, running the echo server
+    /// named by `XLB_ECHO_BIN` (set by `cargo xtask test`).
+    pub fn new(backends: usize) -> Result<Lab, LabError> {
+        Lab::with_echo_bin(backends, &bin_from_env(XLB_ECHO_BIN_ENV)?)
+    }
+
+    /// As [`Lab::new`], with an explicit path to `xlb-echo`.
+    pub fn with_echo_bin(backends: usize, echo_bin: &Path) -> Result<Lab, LabError> {
+        assert!(
+            (1..=250).contains(&backends),
+            "a lab has 1..=250 backends, asked for {backends}"
+        );
+        let stem = unique_stem();
+        let dir = ScratchDir::create(&stem)?;
+        let node = Netns::create(format!("{stem}-node"))?;
+        let client = Netns::create(format!("{stem}-client"))?;
+        node.sysctl("net/ipv4/ip_forward", "1")?;
+
+        link(&node, NODE_CLIENT_IF, NODE_ADDR, &client, CLIENT_ADDR, 0)?;
+
+        let mut lab = Lab {
+            backends: Vec::with_capacity(backends),
+            client,
+            node,
+            dir,
+            echo_bin: echo_bin.to_owned(),
+        };
+        for index in 1..=backends as u8 {
+            let backend = lab.add_backend(index)?;
+            lab.backends.push(backend);
+        }
+        Ok(lab)
+    }
+
+    fn add_backend(&self, index: u8) -> Result<Backend, LabError> {
+        let stem = self
+            .node
+            .name()
+            .strip_suffix("-node")
+            .expect("node namespace name ends in -node");
+        let netns = Netns::create(format!("{stem}-b{index}"))?;
+        let node_addr = Ipv4Addr::new(198, 18, index, 1);
+        let addr = Ipv4Addr::new(198, 18, index, 2);
+        let node_if = format!("xlb-b{index}");
+        link(&self.node, &node_if, node_addr, &netns, addr, index)?;
+
+        let name = format!("backend-{index}");
+        let echo = self.start_echo(
+            &netns,
+            &name,
+            &[SocketAddr::from(([0, 0, 0, 0], ECHO_TCP_PORT))],
+            &[SocketAddr::from(([0, 0, 0, 0], ECHO_UDP_PORT))],
+        )?;
+        Ok(Backend {
+            echo,
+            netns,
+            index,
+            name,
+            addr,
+            node_addr,
+            node_if,
+        })
+    }
+
+    /// Start `xlb-echo --name NAME --tcp ... --udp ...` inside `netns` (e.g.
+    /// a server on the node's own address) and wait until it listens.
+    pub fn start_echo(
+        &self,
+        netns: &Netns,
+        name: &str,
+        tcp: &[SocketAddr],
+        udp: &[SocketAddr],
+    ) -> Result<ChildGuard, LabError> {
+        let stdout_path = self.dir.path().join(format!("{name}.out"));
+        let stderr_path = self.dir.path().join(format!("{name}.err"));
+        let stdout = self.dir.create_file(&format!("{name}.out"))?;
+        let stderr = self.dir.create_file(&format!("{name}.err"))?;
+        let mut command = netns.command(&self.echo_bin);
+        command.args(["--name", name]);
+        for addr in tcp {
+            command.arg("--tcp").arg(addr.to_string());
+        }
+        for addr in udp {
+            command.arg("--udp").arg(addr.to_string());
+        }
+        let mut echo =
+            ChildGuard::spawn(command.stdin(Stdio::null()).stdout(stdout).stderr(stderr))?;
+
+        // xlb-echo prints "listening" once every socket is bound.
+        let mut exited = None;
+        let waited = poll_until(
+            &format!("{name} (xlb-echo) to listen"),
+            ECHO_START_TIMEOUT,
+            || {
+                if let Ok(Some(status)) = echo.try_wait() {
+                    exited = Some(status);
+                    return Some(());
+                }
+                let out = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+                out.contains("listening").then_some(())
+            },
+        );
+        let failure = match (waited, exited) {
+            (Ok(()), None) => return Ok(echo),
+            (Ok(()), Some(status)) => format!("`{}` exited with {status}", echo.command()),
+            (Err(error), _) => error.to_string(),
+        };
+        Err(LabError::WithLog {
+            what: failure,
+            log_name: format!("{name} stderr"),
+            log: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+        })
+    }
+
+    /// The backend whose echo server reports `name`.
+    pub fn backend_named(&self, name: &str) -> Option<&Backend> {
+        self.backends.iter().find(|backend| backend.name == name)
+    }
+
+    /// The lab's scratch directory (configs, logs); removed with the lab.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Write `contents` to `name` in the scratch directory, atomically (an
+    /// agent watching the file never reads half of it).
+    pub fn write_file(&self, name: &str, contents: &str) -> Result<PathBuf, LabError> {
+        self.dir.write(name, contents)
+    }
+
+    /// A config like config/demo.yaml for this lab, with the given
+    /// `services:` YAML block (indented by two spaces per level).
+    pub fn config_yaml(&self, services: &str) -> String {
+        let interfaces: Vec<&str> = std::iter::once(NODE_CLIENT_IF)
+            .chain(self.backends.iter().map(|backend| backend.node_if.as_str()))
+            .collect();
+        format!(
+            "node:\n  interfaces: [{}]\n  addresses: [{NODE_ADDR}]\n\nservices:\n{services}",
+            interfaces.join(", ")
+        )
+    }
+}
+
+/// A veth pair `a_if` (in `a`) <-> `eth0` (in `b`), created directly inside
+/// the namespaces so host names never collide, with addresses, static MACs,
+/// the node's static neighbour entry, and the pod end set up like a real NIC
+/// for XDP: GRO on (so redirected frames are delivered) and TX checksum
+/// offload off (so the pod sends complete checksums).
+fn link(
+    a: &Netns,
+    a_if: &str,
+    a_addr: Ipv4Addr,
+    b: &Netns,
+    b_addr: Ipv4Addr,
+    index: u8,
+) -> Result<(), LabError> {
+    let a_mac = format!("02:78:6c:00:{index:02x}:01");
+    let b_mac = format!("02:78:6c:00:{index:02x}:02");
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "address",
+        &a_mac,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        POD_IF,
+        "address",
+        &b_mac,
+        "netns",
+        b.name(),
+    ])?;
+    a.ip(&["addr", "add", &format!("{a_addr}/24"), "dev", a_if])?;
+    b.ip(&["addr", "add", &format!("{b_addr}/24"), "dev", POD_IF])?;
+    a.ip(&["link", "set", a_if, "up"])?;
+    b.ip(&["link", "set", POD_IF, "up"])?;
+    b.ip(&["route", "add", "default", "via", &a_addr.to_string()])?;
+    a.ip(&[
+        "neigh",
+        "replace",
+        &b_addr.to_string(),
+        "lladdr",
+        &b_mac,
+        "dev",
+        a_if,
+        "nud",
+        "permanent",
+    ])?;
+    b.exec("ethtool", &["-K", POD_IF, "gro", "on", "tx", "off"])?;
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! Frames built and checked with etherparse, which shares no code with the
+//! datapath: expected outputs are rebuilt from scratch with full checksums,
+//! so an incremental-update bug shows up as a byte difference.
+
+use std::net::Ipv4Addr;
+
+use etherparse::{
+    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, NetHeaders,
+    PacketBuilder, PacketHeaders, TcpHeader, TransportHeader, UdpHeader,
+};
+
+use crate::testrun::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Udp,
+    /// TCP with these flags: `SYN`, `ACK`, ... ORed.
+    Tcp(u8),
+}
+
+pub const FIN: u8 = 0x01;
+pub const SYN: u8 = 0x02;
+pub const RST: u8 = 0x04;
+pub const PSH: u8 = 0x08;
+pub const ACK: u8 = 0x10;
+
+/// One IPv4 TCP/UDP frame, field by field.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub eth_src: [u8; 6],
+    pub eth_dst: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub l4: L4,
+    pub ttl: u8,
+    pub ident: u16,
+    pub ip_options: Vec<u8>,
+    pub more_fragments: bool,
+    pub fragment_offset: u16,
+    /// Send UDP with checksum 0 ("none").
+    pub udp_no_checksum: bool,
+    pub payload: Vec<u8>,
+}
+
+impl Spec {
+    /// A client -> NodePort frame as it arrives at the node.
+    pub fn from_client(sport: u16, dport: u16, l4: L4) -> Spec {
+        Spec {
+            eth_src: CLIENT_MAC,
+            eth_dst: NODE_MAC,
+            src: CLIENT,
+            dst: NODE,
+            sport,
+            dport,
+            l4,
+            ttl: 64,
+            ident: 0x1234,
+            ip_options: Vec::new(),
+            more_fragments: false,
+            fragment_offset: 0,
+            udp_no_checksum: false,
+            payload: b"hello xlb".to_vec(),
+        }
+    }
+
+    pub fn proto(&self) -> u8 {
+        match self.l4 {
+            L4::Udp => IPPROTO_UDP,
+            L4::Tcp(_) => IPPROTO_TCP,
+        }
+    }
+
+    pub fn key(&self) -> lb_common::FlowKey {
+        key(self.src, self.sport, self.dst, self.dport, self.proto())
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let eth = Ethernet2Header {
+            source: self.eth_src,
+            destination: self.eth_dst,
+            ether_type: EtherType::IPV4,
+        };
+        let (transport, transport_len) = match self.l4 {
+            L4::Udp => (None, UdpHeader::LEN),
+            L4::Tcp(flags) => {
+                let mut tcp = TcpHeader::new(self.sport, self.dport, 1000, 64_240);
+                tcp.fin = flags & FIN != 0;
+                tcp.syn = flags & SYN != 0;
+                tcp.rst = flags & RST != 0;
+                tcp.psh = flags & PSH != 0;
+                tcp.ack = flags & ACK != 0;
+                if tcp.ack {
+                    tcp.acknowledgment_number = 2000;
+                }
+                let len = tcp.header_len();
+                (Some(tcp), len)
+            }
+        };
+        let mut ip = Ipv4Header::new(
+            (transport_len + self.payload.len()) as u16,
+            self.ttl,
+            IpNumber(self.proto()),
+            self.src.octets(),
+            self.dst.octets(),
+        )
+        .expect("ipv4 header");
+        ip.identification = self.ident;
+        ip.dont_fragment = !self.more_fragments && self.fragment_offset == 0;
+        ip.more_fragments = self.more_fragments;
+        ip.fragment_offset = IpFragOffset::try_new(self.fragment_offset).expect("offset");
+        ip.options = Ipv4Options::try_from(&self.ip_options[..]).expect("options");
+        ip.total_len = (ip.header_len() + transport_len + self.payload.len()) as u16;
+        ip.header_checksum = ip.calc_header_checksum();
+
+        let mut frame = Vec::new();
+        eth.write(&mut frame).expect("eth");
+        ip.write(&mut frame).expect("ip");
+        match transport {
+            None => {
+                let mut udp =
+                    UdpHeader::with_ipv4_checksum(self.sport, self.dport, &ip, &self.payload)
+                        .expect("udp");
+                if self.udp_no_checksum {
+                    udp.checksum = 0;
+                }
+                udp.write(&mut frame).expect("udp");
+            }
+            Some(mut tcp) => {
+                tcp.checksum = tcp
+                    .calc_checksum_ipv4(&ip, &self.payload)
+                    .expect("tcp checksum");
+                tcp.write(&mut frame).expect("tcp");
+            }
+        }
+        frame.extend_from_slice(&self.payload);
+        frame
+    }
+
+    /// The same frame after the node forwarded it: new MACs and tuple, TTL
+    /// one lower, checksums recomputed from scratch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forwarded(
+        &self,
+        eth_src: [u8; 6],
+        eth_dst: [u8; 6],
+        src: Ipv4Addr,
+        sport: u16,
+        dst: Ipv4Addr,
+        dport: u16,
+    ) -> Spec {
+        Spec {
+            eth_src,
+            eth_dst,
+            src,
+            dst,
+            sport,
+            dport,
+            ttl: self.ttl - 1,
+            ..self.clone()
+        }
+    }
+
+    /// What the backend sends back for this frame, addressed as the backend
+    /// saw it (`self` is the forwarded frame).
+    pub fn reply(&self, l4: L4, payload: &[u8]) -> Spec {
+        Spec {
+            eth_src: self.eth_dst,
+            eth_dst: self.eth_src,
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            l4,
+            ttl: 64,
+            payload: payload.to_vec(),
+            ..self.clone()
+        }
+    }
+}
+
+/// Checks the IPv4 header checksum and the TCP/UDP checksum of `frame` by
+/// recomputing them. UDP checksum 0 means "none" and is accepted.
+pub fn check_checksums(frame: &[u8]) -> Result<(), String> {
+    let headers = PacketHeaders::from_ethernet_slice(frame).map_err(|e| e.to_string())?;
+    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
+        return Err("not IPv4".into());
+    };
+    if ip.header_checksum != ip.calc_header_checksum() {
+        return Err(format!(
+            "IPv4 checksum {:#06x}, expected {:#06x}",
+            ip.header_checksum,
+            ip.calc_header_checksum()
+        ));
+    }
+    let payload = headers.payload.slice();
+    match &headers.transport {
+        Some(TransportHeader::Udp(udp)) if udp.checksum != 0 => {
+            let want = udp
+                .calc_checksum_ipv4(ip, payload)
+                .map_err(|e| e.to_string())?;
+            if udp.checksum != want {
+                return Err(format!(
+                    "UDP checksum {:#06x}, expected {want:#06x}",
+                    udp.checksum
+                ));
+            }
+        }
+        Some(TransportHeader::Tcp(tcp)) => {
+            let want = tcp
+                .calc_checksum_ipv4(ip, payload)
+                .map_err(|e| e.to_string())?;
+            if tcp.checksum != want {
+                return Err(format!(
+                    "TCP checksum {:#06x}, expected {want:#06x}",
+                    tcp.checksum
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The (src, sport, dst, dport) of an IPv4 TCP/UDP frame.
+pub fn tuple_of(frame: &[u8]) -> Option<(Ipv4Addr, u16, Ipv4Addr, u16)> {
+    let headers = PacketHeaders::from_ethernet_slice(frame).ok()?;
+    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
+        return None;
+    };
+    let (sport, dport) = match &headers.transport {
+        Some(TransportHeader::Udp(udp)) => (udp.source_port, udp.destination_port),
+        Some(TransportHeader::Tcp(tcp)) => (tcp.source_port, tcp.destination_port),
+        _ => return None,
+    };
+    Some((
+        Ipv4Addr::from(ip.source),
+        sport,
+        Ipv4Addr::from(ip.destination),
+        dport,
+    ))
+}
+
+pub fn arp_request() -> Vec<u8> {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&CLIENT_MAC);
+    frame.extend_from_slice(&[0x08, 0x06]);
+    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&CLIENT_MAC);
+    frame.extend_from_slice(&CLIENT.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&NODE.octets());
+    frame
+}
+
+pub fn icmp_echo() -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv4(CLIENT.octets(), NODE.octets(), 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut frame, b"ping")
+        .expect("icmp");
+    frame
+}
+
+pub fn ipv6_udp() -> Vec<u8> {
+    let mut frame = Vec::new();
+    let src = "2001:db8::2".parse::<std::net::Ipv6Addr>().expect("addr");
+    let dst = "2001:db8::1".parse::<std::net::Ipv6Addr>().expect("addr");
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(src.octets(), dst.octets(), 64)
+        .udp(40_000, UDP_NODE_PORT)
+        .write(&mut frame, b"v6")
+        .expect("ipv6");
+    frame
+}
+
+pub fn vlan_udp() -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .single_vlan(etherparse::VlanId::try_new(42).expect("vlan"))
+        .ipv4(CLIENT.octets(), NODE.octets(), 64)
+        .udp(40_000, UDP_NODE_PORT)
+        .write(&mut frame, b"tagged")
+        .expect("vlan");
+    frame
+}
+
+/// What the node sends back for a UDP datagram to a service with no
+/// endpoints: ICMP port unreachable quoting its IPv4 header and 8 bytes.
+pub fn port_unreachable_for(datagram: &Spec) -> Vec<u8> {
+    let frame = datagram.build();
+    let quoted = &frame[Ethernet2Header::LEN..Ethernet2Header::LEN + 28];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(datagram.eth_dst, datagram.eth_src)
+        .ipv4(datagram.dst.octets(), datagram.src.octets(), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Port,
+        ))
+        .write(&mut out, quoted)
+        .expect("icmp");
+    out
+}
+
+/// What the node sends back for a SYN to a service with no endpoints:
+/// RST|ACK, seq 0, ack = SYN's seq + 1 + payload.
+pub fn reset_for(syn: &Spec) -> Vec<u8> {
+    let mut out = Vec::new();
+    let ack = 1000 + 1 + syn.payload.len() as u32;
+    PacketBuilder::ethernet2(syn.eth_dst, syn.eth_src)
+        .ipv4(syn.dst.octets(), syn.src.octets(), 64)
+        .tcp(syn.dport, syn.sport, 0, 0)
+        .rst()
+        .ack(ack)
+        .write(&mut out, &[])
+        .expect("rst");
+    out
+}

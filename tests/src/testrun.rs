@@ -1,0 +1,451 @@
+//! Runs an XDP object with BPF_PROG_TEST_RUN inside a namespace whose
+//! routes and neighbours give the FIB lookup known answers, and sets and
+//! reads its maps through aya with the lb-common types (the contract), never
+//! through datapath code.
+
+use std::net::Ipv4Addr;
+
+use crate::{Netns, netns::unique_stem};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{TestRun as _, Xdp},
+};
+use aya::{TestRunOptions, TestRunResult};
+use lb_common::{
+    Backend, Flow, FlowKey, GlobalConfig, NodeAddr, Reason, Service, ServiceKey, SourceRange,
+    maps as names,
+    service::{
+        ADDR_ANY_NODE, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, CONFIG_F_READY, SERVICE_F_AFFINITY,
+        SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE, SERVICE_F_SOURCE_RANGES,
+    },
+};
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+/// The node's address on the client side: where NodePorts answer.
+pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+/// The node's address on the backend side: the masquerade source.
+pub const NODE_B: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub const NODE_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x01];
+pub const BACKEND_1: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub const BACKEND_1_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x02];
+pub const BACKEND_2: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
+pub const BACKEND_2_MAC: [u8; 6] = [0x02, 0, 0, 0, 1, 0x03];
+/// On the backend subnet but with no neighbour entry: the FIB says NO_NEIGH.
+pub const BACKEND_UNRESOLVED: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 9);
+
+pub const TCP_NODE_PORT: u16 = 30999;
+pub const UDP_NODE_PORT: u16 = 30998;
+/// A UDP service with no backends.
+pub const EMPTY_NODE_PORT: u16 = 30997;
+/// A TCP service whose only backend's MAC is unknown.
+pub const UNRESOLVED_NODE_PORT: u16 = 30996;
+/// A TCP service with no backends (rejected with RST).
+pub const EMPTY_TCP_NODE_PORT: u16 = 30991;
+/// externalTrafficPolicy=Local with no local backend: dropped, not rejected.
+pub const LOCAL_EMPTY_NODE_PORT: u16 = 30995;
+/// UDP backends 1,2, open only to 198.18.0.0/24 (loadBalancerSourceRanges).
+pub const RANGED_NODE_PORT: u16 = 30994;
+/// UDP backends 1,2 with sessionAffinity ClientIP.
+pub const AFFINITY_NODE_PORT: u16 = 30993;
+/// UDP backends 1,2 with externalTrafficPolicy=Local: no masquerade.
+pub const LOCAL_NODE_PORT: u16 = 30992;
+pub const RANGED_SERVICE_ID: u32 = 7;
+pub const TCP_TARGET_PORT: u16 = 3333;
+pub const UDP_TARGET_PORT: u16 = 4444;
+pub const SNAT_MIN: u16 = 61_000;
+pub const SNAT_MAX: u16 = 65_535;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Backend ids used by the base state.
+pub const BACKEND_1_ID: u32 = 1;
+pub const BACKEND_2_ID: u32 = 2;
+const BACKEND_UNRESOLVED_ID: u32 = 3;
+/// Slots per service in the base state's selection table.
+const TABLE_SIZE: u32 = 7;
+
+pub fn be(addr: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(addr.octets())
+}
+
+pub fn port_be(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// The loaded program with its maps, inside its own namespace.
+pub struct Datapath {
+    bpf: Ebpf,
+    pub client_ifindex: u32,
+    pub backend_ifindex: u32,
+}
+
+/// Builds the namespace (client-side and backend-side veths with fixed MACs,
+/// addresses and permanent neighbours, forwarding on), then runs `body` on a
+/// thread inside it with `object`'s `xlb` program loaded and the base state
+/// written.
+pub fn with_datapath<T: Send>(
+    object: &'static [u8],
+    body: impl FnOnce(&mut Datapath) -> T + Send,
+) -> T {
+    with_namespace(move || {
+        let mut datapath = Datapath::load(object);
+        datapath.write_base_state();
+        body(&mut datapath)
+    })
+}
+
+/// Builds the namespace `with_datapath` uses and runs `body` on a thread in it.
+pub fn with_namespace<T: Send>(body: impl FnOnce() -> T + Send) -> T {
+    let ns = Netns::create(format!("{}-fx", unique_stem())).expect("create namespace");
+    for (dev, peer, mac, cidr) in [
+        ("xc", "xcp", NODE_MAC, "198.18.0.1/24"),
+        ("xb", "xbp", NODE_B_MAC, "198.18.1.1/24"),
+    ] {
+        let mac = mac_str(mac);
+        ns.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer])
+            .expect("veth");
+        ns.ip(&["link", "set", dev, "address", &mac]).expect("mac");
+        ns.ip(&["addr", "add", cidr, "dev", dev]).expect("address");
+        ns.ip(&["link", "set", dev, "up"]).expect("up");
+        ns.ip(&["link", "set", peer, "up"]).expect("peer up");
+    }
+    for (addr, mac, dev) in [
+        (CLIENT, CLIENT_MAC, "xc"),
+        (BACKEND_1, BACKEND_1_MAC, "xb"),
+        (BACKEND_2, BACKEND_2_MAC, "xb"),
+    ] {
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            &mac_str(mac),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])
+        .expect("neighbour");
+    }
+    ns.sysctl("net/ipv4/ip_forward", "1").expect("forwarding");
+    ns.run(body).expect("run in namespace")
+}
+
+fn mac_str(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub fn ifindex(name: &str) -> u32 {
+    let name = std::ffi::CString::new(name).expect("interface name");
+    // SAFETY: `name` is a valid NUL-terminated string for the call's duration.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "interface {name:?} not found");
+    index
+}
+
+impl Datapath {
+    pub fn load(object: &[u8]) -> Datapath {
+        let mut bpf = EbpfLoader::new().load(object).expect("load the XDP object");
+        let program: &mut Xdp = bpf
+            .program_mut(names::PROGRAM)
+            .expect("program")
+            .try_into()
+            .expect("an XDP program");
+        program.load().expect("verifier accepts the program");
+        Datapath {
+            bpf,
+            client_ifindex: ifindex("xc"),
+            backend_ifindex: ifindex("xb"),
+        }
+    }
+
+    fn map_mut(&mut self, name: &str) -> &mut aya::maps::Map {
+        self.bpf
+            .map_mut(name)
+            .unwrap_or_else(|| panic!("map {name}"))
+    }
+
+    pub fn services(&mut self) -> HashMap<&mut MapData, ServiceKey, Service> {
+        HashMap::try_from(self.map_mut(names::SERVICES)).expect("services map")
+    }
+
+    pub fn backends(&mut self) -> Array<&mut MapData, Backend> {
+        Array::try_from(self.map_mut(names::BACKENDS)).expect("backends map")
+    }
+
+    pub fn flows(&mut self) -> HashMap<&mut MapData, FlowKey, Flow> {
+        HashMap::try_from(self.map_mut(names::FLOWS)).expect("flows map")
+    }
+
+    pub fn set_config(&mut self, cfg: GlobalConfig) {
+        let mut map: Array<_, GlobalConfig> =
+            Array::try_from(self.map_mut(names::CONFIG)).expect("config map");
+        map.set(0, cfg, 0).expect("write config");
+    }
+
+    pub fn base_config() -> GlobalConfig {
+        GlobalConfig {
+            snat_port_min: SNAT_MIN,
+            snat_port_max: SNAT_MAX,
+            flags: CONFIG_F_READY,
+            ..GlobalConfig::DEFAULT
+        }
+    }
+
+    /// tcp 30999 -> backends 1,2:3333; udp 30998 -> 1,2:4444; udp 30997 ->
+    /// no backends; tcp 30996 -> an unresolved backend. NodePorts answer on
+    /// 198.18.0.1; masquerade addresses are each veth's own.
+    pub fn write_base_state(&mut self) {
+        let backends = [
+            (BACKEND_1_ID, BACKEND_1),
+            (BACKEND_2_ID, BACKEND_2),
+            (BACKEND_UNRESOLVED_ID, BACKEND_UNRESOLVED),
+        ];
+        // Ids 1-3 serve TCP (port 3333); ids 11-12 the same pods for UDP.
+        let mut slots = vec![0u32; 4 * TABLE_SIZE as usize];
+        let mut table = self.backends();
+        for (id, addr) in backends {
+            table
+                .set(id, backend(addr, TCP_TARGET_PORT), 0)
+                .expect("backend");
+            table
+                .set(id + 10, backend(addr, UDP_TARGET_PORT), 0)
+                .expect("backend");
+        }
+        for slot in 0..TABLE_SIZE as usize {
+            let pick = if slot % 2 == 0 { 0 } else { 1 };
+            slots[slot] = [BACKEND_1_ID, BACKEND_2_ID][pick];
+            slots[TABLE_SIZE as usize + slot] = [BACKEND_1_ID + 10, BACKEND_2_ID + 10][pick];
+            slots[3 * TABLE_SIZE as usize + slot] = BACKEND_UNRESOLVED_ID;
+        }
+        let mut select: Array<_, u32> =
+            Array::try_from(self.map_mut(names::SELECT)).expect("select map");
+        for (index, id) in slots.iter().enumerate() {
+            select.set(index as u32, id, 0).expect("slot");
+        }
+        let mut services = self.services();
+        let masq = SERVICE_F_MASQUERADE;
+        let table = TABLE_SIZE;
+        for (id, port, proto, offset, size, flags) in [
+            (1, TCP_NODE_PORT, IPPROTO_TCP, 0, table, masq),
+            (2, UDP_NODE_PORT, IPPROTO_UDP, table, table, masq),
+            (3, EMPTY_NODE_PORT, IPPROTO_UDP, 2 * table, 0, masq),
+            (4, UNRESOLVED_NODE_PORT, IPPROTO_TCP, 3 * table, table, masq),
+            (5, EMPTY_TCP_NODE_PORT, IPPROTO_TCP, 2 * table, 0, masq),
+            (
+                6,
+                LOCAL_EMPTY_NODE_PORT,
+                IPPROTO_UDP,
+                2 * table,
+                0,
+                SERVICE_F_DROP_IF_EMPTY,
+            ),
+            (
+                RANGED_SERVICE_ID,
+                RANGED_NODE_PORT,
+                IPPROTO_UDP,
+                table,
+                table,
+                masq | SERVICE_F_SOURCE_RANGES,
+            ),
+            (
+                8,
+                AFFINITY_NODE_PORT,
+                IPPROTO_UDP,
+                table,
+                table,
+                masq | SERVICE_F_AFFINITY,
+            ),
+            (9, LOCAL_NODE_PORT, IPPROTO_UDP, table, table, 0),
+        ] {
+            let key = ServiceKey {
+                addr_be: ADDR_ANY_NODE,
+                port_be: port_be(port),
+                proto,
+                _pad: 0,
+            };
+            let service = Service {
+                id,
+                table_offset: offset,
+                table_size: size,
+                flags,
+                affinity_timeout_s: 10_800,
+                _pad: 0,
+            };
+            services.insert(key, service, 0).expect("service");
+        }
+        let mut ranges: LpmTrie<_, SourceRange, u32> =
+            LpmTrie::try_from(self.map_mut(names::SOURCE_RANGES)).expect("source ranges");
+        let allowed = SourceRange {
+            service_id: RANGED_SERVICE_ID,
+            addr_be: be(Ipv4Addr::new(198, 18, 0, 0)),
+        };
+        ranges
+            .insert(&Key::new(32 + 24, allowed), 1, 0)
+            .expect("source range");
+        let mut nodes: HashMap<_, u32, NodeAddr> =
+            HashMap::try_from(self.map_mut(names::NODE_ADDRS)).expect("node addrs");
+        nodes
+            .insert(be(NODE), NodeAddr::default(), 0)
+            .expect("node addr");
+        let (client_if, backend_if) = (self.client_ifindex, self.backend_ifindex);
+        let mut ifaces: HashMap<_, u32, u32> =
+            HashMap::try_from(self.map_mut(names::IFACE_ADDRS)).expect("iface addrs");
+        ifaces.insert(client_if, be(NODE), 0).expect("iface addr");
+        ifaces
+            .insert(backend_if, be(NODE_B), 0)
+            .expect("iface addr");
+        self.set_config(Self::base_config());
+    }
+
+    /// Removes a backend the way the agent does: first every selection slot
+    /// that named it names `survivor` instead, then the backend is marked
+    /// inactive.
+    pub fn remove_backend(&mut self, id: u32, survivor: u32) {
+        let mut select: Array<_, u32> =
+            Array::try_from(self.map_mut(names::SELECT)).expect("select map");
+        for slot in 0..4 * TABLE_SIZE {
+            if select.get(&slot, 0).expect("slot") == id {
+                select.set(slot, survivor, 0).expect("slot");
+            }
+        }
+        let mut table = self.backends();
+        let mut entry = table.get(&id, 0).expect("backend");
+        entry.flags &= !BACKEND_F_ACTIVE;
+        table.set(id, entry, 0).expect("backend");
+    }
+
+    /// Marks a backend terminating (it keeps its flows, affinity skips it).
+    pub fn set_terminating(&mut self, id: u32) {
+        let mut table = self.backends();
+        let mut entry = table.get(&id, 0).expect("backend");
+        entry.flags |= BACKEND_F_TERMINATING;
+        table.set(id, entry, 0).expect("backend");
+    }
+
+    /// Deletes every conntrack and affinity entry, so rows do not see each
+    /// other's flows.
+    pub fn clear_flows(&mut self) {
+        let mut flows = self.flows();
+        let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = flows.remove(&key);
+        }
+        let mut affinity: HashMap<_, lb_common::AffinityKey, lb_common::Affinity> =
+            HashMap::try_from(self.map_mut(names::AFFINITY)).expect("affinity map");
+        let keys: Vec<_> = affinity.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = affinity.remove(&key);
+        }
+    }
+
+    pub fn flow(&mut self, key: &FlowKey) -> Option<Flow> {
+        self.flows().get(key, 0).ok()
+    }
+
+    /// Per-reason packet counters summed over CPUs.
+    pub fn stats(&mut self) -> Vec<u64> {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map_mut(names::STATS)).expect("stats map");
+        Reason::ALL
+            .iter()
+            .map(|reason| {
+                map.get(&(*reason as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    /// Runs the program once on `frame` as if it arrived on `ifindex`.
+    pub fn run(&mut self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        self.run_repeat(frame, ifindex, 1).0
+    }
+
+    /// Runs the program `repeat` times on `frame`; returns the last verdict
+    /// and output, and the kernel's average duration per run.
+    pub fn run_repeat(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> ((u32, Vec<u8>), std::time::Duration) {
+        let program: &mut Xdp = self
+            .bpf
+            .program_mut(names::PROGRAM)
+            .expect("program")
+            .try_into()
+            .expect("an XDP program");
+        test_run(program, frame, ifindex, repeat)
+    }
+}
+
+/// BPF_PROG_TEST_RUN of `program` on `frame` arriving on `ifindex`, `repeat`
+/// times: (verdict, output frame) of the last run and the kernel's average
+/// time per run. The frame is not reset between repeats.
+pub fn test_run(
+    program: &mut Xdp,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> ((u32, Vec<u8>), std::time::Duration) {
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex }: the kernel wants data_end = length.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; frame.len() + 256];
+    let TestRunResult {
+        return_value,
+        duration,
+        data_size_out,
+        ..
+    } = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(data_size_out as usize);
+    ((return_value, out), duration)
+}
+
+fn backend(addr: Ipv4Addr, port: u16) -> Backend {
+    Backend {
+        addr_be: be(addr),
+        port_be: port_be(port),
+        _pad: 0,
+        flags: BACKEND_F_ACTIVE,
+    }
+}
+
+/// The conntrack key of a packet as it is on the wire.
+pub fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src_addr_be: be(src),
+        dst_addr_be: be(dst),
+        src_port_be: port_be(sport),
+        dst_port_be: port_be(dport),
+        proto,
+        _pad: [0; 3],
+    }
+}

@@ -1,0 +1,279 @@
+//! The malformed-packet sweep: seeded random and mutated frames through the
+//! program, checking invariants rather than exact outputs.
+
+use std::fmt::Write as _;
+
+use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
+
+use xlb_tests::{packets::*, testrun::*};
+
+/// SplitMix64: tiny, seedable, good enough to drive mutations reproducibly.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+}
+
+/// A frame to send: a valid template (often towards a service, so flows get
+/// created and replies matched), then maybe mutated.
+fn frame(rng: &mut Rng, dp: &Datapath, replies: &[Vec<u8>]) -> (Vec<u8>, u32) {
+    let sport = 1024 + rng.below(60_000) as u16;
+    let mut ifindex = dp.client_ifindex;
+    let mut frame = match rng.below(10) {
+        0..=2 => Spec::from_client(sport, UDP_NODE_PORT, L4::Udp).build(),
+        3..=4 => {
+            let flags = [SYN, SYN, ACK, ACK | PSH, FIN | ACK, RST][rng.below(6) as usize];
+            Spec::from_client(sport, TCP_NODE_PORT, L4::Tcp(flags)).build()
+        }
+        5 if rng.below(3) == 0 => {
+            let l4 = if rng.below(2) == 0 {
+                L4::Udp
+            } else {
+                L4::Tcp(SYN)
+            };
+            let port = if l4 == L4::Udp {
+                EMPTY_NODE_PORT
+            } else {
+                EMPTY_TCP_NODE_PORT
+            };
+            Spec::from_client(sport, port, l4).build()
+        }
+        5 if !replies.is_empty() => {
+            ifindex = dp.backend_ifindex;
+            replies[rng.below(replies.len() as u64) as usize].clone()
+        }
+        6 => [icmp_echo(), arp_request(), ipv6_udp(), vlan_udp()][rng.below(4) as usize].clone(),
+        7 => {
+            let len = 14 + rng.below(120) as usize;
+            (0..len).map(|_| rng.byte()).collect()
+        }
+        _ => {
+            let mut spec = Spec::from_client(sport, UDP_NODE_PORT, L4::Udp);
+            spec.ip_options = vec![1; 4 * rng.below(4) as usize];
+            spec.payload = (0..rng.below(64)).map(|_| rng.byte()).collect();
+            spec.build()
+        }
+    };
+    match rng.below(4) {
+        0 => {}
+        1 => {
+            for _ in 0..1 + rng.below(6) {
+                let at = rng.below(frame.len() as u64) as usize;
+                frame[at] = rng.byte();
+            }
+        }
+        2 => {
+            // Mutate the header bytes the parser decides on.
+            let fields = [12usize, 13, 14, 16, 17, 20, 21, 22, 23, 46];
+            let at = fields[rng.below(fields.len() as u64) as usize];
+            if at < frame.len() {
+                frame[at] = rng.byte();
+            }
+        }
+        _ => {
+            let len = 14 + rng.below(frame.len() as u64 - 13) as usize;
+            frame.truncate(len);
+        }
+    }
+    (frame, ifindex)
+}
+
+fn hex(frame: &[u8]) -> String {
+    let mut out = String::new();
+    for byte in frame {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
+/// Runs `count` frames from `seed`; returns the first broken invariant.
+pub fn sweep(dp: &mut Datapath, seed: u64, count: u64) -> Result<(), String> {
+    let mut rng = Rng::new(seed);
+    let mut replies: Vec<Vec<u8>> = Vec::new();
+    let before: u64 = dp.stats().iter().sum();
+    for index in 0..count {
+        let (input, ifindex) = frame(&mut rng, dp, &replies);
+        let (verdict, output) = dp.run(&input, ifindex);
+        let fail = |what: String| {
+            format!(
+                "frame {index} (seed {seed}): {what}\n  in:  {}\n  out: {}",
+                hex(&input),
+                hex(&output)
+            )
+        };
+        match verdict {
+            XDP_PASS => {
+                if output != input {
+                    return Err(fail("XDP_PASS but the frame was modified".into()));
+                }
+            }
+            XDP_DROP => {}
+            XDP_TX if is_reject(&output) => {
+                check_rejected(&input, &output).map_err(fail)?;
+            }
+            XDP_TX | XDP_REDIRECT => {
+                check_forwarded(dp, &input, &output).map_err(fail)?;
+                if replies.len() < 256 && ifindex == dp.client_ifindex {
+                    if let Some(reply) = reply_to(&output) {
+                        replies.push(reply);
+                    }
+                }
+            }
+            XDP_ABORTED => return Err(fail("XDP_ABORTED".into())),
+            other => return Err(fail(format!("unknown verdict {other}"))),
+        }
+    }
+    let after: u64 = dp.stats().iter().sum();
+    if after - before != count {
+        return Err(format!(
+            "seed {seed}: counters grew by {} for {count} frames",
+            after - before
+        ));
+    }
+    Ok(())
+}
+
+/// A forwarded frame must be a valid IPv4 TCP/UDP packet of the same
+/// length, TTL one lower, its tuple exactly the rewrite conntrack holds for
+/// the input's tuple, and its checksums correct if the input's were.
+fn check_forwarded(dp: &mut Datapath, input: &[u8], output: &[u8]) -> Result<(), String> {
+    let (src, sport, dst, dport) =
+        tuple_of(input).ok_or("forwarded a frame an independent parser rejects")?;
+    let proto = proto_of(input).ok_or("forwarded a non-TCP/UDP frame")?;
+    let out_tuple = tuple_of(output).ok_or("forwarded output does not parse")?;
+    if output.len() != input.len() {
+        return Err(format!("length {} -> {}", input.len(), output.len()));
+    }
+    let flow = dp
+        .flow(&key(src, sport, dst, dport, proto))
+        .ok_or("forwarded without a conntrack entry")?;
+    let want = (
+        std::net::Ipv4Addr::from(flow.new_src_addr_be.to_ne_bytes()),
+        u16::from_be(flow.new_src_port_be),
+        std::net::Ipv4Addr::from(flow.new_dst_addr_be.to_ne_bytes()),
+        u16::from_be(flow.new_dst_port_be),
+    );
+    if out_tuple != want {
+        return Err(format!(
+            "rewritten to {out_tuple:?}, conntrack says {want:?}"
+        ));
+    }
+    if ttl_of(output) + 1 != ttl_of(input) {
+        return Err("TTL not decremented by one".into());
+    }
+    if check_checksums(input).is_ok() {
+        check_checksums(output)?;
+    }
+    Ok(())
+}
+
+/// Whether an XDP_TX output is a rejection (ICMP error or TCP RST) rather
+/// than a forwarded packet.
+fn is_reject(output: &[u8]) -> bool {
+    let Ok(headers) = PacketHeaders::from_ethernet_slice(output) else {
+        return false;
+    };
+    match headers.transport {
+        Some(TransportHeader::Icmpv4(_)) => true,
+        Some(TransportHeader::Tcp(tcp)) => tcp.rst,
+        _ => false,
+    }
+}
+
+/// A rejection goes back to the sender from the address it wrote to, with
+/// valid checksums: ICMP port unreachable quoting the datagram's IPv4 header
+/// and 8 bytes, or RST|ACK acknowledging the SYN.
+fn check_rejected(input: &[u8], output: &[u8]) -> Result<(), String> {
+    let (src, sport, dst, dport) = tuple_of(input).ok_or("rejected a frame that does not parse")?;
+    let headers = PacketHeaders::from_ethernet_slice(output).map_err(|e| e.to_string())?;
+    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
+        return Err("rejection is not IPv4".into());
+    };
+    if (ip.source, ip.destination) != (dst.octets(), src.octets()) {
+        return Err("rejection not addressed back to the sender".into());
+    }
+    if ip.header_checksum != ip.calc_header_checksum() {
+        return Err("rejection has a bad IPv4 checksum".into());
+    }
+    if output[0..6] != input[6..12] {
+        return Err("rejection not sent to the sender's MAC".into());
+    }
+    let payload = headers.payload.slice();
+    match &headers.transport {
+        Some(TransportHeader::Icmpv4(icmp)) => {
+            let port_unreachable = etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            );
+            if icmp.icmp_type != port_unreachable {
+                return Err(format!(
+                    "ICMP {:?}, expected port unreachable",
+                    icmp.icmp_type
+                ));
+            }
+            if icmp.checksum != icmp.icmp_type.calc_checksum(payload) {
+                return Err("ICMP checksum wrong".into());
+            }
+            if payload != &input[14..14 + 28] {
+                return Err("ICMP does not quote the datagram's header and 8 bytes".into());
+            }
+        }
+        Some(TransportHeader::Tcp(tcp)) => {
+            if !(tcp.rst && tcp.ack) || (tcp.source_port, tcp.destination_port) != (dport, sport) {
+                return Err("RST flags or ports wrong".into());
+            }
+            let want = tcp
+                .calc_checksum_ipv4(ip, payload)
+                .map_err(|e| e.to_string())?;
+            if tcp.checksum != want {
+                return Err("RST checksum wrong".into());
+            }
+        }
+        _ => return Err("XDP_TX of something that is neither ICMP nor RST".into()),
+    }
+    Ok(())
+}
+
+fn proto_of(frame: &[u8]) -> Option<u8> {
+    let headers = PacketHeaders::from_ethernet_slice(frame).ok()?;
+    match headers.net {
+        Some(NetHeaders::Ipv4(ip, _)) => Some(ip.protocol.0),
+        _ => None,
+    }
+}
+
+fn ttl_of(frame: &[u8]) -> u8 {
+    frame[14 + 8]
+}
+
+/// The backend's answer to a frame forwarded to it.
+fn reply_to(at_backend: &[u8]) -> Option<Vec<u8>> {
+    let (src, sport, dst, dport) = tuple_of(at_backend)?;
+    let l4 = match proto_of(at_backend)? {
+        IPPROTO_UDP => L4::Udp,
+        _ => L4::Tcp(SYN | ACK),
+    };
+    let mut spec = Spec::from_client(dport, sport, l4);
+    spec.eth_src = at_backend[0..6].try_into().ok()?;
+    spec.eth_dst = NODE_B_MAC;
+    spec.src = dst;
+    spec.dst = src;
+    Some(spec.build())
+}

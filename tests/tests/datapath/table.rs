@@ -1,0 +1,650 @@
+//! The fixture table, in the style of Katran's tester: each row names the
+//! state it needs, the frame that goes in, the verdict and counter expected,
+//! and the frame expected out.
+
+use lb_common::{
+    Reason,
+    flow::{FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY, FLOW_S_RST},
+};
+
+use xlb_tests::{packets::*, testrun::*};
+
+pub enum Expect {
+    /// XDP_PASS with the frame byte-identical.
+    Unchanged,
+    /// XDP_DROP; the output is not looked at.
+    Dropped,
+    /// Forwarded; the closure builds the expected frame once the program
+    /// has run (new flows need the masquerade port from conntrack).
+    Frame(Box<dyn FnOnce(&mut Datapath) -> Vec<u8>>),
+}
+
+pub struct Case {
+    pub input: Vec<u8>,
+    pub ifindex: u32,
+    pub expect: Expect,
+    /// Extra checks on the maps after the run.
+    pub after: Option<Box<dyn FnOnce(&mut Datapath)>>,
+}
+
+pub struct Row {
+    pub name: &'static str,
+    pub verdict: u32,
+    pub reason: Reason,
+    /// Sets up the state (may send earlier frames) and returns the case.
+    pub case: fn(&mut Datapath) -> Case,
+}
+
+fn unchanged(dp: &Datapath, frame: Vec<u8>) -> Case {
+    Case {
+        input: frame,
+        ifindex: dp.client_ifindex,
+        expect: Expect::Unchanged,
+        after: None,
+    }
+}
+
+fn exact(dp: &Datapath, frame: Vec<u8>, want: Vec<u8>) -> Case {
+    Case {
+        input: frame,
+        ifindex: dp.client_ifindex,
+        expect: Expect::Frame(Box::new(move |_| want)),
+        after: None,
+    }
+}
+
+fn dropped(dp: &Datapath, frame: Vec<u8>) -> Case {
+    Case {
+        input: frame,
+        ifindex: dp.client_ifindex,
+        expect: Expect::Dropped,
+        after: None,
+    }
+}
+
+fn backend_mac(addr: std::net::Ipv4Addr) -> [u8; 6] {
+    match addr {
+        BACKEND_1 => BACKEND_1_MAC,
+        BACKEND_2 => BACKEND_2_MAC,
+        other => panic!("{other} is not a backend of the base state"),
+    }
+}
+
+fn target_port(spec: &Spec) -> u16 {
+    match spec.l4 {
+        L4::Udp => UDP_TARGET_PORT,
+        L4::Tcp(_) => TCP_TARGET_PORT,
+    }
+}
+
+/// The frame `spec` becomes on its way to the backend conntrack recorded for
+/// it: masqueraded to the backend-side node address and a port in range.
+fn to_backend(dp: &mut Datapath, spec: &Spec) -> Vec<u8> {
+    let flow = dp
+        .flow(&spec.key())
+        .expect("conntrack has the client's flow");
+    let backend = std::net::Ipv4Addr::from(flow.new_dst_addr_be.to_ne_bytes());
+    let snat_port = u16::from_be(flow.new_src_port_be);
+    assert!(
+        (SNAT_MIN..=SNAT_MAX).contains(&snat_port),
+        "masquerade port {snat_port} outside {SNAT_MIN}-{SNAT_MAX}"
+    );
+    spec.forwarded(
+        NODE_B_MAC,
+        backend_mac(backend),
+        NODE_B,
+        snat_port,
+        backend,
+        target_port(spec),
+    )
+    .build()
+}
+
+fn expect_to_backend(spec: Spec) -> Expect {
+    Expect::Frame(Box::new(move |dp| to_backend(dp, &spec)))
+}
+
+fn forward_case(dp: &Datapath, spec: Spec) -> Case {
+    Case {
+        input: spec.build(),
+        ifindex: dp.client_ifindex,
+        expect: expect_to_backend(spec),
+        after: None,
+    }
+}
+
+/// Sends `spec` from the client and returns the frame as the backend got it.
+fn send_from_client(dp: &mut Datapath, spec: &Spec) -> Spec {
+    let (verdict, out) = dp.run(&spec.build(), dp.client_ifindex);
+    assert_eq!(
+        verdict, XDP_REDIRECT,
+        "setup frame {spec:?} was not forwarded"
+    );
+    let (src, sport, dst, dport) = tuple_of(&out).expect("forwarded frame parses");
+    Spec {
+        eth_src: NODE_B_MAC,
+        eth_dst: backend_mac(dst),
+        src,
+        sport,
+        dst,
+        dport,
+        ttl: spec.ttl - 1,
+        ..spec.clone()
+    }
+}
+
+/// The backend's reply to `at_backend`, and the case expecting it to reach
+/// the client from node-ip:NodePort.
+fn reply_case(dp: &mut Datapath, client: &Spec, at_backend: &Spec, l4: L4) -> Case {
+    let reply = at_backend.reply(l4, b"echo");
+    let client_port = client.sport;
+    let node_port = client.dport;
+    let to_client = reply.forwarded(NODE_MAC, CLIENT_MAC, NODE, node_port, CLIENT, client_port);
+    Case {
+        input: reply.build(),
+        ifindex: dp.backend_ifindex,
+        expect: Expect::Frame(Box::new(move |_| to_client.build())),
+        after: None,
+    }
+}
+
+fn state_has(bits: u8, spec: Spec) -> Option<Box<dyn FnOnce(&mut Datapath)>> {
+    Some(Box::new(move |dp: &mut Datapath| {
+        let flow = dp.flow(&spec.key()).expect("flow");
+        assert_eq!(flow.state & bits, bits, "flow state {:#x}", flow.state);
+        let peer = lb_common::FlowKey::peer_of(&flow, spec.proto());
+        let reply = dp.flow(&peer).expect("reply entry");
+        assert_eq!(
+            reply.state & bits,
+            bits,
+            "reply entry state {:#x}",
+            reply.state
+        );
+    }))
+}
+
+fn udp(sport: u16) -> Spec {
+    Spec::from_client(sport, UDP_NODE_PORT, L4::Udp)
+}
+
+fn tcp(sport: u16, flags: u8) -> Spec {
+    Spec::from_client(sport, TCP_NODE_PORT, L4::Tcp(flags))
+}
+
+pub fn rows() -> Vec<Row> {
+    vec![
+        Row {
+            name: "UDP new flow: backend chosen, DNAT + masquerade + port rewrite",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| forward_case(dp, udp(40_001)),
+        },
+        Row {
+            name: "TCP SYN new flow: DNAT + masquerade + port rewrite",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| forward_case(dp, tcp(40_002, SYN)),
+        },
+        Row {
+            name: "UDP established flow follows conntrack",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                send_from_client(dp, &udp(40_003));
+                let mut second = udp(40_003);
+                second.payload = b"second datagram, longer than the first".to_vec();
+                forward_case(dp, second)
+            },
+        },
+        Row {
+            name: "TCP established segment follows conntrack",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                send_from_client(dp, &tcp(40_004, SYN));
+                forward_case(dp, tcp(40_004, ACK | PSH))
+            },
+        },
+        Row {
+            name: "UDP reply reverse-NATed to node-ip:NodePort",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdReply,
+            case: |dp| {
+                let client = udp(40_005);
+                let at_backend = send_from_client(dp, &client);
+                reply_case(dp, &client, &at_backend, L4::Udp)
+            },
+        },
+        Row {
+            name: "TCP SYN-ACK reverse-NATed to node-ip:NodePort",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdReply,
+            case: |dp| {
+                let client = tcp(40_006, SYN);
+                let at_backend = send_from_client(dp, &client);
+                reply_case(dp, &client, &at_backend, L4::Tcp(SYN | ACK))
+            },
+        },
+        Row {
+            name: "TCP FIN from the client is forwarded and recorded in both entries",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                send_from_client(dp, &tcp(40_007, SYN));
+                let mut case = forward_case(dp, tcp(40_007, FIN | ACK));
+                case.after = state_has(FLOW_S_FIN_ORIGINAL, tcp(40_007, SYN));
+                case
+            },
+        },
+        Row {
+            name: "TCP FIN both ways: the flow ages out on the closing timeout",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdReply,
+            case: |dp| {
+                let client = tcp(40_008, SYN);
+                let at_backend = send_from_client(dp, &client);
+                send_from_client(dp, &tcp(40_008, FIN | ACK));
+                let mut case = reply_case(dp, &client, &at_backend, L4::Tcp(FIN | ACK));
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow(&client.key()).expect("flow");
+                    assert_eq!(flow.state & FLOW_S_FIN_REPLY, FLOW_S_FIN_REPLY);
+                    let cfg = Datapath::base_config();
+                    assert_eq!(flow.timeout_s(IPPROTO_TCP, &cfg), cfg.tcp_closing_timeout_s);
+                }));
+                case
+            },
+        },
+        Row {
+            name: "TCP RST is forwarded and closes the flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                send_from_client(dp, &tcp(40_009, SYN));
+                let mut case = forward_case(dp, tcp(40_009, RST));
+                case.after = state_has(FLOW_S_RST, tcp(40_009, SYN));
+                case
+            },
+        },
+        Row {
+            name: "SYN on a closed flow's tuple starts a new flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                send_from_client(dp, &tcp(40_010, SYN));
+                send_from_client(dp, &tcp(40_010, RST));
+                forward_case(dp, tcp(40_010, SYN))
+            },
+        },
+        Row {
+            name: "removed backend: the flow's next datagram goes to a live backend",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let first = send_from_client(dp, &udp(40_011));
+                let (gone, survivor) = if first.dst == BACKEND_1 {
+                    (BACKEND_1_ID + 10, BACKEND_2_ID + 10)
+                } else {
+                    (BACKEND_2_ID + 10, BACKEND_1_ID + 10)
+                };
+                dp.remove_backend(gone, survivor);
+                let spec = udp(40_011);
+                let mut case = forward_case(dp, spec.clone());
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow(&spec.key()).expect("flow");
+                    assert_ne!(
+                        flow.new_dst_addr_be,
+                        be(first.dst),
+                        "still the removed backend"
+                    );
+                }));
+                case
+            },
+        },
+        Row {
+            name: "IPv4 options (IHL 6) are kept and the flow balanced",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let mut spec = udp(40_012);
+                spec.ip_options = vec![1, 1, 1, 0];
+                forward_case(dp, spec)
+            },
+        },
+        Row {
+            name: "UDP checksum 0 (none) stays 0",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let mut spec = udp(40_013);
+                spec.udp_no_checksum = true;
+                forward_case(dp, spec)
+            },
+        },
+        Row {
+            name: "TTL 2 leaves with TTL 1",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let mut spec = udp(40_014);
+                spec.ttl = 2;
+                forward_case(dp, spec)
+            },
+        },
+        Row {
+            name: "TTL 1 is dropped, not forwarded with TTL 0",
+            verdict: XDP_DROP,
+            reason: Reason::DropTtlExpired,
+            case: |dp| {
+                let mut spec = udp(40_015);
+                spec.ttl = 1;
+                dropped(dp, spec.build())
+            },
+        },
+        Row {
+            name: "UDP to a service with no endpoints: ICMP port unreachable sent back",
+            verdict: XDP_TX,
+            reason: Reason::RejectPortUnreachable,
+            case: |dp| {
+                let spec = Spec::from_client(40_016, EMPTY_NODE_PORT, L4::Udp);
+                let want = port_unreachable_for(&spec);
+                exact(dp, spec.build(), want)
+            },
+        },
+        Row {
+            name: "SYN to a service with no endpoints: RST sent back",
+            verdict: XDP_TX,
+            reason: Reason::RejectTcpReset,
+            case: |dp| {
+                let spec = Spec::from_client(40_030, EMPTY_TCP_NODE_PORT, L4::Tcp(SYN));
+                let want = reset_for(&spec);
+                exact(dp, spec.build(), want)
+            },
+        },
+        Row {
+            name: "externalTrafficPolicy=Local with no local endpoint drops silently",
+            verdict: XDP_DROP,
+            reason: Reason::DropNoBackend,
+            case: |dp| {
+                let spec = Spec::from_client(40_031, LOCAL_EMPTY_NODE_PORT, L4::Udp);
+                dropped(dp, spec.build())
+            },
+        },
+        Row {
+            name: "externalTrafficPolicy=Local: client address kept (no masquerade)",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let spec = Spec::from_client(40_032, LOCAL_NODE_PORT, L4::Udp);
+                let expect = spec.clone();
+                Case {
+                    input: spec.build(),
+                    ifindex: dp.client_ifindex,
+                    expect: Expect::Frame(Box::new(move |dp: &mut Datapath| {
+                        let flow = dp.flow(&expect.key()).expect("flow");
+                        let backend = std::net::Ipv4Addr::from(flow.new_dst_addr_be.to_ne_bytes());
+                        expect
+                            .forwarded(
+                                NODE_B_MAC,
+                                backend_mac(backend),
+                                CLIENT,
+                                40_032,
+                                backend,
+                                UDP_TARGET_PORT,
+                            )
+                            .build()
+                    })),
+                    after: None,
+                }
+            },
+        },
+        Row {
+            name: "externalTrafficPolicy=Local: the pod's reply to the client is reverse-NATed",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdReply,
+            case: |dp| {
+                let client = Spec::from_client(40_033, LOCAL_NODE_PORT, L4::Udp);
+                let (verdict, out) = dp.run(&client.build(), dp.client_ifindex);
+                assert_eq!(verdict, XDP_REDIRECT);
+                let (_, _, backend, backend_port) = tuple_of(&out).expect("parses");
+                let mut reply = Spec::from_client(backend_port, 40_033, L4::Udp);
+                reply.eth_src = backend_mac(backend);
+                reply.eth_dst = NODE_B_MAC;
+                reply.src = backend;
+                reply.dst = CLIENT;
+                reply.payload = b"echo".to_vec();
+                let to_client =
+                    reply.forwarded(NODE_MAC, CLIENT_MAC, NODE, LOCAL_NODE_PORT, CLIENT, 40_033);
+                Case {
+                    input: reply.build(),
+                    ifindex: dp.backend_ifindex,
+                    expect: Expect::Frame(Box::new(move |_| to_client.build())),
+                    after: None,
+                }
+            },
+        },
+        Row {
+            name: "loadBalancerSourceRanges: a source inside the range is balanced",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| forward_case(dp, Spec::from_client(40_034, RANGED_NODE_PORT, L4::Udp)),
+        },
+        Row {
+            name: "loadBalancerSourceRanges: a source outside the range is dropped",
+            verdict: XDP_DROP,
+            reason: Reason::DropSourceRange,
+            case: |dp| {
+                let mut spec = Spec::from_client(40_035, RANGED_NODE_PORT, L4::Udp);
+                spec.src = std::net::Ipv4Addr::new(198, 19, 7, 7);
+                dropped(dp, spec.build())
+            },
+        },
+        Row {
+            name: "sessionAffinity ClientIP: a client's new flows all go to one backend",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let first =
+                    send_from_client(dp, &Spec::from_client(40_040, AFFINITY_NODE_PORT, L4::Udp));
+                for sport in 40_041..40_048 {
+                    let next = send_from_client(
+                        dp,
+                        &Spec::from_client(sport, AFFINITY_NODE_PORT, L4::Udp),
+                    );
+                    assert_eq!(
+                        next.dst, first.dst,
+                        "flow from port {sport} left the affine backend"
+                    );
+                }
+                forward_case(dp, Spec::from_client(40_048, AFFINITY_NODE_PORT, L4::Udp))
+            },
+        },
+        Row {
+            name: "sessionAffinity: a terminating backend keeps its flow but gets no new one",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                let first_spec = Spec::from_client(40_050, AFFINITY_NODE_PORT, L4::Udp);
+                let first = send_from_client(dp, &first_spec);
+                let (gone, survivor) = if first.dst == BACKEND_1 {
+                    (BACKEND_1_ID + 10, BACKEND_2_ID + 10)
+                } else {
+                    (BACKEND_2_ID + 10, BACKEND_1_ID + 10)
+                };
+                // The agent takes a terminating endpoint out of the table
+                // and flags it; it stays active for its flows.
+                dp.remove_backend(gone, survivor);
+                let mut table = dp.backends();
+                let mut entry = table.get(&gone, 0).expect("backend");
+                entry.flags |= lb_common::service::BACKEND_F_ACTIVE;
+                table.set(gone, entry, 0).expect("backend");
+                dp.set_terminating(gone);
+                let fresh =
+                    send_from_client(dp, &Spec::from_client(40_051, AFFINITY_NODE_PORT, L4::Udp));
+                assert_ne!(
+                    fresh.dst, first.dst,
+                    "new flow went to the terminating backend"
+                );
+                forward_case(dp, first_spec)
+            },
+        },
+        Row {
+            name: "unresolved next hop drops (agent keeps neighbours managed)",
+            verdict: XDP_DROP,
+            reason: Reason::DropNoNeighbour,
+            case: |dp| {
+                let spec = Spec::from_client(40_017, UNRESOLVED_NODE_PORT, L4::Tcp(SYN));
+                dropped(dp, spec.build())
+            },
+        },
+        Row {
+            name: "non-service port passes untouched",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotService,
+            case: |dp| unchanged(dp, Spec::from_client(40_018, 5353, L4::Udp).build()),
+        },
+        Row {
+            name: "backend's target port on the node address, from outside, passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotService,
+            case: |dp| {
+                unchanged(
+                    dp,
+                    Spec::from_client(40_019, UDP_TARGET_PORT, L4::Udp).build(),
+                )
+            },
+        },
+        Row {
+            name: "packet to a backend address (routed through the node) passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotService,
+            case: |dp| {
+                let mut spec = Spec::from_client(40_020, UDP_TARGET_PORT, L4::Udp);
+                spec.dst = BACKEND_1;
+                unchanged(dp, spec.build())
+            },
+        },
+        Row {
+            name: "TCP segment with no flow passes (the kernel answers RST)",
+            verdict: XDP_PASS,
+            reason: Reason::PassTcpNoFlow,
+            case: |dp| unchanged(dp, tcp(40_021, ACK).build()),
+        },
+        Row {
+            name: "reply-like packet with no flow passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotService,
+            case: |dp| {
+                let mut spec = Spec::from_client(UDP_TARGET_PORT, 61_000, L4::Udp);
+                spec.src = BACKEND_1;
+                spec.dst = NODE_B;
+                Case {
+                    input: spec.build(),
+                    ifindex: dp.backend_ifindex,
+                    expect: Expect::Unchanged,
+                    after: None,
+                }
+            },
+        },
+        Row {
+            name: "first fragment passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassFragment,
+            case: |dp| {
+                let mut spec = udp(40_022);
+                spec.more_fragments = true;
+                unchanged(dp, spec.build())
+            },
+        },
+        Row {
+            name: "later fragment passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassFragment,
+            case: |dp| {
+                let mut spec = udp(40_023);
+                spec.fragment_offset = 185;
+                unchanged(dp, spec.build())
+            },
+        },
+        Row {
+            name: "ICMP echo passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotTcpUdp,
+            case: |dp| unchanged(dp, icmp_echo()),
+        },
+        Row {
+            name: "ARP passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotIpv4,
+            case: |dp| unchanged(dp, arp_request()),
+        },
+        Row {
+            name: "IPv6 passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotIpv4,
+            case: |dp| unchanged(dp, ipv6_udp()),
+        },
+        Row {
+            name: "VLAN-tagged frame passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotIpv4,
+            case: |dp| unchanged(dp, vlan_udp()),
+        },
+        Row {
+            name: "IHL below 5 passes as malformed",
+            verdict: XDP_PASS,
+            reason: Reason::PassMalformed,
+            case: |dp| {
+                let mut frame = udp(40_024).build();
+                frame[14] = 0x44;
+                unchanged(dp, frame)
+            },
+        },
+        Row {
+            name: "IPv4 total length beyond the frame passes as malformed",
+            verdict: XDP_PASS,
+            reason: Reason::PassMalformed,
+            case: |dp| {
+                let mut frame = udp(40_025).build();
+                frame[16..18].copy_from_slice(&1400u16.to_be_bytes());
+                unchanged(dp, frame)
+            },
+        },
+        Row {
+            name: "TCP data offset below 5 passes as malformed",
+            verdict: XDP_PASS,
+            reason: Reason::PassMalformed,
+            case: |dp| {
+                let mut frame = tcp(40_026, SYN).build();
+                frame[14 + 20 + 12] = 0x40;
+                unchanged(dp, frame)
+            },
+        },
+        Row {
+            name: "before the agent marks the config ready, everything passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotReady,
+            case: |dp| {
+                let mut cfg = Datapath::base_config();
+                cfg.flags = 0;
+                dp.set_config(cfg);
+                unchanged(dp, udp(40_027).build())
+            },
+        },
+    ]
+}
+
+/// Every prefix of a valid UDP and TCP frame that cuts a header or the
+/// payload short (from the Ethernet header on: the kernel refuses shorter
+/// test frames, and no NIC delivers them).
+pub fn truncations() -> Vec<(String, Vec<u8>)> {
+    let mut frames = Vec::new();
+    for (what, frame) in [
+        ("UDP", udp(40_100).build()),
+        ("TCP SYN", tcp(40_101, SYN).build()),
+    ] {
+        for len in 14..frame.len() {
+            frames.push((format!("{what} cut to {len} bytes"), frame[..len].to_vec()));
+        }
+    }
+    frames
+}

@@ -1,0 +1,96 @@
+//! The lab itself, without the agent. If these fail, the other end-to-end
+//! tests' failures say nothing about xlb: fix the lab (or the machine) first.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use xlb_tests::client::{pattern, tcp_who_echo, udp_socket, udp_who};
+use xlb_tests::lab::{CLIENT_ADDR, ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR};
+use xlb_tests::{Lab, netns};
+
+#[test]
+fn client_reaches_node_and_node_reaches_backends() -> anyhow::Result<()> {
+    let lab = Lab::new(2)?;
+
+    lab.client.ping(NODE_ADDR)?;
+
+    for backend in &lab.backends {
+        let tcp = SocketAddr::from((backend.addr, ECHO_TCP_PORT));
+        let payload = pattern(100_000, u32::from(backend.index));
+        let who = lab.node.run(|| tcp_who_echo(tcp, &payload))??;
+        assert_eq!(who.name, backend.name);
+        assert_eq!(who.local, tcp);
+        assert_eq!(who.peer.ip(), backend.node_addr);
+
+        let udp = SocketAddr::from((backend.addr, ECHO_UDP_PORT));
+        let (who, from) = lab.node.run(|| udp_who(&udp_socket()?, udp))??;
+        assert_eq!(from, udp);
+        assert_eq!(who.name, backend.name);
+        assert_eq!(who.local, udp);
+        assert_eq!(who.peer.ip(), backend.node_addr);
+    }
+    Ok(())
+}
+
+#[test]
+fn pod_ends_have_gro_on_and_tx_checksum_offload_off() -> anyhow::Result<()> {
+    // Without GRO an XDP_REDIRECT into the veth is dropped; with TX checksum
+    // offload the pods would send partial checksums no real NIC delivers.
+    let lab = Lab::new(1)?;
+    for netns in [&lab.client, &lab.backends[0].netns] {
+        let features = netns.exec("ethtool", &["-k", "eth0"])?;
+        for expected in ["generic-receive-offload: on", "tx-checksumming: off"] {
+            assert!(
+                features.lines().any(|line| line.trim() == expected),
+                "{}: no {expected:?} in ethtool -k eth0:\n{features}",
+                netns.name()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn node_forwards_between_client_and_backends() -> anyhow::Result<()> {
+    // Plain IP forwarding through the node, no NAT: the backend sees the
+    // client's own address.
+    let lab = Lab::new(1)?;
+    let backend = &lab.backends[0];
+    let tcp = SocketAddr::from((backend.addr, ECHO_TCP_PORT));
+    let who = lab
+        .client
+        .run(|| tcp_who_echo(tcp, b"through the node"))??;
+    assert_eq!(who.name, backend.name);
+    assert_eq!(who.peer.ip(), CLIENT_ADDR);
+    backend.netns.ping(CLIENT_ADDR)?;
+    Ok(())
+}
+
+#[test]
+fn labs_are_separate_and_removed_on_drop() -> anyhow::Result<()> {
+    let first = Lab::new(1)?;
+    let second = Lab::new(1)?;
+    assert_ne!(first.node.name(), second.node.name());
+
+    let names: Vec<String> = [&first.node, &first.client, &first.backends[0].netns]
+        .iter()
+        .map(|ns| ns.name().to_owned())
+        .collect();
+    let echo_pid = first.backends[0].echo_pid();
+    let dir = first.dir().to_owned();
+    drop(first);
+
+    for name in &names {
+        let path = Path::new(netns::NETNS_DIR).join(name);
+        assert!(!path.exists(), "{} still exists", path.display());
+    }
+    assert!(
+        !Path::new("/proc").join(echo_pid.to_string()).exists(),
+        "echo server {echo_pid} still runs"
+    );
+    assert!(!dir.exists(), "{} still exists", dir.display());
+
+    // The other lab is untouched.
+    second.client.ping(NODE_ADDR)?;
+    Ok(())
+}
