@@ -104,8 +104,33 @@ impl Flow {
     }
 }
 
+/// Forwarded traffic of one service or backend (per CPU in the maps):
+/// `to_backend_*` counts client-to-backend packets, `to_client_*` replies.
+/// Bytes are frame lengths as forwarded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub to_backend_packets: u64,
+    pub to_backend_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+}
+assert_size!(Traffic, 32);
+
+impl Traffic {
+    /// Sum of per-CPU values.
+    pub fn add(&mut self, other: &Traffic) {
+        self.to_backend_packets += other.to_backend_packets;
+        self.to_backend_bytes += other.to_backend_bytes;
+        self.to_client_packets += other.to_client_packets;
+        self.to_client_bytes += other.to_client_bytes;
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: #[repr(C)], Copy, integers only, no implicit padding (asserted).
+    unsafe impl aya::Pod for super::Traffic {}
     // SAFETY: #[repr(C)], Copy, integers only, no implicit padding (asserted).
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above.

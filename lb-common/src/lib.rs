@@ -13,7 +13,7 @@ pub mod maps;
 pub mod reason;
 pub mod service;
 
-pub use flow::{Flow, FlowKey};
+pub use flow::{Flow, FlowKey, Traffic};
 pub use reason::Reason;
 pub use service::{
     Affinity, AffinityKey, Backend, GlobalConfig, NodeAddr, Service, ServiceKey, SourceRange,

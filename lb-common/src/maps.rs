@@ -26,11 +26,17 @@ pub const SOURCE_RANGES: &str = "XLB_SOURCE_RANGES";
 pub const CONFIG: &str = "XLB_CONFIG";
 /// `PerCpuArray<u64>` indexed by `Reason as u32`: packets per verdict reason.
 pub const STATS: &str = "XLB_STATS";
+/// `PerCpuArray<Traffic>` indexed by `Service::id`: forwarded traffic.
+pub const SERVICE_STATS: &str = "XLB_SERVICE_STATS";
+/// `PerCpuArray<Traffic>` indexed by backend id: forwarded traffic.
+pub const BACKEND_STATS: &str = "XLB_BACKEND_STATS";
 
 /// Name of the XDP program in the object file.
 pub const PROGRAM: &str = "xlb";
 
 pub const SERVICES_MAX: u32 = 65_536;
+/// Service ids are below this (the per-service counters are an array).
+pub const SERVICE_IDS_MAX: u32 = 65_536;
 pub const SELECT_MAX: u32 = 1 << 22;
 pub const BACKENDS_MAX: u32 = 131_072;
 pub const FLOWS_MAX: u32 = 1 << 20;

@@ -23,8 +23,7 @@ mod select;
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp,
-        programs::XdpContext,
+        bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
     };
     use lb_common::{
         Flow, FlowKey, IPPROTO_TCP, Reason,
@@ -37,7 +36,7 @@ mod prog {
     use crate::{
         conntrack::{self, NewFlow},
         fib, lookup,
-        maps::{XLB_CONFIG, XLB_IFACE_ADDRS, count},
+        maps::{XLB_CONFIG, XLB_IFACE_ADDRS, count, count_traffic},
         nat,
         parse::{self, Packet, TCP_ACK, TCP_SYN},
         reject, select,
@@ -133,6 +132,7 @@ mod prog {
         };
         let flow = conntrack::create(&key, &new, &cfg, now)?;
         nat::rewrite(&packet, &flow);
+        count_traffic(service.id, backend_id, false, frame_len(ctx));
         Ok((fib::send(ctx, packet.eth, &hop), Reason::FwdNewFlow))
     }
 
@@ -163,6 +163,8 @@ mod prog {
             }
         };
         nat::rewrite(packet, flow);
+        let to_client = flow.direction == FLOW_DIR_REPLY;
+        count_traffic(flow.service_id, flow.backend_id, to_client, frame_len(ctx));
         Ok((fib::send(ctx, packet.eth, &hop), reason))
     }
 
@@ -190,6 +192,11 @@ mod prog {
             return Err(Reason::DropTtlExpired);
         }
         Ok(())
+    }
+
+    #[inline(always)]
+    fn frame_len(ctx: &XdpContext) -> u64 {
+        (ctx.data_end() - ctx.data()) as u64
     }
 
     #[inline(always)]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, Flow, FlowKey, GlobalConfig, NodeAddr, Service, ServiceKey,
-    SourceRange, maps as size, reason::REASON_COUNT,
+    SourceRange, Traffic, maps as size, reason::REASON_COUNT,
 };
 
 #[map]
@@ -44,6 +44,37 @@ pub static XLB_CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static XLB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+#[map]
+pub static XLB_SERVICE_STATS: PerCpuArray<Traffic> =
+    PerCpuArray::with_max_entries(size::SERVICE_IDS_MAX, 0);
+
+#[map]
+pub static XLB_BACKEND_STATS: PerCpuArray<Traffic> =
+    PerCpuArray::with_max_entries(size::BACKENDS_MAX, 0);
+
+/// Counts a forwarded frame of `bytes` for its service and backend.
+#[inline(always)]
+pub fn count_traffic(service_id: u32, backend_id: u32, to_client: bool, bytes: u64) {
+    add_traffic(XLB_SERVICE_STATS.get_ptr_mut(service_id), to_client, bytes);
+    add_traffic(XLB_BACKEND_STATS.get_ptr_mut(backend_id), to_client, bytes);
+}
+
+#[inline(always)]
+fn add_traffic(counters: Option<*mut Traffic>, to_client: bool, bytes: u64) {
+    let Some(counters) = counters else {
+        return;
+    };
+    // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+    let counters = unsafe { &mut *counters };
+    if to_client {
+        counters.to_client_packets += 1;
+        counters.to_client_bytes += bytes;
+    } else {
+        counters.to_backend_packets += 1;
+        counters.to_backend_bytes += bytes;
+    }
+}
 
 /// Counts one packet under `reason`.
 #[inline(always)]

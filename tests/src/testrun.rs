@@ -359,6 +359,18 @@ impl Datapath {
         self.flows().get(key, 0).ok()
     }
 
+    /// Traffic counters of a service (`XLB_SERVICE_STATS`) or backend
+    /// (`XLB_BACKEND_STATS`), summed over CPUs.
+    pub fn traffic(&mut self, map: &str, id: u32) -> lb_common::Traffic {
+        let map: PerCpuArray<_, lb_common::Traffic> =
+            PerCpuArray::try_from(self.map_mut(map)).expect("traffic map");
+        let mut total = lb_common::Traffic::default();
+        for per_cpu in map.get(&id, 0).expect("traffic entry").iter() {
+            total.add(per_cpu);
+        }
+        total
+    }
+
     /// Per-reason packet counters summed over CPUs.
     pub fn stats(&mut self) -> Vec<u64> {
         let map: PerCpuArray<_, u64> =

@@ -216,6 +216,37 @@ pub fn rows() -> Vec<Row> {
             },
         },
         Row {
+            name: "service and backend counters count forwarded frames both ways",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdReply,
+            case: |dp| {
+                let client = udp(40_060);
+                let before = dp.traffic(lb_common::maps::SERVICE_STATS, 2);
+                let at_backend = send_from_client(dp, &client);
+                let mut case = reply_case(dp, &client, &at_backend, L4::Udp);
+                let (request_len, reply_len) =
+                    (client.build().len() as u64, case.input.len() as u64);
+                let backend_id = if at_backend.dst == BACKEND_1 {
+                    BACKEND_1_ID
+                } else {
+                    BACKEND_2_ID
+                } + 10;
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let after = dp.traffic(lb_common::maps::SERVICE_STATS, 2);
+                    assert_eq!(after.to_backend_packets - before.to_backend_packets, 1);
+                    assert_eq!(
+                        after.to_backend_bytes - before.to_backend_bytes,
+                        request_len
+                    );
+                    assert_eq!(after.to_client_packets - before.to_client_packets, 1);
+                    assert_eq!(after.to_client_bytes - before.to_client_bytes, reply_len);
+                    let backend = dp.traffic(lb_common::maps::BACKEND_STATS, backend_id);
+                    assert!(backend.to_backend_packets >= 1 && backend.to_client_packets >= 1);
+                }));
+                case
+            },
+        },
+        Row {
             name: "TCP SYN-ACK reverse-NATed to node-ip:NodePort",
             verdict: XDP_REDIRECT,
             reason: Reason::FwdReply,

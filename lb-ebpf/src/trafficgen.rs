@@ -1,0 +1,179 @@
+//! The lab benchmark's traffic generator and sink (`cargo xtask bench`), not
+//! part of the datapath.
+//!
+//! `xlb_trafficgen` is run with BPF_PROG_TEST_RUN in live-frames mode: every
+//! run writes one whole UDP frame from a template (live frames are recycled,
+//! so nothing of the previous run may survive: LAB-NOTES pitfall 2), picks
+//! the flow from a sequence number and returns XDP_TX, which sends the frame
+//! out of the generator's veth. `xlb_bench_sink` sits on the backends' veths
+//! and counts and drops the benchmark's UDP datagrams, passing everything
+//! else (ARP, TCP, the latency echo) to the stack.
+//!
+//! The map layouts are mirrored in bench/src/lab/progs.rs; sizes are
+//! asserted on both sides.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+/// Bytes of every generated frame: Ethernet + IPv4 + UDP + 18 bytes payload.
+pub const FRAME_LEN: usize = 60;
+
+/// `GEN_CONFIG[0]`: what to send. Host order unless named `_be`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GenConfig {
+    /// The frame with source address and port 0 and both checksums 0, as
+    /// 8-byte words in memory order; the first `FRAME_LEN` bytes are used.
+    pub frame: [u64; 8],
+    /// Source address of flow 0.
+    pub src_addr_base: u32,
+    /// Distinct flows to cycle through; 0: every frame is a new flow.
+    pub flows: u32,
+    /// One's-complement sum (unfolded) of the IPv4 header words with the
+    /// source address and checksum 0.
+    pub ip_csum_base: u32,
+    /// The same for the UDP pseudo-header, header and payload with the
+    /// source address, source port and checksum 0.
+    pub udp_csum_base: u32,
+    /// Source port of flow 0.
+    pub src_port_base: u16,
+    /// Source ports per source address before the address moves on.
+    pub port_span: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 88);
+
+/// `SINK_CONFIG[i]`: UDP destination ports (host order) the sink counts and
+/// drops; 0 is unused.
+pub const SINK_PORTS: u32 = 2;
+
+#[cfg(target_arch = "bpf")]
+mod prog {
+    use aya_ebpf::{
+        bindings::xdp_action,
+        macros::{map, xdp},
+        maps::{Array, PerCpuArray},
+        programs::XdpContext,
+    };
+
+    use super::{FRAME_LEN, GenConfig, SINK_PORTS};
+
+    #[map]
+    static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
+    /// `[0]`: frames generated so far (also the next frame's sequence
+    /// number). One generator thread writes it, so no atomics.
+    #[map]
+    static GEN_SENT: Array<u64> = Array::with_max_entries(1, 0);
+
+    #[map]
+    static SINK_CONFIG: Array<u32> = Array::with_max_entries(SINK_PORTS, 0);
+    /// `[0]`: benchmark datagrams counted and dropped.
+    #[map]
+    static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+    #[inline(always)]
+    fn fold(mut sum: u32) -> u16 {
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum as u16
+    }
+
+    #[xdp]
+    pub fn xlb_trafficgen(ctx: XdpContext) -> u32 {
+        let start = ctx.data();
+        if start + FRAME_LEN > ctx.data_end() {
+            return xdp_action::XDP_ABORTED;
+        }
+        let (Some(cfg), Some(sent)) = (GEN_CONFIG.get_ptr(0), GEN_SENT.get_ptr_mut(0)) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: map value pointers are valid for this run; one writer.
+        let (cfg, seq) = unsafe {
+            let seq = *sent;
+            *sent = seq + 1;
+            (&*cfg, seq)
+        };
+        let flow = if cfg.flows == 0 {
+            seq
+        } else {
+            seq % u64::from(cfg.flows)
+        };
+        let span = u64::from(cfg.port_span.max(1));
+        let src_port = cfg.src_port_base.wrapping_add((flow % span) as u16);
+        let src_addr = cfg.src_addr_base.wrapping_add((flow / span) as u32);
+
+        let addr_words = (src_addr >> 16) + (src_addr & 0xffff);
+        let ip_csum = !fold(cfg.ip_csum_base + addr_words);
+        let udp_csum = match !fold(cfg.udp_csum_base + addr_words + u32::from(src_port)) {
+            0 => 0xffff,
+            sum => sum,
+        };
+
+        let frame = start as *mut u8;
+        // SAFETY: the first FRAME_LEN bytes are inside the frame (checked
+        // above); the template holds 64 bytes, of which 60 are copied.
+        unsafe {
+            let words = frame as *mut u64;
+            for index in 0..7 {
+                words.add(index).write_unaligned(cfg.frame[index]);
+            }
+            (frame.add(56) as *mut u32).write_unaligned(cfg.frame[7] as u32);
+            (frame.add(24) as *mut [u8; 2]).write_unaligned(ip_csum.to_be_bytes());
+            (frame.add(26) as *mut [u8; 4]).write_unaligned(src_addr.to_be_bytes());
+            (frame.add(34) as *mut [u8; 2]).write_unaligned(src_port.to_be_bytes());
+            (frame.add(40) as *mut [u8; 2]).write_unaligned(udp_csum.to_be_bytes());
+        }
+        xdp_action::XDP_TX
+    }
+
+    #[xdp]
+    pub fn xlb_bench_sink(ctx: XdpContext) -> u32 {
+        let start = ctx.data();
+        // Ethernet + option-less IPv4 + UDP header.
+        if start + 42 > ctx.data_end() {
+            return xdp_action::XDP_PASS;
+        }
+        let frame = start as *const u8;
+        // SAFETY: the 42 bytes read below are inside the frame.
+        let (ether_type, version_ihl, proto, dst_port) = unsafe {
+            (
+                (frame.add(12) as *const [u8; 2]).read_unaligned(),
+                *frame.add(14),
+                *frame.add(23),
+                u16::from_be_bytes((frame.add(36) as *const [u8; 2]).read_unaligned()),
+            )
+        };
+        if ether_type != [0x08, 0x00] || version_ihl != 0x45 || proto != 17 {
+            return xdp_action::XDP_PASS;
+        }
+        let mut ours = false;
+        for index in 0..SINK_PORTS {
+            if let Some(port) = SINK_CONFIG.get(index)
+                && *port != 0
+                && *port == u32::from(dst_port)
+            {
+                ours = true;
+            }
+        }
+        if !ours {
+            return xdp_action::XDP_PASS;
+        }
+        if let Some(count) = SINK_COUNT.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot; nothing else runs on this CPU meanwhile.
+            unsafe { *count += 1 };
+        }
+        xdp_action::XDP_DROP
+    }
+
+    #[cfg(not(test))]
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
