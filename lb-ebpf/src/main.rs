@@ -23,8 +23,10 @@ mod select;
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
+        Global, bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp,
+        programs::XdpContext,
     };
+    use aya_log_ebpf::debug;
     use lb_common::{
         Flow, FlowKey, IPPROTO_TCP, Reason,
         flow::FLOW_DIR_REPLY,
@@ -42,6 +44,17 @@ mod prog {
         reject, select,
     };
 
+    /// 1 when the agent runs with `--datapath-debug` (set at load with
+    /// `EbpfLoader::override_global`). It lives in read-only data, so with 0
+    /// the verifier removes the logging branches: no cost when off.
+    #[unsafe(no_mangle)]
+    static XLB_DEBUG: Global<u32> = Global::new(0);
+
+    #[inline(always)]
+    fn debug_logs() -> bool {
+        XLB_DEBUG.load() != 0
+    }
+
     #[xdp]
     pub fn xlb(ctx: XdpContext) -> u32 {
         let (action, reason) = match try_xlb(&ctx) {
@@ -49,6 +62,9 @@ mod prog {
             Err(reason) => (action_for(reason), reason),
         };
         count(reason);
+        if debug_logs() {
+            debug!(&ctx, "verdict {} action {}", reason as u32, action);
+        }
         action
     }
 
@@ -131,6 +147,20 @@ mod prog {
             hop,
         };
         let flow = conntrack::create(&key, &new, &cfg, now)?;
+        if debug_logs() {
+            debug!(
+                ctx,
+                "new flow proto {} {:i}:{} -> {:i}:{} to backend {} {:i}:{}",
+                key.proto,
+                u32::from_be(key.src_addr_be),
+                u16::from_be(key.src_port_be),
+                u32::from_be(key.dst_addr_be),
+                u16::from_be(key.dst_port_be),
+                backend_id,
+                u32::from_be(flow.new_dst_addr_be),
+                u16::from_be(flow.new_dst_port_be)
+            );
+        }
         nat::rewrite(&packet, &flow);
         count_traffic(service.id, backend_id, false, frame_len(ctx));
         Ok((fib::send(ctx, packet.eth, &hop), Reason::FwdNewFlow))
