@@ -16,7 +16,8 @@ pub mod service;
 pub use flow::{Flow, FlowKey, Traffic};
 pub use reason::Reason;
 pub use service::{
-    Affinity, AffinityKey, Backend, GlobalConfig, NodeAddr, Service, ServiceKey, SourceRange,
+    Affinity, AffinityKey, Backend, BackendHop, GlobalConfig, NodeAddr, Service, ServiceKey,
+    SourceRange,
 };
 
 /// IP protocol numbers xlb balances.

@@ -11,6 +11,8 @@ pub const SERVICES: &str = "XLB_SERVICES";
 pub const SELECT: &str = "XLB_SELECT";
 /// `Array<Backend>`: backends by id. Id 0 is never used. Load-time sized.
 pub const BACKENDS: &str = "XLB_BACKENDS";
+/// `Array<BackendHop>`: the datapath's next-hop cache per backend id.
+pub const BACKEND_HOPS: &str = "XLB_BACKEND_HOPS";
 /// `LruHashMap<FlowKey, Flow>`: conntrack, two entries per flow. Load-time sized.
 pub const FLOWS: &str = "XLB_FLOWS";
 /// `HashMap<u32 /* addr_be */, NodeAddr>`: addresses that NodePorts answer on.

@@ -67,6 +67,25 @@ pub struct Backend {
 }
 assert_size!(Backend, 12);
 
+/// `XLB_BACKEND_HOPS[backend id]`: the datapath's own cache of how a backend
+/// is reached, so new flows to a warm backend skip the FIB lookup. Valid
+/// while `addr_be` matches the backend and for about a second after
+/// `checked_ns`; the agent never writes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendHop {
+    pub addr_be: u32,
+    /// 0: nothing cached.
+    pub ifindex: u32,
+    /// The egress interface's address (`XLB_IFACE_ADDRS`), 0 if it has none.
+    pub masquerade_addr_be: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    /// `bpf_ktime_get_coarse_ns()` of the FIB lookup.
+    pub checked_ns: u64,
+}
+assert_size!(BackendHop, 32);
+
 /// `XLB_AFFINITY` key: one client of one service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -162,6 +181,8 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NodeAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BackendHop {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityKey {}
     // SAFETY: as above.

@@ -6,10 +6,14 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::Reason;
+use lb_common::{Backend, BackendHop, Reason};
 use network_types::eth::EthHdr;
 
+use crate::maps::{XLB_BACKEND_HOPS, XLB_IFACE_ADDRS};
+
 const AF_INET: u8 = 2;
+/// How long a cached next hop is trusted before the FIB is asked again.
+pub const HOP_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Where a packet goes next.
 #[derive(Clone, Copy)]
@@ -55,6 +59,59 @@ pub fn next_hop(
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(Reason::DropNoNeighbour),
         _ => Err(Reason::PassFibFailed),
     }
+}
+
+/// The next hop to backend `id` and the masquerade address to use there
+/// (0 if the egress interface has no address), from the per-backend cache
+/// when it is fresh, else from the FIB (and cached). Source-based policy
+/// routing is followed only at each re-check, not per client.
+#[inline(always)]
+pub fn hop_to_backend(
+    ctx: &XdpContext,
+    id: u32,
+    backend: &Backend,
+    src_addr_be: u32,
+    proto: u8,
+    tot_len: u16,
+    now: u64,
+) -> Result<(NextHop, u32), Reason> {
+    let cache = XLB_BACKEND_HOPS.get_ptr_mut(id);
+    if let Some(cached) = cache {
+        // SAFETY: array slot pointer, valid for this run; plain integers.
+        let cached = unsafe { &*cached };
+        if cached.ifindex != 0
+            && cached.addr_be == backend.addr_be
+            && now.saturating_sub(cached.checked_ns) < HOP_REFRESH_NS
+        {
+            let hop = NextHop {
+                ifindex: cached.ifindex,
+                src_mac: cached.src_mac,
+                dst_mac: cached.dst_mac,
+            };
+            return Ok((hop, cached.masquerade_addr_be));
+        }
+    }
+    let hop = next_hop(ctx, src_addr_be, backend.addr_be, proto, tot_len)?;
+    let masquerade_addr_be = match XLB_IFACE_ADDRS.get_ptr(hop.ifindex) {
+        // SAFETY: plain-integer map value.
+        Some(addr) => unsafe { *addr },
+        None => 0,
+    };
+    if let Some(cached) = cache {
+        // SAFETY: as above; a racing writer on another CPU writes the same
+        // kind of answer.
+        unsafe {
+            *cached = BackendHop {
+                addr_be: backend.addr_be,
+                ifindex: hop.ifindex,
+                masquerade_addr_be,
+                src_mac: hop.src_mac,
+                dst_mac: hop.dst_mac,
+                checked_ns: now,
+            };
+        }
+    }
+    Ok((hop, masquerade_addr_be))
 }
 
 /// Rewrites the MACs and sends the frame: XDP_TX back out of the interface

@@ -38,7 +38,7 @@ mod prog {
     use crate::{
         conntrack::{self, NewFlow},
         fib, lookup,
-        maps::{XLB_CONFIG, XLB_IFACE_ADDRS, count, count_traffic},
+        maps::{XLB_CONFIG, count, count_traffic},
         nat,
         parse::{self, Packet, TCP_ACK, TCP_SYN},
         reject, select,
@@ -126,17 +126,22 @@ mod prog {
             return reject::reject(ctx, &packet);
         };
         check_ttl(&packet)?;
-        let hop = fib::next_hop(
+        let (hop, masquerade_addr) = fib::hop_to_backend(
             ctx,
+            backend_id,
+            &backend,
             key.src_addr_be,
-            backend.addr_be,
             key.proto,
             tot_len(&packet),
+            now,
         )?;
-        let masquerade_addr_be = if service.flags & SERVICE_F_MASQUERADE != 0 {
-            Some(masquerade_addr(hop.ifindex)?)
-        } else {
+        let masquerade_addr_be = if service.flags & SERVICE_F_MASQUERADE == 0 {
             None
+        } else if masquerade_addr != 0 {
+            Some(masquerade_addr)
+        } else {
+            // No address on the way to the backend: nothing to masquerade as.
+            return Err(Reason::PassFibFailed);
         };
         let new = NewFlow {
             service_id: service.id,
@@ -233,17 +238,6 @@ mod prog {
     fn tot_len(packet: &Packet) -> u16 {
         // SAFETY: the parser checked the IPv4 header is inside the packet.
         u16::from_be_bytes(unsafe { (*packet.ip.hdr).tot_len })
-    }
-
-    /// The node's address on the interface the FIB chose, used as the
-    /// masquerade source so replies come back through this node.
-    #[inline(always)]
-    fn masquerade_addr(ifindex: u32) -> Result<u32, Reason> {
-        match XLB_IFACE_ADDRS.get_ptr(ifindex) {
-            // SAFETY: plain-integer map value.
-            Some(addr) => Ok(unsafe { *addr }),
-            None => Err(Reason::PassFibFailed),
-        }
     }
 
     #[cfg(not(test))]

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, Flow, FlowKey, GlobalConfig, NodeAddr, Service, ServiceKey,
-    SourceRange, Traffic, maps as size, reason::REASON_COUNT,
+    Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, GlobalConfig, NodeAddr, Service,
+    ServiceKey, SourceRange, Traffic, maps as size, reason::REASON_COUNT,
 };
 
 #[map]
@@ -20,6 +20,9 @@ pub static XLB_SELECT: Array<u32> = Array::with_max_entries(size::SELECT_MAX, 0)
 
 #[map]
 pub static XLB_BACKENDS: Array<Backend> = Array::with_max_entries(size::BACKENDS_MAX, 0);
+
+#[map]
+pub static XLB_BACKEND_HOPS: Array<BackendHop> = Array::with_max_entries(size::BACKENDS_MAX, 0);
 
 #[map]
 pub static XLB_FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(size::FLOWS_MAX, 0);
