@@ -152,8 +152,8 @@ pub const CONFIG_F_READY: u32 = 1 << 0;
 
 impl GlobalConfig {
     pub const DEFAULT: Self = Self {
-        snat_port_min: 61_000,
-        snat_port_max: 65_535,
+        snat_port_min: 1_024,
+        snat_port_max: 29_999,
         hash_seed: 0x5eed_0001,
         tcp_syn_timeout_s: 60,
         tcp_established_timeout_s: 86_400,

@@ -17,8 +17,9 @@ use crate::{
     parse::{TCP_FIN, TCP_RST},
 };
 
-/// Masquerade ports tried per new flow before giving up.
-const SNAT_PORT_TRIES: u32 = 8;
+/// Masquerade ports tried per new flow before giving up: with the range
+/// half full, 16 tries fail once in 65,536 new flows.
+const SNAT_PORT_TRIES: u32 = 16;
 /// Step between tries; prime, so tries spread over the whole range.
 const SNAT_PORT_STEP: u32 = 7_919;
 /// `last_seen_ns` is rewritten at most this often per flow, to keep the
