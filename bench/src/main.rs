@@ -1,6 +1,9 @@
 //! `cargo xtask bench` runs this. `micro`: nanoseconds per packet for each
-//! datapath path next to a trivial forwarding program, in one run.
+//! datapath path next to a trivial forwarding program, in one run. `lab`:
+//! NodePort traffic through xlb, kube-proxy (iptables, nftables), nginx and
+//! an XDP ceiling on a netns lab, with a scale sweep.
 
+mod lab;
 mod micro;
 
 use std::path::PathBuf;
@@ -33,10 +36,16 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         object: Option<PathBuf>,
     },
+    /// Packets/s, new flows/s, TCP connections/s and latency through xlb,
+    /// kube-proxy (iptables and nftables modes), nginx stream and a trivial
+    /// XDP redirect, on a netns lab; then a sweep over the number of
+    /// Services. Needs root.
+    Lab(lab::Options),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
     match Cli::parse().command {
+        Command::Lab(options) => lab::main(&options),
         Command::Micro {
             json,
             rounds,

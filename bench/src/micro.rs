@@ -216,12 +216,7 @@ fn client(round: u32, index: u32, packets: u32) -> (Ipv4Addr, u16) {
     (addr, 1024 + (n % 64_000) as u16)
 }
 
-fn measure_path(
-    dp: &mut Datapath,
-    name: &str,
-    round: u32,
-    packets: u32,
-) -> anyhow::Result<f64> {
+fn measure_path(dp: &mut Datapath, name: &str, round: u32, packets: u32) -> anyhow::Result<f64> {
     let client_if = dp.client_ifindex;
     let frames: Vec<(Vec<u8>, u32)> = match name {
         "new_udp_flow" | "new_tcp_syn" => (0..packets)

@@ -1,12 +1,14 @@
-//! The agent's life: validate, load, fill, attach, then keep the maps equal
-//! to the config file (SIGHUP, file changes, node address changes) until
-//! SIGINT/SIGTERM, then detach and report the datapath's counters.
+//! The agent's life: validate, load (adopting what a previous agent pinned),
+//! fill, attach, then keep the maps equal to the config file (SIGHUP, file
+//! changes, node address changes) until SIGINT/SIGTERM, then report the
+//! datapath's counters and detach, or leave the pinned datapath running
+//! (`--keep-attached`).
 
 use std::collections::BTreeSet;
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, warn};
 use tokio::signal::unix::{SignalKind, signal};
@@ -15,11 +17,13 @@ use tokio::time::{MissedTickBehavior, interval};
 use crate::error_chain;
 use crate::kernel::maps::{MapIoError, format_stats, global_config};
 use crate::kernel::{
-    self, AttachMode, Datapath, FlowTable, KernelError, KernelMaps, Loaded, MapSizes, Neighbours,
-    Stats, host,
+    self, AttachMode, DEFAULT_BPFFS, Datapath, FlowTable, KernelError, KernelMaps, Loaded,
+    MapSizes, Neighbours, PinDir, Stats, host,
 };
 use crate::model::DesiredState;
+use crate::observe::{self, Observe, ObserveError};
 use crate::reconcile::{self, Applied, ApplyError, Capacity, Desired, PlanError};
+use crate::source::kube::{ClusterSource, SourceError, SourceOptions, next_change};
 use crate::source::yaml::{self, ConfigError, LoadedConfig, Overrides};
 
 /// How often the config file is checked for changes.
@@ -39,6 +43,19 @@ pub struct RunOptions {
     pub attach_mode: AttachMode,
     /// Written with `ready generation=N` once serving generation N.
     pub ready_file: Option<PathBuf>,
+    /// Run directory, /metrics address, datapath debug logs.
+    pub observe: observe::Flags,
+    /// `--bpffs`: where maps and XDP links are pinned. `None` means the
+    /// default, `kernel::DEFAULT_BPFFS`, which may fall back to running
+    /// unpinned; a directory given explicitly must be on a bpffs.
+    pub bpffs: Option<PathBuf>,
+    /// `--keep-attached`: on SIGTERM/SIGINT leave the pinned XDP links and
+    /// maps in place, so the datapath keeps forwarding (with its conntrack)
+    /// until the next agent adopts them.
+    pub keep_attached: bool,
+    /// `--kubernetes` / `--manifests`: services come from Kubernetes objects
+    /// (the config file then gives only the node's settings).
+    pub services: Option<SourceOptions>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +64,10 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Observe(#[from] ObserveError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
     #[error("cannot read the node's IPv4 addresses")]
     Host {
         #[source]
@@ -61,6 +82,11 @@ pub enum AgentError {
     Apply {
         #[source]
         source: Box<ApplyError<MapIoError>>,
+    },
+    #[error("cannot adopt the pinned maps")]
+    Adopt {
+        #[source]
+        source: MapIoError,
     },
     #[error("cannot write the ready file {path}")]
     ReadyFile {
@@ -80,6 +106,7 @@ impl AgentError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AgentError::Config(_) | AgentError::Plan { .. } => 2,
+            AgentError::Source(error) => error.exit_code(),
             _ => 1,
         }
     }
@@ -99,6 +126,52 @@ pub fn check(path: &Path, overrides: &Overrides) -> Result<(String, Vec<String>)
     Ok((summary, warnings))
 }
 
+/// The pin directory for `--bpffs`. Given explicitly, it must be on a
+/// bpffs (the error names the fix); the default falls back to running
+/// unpinned, with a warning, where there is none (e.g. inside
+/// `ip netns exec`, which remounts /sys).
+fn pin_dir(explicit: Option<&Path>) -> Result<Option<PinDir>, AgentError> {
+    let dir = explicit.unwrap_or_else(|| Path::new(DEFAULT_BPFFS));
+    match PinDir::open(dir) {
+        Ok(pins) => Ok(Some(pins)),
+        Err(error) if explicit.is_some() => Err(KernelError::Pin(error).into()),
+        Err(error) => {
+            warn!(
+                "running unpinned: the datapath detaches when xlb stops and a restart forgets \
+                 conntrack ({})",
+                error_chain(&error)
+            );
+            Ok(None)
+        }
+    }
+}
+
+fn bpffs_display(pins: Option<&PinDir>) -> String {
+    pins.map_or_else(
+        || String::from("(nowhere)"),
+        |pins| pins.root().display().to_string(),
+    )
+}
+
+/// `xlb detach`: unpins the XDP links (the kernel then detaches them) and
+/// the maps a `--keep-attached` agent left in `dir`. Returns what it did.
+pub fn detach(dir: Option<&Path>) -> Result<String, KernelError> {
+    let dir = dir.unwrap_or_else(|| Path::new(DEFAULT_BPFFS));
+    let (links, maps) = PinDir::at(dir).remove_all()?;
+    if links.is_empty() && maps == 0 {
+        return Ok(format!("nothing pinned in {}", dir.display()));
+    }
+    let interfaces = if links.is_empty() {
+        String::from("no interface")
+    } else {
+        links.join(", ")
+    };
+    Ok(format!(
+        "{}: XDP detached from {interfaces}; {maps} maps unpinned",
+        dir.display()
+    ))
+}
+
 /// The config's own warnings plus those that depend on this host.
 fn warnings(config: &LoadedConfig) -> Vec<String> {
     let mut warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
@@ -107,7 +180,32 @@ fn warnings(config: &LoadedConfig) -> Vec<String> {
     {
         warnings.push(overlap.to_string());
     }
+    warnings.extend(select_memory_warning(config));
     warnings
+}
+
+/// `XLB_SELECT` above this many bytes deserves a word.
+const SELECT_WARN_BYTES: u64 = 256 << 20;
+
+/// A warning when the selection tables need a lot of memory: every
+/// service's table twice (double buffering) at `selection.tableSize`.
+fn select_memory_warning(config: &LoadedConfig) -> Option<String> {
+    let state = &config.state;
+    let bytes = u64::from(map_sizes(state).select_slots) * 4;
+    if bytes <= SELECT_WARN_BYTES {
+        return None;
+    }
+    let problem = config.problem(
+        "selection.tableSize",
+        format!(
+            "{} services at {} slots, double-buffered, make XLB_SELECT {} MiB",
+            state.services.len(),
+            state.table_size,
+            bytes >> 20
+        ),
+        String::from("a smaller prime (4093 or 1021) saves memory at the cost of coarser weights"),
+    );
+    Some(problem.to_string())
 }
 
 /// Every interface the config names must exist here.
@@ -203,6 +301,9 @@ struct Agent {
     flows: FlowTable,
     stats: Stats,
     watch: FileWatch,
+    observe: Observe,
+    /// Where services come from when not from the config file.
+    services: Option<ClusterSource>,
 }
 
 /// `xlb run`. Returns when told to stop; an error means nothing is left
@@ -215,11 +316,35 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         origin: options.config.display().to_string(),
         source,
     })?;
-    let config = yaml::parse(&options.config.display().to_string(), &text, &overrides)?;
+    let mut config = yaml::parse(&options.config.display().to_string(), &text, &overrides)?;
     check_interfaces(&config)?;
+    let mut services = match options.services.clone() {
+        Some(source) => Some(ClusterSource::start(source).await?),
+        None => None,
+    };
+    if let Some(source) = &mut services {
+        source.apply_to(&mut config);
+    }
     for warning in warnings(&config) {
         warn!("{warning}");
     }
+    let pins = pin_dir(options.bpffs.as_deref())?;
+    let bpffs = pins.as_ref().map_or_else(
+        || {
+            options
+                .bpffs
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BPFFS))
+        },
+        |pins| pins.root().to_owned(),
+    );
+    let mut observe = Observe::start(&options.observe.options(
+        bpffs,
+        services.as_ref().map_or_else(
+            || format!("file {}", options.config.display()),
+            |source| source.description().to_owned(),
+        ),
+    ))?;
     let sizes = map_sizes(&config.state);
     let Loaded {
         datapath,
@@ -227,10 +352,26 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         flows,
         stats,
         logger,
-    } = Datapath::load(sizes)?;
+        adopted,
+    } = Datapath::load_with(sizes, pins.as_ref(), options.observe.datapath_debug)?;
     if let Some(logger) = logger {
         kernel::spawn_log_reader(logger);
     }
+    let applied = if adopted {
+        let applied = maps
+            .read_applied()
+            .map_err(|source| AgentError::Adopt { source })?;
+        info!(
+            "adopted the datapath pinned in {}: {} frontends, {} backends, conntrack kept",
+            bpffs_display(pins.as_ref()),
+            applied.services.len(),
+            applied.backends.len()
+        );
+        applied
+    } else {
+        Applied::default()
+    };
+    observe.datapath_loaded(sizes.flows);
     let capacity = maps.capacity();
     debug!("map capacity: {capacity:?}");
     let mut agent = Agent {
@@ -239,7 +380,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         config,
         generation: 1,
         pending: true,
-        applied: Applied::default(),
+        applied,
         maps,
         capacity,
         sizes,
@@ -248,6 +389,8 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         flows,
         stats,
         watch: FileWatch::default(),
+        observe,
+        services,
     };
     agent.watch.stamp = agent.stamp();
     agent.watch.handled = Some(text);
@@ -273,7 +416,11 @@ impl Agent {
         self.pending = false;
         for interface in self.config.state.interfaces.clone() {
             let mode = self.datapath.attach(&interface, self.options.attach_mode)?;
+            self.observe.attached(&interface, mode);
             info!("{interface}: XDP attached ({mode})");
+        }
+        for interface in self.datapath.unpin_stale_links()? {
+            info!("{interface}: XDP detached (pinned by a previous agent, no longer configured)");
         }
         info!("applied config generation {} ({ops} ops)", self.generation);
         self.write_ready_file()
@@ -304,22 +451,24 @@ impl Agent {
                 _ = poll.tick() => self.reload_file(false),
                 _ = resync.tick() => self.resync(),
                 _ = gc.tick() => self.collect_garbage(),
+                () = next_change(&mut self.services) => self.reload_services(),
             }
         }
     }
 
-    /// Detaches everything and reports the datapath's counters.
+    /// Reports the datapath's counters, then detaches everything and
+    /// removes the pins, or with `--keep-attached` leaves the pinned links
+    /// and maps to the next agent.
     fn shut_down(&mut self) {
+        self.observe.stopping();
         match self.stats.read() {
             Ok(counts) => info!("packet counters: {}", format_stats(&counts)),
             Err(error) => warn!("cannot read packet counters: {}", error_chain(&error)),
         }
-        let (detached, failures) = self.datapath.detach_all();
-        for failure in failures {
-            error!("{failure}");
-        }
-        if !detached.is_empty() {
-            info!("XDP detached from {}", detached.join(", "));
+        if self.options.keep_attached {
+            self.release();
+        } else {
+            self.detach();
         }
         if let Some(path) = &self.options.ready_file
             && let Err(error) = std::fs::remove_file(path)
@@ -329,11 +478,62 @@ impl Agent {
         }
     }
 
+    /// `--keep-attached`: pinned links stay attached, maps stay pinned.
+    fn release(&mut self) {
+        let (kept, detached) = self.datapath.release_all();
+        let dir = bpffs_display(self.datapath.pins());
+        if !kept.is_empty() {
+            info!(
+                "XDP left attached to {} with its maps pinned in {dir} (--keep-attached); the \
+                 next `xlb run --bpffs {dir}` adopts them, `xlb detach --bpffs {dir}` removes them",
+                kept.join(", "),
+            );
+        }
+        if !detached.is_empty() {
+            warn!(
+                "XDP detached from {} despite --keep-attached: nothing is pinned ({dir} is not \
+                 on a bpffs)",
+                detached.join(", ")
+            );
+        }
+    }
+
+    fn detach(&mut self) {
+        let (detached, failures) = self.datapath.detach_all();
+        for failure in failures {
+            error!("{failure}");
+        }
+        if !detached.is_empty() {
+            info!("XDP detached from {}", detached.join(", "));
+        }
+        if let Some(pins) = self.datapath.pins() {
+            match pins.remove_all() {
+                Ok((_, maps)) => info!("removed {maps} pinned maps from {}", pins.root().display()),
+                Err(error) => error!("{}", error_chain(&error)),
+            }
+        }
+    }
+
     /// Plans and applies the current config against the node as it is now.
     /// Returns the number of ops written.
     fn reconcile(&mut self) -> Result<usize, AgentError> {
+        let started = Instant::now();
+        let result = self.plan_and_apply();
+        self.observe.reconciled(
+            self.generation,
+            result.as_ref().ok().copied(),
+            started.elapsed(),
+            &self.config.state,
+            &self.applied,
+        );
+        result
+    }
+
+    fn plan_and_apply(&mut self) -> Result<usize, AgentError> {
         let facts = host::node_facts().map_err(|source| AgentError::Host { source })?;
         let desired = Desired::new(&self.config.state, &facts);
+        // Entries adopted from pinned maps carry no names yet.
+        self.applied.adopt_names(&desired);
         let ops = reconcile::diff(&self.applied, &desired, &self.capacity)
             .map_err(|source| AgentError::Plan { source })?;
         // Next hops first: a service entry must not lead to a backend whose
@@ -407,7 +607,7 @@ impl Agent {
     }
 
     fn reload(&mut self, origin: &str, text: &str) {
-        let config = match yaml::parse(origin, text, &self.overrides)
+        let mut config = match yaml::parse(origin, text, &self.overrides)
             .and_then(|config| check_interfaces(&config).map(|()| config))
         {
             Ok(config) => config,
@@ -416,9 +616,14 @@ impl Agent {
                     "config rejected, keeping generation {}:\n{error}",
                     self.generation
                 );
+                self.observe
+                    .reload_failed(self.generation, &error, Some("file"));
                 return;
             }
         };
+        if let Some(source) = &mut self.services {
+            source.apply_to(&mut config);
+        }
         for warning in warnings(&config) {
             warn!("{warning}");
         }
@@ -433,6 +638,30 @@ impl Agent {
                 config.state.conntrack.max_flows, self.sizes.flows
             );
         }
+        if !self.adopt(config)
+            && let Some(source) = &mut self.services
+        {
+            source.rejected();
+        }
+    }
+
+    /// The cluster changed: the same node settings with its new services.
+    fn reload_services(&mut self) {
+        let Some(source) = &mut self.services else {
+            return;
+        };
+        let state = source.current();
+        if state == self.config.state {
+            return;
+        }
+        let mut config = self.config.clone();
+        config.state = state;
+        self.adopt(config);
+    }
+
+    /// Makes `config` the next generation and applies it (keeping the
+    /// previous one if it does not fit the maps: then returns false).
+    fn adopt(&mut self, config: LoadedConfig) -> bool {
         let previous = std::mem::replace(&mut self.config, config);
         self.generation += 1;
         self.pending = true;
@@ -444,6 +673,7 @@ impl Agent {
                 if let Err(error) = self.write_ready_file() {
                     error!("{}", error_chain(&error));
                 }
+                true
             }
             Err(error @ AgentError::Plan { .. }) => {
                 // Nothing was written: stay on the previous config.
@@ -455,13 +685,19 @@ impl Agent {
                     self.generation,
                     error_chain(&error)
                 );
+                self.observe.reload_failed(self.generation, &error, None);
+                false
             }
-            Err(error) => error!(
-                "config generation {} is only partly applied ({}); retrying every {} s",
-                self.generation,
-                error_chain(&error),
-                RESYNC.as_secs()
-            ),
+            Err(error) => {
+                error!(
+                    "config generation {} is only partly applied ({}); retrying every {} s",
+                    self.generation,
+                    error_chain(&error),
+                    RESYNC.as_secs()
+                );
+                self.observe.reload_failed(self.generation, &error, None);
+                true
+            }
         }
     }
 
@@ -472,7 +708,10 @@ impl Agent {
         for interface in self.datapath.interfaces() {
             if !wanted.contains(&interface) {
                 match self.datapath.detach(&interface) {
-                    Ok(()) => info!("{interface}: XDP detached (no longer configured)"),
+                    Ok(()) => {
+                        self.observe.detached(&interface);
+                        info!("{interface}: XDP detached (no longer configured)");
+                    }
                     Err(error) => error!("{}", error_chain(&error)),
                 }
             }
@@ -483,7 +722,10 @@ impl Agent {
                 continue;
             }
             match self.datapath.attach(&interface, self.options.attach_mode) {
-                Ok(mode) => info!("{interface}: XDP attached ({mode})"),
+                Ok(mode) => {
+                    self.observe.attached(&interface, mode);
+                    info!("{interface}: XDP attached ({mode})");
+                }
                 Err(error) => error!("{}", error_chain(&error)),
             }
         }
@@ -606,10 +848,63 @@ mod tests {
                 namespace: String::from("default"),
                 protocol: crate::model::Protocol::Tcp,
                 node_port: 30_000 + index,
-                backends: Vec::new(),
+                ..crate::model::Service::default()
             })
             .collect();
         assert_eq!(map_sizes(&state).select_slots, 65_537 * 82);
+    }
+
+    #[test]
+    fn big_selection_tables_are_a_located_warning() {
+        let services: String = (0..300)
+            .map(|index| {
+                format!(
+                    "  - name: s{index}\n    nodePort: {}\n    backends: []\n",
+                    30_000 + index
+                )
+            })
+            .collect();
+        let loaded = config(&format!("node:\n  interfaces: [lo]\nservices:\n{services}"));
+        // 300 services: 2 x 300 + 2 tables of 16381 slots, 37 MiB: fine.
+        assert_eq!(select_memory_warning(&loaded), None);
+        let big: String = (0..3000)
+            .map(|index| {
+                format!(
+                    "  - name: s{index}\n    nodePort: {}\n    backends: []\n",
+                    30_000 + index
+                )
+            })
+            .collect();
+        let loaded = config(&format!("node:\n  interfaces: [lo]\nservices:\n{big}"));
+        let warning = select_memory_warning(&loaded).unwrap_or_default();
+        assert!(
+            warning.starts_with(
+                "t.yaml:1:1: selection.tableSize: 3000 services at 16381 slots, double-buffered, \
+                 make XLB_SELECT 375 MiB; a smaller prime (4093 or 1021)"
+            ),
+            "{warning}"
+        );
+        let small = config(&format!(
+            "node:\n  interfaces: [lo]\nselection:\n  tableSize: 1021\nservices:\n{big}"
+        ));
+        assert_eq!(select_memory_warning(&small), None);
+    }
+
+    #[test]
+    fn explicit_bpffs_must_be_one_and_detach_of_nothing_is_fine() {
+        let dir = std::env::temp_dir().join(format!("xlb-agent-test-{}", std::process::id()));
+        let error = pin_dir(Some(&dir)).map(|_| ()).map_err(|e| error_chain(&e));
+        let Err(message) = error else {
+            panic!("{} is a bpffs?", dir.display())
+        };
+        assert!(
+            message.contains(&format!("mount -t bpf bpf {}", dir.display())),
+            "{message}"
+        );
+        assert_eq!(
+            detach(Some(Path::new("/nonexistent/xlb"))).map_err(|e| e.to_string()),
+            Ok(String::from("nothing pinned in /nonexistent/xlb"))
+        );
     }
 
     #[test]

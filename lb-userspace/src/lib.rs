@@ -2,8 +2,10 @@
 //! config sources -> `model::DesiredState` -> `reconcile` -> `kernel` maps.
 
 pub mod agent;
+pub mod cli;
 pub mod kernel;
 pub mod model;
+pub mod observe;
 pub mod reconcile;
 pub mod source;
 
@@ -38,5 +40,4 @@ pub const TRAFFICGEN_OBJECT: &[u8] =
 
 /// `cargo xtask bench`'s ceiling: rewrite MACs and redirect (`xlb_limit`);
 /// not used by the agent.
-pub const LIMIT_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-limit"));
+pub const LIMIT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-limit"));

@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use xlb::agent::{self, RunOptions};
-use xlb::error_chain;
 use xlb::kernel::AttachMode;
+use xlb::source::kube::SourceOptions;
 use xlb::source::yaml::Overrides;
+use xlb::{cli, error_chain, observe};
 
 /// Kernel-accelerated L4 load balancer for Kubernetes nodes (XDP).
 #[derive(Debug, Parser)]
@@ -35,6 +36,41 @@ enum Command {
         /// Write "ready generation=N" here once serving config generation N.
         #[arg(long, value_name = "PATH")]
         ready_file: Option<PathBuf>,
+        /// Pin maps (DIR/maps/NAME) and XDP links (DIR/links/IF) here, on a
+        /// bpffs; a restarted agent adopts them without losing a flow
+        /// [default: /sys/fs/bpf/xlb, or unpinned where that is no bpffs].
+        #[arg(long, value_name = "DIR")]
+        bpffs: Option<PathBuf>,
+        /// On SIGTERM/SIGINT leave the pinned XDP links and maps in place:
+        /// the datapath keeps forwarding until the next agent adopts them.
+        #[arg(long)]
+        keep_attached: bool,
+        /// Take services from the Kubernetes API (Services, EndpointSlices,
+        /// this Node) instead of the config file, which then gives only the
+        /// node's settings. Uses the in-cluster service account unless
+        /// --kubeconfig is given.
+        #[arg(long, conflicts_with = "manifests")]
+        kubernetes: bool,
+        /// The kubeconfig for --kubernetes (its current context).
+        #[arg(long, value_name = "FILE", requires = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name, for --kubernetes and --manifests: selects its
+        /// Node and marks its endpoints local [default: $NODE_NAME].
+        #[arg(long, value_name = "NAME")]
+        node_name: Option<String>,
+        /// Take services from Service and EndpointSlice manifests: a file, a
+        /// directory of *.yaml/*.yml/*.json, or - for standard input.
+        #[arg(long, value_name = "PATH|-")]
+        manifests: Option<PathBuf>,
+        #[command(flatten)]
+        observe: observe::Flags,
+    },
+    /// Detach the XDP links and remove the maps an agent run with
+    /// --keep-attached left pinned.
+    Detach {
+        /// The --bpffs the agent ran with [default: /sys/fs/bpf/xlb].
+        #[arg(long, value_name = "DIR")]
+        bpffs: Option<PathBuf>,
     },
     /// Validate a config without touching the kernel: prints
     /// "FILE: ok (N services, M backends)" or the located errors (exit 2).
@@ -45,6 +81,8 @@ enum Command {
         #[arg(long = "iface", value_name = "IF")]
         interfaces: Vec<String>,
     },
+    #[command(flatten)]
+    Inspect(cli::Command),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -55,8 +93,22 @@ enum XdpMode {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let datapath_debug =
+        matches!(&cli.command, Command::Run { observe, .. } if observe.datapath_debug);
+    observe::logging::init(datapath_debug);
+    match cli.command {
+        Command::Inspect(command) => cli::run(&command),
+        Command::Detach { bpffs } => match agent::detach(bpffs.as_deref()) {
+            Ok(done) => {
+                println!("{done}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("xlb: {}", error_chain(&error));
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { config, interfaces } => {
             match agent::check(&config, &Overrides { interfaces }) {
                 Ok((summary, warnings)) => {
@@ -77,6 +129,13 @@ fn main() -> ExitCode {
             interfaces,
             xdp_mode,
             ready_file,
+            bpffs,
+            keep_attached,
+            kubernetes,
+            kubeconfig,
+            node_name,
+            manifests,
+            observe,
         } => {
             let options = RunOptions {
                 config,
@@ -87,6 +146,17 @@ fn main() -> ExitCode {
                     XdpMode::Generic => AttachMode::Generic,
                 },
                 ready_file,
+                observe,
+                bpffs,
+                keep_attached,
+                services: if kubernetes {
+                    Some(SourceOptions::Kubernetes {
+                        kubeconfig,
+                        node_name,
+                    })
+                } else {
+                    manifests.map(|path| SourceOptions::Manifests { path, node_name })
+                },
             };
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -6,13 +6,23 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
 
-/// Default number of slots in a service's selection table (a prime, so that
-/// issue 4's Maglev permutation covers every slot).
-pub const DEFAULT_TABLE_SIZE: u32 = 1021;
+/// Default number of slots in a service's selection table: a prime (so every
+/// Maglev permutation covers every slot) about 100 times the backends of a
+/// large service, so weights are honoured to within about 1%.
+pub const DEFAULT_TABLE_SIZE: u32 = crate::reconcile::maglev::DEFAULT_TABLE_SIZE;
 
-/// Default masquerade source ports: above Linux's default ephemeral range
-/// (32768-60999), so masqueraded flows never collide with local sockets.
-pub const DEFAULT_MASQUERADE_PORTS: RangeInclusive<u16> = 61_000..=65_535;
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours, as
+/// Kubernetes).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// Largest affinity timeout Kubernetes accepts (1 day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// Default masquerade source ports: below the NodePort range (30000-32767)
+/// and Linux's default ephemeral range (32768-60999), so masqueraded flows
+/// never collide with the node's own outgoing connections (kubelet probes
+/// to pods use ephemeral ports). 28,976 ports give each backend endpoint
+/// about as many concurrent masqueraded flows as kube-proxy's MASQUERADE.
+pub const DEFAULT_MASQUERADE_PORTS: RangeInclusive<u16> = 1_024..=29_999;
 
 /// The whole configuration of one node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +38,20 @@ pub struct DesiredState {
     /// Slots per service in the selection table.
     pub table_size: u32,
     pub services: Vec<Service>,
+}
+
+impl Default for DesiredState {
+    /// No interfaces and no services; every setting at its default.
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            node_addresses: None,
+            masquerade_ports: DEFAULT_MASQUERADE_PORTS,
+            conntrack: Conntrack::default(),
+            table_size: DEFAULT_TABLE_SIZE,
+            services: Vec::new(),
+        }
+    }
 }
 
 impl DesiredState {
@@ -68,8 +92,9 @@ impl Default for Conntrack {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
+    #[default]
     Tcp,
     Udp,
 }
@@ -93,13 +118,55 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// A NodePort service: a frontend on every node address and its backends.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `externalTrafficPolicy`: where new flows from outside the cluster may go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TrafficPolicy {
+    /// Any ready backend; the client's address is masqueraded so that
+    /// replies come back through this node.
+    #[default]
+    Cluster,
+    /// Only backends on this node (`Backend::is_local`), without masquerade:
+    /// the backend sees the client's real address. With no local backend,
+    /// packets are dropped (as kube-proxy does), not rejected.
+    Local,
+}
+
+impl fmt::Display for TrafficPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TrafficPolicy::Cluster => "Cluster",
+            TrafficPolicy::Local => "Local",
+        })
+    }
+}
+
+/// A service: a NodePort on every node address and/or frontends on
+/// dedicated addresses, and its backends.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
     pub namespace: String,
     pub protocol: Protocol,
+    /// Answered on every node address; 0 means the service has no NodePort
+    /// (only `frontends`).
     pub node_port: u16,
+    /// The service port: what `frontends` answer on.
+    pub port: u16,
+    /// Load-balancer ingress IPs and external IPs, answered on `port` (an
+    /// exact frontend wins over a NodePort on the same address and port).
+    pub frontends: Vec<Ipv4Addr>,
+    pub external_traffic_policy: TrafficPolicy,
+    /// `sessionAffinity: ClientIP` with this timeout in seconds (1-86400);
+    /// `None` for `sessionAffinity: None`.
+    pub session_affinity_timeout: Option<u32>,
+    /// loadBalancerSourceRanges: (network address, prefix length). Empty
+    /// means every source. They restrict the `frontends`; a service without
+    /// frontends has them applied to its NodePort instead.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// For externalTrafficPolicy=Local load balancers: the port a health
+    /// checker asks whether this node has local backends. Carried for the
+    /// health server; the datapath does not use it.
+    pub health_check_node_port: Option<u16>,
     pub backends: Vec<Backend>,
 }
 
@@ -110,7 +177,8 @@ impl Service {
     }
 }
 
-/// One backend (pod) of a service, with its resolved port.
+/// One backend (endpoint) of a service, with its resolved port and its
+/// EndpointSlice conditions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
     pub address: Ipv4Addr,
@@ -118,4 +186,30 @@ pub struct Backend {
     /// Share of new flows relative to the service's other backends; 0 drains.
     pub weight: u32,
     pub name: Option<String>,
+    /// May take new flows.
+    pub ready: bool,
+    /// Can serve (kept for existing flows, and for new ones when no backend
+    /// of the service is ready); Kubernetes sets it true for a terminating
+    /// endpoint that still answers.
+    pub serving: bool,
+    /// Being deleted: gets no new flows while another backend is ready.
+    pub terminating: bool,
+    /// Runs on this node (matters for externalTrafficPolicy=Local).
+    pub is_local: bool,
+}
+
+impl Default for Backend {
+    /// `0.0.0.0:0`, weight 1, ready and serving, not terminating, not local.
+    fn default() -> Self {
+        Self {
+            address: Ipv4Addr::UNSPECIFIED,
+            port: 0,
+            weight: 1,
+            name: None,
+            ready: true,
+            serving: true,
+            terminating: false,
+            is_local: false,
+        }
+    }
 }

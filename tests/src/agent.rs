@@ -74,6 +74,13 @@ impl<'lab> Agent<'lab> {
                     .map_err(|source| LabError::io("duplicating the agent log fd", source))?,
             )
             .stderr(log_file);
+        if !extra_args.contains(&"--run-dir") {
+            // Not the host's /run/xlb: parallel agents each keep their own
+            // status files, removed with the lab.
+            command
+                .arg("--run-dir")
+                .arg(lab.dir().join(format!("agent-{run_id}.run")));
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }

@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail, ensure};
@@ -60,12 +61,31 @@ impl FromStr for Who {
     }
 }
 
-/// A UDP socket on an ephemeral port with `IO_TIMEOUT` read timeout. Call it
-/// inside the client namespace.
+/// Source ports [`udp_socket`] hands out: below the kernel's ephemeral range
+/// (32768-60999), so they never meet a port the kernel picked.
+const UDP_SOURCE_PORTS: std::ops::Range<u16> = 10_000..32_768;
+static NEXT_UDP_PORT: AtomicU16 = AtomicU16::new(UDP_SOURCE_PORTS.start);
+
+/// A UDP socket with `IO_TIMEOUT` read timeout, on a source port this process
+/// has not handed out before: each socket is a new flow for xlb, even after
+/// earlier sockets were closed (the kernel may give a closed socket's
+/// ephemeral port to the next one, which would join the old flow). Ports
+/// wrap after about 22,000 sockets. Call it inside the client namespace.
 pub fn udp_socket() -> anyhow::Result<UdpSocket> {
-    let socket = UdpSocket::bind("0.0.0.0:0").context("binding a UDP socket")?;
-    socket.set_read_timeout(Some(IO_TIMEOUT))?;
-    Ok(socket)
+    let span = UDP_SOURCE_PORTS.end - UDP_SOURCE_PORTS.start;
+    for _ in 0..span {
+        let offset = NEXT_UDP_PORT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = UDP_SOURCE_PORTS.start + offset;
+        match UdpSocket::bind(("0.0.0.0", port)) {
+            Ok(socket) => {
+                socket.set_read_timeout(Some(IO_TIMEOUT))?;
+                return Ok(socket);
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(error) => return Err(error).context(format!("binding UDP port {port}")),
+        }
+    }
+    bail!("no free UDP source port in {UDP_SOURCE_PORTS:?}")
 }
 
 /// Send `payload` to `target` and wait for one datagram; returns the reply
@@ -81,11 +101,9 @@ pub fn udp_exchange(
     let mut buf = vec![0u8; 65_536];
     let (len, from) = socket.recv_from(&mut buf).with_context(|| {
         format!(
-            "no UDP reply from {target} to {} within {IO_TIMEOUT:?}",
-            socket
-                .local_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default()
+            "no UDP reply from {target} to local port {} within {:?}",
+            socket.local_addr().map(|a| a.port()).unwrap_or_default(),
+            socket.read_timeout().ok().flatten().unwrap_or_default()
         )
     })?;
     buf.truncate(len);

@@ -15,6 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::netns::unique_stem;
+use crate::xdp_pass::{self, XdpPass};
 use crate::{ChildGuard, LabError, Netns, ScratchDir, XLB_ECHO_BIN_ENV, bin_from_env, poll_until};
 
 /// The node's address towards the client; NodePorts answer here.
@@ -52,6 +53,7 @@ pub fn udp_echo_service() -> SocketAddr {
 pub struct Backend {
     // Field order is drop order: stop the server, then remove the namespace.
     echo: ChildGuard,
+    _xdp_pass: XdpPass,
     pub netns: Netns,
     /// 1-based, as in `backend-N`, `xlb-bN` and 198.18.N.0/24.
     pub index: u8,
@@ -79,6 +81,7 @@ impl Backend {
 pub struct Lab {
     // Drop order: backends (their servers), client, node, then files.
     pub backends: Vec<Backend>,
+    _client_xdp_pass: XdpPass,
     pub client: Netns,
     pub node: Netns,
     dir: ScratchDir,
@@ -104,10 +107,11 @@ impl Lab {
         let client = Netns::create(format!("{stem}-client"))?;
         node.sysctl("net/ipv4/ip_forward", "1")?;
 
-        link(&node, NODE_CLIENT_IF, NODE_ADDR, &client, CLIENT_ADDR, 0)?;
+        let client_xdp_pass = link(&node, NODE_CLIENT_IF, NODE_ADDR, &client, CLIENT_ADDR, 0)?;
 
         let mut lab = Lab {
             backends: Vec::with_capacity(backends),
+            _client_xdp_pass: client_xdp_pass,
             client,
             node,
             dir,
@@ -130,7 +134,7 @@ impl Lab {
         let node_addr = Ipv4Addr::new(198, 18, index, 1);
         let addr = Ipv4Addr::new(198, 18, index, 2);
         let node_if = format!("xlb-b{index}");
-        link(&self.node, &node_if, node_addr, &netns, addr, index)?;
+        let xdp_pass = link(&self.node, &node_if, node_addr, &netns, addr, index)?;
 
         let name = format!("backend-{index}");
         let echo = self.start_echo(
@@ -141,6 +145,7 @@ impl Lab {
         )?;
         Ok(Backend {
             echo,
+            _xdp_pass: xdp_pass,
             netns,
             index,
             name,
@@ -231,9 +236,11 @@ impl Lab {
 
 /// A veth pair `a_if` (in `a`) <-> `eth0` (in `b`), created directly inside
 /// the namespaces so host names never collide, with addresses, static MACs,
-/// the node's static neighbour entry, and the pod end set up like a real NIC
-/// for XDP: GRO on (so redirected frames are delivered) and TX checksum
-/// offload off (so the pod sends complete checksums).
+/// the node's static neighbour entry, and the pod end set up to behave like
+/// a real NIC towards the node's XDP program: GRO on and an `XDP_PASS`
+/// program (so frames the node sends with XDP_REDIRECT or XDP_TX are
+/// delivered), TX checksum offload off (so the pod sends complete
+/// checksums, as frames from a real network have).
 fn link(
     a: &Netns,
     a_if: &str,
@@ -241,41 +248,21 @@ fn link(
     b: &Netns,
     b_addr: Ipv4Addr,
     index: u8,
-) -> Result<(), LabError> {
+) -> Result<XdpPass, LabError> {
     let a_mac = format!("02:78:6c:00:{index:02x}:01");
     let b_mac = format!("02:78:6c:00:{index:02x}:02");
-    a.ip(&[
-        "link",
-        "add",
-        a_if,
-        "address",
-        &a_mac,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        POD_IF,
-        "address",
-        &b_mac,
-        "netns",
-        b.name(),
-    ])?;
-    a.ip(&["addr", "add", &format!("{a_addr}/24"), "dev", a_if])?;
-    b.ip(&["addr", "add", &format!("{b_addr}/24"), "dev", POD_IF])?;
-    a.ip(&["link", "set", a_if, "up"])?;
-    b.ip(&["link", "set", POD_IF, "up"])?;
-    b.ip(&["route", "add", "default", "via", &a_addr.to_string()])?;
-    a.ip(&[
-        "neigh",
-        "replace",
-        &b_addr.to_string(),
-        "lladdr",
-        &b_mac,
-        "dev",
-        a_if,
-        "nud",
-        "permanent",
-    ])?;
+    let b_name = b.name();
+    a.ip_line(&format!(
+        "link add {a_if} address {a_mac} type veth peer name {POD_IF} address {b_mac} netns {b_name}"
+    ))?;
+    a.ip_line(&format!("addr add {a_addr}/24 dev {a_if}"))?;
+    b.ip_line(&format!("addr add {b_addr}/24 dev {POD_IF}"))?;
+    a.ip_line(&format!("link set {a_if} up"))?;
+    b.ip_line(&format!("link set {POD_IF} up"))?;
+    b.ip_line(&format!("route add default via {a_addr}"))?;
+    a.ip_line(&format!(
+        "neigh replace {b_addr} lladdr {b_mac} dev {a_if} nud permanent"
+    ))?;
     b.exec("ethtool", &["-K", POD_IF, "gro", "on", "tx", "off"])?;
-    Ok(())
+    b.run(|| xdp_pass::attach(POD_IF))?
 }

@@ -12,6 +12,8 @@
 //! lab created.
 
 pub mod agent;
+#[cfg(feature = "apiserver")]
+pub mod apiserver;
 pub mod client;
 mod cmd;
 mod error;
@@ -24,6 +26,7 @@ mod scratch;
 #[cfg(feature = "datapath")]
 pub mod testrun;
 pub mod wait;
+mod xdp_pass;
 
 use std::path::{Path, PathBuf};
 

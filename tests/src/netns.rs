@@ -87,6 +87,12 @@ impl Netns {
         run(Command::new("ip").args(["-n", &self.name]).args(args))
     }
 
+    /// `ip -n NAME ARGS`, with `ARGS` one string split at whitespace (for
+    /// arguments that contain none, like the lab's names and addresses).
+    pub fn ip_line(&self, args: &str) -> Result<String, LabError> {
+        self.ip(&args.split_whitespace().collect::<Vec<_>>())
+    }
+
     /// `ping` `addr` from inside this namespace: Ok if an echo reply came
     /// back within a few seconds.
     pub fn ping(&self, addr: std::net::Ipv4Addr) -> Result<(), LabError> {

@@ -33,11 +33,19 @@ fn client_reaches_node_and_node_reaches_backends() -> anyhow::Result<()> {
 }
 
 #[test]
-fn pod_ends_have_gro_on_and_tx_checksum_offload_off() -> anyhow::Result<()> {
-    // Without GRO an XDP_REDIRECT into the veth is dropped; with TX checksum
-    // offload the pods would send partial checksums no real NIC delivers.
+fn pod_ends_are_set_up_like_real_nics() -> anyhow::Result<()> {
+    // Without GRO or an XDP program a veth drops frames redirected into it,
+    // and without an XDP program it never flushes frames its peer sent back
+    // with XDP_TX; with TX checksum offload the pods would send partial
+    // checksums no real network delivers.
     let lab = Lab::new(1)?;
     for netns in [&lab.client, &lab.backends[0].netns] {
+        let link = netns.ip(&["link", "show", "eth0"])?;
+        assert!(
+            link.contains("prog/xdp"),
+            "{}: no XDP program:\n{link}",
+            netns.name()
+        );
         let features = netns.exec("ethtool", &["-k", "eth0"])?;
         for expected in ["generic-receive-offload: on", "tx-checksumming: off"] {
             assert!(

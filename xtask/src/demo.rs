@@ -3,12 +3,12 @@
 //! which backend answered and whether every reply looked right.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use lb_common::Reason;
-use xlb_tests::client::{pattern, tcp_who_echo_timeout, udp_who};
+use xlb_tests::client::{pattern, tcp_who_echo_timeout, udp_socket, udp_who};
 use xlb_tests::lab::{
     ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_CLIENT_IF, tcp_echo_service, udp_echo_service,
 };
@@ -186,10 +186,11 @@ fn send_udp(lab: &Lab) -> anyhow::Result<Tally> {
                 break;
             }
             tally.sent += 1;
-            let result = UdpSocket::bind("0.0.0.0:0")
-                .and_then(|socket| socket.set_read_timeout(Some(TIMEOUT)).map(|()| socket))
-                .map_err(anyhow::Error::from)
-                .and_then(|socket| udp_who(&socket, service));
+            // A source port of its own (never reused): a new flow each.
+            let result = udp_socket().and_then(|socket| {
+                socket.set_read_timeout(Some(TIMEOUT))?;
+                udp_who(&socket, service)
+            });
             match result {
                 Ok((who, from)) => {
                     failed_in_a_row = 0;

@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: everything a developer or CI runs, from a fresh
 //! machine to a green test run.
 
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -44,6 +45,10 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Lab benchmark: xlb vs an XDP ceiling, kube-proxy (iptables and
+    /// nftables) and nginx, plus a Service-count sweep (`--micro`: the
+    /// per-packet datapath benchmark).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +59,7 @@ fn main() -> ExitCode {
         Command::Run { args } => run(&args),
         Command::Demo => demo::run(),
         Command::Test { no_lint, args } => test::run(no_lint, &args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(code) => code,

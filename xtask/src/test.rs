@@ -33,12 +33,13 @@ pub fn run(no_lint: bool, test_args: &[String]) -> anyhow::Result<ExitCode> {
     let xlb = build::bin("xlb")?;
     let echo = build::bin("xlb-echo")?;
     println!(
-        "xtask: cargo test --workspace ({XLB_BIN_ENV}={}, {XLB_ECHO_BIN_ENV}={})",
+        "xtask: cargo test --workspace --no-fail-fast ({XLB_BIN_ENV}={}, {XLB_ECHO_BIN_ENV}={})",
         xlb.display(),
         echo.display()
     );
+    // --no-fail-fast: one crate's failure must not hide the others' results.
     let status = cargo()
-        .args(["test", "--workspace", "--"])
+        .args(["test", "--workspace", "--no-fail-fast", "--"])
         .args(test_args)
         .env(XLB_BIN_ENV, &xlb)
         .env(XLB_ECHO_BIN_ENV, &echo)

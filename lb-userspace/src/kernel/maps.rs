@@ -5,12 +5,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use aya::Ebpf;
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::maps as names;
-use lb_common::service::{ADDR_ANY_NODE, BACKEND_F_ACTIVE, CONFIG_F_READY, SERVICE_F_MASQUERADE};
-use lb_common::{Backend, GlobalConfig, NodeAddr, Reason, Service, ServiceKey};
+use lb_common::service::{ADDR_ANY_NODE, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, CONFIG_F_READY};
+use lb_common::{
+    Affinity, AffinityKey, Backend, GlobalConfig, IPPROTO_TCP, IPPROTO_UDP, NodeAddr, Reason,
+    Service, ServiceKey, SourceRange, Traffic,
+};
 
-use crate::reconcile::{BackendAddr, Capacity, Frontend, MapOp, MapWriter, ServiceEntry, Settings};
+use crate::model::Protocol;
+use crate::reconcile::{
+    ActiveBackend, Applied, AppliedService, BackendAddr, Capacity, Frontend, MapOp, MapWriter,
+    ServiceEntry, Settings, SourceRangeKey,
+};
 
 /// A map the agent needs is missing from the object or is of another kind.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +62,14 @@ pub struct KernelMaps {
     backends: Array<MapData, Backend>,
     node_addresses: HashMap<MapData, u32, NodeAddr>,
     interface_addresses: HashMap<MapData, u32, u32>,
+    source_ranges: LpmTrie<MapData, SourceRange, u32>,
     config: Array<MapData, GlobalConfig>,
+    /// Read only, when adopting: the service ids still in use there.
+    affinity: HashMap<MapData, AffinityKey, Affinity>,
+    service_stats: PerCpuArray<MapData, Traffic>,
+    /// Zeroed when a backend id is freed, so the next backend given that id
+    /// does not inherit its counters.
+    backend_stats: PerCpuArray<MapData, Traffic>,
 }
 
 impl KernelMaps {
@@ -66,8 +81,26 @@ impl KernelMaps {
             backends: typed(ebpf, names::BACKENDS)?,
             node_addresses: typed(ebpf, names::NODE_ADDRS)?,
             interface_addresses: typed(ebpf, names::IFACE_ADDRS)?,
+            source_ranges: typed(ebpf, names::SOURCE_RANGES)?,
             config: typed(ebpf, names::CONFIG)?,
+            affinity: typed(ebpf, names::AFFINITY)?,
+            service_stats: typed(ebpf, names::SERVICE_STATS)?,
+            backend_stats: typed(ebpf, names::BACKEND_STATS)?,
         })
+    }
+
+    /// Zeroes `XLB_BACKEND_STATS[id]` on every CPU.
+    fn zero_backend_counters(&mut self, id: u32) -> Result<(), MapIoError> {
+        let failed = |call: &'static str, io_error: std::io::Error| MapIoError {
+            map: names::BACKEND_STATS,
+            source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+        };
+        let cpus = aya::util::nr_cpus().map_err(|(_, error)| failed("nr_cpus", error))?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![Traffic::default(); cpus])
+            .map_err(|error| failed("per-CPU values", error))?;
+        self.backend_stats
+            .set(id, zeros, 0)
+            .map_err(io(names::BACKEND_STATS))
     }
 
     /// How much the maps can hold, as the kernel created them.
@@ -85,6 +118,7 @@ impl KernelMaps {
                 self.interface_addresses.map(),
                 defaults.interface_addresses,
             ),
+            source_ranges: max_entries(self.source_ranges.map(), defaults.source_ranges),
         }
     }
 }
@@ -93,12 +127,14 @@ impl KernelMaps {
 /// and debugging).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// By (protocol number, node port).
-    pub services: BTreeMap<(u8, u16), Service>,
+    /// By (address, protocol number, port); address 0.0.0.0 for NodePorts.
+    pub services: BTreeMap<(Ipv4Addr, u8, u16), Service>,
     /// Backends whose flags are not zero, by id.
     pub backends: BTreeMap<u32, Backend>,
     pub node_addresses: BTreeSet<Ipv4Addr>,
     pub interface_addresses: BTreeMap<u32, Ipv4Addr>,
+    /// `(service id, network, prefix length)`.
+    pub source_ranges: BTreeSet<(u32, Ipv4Addr, u8)>,
     pub config: Option<GlobalConfig>,
 }
 
@@ -107,9 +143,14 @@ impl KernelMaps {
         let mut snapshot = Snapshot::default();
         for entry in self.services.iter() {
             let (key, value) = entry.map_err(io(names::SERVICES))?;
-            snapshot
-                .services
-                .insert((key.proto, u16::from_be(key.port_be)), value);
+            snapshot.services.insert(
+                (
+                    Ipv4Addr::from(key.addr_be.to_ne_bytes()),
+                    key.proto,
+                    u16::from_be(key.port_be),
+                ),
+                value,
+            );
         }
         for (id, backend) in self.backends.iter().enumerate() {
             let backend = backend.map_err(io(names::BACKENDS))?;
@@ -131,9 +172,115 @@ impl KernelMaps {
                 .interface_addresses
                 .insert(ifindex, Ipv4Addr::from(address.to_ne_bytes()));
         }
+        for key in self.source_ranges.keys() {
+            let range = source_range_of(&key.map_err(io(names::SOURCE_RANGES))?);
+            snapshot
+                .source_ranges
+                .insert((range.service_id, range.network, range.prefix_len));
+        }
         let config = self.config.get(&0, 0).map_err(io(names::CONFIG))?;
         snapshot.config = (config.flags != 0).then_some(config);
         Ok(snapshot)
+    }
+
+    /// What the maps hold, as the reconciler's mirror: how an agent adopts
+    /// maps a previous agent pinned, so that its first plan changes only
+    /// what differs (service names are not in the maps: see
+    /// `Applied::adopt_names`).
+    pub fn read_applied(&self) -> Result<Applied, MapIoError> {
+        let mut applied = Applied::default();
+        for entry in self.services.iter() {
+            let (key, value) = entry.map_err(io(names::SERVICES))?;
+            let Some(frontend) = frontend_of(&key) else {
+                continue;
+            };
+            let entry = ServiceEntry {
+                id: value.id,
+                table_offset: value.table_offset,
+                table_size: value.table_size,
+                flags: value.flags,
+                affinity_timeout_s: value.affinity_timeout_s,
+            };
+            applied.next_service_id = applied.next_service_id.max(value.id.saturating_add(1));
+            applied.services.insert(
+                frontend,
+                AppliedService {
+                    name: String::new(),
+                    entry,
+                },
+            );
+        }
+        let regions: BTreeSet<(u32, u32)> = applied
+            .services
+            .values()
+            .filter(|service| service.entry.table_size > 0)
+            .map(|service| (service.entry.table_offset, service.entry.table_size))
+            .collect();
+        for (offset, size) in regions {
+            applied
+                .tables
+                .insert(offset, self.select_slots(offset, size)?);
+        }
+        for (id, backend) in self.backends.iter().enumerate() {
+            let backend = backend.map_err(io(names::BACKENDS))?;
+            if backend.flags & BACKEND_F_ACTIVE == 0 {
+                continue;
+            }
+            applied.backends.insert(
+                u32::try_from(id).unwrap_or(u32::MAX),
+                ActiveBackend {
+                    address: BackendAddr {
+                        address: Ipv4Addr::from(backend.addr_be.to_ne_bytes()),
+                        port: u16::from_be(backend.port_be),
+                    },
+                    terminating: backend.flags & BACKEND_F_TERMINATING != 0,
+                },
+            );
+        }
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(io(names::SOURCE_RANGES))?;
+            applied.source_ranges.insert(source_range_of(&key));
+        }
+        for key in self.node_addresses.keys() {
+            let key = key.map_err(io(names::NODE_ADDRS))?;
+            applied
+                .node_addresses
+                .insert(Ipv4Addr::from(key.to_ne_bytes()));
+        }
+        for entry in self.interface_addresses.iter() {
+            let (ifindex, address) = entry.map_err(io(names::IFACE_ADDRS))?;
+            applied
+                .interface_addresses
+                .insert(ifindex, Ipv4Addr::from(address.to_ne_bytes()));
+        }
+        let config = self.config.get(&0, 0).map_err(io(names::CONFIG))?;
+        applied.settings = (config.flags & CONFIG_F_READY != 0).then(|| settings_of(&config));
+        applied.next_service_id = applied.next_service_id.max(self.first_unused_service_id()?);
+        Ok(applied)
+    }
+
+    /// The lowest service id above every id the datapath still remembers:
+    /// in session affinity records and in the per-service counters. New
+    /// services get ids from here, so that a service removed before a
+    /// restart cannot lend its affinity records (which name backends) or
+    /// its counters to a new one.
+    fn first_unused_service_id(&self) -> Result<u32, MapIoError> {
+        let mut next = 0u32;
+        for key in self.affinity.keys() {
+            let key = key.map_err(io(names::AFFINITY))?;
+            next = next.max(key.service_id.saturating_add(1));
+        }
+        for id in (next..self.service_stats.len()).rev() {
+            let per_cpu = self
+                .service_stats
+                .get(&id, 0)
+                .map_err(io(names::SERVICE_STATS))?;
+            if per_cpu.iter().any(|traffic| *traffic != Traffic::default()) {
+                next = next.max(id.saturating_add(1));
+                break;
+            }
+        }
+        Ok(next)
     }
 
     /// `XLB_SELECT[offset..offset + len]`.
@@ -185,10 +332,20 @@ impl MapWriter for KernelMaps {
                 .backends
                 .set(*id, backend_value(backend), 0)
                 .map_err(io(names::BACKENDS)),
-            MapOp::ClearBackend { id } => self
-                .backends
-                .set(*id, Backend::default(), 0)
-                .map_err(io(names::BACKENDS)),
+            MapOp::AddSourceRange(range) => self
+                .source_ranges
+                .insert(&source_range_key(range), 1, 0)
+                .map_err(io(names::SOURCE_RANGES)),
+            MapOp::RemoveSourceRange(range) => {
+                absent_ok(self.source_ranges.remove(&source_range_key(range)))
+                    .map_err(io(names::SOURCE_RANGES))
+            }
+            MapOp::ClearBackend { id } => {
+                self.backends
+                    .set(*id, Backend::default(), 0)
+                    .map_err(io(names::BACKENDS))?;
+                self.zero_backend_counters(*id)
+            }
             MapOp::WriteTable {
                 offset,
                 backend_ids,
@@ -222,11 +379,27 @@ pub fn addr_be(address: Ipv4Addr) -> u32 {
 
 pub fn service_key(frontend: &Frontend) -> ServiceKey {
     ServiceKey {
-        addr_be: ADDR_ANY_NODE,
-        port_be: frontend.node_port.to_be(),
+        addr_be: frontend.address.map_or(ADDR_ANY_NODE, addr_be),
+        port_be: frontend.port.to_be(),
         proto: frontend.protocol.number(),
         _pad: 0,
     }
+}
+
+/// The frontend of an `XLB_SERVICES` key, if its protocol is one xlb
+/// balances.
+pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
+    let protocol = match key.proto {
+        IPPROTO_TCP => Protocol::Tcp,
+        IPPROTO_UDP => Protocol::Udp,
+        _ => return None,
+    };
+    let port = u16::from_be(key.port_be);
+    Some(if key.addr_be == ADDR_ANY_NODE {
+        Frontend::node_port(protocol, port)
+    } else {
+        Frontend::exact(protocol, Ipv4Addr::from(key.addr_be.to_ne_bytes()), port)
+    })
 }
 
 pub fn service_value(entry: &ServiceEntry) -> Service {
@@ -234,19 +407,57 @@ pub fn service_value(entry: &ServiceEntry) -> Service {
         id: entry.id,
         table_offset: entry.table_offset,
         table_size: entry.table_size,
-        // NodePorts default to externalTrafficPolicy=Cluster.
-        flags: SERVICE_F_MASQUERADE,
-        // Later fields (session affinity, ...) stay off.
+        flags: entry.flags,
+        affinity_timeout_s: entry.affinity_timeout_s,
         ..Service::default()
     }
 }
 
-pub fn backend_value(backend: &BackendAddr) -> Backend {
+pub fn backend_value(backend: &ActiveBackend) -> Backend {
+    let terminating = if backend.terminating {
+        BACKEND_F_TERMINATING
+    } else {
+        0
+    };
     Backend {
-        addr_be: addr_be(backend.address),
-        port_be: backend.port.to_be(),
-        flags: BACKEND_F_ACTIVE,
+        addr_be: addr_be(backend.address.address),
+        port_be: backend.address.port.to_be(),
+        flags: BACKEND_F_ACTIVE | terminating,
         ..Backend::default()
+    }
+}
+
+/// An `XLB_SOURCE_RANGES` key: LPM prefix length 32 (the service id, in
+/// full) plus the source prefix.
+pub fn source_range_key(range: &SourceRangeKey) -> LpmKey<SourceRange> {
+    LpmKey::new(
+        32 + u32::from(range.prefix_len),
+        SourceRange {
+            service_id: range.service_id,
+            addr_be: addr_be(range.network),
+        },
+    )
+}
+
+fn source_range_of(key: &LpmKey<SourceRange>) -> SourceRangeKey {
+    let data = key.data();
+    SourceRangeKey {
+        service_id: data.service_id,
+        network: Ipv4Addr::from(data.addr_be.to_ne_bytes()),
+        prefix_len: u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(32),
+    }
+}
+
+/// The settings a ready `XLB_CONFIG[0]` holds.
+pub fn settings_of(config: &GlobalConfig) -> Settings {
+    Settings {
+        masquerade_port_min: config.snat_port_min,
+        masquerade_port_max: config.snat_port_max,
+        hash_seed: config.hash_seed,
+        tcp_syn_timeout_s: config.tcp_syn_timeout_s,
+        tcp_timeout_s: config.tcp_established_timeout_s,
+        tcp_closing_timeout_s: config.tcp_closing_timeout_s,
+        udp_timeout_s: config.udp_timeout_s,
     }
 }
 
@@ -315,24 +526,53 @@ mod tests {
 
     #[test]
     fn addresses_and_ports_keep_wire_byte_order() {
-        let key = service_key(&Frontend {
-            protocol: Protocol::Udp,
-            node_port: 30998,
-        });
+        let key = service_key(&Frontend::node_port(Protocol::Udp, 30998));
         assert_eq!(key.port_be.to_ne_bytes(), 30998u16.to_be_bytes());
         assert_eq!(key.proto, 17);
         assert_eq!(key.addr_be, ADDR_ANY_NODE);
-        let backend = backend_value(&BackendAddr {
-            address: Ipv4Addr::new(198, 18, 1, 2),
-            port: 3333,
-        });
-        assert_eq!(backend.addr_be.to_ne_bytes(), [198, 18, 1, 2]);
-        assert_eq!(backend.port_be.to_ne_bytes(), 3333u16.to_be_bytes());
-        assert_eq!(backend.flags, BACKEND_F_ACTIVE);
+        assert_eq!(
+            frontend_of(&key),
+            Some(Frontend::node_port(Protocol::Udp, 30998))
+        );
+        let exact = Frontend::exact(Protocol::Tcp, Ipv4Addr::new(198, 18, 200, 10), 80);
+        let key = service_key(&exact);
+        assert_eq!(key.addr_be.to_ne_bytes(), [198, 18, 200, 10]);
+        assert_eq!(frontend_of(&key), Some(exact));
+        let mut backend = ActiveBackend {
+            address: BackendAddr {
+                address: Ipv4Addr::new(198, 18, 1, 2),
+                port: 3333,
+            },
+            terminating: false,
+        };
+        let value = backend_value(&backend);
+        assert_eq!(value.addr_be.to_ne_bytes(), [198, 18, 1, 2]);
+        assert_eq!(value.port_be.to_ne_bytes(), 3333u16.to_be_bytes());
+        assert_eq!(value.flags, BACKEND_F_ACTIVE);
+        backend.terminating = true;
+        assert_eq!(
+            backend_value(&backend).flags,
+            BACKEND_F_ACTIVE | BACKEND_F_TERMINATING
+        );
     }
 
     #[test]
-    fn settings_become_a_ready_global_config() {
+    fn source_range_keys_match_the_datapath_lookup() {
+        let range = SourceRangeKey {
+            service_id: 7,
+            network: Ipv4Addr::new(198, 18, 0, 0),
+            prefix_len: 24,
+        };
+        let key = source_range_key(&range);
+        // The datapath looks up (64, {id, source}): 32 bits of id + 24 of prefix.
+        assert_eq!(key.prefix_len(), 56);
+        assert_eq!(key.data().service_id, 7);
+        assert_eq!(key.data().addr_be.to_ne_bytes(), [198, 18, 0, 0]);
+        assert_eq!(source_range_of(&key), range);
+    }
+
+    #[test]
+    fn settings_become_a_ready_global_config_and_back() {
         let settings = Settings {
             masquerade_port_min: 61000,
             masquerade_port_max: 65535,
@@ -354,19 +594,92 @@ mod tests {
             (1, 2, 3, 4)
         );
         assert_eq!((config.snat_port_min, config.snat_port_max), (61000, 65535));
+        assert_eq!(settings_of(&config), settings);
     }
 
     #[test]
-    fn service_entries_masquerade() {
+    fn service_entries_carry_flags_and_affinity() {
+        use lb_common::service::{SERVICE_F_AFFINITY, SERVICE_F_MASQUERADE};
         let value = service_value(&ServiceEntry {
             id: 3,
             table_offset: 1021,
             table_size: 1021,
+            flags: SERVICE_F_MASQUERADE | SERVICE_F_AFFINITY,
+            affinity_timeout_s: 600,
         });
-        assert_eq!(value.flags, SERVICE_F_MASQUERADE);
+        assert_eq!(value.flags, SERVICE_F_MASQUERADE | SERVICE_F_AFFINITY);
         assert_eq!(
-            (value.id, value.table_offset, value.table_size),
-            (3, 1021, 1021)
+            (
+                value.id,
+                value.table_offset,
+                value.table_size,
+                value.affinity_timeout_s
+            ),
+            (3, 1021, 1021, 600)
+        );
+    }
+
+    /// A freed backend id starts from zero counters, so the next backend
+    /// given that id does not report its predecessor's traffic.
+    #[test]
+    fn clearing_a_backend_zeroes_its_counters() {
+        use crate::kernel::{Datapath, TEST_SIZES, is_root};
+        use crate::reconcile::{MapOp, MapWriter as _};
+        if !is_root() {
+            eprintln!("skipped: loading BPF needs root");
+            return;
+        }
+        let mut maps = match Datapath::load(TEST_SIZES) {
+            Ok(loaded) => loaded.maps,
+            Err(error) => panic!("{}", crate::error_chain(&error)),
+        };
+        let cpus = aya::util::nr_cpus().map_or(1, |cpus| cpus);
+        let mut counted = vec![Traffic::default(); cpus];
+        counted[0].to_backend_packets = 7;
+        counted[cpus - 1].to_client_bytes = 900;
+        let Ok(values) = aya::maps::PerCpuValues::try_from(counted) else {
+            panic!("per-CPU values")
+        };
+        assert!(maps.backend_stats.set(5, values, 0).is_ok());
+        assert!(maps.apply(&MapOp::ClearBackend { id: 5 }).is_ok());
+        let Ok(after) = maps.backend_stats.get(&5, 0) else {
+            panic!("read counters")
+        };
+        assert!(after.iter().all(|traffic| *traffic == Traffic::default()));
+    }
+
+    /// After a restart, new services get ids above those the datapath
+    /// still remembers in affinity records and counters.
+    #[test]
+    fn adopted_ids_stay_above_remembered_ones() {
+        use crate::kernel::{Datapath, TEST_SIZES, is_root};
+        if !is_root() {
+            eprintln!("skipped: loading BPF needs root");
+            return;
+        }
+        let mut maps = match Datapath::load(TEST_SIZES) {
+            Ok(loaded) => loaded.maps,
+            Err(error) => panic!("{}", crate::error_chain(&error)),
+        };
+        assert_eq!(maps.first_unused_service_id().ok(), Some(0));
+        let key = AffinityKey {
+            service_id: 40,
+            client_addr_be: 1,
+        };
+        assert!(maps.affinity.insert(key, Affinity::default(), 0).is_ok());
+        assert_eq!(maps.first_unused_service_id().ok(), Some(41));
+        let cpus = aya::util::nr_cpus().map_or(1, |cpus| cpus);
+        let mut counted = vec![Traffic::default(); cpus];
+        counted[0].to_backend_packets = 1;
+        let values = aya::maps::PerCpuValues::try_from(counted);
+        let Ok(values) = values else {
+            panic!("per-CPU values")
+        };
+        assert!(maps.service_stats.set(50, values, 0).is_ok());
+        assert_eq!(maps.first_unused_service_id().ok(), Some(51));
+        assert_eq!(
+            maps.read_applied().map(|a| a.next_service_id).ok(),
+            Some(51)
         );
     }
 

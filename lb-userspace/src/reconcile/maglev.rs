@@ -86,7 +86,7 @@ pub fn is_prime(n: u32) -> bool {
     }
     let mut divisor = 2u32;
     while u64::from(divisor) * u64::from(divisor) <= u64::from(n) {
-        if n % divisor == 0 {
+        if n.is_multiple_of(divisor) {
             return false;
         }
         divisor += 1;
@@ -160,11 +160,7 @@ mod tests {
             let removed = all[count as usize / 2].id;
             let rest: Vec<_> = all.iter().copied().filter(|b| b.id != removed).collect();
             let after = maglev_table(&rest, DEFAULT_TABLE_SIZE);
-            let moved = before
-                .iter()
-                .zip(&after)
-                .filter(|(b, a)| b != a)
-                .count() as f64
+            let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64
                 / f64::from(DEFAULT_TABLE_SIZE);
             let ideal = 1.0 / f64::from(count);
             // Every slot of the removed backend must move (the ideal); Maglev
@@ -183,7 +179,11 @@ mod tests {
                 .filter(|(b, a)| b == a)
                 .count() as f64;
             let others = before.iter().filter(|b| **b != removed).count() as f64;
-            assert!(kept / others > 0.9, "{count}: only {:.3} kept", kept / others);
+            assert!(
+                kept / others > 0.9,
+                "{count}: only {:.3} kept",
+                kept / others
+            );
         }
     }
 

@@ -1,47 +1,82 @@
 //! The reconciler: turns "what the maps hold" and "what they should hold"
 //! into an ordered list of map operations. Pure; the kernel layer executes
-//! the operations and `Applied::record` keeps the mirror in step.
+//! the operations and `Applied::record` keeps the mirror in step. Also the
+//! service semantics the datapath leaves to the agent (which backends new
+//! flows may use, service flags) and the Maglev table builder.
 //!
 //! Safe order (a packet never sees a service whose table or backends are not
 //! written yet): node addresses, backends, selection tables (always into a
-//! free region: double buffering), service entries, then deletions in
-//! reverse (services, backends, addresses), and the global settings with the
-//! ready flag last.
+//! free region: double buffering) and newly allowed source ranges, service
+//! entries, then deletions in reverse (services, then backends, which the
+//! datapath re-balances flows away from on their next packet, and source
+//! ranges no entry checks any more, then addresses), and the global settings
+//! with the ready flag last.
 
+pub mod maglev;
 mod regions;
-pub mod table;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
-pub use table::build_table;
+use lb_common::service::{
+    SERVICE_F_AFFINITY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE, SERVICE_F_SOURCE_RANGES,
+};
 
-use crate::model::{Backend, DesiredState, Protocol};
+use crate::model::{Backend, DesiredState, Protocol, Service, TrafficPolicy};
+use maglev::{MaglevBackend, identity, maglev_table};
 use regions::Regions;
 
-/// A frontend: the key of `XLB_SERVICES` (NodePorts answer on every node
-/// address).
+/// A frontend: the key of `XLB_SERVICES`. A NodePort (`address: None`)
+/// answers on every node address; an exact frontend (load-balancer or
+/// external IP) on its own address only, and wins over a NodePort.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub protocol: Protocol,
-    pub node_port: u16,
+    pub address: Option<Ipv4Addr>,
+    pub port: u16,
+}
+
+impl Frontend {
+    pub const fn node_port(protocol: Protocol, port: u16) -> Self {
+        Self {
+            protocol,
+            address: None,
+            port,
+        }
+    }
+
+    pub const fn exact(protocol: Protocol, address: Ipv4Addr, port: u16) -> Self {
+        Self {
+            protocol,
+            address: Some(address),
+            port,
+        }
+    }
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.protocol, self.node_port)
+        match self.address {
+            None => write!(f, "{} {}", self.protocol, self.port),
+            Some(address) => write!(f, "{} {address}:{}", self.protocol, self.port),
+        }
     }
 }
 
-/// The value of a service's `XLB_SERVICES` entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The value of a service's `XLB_SERVICES` entry (one per frontend; a
+/// service's frontends share its id and table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceEntry {
     pub id: u32,
     /// First slot of the service's region in `XLB_SELECT`.
     pub table_offset: u32,
-    /// Slots in the region; 0 means the service has no backend.
+    /// Slots in the region; 0 means the service has no backend for new flows.
     pub table_size: u32,
+    /// `lb_common::service::SERVICE_F_*`.
+    pub flags: u32,
+    /// sessionAffinity timeout (with `SERVICE_F_AFFINITY`), else 0.
+    pub affinity_timeout_s: u32,
 }
 
 /// A backend as `XLB_BACKENDS` knows it: where to send, not how much.
@@ -64,6 +99,44 @@ impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.address, self.port)
     }
+}
+
+/// A written (active) `XLB_BACKENDS` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ActiveBackend {
+    pub address: BackendAddr,
+    /// `BACKEND_F_TERMINATING`: keeps its flows, but session affinity sends
+    /// no new flow to it.
+    pub terminating: bool,
+}
+
+/// One `XLB_SOURCE_RANGES` entry: sources in `network/prefix_len` may open
+/// flows to service `service_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRangeKey {
+    pub service_id: u32,
+    /// Host bits are zero.
+    pub network: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl fmt::Display for SourceRangeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "service {} source {}/{}",
+            self.service_id, self.network, self.prefix_len
+        )
+    }
+}
+
+/// `address/prefix_len` with the host bits cleared.
+pub fn network_of(address: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
+    let mask = match prefix_len {
+        0 => 0,
+        len => u32::MAX << (32 - u32::from(len.min(32))),
+    };
+    Ipv4Addr::from(u32::from(address) & mask)
 }
 
 /// Node-wide datapath settings (`XLB_CONFIG[0]`). Writing them also marks
@@ -107,12 +180,13 @@ pub enum MapOp {
     RemoveInterfaceAddress {
         ifindex: u32,
     },
-    /// `XLB_BACKENDS[id]`, marked active.
+    /// `XLB_BACKENDS[id]`, marked active (and terminating, if it is).
     WriteBackend {
         id: u32,
-        backend: BackendAddr,
+        backend: ActiveBackend,
     },
-    /// `XLB_BACKENDS[id]` zeroed (inactive); arrays cannot delete.
+    /// `XLB_BACKENDS[id]` zeroed (inactive); arrays cannot delete. The
+    /// datapath re-balances the backend's flows on their next packet.
     ClearBackend {
         id: u32,
     },
@@ -121,6 +195,11 @@ pub enum MapOp {
         offset: u32,
         backend_ids: Vec<u32>,
     },
+    /// `XLB_SOURCE_RANGES`: allow a prefix (written before the service entry
+    /// that turns the check on).
+    AddSourceRange(SourceRangeKey),
+    /// Removed after the service entry stopped needing it.
+    RemoveSourceRange(SourceRangeKey),
     /// `XLB_SERVICES[frontend]`; `name` is for the mirror and logs only.
     WriteService {
         frontend: Frontend,
@@ -140,10 +219,10 @@ impl MapOp {
         match self {
             MapOp::AddNodeAddress(_) | MapOp::SetInterfaceAddress { .. } => 0,
             MapOp::WriteBackend { .. } => 1,
-            MapOp::WriteTable { .. } => 2,
+            MapOp::WriteTable { .. } | MapOp::AddSourceRange(_) => 2,
             MapOp::WriteService { .. } => 3,
             MapOp::RemoveService { .. } => 4,
-            MapOp::ClearBackend { .. } => 5,
+            MapOp::ClearBackend { .. } | MapOp::RemoveSourceRange(_) => 5,
             MapOp::RemoveNodeAddress(_) | MapOp::RemoveInterfaceAddress { .. } => 6,
             MapOp::WriteSettings(_) => 7,
         }
@@ -161,7 +240,13 @@ impl fmt::Display for MapOp {
             MapOp::RemoveInterfaceAddress { ifindex } => {
                 write!(f, "forget the address of ifindex {ifindex}")
             }
-            MapOp::WriteBackend { id, backend } => write!(f, "backend {id} = {backend}"),
+            MapOp::WriteBackend { id, backend } => {
+                write!(f, "backend {id} = {}", backend.address)?;
+                if backend.terminating {
+                    f.write_str(" (terminating)")?;
+                }
+                Ok(())
+            }
             MapOp::ClearBackend { id } => write!(f, "backend {id} cleared"),
             MapOp::WriteTable {
                 offset,
@@ -171,14 +256,16 @@ impl fmt::Display for MapOp {
                 "selection table at {offset}..{}",
                 *offset as usize + backend_ids.len()
             ),
+            MapOp::AddSourceRange(range) => write!(f, "allow {range}"),
+            MapOp::RemoveSourceRange(range) => write!(f, "disallow {range}"),
             MapOp::WriteService {
                 frontend,
                 name,
                 entry,
             } => write!(
                 f,
-                "service {name} ({frontend}) id {} -> table {}+{}",
-                entry.id, entry.table_offset, entry.table_size
+                "service {name} ({frontend}) id {} -> table {}+{} flags {:#x}",
+                entry.id, entry.table_offset, entry.table_size, entry.flags
             ),
             MapOp::RemoveService { frontend } => write!(f, "remove service {frontend}"),
             MapOp::WriteSettings(_) => write!(f, "global settings (ready)"),
@@ -205,6 +292,7 @@ pub struct Capacity {
     pub select_slots: u32,
     pub node_addresses: u32,
     pub interface_addresses: u32,
+    pub source_ranges: u32,
 }
 
 impl Default for Capacity {
@@ -216,6 +304,7 @@ impl Default for Capacity {
             select_slots: maps::SELECT_MAX,
             node_addresses: maps::NODE_ADDRS_MAX,
             interface_addresses: maps::IFACE_ADDRS_MAX,
+            source_ranges: maps::SOURCE_RANGES_MAX,
         }
     }
 }
@@ -232,7 +321,7 @@ pub enum PlanError {
         capacity: u32,
     },
     #[error(
-        "XLB_SELECT has no free region of {slots} slots for {service} (capacity {capacity}); restart xlb to size it for the new config"
+        "XLB_SELECT has no free region of {slots} slots for {service} (capacity {capacity}); lower selection.tableSize, or restart xlb to size the map for the new config"
     )]
     NoRegion {
         service: String,
@@ -253,41 +342,126 @@ pub struct Desired {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
-    pub frontend: Frontend,
     /// `namespace/name`.
     pub name: String,
-    /// Sorted by address, so reordering the config changes nothing.
-    pub backends: Vec<(BackendAddr, u32)>,
+    /// Every frontend with the `SERVICE_F_*` flags of its entry.
+    pub frontends: Vec<(Frontend, u32)>,
+    pub affinity_timeout_s: u32,
+    /// Backends to keep active, sorted by address so reordering the config
+    /// changes nothing.
+    pub backends: Vec<DesiredBackend>,
+    /// loadBalancerSourceRanges, host bits cleared, sorted, unique.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+/// A backend the datapath keeps active for a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DesiredBackend {
+    pub address: BackendAddr,
+    pub weight: u32,
+    pub terminating: bool,
+    /// New flows may be sent to it (it has slots in the selection table).
+    pub selectable: bool,
+}
+
+impl DesiredService {
+    fn new(service: &Service) -> Self {
+        let protocol = service.protocol;
+        let local = service.external_traffic_policy == TrafficPolicy::Local;
+        let mut flags = if local {
+            SERVICE_F_DROP_IF_EMPTY
+        } else {
+            SERVICE_F_MASQUERADE
+        };
+        if service.session_affinity_timeout.is_some() {
+            flags |= SERVICE_F_AFFINITY;
+        }
+        let mut source_ranges: Vec<(Ipv4Addr, u8)> = service
+            .source_ranges
+            .iter()
+            .map(|&(address, len)| (network_of(address, len), len.min(32)))
+            .collect();
+        source_ranges.sort_unstable();
+        source_ranges.dedup();
+        // As kube-proxy, ranges guard the load-balancer addresses and leave
+        // the NodePort open; a service with nothing but a NodePort is
+        // guarded there, or its ranges would mean nothing.
+        let exact: Vec<Frontend> = service
+            .frontends
+            .iter()
+            .map(|&address| Frontend::exact(protocol, address, service.port))
+            .collect();
+        let ranged = if source_ranges.is_empty() {
+            0
+        } else {
+            SERVICE_F_SOURCE_RANGES
+        };
+        let mut frontends = Vec::with_capacity(exact.len() + 1);
+        if service.node_port != 0 {
+            let guard = if exact.is_empty() { ranged } else { 0 };
+            frontends.push((
+                Frontend::node_port(protocol, service.node_port),
+                flags | guard,
+            ));
+        }
+        frontends.extend(exact.into_iter().map(|frontend| (frontend, flags | ranged)));
+        frontends.sort_unstable();
+        frontends.dedup_by_key(|(frontend, _)| *frontend);
+        Self {
+            name: service.qualified_name(),
+            frontends,
+            affinity_timeout_s: service.session_affinity_timeout.unwrap_or(0),
+            backends: desired_backends(service),
+            source_ranges,
+        }
+    }
+}
+
+/// kube-proxy's endpoint rules. Kept active: every backend that is ready
+/// or serving (a terminating one keeps its flows). Selectable for new
+/// flows: the ready ones (with externalTrafficPolicy=Local, the local ready
+/// ones); when there is none, the serving terminating ones. Weight 0 takes
+/// no new flow.
+pub fn desired_backends(service: &Service) -> Vec<DesiredBackend> {
+    let eligible = |backend: &Backend| {
+        backend.weight > 0
+            && (service.external_traffic_policy == TrafficPolicy::Cluster || backend.is_local)
+    };
+    let any_ready = service.backends.iter().any(|b| b.ready && eligible(b));
+    let selectable = |backend: &Backend| {
+        eligible(backend)
+            && if any_ready {
+                backend.ready
+            } else {
+                backend.serving && backend.terminating
+            }
+    };
+    let mut backends: Vec<DesiredBackend> = Vec::with_capacity(service.backends.len());
+    let mut seen = BTreeSet::new();
+    for backend in &service.backends {
+        let address = BackendAddr::from(backend);
+        if !(backend.ready || backend.serving) || !seen.insert(address) {
+            continue;
+        }
+        backends.push(DesiredBackend {
+            address,
+            weight: backend.weight,
+            terminating: backend.terminating,
+            selectable: selectable(backend),
+        });
+    }
+    backends.sort_unstable();
+    backends
 }
 
 impl Desired {
     pub fn new(state: &DesiredState, node: &NodeFacts) -> Self {
-        let services = state
-            .services
-            .iter()
-            .map(|service| {
-                let mut backends: Vec<(BackendAddr, u32)> = service
-                    .backends
-                    .iter()
-                    .map(|backend| (BackendAddr::from(backend), backend.weight))
-                    .collect();
-                backends.sort();
-                DesiredService {
-                    frontend: Frontend {
-                        protocol: service.protocol,
-                        node_port: service.node_port,
-                    },
-                    name: service.qualified_name(),
-                    backends,
-                }
-            })
-            .collect();
         let node_addresses = match &state.node_addresses {
             Some(listed) => listed.iter().copied().collect(),
             None => node.local_addresses.clone(),
         };
         Self {
-            services,
+            services: state.services.iter().map(DesiredService::new).collect(),
             node_addresses,
             interface_addresses: node.interface_addresses.clone(),
             settings: Settings::from_state(state),
@@ -299,6 +473,8 @@ impl Desired {
 /// A service entry as last written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AppliedService {
+    /// `namespace/name`; empty for an entry adopted from pinned maps that no
+    /// desired service has claimed yet (see `Applied::adopt_names`).
     pub name: String,
     pub entry: ServiceEntry,
 }
@@ -309,9 +485,10 @@ pub struct AppliedService {
 pub struct Applied {
     pub services: BTreeMap<Frontend, AppliedService>,
     /// Active backends by id.
-    pub backends: BTreeMap<u32, BackendAddr>,
+    pub backends: BTreeMap<u32, ActiveBackend>,
     /// Written selection regions by offset (some may be unreferenced).
     pub tables: BTreeMap<u32, Vec<u32>>,
+    pub source_ranges: BTreeSet<SourceRangeKey>,
     pub node_addresses: BTreeSet<Ipv4Addr>,
     pub interface_addresses: BTreeMap<u32, Ipv4Addr>,
     pub settings: Option<Settings>,
@@ -352,6 +529,12 @@ impl Applied {
                         || u64::from(start) + table.len() as u64 <= u64::from(*offset)
                 });
                 self.tables.insert(*offset, backend_ids.clone());
+            }
+            MapOp::AddSourceRange(range) => {
+                self.source_ranges.insert(*range);
+            }
+            MapOp::RemoveSourceRange(range) => {
+                self.source_ranges.remove(range);
             }
             MapOp::WriteService {
                 frontend,
@@ -398,6 +581,45 @@ impl Applied {
             .get(&entry.table_offset)
             .filter(|table| table.len() == entry.table_size as usize)
             .map(Vec::as_slice)
+    }
+
+    /// After adopting maps a previous agent wrote (which hold no names),
+    /// gives each unnamed entry the name of the desired service that has
+    /// its frontend, so the service keeps its id, its table and therefore
+    /// its flows. Entries no desired service claims stay unnamed and are
+    /// removed by the next `diff`.
+    pub fn adopt_names(&mut self, desired: &Desired) {
+        let owners: BTreeMap<Frontend, &str> = desired
+            .services
+            .iter()
+            .flat_map(|service| {
+                service
+                    .frontends
+                    .iter()
+                    .map(|(frontend, _)| (*frontend, service.name.as_str()))
+            })
+            .collect();
+        // An id belongs to one name: the first frontend that claims it wins.
+        let mut names_by_id: BTreeMap<u32, String> = BTreeMap::new();
+        for (frontend, service) in &self.services {
+            if service.name.is_empty()
+                && let Some(owner) = owners.get(frontend)
+            {
+                names_by_id
+                    .entry(service.entry.id)
+                    .or_insert_with(|| (*owner).to_owned());
+            }
+        }
+        for (frontend, service) in &mut self.services {
+            if !service.name.is_empty() {
+                continue;
+            }
+            if let Some(name) = names_by_id.get(&service.entry.id)
+                && owners.get(frontend).is_some_and(|owner| owner == name)
+            {
+                service.name.clone_from(name);
+            }
+        }
     }
 }
 
@@ -505,28 +727,40 @@ fn check_fits(map: &'static str, needed: usize, capacity: u32) -> Result<(), Pla
 }
 
 /// Ids for every desired backend: kept for those already written, the lowest
-/// free ones (from 1; id 0 is never used) for new ones.
+/// free ones (from 1; id 0 is never used) for new ones. A backend several
+/// services share is terminating only if every one of them says so (its
+/// flag only stops session affinity from choosing it).
 fn backends(
     applied: &Applied,
     desired: &Desired,
     capacity: &Capacity,
     ops: &mut Vec<MapOp>,
 ) -> Result<BTreeMap<BackendAddr, u32>, PlanError> {
-    let wanted: BTreeSet<BackendAddr> = desired
-        .services
-        .iter()
-        .flat_map(|service| service.backends.iter().map(|(backend, _)| *backend))
-        .collect();
-    let mut ids: BTreeMap<BackendAddr, u32> = applied
-        .backends
-        .iter()
-        .filter(|(_, backend)| wanted.contains(backend))
-        .map(|(&id, &backend)| (backend, id))
-        .collect();
+    let mut wanted: BTreeMap<BackendAddr, bool> = BTreeMap::new();
+    for backend in desired.services.iter().flat_map(|s| &s.backends) {
+        let terminating = wanted.entry(backend.address).or_insert(true);
+        *terminating &= backend.terminating;
+    }
+    let mut ids: BTreeMap<BackendAddr, u32> = BTreeMap::new();
+    for (&id, active) in &applied.backends {
+        let Some(&terminating) = wanted.get(&active.address) else {
+            continue;
+        };
+        ids.insert(active.address, id);
+        if active.terminating != terminating {
+            ops.push(MapOp::WriteBackend {
+                id,
+                backend: ActiveBackend {
+                    address: active.address,
+                    terminating,
+                },
+            });
+        }
+    }
     let mut taken: BTreeSet<u32> = applied.backends.keys().copied().collect();
     let mut next_free = 1u32;
-    for backend in &wanted {
-        if ids.contains_key(backend) {
+    for (address, &terminating) in &wanted {
+        if ids.contains_key(address) {
             continue;
         }
         while taken.contains(&next_free) {
@@ -540,14 +774,17 @@ fn backends(
             });
         }
         taken.insert(next_free);
-        ids.insert(*backend, next_free);
+        ids.insert(*address, next_free);
         ops.push(MapOp::WriteBackend {
             id: next_free,
-            backend: *backend,
+            backend: ActiveBackend {
+                address: *address,
+                terminating,
+            },
         });
     }
-    for (&id, backend) in &applied.backends {
-        if !wanted.contains(backend) {
+    for (&id, active) in &applied.backends {
+        if !wanted.contains_key(&active.address) {
             ops.push(MapOp::ClearBackend { id });
         }
     }
@@ -563,12 +800,13 @@ fn services(
 ) -> Result<(), PlanError> {
     check_fits(
         lb_common::maps::SERVICES,
-        desired.services.len(),
+        desired.services.iter().map(|s| s.frontends.len()).sum(),
         capacity.services,
     )?;
     let ids_by_name: BTreeMap<&str, u32> = applied
         .services
         .values()
+        .filter(|service| !service.name.is_empty())
         .map(|service| (service.name.as_str(), service.entry.id))
         .collect();
     let mut next_id = applied.next_service_id.max(1);
@@ -579,7 +817,21 @@ fn services(
             .values()
             .map(|service| (service.entry.table_offset, service.entry.table_size)),
     );
+    let mut wanted_ranges: BTreeSet<SourceRangeKey> = BTreeSet::new();
+    // A frontend two services claim (sources validate this; a bug must not
+    // make every plan rewrite it) belongs to the first.
+    let mut claimed: BTreeSet<Frontend> = BTreeSet::new();
     for service in &desired.services {
+        let frontends: Vec<(Frontend, u32)> = service
+            .frontends
+            .iter()
+            .copied()
+            .filter(|(frontend, _)| claimed.insert(*frontend))
+            .collect();
+        if frontends.is_empty() {
+            // Nothing can reach it: no table, no id.
+            continue;
+        }
         let id = match ids_by_name.get(service.name.as_str()) {
             Some(&id) => id,
             None => {
@@ -588,12 +840,7 @@ fn services(
                 id
             }
         };
-        let weighted: Vec<(u32, u32)> = service
-            .backends
-            .iter()
-            .filter_map(|(backend, weight)| backend_ids.get(backend).map(|&id| (id, *weight)))
-            .collect();
-        let table = build_table(&weighted, desired.table_size);
+        let table = table_for(service, backend_ids, desired.table_size);
         // The region this service (under any frontend) already has, if its
         // content is exactly the new table.
         let reusable = applied
@@ -602,13 +849,9 @@ fn services(
             .filter(|current| current.name == service.name)
             .map(|current| current.entry)
             .find(|entry| applied.table_of(entry) == Some(table.as_slice()));
-        let entry = match reusable {
-            Some(entry) => ServiceEntry { id, ..entry },
-            None if table.is_empty() => ServiceEntry {
-                id,
-                table_offset: 0,
-                table_size: 0,
-            },
+        let (table_offset, table_size) = match reusable {
+            Some(entry) => (entry.table_offset, entry.table_size),
+            None if table.is_empty() => (0, 0),
             None => {
                 let Some(offset) = regions.allocate(table.len() as u32) else {
                     return Err(PlanError::NoRegion {
@@ -622,25 +865,46 @@ fn services(
                     offset,
                     backend_ids: table,
                 });
-                ServiceEntry {
-                    id,
-                    table_offset: offset,
-                    table_size,
-                }
+                (offset, table_size)
             }
         };
-        let current = applied.services.get(&service.frontend);
-        let unchanged =
-            current.is_some_and(|current| current.name == service.name && current.entry == entry);
-        if !unchanged {
-            ops.push(MapOp::WriteService {
-                frontend: service.frontend,
-                name: service.name.clone(),
-                entry,
-            });
+        for (frontend, flags) in frontends {
+            let entry = ServiceEntry {
+                id,
+                table_offset,
+                table_size,
+                flags,
+                affinity_timeout_s: service.affinity_timeout_s,
+            };
+            let current = applied.services.get(&frontend);
+            let unchanged = current
+                .is_some_and(|current| current.name == service.name && current.entry == entry);
+            if !unchanged {
+                ops.push(MapOp::WriteService {
+                    frontend,
+                    name: service.name.clone(),
+                    entry,
+                });
+            }
         }
+        wanted_ranges.extend(service.source_ranges.iter().map(|&(network, prefix_len)| {
+            SourceRangeKey {
+                service_id: id,
+                network,
+                prefix_len,
+            }
+        }));
     }
-    let frontends: BTreeSet<Frontend> = desired.services.iter().map(|s| s.frontend).collect();
+    check_fits(
+        lb_common::maps::SOURCE_RANGES,
+        wanted_ranges.len(),
+        capacity.source_ranges,
+    )?;
+    let frontends: BTreeSet<Frontend> = desired
+        .services
+        .iter()
+        .flat_map(|s| s.frontends.iter().map(|(frontend, _)| *frontend))
+        .collect();
     for frontend in applied.services.keys() {
         if !frontends.contains(frontend) {
             ops.push(MapOp::RemoveService {
@@ -648,7 +912,37 @@ fn services(
             });
         }
     }
+    // Ranges a service gains are written before the entry that checks them,
+    // and ranges it loses go after: for a moment the union is allowed,
+    // never less than either config allows.
+    for range in wanted_ranges.difference(&applied.source_ranges) {
+        ops.push(MapOp::AddSourceRange(*range));
+    }
+    for range in applied.source_ranges.difference(&wanted_ranges) {
+        ops.push(MapOp::RemoveSourceRange(*range));
+    }
     Ok(())
+}
+
+/// The Maglev table of a service's selectable backends.
+fn table_for(
+    service: &DesiredService,
+    backend_ids: &BTreeMap<BackendAddr, u32>,
+    size: u32,
+) -> Vec<u32> {
+    let weighted: Vec<MaglevBackend> = service
+        .backends
+        .iter()
+        .filter(|backend| backend.selectable)
+        .filter_map(|backend| {
+            backend_ids.get(&backend.address).map(|&id| MaglevBackend {
+                id,
+                weight: backend.weight,
+                identity: identity(backend.address.address, backend.address.port),
+            })
+        })
+        .collect();
+    maglev_table(&weighted, size)
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::model::{Backend, Conntrack, DEFAULT_MASQUERADE_PORTS, Service};
+use crate::model::{Backend, Conntrack, DEFAULT_MASQUERADE_PORTS, Service, TrafficPolicy};
+use lb_common::service::{
+    SERVICE_F_AFFINITY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE, SERVICE_F_SOURCE_RANGES,
+};
 
 const TABLE: u32 = 11;
 
@@ -10,7 +13,7 @@ fn backend(last: u8, weight: u32) -> Backend {
         address: Ipv4Addr::new(198, 18, 1, last),
         port: 8080,
         weight,
-        name: None,
+        ..Backend::default()
     }
 }
 
@@ -21,6 +24,7 @@ fn service(name: &str, node_port: u16, backends: Vec<Backend>) -> Service {
         protocol: Protocol::Tcp,
         node_port,
         backends,
+        ..Service::default()
     }
 }
 
@@ -70,7 +74,8 @@ enum FakeError {
 struct FakeMaps {
     services: HashMap<Frontend, ServiceEntry>,
     select: Vec<u32>,
-    backends: HashMap<u32, BackendAddr>,
+    backends: HashMap<u32, ActiveBackend>,
+    source_ranges: BTreeSet<SourceRangeKey>,
     node_addresses: BTreeSet<Ipv4Addr>,
     interface_addresses: BTreeMap<u32, Ipv4Addr>,
     settings: Option<Settings>,
@@ -85,6 +90,7 @@ impl FakeMaps {
             services: HashMap::new(),
             select: vec![0; capacity().select_slots as usize],
             backends: HashMap::new(),
+            source_ranges: BTreeSet::new(),
             node_addresses: BTreeSet::new(),
             interface_addresses: BTreeMap::new(),
             settings: None,
@@ -99,13 +105,17 @@ impl FakeMaps {
     }
 
     /// What a packet may rely on: every service's region holds only active
-    /// backends.
+    /// backends, and a service that checks sources has its ranges written.
     fn check(&self) -> Result<(), String> {
         for (frontend, entry) in &self.services {
             for &id in self.region(entry) {
                 if !self.backends.contains_key(&id) {
                     return Err(format!("{frontend} selects inactive backend {id}"));
                 }
+            }
+            let ranged = entry.flags & SERVICE_F_SOURCE_RANGES != 0;
+            if ranged && !self.source_ranges.iter().any(|r| r.service_id == entry.id) {
+                return Err(format!("{frontend} checks sources but has no range"));
             }
         }
         Ok(())
@@ -115,7 +125,7 @@ impl FakeMaps {
     fn shares(&self, frontend: Frontend) -> BTreeMap<BackendAddr, usize> {
         let mut shares = BTreeMap::new();
         for id in self.region(&self.services[&frontend]) {
-            *shares.entry(self.backends[id]).or_insert(0) += 1;
+            *shares.entry(self.backends[id].address).or_insert(0) += 1;
         }
         shares
     }
@@ -170,6 +180,12 @@ impl MapWriter for FakeMaps {
                     }
                 }
                 self.select[start..end].copy_from_slice(backend_ids);
+            }
+            MapOp::AddSourceRange(range) => {
+                self.source_ranges.insert(*range);
+            }
+            MapOp::RemoveSourceRange(range) => {
+                self.source_ranges.remove(range);
             }
             MapOp::WriteService {
                 frontend, entry, ..
@@ -232,16 +248,13 @@ impl Harness {
         self.applied
             .backends
             .iter()
-            .find(|(_, backend)| **backend == wanted)
+            .find(|(_, backend)| backend.address == wanted)
             .map(|(id, _)| *id)
     }
 }
 
 fn tcp(node_port: u16) -> Frontend {
-    Frontend {
-        protocol: Protocol::Tcp,
-        node_port,
-    }
+    Frontend::node_port(Protocol::Tcp, node_port)
 }
 
 fn phases(ops: &[MapOp]) -> Vec<u8> {
@@ -433,7 +446,8 @@ fn weights_three_to_one_share_slots_75_25() {
         panic!("{error}");
     }
     let shares: Vec<usize> = lab.maps.shares(tcp(30080)).into_values().collect();
-    assert_eq!(shares, [766, 255]);
+    assert_eq!(shares.iter().sum::<usize>(), 1021);
+    assert!((756..=776).contains(&shares[0]), "{shares:?}");
 }
 
 #[test]
@@ -655,8 +669,404 @@ fn random_walk_of_configs() {
             .iter()
             .flat_map(|s| s.backends.iter().map(BackendAddr::from))
             .collect();
-        let active: BTreeSet<BackendAddr> = lab.maps.backends.values().copied().collect();
+        let active: BTreeSet<BackendAddr> = lab.maps.backends.values().map(|b| b.address).collect();
         assert_eq!(active, wanted);
         assert_eq!(lab.maps.services.len(), desired.services.len());
     }
+}
+
+fn slots_of(lab: &Harness, frontend: Frontend, last: u8) -> usize {
+    let wanted = BackendAddr::from(&backend(last, 1));
+    lab.maps.shares(frontend).get(&wanted).copied().unwrap_or(0)
+}
+
+fn entry(lab: &Harness, frontend: Frontend) -> ServiceEntry {
+    match lab.maps.services.get(&frontend) {
+        Some(entry) => *entry,
+        None => panic!("no entry for {frontend}"),
+    }
+}
+
+#[test]
+fn tables_are_maglev_and_removal_keeps_other_slots() {
+    let mut lab = Harness::new();
+    let five: Vec<Backend> = (2..7).map(|last| backend(last, 1)).collect();
+    let desired = DesiredState {
+        table_size: 1021,
+        ..state(vec![service("web", 30080, five.clone())])
+    };
+    let capacity = Capacity {
+        select_slots: 1021 * 4,
+        ..capacity()
+    };
+    lab.maps.select = vec![0; 1021 * 4];
+    let plan = |lab: &Harness, desired: &DesiredState| match diff(
+        &lab.applied,
+        &Desired::new(desired, &node()),
+        &capacity,
+    ) {
+        Ok(ops) => ops,
+        Err(error) => panic!("{error}"),
+    };
+    let ops = plan(&lab, &desired);
+    if let Err(error) = apply(&mut lab.maps, &mut lab.applied, &ops) {
+        panic!("{error}");
+    }
+    let before = lab.maps.region(&entry(&lab, tcp(30080))).to_vec();
+    let removed = lab.backend_id(6);
+    let fewer = DesiredState {
+        services: vec![service("web", 30080, five[..4].to_vec())],
+        ..desired
+    };
+    let ops = plan(&lab, &fewer);
+    if let Err(error) = apply(&mut lab.maps, &mut lab.applied, &ops) {
+        panic!("{error}");
+    }
+    let after = lab.maps.region(&entry(&lab, tcp(30080))).to_vec();
+    let moved_elsewhere = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| Some(**b) != removed && b != a)
+        .count();
+    // The builder is Maglev (unit-tested in maglev.rs): slots of staying
+    // backends mostly stay, which the old proportional builder did not do.
+    assert!(
+        moved_elsewhere <= 1021 / 20,
+        "{moved_elsewhere} of 1021 slots moved needlessly"
+    );
+}
+
+#[test]
+fn traffic_policy_and_affinity_set_service_flags() {
+    let mut lab = Harness::new();
+    let mut local = service("local", 30081, vec![backend(2, 1), backend(3, 1)]);
+    local.external_traffic_policy = TrafficPolicy::Local;
+    local.backends[0].is_local = true;
+    let mut sticky = service("sticky", 30082, vec![backend(4, 1)]);
+    sticky.session_affinity_timeout = Some(600);
+    lab.reconcile(&state(vec![
+        service("cluster", 30080, vec![backend(5, 1)]),
+        local.clone(),
+        sticky,
+    ]));
+    assert_eq!(entry(&lab, tcp(30080)).flags, SERVICE_F_MASQUERADE);
+    let local_entry = entry(&lab, tcp(30081));
+    assert_eq!(local_entry.flags, SERVICE_F_DROP_IF_EMPTY);
+    // Only the local backend takes new flows; the other stays active (its
+    // flows from before a policy change keep working).
+    assert_eq!(slots_of(&lab, tcp(30081), 2), TABLE as usize);
+    assert!(lab.backend_id(3).is_some());
+    let sticky_entry = entry(&lab, tcp(30082));
+    assert_eq!(
+        sticky_entry.flags,
+        SERVICE_F_MASQUERADE | SERVICE_F_AFFINITY
+    );
+    assert_eq!(sticky_entry.affinity_timeout_s, 600);
+    assert_eq!(entry(&lab, tcp(30080)).affinity_timeout_s, 0);
+
+    // No local backend: an empty table that drops rather than rejects.
+    local.backends[0].is_local = false;
+    lab.reconcile(&state(vec![local]));
+    let local_entry = entry(&lab, tcp(30081));
+    assert_eq!(
+        (local_entry.table_size, local_entry.flags),
+        (0, SERVICE_F_DROP_IF_EMPTY)
+    );
+}
+
+fn with_conditions(last: u8, ready: bool, serving: bool, terminating: bool) -> Backend {
+    Backend {
+        ready,
+        serving,
+        terminating,
+        ..backend(last, 1)
+    }
+}
+
+#[test]
+fn endpoint_conditions_as_kube_proxy() {
+    let mut lab = Harness::new();
+    // 2 ready, 3 terminating but serving, 4 neither ready nor serving.
+    let backends = vec![
+        with_conditions(2, true, true, false),
+        with_conditions(3, false, true, true),
+        with_conditions(4, false, false, true),
+    ];
+    lab.reconcile(&state(vec![service("web", 30080, backends)]));
+    assert_eq!(slots_of(&lab, tcp(30080), 2), TABLE as usize);
+    let terminating = lab.backend_id(3).map(|id| lab.maps.backends[&id]);
+    assert_eq!(
+        terminating.map(|b| b.terminating),
+        Some(true),
+        "kept active for its flows, flagged, and out of the table"
+    );
+    assert_eq!(
+        lab.backend_id(4),
+        None,
+        "not serving and not ready: removed"
+    );
+
+    // The ready one goes: the table is built from the serving terminating one.
+    let ops = lab.reconcile(&state(vec![service(
+        "web",
+        30080,
+        vec![
+            with_conditions(2, false, false, true),
+            with_conditions(3, false, true, true),
+        ],
+    )]));
+    assert_eq!(slots_of(&lab, tcp(30080), 3), TABLE as usize);
+    assert_eq!(lab.backend_id(2), None);
+    assert!(
+        matches!(ops.last(), Some(MapOp::ClearBackend { .. })),
+        "the backend is cleared after the table flip: {ops:#?}"
+    );
+
+    // Ready again: the flag is cleared before the table that uses it.
+    let ops = lab.reconcile(&state(vec![service(
+        "web",
+        30080,
+        vec![with_conditions(3, true, true, false)],
+    )]));
+    assert!(matches!(
+        ops[0],
+        MapOp::WriteBackend {
+            backend: ActiveBackend {
+                terminating: false,
+                ..
+            },
+            ..
+        }
+    ));
+    let id = lab.backend_id(3).unwrap_or_default();
+    assert!(!lab.maps.backends[&id].terminating);
+
+    // Nothing serving: no table, so new flows are rejected.
+    lab.reconcile(&state(vec![service(
+        "web",
+        30080,
+        vec![with_conditions(3, false, false, true)],
+    )]));
+    assert_eq!(entry(&lab, tcp(30080)).table_size, 0);
+    assert!(lab.maps.backends.is_empty());
+}
+
+#[test]
+fn local_policy_falls_back_to_local_terminating_backends() {
+    let mut web = service(
+        "web",
+        30080,
+        vec![
+            with_conditions(2, true, true, false), // remote, ready
+            with_conditions(3, false, true, true), // local, terminating
+        ],
+    );
+    web.external_traffic_policy = TrafficPolicy::Local;
+    web.backends[1].is_local = true;
+    let backends = desired_backends(&web);
+    let selectable: Vec<bool> = backends.iter().map(|b| b.selectable).collect();
+    assert_eq!(selectable, [false, true]);
+}
+
+#[test]
+fn shared_backend_is_terminating_only_if_every_service_says_so() {
+    let mut lab = Harness::new();
+    lab.reconcile(&state(vec![
+        service(
+            "a",
+            30001,
+            vec![with_conditions(2, false, true, true), backend(3, 1)],
+        ),
+        service("b", 30002, vec![backend(2, 1)]),
+    ]));
+    let id = lab.backend_id(2).unwrap_or_default();
+    assert!(!lab.maps.backends[&id].terminating);
+    lab.reconcile(&state(vec![service(
+        "a",
+        30001,
+        vec![with_conditions(2, false, true, true), backend(3, 1)],
+    )]));
+    assert!(lab.maps.backends[&id].terminating);
+}
+
+fn frontend_ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 200, last)
+}
+
+fn exact(last: u8) -> Frontend {
+    Frontend::exact(Protocol::Tcp, frontend_ip(last), 80)
+}
+
+#[test]
+fn frontends_share_the_service_entry() {
+    let mut lab = Harness::new();
+    let mut web = service("web", 30080, vec![backend(2, 1)]);
+    web.port = 80;
+    web.frontends = vec![frontend_ip(10), frontend_ip(11)];
+    lab.reconcile(&state(vec![web.clone()]));
+    let node_port = entry(&lab, tcp(30080));
+    assert_eq!(entry(&lab, exact(10)), node_port);
+    assert_eq!(entry(&lab, exact(11)), node_port);
+
+    // Dropping a frontend removes only its entry.
+    web.frontends = vec![frontend_ip(11)];
+    let ops = lab.reconcile(&state(vec![web.clone()]));
+    assert_eq!(
+        ops,
+        [MapOp::RemoveService {
+            frontend: exact(10)
+        }]
+    );
+
+    // A service with frontends only.
+    web.node_port = 0;
+    let ops = lab.reconcile(&state(vec![web]));
+    assert_eq!(
+        ops,
+        [MapOp::RemoveService {
+            frontend: tcp(30080)
+        }]
+    );
+    assert_eq!(lab.maps.services.len(), 1);
+}
+
+#[test]
+fn source_ranges_guard_frontends_and_are_written_first() {
+    let mut lab = Harness::new();
+    let mut web = service("web", 30080, vec![backend(2, 1)]);
+    web.port = 80;
+    web.frontends = vec![frontend_ip(10)];
+    web.source_ranges = vec![(Ipv4Addr::new(198, 18, 0, 9), 24)];
+    let ops = lab.reconcile(&state(vec![web.clone()]));
+    let id = lab.id_of("web");
+    let range = |network: [u8; 4], prefix_len| SourceRangeKey {
+        service_id: id,
+        network: Ipv4Addr::from(network),
+        prefix_len,
+    };
+    assert_eq!(
+        lab.applied
+            .source_ranges
+            .iter()
+            .copied()
+            .collect::<Vec<_>>(),
+        [range([198, 18, 0, 0], 24)],
+        "host bits cleared"
+    );
+    let add = ops
+        .iter()
+        .position(|op| matches!(op, MapOp::AddSourceRange(_)));
+    let guarded = ops.iter().position(
+        |op| matches!(op, MapOp::WriteService { entry, .. } if entry.flags & SERVICE_F_SOURCE_RANGES != 0),
+    );
+    assert!(add < guarded && guarded.is_some(), "{ops:#?}");
+    // As kube-proxy: the load-balancer address is guarded, the NodePort not.
+    assert_eq!(
+        entry(&lab, exact(10)).flags & SERVICE_F_SOURCE_RANGES,
+        SERVICE_F_SOURCE_RANGES
+    );
+    assert_eq!(entry(&lab, tcp(30080)).flags & SERVICE_F_SOURCE_RANGES, 0);
+
+    // Changing the ranges: the new one is added before, the old one removed
+    // after (the fake checks a guarded entry never lacks ranges).
+    web.source_ranges = vec![(Ipv4Addr::new(198, 19, 0, 0), 16)];
+    let ops = lab.reconcile(&state(vec![web.clone()]));
+    assert_eq!(
+        ops,
+        [
+            MapOp::AddSourceRange(range([198, 19, 0, 0], 16)),
+            MapOp::RemoveSourceRange(range([198, 18, 0, 0], 24)),
+        ]
+    );
+
+    // Without frontends the NodePort is what the ranges guard.
+    web.frontends.clear();
+    lab.reconcile(&state(vec![web.clone()]));
+    assert_eq!(
+        entry(&lab, tcp(30080)).flags & SERVICE_F_SOURCE_RANGES,
+        SERVICE_F_SOURCE_RANGES
+    );
+
+    // No ranges: the flag goes first, then the ranges.
+    web.source_ranges.clear();
+    let ops = lab.reconcile(&state(vec![web.clone()]));
+    assert_eq!(phases(&ops), [3, 5], "{ops:#?}");
+    assert!(lab.maps.source_ranges.is_empty());
+
+    // A removed service's ranges go after its entry.
+    web.source_ranges = vec![(Ipv4Addr::new(198, 19, 0, 0), 16)];
+    lab.reconcile(&state(vec![web]));
+    let ops = lab.reconcile(&state(vec![]));
+    assert_eq!(phases(&ops), [4, 5, 5], "{ops:#?}");
+    assert!(lab.applied.source_ranges.is_empty());
+}
+
+#[test]
+fn source_ranges_must_fit() {
+    let mut web = service("web", 30080, vec![backend(2, 1)]);
+    web.source_ranges = (0..3).map(|i| (Ipv4Addr::new(198, 18, i, 0), 24)).collect();
+    let small = Capacity {
+        source_ranges: 2,
+        ..capacity()
+    };
+    let result = diff(
+        &Applied::default(),
+        &Desired::new(&state(vec![web]), &node()),
+        &small,
+    );
+    assert_eq!(
+        result,
+        Err(PlanError::Full {
+            map: "XLB_SOURCE_RANGES",
+            needed: 3,
+            capacity: 2
+        })
+    );
+}
+
+/// An agent restarted on pinned maps adopts them: what it reads back plus
+/// the names of the services that own the frontends plans nothing new.
+#[test]
+fn adopted_maps_keep_ids_tables_and_need_no_ops() {
+    let mut lab = Harness::new();
+    let mut web = service("web", 30080, vec![backend(2, 1), backend(3, 2)]);
+    web.port = 80;
+    web.frontends = vec![frontend_ip(10)];
+    web.source_ranges = vec![(Ipv4Addr::new(198, 18, 0, 0), 24)];
+    let desired = state(vec![web, service("api", 30081, vec![backend(2, 1)])]);
+    lab.reconcile(&desired);
+
+    let mut adopted = lab.applied.clone();
+    for service in adopted.services.values_mut() {
+        service.name.clear();
+    }
+    // A frontend no desired service claims stays unnamed and goes.
+    adopted.services.insert(
+        tcp(30999),
+        AppliedService {
+            name: String::new(),
+            entry: entry(&lab, tcp(30081)),
+        },
+    );
+    adopted.adopt_names(&Desired::new(&desired, &node()));
+    let ops = diff(&adopted, &Desired::new(&desired, &node()), &capacity());
+    assert_eq!(
+        ops,
+        Ok(vec![MapOp::RemoveService {
+            frontend: tcp(30999)
+        }])
+    );
+    assert_eq!(adopted.services[&exact(10)].name, "default/web");
+}
+
+#[test]
+fn a_frontend_claimed_twice_belongs_to_the_first_service_and_converges() {
+    let mut lab = Harness::new();
+    // `reconcile` asserts that a second plan is empty.
+    lab.reconcile(&state(vec![
+        service("first", 30080, vec![backend(2, 1)]),
+        service("second", 30080, vec![backend(3, 1)]),
+    ]));
+    assert_eq!(lab.maps.services.len(), 1);
+    assert_eq!(entry(&lab, tcp(30080)).id, lab.id_of("first"));
 }

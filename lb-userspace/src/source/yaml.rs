@@ -17,9 +17,11 @@ use serde::de::{self, Deserializer, Visitor};
 
 use super::locate::{Locations, Position};
 use crate::model::{
-    Backend, Conntrack, DEFAULT_MASQUERADE_PORTS, DEFAULT_TABLE_SIZE, DesiredState, Protocol,
-    Service,
+    Backend, Conntrack, DEFAULT_AFFINITY_TIMEOUT_S, DEFAULT_MASQUERADE_PORTS, DEFAULT_TABLE_SIZE,
+    DesiredState, MAX_AFFINITY_TIMEOUT_S, Protocol, Service, TrafficPolicy,
 };
+use crate::reconcile::maglev::is_prime;
+use crate::reconcile::network_of;
 
 /// Largest accepted `selection.tableSize`: a prime that leaves room in
 /// `XLB_SELECT` (default capacity) for double-buffering a few services.
@@ -309,10 +311,33 @@ struct RawService {
     name: String,
     namespace: Option<String>,
     protocol: Option<String>,
-    node_port: Int,
+    node_port: Option<Int>,
+    port: Option<Int>,
+    #[serde(default)]
+    frontends: Vec<String>,
     target_port: Option<Int>,
+    external_traffic_policy: Option<String>,
+    session_affinity: Option<String>,
+    session_affinity_config: Option<RawAffinityConfig>,
+    #[serde(default)]
+    load_balancer_source_ranges: Vec<String>,
+    health_check_node_port: Option<Int>,
     #[serde(default)]
     backends: Vec<RawBackend>,
+}
+
+/// `sessionAffinityConfig`, shaped as in a Kubernetes Service.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawAffinityConfig {
+    #[serde(rename = "clientIP")]
+    client_ip: Option<RawClientIp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawClientIp {
+    timeout_seconds: Option<Int>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -322,6 +347,10 @@ struct RawBackend {
     port: Option<Int>,
     weight: Option<Int>,
     name: Option<String>,
+    ready: Option<bool>,
+    serving: Option<bool>,
+    terminating: Option<bool>,
+    local: Option<bool>,
 }
 
 /// Any YAML integer, kept wide so that `70000` reaches the range check.
@@ -627,7 +656,7 @@ impl Validator<'_> {
         let Some(Int(size)) = raw else {
             return Some(DEFAULT_TABLE_SIZE);
         };
-        let fix = "use a prime such as 1021, 4093 or 65537";
+        let fix = "use a prime such as 1021, 4093, 16381 or 65537";
         match u32::try_from(size) {
             Ok(size) if size <= MAX_TABLE_SIZE && is_prime(size) => Some(size),
             Ok(size) if size <= MAX_TABLE_SIZE => {
@@ -662,7 +691,8 @@ impl Validator<'_> {
     fn services(&mut self, raw: Vec<RawService>, table_size: u32) -> Vec<Service> {
         let mut services = Vec::new();
         let mut names: HashMap<(String, String), usize> = HashMap::new();
-        let mut frontends: HashMap<(Protocol, u16), usize> = HashMap::new();
+        let mut node_ports: HashMap<(Protocol, u16), usize> = HashMap::new();
+        let mut frontends: HashMap<(Protocol, Ipv4Addr, u16), usize> = HashMap::new();
         for (index, raw) in raw.into_iter().enumerate() {
             let at = format!("services[{index}]");
             let name_ok = self.dns_label(&format!("{at}.name"), &raw.name);
@@ -693,13 +723,25 @@ impl Validator<'_> {
                     None
                 }
             };
-            let node_port = self.port(
-                &format!("{at}.nodePort"),
-                raw.node_port,
-                " (NodePorts are usually 30000-32767)",
-            );
+            let node_port = match raw.node_port {
+                Some(port) => self.port(
+                    &format!("{at}.nodePort"),
+                    port,
+                    " (NodePorts are usually 30000-32767)",
+                ),
+                None if raw.frontends.is_empty() => {
+                    self.fail(
+                        &at,
+                        "has neither a nodePort nor frontends, so nothing would reach it",
+                        "add nodePort (usually 30000-32767), or frontends and port",
+                    );
+                    None
+                }
+                None => Some(0),
+            };
             if let (Some(protocol), Some(node_port)) = (protocol, node_port)
-                && let Some(first) = frontends.insert((protocol, node_port), index)
+                && node_port != 0
+                && let Some(first) = node_ports.insert((protocol, node_port), index)
             {
                 self.fail(
                     &format!("{at}.nodePort"),
@@ -707,23 +749,218 @@ impl Validator<'_> {
                     "give each service its own nodePort (TCP and UDP may share one)",
                 );
             }
+            let port = match raw.port {
+                Some(port) => self.port(&format!("{at}.port"), port, ""),
+                None if !raw.frontends.is_empty() => {
+                    self.fail(
+                        &format!("{at}.port"),
+                        "is missing: frontends answer on the service port",
+                        "add port (the Service's port, e.g. 80)",
+                    );
+                    None
+                }
+                None => Some(0),
+            };
+            let service_frontends = self.frontends(&at, &raw.frontends);
+            if let (Some(protocol), Some(port)) = (protocol, port) {
+                for (position, address) in &service_frontends {
+                    if let Some(first) = frontends.insert((protocol, *address, port), index)
+                        && first != index
+                    {
+                        self.fail(
+                            &format!("{at}.frontends[{position}]"),
+                            format!(
+                                "{protocol} {address}:{port} is already a frontend of services[{first}]"
+                            ),
+                            "give each service its own address or port",
+                        );
+                    }
+                }
+            }
+            let policy = self.traffic_policy(&at, raw.external_traffic_policy.as_deref());
+            let affinity = self.affinity(
+                &at,
+                raw.session_affinity.as_deref(),
+                raw.session_affinity_config,
+            );
+            let source_ranges = self.source_ranges(&at, &raw.load_balancer_source_ranges);
+            let health_check_node_port = raw.health_check_node_port.and_then(|port| {
+                let field = format!("{at}.healthCheckNodePort");
+                let port = self.port(&field, port, " (usually 30000-32767)")?;
+                if policy == Some(TrafficPolicy::Cluster) {
+                    self.fail(
+                        &field,
+                        "only a service with externalTrafficPolicy Local has a health check node port",
+                        "remove it, or set externalTrafficPolicy: Local",
+                    );
+                }
+                Some(port)
+            });
             let target_port = raw
                 .target_port
                 .and_then(|port| self.port(&format!("{at}.targetPort"), port, ""));
             let target_port_ok = raw.target_port.is_none() || target_port.is_some();
             let backends =
                 self.backends(&at, raw.backends, target_port, target_port_ok, table_size);
-            if let (Some(protocol), Some(node_port)) = (protocol, node_port) {
+            if policy == Some(TrafficPolicy::Local)
+                && !backends.is_empty()
+                && !backends.iter().any(|backend| backend.is_local)
+            {
+                self.warn(
+                    &format!("{at}.externalTrafficPolicy"),
+                    "is Local but no backend is local, so this node drops every packet to the service",
+                    "mark the backends that run on this node with local: true",
+                );
+            }
+            if let (Some(protocol), Some(node_port), Some(port), Some(policy), Some(affinity)) =
+                (protocol, node_port, port, policy, affinity)
+            {
                 services.push(Service {
                     name: raw.name,
                     namespace,
                     protocol,
                     node_port,
+                    port,
+                    frontends: service_frontends.into_iter().map(|(_, a)| a).collect(),
+                    external_traffic_policy: policy,
+                    session_affinity_timeout: affinity,
+                    source_ranges,
+                    health_check_node_port,
                     backends,
                 });
             }
         }
         services
+    }
+
+    /// `frontends`: unicast IPv4 addresses, each once; with their index.
+    fn frontends(&mut self, at: &str, listed: &[String]) -> Vec<(usize, Ipv4Addr)> {
+        let mut frontends = Vec::new();
+        let mut seen = HashMap::new();
+        for (index, text) in listed.iter().enumerate() {
+            let field = format!("{at}.frontends[{index}]");
+            let Some(address) = self.ipv4(&field, text) else {
+                continue;
+            };
+            if address.is_unspecified()
+                || address.is_broadcast()
+                || address.is_multicast()
+                || address.is_loopback()
+            {
+                self.fail(
+                    &field,
+                    format!("{address} cannot be a frontend"),
+                    "use the load balancer's or the external unicast IPv4 address",
+                );
+            } else if let Some(first) = seen.insert(address, index) {
+                self.fail(
+                    &field,
+                    format!("{address} is listed twice (also {at}.frontends[{first}])"),
+                    "list each address once",
+                );
+            } else {
+                frontends.push((index, address));
+            }
+        }
+        frontends
+    }
+
+    fn traffic_policy(&mut self, at: &str, text: Option<&str>) -> Option<TrafficPolicy> {
+        match text {
+            None | Some("Cluster") => Some(TrafficPolicy::Cluster),
+            Some("Local") => Some(TrafficPolicy::Local),
+            Some(other) => {
+                self.fail(
+                    &format!("{at}.externalTrafficPolicy"),
+                    format!("\"{other}\" is not a traffic policy"),
+                    "use Cluster (the default: any backend, client masqueraded) or Local (only \
+                     local: true backends, client address kept)",
+                );
+                None
+            }
+        }
+    }
+
+    /// `sessionAffinity` and its timeout: `Some(None)` for no affinity,
+    /// `None` after a problem.
+    fn affinity(
+        &mut self,
+        at: &str,
+        affinity: Option<&str>,
+        config: Option<RawAffinityConfig>,
+    ) -> Option<Option<u32>> {
+        let timeout = config.and_then(|config| config.client_ip?.timeout_seconds);
+        let timeout_field = format!("{at}.sessionAffinityConfig.clientIP.timeoutSeconds");
+        match affinity {
+            None | Some("None") => {
+                if timeout.is_some() {
+                    self.fail(
+                        &timeout_field,
+                        "is set but sessionAffinity is None",
+                        "set sessionAffinity: ClientIP, or remove sessionAffinityConfig",
+                    );
+                    return None;
+                }
+                Some(None)
+            }
+            Some("ClientIP") => match timeout {
+                None => Some(Some(DEFAULT_AFFINITY_TIMEOUT_S)),
+                Some(Int(seconds)) => match u32::try_from(seconds) {
+                    Ok(seconds) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&seconds) => {
+                        Some(Some(seconds))
+                    }
+                    _ => {
+                        self.fail(
+                            &timeout_field,
+                            format!("{seconds} is not a usable affinity timeout"),
+                            format!(
+                                "use 1-{MAX_AFFINITY_TIMEOUT_S} seconds, or leave it out for the \
+                                 default of {DEFAULT_AFFINITY_TIMEOUT_S}"
+                            ),
+                        );
+                        None
+                    }
+                },
+            },
+            Some(other) => {
+                self.fail(
+                    &format!("{at}.sessionAffinity"),
+                    format!("\"{other}\" is not a session affinity"),
+                    "use None (the default) or ClientIP, as in a Kubernetes Service",
+                );
+                None
+            }
+        }
+    }
+
+    /// `loadBalancerSourceRanges`: IPv4 CIDRs. Host bits are cleared, with
+    /// a warning (as Kubernetes, which parses them the same way).
+    fn source_ranges(&mut self, at: &str, listed: &[String]) -> Vec<(Ipv4Addr, u8)> {
+        const FIX: &str = "write an IPv4 network and its prefix length, e.g. 198.18.0.0/24 \
+                           (or 198.18.0.7/32 for one address)";
+        let mut ranges = Vec::new();
+        for (index, text) in listed.iter().enumerate() {
+            let field = format!("{at}.loadBalancerSourceRanges[{index}]");
+            let parsed = text.trim().split_once('/').and_then(|(address, len)| {
+                let address = address.parse::<Ipv4Addr>().ok()?;
+                let len = len.parse::<u8>().ok().filter(|len| *len <= 32)?;
+                Some((address, len))
+            });
+            let Some((address, len)) = parsed else {
+                self.fail(&field, format!("\"{text}\" is not an IPv4 CIDR"), FIX);
+                continue;
+            };
+            let network = network_of(address, len);
+            if network != address {
+                self.warn(
+                    &field,
+                    format!("{text} has host bits set; it means {network}/{len}"),
+                    format!("write {network}/{len}"),
+                );
+            }
+            ranges.push((network, len));
+        }
+        ranges
     }
 
     fn backends(
@@ -780,7 +1017,10 @@ impl Validator<'_> {
                     None
                 }
             };
-            let (Some(address), Some(port), Some(weight)) = (address, port, weight) else {
+            let conditions = self.conditions(&field, &raw);
+            let (Some(address), Some(port), Some(weight), Some((ready, serving, terminating))) =
+                (address, port, weight, conditions)
+            else {
                 continue;
             };
             if let Some(first) = seen.insert((address, port), index) {
@@ -796,6 +1036,10 @@ impl Validator<'_> {
                 port,
                 weight,
                 name: raw.name,
+                ready,
+                serving,
+                terminating,
+                is_local: raw.local.unwrap_or(false),
             });
         }
         if backends.len() == count && count > 0 && backends.iter().all(|b| b.weight == 0) {
@@ -814,6 +1058,32 @@ impl Validator<'_> {
             );
         }
         backends
+    }
+
+    /// An endpoint's conditions as in an EndpointSlice: `ready` (default
+    /// true), `serving` (default: as ready), `terminating` (default false).
+    /// Returns `(ready, serving, terminating)`, or `None` after a problem.
+    fn conditions(&mut self, field: &str, raw: &RawBackend) -> Option<(bool, bool, bool)> {
+        let ready = raw.ready.unwrap_or(true);
+        let serving = raw.serving.unwrap_or(ready);
+        let terminating = raw.terminating.unwrap_or(false);
+        if ready && terminating {
+            self.fail(
+                &format!("{field}.ready"),
+                "a terminating backend is not ready",
+                "set ready: false (and serving: true while it still answers)",
+            );
+            return None;
+        }
+        if serving && !ready && !terminating {
+            self.fail(
+                &format!("{field}.serving"),
+                "a backend that serves but is not ready must be terminating",
+                "set ready: true, or terminating: true if it is shutting down",
+            );
+            return None;
+        }
+        Some((ready, serving, terminating))
     }
 
     /// A Kubernetes object name: an RFC 1123 DNS label.
@@ -855,21 +1125,6 @@ fn is_interface_name(name: &str) -> bool {
         && !name
             .chars()
             .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
-}
-
-fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let n = u64::from(n);
-    let mut divisor = 2u64;
-    while divisor * divisor <= n {
-        if n % divisor == 0 {
-            return false;
-        }
-        divisor += 1;
-    }
-    true
 }
 
 /// A warning when the masquerade port range overlaps the kernel's ephemeral

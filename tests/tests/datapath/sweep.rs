@@ -131,10 +131,11 @@ pub fn sweep(dp: &mut Datapath, seed: u64, count: u64) -> Result<(), String> {
             }
             XDP_TX | XDP_REDIRECT => {
                 check_forwarded(dp, &input, &output).map_err(fail)?;
-                if replies.len() < 256 && ifindex == dp.client_ifindex {
-                    if let Some(reply) = reply_to(&output) {
-                        replies.push(reply);
-                    }
+                if replies.len() < 256
+                    && ifindex == dp.client_ifindex
+                    && let Some(reply) = reply_to(&output)
+                {
+                    replies.push(reply);
                 }
             }
             XDP_ABORTED => return Err(fail("XDP_ABORTED".into())),

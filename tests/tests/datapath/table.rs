@@ -9,6 +9,11 @@ use lb_common::{
 
 use xlb_tests::{packets::*, testrun::*};
 
+/// Builds the expected frame after the program ran.
+pub type BuildFrame = Box<dyn FnOnce(&mut Datapath) -> Vec<u8>>;
+/// Checks the maps after the program ran.
+pub type AfterCheck = Box<dyn FnOnce(&mut Datapath)>;
+
 pub enum Expect {
     /// XDP_PASS with the frame byte-identical.
     Unchanged,
@@ -16,7 +21,7 @@ pub enum Expect {
     Dropped,
     /// Forwarded; the closure builds the expected frame once the program
     /// has run (new flows need the masquerade port from conntrack).
-    Frame(Box<dyn FnOnce(&mut Datapath) -> Vec<u8>>),
+    Frame(BuildFrame),
 }
 
 pub struct Case {
@@ -24,7 +29,7 @@ pub struct Case {
     pub ifindex: u32,
     pub expect: Expect,
     /// Extra checks on the maps after the run.
-    pub after: Option<Box<dyn FnOnce(&mut Datapath)>>,
+    pub after: Option<AfterCheck>,
 }
 
 pub struct Row {
@@ -148,7 +153,7 @@ fn reply_case(dp: &mut Datapath, client: &Spec, at_backend: &Spec, l4: L4) -> Ca
     }
 }
 
-fn state_has(bits: u8, spec: Spec) -> Option<Box<dyn FnOnce(&mut Datapath)>> {
+fn state_has(bits: u8, spec: Spec) -> Option<AfterCheck> {
     Some(Box::new(move |dp: &mut Datapath| {
         let flow = dp.flow(&spec.key()).expect("flow");
         assert_eq!(flow.state & bits, bits, "flow state {:#x}", flow.state);

@@ -69,13 +69,15 @@ fn good_config_becomes_desired_state() {
                 address: Ipv4Addr::new(198, 18, 1, 2),
                 port: 8080,
                 weight: 1,
-                name: None
+                name: None,
+                ..Backend::default()
             },
             Backend {
                 address: Ipv4Addr::new(198, 18, 2, 2),
                 port: 9090,
                 weight: 3,
-                name: Some(String::from("pod-b"))
+                name: Some(String::from("pod-b")),
+                ..Backend::default()
             },
         ]
     );
@@ -358,11 +360,17 @@ fn unknown_top_level_field() {
 
 #[test]
 fn missing_required_field() {
-    let text = GOOD.replace("    nodePort: 30080\n", "");
+    let text = GOOD.replace("  - name: web\n    protocol", "  - protocol");
     let message = error(&text);
     assert!(
-        message.starts_with("config/x.yaml:4:5: services[0]: missing field `nodePort`; add it"),
+        message.starts_with("config/x.yaml:4:5: services[0]: missing field `name`; add it"),
         "{message}"
+    );
+    let text = GOOD.replace("    nodePort: 30080\n", "");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:4:5: services[0]: has neither a nodePort nor frontends, so nothing would \
+         reach it; add nodePort (usually 30000-32767), or frontends and port"
     );
 }
 
@@ -500,7 +508,7 @@ fn ephemeral_overlap_is_a_located_warning() {
     assert!(
         warning
             .as_deref()
-            .is_some_and(|w| w.contains("61000-65535 (the default) overlaps")),
+            .is_some_and(|w| w.contains("1024-29999 (the default) overlaps")),
         "{warning:?}"
     );
 }
@@ -518,7 +526,7 @@ fn conntrack_and_selection() {
             "config/x.yaml:16:13: conntrack.maxFlows: 10 is not a usable flow table size; use \
              1024-67108864, or leave it out for the default of 1048576",
             "config/x.yaml:18:14: selection.tableSize: 1000 is not prime; use a prime such as \
-             1021, 4093 or 65537",
+             1021, 4093, 16381 or 65537",
         ]
     );
 }
@@ -578,4 +586,294 @@ fn primes() {
     assert!(is_prime(DEFAULT_TABLE_SIZE));
     assert!(is_prime(65_537));
     assert!(is_prime(MAX_TABLE_SIZE));
+}
+
+const ISSUE4: &str = "\
+node:
+  interfaces: [eth0]
+services:
+  - name: web
+    protocol: TCP
+    nodePort: 30080
+    port: 80
+    frontends: [198.18.200.10, 198.18.200.11]
+    targetPort: 8080
+    externalTrafficPolicy: Local
+    sessionAffinity: ClientIP
+    sessionAffinityConfig:
+      clientIP:
+        timeoutSeconds: 600
+    loadBalancerSourceRanges: [198.18.0.0/24, 198.19.7.7/32]
+    healthCheckNodePort: 32000
+    backends:
+      - address: 198.18.1.2
+        local: true
+      - address: 198.18.2.2
+        ready: false
+        serving: true
+        terminating: true
+      - address: 198.18.3.2
+        ready: false
+";
+
+#[test]
+fn kubernetes_service_fields() {
+    let config = parse_ok(ISSUE4);
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    let web = &config.state.services[0];
+    assert_eq!((web.node_port, web.port), (30080, 80));
+    assert_eq!(
+        web.frontends,
+        [
+            Ipv4Addr::new(198, 18, 200, 10),
+            Ipv4Addr::new(198, 18, 200, 11)
+        ]
+    );
+    assert_eq!(web.external_traffic_policy, TrafficPolicy::Local);
+    assert_eq!(web.session_affinity_timeout, Some(600));
+    assert_eq!(
+        web.source_ranges,
+        [
+            (Ipv4Addr::new(198, 18, 0, 0), 24),
+            (Ipv4Addr::new(198, 19, 7, 7), 32)
+        ]
+    );
+    assert_eq!(web.health_check_node_port, Some(32000));
+    let conditions: Vec<(bool, bool, bool, bool)> = web
+        .backends
+        .iter()
+        .map(|b| (b.ready, b.serving, b.terminating, b.is_local))
+        .collect();
+    assert_eq!(
+        conditions,
+        [
+            (true, true, false, true),
+            (false, true, true, false),
+            (false, false, false, false)
+        ]
+    );
+}
+
+#[test]
+fn kubernetes_service_defaults() {
+    let web = &parse_ok(GOOD).state.services[0];
+    assert_eq!(web.port, 0);
+    assert!(web.frontends.is_empty());
+    assert_eq!(web.external_traffic_policy, TrafficPolicy::Cluster);
+    assert_eq!(web.session_affinity_timeout, None);
+    assert!(web.source_ranges.is_empty());
+    assert_eq!(web.health_check_node_port, None);
+    assert!(
+        web.backends
+            .iter()
+            .all(|b| b.ready && b.serving && !b.terminating && !b.is_local)
+    );
+    // ClientIP without a timeout gets Kubernetes' 3 hours.
+    let text = GOOD.replace(
+        "    protocol: TCP\n",
+        "    protocol: TCP\n    sessionAffinity: ClientIP\n",
+    );
+    assert_eq!(
+        parse_ok(&text).state.services[0].session_affinity_timeout,
+        Some(10_800)
+    );
+}
+
+#[test]
+fn frontends_without_node_port_need_a_port() {
+    let text = GOOD.replace("    nodePort: 30080\n", "    frontends: [198.18.200.10]\n");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:4:5: services[0].port: is missing: frontends answer on the service port; \
+         add port (the Service's port, e.g. 80)"
+    );
+    let text = text.replace("    frontends:", "    port: 80\n    frontends:");
+    let web = &parse_ok(&text).state.services[0];
+    assert_eq!((web.node_port, web.port), (0, 80));
+}
+
+#[test]
+fn bad_frontends() {
+    let text = ISSUE4.replace("198.18.200.11]", "198.18.200.10, 224.0.0.9, nope]");
+    assert_eq!(
+        errors(&text),
+        [
+            "config/x.yaml:8:32: services[0].frontends[1]: 198.18.200.10 is listed twice (also \
+             services[0].frontends[0]); list each address once",
+            "config/x.yaml:8:47: services[0].frontends[2]: 224.0.0.9 cannot be a frontend; use \
+             the load balancer's or the external unicast IPv4 address",
+            "config/x.yaml:8:58: services[0].frontends[3]: \"nope\" is not an IPv4 address; write \
+             it as four numbers 0-255, e.g. 198.18.1.2 (IPv6 is not supported yet)",
+        ]
+    );
+    // The same address and port in two services.
+    let second = "  - name: api\n    port: 80\n    frontends: [198.18.200.11]\n    backends: []\n";
+    let text = format!("{ISSUE4}{second}");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:28:17: services[1].frontends[0]: TCP 198.18.200.11:80 is already a \
+         frontend of services[0]; give each service its own address or port"
+    );
+    // Another port or protocol is another frontend.
+    parse_ok(&format!(
+        "{ISSUE4}{}",
+        second.replace("port: 80", "port: 81")
+    ));
+    parse_ok(&format!(
+        "{ISSUE4}{}",
+        second.replace("  - name: api\n", "  - name: api\n    protocol: UDP\n")
+    ));
+}
+
+#[test]
+fn traffic_policy_and_health_check_port() {
+    let text = ISSUE4.replace("Local", "Nearby");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:10:28: services[0].externalTrafficPolicy: \"Nearby\" is not a traffic \
+         policy; use Cluster (the default: any backend, client masqueraded) or Local (only \
+         local: true backends, client address kept)"
+    );
+    let text = ISSUE4.replace("Local", "Cluster");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:16:26: services[0].healthCheckNodePort: only a service with \
+         externalTrafficPolicy Local has a health check node port; remove it, or set \
+         externalTrafficPolicy: Local"
+    );
+    let text = ISSUE4.replace("32000", "0");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:16:26: services[0].healthCheckNodePort: 0 is not a port; use 1-65535 \
+         (usually 30000-32767)"
+    );
+}
+
+#[test]
+fn local_policy_without_local_backends_is_a_warning() {
+    let config = parse_ok(&ISSUE4.replace("        local: true\n", ""));
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "config/x.yaml:10:28: services[0].externalTrafficPolicy: is Local but no backend is \
+          local, so this node drops every packet to the service; mark the backends that run on \
+          this node with local: true"
+        ]
+    );
+}
+
+#[test]
+fn session_affinity() {
+    let text = ISSUE4.replace("timeoutSeconds: 600", "timeoutSeconds: 86401");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:14:25: services[0].sessionAffinityConfig.clientIP.timeoutSeconds: 86401 \
+         is not a usable affinity timeout; use 1-86400 seconds, or leave it out for the default \
+         of 10800"
+    );
+    let text = ISSUE4.replace("timeoutSeconds: 600", "timeoutSeconds: 0");
+    assert!(error(&text).contains("0 is not a usable affinity timeout"));
+    let text = ISSUE4.replace("ClientIP\n", "None\n");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:14:25: services[0].sessionAffinityConfig.clientIP.timeoutSeconds: is set \
+         but sessionAffinity is None; set sessionAffinity: ClientIP, or remove \
+         sessionAffinityConfig"
+    );
+    let text = ISSUE4.replace("ClientIP\n", "clientip\n");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:11:22: services[0].sessionAffinity: \"clientip\" is not a session \
+         affinity; use None (the default) or ClientIP, as in a Kubernetes Service"
+    );
+    let text = ISSUE4.replace("      clientIP:", "      clientIp:");
+    assert!(
+        error(&text).contains("unknown field `clientIp`, expected `clientIP`"),
+        "{}",
+        error(&text)
+    );
+}
+
+#[test]
+fn source_ranges() {
+    let text = ISSUE4.replace("198.19.7.7/32]", "198.19.7.7/33, 198.19.7.7, 10.0.0.0/x]");
+    assert_eq!(
+        errors(&text),
+        [
+            "config/x.yaml:15:47: services[0].loadBalancerSourceRanges[1]: \"198.19.7.7/33\" is \
+             not an IPv4 CIDR; write an IPv4 network and its prefix length, e.g. 198.18.0.0/24 \
+             (or 198.18.0.7/32 for one address)",
+            "config/x.yaml:15:62: services[0].loadBalancerSourceRanges[2]: \"198.19.7.7\" is not \
+             an IPv4 CIDR; write an IPv4 network and its prefix length, e.g. 198.18.0.0/24 (or \
+             198.18.0.7/32 for one address)",
+            "config/x.yaml:15:74: services[0].loadBalancerSourceRanges[3]: \"10.0.0.0/x\" is not \
+             an IPv4 CIDR; write an IPv4 network and its prefix length, e.g. 198.18.0.0/24 (or \
+             198.18.0.7/32 for one address)",
+        ]
+    );
+    let config = parse_ok(&ISSUE4.replace("198.18.0.0/24", "198.18.0.9/24"));
+    assert_eq!(
+        config.state.services[0].source_ranges[0],
+        (Ipv4Addr::new(198, 18, 0, 0), 24)
+    );
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "config/x.yaml:15:32: services[0].loadBalancerSourceRanges[0]: 198.18.0.9/24 has host \
+          bits set; it means 198.18.0.0/24; write 198.18.0.0/24"
+        ]
+    );
+}
+
+#[test]
+fn endpoint_conditions() {
+    let text = ISSUE4.replace(
+        "        ready: false\n        serving: true\n        terminating: true\n",
+        "        terminating: true\n",
+    );
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:20:9: services[0].backends[1].ready: a terminating backend is not ready; \
+         set ready: false (and serving: true while it still answers)"
+    );
+    let text = ISSUE4.replace("        terminating: true\n", "");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:22:18: services[0].backends[1].serving: a backend that serves but is not \
+         ready must be terminating; set ready: true, or terminating: true if it is shutting down"
+    );
+    let text = ISSUE4.replace("        local: true\n", "        local: yes please\n");
+    assert!(
+        error(&text).contains("backends[0].local: invalid type"),
+        "{}",
+        error(&text)
+    );
+}
+
+#[test]
+fn weight_zero_everywhere_with_conditions() {
+    let text = "node:\n  interfaces: [eth0]\nservices:\n  - name: web\n    nodePort: 30080\n    \
+                targetPort: 80\n    backends:\n      - address: 198.18.1.2\n        weight: 0\n      \
+                - address: 198.18.2.2\n        weight: 0\n        ready: false\n";
+    assert_eq!(
+        error(text),
+        "config/x.yaml:8:7: services[0].backends: every backend has weight 0, so new flows \
+         could go nowhere; give at least one backend a weight of 1 or more"
+    );
+}
+
+#[test]
+fn default_table_size_is_prime_and_smaller_ones_are_allowed() {
+    assert_eq!(DEFAULT_TABLE_SIZE, 16_381);
+    assert!(is_prime(DEFAULT_TABLE_SIZE));
+    let config = parse_ok(&format!("{GOOD}selection:\n  tableSize: 1021\n"));
+    assert_eq!(config.state.table_size, 1021);
+    let text = format!("{GOOD}selection:\n  tableSize: 16383\n");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:15:14: selection.tableSize: 16383 is not prime; use a prime such as 1021, \
+         4093, 16381 or 65537"
+    );
 }

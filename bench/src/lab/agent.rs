@@ -1,0 +1,172 @@
+//! The real xlb agent in the node namespace (`xlb run --config FILE`), and
+//! what the bench reads from outside it: how long a config takes to apply
+//! (SIGHUP to the `applied config generation N` log line; the agent logs no
+//! duration itself) and its resident memory.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, anyhow, bail};
+use xlb_tests::{ChildGuard, XLB_BIN_ENV};
+
+use super::topology::BenchLab;
+
+/// How long the first start (load, verify, attach, first apply) may take.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(2);
+/// If set, a directory the agent's log is copied to when it stops.
+pub const LOGS_ENV: &str = "XLB_BENCH_LOGS";
+
+/// The agent binary: `$XLB_BIN` (set by `cargo xtask bench`), else `xlb`
+/// next to this executable.
+pub fn agent_bin() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os(XLB_BIN_ENV) {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()?
+            .parent()
+            .ok_or_else(|| anyhow!("this executable has no directory"))?
+            .join("xlb"),
+    };
+    anyhow::ensure!(
+        path.is_file(),
+        "the xlb agent {} does not exist: run via `cargo xtask bench`, or set {XLB_BIN_ENV}",
+        path.display()
+    );
+    Ok(path)
+}
+
+pub struct Agent {
+    child: ChildGuard,
+    config: PathBuf,
+    log: PathBuf,
+    generation: u64,
+}
+
+/// What a config apply cost.
+#[derive(Clone, Copy, Debug)]
+pub struct Applied {
+    pub seconds: f64,
+    pub ops: u64,
+}
+
+impl Agent {
+    /// Start the agent with `yaml` and wait until it has applied it.
+    pub fn start(lab: &BenchLab, yaml: &str) -> anyhow::Result<Agent> {
+        let bin = agent_bin()?;
+        let config = lab.dir().join("xlb.yaml");
+        write_atomically(&config, yaml)?;
+        let log = lab.dir().join("xlb.log");
+        let log_file = std::fs::File::create(&log)?;
+        let mut command = lab.node.command(&bin);
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .env("RUST_LOG", "info");
+        super::unblock_signals(&mut command);
+        let child = ChildGuard::spawn(&mut command)?;
+        let mut agent = Agent {
+            child,
+            config,
+            log,
+            generation: 0,
+        };
+        agent.wait_applied(1, START_TIMEOUT)?;
+        Ok(agent)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Write `yaml` as the config, SIGHUP, and time until the agent logs
+    /// that it applied the next generation.
+    pub fn apply(&mut self, yaml: &str, timeout: Duration) -> anyhow::Result<Applied> {
+        write_atomically(&self.config, yaml)?;
+        let start = Instant::now();
+        self.child.signal(libc::SIGHUP)?;
+        let ops = self.wait_applied(self.generation + 1, timeout)?;
+        Ok(Applied {
+            seconds: start.elapsed().as_secs_f64(),
+            ops,
+        })
+    }
+
+    /// Wait for `applied config generation {generation} (N ops)`; returns N.
+    fn wait_applied(&mut self, generation: u64, timeout: Duration) -> anyhow::Result<u64> {
+        let needle = format!("applied config generation {generation} (");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if let Some(rest) = log.split(&needle).nth(1) {
+                self.generation = generation;
+                let ops = rest
+                    .split(' ')
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                return Ok(ops);
+            }
+            for failure in ["config rejected", "only partly applied", "resync failed"] {
+                if let Some(line) = log.lines().rev().find(|line| line.contains(failure)) {
+                    bail!(
+                        "the agent did not apply generation {generation}: {line}\n{}",
+                        tail(&log)
+                    );
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("the agent exited with {status}:\n{}", tail(&log));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not log {needle:?} within {timeout:?}:\n{}",
+                    tail(&log)
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// VmRSS in MiB.
+    pub fn rss_mib(&self) -> anyhow::Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .context("no VmRSS in /proc/PID/status")?;
+        Ok(kib / 1024.0)
+    }
+
+    /// SIGTERM; returns the agent's `packet counters: ...` line.
+    pub fn stop(mut self) -> String {
+        let _ = self.child.stop(Duration::from_secs(10));
+        if let Some(dir) = std::env::var_os(LOGS_ENV) {
+            let name = format!("xlb-{}.log", self.child.id());
+            let _ = std::fs::copy(&self.log, Path::new(&dir).join(name));
+        }
+        self.log()
+            .lines()
+            .find_map(|line| line.split("packet counters: ").nth(1))
+            .unwrap_or("")
+            .to_owned()
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn write_atomically(path: &Path, text: &str) -> anyhow::Result<()> {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text)
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,340 @@
+//! `xlb flows`: the conntrack table, one line per flow: the tuple the
+//! client sent, the tuple after DNAT and masquerade, the service and
+//! backend, how old and how idle it is, and its state.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use lb_common::flow::{FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY, FLOW_S_RST, FLOW_S_SEEN_REPLY};
+use lb_common::{Flow, FlowKey, GlobalConfig, IPPROTO_TCP, IPPROTO_UDP};
+use serde::Serialize;
+
+use super::table::{self, Align, Table};
+use super::{CliError, Report, Session};
+use crate::kernel::host;
+use crate::observe::catalog::Catalog;
+use crate::observe::datapath::FlowEntry;
+
+/// Longest `xlb flows` spends walking conntrack.
+const WALK_BUDGET: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Serialize)]
+pub struct FlowsReport {
+    /// Flows that matched (`--service`), including any past `--limit`.
+    pub matched: u64,
+    /// Conntrack entries visited (two per flow).
+    pub entries: u64,
+    /// False when the walk stopped at its time budget.
+    pub complete: bool,
+    pub flows: Vec<FlowReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FlowReport {
+    /// `TCP` or `UDP`.
+    pub protocol: &'static str,
+    /// As the client sent it: client -> frontend.
+    pub original: Tuple,
+    /// As the backend sees it: masquerade address -> backend.
+    pub translated: Tuple,
+    pub service: Named,
+    pub backend: Named,
+    pub age_seconds: u64,
+    pub idle_seconds: u64,
+    /// TCP: `syn_sent`, `established`, `closing` (one side sent FIN),
+    /// `closed` (both did), `reset`. UDP: `unreplied`, `replied`.
+    pub state: &'static str,
+    /// Idle past its timeout: the next sweep deletes it, a new packet
+    /// starts a new flow.
+    pub expired: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Tuple {
+    pub source: SocketAddrV4,
+    pub destination: SocketAddrV4,
+}
+
+/// An id and what the catalog calls it (`null` if it does not know it).
+#[derive(Debug, Serialize)]
+pub struct Named {
+    pub id: u32,
+    pub name: Option<String>,
+}
+
+pub fn report(
+    session: &Session,
+    service: Option<&str>,
+    limit: usize,
+) -> Result<FlowsReport, CliError> {
+    let wanted = match service {
+        Some(name) => {
+            let ids = session.catalog.services_matching(name);
+            if ids.is_empty() {
+                return Err(CliError::UnknownService {
+                    name: name.to_owned(),
+                    catalog: session.catalog_path(),
+                });
+            }
+            Some(ids)
+        }
+        None => None,
+    };
+    let limit = if limit == 0 { usize::MAX } else { limit };
+    let walk = session
+        .maps
+        .flows(limit, Instant::now() + WALK_BUDGET, |flow| {
+            wanted
+                .as_ref()
+                .is_none_or(|ids| ids.contains(&flow.service_id))
+        });
+    let config = session.maps.global_config().unwrap_or_default();
+    let now = host::monotonic_ns();
+    Ok(FlowsReport {
+        matched: walk.matched,
+        entries: walk.entries,
+        complete: walk.complete,
+        flows: walk
+            .flows
+            .iter()
+            .map(|entry| describe(entry, &session.catalog, &config, now))
+            .collect(),
+    })
+}
+
+fn describe(
+    entry: &FlowEntry,
+    catalog: &Catalog,
+    config: &GlobalConfig,
+    now_ns: u64,
+) -> FlowReport {
+    let FlowEntry {
+        key,
+        flow,
+        last_seen_ns,
+    } = *entry;
+    let seconds = |since: u64| now_ns.saturating_sub(since) / 1_000_000_000;
+    let expired = Flow {
+        last_seen_ns,
+        ..flow
+    }
+    .expired(key.proto, config, now_ns);
+    FlowReport {
+        protocol: protocol_name(key.proto),
+        original: Tuple {
+            source: endpoint(key.src_addr_be, key.src_port_be),
+            destination: endpoint(key.dst_addr_be, key.dst_port_be),
+        },
+        translated: Tuple {
+            source: endpoint(flow.new_src_addr_be, flow.new_src_port_be),
+            destination: endpoint(flow.new_dst_addr_be, flow.new_dst_port_be),
+        },
+        service: Named {
+            id: flow.service_id,
+            name: catalog
+                .services
+                .get(&flow.service_id)
+                .map(|s| s.qualified_name()),
+        },
+        backend: Named {
+            id: flow.backend_id,
+            name: catalog.backends.get(&flow.backend_id).map(|b| b.endpoint()),
+        },
+        age_seconds: seconds(flow.created_ns),
+        idle_seconds: seconds(last_seen_ns),
+        state: state_name(&key, &flow),
+        expired,
+    }
+}
+
+fn endpoint(addr_be: u32, port_be: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(addr_be.to_ne_bytes()), u16::from_be(port_be))
+}
+
+fn protocol_name(proto: u8) -> &'static str {
+    match proto {
+        IPPROTO_TCP => "TCP",
+        IPPROTO_UDP => "UDP",
+        _ => "?",
+    }
+}
+
+fn state_name(key: &FlowKey, flow: &Flow) -> &'static str {
+    let state = flow.state;
+    if key.proto != IPPROTO_TCP {
+        return if state & FLOW_S_SEEN_REPLY != 0 {
+            "replied"
+        } else {
+            "unreplied"
+        };
+    }
+    let fins = state & (FLOW_S_FIN_ORIGINAL | FLOW_S_FIN_REPLY);
+    if state & FLOW_S_RST != 0 {
+        "reset"
+    } else if fins == FLOW_S_FIN_ORIGINAL | FLOW_S_FIN_REPLY {
+        "closed"
+    } else if fins != 0 {
+        "closing"
+    } else if state & FLOW_S_SEEN_REPLY != 0 {
+        "established"
+    } else {
+        "syn_sent"
+    }
+}
+
+impl Report for FlowsReport {
+    fn render(&self) -> String {
+        let mut table = Table::new(&[
+            ("PROTO", Align::Left),
+            ("CLIENT", Align::Left),
+            ("FRONTEND", Align::Left),
+            ("MASQUERADED AS", Align::Left),
+            ("BACKEND", Align::Left),
+            ("SERVICE", Align::Left),
+            ("STATE", Align::Left),
+            ("AGE", Align::Right),
+            ("IDLE", Align::Right),
+        ]);
+        for flow in &self.flows {
+            let mut state = flow.state.to_owned();
+            if flow.expired {
+                state.push_str(" (expired)");
+            }
+            table.row(vec![
+                flow.protocol.to_owned(),
+                flow.original.source.to_string(),
+                flow.original.destination.to_string(),
+                flow.translated.source.to_string(),
+                flow.translated.destination.to_string(),
+                flow.service
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("#{}", flow.service.id)),
+                state,
+                table::duration(flow.age_seconds),
+                table::duration(flow.idle_seconds),
+            ]);
+        }
+        let mut out = if self.flows.is_empty() {
+            String::from("no flows\n")
+        } else {
+            table.render()
+        };
+        let shown = self.flows.len() as u64;
+        let mut summary = if shown < self.matched {
+            format!(
+                "showing {shown} of {} flows (--limit N to see more, 0 for all)",
+                self.matched
+            )
+        } else {
+            format!("{} flows", self.matched)
+        };
+        summary.push_str(&format!(" in {} conntrack entries", self.entries));
+        if !self.complete {
+            summary.push_str("; the walk stopped at its time budget, there are more");
+        }
+        out.push_str(&summary);
+        out.push('\n');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::catalog::{BackendInfo, BackendState};
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn be(octets: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(octets)
+    }
+
+    fn entry(proto: u8, state: u8) -> FlowEntry {
+        FlowEntry {
+            key: FlowKey {
+                src_addr_be: be([198, 18, 0, 2]),
+                dst_addr_be: be([198, 18, 0, 1]),
+                src_port_be: 40000u16.to_be(),
+                dst_port_be: 30999u16.to_be(),
+                proto,
+                _pad: [0; 3],
+            },
+            flow: Flow {
+                new_src_addr_be: be([198, 18, 1, 1]),
+                new_dst_addr_be: be([198, 18, 1, 2]),
+                new_src_port_be: 61234u16.to_be(),
+                new_dst_port_be: 3333u16.to_be(),
+                backend_id: 1,
+                service_id: 7,
+                state,
+                created_ns: 100 * SECOND,
+                last_seen_ns: 150 * SECOND,
+                ..Flow::default()
+            },
+            last_seen_ns: 160 * SECOND,
+        }
+    }
+
+    #[test]
+    fn tuples_names_and_times() {
+        let mut catalog = Catalog::default();
+        catalog.backends.insert(
+            1,
+            BackendInfo {
+                address: Ipv4Addr::new(198, 18, 1, 2),
+                port: 3333,
+                weight: 1,
+                state: BackendState::Ready,
+                local: false,
+                services: vec![7],
+            },
+        );
+        let config = GlobalConfig::DEFAULT;
+        let report = describe(
+            &entry(IPPROTO_TCP, FLOW_S_SEEN_REPLY),
+            &catalog,
+            &config,
+            165 * SECOND,
+        );
+        assert_eq!(report.original.source.to_string(), "198.18.0.2:40000");
+        assert_eq!(report.original.destination.to_string(), "198.18.0.1:30999");
+        assert_eq!(report.translated.source.to_string(), "198.18.1.1:61234");
+        assert_eq!(report.translated.destination.to_string(), "198.18.1.2:3333");
+        assert_eq!(report.backend.name.as_deref(), Some("198.18.1.2:3333"));
+        assert_eq!(report.service.name, None, "not in the catalog");
+        assert_eq!((report.age_seconds, report.idle_seconds), (65, 5));
+        assert_eq!(report.state, "established");
+        assert!(!report.expired);
+
+        let udp = describe(&entry(IPPROTO_UDP, 0), &catalog, &config, 1000 * SECOND);
+        assert_eq!((udp.state, udp.expired), ("unreplied", true));
+        let text = FlowsReport {
+            matched: 3,
+            entries: 6,
+            complete: true,
+            flows: vec![report, udp],
+        }
+        .render();
+        assert_eq!(
+            text,
+            "PROTO  CLIENT            FRONTEND          MASQUERADED AS    BACKEND          SERVICE  STATE                    AGE     IDLE\n\
+             TCP    198.18.0.2:40000  198.18.0.1:30999  198.18.1.1:61234  198.18.1.2:3333  #7       established           1m 05s       5s\n\
+             UDP    198.18.0.2:40000  198.18.0.1:30999  198.18.1.1:61234  198.18.1.2:3333  #7       unreplied (expired)  15m 00s  14m 00s\n\
+             showing 2 of 3 flows (--limit N to see more, 0 for all) in 6 conntrack entries\n"
+        );
+    }
+
+    #[test]
+    fn tcp_states() {
+        let name = |state| state_name(&entry(IPPROTO_TCP, 0).key, &entry(IPPROTO_TCP, state).flow);
+        assert_eq!(name(0), "syn_sent");
+        assert_eq!(name(FLOW_S_SEEN_REPLY), "established");
+        assert_eq!(name(FLOW_S_SEEN_REPLY | FLOW_S_FIN_REPLY), "closing");
+        assert_eq!(
+            name(FLOW_S_SEEN_REPLY | FLOW_S_FIN_REPLY | FLOW_S_FIN_ORIGINAL),
+            "closed"
+        );
+        assert_eq!(name(FLOW_S_SEEN_REPLY | FLOW_S_RST), "reset");
+    }
+}

@@ -1,0 +1,337 @@
+//! `xlb status`: is an agent running, where is XDP attached and in which
+//! mode, which program, which config generation, how full are the maps.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use lb_common::maps as names;
+use serde::Serialize;
+
+use super::table::{self, Align, Table};
+use super::{CliError, Report, Session};
+use crate::observe::datapath::{self, Count};
+use crate::observe::rundir::{self, PortRange, Reload};
+
+/// Longest `xlb status` spends counting map entries.
+const COUNT_BUDGET: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub agent: AgentReport,
+    pub interfaces: Vec<InterfaceReport>,
+    /// The XDP program's kernel id (from a pinned link if there is one,
+    /// else as the agent reported it).
+    pub program_id: Option<u32>,
+    pub conntrack: Fill,
+    pub maps: Vec<Fill>,
+    pub masquerade: Masquerade,
+    pub bpffs: String,
+    pub run_dir: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentReport {
+    pub running: bool,
+    pub pid: Option<u32>,
+    pub version: Option<String>,
+    /// Unix seconds.
+    pub started_at: Option<u64>,
+    pub uptime_seconds: Option<u64>,
+    pub ready: bool,
+    pub config_source: Option<String>,
+    pub generation: Option<u64>,
+    pub last_reload: Option<Reload>,
+    pub metrics_addr: Option<String>,
+    pub datapath_debug: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InterfaceReport {
+    pub name: String,
+    pub ifindex: Option<u32>,
+    /// `native` or `generic`, as attached.
+    pub mode: Option<String>,
+    /// A link is pinned for it under `bpffs/links/`.
+    pub link_pinned: bool,
+    /// The program that link runs.
+    pub program_id: Option<u32>,
+}
+
+/// How full one map is.
+#[derive(Debug, Serialize)]
+pub struct Fill {
+    pub map: &'static str,
+    pub entries: u64,
+    pub capacity: u32,
+    /// False when counting stopped at the time budget (`entries` is then a
+    /// lower bound).
+    pub complete: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Masquerade {
+    pub ports: Option<PortRange>,
+    /// Source address per egress interface.
+    pub addresses: Vec<MasqueradeAddress>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MasqueradeAddress {
+    pub ifindex: u32,
+    /// The interface's name, if this namespace has it.
+    pub interface: Option<String>,
+    pub address: Ipv4Addr,
+}
+
+pub fn report(session: &Session) -> Result<StatusReport, CliError> {
+    let status = session.status.as_ref();
+    let now = rundir::unix_now();
+    let agent = AgentReport {
+        running: session.alive,
+        pid: status.map(|s| s.pid),
+        version: status.map(|s| s.version.clone()),
+        started_at: status.map(|s| s.started_at),
+        uptime_seconds: status
+            .filter(|_| session.alive)
+            .map(|s| now.saturating_sub(s.started_at)),
+        ready: session.alive && status.is_some_and(|s| s.ready),
+        config_source: status.map(|s| s.config_source.clone()),
+        generation: status.map(|s| s.generation),
+        last_reload: status.and_then(|s| s.last_reload.clone()),
+        metrics_addr: status.and_then(|s| s.metrics_addr.clone()),
+        datapath_debug: status.is_some_and(|s| s.datapath_debug),
+    };
+
+    let links = datapath::pinned_links(&session.bpffs);
+    let mut interfaces: Vec<InterfaceReport> = status
+        .map(|s| s.interfaces.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .map(|interface| InterfaceReport {
+            name: interface.name.clone(),
+            ifindex: Some(interface.ifindex),
+            mode: Some(interface.mode.clone()),
+            link_pinned: false,
+            program_id: None,
+        })
+        .collect();
+    for (name, program_id) in &links {
+        match interfaces.iter_mut().find(|i| &i.name == name) {
+            Some(interface) => {
+                interface.link_pinned = true;
+                interface.program_id = *program_id;
+            }
+            None => interfaces.push(InterfaceReport {
+                name: name.clone(),
+                ifindex: None,
+                mode: None,
+                link_pinned: true,
+                program_id: *program_id,
+            }),
+        }
+    }
+    let program_id = links
+        .iter()
+        .find_map(|(_, id)| *id)
+        .or_else(|| status.and_then(|s| s.program_id));
+
+    let interface_names = interface_names();
+    let maps = &session.maps;
+    let deadline = Instant::now() + COUNT_BUDGET;
+    let fill = |map: &'static str, count: Count| Fill {
+        map,
+        entries: count.entries,
+        capacity: maps.capacity(map),
+        complete: count.complete,
+    };
+    let conntrack = fill(names::FLOWS, maps.count_flows(deadline));
+    let backends = Count {
+        entries: session.catalog.backends.len() as u64,
+        complete: session.has_catalog,
+    };
+    let fills = vec![
+        fill(names::SERVICES, maps.count_services(deadline)),
+        fill(names::BACKENDS, backends),
+        fill(names::AFFINITY, maps.count_affinity(deadline)),
+    ];
+    Ok(StatusReport {
+        agent,
+        interfaces,
+        program_id,
+        conntrack,
+        maps: fills,
+        masquerade: Masquerade {
+            ports: status.map(|s| s.masquerade_ports),
+            addresses: status
+                .map(|s| &s.masquerade_addresses)
+                .into_iter()
+                .flatten()
+                .map(|(&ifindex, &address)| MasqueradeAddress {
+                    ifindex,
+                    interface: interface_names.get(&ifindex).cloned(),
+                    address,
+                })
+                .collect(),
+        },
+        bpffs: session.bpffs.display().to_string(),
+        run_dir: session.run_dir.display().to_string(),
+    })
+}
+
+impl Report for StatusReport {
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let agent = &self.agent;
+        let mut line = |key: &str, value: String| {
+            let _ = writeln!(out, "{key:<11} {value}");
+        };
+        let who = match (agent.pid, &agent.version) {
+            (Some(pid), Some(version)) => format!("pid {pid}, xlb {version}"),
+            (Some(pid), None) => format!("pid {pid}"),
+            _ => String::from("no status.json"),
+        };
+        line(
+            "agent",
+            if agent.running {
+                format!(
+                    "running ({who}), up {}, {}",
+                    table::duration(agent.uptime_seconds.unwrap_or(0)),
+                    if agent.ready { "ready" } else { "not ready" }
+                )
+            } else {
+                format!("not running ({who}); the pinned maps outlived it")
+            },
+        );
+        if let Some(source) = &agent.config_source {
+            let mut config = format!("{source}, generation {}", agent.generation.unwrap_or(0));
+            if let Some(reload) = &agent.last_reload {
+                let ago = table::duration(rundir::unix_now().saturating_sub(reload.at));
+                match &reload.error {
+                    None if reload.ok => {
+                        let _ = write!(config, "; last reload ok {ago} ago");
+                    }
+                    error => {
+                        let _ = write!(
+                            config,
+                            "; last reload FAILED {ago} ago (kept generation {}): {}",
+                            reload.generation,
+                            error.as_deref().unwrap_or("unknown error")
+                        );
+                    }
+                }
+            }
+            line("config", config);
+        }
+        line(
+            "program",
+            match self.program_id {
+                Some(id) => format!(
+                    "XDP program id {id}{}",
+                    if agent.datapath_debug {
+                        ", datapath debug logs on"
+                    } else {
+                        ""
+                    }
+                ),
+                None => String::from("unknown"),
+            },
+        );
+        if let Some(ports) = self.masquerade.ports {
+            let mut masquerade = format!("ports {}-{}", ports.first, ports.last);
+            let addresses: Vec<String> = self
+                .masquerade
+                .addresses
+                .iter()
+                .map(|masquerade| match &masquerade.interface {
+                    Some(name) => format!("{} on {name}", masquerade.address),
+                    None => format!("{} on ifindex {}", masquerade.address, masquerade.ifindex),
+                })
+                .collect();
+            if !addresses.is_empty() {
+                let _ = write!(masquerade, " from {}", addresses.join(", "));
+            }
+            line("masquerade", masquerade);
+        }
+        if let Some(address) = &agent.metrics_addr {
+            line("metrics", format!("http://{address}/metrics"));
+        }
+        line("pins", format!("{} (run dir {})", self.bpffs, self.run_dir));
+
+        let mut interfaces = Table::new(&[
+            ("INTERFACE", Align::Left),
+            ("IFINDEX", Align::Right),
+            ("MODE", Align::Left),
+            ("LINK PIN", Align::Left),
+            ("PROGRAM", Align::Right),
+        ]);
+        for interface in &self.interfaces {
+            interfaces.row(vec![
+                interface.name.clone(),
+                optional(interface.ifindex),
+                interface.mode.clone().unwrap_or_else(|| String::from("-")),
+                String::from(if interface.link_pinned { "yes" } else { "no" }),
+                optional(interface.program_id),
+            ]);
+        }
+        out.push('\n');
+        if interfaces.is_empty() {
+            out.push_str("XDP is attached to no interface\n");
+        } else {
+            out.push_str(&interfaces.render());
+        }
+
+        let mut maps = Table::new(&[
+            ("MAP", Align::Left),
+            ("ENTRIES", Align::Right),
+            ("CAPACITY", Align::Right),
+            ("FILL", Align::Right),
+            ("", Align::Left),
+        ]);
+        for fill in std::iter::once(&self.conntrack).chain(&self.maps) {
+            let mut note = String::new();
+            if fill.map == names::FLOWS {
+                note = format!("conntrack, {} flows", fill.entries / 2);
+            }
+            if !fill.complete {
+                note.push_str(if note.is_empty() { "" } else { "; " });
+                note.push_str("counting stopped early: at least this many");
+            }
+            let entries = if fill.complete {
+                fill.entries.to_string()
+            } else {
+                format!(">={}", fill.entries)
+            };
+            maps.row(vec![
+                fill.map.to_owned(),
+                entries,
+                fill.capacity.to_string(),
+                table::percent(fill.entries, u64::from(fill.capacity)),
+                note,
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&maps.render());
+        out
+    }
+}
+
+/// Interface names by index, as /sys/class/net of this namespace says.
+fn interface_names() -> BTreeMap<u32, String> {
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return BTreeMap::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().into_string().ok()?;
+            let index = std::fs::read_to_string(entry.path().join("ifindex")).ok()?;
+            Some((index.trim().parse().ok()?, name))
+        })
+        .collect()
+}
+
+fn optional(value: Option<u32>) -> String {
+    value.map_or_else(|| String::from("-"), |v| v.to_string())
+}

@@ -1,0 +1,579 @@
+//! `/metrics`: the agent's state and the datapath's counters in the
+//! Prometheus text exposition format 0.0.4. Families are written in full
+//! (HELP, TYPE, samples) one after the other; names follow Prometheus
+//! conventions (`_total` counters, `_seconds`, `_bytes`, base units).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use lb_common::Traffic;
+use lb_common::reason::Verdict;
+
+use super::catalog::Catalog;
+use super::datapath::{DatapathError, DatapathMaps};
+
+/// The `Content-Type` of the exposition.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Longest a scrape spends counting conntrack entries.
+pub const COUNT_BUDGET: Duration = Duration::from_secs(2);
+
+/// Upper bounds of `xlb_reconcile_duration_seconds`.
+const RECONCILE_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// A cumulative histogram with fixed buckets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Observations per bucket (not cumulative), plus one for +Inf.
+    counts: Vec<u64>,
+    sum: f64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+        }
+    }
+
+    /// For `xlb_reconcile_duration_seconds`.
+    pub fn reconcile() -> Self {
+        Self::new(&RECONCILE_BUCKETS)
+    }
+
+    pub fn observe(&mut self, value: f64) {
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|&bound| value <= bound)
+            .unwrap_or(self.bounds.len());
+        self.counts[bucket] += 1;
+        self.sum += value;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// The verdict's label value.
+pub fn verdict_name(verdict: Verdict) -> &'static str {
+    match verdict {
+        Verdict::Forward => "forward",
+        Verdict::Pass => "pass",
+        Verdict::Drop => "drop",
+        Verdict::Reject => "reject",
+    }
+}
+
+/// What the agent knows about itself, copied out for one scrape.
+#[derive(Clone, Debug)]
+pub struct AgentMetrics {
+    pub version: &'static str,
+    pub started_at: u64,
+    pub ready: bool,
+    pub generation: u64,
+    /// (successful, unix seconds) of the last load or reload.
+    pub last_reload: Option<(bool, u64)>,
+    pub reloads: Outcomes,
+    pub reconciles: Outcomes,
+    pub reconcile_ops: u64,
+    pub reconcile_seconds: Histogram,
+    /// Errors by config source (`file`, `kubernetes`, ...).
+    pub source_errors: BTreeMap<String, u64>,
+    /// (interface, mode) of every attachment.
+    pub interfaces: Vec<(String, String)>,
+    pub conntrack_capacity: u32,
+}
+
+/// Successes and failures of something the agent does repeatedly.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    pub success: u64,
+    pub failure: u64,
+}
+
+impl Outcomes {
+    pub fn record(&mut self, ok: bool) {
+        if ok {
+            self.success += 1;
+        } else {
+            self.failure += 1;
+        }
+    }
+}
+
+/// One scrape's text.
+pub fn render(
+    agent: &AgentMetrics,
+    catalog: &Catalog,
+    maps: Option<&DatapathMaps>,
+) -> Result<String, DatapathError> {
+    let mut out = Exposition::default();
+    render_agent(&mut out, agent);
+    match maps {
+        Some(maps) => {
+            out.gauge(
+                "xlb_datapath_readable",
+                "Whether this scrape could read the datapath's maps (1) or not (0).",
+                &[(vec![], 1.0)],
+            );
+            render_datapath(&mut out, catalog, maps)?;
+        }
+        None => out.gauge(
+            "xlb_datapath_readable",
+            "Whether this scrape could read the datapath's maps (1) or not (0).",
+            &[(vec![], 0.0)],
+        ),
+    }
+    Ok(out.text)
+}
+
+fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
+    out.gauge(
+        "xlb_build_info",
+        "The running xlb's version (always 1).",
+        &[(vec![("version", agent.version.to_owned())], 1.0)],
+    );
+    out.gauge(
+        "xlb_start_time_seconds",
+        "When the agent started, in Unix seconds.",
+        &[(vec![], agent.started_at as f64)],
+    );
+    out.gauge(
+        "xlb_ready",
+        "1 once XDP is attached and the first config is applied (as /readyz).",
+        &[(vec![], f64::from(u8::from(agent.ready)))],
+    );
+    out.gauge(
+        "xlb_config_generation",
+        "The config generation the datapath's maps hold.",
+        &[(vec![], agent.generation as f64)],
+    );
+    let (last_ok, last_at) = agent.last_reload.unwrap_or((false, 0));
+    out.gauge(
+        "xlb_config_last_reload_successful",
+        "Whether the last config load or reload was applied (1) or rejected or only partly applied (0).",
+        &[(vec![], f64::from(u8::from(last_ok)))],
+    );
+    out.gauge(
+        "xlb_config_last_reload_timestamp_seconds",
+        "When the last config load or reload finished, in Unix seconds.",
+        &[(vec![], last_at as f64)],
+    );
+    out.counter(
+        "xlb_config_reloads_total",
+        "Config loads and reloads, by result.",
+        &outcome_samples(agent.reloads),
+    );
+    let source_errors: Vec<Samples> = agent
+        .source_errors
+        .iter()
+        .map(|(source, count)| (vec![("source", source.clone())], *count as f64))
+        .collect();
+    out.counter(
+        "xlb_source_errors_total",
+        "Errors reading or validating the config, by source.",
+        &source_errors,
+    );
+    out.counter(
+        "xlb_reconciles_total",
+        "Reconcile passes (plan and apply), by result.",
+        &outcome_samples(agent.reconciles),
+    );
+    out.counter(
+        "xlb_reconcile_operations_total",
+        "Map operations written by reconcile passes.",
+        &[(vec![], agent.reconcile_ops as f64)],
+    );
+    out.histogram(
+        "xlb_reconcile_duration_seconds",
+        "How long reconcile passes took.",
+        &agent.reconcile_seconds,
+    );
+    let interfaces: Vec<Samples> = agent
+        .interfaces
+        .iter()
+        .map(|(interface, mode)| {
+            (
+                vec![("interface", interface.clone()), ("mode", mode.clone())],
+                1.0,
+            )
+        })
+        .collect();
+    out.gauge(
+        "xlb_interface_xdp_attached",
+        "Interfaces the XDP program is attached to, with the mode (native or generic).",
+        &interfaces,
+    );
+    out.gauge(
+        "xlb_conntrack_entries_limit",
+        "Capacity of the conntrack table (entries; a flow takes two).",
+        &[(vec![], f64::from(agent.conntrack_capacity))],
+    );
+}
+
+fn outcome_samples(outcomes: Outcomes) -> Vec<Samples> {
+    vec![
+        (
+            vec![("result", String::from("success"))],
+            outcomes.success as f64,
+        ),
+        (
+            vec![("result", String::from("failure"))],
+            outcomes.failure as f64,
+        ),
+    ]
+}
+
+fn render_datapath(
+    out: &mut Exposition,
+    catalog: &Catalog,
+    maps: &DatapathMaps,
+) -> Result<(), DatapathError> {
+    let verdicts: Vec<Samples> = maps
+        .verdicts()?
+        .into_iter()
+        .map(|(reason, count)| {
+            (
+                vec![
+                    ("reason", reason.name().to_owned()),
+                    ("verdict", verdict_name(reason.verdict()).to_owned()),
+                ],
+                count as f64,
+            )
+        })
+        .collect();
+    out.counter(
+        "xlb_datapath_packets_total",
+        "Packets the XDP program handled, by reason (see `xlb stats`) and verdict.",
+        &verdicts,
+    );
+
+    let mut packets = Vec::new();
+    let mut bytes = Vec::new();
+    for (&id, service) in &catalog.services {
+        let labels = vec![
+            ("namespace", service.namespace.clone()),
+            ("service", service.name.clone()),
+            ("protocol", service.protocol.clone()),
+        ];
+        push_traffic(
+            &mut packets,
+            &mut bytes,
+            &labels,
+            &maps.service_traffic(id)?,
+        );
+    }
+    out.counter(
+        "xlb_service_packets_total",
+        "Packets forwarded for a service, by direction (to_backend, to_client).",
+        &packets,
+    );
+    out.counter(
+        "xlb_service_bytes_total",
+        "Bytes (whole frames) forwarded for a service, by direction.",
+        &bytes,
+    );
+
+    let mut packets = Vec::new();
+    let mut bytes = Vec::new();
+    let mut info = Vec::new();
+    let mut weights = Vec::new();
+    for (&id, backend) in &catalog.backends {
+        let endpoint = backend.endpoint();
+        let labels = vec![("backend", endpoint.clone())];
+        push_traffic(
+            &mut packets,
+            &mut bytes,
+            &labels,
+            &maps.backend_traffic(id)?,
+        );
+        for &service_id in &backend.services {
+            let Some(service) = catalog.services.get(&service_id) else {
+                continue;
+            };
+            let Some(usage) = service.backends.iter().find(|b| b.id == id) else {
+                continue;
+            };
+            let service_labels = vec![
+                ("backend", endpoint.clone()),
+                ("namespace", service.namespace.clone()),
+                ("service", service.name.clone()),
+            ];
+            let mut with_state = service_labels.clone();
+            with_state.push(("state", usage.state.to_string()));
+            info.push((with_state, 1.0));
+            weights.push((service_labels, f64::from(usage.weight)));
+        }
+    }
+    out.counter(
+        "xlb_backend_packets_total",
+        "Packets forwarded to or from a backend (address:port), by direction.",
+        &packets,
+    );
+    out.counter(
+        "xlb_backend_bytes_total",
+        "Bytes (whole frames) forwarded to or from a backend, by direction.",
+        &bytes,
+    );
+    out.gauge(
+        "xlb_backend_info",
+        "A backend of a service, with its state (ready, serving, terminating); always 1.",
+        &info,
+    );
+    out.gauge(
+        "xlb_backend_weight",
+        "A backend's share of its service's new flows, relative to the others.",
+        &weights,
+    );
+    out.gauge(
+        "xlb_services",
+        "Services in the applied config.",
+        &[(vec![], catalog.services.len() as f64)],
+    );
+    out.gauge(
+        "xlb_backends",
+        "Distinct backends (address:port) in the applied config.",
+        &[(vec![], catalog.backends.len() as f64)],
+    );
+    let count = maps.count_flows(Instant::now() + COUNT_BUDGET);
+    out.gauge(
+        "xlb_conntrack_entries",
+        "Entries in the conntrack table (a flow takes two; a lower bound if counting ran out of time).",
+        &[(vec![], count.entries as f64)],
+    );
+    Ok(())
+}
+
+fn push_traffic(
+    packets: &mut Vec<Samples>,
+    bytes: &mut Vec<Samples>,
+    labels: &[(&'static str, String)],
+    traffic: &Traffic,
+) {
+    for (direction, packet_count, byte_count) in [
+        (
+            "to_backend",
+            traffic.to_backend_packets,
+            traffic.to_backend_bytes,
+        ),
+        (
+            "to_client",
+            traffic.to_client_packets,
+            traffic.to_client_bytes,
+        ),
+    ] {
+        let mut labels = labels.to_vec();
+        labels.push(("direction", direction.to_owned()));
+        packets.push((labels.clone(), packet_count as f64));
+        bytes.push((labels, byte_count as f64));
+    }
+}
+
+/// One sample: label pairs and value.
+type Samples = (Vec<(&'static str, String)>, f64);
+
+#[derive(Default)]
+struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {}", escape_help(help));
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: f64) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (index, (label, value)) in labels.iter().enumerate() {
+                if index > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{label}=\"{}\"", escape_label(value));
+            }
+            self.text.push('}');
+        }
+        let _ = writeln!(self.text, " {}", format_value(value));
+    }
+
+    fn counter(&mut self, name: &str, help: &str, samples: &[Samples]) {
+        self.header(name, "counter", help);
+        for (labels, value) in samples {
+            self.sample(name, labels, *value);
+        }
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, samples: &[Samples]) {
+        self.header(name, "gauge", help);
+        for (labels, value) in samples {
+            self.sample(name, labels, *value);
+        }
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
+        self.header(name, "histogram", help);
+        let bucket = format!("{name}_bucket");
+        let mut cumulative = 0;
+        for (index, &bound) in histogram.bounds.iter().enumerate() {
+            cumulative += histogram.counts[index];
+            self.sample(&bucket, &[("le", format_value(bound))], cumulative as f64);
+        }
+        self.sample(
+            &bucket,
+            &[("le", String::from("+Inf"))],
+            histogram.count() as f64,
+        );
+        self.sample(&format!("{name}_sum"), &[], histogram.sum);
+        self.sample(&format!("{name}_count"), &[], histogram.count() as f64);
+    }
+}
+
+/// Integers without a fraction, others as Rust prints them (never with an
+/// exponent), infinities as Prometheus spells them.
+fn format_value(value: f64) -> String {
+    if value.is_infinite() {
+        return String::from(if value > 0.0 { "+Inf" } else { "-Inf" });
+    }
+    if value.is_nan() {
+        return String::from("NaN");
+    }
+    if value.fract() == 0.0 && value.abs() < 9.0e15 {
+        return format!("{}", value as i64);
+    }
+    format!("{value}")
+}
+
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn escape_help(help: &str) -> String {
+    help.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent() -> AgentMetrics {
+        let mut seconds = Histogram::reconcile();
+        seconds.observe(0.0007);
+        seconds.observe(0.003);
+        seconds.observe(100.0);
+        AgentMetrics {
+            version: "0.1.0",
+            started_at: 1_700_000_000,
+            ready: true,
+            generation: 3,
+            last_reload: Some((true, 1_700_000_100)),
+            reloads: Outcomes {
+                success: 3,
+                failure: 1,
+            },
+            reconciles: Outcomes {
+                success: 5,
+                failure: 0,
+            },
+            reconcile_ops: 42,
+            reconcile_seconds: seconds,
+            source_errors: [(String::from("file"), 1)].into_iter().collect(),
+            interfaces: vec![(String::from("xlb-c"), String::from("native"))],
+            conntrack_capacity: 1 << 20,
+        }
+    }
+
+    /// Every line is a comment or `name{labels} value`; every sample's
+    /// family was declared just before; no series appears twice.
+    fn check_exposition(text: &str) {
+        let mut declared: Option<(String, String)> = None;
+        let mut series = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                declared = Some((name.to_owned(), kind.to_owned()));
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            let (series_text, value) = line.rsplit_once(' ').unwrap();
+            assert!(
+                value == "+Inf" || value.parse::<f64>().is_ok(),
+                "bad value in {line:?}"
+            );
+            let name = series_text.split('{').next().unwrap();
+            let (family, kind) = declared.clone().expect("sample before TYPE");
+            let allowed = match kind.as_str() {
+                "histogram" => [
+                    format!("{family}_bucket"),
+                    format!("{family}_sum"),
+                    format!("{family}_count"),
+                ]
+                .contains(&name.to_owned()),
+                _ => name == family,
+            };
+            assert!(allowed, "{name} under family {family} ({kind})");
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "counter {name}");
+            }
+            assert!(series.insert(series_text.to_owned()), "duplicate {line}");
+        }
+    }
+
+    #[test]
+    fn agent_families_are_well_formed() {
+        let text = render(&agent(), &Catalog::default(), None).unwrap();
+        check_exposition(&text);
+        for expected in [
+            "xlb_build_info{version=\"0.1.0\"} 1\n",
+            "xlb_ready 1\n",
+            "xlb_config_generation 3\n",
+            "xlb_config_reloads_total{result=\"failure\"} 1\n",
+            "xlb_source_errors_total{source=\"file\"} 1\n",
+            "xlb_reconcile_duration_seconds_bucket{le=\"0.0005\"} 0\n",
+            "xlb_reconcile_duration_seconds_bucket{le=\"0.001\"} 1\n",
+            "xlb_reconcile_duration_seconds_bucket{le=\"0.005\"} 2\n",
+            "xlb_reconcile_duration_seconds_bucket{le=\"5\"} 2\n",
+            "xlb_reconcile_duration_seconds_bucket{le=\"+Inf\"} 3\n",
+            "xlb_reconcile_duration_seconds_count 3\n",
+            "xlb_interface_xdp_attached{interface=\"xlb-c\",mode=\"native\"} 1\n",
+            "xlb_conntrack_entries_limit 1048576\n",
+            "xlb_datapath_readable 0\n",
+            "# TYPE xlb_reconcile_duration_seconds histogram\n",
+        ] {
+            assert!(text.contains(expected), "no {expected:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn values_and_labels_are_escaped() {
+        assert_eq!(format_value(3.0), "3");
+        assert_eq!(format_value(0.25), "0.25");
+        assert_eq!(format_value(f64::INFINITY), "+Inf");
+        assert_eq!(format_value(1e-7), "0.0000001");
+        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        let mut out = Exposition::default();
+        out.gauge(
+            "x",
+            "help\nwith newline",
+            &[(vec![("l", String::from("q\""))], 1.0)],
+        );
+        assert_eq!(
+            out.text,
+            "# HELP x help\\nwith newline\n# TYPE x gauge\nx{l=\"q\\\"\"} 1\n"
+        );
+    }
+}

@@ -1,0 +1,631 @@
+//! What the running agent tells operators: `status.json` and `catalog.json`
+//! in the run directory, the /metrics /healthz /readyz listener, the
+//! healthCheckNodePort servers, and log setup. The agent calls the hooks of
+//! [`Observe`] as things happen; nothing here changes what the agent does.
+//! The CLI (`crate::cli`) reads the same files and the pinned maps.
+
+pub mod catalog;
+pub mod datapath;
+pub mod health;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod rundir;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::error_chain;
+use crate::kernel::Attached;
+use crate::kernel::host;
+use crate::model::DesiredState;
+use crate::reconcile::Applied;
+use catalog::Catalog;
+use datapath::DatapathMaps;
+use health::HealthServers;
+use http::{Request, Response};
+use metrics::{AgentMetrics, Histogram, Outcomes};
+use rundir::{CATALOG_FILE, Interface, PortRange, Reload, RunDirError, STATUS_FILE, Status};
+
+/// `--metrics-addr`'s default: loopback only.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9090";
+
+/// `xlb run`'s flags for this module.
+#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
+pub struct Flags {
+    /// Where to keep status.json and catalog.json, which `xlb status`,
+    /// `xlb services` and `xlb flows` read.
+    #[arg(long, value_name = "DIR", default_value = rundir::DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+    /// Where /metrics, /healthz and /readyz answer over HTTP, or `off`.
+    #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: MetricsAddr,
+    /// Turn on the datapath's debug logs (a line per packet through
+    /// aya-log, at debug level: RUST_LOG=debug). For debugging only.
+    #[arg(long)]
+    pub datapath_debug: bool,
+}
+
+impl Default for Flags {
+    fn default() -> Self {
+        Self {
+            run_dir: PathBuf::from(rundir::DEFAULT_RUN_DIR),
+            metrics_addr: MetricsAddr(parse_metrics_addr(DEFAULT_METRICS_ADDR).ok().flatten()),
+            datapath_debug: false,
+        }
+    }
+}
+
+impl Flags {
+    /// The options for `Observe::start`.
+    pub fn options(&self, bpffs: PathBuf, config_source: String) -> Options {
+        Options {
+            run_dir: self.run_dir.clone(),
+            bpffs,
+            metrics_addr: self.metrics_addr.0,
+            datapath_debug: self.datapath_debug,
+            config_source,
+        }
+    }
+}
+
+/// `--metrics-addr`: an address and port, or `off` (`None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for MetricsAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        parse_metrics_addr(text).map(MetricsAddr)
+    }
+}
+
+/// What `xlb run` was told about observability.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// `--run-dir`.
+    pub run_dir: PathBuf,
+    /// `--bpffs` (recorded in status.json so the CLI finds the pins).
+    pub bpffs: PathBuf,
+    /// `--metrics-addr`; `None` serves nothing.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `--datapath-debug`.
+    pub datapath_debug: bool,
+    /// Where the config comes from, for status (`file config/demo.yaml`).
+    pub config_source: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
+    #[error(
+        "cannot listen on {address} for /metrics, /healthz and /readyz; pass another --metrics-addr, or --metrics-addr off"
+    )]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything the agent reported, guarded by one lock.
+struct Facts {
+    status: Status,
+    catalog: Arc<Catalog>,
+    reloads: Outcomes,
+    reconciles: Outcomes,
+    reconcile_ops: u64,
+    reconcile_seconds: Histogram,
+    source_errors: BTreeMap<String, u64>,
+    /// Interfaces the applied config names.
+    wanted_interfaces: Vec<String>,
+    applied_once: bool,
+}
+
+impl Facts {
+    fn is_ready(&self) -> bool {
+        self.applied_once
+            && !self.wanted_interfaces.is_empty()
+            && self.wanted_interfaces.iter().all(|wanted| {
+                self.status
+                    .interfaces
+                    .iter()
+                    .any(|attached| &attached.name == wanted)
+            })
+    }
+
+    /// Why /readyz says no.
+    fn not_ready_reason(&self) -> String {
+        if !self.applied_once {
+            return String::from("the first config is not applied yet");
+        }
+        let missing: Vec<&str> = self
+            .wanted_interfaces
+            .iter()
+            .filter(|wanted| !self.status.interfaces.iter().any(|a| &a.name == *wanted))
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            String::from("no interface to attach to")
+        } else {
+            format!("XDP is not attached to {}", missing.join(", "))
+        }
+    }
+
+    fn agent_metrics(&self) -> AgentMetrics {
+        AgentMetrics {
+            version: env!("CARGO_PKG_VERSION"),
+            started_at: self.status.started_at,
+            ready: self.status.ready,
+            generation: self.status.generation,
+            last_reload: self.status.last_reload.as_ref().map(|r| (r.ok, r.at)),
+            reloads: self.reloads,
+            reconciles: self.reconciles,
+            reconcile_ops: self.reconcile_ops,
+            reconcile_seconds: self.reconcile_seconds.clone(),
+            source_errors: self.source_errors.clone(),
+            interfaces: self
+                .status
+                .interfaces
+                .iter()
+                .map(|i| (i.name.clone(), i.mode.clone()))
+                .collect(),
+            conntrack_capacity: self.status.conntrack_capacity,
+        }
+    }
+}
+
+struct Shared {
+    facts: Mutex<Facts>,
+    /// Opened on first use (after the datapath is loaded).
+    maps: Mutex<Option<Arc<DatapathMaps>>>,
+    /// /readyz and healthCheckNodePorts' `serviceProxyHealthy`.
+    ready: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn facts(&self) -> MutexGuard<'_, Facts> {
+        self.facts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The datapath's maps, opened from this process's descriptors.
+    fn maps(&self) -> Option<Arc<DatapathMaps>> {
+        let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        if maps.is_none() {
+            match DatapathMaps::of_this_process() {
+                Ok(opened) => *maps = Some(Arc::new(opened)),
+                Err(error) => tracing::debug!("metrics: {}", error_chain(&error)),
+            }
+        }
+        maps.clone()
+    }
+}
+
+/// The agent's reporting side. Needs a tokio runtime; dropping it stops the
+/// servers.
+pub struct Observe {
+    shared: Arc<Shared>,
+    run_dir: PathBuf,
+    health: HealthServers,
+    /// Some healthCheckNodePort could not be opened: retried every pass.
+    health_failed: bool,
+    server: Option<JoinHandle<()>>,
+}
+
+impl Drop for Observe {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+impl Observe {
+    /// Creates the run directory, writes a first status.json and starts the
+    /// /metrics listener. Call inside the tokio runtime.
+    pub fn start(options: &Options) -> Result<Observe, ObserveError> {
+        rundir::create(&options.run_dir)?;
+        let (pid, process_start_ticks) = rundir::this_process();
+        let status = Status {
+            pid,
+            process_start_ticks,
+            started_at: rundir::unix_now(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            bpffs: options.bpffs.display().to_string(),
+            config_source: options.config_source.clone(),
+            metrics_addr: options.metrics_addr.map(|a| a.to_string()),
+            datapath_debug: options.datapath_debug,
+            ..Status::default()
+        };
+        let ready = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            facts: Mutex::new(Facts {
+                status,
+                catalog: Arc::new(Catalog::default()),
+                reloads: Outcomes::default(),
+                reconciles: Outcomes::default(),
+                reconcile_ops: 0,
+                reconcile_seconds: Histogram::reconcile(),
+                // Zero for the source in use, so the series exists from
+                // the start (`file`, `kubernetes`, ...).
+                source_errors: options
+                    .config_source
+                    .split_whitespace()
+                    .next()
+                    .map(|kind| (kind.to_owned(), 0))
+                    .into_iter()
+                    .collect(),
+                wanted_interfaces: Vec::new(),
+                applied_once: false,
+            }),
+            maps: Mutex::new(None),
+            ready: Arc::clone(&ready),
+        });
+        let server = match options.metrics_addr {
+            Some(address) => {
+                let (server, bound) = start_server(address, Arc::clone(&shared))?;
+                shared.facts().status.metrics_addr = Some(bound.to_string());
+                Some(server)
+            }
+            None => None,
+        };
+        let observe = Observe {
+            shared,
+            run_dir: options.run_dir.clone(),
+            health: HealthServers::new(ready),
+            health_failed: false,
+            server,
+        };
+        // Stale files of an earlier agent must not describe this one.
+        let _ = std::fs::remove_file(observe.run_dir.join(CATALOG_FILE));
+        observe.write_status()?;
+        Ok(observe)
+    }
+
+    /// The datapath is loaded: record its conntrack capacity and program.
+    pub fn datapath_loaded(&mut self, conntrack_capacity: u32) {
+        {
+            let mut facts = self.shared.facts();
+            facts.status.conntrack_capacity = conntrack_capacity;
+            facts.status.program_id = datapath::own_xdp_program_id();
+            let stats_pin = Path::new(&facts.status.bpffs)
+                .join(datapath::MAPS_DIR)
+                .join(lb_common::maps::STATS);
+            facts.status.pinned = stats_pin.exists();
+        }
+        self.write_status_or_warn();
+    }
+
+    /// XDP is attached to `interface` in `mode`.
+    pub fn attached(&mut self, interface: &str, mode: Attached) {
+        {
+            let mut facts = self.shared.facts();
+            facts.status.interfaces.retain(|i| i.name != interface);
+            facts.status.interfaces.push(Interface {
+                name: interface.to_owned(),
+                ifindex: host::ifindex(interface).unwrap_or(0),
+                mode: mode.to_string(),
+            });
+            if facts.status.program_id.is_none() {
+                facts.status.program_id = datapath::own_xdp_program_id();
+            }
+        }
+        self.update_ready();
+        self.write_status_or_warn();
+    }
+
+    /// XDP is no longer attached to `interface`.
+    pub fn detached(&mut self, interface: &str) {
+        self.shared
+            .facts()
+            .status
+            .interfaces
+            .retain(|i| i.name != interface);
+        self.update_ready();
+        self.write_status_or_warn();
+    }
+
+    /// A reconcile pass for config `generation` ended after `duration`:
+    /// `ops` map operations written, or `None` if it failed. After a pass
+    /// that changed something (or completed a new generation), the catalog
+    /// and status are rewritten and the health check servers follow.
+    pub fn reconciled(
+        &mut self,
+        generation: u64,
+        ops: Option<usize>,
+        duration: Duration,
+        state: &DesiredState,
+        applied: &Applied,
+    ) {
+        let known = {
+            let mut facts = self.shared.facts();
+            facts.reconciles.record(ops.is_some());
+            facts.reconcile_ops += ops.unwrap_or(0) as u64;
+            facts.reconcile_seconds.observe(duration.as_secs_f64());
+            facts.applied_once && facts.status.generation == generation
+        };
+        match ops {
+            Some(ops) if ops > 0 || !known => self.applied(generation, state, applied),
+            Some(_) if self.health_failed => self.follow_health_checks(state),
+            _ => {}
+        }
+    }
+
+    /// Config `generation` is completely written (first apply, reload,
+    /// resync): rewrite the catalog and status, follow health checks.
+    fn applied(&mut self, generation: u64, state: &DesiredState, applied: &Applied) {
+        let catalog = Catalog::build(generation, state, applied);
+        {
+            let mut facts = self.shared.facts();
+            if !facts.applied_once || facts.status.generation != generation {
+                facts.reloads.record(true);
+                facts.status.last_reload = Some(Reload {
+                    ok: true,
+                    generation,
+                    at: rundir::unix_now(),
+                    error: None,
+                });
+            }
+            facts.applied_once = true;
+            facts.status.generation = generation;
+            facts.wanted_interfaces = state.interfaces.clone();
+            facts.status.masquerade_ports = PortRange {
+                first: *state.masquerade_ports.start(),
+                last: *state.masquerade_ports.end(),
+            };
+            facts.status.masquerade_addresses = applied.interface_addresses.clone();
+            facts.catalog = Arc::new(catalog.clone());
+        }
+        self.update_ready();
+        self.follow_health_checks(state);
+        if let Err(error) = rundir::write_json(&self.run_dir, CATALOG_FILE, &catalog) {
+            tracing::warn!("{}", error_chain(&error));
+        }
+        self.write_status_or_warn();
+    }
+
+    fn follow_health_checks(&mut self, state: &DesiredState) {
+        let failures = self.health.update(health::wanted(state));
+        // Warn once per problem, not at every retry.
+        if !self.health_failed {
+            for failure in &failures {
+                tracing::warn!("{failure}; retrying every reconcile pass");
+            }
+        }
+        self.health_failed = !failures.is_empty();
+    }
+
+    /// A config load or reload was rejected or only partly applied; the
+    /// maps keep (or are still being moved to) `kept_generation`. `source`
+    /// names the config source when the config itself was at fault.
+    pub fn reload_failed(
+        &mut self,
+        kept_generation: u64,
+        error: &dyn std::error::Error,
+        source: Option<&str>,
+    ) {
+        {
+            let mut facts = self.shared.facts();
+            facts.reloads.record(false);
+            facts.status.last_reload = Some(Reload {
+                ok: false,
+                generation: kept_generation,
+                at: rundir::unix_now(),
+                error: Some(error_chain(error)),
+            });
+            if let Some(source) = source {
+                *facts.source_errors.entry(source.to_owned()).or_default() += 1;
+            }
+        }
+        self.write_status_or_warn();
+    }
+
+    /// A config source failed (e.g. a watch broke); counted by source.
+    pub fn source_error(&mut self, source: &str) {
+        *self
+            .shared
+            .facts()
+            .source_errors
+            .entry(source.to_owned())
+            .or_default() += 1;
+    }
+
+    /// The agent is stopping: not ready any more, health checks stop.
+    pub fn stopping(&mut self) {
+        self.shared.facts().applied_once = false;
+        self.update_ready();
+        self.health.update(Vec::new());
+        self.write_status_or_warn();
+    }
+
+    fn update_ready(&self) {
+        let mut facts = self.shared.facts();
+        let ready = facts.is_ready();
+        facts.status.ready = ready;
+        self.shared.ready.store(ready, Ordering::Relaxed);
+    }
+
+    fn write_status(&self) -> Result<(), RunDirError> {
+        let mut status = self.shared.facts().status.clone();
+        status.updated_at = rundir::unix_now();
+        rundir::write_json(&self.run_dir, STATUS_FILE, &status)
+    }
+
+    fn write_status_or_warn(&self) {
+        if let Err(error) = self.write_status() {
+            tracing::warn!("{}", error_chain(&error));
+        }
+    }
+}
+
+/// Binds `address` now (so a taken port fails `xlb run` at once) and serves
+/// it in the background. Returns the task and the address bound.
+fn start_server(
+    address: SocketAddr,
+    shared: Arc<Shared>,
+) -> Result<(JoinHandle<()>, SocketAddr), ObserveError> {
+    let listen = |source| ObserveError::Listen { address, source };
+    let listener = std::net::TcpListener::bind(address).map_err(listen)?;
+    listener.set_nonblocking(true).map_err(listen)?;
+    let bound = listener.local_addr().map_err(listen)?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(listen)?;
+    let server = tokio::spawn(http::serve(listener, move |request| {
+        handle(Arc::clone(&shared), request)
+    }));
+    Ok((server, bound))
+}
+
+async fn handle(shared: Arc<Shared>, request: Request) -> Response {
+    match request.path.as_str() {
+        "/metrics" => {
+            let scrape = tokio::task::spawn_blocking(move || scrape(&shared)).await;
+            match scrape {
+                Ok(Ok(text)) => Response {
+                    status: 200,
+                    content_type: metrics::CONTENT_TYPE,
+                    headers: Vec::new(),
+                    body: text.into_bytes(),
+                },
+                Ok(Err(error)) => Response::text(500, format!("{error}\n")),
+                Err(error) => Response::text(500, format!("scrape failed: {error}\n")),
+            }
+        }
+        "/healthz" => Response::text(200, "ok\n"),
+        "/readyz" => {
+            let facts = shared.facts();
+            if facts.status.ready {
+                Response::text(200, "ready\n")
+            } else {
+                Response::text(503, format!("not ready: {}\n", facts.not_ready_reason()))
+            }
+        }
+        "/" => Response::text(200, "xlb: /metrics /healthz /readyz\n"),
+        _ => Response::text(404, "not found: try /metrics, /healthz or /readyz\n"),
+    }
+}
+
+/// One /metrics body. Runs on a blocking thread: counting conntrack walks
+/// the whole table.
+fn scrape(shared: &Shared) -> Result<String, String> {
+    let (agent, catalog) = {
+        let facts = shared.facts();
+        (facts.agent_metrics(), Arc::clone(&facts.catalog))
+    };
+    let maps = shared.maps();
+    match metrics::render(&agent, &catalog, maps.as_deref()) {
+        Ok(text) => Ok(text),
+        Err(error) => {
+            // Serve what the agent knows rather than nothing.
+            tracing::warn!("metrics: {}", error_chain(&error));
+            metrics::render(&agent, &catalog, None).map_err(|e| error_chain(&e))
+        }
+    }
+}
+
+/// Parses `--metrics-addr`: an address and port, or `off`.
+pub fn parse_metrics_addr(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        format!("{text:?} is not ADDRESS:PORT (e.g. {DEFAULT_METRICS_ADDR}) or \"off\"")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_addr_flag() {
+        assert_eq!(
+            parse_metrics_addr("127.0.0.1:9090"),
+            Ok(Some(SocketAddr::from(([127, 0, 0, 1], 9090))))
+        );
+        assert_eq!(parse_metrics_addr("off"), Ok(None));
+        assert!(parse_metrics_addr("9090").is_err());
+    }
+
+    #[test]
+    fn status_files_and_probes_follow_the_agent() {
+        let run_dir = std::env::temp_dir().join(format!("xlb-observe-test-{}", std::process::id()));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let options = Options {
+                run_dir: run_dir.clone(),
+                bpffs: PathBuf::from("/sys/fs/bpf/xlb-test"),
+                metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                datapath_debug: false,
+                config_source: String::from("file t.yaml"),
+            };
+            let mut observe = Observe::start(&options).unwrap();
+            let status: Status = rundir::read_json(&run_dir, STATUS_FILE).unwrap().unwrap();
+            assert_eq!(status.pid, std::process::id());
+            assert!(!status.ready);
+            assert_eq!(status.config_source, "file t.yaml");
+
+            let config = crate::source::yaml::parse(
+                "t.yaml",
+                "node:\n  interfaces: [lo]\n",
+                &Default::default(),
+            )
+            .unwrap();
+            let applied = Applied::default();
+            observe.reconciled(
+                1,
+                Some(3),
+                Duration::from_millis(2),
+                &config.state,
+                &applied,
+            );
+            assert!(
+                !observe.shared.ready.load(Ordering::Relaxed),
+                "not attached yet"
+            );
+            let reason = observe.shared.facts().not_ready_reason();
+            assert_eq!(reason, "XDP is not attached to lo");
+            observe.attached("lo", Attached::Generic);
+            assert!(observe.shared.ready.load(Ordering::Relaxed));
+            let status: Status = rundir::read_json(&run_dir, STATUS_FILE).unwrap().unwrap();
+            assert!(status.ready);
+            assert_eq!(status.generation, 1);
+            assert_eq!(status.interfaces[0].mode, "generic");
+            assert_eq!(status.interfaces[0].ifindex, 1);
+            assert!(status.last_reload.as_ref().is_some_and(|r| r.ok));
+            let catalog: Catalog = rundir::read_json(&run_dir, CATALOG_FILE).unwrap().unwrap();
+            assert_eq!(catalog.generation, 1);
+
+            let error = std::io::Error::other("bad field");
+            observe.reload_failed(1, &error, Some("file"));
+            let status: Status = rundir::read_json(&run_dir, STATUS_FILE).unwrap().unwrap();
+            let last = status.last_reload.unwrap();
+            assert_eq!((last.ok, last.error.as_deref()), (false, Some("bad field")));
+
+            let metrics = observe.shared.facts().agent_metrics();
+            assert_eq!(
+                metrics.reloads,
+                Outcomes {
+                    success: 1,
+                    failure: 1
+                }
+            );
+            assert_eq!(metrics.source_errors.get("file"), Some(&1));
+            assert_eq!(metrics.reconcile_ops, 3);
+
+            observe.stopping();
+            assert!(!observe.shared.ready.load(Ordering::Relaxed));
+        });
+        std::fs::remove_dir_all(&run_dir).unwrap();
+    }
+}

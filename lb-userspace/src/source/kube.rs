@@ -1,0 +1,686 @@
+//! Kubernetes objects -> `DesiredState`, with kube-proxy's semantics.
+//!
+//! Services, EndpointSlices (discovery.k8s.io/v1) and this node's Node come
+//! from the API (`watch`, `xlb run --kubernetes`) or from manifest files
+//! (`super::manifests`, `xlb run --manifests`); either way they are collected
+//! in a [`ClusterSnapshot`] and translated whole by [`desired_state`], a pure
+//! function, in two steps:
+//!
+//! 1. [`service_ports`]: every proxied (service, port) as kube-proxy sees it
+//!    ([`ServicePort`]: frontends, traffic policy, affinity, source ranges,
+//!    every endpoint with its conditions and locality);
+//! 2. [`to_model`]: the one place that knows `model::Service`'s fields, so a
+//!    field the model gains is a change there, not a rewrite.
+
+mod source;
+mod watch;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::{Node, Service as KubeService, ServicePort as KubeServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::model::{
+    Backend, DEFAULT_AFFINITY_TIMEOUT_S, DesiredState, MAX_AFFINITY_TIMEOUT_S, Protocol, Service,
+    TrafficPolicy,
+};
+
+pub use source::{ClusterSource, NODE_NAME_ENV, SourceError, SourceOptions, next_change};
+pub use watch::{ClusterView, Watch, WatchError, client, connect};
+
+/// Label that hands a Service (and its slices) to another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label that binds an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// `(namespace, name)` of a namespaced object.
+pub type ObjectKey = (String, String);
+
+/// The Kubernetes objects a node's load balancing depends on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterSnapshot {
+    pub services: BTreeMap<ObjectKey, KubeService>,
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+}
+
+impl ClusterSnapshot {
+    /// Adds or replaces a Service (an object without a namespace is in
+    /// `default`, as kubectl would put it).
+    pub fn insert_service(&mut self, service: KubeService) {
+        self.services.insert(key_of(&service.metadata), service);
+    }
+
+    pub fn insert_endpoint_slice(&mut self, slice: EndpointSlice) {
+        self.endpoint_slices.insert(key_of(&slice.metadata), slice);
+    }
+}
+
+/// `(namespace, name)` of an object's metadata (`default` namespace when
+/// unset).
+pub fn key_of(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
+    (
+        metadata
+            .namespace
+            .clone()
+            .filter(|namespace| !namespace.is_empty())
+            .unwrap_or_else(|| String::from("default")),
+        metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// What the translation needs to know about the node xlb runs on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The Node's name: endpoints whose `nodeName` equals it are local.
+    pub name: Option<String>,
+    /// The Node's primary IPv4 addresses (see [`NodeInfo::new`]), in status
+    /// order.
+    pub addresses: Vec<Ipv4Addr>,
+}
+
+impl NodeInfo {
+    /// `name`, with the primary addresses of `node` if the API has it: its
+    /// IPv4 InternalIPs, or its ExternalIPs when it has no InternalIP (an
+    /// ExternalIP is often a cloud NAT address no packet arrives with).
+    pub fn new(name: Option<String>, node: Option<&Node>) -> Self {
+        let listed: Vec<(&str, Ipv4Addr)> = node
+            .and_then(|node| node.status.as_ref())
+            .and_then(|status| status.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|address| {
+                let ip = address.address.parse::<Ipv4Addr>().ok()?;
+                Some((address.type_.as_str(), ip))
+            })
+            .collect();
+        let of_type = |wanted: &str| -> Vec<Ipv4Addr> {
+            let mut addresses = Vec::new();
+            for (kind, ip) in &listed {
+                if *kind == wanted && !addresses.contains(ip) {
+                    addresses.push(*ip);
+                }
+            }
+            addresses
+        };
+        let mut addresses = of_type("InternalIP");
+        if addresses.is_empty() {
+            addresses = of_type("ExternalIP");
+        }
+        Self { name, addresses }
+    }
+}
+
+/// One endpoint of a service port, as its EndpointSlice describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    /// `conditions.ready` (unset means ready).
+    pub ready: bool,
+    /// `conditions.serving` (unset means true, as kube-proxy reads it).
+    pub serving: bool,
+    /// `conditions.terminating` (unset means false).
+    pub terminating: bool,
+    /// `nodeName` is this node.
+    pub is_local: bool,
+    /// The pod (`targetRef.name`) or `hostname`, for logs.
+    pub name: Option<String>,
+}
+
+/// One proxied port of one Service: everything kube-proxy would act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub namespace: String,
+    pub service: String,
+    /// `ports[].name`; empty for a service's single unnamed port.
+    pub port_name: String,
+    pub protocol: Protocol,
+    /// `ports[].port`: what external IPs and load-balancer IPs answer on.
+    pub port: u16,
+    /// `ports[].nodePort` for NodePort and LoadBalancer services.
+    pub node_port: Option<u16>,
+    /// `spec.externalIPs` and the load balancer's ingress IPs, served on
+    /// `port`.
+    pub external_addresses: Vec<Ipv4Addr>,
+    pub external_traffic_policy: TrafficPolicy,
+    /// `sessionAffinity: ClientIP`'s timeout, in seconds.
+    pub session_affinity_timeout: Option<u32>,
+    /// `spec.loadBalancerSourceRanges` of a LoadBalancer service, IPv4 only:
+    /// (network address, prefix length).
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// `spec.healthCheckNodePort` of a Local LoadBalancer service.
+    pub health_check_node_port: Option<u16>,
+    /// Every endpoint for this port, sorted by (address, port), deduplicated.
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl ServicePort {
+    /// The model's service name: `service` or `service:port-name`, unique per
+    /// namespace (a service's port names are unique).
+    pub fn model_name(&self) -> String {
+        if self.port_name.is_empty() {
+            self.service.clone()
+        } else {
+            format!("{}:{}", self.service, self.port_name)
+        }
+    }
+}
+
+/// Why an object (or part of one) is not served; logged by the source.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Note {
+    pub level: NoteLevel,
+    /// `Service ns/name`, `EndpointSlice ns/name`, ...
+    pub object: String,
+    pub message: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NoteLevel {
+    /// Expected and harmless (SCTP ports, headless services, ...).
+    Debug,
+    /// Probably a mistake, or something xlb cannot do yet.
+    Warn,
+}
+
+impl fmt::Display for Note {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.message)
+    }
+}
+
+/// The translation and what it had to leave out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Translation {
+    pub state: DesiredState,
+    pub notes: Vec<Note>,
+}
+
+/// The whole desired state of this node: `base` (interfaces, conntrack,
+/// masquerade ports, ... from the config file and the command line) with
+/// its services replaced by those of `snapshot`.
+pub fn desired_state(
+    snapshot: &ClusterSnapshot,
+    node: &NodeInfo,
+    base: &DesiredState,
+) -> DesiredState {
+    translate(snapshot, node, base).state
+}
+
+/// [`desired_state`], with notes on what was skipped and why.
+pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredState) -> Translation {
+    let (ports, mut notes) = service_ports(snapshot, node);
+    let mut services = Vec::new();
+    // A NodePort (protocol, port) and an external frontend (protocol,
+    // address, port) belong to one service; the API server guarantees the
+    // first, nothing guarantees the second.
+    let mut owners: HashMap<(Protocol, Option<Ipv4Addr>, u16), String> = HashMap::new();
+    for port in &ports {
+        let object = format!("Service {}/{}", port.namespace, port.service);
+        let Some(service) = to_model(port, &mut notes) else {
+            continue;
+        };
+        let mut claims: Vec<(Protocol, Option<Ipv4Addr>, u16)> = Vec::new();
+        if service.node_port != 0 {
+            claims.push((service.protocol, None, service.node_port));
+        }
+        claims.extend(
+            service
+                .frontends
+                .iter()
+                .map(|address| (service.protocol, Some(*address), service.port)),
+        );
+        let taken = claims
+            .iter()
+            .find_map(|claim| owners.get(claim).map(|owner| (claim, owner)));
+        if let Some(((protocol, address, number), owner)) = taken {
+            let what = match address {
+                None => format!("nodePort {protocol} {number}"),
+                Some(address) => format!("{protocol} {address}:{number}"),
+            };
+            notes.push(Note {
+                level: NoteLevel::Warn,
+                object,
+                message: format!(
+                    "{what} is already used by {owner}; port {} skipped",
+                    port.port
+                ),
+            });
+            continue;
+        }
+        let owner = format!("{object} port {}", port.port);
+        for claim in claims {
+            owners.insert(claim, owner.clone());
+        }
+        services.push(service);
+    }
+    // Node addresses: the config's list wins (kube-proxy's
+    // --nodeport-addresses); otherwise the Node's primary addresses, as
+    // kube-proxy's nftables mode does by default; otherwise (no Node, or one
+    // without IPv4 addresses) every local address.
+    let node_addresses = base.node_addresses.clone().or_else(|| {
+        if node.addresses.is_empty() {
+            None
+        } else {
+            Some(node.addresses.clone())
+        }
+    });
+    Translation {
+        state: DesiredState {
+            node_addresses,
+            services,
+            ..base.clone()
+        },
+        notes,
+    }
+}
+
+/// The model's service for `port`, or `None` (with a note) when it has
+/// nothing to answer on. The only function that knows `model::Service`'s
+/// fields.
+///
+/// Every endpoint becomes a backend with its conditions and locality, all
+/// of weight 1 (Kubernetes has no weights): which of them take new flows
+/// (ready ones, local ones under the Local policy, serving terminating ones
+/// when nothing is ready) is decided in one place, the reconciler
+/// (`reconcile::desired_backends`), which also keeps draining pods' flows.
+pub fn to_model(port: &ServicePort, notes: &mut Vec<Note>) -> Option<Service> {
+    if port.node_port.is_none() && port.external_addresses.is_empty() {
+        notes.push(Note {
+            level: NoteLevel::Debug,
+            object: format!("Service {}/{}", port.namespace, port.service),
+            message: format!(
+                "port {} has neither a nodePort nor external addresses; skipped",
+                port.port
+            ),
+        });
+        return None;
+    }
+    let backends = port
+        .endpoints
+        .iter()
+        .map(|endpoint| Backend {
+            address: endpoint.address,
+            port: endpoint.port,
+            weight: 1,
+            name: endpoint.name.clone(),
+            ready: endpoint.ready,
+            serving: endpoint.serving,
+            terminating: endpoint.terminating,
+            is_local: endpoint.is_local,
+        })
+        .collect();
+    Some(Service {
+        name: port.model_name(),
+        namespace: port.namespace.clone(),
+        protocol: port.protocol,
+        node_port: port.node_port.unwrap_or(0),
+        port: port.port,
+        frontends: port.external_addresses.clone(),
+        external_traffic_policy: port.external_traffic_policy,
+        session_affinity_timeout: port.session_affinity_timeout,
+        source_ranges: port.source_ranges.clone(),
+        health_check_node_port: port.health_check_node_port,
+        backends,
+    })
+}
+
+/// Every proxied service port of `snapshot`, in (namespace, name, port
+/// order), with notes on what was skipped.
+pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<ServicePort>, Vec<Note>) {
+    let mut notes = Vec::new();
+    let mut slices_by_service: BTreeMap<ObjectKey, Vec<(&ObjectKey, &EndpointSlice)>> =
+        BTreeMap::new();
+    for (key, slice) in &snapshot.endpoint_slices {
+        let object = format!("EndpointSlice {}/{}", key.0, key.1);
+        let labels = slice.metadata.labels.as_ref();
+        let Some(service) = labels.and_then(|labels| labels.get(SERVICE_NAME_LABEL)) else {
+            notes.push(Note {
+                level: NoteLevel::Debug,
+                object,
+                message: format!("has no {SERVICE_NAME_LABEL} label; ignored"),
+            });
+            continue;
+        };
+        if slice.address_type != "IPv4" {
+            notes.push(Note {
+                level: NoteLevel::Debug,
+                object,
+                message: format!(
+                    "addressType {} is not served (IPv4 only); ignored",
+                    slice.address_type
+                ),
+            });
+            continue;
+        }
+        slices_by_service
+            .entry((key.0.clone(), service.clone()))
+            .or_default()
+            .push((key, slice));
+    }
+    let mut ports = Vec::new();
+    for (key, service) in &snapshot.services {
+        let object = format!("Service {}/{}", key.0, key.1);
+        let Some(spec) = &service.spec else {
+            notes.push(Note {
+                level: NoteLevel::Debug,
+                object,
+                message: String::from("has no spec; skipped"),
+            });
+            continue;
+        };
+        if let Some(proxy) = service
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SERVICE_PROXY_NAME_LABEL))
+        {
+            notes.push(Note {
+                level: NoteLevel::Debug,
+                object,
+                message: format!(
+                    "belongs to proxy {proxy:?} ({SERVICE_PROXY_NAME_LABEL}); skipped"
+                ),
+            });
+            continue;
+        }
+        let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        if service_type == "ExternalName" {
+            notes.push(Note {
+                level: NoteLevel::Debug,
+                object,
+                message: String::from("is an ExternalName service; skipped"),
+            });
+            continue;
+        }
+        // An empty clusterIP is not headless: manifests carry none, the API
+        // server allocates it.
+        if spec.cluster_ip.as_deref() == Some("None") {
+            notes.push(Note {
+                level: NoteLevel::Debug,
+                object,
+                message: String::from("is headless (clusterIP: None); skipped"),
+            });
+            continue;
+        }
+        let node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
+        let external_addresses = external_addresses(service, service_type, &object, &mut notes);
+        if !node_ports && external_addresses.is_empty() {
+            notes.push(Note {
+                level: NoteLevel::Debug,
+                object,
+                message: format!(
+                    "is a {service_type} service without external IPs; nothing to serve"
+                ),
+            });
+            continue;
+        }
+        let external_traffic_policy = match spec.external_traffic_policy.as_deref() {
+            Some("Local") => TrafficPolicy::Local,
+            _ => TrafficPolicy::Cluster,
+        };
+        let session_affinity_timeout =
+            (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                spec.session_affinity_config
+                    .as_ref()
+                    .and_then(|config| config.client_ip.as_ref())
+                    .and_then(|client_ip| client_ip.timeout_seconds)
+                    .and_then(|seconds| u32::try_from(seconds).ok())
+                    .filter(|seconds| *seconds > 0)
+                    .map_or(DEFAULT_AFFINITY_TIMEOUT_S, |seconds| {
+                        seconds.min(MAX_AFFINITY_TIMEOUT_S)
+                    })
+            });
+        let source_ranges = if service_type == "LoadBalancer" {
+            source_ranges(
+                spec.load_balancer_source_ranges
+                    .as_deref()
+                    .unwrap_or_default(),
+                &object,
+                &mut notes,
+            )
+        } else {
+            Vec::new()
+        };
+        let health_check_node_port = spec
+            .health_check_node_port
+            .filter(|_| {
+                service_type == "LoadBalancer" && external_traffic_policy == TrafficPolicy::Local
+            })
+            .and_then(positive_port);
+        let slices = slices_by_service
+            .get(key)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        for kube_port in spec.ports.iter().flatten() {
+            let port_name = kube_port.name.clone().unwrap_or_default();
+            let protocol = match kube_port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                other => {
+                    notes.push(Note {
+                        level: NoteLevel::Debug,
+                        object: object.clone(),
+                        message: format!(
+                            "port {} is {other}; only TCP and UDP are served",
+                            kube_port.port
+                        ),
+                    });
+                    continue;
+                }
+            };
+            let Some(port) = positive_port(kube_port.port) else {
+                notes.push(Note {
+                    level: NoteLevel::Warn,
+                    object: object.clone(),
+                    message: format!("port {} is not a port number; skipped", kube_port.port),
+                });
+                continue;
+            };
+            let node_port = if node_ports {
+                kube_port.node_port.and_then(positive_port)
+            } else {
+                None
+            };
+            let endpoints = endpoints(kube_port, &port_name, protocol, slices, node, &mut notes);
+            ports.push(ServicePort {
+                namespace: key.0.clone(),
+                service: key.1.clone(),
+                port_name,
+                protocol,
+                port,
+                node_port,
+                external_addresses: external_addresses.clone(),
+                external_traffic_policy,
+                session_affinity_timeout,
+                source_ranges: source_ranges.clone(),
+                health_check_node_port,
+                endpoints,
+            });
+        }
+    }
+    (ports, notes)
+}
+
+/// `10.0.0.0/8`-style ranges, IPv4 only, host bits cleared.
+fn source_ranges(listed: &[String], object: &str, notes: &mut Vec<Note>) -> Vec<(Ipv4Addr, u8)> {
+    let mut ranges = Vec::new();
+    for text in listed {
+        let parsed = text.trim().split_once('/').and_then(|(address, length)| {
+            let address: Ipv4Addr = address.parse().ok()?;
+            let length: u8 = length.parse().ok().filter(|length| *length <= 32)?;
+            let mask = u32::MAX.checked_shl(u32::from(32 - length)).unwrap_or(0);
+            Some((Ipv4Addr::from(u32::from(address) & mask), length))
+        });
+        match parsed {
+            Some(range) if !ranges.contains(&range) => ranges.push(range),
+            Some(_) => {}
+            None => notes.push(Note {
+                level: NoteLevel::Debug,
+                object: object.to_owned(),
+                message: format!("loadBalancerSourceRange {text} is not an IPv4 CIDR; ignored"),
+            }),
+        }
+    }
+    ranges
+}
+
+fn positive_port(port: i32) -> Option<u16> {
+    u16::try_from(port).ok().filter(|port| *port != 0)
+}
+
+/// `spec.externalIPs`, then the load balancer's ingress IPs (not those in
+/// `ipMode: Proxy`, whose load balancer does not send traffic to the
+/// service's IP), IPv4 only, without duplicates.
+fn external_addresses(
+    service: &KubeService,
+    service_type: &str,
+    object: &str,
+    notes: &mut Vec<Note>,
+) -> Vec<Ipv4Addr> {
+    let mut addresses = Vec::new();
+    let mut add = |text: &str, field: &str, notes: &mut Vec<Note>| match text.parse::<Ipv4Addr>() {
+        Ok(address) if !addresses.contains(&address) => addresses.push(address),
+        Ok(_) => {}
+        Err(_) => notes.push(Note {
+            level: NoteLevel::Debug,
+            object: object.to_owned(),
+            message: format!("{field} {text} is not an IPv4 address; not served"),
+        }),
+    };
+    let spec = service.spec.as_ref();
+    for ip in spec
+        .and_then(|spec| spec.external_ips.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        add(ip, "externalIP", notes);
+    }
+    if service_type == "LoadBalancer" {
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|status| status.load_balancer.as_ref())
+            .and_then(|load_balancer| load_balancer.ingress.as_ref());
+        for ingress in ingress.into_iter().flatten() {
+            if ingress.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            if let Some(ip) = &ingress.ip {
+                add(ip, "load-balancer ingress IP", notes);
+            }
+        }
+    }
+    addresses
+}
+
+/// The endpoints of one service port: for each slice, the slice port with
+/// the service port's name and protocol gives the port number (the
+/// EndpointSlice controller resolved a named targetPort per pod); a slice
+/// port without a number means "the target port", usable only when the
+/// service's targetPort is a number.
+fn endpoints(
+    kube_port: &KubeServicePort,
+    port_name: &str,
+    protocol: Protocol,
+    slices: &[(&ObjectKey, &EndpointSlice)],
+    node: &NodeInfo,
+    notes: &mut Vec<Note>,
+) -> Vec<Endpoint> {
+    let mut found: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
+    for (key, slice) in slices {
+        let object = format!("EndpointSlice {}/{}", key.0, key.1);
+        let slice_port = slice.ports.iter().flatten().find(|slice_port| {
+            slice_port.name.as_deref().unwrap_or_default() == port_name
+                && slice_port.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
+        });
+        let Some(slice_port) = slice_port else {
+            continue;
+        };
+        let port = match slice_port.port {
+            Some(number) => positive_port(number),
+            None => match &kube_port.target_port {
+                Some(IntOrString::Int(number)) => positive_port(*number),
+                None => positive_port(kube_port.port),
+                Some(IntOrString::String(name)) => {
+                    notes.push(Note {
+                        level: NoteLevel::Warn,
+                        object: object.clone(),
+                        message: format!(
+                            "port {port_name:?} has no number and the service's targetPort is the name {name:?}; its endpoints are not used"
+                        ),
+                    });
+                    continue;
+                }
+            },
+        };
+        let Some(port) = port else {
+            notes.push(Note {
+                level: NoteLevel::Warn,
+                object: object.clone(),
+                message: format!(
+                    "port {port_name:?} is not a port number; its endpoints are not used"
+                ),
+            });
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let Some(text) = endpoint.addresses.first() else {
+                continue;
+            };
+            let Ok(address) = text.parse::<Ipv4Addr>() else {
+                notes.push(Note {
+                    level: NoteLevel::Warn,
+                    object: object.clone(),
+                    message: format!("endpoint address {text} is not an IPv4 address; skipped"),
+                });
+                continue;
+            };
+            let conditions = endpoint.conditions.as_ref();
+            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
+            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+            let is_local = match (&endpoint.node_name, &node.name) {
+                (Some(endpoint_node), Some(this_node)) => endpoint_node == this_node,
+                _ => false,
+            };
+            let name = endpoint
+                .target_ref
+                .as_ref()
+                .and_then(|target| target.name.clone())
+                .or_else(|| endpoint.hostname.clone());
+            let candidate = Endpoint {
+                address,
+                port,
+                ready,
+                serving,
+                terminating,
+                is_local,
+                name,
+            };
+            // The same endpoint in two slices (while one is being replaced):
+            // keep the first, unless only the second knows it is local.
+            match found.get(&(address, port)) {
+                Some(existing) if existing.is_local || !is_local => {}
+                _ => {
+                    found.insert((address, port), candidate);
+                }
+            }
+        }
+    }
+    found.into_values().collect()
+}
+
+/// Notes not in `previous`, for logging each finding once.
+pub fn new_notes<'a>(notes: &'a [Note], previous: &BTreeSet<Note>) -> Vec<&'a Note> {
+    notes
+        .iter()
+        .filter(|note| !previous.contains(note))
+        .collect()
+}
