@@ -31,12 +31,12 @@ struct PathSpec {
 const PATHS: &[PathSpec] = &[
     PathSpec {
         name: "new_udp_flow",
-        what: "first datagram of a flow: service lookup, backend choice, FIB, masquerade port, 2 conntrack inserts, rewrite",
+        what: "first datagram of a flow: service lookup, backend choice, next hop (cached per backend), masquerade port, 2 conntrack inserts, rewrite",
         goal: Some(2.0),
     },
     PathSpec {
         name: "established_udp",
-        what: "datagram of a known flow: conntrack hit, backend check, FIB, rewrite",
+        what: "datagram of a known flow: conntrack hit, backend check, next hop cached in the flow, rewrite, counters",
         goal: Some(1.3),
     },
     PathSpec {

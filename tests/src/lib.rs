@@ -14,6 +14,7 @@
 pub mod agent;
 #[cfg(feature = "apiserver")]
 pub mod apiserver;
+pub mod bpffs;
 pub mod client;
 mod cmd;
 mod error;
@@ -31,6 +32,7 @@ mod xdp_pass;
 use std::path::{Path, PathBuf};
 
 pub use agent::{Agent, AgentExit};
+pub use bpffs::Bpffs;
 pub use client::Who;
 pub use error::LabError;
 pub use lab::{Backend, Lab};

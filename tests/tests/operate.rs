@@ -19,7 +19,7 @@ use xlb_tests::lab::{
     CLIENT_ADDR, ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, TCP_ECHO_NODE_PORT, UDP_ECHO_NODE_PORT,
     tcp_echo_service, udp_echo_service,
 };
-use xlb_tests::{Agent, Lab, XLB_BIN_ENV, bin_from_env, poll_until};
+use xlb_tests::{Agent, Bpffs, Lab, XLB_BIN_ENV, bin_from_env, poll_until};
 
 /// Where the agent answers /metrics inside the node namespace (the default).
 const METRICS: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9090));
@@ -29,36 +29,6 @@ const CONNECTIONS: u64 = 10;
 /// Payload of each datagram: frames are 14 + 20 + 8 + 64 = 106 bytes.
 const DATAGRAM_PAYLOAD: usize = 64;
 const DATAGRAM_FRAME: u64 = 106;
-
-/// A bpffs mounted in the lab's scratch directory for the agent's pins;
-/// unmounted (which frees the pins) on drop.
-struct Bpffs {
-    path: PathBuf,
-}
-
-impl Bpffs {
-    fn mount(lab: &Lab) -> anyhow::Result<Bpffs> {
-        let path = lab.dir().join("bpffs");
-        std::fs::create_dir_all(&path)?;
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&path)
-            .status()
-            .context("running mount")?;
-        ensure!(
-            status.success(),
-            "mount -t bpf bpf {} failed",
-            path.display()
-        );
-        Ok(Bpffs { path })
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
 
 /// An agent with its pins and run directory, and the CLI pointed at them.
 struct Operated<'lab> {
@@ -76,7 +46,7 @@ impl<'lab> Operated<'lab> {
         let run_dir = lab.dir().join("run");
         let args = [
             "--bpffs",
-            path_str(&bpffs.path)?,
+            path_str(bpffs.path())?,
             "--run-dir",
             path_str(&run_dir)?,
         ];
@@ -95,7 +65,7 @@ impl<'lab> Operated<'lab> {
             self.agent.lab(),
             &self.xlb,
             args,
-            &self.bpffs.path,
+            self.bpffs.path(),
             &self.run_dir,
         )
     }
@@ -435,7 +405,7 @@ fn counters_flows_and_metrics_report_exactly_the_traffic_sent() -> anyhow::Resul
         exit.status,
         exit.log
     );
-    let output = cli_in(&lab, &xlb, &["stats"], &bpffs.path, &run_dir)?;
+    let output = cli_in(&lab, &xlb, &["stats"], bpffs.path(), &run_dir)?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains("no xlb agent is running"),

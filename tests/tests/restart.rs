@@ -10,66 +10,18 @@
 mod stream;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use xlb_tests::lab::{NODE_ADDR, NODE_CLIENT_IF};
-use xlb_tests::{Agent, Lab, XLB_BIN_ENV, bin_from_env};
+use xlb_tests::{Agent, Bpffs, Lab, XLB_BIN_ENV, bin_from_env};
 
 use stream::{Connection, Stream, counter, socket_drops};
 
 const UDP_PORT: u16 = 30960;
 const TCP_PORT: u16 = 30961;
 const OTHER_PORT: u16 = 30962;
-
-/// A bpffs mounted in the lab's scratch directory (LAB-NOTES pitfall 6:
-/// `ip netns exec` remounts /sys, so /sys/fs/bpf is no bpffs inside it).
-/// Unmounted on drop, which also releases whatever is still pinned there.
-struct Bpffs {
-    path: PathBuf,
-}
-
-impl Bpffs {
-    fn mount(lab: &Lab) -> anyhow::Result<Bpffs> {
-        let path = lab.dir().join("bpffs");
-        std::fs::create_dir_all(&path)?;
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&path)
-            .status()
-            .context("running mount")?;
-        ensure!(
-            status.success(),
-            "mount -t bpf bpf {} failed",
-            path.display()
-        );
-        Ok(Bpffs { path })
-    }
-
-    fn arg(&self) -> String {
-        self.path.display().to_string()
-    }
-
-    /// Names under `maps/` or `links/`.
-    fn pins(&self, dir: &str) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(self.path.join(dir)) else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = entries
-            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-            .collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
 
 /// udp-echo and tcp-echo with both backends, plus an `other` service whose
 /// backends change with `round`.

@@ -8,7 +8,10 @@ use std::io::IsTerminal as _;
 use tracing_subscriber::EnvFilter;
 
 /// The filter when `RUST_LOG` is unset or invalid.
-pub const DEFAULT_FILTER: &str = "info";
+///
+/// kube_client logs an ERROR for every failed request while the API server
+/// is away; the Kubernetes source reports the outage once itself.
+pub const DEFAULT_FILTER: &str = "info,kube_client=off";
 
 /// Where aya-log's records from the datapath (lb-ebpf) log to.
 pub const DATAPATH_TARGET: &str = "lb_ebpf";
