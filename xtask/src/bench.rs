@@ -42,6 +42,9 @@ pub struct BenchArgs {
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     setup::run()?;
+    if !args.micro {
+        setup::apt_packages(setup::BENCH_APT_PACKAGES)?;
+    }
     let release = args.release || !(args.debug || args.quick || args.micro);
     let profile = if release { "release" } else { "debug" };
     println!("xtask: cargo build ({profile}) of the agent and the bench");

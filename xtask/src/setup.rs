@@ -9,7 +9,8 @@ use anyhow::{Context as _, bail};
 use crate::build::check_status;
 
 /// Debian packages: LLVM for bpf-linker (and the libraries llvm-config asks
-/// for), and the lab's tools (ip, ethtool, ping, sysctl, socat).
+/// for), the lab's tools (ip, ethtool, ping, sysctl, socat), and iptables /
+/// nftables, whose parsers check the bench's kube-proxy rules in the tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "zlib1g-dev",
@@ -19,7 +20,13 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "procps",
     "socat",
+    "iptables",
+    "nftables",
 ];
+
+/// What the benchmark lab adds: nginx stream, the userspace proxy it
+/// measures xlb against.
+pub const BENCH_APT_PACKAGES: &[&str] = &["nginx-light", "libnginx-mod-stream"];
 
 /// Where Debian's llvm-22 lives; bpf-linker's build finds it through this.
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -28,7 +35,7 @@ pub fn run() -> anyhow::Result<()> {
     require_root()?;
     nightly_rust_src()?;
     lint_components()?;
-    apt_packages()?;
+    apt_packages(APT_PACKAGES)?;
     bpf_linker()?;
     Ok(())
 }
@@ -124,12 +131,14 @@ fn lint_components() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn apt_packages() -> anyhow::Result<()> {
+/// Installs the packages in `packages` that are missing (`apt-get update`
+/// only then).
+pub fn apt_packages(packages: &[&str]) -> anyhow::Result<()> {
     // dpkg-query prints nothing (and complains on stderr) for packages it
     // has never heard of, so anything not listed as installed is missing.
     let output = Command::new("dpkg-query")
         .args(["-W", "-f", "${Package} ${db:Status-Status}\\n"])
-        .args(APT_PACKAGES)
+        .args(packages)
         .stderr(Stdio::null())
         .output()
         .context("could not run dpkg-query: setup expects a Debian machine")?;
@@ -142,7 +151,7 @@ fn apt_packages() -> anyhow::Result<()> {
             name.split(':').next() == Some(package) && fields.next() == Some("installed")
         })
     };
-    let missing: Vec<&str> = APT_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| !is_installed(package))
@@ -161,7 +170,7 @@ fn apt_packages() -> anyhow::Result<()> {
             "apt-get install",
         )?;
     }
-    for package in APT_PACKAGES {
+    for package in packages {
         report(package, missing.contains(package));
     }
     Ok(())
