@@ -1,11 +1,15 @@
 //! Managed neighbours: the kernel keeps the next hop of every backend
 //! resolved, so the datapath's FIB lookup finds a MAC address instead of
 //! dropping with `drop_no_neighbour`. Done with iproute2 (`ip route get`,
-//! `ip neigh replace ... managed`), which every node has.
+//! `ip neigh replace ... managed`), which every node has, in batch mode: one
+//! `ip` for all new backends' routes and one for their distinct next hops,
+//! however many backends a reconcile brings (spawning two per backend made
+//! 100,000 backends take five minutes).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use serde::Deserialize;
 
@@ -24,7 +28,7 @@ pub enum NeighbourError {
 }
 
 /// Where packets to a backend go next.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NextHop {
     pub address: Ipv4Addr,
     pub device: String,
@@ -44,32 +48,17 @@ impl Neighbours {
     /// neighbour. Failures come back as warnings, and are retried next time.
     pub fn ensure(&mut self, backends: &BTreeSet<Ipv4Addr>) -> Vec<String> {
         let mut warnings = Vec::new();
-        for &backend in backends.difference(&self.done.clone()) {
-            match ensure_one(backend) {
-                Ok(Some(hop)) => {
-                    log::debug!(
-                        "backend {backend}: next hop {} on {} is a managed neighbour",
-                        hop.address,
-                        hop.device
-                    );
-                    self.done.insert(backend);
-                    self.failed.remove(&backend);
-                }
-                Ok(None) => {
-                    log::debug!("backend {backend} is local; no neighbour to manage");
-                    self.done.insert(backend);
-                    self.failed.remove(&backend);
+        let new: Vec<Ipv4Addr> = backends.difference(&self.done).copied().collect();
+        if !new.is_empty() {
+            match resolve(&new) {
+                Ok(outcomes) => {
+                    for (backend, outcome) in outcomes {
+                        self.record(backend, outcome, &mut warnings);
+                    }
                 }
                 Err(error) => {
-                    let message = format!(
-                        "backend {backend}: cannot keep its next hop resolved ({error}); \
-                         packets to it may be dropped as drop_no_neighbour until the kernel \
-                         resolves it"
-                    );
-                    if self.failed.insert(backend) {
-                        warnings.push(message);
-                    } else {
-                        log::debug!("{message}");
+                    for &backend in &new {
+                        self.record(backend, Err(error.to_string()), &mut warnings);
                     }
                 }
             }
@@ -80,6 +69,36 @@ impl Neighbours {
         warnings
     }
 
+    fn record(&mut self, backend: Ipv4Addr, outcome: Outcome, warnings: &mut Vec<String>) {
+        match outcome {
+            Ok(Some(hop)) => {
+                log::debug!(
+                    "backend {backend}: next hop {} on {} is a managed neighbour",
+                    hop.address,
+                    hop.device
+                );
+                self.done.insert(backend);
+                self.failed.remove(&backend);
+            }
+            Ok(None) => {
+                log::debug!("backend {backend} is local; no neighbour to manage");
+                self.done.insert(backend);
+                self.failed.remove(&backend);
+            }
+            Err(error) => {
+                let message = format!(
+                    "backend {backend}: cannot keep its next hop resolved ({error}); packets \
+                     to it may be dropped as drop_no_neighbour until the kernel resolves it"
+                );
+                if self.failed.insert(backend) {
+                    warnings.push(message);
+                } else {
+                    log::debug!("{message}");
+                }
+            }
+        }
+    }
+
     /// Redo every backend on the next `ensure` (routes may have moved).
     pub fn forget(&mut self) {
         self.done.clear();
@@ -87,75 +106,146 @@ impl Neighbours {
     }
 }
 
-fn ensure_one(backend: Ipv4Addr) -> Result<Option<NextHop>, NeighbourError> {
-    let route = run("ip", &["-j", "route", "get", &backend.to_string()])?;
-    let Some(hop) = next_hop(backend, &route)? else {
-        return Ok(None);
-    };
-    run(
-        "ip",
-        &[
-            "neigh",
-            "replace",
-            &hop.address.to_string(),
-            "dev",
-            &hop.device,
-            "managed",
-        ],
-    )?;
-    Ok(Some(hop))
+/// A backend's next hop (`None`: local, nothing to manage) or why not.
+type Outcome = Result<Option<NextHop>, String>;
+
+/// Finds every backend's next hop (one `ip -batch` of `route get`s) and
+/// makes each distinct one a managed neighbour (one `ip -batch` of `neigh
+/// replace`s). Per-backend outcomes; `Err` only if `ip` cannot run at all.
+fn resolve(backends: &[Ipv4Addr]) -> Result<Vec<(Ipv4Addr, Outcome)>, NeighbourError> {
+    let lookups: String = backends
+        .iter()
+        .map(|backend| format!("route get {backend}\n"))
+        .collect();
+    let (stdout, _) = batch(&["-force", "-j", "-batch", "-"], &lookups)?;
+    let routes = routes_by_destination(&stdout);
+    let mut outcomes = Vec::with_capacity(backends.len());
+    let mut hops: BTreeMap<NextHop, Vec<Ipv4Addr>> = BTreeMap::new();
+    for &backend in backends {
+        match routes.get(&backend) {
+            None => outcomes.push((backend, Err(String::from("ip route get found no route")))),
+            Some(route) => match hop_of(backend, route) {
+                Ok(Some(hop)) => hops.entry(hop).or_default().push(backend),
+                other => outcomes.push((backend, other.map_err(|e| e.to_string()))),
+            },
+        }
+    }
+    let hops: Vec<(NextHop, Vec<Ipv4Addr>)> = hops.into_iter().collect();
+    if hops.is_empty() {
+        return Ok(outcomes);
+    }
+    let replaces: String = hops
+        .iter()
+        .map(|(hop, _)| format!("neigh replace {} dev {} managed\n", hop.address, hop.device))
+        .collect();
+    let (_, stderr) = batch(&["-force", "-batch", "-"], &replaces)?;
+    let failed = failed_lines(&stderr);
+    for (line, (hop, users)) in (1..).zip(hops) {
+        let outcome = if failed.contains(&line) {
+            Err(format!(
+                "ip neigh replace {} dev {} managed failed: {}",
+                hop.address,
+                hop.device,
+                stderr.trim()
+            ))
+        } else {
+            Ok(Some(hop))
+        };
+        for backend in users {
+            outcomes.push((backend, outcome.clone()));
+        }
+    }
+    Ok(outcomes)
 }
 
-fn run(program: &str, args: &[&str]) -> Result<String, NeighbourError> {
-    let command = format!("{program} {}", args.join(" "));
-    let output = Command::new(program)
+/// Runs `ip ARGS` with `input` on standard input; returns stdout and stderr
+/// whatever the exit status (with -force, failed lines are named on stderr).
+fn batch(args: &[&str], input: &str) -> Result<(String, String), NeighbourError> {
+    let command = format!("ip {}", args.join(" "));
+    let spawn_failed = |source| NeighbourError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    let mut child = Command::new("ip")
         .args(args)
-        .output()
-        .map_err(|source| NeighbourError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if !output.status.success() {
-        return Err(NeighbourError::Failed {
-            command,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        });
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_failed)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes()).map_err(spawn_failed)?;
     }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    let output = child.wait_with_output().map_err(spawn_failed)?;
+    Ok((
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// `ip -j -batch` prints one JSON array per successful `route get`; each
+/// route names its destination.
+fn routes_by_destination(stdout: &str) -> HashMap<Ipv4Addr, RouteJson> {
+    serde_json::Deserializer::from_str(stdout)
+        .into_iter::<Vec<RouteJson>>()
+        .filter_map(Result::ok)
+        .filter_map(|routes| routes.into_iter().next())
+        .filter_map(|route| Some((route.dst.as_deref()?.parse().ok()?, route)))
+        .collect()
+}
+
+/// Line numbers of `Command failed -:N` in `ip -force -batch -`'s stderr.
+fn failed_lines(stderr: &str) -> BTreeSet<usize> {
+    stderr
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("Command failed -:"))
+        .filter_map(|number| number.trim().parse().ok())
+        .collect()
 }
 
 #[derive(Deserialize)]
 struct RouteJson {
+    dst: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,
     dev: Option<String>,
     gateway: Option<String>,
 }
 
-/// Parses `ip -j route get BACKEND`: the gateway if there is one, else the
-/// backend itself on the route's device; `None` for local addresses.
+/// Parses `ip -j route get BACKEND` (one command's output).
+#[cfg(test)]
 fn next_hop(backend: Ipv4Addr, json: &str) -> Result<Option<NextHop>, NeighbourError> {
-    let failed = |reason: String| NeighbourError::Output {
+    let routes: Vec<RouteJson> =
+        serde_json::from_str(json).map_err(|e| output_error(backend, e.to_string()))?;
+    let Some(route) = routes.first() else {
+        return Err(output_error(backend, String::from("no route")));
+    };
+    hop_of(backend, route)
+}
+
+fn output_error(backend: Ipv4Addr, reason: String) -> NeighbourError {
+    NeighbourError::Output {
         command: format!("ip -j route get {backend}"),
         reason,
-    };
-    let routes: Vec<RouteJson> = serde_json::from_str(json).map_err(|e| failed(e.to_string()))?;
-    let Some(route) = routes.into_iter().next() else {
-        return Err(failed(String::from("no route")));
-    };
+    }
+}
+
+/// A backend's next hop from its route: the gateway if there is one, else
+/// the backend itself on the route's device; `None` for local addresses.
+fn hop_of(backend: Ipv4Addr, route: &RouteJson) -> Result<Option<NextHop>, NeighbourError> {
     if matches!(
         route.kind.as_deref(),
         Some("local" | "blackhole" | "unreachable" | "prohibit")
     ) {
         return Ok(None);
     }
-    let Some(device) = route.dev.filter(|dev| dev != "lo") else {
+    let Some(device) = route.dev.clone().filter(|dev| dev != "lo") else {
         return Ok(None);
     };
-    let address = match route.gateway {
+    let address = match &route.gateway {
         Some(gateway) => gateway
             .parse()
-            .map_err(|_| failed(format!("gateway {gateway} is not IPv4")))?,
+            .map_err(|_| output_error(backend, format!("gateway {gateway} is not IPv4")))?,
         None => backend,
     };
     Ok(Some(NextHop { address, device }))
@@ -202,6 +292,93 @@ mod tests {
     fn local_backend_has_no_neighbour() {
         let json = r#"[{"type":"local","dst":"198.18.1.2","dev":"lo","prefsrc":"198.18.1.2","flags":[],"uid":0,"cache":["local"]}]"#;
         assert_eq!(hop(json), None);
+    }
+
+    #[test]
+    fn batch_output_is_read_by_destination_and_failed_lines() {
+        let stdout = "[{\"dst\":\"198.18.5.7\",\"dev\":\"va\",\"flags\":[]}]\n\
+                      [{\"dst\":\"198.19.3.4\",\"gateway\":\"198.18.5.254\",\"dev\":\"va\"}]\n";
+        let routes = routes_by_destination(stdout);
+        assert_eq!(routes.len(), 2);
+        let routed = Ipv4Addr::new(198, 19, 3, 4);
+        let hop = routes.get(&routed).map(|route| hop_of(routed, route));
+        assert!(matches!(
+            hop,
+            Some(Ok(Some(NextHop { address, .. }))) if address == Ipv4Addr::new(198, 18, 5, 254)
+        ));
+        let stderr = "RTNETLINK answers: Network is unreachable\nCommand failed -:2\n\
+                      Cannot find device \"x\"\nCommand failed -:5\n";
+        assert_eq!(failed_lines(stderr), BTreeSet::from([2, 5]));
+    }
+
+    /// Against the real kernel, in a namespace of its own: a thread enters
+    /// it, so the `ip` processes it spawns run there too.
+    #[test]
+    fn batch_makes_next_hops_managed_neighbours() {
+        if !crate::kernel::is_root() {
+            eprintln!("skipped: network namespaces need root");
+            return;
+        }
+        let ns = format!("xlbneigh-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip").args(["-n", &ns]).args(args).status();
+            assert!(status.is_ok_and(|s| s.success()), "ip {args:?}");
+        };
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &ns])
+                .status()
+                .is_ok_and(|s| s.success())
+        );
+        ip(&["link", "add", "va", "type", "veth", "peer", "name", "vb"]);
+        ip(&["addr", "add", "198.18.5.1/24", "dev", "va"]);
+        ip(&["link", "set", "va", "up"]);
+        ip(&["link", "set", "vb", "up"]);
+        ip(&[
+            "route",
+            "add",
+            "198.19.0.0/16",
+            "via",
+            "198.18.5.254",
+            "dev",
+            "va",
+        ]);
+        let path = format!("/var/run/netns/{ns}");
+        let outcome = std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("netns handle");
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: a valid namespace fd; only this thread changes namespace.
+            let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0, "setns");
+            let mut neighbours = Neighbours::default();
+            let backends: BTreeSet<Ipv4Addr> = [
+                Ipv4Addr::new(198, 18, 5, 7),
+                Ipv4Addr::new(198, 19, 1, 1),
+                Ipv4Addr::new(198, 19, 2, 2),
+                Ipv4Addr::new(198, 18, 5, 1),
+            ]
+            .into();
+            let warnings = neighbours.ensure(&backends);
+            (warnings, neighbours.done.len())
+        })
+        .join();
+        let table = Command::new("ip")
+            .args(["-n", &ns, "neigh", "show"])
+            .output();
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        let Ok((warnings, done)) = outcome else {
+            panic!("thread panicked")
+        };
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(done, 4, "every backend handled (one is local)");
+        let table = String::from_utf8_lossy(&table.expect("ip neigh").stdout).into_owned();
+        assert!(table.contains("198.18.5.7 dev va managed"), "{table}");
+        assert!(table.contains("198.18.5.254 dev va managed"), "{table}");
+        assert_eq!(
+            table.matches("198.18.5.254").count(),
+            1,
+            "one entry per next hop"
+        );
     }
 
     #[test]
