@@ -139,6 +139,26 @@ pub struct Snapshot {
 }
 
 impl KernelMaps {
+    fn read_node_addresses(&self) -> Result<BTreeSet<Ipv4Addr>, MapIoError> {
+        self.node_addresses
+            .keys()
+            .map(|key| {
+                let key = key.map_err(io(names::NODE_ADDRS))?;
+                Ok(Ipv4Addr::from(key.to_ne_bytes()))
+            })
+            .collect()
+    }
+
+    fn read_interface_addresses(&self) -> Result<BTreeMap<u32, Ipv4Addr>, MapIoError> {
+        self.interface_addresses
+            .iter()
+            .map(|entry| {
+                let (ifindex, address) = entry.map_err(io(names::IFACE_ADDRS))?;
+                Ok((ifindex, Ipv4Addr::from(address.to_ne_bytes())))
+            })
+            .collect()
+    }
+
     pub fn snapshot(&self) -> Result<Snapshot, MapIoError> {
         let mut snapshot = Snapshot::default();
         for entry in self.services.iter() {
@@ -160,18 +180,8 @@ impl KernelMaps {
                     .insert(u32::try_from(id).unwrap_or(u32::MAX), backend);
             }
         }
-        for key in self.node_addresses.keys() {
-            let key = key.map_err(io(names::NODE_ADDRS))?;
-            snapshot
-                .node_addresses
-                .insert(Ipv4Addr::from(key.to_ne_bytes()));
-        }
-        for entry in self.interface_addresses.iter() {
-            let (ifindex, address) = entry.map_err(io(names::IFACE_ADDRS))?;
-            snapshot
-                .interface_addresses
-                .insert(ifindex, Ipv4Addr::from(address.to_ne_bytes()));
-        }
+        snapshot.node_addresses = self.read_node_addresses()?;
+        snapshot.interface_addresses = self.read_interface_addresses()?;
         for key in self.source_ranges.keys() {
             let range = source_range_of(&key.map_err(io(names::SOURCE_RANGES))?);
             snapshot
@@ -241,18 +251,8 @@ impl KernelMaps {
             let key = key.map_err(io(names::SOURCE_RANGES))?;
             applied.source_ranges.insert(source_range_of(&key));
         }
-        for key in self.node_addresses.keys() {
-            let key = key.map_err(io(names::NODE_ADDRS))?;
-            applied
-                .node_addresses
-                .insert(Ipv4Addr::from(key.to_ne_bytes()));
-        }
-        for entry in self.interface_addresses.iter() {
-            let (ifindex, address) = entry.map_err(io(names::IFACE_ADDRS))?;
-            applied
-                .interface_addresses
-                .insert(ifindex, Ipv4Addr::from(address.to_ne_bytes()));
-        }
+        applied.node_addresses = self.read_node_addresses()?;
+        applied.interface_addresses = self.read_interface_addresses()?;
         let config = self.config.get(&0, 0).map_err(io(names::CONFIG))?;
         applied.settings = (config.flags & CONFIG_F_READY != 0).then(|| settings_of(&config));
         applied.next_service_id = applied.next_service_id.max(self.first_unused_service_id()?);
