@@ -128,11 +128,14 @@ struct Tally {
     /// were reached at their own address and target port (DNAT).
     natted: usize,
     failures: Vec<String>,
+    /// Failures since the last answer; the sender gives up at GIVE_UP_AFTER.
+    failed_in_a_row: usize,
 }
 
 impl Tally {
     /// Count `who` (answered via `from`) against what the lab expects.
     fn record(&mut self, lab: &Lab, who: &Who, source_ok: bool, target_port: u16) {
+        self.failed_in_a_row = 0;
         *self.per_backend.entry(who.name.clone()).or_default() += 1;
         if source_ok {
             self.right_source += 1;
@@ -153,8 +156,16 @@ impl Tally {
         }
     }
 
-    fn fail(&mut self, error: anyhow::Error) {
+    /// Counts a failure; true when the sender should give up.
+    fn fail(&mut self, error: anyhow::Error) -> bool {
         self.failures.push(format!("{error:#}"));
+        self.failed_in_a_row += 1;
+        let give_up = self.failed_in_a_row >= GIVE_UP_AFTER;
+        if give_up {
+            self.failures
+                .push(format!("gave up after {GIVE_UP_AFTER} failures in a row"));
+        }
+        give_up
     }
 
     fn print(&self, title: &str) {
@@ -180,7 +191,6 @@ fn send_udp(lab: &Lab) -> anyhow::Result<Tally> {
     let service = udp_echo_service();
     let tally = lab.client.run(|| {
         let mut tally = Tally::default();
-        let mut failed_in_a_row = 0;
         for _ in 0..UDP_FLOWS {
             if signals::interrupted() {
                 break;
@@ -193,16 +203,10 @@ fn send_udp(lab: &Lab) -> anyhow::Result<Tally> {
             });
             match result {
                 Ok((who, from)) => {
-                    failed_in_a_row = 0;
                     tally.record(lab, &who, from == service, ECHO_UDP_PORT);
                 }
                 Err(error) => {
-                    failed_in_a_row += 1;
-                    tally.fail(error);
-                    if failed_in_a_row >= GIVE_UP_AFTER {
-                        tally
-                            .failures
-                            .push(format!("gave up after {GIVE_UP_AFTER} failures in a row"));
+                    if tally.fail(error) {
                         break;
                     }
                 }
@@ -217,7 +221,6 @@ fn send_tcp(lab: &Lab) -> anyhow::Result<Tally> {
     let service = tcp_echo_service();
     let tally = lab.client.run(|| {
         let mut tally = Tally::default();
-        let mut failed_in_a_row = 0;
         for connection in 0..TCP_CONNECTIONS {
             if signals::interrupted() {
                 break;
@@ -226,18 +229,12 @@ fn send_tcp(lab: &Lab) -> anyhow::Result<Tally> {
             let payload = pattern(TCP_PAYLOAD, connection as u32);
             match tcp_who_echo_timeout(service, &payload, TIMEOUT) {
                 Ok(who) => {
-                    failed_in_a_row = 0;
                     // A TCP reply from any other address would not have
                     // completed the handshake: the connection is the proof.
                     tally.record(lab, &who, true, ECHO_TCP_PORT);
                 }
                 Err(error) => {
-                    failed_in_a_row += 1;
-                    tally.fail(error);
-                    if failed_in_a_row >= GIVE_UP_AFTER {
-                        tally
-                            .failures
-                            .push(format!("gave up after {GIVE_UP_AFTER} failures in a row"));
+                    if tally.fail(error) {
                         break;
                     }
                 }
