@@ -4,6 +4,7 @@
 //! an XDP ceiling on a netns lab, with a scale sweep.
 
 mod lab;
+mod machine;
 mod micro;
 
 use std::path::PathBuf;

@@ -198,7 +198,7 @@ fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<R
         })
         .collect();
     Ok(Report {
-        machine: machine(),
+        machine: crate::machine::describe(),
         rounds,
         packets_per_round: packets,
         floor_ns,
@@ -290,19 +290,4 @@ fn mean_ns(total: Duration, packets: u32) -> f64 {
 fn median(samples: &mut [f64]) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
-}
-
-fn machine() -> String {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split(':').nth(1))
-                .map(|model| model.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }

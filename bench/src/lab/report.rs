@@ -134,21 +134,6 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
-fn machine() -> String {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split(':').nth(1))
-                .map(|model| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
-}
-
 impl Report {
     pub fn new(
         quick: bool,
@@ -158,7 +143,7 @@ impl Report {
         udp_timeout_s: Option<u32>,
     ) -> Report {
         Report {
-            machine: machine(),
+            machine: crate::machine::describe(),
             load_average_start: load_average(),
             load_average_end: String::new(),
             quick,
