@@ -8,12 +8,14 @@
 #![no_std]
 
 pub mod flow;
+pub mod frag;
 pub mod hash;
 pub mod maps;
 pub mod reason;
 pub mod service;
 
 pub use flow::{Flow, FlowKey, Traffic};
+pub use frag::{FragKey, FragPorts, IcmpLimit};
 pub use reason::Reason;
 pub use service::{
     Affinity, AffinityKey, Backend, BackendHop, GlobalConfig, NodeAddr, Service, ServiceKey,
@@ -23,6 +25,7 @@ pub use service::{
 /// IP protocol numbers xlb balances.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
 
 /// Compile-time size check for a shared type: the datapath and the agent must
 /// agree on every byte, and hidden padding is a bug on one of the two sides.

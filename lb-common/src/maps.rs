@@ -33,6 +33,13 @@ pub const SERVICE_STATS: &str = "XLB_SERVICE_STATS";
 /// `PerCpuArray<Traffic>` indexed by backend id: forwarded traffic.
 pub const BACKEND_STATS: &str = "XLB_BACKEND_STATS";
 
+/// `LruHashMap<FragKey, FragPorts>`: first fragments' ports, for the
+/// datagram's later fragments.
+pub const FRAGS: &str = "XLB_FRAGS";
+/// `LruHashMap<u32 /* client addr_be */, IcmpLimit>`: rate limit of the
+/// "fragmentation needed" answers xlb sends.
+pub const ICMP_LIMIT: &str = "XLB_ICMP_LIMIT";
+
 /// Name of the XDP program in the object file.
 pub const PROGRAM: &str = "xlb";
 
@@ -46,3 +53,5 @@ pub const NODE_ADDRS_MAX: u32 = 256;
 pub const IFACE_ADDRS_MAX: u32 = 256;
 pub const AFFINITY_MAX: u32 = 1 << 18;
 pub const SOURCE_RANGES_MAX: u32 = 16_384;
+pub const FRAGS_MAX: u32 = 16_384;
+pub const ICMP_LIMIT_MAX: u32 = 16_384;

@@ -56,7 +56,7 @@ reasons! {
     PassNotReady = 3, "pass_not_ready", Pass, "the agent has not finished writing the configuration yet";
     PassNotIpv4 = 4, "pass_not_ipv4", Pass, "not an untagged IPv4 frame (ARP, IPv6, VLAN, ...)";
     PassMalformed = 5, "pass_malformed", Pass, "truncated or inconsistent headers; left for the kernel to judge";
-    PassFragment = 6, "pass_fragment", Pass, "IPv4 fragment; xlb does not reassemble";
+    PassFragment = 6, "pass_fragment", Pass, "fragment of an ICMP message; xlb does not reassemble";
     PassNotTcpUdp = 7, "pass_not_tcp_udp", Pass, "neither TCP nor UDP (ICMP, ...)";
     PassNotService = 8, "pass_not_service", Pass, "no service on this address and port, and no flow";
     PassTcpNoFlow = 9, "pass_tcp_no_flow", Pass, "TCP segment other than SYN for a service with no flow; the kernel resets it";
@@ -69,6 +69,14 @@ reasons! {
     RejectPortUnreachable = 16, "reject_port_unreachable", Reject, "UDP to a service with no endpoints: ICMP port unreachable sent back";
     RejectTcpReset = 17, "reject_tcp_reset", Reject, "SYN to a service with no endpoints: TCP RST sent back";
     DropSourceRange = 18, "drop_source_range", Drop, "source address outside the service's loadBalancerSourceRanges";
+    FwdIcmpToClient = 19, "fwd_icmp_to_client", Forward, "ICMP error (unreachable, frag needed, time exceeded) about a packet sent to a backend: translated and sent to the client";
+    FwdIcmpToBackend = 20, "fwd_icmp_to_backend", Forward, "ICMP error about a packet sent to a client: translated and sent to the backend";
+    PassIcmpNoFlow = 21, "pass_icmp_no_flow", Pass, "ICMP error quoting no flow of xlb's (or not TCP/UDP, or a later fragment): left to the kernel";
+    FwdFragment = 22, "fwd_fragment", Forward, "later fragment of a balanced datagram: follows its first fragment's flow";
+    PassFragmentUnknown = 23, "pass_fragment_unknown", Pass, "later fragment whose first fragment was not seen (out of order, or not a flow's): left to the kernel";
+    RejectFragNeeded = 24, "reject_frag_needed", Reject, "DF packet larger than the next hop's MTU: ICMP fragmentation needed sent to the client";
+    DropIcmpRateLimited = 25, "drop_icmp_rate_limited", Drop, "DF packet larger than the next hop's MTU; this source's ICMP answers are rate-limited";
+    DropTooBig = 26, "drop_too_big", Drop, "packet without DF larger than the next hop's MTU (XDP cannot fragment)";
 }
 
 /// Number of counters in `XLB_STATS`.

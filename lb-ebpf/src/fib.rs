@@ -2,7 +2,10 @@
 //! of the interface it names.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup, xdp_action,
+    },
     helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
     programs::XdpContext,
 };
@@ -33,8 +36,38 @@ pub fn next_hop(
     proto: u8,
     tot_len: u16,
 ) -> Result<NextHop, Reason> {
-    // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is a valid start.
+    // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut ret = lookup(ctx, &mut params, src_addr_be, dst_addr_be, proto, tot_len);
+    if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        // The route's MTU is smaller than the packet: find the hop anyway,
+        // and let xlb's own check (mtu.rs) answer as a router does.
+        ret = lookup(ctx, &mut params, src_addr_be, dst_addr_be, proto, 0);
+    }
+    match ret {
+        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
+            ifindex: params.ifindex,
+            src_mac: params.smac,
+            dst_mac: params.dmac,
+        }),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Reason::DropNoNeighbour),
+        _ => Err(Reason::PassFibFailed),
+    }
+}
+
+/// One FIB lookup; `tot_len` 0 skips its MTU check.
+#[inline(always)]
+fn lookup(
+    ctx: &XdpContext,
+    params: &mut bpf_fib_lookup,
+    src_addr_be: u32,
+    dst_addr_be: u32,
+    proto: u8,
+    tot_len: u16,
+) -> u32 {
+    // SAFETY: as above; outputs of an earlier lookup (some share unions
+    // with inputs) must not leak into this one.
+    *params = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = proto;
     params.__bindgen_anon_1.tot_len = tot_len;
@@ -45,20 +78,12 @@ pub fn next_hop(
     let ret = unsafe {
         fib_lookup_helper(
             ctx.ctx.cast(),
-            &mut params,
+            params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
-    match ret as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
-            ifindex: params.ifindex,
-            src_mac: params.smac,
-            dst_mac: params.dmac,
-        }),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Err(Reason::DropNoNeighbour),
-        _ => Err(Reason::PassFibFailed),
-    }
+    ret as u32
 }
 
 /// The next hop to backend `id` and the masquerade address to use there

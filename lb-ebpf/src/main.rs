@@ -8,15 +8,23 @@ mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
+mod frag;
+#[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
 mod lookup;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod mtu;
 #[cfg(target_arch = "bpf")]
 mod nat;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod reject;
+#[cfg(target_arch = "bpf")]
+mod related;
 #[cfg(target_arch = "bpf")]
 mod select;
 
@@ -37,9 +45,9 @@ mod prog {
 
     use crate::{
         conntrack::{self, NewFlow},
-        fib, lookup,
+        fib, frag, icmp, lookup,
         maps::{XLB_CONFIG, count, count_traffic},
-        nat,
+        mtu, nat,
         parse::{self, Packet, TCP_ACK, TCP_SYN},
         reject, select,
     };
@@ -83,11 +91,20 @@ mod prog {
             Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => *cfg,
             _ => return Err(Reason::PassNotReady),
         };
-        let packet = parse::parse(ctx)?;
-        let key = flow_key(&packet);
         // SAFETY: no preconditions. The coarse clock (tick resolution) is
         // plenty for idle timeouts and costs a fraction of the precise one.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let packet = match parse::parse(ctx) {
+            Ok(packet) => packet,
+            // ICMP errors and later fragments of flows are related packets.
+            Err(Reason::PassNotTcpUdp) => return icmp::translate(ctx, &cfg, now),
+            Err(Reason::PassFragment) => return frag::follow(ctx, &cfg, now),
+            Err(reason) => return Err(reason),
+        };
+        let key = flow_key(&packet);
+        if packet.ip.first_fragment() {
+            frag::remember(&packet, &key, now);
+        }
         let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
 
         if let Some(flow) = conntrack::lookup(&key, &cfg, now) {
@@ -166,6 +183,9 @@ mod prog {
                 u16::from_be(flow.new_dst_port_be)
             );
         }
+        if let Err(verdict) = mtu::check(ctx, &packet, &hop) {
+            return verdict;
+        }
         nat::rewrite(&packet, &flow);
         count_traffic(service.id, backend_id, false, frame_len(ctx));
         Ok((fib::send(ctx, packet.eth, &hop), Reason::FwdNewFlow))
@@ -197,6 +217,9 @@ mod prog {
                 hop
             }
         };
+        if let Err(verdict) = mtu::check(ctx, packet, &hop) {
+            return verdict;
+        }
         nat::rewrite(packet, flow);
         let to_client = flow.direction == FLOW_DIR_REPLY;
         count_traffic(flow.service_id, flow.backend_id, to_client, frame_len(ctx));

@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, GlobalConfig, NodeAddr, Service,
-    ServiceKey, SourceRange, Traffic, maps as size, reason::REASON_COUNT,
+    Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
+    IcmpLimit, NodeAddr, Service, ServiceKey, SourceRange, Traffic, maps as size,
+    reason::REASON_COUNT,
 };
 
 #[map]
@@ -55,6 +56,14 @@ pub static XLB_SERVICE_STATS: PerCpuArray<Traffic> =
 #[map]
 pub static XLB_BACKEND_STATS: PerCpuArray<Traffic> =
     PerCpuArray::with_max_entries(size::BACKENDS_MAX, 0);
+
+#[map]
+pub static XLB_FRAGS: LruHashMap<FragKey, FragPorts> =
+    LruHashMap::with_max_entries(size::FRAGS_MAX, 0);
+
+#[map]
+pub static XLB_ICMP_LIMIT: LruHashMap<u32, IcmpLimit> =
+    LruHashMap::with_max_entries(size::ICMP_LIMIT_MAX, 0);
 
 /// Counts a forwarded frame of `bytes` for its service and backend.
 #[inline(always)]

@@ -266,3 +266,13 @@ fn link(
     b.exec("ethtool", &["-K", POD_IF, "gro", "on", "tx", "off"])?;
     b.run(|| xdp_pass::attach(POD_IF))?
 }
+
+/// Sets up `ifname` in `netns` like a NIC or a router's port facing a node
+/// that runs XDP (GRO on, an `XDP_PASS` program so redirected frames are
+/// delivered, TX checksum offload off so checksums are finished on the way
+/// out). Only for devices that stand for hardware, never a pod's end
+/// (see LAB-NOTES). Keep the returned program for the link's lifetime.
+pub fn nic_like(netns: &Netns, ifname: &str) -> Result<XdpPass, LabError> {
+    netns.exec("ethtool", &["-K", ifname, "gro", "on", "tx", "off"])?;
+    netns.run(|| xdp_pass::attach(ifname))?
+}

@@ -40,6 +40,7 @@ pub use netns::{Netns, in_netns};
 pub use process::ChildGuard;
 pub use scratch::ScratchDir;
 pub use wait::poll_until;
+pub use xdp_pass::XdpPass;
 
 /// Environment variable holding the absolute path of the agent binary.
 pub const XLB_BIN_ENV: &str = "XLB_BIN";

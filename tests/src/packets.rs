@@ -218,6 +218,15 @@ pub fn check_checksums(frame: &[u8]) -> Result<(), String> {
                 ));
             }
         }
+        Some(TransportHeader::Icmpv4(icmp)) => {
+            let want = icmp.icmp_type.calc_checksum(payload);
+            if icmp.checksum != want {
+                return Err(format!(
+                    "ICMP checksum {:#06x}, expected {want:#06x}",
+                    icmp.checksum
+                ));
+            }
+        }
         _ => {}
     }
     Ok(())
@@ -317,4 +326,98 @@ pub fn reset_for(syn: &Spec) -> Vec<u8> {
         .write(&mut out, &[])
         .expect("rst");
     out
+}
+
+/// The part of `frame` (an Ethernet frame) an ICMP error quotes: its IPv4
+/// header with options, then `l4_bytes` bytes of what follows (everything
+/// when `None`).
+pub fn quote(frame: &[u8], l4_bytes: Option<usize>) -> Vec<u8> {
+    let ip = &frame[Ethernet2Header::LEN..];
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let end = match l4_bytes {
+        Some(bytes) => (header_len + bytes).min(ip.len()),
+        None => ip.len(),
+    };
+    ip[..end].to_vec()
+}
+
+/// An ICMP error of `kind` from `src` to `dst` quoting `quoted`, built by
+/// etherparse with its checksum computed from scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn icmp_error(
+    eth_src: [u8; 6],
+    eth_dst: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    kind: etherparse::Icmpv4Type,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(eth_src, eth_dst)
+        .ipv4(src.octets(), dst.octets(), ttl)
+        .icmpv4(kind)
+        .write(&mut out, quoted)
+        .expect("icmp error");
+    out
+}
+
+/// ICMP destination unreachable, fragmentation needed, with `mtu`.
+pub fn frag_needed(mtu: u16) -> etherparse::Icmpv4Type {
+    etherparse::Icmpv4Type::DestinationUnreachable(
+        etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+    )
+}
+
+/// ICMP destination unreachable, port unreachable.
+pub fn port_unreachable() -> etherparse::Icmpv4Type {
+    etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port)
+}
+
+/// ICMP time exceeded in transit.
+pub fn ttl_exceeded() -> etherparse::Icmpv4Type {
+    etherparse::Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit)
+}
+
+/// `spec`'s datagram cut into IPv4 fragments: the L4 header and payload
+/// split at each offset in `cuts` (multiples of 8, ascending). The L4
+/// checksum is the whole datagram's, computed by etherparse.
+pub fn fragments(spec: &Spec, cuts: &[usize]) -> Vec<Vec<u8>> {
+    let whole = spec.build();
+    let headers = PacketHeaders::from_ethernet_slice(&whole).expect("whole datagram parses");
+    let Some(NetHeaders::Ipv4(ip, _)) = headers.net else {
+        panic!("not IPv4");
+    };
+    let l4 = &whole[Ethernet2Header::LEN + ip.header_len()..];
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(l4.len());
+    bounds
+        .windows(2)
+        .map(|piece| {
+            let (start, end) = (piece[0], piece[1]);
+            assert_eq!(
+                start % 8,
+                0,
+                "fragment offset {start} is not a multiple of 8"
+            );
+            let mut header = ip.clone();
+            header.dont_fragment = false;
+            header.more_fragments = end < l4.len();
+            header.fragment_offset = IpFragOffset::try_new((start / 8) as u16).expect("offset");
+            header.total_len = (header.header_len() + end - start) as u16;
+            header.header_checksum = header.calc_header_checksum();
+            let mut frame = Vec::new();
+            Ethernet2Header {
+                source: spec.eth_src,
+                destination: spec.eth_dst,
+                ether_type: EtherType::IPV4,
+            }
+            .write(&mut frame)
+            .expect("eth");
+            header.write(&mut frame).expect("ip");
+            frame.extend_from_slice(&l4[start..end]);
+            frame
+        })
+        .collect()
 }

@@ -339,8 +339,8 @@ impl Datapath {
         table.set(id, entry, 0).expect("backend");
     }
 
-    /// Deletes every conntrack and affinity entry, so rows do not see each
-    /// other's flows.
+    /// Deletes every conntrack, affinity, fragment and ICMP rate-limit
+    /// entry, so rows do not see each other's state.
     pub fn clear_flows(&mut self) {
         let mut flows = self.flows();
         let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
@@ -353,10 +353,47 @@ impl Datapath {
         for key in keys {
             let _ = affinity.remove(&key);
         }
+        let mut frags: HashMap<_, lb_common::FragKey, lb_common::FragPorts> =
+            HashMap::try_from(self.map_mut(names::FRAGS)).expect("frags map");
+        let keys: Vec<_> = frags.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = frags.remove(&key);
+        }
+        let mut limits: HashMap<_, u32, lb_common::IcmpLimit> =
+            HashMap::try_from(self.map_mut(names::ICMP_LIMIT)).expect("ICMP limit map");
+        let keys: Vec<_> = limits.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = limits.remove(&key);
+        }
     }
 
     pub fn flow(&mut self, key: &FlowKey) -> Option<Flow> {
         self.flows().get(key, 0).ok()
+    }
+
+    /// The ports `XLB_FRAGS` recorded for a datagram's first fragment
+    /// (host order), if any.
+    pub fn frag_ports(
+        &mut self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        id: u16,
+        proto: u8,
+    ) -> Option<(u16, u16)> {
+        let frags: HashMap<_, lb_common::FragKey, lb_common::FragPorts> =
+            HashMap::try_from(self.map_mut(names::FRAGS)).expect("frags map");
+        let key = lb_common::FragKey {
+            src_addr_be: be(src),
+            dst_addr_be: be(dst),
+            id_be: id.to_be(),
+            proto,
+            _pad: 0,
+        };
+        let ports = frags.get(&key, 0).ok()?;
+        Some((
+            u16::from_be(ports.src_port_be),
+            u16::from_be(ports.dst_port_be),
+        ))
     }
 
     /// Traffic counters of a service (`XLB_SERVICE_STATS`) or backend

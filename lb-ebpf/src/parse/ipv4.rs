@@ -8,6 +8,10 @@ use super::ptr_at;
 
 /// More-fragments flag and fragment offset bits of `Ipv4Hdr::frags`.
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+/// Fragment offset bits alone.
+const IP_OFFSET_MASK: u16 = 0x1fff;
+/// Don't-fragment flag.
+pub const IP_DF: u16 = 0x4000;
 
 pub struct Ipv4 {
     pub hdr: *mut Ipv4Hdr,
@@ -16,10 +20,42 @@ pub struct Ipv4 {
     /// Bytes of L4 header and payload the IPv4 total length declares.
     pub l4_len: usize,
     pub proto: u8,
+    /// Flags and fragment offset, host order.
+    pub frags: u16,
 }
 
+impl Ipv4 {
+    /// A fragment other than the first: it carries no L4 header.
+    #[inline(always)]
+    pub fn later_fragment(&self) -> bool {
+        self.frags & IP_OFFSET_MASK != 0
+    }
+
+    /// The first fragment of a fragmented datagram: L4 header, more follows.
+    #[inline(always)]
+    pub fn first_fragment(&self) -> bool {
+        self.frags & IP_MF_OFFSET_MASK != 0 && !self.later_fragment()
+    }
+}
+
+/// A TCP or UDP packet's IPv4 header. Later fragments are refused with
+/// `PassFragment` (the caller follows them through `XLB_FRAGS`); first
+/// fragments are accepted, see `Ipv4::first_fragment`.
 #[inline(always)]
 pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Ipv4, Reason> {
+    let ip = parse_ipv4_header(ctx, offset)?;
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    if ip.later_fragment() {
+        return Err(Reason::PassFragment);
+    }
+    Ok(ip)
+}
+
+/// Any IPv4 header whose length fields are consistent with the frame.
+#[inline(always)]
+pub fn parse_ipv4_header(ctx: &XdpContext, offset: usize) -> Result<Ipv4, Reason> {
     let hdr: *mut Ipv4Hdr = ptr_at(ctx, offset)?;
     // SAFETY: ptr_at checked that the fixed 20-byte header is inside the packet.
     let (vihl, tot_len, frags, proto) = unsafe {
@@ -37,16 +73,11 @@ pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Ipv4, Reason> {
     if offset + usize::from(tot_len) > ctx.data_end() - ctx.data() {
         return Err(Reason::PassMalformed);
     }
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Err(Reason::PassNotTcpUdp);
-    }
-    if frags & IP_MF_OFFSET_MASK != 0 {
-        return Err(Reason::PassFragment);
-    }
     Ok(Ipv4 {
         hdr,
         l4_offset: offset + header_len,
         l4_len: usize::from(tot_len) - header_len,
         proto,
+        frags,
     })
 }

@@ -62,7 +62,9 @@ pub fn parse_l4(ctx: &XdpContext, ip: &Ipv4) -> Result<L4, Reason> {
         let udp: *mut UdpHdr = ptr_at(ctx, offset)?;
         // SAFETY: ptr_at checked the 8-byte header is inside the packet.
         let len = unsafe { u16::from_be_bytes((*udp).len) };
-        if usize::from(len) < UdpHdr::LEN || usize::from(len) > ip.l4_len {
+        // A first fragment carries the whole datagram's length.
+        let whole = ip.first_fragment() || usize::from(len) <= ip.l4_len;
+        if usize::from(len) < UdpHdr::LEN || ip.l4_len < UdpHdr::LEN || !whole {
             return Err(Reason::PassMalformed);
         }
         Ok(L4 {

@@ -3,11 +3,13 @@
 //! input becomes a `Reason`, never a guess.
 
 mod eth;
+mod icmp;
 mod ipv4;
 mod l4;
 
 pub use eth::parse_eth;
-pub use ipv4::{Ipv4, parse_ipv4};
+pub use icmp::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IcmpError, parse_icmp_error};
+pub use ipv4::{IP_DF, Ipv4, parse_ipv4, parse_ipv4_header};
 pub use l4::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_l4};
 
 use aya_ebpf::programs::XdpContext;

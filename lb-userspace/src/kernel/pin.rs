@@ -12,8 +12,8 @@ use aya::maps::{MapInfo, MapType};
 use lb_common::maps as names;
 use lb_common::reason::REASON_COUNT;
 use lb_common::{
-    Affinity, AffinityKey, Backend, Flow, FlowKey, GlobalConfig, NodeAddr, Service, ServiceKey,
-    SourceRange, Traffic,
+    Affinity, AffinityKey, Backend, Flow, FlowKey, FragKey, FragPorts, GlobalConfig, IcmpLimit,
+    NodeAddr, Service, ServiceKey, SourceRange, Traffic,
 };
 
 use super::MapSizes;
@@ -365,6 +365,20 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
             size_of::<Traffic>(),
             names::BACKENDS_MAX,
         ),
+        spec(
+            names::FRAGS,
+            MapType::LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragPorts>(),
+            names::FRAGS_MAX,
+        ),
+        spec(
+            names::ICMP_LIMIT,
+            MapType::LruHash,
+            u32_size,
+            size_of::<IcmpLimit>(),
+            names::ICMP_LIMIT_MAX,
+        ),
     ]
 }
 
@@ -448,7 +462,7 @@ mod tests {
     #[test]
     fn every_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
-        assert_eq!(specs.len(), 12);
+        assert_eq!(specs.len(), 14);
         for name in CONFIG_MAPS {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }

@@ -125,5 +125,12 @@ fn malformed_packet_sweep() {
             panic!("{e}\nreproduce with XLB_SWEEP_SEED={seed}");
         }
         println!("sweep: {count} frames, seed {seed}: all invariants held");
+        let counted: Vec<String> = Reason::ALL
+            .iter()
+            .zip(dp.stats())
+            .filter(|(_, n)| *n > 0)
+            .map(|(reason, n)| format!("{}={n}", reason.name()))
+            .collect();
+        println!("sweep counters: {}", counted.join(" "));
     });
 }

@@ -582,26 +582,6 @@ pub fn rows() -> Vec<Row> {
             },
         },
         Row {
-            name: "first fragment passes",
-            verdict: XDP_PASS,
-            reason: Reason::PassFragment,
-            case: |dp| {
-                let mut spec = udp(40_022);
-                spec.more_fragments = true;
-                unchanged(dp, spec.build())
-            },
-        },
-        Row {
-            name: "later fragment passes",
-            verdict: XDP_PASS,
-            reason: Reason::PassFragment,
-            case: |dp| {
-                let mut spec = udp(40_023);
-                spec.fragment_offset = 185;
-                unchanged(dp, spec.build())
-            },
-        },
-        Row {
             name: "ICMP echo passes",
             verdict: XDP_PASS,
             reason: Reason::PassNotTcpUdp,
@@ -666,7 +646,436 @@ pub fn rows() -> Vec<Row> {
                 unchanged(dp, udp(40_027).build())
             },
         },
+        Row {
+            name: "ICMP frag needed from a router behind the node reaches the client, quote translated",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| icmp_to_client_case(dp, udp(40_200), frag_needed(1400), Some(8)),
+        },
+        Row {
+            name: "ICMP frag needed quoting a whole TCP segment: quoted TCP checksum kept consistent",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| icmp_to_client_case(dp, tcp(40_201, SYN), frag_needed(1400), None),
+        },
+        Row {
+            name: "ICMP frag needed quoting 8 bytes of TCP (no checksum in the quote)",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| icmp_to_client_case(dp, tcp(40_202, SYN), frag_needed(1400), Some(8)),
+        },
+        Row {
+            name: "backend's port unreachable reaches the client from node-ip:NodePort",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| icmp_to_client_case(dp, udp(40_203), port_unreachable(), Some(8)),
+        },
+        Row {
+            name: "time exceeded behind the node reaches the client",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| icmp_to_client_case(dp, udp(40_204), ttl_exceeded(), Some(8)),
+        },
+        Row {
+            name: "ICMP error quoting a packet with IPv4 options is translated, options kept",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| {
+                let mut spec = udp(40_205);
+                spec.ip_options = vec![1, 1, 1, 0];
+                icmp_to_client_case(dp, spec, frag_needed(1400), Some(8))
+            },
+        },
+        Row {
+            name: "client's port unreachable about a reply reaches the backend, quote translated",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToBackend,
+            case: |dp| icmp_to_backend_case(dp, udp(40_206), port_unreachable(), Some(8)),
+        },
+        Row {
+            name: "frag needed on the client side about a reply reaches the backend",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToBackend,
+            case: |dp| icmp_to_backend_case(dp, tcp(40_207, SYN), frag_needed(1280), None),
+        },
+        Row {
+            name: "ICMP error with TTL 1 is dropped, not forwarded with TTL 0",
+            verdict: XDP_DROP,
+            reason: Reason::DropTtlExpired,
+            case: |dp| {
+                let mut case = icmp_to_client_case(dp, udp(40_208), frag_needed(1400), Some(8));
+                case.input[14 + 8] = 1;
+                let check = ipv4_checksum(&case.input[14..34]);
+                case.input[24..26].copy_from_slice(&check.to_be_bytes());
+                case.expect = Expect::Dropped;
+                case
+            },
+        },
+        Row {
+            name: "truncated ICMP error (quote shorter than IPv4 header + 8) passes as malformed",
+            verdict: XDP_PASS,
+            reason: Reason::PassMalformed,
+            case: |dp| {
+                let client = udp(40_209);
+                let at_backend = send_from_client(dp, &client);
+                let quoted = quote(&at_backend.build(), Some(4));
+                let input = router_error(&at_backend, frag_needed(1400), &quoted);
+                Case {
+                    input,
+                    ifindex: dp.backend_ifindex,
+                    expect: Expect::Unchanged,
+                    after: None,
+                }
+            },
+        },
+        Row {
+            name: "ICMP error quoting no flow passes to the kernel",
+            verdict: XDP_PASS,
+            reason: Reason::PassIcmpNoFlow,
+            case: |dp| {
+                let mut stray = Spec::from_client(61_000, UDP_TARGET_PORT, L4::Udp);
+                stray.src = NODE_B;
+                stray.dst = BACKEND_1;
+                let input =
+                    router_error(&stray, port_unreachable(), &quote(&stray.build(), Some(8)));
+                Case {
+                    input,
+                    ifindex: dp.backend_ifindex,
+                    expect: Expect::Unchanged,
+                    after: None,
+                }
+            },
+        },
+        Row {
+            name: "ICMP error quoting an ICMP packet (ICMP in ICMP) passes to the kernel",
+            verdict: XDP_PASS,
+            reason: Reason::PassIcmpNoFlow,
+            case: |dp| {
+                let echo = icmp_echo();
+                let input = icmp_error(
+                    NODE_MAC,
+                    CLIENT_MAC,
+                    CLIENT,
+                    NODE,
+                    64,
+                    port_unreachable(),
+                    &quote(&echo, Some(8)),
+                );
+                unchanged(dp, input)
+            },
+        },
+        Row {
+            name: "first fragment of a UDP datagram is balanced like the datagram",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| fragment_case(dp, 40_220, 0),
+        },
+        Row {
+            name: "middle fragment follows its first fragment's flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdFragment,
+            case: |dp| fragment_case(dp, 40_221, 1),
+        },
+        Row {
+            name: "last fragment follows its first fragment's flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdFragment,
+            case: |dp| fragment_case(dp, 40_222, 2),
+        },
+        Row {
+            name: "fragment of an unknown datagram (or before its first) passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassFragmentUnknown,
+            case: |dp| {
+                let pieces = fragments(&big_udp(40_223), &FRAGMENT_CUTS);
+                unchanged(dp, pieces[1].clone())
+            },
+        },
+        Row {
+            name: "a backend's fragmented reply follows the flow back to the client",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdFragment,
+            case: |dp| {
+                let client = udp(40_224);
+                let at_backend = send_from_client(dp, &client);
+                let mut reply = at_backend.reply(L4::Udp, &[7u8; 64]);
+                reply.ident = 0x4321;
+                let pieces = fragments(&reply, &FRAGMENT_CUTS);
+                let (verdict, _) = dp.run(&pieces[0], dp.backend_ifindex);
+                assert_eq!(verdict, XDP_REDIRECT, "first fragment of the reply");
+                let to_client = reply.forwarded(
+                    NODE_MAC,
+                    CLIENT_MAC,
+                    NODE,
+                    client.dport,
+                    CLIENT,
+                    client.sport,
+                );
+                let want = fragments(&to_client, &FRAGMENT_CUTS)[2].clone();
+                Case {
+                    input: pieces[2].clone(),
+                    ifindex: dp.backend_ifindex,
+                    expect: Expect::Frame(Box::new(move |_| want)),
+                    after: None,
+                }
+            },
+        },
+        Row {
+            name: "DF datagram larger than the backend link's MTU: frag needed with that MTU sent back",
+            verdict: XDP_TX,
+            reason: Reason::RejectFragNeeded,
+            case: |dp| {
+                let mut spec = udp(40_230);
+                spec.payload = vec![9; 1400];
+                too_big_case(dp, spec)
+            },
+        },
+        Row {
+            name: "DF segment of an established flow (cached hop) too big: frag needed",
+            verdict: XDP_TX,
+            reason: Reason::RejectFragNeeded,
+            case: |dp| {
+                send_from_client(dp, &tcp(40_231, SYN));
+                let mut spec = tcp(40_231, ACK | PSH);
+                spec.payload = vec![9; 1400];
+                too_big_case(dp, spec)
+            },
+        },
+        Row {
+            name: "datagram without DF larger than the MTU is dropped (XDP cannot fragment)",
+            verdict: XDP_DROP,
+            reason: Reason::DropTooBig,
+            case: |dp| {
+                let mut spec = udp(40_232);
+                spec.payload = vec![9; 1400];
+                let mut case = too_big_case(dp, spec);
+                case.input[20] &= !0x40;
+                let check = ipv4_checksum(&case.input[14..34]);
+                case.input[24..26].copy_from_slice(&check.to_be_bytes());
+                case.expect = Expect::Dropped;
+                case
+            },
+        },
+        Row {
+            name: "frag needed answers are rate-limited per client",
+            verdict: XDP_DROP,
+            reason: Reason::DropIcmpRateLimited,
+            case: |dp| {
+                let mut spec = udp(40_233);
+                spec.payload = vec![9; 1400];
+                let mut case = too_big_case(dp, spec);
+                for _ in 0..lb_common::frag::ICMP_LIMIT_BURST {
+                    let (verdict, _) = dp.run(&case.input, dp.client_ifindex);
+                    assert_eq!(verdict, XDP_TX, "an answer within the burst");
+                }
+                case.expect = Expect::Dropped;
+                case
+            },
+        },
     ]
+}
+
+/// Sets the MTU of the fixture's backend-side link (restored to 1500 by
+/// the case's `after`, and by `reset_mtu` for the next row).
+fn set_backend_mtu(mtu: u32) {
+    let status = std::process::Command::new("ip")
+        .args(["link", "set", "xb", "mtu", &mtu.to_string()])
+        .status()
+        .expect("ip link set mtu");
+    assert!(status.success(), "ip link set xb mtu {mtu}");
+}
+
+/// `spec` from the client, with the backend link at MTU 1400: the node
+/// must answer "fragmentation needed, MTU 1400" quoting the packet.
+fn too_big_case(dp: &mut Datapath, spec: Spec) -> Case {
+    set_backend_mtu(1400);
+    let input = spec.build();
+    let want = icmp_error(
+        NODE_MAC,
+        CLIENT_MAC,
+        spec.dst,
+        spec.src,
+        64,
+        frag_needed(1400),
+        &quote(&input, Some(8)),
+    );
+    Case {
+        input,
+        ifindex: dp.client_ifindex,
+        expect: Expect::Frame(Box::new(move |_| want)),
+        after: Some(Box::new(|_| set_backend_mtu(1500))),
+    }
+}
+
+/// IPv4 header checksum of `header` with its checksum field taken as 0.
+fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for (index, pair) in header.chunks(2).enumerate() {
+        if index != 5 {
+            sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A router on the backend link (198.18.1.254) answering `packet` (as it
+/// left the node) with `kind`, sent to the node's masquerade address.
+fn router_error(packet: &Spec, kind: etherparse::Icmpv4Type, quoted: &[u8]) -> Vec<u8> {
+    let router = std::net::Ipv4Addr::new(198, 18, 1, 254);
+    icmp_error(
+        BACKEND_1_MAC,
+        NODE_B_MAC,
+        router,
+        packet.src,
+        64,
+        kind,
+        quoted,
+    )
+}
+
+/// `client`'s flow is set up; a router behind the node answers the
+/// forwarded packet with `kind` quoting `l4_bytes` of it. The client must
+/// get it from the node, quoting its own packet as it sent it (with the
+/// TTL it had when the router saw it).
+fn icmp_to_client_case(
+    dp: &mut Datapath,
+    client: Spec,
+    kind: etherparse::Icmpv4Type,
+    l4_bytes: Option<usize>,
+) -> Case {
+    let at_backend = send_from_client(dp, &client);
+    let input = router_error(
+        &at_backend,
+        kind.clone(),
+        &quote(&at_backend.build(), l4_bytes),
+    );
+    let as_client_sent = Spec {
+        src: client.src,
+        sport: client.sport,
+        dst: client.dst,
+        dport: client.dport,
+        ..at_backend.clone()
+    };
+    let want = icmp_error(
+        NODE_MAC,
+        CLIENT_MAC,
+        client.dst,
+        client.src,
+        63,
+        kind,
+        &quote(&as_client_sent.build(), l4_bytes),
+    );
+    Case {
+        input,
+        ifindex: dp.backend_ifindex,
+        expect: Expect::Frame(Box::new(move |_| want)),
+        after: None,
+    }
+}
+
+/// `client`'s flow is set up and the backend's reply reached the client,
+/// which answers it with `kind`. The backend must get it from the node's
+/// masquerade address, quoting its reply as it sent it.
+fn icmp_to_backend_case(
+    dp: &mut Datapath,
+    client: Spec,
+    kind: etherparse::Icmpv4Type,
+    l4_bytes: Option<usize>,
+) -> Case {
+    let at_backend = send_from_client(dp, &client);
+    let reply_l4 = match client.l4 {
+        L4::Udp => L4::Udp,
+        L4::Tcp(_) => L4::Tcp(SYN | ACK),
+    };
+    let reply = at_backend.reply(reply_l4, b"echo");
+    let at_client = reply.forwarded(
+        NODE_MAC,
+        CLIENT_MAC,
+        NODE,
+        client.dport,
+        CLIENT,
+        client.sport,
+    );
+    let input = icmp_error(
+        CLIENT_MAC,
+        NODE_MAC,
+        CLIENT,
+        NODE,
+        64,
+        kind.clone(),
+        &quote(&at_client.build(), l4_bytes),
+    );
+    let as_backend_sent = Spec {
+        src: reply.src,
+        sport: reply.sport,
+        dst: reply.dst,
+        dport: reply.dport,
+        ..at_client.clone()
+    };
+    let want = icmp_error(
+        NODE_B_MAC,
+        backend_mac(reply.src),
+        reply.dst,
+        reply.src,
+        63,
+        kind,
+        &quote(&as_backend_sent.build(), l4_bytes),
+    );
+    Case {
+        input,
+        ifindex: dp.client_ifindex,
+        expect: Expect::Frame(Box::new(move |_| want)),
+        after: None,
+    }
+}
+
+/// Where the fixture cuts a 64-byte UDP datagram: 8-byte header + 16
+/// bytes, 24 bytes, 24 bytes.
+const FRAGMENT_CUTS: [usize; 2] = [24, 48];
+
+fn big_udp(sport: u16) -> Spec {
+    let mut spec = udp(sport);
+    spec.payload = (0..64).collect();
+    spec.ident = 0x2a2a;
+    spec
+}
+
+/// The datagram's fragments before `index` are sent first; fragment
+/// `index` must leave rewritten exactly as the whole datagram would be.
+fn fragment_case(dp: &mut Datapath, sport: u16, index: usize) -> Case {
+    let spec = big_udp(sport);
+    let pieces = fragments(&spec, &FRAGMENT_CUTS);
+    for piece in &pieces[..index] {
+        let (verdict, _) = dp.run(piece, dp.client_ifindex);
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "an earlier fragment was not forwarded"
+        );
+    }
+    let expect = spec.clone();
+    Case {
+        input: pieces[index].clone(),
+        ifindex: dp.client_ifindex,
+        expect: Expect::Frame(Box::new(move |dp: &mut Datapath| {
+            let flow = dp
+                .flow(&expect.key())
+                .expect("conntrack has the datagram's flow");
+            let backend = std::net::Ipv4Addr::from(flow.new_dst_addr_be.to_ne_bytes());
+            let forwarded = expect.forwarded(
+                NODE_B_MAC,
+                backend_mac(backend),
+                NODE_B,
+                u16::from_be(flow.new_src_port_be),
+                backend,
+                UDP_TARGET_PORT,
+            );
+            fragments(&forwarded, &FRAGMENT_CUTS)[index].clone()
+        })),
+        after: None,
+    }
 }
 
 /// Every prefix of a valid UDP and TCP frame that cuts a header or the

@@ -1,0 +1,98 @@
+//! Fragments of balanced datagrams. The first fragment (it has the ports)
+//! goes through the normal path and its ports are remembered here; later
+//! fragments find them by (source, destination, IP id, protocol) and follow
+//! the same flow entry, rewriting only their IPv4 header (the L4 checksum,
+//! in the first fragment, already accounts for the new addresses and ports).
+//!
+//! A later fragment that arrives before its first one cannot be held (XDP
+//! cannot queue a frame): it is passed to the kernel and counted
+//! (`pass_fragment_unknown`); see the README.
+
+use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
+use lb_common::{
+    FlowKey, FragKey, FragPorts, GlobalConfig, Reason, flow::FLOW_DIR_REPLY, frag::FRAG_TIMEOUT_NS,
+};
+use network_types::eth::EthHdr;
+
+use crate::{
+    conntrack, fib,
+    maps::{XLB_FRAGS, count_traffic},
+    nat,
+    parse::{self, Packet},
+    related,
+};
+
+/// Records the ports of a first fragment for the datagram's later ones.
+#[inline(always)]
+pub fn remember(packet: &Packet, key: &FlowKey, now: u64) {
+    // SAFETY: the parser checked the IPv4 header is inside the packet.
+    let id = unsafe { (*packet.ip.hdr).id };
+    let datagram = FragKey {
+        src_addr_be: key.src_addr_be,
+        dst_addr_be: key.dst_addr_be,
+        id_be: u16::from_ne_bytes(id),
+        proto: key.proto,
+        _pad: 0,
+    };
+    let ports = FragPorts {
+        src_port_be: key.src_port_be,
+        dst_port_be: key.dst_port_be,
+        _pad: 0,
+        seen_ns: now,
+    };
+    // Losing the record costs the datagram (its later fragments pass).
+    let _ = XLB_FRAGS.insert(&datagram, &ports, u64::from(BPF_ANY));
+}
+
+/// Forwards a later fragment after its first one, rewritten as its flow's
+/// packets are.
+#[inline(always)]
+pub fn follow(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32, Reason), Reason> {
+    let eth = parse::parse_eth(ctx)?;
+    let ip = parse::parse_ipv4_header(ctx, EthHdr::LEN)?;
+    // SAFETY: the parser checked the IPv4 header is inside the packet.
+    let (src, dst, id, ttl, tot_len) = unsafe {
+        let hdr = &*ip.hdr;
+        (
+            u32::from_ne_bytes(hdr.src_addr),
+            u32::from_ne_bytes(hdr.dst_addr),
+            u16::from_ne_bytes(hdr.id),
+            hdr.ttl,
+            u16::from_be_bytes(hdr.tot_len),
+        )
+    };
+    let datagram = FragKey {
+        src_addr_be: src,
+        dst_addr_be: dst,
+        id_be: id,
+        proto: ip.proto,
+        _pad: 0,
+    };
+    // SAFETY: plain-integer LRU value; a racing update gives another
+    // datagram's valid ports at worst.
+    let ports = match XLB_FRAGS.get_ptr(&datagram) {
+        Some(ports) => unsafe { *ports },
+        None => return Err(Reason::PassFragmentUnknown),
+    };
+    if now.saturating_sub(ports.seen_ns) > FRAG_TIMEOUT_NS {
+        return Err(Reason::PassFragmentUnknown);
+    }
+    let key = FlowKey {
+        src_addr_be: src,
+        dst_addr_be: dst,
+        src_port_be: ports.src_port_be,
+        dst_port_be: ports.dst_port_be,
+        proto: ip.proto,
+        _pad: [0; 3],
+    };
+    let entry = conntrack::lookup(&key, cfg, now).ok_or(Reason::PassFragmentUnknown)?;
+    // SAFETY: valid map value pointer for this run.
+    let flow = unsafe { *entry };
+    related::ttl_allows_forwarding(ttl)?;
+    let hop = related::hop_for(ctx, entry, &flow, ip.proto, tot_len)?;
+    nat::rewrite_ip(ip.hdr, flow.new_src_addr_be, flow.new_dst_addr_be);
+    let to_client = flow.direction == FLOW_DIR_REPLY;
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    count_traffic(flow.service_id, flow.backend_id, to_client, frame_len);
+    Ok((fib::send(ctx, eth, &hop), Reason::FwdFragment))
+}

@@ -1,0 +1,175 @@
+//! xlb's own MTU check, as a router's: a packet of a flow that does not fit
+//! the egress device of its next hop is answered with ICMP "fragmentation
+//! needed" carrying that MTU when it has DF set (rate-limited per client
+//! address), and dropped and counted when it has not: XDP cannot fragment,
+//! and the kernel refuses to forward a packet whose source is one of its
+//! own addresses (masquerade, reverse NAT), so handing it over would only
+//! get it delivered locally to a NodePort nobody listens on.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED, xdp_action},
+    helpers::{bpf_check_mtu, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{
+    IPPROTO_ICMP, IcmpLimit, Reason,
+    frag::{ICMP_LIMIT_BURST, ICMP_LIMIT_INTERVAL_NS},
+};
+use lb_ebpf::csum::checksum;
+use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr};
+
+use crate::{
+    fib::NextHop,
+    maps::XLB_ICMP_LIMIT,
+    parse::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IP_DF, Packet, ptr_at},
+};
+
+/// The headers of the answer, in front of the quoted packet.
+#[repr(C)]
+struct FragNeededHeaders {
+    eth: EthHdr,
+    ip: Ipv4Hdr,
+    icmp: Icmpv4Hdr,
+}
+const HEADERS: usize = core::mem::size_of::<FragNeededHeaders>();
+const _: () = assert!(HEADERS == EthHdr::LEN + Ipv4Hdr::LEN + 8);
+/// What the answer quotes: the packet's IPv4 header (options included) and
+/// the first 8 bytes after it, all RFC 792 asks for.
+const QUOTE_MAX: usize = 60 + 8;
+/// Bytes added in front: the new IPv4 and ICMP headers (the old Ethernet
+/// header's place takes the new one).
+const GROW: usize = Ipv4Hdr::LEN + 8;
+
+/// `Err` with what to do when `packet` does not fit `hop`'s device.
+#[inline(always)]
+pub fn check(ctx: &XdpContext, packet: &Packet, hop: &NextHop) -> Result<(), Verdict> {
+    let mut mtu: u32 = 0;
+    // SAFETY: plain helper call; it reads the frame length and writes `mtu`.
+    let ret = unsafe { bpf_check_mtu(ctx.ctx.cast(), hop.ifindex, &mut mtu, 0, 0) };
+    if ret != i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED) {
+        return Ok(());
+    }
+    // SAFETY: the parser checked the IPv4 header is inside the packet.
+    let (frags, client) = unsafe {
+        (
+            u16::from_be_bytes((*packet.ip.hdr).frags),
+            u32::from_ne_bytes((*packet.ip.hdr).src_addr),
+        )
+    };
+    if frags & IP_DF == 0 {
+        return Err(Err(Reason::DropTooBig));
+    }
+    // SAFETY: no preconditions (only packets that do not fit get here).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if !answer_allowed(client, now) {
+        return Err(Err(Reason::DropIcmpRateLimited));
+    }
+    Err(frag_needed(ctx, packet.ip.l4_offset, mtu as u16))
+}
+
+/// What the caller returns instead of forwarding.
+pub type Verdict = Result<(u32, Reason), Reason>;
+
+/// Token bucket per client address: `ICMP_LIMIT_BURST` answers per
+/// `ICMP_LIMIT_INTERVAL_NS`.
+#[inline(always)]
+fn answer_allowed(client_be: u32, now: u64) -> bool {
+    if let Some(limit) = XLB_ICMP_LIMIT.get_ptr_mut(client_be) {
+        // SAFETY: valid LRU value pointer for this run; plain integers (a
+        // racing CPU at worst lets one answer more through).
+        let limit = unsafe { &mut *limit };
+        if now.saturating_sub(limit.refilled_ns) < ICMP_LIMIT_INTERVAL_NS {
+            if limit.tokens == 0 {
+                return false;
+            }
+            limit.tokens -= 1;
+            return true;
+        }
+    }
+    let fresh = IcmpLimit {
+        tokens: ICMP_LIMIT_BURST - 1,
+        _pad: 0,
+        refilled_ns: now,
+    };
+    let _ = XLB_ICMP_LIMIT.insert(client_be, fresh, u64::from(BPF_ANY));
+    true
+}
+
+/// Turns the frame into ICMP fragmentation needed (type 3, code 4) with
+/// `mtu`, from the address the client wrote to, quoting the packet, and
+/// sends it back out of the interface it came in on.
+#[inline(always)]
+fn frag_needed(ctx: &XdpContext, l4_offset: usize, mtu: u16) -> Verdict {
+    let ip_len = l4_offset - EthHdr::LEN;
+    let quote_len = ip_len + 8;
+    if quote_len > QUOTE_MAX {
+        return Err(Reason::DropTooBig);
+    }
+    let old: *const FragNeededHeaders = ptr_at(ctx, 0)?;
+    // SAFETY: ptr_at checked the bytes are inside the frame; the parser
+    // checked the Ethernet and IPv4 headers are there.
+    let (client_mac, node_mac, ether_type, client, node) = unsafe {
+        (
+            (*old).eth.src_addr,
+            (*old).eth.dst_addr,
+            core::ptr::addr_of!((*old).eth.ether_type).read_unaligned(),
+            (*old).ip.src_addr,
+            (*old).ip.dst_addr,
+        )
+    };
+    // SAFETY: plain helper call; pointers are re-derived afterwards.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
+        return Err(Reason::DropTooBig);
+    }
+    // The quote now starts right after the new headers. Sum it while the
+    // frame is still long (the packet was larger than an MTU, so at least
+    // QUOTE_MAX bytes follow), then cut the frame after it.
+    let quoted: *const [[u8; 2]; QUOTE_MAX / 2] = ptr_at(ctx, HEADERS)?;
+    let mtu_be = mtu.to_be_bytes();
+    let icmp_head = [
+        u16::from_ne_bytes([ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED]),
+        u16::from_ne_bytes(mtu_be),
+    ];
+    let mut sum = u32::from(icmp_head[0]) + u32::from(icmp_head[1]);
+    for word in 0..QUOTE_MAX / 2 {
+        if word * 2 < quote_len {
+            // SAFETY: ptr_at checked all QUOTE_MAX bytes are in the frame.
+            sum += u32::from(u16::from_ne_bytes(unsafe { (*quoted)[word] }));
+        }
+    }
+    let icmp_check = checksum(&[], sum);
+    let frame_len = ctx.data_end() - ctx.data();
+    let delta = (HEADERS + quote_len) as i32 - frame_len as i32;
+    // SAFETY: plain helper call; a negative delta only shortens the frame.
+    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(Reason::DropTooBig);
+    }
+    let out: *mut FragNeededHeaders = ptr_at(ctx, 0)?;
+    let total = ((Ipv4Hdr::LEN + 8 + quote_len) as u16).to_be_bytes();
+    // SAFETY: ptr_at checked the 42 bytes are inside the frame; every field
+    // is written in place (align 1 except ether_type, written unaligned).
+    unsafe {
+        let eth = core::ptr::addr_of_mut!((*out).eth);
+        (*eth).dst_addr = client_mac;
+        (*eth).src_addr = node_mac;
+        core::ptr::addr_of_mut!((*eth).ether_type).write_unaligned(ether_type);
+        let ip = core::ptr::addr_of_mut!((*out).ip);
+        (*ip).vihl = 0x45;
+        (*ip).tos = 0;
+        (*ip).tot_len = total;
+        (*ip).id = [0, 0];
+        (*ip).frags = IP_DF.to_be_bytes();
+        (*ip).ttl = 64;
+        (*ip).proto = IPPROTO_ICMP;
+        (*ip).check = [0, 0];
+        (*ip).src_addr = node;
+        (*ip).dst_addr = client;
+        (*ip).check = checksum(&*ip.cast::<[u8; Ipv4Hdr::LEN]>(), 0).to_ne_bytes();
+        let icmp = core::ptr::addr_of_mut!((*out).icmp);
+        (*icmp).type_ = ICMP_DEST_UNREACHABLE;
+        (*icmp).code = ICMP_FRAG_NEEDED;
+        (*icmp).check = icmp_check.to_ne_bytes();
+        (*icmp).data = [0, 0, mtu_be[0], mtu_be[1]];
+    }
+    Ok((xdp_action::XDP_TX, Reason::RejectFragNeeded))
+}
