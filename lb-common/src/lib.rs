@@ -12,6 +12,7 @@ pub mod hash;
 pub mod maps;
 pub mod reason;
 pub mod service;
+pub mod sock;
 
 pub use flow::{Flow, FlowKey, Traffic};
 pub use reason::Reason;
@@ -19,6 +20,7 @@ pub use service::{
     Affinity, AffinityKey, Backend, BackendHop, GlobalConfig, NodeAddr, Service, ServiceKey,
     SourceRange,
 };
+pub use sock::{SockRevNat, SockRevNatKey};
 
 /// IP protocol numbers xlb balances.
 pub const IPPROTO_TCP: u8 = 6;

@@ -69,6 +69,8 @@ reasons! {
     RejectPortUnreachable = 16, "reject_port_unreachable", Reject, "UDP to a service with no endpoints: ICMP port unreachable sent back";
     RejectTcpReset = 17, "reject_tcp_reset", Reject, "SYN to a service with no endpoints: TCP RST sent back";
     DropSourceRange = 18, "drop_source_range", Drop, "source address outside the service's loadBalancerSourceRanges";
+    FwdSocket = 19, "fwd_socket", Forward, "connect() or sendmsg() to a service rewritten to a backend by the socket hooks (counts calls, not packets)";
+    RejectSocketNoBackend = 20, "reject_sock_no_backend", Reject, "connect() or sendmsg() to a service with no endpoints refused with ECONNREFUSED by the socket hooks";
 }
 
 /// Number of counters in `XLB_STATS`.

@@ -5,6 +5,7 @@
 mod eth;
 mod ipv4;
 mod l4;
+pub mod sock_addr;
 
 pub use eth::parse_eth;
 pub use ipv4::{Ipv4, parse_ipv4};

@@ -89,6 +89,8 @@ pub struct AgentMetrics {
     pub source_errors: BTreeMap<String, u64>,
     /// (interface, mode) of every attachment.
     pub interfaces: Vec<(String, String)>,
+    /// (hook, cgroup) of every socket hook attached.
+    pub socket_hooks: Vec<(String, String)>,
     pub conntrack_capacity: u32,
 }
 
@@ -211,6 +213,21 @@ fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
         "xlb_interface_xdp_attached",
         "Interfaces the XDP program is attached to, with the mode (native or generic).",
         &interfaces,
+    );
+    let socket_hooks: Vec<Samples> = agent
+        .socket_hooks
+        .iter()
+        .map(|(hook, cgroup)| {
+            (
+                vec![("hook", hook.clone()), ("cgroup", cgroup.clone())],
+                1.0,
+            )
+        })
+        .collect();
+    out.gauge(
+        "xlb_socket_hook_attached",
+        "Socket hooks (connect4, sendmsg4, recvmsg4, getpeername4) attached, with their cgroup.",
+        &socket_hooks,
     );
     out.gauge(
         "xlb_conntrack_entries_limit",
@@ -491,6 +508,7 @@ mod tests {
             reconcile_seconds: seconds,
             source_errors: [(String::from("file"), 1)].into_iter().collect(),
             interfaces: vec![(String::from("xlb-c"), String::from("native"))],
+            socket_hooks: vec![(String::from("connect4"), String::from("/sys/fs/cgroup"))],
             conntrack_capacity: 1 << 20,
         }
     }
@@ -550,6 +568,7 @@ mod tests {
             "xlb_reconcile_duration_seconds_bucket{le=\"+Inf\"} 3\n",
             "xlb_reconcile_duration_seconds_count 3\n",
             "xlb_interface_xdp_attached{interface=\"xlb-c\",mode=\"native\"} 1\n",
+            "xlb_socket_hook_attached{hook=\"connect4\",cgroup=\"/sys/fs/cgroup\"} 1\n",
             "xlb_conntrack_entries_limit 1048576\n",
             "xlb_datapath_readable 0\n",
             "# TYPE xlb_reconcile_duration_seconds histogram\n",

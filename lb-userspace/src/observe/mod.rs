@@ -31,7 +31,9 @@ use datapath::DatapathMaps;
 use health::HealthServers;
 use http::{Request, Response};
 use metrics::{AgentMetrics, Histogram, Outcomes};
-use rundir::{CATALOG_FILE, Interface, PortRange, Reload, RunDirError, STATUS_FILE, Status};
+use rundir::{
+    CATALOG_FILE, Interface, PortRange, Reload, RunDirError, STATUS_FILE, SocketHooks, Status,
+};
 
 /// `--metrics-addr`'s default: loopback only.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9090";
@@ -178,6 +180,17 @@ impl Facts {
                 .iter()
                 .map(|i| (i.name.clone(), i.mode.clone()))
                 .collect(),
+            socket_hooks: self
+                .status
+                .socket_hooks
+                .iter()
+                .flat_map(|attached| {
+                    attached
+                        .hooks
+                        .iter()
+                        .map(|hook| (hook.clone(), attached.cgroup.clone()))
+                })
+                .collect(),
             conntrack_capacity: self.status.conntrack_capacity,
         }
     }
@@ -319,6 +332,15 @@ impl Observe {
             }
         }
         self.update_ready();
+        self.write_status_or_warn();
+    }
+
+    /// The socket hooks are attached to `cgroup`.
+    pub fn sockets_attached(&mut self, cgroup: &Path, hooks: &[&str]) {
+        self.shared.facts().status.socket_hooks = Some(SocketHooks {
+            cgroup: cgroup.display().to_string(),
+            hooks: hooks.iter().map(|hook| (*hook).to_owned()).collect(),
+        });
         self.write_status_or_warn();
     }
 
