@@ -269,7 +269,7 @@ fn render_datapath(
         .collect();
     out.counter(
         "xlb_datapath_packets_total",
-        "Packets the XDP program handled, by reason (see `xlb stats`) and verdict.",
+        "Packets the XDP program handled, and calls the socket hooks balanced (fwd_socket, reject_sock_no_backend), by reason (see `xlb stats`) and verdict.",
         &verdicts,
     );
 
