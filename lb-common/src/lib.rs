@@ -13,6 +13,7 @@ pub mod hash;
 pub mod maps;
 pub mod reason;
 pub mod service;
+pub mod sock;
 
 pub use flow::{Flow, FlowKey, Traffic};
 pub use frag::{FragKey, FragPorts, IcmpLimit};
@@ -21,6 +22,7 @@ pub use service::{
     Affinity, AffinityKey, Backend, BackendHop, GlobalConfig, NodeAddr, Service, ServiceKey,
     SourceRange,
 };
+pub use sock::{SockRevNat, SockRevNatKey};
 
 /// IP protocol numbers xlb balances.
 pub const IPPROTO_TCP: u8 = 6;

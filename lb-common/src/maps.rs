@@ -39,9 +39,22 @@ pub const FRAGS: &str = "XLB_FRAGS";
 /// `LruHashMap<u32 /* client addr_be */, IcmpLimit>`: rate limit of the
 /// "fragmentation needed" answers xlb sends.
 pub const ICMP_LIMIT: &str = "XLB_ICMP_LIMIT";
+/// `LruHashMap<SockRevNatKey, SockRevNat>`: for socket-level balancing, the
+/// service address a socket asked for, by (socket cookie, backend), so
+/// recvmsg() and getpeername() show the service rather than the backend.
+pub const SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
 
 /// Name of the XDP program in the object file.
 pub const PROGRAM: &str = "xlb";
+
+/// The cgroup v2 socket hooks in the object file (`cgroup/<hook>` sections),
+/// as (program name, hook). Kernel program names keep 15 characters.
+pub const SOCK_PROGRAMS: [(&str, &str); 4] = [
+    ("xlb_connect4", "connect4"),
+    ("xlb_sendmsg4", "sendmsg4"),
+    ("xlb_recvmsg4", "recvmsg4"),
+    ("xlb_getpeer4", "getpeername4"),
+];
 
 pub const SERVICES_MAX: u32 = 65_536;
 /// Service ids are below this (the per-service counters are an array).
@@ -55,3 +68,4 @@ pub const AFFINITY_MAX: u32 = 1 << 18;
 pub const SOURCE_RANGES_MAX: u32 = 16_384;
 pub const FRAGS_MAX: u32 = 16_384;
 pub const ICMP_LIMIT_MAX: u32 = 16_384;
+pub const SOCK_REVNAT_MAX: u32 = 1 << 18;

@@ -77,6 +77,8 @@ reasons! {
     RejectFragNeeded = 24, "reject_frag_needed", Reject, "DF packet larger than the next hop's MTU: ICMP fragmentation needed sent to the client";
     DropIcmpRateLimited = 25, "drop_icmp_rate_limited", Drop, "DF packet larger than the next hop's MTU; this source's ICMP answers are rate-limited";
     DropTooBig = 26, "drop_too_big", Drop, "packet without DF larger than the next hop's MTU (XDP cannot fragment)";
+    FwdSocket = 27, "fwd_socket", Forward, "connect() or sendmsg() to a service rewritten to a backend by the socket hooks (counts calls, not packets)";
+    RejectSocketNoBackend = 28, "reject_sock_no_backend", Reject, "connect() or sendmsg() to a service with no endpoints refused with ECONNREFUSED by the socket hooks";
 }
 
 /// Number of counters in `XLB_STATS`.

@@ -8,7 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
-    IcmpLimit, NodeAddr, Service, ServiceKey, SourceRange, Traffic, maps as size,
+    IcmpLimit, NodeAddr, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange, Traffic,
+    maps as size,
     reason::REASON_COUNT,
 };
 
@@ -96,3 +97,8 @@ pub fn count(reason: lb_common::Reason) {
         unsafe { *counter += 1 };
     }
 }
+
+/// Socket-level balancing's reverse translation (see `sock.rs`).
+#[map]
+pub static XLB_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNat> =
+    LruHashMap::with_max_entries(size::SOCK_REVNAT_MAX, 0);

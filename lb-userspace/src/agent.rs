@@ -56,6 +56,10 @@ pub struct RunOptions {
     /// `--kubernetes` / `--manifests`: services come from Kubernetes objects
     /// (the config file then gives only the node's settings).
     pub services: Option<SourceOptions>,
+    /// `--cgroup`: the cgroup v2 directory the socket hooks attach to
+    /// (clients on this node reach services through them); `None` leaves
+    /// socket-level balancing off.
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,8 +161,8 @@ fn bpffs_display(pins: Option<&PinDir>) -> String {
 /// the maps a `--keep-attached` agent left in `dir`. Returns what it did.
 pub fn detach(dir: Option<&Path>) -> Result<String, KernelError> {
     let dir = dir.unwrap_or_else(|| Path::new(DEFAULT_BPFFS));
-    let (links, maps) = PinDir::at(dir).remove_all()?;
-    if links.is_empty() && maps == 0 {
+    let (links, hooks, maps) = PinDir::at(dir).remove_all()?;
+    if links.is_empty() && hooks.is_empty() && maps == 0 {
         return Ok(format!("nothing pinned in {}", dir.display()));
     }
     let interfaces = if links.is_empty() {
@@ -166,8 +170,13 @@ pub fn detach(dir: Option<&Path>) -> Result<String, KernelError> {
     } else {
         links.join(", ")
     };
+    let hooks = if hooks.is_empty() {
+        String::new()
+    } else {
+        format!("; socket hooks {} detached", hooks.join(", "))
+    };
     Ok(format!(
-        "{}: XDP detached from {interfaces}; {maps} maps unpinned",
+        "{}: XDP detached from {interfaces}{hooks}; {maps} maps unpinned",
         dir.display()
     ))
 }
@@ -434,8 +443,36 @@ impl Agent {
         for interface in self.datapath.unpin_stale_links()? {
             info!("{interface}: XDP detached (pinned by a previous agent, no longer configured)");
         }
+        self.attach_sockets()?;
         info!("applied config generation {} ({ops} ops)", self.generation);
         self.write_ready_file()
+    }
+
+    /// With `--cgroup`, the socket hooks; without, a previous agent's
+    /// pinned ones are removed.
+    fn attach_sockets(&mut self) -> Result<(), AgentError> {
+        match self.options.cgroup.clone() {
+            Some(cgroup) => {
+                let hooks = self.datapath.attach_sockets(&cgroup)?;
+                self.observe.sockets_attached(&cgroup, &hooks);
+                info!(
+                    "socket hooks {} attached to the cgroup {}: clients in it reach services \
+                     without per-packet NAT",
+                    hooks.join(", "),
+                    cgroup.display()
+                );
+            }
+            None => {
+                for hook in self.datapath.unpin_stale_sockets()? {
+                    info!("socket hook {hook} detached (pinned by a previous agent; no --cgroup)");
+                }
+                info!(
+                    "socket-level balancing off (no --cgroup): processes on this node cannot \
+                     reach NodePorts or ClusterIPs (XDP sees only packets from a wire)"
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The main loop, until SIGINT or SIGTERM.
@@ -492,6 +529,13 @@ impl Agent {
 
     /// `--keep-attached`: pinned links stay attached, maps stay pinned.
     fn release(&mut self) {
+        let hooks = self.datapath.release_sockets();
+        if !hooks.is_empty() {
+            info!(
+                "socket hooks {} left attached (--keep-attached)",
+                hooks.join(", ")
+            );
+        }
         let (kept, detached) = self.datapath.release_all();
         let dir = bpffs_display(self.datapath.pins());
         if !kept.is_empty() {
@@ -511,6 +555,13 @@ impl Agent {
     }
 
     fn detach(&mut self) {
+        let (hooks, failures) = self.datapath.detach_sockets();
+        for failure in failures {
+            error!("{failure}");
+        }
+        if !hooks.is_empty() {
+            info!("socket hooks {} detached", hooks.join(", "));
+        }
         let (detached, failures) = self.datapath.detach_all();
         for failure in failures {
             error!("{failure}");
@@ -520,7 +571,9 @@ impl Agent {
         }
         if let Some(pins) = self.datapath.pins() {
             match pins.remove_all() {
-                Ok((_, maps)) => info!("removed {maps} pinned maps from {}", pins.root().display()),
+                Ok((_, _, maps)) => {
+                    info!("removed {maps} pinned maps from {}", pins.root().display())
+                }
                 Err(error) => error!("{}", error_chain(&error)),
             }
         }

@@ -62,6 +62,14 @@ enum Command {
         /// directory of *.yaml/*.yml/*.json, or - for standard input.
         #[arg(long, value_name = "PATH|-")]
         manifests: Option<PathBuf>,
+        /// Attach the socket hooks (connect4, sendmsg4, recvmsg4,
+        /// getpeername4) to this cgroup v2 directory: processes in it (the
+        /// node's, pods') reach NodePorts, load-balancer, external and
+        /// ClusterIPs, balanced at connect()/sendmsg(). On a node, the
+        /// cgroup2 mount (/sys/fs/cgroup, or /sys/fs/cgroup/unified on
+        /// hybrid hosts) [default: off].
+        #[arg(long, value_name = "DIR")]
+        cgroup: Option<PathBuf>,
         #[command(flatten)]
         observe: observe::Flags,
     },
@@ -135,6 +143,7 @@ fn main() -> ExitCode {
             kubeconfig,
             node_name,
             manifests,
+            cgroup,
             observe,
         } => {
             let options = RunOptions {
@@ -149,6 +158,7 @@ fn main() -> ExitCode {
                 observe,
                 bpffs,
                 keep_attached,
+                cgroup,
                 services: if kubernetes {
                     Some(SourceOptions::Kubernetes {
                         kubeconfig,

@@ -124,7 +124,8 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// `externalTrafficPolicy`: where new flows from outside the cluster may go.
+/// `externalTrafficPolicy` (NodePorts, load-balancer and external IPs) and
+/// `internalTrafficPolicy` (ClusterIPs): where new flows may go.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TrafficPolicy {
     /// Any ready backend; the client's address is masqueraded so that
@@ -161,7 +162,15 @@ pub struct Service {
     /// Load-balancer ingress IPs and external IPs, answered on `port` (an
     /// exact frontend wins over a NodePort on the same address and port).
     pub frontends: Vec<Ipv4Addr>,
+    /// `clusterIP`/`clusterIPs` (IPv4), answered on `port`: by the socket
+    /// hooks for clients on this node, and by XDP for packets that arrive
+    /// addressed to them (masqueraded, as kube-proxy does for sources
+    /// outside the cluster).
+    pub cluster_ips: Vec<Ipv4Addr>,
     pub external_traffic_policy: TrafficPolicy,
+    /// `internalTrafficPolicy`: which backends the ClusterIPs use (Local:
+    /// only this node's; with none, new flows are refused).
+    pub internal_traffic_policy: TrafficPolicy,
     /// `sessionAffinity: ClientIP` with this timeout in seconds (1-86400);
     /// `None` for `sessionAffinity: None`.
     pub session_affinity_timeout: Option<u32>,

@@ -15,6 +15,7 @@ pub mod agent;
 #[cfg(feature = "apiserver")]
 pub mod apiserver;
 pub mod bpffs;
+pub mod cgroup;
 pub mod client;
 mod cmd;
 mod error;
@@ -33,6 +34,7 @@ use std::path::{Path, PathBuf};
 
 pub use agent::{Agent, AgentExit};
 pub use bpffs::Bpffs;
+pub use cgroup::TestCgroup;
 pub use client::Who;
 pub use error::LabError;
 pub use lab::{Backend, Lab};

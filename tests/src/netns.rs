@@ -207,12 +207,12 @@ fn lab_namespaces() -> Vec<(String, u32)> {
 }
 
 /// The pid in `xlblab-PID-...`.
-fn owner_pid(name: &str) -> Option<u32> {
+pub(crate) fn owner_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix(PREFIX)?.strip_prefix('-')?;
     rest.split('-').next()?.parse().ok()
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 

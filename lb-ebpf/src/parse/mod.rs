@@ -6,6 +6,7 @@ mod eth;
 mod icmp;
 mod ipv4;
 mod l4;
+pub mod sock_addr;
 
 pub use eth::parse_eth;
 pub use icmp::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IcmpError, parse_icmp_error};

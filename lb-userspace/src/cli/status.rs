@@ -21,6 +21,9 @@ const COUNT_BUDGET: Duration = Duration::from_secs(5);
 pub struct StatusReport {
     pub agent: AgentReport,
     pub interfaces: Vec<InterfaceReport>,
+    /// Socket hooks: as the agent reported them, or pinned under
+    /// `bpffs/cgroup/`.
+    pub socket_hooks: SocketHooksReport,
     /// The XDP program's kernel id (from a pinned link if there is one,
     /// else as the agent reported it).
     pub program_id: Option<u32>,
@@ -57,6 +60,16 @@ pub struct InterfaceReport {
     pub link_pinned: bool,
     /// The program that link runs.
     pub program_id: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SocketHooksReport {
+    /// The cgroup v2 directory they are attached to (from status.json).
+    pub cgroup: Option<String>,
+    /// Attached hooks (`connect4`, ...).
+    pub hooks: Vec<String>,
+    /// Hooks with a link pinned under `bpffs/cgroup/`.
+    pub pinned: Vec<String>,
 }
 
 /// How full one map is.
@@ -132,6 +145,18 @@ pub fn report(session: &Session) -> Result<StatusReport, CliError> {
             }),
         }
     }
+    let socket_hooks = SocketHooksReport {
+        cgroup: status
+            .and_then(|s| s.socket_hooks.as_ref())
+            .map(|h| h.cgroup.clone()),
+        hooks: status
+            .and_then(|s| s.socket_hooks.as_ref())
+            .map(|h| h.hooks.clone())
+            .unwrap_or_default(),
+        pinned: crate::kernel::PinDir::at(&session.bpffs)
+            .pinned_cgroup_links()
+            .unwrap_or_default(),
+    };
     let program_id = links
         .iter()
         .find_map(|(_, id)| *id)
@@ -159,6 +184,7 @@ pub fn report(session: &Session) -> Result<StatusReport, CliError> {
     Ok(StatusReport {
         agent,
         interfaces,
+        socket_hooks,
         program_id,
         conntrack,
         maps: fills,
@@ -258,6 +284,27 @@ impl Report for StatusReport {
             line("metrics", format!("http://{address}/metrics"));
         }
         line("pins", format!("{} (run dir {})", self.bpffs, self.run_dir));
+        let hooks = &self.socket_hooks;
+        line(
+            "sockets",
+            match (
+                &hooks.cgroup,
+                hooks.hooks.is_empty(),
+                hooks.pinned.is_empty(),
+            ) {
+                (Some(cgroup), false, _) => format!(
+                    "{} attached to cgroup {cgroup}{}",
+                    hooks.hooks.join(", "),
+                    if hooks.pinned.is_empty() {
+                        ""
+                    } else {
+                        " (pinned)"
+                    }
+                ),
+                (_, _, false) => format!("{} pinned (cgroup unknown)", hooks.pinned.join(", ")),
+                _ => String::from("off (no --cgroup): local clients are not balanced"),
+            },
+        );
 
         let mut interfaces = Table::new(&[
             ("INTERFACE", Align::Left),

@@ -8,9 +8,10 @@ pub mod host;
 pub mod maps;
 pub mod neigh;
 pub mod pin;
+pub mod sock;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
@@ -23,6 +24,7 @@ pub use conntrack::{FlowTable, GcPass};
 pub use maps::{KernelMaps, MapIoError, OpenError, Stats};
 pub use neigh::{NeighbourWorker, Neighbours};
 pub use pin::{DEFAULT_BPFFS, PinDir, PinError};
+pub use sock::{SocketHookError, SocketHooks};
 
 /// The datapath object built by lb-userspace/build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -111,6 +113,8 @@ pub enum KernelError {
     },
     #[error(transparent)]
     Pin(#[from] PinError),
+    #[error(transparent)]
+    SocketHook(#[from] SocketHookError),
     #[error("cannot pin the XDP link of {interface} at {path}")]
     PinLink {
         interface: String,
@@ -144,6 +148,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     attached: Vec<Attachment>,
     pins: Option<PinDir>,
+    /// The socket hooks, when attached to a cgroup (`--cgroup`).
+    sockets: Option<SocketHooks>,
 }
 
 /// Everything `Datapath::load` hands out: the maps are taken out of the
@@ -241,6 +247,7 @@ impl Datapath {
                 ebpf,
                 attached: Vec::new(),
                 pins: pins.cloned(),
+                sockets: None,
             },
             maps,
             flows,
@@ -382,6 +389,58 @@ impl Datapath {
                 Ok((link, Attached::Generic))
             }
         }
+    }
+
+    /// Loads the socket hooks and attaches them to the cgroup v2 directory
+    /// `cgroup` (pinned, when pinning), so that connect() and sendmsg() to a
+    /// service from any process in it are balanced before a packet exists.
+    /// Returns the hooks attached.
+    pub fn attach_sockets(&mut self, cgroup: &Path) -> Result<Vec<&'static str>, KernelError> {
+        if let Some(current) = &self.sockets
+            && current.cgroup() == cgroup
+        {
+            return Ok(current.hooks());
+        }
+        let hooks = SocketHooks::attach(&mut self.ebpf, cgroup, self.pins.as_ref())?;
+        let attached = hooks.hooks();
+        if let Some(old) = self.sockets.replace(hooks) {
+            // Another cgroup: the new pins replaced the old ones already.
+            let _ = old.release();
+        }
+        Ok(attached)
+    }
+
+    /// Socket hooks a previous agent pinned that this one does not attach
+    /// (no `--cgroup`): unpinned, so they detach. Returns the hooks.
+    pub fn unpin_stale_sockets(&mut self) -> Result<Vec<String>, KernelError> {
+        match (&self.pins, &self.sockets) {
+            (Some(pins), None) => Ok(sock::unpin_stale(pins)?),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The cgroup the socket hooks are attached to, and the hooks.
+    pub fn socket_hooks(&self) -> Option<(&Path, Vec<&'static str>)> {
+        self.sockets
+            .as_ref()
+            .map(|sockets| (sockets.cgroup(), sockets.hooks()))
+    }
+
+    /// Detaches the socket hooks (removing their pins); returns the hooks
+    /// detached and a message per failure.
+    pub fn detach_sockets(&mut self) -> (Vec<&'static str>, Vec<String>) {
+        match self.sockets.take() {
+            Some(sockets) => sockets.detach(&mut self.ebpf),
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// Leaves pinned socket hooks attached; returns them.
+    pub fn release_sockets(&mut self) -> Vec<&'static str> {
+        self.sockets
+            .take()
+            .map(SocketHooks::release)
+            .unwrap_or_default()
     }
 
     /// Interfaces the program is attached to, in attach order.

@@ -3,7 +3,8 @@
 //!
 //! Layout, shared with the CLI (`observe::datapath`) and kept exactly:
 //! `DIR/maps/<MAP_NAME>` for every map in `lb_common::maps`,
-//! `DIR/links/<ifname>` for the XDP link of every interface.
+//! `DIR/links/<ifname>` for the XDP link of every interface,
+//! `DIR/cgroup/<hook>` for the socket hooks' cgroup links (connect4, ...).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use lb_common::maps as names;
 use lb_common::reason::REASON_COUNT;
 use lb_common::{
     Affinity, AffinityKey, Backend, Flow, FlowKey, FragKey, FragPorts, GlobalConfig, IcmpLimit,
-    NodeAddr, Service, ServiceKey, SourceRange, Traffic,
+    NodeAddr, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange, Traffic,
 };
 
 use super::MapSizes;
@@ -22,6 +23,7 @@ use super::MapSizes;
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/xlb";
 pub const MAPS_DIR: &str = "maps";
 pub const LINKS_DIR: &str = "links";
+pub const CGROUP_LINKS_DIR: &str = "cgroup";
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
@@ -92,7 +94,12 @@ impl PinDir {
         let pins = Self {
             root: dir.to_owned(),
         };
-        for path in [pins.root.clone(), pins.maps_dir(), pins.links_dir()] {
+        for path in [
+            pins.root.clone(),
+            pins.maps_dir(),
+            pins.links_dir(),
+            pins.cgroup_links_dir(),
+        ] {
             std::fs::create_dir_all(&path).map_err(|source| PinError::Create {
                 path: path.display().to_string(),
                 source,
@@ -136,24 +143,48 @@ impl PinDir {
         list(&self.links_dir())
     }
 
+    pub fn cgroup_links_dir(&self) -> PathBuf {
+        self.root.join(CGROUP_LINKS_DIR)
+    }
+
+    /// `DIR/cgroup/<hook>`: the cgroup link of a socket hook (`connect4`, ...).
+    pub fn cgroup_link(&self, hook: &str) -> PathBuf {
+        self.cgroup_links_dir().join(hook)
+    }
+
+    /// Socket hooks with a pinned cgroup link, sorted.
+    pub fn pinned_cgroup_links(&self) -> Result<Vec<String>, PinError> {
+        list(&self.cgroup_links_dir())
+    }
+
     /// Unpins every link (the kernel detaches a link when its last
     /// reference goes) and every map, then removes the directories this
     /// layout made (the root too when it is not a mount point). Returns the
-    /// interfaces whose links were unpinned and the number of maps.
-    pub fn remove_all(&self) -> Result<(Vec<String>, usize), PinError> {
+    /// interfaces whose links were unpinned, the socket hooks likewise
+    /// detached, and the number of maps.
+    pub fn remove_all(&self) -> Result<(Vec<String>, Vec<String>, usize), PinError> {
         let links = self.pinned_links()?;
         for interface in &links {
             remove_pin(&self.link(interface))?;
+        }
+        let hooks = self.pinned_cgroup_links()?;
+        for hook in &hooks {
+            remove_pin(&self.cgroup_link(hook))?;
         }
         let maps = list(&self.maps_dir())?;
         for name in &maps {
             remove_pin(&self.map(name))?;
         }
-        for dir in [self.links_dir(), self.maps_dir(), self.root.clone()] {
+        for dir in [
+            self.links_dir(),
+            self.cgroup_links_dir(),
+            self.maps_dir(),
+            self.root.clone(),
+        ] {
             // Busy (a mount point) or not empty (not ours): leave it.
             let _ = std::fs::remove_dir(dir);
         }
-        Ok((links, maps.len()))
+        Ok((links, hooks, maps.len()))
     }
 }
 
@@ -187,7 +218,7 @@ fn list(dir: &Path) -> Result<Vec<String>, PinError> {
     Ok(names)
 }
 
-fn fs_magic(path: &Path) -> io::Result<u64> {
+pub(crate) fn fs_magic(path: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt as _;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
@@ -379,6 +410,13 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
             size_of::<IcmpLimit>(),
             names::ICMP_LIMIT_MAX,
         ),
+        spec(
+            names::SOCK_REVNAT,
+            MapType::LruHash,
+            size_of::<SockRevNatKey>(),
+            size_of::<SockRevNat>(),
+            names::SOCK_REVNAT_MAX,
+        ),
     ]
 }
 
@@ -462,7 +500,7 @@ mod tests {
     #[test]
     fn every_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
-        assert_eq!(specs.len(), 14);
+        assert_eq!(specs.len(), 15);
         for name in CONFIG_MAPS {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }
@@ -487,7 +525,7 @@ mod tests {
         let pins = PinDir::at(Path::new("/nonexistent/xlb"));
         assert_eq!(
             pins.remove_all().map_err(|e| e.to_string()),
-            Ok((vec![], 0))
+            Ok((vec![], vec![], 0))
         );
     }
 }

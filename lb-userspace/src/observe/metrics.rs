@@ -89,6 +89,8 @@ pub struct AgentMetrics {
     pub source_errors: BTreeMap<String, u64>,
     /// (interface, mode) of every attachment.
     pub interfaces: Vec<(String, String)>,
+    /// (hook, cgroup) of every socket hook attached.
+    pub socket_hooks: Vec<(String, String)>,
     pub conntrack_capacity: u32,
     /// Cluster services left out because they do not fit the maps.
     pub services_skipped: usize,
@@ -214,6 +216,21 @@ fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
         "Interfaces the XDP program is attached to, with the mode (native or generic).",
         &interfaces,
     );
+    let socket_hooks: Vec<Samples> = agent
+        .socket_hooks
+        .iter()
+        .map(|(hook, cgroup)| {
+            (
+                vec![("hook", hook.clone()), ("cgroup", cgroup.clone())],
+                1.0,
+            )
+        })
+        .collect();
+    out.gauge(
+        "xlb_socket_hook_attached",
+        "Socket hooks (connect4, sendmsg4, recvmsg4, getpeername4) attached, with their cgroup.",
+        &socket_hooks,
+    );
     out.gauge(
         "xlb_conntrack_entries_limit",
         "Capacity of the conntrack table (entries; a flow takes two).",
@@ -259,7 +276,7 @@ fn render_datapath(
         .collect();
     out.counter(
         "xlb_datapath_packets_total",
-        "Packets the XDP program handled, by reason (see `xlb stats`) and verdict.",
+        "Packets the XDP program handled, and calls the socket hooks balanced (fwd_socket, reject_sock_no_backend), by reason (see `xlb stats`) and verdict.",
         &verdicts,
     );
 
@@ -498,6 +515,7 @@ mod tests {
             reconcile_seconds: seconds,
             source_errors: [(String::from("file"), 1)].into_iter().collect(),
             interfaces: vec![(String::from("xlb-c"), String::from("native"))],
+            socket_hooks: vec![(String::from("connect4"), String::from("/sys/fs/cgroup"))],
             conntrack_capacity: 1 << 20,
             services_skipped: 0,
         }
@@ -558,6 +576,7 @@ mod tests {
             "xlb_reconcile_duration_seconds_bucket{le=\"+Inf\"} 3\n",
             "xlb_reconcile_duration_seconds_count 3\n",
             "xlb_interface_xdp_attached{interface=\"xlb-c\",mode=\"native\"} 1\n",
+            "xlb_socket_hook_attached{hook=\"connect4\",cgroup=\"/sys/fs/cgroup\"} 1\n",
             "xlb_conntrack_entries_limit 1048576\n",
             "xlb_datapath_readable 0\n",
             "# TYPE xlb_reconcile_duration_seconds histogram\n",

@@ -32,7 +32,9 @@ use datapath::DatapathMaps;
 use health::HealthServers;
 use http::{Request, Response};
 use metrics::{AgentMetrics, Histogram, Outcomes};
-use rundir::{CATALOG_FILE, Interface, PortRange, Reload, RunDirError, STATUS_FILE, Status};
+use rundir::{
+    CATALOG_FILE, Interface, PortRange, Reload, RunDirError, STATUS_FILE, SocketHooks, Status,
+};
 pub use steps::Steps;
 
 /// `--metrics-addr`'s default: loopback only.
@@ -179,6 +181,17 @@ impl Facts {
                 .interfaces
                 .iter()
                 .map(|i| (i.name.clone(), i.mode.clone()))
+                .collect(),
+            socket_hooks: self
+                .status
+                .socket_hooks
+                .iter()
+                .flat_map(|attached| {
+                    attached
+                        .hooks
+                        .iter()
+                        .map(|hook| (hook.clone(), attached.cgroup.clone()))
+                })
                 .collect(),
             conntrack_capacity: self.status.conntrack_capacity,
             services_skipped: self.status.skipped_services.len(),
@@ -330,6 +343,15 @@ impl Observe {
             }
         }
         self.update_ready();
+        self.write_status_or_warn();
+    }
+
+    /// The socket hooks are attached to `cgroup`.
+    pub fn sockets_attached(&mut self, cgroup: &Path, hooks: &[&str]) {
+        self.shared.facts().status.socket_hooks = Some(SocketHooks {
+            cgroup: cgroup.display().to_string(),
+            hooks: hooks.iter().map(|hook| (*hook).to_owned()).collect(),
+        });
         self.write_status_or_warn();
     }
 

@@ -39,6 +39,10 @@ pub struct Status {
     pub ready: bool,
     pub last_reload: Option<Reload>,
     pub interfaces: Vec<Interface>,
+    /// The socket hooks (`connect4`, ...) and the cgroup they are attached
+    /// to; absent when socket-level balancing is off.
+    #[serde(default)]
+    pub socket_hooks: Option<SocketHooks>,
     /// The XDP program's kernel id.
     pub program_id: Option<u32>,
     /// `XLB_FLOWS` entries (two per flow).
@@ -54,6 +58,13 @@ pub struct Status {
     pub skipped_services: Vec<String>,
     /// Unix seconds of this write.
     pub updated_at: u64,
+}
+
+/// Where the socket hooks are attached.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketHooks {
+    pub cgroup: String,
+    pub hooks: Vec<String>,
 }
 
 /// The outcome of the last config load or reload.

@@ -389,9 +389,59 @@ pub struct DesiredBackend {
 }
 
 impl DesiredService {
-    /// `hijacks(address)`: whether a frontend on `address` would take over
-    /// the node's own ports (such frontends go to `refused` instead).
-    fn new(
+    /// The service's entries: its NodePort and exact frontends, and its
+    /// ClusterIPs with them when both traffic policies choose the same
+    /// backends. Otherwise the ClusterIPs get their own table (and id),
+    /// under `namespace/name (cluster IP)`.
+    /// `hijacks(address)`: whether a load-balancer IP or externalIP on
+    /// `address` would take over the node's own ports (such frontends go to
+    /// `refused` instead).
+    fn for_service(
+        service: &Service,
+        hijacks: impl Fn(Ipv4Addr) -> bool,
+        refused: &mut Vec<RefusedFrontend>,
+    ) -> Vec<Self> {
+        let mut external = Self::external(service, hijacks, refused);
+        let cluster: Vec<(Frontend, u32)> = service
+            .cluster_ips
+            .iter()
+            .map(|&address| {
+                let frontend = Frontend::exact(service.protocol, address, service.port);
+                (frontend, cluster_ip_flags(service))
+            })
+            .collect();
+        if cluster.is_empty() {
+            return vec![external];
+        }
+        if service.internal_traffic_policy == service.external_traffic_policy {
+            external.frontends.extend(cluster);
+            external.frontends.sort_unstable();
+            external.frontends.dedup_by_key(|(frontend, _)| *frontend);
+            return vec![external];
+        }
+        let mut frontends = cluster;
+        frontends.sort_unstable();
+        frontends.dedup_by_key(|(frontend, _)| *frontend);
+        let name = if external.frontends.is_empty() {
+            service.qualified_name()
+        } else {
+            format!("{} (cluster IP)", service.qualified_name())
+        };
+        let internal = Self {
+            name,
+            frontends,
+            affinity_timeout_s: external.affinity_timeout_s,
+            backends: backends_for(service, service.internal_traffic_policy),
+            source_ranges: Vec::new(),
+        };
+        if external.frontends.is_empty() {
+            vec![internal]
+        } else {
+            vec![external, internal]
+        }
+    }
+
+    fn external(
         service: &Service,
         hijacks: impl Fn(Ipv4Addr) -> bool,
         refused: &mut Vec<RefusedFrontend>,
@@ -454,15 +504,35 @@ impl DesiredService {
     }
 }
 
-/// kube-proxy's endpoint rules. Kept active: every backend that is ready
+/// Flags of a ClusterIP's entry. A ClusterIP is reached through the socket
+/// hooks by clients on this node; packets that still arrive addressed to
+/// it (from outside the node) are masqueraded, as kube-proxy does for
+/// sources outside the cluster. Source ranges never apply.
+fn cluster_ip_flags(service: &Service) -> u32 {
+    let mut flags = SERVICE_F_MASQUERADE;
+    if service.internal_traffic_policy == TrafficPolicy::Local {
+        flags |= SERVICE_F_DROP_IF_EMPTY;
+    }
+    if service.session_affinity_timeout.is_some() {
+        flags |= SERVICE_F_AFFINITY;
+    }
+    flags
+}
+
+/// kube-proxy's endpoint rules for the service's external frontends
+/// (`externalTrafficPolicy`); see `backends_for`.
+pub fn desired_backends(service: &Service) -> Vec<DesiredBackend> {
+    backends_for(service, service.external_traffic_policy)
+}
+
+/// kube-proxy's endpoint rules under `policy`. Kept active: every backend that is ready
 /// or serving (a terminating one keeps its flows). Selectable for new
 /// flows: the ready ones (with externalTrafficPolicy=Local, the local ready
 /// ones); when there is none, the serving terminating ones. Weight 0 takes
 /// no new flow.
-pub fn desired_backends(service: &Service) -> Vec<DesiredBackend> {
+fn backends_for(service: &Service, policy: TrafficPolicy) -> Vec<DesiredBackend> {
     let eligible = |backend: &Backend| {
-        backend.weight > 0
-            && (service.external_traffic_policy == TrafficPolicy::Cluster || backend.is_local)
+        backend.weight > 0 && (policy == TrafficPolicy::Cluster || backend.is_local)
     };
     let any_ready = service.backends.iter().any(|b| b.ready && eligible(b));
     let selectable = |backend: &Backend| {
@@ -517,7 +587,7 @@ impl Desired {
         let services = state
             .services
             .iter()
-            .map(|service| DesiredService::new(service, hijacks, &mut refused))
+            .flat_map(|service| DesiredService::for_service(service, hijacks, &mut refused))
             .collect();
         Self {
             services,

@@ -1164,3 +1164,68 @@ fn what_does_not_fit_is_skipped_not_everything() {
     assert_eq!(names.len(), 21 - skipped.len());
     assert!(names.contains("default/zz-old") && names.contains("default/new-00"));
 }
+
+#[test]
+fn cluster_ips_share_the_table_when_both_policies_agree() {
+    let mut web = service("web", 30080, vec![backend(1, 1), backend(2, 1)]);
+    web.port = 80;
+    web.cluster_ips = vec![Ipv4Addr::new(198, 19, 0, 10)];
+    web.session_affinity_timeout = Some(60);
+    let desired = Desired::new(&state(vec![web]), &node());
+    assert_eq!(desired.services.len(), 1);
+    let frontends = &desired.services[0].frontends;
+    let cluster = Frontend::exact(Protocol::Tcp, Ipv4Addr::new(198, 19, 0, 10), 80);
+    assert_eq!(
+        frontends,
+        &[
+            (
+                Frontend::node_port(Protocol::Tcp, 30080),
+                SERVICE_F_MASQUERADE | SERVICE_F_AFFINITY
+            ),
+            (cluster, SERVICE_F_MASQUERADE | SERVICE_F_AFFINITY),
+        ]
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_gives_cluster_ips_their_own_table() {
+    let mut local = backend(1, 1);
+    local.is_local = true;
+    let mut web = service("web", 30080, vec![local, backend(2, 1)]);
+    web.port = 80;
+    web.cluster_ips = vec![Ipv4Addr::new(198, 19, 0, 10)];
+    web.internal_traffic_policy = TrafficPolicy::Local;
+    let desired = Desired::new(&state(vec![web.clone()]), &node());
+    let names: Vec<&str> = desired.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["default/web", "default/web (cluster IP)"]);
+    let internal = &desired.services[1];
+    assert_eq!(
+        internal.frontends,
+        [(
+            Frontend::exact(Protocol::Tcp, Ipv4Addr::new(198, 19, 0, 10), 80),
+            SERVICE_F_MASQUERADE | SERVICE_F_DROP_IF_EMPTY
+        )]
+    );
+    let selectable: Vec<Ipv4Addr> = internal
+        .backends
+        .iter()
+        .filter(|b| b.selectable)
+        .map(|b| b.address.address)
+        .collect();
+    assert_eq!(selectable, [Ipv4Addr::new(198, 18, 1, 1)]);
+    let ops = diff(&Applied::default(), &desired, &capacity()).expect("fits");
+    let ids: BTreeSet<u32> = ops
+        .iter()
+        .filter_map(|op| match op {
+            MapOp::WriteService { entry, .. } => Some(entry.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 2, "two tables, two ids: {ops:#?}");
+
+    // A ClusterIP-only service keeps its plain name.
+    web.node_port = 0;
+    let desired = Desired::new(&state(vec![web]), &node());
+    let names: Vec<&str> = desired.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["default/web"]);
+}

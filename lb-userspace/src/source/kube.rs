@@ -148,7 +148,10 @@ pub struct ServicePort {
     /// `spec.externalIPs` and the load balancer's ingress IPs, served on
     /// `port`.
     pub external_addresses: Vec<Ipv4Addr>,
+    /// `spec.clusterIPs` (or `spec.clusterIP`), IPv4 only, served on `port`.
+    pub cluster_ips: Vec<Ipv4Addr>,
     pub external_traffic_policy: TrafficPolicy,
+    pub internal_traffic_policy: TrafficPolicy,
     /// `sessionAffinity: ClientIP`'s timeout, in seconds.
     pub session_affinity_timeout: Option<u32>,
     /// `spec.loadBalancerSourceRanges` of a LoadBalancer service, IPv4 only:
@@ -234,6 +237,7 @@ pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredStat
             service
                 .frontends
                 .iter()
+                .chain(&service.cluster_ips)
                 .map(|address| (service.protocol, Some(*address), service.port)),
         );
         let taken = claims
@@ -291,12 +295,13 @@ pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredStat
 /// when nothing is ready) is decided in one place, the reconciler
 /// (`reconcile::desired_backends`), which also keeps draining pods' flows.
 pub fn to_model(port: &ServicePort, notes: &mut Vec<Note>) -> Option<Service> {
-    if port.node_port.is_none() && port.external_addresses.is_empty() {
+    if port.node_port.is_none() && port.external_addresses.is_empty() && port.cluster_ips.is_empty()
+    {
         notes.push(Note {
             level: NoteLevel::Debug,
             object: format!("Service {}/{}", port.namespace, port.service),
             message: format!(
-                "port {} has neither a nodePort nor external addresses; skipped",
+                "port {} has neither a nodePort, external addresses nor a ClusterIP; skipped",
                 port.port
             ),
         });
@@ -323,7 +328,9 @@ pub fn to_model(port: &ServicePort, notes: &mut Vec<Note>) -> Option<Service> {
         node_port: port.node_port.unwrap_or(0),
         port: port.port,
         frontends: port.external_addresses.clone(),
+        cluster_ips: port.cluster_ips.clone(),
         external_traffic_policy: port.external_traffic_policy,
+        internal_traffic_policy: port.internal_traffic_policy,
         session_affinity_timeout: port.session_affinity_timeout,
         source_ranges: port.source_ranges.clone(),
         health_check_node_port: port.health_check_node_port,
@@ -411,17 +418,22 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
         }
         let node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
         let external_addresses = external_addresses(service, service_type, &object, &mut notes);
-        if !node_ports && external_addresses.is_empty() {
+        let cluster_ips = cluster_ips(service, &object, &mut notes);
+        if !node_ports && external_addresses.is_empty() && cluster_ips.is_empty() {
             notes.push(Note {
                 level: NoteLevel::Debug,
                 object,
                 message: format!(
-                    "is a {service_type} service without external IPs; nothing to serve"
+                    "is a {service_type} service without a ClusterIP or external IPs; nothing to serve"
                 ),
             });
             continue;
         }
         let external_traffic_policy = match spec.external_traffic_policy.as_deref() {
+            Some("Local") => TrafficPolicy::Local,
+            _ => TrafficPolicy::Cluster,
+        };
+        let internal_traffic_policy = match spec.internal_traffic_policy.as_deref() {
             Some("Local") => TrafficPolicy::Local,
             _ => TrafficPolicy::Cluster,
         };
@@ -497,7 +509,9 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
                 port,
                 node_port,
                 external_addresses: external_addresses.clone(),
+                cluster_ips: cluster_ips.clone(),
                 external_traffic_policy,
+                internal_traffic_policy,
                 session_affinity_timeout,
                 source_ranges: source_ranges.clone(),
                 health_check_node_port,
@@ -533,6 +547,34 @@ fn source_ranges(listed: &[String], object: &str, notes: &mut Vec<Note>) -> Vec<
 
 fn positive_port(port: i32) -> Option<u16> {
     u16::try_from(port).ok().filter(|port| *port != 0)
+}
+
+/// `spec.clusterIPs` (falling back to `spec.clusterIP`), IPv4 only, without
+/// duplicates; an IPv6 family of a dual-stack service is left out.
+fn cluster_ips(service: &KubeService, object: &str, notes: &mut Vec<Note>) -> Vec<Ipv4Addr> {
+    let Some(spec) = service.spec.as_ref() else {
+        return Vec::new();
+    };
+    let listed: Vec<&String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().collect(),
+        _ => spec.cluster_ip.iter().collect(),
+    };
+    let mut addresses = Vec::new();
+    for text in listed {
+        if text.is_empty() || text == "None" {
+            continue;
+        }
+        match text.parse::<Ipv4Addr>() {
+            Ok(address) if !addresses.contains(&address) => addresses.push(address),
+            Ok(_) => {}
+            Err(_) => notes.push(Note {
+                level: NoteLevel::Debug,
+                object: object.to_owned(),
+                message: format!("clusterIP {text} is not an IPv4 address; not served"),
+            }),
+        }
+    }
+    addresses
 }
 
 /// `spec.externalIPs`, then the load balancer's ingress IPs (not those in

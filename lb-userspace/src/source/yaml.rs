@@ -334,8 +334,11 @@ struct RawService {
     port: Option<Int>,
     #[serde(default)]
     frontends: Vec<String>,
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
     target_port: Option<Int>,
     external_traffic_policy: Option<String>,
+    internal_traffic_policy: Option<String>,
     session_affinity: Option<String>,
     session_affinity_config: Option<RawAffinityConfig>,
     #[serde(default)]
@@ -758,11 +761,11 @@ impl Validator<'_> {
                     port,
                     " (NodePorts are usually 30000-32767)",
                 ),
-                None if raw.frontends.is_empty() => {
+                None if raw.frontends.is_empty() && raw.cluster_ip.is_none() => {
                     self.fail(
                         &at,
-                        "has neither a nodePort nor frontends, so nothing would reach it",
-                        "add nodePort (usually 30000-32767), or frontends and port",
+                        "has neither a nodePort, frontends nor a clusterIP, so nothing would reach it",
+                        "add nodePort (usually 30000-32767), or port with frontends or clusterIP",
                     );
                     None
                 }
@@ -780,10 +783,10 @@ impl Validator<'_> {
             }
             let port = match raw.port {
                 Some(port) => self.port(&format!("{at}.port"), port, ""),
-                None if !raw.frontends.is_empty() => {
+                None if !raw.frontends.is_empty() || raw.cluster_ip.is_some() => {
                     self.fail(
                         &format!("{at}.port"),
-                        "is missing: frontends answer on the service port",
+                        "is missing: frontends and the clusterIP answer on the service port",
                         "add port (the Service's port, e.g. 80)",
                     );
                     None
@@ -791,13 +794,21 @@ impl Validator<'_> {
                 None => Some(0),
             };
             let service_frontends = self.frontends(&at, &raw.frontends);
+            let cluster_ip = raw
+                .cluster_ip
+                .as_deref()
+                .and_then(|text| self.cluster_ip(&at, text, &service_frontends));
             if let (Some(protocol), Some(port)) = (protocol, port) {
-                for (position, address) in &service_frontends {
-                    if let Some(first) = frontends.insert((protocol, *address, port), index)
+                let fields = service_frontends
+                    .iter()
+                    .map(|(position, address)| (format!("{at}.frontends[{position}]"), *address))
+                    .chain(cluster_ip.map(|address| (format!("{at}.clusterIP"), address)));
+                for (field, address) in fields {
+                    if let Some(first) = frontends.insert((protocol, address, port), index)
                         && first != index
                     {
                         self.fail(
-                            &format!("{at}.frontends[{position}]"),
+                            &field,
                             format!(
                                 "{protocol} {address}:{port} is already a frontend of services[{first}]"
                             ),
@@ -806,7 +817,14 @@ impl Validator<'_> {
                     }
                 }
             }
-            let policy = self.traffic_policy(&at, raw.external_traffic_policy.as_deref());
+            let policy = self.traffic_policy(
+                &format!("{at}.externalTrafficPolicy"),
+                raw.external_traffic_policy.as_deref(),
+            );
+            let internal_policy = self.traffic_policy(
+                &format!("{at}.internalTrafficPolicy"),
+                raw.internal_traffic_policy.as_deref(),
+            );
             let affinity = self.affinity(
                 &at,
                 raw.session_affinity.as_deref(),
@@ -841,8 +859,14 @@ impl Validator<'_> {
                     "mark the backends that run on this node with local: true",
                 );
             }
-            if let (Some(protocol), Some(node_port), Some(port), Some(policy), Some(affinity)) =
-                (protocol, node_port, port, policy, affinity)
+            if let (
+                Some(protocol),
+                Some(node_port),
+                Some(port),
+                Some(policy),
+                Some(internal_policy),
+                Some(affinity),
+            ) = (protocol, node_port, port, policy, internal_policy, affinity)
             {
                 services.push(Service {
                     name: raw.name,
@@ -851,7 +875,9 @@ impl Validator<'_> {
                     node_port,
                     port,
                     frontends: service_frontends.into_iter().map(|(_, a)| a).collect(),
+                    cluster_ips: cluster_ip.into_iter().collect(),
                     external_traffic_policy: policy,
+                    internal_traffic_policy: internal_policy,
                     session_affinity_timeout: affinity,
                     source_ranges,
                     health_check_node_port,
@@ -894,13 +920,46 @@ impl Validator<'_> {
         frontends
     }
 
-    fn traffic_policy(&mut self, at: &str, text: Option<&str>) -> Option<TrafficPolicy> {
+    /// `clusterIP`: a unicast IPv4 address that is not also a frontend.
+    fn cluster_ip(
+        &mut self,
+        at: &str,
+        text: &str,
+        frontends: &[(usize, Ipv4Addr)],
+    ) -> Option<Ipv4Addr> {
+        let field = format!("{at}.clusterIP");
+        let address = self.ipv4(&field, text)?;
+        if address.is_unspecified()
+            || address.is_broadcast()
+            || address.is_multicast()
+            || address.is_loopback()
+        {
+            self.fail(
+                &field,
+                format!("{address} cannot be a ClusterIP"),
+                "use the Service's unicast IPv4 clusterIP (from the cluster's service CIDR)",
+            );
+            return None;
+        }
+        if let Some((position, _)) = frontends.iter().find(|(_, a)| *a == address) {
+            self.fail(
+                &field,
+                format!("{address} is also {at}.frontends[{position}]"),
+                "list the address once: as clusterIP or as a frontend",
+            );
+            return None;
+        }
+        Some(address)
+    }
+
+    /// `externalTrafficPolicy` or `internalTrafficPolicy` (`field`).
+    fn traffic_policy(&mut self, field: &str, text: Option<&str>) -> Option<TrafficPolicy> {
         match text {
             None | Some("Cluster") => Some(TrafficPolicy::Cluster),
             Some("Local") => Some(TrafficPolicy::Local),
             Some(other) => {
                 self.fail(
-                    &format!("{at}.externalTrafficPolicy"),
+                    field,
                     format!("\"{other}\" is not a traffic policy"),
                     "use Cluster (the default: any backend, client masqueraded) or Local (only \
                      local: true backends, client address kept)",

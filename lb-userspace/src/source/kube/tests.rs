@@ -323,10 +323,7 @@ fn skipped_services() {
     let snapshot = snapshot(
         vec![
             proxied,
-            service(
-                "cluster-ip",
-                json!({"ports": [{"port": 80}], "clusterIP": "10.96.0.10"}),
-            ),
+            service("cluster-ip-pending", json!({"ports": [{"port": 80}]})),
             service(
                 "headless",
                 json!({"type": "NodePort", "clusterIP": "None", "ports": [{"port": 80, "nodePort": 30002}]}),
@@ -349,7 +346,7 @@ fn skipped_services() {
     assert_eq!(
         messages,
         [
-            "Service default/cluster-ip: is a ClusterIP service without external IPs; nothing to serve",
+            "Service default/cluster-ip-pending: is a ClusterIP service without a ClusterIP or external IPs; nothing to serve",
             "Service default/external-name: is an ExternalName service; skipped",
             "Service default/headless: is headless (clusterIP: None); skipped",
             "Service default/other-proxy: belongs to proxy \"cilium\" (service.kubernetes.io/service-proxy-name); skipped",
@@ -362,6 +359,37 @@ fn skipped_services() {
             .iter()
             .all(|note| note.level == NoteLevel::Debug)
     );
+}
+
+#[test]
+fn cluster_ips_and_internal_traffic_policy_are_served() {
+    let snapshot = snapshot(
+        vec![service(
+            "dns",
+            json!({
+                "clusterIP": "10.96.0.10",
+                "clusterIPs": ["10.96.0.10", "fd00::a"],
+                "ipFamilies": ["IPv4", "IPv6"],
+                "internalTrafficPolicy": "Local",
+                "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}],
+            }),
+        )],
+        vec![slice(
+            "dns-1",
+            "dns",
+            json!([{"name": "dns", "port": 5353, "protocol": "UDP"}]),
+            json!([endpoint("198.18.1.2")]),
+        )],
+    );
+    let translation = translate(&snapshot, &node(), &base());
+    let services = &translation.state.services;
+    assert_eq!(services.len(), 1, "{:?}", translation.notes);
+    let dns = &services[0];
+    assert_eq!(dns.node_port, 0);
+    assert_eq!(dns.port, 53);
+    assert_eq!(dns.cluster_ips, [ip("10.96.0.10")]);
+    assert_eq!(dns.internal_traffic_policy, TrafficPolicy::Local);
+    assert_eq!(dns.backends.len(), 1);
 }
 
 #[test]

@@ -369,8 +369,9 @@ fn missing_required_field() {
     let text = GOOD.replace("    nodePort: 30080\n", "");
     assert_eq!(
         error(&text),
-        "config/x.yaml:4:5: services[0]: has neither a nodePort nor frontends, so nothing would \
-         reach it; add nodePort (usually 30000-32767), or frontends and port"
+        "config/x.yaml:4:5: services[0]: has neither a nodePort, frontends nor a clusterIP, so \
+         nothing would reach it; add nodePort (usually 30000-32767), or port with frontends or \
+         clusterIP"
     );
 }
 
@@ -684,8 +685,8 @@ fn frontends_without_node_port_need_a_port() {
     let text = GOOD.replace("    nodePort: 30080\n", "    frontends: [198.18.200.10]\n");
     assert_eq!(
         error(&text),
-        "config/x.yaml:4:5: services[0].port: is missing: frontends answer on the service port; \
-         add port (the Service's port, e.g. 80)"
+        "config/x.yaml:4:5: services[0].port: is missing: frontends and the clusterIP answer on \
+         the service port; add port (the Service's port, e.g. 80)"
     );
     let text = text.replace("    frontends:", "    port: 80\n    frontends:");
     let web = &parse_ok(&text).state.services[0];
@@ -902,4 +903,71 @@ fn alias_bombs_are_refused_quickly() {
     assert!(message.starts_with("config/x.yaml:5:12: "), "{message}");
     assert!(message.contains("aliases"), "{message}");
     assert!(message.contains("write the value out in full"), "{message}");
+}
+
+#[test]
+fn cluster_ip_and_internal_traffic_policy() {
+    let text = GOOD.replace(
+        "    nodePort: 30080\n",
+        "    port: 80\n    clusterIP: 198.19.0.10\n    internalTrafficPolicy: Local\n",
+    );
+    let config = parse_ok(&text);
+    let web = &config.state.services[0];
+    assert_eq!(web.node_port, 0, "a ClusterIP alone is enough");
+    assert_eq!(web.port, 80);
+    assert_eq!(web.cluster_ips, [Ipv4Addr::new(198, 19, 0, 10)]);
+    assert_eq!(web.internal_traffic_policy, TrafficPolicy::Local);
+    assert_eq!(web.external_traffic_policy, TrafficPolicy::Cluster);
+}
+
+#[test]
+fn cluster_ip_needs_a_port_and_a_unicast_address() {
+    let text = GOOD.replace("    nodePort: 30080\n", "    clusterIP: 198.19.0.10\n");
+    assert!(
+        error(&text).contains("services[0].port: is missing"),
+        "{}",
+        error(&text)
+    );
+    let text = GOOD.replace(
+        "    nodePort: 30080\n",
+        "    port: 80\n    clusterIP: 127.0.0.1\n",
+    );
+    assert!(
+        error(&text).contains("services[0].clusterIP: 127.0.0.1 cannot be a ClusterIP"),
+        "{}",
+        error(&text)
+    );
+    let text = GOOD.replace(
+        "    nodePort: 30080\n",
+        "    port: 80\n    internalTrafficPolicy: Sometimes\n    clusterIP: 198.19.0.1\n",
+    );
+    assert!(
+        error(&text).contains("services[0].internalTrafficPolicy: \"Sometimes\""),
+        "{}",
+        error(&text)
+    );
+}
+
+#[test]
+fn a_cluster_ip_belongs_to_one_service() {
+    let text = format!(
+        "{GOOD}  - name: api\n    port: 80\n    clusterIP: 198.19.0.1\n    backends: []\n\
+         \x20 - name: db\n    port: 80\n    frontends: [198.19.0.1]\n    backends: []\n"
+    );
+    let text = text.replace(
+        "    nodePort: 30080\n",
+        "    nodePort: 30080\n    port: 80\n    clusterIP: 198.19.0.1\n",
+    );
+    let all = errors(&text);
+    assert_eq!(all.len(), 2, "{all:#?}");
+    assert!(
+        all[0].contains(
+            "services[1].clusterIP: TCP 198.19.0.1:80 is already a frontend of services[0]"
+        ),
+        "{all:#?}"
+    );
+    assert!(
+        all[1].contains("services[2].frontends[0]: TCP 198.19.0.1:80"),
+        "{all:#?}"
+    );
 }

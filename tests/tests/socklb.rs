@@ -1,0 +1,554 @@
+//! Socket-level balancing (issue 13): processes on the node and pods reach
+//! NodePorts on the node's address and ClusterIPs through the cgroup v2
+//! socket hooks, with real sockets: connect()/sendto() go to a backend,
+//! getpeername() and UDP replies show the service address, session
+//! affinity holds, a removed backend's UDP clients move on their next
+//! datagram, and hairpin (a pod balanced to itself or a neighbour) works.
+//!
+//! The test process moves itself into a child cgroup of its own under
+//! /sys/fs/cgroup/unified, where the agent attaches the hooks
+//! (`--cgroup`); the guard moves it back and removes the cgroup. "Pods" are
+//! the backend namespaces (their sockets are this process's threads, as
+//! `in_netns` runs them); a backend in the client namespace stands for a
+//! pod on another node, reached through the node's uplink.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use xlb_tests::client::{IO_TIMEOUT, Who, pattern, tcp_who_echo, udp_socket, udp_who};
+use xlb_tests::lab::{
+    ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, TCP_ECHO_NODE_PORT, UDP_ECHO_NODE_PORT,
+};
+use xlb_tests::{Agent, Bpffs, ChildGuard, Lab, Netns, TestCgroup, XLB_BIN_ENV, bin_from_env};
+
+/// ClusterIPs (198.18.0.0/15, routed nowhere: only the hooks answer them).
+const TCP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const UDP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+const STICKY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
+/// One-backend ClusterIPs for the benchmark: through xlb's hooks, and
+/// through an iptables DNAT rule as kube-proxy's.
+const BENCH_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
+const IPTABLES_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 30);
+const SERVICE_PORT: u16 = 80;
+const DNS_PORT: u16 = 53;
+/// The echo server in the client namespace: a pod on another node.
+const REMOTE: &str = "remote";
+const REMOTE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Connections or sockets per spread check: with 4 equal backends, one is
+/// missed with probability 4 * (3/4)^64, about 4e-8.
+const TRIES: usize = 64;
+
+fn tcp_cluster_ip() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(TCP_CLUSTER_IP, SERVICE_PORT))
+}
+
+fn udp_cluster_ip() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(UDP_CLUSTER_IP, DNS_PORT))
+}
+
+fn tcp_node_port() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(NODE_ADDR, TCP_ECHO_NODE_PORT))
+}
+
+fn udp_node_port() -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(NODE_ADDR, UDP_ECHO_NODE_PORT))
+}
+
+/// The lab's three pods and the remote one, for services on `port`.
+fn backends_yaml(lab: &Lab, port: u16, without: Option<&str>) -> String {
+    lab.backends
+        .iter()
+        .map(|backend| (backend.name.as_str(), backend.addr))
+        .chain([(REMOTE, REMOTE_ADDR)])
+        .filter(|(name, _)| Some(*name) != without)
+        .map(|(name, address)| {
+            format!("      - {{address: {address}, port: {port}, name: {name}}}\n")
+        })
+        .collect()
+}
+
+fn config(lab: &Lab, udp_without: Option<&str>) -> String {
+    let tcp = backends_yaml(lab, ECHO_TCP_PORT, None);
+    let udp = backends_yaml(lab, ECHO_UDP_PORT, udp_without);
+    lab.config_yaml(&format!(
+        "  - name: tcp-echo\n    protocol: TCP\n    nodePort: {TCP_ECHO_NODE_PORT}\n    \
+         port: {SERVICE_PORT}\n    clusterIP: {TCP_CLUSTER_IP}\n    backends:\n{tcp}\
+         \n  - name: udp-echo\n    protocol: UDP\n    nodePort: {UDP_ECHO_NODE_PORT}\n    \
+         port: {DNS_PORT}\n    clusterIP: {UDP_CLUSTER_IP}\n    backends:\n{udp}\
+         \n  - name: tcp-sticky\n    protocol: TCP\n    port: {SERVICE_PORT}\n    \
+         clusterIP: {STICKY_CLUSTER_IP}\n    sessionAffinity: ClientIP\n    backends:\n{tcp}\
+         \n  - name: tcp-bench\n    protocol: TCP\n    port: {SERVICE_PORT}\n    \
+         clusterIP: {BENCH_CLUSTER_IP}\n    backends:\n      - {{address: {}, port: {ECHO_TCP_PORT}}}\n",
+        lab.backends[1].addr
+    ))
+}
+
+/// A lab with 3 pods and a remote backend, the test process in its own
+/// cgroup, and an agent attaching the socket hooks there. Fields drop in
+/// order: agent, remote echo, lab, then the cgroup.
+struct SockLab {
+    _remote: ChildGuard,
+    lab: Lab,
+    cgroup: TestCgroup,
+}
+
+impl SockLab {
+    fn new() -> anyhow::Result<SockLab> {
+        let cgroup = TestCgroup::enter()?;
+        let lab = Lab::new(3)?;
+        let remote = lab.start_echo(
+            &lab.client,
+            REMOTE,
+            &[SocketAddr::from(([0, 0, 0, 0], ECHO_TCP_PORT))],
+            &[SocketAddr::from(([0, 0, 0, 0], ECHO_UDP_PORT))],
+        )?;
+        Ok(SockLab {
+            _remote: remote,
+            lab,
+            cgroup,
+        })
+    }
+
+    fn start_agent(&self, extra: &[&str]) -> anyhow::Result<Agent<'_>> {
+        let config = self.lab.write_file("xlb.yaml", &config(&self.lab, None))?;
+        let cgroup = self.cgroup.arg();
+        let mut args = vec!["--cgroup", cgroup.as_str()];
+        args.extend_from_slice(extra);
+        Ok(Agent::start_with(
+            &bin_from_env(XLB_BIN_ENV)?,
+            &self.lab,
+            &config,
+            &args,
+        )?)
+    }
+
+    fn pod(&self, index: usize) -> &Netns {
+        &self.lab.backends[index].netns
+    }
+}
+
+/// Backend name -> how many answers it gave.
+type Spread = BTreeMap<String, usize>;
+
+fn count(spread: &mut Spread, who: &Who) {
+    *spread.entry(who.name.clone()).or_default() += 1;
+}
+
+fn all_backends(lab: &Lab) -> Vec<String> {
+    let mut names: Vec<String> = lab.backends.iter().map(|b| b.name.clone()).collect();
+    names.push(String::from(REMOTE));
+    names.sort();
+    names
+}
+
+fn ensure_every_backend(lab: &Lab, spread: &Spread, what: &str) -> anyhow::Result<()> {
+    println!("{what}: {spread:?}");
+    let reached: Vec<String> = spread.keys().cloned().collect();
+    ensure!(
+        reached == all_backends(lab),
+        "{what}: {TRIES} tries reached {spread:?}, expected every one of {:?}",
+        all_backends(lab)
+    );
+    Ok(())
+}
+
+/// `TRIES` TCP connections to `target` (each checks getpeername() is the
+/// target and the echo is whole); the backends' answers, and the client
+/// addresses they saw.
+fn tcp_spread(target: SocketAddr) -> anyhow::Result<(Spread, Vec<Ipv4Addr>)> {
+    let mut spread = Spread::new();
+    let mut peers = Vec::new();
+    for index in 0..TRIES {
+        let who = tcp_who_echo(target, &pattern(2_000, index as u32))?;
+        count(&mut spread, &who);
+        if let SocketAddr::V4(peer) = who.peer {
+            peers.push(*peer.ip());
+        }
+    }
+    Ok((spread, peers))
+}
+
+/// `TRIES` unconnected UDP sockets, one WHO each (sendto / recvfrom): every
+/// reply must come from `target`.
+fn udp_spread(target: SocketAddr) -> anyhow::Result<(Spread, Vec<Ipv4Addr>)> {
+    let mut spread = Spread::new();
+    let mut peers = Vec::new();
+    for _ in 0..TRIES {
+        let socket = udp_socket()?;
+        let (who, from) = udp_who(&socket, target)?;
+        ensure!(
+            from == target,
+            "the reply of {} came from {from}, not from {target}",
+            who.name
+        );
+        count(&mut spread, &who);
+        if let SocketAddr::V4(peer) = who.peer {
+            peers.push(*peer.ip());
+        }
+    }
+    Ok((spread, peers))
+}
+
+/// A connected UDP socket to `target`: its peer is `target`, replies are
+/// accepted and shown as coming from `target`.
+fn udp_connected(target: SocketAddr) -> anyhow::Result<Who> {
+    let socket = udp_socket()?;
+    socket.connect(target)?;
+    ensure!(
+        socket.peer_addr()? == target,
+        "getpeername() of a UDP socket connected to {target} says {}",
+        socket.peer_addr()?
+    );
+    socket.send(b"WHO\n")?;
+    let mut buf = [0u8; 512];
+    let (len, from) = socket
+        .recv_from(&mut buf)
+        .with_context(|| format!("no reply on a UDP socket connected to {target}"))?;
+    ensure!(
+        from == target,
+        "connected reply came from {from}, not {target}"
+    );
+    let who: Who = std::str::from_utf8(&buf[..len])?.parse()?;
+    // A second exchange with plain recv() (no address asked for).
+    socket.send(b"WHO\n")?;
+    let len = socket.recv(&mut buf)?;
+    let again: Who = std::str::from_utf8(&buf[..len])?.parse()?;
+    ensure!(again.name == who.name, "a connected socket changed backend");
+    Ok(who)
+}
+
+#[test]
+fn host_processes_reach_node_ports_on_the_node_address() -> anyhow::Result<()> {
+    xlb_tests::require_root()?;
+    let lab = SockLab::new()?;
+    let agent = lab.start_agent(&[])?;
+    let checked = lab.lab.node.run(|| -> anyhow::Result<()> {
+        let (tcp, _) = tcp_spread(tcp_node_port())?;
+        ensure_every_backend(&lab.lab, &tcp, "TCP from the node to NODE:nodePort")?;
+        let (udp, _) = udp_spread(udp_node_port())?;
+        ensure_every_backend(&lab.lab, &udp, "UDP from the node to NODE:nodePort")?;
+        udp_connected(udp_node_port())?;
+        // The node's own ClusterIP clients too.
+        let who = tcp_who_echo(tcp_cluster_ip(), b"hello")?;
+        ensure!(all_backends(&lab.lab).contains(&who.name));
+        // 127.0.0.1:nodePort is not a NodePort (see the README).
+        let local = SocketAddr::from(([127, 0, 0, 1], TCP_ECHO_NODE_PORT));
+        ensure!(
+            TcpStream::connect_timeout(&local, IO_TIMEOUT).is_err(),
+            "127.0.0.1:{TCP_ECHO_NODE_PORT} answered"
+        );
+        Ok(())
+    })?;
+    checked.map_err(|error| agent.failure(format!("{error:#}")))?;
+    Ok(())
+}
+
+#[test]
+fn pods_reach_cluster_ips_and_node_ports_including_hairpin() -> anyhow::Result<()> {
+    xlb_tests::require_root()?;
+    let lab = SockLab::new()?;
+    let agent = lab.start_agent(&[])?;
+    let pod = &lab.lab.backends[0];
+    let pod_addr = pod.addr;
+    let checked = pod.netns.run(|| -> anyhow::Result<()> {
+        // Every backend: this pod itself (hairpin to self), its neighbours
+        // on this node, and the pod on another node.
+        for (target, what) in [
+            (tcp_cluster_ip(), "TCP from a pod to a ClusterIP"),
+            (tcp_node_port(), "TCP from a pod to NODE:nodePort"),
+        ] {
+            let (spread, peers) = tcp_spread(target)?;
+            ensure_every_backend(&lab.lab, &spread, what)?;
+            ensure!(
+                peers.iter().all(|peer| *peer == pod_addr),
+                "{what}: backends saw clients {peers:?}, expected the pod's own {pod_addr} \
+                 (no NAT on the socket path)"
+            );
+        }
+        for (target, what) in [
+            (udp_cluster_ip(), "UDP from a pod to a ClusterIP"),
+            (udp_node_port(), "UDP from a pod to NODE:nodePort"),
+        ] {
+            let (spread, peers) = udp_spread(target)?;
+            ensure_every_backend(&lab.lab, &spread, what)?;
+            ensure!(
+                peers.iter().all(|peer| *peer == pod_addr),
+                "{what}: backends saw clients {peers:?}, expected {pod_addr}"
+            );
+        }
+        udp_connected(udp_cluster_ip())?;
+        Ok(())
+    })?;
+    checked.map_err(|error| agent.failure(format!("{error:#}")))?;
+    Ok(())
+}
+
+#[test]
+fn session_affinity_holds_per_client() -> anyhow::Result<()> {
+    xlb_tests::require_root()?;
+    let lab = SockLab::new()?;
+    let agent = lab.start_agent(&[])?;
+    let sticky = SocketAddr::V4(SocketAddrV4::new(STICKY_CLUSTER_IP, SERVICE_PORT));
+    for netns in [lab.pod(1), &lab.lab.node] {
+        let checked = netns.run(|| -> anyhow::Result<()> {
+            let (spread, _) = tcp_spread(sticky)?;
+            ensure!(
+                spread.len() == 1,
+                "sessionAffinity ClientIP: {} spread over {spread:?}",
+                netns.name()
+            );
+            Ok(())
+        })?;
+        checked.map_err(|error| agent.failure(format!("{error:#}")))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_removed_backend_moves_udp_clients_on_their_next_datagram() -> anyhow::Result<()> {
+    xlb_tests::require_root()?;
+    let lab = SockLab::new()?;
+    let mut agent = lab.start_agent(&[])?;
+    let target = udp_cluster_ip();
+    // Sockets of a pod, each on its backend for several datagrams.
+    let sockets: Vec<(UdpSocket, String)> =
+        lab.pod(2)
+            .run(|| -> anyhow::Result<Vec<(UdpSocket, String)>> {
+                let mut sockets = Vec::new();
+                for _ in 0..16 {
+                    let socket = udp_socket()?;
+                    let (first, _) = udp_who(&socket, target)?;
+                    for _ in 0..3 {
+                        let (again, from) = udp_who(&socket, target)?;
+                        ensure!(from == target, "reply from {from}");
+                        ensure!(
+                            again.name == first.name,
+                            "an unconnected socket moved from {} to {} with no change",
+                            first.name,
+                            again.name
+                        );
+                    }
+                    sockets.push((socket, first.name));
+                }
+                Ok(sockets)
+            })??;
+    let removed = sockets[0].1.clone();
+    let config = config(&lab.lab, Some(&removed));
+    lab.lab.write_file("xlb.yaml", &config)?;
+    agent.reload_and_wait()?;
+    let checked = lab.pod(2).run(|| -> anyhow::Result<()> {
+        for (socket, before) in &sockets {
+            let (now, from) = udp_who(socket, target)?;
+            ensure!(from == target, "reply from {from}");
+            if *before == removed {
+                ensure!(
+                    now.name != removed,
+                    "a socket on the removed {removed} still reaches it"
+                );
+            }
+        }
+        Ok(())
+    })?;
+    checked.map_err(|error| agent.failure(format!("{error:#}")))?;
+    Ok(())
+}
+
+#[test]
+fn status_metrics_keep_attached_and_detach() -> anyhow::Result<()> {
+    xlb_tests::require_root()?;
+    let lab = SockLab::new()?;
+    let bpffs = Bpffs::mount(&lab.lab)?;
+    let run_dir = lab.lab.dir().join("run");
+    let run_dir_arg = run_dir.display().to_string();
+    let dir = bpffs.arg();
+    let agent = lab.start_agent(&[
+        "--bpffs",
+        dir.as_str(),
+        "--keep-attached",
+        "--run-dir",
+        run_dir_arg.as_str(),
+        "--metrics-addr",
+        "127.0.0.1:9090",
+    ])?;
+    let xlb = bin_from_env(XLB_BIN_ENV)?;
+    let status = lab
+        .lab
+        .node
+        .command(&xlb)
+        .args([
+            "status",
+            "--json",
+            "--bpffs",
+            &dir,
+            "--run-dir",
+            &run_dir_arg,
+        ])
+        .output()?;
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .with_context(|| String::from_utf8_lossy(&status.stderr).into_owned())?;
+    let hooks = &status["socket_hooks"];
+    ensure!(
+        hooks["cgroup"] == lab.cgroup.arg().as_str()
+            && hooks["hooks"]
+                == serde_json::json!(["connect4", "sendmsg4", "recvmsg4", "getpeername4"])
+            && hooks["pinned"].as_array().map(Vec::len) == Some(4),
+        "xlb status --json socket_hooks: {hooks}"
+    );
+    // Balance one connection first, so the socket counter has counted.
+    lab.lab
+        .node
+        .run(|| tcp_who_echo(tcp_cluster_ip(), b"counted"))??;
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], 9090));
+    let (code, metrics) = lab
+        .lab
+        .node
+        .run(|| xlb::observe::http::get(metrics_addr, "/metrics"))??;
+    ensure!(code == 200, "/metrics answered {code}");
+    ensure!(
+        metrics.contains(&format!(
+            "xlb_socket_hook_attached{{hook=\"connect4\",cgroup=\"{}\"}} 1",
+            lab.cgroup.arg()
+        )),
+        "/metrics has no xlb_socket_hook_attached for connect4"
+    );
+    let counted = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("xlb_datapath_packets_total") && line.contains("\"fwd_socket\"")
+        })
+        .and_then(|line| line.rsplit(' ').next()?.parse::<f64>().ok());
+    ensure!(
+        counted.is_some_and(|count| count >= 1.0),
+        "/metrics counts no fwd_socket: {counted:?}"
+    );
+
+    // --keep-attached: the pinned hooks keep balancing without an agent.
+    let exit = agent.stop()?;
+    ensure!(exit.status.success(), "agent: {}", exit.log);
+    let who = lab
+        .lab
+        .node
+        .run(|| tcp_who_echo(tcp_node_port(), b"still there"))??;
+    ensure!(all_backends(&lab.lab).contains(&who.name));
+
+    // `xlb detach` removes them: NODE:nodePort is then nobody's port.
+    let detach = lab
+        .lab
+        .node
+        .command(&xlb)
+        .args(["detach", "--bpffs", &dir])
+        .output()?;
+    let said = String::from_utf8_lossy(&detach.stdout).into_owned();
+    ensure!(
+        detach.status.success()
+            && said.contains("socket hooks connect4, getpeername4, recvmsg4, sendmsg4 detached"),
+        "xlb detach said {said:?} {}",
+        String::from_utf8_lossy(&detach.stderr)
+    );
+    let refused = lab
+        .lab
+        .node
+        .run(|| TcpStream::connect_timeout(&tcp_node_port(), Duration::from_secs(2)).is_err())?;
+    ensure!(refused, "NODE:nodePort still answers after xlb detach");
+    drop(bpffs);
+    Ok(())
+}
+
+/// connect() rate and TCP request/response latency from a pod to one
+/// backend pod on the same node: directly, through a ClusterIP balanced by
+/// xlb's socket hooks, and through a ClusterIP DNATed by an iptables rule
+/// in the node namespace (kube-proxy's iptables mode, reduced to the one
+/// rule that matches). Prints a table; run with `cargo xtask test --
+/// --ignored bench_cluster_ip` (numbers from a shared 2-core machine).
+#[test]
+#[ignore = "benchmark: prints figures, asserts nothing but that it ran"]
+fn bench_cluster_ip_connect_rate_and_request_response() -> anyhow::Result<()> {
+    xlb_tests::require_root()?;
+    let lab = SockLab::new()?;
+    let agent = lab.start_agent(&[])?;
+    let backend = lab.lab.backends[1].addr;
+    let rule = format!(
+        "-t nat -A PREROUTING -d {IPTABLES_CLUSTER_IP}/32 -p tcp --dport {SERVICE_PORT} -j DNAT \
+         --to-destination {backend}:{ECHO_TCP_PORT}"
+    );
+    let args: Vec<&str> = rule.split(' ').collect();
+    lab.lab.node.exec("iptables", &args)?;
+    let targets = [
+        (
+            "direct to the pod",
+            SocketAddr::from((backend, ECHO_TCP_PORT)),
+        ),
+        (
+            "ClusterIP, xlb socket hooks",
+            SocketAddr::from((BENCH_CLUSTER_IP, SERVICE_PORT)),
+        ),
+        (
+            "ClusterIP, iptables DNAT",
+            SocketAddr::from((IPTABLES_CLUSTER_IP, SERVICE_PORT)),
+        ),
+    ];
+    // Rounds interleave the paths, so that load from other processes on a
+    // shared machine falls on all of them alike.
+    const ROUNDS: usize = 5;
+    const CONNECTIONS: u32 = 400;
+    const ROUND_TRIPS: u32 = 4_000;
+    let rows = lab.pod(0).run(|| -> anyhow::Result<Vec<String>> {
+        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+        use std::time::Instant;
+        let mut connect_seconds = [0f64; 3];
+        let mut round_trips: [Vec<f64>; 3] = Default::default();
+        for (_, target) in targets {
+            // Warm up (ARP, conntrack, page cache).
+            tcp_who_echo(target, b"warm")?;
+        }
+        for _ in 0..ROUNDS {
+            for (index, (what, target)) in targets.iter().enumerate() {
+                let started = Instant::now();
+                for _ in 0..CONNECTIONS {
+                    let mut stream = TcpStream::connect_timeout(target, IO_TIMEOUT)?;
+                    stream.write_all(b"WHO\n")?;
+                    let mut line = String::new();
+                    BufReader::new(&stream).read_line(&mut line)?;
+                    ensure!(line.starts_with("name="), "{what}: {line:?}");
+                }
+                connect_seconds[index] += started.elapsed().as_secs_f64();
+                let mut stream = TcpStream::connect_timeout(target, IO_TIMEOUT)?;
+                stream.set_nodelay(true)?;
+                stream.write_all(b"WHO\n")?;
+                let mut reader = BufReader::new(stream.try_clone()?);
+                let mut line = String::new();
+                reader.read_line(&mut line)?;
+                let mut byte = [0u8; 1];
+                for _ in 0..ROUND_TRIPS {
+                    let sent = Instant::now();
+                    stream.write_all(b"x")?;
+                    reader.read_exact(&mut byte)?;
+                    round_trips[index].push(sent.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+        }
+        let mut rows = Vec::new();
+        for (index, (what, _)) in targets.iter().enumerate() {
+            let samples = &mut round_trips[index];
+            samples.sort_by(f64::total_cmp);
+            let connect_rate = f64::from(CONNECTIONS) * ROUNDS as f64 / connect_seconds[index];
+            let median = samples[samples.len() / 2];
+            let p90 = samples[samples.len() * 9 / 10];
+            rows.push(format!(
+                "{what:<28} {connect_rate:>10.0} {median:>10.1} {p90:>10.1}"
+            ));
+        }
+        Ok(rows)
+    })?;
+    let rows = rows.map_err(|error| agent.failure(format!("{error:#}")))?;
+    println!(
+        "{:<28} {:>10} {:>10} {:>10}",
+        "path", "conn/s", "RR p50 us", "RR p90 us"
+    );
+    for row in rows {
+        println!("{row}");
+    }
+    Ok(())
+}
