@@ -10,10 +10,12 @@
 pub mod flow;
 pub mod hash;
 pub mod maps;
+pub mod path;
 pub mod reason;
 pub mod service;
 
 pub use flow::{Flow, FlowKey, Traffic};
+pub use path::{Handoff, Paths};
 pub use reason::Reason;
 pub use service::{
     Affinity, AffinityKey, Backend, BackendHop, GlobalConfig, NodeAddr, Service, ServiceKey,

@@ -33,8 +33,22 @@ pub const SERVICE_STATS: &str = "XLB_SERVICE_STATS";
 /// `PerCpuArray<Traffic>` indexed by backend id: forwarded traffic.
 pub const BACKEND_STATS: &str = "XLB_BACKEND_STATS";
 
+/// `HashMap<u32 /* ifindex */, u32 /* flags, 0 */>`: egress interfaces XDP
+/// may redirect into (those xlb's XDP program runs on: NICs, whose peer takes
+/// XDP frames). Frames for any other next hop (a pod's veth, a bridge, a
+/// tunnel) are handed to the tc program instead.
+pub const REDIRECT_OK: &str = "XLB_REDIRECT_OK";
+/// `PerCpuArray<Paths>` indexed by backend id: which hook carried its packets.
+pub const BACKEND_PATHS: &str = "XLB_BACKEND_PATHS";
+
 /// Name of the XDP program in the object file.
 pub const PROGRAM: &str = "xlb";
+/// tc ingress program for uplinks: sends on the frames XDP rewrote but could
+/// not deliver itself (metadata hand-off).
+pub const PROGRAM_TC_UPLINK: &str = "xlb_tc_uplink";
+/// tc ingress program for pods' host-side veths and tunnel devices: reverse
+/// NAT for backend replies that never cross an XDP interface.
+pub const PROGRAM_TC_POD: &str = "xlb_tc_pod";
 
 pub const SERVICES_MAX: u32 = 65_536;
 /// Service ids are below this (the per-service counters are an array).
@@ -46,3 +60,4 @@ pub const NODE_ADDRS_MAX: u32 = 256;
 pub const IFACE_ADDRS_MAX: u32 = 256;
 pub const AFFINITY_MAX: u32 = 1 << 18;
 pub const SOURCE_RANGES_MAX: u32 = 16_384;
+pub const REDIRECT_OK_MAX: u32 = 256;

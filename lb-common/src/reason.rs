@@ -69,6 +69,8 @@ reasons! {
     RejectPortUnreachable = 16, "reject_port_unreachable", Reject, "UDP to a service with no endpoints: ICMP port unreachable sent back";
     RejectTcpReset = 17, "reject_tcp_reset", Reject, "SYN to a service with no endpoints: TCP RST sent back";
     DropSourceRange = 18, "drop_source_range", Drop, "source address outside the service's loadBalancerSourceRanges";
+    DropTcHandoff = 19, "drop_tc_handoff", Drop, "no room in the frame for the metadata that hands it to the tc program (the next hop takes no XDP frames)";
+    DropTcRewrite = 20, "drop_tc_rewrite", Drop, "a kernel checksum or store helper failed part-way through a rewrite at tc; the packet is dropped rather than sent half-rewritten";
 }
 
 /// Number of counters in `XLB_STATS`.

@@ -20,6 +20,7 @@ mod cmd;
 mod error;
 pub mod lab;
 pub mod netns;
+pub mod node_lab;
 #[cfg(feature = "datapath")]
 pub mod packets;
 pub mod process;

@@ -311,6 +311,12 @@ impl Datapath {
         ifaces
             .insert(backend_if, be(NODE_B), 0)
             .expect("iface addr");
+        // The agent attaches XDP to both: XDP may redirect into them.
+        let mut redirect_ok: HashMap<_, u32, u32> =
+            HashMap::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
+        for ifindex in [client_if, backend_if] {
+            redirect_ok.insert(ifindex, 0, 0).expect("redirect ok");
+        }
         self.set_config(Self::base_config());
     }
 

@@ -12,14 +12,17 @@ pub mod pin;
 use std::fmt;
 use std::path::PathBuf;
 
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::xdp::{XdpLink, XdpLinkId};
-use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
 use crate::error_chain;
 
 pub use conntrack::{FlowTable, GcPass};
+pub use host::LinkKind;
 pub use maps::{KernelMaps, MapIoError, OpenError, Stats};
 pub use neigh::Neighbours;
 pub use pin::{DEFAULT_BPFFS, PinDir, PinError};
@@ -109,6 +112,32 @@ pub enum KernelError {
         #[source]
         source: ProgramError,
     },
+    #[error("program \"{name}\" is not a tc (SchedClassifier) program")]
+    NotTc {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the kernel rejected the tc program \"{name}\"")]
+    VerifyTc {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach the tc program \"{name}\" to {interface} (ingress)")]
+    AttachTc {
+        name: &'static str,
+        interface: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("cannot write {map} for {interface}")]
+    RedirectMap {
+        map: &'static str,
+        interface: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
     #[error(transparent)]
     Pin(#[from] PinError),
     #[error("cannot pin the XDP link of {interface} at {path}")]
@@ -137,12 +166,62 @@ struct Attachment {
     mode: Attached,
 }
 
+/// Which tc program an interface gets (see lb-ebpf/src/tc.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcRole {
+    /// An uplink, next to XDP: sends on the frames XDP hands off.
+    Uplink,
+    /// A pod's host-side veth or a tunnel device: reverse NAT of replies.
+    Pod,
+}
+
+impl TcRole {
+    fn program(self) -> &'static str {
+        match self {
+            TcRole::Uplink => lb_common::maps::PROGRAM_TC_UPLINK,
+            TcRole::Pod => lb_common::maps::PROGRAM_TC_POD,
+        }
+    }
+}
+
+/// How a tc program got attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcHook {
+    /// A tcx link (kernel 6.6+): no qdisc, ordered with other programs.
+    Tcx,
+    /// The clsact qdisc's ingress filter (older kernels).
+    Clsact,
+}
+
+impl fmt::Display for TcHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TcHook::Tcx => "tcx",
+            TcHook::Clsact => "clsact",
+        })
+    }
+}
+
+#[derive(Debug)]
+struct TcAttachment {
+    interface: String,
+    /// The interface's index when attached: a pod's veth deleted and made
+    /// again under the same name is a new device that needs a new link.
+    ifindex: u32,
+    role: TcRole,
+    id: SchedClassifierLinkId,
+}
+
 /// The loaded object and where its program is attached. Dropping it
 /// detaches unpinned links; `detach_all` detaches everything with logging,
 /// `release_all` leaves pinned links attached.
 pub struct Datapath {
     ebpf: Ebpf,
     attached: Vec<Attachment>,
+    /// tc programs; never pinned (they go with the agent).
+    tc: Vec<TcAttachment>,
+    /// `XLB_REDIRECT_OK`: the interfaces XDP runs on.
+    redirect_ok: BpfHashMap<MapData, u32, u32>,
     pins: Option<PinDir>,
 }
 
@@ -233,6 +312,28 @@ impl Datapath {
         program
             .load()
             .map_err(|source| KernelError::Verify { source })?;
+        for role in [TcRole::Uplink, TcRole::Pod] {
+            let name = role.program();
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| KernelError::NotTc { name, source })?;
+            program
+                .load()
+                .map_err(|source| KernelError::VerifyTc { name, source })?;
+        }
+        let redirect_ok = ebpf
+            .take_map(lb_common::maps::REDIRECT_OK)
+            .ok_or(OpenError::Missing {
+                name: lb_common::maps::REDIRECT_OK,
+            })
+            .and_then(|map| {
+                BpfHashMap::try_from(map).map_err(|source| OpenError::Kind {
+                    name: lb_common::maps::REDIRECT_OK,
+                    source,
+                })
+            })?;
         let maps = KernelMaps::open(&mut ebpf)?;
         let flows = FlowTable::open(&mut ebpf)?;
         let stats = Stats::open(&mut ebpf)?;
@@ -240,6 +341,8 @@ impl Datapath {
             datapath: Datapath {
                 ebpf,
                 attached: Vec::new(),
+                tc: Vec::new(),
+                redirect_ok,
                 pins: pins.cloned(),
             },
             maps,
@@ -270,6 +373,23 @@ impl Datapath {
     /// Otherwise a new link (pinned, when pinning); in `Auto` mode a driver
     /// without native XDP gets generic XDP, with a warning.
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<Attached, KernelError> {
+        let attached = self.attach_xdp(interface, mode)?;
+        // XDP may redirect into this interface, and frames it hands off here
+        // need the uplink's tc program.
+        if let Some(ifindex) = host::ifindex(interface) {
+            self.redirect_ok
+                .insert(ifindex, 0, 0)
+                .map_err(|source| KernelError::RedirectMap {
+                    map: lb_common::maps::REDIRECT_OK,
+                    interface: interface.to_owned(),
+                    source: Box::new(source),
+                })?;
+        }
+        self.attach_tc(interface, TcRole::Uplink)?;
+        Ok(attached)
+    }
+
+    fn attach_xdp(&mut self, interface: &str, mode: AttachMode) -> Result<Attached, KernelError> {
         let pin_path = self.pins.as_ref().map(|pins| pins.link(interface));
         if let Some(path) = &pin_path
             && path.exists()
@@ -389,12 +509,108 @@ impl Datapath {
         self.attached.iter().map(|a| a.interface.clone()).collect()
     }
 
+    fn tc_program(&mut self, role: TcRole) -> Result<&mut SchedClassifier, KernelError> {
+        let name = role.program();
+        self.ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| KernelError::NotTc { name, source })
+    }
+
+    /// Attaches `role`'s tc program at `interface`'s ingress: a tcx link
+    /// where the kernel has tcx, else a filter on a clsact qdisc (added if
+    /// missing). Replaces an attachment of an older device of that name.
+    pub fn attach_tc(&mut self, interface: &str, role: TcRole) -> Result<TcHook, KernelError> {
+        self.detach_tc(interface, role);
+        let name = role.program();
+        let ifindex = host::ifindex(interface).unwrap_or(0);
+        let program = self.tc_program(role)?;
+        let (id, hook) = match program.attach(interface, TcAttachType::Ingress) {
+            Ok(id) => (id, hook_kind()),
+            Err(first) => {
+                // Before tcx: the clsact qdisc must exist first.
+                let _ = aya::programs::tc::qdisc_add_clsact(interface);
+                let id = program
+                    .attach_with_options(
+                        interface,
+                        TcAttachType::Ingress,
+                        aya::programs::tc::TcAttachOptions::Netlink(Default::default()),
+                    )
+                    .map_err(|_| KernelError::AttachTc {
+                        name,
+                        interface: interface.to_owned(),
+                        source: Box::new(first),
+                    })?;
+                (id, TcHook::Clsact)
+            }
+        };
+        self.tc.push(TcAttachment {
+            interface: interface.to_owned(),
+            ifindex,
+            role,
+            id,
+        });
+        Ok(hook)
+    }
+
+    /// Detaches `role`'s tc program from `interface`, if attached there. A
+    /// device that is gone took its attachment with it; that is no error.
+    pub fn detach_tc(&mut self, interface: &str, role: TcRole) {
+        let Some(index) = self
+            .tc
+            .iter()
+            .position(|a| a.interface == interface && a.role == role)
+        else {
+            return;
+        };
+        let attachment = self.tc.remove(index);
+        if let Ok(program) = self.tc_program(role)
+            && let Err(error) = program.detach(attachment.id)
+        {
+            log::debug!(
+                "{interface}: detaching tc: {} (the device may be gone)",
+                error_chain(&error)
+            );
+        }
+    }
+
+    /// Interfaces with the pod/tunnel tc program, with the ifindex each had
+    /// when attached.
+    pub fn tc_pod_interfaces(&self) -> Vec<(String, u32)> {
+        self.tc
+            .iter()
+            .filter(|a| a.role == TcRole::Pod)
+            .map(|a| (a.interface.clone(), a.ifindex))
+            .collect()
+    }
+
+    fn detach_all_tc(&mut self) -> Vec<String> {
+        let attachments: Vec<(String, TcRole)> = self
+            .tc
+            .iter()
+            .map(|a| (a.interface.clone(), a.role))
+            .collect();
+        let mut detached = Vec::new();
+        for (interface, role) in attachments {
+            self.detach_tc(&interface, role);
+            if role == TcRole::Pod {
+                detached.push(format!("{interface} (tc)"));
+            }
+        }
+        detached
+    }
+
     /// Detaches the program from `interface`, if attached there (removing
     /// its pin).
     pub fn detach(&mut self, interface: &str) -> Result<(), KernelError> {
         let Some(index) = self.attached.iter().position(|a| a.interface == interface) else {
             return Ok(());
         };
+        if let Some(ifindex) = host::ifindex(interface) {
+            let _ = self.redirect_ok.remove(&ifindex);
+        }
+        self.detach_tc(interface, TcRole::Uplink);
         let attachment = self.attached.remove(index);
         self.detach_one(attachment.link)
             .map_err(|source| KernelError::Detach {
@@ -445,8 +661,8 @@ impl Datapath {
     /// Detaches the program from every interface (pinned links too); returns
     /// the interfaces detached and a message for each failure.
     pub fn detach_all(&mut self) -> (Vec<String>, Vec<String>) {
+        let mut detached = self.detach_all_tc();
         let attachments = std::mem::take(&mut self.attached);
-        let mut detached = Vec::new();
         let mut failures = Vec::new();
         for attachment in attachments {
             let mode = attachment.mode;
@@ -467,9 +683,11 @@ impl Datapath {
     /// they cannot outlive the agent. Returns the interfaces left attached
     /// and those detached.
     pub fn release_all(&mut self) -> (Vec<String>, Vec<String>) {
+        // tc links are not pinned: replies of pods behind tc wait for the
+        // next agent (XDP-redirected backends keep being served).
+        let mut detached = self.detach_all_tc();
         let attachments = std::mem::take(&mut self.attached);
         let mut kept = Vec::new();
-        let mut detached = Vec::new();
         for attachment in attachments {
             match attachment.link {
                 Link::Pinned { link, .. } => {
@@ -496,6 +714,16 @@ fn consequence(name: &str) -> &'static str {
         | lb_common::maps::SERVICE_STATS
         | lb_common::maps::BACKEND_STATS => "; its counters restart from zero",
         _ => "; the configuration is written anew and flows are re-balanced",
+    }
+}
+
+/// What `SchedClassifier::attach` uses on this kernel.
+fn hook_kind() -> TcHook {
+    use aya::util::KernelVersion;
+    if KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0)) {
+        TcHook::Tcx
+    } else {
+        TcHook::Clsact
     }
 }
 

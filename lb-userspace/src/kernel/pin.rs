@@ -365,6 +365,13 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
             size_of::<Traffic>(),
             names::BACKENDS_MAX,
         ),
+        spec(
+            names::BACKEND_PATHS,
+            MapType::PerCpuArray,
+            u32_size,
+            size_of::<lb_common::Paths>(),
+            names::BACKENDS_MAX,
+        ),
     ]
 }
 
@@ -448,7 +455,7 @@ mod tests {
     #[test]
     fn every_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
-        assert_eq!(specs.len(), 12);
+        assert_eq!(specs.len(), 13);
         for name in CONFIG_MAPS {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }
