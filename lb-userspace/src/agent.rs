@@ -443,6 +443,8 @@ impl Agent {
         }
         let ops = self.reconcile()?;
         self.pending = false;
+        self.datapath
+            .allow_redirect(&self.config.state.interfaces)?;
         for interface in self.config.state.interfaces.clone() {
             let mode = self.datapath.attach(&interface, self.options.attach_mode)?;
             self.observe.attached(&interface, mode);

@@ -372,21 +372,34 @@ impl Datapath {
     /// it atomically, so no packet is missed and conntrack carries on.
     /// Otherwise a new link (pinned, when pinning); in `Auto` mode a driver
     /// without native XDP gets generic XDP, with a warning.
+    ///
+    /// Before XDP runs there: the interface goes into `XLB_REDIRECT_OK` and
+    /// gets the uplink's tc program, so the program never hands a frame to
+    /// a tc program that is not there yet (an adopted link runs the new
+    /// program from the moment it is swapped in).
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<Attached, KernelError> {
-        let attached = self.attach_xdp(interface, mode)?;
-        // XDP may redirect into this interface, and frames it hands off here
-        // need the uplink's tc program.
-        if let Some(ifindex) = host::ifindex(interface) {
+        self.allow_redirect(&[interface.to_owned()])?;
+        self.attach_tc(interface, TcRole::Uplink)?;
+        self.attach_xdp(interface, mode)
+    }
+
+    /// Lets XDP redirect into `interfaces` (`XLB_REDIRECT_OK`). The agent
+    /// calls it for every uplink before attaching to any, so that a link
+    /// adopted from a previous agent never sees a map without the others.
+    pub fn allow_redirect(&mut self, interfaces: &[String]) -> Result<(), KernelError> {
+        for interface in interfaces {
+            let Some(ifindex) = host::ifindex(interface) else {
+                continue;
+            };
             self.redirect_ok
                 .insert(ifindex, 0, 0)
                 .map_err(|source| KernelError::RedirectMap {
                     map: lb_common::maps::REDIRECT_OK,
-                    interface: interface.to_owned(),
+                    interface: interface.clone(),
                     source: Box::new(source),
                 })?;
         }
-        self.attach_tc(interface, TcRole::Uplink)?;
-        Ok(attached)
+        Ok(())
     }
 
     fn attach_xdp(&mut self, interface: &str, mode: AttachMode) -> Result<Attached, KernelError> {

@@ -344,7 +344,7 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
     assert!(pins.map("XLB_STATS").exists(), "counters are kept");
     assert_eq!(
         pins.remove_all().map_err(|e| e.to_string()),
-        Ok((vec![], 3)),
-        "the three counter maps were left"
+        Ok((vec![], 4)),
+        "the four counter maps (reasons, services, backends, paths) were left"
     );
 }
