@@ -347,6 +347,15 @@ impl Datapath {
 
     /// Deletes every conntrack and affinity entry, so rows do not see each
     /// other's flows.
+    /// Takes `ifindex` out of `XLB_REDIRECT_OK`, as for an interface XDP
+    /// does not run on (a pod's veth, a bridge, a tunnel): frames for it are
+    /// handed to tc. `write_base_state` puts it back.
+    pub fn forbid_redirect(&mut self, ifindex: u32) {
+        let mut redirect_ok: HashMap<_, u32, u32> =
+            HashMap::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
+        redirect_ok.remove(&ifindex).expect("ifindex was allowed");
+    }
+
     pub fn clear_flows(&mut self) {
         let mut flows = self.flows();
         let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();

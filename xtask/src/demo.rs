@@ -135,12 +135,12 @@ fn print_lab(lab: &NodeLab) {
         lab.node2.name()
     );
     println!(
-        "  client        {:<26} eth0 198.18.0.2/24 --- switch --- {UPLINK_IF} 198.18.0.1/24 (node uplink, XDP)",
+        "  client          {:<30} eth0 198.18.0.2/24 --- switch --- {UPLINK_IF} 198.18.0.1/24 (node uplink, XDP)",
         lab.client.name()
     );
     for pod in &lab.pods {
         println!(
-            "  {:<13} {:<26} eth0 {:<12} {} via {}  (xlb-echo :{ECHO_TCP_PORT}/tcp :{ECHO_UDP_PORT}/udp)",
+            "  {:<15} {:<30} eth0 {:<12} {} via {}  (xlb-echo :{ECHO_TCP_PORT}/tcp :{ECHO_UDP_PORT}/udp)",
             pod.name,
             pod.netns.name(),
             pod.addr,
@@ -163,7 +163,7 @@ fn print_paths(lab: &NodeLab, log: &str) {
                 .lines()
                 .find_map(|line| line.split_once(&needle).map(|(_, rest)| rest.to_owned()))
                 .unwrap_or_else(|| String::from("(no packets)"));
-            println!("  {:<13} {protocol}  {paths}", pod.name);
+            println!("  {:<15} {protocol}  {paths}", pod.name);
         }
     }
 }
@@ -222,7 +222,7 @@ impl Tally {
     fn print(&self, title: &str) {
         println!("demo: {title}");
         for (name, count) in &self.per_backend {
-            println!("  {name:<10} {count:>4}");
+            println!("  {name:<15} {count:>4}");
         }
         let answered: usize = self.per_backend.values().sum();
         println!(
