@@ -11,12 +11,14 @@ pub mod flow;
 pub mod frag;
 pub mod hash;
 pub mod maps;
+pub mod path;
 pub mod reason;
 pub mod service;
 pub mod sock;
 
 pub use flow::{Flow, FlowKey, Traffic};
 pub use frag::{FragKey, FragPorts, IcmpLimit};
+pub use path::{Handoff, Paths};
 pub use reason::Reason;
 pub use service::{
     Affinity, AffinityKey, Backend, BackendHop, GlobalConfig, NodeAddr, Service, ServiceKey,

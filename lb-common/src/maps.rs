@@ -39,6 +39,13 @@ pub const FRAGS: &str = "XLB_FRAGS";
 /// `LruHashMap<u32 /* client addr_be */, IcmpLimit>`: rate limit of the
 /// "fragmentation needed" answers xlb sends.
 pub const ICMP_LIMIT: &str = "XLB_ICMP_LIMIT";
+/// `HashMap<u32 /* ifindex */, u32 /* flags, 0 */>`: egress interfaces XDP
+/// may redirect into (those xlb's XDP program runs on: NICs, whose peer takes
+/// XDP frames). Frames for any other next hop (a pod's veth, a bridge, a
+/// tunnel) are handed to the tc program instead.
+pub const REDIRECT_OK: &str = "XLB_REDIRECT_OK";
+/// `PerCpuArray<Paths>` indexed by backend id: which hook carried its packets.
+pub const BACKEND_PATHS: &str = "XLB_BACKEND_PATHS";
 /// `LruHashMap<SockRevNatKey, SockRevNat>`: for socket-level balancing, the
 /// service address a socket asked for, by (socket cookie, backend), so
 /// recvmsg() and getpeername() show the service rather than the backend.
@@ -46,6 +53,12 @@ pub const SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
 
 /// Name of the XDP program in the object file.
 pub const PROGRAM: &str = "xlb";
+/// tc ingress program for uplinks: sends on the frames XDP rewrote but could
+/// not deliver itself (metadata hand-off).
+pub const PROGRAM_TC_UPLINK: &str = "xlb_tc_uplink";
+/// tc ingress program for pods' host-side veths and tunnel devices: reverse
+/// NAT for backend replies that never cross an XDP interface.
+pub const PROGRAM_TC_POD: &str = "xlb_tc_pod";
 
 /// The cgroup v2 socket hooks in the object file (`cgroup/<hook>` sections),
 /// as (program name, hook). Kernel program names keep 15 characters.
@@ -68,4 +81,5 @@ pub const AFFINITY_MAX: u32 = 1 << 18;
 pub const SOURCE_RANGES_MAX: u32 = 16_384;
 pub const FRAGS_MAX: u32 = 16_384;
 pub const ICMP_LIMIT_MAX: u32 = 16_384;
+pub const REDIRECT_OK_MAX: u32 = 256;
 pub const SOCK_REVNAT_MAX: u32 = 1 << 18;

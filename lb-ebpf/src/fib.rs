@@ -1,18 +1,28 @@
 //! Forwarding: ask the kernel FIB for the next hop, then send the frame out
-//! of the interface it names.
+//! of the interface it names: XDP_TX / XDP_REDIRECT where the egress takes
+//! XDP frames, otherwise a hand-off to the uplink's tc program (a pod's
+//! veth without XDP, a bridge or a tunnel would drop a redirected frame).
 
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         bpf_fib_lookup, xdp_action,
     },
-    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
+    cty::c_void,
+    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect, bpf_xdp_adjust_meta},
     programs::XdpContext,
 };
-use lb_common::{Backend, BackendHop, Reason};
+use lb_common::{
+    Backend, BackendHop, Reason,
+    path::{HANDOFF_MAGIC, Handoff},
+};
 use network_types::eth::EthHdr;
 
-use crate::maps::{XLB_BACKEND_HOPS, XLB_IFACE_ADDRS};
+use crate::maps::{Path, XLB_BACKEND_HOPS, XLB_IFACE_ADDRS, XLB_REDIRECT_OK};
+
+/// Masquerade address for egress interfaces without one of their own (a
+/// routed CNI's pod veths): `XLB_IFACE_ADDRS` under this key.
+const IFACE_ADDR_DEFAULT: u32 = 0;
 
 const AF_INET: u8 = 2;
 /// How long a cached next hop is trusted before the FIB is asked again.
@@ -26,29 +36,46 @@ pub struct NextHop {
     pub dst_mac: [u8; 6],
 }
 
+/// Whether XDP may redirect into `ifindex` (see `XLB_REDIRECT_OK`).
+#[inline(always)]
+pub fn redirect_ok(ifindex: u32) -> bool {
+    XLB_REDIRECT_OK.get_ptr(ifindex).is_some()
+}
+
 /// Looks up the route to `dst_addr_be` as the kernel would forward a packet
-/// arriving on the current interface.
+/// arriving on `ingress_ifindex`. `ctx` is the hook's context (xdp_md or
+/// __sk_buff); `tot_len` 0 lets the skb variant check the MTU itself (GSO
+/// aware). An unresolved neighbour is fine when tc sends (`from_tc`, or a next
+/// hop XDP hands to tc): `bpf_redirect_neigh` resolves it; XDP cannot.
 #[inline(always)]
 pub fn next_hop(
-    ctx: &XdpContext,
+    ctx: *mut c_void,
+    ingress_ifindex: u32,
     src_addr_be: u32,
     dst_addr_be: u32,
     proto: u8,
     tot_len: u16,
+    from_tc: bool,
 ) -> Result<NextHop, Reason> {
     // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    let mut ret = lookup(ctx, &mut params, src_addr_be, dst_addr_be, proto, tot_len);
-    if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+    let addrs = (src_addr_be, dst_addr_be);
+    let mut ret = lookup(ctx, ingress_ifindex, &mut params, addrs, proto, tot_len);
+    if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED && tot_len != 0 {
         // The route's MTU is smaller than the packet: find the hop anyway,
         // and let xlb's own check (mtu.rs) answer as a router does.
-        ret = lookup(ctx, &mut params, src_addr_be, dst_addr_be, proto, 0);
+        ret = lookup(ctx, ingress_ifindex, &mut params, addrs, proto, 0);
     }
     match ret {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             ifindex: params.ifindex,
             src_mac: params.smac,
             dst_mac: params.dmac,
+        }),
+        BPF_FIB_LKUP_RET_NO_NEIGH if from_tc || !redirect_ok(params.ifindex) => Ok(NextHop {
+            ifindex: params.ifindex,
+            src_mac: [0; 6],
+            dst_mac: [0; 6],
         }),
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(Reason::DropNoNeighbour),
         _ => Err(Reason::PassFibFailed),
@@ -58,10 +85,10 @@ pub fn next_hop(
 /// One FIB lookup; `tot_len` 0 skips its MTU check.
 #[inline(always)]
 fn lookup(
-    ctx: &XdpContext,
+    ctx: *mut c_void,
+    ingress_ifindex: u32,
     params: &mut bpf_fib_lookup,
-    src_addr_be: u32,
-    dst_addr_be: u32,
+    (src_addr_be, dst_addr_be): (u32, u32),
     proto: u8,
     tot_len: u16,
 ) -> u32 {
@@ -73,11 +100,11 @@ fn lookup(
     params.__bindgen_anon_1.tot_len = tot_len;
     params.__bindgen_anon_3.ipv4_src = src_addr_be;
     params.__bindgen_anon_4.ipv4_dst = dst_addr_be;
-    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.ifindex = ingress_ifindex;
     // SAFETY: the helper writes only into `params`, whose size we pass.
     let ret = unsafe {
         fib_lookup_helper(
-            ctx.ctx.cast(),
+            ctx,
             params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
@@ -116,8 +143,19 @@ pub fn hop_to_backend(
             return Ok((hop, cached.masquerade_addr_be));
         }
     }
-    let hop = next_hop(ctx, src_addr_be, backend.addr_be, proto, tot_len)?;
-    let masquerade_addr_be = match XLB_IFACE_ADDRS.get_ptr(hop.ifindex) {
+    let hop = next_hop(
+        ctx.ctx.cast(),
+        ctx.ingress_ifindex() as u32,
+        src_addr_be,
+        backend.addr_be,
+        proto,
+        tot_len,
+        false,
+    )?;
+    let masquerade_addr_be = match XLB_IFACE_ADDRS
+        .get_ptr(hop.ifindex)
+        .or_else(|| XLB_IFACE_ADDRS.get_ptr(IFACE_ADDR_DEFAULT))
+    {
         // SAFETY: plain-integer map value.
         Some(addr) => unsafe { *addr },
         None => 0,
@@ -139,18 +177,51 @@ pub fn hop_to_backend(
     Ok((hop, masquerade_addr_be))
 }
 
-/// Rewrites the MACs and sends the frame: XDP_TX back out of the interface
-/// it came in on, or a redirect to another one.
+/// Sends the rewritten frame: XDP_TX back out of the interface it came in
+/// on, a redirect to another XDP interface (MACs rewritten), or, for any
+/// other next hop, XDP_PASS with a hand-off for the uplink's tc program.
+/// Must be the last thing done with the packet: the hand-off moves
+/// `data_meta` and so invalidates every packet pointer.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, eth: *mut EthHdr, hop: &NextHop) -> u32 {
+pub fn send(ctx: &XdpContext, eth: *mut EthHdr, hop: &NextHop) -> Result<(u32, Path), Reason> {
+    let ingress = hop.ifindex == ctx.ingress_ifindex() as u32;
+    if !ingress && !redirect_ok(hop.ifindex) {
+        handoff(ctx, hop.ifindex)?;
+        return Ok((xdp_action::XDP_PASS, Path::Tc));
+    }
     // SAFETY: the parser checked the Ethernet header is inside the packet.
     unsafe {
         (*eth).src_addr = hop.src_mac;
         (*eth).dst_addr = hop.dst_mac;
     }
-    if hop.ifindex == ctx.ingress_ifindex() as u32 {
-        return xdp_action::XDP_TX;
+    if ingress {
+        return Ok((xdp_action::XDP_TX, Path::Xdp));
     }
     // SAFETY: plain helper call; it only records the target interface.
-    unsafe { bpf_redirect(hop.ifindex, 0) as u32 }
+    let action = unsafe { bpf_redirect(hop.ifindex, 0) as u32 };
+    Ok((action, Path::Xdp))
+}
+
+/// Puts a `Handoff` for `ifindex` in the frame's XDP metadata. The frame
+/// itself is already rewritten; the uplink's tc program only sends it.
+#[inline(always)]
+fn handoff(ctx: &XdpContext, ifindex: u32) -> Result<(), Reason> {
+    let len = core::mem::size_of::<Handoff>() as i32;
+    // SAFETY: plain helper call on our own context; pointers into the frame
+    // are not used after it.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
+        return Err(Reason::DropTcHandoff);
+    }
+    let meta = ctx.metadata();
+    if meta + core::mem::size_of::<Handoff>() > ctx.data() {
+        return Err(Reason::DropTcHandoff);
+    }
+    // SAFETY: checked above: the metadata area holds a whole `Handoff`.
+    unsafe {
+        *(meta as *mut Handoff) = Handoff {
+            magic: HANDOFF_MAGIC,
+            ifindex,
+        };
+    }
+    Ok(())
 }

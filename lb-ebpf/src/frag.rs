@@ -16,7 +16,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     conntrack, fib,
-    maps::{XLB_FRAGS, count_traffic},
+    maps::{XLB_FRAGS, count_path, count_traffic},
     nat,
     parse::{self, Packet},
     related,
@@ -94,5 +94,7 @@ pub fn follow(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32, Re
     let to_client = flow.direction == FLOW_DIR_REPLY;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(flow.service_id, flow.backend_id, to_client, frame_len);
-    Ok((fib::send(ctx, eth, &hop), Reason::FwdFragment))
+    let (action, path) = fib::send(ctx, eth, &hop)?;
+    count_path(flow.backend_id, to_client, path);
+    Ok((action, Reason::FwdFragment))
 }

@@ -16,7 +16,7 @@ use lb_common::{FlowKey, GlobalConfig, IPPROTO_ICMP, Reason, flow::FLOW_DIR_REPL
 
 use crate::{
     conntrack, fib,
-    maps::count_traffic,
+    maps::{count_path, count_traffic},
     nat,
     parse::{self, IcmpError},
     related,
@@ -50,7 +50,9 @@ pub fn translate(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32,
     } else {
         Reason::FwdIcmpToBackend
     };
-    Ok((fib::send(ctx, error.eth, &hop), reason))
+    let (action, path) = fib::send(ctx, error.eth, &hop)?;
+    count_path(flow.backend_id, to_client, path);
+    Ok((action, reason))
 }
 
 /// The key of the entry for packets going opposite to the quoted one.

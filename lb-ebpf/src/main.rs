@@ -29,6 +29,7 @@ mod related;
 mod select;
 #[cfg(target_arch = "bpf")]
 mod sock;
+mod tc;
 
 #[cfg(target_arch = "bpf")]
 mod prog {
@@ -48,7 +49,7 @@ mod prog {
     use crate::{
         conntrack::{self, NewFlow},
         fib, frag, icmp, lookup,
-        maps::{XLB_CONFIG, count, count_traffic},
+        maps::{XLB_CONFIG, count, count_path, count_traffic},
         mtu, nat,
         parse::{self, Packet, TCP_ACK, TCP_SYN},
         reject, select,
@@ -190,7 +191,9 @@ mod prog {
         }
         nat::rewrite(&packet, &flow);
         count_traffic(service.id, backend_id, false, frame_len(ctx));
-        Ok((fib::send(ctx, packet.eth, &hop), Reason::FwdNewFlow))
+        let (action, path) = fib::send(ctx, packet.eth, &hop)?;
+        count_path(backend_id, false, path);
+        Ok((action, Reason::FwdNewFlow))
     }
 
     /// Sends a packet of a known flow on, rewritten as the flow says, to the
@@ -209,11 +212,13 @@ mod prog {
             Some(hop) if !recheck => hop,
             _ => {
                 let hop = fib::next_hop(
-                    ctx,
+                    ctx.ctx.cast(),
+                    ctx.ingress_ifindex() as u32,
                     flow.new_src_addr_be,
                     flow.new_dst_addr_be,
                     packet.ip.proto,
                     tot_len(packet),
+                    false,
                 )?;
                 conntrack::remember_hop(entry, &hop);
                 hop
@@ -225,11 +230,13 @@ mod prog {
         nat::rewrite(packet, flow);
         let to_client = flow.direction == FLOW_DIR_REPLY;
         count_traffic(flow.service_id, flow.backend_id, to_client, frame_len(ctx));
-        Ok((fib::send(ctx, packet.eth, &hop), reason))
+        let (action, path) = fib::send(ctx, packet.eth, &hop)?;
+        count_path(flow.backend_id, to_client, path);
+        Ok((action, reason))
     }
 
     #[inline(always)]
-    fn flow_key(packet: &Packet) -> FlowKey {
+    pub(crate) fn flow_key(packet: &Packet) -> FlowKey {
         let (src_port_be, dst_port_be) = packet.l4.ports_be();
         // SAFETY: the parser checked the IPv4 header is inside the packet.
         let (src, dst) = unsafe { ((*packet.ip.hdr).src_addr, (*packet.ip.hdr).dst_addr) };
@@ -246,7 +253,7 @@ mod prog {
     /// We forward like a router: a packet that would leave with TTL 0 is
     /// dropped here rather than sent.
     #[inline(always)]
-    fn check_ttl(packet: &Packet) -> Result<(), Reason> {
+    pub(crate) fn check_ttl(packet: &Packet) -> Result<(), Reason> {
         // SAFETY: the parser checked the IPv4 header is inside the packet.
         if unsafe { (*packet.ip.hdr).ttl } <= 1 {
             return Err(Reason::DropTtlExpired);

@@ -8,9 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
-    IcmpLimit, NodeAddr, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange, Traffic,
-    maps as size,
-    reason::REASON_COUNT,
+    IcmpLimit, NodeAddr, Paths, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
+    Traffic, maps as size, reason::REASON_COUNT,
 };
 
 #[map]
@@ -65,6 +64,36 @@ pub static XLB_FRAGS: LruHashMap<FragKey, FragPorts> =
 #[map]
 pub static XLB_ICMP_LIMIT: LruHashMap<u32, IcmpLimit> =
     LruHashMap::with_max_entries(size::ICMP_LIMIT_MAX, 0);
+
+#[map]
+pub static XLB_REDIRECT_OK: HashMap<u32, u32> = HashMap::with_max_entries(size::REDIRECT_OK_MAX, 0);
+
+#[map]
+pub static XLB_BACKEND_PATHS: PerCpuArray<Paths> =
+    PerCpuArray::with_max_entries(size::BACKENDS_MAX, 0);
+
+/// Which hook carried a forwarded packet, for `XLB_BACKEND_PATHS`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Xdp,
+    Tc,
+}
+
+/// Counts a forwarded packet of backend `backend_id` under the path it took.
+#[inline(always)]
+pub fn count_path(backend_id: u32, to_client: bool, path: Path) {
+    let Some(paths) = XLB_BACKEND_PATHS.get_ptr_mut(backend_id) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+    let paths = unsafe { &mut *paths };
+    match (to_client, path) {
+        (false, Path::Xdp) => paths.to_backend_xdp += 1,
+        (false, Path::Tc) => paths.to_backend_tc += 1,
+        (true, Path::Xdp) => paths.to_client_xdp += 1,
+        (true, Path::Tc) => paths.to_client_tc += 1,
+    }
+}
 
 /// Counts a forwarded frame of `bytes` for its service and backend.
 #[inline(always)]

@@ -1,11 +1,24 @@
 //! Header rewrites: addresses, ports and TTL, each paired with its checksum
 //! update through `csum`.
 
-use lb_common::{Flow, IPPROTO_UDP};
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use lb_common::{Flow, IPPROTO_UDP, Reason};
 use lb_ebpf::csum::CsumDelta;
-use network_types::ip::Ipv4Hdr;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::parse::{IcmpError, Packet};
+
+/// Offsets in an IPv4 header of the fields rewritten here.
+const IP_TTL: usize = 8;
+const IP_CHECK: usize = 10;
+const IP_SRC: usize = 12;
+const IP_DST: usize = 16;
+/// Offset of the checksum in a TCP and a UDP header.
+const TCP_CHECK: usize = 16;
+const UDP_CHECK: usize = 6;
 
 /// Rewrites the packet to `flow`'s tuple and decrements the TTL, updating the
 /// IPv4 and L4 checksums incrementally. The caller checked TTL > 1.
@@ -50,6 +63,69 @@ pub fn rewrite(packet: &Packet, flow: &Flow) {
         };
         *l4.check = new_check.to_ne_bytes();
     }
+}
+
+/// `rewrite` for an skb at tc. The skb may be CHECKSUM_PARTIAL (every packet
+/// a pod sends: only the pseudo-header sum is in the L4 checksum field, the
+/// NIC or the stack finishes it), CHECKSUM_COMPLETE or already verified, and
+/// only the kernel's checksum helpers know how to update each state: address
+/// changes go through `bpf_l4_csum_replace` with `BPF_F_PSEUDO_HDR` (which
+/// for a partial checksum updates only the pseudo-header seed), port changes
+/// without it (a no-op on a partial checksum, whose payload sum is not there
+/// yet). Fields are then written with `bpf_skb_store_bytes` by offset: the
+/// helpers invalidate packet pointers. The caller checked TTL > 1.
+#[inline(always)]
+pub fn rewrite_skb(ctx: &TcContext, packet: &Packet, flow: &Flow) -> Result<(), Reason> {
+    let ip = packet.ip.hdr;
+    let ip_at = EthHdr::LEN;
+    // SAFETY: the parser checked that the IPv4 header and the L4 ports lie
+    // inside the packet; nothing has moved it yet.
+    let (old_src, old_dst, ttl, proto, (old_sport, old_dport)) = unsafe {
+        (
+            u32::from_ne_bytes((*ip).src_addr),
+            u32::from_ne_bytes((*ip).dst_addr),
+            (*ip).ttl,
+            (*ip).proto,
+            packet.l4.ports_be(),
+        )
+    };
+    let old_ttl_proto = u16::from_ne_bytes([ttl, proto]);
+    let new_ttl_proto = u16::from_ne_bytes([ttl - 1, proto]);
+    let (l4_check, mangled) = if proto == IPPROTO_UDP {
+        (
+            packet.ip.l4_offset + UDP_CHECK,
+            u64::from(BPF_F_MARK_MANGLED_0),
+        )
+    } else {
+        (packet.ip.l4_offset + TCP_CHECK, 0)
+    };
+    let failed = |_| Reason::DropTcRewrite;
+    let ip_check = ip_at + IP_CHECK;
+    let (new_src, new_dst) = (flow.new_src_addr_be, flow.new_dst_addr_be);
+    let (new_sport, new_dport) = (flow.new_src_port_be, flow.new_dst_port_be);
+    let addr = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
+    ctx.l4_csum_replace(l4_check, old_src.into(), new_src.into(), addr)
+        .map_err(failed)?;
+    ctx.l4_csum_replace(l4_check, old_dst.into(), new_dst.into(), addr)
+        .map_err(failed)?;
+    ctx.l4_csum_replace(l4_check, old_sport.into(), new_sport.into(), mangled | 2)
+        .map_err(failed)?;
+    ctx.l4_csum_replace(l4_check, old_dport.into(), new_dport.into(), mangled | 2)
+        .map_err(failed)?;
+    ctx.l3_csum_replace(ip_check, old_src.into(), new_src.into(), 4)
+        .map_err(failed)?;
+    ctx.l3_csum_replace(ip_check, old_dst.into(), new_dst.into(), 4)
+        .map_err(failed)?;
+    ctx.l3_csum_replace(ip_check, old_ttl_proto.into(), new_ttl_proto.into(), 2)
+        .map_err(failed)?;
+    ctx.store(ip_at + IP_TTL, &(ttl - 1), 0).map_err(failed)?;
+    ctx.store(ip_at + IP_SRC, &new_src.to_ne_bytes(), 0)
+        .map_err(failed)?;
+    ctx.store(ip_at + IP_DST, &new_dst.to_ne_bytes(), 0)
+        .map_err(failed)?;
+    let ports = [new_sport.to_ne_bytes(), new_dport.to_ne_bytes()];
+    ctx.store(packet.ip.l4_offset, &ports, 0).map_err(failed)?;
+    Ok(())
 }
 
 /// Rewrites only the IPv4 header to (`src_be`, `dst_be`) and decrements the

@@ -24,11 +24,13 @@ pub fn hop_for(
         return Ok(hop);
     }
     let hop = fib::next_hop(
-        ctx,
+        ctx.ctx.cast(),
+        ctx.ingress_ifindex() as u32,
         flow.new_src_addr_be,
         flow.new_dst_addr_be,
         proto,
         tot_len,
+        false,
     )?;
     conntrack::remember_hop(entry, &hop);
     Ok(hop)

@@ -15,10 +15,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::{MissedTickBehavior, interval};
 
 use crate::error_chain;
-use crate::kernel::maps::{MapIoError, format_stats, global_config};
+use crate::kernel::maps::{MapIoError, format_paths, format_stats, global_config};
 use crate::kernel::{
-    self, AttachMode, DEFAULT_BPFFS, Datapath, FlowTable, KernelError, KernelMaps, Loaded,
-    MapSizes, NeighbourWorker, PinDir, Stats, host,
+    self, AttachMode, DEFAULT_BPFFS, Datapath, FlowTable, KernelError, KernelMaps, LinkKind,
+    Loaded, MapSizes, NeighbourWorker, PinDir, Stats, TcRole, host,
 };
 use crate::model::DesiredState;
 use crate::observe::{self, Observe, ObserveError, Steps};
@@ -30,6 +30,9 @@ use crate::source::yaml::{self, ConfigError, LoadedConfig, Overrides};
 const POLL: Duration = Duration::from_secs(1);
 /// How often node addresses are re-read and an unfinished apply retried.
 const RESYNC: Duration = Duration::from_secs(10);
+/// How often the node's devices are listed, to attach tc to pods' veths
+/// and tunnels as they appear (and forget those that went).
+const LINK_SCAN: Duration = Duration::from_secs(1);
 /// How often conntrack is swept, and how many entries one sweep visits.
 const GC_PERIOD: Duration = Duration::from_secs(5);
 const GC_BUDGET: usize = 100_000;
@@ -281,6 +284,32 @@ fn map_sizes(state: &DesiredState) -> MapSizes {
     }
 }
 
+/// `XLB_IFACE_ADDRS` key of the masquerade address for egress interfaces
+/// without an address of their own (the datapath's fallback).
+const DEFAULT_MASQUERADE_IFINDEX: u32 = 0;
+
+/// The node's primary address, used to masquerade towards pods behind
+/// address-less interfaces (a routed CNI's veths, as Calico makes them):
+/// the first listed node address this node has, else the first address of
+/// the first configured interface (the uplink).
+fn default_masquerade_address(
+    state: &DesiredState,
+    facts: &crate::reconcile::NodeFacts,
+) -> Option<Ipv4Addr> {
+    if let Some(listed) = &state.node_addresses
+        && let Some(address) = listed
+            .iter()
+            .find(|address| facts.local_addresses.contains(address))
+    {
+        return Some(*address);
+    }
+    state
+        .interfaces
+        .iter()
+        .filter_map(|name| host::ifindex(name))
+        .find_map(|ifindex| facts.interface_addresses.get(&ifindex).copied())
+}
+
 /// What the running agent tracks about the config file between polls.
 #[derive(Default)]
 struct FileWatch {
@@ -435,6 +464,8 @@ impl Agent {
         }
         let ops = self.reconcile()?;
         self.pending = false;
+        self.datapath
+            .allow_redirect(&self.config.state.interfaces)?;
         for interface in self.config.state.interfaces.clone() {
             let mode = self.datapath.attach(&interface, self.options.attach_mode)?;
             self.observe.attached(&interface, mode);
@@ -443,6 +474,7 @@ impl Agent {
         for interface in self.datapath.unpin_stale_links()? {
             info!("{interface}: XDP detached (pinned by a previous agent, no longer configured)");
         }
+        self.sync_pod_hooks();
         self.attach_sockets()?;
         info!("applied config generation {} ({ops} ops)", self.generation);
         self.write_ready_file()
@@ -484,7 +516,8 @@ impl Agent {
         let mut poll = interval(POLL);
         let mut resync = interval(RESYNC);
         let mut gc = interval(GC_PERIOD);
-        for timer in [&mut poll, &mut resync, &mut gc] {
+        let mut links = interval(LINK_SCAN);
+        for timer in [&mut poll, &mut resync, &mut gc, &mut links] {
             timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
             timer.reset();
         }
@@ -500,6 +533,7 @@ impl Agent {
                 _ = poll.tick() => self.reload_file(false),
                 _ = resync.tick() => self.resync(),
                 _ = gc.tick() => self.collect_garbage(),
+                _ = links.tick() => self.sync_pod_hooks(),
                 () = next_change(&mut self.services) => self.reload_services(),
             }
         }
@@ -513,6 +547,18 @@ impl Agent {
         match self.stats.read() {
             Ok(counts) => info!("packet counters: {}", format_stats(&counts)),
             Err(error) => warn!("cannot read packet counters: {}", error_chain(&error)),
+        }
+        for (id, backend) in &self.applied.backends {
+            match self.stats.paths(*id) {
+                Ok(paths) if paths != lb_common::Paths::default() => info!(
+                    "backend {}:{} paths: {}",
+                    backend.address.address,
+                    backend.address.port,
+                    format_paths(&paths)
+                ),
+                Ok(_) => {}
+                Err(error) => warn!("cannot read backend paths: {}", error_chain(&error)),
+            }
         }
         if self.options.keep_attached {
             self.release();
@@ -596,7 +642,12 @@ impl Agent {
     }
 
     fn plan_and_apply(&mut self) -> Result<usize, AgentError> {
-        let facts = host::node_facts().map_err(|source| AgentError::Host { source })?;
+        let mut facts = host::node_facts().map_err(|source| AgentError::Host { source })?;
+        if let Some(address) = default_masquerade_address(&self.config.state, &facts) {
+            facts
+                .interface_addresses
+                .insert(DEFAULT_MASQUERADE_IFINDEX, address);
+        }
         let desired = Desired::new(&self.config.state, &facts);
         if desired.refused != self.refused {
             for refused in desired.refused.iter().filter(|r| !self.refused.contains(r)) {
@@ -839,6 +890,57 @@ impl Agent {
             }
             Ok(ops) => info!("node addresses changed ({ops} ops)"),
             Err(error) => error!("resync failed: {}", error_chain(&error)),
+        }
+    }
+
+    /// Puts the pod/tunnel tc program on every veth and tunnel device that
+    /// is not an uplink (XDP runs there), and forgets devices that are gone
+    /// or were made again under the same name. Listing the devices each
+    /// second costs one `ip` run; a pod's first reply can come sooner than
+    /// that only if its first request did, which XDP handles (the request),
+    /// and a reply before its tc program is attached is retransmitted.
+    fn sync_pod_hooks(&mut self) {
+        let links = match host::links() {
+            Ok(links) => links,
+            Err(error) => {
+                warn!("cannot list network devices: {error}");
+                return;
+            }
+        };
+        let uplinks = self.datapath.interfaces();
+        let wanted: Vec<&host::Link> = links
+            .iter()
+            .filter(|link| link.kind != LinkKind::Other && !uplinks.contains(&link.name))
+            .collect();
+        for (name, ifindex) in self.datapath.tc_pod_interfaces() {
+            let current = wanted
+                .iter()
+                .any(|link| link.name == name && link.ifindex == ifindex);
+            if !current {
+                self.datapath.detach_tc(&name, TcRole::Pod);
+                self.observe.detached(&name);
+                info!("{name}: gone; its tc program went with it");
+            }
+        }
+        let attached = self.datapath.tc_pod_interfaces();
+        for link in wanted {
+            if attached.iter().any(|(name, _)| name == &link.name) {
+                continue;
+            }
+            let why = match &link.kind {
+                LinkKind::Tunnel(kind) => {
+                    format!("{kind} tunnel: replies of remote pods, no XDP redirect into tunnels")
+                }
+                _ => String::from("veth without XDP peer (a pod): replies reverse-NATed here"),
+            };
+            match self.datapath.attach_tc(&link.name, TcRole::Pod) {
+                Ok(hook) => {
+                    let mode = format!("{hook} ingress ({why})");
+                    info!("{}: {mode}", link.name);
+                    self.observe.hooked(&link.name, link.ifindex, mode);
+                }
+                Err(error) => warn!("{}", error_chain(&error)),
+            }
         }
     }
 

@@ -6,7 +6,32 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use crate::{ChildGuard, Lab, LabError, XLB_BIN_ENV, bin_from_env, poll_until};
+use crate::{ChildGuard, Lab, LabError, Netns, XLB_BIN_ENV, bin_from_env, poll_until};
+
+/// A lab the agent can run in: its node namespace and a scratch directory
+/// for the agent's files.
+pub trait AgentLab {
+    fn node_netns(&self) -> &Netns;
+    fn scratch_dir(&self) -> &Path;
+}
+
+impl AgentLab for Lab {
+    fn node_netns(&self) -> &Netns {
+        &self.node
+    }
+    fn scratch_dir(&self) -> &Path {
+        self.dir()
+    }
+}
+
+impl AgentLab for crate::node_lab::NodeLab {
+    fn node_netns(&self) -> &Netns {
+        &self.node
+    }
+    fn scratch_dir(&self) -> &Path {
+        self.dir()
+    }
+}
 
 /// How long the agent may take to load the datapath and write its maps.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -18,9 +43,9 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A running agent; killed on drop. Borrowing the lab keeps the lab alive
 /// (and its namespaces in place) for as long as the agent runs.
 #[derive(Debug)]
-pub struct Agent<'lab> {
+pub struct Agent<'lab, L: AgentLab = Lab> {
     child: ChildGuard,
-    lab: &'lab Lab,
+    lab: &'lab L,
     config: PathBuf,
     log: PathBuf,
     ready_file: PathBuf,
@@ -33,20 +58,20 @@ pub struct AgentExit {
     pub log: String,
 }
 
-impl<'lab> Agent<'lab> {
+impl<'lab, L: AgentLab> Agent<'lab, L> {
     /// Start the agent named by `XLB_BIN` (set by `cargo xtask test`) with
     /// `config` and wait until it is ready.
-    pub fn start(lab: &'lab Lab, config: &Path) -> Result<Agent<'lab>, LabError> {
+    pub fn start(lab: &'lab L, config: &Path) -> Result<Agent<'lab, L>, LabError> {
         Agent::start_with(&bin_from_env(XLB_BIN_ENV)?, lab, config, &[])
     }
 
     /// As [`Agent::start`], with an explicit binary and extra `run` arguments.
     pub fn start_with(
         bin: &Path,
-        lab: &'lab Lab,
+        lab: &'lab L,
         config: &Path,
         extra_args: &[&str],
-    ) -> Result<Agent<'lab>, LabError> {
+    ) -> Result<Agent<'lab, L>, LabError> {
         let config = std::path::absolute(config)
             .map_err(|source| LabError::io(format!("resolving {}", config.display()), source))?;
         // Unique per start, so a restarted agent's readiness is its own.
@@ -54,12 +79,12 @@ impl<'lab> Agent<'lab> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|elapsed| elapsed.as_nanos())
             .unwrap_or_default();
-        let ready_file = lab.dir().join(format!("agent-{run_id}.ready"));
-        let log = lab.dir().join(format!("agent-{run_id}.log"));
+        let ready_file = lab.scratch_dir().join(format!("agent-{run_id}.ready"));
+        let log = lab.scratch_dir().join(format!("agent-{run_id}.log"));
         let log_file = std::fs::File::create(&log)
             .map_err(|source| LabError::io(format!("creating {}", log.display()), source))?;
 
-        let mut command = lab.node.command(bin);
+        let mut command = lab.node_netns().command(bin);
         command
             .arg("run")
             .arg("--config")
@@ -79,7 +104,7 @@ impl<'lab> Agent<'lab> {
             // status files, removed with the lab.
             command
                 .arg("--run-dir")
-                .arg(lab.dir().join(format!("agent-{run_id}.run")));
+                .arg(lab.scratch_dir().join(format!("agent-{run_id}.run")));
         }
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
@@ -134,7 +159,7 @@ impl<'lab> Agent<'lab> {
     }
 
     /// The lab the agent runs in.
-    pub fn lab(&self) -> &'lab Lab {
+    pub fn lab(&self) -> &'lab L {
         self.lab
     }
 

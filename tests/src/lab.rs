@@ -164,45 +164,7 @@ impl Lab {
         tcp: &[SocketAddr],
         udp: &[SocketAddr],
     ) -> Result<ChildGuard, LabError> {
-        let stdout_path = self.dir.path().join(format!("{name}.out"));
-        let stderr_path = self.dir.path().join(format!("{name}.err"));
-        let stdout = self.dir.create_file(&format!("{name}.out"))?;
-        let stderr = self.dir.create_file(&format!("{name}.err"))?;
-        let mut command = netns.command(&self.echo_bin);
-        command.args(["--name", name]);
-        for addr in tcp {
-            command.arg("--tcp").arg(addr.to_string());
-        }
-        for addr in udp {
-            command.arg("--udp").arg(addr.to_string());
-        }
-        let mut echo =
-            ChildGuard::spawn(command.stdin(Stdio::null()).stdout(stdout).stderr(stderr))?;
-
-        // xlb-echo prints "listening" once every socket is bound.
-        let mut exited = None;
-        let waited = poll_until(
-            &format!("{name} (xlb-echo) to listen"),
-            ECHO_START_TIMEOUT,
-            || {
-                if let Ok(Some(status)) = echo.try_wait() {
-                    exited = Some(status);
-                    return Some(());
-                }
-                let out = std::fs::read_to_string(&stdout_path).unwrap_or_default();
-                out.contains("listening").then_some(())
-            },
-        );
-        let failure = match (waited, exited) {
-            (Ok(()), None) => return Ok(echo),
-            (Ok(()), Some(status)) => format!("`{}` exited with {status}", echo.command()),
-            (Err(error), _) => error.to_string(),
-        };
-        Err(LabError::WithLog {
-            what: failure,
-            log_name: format!("{name} stderr"),
-            log: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
-        })
+        start_echo(&self.dir, &self.echo_bin, netns, name, tcp, udp)
     }
 
     /// The backend whose echo server reports `name`.
@@ -232,6 +194,56 @@ impl Lab {
             interfaces.join(", ")
         )
     }
+}
+
+/// Start `xlb-echo --name NAME --tcp ... --udp ...` inside `netns`, its output
+/// in `dir`, and wait until it listens.
+pub(crate) fn start_echo(
+    dir: &ScratchDir,
+    echo_bin: &Path,
+    netns: &Netns,
+    name: &str,
+    tcp: &[SocketAddr],
+    udp: &[SocketAddr],
+) -> Result<ChildGuard, LabError> {
+    let stdout_path = dir.path().join(format!("{name}.out"));
+    let stderr_path = dir.path().join(format!("{name}.err"));
+    let stdout = dir.create_file(&format!("{name}.out"))?;
+    let stderr = dir.create_file(&format!("{name}.err"))?;
+    let mut command = netns.command(echo_bin);
+    command.args(["--name", name]);
+    for addr in tcp {
+        command.arg("--tcp").arg(addr.to_string());
+    }
+    for addr in udp {
+        command.arg("--udp").arg(addr.to_string());
+    }
+    let mut echo = ChildGuard::spawn(command.stdin(Stdio::null()).stdout(stdout).stderr(stderr))?;
+
+    // xlb-echo prints "listening" once every socket is bound.
+    let mut exited = None;
+    let waited = poll_until(
+        &format!("{name} (xlb-echo) to listen"),
+        ECHO_START_TIMEOUT,
+        || {
+            if let Ok(Some(status)) = echo.try_wait() {
+                exited = Some(status);
+                return Some(());
+            }
+            let out = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+            out.contains("listening").then_some(())
+        },
+    );
+    let failure = match (waited, exited) {
+        (Ok(()), None) => return Ok(echo),
+        (Ok(()), Some(status)) => format!("`{}` exited with {status}", echo.command()),
+        (Err(error), _) => error.to_string(),
+    };
+    Err(LabError::WithLog {
+        what: failure,
+        log_name: format!("{name} stderr"),
+        log: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+    })
 }
 
 /// A veth pair `a_if` (in `a`) <-> `eth0` (in `b`), created directly inside

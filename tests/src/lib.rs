@@ -21,6 +21,7 @@ mod cmd;
 mod error;
 pub mod lab;
 pub mod netns;
+pub mod node_lab;
 #[cfg(feature = "datapath")]
 pub mod packets;
 pub mod process;

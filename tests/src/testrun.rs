@@ -311,6 +311,12 @@ impl Datapath {
         ifaces
             .insert(backend_if, be(NODE_B), 0)
             .expect("iface addr");
+        // The agent attaches XDP to both: XDP may redirect into them.
+        let mut redirect_ok: HashMap<_, u32, u32> =
+            HashMap::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
+        for ifindex in [client_if, backend_if] {
+            redirect_ok.insert(ifindex, 0, 0).expect("redirect ok");
+        }
         self.set_config(Self::base_config());
     }
 
@@ -337,6 +343,15 @@ impl Datapath {
         let mut entry = table.get(&id, 0).expect("backend");
         entry.flags |= BACKEND_F_TERMINATING;
         table.set(id, entry, 0).expect("backend");
+    }
+
+    /// Takes `ifindex` out of `XLB_REDIRECT_OK`, as for an interface XDP
+    /// does not run on (a pod's veth, a bridge, a tunnel): frames for it are
+    /// handed to tc. `write_base_state` puts it back.
+    pub fn forbid_redirect(&mut self, ifindex: u32) {
+        let mut redirect_ok: HashMap<_, u32, u32> =
+            HashMap::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
+        redirect_ok.remove(&ifindex).expect("ifindex was allowed");
     }
 
     /// Deletes every conntrack, affinity, fragment and ICMP rate-limit

@@ -1,6 +1,9 @@
-//! `cargo xtask demo`: the lab of config/demo.yaml with the agent running,
-//! UDP and TCP sent from the client through both NodePorts, and a tally of
-//! which backend answered and whether every reply looked right.
+//! `cargo xtask demo`: the real-node lab (tests/src/node_lab.rs) with the
+//! agent running: pods as CNIs leave them on a bridge CNI and a routed CNI,
+//! and on a second node reached routed and over VXLAN. UDP and TCP are sent
+//! from the client through both NodePorts; the demo tallies which pod
+//! answered, whether every reply looked right, and which path each pod's
+//! packets took (XDP redirect, or tc where XDP cannot deliver).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -9,10 +12,9 @@ use std::time::Duration;
 
 use lb_common::Reason;
 use xlb_tests::client::{pattern, tcp_who_echo_timeout, udp_socket, udp_who};
-use xlb_tests::lab::{
-    ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_CLIENT_IF, tcp_echo_service, udp_echo_service,
-};
-use xlb_tests::{Agent, Lab, Who};
+use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT};
+use xlb_tests::node_lab::{NodeLab, UPLINK_IF, tcp_service, udp_service};
+use xlb_tests::{Agent, Who};
 
 use crate::{build, setup, signals};
 
@@ -31,10 +33,14 @@ pub fn run() -> anyhow::Result<ExitCode> {
     build::build()?;
     let xlb = build::bin("xlb")?;
     let echo = build::bin("xlb-echo")?;
-    let config = xlb_tests::demo_config();
 
-    let lab = Lab::with_echo_bin(2, &echo)?;
+    let lab = NodeLab::with_echo_bin(&echo)?;
     print_lab(&lab);
+    let pods: Vec<_> = lab.pods.iter().collect();
+    let config = lab.write_file(
+        "xlb.yaml",
+        &lab.config_yaml(&lab.echo_services(&pods, false)),
+    )?;
 
     println!(
         "demo: starting `xlb run --config {}` in {}",
@@ -42,30 +48,48 @@ pub fn run() -> anyhow::Result<ExitCode> {
         lab.node.name()
     );
     let agent = Agent::start_with(&xlb, &lab, &config, &[])?;
-    println!("demo: agent ready");
+    // The pods' veths and the tunnel get their tc program within a second.
+    for name in ["xlb-vb1", "xlb-vr1", "xlb-vx"] {
+        agent.wait_for_log(0, &format!("{name}: tcx ingress"), Duration::from_secs(10))?;
+    }
+    println!("demo: agent ready; its attach points:");
+    for line in agent.log().lines() {
+        if let Some((_, what)) = line.split_once("xlb::agent: ")
+            && (what.contains("XDP attached") || what.contains(" ingress ("))
+        {
+            println!("  {what}");
+        }
+    }
 
     let udp = send_udp(&lab)?;
     // (Each round stops early once interrupted; the agent and the lab are
     // then still stopped and removed below.)
     udp.print(&format!(
         "UDP {}: {UDP_FLOWS} WHO datagrams, each from its own source port",
-        udp_echo_service()
+        udp_service()
     ));
     let tcp = send_tcp(&lab)?;
     tcp.print(&format!(
         "TCP {}: {TCP_CONNECTIONS} connections, WHO + {} KiB echoed each",
-        tcp_echo_service(),
+        tcp_service(),
         TCP_PAYLOAD / 1024
     ));
+    let checksum_errors = lab.client_csum_errors()?;
 
     let exit = agent.stop()?;
     print_counters(&exit.log);
+    print_paths(&lab, &exit.log);
+    println!(
+        "demo: client checksum errors (nstat): TcpInCsumErrors={} UdpInCsumErrors={}",
+        checksum_errors.0, checksum_errors.1
+    );
     if !exit.status.success() {
         println!(
             "demo: note: the agent exited with {} on SIGTERM",
             exit.status
         );
     }
+    let pod_count = lab.pods.len();
     drop(lab);
     println!("demo: lab removed");
     if signals::interrupted() {
@@ -83,13 +107,18 @@ pub fn run() -> anyhow::Result<ExitCode> {
             ));
         }
         let used = tally.per_backend.len();
-        if used < 2 {
-            problems.push(format!("{protocol}: only {used} of 2 backends answered"));
+        if used < pod_count {
+            problems.push(format!(
+                "{protocol}: only {used} of {pod_count} pods answered"
+            ));
         }
+    }
+    if checksum_errors != (0, 0) {
+        problems.push(String::from("the client counted checksum errors"));
     }
     if problems.is_empty() {
         println!(
-            "demo: OK: both backends served UDP and TCP, every reply came from the NodePort and every backend saw the node"
+            "demo: OK: every pod served UDP and TCP, every reply came from the NodePort with a good checksum, and every pod saw the node"
         );
         Ok(ExitCode::SUCCESS)
     } else {
@@ -98,22 +127,44 @@ pub fn run() -> anyhow::Result<ExitCode> {
     }
 }
 
-fn print_lab(lab: &Lab) {
-    println!("demo: lab up");
+fn print_lab(lab: &NodeLab) {
     println!(
-        "  client    {:<24} eth0 198.18.0.2/24 --- {NODE_CLIENT_IF} 198.18.0.1/24  node {}",
-        lab.client.name(),
-        lab.node.name()
+        "demo: lab up (switch {}, node {}, node2 {})",
+        lab.switch.name(),
+        lab.node.name(),
+        lab.node2.name()
     );
-    for backend in &lab.backends {
+    println!(
+        "  client          {:<30} eth0 198.18.0.2/24 --- switch --- {UPLINK_IF} 198.18.0.1/24 (node uplink, XDP)",
+        lab.client.name()
+    );
+    for pod in &lab.pods {
         println!(
-            "  {:<9} {:<24} eth0 {}/24 --- {} {}/24  (xlb-echo :{ECHO_TCP_PORT}/tcp :{ECHO_UDP_PORT}/udp)",
-            backend.name,
-            backend.netns.name(),
-            backend.addr,
-            backend.node_if,
-            backend.node_addr
+            "  {:<15} {:<30} eth0 {:<12} {} via {}  (xlb-echo :{ECHO_TCP_PORT}/tcp :{ECHO_UDP_PORT}/udp)",
+            pod.name,
+            pod.netns.name(),
+            pod.addr,
+            pod.reached(),
+            pod.host_if,
         );
+    }
+}
+
+/// Per pod, the paths its packets took, from the agent's exit log
+/// (`backend ADDR:PORT paths: to-backend xdp=N tc=N to-client xdp=N tc=N`).
+fn print_paths(lab: &NodeLab, log: &str) {
+    println!(
+        "demo: path per backend (packets; xdp = XDP_TX/XDP_REDIRECT, tc = rewritten in XDP and sent by tc, or reverse-NATed at tc):"
+    );
+    for pod in &lab.pods {
+        for (protocol, port) in [("UDP", ECHO_UDP_PORT), ("TCP", ECHO_TCP_PORT)] {
+            let needle = format!("backend {}:{port} paths: ", pod.addr);
+            let paths = log
+                .lines()
+                .find_map(|line| line.split_once(&needle).map(|(_, rest)| rest.to_owned()))
+                .unwrap_or_else(|| String::from("(no packets)"));
+            println!("  {:<15} {protocol}  {paths}", pod.name);
+        }
     }
 }
 
@@ -134,15 +185,15 @@ struct Tally {
 
 impl Tally {
     /// Count `who` (answered via `from`) against what the lab expects.
-    fn record(&mut self, lab: &Lab, who: &Who, source_ok: bool, target_port: u16) {
+    fn record(&mut self, lab: &NodeLab, who: &Who, source_ok: bool, target_port: u16) {
         self.failed_in_a_row = 0;
         *self.per_backend.entry(who.name.clone()).or_default() += 1;
         if source_ok {
             self.right_source += 1;
         }
-        let natted = lab.backend_named(&who.name).is_some_and(|backend| {
-            who.peer.ip() == backend.node_addr
-                && who.local == SocketAddr::from((backend.addr, target_port))
+        let natted = lab.pod_named(&who.name).is_some_and(|pod| {
+            who.peer.ip() == pod.masquerade_addr()
+                && who.local == SocketAddr::from((pod.addr, target_port))
         });
         if natted {
             self.natted += 1;
@@ -171,7 +222,7 @@ impl Tally {
     fn print(&self, title: &str) {
         println!("demo: {title}");
         for (name, count) in &self.per_backend {
-            println!("  {name:<10} {count:>4}");
+            println!("  {name:<15} {count:>4}");
         }
         let answered: usize = self.per_backend.values().sum();
         println!(
@@ -187,8 +238,8 @@ impl Tally {
     }
 }
 
-fn send_udp(lab: &Lab) -> anyhow::Result<Tally> {
-    let service = udp_echo_service();
+fn send_udp(lab: &NodeLab) -> anyhow::Result<Tally> {
+    let service = udp_service();
     let tally = lab.client.run(|| {
         let mut tally = Tally::default();
         for _ in 0..UDP_FLOWS {
@@ -217,8 +268,8 @@ fn send_udp(lab: &Lab) -> anyhow::Result<Tally> {
     Ok(tally)
 }
 
-fn send_tcp(lab: &Lab) -> anyhow::Result<Tally> {
-    let service = tcp_echo_service();
+fn send_tcp(lab: &NodeLab) -> anyhow::Result<Tally> {
+    let service = tcp_service();
     let tally = lab.client.run(|| {
         let mut tally = Tally::default();
         for connection in 0..TCP_CONNECTIONS {

@@ -1,13 +1,13 @@
 //! Ethernet: only untagged IPv4 frames are ours.
 
-use aya_ebpf::programs::XdpContext;
+use super::Frame;
 use lb_common::Reason;
 use network_types::eth::{EthHdr, EtherType};
 
 use super::ptr_at;
 
 #[inline(always)]
-pub fn parse_eth(ctx: &XdpContext) -> Result<*mut EthHdr, Reason> {
+pub fn parse_eth<C: Frame>(ctx: &C) -> Result<*mut EthHdr, Reason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked that the whole header is inside the packet.
     let ether_type = unsafe { (*eth).ether_type };

@@ -1,6 +1,6 @@
 //! IPv4: header length (options allowed), total length, fragments, protocol.
 
-use aya_ebpf::programs::XdpContext;
+use super::Frame;
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason};
 use network_types::ip::Ipv4Hdr;
 
@@ -42,7 +42,7 @@ impl Ipv4 {
 /// `PassFragment` (the caller follows them through `XLB_FRAGS`); first
 /// fragments are accepted, see `Ipv4::first_fragment`.
 #[inline(always)]
-pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Ipv4, Reason> {
+pub fn parse_ipv4<C: Frame>(ctx: &C, offset: usize) -> Result<Ipv4, Reason> {
     let ip = parse_ipv4_header(ctx, offset)?;
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return Err(Reason::PassNotTcpUdp);
@@ -55,7 +55,7 @@ pub fn parse_ipv4(ctx: &XdpContext, offset: usize) -> Result<Ipv4, Reason> {
 
 /// Any IPv4 header whose length fields are consistent with the frame.
 #[inline(always)]
-pub fn parse_ipv4_header(ctx: &XdpContext, offset: usize) -> Result<Ipv4, Reason> {
+pub fn parse_ipv4_header<C: Frame>(ctx: &C, offset: usize) -> Result<Ipv4, Reason> {
     let hdr: *mut Ipv4Hdr = ptr_at(ctx, offset)?;
     // SAFETY: ptr_at checked that the fixed 20-byte header is inside the packet.
     let (vihl, tot_len, frags, proto) = unsafe {
@@ -70,7 +70,7 @@ pub fn parse_ipv4_header(ctx: &XdpContext, offset: usize) -> Result<Ipv4, Reason
     if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN || usize::from(tot_len) < header_len {
         return Err(Reason::PassMalformed);
     }
-    if offset + usize::from(tot_len) > ctx.data_end() - ctx.data() {
+    if offset + usize::from(tot_len) > ctx.packet_len() {
         return Err(Reason::PassMalformed);
     }
     Ok(Ipv4 {

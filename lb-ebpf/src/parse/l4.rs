@@ -1,6 +1,6 @@
 //! TCP and UDP: the ports and checksum xlb rewrites, and TCP flags.
 
-use aya_ebpf::programs::XdpContext;
+use super::Frame;
 use lb_common::{IPPROTO_TCP, Reason};
 use network_types::{tcp::TcpHdr, udp::UdpHdr};
 
@@ -37,7 +37,7 @@ impl L4 {
 }
 
 #[inline(always)]
-pub fn parse_l4(ctx: &XdpContext, ip: &Ipv4) -> Result<L4, Reason> {
+pub fn parse_l4<C: Frame>(ctx: &C, ip: &Ipv4) -> Result<L4, Reason> {
     let offset = ip.l4_offset;
     // A header in the frame's trailing bytes but past the IPv4 total length
     // is not part of this packet.

@@ -13,13 +13,53 @@ pub use icmp::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IcmpError, parse_icmp_er
 pub use ipv4::{IP_DF, Ipv4, parse_ipv4, parse_ipv4_header};
 pub use l4::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_l4};
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::Reason;
+
+/// What the parser needs of a hook's context: the directly accessible bytes
+/// (`data .. data_end`) and the packet's whole length, which for an skb may
+/// extend into pages the program cannot read directly.
+pub trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Bytes in the packet from the start of `data`.
+    fn packet_len(&self) -> usize;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        XdpContext::data_end(self) - XdpContext::data(self)
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        self.len() as usize
+    }
+}
 
 /// Pointer to a `T` at `offset` bytes into the packet, if the whole `T` is
 /// inside the packet.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, Reason> {
+pub fn ptr_at<T, C: Frame>(ctx: &C, offset: usize) -> Result<*mut T, Reason> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -35,9 +75,9 @@ pub struct Packet {
     pub l4: L4,
 }
 
-/// Parses Ethernet, IPv4 and the TCP/UDP header of an XDP frame.
+/// Parses Ethernet, IPv4 and the TCP/UDP header of a frame (XDP or skb).
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
+pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, Reason> {
     let eth = parse_eth(ctx)?;
     let ip = parse_ipv4(ctx, network_types::eth::EthHdr::LEN)?;
     let l4 = parse_l4(ctx, &ip)?;

@@ -272,6 +272,10 @@ impl Report for StatusReport {
                 .iter()
                 .map(|masquerade| match &masquerade.interface {
                     Some(name) => format!("{} on {name}", masquerade.address),
+                    // Key 0: the fallback for interfaces without an address.
+                    None if masquerade.ifindex == 0 => {
+                        format!("{} elsewhere", masquerade.address)
+                    }
                     None => format!("{} on ifindex {}", masquerade.address, masquerade.ifindex),
                 })
                 .collect();

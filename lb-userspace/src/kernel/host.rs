@@ -99,6 +99,71 @@ fn facts_from(addresses: &[InterfaceAddress]) -> NodeFacts {
     }
 }
 
+/// What kind of device a link is, as far as choosing a hook goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    /// One end of a veth pair: in a node's namespace, a pod's host side.
+    Veth,
+    /// An overlay tunnel (`vxlan`, `geneve`): replies of remote pods come
+    /// out of it.
+    Tunnel(String),
+    /// Anything else (a NIC, a bridge, loopback, ...).
+    Other,
+}
+
+/// One network device of the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub ifindex: u32,
+    pub kind: LinkKind,
+}
+
+/// Every network device in this namespace (`ip -json -details link show`).
+pub fn links() -> io::Result<Vec<Link>> {
+    let output = std::process::Command::new("ip")
+        .args(["-json", "-details", "link", "show"])
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "`ip -json -details link show` failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    parse_links(&output.stdout)
+        .map_err(|error| io::Error::other(format!("`ip -json -details link show`: {error}")))
+}
+
+fn parse_links(json: &[u8]) -> Result<Vec<Link>, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct RawInfo {
+        info_kind: Option<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct RawLink {
+        ifname: String,
+        ifindex: u32,
+        linkinfo: Option<RawInfo>,
+    }
+    let raw: Vec<RawLink> = serde_json::from_slice(json)?;
+    Ok(raw
+        .into_iter()
+        .map(|link| {
+            let kind = match link.linkinfo.and_then(|info| info.info_kind).as_deref() {
+                Some("veth") => LinkKind::Veth,
+                Some(tunnel @ ("vxlan" | "geneve")) => LinkKind::Tunnel(tunnel.to_owned()),
+                _ => LinkKind::Other,
+            };
+            Link {
+                name: link.ifname,
+                ifindex: link.ifindex,
+                kind,
+            }
+        })
+        .collect())
+}
+
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of `bpf_ktime_get_coarse_ns()`, which
 /// the datapath stamps flows with.
 pub fn monotonic_ns() -> u64 {
@@ -164,6 +229,33 @@ mod tests {
         assert_eq!(
             facts.interface_addresses.into_iter().collect::<Vec<_>>(),
             [(1, Ipv4Addr::LOCALHOST), (2, Ipv4Addr::new(198, 18, 0, 1))]
+        );
+    }
+
+    #[test]
+    fn links_from_ip_json() {
+        let json = br#"[{"ifindex":1,"ifname":"lo","flags":["LOOPBACK"]},
+            {"ifindex":5,"ifname":"xlb-vb1","linkinfo":{"info_kind":"veth"}},
+            {"ifindex":6,"ifname":"flannel.1","linkinfo":{"info_kind":"vxlan","info_data":{"id":1}}},
+            {"ifindex":7,"ifname":"cni0","linkinfo":{"info_kind":"bridge"}}]"#;
+        let links = parse_links(json).map_err(|e| e.to_string());
+        let kinds: Vec<(String, u32, LinkKind)> = links
+            .unwrap_or_default()
+            .into_iter()
+            .map(|l| (l.name, l.ifindex, l.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (String::from("lo"), 1, LinkKind::Other),
+                (String::from("xlb-vb1"), 5, LinkKind::Veth),
+                (
+                    String::from("flannel.1"),
+                    6,
+                    LinkKind::Tunnel(String::from("vxlan"))
+                ),
+                (String::from("cni0"), 7, LinkKind::Other),
+            ]
         );
     }
 

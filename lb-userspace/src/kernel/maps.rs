@@ -10,8 +10,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::maps as names;
 use lb_common::service::{ADDR_ANY_NODE, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, CONFIG_F_READY};
 use lb_common::{
-    Affinity, AffinityKey, Backend, GlobalConfig, IPPROTO_TCP, IPPROTO_UDP, NodeAddr, Reason,
-    Service, ServiceKey, SourceRange, Traffic,
+    Affinity, AffinityKey, Backend, GlobalConfig, IPPROTO_TCP, IPPROTO_UDP, NodeAddr, Paths,
+    Reason, Service, ServiceKey, SourceRange, Traffic,
 };
 
 use crate::model::Protocol;
@@ -478,13 +478,25 @@ pub fn global_config(settings: &Settings) -> GlobalConfig {
 /// `XLB_STATS`: packets per verdict reason.
 pub struct Stats {
     counters: PerCpuArray<MapData, u64>,
+    paths: PerCpuArray<MapData, Paths>,
 }
 
 impl Stats {
     pub fn open(ebpf: &mut Ebpf) -> Result<Self, OpenError> {
         Ok(Self {
             counters: typed(ebpf, names::STATS)?,
+            paths: typed(ebpf, names::BACKEND_PATHS)?,
         })
+    }
+
+    /// Which hooks carried backend `id`'s packets, summed over CPUs.
+    pub fn paths(&self, id: u32) -> Result<Paths, MapIoError> {
+        let per_cpu = self.paths.get(&id, 0).map_err(io(names::BACKEND_PATHS))?;
+        let mut total = Paths::default();
+        for paths in per_cpu.iter() {
+            total.add(paths);
+        }
+        Ok(total)
     }
 
     /// Every reason with a non-zero count, summed over CPUs, in counter order.
@@ -505,6 +517,15 @@ impl Stats {
         }
         Ok(counts)
     }
+}
+
+/// One backend's paths for the exit log (`cargo xtask demo` reads it):
+/// `to-backend xdp=N tc=N to-client xdp=N tc=N`.
+pub fn format_paths(paths: &Paths) -> String {
+    format!(
+        "to-backend xdp={} tc={} to-client xdp={} tc={}",
+        paths.to_backend_xdp, paths.to_backend_tc, paths.to_client_xdp, paths.to_client_tc
+    )
 }
 
 /// `name=count name=count ...`, or `none` when nothing was counted.

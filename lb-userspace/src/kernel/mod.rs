@@ -13,14 +13,17 @@ pub mod sock;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::xdp::{XdpLink, XdpLinkId};
-use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
 use crate::error_chain;
 
 pub use conntrack::{FlowTable, GcPass};
+pub use host::LinkKind;
 pub use maps::{KernelMaps, MapIoError, OpenError, Stats};
 pub use neigh::{NeighbourWorker, Neighbours};
 pub use pin::{DEFAULT_BPFFS, PinDir, PinError};
@@ -111,6 +114,32 @@ pub enum KernelError {
         #[source]
         source: ProgramError,
     },
+    #[error("program \"{name}\" is not a tc (SchedClassifier) program")]
+    NotTc {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the kernel rejected the tc program \"{name}\"")]
+    VerifyTc {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach the tc program \"{name}\" to {interface} (ingress)")]
+    AttachTc {
+        name: &'static str,
+        interface: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("cannot write {map} for {interface}")]
+    RedirectMap {
+        map: &'static str,
+        interface: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
     #[error(transparent)]
     Pin(#[from] PinError),
     #[error(transparent)]
@@ -141,12 +170,62 @@ struct Attachment {
     mode: Attached,
 }
 
+/// Which tc program an interface gets (see lb-ebpf/src/tc.rs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcRole {
+    /// An uplink, next to XDP: sends on the frames XDP hands off.
+    Uplink,
+    /// A pod's host-side veth or a tunnel device: reverse NAT of replies.
+    Pod,
+}
+
+impl TcRole {
+    fn program(self) -> &'static str {
+        match self {
+            TcRole::Uplink => lb_common::maps::PROGRAM_TC_UPLINK,
+            TcRole::Pod => lb_common::maps::PROGRAM_TC_POD,
+        }
+    }
+}
+
+/// How a tc program got attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcHook {
+    /// A tcx link (kernel 6.6+): no qdisc, ordered with other programs.
+    Tcx,
+    /// The clsact qdisc's ingress filter (older kernels).
+    Clsact,
+}
+
+impl fmt::Display for TcHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TcHook::Tcx => "tcx",
+            TcHook::Clsact => "clsact",
+        })
+    }
+}
+
+#[derive(Debug)]
+struct TcAttachment {
+    interface: String,
+    /// The interface's index when attached: a pod's veth deleted and made
+    /// again under the same name is a new device that needs a new link.
+    ifindex: u32,
+    role: TcRole,
+    id: SchedClassifierLinkId,
+}
+
 /// The loaded object and where its program is attached. Dropping it
 /// detaches unpinned links; `detach_all` detaches everything with logging,
 /// `release_all` leaves pinned links attached.
 pub struct Datapath {
     ebpf: Ebpf,
     attached: Vec<Attachment>,
+    /// tc programs; never pinned (they go with the agent).
+    tc: Vec<TcAttachment>,
+    /// `XLB_REDIRECT_OK`: the interfaces XDP runs on.
+    redirect_ok: BpfHashMap<MapData, u32, u32>,
     pins: Option<PinDir>,
     /// The socket hooks, when attached to a cgroup (`--cgroup`).
     sockets: Option<SocketHooks>,
@@ -239,6 +318,28 @@ impl Datapath {
         program
             .load()
             .map_err(|source| KernelError::Verify { source })?;
+        for role in [TcRole::Uplink, TcRole::Pod] {
+            let name = role.program();
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(KernelError::MissingProgram { name })?
+                .try_into()
+                .map_err(|source| KernelError::NotTc { name, source })?;
+            program
+                .load()
+                .map_err(|source| KernelError::VerifyTc { name, source })?;
+        }
+        let redirect_ok = ebpf
+            .take_map(lb_common::maps::REDIRECT_OK)
+            .ok_or(OpenError::Missing {
+                name: lb_common::maps::REDIRECT_OK,
+            })
+            .and_then(|map| {
+                BpfHashMap::try_from(map).map_err(|source| OpenError::Kind {
+                    name: lb_common::maps::REDIRECT_OK,
+                    source,
+                })
+            })?;
         let maps = KernelMaps::open(&mut ebpf)?;
         let flows = FlowTable::open(&mut ebpf)?;
         let stats = Stats::open(&mut ebpf)?;
@@ -246,6 +347,8 @@ impl Datapath {
             datapath: Datapath {
                 ebpf,
                 attached: Vec::new(),
+                tc: Vec::new(),
+                redirect_ok,
                 pins: pins.cloned(),
                 sockets: None,
             },
@@ -276,7 +379,37 @@ impl Datapath {
     /// it atomically, so no packet is missed and conntrack carries on.
     /// Otherwise a new link (pinned, when pinning); in `Auto` mode a driver
     /// without native XDP gets generic XDP, with a warning.
+    ///
+    /// Before XDP runs there: the interface goes into `XLB_REDIRECT_OK` and
+    /// gets the uplink's tc program, so the program never hands a frame to
+    /// a tc program that is not there yet (an adopted link runs the new
+    /// program from the moment it is swapped in).
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<Attached, KernelError> {
+        self.allow_redirect(&[interface.to_owned()])?;
+        self.attach_tc(interface, TcRole::Uplink)?;
+        self.attach_xdp(interface, mode)
+    }
+
+    /// Lets XDP redirect into `interfaces` (`XLB_REDIRECT_OK`). The agent
+    /// calls it for every uplink before attaching to any, so that a link
+    /// adopted from a previous agent never sees a map without the others.
+    pub fn allow_redirect(&mut self, interfaces: &[String]) -> Result<(), KernelError> {
+        for interface in interfaces {
+            let Some(ifindex) = host::ifindex(interface) else {
+                continue;
+            };
+            self.redirect_ok
+                .insert(ifindex, 0, 0)
+                .map_err(|source| KernelError::RedirectMap {
+                    map: lb_common::maps::REDIRECT_OK,
+                    interface: interface.clone(),
+                    source: Box::new(source),
+                })?;
+        }
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, interface: &str, mode: AttachMode) -> Result<Attached, KernelError> {
         let pin_path = self.pins.as_ref().map(|pins| pins.link(interface));
         if let Some(path) = &pin_path
             && path.exists()
@@ -448,12 +581,108 @@ impl Datapath {
         self.attached.iter().map(|a| a.interface.clone()).collect()
     }
 
+    fn tc_program(&mut self, role: TcRole) -> Result<&mut SchedClassifier, KernelError> {
+        let name = role.program();
+        self.ebpf
+            .program_mut(name)
+            .ok_or(KernelError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| KernelError::NotTc { name, source })
+    }
+
+    /// Attaches `role`'s tc program at `interface`'s ingress: a tcx link
+    /// where the kernel has tcx, else a filter on a clsact qdisc (added if
+    /// missing). Replaces an attachment of an older device of that name.
+    pub fn attach_tc(&mut self, interface: &str, role: TcRole) -> Result<TcHook, KernelError> {
+        self.detach_tc(interface, role);
+        let name = role.program();
+        let ifindex = host::ifindex(interface).unwrap_or(0);
+        let program = self.tc_program(role)?;
+        let (id, hook) = match program.attach(interface, TcAttachType::Ingress) {
+            Ok(id) => (id, hook_kind()),
+            Err(first) => {
+                // Before tcx: the clsact qdisc must exist first.
+                let _ = aya::programs::tc::qdisc_add_clsact(interface);
+                let id = program
+                    .attach_with_options(
+                        interface,
+                        TcAttachType::Ingress,
+                        aya::programs::tc::TcAttachOptions::Netlink(Default::default()),
+                    )
+                    .map_err(|_| KernelError::AttachTc {
+                        name,
+                        interface: interface.to_owned(),
+                        source: Box::new(first),
+                    })?;
+                (id, TcHook::Clsact)
+            }
+        };
+        self.tc.push(TcAttachment {
+            interface: interface.to_owned(),
+            ifindex,
+            role,
+            id,
+        });
+        Ok(hook)
+    }
+
+    /// Detaches `role`'s tc program from `interface`, if attached there. A
+    /// device that is gone took its attachment with it; that is no error.
+    pub fn detach_tc(&mut self, interface: &str, role: TcRole) {
+        let Some(index) = self
+            .tc
+            .iter()
+            .position(|a| a.interface == interface && a.role == role)
+        else {
+            return;
+        };
+        let attachment = self.tc.remove(index);
+        if let Ok(program) = self.tc_program(role)
+            && let Err(error) = program.detach(attachment.id)
+        {
+            log::debug!(
+                "{interface}: detaching tc: {} (the device may be gone)",
+                error_chain(&error)
+            );
+        }
+    }
+
+    /// Interfaces with the pod/tunnel tc program, with the ifindex each had
+    /// when attached.
+    pub fn tc_pod_interfaces(&self) -> Vec<(String, u32)> {
+        self.tc
+            .iter()
+            .filter(|a| a.role == TcRole::Pod)
+            .map(|a| (a.interface.clone(), a.ifindex))
+            .collect()
+    }
+
+    fn detach_all_tc(&mut self) -> Vec<String> {
+        let attachments: Vec<(String, TcRole)> = self
+            .tc
+            .iter()
+            .map(|a| (a.interface.clone(), a.role))
+            .collect();
+        let mut detached = Vec::new();
+        for (interface, role) in attachments {
+            self.detach_tc(&interface, role);
+            if role == TcRole::Pod {
+                detached.push(format!("{interface} (tc)"));
+            }
+        }
+        detached
+    }
+
     /// Detaches the program from `interface`, if attached there (removing
     /// its pin).
     pub fn detach(&mut self, interface: &str) -> Result<(), KernelError> {
         let Some(index) = self.attached.iter().position(|a| a.interface == interface) else {
             return Ok(());
         };
+        if let Some(ifindex) = host::ifindex(interface) {
+            let _ = self.redirect_ok.remove(&ifindex);
+        }
+        self.detach_tc(interface, TcRole::Uplink);
         let attachment = self.attached.remove(index);
         self.detach_one(attachment.link)
             .map_err(|source| KernelError::Detach {
@@ -504,8 +733,8 @@ impl Datapath {
     /// Detaches the program from every interface (pinned links too); returns
     /// the interfaces detached and a message for each failure.
     pub fn detach_all(&mut self) -> (Vec<String>, Vec<String>) {
+        let mut detached = self.detach_all_tc();
         let attachments = std::mem::take(&mut self.attached);
-        let mut detached = Vec::new();
         let mut failures = Vec::new();
         for attachment in attachments {
             let mode = attachment.mode;
@@ -526,9 +755,11 @@ impl Datapath {
     /// they cannot outlive the agent. Returns the interfaces left attached
     /// and those detached.
     pub fn release_all(&mut self) -> (Vec<String>, Vec<String>) {
+        // tc links are not pinned: replies of pods behind tc wait for the
+        // next agent (XDP-redirected backends keep being served).
+        let mut detached = self.detach_all_tc();
         let attachments = std::mem::take(&mut self.attached);
         let mut kept = Vec::new();
-        let mut detached = Vec::new();
         for attachment in attachments {
             match attachment.link {
                 Link::Pinned { link, .. } => {
@@ -555,6 +786,16 @@ fn consequence(name: &str) -> &'static str {
         | lb_common::maps::SERVICE_STATS
         | lb_common::maps::BACKEND_STATS => "; its counters restart from zero",
         _ => "; the configuration is written anew and flows are re-balanced",
+    }
+}
+
+/// What `SchedClassifier::attach` uses on this kernel.
+fn hook_kind() -> TcHook {
+    use aya::util::KernelVersion;
+    if KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0)) {
+        TcHook::Tcx
+    } else {
+        TcHook::Clsact
     }
 }
 

@@ -417,6 +417,13 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
             size_of::<SockRevNat>(),
             names::SOCK_REVNAT_MAX,
         ),
+        spec(
+            names::BACKEND_PATHS,
+            MapType::PerCpuArray,
+            u32_size,
+            size_of::<lb_common::Paths>(),
+            names::BACKENDS_MAX,
+        ),
     ]
 }
 
@@ -500,7 +507,7 @@ mod tests {
     #[test]
     fn every_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
-        assert_eq!(specs.len(), 15);
+        assert_eq!(specs.len(), 16);
         for name in CONFIG_MAPS {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }

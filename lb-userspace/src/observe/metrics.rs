@@ -201,9 +201,29 @@ fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
         "How long reconcile passes took.",
         &agent.reconcile_seconds,
     );
+    // tc attach points (pods' veths, tunnels) say so in their mode.
+    let is_tc = |mode: &str| mode.starts_with("tcx") || mode.starts_with("clsact");
+    let tc_hooks: Vec<Samples> = agent
+        .interfaces
+        .iter()
+        .filter(|(_, mode)| is_tc(mode))
+        .map(|(interface, mode)| {
+            let (hook, why) = mode.split_once(' ').unwrap_or((mode.as_str(), ""));
+            let why = why.trim_start_matches("ingress (").trim_end_matches(')');
+            (
+                vec![
+                    ("interface", interface.clone()),
+                    ("hook", hook.to_owned()),
+                    ("why", why.to_owned()),
+                ],
+                1.0,
+            )
+        })
+        .collect();
     let interfaces: Vec<Samples> = agent
         .interfaces
         .iter()
+        .filter(|(_, mode)| !is_tc(mode))
         .map(|(interface, mode)| {
             (
                 vec![("interface", interface.clone()), ("mode", mode.clone())],
@@ -230,6 +250,12 @@ fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
         "xlb_socket_hook_attached",
         "Socket hooks (connect4, sendmsg4, recvmsg4, getpeername4) attached, with their cgroup.",
         &socket_hooks,
+    );
+    out.gauge(
+        "xlb_interface_tc_attached",
+        "Interfaces with xlb's tc ingress program (pods' veths, tunnels), with the hook (tcx or \
+         clsact) and why XDP is not used there.",
+        &tc_hooks,
     );
     out.gauge(
         "xlb_conntrack_entries_limit",

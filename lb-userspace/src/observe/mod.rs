@@ -328,6 +328,21 @@ impl Observe {
         self.write_status_or_warn();
     }
 
+    /// A tc program is attached to `interface` (a pod's veth or a tunnel);
+    /// `mode` says which hook and why, for `xlb status` and /metrics.
+    pub fn hooked(&mut self, interface: &str, ifindex: u32, mode: String) {
+        {
+            let mut facts = self.shared.facts();
+            facts.status.interfaces.retain(|i| i.name != interface);
+            facts.status.interfaces.push(Interface {
+                name: interface.to_owned(),
+                ifindex,
+                mode,
+            });
+        }
+        self.write_status_or_warn();
+    }
+
     /// XDP is attached to `interface` in `mode`.
     pub fn attached(&mut self, interface: &str, mode: Attached) {
         {

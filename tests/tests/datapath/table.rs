@@ -105,6 +105,33 @@ fn to_backend(dp: &mut Datapath, spec: &Spec) -> Vec<u8> {
     .build()
 }
 
+/// What a new flow to a backend behind an interface XDP does not run on
+/// leaves as: rewritten like `to_backend` but with its MACs untouched
+/// (tc's `bpf_redirect_neigh` writes them), behind 8 bytes of XDP metadata
+/// (BPF_PROG_TEST_RUN returns the frame from `data_meta`): the hand-off,
+/// magic then egress ifindex, in host order.
+fn handed_to_tc(dp: &mut Datapath, spec: &Spec) -> Vec<u8> {
+    let flow = dp
+        .flow(&spec.key())
+        .expect("conntrack has the client's flow");
+    let backend = std::net::Ipv4Addr::from(flow.new_dst_addr_be.to_ne_bytes());
+    let mut out = Vec::new();
+    out.extend_from_slice(&lb_common::path::HANDOFF_MAGIC.to_ne_bytes());
+    out.extend_from_slice(&dp.backend_ifindex.to_ne_bytes());
+    out.extend(
+        spec.forwarded(
+            spec.eth_src,
+            spec.eth_dst,
+            NODE_B,
+            u16::from_be(flow.new_src_port_be),
+            backend,
+            target_port(spec),
+        )
+        .build(),
+    );
+    out
+}
+
 fn expect_to_backend(spec: Spec) -> Expect {
     Expect::Frame(Box::new(move |dp| to_backend(dp, &spec)))
 }
@@ -183,6 +210,22 @@ pub fn rows() -> Vec<Row> {
             verdict: XDP_REDIRECT,
             reason: Reason::FwdNewFlow,
             case: |dp| forward_case(dp, udp(40_001)),
+        },
+        Row {
+            name: "new flow to a backend behind an interface XDP does not run on: rewritten, \
+                   handed to tc in XDP metadata, XDP_PASS",
+            verdict: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                dp.forbid_redirect(dp.backend_ifindex);
+                let spec = udp(40_050);
+                Case {
+                    input: spec.build(),
+                    ifindex: dp.client_ifindex,
+                    expect: Expect::Frame(Box::new(move |dp| handed_to_tc(dp, &spec))),
+                    after: None,
+                }
+            },
         },
         Row {
             name: "TCP SYN new flow: DNAT + masquerade + port rewrite",

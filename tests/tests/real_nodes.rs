@@ -1,0 +1,271 @@
+//! NodePorts on a real node (tests/src/node_lab.rs): pods as CNIs leave them
+//! (GRO off, TX checksum offload on, no XDP), on a bridge CNI, a routed CNI,
+//! and on a second node reached routed and over VXLAN; a switch between the
+//! client and the nodes that finishes checksums as a wire does.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use xlb_tests::Agent;
+use xlb_tests::client::{pattern, tcp_who_echo, udp_exchange, udp_socket, udp_who};
+use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT};
+use xlb_tests::node_lab::{CLIENT_ADDR, NodeLab, Pod, PodKind, tcp_service, udp_service};
+
+fn masquerade_addr(pod: &Pod) -> IpAddr {
+    IpAddr::from(pod.masquerade_addr())
+}
+
+fn start<'lab>(
+    lab: &'lab NodeLab,
+    pods: &[&Pod],
+    etp_local: bool,
+) -> anyhow::Result<Agent<'lab, NodeLab>> {
+    let config = lab.write_file(
+        "xlb.yaml",
+        &lab.config_yaml(&lab.echo_services(pods, etp_local)),
+    )?;
+    let agent = Agent::start(lab, &config)?;
+    // The pods' veths and the tunnel get their tc program within a second.
+    for pod in pods.iter().filter(|pod| pod.kind.is_local()) {
+        agent.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
+    }
+    agent.wait_for_log(0, "xlb-vx: tcx ingress", WAIT)?;
+    Ok(agent)
+}
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// One UDP flow and one TCP connection to `pod` through the NodePorts,
+/// checked end to end.
+fn exchange_with(lab: &NodeLab, pod: &Pod) -> anyhow::Result<()> {
+    let (udp, tcp) = (udp_service(), tcp_service());
+    lab.client.run(|| -> anyhow::Result<()> {
+        let socket = udp_socket()?;
+        let (who, from) = udp_who(&socket, udp).context(format!("UDP WHO via {}", pod.name))?;
+        ensure!(from == udp, "UDP reply from {from}, not the NodePort {udp}");
+        ensure!(
+            who.name == pod.name,
+            "UDP reached {who:?}, not {}",
+            pod.name
+        );
+        ensure!(who.local == SocketAddr::from((pod.addr, ECHO_UDP_PORT)));
+        ensure!(
+            who.peer.ip() == masquerade_addr(pod),
+            "{}: masqueraded as {}, expected {}",
+            pod.name,
+            who.peer.ip(),
+            masquerade_addr(pod)
+        );
+        // Sizes that fit every path (the overlay's MTU is 1450).
+        for (seed, len) in [1usize, 100, 1000, 1400].into_iter().enumerate() {
+            let payload = pattern(len, seed as u32);
+            let (reply, from) = udp_exchange(&socket, udp, &payload)
+                .context(format!("UDP {len} bytes via {}", pod.name))?;
+            ensure!(from == udp, "UDP reply from {from}");
+            ensure!(reply == payload, "UDP echo of {len} bytes differs");
+        }
+        for (seed, len) in [10usize, 300 * 1024].into_iter().enumerate() {
+            let who = tcp_who_echo(tcp, &pattern(len, seed as u32))
+                .context(format!("TCP {len} bytes via {}", pod.name))?;
+            ensure!(
+                who.name == pod.name,
+                "TCP reached {who:?}, not {}",
+                pod.name
+            );
+            ensure!(who.local == SocketAddr::from((pod.addr, ECHO_TCP_PORT)));
+            ensure!(who.peer.ip() == masquerade_addr(pod));
+        }
+        Ok(())
+    })?
+}
+
+/// The `paths:` line the agent logs at exit for `pod`'s backend.
+fn paths_line<'a>(log: &'a str, pod: &Pod, port: u16) -> Option<&'a str> {
+    let needle = format!("backend {}:{port} paths: ", pod.addr);
+    log.lines()
+        .find_map(|line| line.split_once(&needle).map(|(_, rest)| rest))
+}
+
+/// `name=N` in a paths line, after `section` (`to-backend` / `to-client`).
+fn path_count(line: &str, section: &str, hook: &str) -> u64 {
+    let rest = line.split_once(section).map_or("", |(_, rest)| rest);
+    rest.split_whitespace()
+        .find_map(|field| field.strip_prefix(&format!("{hook}=")))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn node_port_reaches_every_kind_of_pod_with_good_checksums() -> anyhow::Result<()> {
+    let lab = NodeLab::new()?;
+    for kind in PodKind::ALL {
+        let pod = lab.pod(kind);
+        let agent = start(&lab, &[pod], false)?;
+        exchange_with(&lab, pod)
+            .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+        let exit = agent.stop()?;
+        ensure!(
+            exit.status.success(),
+            "agent: {}\n{}",
+            exit.status,
+            exit.log
+        );
+        // Which hooks carried the packets: XDP where the next hop takes XDP
+        // frames (node2 through the switch), tc everywhere else.
+        for port in [ECHO_UDP_PORT, ECHO_TCP_PORT] {
+            let line = paths_line(&exit.log, pod, port)
+                .with_context(|| format!("no paths line for {}\n{}", pod.name, exit.log))?;
+            let (to_backend, to_client) = match kind {
+                PodKind::Node2Routed => ("xdp", "xdp"),
+                _ => ("tc", "tc"),
+            };
+            ensure!(
+                path_count(line, "to-backend", to_backend) > 0
+                    && path_count(line, "to-client", to_client) > 0,
+                "{}: expected to-backend via {to_backend}, to-client via {to_client}: {line}",
+                pod.name
+            );
+        }
+    }
+    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
+    ensure!(
+        (tcp_errors, udp_errors) == (0, 0),
+        "the client saw checksum errors: TcpInCsumErrors={tcp_errors} \
+         UdpInCsumErrors={udp_errors}"
+    );
+    Ok(())
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address() -> anyhow::Result<()> {
+    let lab = NodeLab::new()?;
+    let pods: Vec<&Pod> = lab.pods.iter().collect();
+    let agent = start(&lab, &pods, true)?;
+    let (udp, tcp) = (udp_service(), tcp_service());
+    let reached = lab
+        .client
+        .run(|| -> anyhow::Result<BTreeMap<String, usize>> {
+            let mut reached = BTreeMap::new();
+            for _ in 0..40 {
+                let socket = udp_socket()?;
+                let (who, from) = udp_who(&socket, udp)?;
+                ensure!(from == udp, "UDP reply from {from}");
+                ensure!(who.peer.ip() == IpAddr::from(CLIENT_ADDR), "UDP {who:?}");
+                *reached.entry(who.name).or_insert(0) += 1;
+            }
+            for connection in 0..20u32 {
+                let who = tcp_who_echo(tcp, &pattern(5000, connection))?;
+                ensure!(who.peer.ip() == IpAddr::from(CLIENT_ADDR), "TCP {who:?}");
+                *reached.entry(who.name).or_insert(0) += 1;
+            }
+            Ok(reached)
+        })?;
+    let reached = reached
+        .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+    for name in reached.keys() {
+        let pod = lab.pod_named(name).context("unknown pod")?;
+        ensure!(pod.kind.is_local(), "ETP Local reached {name}: {reached:?}");
+    }
+    ensure!(reached.len() == 2, "both local pods serve: {reached:?}");
+    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
+    ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
+    Ok(())
+}
+
+#[test]
+fn thousand_flows_over_bridge_and_vxlan_while_pods_come_and_go() -> anyhow::Result<()> {
+    const FLOWS: usize = 1000;
+    const THREADS: usize = 4;
+    let lab = NodeLab::new()?;
+    let pods = [lab.pod(PodKind::Bridge), lab.pod(PodKind::Node2Vxlan)];
+    let agent = start(&lab, &pods, false)?;
+    let (udp, tcp) = (udp_service(), tcp_service());
+
+    let outcome = std::thread::scope(|scope| -> anyhow::Result<BTreeMap<String, usize>> {
+        let traffic = scope.spawn(|| {
+            lab.client
+                .run(|| -> anyhow::Result<BTreeMap<String, usize>> {
+                    let mut reached = BTreeMap::new();
+                    std::thread::scope(|inner| -> anyhow::Result<()> {
+                        let workers: Vec<_> = (0..THREADS)
+                            .map(|worker| {
+                                inner.spawn(move || -> anyhow::Result<Vec<String>> {
+                                    let mut names = Vec::new();
+                                    for flow in (worker..FLOWS).step_by(THREADS) {
+                                        let socket = udp_socket()?;
+                                        let (who, from) = udp_who(&socket, udp)
+                                            .context(format!("UDP flow {flow}"))?;
+                                        ensure!(from == udp);
+                                        names.push(who.name);
+                                        let who = tcp_who_echo(tcp, &pattern(2000, flow as u32))
+                                            .context(format!("TCP connection {flow}"))?;
+                                        names.push(who.name);
+                                    }
+                                    Ok(names)
+                                })
+                            })
+                            .collect();
+                        for worker in workers {
+                            for name in worker.join().expect("worker panicked")? {
+                                *reached.entry(name).or_insert(0) += 1;
+                            }
+                        }
+                        Ok(())
+                    })?;
+                    Ok(reached)
+                })
+        });
+        // Meanwhile a pod appears on each CNI of this node, and goes again.
+        let churn = (|| -> anyhow::Result<()> {
+            for (kind, index) in [(PodKind::Bridge, 2), (PodKind::Routed, 2)] {
+                let since = agent.log().len();
+                let pod = lab.add_pod(kind, index)?;
+                agent.wait_for_log(since, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
+                let since = agent.log().len();
+                let host_if = pod.host_if.clone();
+                drop(pod);
+                agent.wait_for_log(since, &format!("{host_if}: gone"), WAIT)?;
+            }
+            Ok(())
+        })();
+        let reached = traffic.join().expect("traffic thread panicked")??;
+        churn?;
+        Ok(reached)
+    });
+    let reached = outcome
+        .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+    let total: usize = reached.values().sum();
+    ensure!(total == 2 * FLOWS, "answers: {reached:?}");
+    for pod in pods {
+        ensure!(
+            reached.get(&pod.name).copied().unwrap_or(0) > FLOWS / 4,
+            "{} barely served: {reached:?}",
+            pod.name
+        );
+    }
+    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
+    ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
+    // The agent noticed the churn in its status too.
+    ensure!(agent.log().contains("xlb-vb2: gone"));
+    Ok(())
+}
+
+#[test]
+fn node_lab_pods_are_at_kernel_defaults() -> anyhow::Result<()> {
+    let lab = NodeLab::new()?;
+    for pod in &lab.pods {
+        let features = pod.netns.exec("ethtool", &["-k", "eth0"])?;
+        for expected in ["tx-checksumming: on", "generic-receive-offload: off"] {
+            ensure!(
+                features.contains(expected),
+                "{}: eth0 not at defaults ({expected} missing)",
+                pod.name
+            );
+        }
+        let link = pod.netns.ip(&["-d", "link", "show", "eth0"])?;
+        ensure!(!link.contains("xdp"), "{}: eth0 has XDP: {link}", pod.name);
+    }
+    Ok(())
+}
