@@ -40,7 +40,7 @@ mod prog {
     };
     use aya_log_ebpf::debug;
     use lb_common::{
-        Flow, FlowKey, IPPROTO_TCP, Reason,
+        Flow, FlowKey, GlobalConfig, IPPROTO_TCP, Reason,
         flow::FLOW_DIR_REPLY,
         hash::flow_hash,
         reason::Verdict,
@@ -67,12 +67,13 @@ mod prog {
         XLB_DEBUG.load() != 0
     }
 
+    /// The entry point only parses and dispatches; each path (new flow,
+    /// known flow, ICMP error, later fragment) is a BPF function of its own
+    /// (`#[inline(never)]`), so only one path's locals are on the stack at a
+    /// time: the verifier allows 512 bytes for the whole call chain.
     #[xdp]
     pub fn xlb(ctx: XdpContext) -> u32 {
-        let (action, reason) = match try_xlb(&ctx) {
-            Ok(done) => done,
-            Err(reason) => (action_for(reason), reason),
-        };
+        let (action, reason) = unpack(dispatch(&ctx));
         count(reason);
         if debug_logs() {
             debug!(&ctx, "verdict {} action {}", reason as u32, action);
@@ -89,46 +90,119 @@ mod prog {
         }
     }
 
+    /// A path's outcome in one register (a BPF function returns one):
+    /// the XDP action in the high half, the reason in the low half.
     #[inline(always)]
-    fn try_xlb(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
-        let cfg = match XLB_CONFIG.get(0) {
-            Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => *cfg,
-            _ => return Err(Reason::PassNotReady),
+    fn pack(result: Result<(u32, Reason), Reason>) -> u64 {
+        let (action, reason) = match result {
+            Ok(done) => done,
+            Err(reason) => (action_for(reason), reason),
         };
+        (u64::from(action) << 32) | reason as u64
+    }
+
+    #[inline(always)]
+    fn unpack(packed: u64) -> (u32, Reason) {
+        let reason = Reason::from_index(packed as u32).unwrap_or(Reason::PassMalformed);
+        ((packed >> 32) as u32, reason)
+    }
+
+    /// The configuration the agent wrote, by reference into its map (never
+    /// copied onto the stack).
+    #[inline(always)]
+    fn config() -> Result<&'static GlobalConfig, Reason> {
+        match XLB_CONFIG.get(0) {
+            Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => Ok(cfg),
+            _ => Err(Reason::PassNotReady),
+        }
+    }
+
+    /// `known_flow_path`'s answer for a packet of no live flow.
+    const NO_FLOW: u64 = u64::MAX;
+
+    #[inline(always)]
+    fn dispatch(ctx: &XdpContext) -> u64 {
+        if let Err(reason) = config() {
+            return pack(Err(reason));
+        }
         // SAFETY: no preconditions. The coarse clock (tick resolution) is
         // plenty for idle timeouts and costs a fraction of the precise one.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         let packet = match parse::parse(ctx) {
             Ok(packet) => packet,
             // ICMP errors and later fragments of flows are related packets.
-            Err(Reason::PassNotTcpUdp) => return icmp::translate(ctx, &cfg, now),
-            Err(Reason::PassFragment) => return frag::follow(ctx, &cfg, now),
-            Err(reason) => return Err(reason),
+            Err(Reason::PassNotTcpUdp) => return icmp_path(ctx, now),
+            Err(Reason::PassFragment) => return frag_path(ctx, now),
+            Err(reason) => return pack(Err(reason)),
         };
-        let key = flow_key(&packet);
+        let known = known_flow_path(ctx, &packet, now);
+        if known != NO_FLOW {
+            return known;
+        }
+        new_flow_path(ctx, &packet, now)
+    }
+
+    /// A packet of a live flow goes on as the flow says; otherwise
+    /// `NO_FLOW` (also for a closed flow's tuple reused by a new SYN, or a
+    /// flow whose backend is gone: those choose again, as a new flow).
+    #[inline(never)]
+    fn known_flow_path(ctx: &XdpContext, packet: &Packet, now: u64) -> u64 {
+        let cfg = match config() {
+            Ok(cfg) => cfg,
+            Err(reason) => return pack(Err(reason)),
+        };
+        let key = flow_key(packet);
         if packet.ip.first_fragment() {
-            frag::remember(&packet, &key, now);
+            frag::remember(packet, &key, now);
         }
+        let Some(entry) = conntrack::lookup(&key, cfg, now) else {
+            return NO_FLOW;
+        };
+        // SAFETY: valid map value pointer for this run.
+        let flow = unsafe { &*entry };
         let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-
-        if let Some(flow) = conntrack::lookup(&key, &cfg, now) {
-            // SAFETY: valid map value pointer for this run.
-            let current = unsafe { *flow };
-            let reply = current.direction == FLOW_DIR_REPLY;
-            let restart = syn && conntrack::is_closed(&current);
-            if reply || (!restart && select::backend_still_serves(&current)) {
-                let recheck = conntrack::track(flow, key.proto, packet.l4.tcp_flags, now);
-                let reason = if reply {
-                    Reason::FwdReply
-                } else {
-                    Reason::FwdEstablished
-                };
-                return forward(ctx, &packet, flow, &current, recheck, reason);
-            }
-            // A closed flow's tuple reused by a new SYN, or a flow whose
-            // backend is gone: choose again, as for a new flow.
+        let reply = flow.direction == FLOW_DIR_REPLY;
+        let restart = syn && conntrack::is_closed(flow);
+        if !reply && (restart || !select::backend_still_serves(flow)) {
+            return NO_FLOW;
         }
+        let recheck = conntrack::track(entry, key.proto, packet.l4.tcp_flags, now);
+        let reason = if reply {
+            Reason::FwdReply
+        } else {
+            Reason::FwdEstablished
+        };
+        pack(forward(ctx, packet, entry, flow, recheck, reason))
+    }
 
+    #[inline(never)]
+    fn new_flow_path(ctx: &XdpContext, packet: &Packet, now: u64) -> u64 {
+        let key = flow_key(packet);
+        let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        pack(config().and_then(|cfg| new_flow(ctx, packet, &key, cfg, syn, now)))
+    }
+
+    #[inline(never)]
+    fn icmp_path(ctx: &XdpContext, now: u64) -> u64 {
+        pack(config().and_then(|cfg| icmp::translate(ctx, cfg, now)))
+    }
+
+    #[inline(never)]
+    fn frag_path(ctx: &XdpContext, now: u64) -> u64 {
+        pack(config().and_then(|cfg| frag::follow(ctx, cfg, now)))
+    }
+
+    /// The first packet of a flow: find its service, choose a backend,
+    /// record the flow, rewrite, send.
+    #[inline(always)]
+    fn new_flow(
+        ctx: &XdpContext,
+        packet: &Packet,
+        key: &FlowKey,
+        cfg: &GlobalConfig,
+        syn: bool,
+        now: u64,
+    ) -> Result<(u32, Reason), Reason> {
         let service = lookup::service_for(key.dst_addr_be, key.dst_port_be, key.proto)
             .ok_or(Reason::PassNotService)?;
         if !lookup::source_allowed(&service, key.src_addr_be) {
@@ -137,23 +211,23 @@ mod prog {
         if key.proto == IPPROTO_TCP && !syn {
             return Err(Reason::PassTcpNoFlow);
         }
-        let hash = flow_hash(&key, cfg.hash_seed);
+        let hash = flow_hash(key, cfg.hash_seed);
         let Some((backend_id, backend)) =
             select::backend_for_client(&service, key.src_addr_be, hash, now)
         else {
             if service.flags & SERVICE_F_DROP_IF_EMPTY != 0 {
                 return Err(Reason::DropNoBackend);
             }
-            return reject::reject(ctx, &packet);
+            return reject::reject(ctx, packet);
         };
-        check_ttl(&packet)?;
+        check_ttl(packet)?;
         let (hop, masquerade_addr) = fib::hop_to_backend(
             ctx,
             backend_id,
             &backend,
             key.src_addr_be,
             key.proto,
-            tot_len(&packet),
+            tot_len(packet),
             now,
         )?;
         let masquerade_addr_be = if service.flags & SERVICE_F_MASQUERADE == 0 {
@@ -172,7 +246,7 @@ mod prog {
             syn,
             hop,
         };
-        let flow = conntrack::create(&key, &new, &cfg, now)?;
+        let flow = conntrack::create(key, &new, cfg, now)?;
         if debug_logs() {
             debug!(
                 ctx,
@@ -187,10 +261,10 @@ mod prog {
                 u16::from_be(flow.new_dst_port_be)
             );
         }
-        if let Err(verdict) = mtu::check(ctx, &packet, &hop) {
+        if let Err(verdict) = mtu::check(ctx, packet, &hop) {
             return verdict;
         }
-        nat::rewrite(&packet, &flow);
+        nat::rewrite(packet, &flow);
         count_traffic(service.id, backend_id, false, frame_len(ctx));
         let (action, path) = fib::send(ctx, packet.eth, &hop)?;
         count_path(backend_id, false, path);
