@@ -50,7 +50,7 @@ mod prog {
     use crate::{
         conntrack::{self, NewFlow},
         fib, frag, icmp, lookup,
-        maps::{XLB_CONFIG, count, count_path, count_traffic},
+        maps::{XLB_CONFIG, XLB_FLOWS, count, count_path, count_traffic},
         mtu, nat,
         parse::{self, Packet, TCP_ACK, TCP_SYN},
         reject, select,
@@ -119,6 +119,8 @@ mod prog {
 
     /// `known_flow_path`'s answer for a packet of no live flow.
     const NO_FLOW: u64 = u64::MAX;
+    /// `open_flow_path`'s answer once the new flow is recorded.
+    const OPENED: u64 = u64::MAX - 1;
 
     #[inline(always)]
     fn dispatch(ctx: &XdpContext) -> u64 {
@@ -139,7 +141,11 @@ mod prog {
         if known != NO_FLOW {
             return known;
         }
-        new_flow_path(ctx, &packet, now)
+        let opened = open_flow_path(ctx, &packet, now);
+        if opened != OPENED {
+            return opened;
+        }
+        new_flow_send_path(ctx, &packet)
     }
 
     /// A packet of a live flow goes on as the flow says; otherwise
@@ -176,13 +182,6 @@ mod prog {
     }
 
     #[inline(never)]
-    fn new_flow_path(ctx: &XdpContext, packet: &Packet, now: u64) -> u64 {
-        let key = flow_key(packet);
-        let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        pack(config().and_then(|cfg| new_flow(ctx, packet, &key, cfg, syn, now)))
-    }
-
-    #[inline(never)]
     fn icmp_path(ctx: &XdpContext, now: u64) -> u64 {
         pack(config().and_then(|cfg| icmp::translate(ctx, cfg, now)))
     }
@@ -192,35 +191,68 @@ mod prog {
         pack(config().and_then(|cfg| frag::follow(ctx, cfg, now)))
     }
 
-    /// The first packet of a flow: find its service, choose a backend,
-    /// record the flow, rewrite, send.
+    /// The first packet of a flow, part one: find its service, choose a
+    /// backend and record the flow (its next hop cached in the entry), or
+    /// answer with the verdict. Part two (`new_flow_send_path`) is a BPF
+    /// function of its own so that the MTU check's frame is not stacked on
+    /// this one's.
+    #[inline(never)]
+    fn open_flow_path(ctx: &XdpContext, packet: &Packet, now: u64) -> u64 {
+        let key = flow_key(packet);
+        let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let opened = match config() {
+            Ok(cfg) => open_flow(ctx, packet, &key, cfg, syn, now),
+            Err(reason) => Err(Err(reason)),
+        };
+        match opened {
+            Ok(()) => OPENED,
+            Err(verdict) => pack(verdict),
+        }
+    }
+
+    /// The first packet of a flow, part two: sent as the entry just
+    /// recorded says, to the next hop cached in it.
+    #[inline(never)]
+    fn new_flow_send_path(ctx: &XdpContext, packet: &Packet) -> u64 {
+        let key = flow_key(packet);
+        // Just inserted; gone only if the LRU evicted it already.
+        let Some(entry) = XLB_FLOWS.get_ptr_mut(&key) else {
+            return pack(Err(Reason::DropFlowInsert));
+        };
+        // SAFETY: valid map value pointer for this run.
+        let flow = unsafe { &*entry };
+        pack(forward(ctx, packet, entry, flow, false, Reason::FwdNewFlow))
+    }
+
+    /// Service, backend, masquerade address and next hop of a new flow,
+    /// recorded in conntrack; `Err` carries the packet's verdict.
     #[inline(always)]
-    fn new_flow(
+    fn open_flow(
         ctx: &XdpContext,
         packet: &Packet,
         key: &FlowKey,
         cfg: &GlobalConfig,
         syn: bool,
         now: u64,
-    ) -> Result<(u32, Reason), Reason> {
+    ) -> Result<(), Result<(u32, Reason), Reason>> {
         let service = lookup::service_for(key.dst_addr_be, key.dst_port_be, key.proto)
-            .ok_or(Reason::PassNotService)?;
+            .ok_or(Err(Reason::PassNotService))?;
         if !lookup::source_allowed(&service, key.src_addr_be) {
-            return Err(Reason::DropSourceRange);
+            return Err(Err(Reason::DropSourceRange));
         }
         if key.proto == IPPROTO_TCP && !syn {
-            return Err(Reason::PassTcpNoFlow);
+            return Err(Err(Reason::PassTcpNoFlow));
         }
         let hash = flow_hash(key, cfg.hash_seed);
         let Some((backend_id, backend)) =
             select::backend_for_client(&service, key.src_addr_be, hash, now)
         else {
             if service.flags & SERVICE_F_DROP_IF_EMPTY != 0 {
-                return Err(Reason::DropNoBackend);
+                return Err(Err(Reason::DropNoBackend));
             }
-            return reject::reject(ctx, packet);
+            return Err(reject::reject(ctx, packet));
         };
-        check_ttl(packet)?;
+        check_ttl(packet).map_err(Err)?;
         let (hop, masquerade_addr) = fib::hop_to_backend(
             ctx,
             backend_id,
@@ -229,14 +261,15 @@ mod prog {
             key.proto,
             tot_len(packet),
             now,
-        )?;
+        )
+        .map_err(Err)?;
         let masquerade_addr_be = if service.flags & SERVICE_F_MASQUERADE == 0 {
             None
         } else if masquerade_addr != 0 {
             Some(masquerade_addr)
         } else {
             // No address on the way to the backend: nothing to masquerade as.
-            return Err(Reason::PassFibFailed);
+            return Err(Err(Reason::PassFibFailed));
         };
         let new = NewFlow {
             service_id: service.id,
@@ -246,7 +279,7 @@ mod prog {
             syn,
             hop,
         };
-        let flow = conntrack::create(key, &new, cfg, now)?;
+        let flow = conntrack::create(key, &new, cfg, now).map_err(Err)?;
         if debug_logs() {
             debug!(
                 ctx,
@@ -261,14 +294,7 @@ mod prog {
                 u16::from_be(flow.new_dst_port_be)
             );
         }
-        if let Err(verdict) = mtu::check(ctx, packet, &hop) {
-            return verdict;
-        }
-        nat::rewrite(packet, &flow);
-        count_traffic(service.id, backend_id, false, frame_len(ctx));
-        let (action, path) = fib::send(ctx, packet.eth, &hop)?;
-        count_path(backend_id, false, path);
-        Ok((action, Reason::FwdNewFlow))
+        Ok(())
     }
 
     /// Sends a packet of a known flow on, rewritten as the flow says, to the
