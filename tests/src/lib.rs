@@ -18,6 +18,7 @@ pub mod bpffs;
 pub mod client;
 mod cmd;
 mod error;
+pub mod image;
 pub mod lab;
 pub mod netns;
 #[cfg(feature = "datapath")]

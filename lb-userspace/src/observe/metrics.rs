@@ -89,6 +89,8 @@ pub struct AgentMetrics {
     pub source_errors: BTreeMap<String, u64>,
     /// (interface, mode) of every attachment.
     pub interfaces: Vec<(String, String)>,
+    /// Interfaces the applied config names that XDP is not attached to.
+    pub detached: Vec<String>,
     pub conntrack_capacity: u32,
 }
 
@@ -206,10 +208,16 @@ fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
                 1.0,
             )
         })
+        .chain(agent.detached.iter().map(|interface| {
+            (
+                vec![("interface", interface.clone()), ("mode", String::new())],
+                0.0,
+            )
+        }))
         .collect();
     out.gauge(
         "xlb_interface_xdp_attached",
-        "Interfaces the XDP program is attached to, with the mode (native or generic).",
+        "1 for each interface the XDP program is attached to, with the mode (native or generic); 0 for an interface the config names that has none.",
         &interfaces,
     );
     out.gauge(
@@ -491,6 +499,7 @@ mod tests {
             reconcile_seconds: seconds,
             source_errors: [(String::from("file"), 1)].into_iter().collect(),
             interfaces: vec![(String::from("xlb-c"), String::from("native"))],
+            detached: vec![String::from("xlb-d")],
             conntrack_capacity: 1 << 20,
         }
     }
@@ -550,6 +559,7 @@ mod tests {
             "xlb_reconcile_duration_seconds_bucket{le=\"+Inf\"} 3\n",
             "xlb_reconcile_duration_seconds_count 3\n",
             "xlb_interface_xdp_attached{interface=\"xlb-c\",mode=\"native\"} 1\n",
+            "xlb_interface_xdp_attached{interface=\"xlb-d\",mode=\"\"} 0\n",
             "xlb_conntrack_entries_limit 1048576\n",
             "xlb_datapath_readable 0\n",
             "# TYPE xlb_reconcile_duration_seconds histogram\n",
