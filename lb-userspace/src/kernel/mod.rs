@@ -4,6 +4,7 @@
 //! module with aya and `unsafe`.
 
 pub mod conntrack;
+pub mod explain;
 pub mod host;
 pub mod maps;
 pub mod neigh;

@@ -298,7 +298,7 @@ impl DatapathMaps {
         &self,
         limit: usize,
         deadline: Instant,
-        mut keep: impl FnMut(&Flow) -> bool,
+        mut keep: impl FnMut(&FlowKey, &Flow) -> bool,
     ) -> FlowWalk {
         let mut walk = FlowWalk {
             complete: true,
@@ -321,7 +321,7 @@ impl DatapathMaps {
             let Ok(flow) = self.flows.get(&key, 0) else {
                 continue; // Closed or evicted meanwhile.
             };
-            if flow.direction != FLOW_DIR_ORIGINAL || !keep(&flow) {
+            if flow.direction != FLOW_DIR_ORIGINAL || !keep(&key, &flow) {
                 continue;
             }
             walk.matched += 1;
