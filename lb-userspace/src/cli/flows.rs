@@ -406,6 +406,17 @@ mod tests {
     }
 
     #[test]
+    fn endpoints_take_an_optional_port() {
+        let with_port: Endpoint = "198.18.1.2:3333".parse().unwrap();
+        assert!(with_port.matches(be([198, 18, 1, 2]), 3333u16.to_be()));
+        assert!(!with_port.matches(be([198, 18, 1, 2]), 3334u16.to_be()));
+        let any_port: Endpoint = "198.18.1.2".parse().unwrap();
+        assert!(any_port.matches(be([198, 18, 1, 2]), 1u16.to_be()));
+        assert!(!any_port.matches(be([198, 18, 1, 3]), 1u16.to_be()));
+        assert!("backend-1".parse::<Endpoint>().is_err());
+    }
+
+    #[test]
     fn tcp_states() {
         let name = |state| state_name(&entry(IPPROTO_TCP, 0).key, &entry(IPPROTO_TCP, state).flow);
         assert_eq!(name(0), "syn_sent");
