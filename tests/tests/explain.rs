@@ -79,27 +79,36 @@ fn flow_entries(lab: &Lab, bpffs: &std::path::Path) -> anyhow::Result<u64> {
 }
 
 /// Sends the real packets: a WHO datagram from each UDP tuple, a WHO over a
-/// connection from each TCP tuple; returns who answered.
-fn send_all(lab: &Lab, questions: &[Question]) -> anyhow::Result<Vec<Who>> {
+/// connection from each TCP tuple; returns who answered, and the TCP
+/// connections, kept open so their flows stay established (a closed flow
+/// is swept after its short timeout).
+fn send_all(lab: &Lab, questions: &[Question]) -> anyhow::Result<(Vec<Who>, Vec<TcpStream>)> {
     let questions = questions.to_vec();
-    lab.client.run(move || -> anyhow::Result<Vec<Who>> {
-        questions
-            .iter()
-            .map(|question| match question.protocol {
-                Protocol::Udp => {
-                    let socket = UdpSocket::bind(question.source)?;
-                    socket.set_read_timeout(Some(IO_TIMEOUT))?;
-                    Ok(udp_who(&socket, SocketAddr::V4(question.destination))?.0)
+    lab.client
+        .run(move || -> anyhow::Result<(Vec<Who>, Vec<TcpStream>)> {
+            let mut whos = Vec::new();
+            let mut open = Vec::new();
+            for question in &questions {
+                match question.protocol {
+                    Protocol::Udp => {
+                        let socket = UdpSocket::bind(question.source)?;
+                        socket.set_read_timeout(Some(IO_TIMEOUT))?;
+                        whos.push(udp_who(&socket, SocketAddr::V4(question.destination))?.0);
+                    }
+                    Protocol::Tcp => {
+                        let (who, stream) = tcp_who_from(question.source, question.destination)?;
+                        whos.push(who);
+                        open.push(stream);
+                    }
                 }
-                Protocol::Tcp => tcp_who_from(question.source, question.destination),
-            })
-            .collect()
-    })?
+            }
+            Ok((whos, open))
+        })?
 }
 
 /// A TCP connection from exactly `source` (bound before connecting, which
 /// std cannot do: hence libc here).
-fn tcp_who_from(source: SocketAddrV4, target: SocketAddrV4) -> anyhow::Result<Who> {
+fn tcp_who_from(source: SocketAddrV4, target: SocketAddrV4) -> anyhow::Result<(Who, TcpStream)> {
     use std::io::{BufRead as _, BufReader, Write as _};
     use std::os::fd::{FromRawFd as _, IntoRawFd as _};
     let socket = socket_bound_to(source)?;
@@ -110,7 +119,7 @@ fn tcp_who_from(source: SocketAddrV4, target: SocketAddrV4) -> anyhow::Result<Wh
     (&stream).write_all(b"WHO\n")?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
-    line.trim().parse()
+    Ok((line.trim().parse()?, stream))
 }
 
 fn socket_bound_to(source: SocketAddrV4) -> anyhow::Result<std::os::fd::OwnedFd> {
@@ -255,7 +264,7 @@ fn explain_agrees_with_the_datapath_on_1000_random_tuples() -> anyhow::Result<()
     );
 
     // The real packets.
-    let answers = send_all(&lab, &questions)?;
+    let (answers, connections) = send_all(&lab, &questions)?;
     let mut agree = 0;
     for ((question, explanation), who) in questions.iter().zip(&predicted).zip(&answers) {
         let predicted = explanation.backend.as_ref().map(|b| b.address);
@@ -282,6 +291,8 @@ fn explain_agrees_with_the_datapath_on_1000_random_tuples() -> anyhow::Result<()
             "{question:?}: backend changed"
         );
     }
+
+    drop(connections);
 
     // The CLI, once: a port no service has.
     let output = lab
