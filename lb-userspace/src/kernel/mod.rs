@@ -80,7 +80,9 @@ impl fmt::Display for Attached {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("cannot load the XDP object (are you root, or do you have CAP_BPF and CAP_NET_ADMIN?)")]
+    #[error(
+        "cannot load the XDP object (are you root, or do you have CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON? In a container, its seccomp profile must also allow bpf(): README, Permissions)"
+    )]
     Load {
         #[source]
         source: EbpfError,
