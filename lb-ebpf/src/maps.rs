@@ -9,8 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
     IcmpLimit, NodeAddr, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange, Traffic,
-    maps as size,
-    reason::REASON_COUNT,
+    maps as size, reason::REASON_COUNT,
 };
 
 #[map]
