@@ -42,11 +42,16 @@ enum Command {
     /// XDP redirect, on a netns lab; then a sweep over the number of
     /// Services. Needs root.
     Lab(lab::Options),
+    /// The agent under 10,000 Services / 100,000 backends: apply time by
+    /// SIGHUP and from the Kubernetes source, /healthz latency throughout,
+    /// resident memory. Needs root.
+    Scale(lab::scale::Options),
 }
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
     match Cli::parse().command {
         Command::Lab(options) => lab::main(&options),
+        Command::Scale(options) => lab::scale::main(&options),
         Command::Micro {
             json,
             rounds,

@@ -18,11 +18,11 @@ use crate::error_chain;
 use crate::kernel::maps::{MapIoError, format_stats, global_config};
 use crate::kernel::{
     self, AttachMode, DEFAULT_BPFFS, Datapath, FlowTable, KernelError, KernelMaps, Loaded,
-    MapSizes, Neighbours, PinDir, Stats, host,
+    MapSizes, NeighbourWorker, PinDir, Stats, host,
 };
 use crate::model::DesiredState;
-use crate::observe::{self, Observe, ObserveError};
-use crate::reconcile::{self, Applied, ApplyError, Capacity, Desired, PlanError};
+use crate::observe::{self, Observe, ObserveError, Steps};
+use crate::reconcile::{self, Applied, ApplyError, Capacity, Desired, PlanError, RefusedFrontend};
 use crate::source::kube::{ClusterSource, SourceError, SourceOptions, next_change};
 use crate::source::yaml::{self, ConfigError, LoadedConfig, Overrides};
 
@@ -296,7 +296,13 @@ struct Agent {
     maps: KernelMaps,
     capacity: Capacity,
     sizes: MapSizes,
-    neighbours: Neighbours,
+    neighbours: NeighbourWorker,
+    /// What the agent is busy with, for /readyz.
+    steps: Steps,
+    /// Frontends refused for being node addresses, as last reported.
+    refused: Vec<RefusedFrontend>,
+    /// Cluster services that did not fit the maps, as last reported.
+    skipped: Vec<String>,
     datapath: Datapath,
     flows: FlowTable,
     stats: Stats,
@@ -384,7 +390,13 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         maps,
         capacity,
         sizes,
-        neighbours: Neighbours::default(),
+        neighbours: {
+            let steps = observe.steps();
+            NeighbourWorker::start(move |busy| steps.set("neighbour resolution", busy))
+        },
+        steps: observe.steps(),
+        refused: Vec::new(),
+        skipped: Vec::new(),
         datapath,
         flows,
         stats,
@@ -518,7 +530,8 @@ impl Agent {
     /// Returns the number of ops written.
     fn reconcile(&mut self) -> Result<usize, AgentError> {
         let started = Instant::now();
-        let result = self.plan_and_apply();
+        let steps = self.steps.clone();
+        let result = steps.run("reconcile", || self.plan_and_apply());
         self.observe.reconciled(
             self.generation,
             result.as_ref().ok().copied(),
@@ -532,13 +545,29 @@ impl Agent {
     fn plan_and_apply(&mut self) -> Result<usize, AgentError> {
         let facts = host::node_facts().map_err(|source| AgentError::Host { source })?;
         let desired = Desired::new(&self.config.state, &facts);
+        if desired.refused != self.refused {
+            for refused in desired.refused.iter().filter(|r| !self.refused.contains(r)) {
+                warn!("{refused}");
+            }
+            self.refused.clone_from(&desired.refused);
+        }
         // Entries adopted from pinned maps carry no names yet.
         self.applied.adopt_names(&desired);
-        let ops = reconcile::diff(&self.applied, &desired, &self.capacity)
-            .map_err(|source| AgentError::Plan { source })?;
-        // Next hops first: a service entry must not lead to a backend whose
-        // MAC the FIB lookup cannot find. Only new (or failed) backends cost
-        // an iproute2 call.
+        // A file config that does not fit is the operator's to fix: it is
+        // rejected whole. A cluster's Services are not: those that fit are
+        // applied, the others skipped and reported.
+        let ops = if self.services.is_some() {
+            let fitted = reconcile::diff_fitting(&self.applied, &desired, &self.capacity)
+                .map_err(|source| AgentError::Plan { source })?;
+            self.report_skipped(fitted.skipped, fitted.why.as_ref());
+            fitted.ops
+        } else {
+            reconcile::diff(&self.applied, &desired, &self.capacity)
+                .map_err(|source| AgentError::Plan { source })?
+        };
+        // Next hops are made managed neighbours on the neighbour thread
+        // (only new or failed backends cost iproute2 work); the kernel
+        // resolves them in the background either way, so nothing here waits.
         let backends: BTreeSet<Ipv4Addr> = self
             .config
             .state
@@ -546,9 +575,7 @@ impl Agent {
             .iter()
             .flat_map(|service| service.backends.iter().map(|backend| backend.address))
             .collect();
-        for warning in self.neighbours.ensure(&backends) {
-            warn!("{warning}");
-        }
+        self.neighbours.ensure(backends);
         if ops.is_empty() {
             return Ok(0);
         }
@@ -561,6 +588,20 @@ impl Agent {
             }
         })?;
         Ok(ops.len())
+    }
+
+    /// Logs the services that changed from fitting to skipped, and counts
+    /// the skipped ones for /metrics and `xlb status`.
+    fn report_skipped(&mut self, skipped: Vec<String>, why: Option<&PlanError>) {
+        if skipped == self.skipped {
+            return;
+        }
+        for name in skipped.iter().filter(|name| !self.skipped.contains(name)) {
+            let why = why.map_or_else(String::new, |why| format!(": {why}"));
+            warn!("service {name} skipped: it does not fit the datapath's maps{why}");
+        }
+        self.observe.services_skipped(&skipped);
+        self.skipped = skipped;
     }
 
     fn stamp(&self) -> Option<(SystemTime, u64)> {
@@ -753,10 +794,11 @@ impl Agent {
             return;
         };
         let config = global_config(&settings);
-        match self
-            .flows
-            .collect_garbage(&config, host::monotonic_ns(), GC_BUDGET)
-        {
+        let flows = &mut self.flows;
+        let sweep = self.steps.run("conntrack sweep", || {
+            flows.collect_garbage(&config, host::monotonic_ns(), GC_BUDGET)
+        });
+        match sweep {
             Ok(pass) if pass.deleted > 0 => debug!(
                 "conntrack: {} idle entries deleted ({} visited)",
                 pass.deleted, pass.scanned

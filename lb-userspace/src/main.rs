@@ -158,7 +158,13 @@ fn main() -> ExitCode {
                     manifests.map(|path| SourceOptions::Manifests { path, node_name })
                 },
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
+            // The agent's loop runs on this thread and does blocking work
+            // (map writes, conntrack sweeps); /healthz, /readyz, /metrics
+            // and the health-check ports are tasks on the worker thread, so
+            // they answer while it does.
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("xlb-serve")
                 .enable_all()
                 .build()
             {

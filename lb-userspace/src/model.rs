@@ -37,6 +37,11 @@ pub struct DesiredState {
     pub conntrack: Conntrack,
     /// Slots per service in the selection table.
     pub table_size: u32,
+    /// Node addresses that services may use as load-balancer IPs or
+    /// externalIPs (`node.allowedFrontendAddresses`). A frontend on any
+    /// other address of the node is refused: it would take over the node's
+    /// own ports on that address (the CVE-2020-8554 class of hijack).
+    pub allowed_frontend_addresses: Vec<Ipv4Addr>,
     pub services: Vec<Service>,
 }
 
@@ -49,6 +54,7 @@ impl Default for DesiredState {
             masquerade_ports: DEFAULT_MASQUERADE_PORTS,
             conntrack: Conntrack::default(),
             table_size: DEFAULT_TABLE_SIZE,
+            allowed_frontend_addresses: Vec::new(),
             services: Vec::new(),
         }
     }

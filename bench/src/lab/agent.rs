@@ -53,6 +53,16 @@ pub struct Applied {
 impl Agent {
     /// Start the agent with `yaml` and wait until it has applied it.
     pub fn start(lab: &BenchLab, yaml: &str) -> anyhow::Result<Agent> {
+        Agent::start_with(lab, yaml, &[], START_TIMEOUT)
+    }
+
+    /// [`Agent::start`] with more `xlb run` arguments and a time limit.
+    pub fn start_with(
+        lab: &BenchLab,
+        yaml: &str,
+        extra_args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<Agent> {
         let bin = agent_bin()?;
         let config = lab.dir().join("xlb.yaml");
         write_atomically(&config, yaml)?;
@@ -63,6 +73,7 @@ impl Agent {
             .arg("run")
             .arg("--config")
             .arg(&config)
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -75,7 +86,7 @@ impl Agent {
             log,
             generation: 0,
         };
-        agent.wait_applied(1, START_TIMEOUT)?;
+        agent.wait_applied(1, timeout)?;
         Ok(agent)
     }
 
@@ -134,14 +145,22 @@ impl Agent {
 
     /// VmRSS in MiB.
     pub fn rss_mib(&self) -> anyhow::Result<f64> {
+        Ok(self.memory_mib()?.0)
+    }
+
+    /// (VmRSS, VmHWM: the peak) in MiB.
+    pub fn memory_mib(&self) -> anyhow::Result<(f64, f64)> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let kib: f64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .context("no VmRSS in /proc/PID/status")?;
-        Ok(kib / 1024.0)
+        let field = |name: &str| -> anyhow::Result<f64> {
+            let kib: f64 = status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("no {name} in /proc/PID/status"))?;
+            Ok(kib / 1024.0)
+        };
+        Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
 
     /// SIGTERM; returns the agent's `packet counters: ...` line.

@@ -17,6 +17,7 @@ mod kubeproxy;
 mod nginx;
 mod progs;
 mod report;
+pub mod scale;
 mod services;
 mod topology;
 mod traffic;

@@ -21,7 +21,7 @@ use crate::error_chain;
 
 pub use conntrack::{FlowTable, GcPass};
 pub use maps::{KernelMaps, MapIoError, OpenError, Stats};
-pub use neigh::Neighbours;
+pub use neigh::{NeighbourWorker, Neighbours};
 pub use pin::{DEFAULT_BPFFS, PinDir, PinError};
 
 /// The datapath object built by lb-userspace/build.rs.

@@ -4,12 +4,20 @@
 //! `ip neigh replace ... managed`), which every node has, in batch mode: one
 //! `ip` for all new backends' routes and one for their distinct next hops,
 //! however many backends a reconcile brings (spawning two per backend made
-//! 100,000 backends take five minutes).
+//! 100,000 backends take five minutes). `NeighbourWorker` runs all of it on
+//! a thread of its own, so a reconcile never waits for iproute2: managed
+//! neighbours resolve in the background anyway, and until one does the
+//! datapath counts `drop_no_neighbour` for that backend alone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, Receiver, Sender};
+
+/// Backends per `ip -batch` run: bounds one run's time and memory, and lets
+/// a newer request be noticed between chunks.
+const CHUNK: usize = 2_000;
 
 use serde::Deserialize;
 
@@ -49,15 +57,15 @@ impl Neighbours {
     pub fn ensure(&mut self, backends: &BTreeSet<Ipv4Addr>) -> Vec<String> {
         let mut warnings = Vec::new();
         let new: Vec<Ipv4Addr> = backends.difference(&self.done).copied().collect();
-        if !new.is_empty() {
-            match resolve(&new) {
+        for chunk in new.chunks(CHUNK) {
+            match resolve(chunk) {
                 Ok(outcomes) => {
                     for (backend, outcome) in outcomes {
                         self.record(backend, outcome, &mut warnings);
                     }
                 }
                 Err(error) => {
-                    for &backend in &new {
+                    for &backend in chunk {
                         self.record(backend, Err(error.to_string()), &mut warnings);
                     }
                 }
@@ -103,6 +111,67 @@ impl Neighbours {
     pub fn forget(&mut self) {
         self.done.clear();
         self.failed.clear();
+    }
+}
+
+/// What the agent asks of the neighbour thread.
+enum Request {
+    /// Make these backends' next hops managed neighbours.
+    Ensure(BTreeSet<Ipv4Addr>),
+    /// Redo every backend on the next `Ensure` (routes may have moved).
+    Forget,
+}
+
+/// `Neighbours` on a thread of its own. Requests queue up; the thread
+/// coalesces them (only the newest backend set matters) and reports
+/// failures in the log. While it works, `steps` shows it as running, so a
+/// stuck `ip` shows in `/readyz`.
+pub struct NeighbourWorker {
+    requests: Sender<Request>,
+}
+
+impl NeighbourWorker {
+    /// Starts the thread; `busy` is told when a pass starts and ends.
+    pub fn start(busy: impl Fn(bool) + Send + 'static) -> Self {
+        let (requests, queue) = mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name(String::from("xlb-neighbours"))
+            .spawn(move || serve(&queue, &busy));
+        if let Err(error) = spawned {
+            log::warn!("cannot start the neighbour thread ({error}); next hops resolve on demand");
+        }
+        Self { requests }
+    }
+
+    /// Queues `backends` (the whole current set); returns at once.
+    pub fn ensure(&self, backends: BTreeSet<Ipv4Addr>) {
+        let _ = self.requests.send(Request::Ensure(backends));
+    }
+
+    /// Queues a redo of every backend with the next `ensure`.
+    pub fn forget(&self) {
+        let _ = self.requests.send(Request::Forget);
+    }
+}
+
+fn serve(queue: &Receiver<Request>, busy: &dyn Fn(bool)) {
+    let mut neighbours = Neighbours::default();
+    while let Ok(first) = queue.recv() {
+        let mut wanted = None;
+        for request in std::iter::once(first).chain(queue.try_iter()) {
+            match request {
+                Request::Ensure(backends) => wanted = Some(backends),
+                Request::Forget => neighbours.forget(),
+            }
+        }
+        let Some(backends) = wanted else {
+            continue;
+        };
+        busy(true);
+        for warning in neighbours.ensure(&backends) {
+            log::warn!("{warning}");
+        }
+        busy(false);
     }
 }
 
@@ -160,23 +229,43 @@ fn resolve(backends: &[Ipv4Addr]) -> Result<Vec<(Ipv4Addr, Outcome)>, NeighbourE
 
 /// Runs `ip ARGS` with `input` on standard input; returns stdout and stderr
 /// whatever the exit status (with -force, failed lines are named on stderr).
+/// Standard input is written by a thread of its own while this one drains
+/// stdout and stderr: writing all of it first deadlocks once `ip`'s output
+/// fills its pipe (about 4,000 route lookups) while it waits for us to read.
 fn batch(args: &[&str], input: &str) -> Result<(String, String), NeighbourError> {
-    let command = format!("ip {}", args.join(" "));
+    run_with_input("ip", args, input)
+}
+
+/// `program ARGS < input`: stdout and stderr, whatever the exit status.
+fn run_with_input(
+    program: &str,
+    args: &[&str],
+    input: &str,
+) -> Result<(String, String), NeighbourError> {
+    let command = format!("{program} {}", args.join(" "));
     let spawn_failed = |source| NeighbourError::Spawn {
         command: command.clone(),
         source,
     };
-    let mut child = Command::new("ip")
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(spawn_failed)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(input.as_bytes()).map_err(spawn_failed)?;
-    }
+    let writer = child.stdin.take().map(|mut stdin| {
+        let input = input.to_owned();
+        // Dropping stdin at the end closes it: `ip` sees end of input.
+        std::thread::spawn(move || stdin.write_all(input.as_bytes()))
+    });
     let output = child.wait_with_output().map_err(spawn_failed)?;
+    if let Some(writer) = writer {
+        match writer.join() {
+            Ok(written) => written.map_err(spawn_failed)?,
+            Err(_) => return Err(spawn_failed(std::io::Error::other("stdin writer panicked"))),
+        }
+    }
     Ok((
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
@@ -379,6 +468,30 @@ mod tests {
             1,
             "one entry per next hop"
         );
+    }
+
+    /// More output than a pipe holds, while input is still being written:
+    /// writing all input before reading deadlocked here.
+    #[test]
+    fn big_batches_do_not_deadlock_on_full_pipes() {
+        let line = "route get 198.18.1.2 with some padding to fill the pipes\n";
+        let input = line.repeat(200_000);
+        let (stdout, stderr) = run_with_input("cat", &[], &input).expect("cat runs");
+        assert_eq!(stdout.len(), input.len());
+        assert!(stderr.is_empty());
+    }
+
+    #[test]
+    fn the_worker_coalesces_and_reports_busy() {
+        let (tx, rx) = mpsc::channel();
+        let worker = NeighbourWorker::start(move |busy| {
+            let _ = tx.send(busy);
+        });
+        // Loopback addresses are local: no iproute2 change is made.
+        worker.ensure(BTreeSet::from([Ipv4Addr::LOCALHOST]));
+        let timeout = std::time::Duration::from_secs(30);
+        assert_eq!(rx.recv_timeout(timeout), Ok(true));
+        assert_eq!(rx.recv_timeout(timeout), Ok(false));
     }
 
     #[test]

@@ -3,20 +3,47 @@
 //! request size, time and concurrency. Load balancers and Prometheus need no
 //! more, and a framework would be most of the agent's size.
 
+use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 /// Longest request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
-/// A client gets this long to send its request and read the answer.
+/// A client gets this long to send its request head...
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// ...and this long in all, answer included (a scrape walks conntrack).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once per listener; more wait in the backlog.
+/// Connections open at once per listener. At the limit, the connection that
+/// has waited longest without sending its request is closed to make room,
+/// so idle connections cannot starve the kubelet's probes.
 const MAX_CONNECTIONS: usize = 64;
+
+/// Connections that have not sent their request head yet, oldest first,
+/// each with the means to close it.
+#[derive(Default)]
+struct Waiting {
+    next_id: u64,
+    queue: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
+type SharedWaiting = Arc<Mutex<Waiting>>;
+
+fn lock(waiting: &SharedWaiting) -> std::sync::MutexGuard<'_, Waiting> {
+    waiting.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Forgets connection `id` (it sent its request, or it is gone).
+fn stop_waiting(waiting: &SharedWaiting, id: u64) {
+    lock(waiting)
+        .queue
+        .retain(|(waiting_id, _)| *waiting_id != id);
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
@@ -72,11 +99,9 @@ where
     H: Fn(Request) -> F + Clone + Send + 'static,
     F: Future<Output = Response> + Send,
 {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(AtomicUsize::new(0));
+    let waiting = SharedWaiting::default();
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
         let (stream, _) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
@@ -86,27 +111,60 @@ where
                 continue;
             }
         };
+        if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+            let oldest = lock(&waiting).queue.pop_front();
+            match oldest {
+                // Its task ends and releases its place at once.
+                Some((_, close)) => {
+                    let _ = close.send(());
+                }
+                // Every connection is being answered: this one waits no more.
+                None => continue,
+            }
+        }
+        open.fetch_add(1, Ordering::Relaxed);
+        let (close, closed) = oneshot::channel();
+        let id = {
+            let mut waiting = lock(&waiting);
+            waiting.next_id += 1;
+            let id = waiting.next_id;
+            waiting.queue.push_back((id, close));
+            id
+        };
         let handler = handler.clone();
+        let (open, waiting) = (Arc::clone(&open), Arc::clone(&waiting));
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(CLIENT_TIMEOUT, answer(stream, handler)).await;
-            drop(permit);
+            let mut stream = stream;
+            let served = async {
+                let head = tokio::select! {
+                    head = tokio::time::timeout(HEAD_TIMEOUT, read_request(&mut stream)) => {
+                        head.unwrap_or(Err(()))
+                    }
+                    _ = closed => Ok(None),
+                };
+                stop_waiting(&waiting, id);
+                answer(&mut stream, head, handler).await;
+            };
+            let _ = tokio::time::timeout(CLIENT_TIMEOUT, served).await;
+            stop_waiting(&waiting, id);
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
-async fn answer<H, F>(mut stream: TcpStream, handler: H)
+async fn answer<H, F>(stream: &mut TcpStream, head: Result<Option<Request>, ()>, handler: H)
 where
     H: Fn(Request) -> F,
     F: Future<Output = Response>,
 {
-    let response = match read_request(&mut stream).await {
+    let response = match head {
         Ok(Some(request)) if request.method == "GET" || request.method == "HEAD" => {
             let head_only = request.method == "HEAD";
             let mut response = handler(request).await;
             if head_only {
                 let length = response.body.len();
                 response.body.clear();
-                write_response(&mut stream, &response, length).await;
+                write_response(stream, &response, length).await;
                 return;
             }
             response
@@ -116,11 +174,11 @@ where
             response.headers.push(("Allow", String::from("GET, HEAD")));
             response
         }
-        Ok(None) => return, // Closed before sending a request.
+        Ok(None) => return, // Closed (or made room for another) before a request.
         Err(()) => Response::text(400, "bad request\n"),
     };
     let length = response.body.len();
-    write_response(&mut stream, &response, length).await;
+    write_response(stream, &response, length).await;
 }
 
 /// Reads the request head; `Ok(None)` if the client closed first.
@@ -264,6 +322,42 @@ mod tests {
             assert!(head.ends_with("\r\n\r\n"), "HEAD has no body: {head:?}");
             assert!(post.starts_with("HTTP/1.1 405 "), "{post}");
             assert!(junk.starts_with("HTTP/1.1 400 "), "{junk}");
+        });
+    }
+
+    /// Far more idle connections than the limit: a probe still gets its
+    /// answer at once (the idlest connections make room), not after the
+    /// idle ones time out.
+    #[test]
+    fn idle_connections_do_not_starve_probes() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let server = tokio::spawn(serve(listener, |_request: Request| async move {
+                Response::text(200, "ok\n")
+            }));
+            let probe = tokio::task::spawn_blocking(move || {
+                let idle: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS * 3)
+                    .map(|_| std::net::TcpStream::connect(address).unwrap())
+                    .collect();
+                let started = std::time::Instant::now();
+                let answer = get(address, "/healthz");
+                (answer, started.elapsed(), idle.len())
+            })
+            .await
+            .unwrap();
+            server.abort();
+            let (answer, took, idle) = probe;
+            assert_eq!(idle, MAX_CONNECTIONS * 3);
+            assert_eq!(answer.unwrap(), (200, String::from("ok\n")));
+            assert!(
+                took < HEAD_TIMEOUT,
+                "the probe waited {took:?}, as long as idle connections are kept"
+            );
         });
     }
 }

@@ -90,6 +90,8 @@ pub struct AgentMetrics {
     /// (interface, mode) of every attachment.
     pub interfaces: Vec<(String, String)>,
     pub conntrack_capacity: u32,
+    /// Cluster services left out because they do not fit the maps.
+    pub services_skipped: usize,
 }
 
 /// Successes and failures of something the agent does repeatedly.
@@ -216,6 +218,11 @@ fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
         "xlb_conntrack_entries_limit",
         "Capacity of the conntrack table (entries; a flow takes two).",
         &[(vec![], f64::from(agent.conntrack_capacity))],
+    );
+    out.gauge(
+        "xlb_services_skipped",
+        "Cluster services left out because they do not fit the datapath's maps (the log names them).",
+        &[(vec![], agent.services_skipped as f64)],
     );
 }
 
@@ -492,6 +499,7 @@ mod tests {
             source_errors: [(String::from("file"), 1)].into_iter().collect(),
             interfaces: vec![(String::from("xlb-c"), String::from("native"))],
             conntrack_capacity: 1 << 20,
+            services_skipped: 0,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod rundir;
+pub mod steps;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,6 +33,7 @@ use health::HealthServers;
 use http::{Request, Response};
 use metrics::{AgentMetrics, Histogram, Outcomes};
 use rundir::{CATALOG_FILE, Interface, PortRange, Reload, RunDirError, STATUS_FILE, Status};
+pub use steps::Steps;
 
 /// `--metrics-addr`'s default: loopback only.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9090";
@@ -179,6 +181,7 @@ impl Facts {
                 .map(|i| (i.name.clone(), i.mode.clone()))
                 .collect(),
             conntrack_capacity: self.status.conntrack_capacity,
+            services_skipped: self.status.skipped_services.len(),
         }
     }
 }
@@ -189,6 +192,8 @@ struct Shared {
     maps: Mutex<Option<Arc<DatapathMaps>>>,
     /// /readyz and healthCheckNodePorts' `serviceProxyHealthy`.
     ready: Arc<AtomicBool>,
+    /// What the agent is busy with, for /readyz.
+    steps: Steps,
 }
 
 impl Shared {
@@ -268,6 +273,7 @@ impl Observe {
             }),
             maps: Mutex::new(None),
             ready: Arc::clone(&ready),
+            steps: Steps::default(),
         });
         let server = match options.metrics_addr {
             Some(address) => {
@@ -288,6 +294,11 @@ impl Observe {
         let _ = std::fs::remove_file(observe.run_dir.join(CATALOG_FILE));
         observe.write_status()?;
         Ok(observe)
+    }
+
+    /// The agent's steps, which it marks as it runs them.
+    pub fn steps(&self) -> Steps {
+        self.shared.steps.clone()
     }
 
     /// The datapath is loaded: record its conntrack capacity and program.
@@ -438,6 +449,13 @@ impl Observe {
             .or_default() += 1;
     }
 
+    /// Cluster services that do not fit the maps (all of them, each time
+    /// the list changes).
+    pub fn services_skipped(&mut self, names: &[String]) {
+        self.shared.facts().status.skipped_services = names.to_vec();
+        self.write_status_or_warn();
+    }
+
     /// The agent is stopping: not ready any more, health checks stop.
     pub fn stopping(&mut self) {
         self.shared.facts().applied_once = false;
@@ -500,6 +518,15 @@ async fn handle(shared: Arc<Shared>, request: Request) -> Response {
         }
         "/healthz" => Response::text(200, "ok\n"),
         "/readyz" => {
+            if let Some((step, running)) = shared.steps.stuck(steps::STUCK_AFTER) {
+                return Response::text(
+                    503,
+                    format!(
+                        "not ready: {step} has been running for {} s\n",
+                        running.as_secs()
+                    ),
+                );
+            }
             let facts = shared.facts();
             if facts.status.ready {
                 Response::text(200, "ready\n")

@@ -49,6 +49,9 @@ pub struct Status {
     /// Where /metrics, /healthz and /readyz answer.
     pub metrics_addr: Option<String>,
     pub datapath_debug: bool,
+    /// Cluster services left out because they do not fit the maps.
+    #[serde(default)]
+    pub skipped_services: Vec<String>,
     /// Unix seconds of this write.
     pub updated_at: u64,
 }

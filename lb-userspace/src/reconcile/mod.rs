@@ -338,6 +338,30 @@ pub struct Desired {
     pub interface_addresses: BTreeMap<u32, Ipv4Addr>,
     pub settings: Settings,
     pub table_size: u32,
+    /// Frontends left out because they are addresses of this node.
+    pub refused: Vec<RefusedFrontend>,
+}
+
+/// A load-balancer IP or externalIP that is an address of this node and
+/// not in `node.allowedFrontendAddresses`: it is not written, so the
+/// service cannot take over the node's own ports there.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RefusedFrontend {
+    pub service: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+impl std::fmt::Display for RefusedFrontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "service {}: frontend {}:{} refused: {} is an address of this node, and a service \
+             there would take over the node's own port {}; list it in \
+             node.allowedFrontendAddresses if that is intended",
+            self.service, self.address, self.port, self.address, self.port
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -365,7 +389,13 @@ pub struct DesiredBackend {
 }
 
 impl DesiredService {
-    fn new(service: &Service) -> Self {
+    /// `hijacks(address)`: whether a frontend on `address` would take over
+    /// the node's own ports (such frontends go to `refused` instead).
+    fn new(
+        service: &Service,
+        hijacks: impl Fn(Ipv4Addr) -> bool,
+        refused: &mut Vec<RefusedFrontend>,
+    ) -> Self {
         let protocol = service.protocol;
         let local = service.external_traffic_policy == TrafficPolicy::Local;
         let mut flags = if local {
@@ -386,11 +416,18 @@ impl DesiredService {
         // As kube-proxy, ranges guard the load-balancer addresses and leave
         // the NodePort open; a service with nothing but a NodePort is
         // guarded there, or its ranges would mean nothing.
-        let exact: Vec<Frontend> = service
-            .frontends
-            .iter()
-            .map(|&address| Frontend::exact(protocol, address, service.port))
-            .collect();
+        let mut exact: Vec<Frontend> = Vec::with_capacity(service.frontends.len());
+        for &address in &service.frontends {
+            if hijacks(address) {
+                refused.push(RefusedFrontend {
+                    service: service.qualified_name(),
+                    address,
+                    port: service.port,
+                });
+            } else {
+                exact.push(Frontend::exact(protocol, address, service.port));
+            }
+        }
         let ranged = if source_ranges.is_empty() {
             0
         } else {
@@ -455,17 +492,40 @@ pub fn desired_backends(service: &Service) -> Vec<DesiredBackend> {
 }
 
 impl Desired {
+    /// The same node settings with no service.
+    fn clone_without_services(&self) -> Self {
+        Self {
+            services: Vec::new(),
+            node_addresses: self.node_addresses.clone(),
+            interface_addresses: self.interface_addresses.clone(),
+            settings: self.settings,
+            table_size: self.table_size,
+            refused: Vec::new(),
+        }
+    }
+
     pub fn new(state: &DesiredState, node: &NodeFacts) -> Self {
         let node_addresses = match &state.node_addresses {
             Some(listed) => listed.iter().copied().collect(),
             None => node.local_addresses.clone(),
         };
+        let hijacks = |address: Ipv4Addr| {
+            (address.is_loopback() || node.local_addresses.contains(&address))
+                && !state.allowed_frontend_addresses.contains(&address)
+        };
+        let mut refused = Vec::new();
+        let services = state
+            .services
+            .iter()
+            .map(|service| DesiredService::new(service, hijacks, &mut refused))
+            .collect();
         Self {
-            services: state.services.iter().map(DesiredService::new).collect(),
+            services,
             node_addresses,
             interface_addresses: node.interface_addresses.clone(),
             settings: Settings::from_state(state),
             table_size: state.table_size,
+            refused,
         }
     }
 }
@@ -678,6 +738,69 @@ pub fn diff(
     // phase interleaves them safely.
     ops.sort_by_key(MapOp::phase);
     Ok(ops)
+}
+
+/// What [`diff_fitting`] planned.
+#[derive(Debug)]
+pub struct Fitted {
+    pub ops: Vec<MapOp>,
+    /// Services left out (`namespace/name`), and why the whole did not fit.
+    pub skipped: Vec<String>,
+    pub why: Option<PlanError>,
+}
+
+/// [`diff`] for as much of `desired` as fits: when the whole does not, its
+/// services are taken in order (those already written first, so a new
+/// service cannot push out one that serves, then by name) and the longest
+/// run that fits is planned. An error only if not even the node's settings
+/// alone fit.
+pub fn diff_fitting(
+    applied: &Applied,
+    desired: &Desired,
+    capacity: &Capacity,
+) -> Result<Fitted, PlanError> {
+    let why = match diff(applied, desired, capacity) {
+        Ok(ops) => {
+            return Ok(Fitted {
+                ops,
+                skipped: Vec::new(),
+                why: None,
+            });
+        }
+        Err(error) => error,
+    };
+    let written: BTreeSet<&str> = applied
+        .services
+        .values()
+        .map(|service| service.name.as_str())
+        .collect();
+    let mut order: Vec<&DesiredService> = desired.services.iter().collect();
+    order.sort_by_key(|service| (!written.contains(service.name.as_str()), &service.name));
+    let part = |count: usize| Desired {
+        services: order[..count]
+            .iter()
+            .map(|&service| service.clone())
+            .collect(),
+        ..desired.clone_without_services()
+    };
+    // Fewer services never need more room: find the largest count that fits.
+    let (mut fits, mut fails) = (0, order.len());
+    let mut ops = diff(applied, &part(0), capacity)?;
+    while fails - fits > 1 {
+        let middle = fits + (fails - fits) / 2;
+        match diff(applied, &part(middle), capacity) {
+            Ok(planned) => (fits, ops) = (middle, planned),
+            Err(_) => fails = middle,
+        }
+    }
+    Ok(Fitted {
+        ops,
+        skipped: order[fits..]
+            .iter()
+            .map(|service| service.name.clone())
+            .collect(),
+        why: Some(why),
+    })
 }
 
 fn addresses(

@@ -36,6 +36,7 @@ fn state(services: Vec<Service>) -> DesiredState {
         conntrack: Conntrack::default(),
         table_size: TABLE,
         services,
+        ..DesiredState::default()
     }
 }
 
@@ -1069,4 +1070,97 @@ fn a_frontend_claimed_twice_belongs_to_the_first_service_and_converges() {
     ]));
     assert_eq!(lab.maps.services.len(), 1);
     assert_eq!(entry(&lab, tcp(30080)).id, lab.id_of("first"));
+}
+
+/// A load-balancer IP or externalIP that is an address of the node would
+/// take over the node's own port there: it is left out and reported,
+/// unless the config allows that address.
+#[test]
+fn frontends_on_node_addresses_are_refused_unless_allowed() {
+    let node_ip = Ipv4Addr::new(198, 18, 0, 1);
+    let outside = Ipv4Addr::new(198, 18, 9, 9);
+    let mut web = service("web", 30080, vec![backend(2, 1)]);
+    web.port = 22;
+    web.frontends = vec![node_ip, outside, Ipv4Addr::LOCALHOST];
+    let mut node = node();
+    node.local_addresses.insert(node_ip);
+    let desired = Desired::new(&state(vec![web.clone()]), &node);
+    let written: Vec<Frontend> = desired.services[0]
+        .frontends
+        .iter()
+        .map(|(frontend, _)| *frontend)
+        .collect();
+    assert!(written.contains(&Frontend::exact(Protocol::Tcp, outside, 22)));
+    assert!(!written.contains(&Frontend::exact(Protocol::Tcp, node_ip, 22)));
+    assert_eq!(
+        desired
+            .refused
+            .iter()
+            .map(|refused| refused.address)
+            .collect::<Vec<_>>(),
+        [node_ip, Ipv4Addr::LOCALHOST]
+    );
+    let message = desired.refused[0].to_string();
+    assert!(message.contains("default/web"), "{message}");
+    assert!(
+        message.contains("node.allowedFrontendAddresses"),
+        "{message}"
+    );
+
+    let allowed = DesiredState {
+        allowed_frontend_addresses: vec![node_ip],
+        ..state(vec![web])
+    };
+    let desired = Desired::new(&allowed, &node);
+    assert!(
+        desired.services[0]
+            .frontends
+            .iter()
+            .any(|(frontend, _)| *frontend == Frontend::exact(Protocol::Tcp, node_ip, 22))
+    );
+    assert_eq!(desired.refused.len(), 1, "loopback stays refused");
+}
+
+/// In Kubernetes mode one Service too many must not stop every later
+/// update: the services that fit are planned, those already serving first,
+/// and the rest are named as skipped.
+#[test]
+fn what_does_not_fit_is_skipped_not_everything() {
+    let mut lab = Harness::new();
+    // "zz-old" serves already; with the name order alone it would go last.
+    let old = service("zz-old", 30100, vec![backend(2, 1)]);
+    lab.reconcile(&state(vec![old.clone()]));
+    let mut services = vec![old];
+    services.extend((0..20u16).map(|index| {
+        service(
+            &format!("new-{index:02}"),
+            30000 + index,
+            vec![backend(3, 1)],
+        )
+    }));
+    let desired = Desired::new(&state(services), &node());
+    assert!(
+        diff(&lab.applied, &desired, &capacity()).is_err(),
+        "the whole does not fit"
+    );
+    let Fitted { ops, skipped, why } = match diff_fitting(&lab.applied, &desired, &capacity()) {
+        Ok(planned) => planned,
+        Err(error) => panic!("{error}"),
+    };
+    assert!(why.is_some());
+    assert!(!skipped.is_empty() && skipped.len() < 20, "{skipped:?}");
+    assert!(!skipped.contains(&String::from("default/zz-old")));
+    // Those that fit are the first by name; the skipped ones the last.
+    assert_eq!(skipped.last().map(String::as_str), Some("default/new-19"));
+    if let Err(error) = apply(&mut lab.maps, &mut lab.applied, &ops) {
+        panic!("{error}");
+    }
+    let names: BTreeSet<&str> = lab
+        .applied
+        .services
+        .values()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names.len(), 21 - skipped.len());
+    assert!(names.contains("default/zz-old") && names.contains("default/new-00"));
 }

@@ -19,7 +19,17 @@ pub struct Position {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Locations {
     values: HashMap<String, Position>,
+    /// Where the first alias (`*name`) is, if the text has one.
+    first_alias: Option<Position>,
 }
+
+/// What the config readers say about a YAML alias: aliases are refused
+/// before serde_yaml sees the text, because each one copies its anchored
+/// node again and a few hundred lines of them expand to gigabytes.
+pub const ALIAS_MESSAGE: &str =
+    "YAML aliases (*name) are not accepted: each one copies its anchored node again";
+pub const ALIAS_FIX: &str =
+    "write the value out in full where the alias stands (generate the file if it is repetitive)";
 
 impl Locations {
     /// Indexes `text`. A document this parser rejects yields an empty index
@@ -32,7 +42,21 @@ impl Locations {
         }
         Self {
             values: indexer.values,
+            first_alias: indexer.first_alias,
         }
+    }
+
+    /// Where the text's first alias (`*name`) is, if it has one. Found in
+    /// one pass over the events, without expanding anything.
+    pub fn first_alias(&self) -> Option<Position> {
+        self.first_alias
+    }
+
+    /// Keeps only the positions of fields for which `keep` is true (a
+    /// validated config keeps those later findings may point at).
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.values.retain(|path, _| keep(path));
+        self.values.shrink_to_fit();
     }
 
     /// Position of `path`, or of its nearest ancestor that is in the text
@@ -83,6 +107,7 @@ struct Indexer {
     values: HashMap<String, Position>,
     /// Key positions, used for values that have no text of their own.
     keys: HashMap<String, Position>,
+    first_alias: Option<Position>,
 }
 
 fn join(parent: &str, key: &str) -> String {
@@ -141,6 +166,9 @@ impl MarkedEventReceiver for Indexer {
             line: mark.line(),
             column: mark.col() + 1,
         };
+        if matches!(event, Event::Alias(..)) && self.first_alias.is_none() {
+            self.first_alias = Some(position);
+        }
         match &event {
             Event::Scalar(..) | Event::Alias(..) => {
                 if let Some(path) = self.place(&event, position) {
@@ -227,6 +255,24 @@ services:
     fn empty_value_points_at_its_key() {
         let locations = Locations::index(DOC);
         assert_eq!(locations.find("services[1].empty"), at(12, 5));
+    }
+
+    #[test]
+    fn aliases_are_found_without_expanding_them() {
+        assert_eq!(Locations::index(DOC).first_alias(), None);
+        let anchored = "a: &x [1, 2]\nb: 3\nc: *x\n";
+        assert_eq!(Locations::index(anchored).first_alias(), Some(at(3, 4)));
+        // The classic bomb: nine levels of ten aliases each is 10^9 nodes
+        // when expanded; the index reads it as the few hundred events it is.
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..10 {
+            let previous = format!("*a{}", level - 1);
+            let list = [previous.as_str(); 10].join(", ");
+            bomb.push_str(&format!("a{level}: &a{level} [{list}]\n"));
+        }
+        let started = std::time::Instant::now();
+        assert_eq!(Locations::index(&bomb).first_alias(), Some(at(2, 10)));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use super::kube::{ClusterSnapshot, ObjectKey, SERVICE_NAME_LABEL, key_of};
-use super::locate::Locations;
+use super::locate::{self, Locations};
 
 /// Names manifests read from standard input in messages.
 pub const STDIN_ORIGIN: &str = "<stdin>";
@@ -325,6 +325,19 @@ impl Checker {
             prefix: String::new(),
             object: None,
         };
+        if let Some(position) = locations.first_alias() {
+            self.problems.push(ManifestProblem {
+                origin: origin.to_owned(),
+                document: document.index,
+                line: position.line + document.line_offset,
+                column: position.column,
+                object: None,
+                field: String::new(),
+                message: String::from(locate::ALIAS_MESSAGE),
+                fix: String::from(locate::ALIAS_FIX),
+            });
+            return;
+        }
         let value: Value = match serde_yaml::from_str(&document.text) {
             Ok(value) => value,
             Err(error) => {

@@ -178,10 +178,22 @@ pub fn parse(origin: &str, text: &str, overrides: &Overrides) -> Result<LoadedCo
             }],
         });
     }
+    let mut locations = Locations::index(text);
+    if let Some(position) = locations.first_alias() {
+        return Err(ConfigError::Invalid {
+            problems: vec![Problem {
+                origin: origin.to_owned(),
+                line: position.line,
+                column: position.column,
+                field: String::new(),
+                message: String::from(super::locate::ALIAS_MESSAGE),
+                fix: String::from(super::locate::ALIAS_FIX),
+            }],
+        });
+    }
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|error| ConfigError::Invalid {
         problems: vec![serde_problem(origin, &error)],
     })?;
-    let locations = Locations::index(text);
     let mut validator = Validator {
         origin,
         locations: &locations,
@@ -194,10 +206,15 @@ pub fn parse(origin: &str, text: &str, overrides: &Overrides) -> Result<LoadedCo
     } = validator;
     match state {
         Some(state) if problems.is_empty() => Ok(LoadedConfig {
+            locations: {
+                // Later findings are about the node's settings; the services'
+                // positions (most of a big file) are not kept.
+                locations.retain(|path| !path.starts_with("services"));
+                locations
+            },
             state,
             warnings,
             origin: origin.to_owned(),
-            locations,
             interface_fields,
         }),
         _ => Err(ConfigError::Invalid { problems }),
@@ -281,6 +298,8 @@ struct RawNode {
     #[serde(default)]
     interfaces: Vec<String>,
     addresses: Option<Vec<String>>,
+    #[serde(default)]
+    allowed_frontend_addresses: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -430,6 +449,15 @@ impl Validator<'_> {
             .addresses
             .as_deref()
             .map(|addresses| self.node_addresses(addresses));
+        let allowed_frontend_addresses = raw
+            .node
+            .allowed_frontend_addresses
+            .iter()
+            .enumerate()
+            .filter_map(|(index, text)| {
+                self.ipv4(&format!("node.allowedFrontendAddresses[{index}]"), text)
+            })
+            .collect();
         let masquerade_ports = match raw.masquerade.and_then(|m| m.port_range) {
             Some(text) => self.port_range("masquerade.portRange", &text),
             None => Some(DEFAULT_MASQUERADE_PORTS),
@@ -451,6 +479,7 @@ impl Validator<'_> {
                 masquerade_ports,
                 conntrack,
                 table_size,
+                allowed_frontend_addresses,
                 services,
             }),
             _ => None,

@@ -877,3 +877,29 @@ fn default_table_size_is_prime_and_smaller_ones_are_allowed() {
          4093, 16381 or 65537"
     );
 }
+
+/// A billion-laughs config (a few KB that expand to millions of backends)
+/// is refused at its first alias, at once, with the place and the fix.
+#[test]
+fn alias_bombs_are_refused_quickly() {
+    let mut text = String::from(
+        "node:\n  interfaces: [eth0]\nanchors:\n  b0: &b0 [{address: 198.18.1.2}, {address: 198.18.1.3}]\n",
+    );
+    for level in 1..12 {
+        let list = vec![format!("*b{}", level - 1); 8].join(", ");
+        text.push_str(&format!("  b{level}: &b{level} [{list}]\n"));
+    }
+    text.push_str(
+        "services:\n  - name: web\n    nodePort: 30080\n    targetPort: 80\n    backends: *b11\n",
+    );
+    let started = std::time::Instant::now();
+    let message = error(&text);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(100),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(message.starts_with("config/x.yaml:5:12: "), "{message}");
+    assert!(message.contains("aliases"), "{message}");
+    assert!(message.contains("write the value out in full"), "{message}");
+}
