@@ -397,6 +397,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         stats,
         logger,
         adopted,
+        observed,
     } = Datapath::load_with(sizes, pins.as_ref(), options.observe.datapath_debug)?;
     if let Some(logger) = logger {
         kernel::spawn_log_reader(logger);
@@ -415,7 +416,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     } else {
         Applied::default()
     };
-    observe.datapath_loaded(sizes.flows);
+    observe.datapath_loaded(sizes.flows, observed);
     let capacity = maps.capacity();
     debug!("map capacity: {capacity:?}");
     let mut agent = Agent {

@@ -200,6 +200,29 @@ pub fn pattern(len: usize, seed: u32) -> Vec<u8> {
         .collect()
 }
 
+/// `GET /healthz` from the agent's listener at `address`, as a kubelet
+/// probe does: how long the 200 answer took, or why there was none.
+pub fn healthz(address: SocketAddr, timeout: Duration) -> Result<Duration, String> {
+    let started = std::time::Instant::now();
+    let mut stream =
+        TcpStream::connect_timeout(&address, timeout).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: xlb\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    if answer.starts_with("HTTP/1.1 200 ") {
+        Ok(started.elapsed())
+    } else {
+        Err(format!("answer {answer:?}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

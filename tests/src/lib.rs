@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod client;
 mod cmd;
 mod error;
+pub mod image;
 pub mod lab;
 pub mod netns;
 pub mod node_lab;

@@ -5,14 +5,15 @@
 //! same (blocked) thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use xlb_tests::client::{udp_socket, udp_who};
+use xlb_tests::client::{healthz, udp_socket, udp_who};
 use xlb_tests::lab::udp_echo_service;
 use xlb_tests::{Agent, Lab};
 
 /// The agent's default --metrics-addr, inside the lab's node namespace.
-const METRICS: &str = "127.0.0.1:9090";
+const METRICS: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
 /// One probe may take this long before it counts as failed (the kubelet's
 /// default probe timeout is 1 s).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -37,29 +38,6 @@ fn services(services: usize, backends: usize) -> String {
     yaml
 }
 
-/// GET /healthz: the time it took, or why it failed.
-fn probe() -> Result<Duration, String> {
-    use std::io::{Read as _, Write as _};
-    let started = Instant::now();
-    let address = METRICS.parse().map_err(|e| format!("{e}"))?;
-    let mut stream = std::net::TcpStream::connect_timeout(&address, PROBE_TIMEOUT)
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(PROBE_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: xlb\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .map_err(|e| format!("read: {e}"))?;
-    if !answer.starts_with("HTTP/1.1 200 ") {
-        return Err(format!("answer {answer:?}"));
-    }
-    Ok(started.elapsed())
-}
-
 #[test]
 fn five_thousand_backends_by_sighup_while_probes_answer() -> anyhow::Result<()> {
     let lab = Lab::new(2)?;
@@ -76,7 +54,7 @@ fn five_thousand_backends_by_sighup_while_probes_answer() -> anyhow::Result<()> 
             lab.node.run(|| {
                 let mut outcomes = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
-                    outcomes.push(probe());
+                    outcomes.push(healthz(METRICS, PROBE_TIMEOUT));
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 outcomes

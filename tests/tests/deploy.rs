@@ -30,6 +30,12 @@ enum Object {
     ClusterRoleBinding(Box<ClusterRoleBinding>),
     ConfigMap(Box<ConfigMap>),
     Namespace(Box<Namespace>),
+    /// Prometheus Operator objects (deploy/monitoring), which k8s-openapi
+    /// has no types for; tests/tests/monitoring.rs checks their content.
+    Monitoring {
+        kind: String,
+        value: Box<Value>,
+    },
 }
 
 /// A rendered kustomization.
@@ -83,7 +89,12 @@ fn kustomizations() -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
-        if dir.join("kustomization.yaml").is_file() {
+        // Components (deploy/monitoring) render through the overlays that
+        // use them; tests/tests/monitoring.rs checks them there.
+        let kustomization = dir.join("kustomization.yaml");
+        let is_component = std::fs::read_to_string(&kustomization)
+            .is_ok_and(|text| text.lines().any(|line| line.trim() == "kind: Component"));
+        if kustomization.is_file() && !is_component {
             found.push(dir.to_owned());
         }
         for entry in entries.flatten() {
@@ -133,6 +144,13 @@ fn render(dir: &Path) -> anyhow::Result<Rendered> {
                 "ClusterRoleBinding" => Object::ClusterRoleBinding(serde_yaml::from_value(value)?),
                 "ConfigMap" => Object::ConfigMap(serde_yaml::from_value(value)?),
                 "Namespace" => Object::Namespace(serde_yaml::from_value(value)?),
+                "PrometheusRule" | "PodMonitor" => {
+                    anyhow::ensure!(value.get("spec").is_some_and(Value::is_mapping), "no spec");
+                    Object::Monitoring {
+                        kind: kind.clone(),
+                        value: Box::new(value),
+                    }
+                }
                 other => anyhow::bail!("{other}: a kind this test does not check yet; add it"),
             })
         };
@@ -179,6 +197,17 @@ fn every_kustomization_renders_and_parses() -> anyhow::Result<()> {
     for rendered in render_all()? {
         let name = rendered.name();
         assert!(!rendered.objects.is_empty(), "{name}: renders nothing");
+        for object in &rendered.objects {
+            if let Object::Monitoring { kind, value } = object {
+                assert!(
+                    value
+                        .get("metadata")
+                        .and_then(|metadata| metadata.get("name"))
+                        .is_some(),
+                    "{name}: a {kind} without metadata.name"
+                );
+            }
+        }
         // A kustomization that creates a namespace puts its objects in it.
         let declared: Vec<String> = rendered
             .objects
@@ -298,10 +327,41 @@ fn the_agent_runs_with_named_capabilities() -> anyhow::Result<()> {
             .flatten()
             .filter_map(|volume| volume.host_path.as_ref().map(|host| host.path.as_str()))
             .collect();
-        assert!(
-            host_paths.contains("/sys/fs/bpf") && host_paths.contains("/sys"),
-            "{name}: {host_paths:?}"
+        // Only xlb's own bpffs directory from the host, and the cgroup tree
+        // the socket hooks attach to (mounted read-only), nothing else.
+        assert_eq!(
+            host_paths,
+            BTreeSet::from(["/sys/fs/bpf/xlb", "/sys/fs/cgroup"]),
+            "{name}: hostPath volumes"
         );
+        let mounts: BTreeSet<&str> = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|mount| mount.mount_path.as_str())
+            .collect();
+        assert!(mounts.contains("/sys/fs/bpf"), "{name}: {mounts:?}");
+        assert!(
+            args.iter().any(|arg| arg == "--bpffs=/sys/fs/bpf"),
+            "{name}: the agent must pin where its bpffs volume is mounted: {args:?}"
+        );
+        // A rolling update keeps flows: the old pod leaves the datapath
+        // pinned and forwarding, the new one adopts it.
+        assert!(
+            args.iter().any(|arg| arg == "--keep-attached"),
+            "{name}: {args:?}"
+        );
+        assert_eq!(security.read_only_root_filesystem, Some(true), "{name}");
+        let seccomp = security
+            .seccomp_profile
+            .as_ref()
+            .or_else(|| {
+                pod.security_context
+                    .as_ref()
+                    .and_then(|context| context.seccomp_profile.as_ref())
+            })
+            .map(|profile| profile.type_.as_str());
+        assert_eq!(seccomp, Some("RuntimeDefault"), "{name}: seccompProfile");
         let accounts: Vec<&str> = rendered
             .objects
             .iter()

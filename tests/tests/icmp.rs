@@ -258,3 +258,87 @@ fn fragmented_udp_datagrams_arrive_whole_both_ways() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn df_datagram_too_big_for_the_backend_link_gets_frag_needed_from_the_node() -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+
+    let lab = Lab::new(1)?;
+    let backend = &lab.backends[0];
+    // Both ends of the node's link to the backend are narrower than the
+    // client's: the node itself is the router that must say so.
+    lab.node
+        .ip_line(&format!("link set {} mtu {NARROW_MTU}", backend.node_if))?;
+    backend
+        .netns
+        .ip_line(&format!("link set {POD_IF} mtu {NARROW_MTU}"))?;
+    let agent = Agent::start(&lab, &demo_config_for(&lab)?)?;
+    let service = xlb_tests::lab::udp_echo_service();
+
+    let (first, second, small) = lab.client.run(|| -> anyhow::Result<_> {
+        let socket = udp_socket()?;
+        let on: libc::c_int = libc::IP_PMTUDISC_DO;
+        // SAFETY: setsockopt reads `on` (an int, its size passed) during
+        // the call; the fd is the socket's own.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        anyhow::ensure!(
+            rc == 0,
+            "IP_MTU_DISCOVER: {}",
+            std::io::Error::last_os_error()
+        );
+        socket.connect(service)?;
+        // 1472 bytes fill the client's 1500-byte MTU with DF set: the node
+        // answers "fragmentation needed, MTU 1400" instead of forwarding.
+        let big = pattern(1472, 1);
+        socket.send(&big)?;
+        let first = socket.recv(&mut [0u8; 2048]).map(drop);
+        // The client's stack has learned the MTU: the same size is refused
+        // locally now, and one that fits goes through.
+        let second = socket.send(&big).map(drop);
+        let fits = pattern(NARROW_MTU as usize - 28, 2);
+        socket.send(&fits)?;
+        let mut buf = vec![0u8; 2048];
+        let len = socket.recv(&mut buf)?;
+        Ok((first, second, buf[..len] == fits[..]))
+    })??;
+    let route = lab
+        .client
+        .exec("ip", &["route", "get", &NODE_ADDR.to_string()])?;
+    let exit = agent.stop()?;
+    println!(
+        "first send: {first:?}; second: {second:?}; reject_frag_needed={}\nclient: {route}",
+        counter(&exit.log, "reject_frag_needed")
+    );
+    // Linux reports the ICMP on a connected socket as EMSGSIZE.
+    assert!(
+        matches!(&first, Err(error) if error.raw_os_error() == Some(libc::EMSGSIZE)),
+        "{first:?}, expected EMSGSIZE from the node's frag needed\n{}",
+        exit.log
+    );
+    assert!(
+        matches!(&second, Err(error) if error.raw_os_error() == Some(libc::EMSGSIZE)),
+        "{second:?}: the client did not learn the path MTU"
+    );
+    assert!(small, "a datagram that fits came back different");
+    assert!(route.contains(&format!("mtu {NARROW_MTU}")), "{route}");
+    assert_eq!(counter(&exit.log, "reject_frag_needed"), 1, "{}", exit.log);
+    Ok(())
+}
+
+/// config/demo.yaml's services for a lab with only backend 1.
+fn demo_config_for(lab: &Lab) -> anyhow::Result<std::path::PathBuf> {
+    let backend = lab.backends[0].addr;
+    let services = format!(
+        "  - name: udp-echo\n    protocol: UDP\n    nodePort: {}\n    targetPort: {ECHO_UDP_PORT}\n    backends:\n      - address: {backend}\n",
+        xlb_tests::lab::UDP_ECHO_NODE_PORT
+    );
+    Ok(lab.write_file("mtu.yaml", &lab.config_yaml(&services))?)
+}

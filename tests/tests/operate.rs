@@ -331,6 +331,19 @@ fn counters_flows_and_metrics_report_exactly_the_traffic_sent() -> anyhow::Resul
     assert_eq!(limited["flows"].as_array().map(Vec::len), Some(3));
     assert_eq!(u64_at(&limited, "/matched")?, 1 + CONNECTIONS);
 
+    // Filters: by client, by backend, by state; all must hold.
+    let by_source = operated.cli(&["flows", "--src", &client.to_string()])?;
+    assert_eq!(u64_at(&by_source, "/matched")?, 1, "{by_source:#}");
+    let by_address = operated.cli(&["flows", "--src", &CLIENT_ADDR.to_string()])?;
+    assert_eq!(u64_at(&by_address, "/matched")?, 1 + CONNECTIONS);
+    let udp_backend = SocketAddr::from((backend.addr, ECHO_UDP_PORT)).to_string();
+    let by_backend = operated.cli(&["flows", "--backend", &udp_backend])?;
+    assert_eq!(u64_at(&by_backend, "/matched")?, 1, "{by_backend:#}");
+    let by_state = operated.cli(&["flows", "--state", "closed"])?;
+    assert_eq!(u64_at(&by_state, "/matched")?, CONNECTIONS, "{by_state:#}");
+    let none = operated.cli(&["flows", "--state", "replied", "--service", "tcp-echo"])?;
+    assert_eq!(u64_at(&none, "/matched")?, 0, "{none:#}");
+
     // xlb status: running, ready, attached, conntrack filled as counted.
     let status = operated.cli(&["status"])?;
     assert_eq!(status["agent"]["running"], true, "{status:#}");

@@ -4,6 +4,7 @@
 mod bench;
 mod build;
 mod demo;
+mod image;
 mod setup;
 mod signals;
 mod test;
@@ -49,6 +50,10 @@ enum Command {
     /// nftables) and nginx, plus a Service-count sweep (`--micro`: the
     /// per-packet datapath benchmark).
     Bench(bench::BenchArgs),
+    /// Build the agent image offline with podman (FROM scratch: xlb,
+    /// xlb-echo, `ip` and the shared libraries they load), tagged as the
+    /// development overlay names it.
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
         Command::Demo => demo::run(),
         Command::Test { no_lint, args } => test::run(no_lint, &args),
         Command::Bench(args) => bench::run(&args),
+        Command::Image(args) => image::run(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -9,8 +9,11 @@ use anyhow::{Context as _, bail};
 use crate::build::check_status;
 
 /// Debian packages: LLVM for bpf-linker (and the libraries llvm-config asks
-/// for), the lab's tools (ip, ethtool, ping, sysctl, socat), and iptables /
-/// nftables, whose parsers check the bench's kube-proxy rules in the tests.
+/// for), the lab's tools (ip, ethtool, ping, sysctl, socat), iptables /
+/// nftables, whose parsers check the bench's kube-proxy rules in the tests,
+/// podman with runc (`cargo xtask image` and the container test; runc
+/// because crun refuses this machine's hybrid cgroups) and prometheus for
+/// `promtool`, which checks deploy/monitoring's alert rules.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "zlib1g-dev",
@@ -22,6 +25,9 @@ const APT_PACKAGES: &[&str] = &[
     "socat",
     "iptables",
     "nftables",
+    "podman",
+    "runc",
+    "prometheus",
 ];
 
 /// What the benchmark lab adds: nginx stream, the userspace proxy it

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use xlb_tests::apiserver::ApiServer;
 use xlb_tests::apiserver::objects::{EndpointState, endpoint_slice, node, node_port_service};
+use xlb_tests::client::healthz;
 
 use super::agent::Agent;
 use super::services::{BenchConfig, FILLER_POD_IPS};
@@ -24,7 +25,8 @@ const GOAL_APPLY_S: f64 = 2.0;
 const GOAL_PROBE_MS: f64 = 100.0;
 const GOAL_RSS_MIB: f64 = 64.0;
 /// The agent's default --metrics-addr, inside the node namespace.
-const METRICS: &str = "127.0.0.1:9090";
+const METRICS: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
 const PROBE_EVERY: Duration = Duration::from_millis(20);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const NODE_NAME: &str = "bench-node";
@@ -100,7 +102,7 @@ impl Prober {
         let thread = topology::spawn_in(lab.node.name(), "healthz-prober", move || {
             let mut outcomes = Vec::new();
             while !flag.load(Ordering::Relaxed) {
-                outcomes.push(probe());
+                outcomes.push(healthz(METRICS, PROBE_TIMEOUT));
                 std::thread::sleep(PROBE_EVERY);
             }
             outcomes
@@ -135,29 +137,6 @@ impl Prober {
             .copied()
             .unwrap_or(f64::NAN);
         Ok((outcomes.len(), failed, p99, max))
-    }
-}
-
-fn probe() -> Result<Duration, String> {
-    use std::io::{Read as _, Write as _};
-    let started = Instant::now();
-    let address = METRICS.parse().map_err(|e| format!("{e}"))?;
-    let mut stream = std::net::TcpStream::connect_timeout(&address, PROBE_TIMEOUT)
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(PROBE_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: xlb\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .map_err(|e| format!("read: {e}"))?;
-    if answer.starts_with("HTTP/1.1 200 ") {
-        Ok(started.elapsed())
-    } else {
-        Err(format!("answer {answer:?}"))
     }
 }
 

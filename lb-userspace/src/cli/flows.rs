@@ -62,17 +62,77 @@ pub struct Named {
     pub name: Option<String>,
 }
 
-pub fn report(
-    session: &Session,
-    service: Option<&str>,
-    limit: usize,
-) -> Result<FlowsReport, CliError> {
-    let wanted = match service {
+/// Which flows `xlb flows` shows (conntrack-tool style filters; all must
+/// hold).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Filter {
+    /// Only flows of this service (`name` or `namespace/name`).
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+    /// Only flows to this backend: ADDRESS or ADDRESS:PORT.
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub backend: Option<Endpoint>,
+    /// Only flows from this client: ADDRESS or ADDRESS:PORT.
+    #[arg(long = "src", value_name = "ADDR[:PORT]")]
+    pub source: Option<Endpoint>,
+    /// Only flows in this state: TCP syn_sent, established, closing,
+    /// closed, reset; UDP unreplied, replied; or expired.
+    #[arg(long, value_name = "STATE", value_parser = clap::builder::PossibleValuesParser::new(STATES))]
+    pub state: Option<String>,
+}
+
+/// Every value `--state` takes.
+pub const STATES: [&str; 8] = [
+    "syn_sent",
+    "established",
+    "closing",
+    "closed",
+    "reset",
+    "unreplied",
+    "replied",
+    "expired",
+];
+
+/// An address with an optional port, as `--backend` and `--src` take them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub port: Option<u16>,
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Ok(socket) = text.parse::<SocketAddrV4>() {
+            return Ok(Endpoint {
+                address: *socket.ip(),
+                port: Some(socket.port()),
+            });
+        }
+        text.parse::<Ipv4Addr>()
+            .map(|address| Endpoint {
+                address,
+                port: None,
+            })
+            .map_err(|_| format!("{text:?} is neither ADDRESS nor ADDRESS:PORT (IPv4)"))
+    }
+}
+
+impl Endpoint {
+    fn matches(&self, addr_be: u32, port_be: u16) -> bool {
+        Ipv4Addr::from(addr_be.to_ne_bytes()) == self.address
+            && self.port.is_none_or(|port| port == u16::from_be(port_be))
+    }
+}
+
+pub fn report(session: &Session, filter: &Filter, limit: usize) -> Result<FlowsReport, CliError> {
+    let wanted = match &filter.service {
         Some(name) => {
             let ids = session.catalog.services_matching(name);
             if ids.is_empty() {
                 return Err(CliError::UnknownService {
-                    name: name.to_owned(),
+                    name: name.clone(),
                     catalog: session.catalog_path(),
                 });
             }
@@ -81,24 +141,44 @@ pub fn report(
         None => None,
     };
     let limit = if limit == 0 { usize::MAX } else { limit };
+    let config = session.maps.global_config().unwrap_or_default();
+    let now = host::monotonic_ns();
     let walk = session
         .maps
-        .flows(limit, Instant::now() + WALK_BUDGET, |flow| {
+        .flows(limit, Instant::now() + WALK_BUDGET, |key, flow| {
             wanted
                 .as_ref()
                 .is_none_or(|ids| ids.contains(&flow.service_id))
+                && filter
+                    .backend
+                    .is_none_or(|b| b.matches(flow.new_dst_addr_be, flow.new_dst_port_be))
+                && filter
+                    .source
+                    .is_none_or(|s| s.matches(key.src_addr_be, key.src_port_be))
+                && filter.state.as_deref().is_none_or(|state| {
+                    if state == "expired" {
+                        // The ORIGINAL entry's idle time: a lower bound on
+                        // the flow's (its reply may be more recent); the
+                        // report below says per flow.
+                        flow.expired(key.proto, &config, now)
+                    } else {
+                        state_name(key, flow) == state
+                    }
+                })
         });
-    let config = session.maps.global_config().unwrap_or_default();
-    let now = host::monotonic_ns();
+    let mut flows: Vec<FlowReport> = walk
+        .flows
+        .iter()
+        .map(|entry| describe(entry, &session.catalog, &config, now))
+        .collect();
+    if filter.state.as_deref() == Some("expired") {
+        flows.retain(|flow| flow.expired);
+    }
     Ok(FlowsReport {
         matched: walk.matched,
         entries: walk.entries,
         complete: walk.complete,
-        flows: walk
-            .flows
-            .iter()
-            .map(|entry| describe(entry, &session.catalog, &config, now))
-            .collect(),
+        flows,
     })
 }
 
@@ -323,6 +403,17 @@ mod tests {
              UDP    198.18.0.2:40000  198.18.0.1:30999  198.18.1.1:61234  198.18.1.2:3333  #7       unreplied (expired)  15m 00s  14m 00s\n\
              showing 2 of 3 flows (--limit N to see more, 0 for all) in 6 conntrack entries\n"
         );
+    }
+
+    #[test]
+    fn endpoints_take_an_optional_port() {
+        let with_port: Endpoint = "198.18.1.2:3333".parse().unwrap();
+        assert!(with_port.matches(be([198, 18, 1, 2]), 3333u16.to_be()));
+        assert!(!with_port.matches(be([198, 18, 1, 2]), 3334u16.to_be()));
+        let any_port: Endpoint = "198.18.1.2".parse().unwrap();
+        assert!(any_port.matches(be([198, 18, 1, 2]), 1u16.to_be()));
+        assert!(!any_port.matches(be([198, 18, 1, 3]), 1u16.to_be()));
+        assert!("backend-1".parse::<Endpoint>().is_err());
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! `xlb status | services | flows | stats`: what a running agent and its
+//! `xlb status | services | flows | stats | explain`: what a running agent and its
 //! datapath are doing, read from the pinned maps (`--bpffs`) and the run
 //! directory (`--run-dir`). Read-only, so safe next to a running agent.
 //! Tables for people by default, `--json` for scripts.
 
+pub mod explain;
 mod flows;
 mod services;
 mod stats;
@@ -58,17 +59,43 @@ pub enum Command {
     Flows {
         #[command(flatten)]
         target: Target,
-        /// Only flows of this service (`name` or `namespace/name`).
-        #[arg(long, value_name = "NAME")]
-        service: Option<String>,
+        #[command(flatten)]
+        filter: flows::Filter,
         /// Show at most N flows (0: all).
         #[arg(long, value_name = "N", default_value_t = 100)]
         limit: usize,
+        /// Print again every SECONDS (default 2) until interrupted; with
+        /// --json, one JSON document per line.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
     },
     /// Packets the datapath handled, by reason (summed over CPUs).
     Stats {
         #[command(flatten)]
         target: Target,
+    },
+    /// What the datapath would do with one packet, and why: service,
+    /// existing flow, backend and Maglev slot, affinity, masquerade
+    /// address and port, next hop, verdict. Runs the datapath's own program
+    /// on a built packet against the live configuration; writes no live
+    /// map and sends nothing. Needs root (CAP_BPF, CAP_PERFMON), in the
+    /// agent's network namespace.
+    Explain {
+        #[command(flatten)]
+        target: Target,
+        /// tcp (a SYN, or an ACK when the tuple has a flow) or udp.
+        #[arg(value_enum)]
+        protocol: explain::Protocol,
+        /// The client: ADDRESS:PORT.
+        #[arg(value_name = "SRC:PORT")]
+        source: std::net::SocketAddrV4,
+        /// The frontend: ADDRESS:PORT.
+        #[arg(value_name = "DST:PORT")]
+        destination: std::net::SocketAddrV4,
+        /// The interface the packet arrives on [default: the one this node
+        /// routes SRC through].
+        #[arg(long, value_name = "IF")]
+        iface: Option<String>,
     },
 }
 
@@ -88,6 +115,8 @@ pub enum CliError {
     RunDir(#[from] RunDirError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Explain(#[from] crate::kernel::explain::ExplainError),
     #[error("no service {name:?} in {catalog}; `xlb services` lists them")]
     UnknownService { name: String, catalog: String },
     #[error("cannot write the output")]
@@ -105,12 +134,33 @@ pub fn run(command: &Command) -> ExitCode {
         Command::Services { target } => print(target, services::report),
         Command::Flows {
             target,
-            service,
+            filter,
             limit,
-        } => print(target, |session| {
-            flows::report(session, service.as_deref(), *limit)
+            watch: None,
+        } => print(target, |session| flows::report(session, filter, *limit)),
+        Command::Flows {
+            target,
+            filter,
+            limit,
+            watch: Some(seconds),
+        } => watch(target, *seconds, |session| {
+            flows::report(session, filter, *limit)
         }),
         Command::Stats { target } => print(target, stats::report),
+        Command::Explain {
+            target,
+            protocol,
+            source,
+            destination,
+            iface,
+        } => print(target, |session| {
+            let question = explain::Question {
+                protocol: *protocol,
+                source: *source,
+                destination: *destination,
+            };
+            explain::report(session, &question, iface.as_deref())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,6 +169,53 @@ pub fn run(command: &Command) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--watch`: the report again every `seconds` (the screen cleared first
+/// for people; one compact JSON document per line with --json) until
+/// interrupted or an error.
+fn watch<R: Report>(
+    target: &Target,
+    seconds: f64,
+    report: impl Fn(&Session) -> Result<R, CliError>,
+) -> Result<(), CliError> {
+    let interval = std::time::Duration::from_secs_f64(seconds.clamp(0.1, 3600.0));
+    loop {
+        let session = Session::open(target)?;
+        let report = report(&session)?;
+        let text = if target.json {
+            let mut text = serde_json::to_string(&report).map_err(|source| CliError::Output {
+                source: std::io::Error::other(source),
+            })?;
+            text.push('\n');
+            text
+        } else {
+            // Clear the screen and home the cursor, as watch(1) does.
+            format!(
+                "\x1b[2J\x1b[H{} every {seconds}s\n\n{}",
+                chrono_now(),
+                report.render()
+            )
+        };
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+            .map_err(|source| CliError::Output { source })?;
+        drop(stdout);
+        std::thread::sleep(interval);
+    }
+}
+
+/// The wall-clock time of day (UTC), for --watch's header.
+fn chrono_now() -> String {
+    let seconds = rundir::unix_now() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60
+    )
 }
 
 /// A report the CLI prints: JSON, or the human rendering.

@@ -76,6 +76,18 @@ pub fn ifindex(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
+/// Name of the interface with index `ifindex`, if it exists.
+pub fn interface_name(ifindex: u32) -> Option<String> {
+    let mut buffer = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: `buffer` has the IF_NAMESIZE bytes if_indextoname may write.
+    let name = unsafe { libc::if_indextoname(ifindex, buffer.as_mut_ptr().cast()) };
+    if name.is_null() {
+        return None;
+    }
+    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    Some(String::from_utf8_lossy(&buffer[..end]).into_owned())
+}
+
 /// The node facts the reconciler needs, from the current addresses.
 pub fn node_facts() -> io::Result<NodeFacts> {
     Ok(facts_from(&ipv4_addresses()?))

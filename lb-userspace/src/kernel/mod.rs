@@ -4,16 +4,19 @@
 //! module with aya and `unsafe`.
 
 pub mod conntrack;
+pub mod explain;
 pub mod host;
 pub mod maps;
 pub mod neigh;
 pub mod pin;
 pub mod sock;
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::xdp::{XdpLink, XdpLinkId};
@@ -81,7 +84,9 @@ impl fmt::Display for Attached {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("cannot load the XDP object (are you root, or do you have CAP_BPF and CAP_NET_ADMIN?)")]
+    #[error(
+        "cannot load the XDP object (are you root, or do you have CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON? In a container, its seccomp profile must also allow bpf(): README, Permissions)"
+    )]
     Load {
         #[source]
         source: EbpfError,
@@ -243,6 +248,9 @@ pub struct Loaded {
     /// The configuration maps were pinned by a previous agent and are
     /// reused: `KernelMaps::read_applied` tells what they hold.
     pub adopted: bool,
+    /// Duplicates of the maps /metrics reads (`observe::datapath::OBSERVED`),
+    /// by name.
+    pub observed: BTreeMap<&'static str, MapData>,
 }
 
 impl Datapath {
@@ -329,6 +337,7 @@ impl Datapath {
                 .load()
                 .map_err(|source| KernelError::VerifyTc { name, source })?;
         }
+        let observed = duplicate_maps(&ebpf, &crate::observe::datapath::OBSERVED);
         let redirect_ok = ebpf
             .take_map(lb_common::maps::REDIRECT_OK)
             .ok_or(OpenError::Missing {
@@ -357,6 +366,7 @@ impl Datapath {
             stats,
             logger,
             adopted,
+            observed,
         })
     }
 
@@ -862,3 +872,51 @@ pub(crate) const TEST_SIZES: MapSizes = MapSizes {
 
 #[cfg(test)]
 mod tests;
+
+/// Second descriptors for the maps `names` of a loaded object, for readers
+/// that must not take them from their owners (the agent's /metrics). Taken
+/// from this process's own descriptors because opening a map by id
+/// (`BPF_MAP_GET_FD_BY_ID`) needs CAP_SYS_ADMIN, which the agent is not
+/// given. A map that cannot be duplicated is left out (and logged).
+fn duplicate_maps(ebpf: &Ebpf, names: &[&'static str]) -> BTreeMap<&'static str, MapData> {
+    let mut found = BTreeMap::new();
+    for &name in names {
+        let Some(data) = ebpf.map(name).and_then(map_data) else {
+            log::warn!("the datapath has no map {name}: /metrics will not report it");
+            continue;
+        };
+        let duplicate = data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|error| error.to_string())
+            .and_then(|fd| MapData::from_fd(fd).map_err(|error| error_chain(&error)));
+        match duplicate {
+            Ok(data) => {
+                found.insert(name, data);
+            }
+            Err(error) => log::warn!("cannot duplicate map {name} for /metrics: {error}"),
+        }
+    }
+    found
+}
+
+/// The map behind any kind of `Map` xlb's object declares.
+fn map_data(map: &Map) -> Option<&MapData> {
+    match map {
+        Map::Array(data)
+        | Map::HashMap(data)
+        | Map::LruHashMap(data)
+        | Map::PerCpuArray(data)
+        | Map::PerCpuHashMap(data)
+        | Map::PerCpuLruHashMap(data)
+        | Map::LpmTrie(data)
+        | Map::DevMap(data)
+        | Map::DevMapHash(data)
+        | Map::ArrayOfMaps(data)
+        | Map::HashOfMaps(data)
+        | Map::RingBuf(data)
+        | Map::PerfEventArray(data) => Some(data),
+        _ => None,
+    }
+}

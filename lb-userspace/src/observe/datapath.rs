@@ -108,6 +108,19 @@ const READ_NAMES: [&str; 7] = [
 /// Maps only measured (capacity), not read.
 const MEASURED_NAMES: [&str; 1] = [names::BACKENDS];
 
+/// Every map this module opens: what the agent hands its /metrics
+/// ([`DatapathMaps::from_maps`]).
+pub const OBSERVED: [&str; 8] = [
+    names::STATS,
+    names::SERVICE_STATS,
+    names::BACKEND_STATS,
+    names::FLOWS,
+    names::SERVICES,
+    names::AFFINITY,
+    names::CONFIG,
+    names::BACKENDS,
+];
+
 impl DatapathMaps {
     /// Opens the maps pinned under `bpffs/maps/`.
     pub fn from_pins(bpffs: &Path) -> Result<Self, DatapathError> {
@@ -167,12 +180,21 @@ impl DatapathMaps {
         Ok(maps)
     }
 
-    /// Opens the maps of the XDP program this process loaded.
-    pub fn of_this_process() -> Result<Self, DatapathError> {
-        let id = own_xdp_program_id().ok_or(DatapathError::NotLoaded {
-            name: lb_common::maps::PROGRAM,
-        })?;
-        Self::of_program(id)
+    /// Reads the maps given (descriptors the caller holds, by name: every
+    /// name in [`OBSERVED`]). Needs no capability beyond using them; the
+    /// agent's /metrics reads its own maps this way, never by id.
+    pub fn from_maps(mut maps: BTreeMap<&'static str, MapData>) -> Result<Self, DatapathError> {
+        let mut measured = BTreeMap::new();
+        for name in MEASURED_NAMES {
+            if let Some(data) = maps.remove(name)
+                && let Ok(info) = data.info()
+            {
+                measured.insert(name, info.max_entries());
+            }
+        }
+        let mut opened = Self::from_data(maps)?;
+        opened.capacity.extend(measured);
+        Ok(opened)
     }
 
     fn from_data(mut found: BTreeMap<&'static str, MapData>) -> Result<Self, DatapathError> {
@@ -276,7 +298,7 @@ impl DatapathMaps {
         &self,
         limit: usize,
         deadline: Instant,
-        mut keep: impl FnMut(&Flow) -> bool,
+        mut keep: impl FnMut(&FlowKey, &Flow) -> bool,
     ) -> FlowWalk {
         let mut walk = FlowWalk {
             complete: true,
@@ -299,7 +321,7 @@ impl DatapathMaps {
             let Ok(flow) = self.flows.get(&key, 0) else {
                 continue; // Closed or evicted meanwhile.
             };
-            if flow.direction != FLOW_DIR_ORIGINAL || !keep(&flow) {
+            if flow.direction != FLOW_DIR_ORIGINAL || !keep(&key, &flow) {
                 continue;
             }
             walk.matched += 1;

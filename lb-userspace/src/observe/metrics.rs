@@ -91,6 +91,8 @@ pub struct AgentMetrics {
     pub interfaces: Vec<(String, String)>,
     /// (hook, cgroup) of every socket hook attached.
     pub socket_hooks: Vec<(String, String)>,
+    /// Interfaces the applied config names that XDP is not attached to.
+    pub detached: Vec<String>,
     pub conntrack_capacity: u32,
     /// Cluster services left out because they do not fit the maps.
     pub services_skipped: usize,
@@ -230,10 +232,16 @@ fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
                 1.0,
             )
         })
+        .chain(agent.detached.iter().map(|interface| {
+            (
+                vec![("interface", interface.clone()), ("mode", String::new())],
+                0.0,
+            )
+        }))
         .collect();
     out.gauge(
         "xlb_interface_xdp_attached",
-        "Interfaces the XDP program is attached to, with the mode (native or generic).",
+        "1 for each interface the XDP program is attached to, with the mode (native or generic); 0 for an interface the config names that has none.",
         &interfaces,
     );
     let socket_hooks: Vec<Samples> = agent
@@ -542,6 +550,7 @@ mod tests {
             source_errors: [(String::from("file"), 1)].into_iter().collect(),
             interfaces: vec![(String::from("xlb-c"), String::from("native"))],
             socket_hooks: vec![(String::from("connect4"), String::from("/sys/fs/cgroup"))],
+            detached: vec![String::from("xlb-d")],
             conntrack_capacity: 1 << 20,
             services_skipped: 0,
         }
@@ -602,6 +611,7 @@ mod tests {
             "xlb_reconcile_duration_seconds_bucket{le=\"+Inf\"} 3\n",
             "xlb_reconcile_duration_seconds_count 3\n",
             "xlb_interface_xdp_attached{interface=\"xlb-c\",mode=\"native\"} 1\n",
+            "xlb_interface_xdp_attached{interface=\"xlb-d\",mode=\"\"} 0\n",
             "xlb_socket_hook_attached{hook=\"connect4\",cgroup=\"/sys/fs/cgroup\"} 1\n",
             "xlb_conntrack_entries_limit 1048576\n",
             "xlb_datapath_readable 0\n",

@@ -193,6 +193,12 @@ impl Facts {
                         .map(|hook| (hook.clone(), attached.cgroup.clone()))
                 })
                 .collect(),
+            detached: self
+                .wanted_interfaces
+                .iter()
+                .filter(|wanted| !self.status.interfaces.iter().any(|a| &a.name == *wanted))
+                .cloned()
+                .collect(),
             conntrack_capacity: self.status.conntrack_capacity,
             services_skipped: self.status.skipped_services.len(),
         }
@@ -201,7 +207,7 @@ impl Facts {
 
 struct Shared {
     facts: Mutex<Facts>,
-    /// Opened on first use (after the datapath is loaded).
+    /// The agent's own map descriptors, handed over once loaded.
     maps: Mutex<Option<Arc<DatapathMaps>>>,
     /// /readyz and healthCheckNodePorts' `serviceProxyHealthy`.
     ready: Arc<AtomicBool>,
@@ -214,16 +220,12 @@ impl Shared {
         self.facts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The datapath's maps, opened from this process's descriptors.
+    /// The datapath's maps, once loaded.
     fn maps(&self) -> Option<Arc<DatapathMaps>> {
-        let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
-        if maps.is_none() {
-            match DatapathMaps::of_this_process() {
-                Ok(opened) => *maps = Some(Arc::new(opened)),
-                Err(error) => tracing::debug!("metrics: {}", error_chain(&error)),
-            }
-        }
-        maps.clone()
+        self.maps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -314,8 +316,27 @@ impl Observe {
         self.shared.steps.clone()
     }
 
-    /// The datapath is loaded: record its conntrack capacity and program.
-    pub fn datapath_loaded(&mut self, conntrack_capacity: u32) {
+    /// The datapath is loaded: record its conntrack capacity and program,
+    /// and keep `maps` (second descriptors of its maps, see
+    /// `datapath::OBSERVED`) for /metrics.
+    pub fn datapath_loaded(
+        &mut self,
+        conntrack_capacity: u32,
+        maps: BTreeMap<&'static str, aya::maps::MapData>,
+    ) {
+        match DatapathMaps::from_maps(maps) {
+            Ok(maps) => {
+                *self
+                    .shared
+                    .maps
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(maps));
+            }
+            Err(error) => tracing::warn!(
+                "/metrics will not report the datapath's counters: {}",
+                error_chain(&error)
+            ),
+        }
         {
             let mut facts = self.shared.facts();
             facts.status.conntrack_capacity = conntrack_capacity;
