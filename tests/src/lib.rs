@@ -20,6 +20,8 @@ pub mod client;
 mod cmd;
 mod error;
 pub mod image;
+#[cfg(feature = "apiserver")]
+pub mod kustomize;
 pub mod lab;
 pub mod netns;
 pub mod node_lab;

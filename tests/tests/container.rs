@@ -20,13 +20,11 @@ use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
-use k8s_openapi::serde::Deserialize as _;
 use xlb_tests::image::{self, Contents};
 use xlb_tests::lab::{NODE_ADDR, NODE_CLIENT_IF};
 use xlb_tests::{Bpffs, Lab, XLB_BIN_ENV, XLB_ECHO_BIN_ENV, bin_from_env, poll_until};
@@ -60,20 +58,7 @@ fn services() -> String {
 /// The agent's container and pod spec in the rendered development overlay.
 fn daemonset() -> anyhow::Result<(PodSpec, Container)> {
     let dir = xlb_tests::repo_root().join("deploy/overlays/development");
-    let output = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .context("cannot run kubectl (cargo xtask setup installs it)")?;
-    ensure!(
-        output.status.success(),
-        "kubectl kustomize {} failed:\n{}",
-        dir.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout)?;
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let value = serde_yaml::Value::deserialize(document)?;
+    for value in xlb_tests::kustomize::render(&dir)? {
         if value.get("kind").and_then(serde_yaml::Value::as_str) != Some("DaemonSet") {
             continue;
         }

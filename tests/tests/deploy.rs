@@ -6,7 +6,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
@@ -14,7 +13,6 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use k8s_openapi::serde::Deserialize as _;
 use serde_yaml::Value;
 use xlb::source::yaml::{Overrides, parse};
 use xlb_tests::repo_root;
@@ -111,24 +109,8 @@ fn kustomizations() -> Vec<PathBuf> {
 }
 
 fn render(dir: &Path) -> anyhow::Result<Rendered> {
-    let output = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(dir)
-        .output()
-        .map_err(|error| anyhow::anyhow!("cannot run kubectl (is it installed?): {error}"))?;
-    anyhow::ensure!(
-        output.status.success(),
-        "kubectl kustomize {} failed:\n{}",
-        dir.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout)?;
     let mut objects = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let value = Value::deserialize(document)?;
-        if value.is_null() {
-            continue;
-        }
+    for value in xlb_tests::kustomize::render(dir)? {
         let kind = value
             .get("kind")
             .and_then(Value::as_str)

@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use anyhow::{Context as _, bail, ensure};
-use k8s_openapi::serde::Deserialize as _;
 use serde_yaml::Value;
 use xlb_tests::{Agent, Lab, repo_root};
 
@@ -17,27 +16,7 @@ use xlb_tests::{Agent, Lab, repo_root};
 const METRICS: &str = "127.0.0.1:9090";
 
 fn render(overlay: &str) -> anyhow::Result<Vec<Value>> {
-    let dir = repo_root().join(overlay);
-    let output = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .context("cannot run kubectl")?;
-    ensure!(
-        output.status.success(),
-        "kubectl kustomize {} failed:\n{}",
-        dir.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = String::from_utf8(output.stdout)?;
-    let mut objects = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(&text) {
-        let value = Value::deserialize(document)?;
-        if !value.is_null() {
-            objects.push(value);
-        }
-    }
-    Ok(objects)
+    xlb_tests::kustomize::render(&repo_root().join(overlay))
 }
 
 fn kind_named<'a>(objects: &'a [Value], kind: &str, name: &str) -> anyhow::Result<&'a Value> {
