@@ -24,28 +24,11 @@ const UDP_CHECK: usize = 6;
 /// IPv4 and L4 checksums incrementally. The caller checked TTL > 1.
 #[inline(always)]
 pub fn rewrite(packet: &Packet, flow: &Flow) {
-    let ip = packet.ip.hdr;
+    let addrs = rewrite_ip(packet.ip.hdr, flow.new_src_addr_be, flow.new_dst_addr_be);
     let l4 = &packet.l4;
-    // SAFETY: the parser checked that the IPv4 header and the L4 ports and
-    // checksum lie inside the packet; all fields are byte arrays (align 1).
+    // SAFETY: the parser checked that the L4 ports and checksum lie inside
+    // the packet; they are byte arrays (align 1).
     unsafe {
-        let old_src = u32::from_ne_bytes((*ip).src_addr);
-        let old_dst = u32::from_ne_bytes((*ip).dst_addr);
-        let ttl_proto = ip.cast::<u8>().add(8).cast::<[u8; 2]>();
-        let old_ttl_proto = u16::from_ne_bytes(*ttl_proto);
-        (*ip).ttl -= 1;
-        let new_ttl_proto = u16::from_ne_bytes(*ttl_proto);
-
-        (*ip).src_addr = flow.new_src_addr_be.to_ne_bytes();
-        (*ip).dst_addr = flow.new_dst_addr_be.to_ne_bytes();
-        let addrs = CsumDelta::new()
-            .replace32(old_src, flow.new_src_addr_be)
-            .replace32(old_dst, flow.new_dst_addr_be);
-        let ip_check = addrs
-            .replace16(old_ttl_proto, new_ttl_proto)
-            .apply(u16::from_ne_bytes((*ip).check));
-        (*ip).check = ip_check.to_ne_bytes();
-
         let (old_sport, old_dport) = l4.ports_be();
         *l4.ports = [
             flow.new_src_port_be.to_ne_bytes(),
@@ -129,11 +112,12 @@ pub fn rewrite_skb(ctx: &TcContext, packet: &Packet, flow: &Flow) -> Result<(), 
 }
 
 /// Rewrites only the IPv4 header to (`src_be`, `dst_be`) and decrements the
-/// TTL: for a later fragment (no L4 header) and an ICMP error's outer
-/// header (ICMP's checksum does not cover the IPv4 header). The caller
-/// checked TTL > 1.
+/// TTL: for a whole packet (`rewrite` goes on with L4), a later fragment (no
+/// L4 header) and an ICMP error's outer header (ICMP's checksum does not
+/// cover the IPv4 header). Returns the address change as a checksum delta,
+/// for a pseudo-header. The caller checked TTL > 1.
 #[inline(always)]
-pub fn rewrite_ip(ip: *mut Ipv4Hdr, src_be: u32, dst_be: u32) {
+pub fn rewrite_ip(ip: *mut Ipv4Hdr, src_be: u32, dst_be: u32) -> CsumDelta {
     // SAFETY: the parser checked that the IPv4 header lies inside the
     // packet; all fields are byte arrays (align 1).
     unsafe {
@@ -145,12 +129,14 @@ pub fn rewrite_ip(ip: *mut Ipv4Hdr, src_be: u32, dst_be: u32) {
         let new_ttl_proto = u16::from_ne_bytes(*ttl_proto);
         (*ip).src_addr = src_be.to_ne_bytes();
         (*ip).dst_addr = dst_be.to_ne_bytes();
-        let check = CsumDelta::new()
+        let addrs = CsumDelta::new()
             .replace32(old_src, src_be)
-            .replace32(old_dst, dst_be)
+            .replace32(old_dst, dst_be);
+        let check = addrs
             .replace16(old_ttl_proto, new_ttl_proto)
             .apply(u16::from_ne_bytes((*ip).check));
         (*ip).check = check.to_ne_bytes();
+        addrs
     }
 }
 
