@@ -1,73 +1,287 @@
-//! Names and default capacities of every BPF map, defined once for both sides.
+//! Every BPF map and program of the datapath, declared once for both sides:
+//! name, kind, key/value sizes, capacity, pin group, how `xlb explain` treats
+//! it, and each program's hook.
 //!
-//! The datapath declares each map as a `static` with exactly this name; the
-//! agent opens them by these names and may resize the ones marked "load-time"
-//! with `EbpfLoader::set_max_entries` before loading.
+//! The datapath (lb-ebpf/src/maps.rs) defines a `static` of exactly each
+//! name, sized from [`decl`]; the agent derives from [`MAPS`] what it pins,
+//! adopts, resizes at load and shares with `xlb explain`; a kernel test loads
+//! the real object and checks it against [`MAPS`] and [`PROGRAMS`] both ways.
+//!
+//! **Adding a map** is one line in the `declare_maps!` table below (plus its
+//! `static` in lb-ebpf/src/maps.rs): pinning, adoption and explain follow
+//! from the row.
 
-/// `HashMap<ServiceKey, Service>`: frontends. NodePorts use `addr_be == 0`.
-pub const SERVICES: &str = "XLB_SERVICES";
-/// `Array<u32>`: backend selection slots (backend ids), one region per service
-/// at `Service::table_offset .. + table_size`. Load-time sized.
-pub const SELECT: &str = "XLB_SELECT";
-/// `Array<Backend>`: backends by id. Id 0 is never used. Load-time sized.
-pub const BACKENDS: &str = "XLB_BACKENDS";
-/// `Array<BackendHop>`: the datapath's next-hop cache per backend id.
-pub const BACKEND_HOPS: &str = "XLB_BACKEND_HOPS";
-/// `LruHashMap<FlowKey, Flow>`: conntrack, two entries per flow. Load-time sized.
-pub const FLOWS: &str = "XLB_FLOWS";
-/// `HashMap<u32 /* addr_be */, NodeAddr>`: addresses that NodePorts answer on.
-pub const NODE_ADDRS: &str = "XLB_NODE_ADDRS";
-/// `HashMap<u32 /* ifindex */, u32 /* addr_be */>`: masquerade source address
-/// per egress interface.
-pub const IFACE_ADDRS: &str = "XLB_IFACE_ADDRS";
-/// `LruHashMap<AffinityKey, Affinity>`: sessionAffinity=ClientIP state.
-pub const AFFINITY: &str = "XLB_AFFINITY";
-/// `LpmTrie<SourceRange, u32>`: loadBalancerSourceRanges allowlists.
-pub const SOURCE_RANGES: &str = "XLB_SOURCE_RANGES";
-/// `Array<GlobalConfig>` with one element.
-pub const CONFIG: &str = "XLB_CONFIG";
-/// `PerCpuArray<u64>` indexed by `Reason as u32`: packets per verdict reason.
-pub const STATS: &str = "XLB_STATS";
-/// `PerCpuArray<Traffic>` indexed by `Service::id`: forwarded traffic.
-pub const SERVICE_STATS: &str = "XLB_SERVICE_STATS";
-/// `PerCpuArray<Traffic>` indexed by backend id: forwarded traffic.
-pub const BACKEND_STATS: &str = "XLB_BACKEND_STATS";
+use core::mem::size_of;
 
-/// `LruHashMap<FragKey, FragPorts>`: first fragments' ports, for the
-/// datagram's later fragments.
-pub const FRAGS: &str = "XLB_FRAGS";
-/// `LruHashMap<u32 /* client addr_be */, IcmpLimit>`: rate limit of the
-/// "fragmentation needed" answers xlb sends.
-pub const ICMP_LIMIT: &str = "XLB_ICMP_LIMIT";
-/// `HashMap<u32 /* ifindex */, u32 /* flags, 0 */>`: egress interfaces XDP
-/// may redirect into (those xlb's XDP program runs on: NICs, whose peer takes
-/// XDP frames). Frames for any other next hop (a pod's veth, a bridge, a
-/// tunnel) are handed to the tc program instead.
-pub const REDIRECT_OK: &str = "XLB_REDIRECT_OK";
-/// `PerCpuArray<Paths>` indexed by backend id: which hook carried its packets.
-pub const BACKEND_PATHS: &str = "XLB_BACKEND_PATHS";
-/// `LruHashMap<SockRevNatKey, SockRevNat>`: for socket-level balancing, the
-/// service address a socket asked for, by (socket cookie, backend), so
-/// recvmsg() and getpeername() show the service rather than the backend.
-pub const SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
+use crate::reason::REASON_COUNT;
+use crate::{
+    Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
+    IcmpLimit, NodeAddr, Paths, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
+    Traffic,
+};
+
+/// How the kernel stores a map: `enum bpf_map_type`'s value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MapKind {
+    Hash = 1,
+    Array = 2,
+    PerCpuArray = 6,
+    LruHash = 9,
+    LpmTrie = 11,
+}
+
+/// `BPF_F_NO_PREALLOC`: the kernel requires it of LPM tries.
+pub const BPF_F_NO_PREALLOC: u32 = 1;
+
+impl MapKind {
+    /// The map's `map_flags`, which follow from its kind.
+    pub const fn flags(self) -> u32 {
+        match self {
+            MapKind::LpmTrie => BPF_F_NO_PREALLOC,
+            _ => 0,
+        }
+    }
+
+    /// The key size the kernel sees for a key type of `size` bytes (an LPM
+    /// trie's key starts with the 4-byte prefix length).
+    pub const fn key_size(self, size: usize) -> u32 {
+        let size = size as u32;
+        match self {
+            MapKind::LpmTrie => size + 4,
+            _ => size,
+        }
+    }
+}
+
+/// Who decides a map's capacity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sizing {
+    /// Compiled in: `MapDecl::max_entries`.
+    Fixed,
+    /// Set at load time from `--max-flows` (default `max_entries`).
+    Flows,
+    /// Set at load time to the backend ids the agent allows.
+    Backends,
+    /// Set at load time to the selection slots the config needs; a larger
+    /// pinned map is kept (a smaller config keeps the map, and its tables).
+    SelectSlots,
+}
+
+/// How the map's pin on a bpffs (`DIR/maps/NAME`) is treated across agent
+/// restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pin {
+    /// Part of the configuration. Its entries refer to the other
+    /// configuration maps' (service entries to table regions, slots and
+    /// affinity records to backend ids), so the group is adopted whole or
+    /// recreated whole: never a fresh `XLB_SELECT` under adopted services.
+    Config,
+    /// Pinned and adopted alone; recreated alone when it does not fit.
+    Alone,
+    /// Not pinned: every load makes it anew.
+    No,
+}
+
+/// How `xlb explain`'s simulation (kernel/explain.rs), which loads the
+/// datapath a second time, gets the map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Explain {
+    /// The live pinned map: the datapath only reads it (a test checks
+    /// lb-ebpf never writes one).
+    Shared,
+    /// A fresh private copy: the datapath writes it.
+    Private,
+    /// A small private copy seeded with the live entries of the packet's
+    /// tuple (or client) before each run.
+    Seeded,
+}
+
+/// One map of the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapDecl {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    /// The compiled-in capacity (the default of a load-time sized map).
+    pub max_entries: u32,
+    /// `map_flags`.
+    pub flags: u32,
+    pub sizing: Sizing,
+    pub pin: Pin,
+    pub explain: Explain,
+}
+
+/// Declares the maps: for each row, the name constant (`maps::FLOWS`, the
+/// string both sides open it by), its [`MapDecl`] (`maps::decl::FLOWS`) and
+/// its place in [`MAPS`].
+macro_rules! declare_maps {
+    ($(
+        $(#[$doc:meta])*
+        $id:ident = $name:literal: $kind:ident<$key:ty, $value:ty>,
+            $max:expr, $sizing:ident, $pin:ident, $explain:ident;
+    )*) => {
+        $( $(#[$doc])* pub const $id: &str = $name; )*
+
+        /// Each map's declaration, by the name of its constant in `maps`.
+        pub mod decl {
+            use super::*;
+            $(
+                pub const $id: MapDecl = MapDecl {
+                    name: super::$id,
+                    kind: MapKind::$kind,
+                    key_size: MapKind::$kind.key_size(size_of::<$key>()),
+                    value_size: size_of::<$value>() as u32,
+                    max_entries: $max,
+                    flags: MapKind::$kind.flags(),
+                    sizing: Sizing::$sizing,
+                    pin: Pin::$pin,
+                    explain: Explain::$explain,
+                };
+            )*
+        }
+
+        /// Every map of the datapath, in declaration order.
+        pub const MAPS: &[MapDecl] = &[$(decl::$id),*];
+    };
+}
+
+declare_maps! {
+    /// `HashMap<ServiceKey, Service>`: frontends. NodePorts use `addr_be == 0`.
+    SERVICES = "XLB_SERVICES": Hash<ServiceKey, Service>, SERVICES_MAX, Fixed, Config, Shared;
+    /// `Array<u32>`: backend selection slots (backend ids), one region per service
+    /// at `Service::table_offset .. + table_size`.
+    SELECT = "XLB_SELECT": Array<u32, u32>, SELECT_MAX, SelectSlots, Config, Shared;
+    /// `Array<Backend>`: backends by id. Id 0 is never used.
+    BACKENDS = "XLB_BACKENDS": Array<u32, Backend>, BACKENDS_MAX, Backends, Config, Shared;
+    /// `Array<BackendHop>`: the datapath's next-hop cache per backend id. Not
+    /// pinned: a new datapath refills it with one FIB lookup per backend.
+    BACKEND_HOPS = "XLB_BACKEND_HOPS": Array<u32, BackendHop>, BACKENDS_MAX, Fixed, No, Private;
+    /// `LruHashMap<FlowKey, Flow>`: conntrack, two entries per flow.
+    FLOWS = "XLB_FLOWS": LruHash<FlowKey, Flow>, FLOWS_MAX, Flows, Alone, Seeded;
+    /// `HashMap<u32 /* addr_be */, NodeAddr>`: addresses that NodePorts answer on.
+    NODE_ADDRS = "XLB_NODE_ADDRS": Hash<u32, NodeAddr>, NODE_ADDRS_MAX, Fixed, Config, Shared;
+    /// `HashMap<u32 /* ifindex */, u32 /* addr_be */>`: masquerade source address
+    /// per egress interface.
+    IFACE_ADDRS = "XLB_IFACE_ADDRS": Hash<u32, u32>, IFACE_ADDRS_MAX, Fixed, Config, Shared;
+    /// `LruHashMap<AffinityKey, Affinity>`: sessionAffinity=ClientIP state.
+    AFFINITY = "XLB_AFFINITY": LruHash<AffinityKey, Affinity>, AFFINITY_MAX, Fixed, Config, Seeded;
+    /// `LpmTrie<SourceRange, u32>`: loadBalancerSourceRanges allowlists.
+    SOURCE_RANGES = "XLB_SOURCE_RANGES": LpmTrie<SourceRange, u32>, SOURCE_RANGES_MAX, Fixed, Config, Shared;
+    /// `Array<GlobalConfig>` with one element.
+    CONFIG = "XLB_CONFIG": Array<u32, GlobalConfig>, 1, Fixed, Config, Shared;
+    /// `PerCpuArray<u64>` indexed by `Reason as u32`: packets per verdict reason.
+    STATS = "XLB_STATS": PerCpuArray<u32, u64>, REASON_COUNT, Fixed, Alone, Private;
+    /// `PerCpuArray<Traffic>` indexed by `Service::id`: forwarded traffic.
+    SERVICE_STATS = "XLB_SERVICE_STATS": PerCpuArray<u32, Traffic>, SERVICE_IDS_MAX, Fixed, Alone, Private;
+    /// `PerCpuArray<Traffic>` indexed by backend id: forwarded traffic.
+    BACKEND_STATS = "XLB_BACKEND_STATS": PerCpuArray<u32, Traffic>, BACKENDS_MAX, Fixed, Alone, Private;
+    /// `LruHashMap<FragKey, FragPorts>`: first fragments' ports, for the
+    /// datagram's later fragments.
+    FRAGS = "XLB_FRAGS": LruHash<FragKey, FragPorts>, FRAGS_MAX, Fixed, Alone, Private;
+    /// `LruHashMap<u32 /* client addr_be */, IcmpLimit>`: rate limit of the
+    /// "fragmentation needed" answers xlb sends.
+    ICMP_LIMIT = "XLB_ICMP_LIMIT": LruHash<u32, IcmpLimit>, ICMP_LIMIT_MAX, Fixed, Alone, Private;
+    /// `HashMap<u32 /* ifindex */, u32 /* flags, 0 */>`: egress interfaces XDP
+    /// may redirect into (those xlb's XDP program runs on: NICs, whose peer takes
+    /// XDP frames). Frames for any other next hop (a pod's veth, a bridge, a
+    /// tunnel) are handed to the tc program instead. Not pinned: each agent
+    /// fills it with the interfaces it attaches to, so none is left from a
+    /// previous configuration.
+    REDIRECT_OK = "XLB_REDIRECT_OK": Hash<u32, u32>, REDIRECT_OK_MAX, Fixed, No, Private;
+    /// `PerCpuArray<Paths>` indexed by backend id: which hook carried its packets.
+    BACKEND_PATHS = "XLB_BACKEND_PATHS": PerCpuArray<u32, Paths>, BACKENDS_MAX, Fixed, Alone, Private;
+    /// `LruHashMap<SockRevNatKey, SockRevNat>`: for socket-level balancing, the
+    /// service address a socket asked for, by (socket cookie, backend), so
+    /// recvmsg() and getpeername() show the service rather than the backend.
+    SOCK_REVNAT = "XLB_SOCK_REVNAT": LruHash<SockRevNatKey, SockRevNat>, SOCK_REVNAT_MAX, Fixed, Alone, Private;
+}
+
+/// Where a program of the object runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// XDP on the uplinks.
+    Xdp,
+    /// tc ingress (a tcx link, or a clsact filter on older kernels).
+    TcIngress,
+    /// A cgroup v2 socket hook (`cgroup/<hook>` section), by its hook name.
+    CgroupSockAddr(&'static str),
+}
+
+/// One program of the datapath. Kernel program names keep 15 characters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramDecl {
+    pub name: &'static str,
+    pub hook: Hook,
+}
+
+/// Every program of the datapath.
+pub const PROGRAMS: [ProgramDecl; 7] = [
+    ProgramDecl {
+        name: "xlb",
+        hook: Hook::Xdp,
+    },
+    // Sends on the frames XDP rewrote but could not deliver itself
+    // (metadata hand-off).
+    ProgramDecl {
+        name: "xlb_tc_uplink",
+        hook: Hook::TcIngress,
+    },
+    // On pods' host-side veths and tunnel devices: reverse NAT for backend
+    // replies that never cross an XDP interface.
+    ProgramDecl {
+        name: "xlb_tc_pod",
+        hook: Hook::TcIngress,
+    },
+    ProgramDecl {
+        name: "xlb_connect4",
+        hook: Hook::CgroupSockAddr("connect4"),
+    },
+    ProgramDecl {
+        name: "xlb_sendmsg4",
+        hook: Hook::CgroupSockAddr("sendmsg4"),
+    },
+    ProgramDecl {
+        name: "xlb_recvmsg4",
+        hook: Hook::CgroupSockAddr("recvmsg4"),
+    },
+    ProgramDecl {
+        name: "xlb_getpeer4",
+        hook: Hook::CgroupSockAddr("getpeername4"),
+    },
+];
 
 /// Name of the XDP program in the object file.
-pub const PROGRAM: &str = "xlb";
-/// tc ingress program for uplinks: sends on the frames XDP rewrote but could
-/// not deliver itself (metadata hand-off).
-pub const PROGRAM_TC_UPLINK: &str = "xlb_tc_uplink";
-/// tc ingress program for pods' host-side veths and tunnel devices: reverse
-/// NAT for backend replies that never cross an XDP interface.
-pub const PROGRAM_TC_POD: &str = "xlb_tc_pod";
+pub const PROGRAM: &str = PROGRAMS[0].name;
+/// tc ingress program for uplinks.
+pub const PROGRAM_TC_UPLINK: &str = PROGRAMS[1].name;
+/// tc ingress program for pods' host-side veths and tunnel devices.
+pub const PROGRAM_TC_POD: &str = PROGRAMS[2].name;
 
-/// The cgroup v2 socket hooks in the object file (`cgroup/<hook>` sections),
-/// as (program name, hook). Kernel program names keep 15 characters.
+/// The cgroup socket hooks, as (program name, hook).
 pub const SOCK_PROGRAMS: [(&str, &str); 4] = [
-    ("xlb_connect4", "connect4"),
-    ("xlb_sendmsg4", "sendmsg4"),
-    ("xlb_recvmsg4", "recvmsg4"),
-    ("xlb_getpeer4", "getpeername4"),
+    socket_hook(PROGRAMS[3]),
+    socket_hook(PROGRAMS[4]),
+    socket_hook(PROGRAMS[5]),
+    socket_hook(PROGRAMS[6]),
 ];
+
+const fn socket_hook(program: ProgramDecl) -> (&'static str, &'static str) {
+    match program.hook {
+        Hook::CgroupSockAddr(hook) => (program.name, hook),
+        _ => panic!("not a socket hook"),
+    }
+}
+
+/// `BPF_OBJ_NAME_LEN - 1`: the kernel keeps this much of a map's or
+/// program's name.
+pub const KERNEL_NAME_LEN: usize = 15;
+
+/// The name the kernel keeps for a map or program called `name`.
+pub fn kernel_name(name: &str) -> &str {
+    &name[..name.len().min(KERNEL_NAME_LEN)]
+}
 
 pub const SERVICES_MAX: u32 = 65_536;
 /// Service ids are below this (the per-service counters are an array).
@@ -83,3 +297,47 @@ pub const FRAGS_MAX: u32 = 16_384;
 pub const ICMP_LIMIT_MAX: u32 = 16_384;
 pub const REDIRECT_OK_MAX: u32 = 256;
 pub const SOCK_REVNAT_MAX: u32 = 1 << 18;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_stay_distinct_as_the_kernel_keeps_them() {
+        for (index, map) in MAPS.iter().enumerate() {
+            for other in &MAPS[index + 1..] {
+                assert_ne!(kernel_name(map.name), kernel_name(other.name));
+            }
+        }
+        for (index, program) in PROGRAMS.iter().enumerate() {
+            assert!(program.name.len() <= KERNEL_NAME_LEN, "{}", program.name);
+            for other in &PROGRAMS[index + 1..] {
+                assert_ne!(program.name, other.name);
+            }
+        }
+    }
+
+    #[test]
+    fn the_table_declares_what_the_rows_say() {
+        assert_eq!(
+            decl::SOURCE_RANGES.key_size,
+            4 + size_of::<SourceRange>() as u32
+        );
+        assert_eq!(decl::SOURCE_RANGES.flags, BPF_F_NO_PREALLOC);
+        assert_eq!(decl::FLOWS.name, FLOWS);
+        assert_eq!(decl::STATS.max_entries, REASON_COUNT);
+        assert!(MAPS.contains(&decl::SOCK_REVNAT));
+    }
+
+    #[test]
+    fn only_configuration_is_shared_with_explain() {
+        for map in MAPS {
+            if map.explain == Explain::Shared {
+                assert_eq!(map.pin, Pin::Config, "{}", map.name);
+            }
+            if map.explain == Explain::Seeded {
+                assert_ne!(map.pin, Pin::No, "{} is seeded from its pin", map.name);
+            }
+        }
+    }
+}

@@ -1,76 +1,84 @@
-//! The datapath's maps. Names, key/value types and sizes come from lb-common
-//! so the agent opens exactly these.
+//! The datapath's maps: one `static` per row of lb-common's declaration
+//! (`lb_common::maps`), named as declared and sized from `decl`, so the agent
+//! opens exactly these (a kernel test checks the object against it).
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
     IcmpLimit, NodeAddr, Paths, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
-    Traffic, maps as size, reason::REASON_COUNT,
+    Traffic, maps::decl,
 };
 
 #[map]
 pub static XLB_SERVICES: HashMap<ServiceKey, Service> =
-    HashMap::with_max_entries(size::SERVICES_MAX, 0);
+    HashMap::with_max_entries(decl::SERVICES.max_entries, decl::SERVICES.flags);
 
 #[map]
-pub static XLB_SELECT: Array<u32> = Array::with_max_entries(size::SELECT_MAX, 0);
+pub static XLB_SELECT: Array<u32> =
+    Array::with_max_entries(decl::SELECT.max_entries, decl::SELECT.flags);
 
 #[map]
-pub static XLB_BACKENDS: Array<Backend> = Array::with_max_entries(size::BACKENDS_MAX, 0);
+pub static XLB_BACKENDS: Array<Backend> =
+    Array::with_max_entries(decl::BACKENDS.max_entries, decl::BACKENDS.flags);
 
 #[map]
-pub static XLB_BACKEND_HOPS: Array<BackendHop> = Array::with_max_entries(size::BACKENDS_MAX, 0);
+pub static XLB_BACKEND_HOPS: Array<BackendHop> =
+    Array::with_max_entries(decl::BACKEND_HOPS.max_entries, decl::BACKEND_HOPS.flags);
 
 #[map]
-pub static XLB_FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(size::FLOWS_MAX, 0);
+pub static XLB_FLOWS: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(decl::FLOWS.max_entries, decl::FLOWS.flags);
 
 #[map]
 pub static XLB_NODE_ADDRS: HashMap<u32, NodeAddr> =
-    HashMap::with_max_entries(size::NODE_ADDRS_MAX, 0);
+    HashMap::with_max_entries(decl::NODE_ADDRS.max_entries, decl::NODE_ADDRS.flags);
 
 #[map]
-pub static XLB_IFACE_ADDRS: HashMap<u32, u32> = HashMap::with_max_entries(size::IFACE_ADDRS_MAX, 0);
+pub static XLB_IFACE_ADDRS: HashMap<u32, u32> =
+    HashMap::with_max_entries(decl::IFACE_ADDRS.max_entries, decl::IFACE_ADDRS.flags);
 
 #[map]
 pub static XLB_AFFINITY: LruHashMap<AffinityKey, Affinity> =
-    LruHashMap::with_max_entries(size::AFFINITY_MAX, 0);
+    LruHashMap::with_max_entries(decl::AFFINITY.max_entries, decl::AFFINITY.flags);
 
 #[map]
 pub static XLB_SOURCE_RANGES: LpmTrie<SourceRange, u32> =
-    LpmTrie::with_max_entries(size::SOURCE_RANGES_MAX, BPF_F_NO_PREALLOC);
+    LpmTrie::with_max_entries(decl::SOURCE_RANGES.max_entries, decl::SOURCE_RANGES.flags);
 
 #[map]
-pub static XLB_CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+pub static XLB_CONFIG: Array<GlobalConfig> =
+    Array::with_max_entries(decl::CONFIG.max_entries, decl::CONFIG.flags);
 
 #[map]
-pub static XLB_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+pub static XLB_STATS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(decl::STATS.max_entries, decl::STATS.flags);
 
 #[map]
 pub static XLB_SERVICE_STATS: PerCpuArray<Traffic> =
-    PerCpuArray::with_max_entries(size::SERVICE_IDS_MAX, 0);
+    PerCpuArray::with_max_entries(decl::SERVICE_STATS.max_entries, decl::SERVICE_STATS.flags);
 
 #[map]
 pub static XLB_BACKEND_STATS: PerCpuArray<Traffic> =
-    PerCpuArray::with_max_entries(size::BACKENDS_MAX, 0);
+    PerCpuArray::with_max_entries(decl::BACKEND_STATS.max_entries, decl::BACKEND_STATS.flags);
 
 #[map]
 pub static XLB_FRAGS: LruHashMap<FragKey, FragPorts> =
-    LruHashMap::with_max_entries(size::FRAGS_MAX, 0);
+    LruHashMap::with_max_entries(decl::FRAGS.max_entries, decl::FRAGS.flags);
 
 #[map]
 pub static XLB_ICMP_LIMIT: LruHashMap<u32, IcmpLimit> =
-    LruHashMap::with_max_entries(size::ICMP_LIMIT_MAX, 0);
+    LruHashMap::with_max_entries(decl::ICMP_LIMIT.max_entries, decl::ICMP_LIMIT.flags);
 
 #[map]
-pub static XLB_REDIRECT_OK: HashMap<u32, u32> = HashMap::with_max_entries(size::REDIRECT_OK_MAX, 0);
+pub static XLB_REDIRECT_OK: HashMap<u32, u32> =
+    HashMap::with_max_entries(decl::REDIRECT_OK.max_entries, decl::REDIRECT_OK.flags);
 
 #[map]
 pub static XLB_BACKEND_PATHS: PerCpuArray<Paths> =
-    PerCpuArray::with_max_entries(size::BACKENDS_MAX, 0);
+    PerCpuArray::with_max_entries(decl::BACKEND_PATHS.max_entries, decl::BACKEND_PATHS.flags);
 
 /// Which hook carried a forwarded packet, for `XLB_BACKEND_PATHS`.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -130,4 +138,4 @@ pub fn count(reason: lb_common::Reason) {
 /// Socket-level balancing's reverse translation (see `sock.rs`).
 #[map]
 pub static XLB_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNat> =
-    LruHashMap::with_max_entries(size::SOCK_REVNAT_MAX, 0);
+    LruHashMap::with_max_entries(decl::SOCK_REVNAT.max_entries, decl::SOCK_REVNAT.flags);

@@ -6,8 +6,9 @@
 //! A test run of the real program writes: it creates flows, refreshes
 //! affinity records, caches next hops and counts. So the simulation shares
 //! with the live datapath only the maps the datapath never writes (the
-//! configuration: [`SHARED`], opened from the agent's pins) and gets fresh,
-//! private copies of every map it does write. Before each run the private
+//! configuration: `Explain::Shared` in `lb_common::maps::MAPS`, opened from
+//! the agent's pins) and gets fresh, private copies of every map it does
+//! write. Before each run the private
 //! conntrack is seeded with the live entries of this tuple (and its peer)
 //! and the private affinity table with the client's live record, so the
 //! program sees what the live one would; what it creates stays private and
@@ -19,7 +20,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray};
 use aya::programs::{ProgramError, TestRun as _, Xdp};
 use aya::{Ebpf, EbpfError, EbpfLoader, TestRunOptions};
-use lb_common::maps as names;
+use lb_common::maps::{self as names, Explain, MapDecl, Sizing};
 use lb_common::service::{ADDR_ANY_NODE, SERVICE_F_AFFINITY};
 use lb_common::{
     Affinity, AffinityKey, BackendHop, Flow, FlowKey, GlobalConfig, NodeAddr, Reason, Service,
@@ -29,17 +30,11 @@ use lb_common::{
 use super::OBJECT;
 use super::pin::MAPS_DIR;
 
-/// Maps the datapath only reads: the simulation uses the live ones.
-/// (`tests` checks the datapath's source never writes them.)
-pub const SHARED: [&str; 7] = [
-    names::SERVICES,
-    names::SELECT,
-    names::BACKENDS,
-    names::NODE_ADDRS,
-    names::IFACE_ADDRS,
-    names::SOURCE_RANGES,
-    names::CONFIG,
-];
+/// The maps the simulation takes from the live datapath as `how` says
+/// (`tests` checks the datapath's source never writes a shared one).
+fn maps_shared_as(how: Explain) -> impl Iterator<Item = &'static MapDecl> {
+    names::MAPS.iter().filter(move |map| map.explain == how)
+}
 
 /// Private conntrack and affinity tables hold one tuple's entries.
 const PRIVATE_ENTRIES: u32 = 64;
@@ -123,11 +118,12 @@ impl Simulator {
     /// under `bpffs`.
     pub fn open(bpffs: &Path) -> Result<Self, ExplainError> {
         let dir = bpffs.join(MAPS_DIR);
-        for name in SHARED.iter().chain(&[names::FLOWS, names::AFFINITY]) {
-            if !dir.join(name).exists() {
+        let live = maps_shared_as(Explain::Shared).chain(maps_shared_as(Explain::Seeded));
+        for map in live {
+            if !dir.join(map.name).exists() {
                 return Err(ExplainError::NotPinned {
                     dir: dir.clone(),
-                    name,
+                    name: map.name,
                 });
             }
         }
@@ -141,22 +137,24 @@ impl Simulator {
         let live_affinity = aya::maps::Map::from_map_data(open(names::AFFINITY)?)
             .and_then(HashMap::try_from)
             .map_err(map_error(names::AFFINITY))?;
-        let capacity = |name: &str| {
-            let path = dir.join(name);
-            MapInfo::from_pin(&path)
-                .map(|info| info.max_entries())
-                .map_err(|source| ExplainError::OpenPin { path, source })
-        };
-        let paths: Vec<(&str, PathBuf)> = SHARED.iter().map(|n| (*n, dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
-        loader
-            .override_global("XLB_DEBUG", &0u32, false)
-            .map_max_entries(names::SELECT, capacity(names::SELECT)?)
-            .map_max_entries(names::BACKENDS, capacity(names::BACKENDS)?)
-            .map_max_entries(names::FLOWS, PRIVATE_ENTRIES)
-            .map_max_entries(names::AFFINITY, PRIVATE_ENTRIES);
-        for (name, path) in &paths {
-            loader.map_pin_path(name, path.as_path());
+        loader.override_global("XLB_DEBUG", &0u32, false);
+        for map in maps_shared_as(Explain::Shared) {
+            let path = dir.join(map.name);
+            if map.sizing != Sizing::Fixed {
+                // The live map's size, as the agent chose it at load.
+                let capacity = MapInfo::from_pin(&path)
+                    .map(|info| info.max_entries())
+                    .map_err(|source| ExplainError::OpenPin {
+                        path: path.clone(),
+                        source,
+                    })?;
+                loader.map_max_entries(map.name, capacity);
+            }
+            loader.map_pin_path(map.name, path);
+        }
+        for map in maps_shared_as(Explain::Seeded) {
+            loader.map_max_entries(map.name, PRIVATE_ENTRIES);
         }
         let mut ebpf = loader
             .load(OBJECT)
@@ -374,7 +372,7 @@ mod tests {
     use super::*;
 
     /// The simulation reads the live configuration maps, so the datapath
-    /// must never write them: any write to one of [`SHARED`] in lb-ebpf's
+    /// must never write them: any write to a shared map in lb-ebpf's
     /// source fails here (give that map a private copy instead).
     #[test]
     fn the_datapath_never_writes_the_shared_maps() {
@@ -392,7 +390,7 @@ mod tests {
             }
         }
         assert!(sources.len() > 5, "lb-ebpf sources not found");
-        for name in SHARED {
+        for name in maps_shared_as(Explain::Shared).map(|map| map.name) {
             for write in ["insert(", "remove(", "get_ptr_mut(", "set("] {
                 let needle = format!("{name}.{write}");
                 for (path, text) in &sources {

@@ -22,6 +22,7 @@ use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
+use lb_common::maps::{MapDecl, Sizing};
 
 use crate::error_chain;
 
@@ -35,7 +36,8 @@ pub use sock::{SocketHookError, SocketHooks};
 /// The datapath object built by lb-userspace/build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// Load-time map sizes (the maps marked "load-time" in `lb_common::maps`).
+/// Load-time map sizes (the maps whose `Sizing` is not `Fixed` in
+/// `lb_common::maps::MAPS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub flows: u32,
@@ -49,6 +51,18 @@ impl Default for MapSizes {
             flows: lb_common::maps::FLOWS_MAX,
             backends: lb_common::maps::BACKENDS_MAX,
             select_slots: lb_common::maps::SELECT_MAX,
+        }
+    }
+}
+
+impl MapSizes {
+    /// The capacity the loader gives `map`.
+    pub fn max_entries(&self, map: &MapDecl) -> u32 {
+        match map.sizing {
+            Sizing::Fixed => map.max_entries,
+            Sizing::Flows => self.flows,
+            Sizing::Backends => self.backends,
+            Sizing::SelectSlots => self.select_slots,
         }
     }
 }
@@ -297,11 +311,12 @@ impl Datapath {
             None => Vec::new(),
         };
         let mut loader = EbpfLoader::new();
-        loader
-            .override_global("XLB_DEBUG", &debug_flag, false)
-            .map_max_entries(lb_common::maps::FLOWS, sizes.flows)
-            .map_max_entries(lb_common::maps::BACKENDS, sizes.backends)
-            .map_max_entries(lb_common::maps::SELECT, sizes.select_slots);
+        loader.override_global("XLB_DEBUG", &debug_flag, false);
+        for map in lb_common::maps::MAPS {
+            if map.sizing != Sizing::Fixed {
+                loader.map_max_entries(map.name, sizes.max_entries(map));
+            }
+        }
         for (name, path) in &map_paths {
             loader.map_pin_path(name, path.as_path());
         }

@@ -2,7 +2,8 @@
 //! conntrack) while the agent restarts or is upgraded.
 //!
 //! Layout, shared with the CLI (`observe::datapath`) and kept exactly:
-//! `DIR/maps/<MAP_NAME>` for every map in `lb_common::maps`,
+//! `DIR/maps/<MAP_NAME>` for every map `lb_common::maps::MAPS` declares
+//! pinned,
 //! `DIR/links/<ifname>` for the XDP link of every interface,
 //! `DIR/cgroup/<hook>` for the socket hooks' cgroup links (connect4, ...).
 
@@ -10,12 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapInfo, MapType};
-use lb_common::maps as names;
-use lb_common::reason::REASON_COUNT;
-use lb_common::{
-    Affinity, AffinityKey, Backend, Flow, FlowKey, FragKey, FragPorts, GlobalConfig, IcmpLimit,
-    NodeAddr, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange, Traffic,
-};
+use lb_common::maps::{MAPS, MapDecl, MapKind, Pin, Sizing};
 
 use super::MapSizes;
 
@@ -27,21 +23,6 @@ pub const CGROUP_LINKS_DIR: &str = "cgroup";
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
-
-/// The maps that describe the configuration. They refer to each other
-/// (service entries to table regions, slots and affinity records to
-/// backend ids), so they are adopted or recreated together: never a fresh
-/// `XLB_SELECT` under adopted service entries.
-const CONFIG_MAPS: [&str; 8] = [
-    names::SERVICES,
-    names::SELECT,
-    names::BACKENDS,
-    names::NODE_ADDRS,
-    names::IFACE_ADDRS,
-    names::SOURCE_RANGES,
-    names::CONFIG,
-    names::AFFINITY,
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
@@ -293,138 +274,45 @@ impl MapSpec {
     }
 }
 
-fn size_of<T>() -> u32 {
-    u32::try_from(std::mem::size_of::<T>()).unwrap_or(u32::MAX)
+/// aya's name for a declared map kind.
+pub fn map_type(kind: MapKind) -> MapType {
+    match kind {
+        MapKind::Hash => MapType::Hash,
+        MapKind::Array => MapType::Array,
+        MapKind::PerCpuArray => MapType::PerCpuArray,
+        MapKind::LruHash => MapType::LruHash,
+        MapKind::LpmTrie => MapType::LpmTrie,
+    }
 }
 
-/// Every map of the datapath, as the loader will create it with `sizes`.
+impl MapSpec {
+    /// `map` as the loader creates it with `sizes`.
+    pub fn of(map: &MapDecl, sizes: &MapSizes) -> Self {
+        Self {
+            name: map.name,
+            kind: map_type(map.kind),
+            key_size: map.key_size,
+            value_size: map.value_size,
+            max_entries: sizes.max_entries(map),
+            or_larger: map.sizing == Sizing::SelectSlots,
+        }
+    }
+}
+
+/// Every pinned map of the datapath (`Pin::Config` and `Pin::Alone` in
+/// `lb_common::maps::MAPS`), as the loader will create it with `sizes`.
 pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
-    let spec = |name, kind, key_size, value_size, max_entries| MapSpec {
-        name,
-        kind,
-        key_size,
-        value_size,
-        max_entries,
-        or_larger: false,
-    };
-    let u32_size = size_of::<u32>();
-    vec![
-        spec(
-            names::SERVICES,
-            MapType::Hash,
-            size_of::<ServiceKey>(),
-            size_of::<Service>(),
-            names::SERVICES_MAX,
-        ),
-        MapSpec {
-            or_larger: true,
-            ..spec(
-                names::SELECT,
-                MapType::Array,
-                u32_size,
-                u32_size,
-                sizes.select_slots,
-            )
-        },
-        spec(
-            names::BACKENDS,
-            MapType::Array,
-            u32_size,
-            size_of::<Backend>(),
-            sizes.backends,
-        ),
-        spec(
-            names::FLOWS,
-            MapType::LruHash,
-            size_of::<FlowKey>(),
-            size_of::<Flow>(),
-            sizes.flows,
-        ),
-        spec(
-            names::NODE_ADDRS,
-            MapType::Hash,
-            u32_size,
-            size_of::<NodeAddr>(),
-            names::NODE_ADDRS_MAX,
-        ),
-        spec(
-            names::IFACE_ADDRS,
-            MapType::Hash,
-            u32_size,
-            u32_size,
-            names::IFACE_ADDRS_MAX,
-        ),
-        spec(
-            names::AFFINITY,
-            MapType::LruHash,
-            size_of::<AffinityKey>(),
-            size_of::<Affinity>(),
-            names::AFFINITY_MAX,
-        ),
-        spec(
-            names::SOURCE_RANGES,
-            MapType::LpmTrie,
-            u32_size + size_of::<SourceRange>(),
-            u32_size,
-            names::SOURCE_RANGES_MAX,
-        ),
-        spec(
-            names::CONFIG,
-            MapType::Array,
-            u32_size,
-            size_of::<GlobalConfig>(),
-            1,
-        ),
-        spec(
-            names::STATS,
-            MapType::PerCpuArray,
-            u32_size,
-            size_of::<u64>(),
-            REASON_COUNT,
-        ),
-        spec(
-            names::SERVICE_STATS,
-            MapType::PerCpuArray,
-            u32_size,
-            size_of::<Traffic>(),
-            names::SERVICE_IDS_MAX,
-        ),
-        spec(
-            names::BACKEND_STATS,
-            MapType::PerCpuArray,
-            u32_size,
-            size_of::<Traffic>(),
-            names::BACKENDS_MAX,
-        ),
-        spec(
-            names::FRAGS,
-            MapType::LruHash,
-            size_of::<FragKey>(),
-            size_of::<FragPorts>(),
-            names::FRAGS_MAX,
-        ),
-        spec(
-            names::ICMP_LIMIT,
-            MapType::LruHash,
-            u32_size,
-            size_of::<IcmpLimit>(),
-            names::ICMP_LIMIT_MAX,
-        ),
-        spec(
-            names::SOCK_REVNAT,
-            MapType::LruHash,
-            size_of::<SockRevNatKey>(),
-            size_of::<SockRevNat>(),
-            names::SOCK_REVNAT_MAX,
-        ),
-        spec(
-            names::BACKEND_PATHS,
-            MapType::PerCpuArray,
-            u32_size,
-            size_of::<lb_common::Paths>(),
-            names::BACKENDS_MAX,
-        ),
-    ]
+    MAPS.iter()
+        .filter(|map| map.pin != Pin::No)
+        .map(|map| MapSpec::of(map, sizes))
+        .collect()
+}
+
+/// The configuration maps (`Pin::Config`): adopted or recreated together.
+fn config_maps() -> impl Iterator<Item = &'static str> {
+    MAPS.iter()
+        .filter(|map| map.pin == Pin::Config)
+        .map(|map| map.name)
 }
 
 /// What `prepare_map_pins` found.
@@ -454,7 +342,7 @@ pub fn prepare_map_pins(pins: &PinDir, sizes: &MapSizes) -> Result<PinCheck, Pin
             Ok(info) => spec.mismatch(&info),
             Err(error) => Some(format!("unreadable: {error}")),
         };
-        let is_config = CONFIG_MAPS.contains(&spec.name);
+        let is_config = config_maps().any(|name| name == spec.name);
         match problem {
             Some(why) if is_config => config_broken.push((spec.name.to_owned(), why)),
             Some(why) => {
@@ -465,13 +353,13 @@ pub fn prepare_map_pins(pins: &PinDir, sizes: &MapSizes) -> Result<PinCheck, Pin
             None => {}
         }
     }
-    let complete = config_present == CONFIG_MAPS.len();
+    let complete = config_present == config_maps().count();
     if complete {
         check.adopted = true;
         return Ok(check);
     }
     if config_present > 0 || !config_broken.is_empty() {
-        for name in CONFIG_MAPS {
+        for name in config_maps() {
             let path = pins.map(name);
             if !path.exists() {
                 continue;
@@ -493,6 +381,7 @@ pub fn prepare_map_pins(pins: &PinDir, sizes: &MapSizes) -> Result<PinCheck, Pin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::maps as names;
 
     #[test]
     fn layout() {
@@ -505,12 +394,16 @@ mod tests {
     }
 
     #[test]
-    fn every_map_has_a_spec_and_config_maps_are_among_them() {
+    fn every_pinned_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
         assert_eq!(specs.len(), 16);
-        for name in CONFIG_MAPS {
+        for name in config_maps() {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }
+        let unpinned = [names::BACKEND_HOPS, names::REDIRECT_OK];
+        assert!(specs.iter().all(|spec| !unpinned.contains(&spec.name)));
+        let select = specs.iter().find(|spec| spec.name == names::SELECT);
+        assert!(select.is_some_and(|spec| spec.or_larger));
     }
 
     #[test]

@@ -348,3 +348,94 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
         "the counter maps (reasons, services, backends, paths), XLB_FRAGS, XLB_ICMP_LIMIT and the socket reverse map were left"
     );
 }
+
+/// The maps aya adds to an object beside the datapath's own: global data
+/// sections (`.rodata` for `XLB_DEBUG`, ...) and aya-log's ring buffer.
+fn is_loader_map(name: &str) -> bool {
+    name.starts_with('.') || name == "AYA_LOGS"
+}
+
+/// The object's maps and programs are exactly `lb_common::maps::MAPS` and
+/// `PROGRAMS`, with the declared kind, key/value sizes, capacity and flags.
+#[test]
+fn the_object_is_what_lb_common_declares() {
+    use aya::programs::Program;
+    use lb_common::maps::{Hook, MAPS, PROGRAMS};
+
+    if !is_root() {
+        eprintln!("skipped: loading BPF needs root");
+        return;
+    }
+    let mut loader = EbpfLoader::new();
+    for map in MAPS {
+        if map.sizing != Sizing::Fixed {
+            loader.map_max_entries(map.name, TEST_SIZES.max_entries(map));
+        }
+    }
+    let ebpf = loader
+        .load(OBJECT)
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    let mut seen = BTreeSet::new();
+    for (name, map) in ebpf.maps() {
+        if is_loader_map(name) {
+            continue;
+        }
+        let declared = MAPS.iter().find(|map| map.name == name);
+        let Some(declared) = declared else {
+            panic!("the object's map {name} is not declared in lb_common::maps");
+        };
+        let info = map_data(map)
+            .and_then(|data| data.info().ok())
+            .unwrap_or_else(|| panic!("{name}: no map info"));
+        let found = (
+            info.map_type().ok(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags(),
+        );
+        let expected = (
+            Some(pin::map_type(declared.kind)),
+            declared.key_size,
+            declared.value_size,
+            TEST_SIZES.max_entries(declared),
+            declared.flags,
+        );
+        assert_eq!(
+            found, expected,
+            "{name}: (kind, key, value, max_entries, flags)"
+        );
+        seen.insert(name.to_owned());
+    }
+    for map in MAPS {
+        assert!(
+            seen.contains(map.name),
+            "{} is declared but not in the object",
+            map.name
+        );
+    }
+    let mut programs = 0;
+    for (name, program) in ebpf.programs() {
+        let declared = PROGRAMS.iter().find(|program| program.name == name);
+        let Some(declared) = declared else {
+            panic!("the object's program {name} is not declared in lb_common::maps");
+        };
+        let kind_fits = match declared.hook {
+            Hook::Xdp => matches!(program, Program::Xdp(_)),
+            Hook::TcIngress => matches!(program, Program::SchedClassifier(_)),
+            Hook::CgroupSockAddr(_) => matches!(program, Program::CgroupSockAddr(_)),
+        };
+        assert!(
+            kind_fits,
+            "{name} is a {:?}, declared {:?}",
+            program.prog_type(),
+            declared.hook
+        );
+        programs += 1;
+    }
+    assert_eq!(
+        programs,
+        PROGRAMS.len(),
+        "a declared program is missing from the object"
+    );
+}
