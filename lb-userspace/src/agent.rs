@@ -18,7 +18,7 @@ use crate::error_chain;
 use crate::kernel::maps::{MapIoError, format_paths, format_stats, global_config};
 use crate::kernel::{
     self, AttachMode, DEFAULT_BPFFS, Datapath, FlowTable, KernelError, KernelMaps, LinkKind,
-    Loaded, MapSizes, NeighbourWorker, PinDir, Stats, TcRole, host,
+    Loaded, MapSizes, NeighbourWorker, PinDir, TcRole, host,
 };
 use crate::model::DesiredState;
 use crate::observe::{self, Observe, ObserveError, Steps};
@@ -343,7 +343,6 @@ struct Agent {
     skipped: Vec<String>,
     datapath: Datapath,
     flows: FlowTable,
-    stats: Stats,
     watch: FileWatch,
     observe: Observe,
     /// Where services come from when not from the config file.
@@ -394,7 +393,6 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         datapath,
         maps,
         flows,
-        stats,
         logger,
         adopted,
         observed,
@@ -438,7 +436,6 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         skipped: Vec::new(),
         datapath,
         flows,
-        stats,
         watch: FileWatch::default(),
         observe,
         services,
@@ -545,22 +542,7 @@ impl Agent {
     /// and maps to the next agent.
     fn shut_down(&mut self) {
         self.observe.stopping();
-        match self.stats.read() {
-            Ok(counts) => info!("packet counters: {}", format_stats(&counts)),
-            Err(error) => warn!("cannot read packet counters: {}", error_chain(&error)),
-        }
-        for (id, backend) in &self.applied.backends {
-            match self.stats.paths(*id) {
-                Ok(paths) if paths != lb_common::Paths::default() => info!(
-                    "backend {}:{} paths: {}",
-                    backend.address.address,
-                    backend.address.port,
-                    format_paths(&paths)
-                ),
-                Ok(_) => {}
-                Err(error) => warn!("cannot read backend paths: {}", error_chain(&error)),
-            }
-        }
+        self.log_counters();
         if self.options.keep_attached {
             self.release();
         } else {
@@ -571,6 +553,34 @@ impl Agent {
             && error.kind() != io::ErrorKind::NotFound
         {
             warn!("cannot remove the ready file {}: {error}", path.display());
+        }
+    }
+
+    /// The datapath's verdict counters and each backend's paths, for the
+    /// exit log (`cargo xtask demo` reads it).
+    fn log_counters(&self) {
+        let Some(reader) = self.observe.datapath_maps() else {
+            warn!("cannot read packet counters: the datapath's maps could not be opened");
+            return;
+        };
+        match reader.verdicts() {
+            Ok(mut counts) => {
+                counts.retain(|(_, count)| *count > 0);
+                info!("packet counters: {}", format_stats(&counts));
+            }
+            Err(error) => warn!("cannot read packet counters: {}", error_chain(&error)),
+        }
+        for (id, backend) in &self.applied.backends {
+            match reader.backend_paths(*id) {
+                Ok(paths) if paths != lb_common::Paths::default() => info!(
+                    "backend {}:{} paths: {}",
+                    backend.address.address,
+                    backend.address.port,
+                    format_paths(&paths)
+                ),
+                Ok(_) => {}
+                Err(error) => warn!("cannot read backend paths: {}", error_chain(&error)),
+            }
         }
     }
 

@@ -28,6 +28,7 @@ use lb_common::{
 };
 
 use super::OBJECT;
+use super::maps::{add_count, per_cpu_sum};
 use super::pin::MAPS_DIR;
 
 /// The maps the simulation takes from the live datapath as `how` says
@@ -326,10 +327,7 @@ impl Simulator {
         Reason::ALL
             .iter()
             .map(|reason| {
-                stats
-                    .get(&(*reason as u32), 0)
-                    .map(|per_cpu| per_cpu.iter().fold(0u64, |sum, n| sum.wrapping_add(*n)))
-                    .map_err(map_error(names::STATS))
+                per_cpu_sum(&stats, *reason as u32, add_count).map_err(map_error(names::STATS))
             })
             .collect()
     }

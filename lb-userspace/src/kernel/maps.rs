@@ -1,12 +1,13 @@
 //! Map I/O: the reconciler's `MapOp`s written into the datapath's BPF maps,
 //! and the model -> lb-common conversions (byte order lives here).
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use aya::Ebpf;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::{Ebpf, Pod};
 use lb_common::maps as names;
 use lb_common::service::{ADDR_ANY_NODE, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, CONFIG_F_READY};
 use lb_common::{
@@ -475,48 +476,27 @@ pub fn global_config(settings: &Settings) -> GlobalConfig {
     }
 }
 
-/// `XLB_STATS`: packets per verdict reason.
-pub struct Stats {
-    counters: PerCpuArray<MapData, u64>,
-    paths: PerCpuArray<MapData, Paths>,
+/// Entry `index` of a per-CPU counter array, summed over CPUs with `add`:
+/// the one place per-CPU counters are summed (`observe::datapath`'s reader
+/// and explain's simulation use it). Zero past the array's end.
+pub fn per_cpu_sum<M: Borrow<MapData>, T: Pod + Default>(
+    map: &PerCpuArray<M, T>,
+    index: u32,
+    add: impl Fn(&mut T, &T),
+) -> Result<T, MapError> {
+    let mut total = T::default();
+    if index >= map.len() {
+        return Ok(total);
+    }
+    for value in map.get(&index, 0)?.iter() {
+        add(&mut total, value);
+    }
+    Ok(total)
 }
 
-impl Stats {
-    pub fn open(ebpf: &mut Ebpf) -> Result<Self, OpenError> {
-        Ok(Self {
-            counters: typed(ebpf, names::STATS)?,
-            paths: typed(ebpf, names::BACKEND_PATHS)?,
-        })
-    }
-
-    /// Which hooks carried backend `id`'s packets, summed over CPUs.
-    pub fn paths(&self, id: u32) -> Result<Paths, MapIoError> {
-        let per_cpu = self.paths.get(&id, 0).map_err(io(names::BACKEND_PATHS))?;
-        let mut total = Paths::default();
-        for paths in per_cpu.iter() {
-            total.add(paths);
-        }
-        Ok(total)
-    }
-
-    /// Every reason with a non-zero count, summed over CPUs, in counter order.
-    pub fn read(&self) -> Result<Vec<(Reason, u64)>, MapIoError> {
-        let mut counts = Vec::new();
-        for &reason in Reason::ALL {
-            if reason as u32 >= self.counters.len() {
-                break;
-            }
-            let per_cpu = self
-                .counters
-                .get(&(reason as u32), 0)
-                .map_err(io(names::STATS))?;
-            let total = per_cpu.iter().fold(0u64, |sum, n| sum.wrapping_add(*n));
-            if total > 0 {
-                counts.push((reason, total));
-            }
-        }
-        Ok(counts)
-    }
+/// `per_cpu_sum`'s `add` for plain counters (`XLB_STATS`).
+pub fn add_count(total: &mut u64, count: &u64) {
+    *total = total.wrapping_add(*count);
 }
 
 /// One backend's paths for the exit log (`cargo xtask demo` reads it):

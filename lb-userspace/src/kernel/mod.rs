@@ -28,7 +28,7 @@ use crate::error_chain;
 
 pub use conntrack::{FlowTable, GcPass};
 pub use host::LinkKind;
-pub use maps::{KernelMaps, MapIoError, OpenError, Stats};
+pub use maps::{KernelMaps, MapIoError, OpenError};
 pub use neigh::{NeighbourWorker, Neighbours};
 pub use pin::{DEFAULT_BPFFS, PinDir, PinError};
 pub use sock::{SocketHookError, SocketHooks};
@@ -256,14 +256,13 @@ pub struct Loaded {
     pub datapath: Datapath,
     pub maps: KernelMaps,
     pub flows: FlowTable,
-    pub stats: Stats,
     /// aya-log's reader, when the program logs.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// The configuration maps were pinned by a previous agent and are
     /// reused: `KernelMaps::read_applied` tells what they hold.
     pub adopted: bool,
-    /// Duplicates of the maps /metrics reads (`observe::datapath::OBSERVED`),
-    /// by name.
+    /// Duplicates of the maps the reader (`observe::datapath::OBSERVED`)
+    /// needs, by name: for /metrics and the exit log.
     pub observed: BTreeMap<&'static str, MapData>,
 }
 
@@ -366,7 +365,6 @@ impl Datapath {
             })?;
         let maps = KernelMaps::open(&mut ebpf)?;
         let flows = FlowTable::open(&mut ebpf)?;
-        let stats = Stats::open(&mut ebpf)?;
         Ok(Loaded {
             datapath: Datapath {
                 ebpf,
@@ -378,7 +376,6 @@ impl Datapath {
             },
             maps,
             flows,
-            stats,
             logger,
             adopted,
             observed,

@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
+use lb_common::Reason;
 use lb_common::service::{BACKEND_F_ACTIVE, CONFIG_F_READY, SERVICE_F_MASQUERADE};
 
 use super::*;
@@ -212,8 +213,12 @@ fn deleting_what_is_already_gone_is_fine() {
 #[test]
 fn stats_start_at_zero() {
     let Some(loaded) = load() else { return };
-    let counts = loaded.stats.read().map_err(|e| error_chain(&e));
-    assert_eq!(counts, Ok(Vec::new()));
+    let reader = crate::observe::datapath::DatapathMaps::from_maps(loaded.observed);
+    let counts = reader
+        .and_then(|maps| maps.verdicts())
+        .map_err(|e| error_chain(&e));
+    let zeros: Vec<(Reason, u64)> = Reason::ALL.iter().map(|&reason| (reason, 0)).collect();
+    assert_eq!(counts, Ok(zeros));
 }
 
 /// A bpffs mounted in a fresh temporary directory, unmounted on drop.

@@ -1,7 +1,7 @@
-//! Read-only access to the datapath's counters and conntrack: through the
+//! The one reader of the datapath's counters and conntrack: through the
 //! pins under `--bpffs` (the CLI, from any process) or through the agent's
-//! own map file descriptors (its /metrics, which must not depend on where
-//! or whether the maps are pinned). Never writes a map.
+//! own map file descriptors (its /metrics and its exit log, which must not
+//! depend on where or whether the maps are pinned). Never writes a map.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -10,17 +10,18 @@ use std::time::Instant;
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::loaded_programs;
-use lb_common::maps as names;
-use lb_common::reason::REASON_COUNT;
-use lb_common::{Affinity, AffinityKey, Flow, FlowKey, GlobalConfig, Reason, Service, ServiceKey};
+use lb_common::maps::{self as names, kernel_name};
+use lb_common::{
+    Affinity, AffinityKey, Flow, FlowKey, GlobalConfig, Paths, Reason, Service, ServiceKey,
+};
 use lb_common::{Traffic, flow::FLOW_DIR_ORIGINAL};
+
+use crate::kernel::maps::{add_count, per_cpu_sum};
 
 // The pin layout (`BPFFS/maps/<NAME>`, `BPFFS/links/<ifname>`) is the
 // kernel layer's; this module only reads it.
 pub use crate::kernel::pin::{LINKS_DIR, MAPS_DIR};
 
-/// `BPF_OBJ_NAME_LEN - 1`: the kernel keeps this much of a map's name.
-const KERNEL_NAME_LEN: usize = 15;
 /// `enum bpf_prog_type`: BPF_PROG_TYPE_XDP.
 const BPF_PROG_TYPE_XDP: u32 = 6;
 
@@ -58,6 +59,7 @@ pub struct DatapathMaps {
     stats: PerCpuArray<MapData, u64>,
     service_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
+    backend_paths: PerCpuArray<MapData, Paths>,
     flows: HashMap<MapData, FlowKey, Flow>,
     services: HashMap<MapData, ServiceKey, Service>,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
@@ -95,10 +97,11 @@ pub struct FlowWalk {
     pub complete: bool,
 }
 
-const READ_NAMES: [&str; 7] = [
+const READ_NAMES: [&str; 8] = [
     names::STATS,
     names::SERVICE_STATS,
     names::BACKEND_STATS,
+    names::BACKEND_PATHS,
     names::FLOWS,
     names::SERVICES,
     names::AFFINITY,
@@ -110,10 +113,11 @@ const MEASURED_NAMES: [&str; 1] = [names::BACKENDS];
 
 /// Every map this module opens: what the agent hands its /metrics
 /// ([`DatapathMaps::from_maps`]).
-pub const OBSERVED: [&str; 8] = [
+pub const OBSERVED: [&str; 9] = [
     names::STATS,
     names::SERVICE_STATS,
     names::BACKEND_STATS,
+    names::BACKEND_PATHS,
     names::FLOWS,
     names::SERVICES,
     names::AFFINITY,
@@ -220,6 +224,7 @@ impl DatapathMaps {
             stats: typed(names::STATS, take(names::STATS)?)?,
             service_stats: typed(names::SERVICE_STATS, take(names::SERVICE_STATS)?)?,
             backend_stats: typed(names::BACKEND_STATS, take(names::BACKEND_STATS)?)?,
+            backend_paths: typed(names::BACKEND_PATHS, take(names::BACKEND_PATHS)?)?,
             flows: typed(names::FLOWS, take(names::FLOWS)?)?,
             services: typed(names::SERVICES, take(names::SERVICES)?)?,
             affinity: typed(names::AFFINITY, take(names::AFFINITY)?)?,
@@ -236,30 +241,32 @@ impl DatapathMaps {
     /// Packets per verdict reason, summed over CPUs, every reason in
     /// counter order (zeros included).
     pub fn verdicts(&self) -> Result<Vec<(Reason, u64)>, DatapathError> {
-        let mut counts = Vec::with_capacity(REASON_COUNT as usize);
-        for &reason in Reason::ALL {
-            let total = if (reason as u32) < self.stats.len() {
-                let per_cpu = self
-                    .stats
-                    .get(&(reason as u32), 0)
-                    .map_err(read_error(names::STATS))?;
-                per_cpu.iter().fold(0u64, |sum, n| sum.wrapping_add(*n))
-            } else {
-                0
-            };
-            counts.push((reason, total));
-        }
-        Ok(counts)
+        Reason::ALL
+            .iter()
+            .map(|&reason| {
+                per_cpu_sum(&self.stats, reason as u32, add_count)
+                    .map(|total| (reason, total))
+                    .map_err(read_error(names::STATS))
+            })
+            .collect()
     }
 
     /// A service's forwarded traffic, summed over CPUs.
     pub fn service_traffic(&self, service_id: u32) -> Result<Traffic, DatapathError> {
-        sum_traffic(&self.service_stats, service_id, names::SERVICE_STATS)
+        per_cpu_sum(&self.service_stats, service_id, Traffic::add)
+            .map_err(read_error(names::SERVICE_STATS))
     }
 
     /// A backend's forwarded traffic, summed over CPUs.
     pub fn backend_traffic(&self, backend_id: u32) -> Result<Traffic, DatapathError> {
-        sum_traffic(&self.backend_stats, backend_id, names::BACKEND_STATS)
+        per_cpu_sum(&self.backend_stats, backend_id, Traffic::add)
+            .map_err(read_error(names::BACKEND_STATS))
+    }
+
+    /// Which hooks carried a backend's packets, summed over CPUs.
+    pub fn backend_paths(&self, backend_id: u32) -> Result<Paths, DatapathError> {
+        per_cpu_sum(&self.backend_paths, backend_id, Paths::add)
+            .map_err(read_error(names::BACKEND_PATHS))
     }
 
     /// The datapath's global settings (timeouts), if written.
@@ -343,21 +350,6 @@ impl DatapathMaps {
     }
 }
 
-fn sum_traffic(
-    map: &PerCpuArray<MapData, Traffic>,
-    index: u32,
-    name: &'static str,
-) -> Result<Traffic, DatapathError> {
-    let mut total = Traffic::default();
-    if index >= map.len() {
-        return Ok(total);
-    }
-    for per_cpu in map.get(&index, 0).map_err(read_error(name))?.iter() {
-        total.add(per_cpu);
-    }
-    Ok(total)
-}
-
 fn count_keys<K>(
     keys: impl Iterator<Item = Result<K, MapError>>,
     capacity: u32,
@@ -404,11 +396,6 @@ fn permission_hint(error: &MapError) -> &'static str {
     } else {
         ""
     }
-}
-
-/// The name the kernel keeps for a map called `name`.
-fn kernel_name(name: &str) -> &str {
-    &name[..name.len().min(KERNEL_NAME_LEN)]
 }
 
 /// The id of the XDP program this process loaded (the newest, if several),

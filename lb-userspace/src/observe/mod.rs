@@ -311,6 +311,11 @@ impl Observe {
         Ok(observe)
     }
 
+    /// The datapath's reader, once loaded (the one /metrics uses).
+    pub fn datapath_maps(&self) -> Option<Arc<DatapathMaps>> {
+        self.shared.maps()
+    }
+
     /// The agent's steps, which it marks as it runs them.
     pub fn steps(&self) -> Steps {
         self.shared.steps.clone()
