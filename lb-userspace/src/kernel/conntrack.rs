@@ -3,26 +3,14 @@
 //! idle past their timeout. The LRU map would evict them eventually; GC keeps
 //! masquerade ports and memory free before it has to.
 
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::os::fd::AsFd as _;
 
 use aya::Ebpf;
 use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
 use lb_common::{Flow, FlowKey, GlobalConfig};
 
 use super::maps::{MapIoError, OpenError};
-
-/// `BPF_MAP_GET_NEXT_KEY` from `enum bpf_cmd` (linux/bpf.h).
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-
-/// The `BPF_MAP_*_ELEM` member of `union bpf_attr`.
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    next_key: u64,
-    flags: u64,
-}
+use super::sys;
 
 /// What one pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -55,40 +43,14 @@ impl FlowTable {
     /// iterator cannot start from a given key, and restarting from the first
     /// key every pass would never reach the tail of a large table.
     fn next_key(&self, key: Option<&FlowKey>) -> Result<Option<FlowKey>, MapIoError> {
-        let mut next = FlowKey::default();
-        let attr = ElemAttr {
-            map_fd: u32::try_from(self.flows.map().fd().as_fd().as_raw_fd()).unwrap_or(u32::MAX),
-            _pad: 0,
-            key: key.map_or(0, |key| std::ptr::from_ref(key) as u64),
-            next_key: std::ptr::from_mut(&mut next) as u64,
-            flags: 0,
-        };
-        // SAFETY: `attr` is a valid BPF_MAP_GET_NEXT_KEY attribute: the fd is
-        // an open map whose key size is size_of::<FlowKey>() (aya checked it
-        // when typing the map), `key` is null or points to a live FlowKey, and
-        // `next_key` points to a FlowKey the kernel may write. All outlive
-        // the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                std::ptr::from_ref(&attr),
-                std::mem::size_of::<ElemAttr>(),
-            )
-        };
-        if rc == 0 {
-            return Ok(Some(next));
-        }
-        let io_error = std::io::Error::last_os_error();
-        if io_error.raw_os_error() == Some(libc::ENOENT) {
-            return Ok(None);
-        }
-        Err(MapIoError {
-            map: lb_common::maps::FLOWS,
-            source: MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_get_next_key",
-                io_error,
-            }),
+        sys::bpf_map_get_next_key(self.flows.map().fd().as_fd(), key).map_err(|io_error| {
+            MapIoError {
+                map: lb_common::maps::FLOWS,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_get_next_key",
+                    io_error,
+                }),
+            }
         })
     }
 
@@ -163,8 +125,6 @@ impl FlowTable {
         Ok(pass)
     }
 }
-
-const _: () = assert!(std::mem::size_of::<ElemAttr>() == 32);
 
 #[cfg(test)]
 mod tests {

@@ -2,11 +2,11 @@
 //! interface indexes, the monotonic clock, the ephemeral port range.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::{CStr, CString};
 use std::io;
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
 
+use super::sys;
 use crate::reconcile::NodeFacts;
 
 /// One IPv4 address of one interface, in the kernel's order (an interface's
@@ -20,37 +20,8 @@ pub struct InterfaceAddress {
 
 /// Every IPv4 address on the node (in this network namespace).
 pub fn ipv4_addresses() -> io::Result<Vec<InterfaceAddress>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a pointer to a list it allocates into `head`;
-    // we pass a valid out-pointer and free the list below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
     let mut found = Vec::new();
-    let mut cursor = head;
-    while !cursor.is_null() {
-        // SAFETY: `cursor` is a non-null node of the list getifaddrs returned,
-        // which stays valid until freeifaddrs.
-        let entry = unsafe { &*cursor };
-        cursor = entry.ifa_next;
-        if entry.ifa_addr.is_null() || entry.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: ifa_addr is non-null and points to a sockaddr owned by the list.
-        let family = unsafe { (*entry.ifa_addr).sa_family };
-        if i32::from(family) != libc::AF_INET {
-            continue;
-        }
-        // SAFETY: the family is AF_INET, so the sockaddr is a sockaddr_in.
-        let raw = unsafe {
-            (*entry.ifa_addr.cast::<libc::sockaddr_in>())
-                .sin_addr
-                .s_addr
-        };
-        // SAFETY: ifa_name is a non-null NUL-terminated string owned by the list.
-        let name = unsafe { CStr::from_ptr(entry.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
+    for (name, addr_be) in sys::ipv4_interface_addresses()? {
         // Labelled aliases ("eth0:1") belong to the interface before the colon.
         let device = name.split(':').next().unwrap_or(&name).to_owned();
         let Some(ifindex) = ifindex(&device) else {
@@ -59,33 +30,20 @@ pub fn ipv4_addresses() -> io::Result<Vec<InterfaceAddress>> {
         found.push(InterfaceAddress {
             interface: device,
             ifindex,
-            address: Ipv4Addr::from(u32::from_be(raw)),
+            address: Ipv4Addr::from(u32::from_be(addr_be)),
         });
     }
-    // SAFETY: `head` came from a successful getifaddrs and is freed once;
-    // nothing borrowed from it outlives this point (names were copied).
-    unsafe { libc::freeifaddrs(head) };
     Ok(found)
 }
 
 /// Index of interface `name`, if it exists.
 pub fn ifindex(name: &str) -> Option<u32> {
-    let name = CString::new(name).ok()?;
-    // SAFETY: `name` is a valid NUL-terminated string for the call's duration.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
+    sys::if_nametoindex(name)
 }
 
 /// Name of the interface with index `ifindex`, if it exists.
 pub fn interface_name(ifindex: u32) -> Option<String> {
-    let mut buffer = [0u8; libc::IF_NAMESIZE];
-    // SAFETY: `buffer` has the IF_NAMESIZE bytes if_indextoname may write.
-    let name = unsafe { libc::if_indextoname(ifindex, buffer.as_mut_ptr().cast()) };
-    if name.is_null() {
-        return None;
-    }
-    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
-    Some(String::from_utf8_lossy(&buffer[..end]).into_owned())
+    sys::if_indextoname(ifindex)
 }
 
 /// The node facts the reconciler needs, from the current addresses.
@@ -179,18 +137,7 @@ fn parse_links(json: &[u8]) -> Result<Vec<Link>, serde_json::Error> {
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock of `bpf_ktime_get_coarse_ns()`, which
 /// the datapath stamps flows with.
 pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid out-pointer; CLOCK_MONOTONIC_COARSE exists on Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
-    if rc != 0 {
-        return 0;
-    }
-    let seconds = u64::try_from(now.tv_sec).unwrap_or(0);
-    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
-    seconds * 1_000_000_000 + nanos
+    sys::monotonic_coarse_ns()
 }
 
 /// `net.ipv4.ip_local_port_range`, if readable.

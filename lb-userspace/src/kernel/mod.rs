@@ -1,7 +1,8 @@
 //! The kernel side of the agent: loading the XDP object, attaching it,
 //! pinning both on a bpffs (and adopting what a previous agent pinned),
 //! reading and writing its maps, and the host facts around it. The only
-//! module with aya and `unsafe`.
+//! module with aya; its raw system calls, the agent's only `unsafe`, are in
+//! `sys.rs`.
 
 pub mod conntrack;
 pub mod explain;
@@ -10,6 +11,7 @@ pub mod maps;
 pub mod neigh;
 pub mod pin;
 pub mod sock;
+pub mod sys;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -828,29 +830,15 @@ fn is_unknown_interface(error: &ProgramError) -> bool {
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so large
 /// flow tables load there too. Failure is harmless on newer kernels.
 fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: setrlimit reads a valid rlimit struct that outlives the call.
-    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
-    if rc != 0 {
-        log::debug!(
-            "cannot remove the memlock limit: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(error) = sys::remove_memlock_limit() {
+        log::debug!("cannot remove the memlock limit: {error}");
     }
 }
 
 /// Forwards the datapath's aya-log records to the agent's log as they come.
 /// Needs a tokio runtime.
 pub fn spawn_log_reader(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    // SAFETY: the logger owns its ring buffer's fd; it stays open and the same
-    // for as long as the AsyncFd owns the logger, and nothing else closes it.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    };
-    let mut fd = match registered {
+    let mut fd = match sys::async_readable(logger) {
         Ok(fd) => fd,
         Err(error) => {
             log::warn!("cannot read the datapath's log: {error}");
@@ -870,8 +858,7 @@ pub fn spawn_log_reader(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 
 /// Whether this process may load BPF programs (kernel tests skip otherwise).
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    sys::is_root()
 }
 
 /// Small maps for tests that load the real object.

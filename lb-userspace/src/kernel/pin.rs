@@ -14,6 +14,7 @@ use aya::maps::{MapInfo, MapType};
 use lb_common::maps::{MAPS, MapDecl, MapKind, Pin, Sizing};
 
 use super::MapSizes;
+use super::sys::fs_magic;
 
 /// `--bpffs`'s default.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/xlb";
@@ -197,22 +198,6 @@ fn list(dir: &Path) -> Result<Vec<String>, PinError> {
         .collect();
     names.sort();
     Ok(names)
-}
-
-pub(crate) fn fs_magic(path: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
-    // SAFETY: all-zero is a valid statfs; statfs writes into it.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is NUL-terminated and `stat` a valid out-pointer; both
-    // outlive the call.
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // f_type's width and sign vary by architecture; the magic is 32 bits.
-    #[allow(clippy::unnecessary_cast)]
-    Ok(stat.f_type as u64 & 0xffff_ffff)
 }
 
 fn describe_fs(path: &Path, magic: u64) -> String {

@@ -230,5 +230,5 @@ fn pin_link(
 }
 
 fn is_cgroup2(path: &Path) -> bool {
-    pin::fs_magic(path).is_ok_and(|magic| magic == CGROUP2_SUPER_MAGIC)
+    super::sys::fs_magic(path).is_ok_and(|magic| magic == CGROUP2_SUPER_MAGIC)
 }

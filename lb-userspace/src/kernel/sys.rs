@@ -1,0 +1,187 @@
+//! The agent's raw system calls: every `bpf_attr` it builds itself and every
+//! libc call, each behind a safe function. The only file of the agent's
+//! library (tests aside) with `unsafe`; aya does the rest of the bpf() calls.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::Path;
+
+use aya::Pod;
+
+/// `BPF_MAP_GET_NEXT_KEY` from `enum bpf_cmd` (linux/bpf.h).
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+
+/// The `BPF_MAP_*_ELEM` member of `union bpf_attr`.
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
+    flags: u64,
+}
+const _: () = assert!(std::mem::size_of::<ElemAttr>() == 32);
+
+/// The key after `key` (the first key with `None`) of the map `map`, whose
+/// keys must be `K`s; `None` past the last key. aya's iterator cannot start
+/// from a given key.
+pub fn bpf_map_get_next_key<K: Pod + Default>(
+    map: BorrowedFd<'_>,
+    key: Option<&K>,
+) -> io::Result<Option<K>> {
+    let mut next = K::default();
+    let attr = ElemAttr {
+        map_fd: u32::try_from(map.as_raw_fd()).unwrap_or(u32::MAX),
+        _pad: 0,
+        key: key.map_or(0, |key| std::ptr::from_ref(key) as u64),
+        next_key: std::ptr::from_mut(&mut next) as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_MAP_GET_NEXT_KEY attribute: the fd is an
+    // open map whose key size is size_of::<K>() (the caller's typed map
+    // checked it), `key` is null or points to a live K, and `next_key`
+    // points to a K (plain data: any bytes are valid) the kernel may write.
+    // All outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_GET_NEXT_KEY,
+            std::ptr::from_ref(&attr),
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(next));
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ENOENT) {
+        return Ok(None);
+    }
+    Err(error)
+}
+
+/// Every IPv4 address of every interface (getifaddrs), in the kernel's
+/// order: the interface's name as listed (labels such as `eth0:1` kept) and
+/// the address as on the wire.
+pub fn ipv4_interface_addresses() -> io::Result<Vec<(String, u32)>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a pointer to a list it allocates into `head`;
+    // we pass a valid out-pointer and free the list below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut found = Vec::new();
+    let mut cursor = head;
+    while !cursor.is_null() {
+        // SAFETY: `cursor` is a non-null node of the list getifaddrs returned,
+        // which stays valid until freeifaddrs.
+        let entry = unsafe { &*cursor };
+        cursor = entry.ifa_next;
+        if entry.ifa_addr.is_null() || entry.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null and points to a sockaddr owned by the list.
+        let family = unsafe { (*entry.ifa_addr).sa_family };
+        if i32::from(family) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: the family is AF_INET, so the sockaddr is a sockaddr_in.
+        let addr_be = unsafe {
+            (*entry.ifa_addr.cast::<libc::sockaddr_in>())
+                .sin_addr
+                .s_addr
+        };
+        // SAFETY: ifa_name is a non-null NUL-terminated string owned by the list.
+        let name = unsafe { CStr::from_ptr(entry.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        found.push((name, addr_be));
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed once;
+    // nothing borrowed from it outlives this point (names were copied).
+    unsafe { libc::freeifaddrs(head) };
+    Ok(found)
+}
+
+/// Index of interface `name`, if it exists.
+pub fn if_nametoindex(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string for the call's duration.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// Name of the interface with index `ifindex`, if it exists.
+pub fn if_indextoname(ifindex: u32) -> Option<String> {
+    let mut buffer = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: `buffer` has the IF_NAMESIZE bytes if_indextoname may write.
+    let name = unsafe { libc::if_indextoname(ifindex, buffer.as_mut_ptr().cast()) };
+    if name.is_null() {
+        return None;
+    }
+    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    Some(String::from_utf8_lossy(&buffer[..end]).into_owned())
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds, 0 if it cannot be read.
+pub fn monotonic_coarse_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid out-pointer; CLOCK_MONOTONIC_COARSE exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    if rc != 0 {
+        return 0;
+    }
+    let seconds = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+    seconds * 1_000_000_000 + nanos
+}
+
+/// Lifts RLIMIT_MEMLOCK (kernels before 5.11 charge BPF maps to it).
+pub fn remove_memlock_limit() -> io::Result<()> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct that outlives the call.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the effective user is root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The magic number of the filesystem `path` is on (statfs's f_type).
+pub fn fs_magic(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+    // SAFETY: all-zero is a valid statfs; statfs writes into it.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `stat` a valid out-pointer; both
+    // outlive the call.
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // f_type's width and sign vary by architecture; the magic is 32 bits.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(stat.f_type as u64 & 0xffff_ffff)
+}
+
+/// Registers `inner`, which owns its descriptor, with tokio for readability.
+pub fn async_readable<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `inner` owns its descriptor; it stays open and the same for as
+    // long as the AsyncFd owns `inner`, and nothing else closes it.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
+    };
+    registered.map_err(Into::into)
+}
