@@ -142,7 +142,7 @@ fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<R
         ..Datapath::base_config()
     });
     let mut yardsticks = EbpfLoader::new()
-        .load(xlb::BASELINE_OBJECT)
+        .load(crate::BASELINE_OBJECT)
         .context("loading the baseline object")?;
     for name in ["baseline_swap_macs", "baseline_pass"] {
         let program: &mut Xdp = yardsticks

@@ -27,17 +27,3 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// The XDP object (lb-ebpf) the agent loads; tests load this very object.
 pub use kernel::OBJECT as DATAPATH_OBJECT;
-
-/// Yardstick XDP programs for `cargo xtask bench --micro` (not used by the
-/// agent): `baseline_swap_macs` and `baseline_pass`.
-pub const BASELINE_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-baseline"));
-
-/// `cargo xtask bench`'s traffic generator (`xlb_trafficgen`) and backend
-/// sink (`xlb_bench_sink`); not used by the agent.
-pub const TRAFFICGEN_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-trafficgen"));
-
-/// `cargo xtask bench`'s ceiling: rewrite MACs and redirect (`xlb_limit`);
-/// not used by the agent.
-pub const LIMIT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-limit"));

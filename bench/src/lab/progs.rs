@@ -1,6 +1,6 @@
-//! The lab's own XDP programs (lb-ebpf/src/trafficgen.rs, limit.rs): the
+//! The lab's own XDP programs (bench-ebpf/src/trafficgen.rs, limit.rs): the
 //! traffic generator, the backends' counting sink, and the MAC-rewrite-and-
-//! redirect ceiling. Map layouts mirror the eBPF side; sizes are asserted.
+//! redirect ceiling. Map layouts and frame arithmetic are bench-ebpf's.
 
 #[cfg(test)]
 use std::net::Ipv4Addr;
@@ -14,43 +14,14 @@ use aya::{
     programs::{TestRun as _, Xdp, XdpMode},
 };
 
+use xlb_bench_ebpf::{FRAME_LEN, GenConfig, LimitTarget};
+
 use super::topology::{
     self, BenchLab, GEN_ADDR, GEN_MAC, NEW_FLOW_SOURCES, NODE_ADDR, NODE_GEN_IF, NODE_GEN_MAC,
     POD_IF,
 };
 
-/// Bytes of a generated frame (lb-ebpf/src/trafficgen.rs `FRAME_LEN`).
-pub const FRAME_LEN: usize = 60;
 const PAYLOAD: &[u8; 18] = b"xlb-bench-payload!";
-
-/// Mirror of `trafficgen::GenConfig`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GenConfig {
-    pub frame: [u64; 8],
-    pub src_addr_base: u32,
-    pub flows: u32,
-    pub ip_csum_base: u32,
-    pub udp_csum_base: u32,
-    pub src_port_base: u16,
-    pub port_span: u16,
-    pub _pad: u32,
-}
-const _: () = assert!(size_of::<GenConfig>() == 88);
-// SAFETY: #[repr(C)], Copy, integers only, no implicit padding (size asserted).
-unsafe impl aya::Pod for GenConfig {}
-
-/// Mirror of `limit::LimitTarget`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LimitTarget {
-    pub ifindex: u32,
-    pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
-}
-const _: () = assert!(size_of::<LimitTarget>() == 16);
-// SAFETY: as above.
-unsafe impl aya::Pod for LimitTarget {}
 
 /// Which tuples the generator sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,36 +86,17 @@ fn word_sum(bytes: &[u8]) -> u32 {
 }
 
 #[cfg(test)]
-fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
-
-#[cfg(test)]
-/// What `xlb_trafficgen` writes for sequence number `seq`: the same
-/// arithmetic, on the host, so it can be checked by a packet library.
+/// What `xlb_trafficgen` writes for sequence number `seq`, on the host (the
+/// same `GenConfig::fields`), so it can be checked by a packet library.
 pub fn frame_for(cfg: &GenConfig, seq: u64) -> Vec<u8> {
-    let flow = if cfg.flows == 0 {
-        seq
-    } else {
-        seq % u64::from(cfg.flows)
-    };
-    let span = u64::from(cfg.port_span.max(1));
-    let src_port = cfg.src_port_base.wrapping_add((flow % span) as u16);
-    let src_addr = cfg.src_addr_base.wrapping_add((flow / span) as u32);
-    let addr_words = (src_addr >> 16) + (src_addr & 0xffff);
-    let ip_csum = !fold(cfg.ip_csum_base + addr_words);
-    let udp_csum = match !fold(cfg.udp_csum_base + addr_words + u32::from(src_port)) {
-        0 => 0xffff,
-        sum => sum,
-    };
+    use xlb_bench_ebpf::{IP_CSUM_AT, SRC_ADDR_AT, SRC_PORT_AT, UDP_CSUM_AT};
+    let fields = cfg.fields(seq);
     let mut frame: Vec<u8> = cfg.frame.iter().flat_map(|w| w.to_ne_bytes()).collect();
     frame.truncate(FRAME_LEN);
-    frame[24..26].copy_from_slice(&ip_csum.to_be_bytes());
-    frame[26..30].copy_from_slice(&src_addr.to_be_bytes());
-    frame[34..36].copy_from_slice(&src_port.to_be_bytes());
-    frame[40..42].copy_from_slice(&udp_csum.to_be_bytes());
+    frame[IP_CSUM_AT..IP_CSUM_AT + 2].copy_from_slice(&fields.ip_csum.to_be_bytes());
+    frame[SRC_ADDR_AT..SRC_ADDR_AT + 4].copy_from_slice(&fields.src_addr.to_be_bytes());
+    frame[SRC_PORT_AT..SRC_PORT_AT + 2].copy_from_slice(&fields.src_port.to_be_bytes());
+    frame[UDP_CSUM_AT..UDP_CSUM_AT + 2].copy_from_slice(&fields.udp_csum.to_be_bytes());
     frame
 }
 
@@ -174,7 +126,7 @@ pub struct Sink {
 impl Sink {
     pub fn attach(lab: &BenchLab, ports: [u16; 2]) -> anyhow::Result<Sink> {
         let mut ebpf = EbpfLoader::new()
-            .load(xlb::TRAFFICGEN_OBJECT)
+            .load(crate::TRAFFICGEN_OBJECT)
             .context("loading the trafficgen object")?;
         load_program(&mut ebpf, "xlb_bench_sink")?;
         {
@@ -215,7 +167,7 @@ pub struct Limit {
 impl Limit {
     pub fn attach(lab: &BenchLab, port: u16) -> anyhow::Result<Limit> {
         let mut ebpf = EbpfLoader::new()
-            .load(xlb::LIMIT_OBJECT)
+            .load(crate::LIMIT_OBJECT)
             .context("loading the limit object")?;
         load_program(&mut ebpf, "xlb_limit")?;
         // Ifindexes are the node namespace's (LAB-NOTES 3).
@@ -280,7 +232,7 @@ const BATCH: u32 = 64;
 impl Generator {
     pub fn load(lab: &BenchLab) -> anyhow::Result<Generator> {
         let mut ebpf = EbpfLoader::new()
-            .load(xlb::TRAFFICGEN_OBJECT)
+            .load(crate::TRAFFICGEN_OBJECT)
             .context("loading the trafficgen object")?;
         load_program(&mut ebpf, "xlb_trafficgen")?;
         let ifindex = lab.gen_ns.run(|| topology::ifindex(POD_IF))??;

@@ -3,28 +3,9 @@
 //! is redirected to one of the backend links, chosen by source port; no NAT,
 //! no lookups, no state. Everything else is passed.
 //!
-//! The map layouts are mirrored in bench/src/lab/progs.rs.
+//! The map layouts are the library's (lib.rs), shared with the bench.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-
-/// `LIMIT_TARGETS[i]`: one backend link as seen from the node.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct LimitTarget {
-    /// The node's interface towards the backend (node namespace index).
-    pub ifindex: u32,
-    /// That interface's MAC.
-    pub src_mac: [u8; 6],
-    /// The backend's MAC.
-    pub dst_mac: [u8; 6],
-}
-const _: () = assert!(core::mem::size_of::<LimitTarget>() == 16);
-
-pub const LIMIT_TARGETS_MAX: u32 = 8;
-
-/// `LIMIT_CONFIG` indices.
-pub const LIMIT_CFG_TARGETS: u32 = 0;
-pub const LIMIT_CFG_PORT: u32 = 1;
 
 #[cfg(target_arch = "bpf")]
 mod prog {
@@ -36,7 +17,7 @@ mod prog {
         programs::XdpContext,
     };
 
-    use super::{LIMIT_CFG_PORT, LIMIT_CFG_TARGETS, LIMIT_TARGETS_MAX, LimitTarget};
+    use xlb_bench_ebpf::{LIMIT_CFG_PORT, LIMIT_CFG_TARGETS, LIMIT_TARGETS_MAX, LimitTarget};
 
     #[map]
     static LIMIT_TARGETS: Array<LimitTarget> = Array::with_max_entries(LIMIT_TARGETS_MAX, 0);
@@ -86,15 +67,7 @@ mod prog {
         unsafe { bpf_redirect(target.ifindex, 0) as u32 }
     }
 
-    #[cfg(not(test))]
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 4] = *b"GPL\0";
+    xlb_bench_ebpf::program_boilerplate!();
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -29,15 +29,7 @@ mod prog {
         xdp_action::XDP_PASS
     }
 
-    #[cfg(not(test))]
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 4] = *b"GPL\0";
+    xlb_bench_ebpf::program_boilerplate!();
 }
 
 #[cfg(not(target_arch = "bpf"))]

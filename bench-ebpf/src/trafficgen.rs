@@ -9,42 +9,10 @@
 //! and counts and drops the benchmark's UDP datagrams, passing everything
 //! else (ARP, TCP, the latency echo) to the stack.
 //!
-//! The map layouts are mirrored in bench/src/lab/progs.rs; sizes are
-//! asserted on both sides.
+//! The map layouts and the frame arithmetic are the library's (lib.rs),
+//! shared with the bench.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-
-/// Bytes of every generated frame: Ethernet + IPv4 + UDP + 18 bytes payload.
-pub const FRAME_LEN: usize = 60;
-
-/// `GEN_CONFIG[0]`: what to send. Host order unless named `_be`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct GenConfig {
-    /// The frame with source address and port 0 and both checksums 0, as
-    /// 8-byte words in memory order; the first `FRAME_LEN` bytes are used.
-    pub frame: [u64; 8],
-    /// Source address of flow 0.
-    pub src_addr_base: u32,
-    /// Distinct flows to cycle through; 0: every frame is a new flow.
-    pub flows: u32,
-    /// One's-complement sum (unfolded) of the IPv4 header words with the
-    /// source address and checksum 0.
-    pub ip_csum_base: u32,
-    /// The same for the UDP pseudo-header, header and payload with the
-    /// source address, source port and checksum 0.
-    pub udp_csum_base: u32,
-    /// Source port of flow 0.
-    pub src_port_base: u16,
-    /// Source ports per source address before the address moves on.
-    pub port_span: u16,
-    pub _pad: u32,
-}
-const _: () = assert!(core::mem::size_of::<GenConfig>() == 88);
-
-/// `SINK_CONFIG[i]`: UDP destination ports (host order) the sink counts and
-/// drops; 0 is unused.
-pub const SINK_PORTS: u32 = 2;
 
 #[cfg(target_arch = "bpf")]
 mod prog {
@@ -55,7 +23,9 @@ mod prog {
         programs::XdpContext,
     };
 
-    use super::{FRAME_LEN, GenConfig, SINK_PORTS};
+    use xlb_bench_ebpf::{
+        FRAME_LEN, GenConfig, IP_CSUM_AT, SINK_PORTS, SRC_ADDR_AT, SRC_PORT_AT, UDP_CSUM_AT,
+    };
 
     #[map]
     static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
@@ -69,13 +39,6 @@ mod prog {
     /// `[0]`: benchmark datagrams counted and dropped.
     #[map]
     static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
-
-    #[inline(always)]
-    fn fold(mut sum: u32) -> u16 {
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum as u16
-    }
 
     #[xdp]
     pub fn xlb_trafficgen(ctx: XdpContext) -> u32 {
@@ -92,21 +55,7 @@ mod prog {
             *sent = seq + 1;
             (&*cfg, seq)
         };
-        let flow = if cfg.flows == 0 {
-            seq
-        } else {
-            seq % u64::from(cfg.flows)
-        };
-        let span = u64::from(cfg.port_span.max(1));
-        let src_port = cfg.src_port_base.wrapping_add((flow % span) as u16);
-        let src_addr = cfg.src_addr_base.wrapping_add((flow / span) as u32);
-
-        let addr_words = (src_addr >> 16) + (src_addr & 0xffff);
-        let ip_csum = !fold(cfg.ip_csum_base + addr_words);
-        let udp_csum = match !fold(cfg.udp_csum_base + addr_words + u32::from(src_port)) {
-            0 => 0xffff,
-            sum => sum,
-        };
+        let fields = cfg.fields(seq);
 
         let frame = start as *mut u8;
         // SAFETY: the first FRAME_LEN bytes are inside the frame (checked
@@ -117,10 +66,10 @@ mod prog {
                 words.add(index).write_unaligned(cfg.frame[index]);
             }
             (frame.add(56) as *mut u32).write_unaligned(cfg.frame[7] as u32);
-            (frame.add(24) as *mut [u8; 2]).write_unaligned(ip_csum.to_be_bytes());
-            (frame.add(26) as *mut [u8; 4]).write_unaligned(src_addr.to_be_bytes());
-            (frame.add(34) as *mut [u8; 2]).write_unaligned(src_port.to_be_bytes());
-            (frame.add(40) as *mut [u8; 2]).write_unaligned(udp_csum.to_be_bytes());
+            (frame.add(IP_CSUM_AT) as *mut [u8; 2]).write_unaligned(fields.ip_csum.to_be_bytes());
+            (frame.add(SRC_ADDR_AT) as *mut [u8; 4]).write_unaligned(fields.src_addr.to_be_bytes());
+            (frame.add(SRC_PORT_AT) as *mut [u8; 2]).write_unaligned(fields.src_port.to_be_bytes());
+            (frame.add(UDP_CSUM_AT) as *mut [u8; 2]).write_unaligned(fields.udp_csum.to_be_bytes());
         }
         xdp_action::XDP_TX
     }
@@ -164,15 +113,7 @@ mod prog {
         xdp_action::XDP_DROP
     }
 
-    #[cfg(not(test))]
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 4] = *b"GPL\0";
+    xlb_bench_ebpf::program_boilerplate!();
 }
 
 #[cfg(not(target_arch = "bpf"))]
