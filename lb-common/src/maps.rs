@@ -93,7 +93,8 @@ pub enum Explain {
     /// A fresh private copy: the datapath writes it.
     Private,
     /// A small private copy seeded with the live entries of the packet's
-    /// tuple (or client) before each run.
+    /// tuple (or client) before each run. Which entries is map-specific:
+    /// a map marked `Seeded` needs its seeding in kernel/explain.rs.
     Seeded,
 }
 
