@@ -20,7 +20,7 @@ use crate::kernel::{
     self, AttachMode, DEFAULT_BPFFS, Datapath, FlowTable, KernelError, KernelMaps, LinkKind,
     Loaded, MapSizes, NeighbourWorker, PinDir, Stats, TcRole, host,
 };
-use crate::model::DesiredState;
+use crate::model::{DesiredState, Protocol};
 use crate::observe::{self, Observe, ObserveError, Steps};
 use crate::reconcile::{self, Applied, ApplyError, Capacity, Desired, PlanError, RefusedFrontend};
 use crate::source::kube::{ClusterSource, SourceError, SourceOptions, next_change};
@@ -692,7 +692,44 @@ impl Agent {
                 source: Box::new(source),
             }
         })?;
+        self.move_socket_clients();
         Ok(ops.len())
+    }
+
+    /// Connected UDP sockets the socket hooks balanced to a backend that is
+    /// gone are destroyed (their next send or receive fails; a reconnect is
+    /// balanced again), as Cilium's socket-LB does. Unconnected ones need
+    /// nothing: sendmsg4 balances each datagram.
+    fn move_socket_clients(&mut self) {
+        let applied = &self.applied;
+        let stale = self
+            .datapath
+            .take_stale_socket_records(|service_id, backend| {
+                applied.socket_keeps_backend(service_id, backend)
+                    || applied.service_protocol(service_id) == Some(Protocol::Tcp)
+            });
+        let stale = match stale {
+            Ok(stale) if stale.is_empty() => return,
+            Ok(stale) => stale,
+            Err(error) => {
+                warn!(
+                    "cannot read the socket hooks' records: {}",
+                    error_chain(&error)
+                );
+                return;
+            }
+        };
+        let pass = crate::kernel::sock_destroy::destroy_connected_udp(&stale);
+        info!(
+            "{} connected UDP socket(s) of removed backends destroyed ({} balanced socket(s) \
+             had a removed backend; {} network namespace(s) visited)",
+            pass.destroyed,
+            stale.len(),
+            pass.namespaces
+        );
+        for failure in pass.failures {
+            warn!("destroying sockets of removed backends: {failure}");
+        }
     }
 
     /// Logs the services that changed from fitting to skipped, and counts

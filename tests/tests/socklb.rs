@@ -355,6 +355,162 @@ fn a_removed_backend_moves_udp_clients_on_their_next_datagram() -> anyhow::Resul
     Ok(())
 }
 
+/// What a connected UDP client saw, datagram by datagram.
+#[derive(Debug)]
+enum Seen {
+    Reply(String),
+    /// The errno of a failed send() or recv().
+    Error(i32),
+    /// No answer within the read timeout.
+    Lost,
+}
+
+/// A connected UDP client that sends WHO every 5 ms until `stop`, and
+/// reconnects when its socket is no longer connected (as an application
+/// handling the documented errors would).
+fn connected_client(
+    socket: &UdpSocket,
+    target: SocketAddr,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<Vec<Seen>> {
+    use std::sync::atomic::Ordering;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(5));
+        if socket.peer_addr().is_err() {
+            socket.connect(target)?;
+        }
+        if let Err(error) = socket.send(b"WHO\n") {
+            seen.push(Seen::Error(error.raw_os_error().unwrap_or(0)));
+            continue;
+        }
+        match socket.recv(&mut buf) {
+            Ok(len) => {
+                let who: Who = std::str::from_utf8(&buf[..len])?.parse()?;
+                seen.push(Seen::Reply(who.name));
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => seen.push(Seen::Lost),
+            Err(error) => seen.push(Seen::Error(error.raw_os_error().unwrap_or(0))),
+        }
+    }
+    Ok(seen)
+}
+
+#[test]
+fn a_removed_backend_destroys_its_connected_udp_clients() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    xlb_tests::require_root()?;
+    let lab = SockLab::new()?;
+    let mut agent = lab.start_agent(&[])?;
+    let target = udp_cluster_ip();
+    // Connected sockets of a pod, each on its backend.
+    let sockets: Vec<(UdpSocket, String)> =
+        lab.pod(2)
+            .run(|| -> anyhow::Result<Vec<(UdpSocket, String)>> {
+                let mut sockets = Vec::new();
+                for _ in 0..16 {
+                    let socket = udp_socket()?;
+                    socket.connect(target)?;
+                    socket.send(b"WHO\n")?;
+                    let mut buf = [0u8; 512];
+                    let len = socket.recv(&mut buf)?;
+                    let first: Who = std::str::from_utf8(&buf[..len])?.parse()?;
+                    sockets.push((socket, first.name));
+                }
+                Ok(sockets)
+            })??;
+    let removed = sockets[0].1.clone();
+    let stop = AtomicBool::new(false);
+    // The sockets are the pod's whichever thread uses them.
+    let seen = std::thread::scope(|scope| -> anyhow::Result<Vec<Seen>> {
+        let client = scope.spawn(|| connected_client(&sockets[0].0, target, &stop));
+        std::thread::sleep(Duration::from_millis(300));
+        lab.lab
+            .write_file("xlb.yaml", &config(&lab.lab, Some(&removed)))?;
+        let reloaded = agent.reload_and_wait();
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        let seen = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("the client panicked"))?;
+        reloaded?;
+        seen
+    })?;
+    let checked = (|| -> anyhow::Result<()> {
+        let first_error = seen
+            .iter()
+            .position(|seen| matches!(seen, Seen::Error(_)))
+            .with_context(|| format!("the client on {removed} saw no error: {seen:?}"))?;
+        let (before, after) = seen.split_at(first_error);
+        ensure!(
+            before
+                .iter()
+                .all(|seen| matches!(seen, Seen::Reply(name) if *name == removed)),
+            "before the removal every datagram reached {removed}: {before:?}"
+        );
+        let errors: Vec<i32> = after
+            .iter()
+            .filter_map(|seen| match seen {
+                Seen::Error(errno) => Some(*errno),
+                _ => None,
+            })
+            .collect();
+        ensure!(
+            errors
+                .iter()
+                .all(|errno| [libc::EDESTADDRREQ, libc::ECONNABORTED].contains(errno)),
+            "errors after the destroy: {errors:?} (expected EDESTADDRREQ or ECONNABORTED)"
+        );
+        let replies: Vec<&String> = after
+            .iter()
+            .filter_map(|seen| match seen {
+                Seen::Reply(name) => Some(name),
+                _ => None,
+            })
+            .collect();
+        ensure!(
+            replies.len() >= 20 && replies.iter().all(|name| **name != removed),
+            "after the destroy and a reconnect, datagrams reached {replies:?} (not {removed}?)"
+        );
+        ensure!(
+            !seen.iter().any(|seen| matches!(seen, Seen::Lost)),
+            "datagrams were lost: {seen:?}"
+        );
+        println!(
+            "client on {removed}: {} replies before, errors {errors:?}, then {} replies from {:?}",
+            before.len(),
+            replies.len(),
+            replies.iter().collect::<std::collections::BTreeSet<_>>()
+        );
+        // The other sockets: those on the removed backend were destroyed
+        // too; the others keep their backend, still connected.
+        let mut buf = [0u8; 512];
+        for (socket, backend) in &sockets[1..] {
+            if *backend == removed {
+                let sent = socket.send(b"WHO\n").map_err(|e| e.raw_os_error());
+                ensure!(
+                    sent == Err(Some(libc::EDESTADDRREQ)),
+                    "a socket on {removed} after the removal: send() gave {sent:?}"
+                );
+            } else {
+                socket.send(b"WHO\n")?;
+                let len = socket.recv(&mut buf)?;
+                let who: Who = std::str::from_utf8(&buf[..len])?.parse()?;
+                ensure!(
+                    who.name == *backend,
+                    "a socket on the kept {backend} moved to {}",
+                    who.name
+                );
+            }
+        }
+        Ok(())
+    })();
+    checked.map_err(|error| agent.failure(format!("{error:#}")))?;
+    Ok(())
+}
+
 #[test]
 fn status_metrics_keep_attached_and_detach() -> anyhow::Result<()> {
     xlb_tests::require_root()?;

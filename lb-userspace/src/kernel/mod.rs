@@ -10,6 +10,7 @@ pub mod maps;
 pub mod neigh;
 pub mod pin;
 pub mod sock;
+pub mod sock_destroy;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -576,6 +577,49 @@ impl Datapath {
             Some(sockets) => sockets.detach(&mut self.ebpf),
             None => (Vec::new(), Vec::new()),
         }
+    }
+
+    /// The sockets the socket hooks balanced whose backend `keeps` says is
+    /// gone (`keeps(service_id, backend)`), from `XLB_SOCK_REVNAT`: their
+    /// records are deleted, and they are returned (cookie -> backend) for
+    /// `sock_destroy`. Empty without socket hooks.
+    pub fn take_stale_socket_records(
+        &mut self,
+        keeps: impl Fn(u32, crate::reconcile::BackendAddr) -> bool,
+    ) -> Result<sock_destroy::Stale, KernelError> {
+        use lb_common::{SockRevNat, SockRevNatKey};
+        if self.sockets.is_none() {
+            return Ok(sock_destroy::Stale::new());
+        }
+        let name = lb_common::maps::SOCK_REVNAT;
+        let map = self.ebpf.map_mut(name).ok_or(OpenError::Missing { name })?;
+        let mut records: BpfHashMap<&mut MapData, SockRevNatKey, SockRevNat> =
+            BpfHashMap::try_from(map).map_err(|source| OpenError::Kind { name, source })?;
+        let stale: Vec<SockRevNatKey> = records
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, record)| {
+                let backend = crate::reconcile::BackendAddr {
+                    address: std::net::Ipv4Addr::from(u32::from_be(key.backend_addr_be)),
+                    port: u16::from_be(key.backend_port_be),
+                };
+                !keeps(record.service_id, backend)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        let mut taken = sock_destroy::Stale::new();
+        for key in stale {
+            // Gone meanwhile (the LRU evicted it): nothing to do.
+            let _ = records.remove(&key);
+            taken.insert(
+                key.socket_cookie,
+                std::net::SocketAddrV4::new(
+                    std::net::Ipv4Addr::from(u32::from_be(key.backend_addr_be)),
+                    u16::from_be(key.backend_port_be),
+                ),
+            );
+        }
+        Ok(taken)
     }
 
     /// Leaves pinned socket hooks attached; returns them.

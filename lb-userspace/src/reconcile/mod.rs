@@ -692,6 +692,37 @@ impl Applied {
         }
     }
 
+    /// Whether a socket the socket hooks balanced to `backend` through
+    /// service `service_id` may keep talking to it: the backend still has
+    /// slots in one of the service's tables, or is terminating (it keeps its
+    /// flows). A service that is gone keeps nothing.
+    pub fn socket_keeps_backend(&self, service_id: u32, backend: BackendAddr) -> bool {
+        let terminating = self
+            .backends
+            .values()
+            .any(|active| active.address == backend && active.terminating);
+        terminating
+            || self
+                .services
+                .values()
+                .filter(|service| service.entry.id == service_id)
+                .filter_map(|service| self.table_of(&service.entry))
+                .flatten()
+                .any(|id| {
+                    self.backends
+                        .get(id)
+                        .is_some_and(|active| active.address == backend)
+                })
+    }
+
+    /// The protocol of service `service_id`, while it exists.
+    pub fn service_protocol(&self, service_id: u32) -> Option<Protocol> {
+        self.services
+            .iter()
+            .find(|(_, service)| service.entry.id == service_id)
+            .map(|(frontend, _)| frontend.protocol)
+    }
+
     fn forget_unreferenced(&mut self, offset: u32) {
         let referenced = self
             .services

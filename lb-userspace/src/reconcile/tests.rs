@@ -1229,3 +1229,27 @@ fn internal_traffic_policy_local_gives_cluster_ips_their_own_table() {
     let names: Vec<&str> = desired.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["default/web"]);
 }
+
+#[test]
+fn sockets_keep_selectable_and_terminating_backends_only() {
+    let mut lab = Harness::new();
+    let web = |backends| state(vec![service("web", 30080, backends)]);
+    lab.reconcile(&web(vec![backend(2, 1), backend(3, 1), backend(4, 1)]));
+    let id = lab.id_of("web");
+    let keeps = |lab: &Harness, last: u8| {
+        lab.applied
+            .socket_keeps_backend(id, BackendAddr::from(&backend(last, 1)))
+    };
+    assert!(keeps(&lab, 2) && keeps(&lab, 3) && keeps(&lab, 4));
+    assert_eq!(lab.applied.service_protocol(id), Some(Protocol::Tcp));
+    // 3 removed, 4 terminating but serving: only 3's sockets must move.
+    lab.reconcile(&web(vec![
+        backend(2, 1),
+        with_conditions(4, false, true, true),
+    ]));
+    assert!(keeps(&lab, 2) && !keeps(&lab, 3) && keeps(&lab, 4));
+    // A removed service keeps nothing.
+    lab.reconcile(&state(Vec::new()));
+    assert!(!keeps(&lab, 2));
+    assert_eq!(lab.applied.service_protocol(id), None);
+}
