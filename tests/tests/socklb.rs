@@ -27,10 +27,6 @@ use xlb_tests::{Agent, Bpffs, ChildGuard, Lab, Netns, TestCgroup, XLB_BIN_ENV, b
 const TCP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const UDP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 const STICKY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
-/// One-backend ClusterIPs for the benchmark: through xlb's hooks, and
-/// through an iptables DNAT rule as kube-proxy's.
-const BENCH_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
-const IPTABLES_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 30);
 const SERVICE_PORT: u16 = 80;
 const DNS_PORT: u16 = 53;
 /// The echo server in the client namespace: a pod on another node.
@@ -78,10 +74,7 @@ fn config(lab: &Lab, udp_without: Option<&str>) -> String {
          \n  - name: udp-echo\n    protocol: UDP\n    nodePort: {UDP_ECHO_NODE_PORT}\n    \
          port: {DNS_PORT}\n    clusterIP: {UDP_CLUSTER_IP}\n    backends:\n{udp}\
          \n  - name: tcp-sticky\n    protocol: TCP\n    port: {SERVICE_PORT}\n    \
-         clusterIP: {STICKY_CLUSTER_IP}\n    sessionAffinity: ClientIP\n    backends:\n{tcp}\
-         \n  - name: tcp-bench\n    protocol: TCP\n    port: {SERVICE_PORT}\n    \
-         clusterIP: {BENCH_CLUSTER_IP}\n    backends:\n      - {{address: {}, port: {ECHO_TCP_PORT}}}\n",
-        lab.backends[1].addr
+         clusterIP: {STICKY_CLUSTER_IP}\n    sessionAffinity: ClientIP\n    backends:\n{tcp}"
     ))
 }
 
@@ -609,102 +602,5 @@ fn status_metrics_keep_attached_and_detach() -> anyhow::Result<()> {
         .run(|| TcpStream::connect_timeout(&tcp_node_port(), Duration::from_secs(2)).is_err())?;
     ensure!(refused, "NODE:nodePort still answers after xlb detach");
     drop(bpffs);
-    Ok(())
-}
-
-/// connect() rate and TCP request/response latency from a pod to one
-/// backend pod on the same node: directly, through a ClusterIP balanced by
-/// xlb's socket hooks, and through a ClusterIP DNATed by an iptables rule
-/// in the node namespace (kube-proxy's iptables mode, reduced to the one
-/// rule that matches). Prints a table; run with `cargo xtask test --
-/// --ignored bench_cluster_ip` (numbers from a shared 2-core machine).
-#[test]
-#[ignore = "benchmark: prints figures, asserts nothing but that it ran"]
-fn bench_cluster_ip_connect_rate_and_request_response() -> anyhow::Result<()> {
-    xlb_tests::require_root()?;
-    let lab = SockLab::new()?;
-    let agent = lab.start_agent(&[])?;
-    let backend = lab.lab.backends[1].addr;
-    let rule = format!(
-        "-t nat -A PREROUTING -d {IPTABLES_CLUSTER_IP}/32 -p tcp --dport {SERVICE_PORT} -j DNAT \
-         --to-destination {backend}:{ECHO_TCP_PORT}"
-    );
-    let args: Vec<&str> = rule.split(' ').collect();
-    lab.lab.node.exec("iptables", &args)?;
-    let targets = [
-        (
-            "direct to the pod",
-            SocketAddr::from((backend, ECHO_TCP_PORT)),
-        ),
-        (
-            "ClusterIP, xlb socket hooks",
-            SocketAddr::from((BENCH_CLUSTER_IP, SERVICE_PORT)),
-        ),
-        (
-            "ClusterIP, iptables DNAT",
-            SocketAddr::from((IPTABLES_CLUSTER_IP, SERVICE_PORT)),
-        ),
-    ];
-    // Rounds interleave the paths, so that load from other processes on a
-    // shared machine falls on all of them alike.
-    const ROUNDS: usize = 5;
-    const CONNECTIONS: u32 = 400;
-    const ROUND_TRIPS: u32 = 4_000;
-    let rows = lab.pod(0).run(|| -> anyhow::Result<Vec<String>> {
-        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-        use std::time::Instant;
-        let mut connect_seconds = [0f64; 3];
-        let mut round_trips: [Vec<f64>; 3] = Default::default();
-        for (_, target) in targets {
-            // Warm up (ARP, conntrack, page cache).
-            tcp_who_echo(target, b"warm")?;
-        }
-        for _ in 0..ROUNDS {
-            for (index, (what, target)) in targets.iter().enumerate() {
-                let started = Instant::now();
-                for _ in 0..CONNECTIONS {
-                    let mut stream = TcpStream::connect_timeout(target, IO_TIMEOUT)?;
-                    stream.write_all(b"WHO\n")?;
-                    let mut line = String::new();
-                    BufReader::new(&stream).read_line(&mut line)?;
-                    ensure!(line.starts_with("name="), "{what}: {line:?}");
-                }
-                connect_seconds[index] += started.elapsed().as_secs_f64();
-                let mut stream = TcpStream::connect_timeout(target, IO_TIMEOUT)?;
-                stream.set_nodelay(true)?;
-                stream.write_all(b"WHO\n")?;
-                let mut reader = BufReader::new(stream.try_clone()?);
-                let mut line = String::new();
-                reader.read_line(&mut line)?;
-                let mut byte = [0u8; 1];
-                for _ in 0..ROUND_TRIPS {
-                    let sent = Instant::now();
-                    stream.write_all(b"x")?;
-                    reader.read_exact(&mut byte)?;
-                    round_trips[index].push(sent.elapsed().as_secs_f64() * 1e6);
-                }
-            }
-        }
-        let mut rows = Vec::new();
-        for (index, (what, _)) in targets.iter().enumerate() {
-            let samples = &mut round_trips[index];
-            samples.sort_by(f64::total_cmp);
-            let connect_rate = f64::from(CONNECTIONS) * ROUNDS as f64 / connect_seconds[index];
-            let median = samples[samples.len() / 2];
-            let p90 = samples[samples.len() * 9 / 10];
-            rows.push(format!(
-                "{what:<28} {connect_rate:>10.0} {median:>10.1} {p90:>10.1}"
-            ));
-        }
-        Ok(rows)
-    })?;
-    let rows = rows.map_err(|error| agent.failure(format!("{error:#}")))?;
-    println!(
-        "{:<28} {:>10} {:>10} {:>10}",
-        "path", "conn/s", "RR p50 us", "RR p90 us"
-    );
-    for row in rows {
-        println!("{row}");
-    }
     Ok(())
 }

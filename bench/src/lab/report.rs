@@ -119,6 +119,8 @@ pub struct Report {
     /// "xlb/limit" etc. -> metric -> xlb figure / other figure.
     pub ratios: BTreeMap<String, BTreeMap<String, f64>>,
     pub sweep: Vec<SweepPoint>,
+    /// ClusterIP from a pod: direct, xlb's socket hooks, kube-proxy iptables.
+    pub cluster_ip: Option<super::cluster_ip::ClusterIpFigures>,
     pub goals: Vec<Goal>,
     pub notes: Vec<String>,
 }
@@ -158,6 +160,7 @@ impl Report {
             systems: Vec::new(),
             ratios: BTreeMap::new(),
             sweep: Vec::new(),
+            cluster_ip: None,
             goals: Vec::new(),
             notes: vec![
                 "60-byte UDP frames from an XDP live-frames generator; delivered = counted by an XDP sink on the backends' veths".into(),
@@ -266,6 +269,14 @@ impl Report {
                 goal: format!("xlb flat (< 5% change) over {span} ({metric}), % worst change"),
                 value: worst,
                 met: (xlb_points.len() > 1).then(|| worst.is_some_and(|w| w < 5.0)),
+            });
+        }
+        if let Some(cluster_ip) = &self.cluster_ip {
+            let ratio = cluster_ip.ratio("xlb/direct", "rr_p50_us");
+            goals.push(Goal {
+                goal: "ClusterIP RR p50 via xlb <= 1.05x direct to the pod (ratio)".into(),
+                value: ratio,
+                met: ratio.map(|r| r <= 1.05),
             });
         }
         let biggest = xlb_points.iter().max_by_key(|(services, _)| *services);
@@ -393,6 +404,10 @@ impl Report {
                 }
             }
             out += "  apply s: xlb = SIGHUP to \"applied config generation N\"; iptables/nftables = iptables-restore / nft -f\n";
+        }
+        if let Some(cluster_ip) = &self.cluster_ip {
+            out += "\n";
+            out += &super::cluster_ip::table(cluster_ip);
         }
         out += "\ndesign goals\n";
         for goal in &self.goals {
