@@ -16,7 +16,7 @@ use aya_ebpf::{
 use lb_common::{
     FlowKey, Reason, Service, SockRevNat, SockRevNatKey,
     hash::flow_hash,
-    service::CONFIG_F_READY,
+    service::{CONFIG_F_READY, SERVICE_F_SOURCE_RANGES},
     sock::{AFFINITY_SOCKET_CLIENT, netns_client},
 };
 
@@ -93,6 +93,13 @@ fn translate(ctx: &SockAddrContext) -> Result<bool, Reason> {
     let Some(service) = lookup::service_for(dst_addr_be, dst_port_be, proto) else {
         return Ok(false);
     };
+    // loadBalancerSourceRanges need the client's address, which connect()
+    // and an unbound sendmsg() do not have yet (the kernel picks it after
+    // this hook): such frontends are left to the per-packet paths, which
+    // check the packet's source (see the README).
+    if service.flags & SERVICE_F_SOURCE_RANGES != 0 {
+        return Ok(false);
+    }
     // SAFETY: both helpers only read the socket behind the context.
     let (socket_cookie, netns_cookie) = unsafe {
         (

@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use xlb_tests::client::{IO_TIMEOUT, Who, pattern, tcp_who_echo, udp_socket, udp_who};
 use xlb_tests::lab::{
-    ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, TCP_ECHO_NODE_PORT, UDP_ECHO_NODE_PORT,
+    CLIENT_ADDR, ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, TCP_ECHO_NODE_PORT, UDP_ECHO_NODE_PORT,
 };
 use xlb_tests::{Agent, Bpffs, ChildGuard, Lab, Netns, TestCgroup, XLB_BIN_ENV, bin_from_env};
 
@@ -27,6 +27,10 @@ use xlb_tests::{Agent, Bpffs, ChildGuard, Lab, Netns, TestCgroup, XLB_BIN_ENV, b
 const TCP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const UDP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 const STICKY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
+/// A service with loadBalancerSourceRanges: its ClusterIP, and its
+/// load-balancer IP (routed from the client namespace to the node).
+const GUARDED_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 13);
+const GUARDED_LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 40);
 const SERVICE_PORT: u16 = 80;
 const DNS_PORT: u16 = 53;
 /// The echo server in the client namespace: a pod on another node.
@@ -74,7 +78,10 @@ fn config(lab: &Lab, udp_without: Option<&str>) -> String {
          \n  - name: udp-echo\n    protocol: UDP\n    nodePort: {UDP_ECHO_NODE_PORT}\n    \
          port: {DNS_PORT}\n    clusterIP: {UDP_CLUSTER_IP}\n    backends:\n{udp}\
          \n  - name: tcp-sticky\n    protocol: TCP\n    port: {SERVICE_PORT}\n    \
-         clusterIP: {STICKY_CLUSTER_IP}\n    sessionAffinity: ClientIP\n    backends:\n{tcp}"
+         clusterIP: {STICKY_CLUSTER_IP}\n    sessionAffinity: ClientIP\n    backends:\n{tcp}\
+         \n  - name: tcp-guarded\n    protocol: TCP\n    port: {SERVICE_PORT}\n    \
+         clusterIP: {GUARDED_CLUSTER_IP}\n    frontends: [{GUARDED_LB_IP}]\n    \
+         loadBalancerSourceRanges: [{CLIENT_ADDR}/32]\n    backends:\n{tcp}"
     ))
 }
 
@@ -345,6 +352,43 @@ fn a_removed_backend_moves_udp_clients_on_their_next_datagram() -> anyhow::Resul
         Ok(())
     })?;
     checked.map_err(|error| agent.failure(format!("{error:#}")))?;
+    Ok(())
+}
+
+/// loadBalancerSourceRanges need the client's address, which connect()
+/// does not have yet: the hooks leave such a load-balancer IP alone (no
+/// bypass of the ranges from the node), the per-packet path checks them for
+/// clients on the wire, and the service's ClusterIP (no ranges) is
+/// balanced as usual.
+#[test]
+fn source_ranged_load_balancer_ips_are_not_balanced_by_the_hooks() -> anyhow::Result<()> {
+    xlb_tests::require_root()?;
+    let lab = SockLab::new()?;
+    let agent = lab.start_agent(&[])?;
+    let load_balancer = SocketAddr::from((GUARDED_LB_IP, SERVICE_PORT));
+    let cluster_ip = SocketAddr::from((GUARDED_CLUSTER_IP, SERVICE_PORT));
+    for netns in [lab.pod(0), &lab.lab.node] {
+        let checked = netns.run(|| -> anyhow::Result<()> {
+            let who = tcp_who_echo(cluster_ip, b"ranged")?;
+            ensure!(all_backends(&lab.lab).contains(&who.name));
+            let connected = TcpStream::connect_timeout(&load_balancer, Duration::from_secs(2));
+            ensure!(
+                connected.is_err(),
+                "{}: {load_balancer} (loadBalancerSourceRanges [{CLIENT_ADDR}/32]) was \
+                 balanced by the socket hooks",
+                netns.name()
+            );
+            Ok(())
+        })?;
+        checked.map_err(|error| agent.failure(format!("{error:#}")))?;
+    }
+    // The wire client inside the ranges: XDP balances it.
+    let who = lab
+        .lab
+        .client
+        .run(|| tcp_who_echo(load_balancer, b"in range"))?
+        .map_err(|error| agent.failure(format!("{error:#}")))?;
+    ensure!(all_backends(&lab.lab).contains(&who.name));
     Ok(())
 }
 
