@@ -9,12 +9,15 @@
 //!
 //! Figures: UDP packets/s delivered to the backends (1 flow, 60k flows),
 //! new flows/s (every packet a new tuple), TCP connect/close per second and
-//! UDP round-trip latency; then a scale sweep over the number of Services
-//! for xlb, iptables and nftables. Each point is the median of repeats.
+//! UDP round-trip latency; then the real-node paths (uplink to pods as CNIs
+//! leave them: a local bridge pod, a remote pod routed and over VXLAN) for
+//! xlb and iptables; then a scale sweep over the number of Services for
+//! xlb, iptables and nftables. Each point is the median of repeats.
 
 mod agent;
 mod kubeproxy;
 mod nginx;
+mod nodes;
 mod progs;
 mod report;
 pub mod scale;
@@ -108,6 +111,10 @@ pub struct Options {
     /// the new-flow rate then depends on how full they are).
     #[arg(long, default_value_t = 1)]
     pub udp_timeout: u32,
+    /// Skip the real-node paths (uplink -> local bridge pod, -> remote pod
+    /// routed and over VXLAN, for xlb and iptables).
+    #[arg(long)]
+    pub no_node_paths: bool,
     /// Seconds the agent may take to apply a sweep config.
     #[arg(long, default_value_t = 900)]
     pub apply_timeout: u64,
@@ -168,6 +175,13 @@ pub fn run(options: &Options) -> anyhow::Result<(Report, bool)> {
     let (figures, headline_failed) = headline(&systems, plan, udp_timeout_s);
     report.systems = figures;
     failed |= headline_failed;
+    let path_systems = nodes::systems(&systems);
+    if !options.no_node_paths && !path_systems.is_empty() {
+        let (rows, notes, paths_failed) = nodes::run(&path_systems, plan, udp_timeout_s);
+        report.node_paths = rows;
+        report.node_path_notes = notes;
+        failed |= paths_failed;
+    }
     for &services in &sweep {
         let config = BenchConfig {
             udp_timeout_s,
