@@ -8,10 +8,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use xlb_tests::Agent;
 use xlb_tests::client::{pattern, tcp_who_echo, udp_exchange, udp_socket, udp_who};
 use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT};
-use xlb_tests::node_lab::{CLIENT_ADDR, NodeLab, Pod, PodKind, tcp_service, udp_service};
+use xlb_tests::node_lab::{
+    CLIENT_ADDR, NODE_ADDR, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF, tcp_service, udp_service,
+};
+use xlb_tests::{Agent, XLB_BIN_ENV, bin_from_env};
 
 fn masquerade_addr(pod: &Pod) -> IpAddr {
     IpAddr::from(pod.masquerade_addr())
@@ -135,6 +137,90 @@ fn node_port_reaches_every_kind_of_pod_with_good_checksums() -> anyhow::Result<(
         "the client saw checksum errors: TcpInCsumErrors={tcp_errors} \
          UdpInCsumErrors={udp_errors}"
     );
+    Ok(())
+}
+
+/// No `node.interfaces`, no `--iface`: the agent finds the uplink (the
+/// device holding the node address, which also has the default route), and
+/// only it: cni0 and the VXLAN device hold addresses too, but not the
+/// node's. Traffic goes through, and status.json and /metrics say why each
+/// attach point was chosen.
+#[test]
+fn agent_finds_its_uplink_without_interfaces() -> anyhow::Result<()> {
+    let lab = NodeLab::new()?;
+    let pods = [lab.pod(PodKind::Bridge)];
+    let config = lab.write_file(
+        "xlb.yaml",
+        &format!(
+            "node:\n  addresses: [{NODE_ADDR}]\n\nservices:\n{}",
+            lab.echo_services(&pods, false)
+        ),
+    )?;
+    let run_dir = lab.dir().join("auto-run");
+    let run_dir_arg = run_dir.display().to_string();
+    let agent = Agent::start_with(
+        &bin_from_env(XLB_BIN_ENV)?,
+        &lab,
+        &config,
+        &["--run-dir", &run_dir_arg],
+    )?;
+    let why = format!("holds node address {NODE_ADDR}, default route");
+    agent.wait_for_log(0, &format!("{UPLINK_IF}: XDP attached"), WAIT)?;
+    agent.wait_for_log(0, &format!("{}: tcx ingress", pods[0].host_if), WAIT)?;
+    agent.wait_for_log(0, &format!("{VXLAN_IF}: tcx ingress"), WAIT)?;
+    let log = agent.log();
+    ensure!(log.contains(&format!("uplink: {why})")), "{log}");
+    ensure!(
+        log.matches("XDP attached").count() == 1,
+        "XDP on more than the uplink:\n{log}"
+    );
+    for pod in pods {
+        exchange_with(&lab, pod)
+            .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{log}"))?;
+    }
+
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("status.json"))?)?;
+    let why_of = |name: &str| {
+        status["interfaces"]
+            .as_array()
+            .and_then(|list| list.iter().find(|i| i["name"] == name))
+            .and_then(|i| i["why"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    ensure!(why_of(UPLINK_IF) == why, "{status:#}");
+    ensure!(
+        why_of(&pods[0].host_if).starts_with("pod veth"),
+        "{status:#}"
+    );
+    ensure!(why_of(VXLAN_IF).starts_with("vxlan"), "{status:#}");
+    ensure!(
+        why_of("cni0").is_empty(),
+        "cni0 is no attach point: {status:#}"
+    );
+
+    let address = SocketAddr::from(([127, 0, 0, 1], 9090));
+    let (code, metrics) = lab
+        .node
+        .run(move || xlb::observe::http::get(address, "/metrics"))??;
+    ensure!(code == 200, "{metrics}");
+    let series = format!("interface=\"{UPLINK_IF}\",mode=\"native\",why=\"{why}\"}} 1");
+    ensure!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("xlb_interface_xdp_attached{") && line.ends_with(&series)),
+        "no {series} in\n{metrics}"
+    );
+    ensure!(
+        metrics.lines().any(|line| line.starts_with(&format!(
+            "xlb_interface_tc_attached{{interface=\"{}\",hook=\"tcx\",why=\"pod veth",
+            pods[0].host_if
+        ))),
+        "no tc line for {} in\n{metrics}",
+        pods[0].host_if
+    );
+    agent.stop()?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod maps;
 pub mod neigh;
 pub mod pin;
 pub mod sock;
+pub mod uplinks;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -589,6 +590,14 @@ impl Datapath {
     /// Interfaces the program is attached to, in attach order.
     pub fn interfaces(&self) -> Vec<String> {
         self.attached.iter().map(|a| a.interface.clone()).collect()
+    }
+
+    /// How XDP is attached to `interface`, if it is.
+    pub fn attached_mode(&self, interface: &str) -> Option<Attached> {
+        self.attached
+            .iter()
+            .find(|a| a.interface == interface)
+            .map(|a| a.mode)
     }
 
     fn tc_program(&mut self, role: TcRole) -> Result<&mut SchedClassifier, KernelError> {
