@@ -19,6 +19,7 @@ use crate::kernel::maps::{MapIoError, format_paths, format_stats, global_config}
 use crate::kernel::{
     self, AttachMode, DEFAULT_BPFFS, Datapath, FlowTable, KernelError, KernelMaps, LinkKind,
     Loaded, MapSizes, NeighbourWorker, PinDir, Stats, TcRole, host,
+    linkwatch::LinkWatch,
     uplinks::{self, Uplink},
 };
 use crate::model::DesiredState;
@@ -32,8 +33,11 @@ const POLL: Duration = Duration::from_secs(1);
 /// How often node addresses are re-read and an unfinished apply retried.
 const RESYNC: Duration = Duration::from_secs(10);
 /// How often the node's devices are listed, to attach tc to pods' veths
-/// and tunnels as they appear (and forget those that went).
-const LINK_SCAN: Duration = Duration::from_secs(1);
+/// and tunnels as they appear (and forget those that went): a safety net
+/// behind the rtnetlink link watch, which lists them at every link event;
+/// each second if the watch cannot be opened.
+const LINK_SCAN: Duration = Duration::from_secs(10);
+const LINK_SCAN_UNWATCHED: Duration = Duration::from_secs(1);
 /// How often conntrack is swept, and how many entries one sweep visits.
 const GC_PERIOD: Duration = Duration::from_secs(5);
 const GC_BUDGET: usize = 100_000;
@@ -358,6 +362,21 @@ fn choose_uplinks(state: &DesiredState, from_flag: bool) -> Result<Vec<Uplink>, 
     Ok(found)
 }
 
+/// The next link event, or never (no watch, or one that failed: the
+/// periodic scan goes on).
+async fn next_link_event(watch: Option<&LinkWatch>) {
+    let Some(watch) = watch else {
+        return std::future::pending().await;
+    };
+    if let Err(error) = watch.changed().await {
+        warn!(
+            "link watch failed: {error}; devices are listed every {} s",
+            LINK_SCAN.as_secs()
+        );
+        std::future::pending::<()>().await;
+    }
+}
+
 /// What the running agent tracks about the config file between polls.
 #[derive(Default)]
 struct FileWatch {
@@ -574,7 +593,22 @@ impl Agent {
         let mut poll = interval(POLL);
         let mut resync = interval(RESYNC);
         let mut gc = interval(GC_PERIOD);
-        let mut links = interval(LINK_SCAN);
+        let watch = match LinkWatch::open() {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                warn!(
+                    "cannot watch link events (rtnetlink): {error}; listing devices every {} s \
+                     instead",
+                    LINK_SCAN_UNWATCHED.as_secs()
+                );
+                None
+            }
+        };
+        let mut links = interval(if watch.is_some() {
+            LINK_SCAN
+        } else {
+            LINK_SCAN_UNWATCHED
+        });
         for timer in [&mut poll, &mut resync, &mut gc, &mut links] {
             timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
             timer.reset();
@@ -592,6 +626,7 @@ impl Agent {
                 _ = resync.tick() => self.resync(),
                 _ = gc.tick() => self.collect_garbage(),
                 _ = links.tick() => self.sync_pod_hooks(),
+                () = next_link_event(watch.as_ref()) => self.sync_pod_hooks(),
                 () = next_change(&mut self.services) => self.reload_services(),
             }
         }
@@ -981,10 +1016,10 @@ impl Agent {
 
     /// Puts the pod/tunnel tc program on every veth and tunnel device that
     /// is not an uplink (XDP runs there), and forgets devices that are gone
-    /// or were made again under the same name. Listing the devices each
-    /// second costs one `ip` run; a pod's first reply can come sooner than
-    /// that only if its first request did, which XDP handles (the request),
-    /// and a reply before its tc program is attached is retransmitted.
+    /// or were made again under the same name. Runs at every link event
+    /// (rtnetlink), so a pod's veth has its program milliseconds after it
+    /// is made, before the pod can answer anything; listing the devices
+    /// costs one `ip` run.
     fn sync_pod_hooks(&mut self) {
         let links = match host::links() {
             Ok(links) => links,

@@ -338,6 +338,92 @@ fn thousand_flows_over_bridge_and_vxlan_while_pods_come_and_go() -> anyhow::Resu
     Ok(())
 }
 
+/// A pod made while traffic runs is served at once: the rtnetlink link
+/// watch puts tc on its veth as the veth appears, so the very first reply
+/// the new pod sends (tens of milliseconds after its veth exists, long
+/// before a periodic scan would come) is reverse-NATed. Each new pod gets
+/// one datagram, no retry. A stream to the pod that was there all along
+/// loses nothing meanwhile.
+#[test]
+fn a_new_pod_is_served_at_once() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let lab = NodeLab::new()?;
+    let first = lab.pod(PodKind::Bridge);
+    // (kind, index, its address as the lab will give it, its NodePort)
+    let new_pods = [
+        (PodKind::Bridge, 2, [198, 18, 10, 3], 30990),
+        (PodKind::Routed, 2, [198, 18, 11, 3], 30991),
+        (PodKind::Bridge, 3, [198, 18, 10, 4], 30992),
+        (PodKind::Routed, 3, [198, 18, 11, 4], 30993),
+    ];
+    let mut services = lab.echo_services(&[first], false);
+    for (kind, index, addr, node_port) in new_pods {
+        services.push_str(&format!(
+            "  - name: new-{}-{index}\n    protocol: UDP\n    nodePort: {node_port}\n    \
+             targetPort: {ECHO_UDP_PORT}\n    backends:\n      - address: {}\n",
+            kind.label(),
+            std::net::Ipv4Addr::from(addr)
+        ));
+    }
+    let config = lab.write_file("xlb.yaml", &lab.config_yaml(&services))?;
+    let agent = Agent::start(&lab, &config)?;
+    agent.wait_for_log(0, &format!("{}: tcx ingress", first.host_if), WAIT)?;
+
+    let stop = AtomicBool::new(false);
+    let (answered, lost) = (AtomicU64::new(0), AtomicU64::new(0));
+    let outcome = std::thread::scope(|scope| -> anyhow::Result<Vec<Pod>> {
+        let stream = scope.spawn(|| {
+            lab.client.run(|| -> anyhow::Result<()> {
+                let socket = udp_socket()?;
+                socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+                let mut seq = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let payload = pattern(64, seq);
+                    match udp_exchange(&socket, udp_service(), &payload) {
+                        Ok((reply, _)) if reply == payload => &answered,
+                        _ => &lost,
+                    }
+                    .fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(())
+            })
+        });
+        let made = (|| -> anyhow::Result<Vec<Pod>> {
+            let mut made = Vec::new();
+            for (kind, index, addr, node_port) in new_pods {
+                let pod = lab.add_pod(kind, index)?;
+                ensure!(pod.addr == std::net::Ipv4Addr::from(addr), "{pod:?}");
+                let target = SocketAddr::from((NODE_ADDR, node_port));
+                let (who, from) = lab
+                    .client
+                    .run(|| udp_who(&udp_socket()?, target))?
+                    .with_context(|| format!("the first datagram to the new pod {}", pod.name))?;
+                ensure!(from == target, "reply from {from}, not {target}");
+                ensure!(who.name == pod.name, "{who:?} answered for {}", pod.name);
+                made.push(pod);
+            }
+            Ok(made)
+        })();
+        stop.store(true, Ordering::Relaxed);
+        stream.join().expect("stream thread panicked")??;
+        made
+    });
+    let made = outcome
+        .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+    let (answered, lost) = (answered.into_inner(), lost.into_inner());
+    ensure!(
+        answered > 0 && lost == 0,
+        "stream to {}: {answered} answered, {lost} lost",
+        first.name
+    );
+    drop(made);
+    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
+    ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
+    Ok(())
+}
+
 #[test]
 fn node_lab_pods_are_at_kernel_defaults() -> anyhow::Result<()> {
     let lab = NodeLab::new()?;

@@ -6,6 +6,7 @@
 pub mod conntrack;
 pub mod explain;
 pub mod host;
+pub mod linkwatch;
 pub mod maps;
 pub mod neigh;
 pub mod pin;
