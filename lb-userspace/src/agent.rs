@@ -552,6 +552,9 @@ impl Agent {
             info!("{interface}: XDP detached (pinned by a previous agent, no longer configured)");
         }
         self.sync_pod_hooks();
+        for name in self.datapath.unpin_stale_tc_links()? {
+            info!("tc link {name} detached (pinned by a previous agent, its device is gone)");
+        }
         self.attach_sockets()?;
         info!("applied config generation {} ({ops} ops)", self.generation);
         self.write_ready_file()
@@ -679,7 +682,7 @@ impl Agent {
         let dir = bpffs_display(self.datapath.pins());
         if !kept.is_empty() {
             info!(
-                "XDP left attached to {} with its maps pinned in {dir} (--keep-attached); the \
+                "XDP and tc left attached to {} with the maps pinned in {dir} (--keep-attached); the \
                  next `xlb run --bpffs {dir}` adopts them, `xlb detach --bpffs {dir}` removes them",
                 kept.join(", "),
             );

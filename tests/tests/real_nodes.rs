@@ -13,7 +13,7 @@ use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT};
 use xlb_tests::node_lab::{
     CLIENT_ADDR, NODE_ADDR, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF, tcp_service, udp_service,
 };
-use xlb_tests::{Agent, XLB_BIN_ENV, bin_from_env};
+use xlb_tests::{Agent, Bpffs, XLB_BIN_ENV, bin_from_env};
 
 fn masquerade_addr(pod: &Pod) -> IpAddr {
     IpAddr::from(pod.masquerade_addr())
@@ -419,6 +419,87 @@ fn a_new_pod_is_served_at_once() -> anyhow::Result<()> {
         first.name
     );
     drop(made);
+    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
+    ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
+    Ok(())
+}
+
+/// `--keep-attached` keeps pods behind tc served while no agent runs: the
+/// uplink's tc hand-off and the pods' tc links are pinned next to the XDP
+/// links, the next agent adopts them, and a plain stop removes them.
+#[test]
+fn pods_behind_tc_are_served_across_an_agent_restart() -> anyhow::Result<()> {
+    let lab = NodeLab::new()?;
+    let bpffs = Bpffs::mount(&lab)?;
+    let dir = bpffs.arg();
+    let pod = lab.pod(PodKind::Bridge);
+    let config = lab.write_file(
+        "xlb.yaml",
+        &lab.config_yaml(&lab.echo_services(&[pod], false)),
+    )?;
+    let bin = bin_from_env(XLB_BIN_ENV)?;
+    let agent = Agent::start_with(&bin, &lab, &config, &["--bpffs", &dir, "--keep-attached"])?;
+    agent.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
+    agent.wait_for_log(0, &format!("{VXLAN_IF}: tcx ingress"), WAIT)?;
+    let tc_pins = bpffs.pins("tc");
+    for expected in [
+        format!("uplink-{UPLINK_IF}"),
+        format!("pod-{}", pod.host_if),
+        format!("pod-{VXLAN_IF}"),
+    ] {
+        ensure!(
+            tc_pins.contains(&expected),
+            "no tc pin {expected}: {tc_pins:?}"
+        );
+    }
+    let udp = udp_service();
+    let (flow, who) = lab.client.run(|| -> anyhow::Result<_> {
+        let socket = udp_socket()?;
+        let (who, _) = udp_who(&socket, udp)?;
+        Ok((socket, who))
+    })??;
+    ensure!(who.name == pod.name, "{who:?}");
+    let exit = agent.stop()?;
+    ensure!(exit.status.success(), "{}", exit.log);
+    ensure!(
+        bpffs.pins("tc") == tc_pins,
+        "{:?}\n{}",
+        bpffs.pins("tc"),
+        exit.log
+    );
+
+    // No agent: the flow goes on, a new one is served, TCP too.
+    let alone = |when: &str| -> anyhow::Result<()> {
+        lab.client
+            .run(|| -> anyhow::Result<()> {
+                let (who, from) = udp_who(&flow, udp).context("the flow")?;
+                ensure!(from == udp && who.name == pod.name, "{who:?} from {from}");
+                let (who, _) = udp_who(&udp_socket()?, udp).context("a new UDP flow")?;
+                ensure!(who.name == pod.name, "{who:?}");
+                let who = tcp_who_echo(tcp_service(), &pattern(20_000, 7)).context("TCP")?;
+                ensure!(who.name == pod.name, "{who:?}");
+                Ok(())
+            })?
+            .with_context(|| format!("{when}\n--- first agent's log ---\n{}", exit.log))
+    };
+    alone("while no agent runs")?;
+
+    let second = Agent::start_with(&bin, &lab, &config, &["--bpffs", &dir])?;
+    second.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
+    alone("after the restart")?;
+    let exit = second.stop()?;
+    ensure!(exit.status.success(), "{}", exit.log);
+    ensure!(
+        exit.log.contains("adopted the datapath pinned in"),
+        "{}",
+        exit.log
+    );
+    ensure!(
+        bpffs.pins("tc").is_empty() && bpffs.pins("links").is_empty(),
+        "a plain stop leaves {:?} {:?}",
+        bpffs.pins("tc"),
+        bpffs.pins("links")
+    );
     let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
     ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
     Ok(())
