@@ -438,9 +438,29 @@ fn pods_behind_tc_are_served_across_an_agent_restart() -> anyhow::Result<()> {
         &lab.config_yaml(&lab.echo_services(&[pod], false)),
     )?;
     let bin = bin_from_env(XLB_BIN_ENV)?;
-    let agent = Agent::start_with(&bin, &lab, &config, &["--bpffs", &dir, "--keep-attached"])?;
+    let run_dir = lab.dir().join("restart-run").display().to_string();
+    let agent = Agent::start_with(
+        &bin,
+        &lab,
+        &config,
+        &["--bpffs", &dir, "--keep-attached", "--run-dir", &run_dir],
+    )?;
     agent.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
     agent.wait_for_log(0, &format!("{VXLAN_IF}: tcx ingress"), WAIT)?;
+    // `xlb status` says the pod's tc link is pinned.
+    let output = lab
+        .node
+        .command(&bin)
+        .args(["status", "--json", "--bpffs", &dir, "--run-dir", &run_dir])
+        .output()?;
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| String::from_utf8_lossy(&output.stderr).into_owned())?;
+    let pod_row = status["interfaces"]
+        .as_array()
+        .and_then(|list| list.iter().find(|i| i["name"] == pod.host_if.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(pod_row["link_pinned"] == true, "{status:#}");
     let tc_pins = bpffs.pins("tc");
     for expected in [
         format!("uplink-{UPLINK_IF}"),

@@ -150,6 +150,17 @@ pub fn report(session: &Session) -> Result<StatusReport, CliError> {
             }),
         }
     }
+    // tc attach points: their tcx links are pinned under tc/<role>-<name>.
+    let pins = crate::kernel::PinDir::at(&session.bpffs);
+    for interface in interfaces.iter_mut().filter(|i| !i.link_pinned) {
+        let is_tc = interface
+            .mode
+            .as_deref()
+            .is_some_and(|mode| mode.starts_with("tcx"));
+        if is_tc && pins.tc_link("pod", &interface.name).exists() {
+            interface.link_pinned = true;
+        }
+    }
     let socket_hooks = SocketHooksReport {
         cgroup: status
             .and_then(|s| s.socket_hooks.as_ref())
