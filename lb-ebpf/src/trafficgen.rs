@@ -7,7 +7,10 @@
 //! the flow from a sequence number and returns XDP_TX, which sends the frame
 //! out of the generator's veth. `xlb_bench_sink` sits on the backends' veths
 //! and counts and drops the benchmark's UDP datagrams, passing everything
-//! else (ARP, TCP, the latency echo) to the stack.
+//! else (ARP, TCP, the latency echo) to the stack. `xlb_bench_tc_sink` does
+//! the same at tc ingress, for pods whose veth ends keep the kernel's
+//! defaults (no XDP program): it counts where the pod's stack would take
+//! the datagram.
 //!
 //! The map layouts are mirrored in bench/src/lab/progs.rs; sizes are
 //! asserted on both sides.
@@ -49,10 +52,10 @@ pub const SINK_PORTS: u32 = 2;
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::xdp_action,
-        macros::{map, xdp},
+        bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+        macros::{classifier, map, xdp},
         maps::{Array, PerCpuArray},
-        programs::XdpContext,
+        programs::{TcContext, XdpContext},
     };
 
     use super::{FRAME_LEN, GenConfig, SINK_PORTS};
@@ -142,8 +145,34 @@ mod prog {
                 u16::from_be_bytes((frame.add(36) as *const [u8; 2]).read_unaligned()),
             )
         };
+        if count_ours(ether_type, version_ihl, proto, dst_port) {
+            xdp_action::XDP_DROP
+        } else {
+            xdp_action::XDP_PASS
+        }
+    }
+
+    #[classifier]
+    pub fn xlb_bench_tc_sink(ctx: TcContext) -> i32 {
+        // Ethernet + option-less IPv4 + UDP destination port, copied out of
+        // the skb (its linear part may be shorter).
+        let Ok(head) = ctx.load::<[u8; 38]>(0) else {
+            return TC_ACT_OK;
+        };
+        let dst_port = u16::from_be_bytes([head[36], head[37]]);
+        if count_ours([head[12], head[13]], head[14], head[23], dst_port) {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_OK
+        }
+    }
+
+    /// Whether the frame is a benchmark datagram (UDP to a `SINK_CONFIG`
+    /// port); counts it if so.
+    #[inline(always)]
+    fn count_ours(ether_type: [u8; 2], version_ihl: u8, proto: u8, dst_port: u16) -> bool {
         if ether_type != [0x08, 0x00] || version_ihl != 0x45 || proto != 17 {
-            return xdp_action::XDP_PASS;
+            return false;
         }
         let mut ours = false;
         for index in 0..SINK_PORTS {
@@ -154,14 +183,11 @@ mod prog {
                 ours = true;
             }
         }
-        if !ours {
-            return xdp_action::XDP_PASS;
-        }
-        if let Some(count) = SINK_COUNT.get_ptr_mut(0) {
+        if ours && let Some(count) = SINK_COUNT.get_ptr_mut(0) {
             // SAFETY: per-CPU slot; nothing else runs on this CPU meanwhile.
             unsafe { *count += 1 };
         }
-        xdp_action::XDP_DROP
+        ours
     }
 
     #[cfg(not(test))]

@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: build the agent and the bench, then run the lab
 //! benchmark (`xlb-bench lab`: xlb vs an XDP ceiling, kube-proxy iptables
 //! and nftables, nginx stream, ClusterIP from a pod through the socket
-//! hooks vs iptables vs direct, and a scale sweep), or with `--micro` the
+//! hooks vs iptables vs direct; the real-node paths, uplink to a local
+//! bridge pod and to remote pods, for xlb and iptables; and a scale sweep),
+//! or with `--micro` the
 //! per-packet datapath benchmark (`xlb-bench micro`).
 
 use std::path::PathBuf;

@@ -266,6 +266,8 @@ fn iptables_rules(backend: Ipv4Addr) -> String {
         table_size: None,
         udp_timeout_s: None,
         node_addr: xlb_tests::lab::NODE_ADDR,
+        // Only the iptables rules are written from this config.
+        interfaces: Vec::new(),
     };
     kubeproxy::iptables_restore_for_cluster(&config, POD_CIDR)
 }

@@ -11,14 +11,17 @@
 //! new flows/s (every packet a new tuple), TCP connect/close per second and
 //! UDP round-trip latency; then ClusterIP connect rate and TCP
 //! request/response from a pod, directly, through xlb's socket hooks and
-//! through kube-proxy's iptables rules (`cluster_ip`); then a scale sweep
-//! over the number of Services for xlb, iptables and nftables. Each point
-//! is the median of repeats.
+//! through kube-proxy's iptables rules (`cluster_ip`); then the real-node
+//! paths (uplink to pods as CNIs leave them: a local bridge pod, a remote
+//! pod routed and over VXLAN) for xlb and iptables (`nodes`); then a scale
+//! sweep over the number of Services for xlb, iptables and nftables. Each
+//! point is the median of repeats.
 
 mod agent;
 mod cluster_ip;
 mod kubeproxy;
 mod nginx;
+mod nodes;
 mod progs;
 mod report;
 pub mod scale;
@@ -119,6 +122,10 @@ pub struct Options {
     /// Rounds of the ClusterIP part (default 5; 2 with --quick).
     #[arg(long)]
     pub cluster_ip_rounds: Option<u32>,
+    /// Skip the real-node paths (uplink -> local bridge pod, -> remote pod
+    /// routed and over VXLAN, for xlb and iptables).
+    #[arg(long)]
+    pub no_node_paths: bool,
     /// Seconds the agent may take to apply a sweep config.
     #[arg(long, default_value_t = 900)]
     pub apply_timeout: u64,
@@ -190,6 +197,13 @@ pub fn run(options: &Options) -> anyhow::Result<(Report, bool)> {
             failed = true;
         }
         report.cluster_ip = Some(figures);
+    }
+    let path_systems = nodes::systems(&systems);
+    if !options.no_node_paths && !path_systems.is_empty() {
+        let (rows, notes, paths_failed) = nodes::run(&path_systems, plan, udp_timeout_s);
+        report.node_paths = rows;
+        report.node_path_notes = notes;
+        failed |= paths_failed;
     }
     for &services in &sweep {
         let config = BenchConfig {
