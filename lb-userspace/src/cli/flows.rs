@@ -5,7 +5,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use lb_common::flow::{FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY, FLOW_S_RST, FLOW_S_SEEN_REPLY};
+use lb_common::flow::{
+    FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY, FLOW_S_RST, FLOW_S_SEEN_REPLY,
+};
 use lb_common::{Flow, FlowKey, GlobalConfig, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
 
@@ -41,8 +43,9 @@ pub struct FlowReport {
     pub backend: Named,
     pub age_seconds: u64,
     pub idle_seconds: u64,
-    /// TCP: `syn_sent`, `established`, `closing` (one side sent FIN),
-    /// `closed` (both did), `reset`. UDP: `unreplied`, `replied`.
+    /// TCP: `syn_sent`, `syn_received` (the backend answered, the client
+    /// has not acknowledged yet), `established`, `closing` (one side sent
+    /// FIN), `closed` (both did), `reset`. UDP: `unreplied`, `replied`.
     pub state: &'static str,
     /// Idle past its timeout: the next sweep deletes it, a new packet
     /// starts a new flow.
@@ -255,8 +258,10 @@ fn state_name(key: &FlowKey, flow: &Flow) -> &'static str {
         "closed"
     } else if fins != 0 {
         "closing"
-    } else if state & FLOW_S_SEEN_REPLY != 0 {
+    } else if state & FLOW_S_CONFIRMED != 0 {
         "established"
+    } else if state & FLOW_S_SEEN_REPLY != 0 {
+        "syn_received"
     } else {
         "syn_sent"
     }
@@ -372,7 +377,7 @@ mod tests {
         );
         let config = GlobalConfig::DEFAULT;
         let report = describe(
-            &entry(IPPROTO_TCP, FLOW_S_SEEN_REPLY),
+            &entry(IPPROTO_TCP, FLOW_S_SEEN_REPLY | FLOW_S_CONFIRMED),
             &catalog,
             &config,
             165 * SECOND,
@@ -420,7 +425,8 @@ mod tests {
     fn tcp_states() {
         let name = |state| state_name(&entry(IPPROTO_TCP, 0).key, &entry(IPPROTO_TCP, state).flow);
         assert_eq!(name(0), "syn_sent");
-        assert_eq!(name(FLOW_S_SEEN_REPLY), "established");
+        assert_eq!(name(FLOW_S_SEEN_REPLY), "syn_received");
+        assert_eq!(name(FLOW_S_SEEN_REPLY | FLOW_S_CONFIRMED), "established");
         assert_eq!(name(FLOW_S_SEEN_REPLY | FLOW_S_FIN_REPLY), "closing");
         assert_eq!(
             name(FLOW_S_SEEN_REPLY | FLOW_S_FIN_REPLY | FLOW_S_FIN_ORIGINAL),
