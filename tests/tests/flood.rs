@@ -202,6 +202,49 @@ fn from_spoofed(key: &FlowKey) -> bool {
     (first..first + 2).contains(&src)
 }
 
+/// The half-open table shows in /metrics (`xlb_conntrack_half_open_entries`)
+/// and in `xlb flows` (state `syn_received`), as the README says.
+fn half_open_is_visible(lab: &Lab, bpffs: &Bpffs, entries: usize) -> anyhow::Result<()> {
+    let metrics_address = std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 9090));
+    let metrics = lab
+        .node
+        .run(move || xlb::observe::http::get(metrics_address, "/metrics"))??
+        .1;
+    let gauge: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("xlb_conntrack_half_open_entries "))
+        .context("no xlb_conntrack_half_open_entries in /metrics")?
+        .parse()?;
+    // The agent's sweep and the datapath may have changed it since.
+    ensure!(
+        gauge >= (entries / 2) as f64,
+        "xlb_conntrack_half_open_entries {gauge}, {entries} entries read"
+    );
+    let xlb = xlb_tests::bin_from_env(xlb_tests::XLB_BIN_ENV)?;
+    let output = lab
+        .node
+        .command(&xlb)
+        .args([
+            "flows",
+            "--state",
+            "syn_received",
+            "--limit",
+            "1",
+            "--json",
+            "--bpffs",
+        ])
+        .arg(bpffs.path())
+        .output()?;
+    ensure!(output.status.success(), "xlb flows: {output:?}");
+    let flows: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let matched = flows["matched"].as_u64().context("matched")?;
+    ensure!(matched > 0, "xlb flows shows no syn_received flow: {flows}");
+    println!(
+        "visible: xlb_conntrack_half_open_entries {gauge}, xlb flows: {matched} syn_received flows"
+    );
+    Ok(())
+}
+
 #[test]
 fn syn_flood_spares_established_flows_and_new_clients() -> anyhow::Result<()> {
     let lab = Lab::new(2)?;
@@ -269,13 +312,14 @@ fn syn_flood_spares_established_flows_and_new_clients() -> anyhow::Result<()> {
         });
         std::thread::sleep(Duration::from_millis(300));
         let flood_time = flood(&gen_ns);
+        let flood_ended = Instant::now();
         std::thread::sleep(Duration::from_millis(500));
         stop.store(true, Ordering::Relaxed);
         let tcp = tcp.join().map_err(|_| anyhow!("TCP stream panicked"));
         let udp = udp.join().map_err(|_| anyhow!("UDP stream panicked"));
-        (tcp, udp, flood_time)
+        (tcp, udp, flood_time.map(|time| (time, flood_ended)))
     });
-    let flood_time = flood_time?;
+    let (flood_time, flood_ended) = flood_time?;
     let tcp_rounds = tcp_rounds??;
     let (udp_sent, udp_echoed) = udp_result??;
     let during = stats(&bpffs)?;
@@ -332,6 +376,7 @@ fn syn_flood_spares_established_flows_and_new_clients() -> anyhow::Result<()> {
         !established.iter().any(|(key, _)| from_spoofed(key)),
         "a spoofed SYN became an established flow"
     );
+    half_open_is_visible(&lab, &bpffs, half_open.len())?;
 
     // 60 legitimate new connections, right after the flood.
     let failures = lab.client.run(|| {
@@ -353,7 +398,7 @@ fn syn_flood_spares_established_flows_and_new_clients() -> anyhow::Result<()> {
 
     // The half-open flows go after the (short) SYN timeout plus a sweep.
     let deadline = Duration::from_secs(SYN_TIMEOUT_S + 2 * GC_PERIOD_S + 5);
-    let started = Instant::now();
+    let started = flood_ended;
     let gone = poll_until("half-open flood flows to go", deadline, || {
         let left = entries(&bpffs, lb_common::maps::FLOWS_NEW).ok()?;
         (!left.iter().any(|(key, _)| from_spoofed(key))).then_some(())

@@ -78,15 +78,17 @@ pub struct Filter {
     /// Only flows from this client: ADDRESS or ADDRESS:PORT.
     #[arg(long = "src", value_name = "ADDR[:PORT]")]
     pub source: Option<Endpoint>,
-    /// Only flows in this state: TCP syn_sent, established, closing,
-    /// closed, reset; UDP unreplied, replied; or expired.
+    /// Only flows in this state: TCP syn_sent, syn_received (both
+    /// half-open), established, closing, closed, reset; UDP unreplied,
+    /// replied; or expired.
     #[arg(long, value_name = "STATE", value_parser = clap::builder::PossibleValuesParser::new(STATES))]
     pub state: Option<String>,
 }
 
 /// Every value `--state` takes.
-pub const STATES: [&str; 8] = [
+pub const STATES: [&str; 9] = [
     "syn_sent",
+    "syn_received",
     "established",
     "closing",
     "closed",
