@@ -460,7 +460,8 @@ fn take_port(
 
 /// Whether the reply tuple `reply_key` can be taken for the client `key`:
 /// nobody has it, or its holder is this very client tuple, past its timeout,
-/// or half a flow whose other half was evicted. Such a holder is deleted.
+/// or (idle for a refresh period at least) half a flow whose other half was
+/// evicted. Such a holder is deleted.
 // Not inlined: a subprogram of its own keeps the port loop within the
 // 512-byte stack.
 #[inline(never)]
@@ -476,9 +477,14 @@ fn free_or_reclaimed(
     };
     // SAFETY: plain-integer map value.
     let taken = unsafe { &*taken };
+    // Unpaired only counts once the entry has settled: a flow being created
+    // on another CPU has its reply entry in before its original one, and
+    // taking that over would give two clients one reply tuple (seen in
+    // one_masquerade_port_two_cpus_at_once).
+    let settled = now.saturating_sub(taken.last_seen_ns) >= REFRESH_NS;
     let reclaim = Flow::is_peer(taken, key)
         || taken.expired(key.proto, cfg, now)
-        || !paired(table, reply_key, taken);
+        || (settled && !paired(table, reply_key, taken));
     if reclaim {
         let _ = table.remove(reply_key);
     }

@@ -1150,7 +1150,10 @@ pub fn rows() -> Vec<Row> {
                 let spec = udp(40_307);
                 let port = first_masquerade_port(&spec);
                 for backend in [BACKEND_1, BACKEND_2] {
-                    let (reply_key, reply) = foreign_pair(backend, port).1;
+                    let (reply_key, mut reply) = foreign_pair(backend, port).1;
+                    // Idle past a refresh period: a reply entry younger than
+                    // that may belong to a flow another CPU is creating.
+                    reply.last_seen_ns -= 2_000_000_000;
                     dp.flows()
                         .insert(reply_key, reply, 0)
                         .expect("stale reply entry");
@@ -1159,6 +1162,37 @@ pub fn rows() -> Vec<Row> {
                 case.after = Some(Box::new(move |dp: &mut Datapath| {
                     let flow = dp.flow(&spec.key()).expect("flow");
                     assert_eq!(u16::from_be(flow.new_src_port_be), port);
+                }));
+                case
+            },
+        },
+        Row {
+            name: "a masquerade port whose reply entry is fresh but unpaired (a flow another CPU is creating) is not taken",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let spec = udp(40_313);
+                let port = first_masquerade_port(&spec);
+                for backend in [BACKEND_1, BACKEND_2] {
+                    let (reply_key, reply) = foreign_pair(backend, port).1;
+                    dp.flows()
+                        .insert(reply_key, reply, 0)
+                        .expect("fresh reply entry");
+                }
+                let mut case = forward_case(dp, spec.clone());
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow(&spec.key()).expect("flow");
+                    assert_ne!(
+                        u16::from_be(flow.new_src_port_be),
+                        port,
+                        "took the port of a flow being created"
+                    );
+                    let backend = std::net::Ipv4Addr::from(flow.new_dst_addr_be.to_ne_bytes());
+                    let (reply_key, _) = foreign_pair(backend, port).1;
+                    assert!(
+                        dp.flow(&reply_key).is_some(),
+                        "the other flow's reply entry was deleted"
+                    );
                 }));
                 case
             },
