@@ -29,6 +29,10 @@ pub static XLB_BACKEND_HOPS: Array<BackendHop> = Array::with_max_entries(size::B
 pub static XLB_FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(size::FLOWS_MAX, 0);
 
 #[map]
+pub static XLB_FLOWS_NEW: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(size::FLOWS_NEW_MAX, 0);
+
+#[map]
 pub static XLB_NODE_ADDRS: HashMap<u32, NodeAddr> =
     HashMap::with_max_entries(size::NODE_ADDRS_MAX, 0);
 

@@ -78,8 +78,8 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
 /// Whether the address was a service frontend (and is now a backend).
 #[inline(always)]
 fn translate(ctx: &SockAddrContext) -> Result<bool, Reason> {
-    let hash_seed = match XLB_CONFIG.get(0) {
-        Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => cfg.hash_seed,
+    let hash_key = match XLB_CONFIG.get(0) {
+        Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => cfg.hash_key(),
         _ => return Ok(false),
     };
     let Some((proto, dst_addr_be, dst_port_be)) = ipv4_address(ctx) else {
@@ -120,7 +120,7 @@ fn translate(ctx: &SockAddrContext) -> Result<bool, Reason> {
         proto,
         _pad: [0; 3],
     };
-    let hash = flow_hash(&key, hash_seed);
+    let hash = flow_hash(&key, hash_key);
     // Affinity is per client network namespace (a pod, or the node), keyed
     // apart from the XDP path's client addresses.
     let socket_client = Service {

@@ -17,7 +17,8 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
-/// Bytes of every generated frame: Ethernet + IPv4 + UDP + 18 bytes payload.
+/// Bytes of every generated frame: Ethernet + IPv4 + UDP + 18 bytes payload,
+/// or Ethernet + IPv4 + TCP + 6 bytes of Ethernet padding.
 pub const FRAME_LEN: usize = 60;
 
 /// `GEN_CONFIG[0]`: what to send. Host order unless named `_be`.
@@ -41,7 +42,10 @@ pub struct GenConfig {
     pub src_port_base: u16,
     /// Source ports per source address before the address moves on.
     pub port_span: u16,
-    pub _pad: u32,
+    /// 0: the template is UDP (checksum at byte 40). 1: TCP, e.g. a SYN
+    /// flood (checksum at byte 50; `udp_csum_base` then sums the TCP
+    /// pseudo-header and header).
+    pub tcp: u32,
 }
 const _: () = assert!(core::mem::size_of::<GenConfig>() == 88);
 
@@ -123,7 +127,8 @@ mod prog {
             (frame.add(24) as *mut [u8; 2]).write_unaligned(ip_csum.to_be_bytes());
             (frame.add(26) as *mut [u8; 4]).write_unaligned(src_addr.to_be_bytes());
             (frame.add(34) as *mut [u8; 2]).write_unaligned(src_port.to_be_bytes());
-            (frame.add(40) as *mut [u8; 2]).write_unaligned(udp_csum.to_be_bytes());
+            let check = if cfg.tcp != 0 { 50 } else { 40 };
+            (frame.add(check) as *mut [u8; 2]).write_unaligned(udp_csum.to_be_bytes());
         }
         xdp_action::XDP_TX
     }

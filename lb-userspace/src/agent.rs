@@ -68,6 +68,9 @@ pub struct RunOptions {
     /// (clients on this node reach services through them); `None` leaves
     /// socket-level balancing off.
     pub cgroup: Option<PathBuf>,
+    /// `--hash-seed-file`: the flow hash's secret, shared by every node
+    /// (created if missing); `None`: random for this run.
+    pub hash_seed_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +109,8 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Seed(#[from] kernel::seed::SeedError),
     #[error("cannot listen for signals")]
     Signal {
         #[source]
@@ -122,7 +127,9 @@ impl AgentError {
     /// 2 for a config that cannot be used, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AgentError::Config(_) | AgentError::Plan { .. } => 2,
+            AgentError::Config(_)
+            | AgentError::Plan { .. }
+            | AgentError::Seed(kernel::seed::SeedError::Malformed { .. }) => 2,
             AgentError::Source(error) => error.exit_code(),
             _ => 1,
         }
@@ -417,6 +424,30 @@ struct Agent {
     observe: Observe,
     /// Where services come from when not from the config file.
     services: Option<ClusterSource>,
+    /// The flow hash's secret (`Settings::hash_seed`).
+    hash_seed: u64,
+}
+
+/// The flow hash's secret, with a line in the log saying where it came
+/// from. Without a file, an adopted datapath's secret is kept, so new flows
+/// hash as before the restart (and adoption writes nothing).
+fn choose_hash_seed((value, origin): (u64, kernel::seed::SeedOrigin), adopted: Option<u64>) -> u64 {
+    use kernel::seed::SeedOrigin;
+    if let (SeedOrigin::Random { .. }, Some(adopted)) = (&origin, adopted) {
+        info!("flow hash secret kept from the adopted datapath");
+        return adopted;
+    }
+    match origin {
+        SeedOrigin::Read(path) => info!("flow hash secret read from {}", path.display()),
+        SeedOrigin::Created(path) => info!(
+            "flow hash secret created in {} (mode 0600); give every node the same file",
+            path.display()
+        ),
+        SeedOrigin::Random { why } => warn!(
+            "flow hash secret is random for this run ({why}): nodes choose backends independently; use --hash-seed-file with one file for all nodes"
+        ),
+    }
+    value
 }
 
 /// `xlb run`. Returns when told to stop; an error means nothing is left
@@ -441,6 +472,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     for warning in warnings(&config) {
         warn!("{warning}");
     }
+    let hash_seed = kernel::seed::load(options.hash_seed_file.as_deref())?;
     let pins = pin_dir(options.bpffs.as_deref())?;
     let bpffs = pins.as_ref().map_or_else(
         || {
@@ -485,6 +517,10 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     } else {
         Applied::default()
     };
+    let hash_seed = choose_hash_seed(
+        hash_seed,
+        applied.settings.as_ref().map(|settings| settings.hash_seed),
+    );
     observe.datapath_loaded(sizes.flows, observed);
     let capacity = maps.capacity();
     debug!("map capacity: {capacity:?}");
@@ -512,6 +548,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         watch: FileWatch::default(),
         observe,
         services,
+        hash_seed,
     };
     agent.watch.stamp = agent.stamp();
     agent.watch.handled = Some(text);
@@ -745,7 +782,8 @@ impl Agent {
                 .interface_addresses
                 .insert(DEFAULT_MASQUERADE_IFINDEX, address);
         }
-        let desired = Desired::new(&self.config.state, &facts);
+        let mut desired = Desired::new(&self.config.state, &facts);
+        desired.settings.hash_seed = self.hash_seed;
         if desired.refused != self.refused {
             for refused in desired.refused.iter().filter(|r| !self.refused.contains(r)) {
                 warn!("{refused}");

@@ -34,7 +34,8 @@ pub struct GenConfig {
     pub udp_csum_base: u32,
     pub src_port_base: u16,
     pub port_span: u16,
-    pub _pad: u32,
+    /// 0: UDP template; 1: TCP (see lb-ebpf/src/trafficgen.rs).
+    pub tcp: u32,
 }
 const _: () = assert!(size_of::<GenConfig>() == 88);
 // SAFETY: #[repr(C)], Copy, integers only, no implicit padding (size asserted).
@@ -102,7 +103,7 @@ pub fn gen_config(dst_port: u16, flows: Flows) -> GenConfig {
         udp_csum_base,
         src_port_base,
         port_span,
-        _pad: 0,
+        tcp: 0,
     }
 }
 

@@ -10,6 +10,7 @@ pub mod linkwatch;
 pub mod maps;
 pub mod neigh;
 pub mod pin;
+pub mod seed;
 pub mod sock;
 pub mod sock_destroy;
 pub mod uplinks;
@@ -997,7 +998,7 @@ impl Datapath {
 /// What recreating a pinned map costs, for the warning.
 fn consequence(name: &str) -> &'static str {
     match name {
-        lb_common::maps::FLOWS => "; existing flows are forgotten",
+        lb_common::maps::FLOWS | lb_common::maps::FLOWS_NEW => "; existing flows are forgotten",
         lb_common::maps::STATS
         | lb_common::maps::SERVICE_STATS
         | lb_common::maps::BACKEND_STATS => "; its counters restart from zero",

@@ -362,6 +362,13 @@ pub fn map_specs(sizes: &MapSizes) -> Vec<MapSpec> {
             sizes.flows,
         ),
         spec(
+            names::FLOWS_NEW,
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<Flow>(),
+            names::FLOWS_NEW_MAX,
+        ),
+        spec(
             names::NODE_ADDRS,
             MapType::Hash,
             u32_size,
@@ -528,7 +535,7 @@ mod tests {
     #[test]
     fn every_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
-        assert_eq!(specs.len(), 16);
+        assert_eq!(specs.len(), 17);
         for name in CONFIG_MAPS {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }

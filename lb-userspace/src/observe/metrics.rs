@@ -414,6 +414,12 @@ fn render_datapath(
         "Entries in the conntrack table (a flow takes two; a lower bound if counting ran out of time).",
         &[(vec![], count.entries as f64)],
     );
+    let half_open = maps.count_half_open(Instant::now() + COUNT_BUDGET);
+    out.gauge(
+        "xlb_conntrack_half_open_entries",
+        "Entries in the half-open TCP table XLB_FLOWS_NEW (SYN seen, the client's ACK of the SYN-ACK not yet; a flow takes two; a SYN flood shows here).",
+        &[(vec![], half_open.entries as f64)],
+    );
     Ok(())
 }
 
