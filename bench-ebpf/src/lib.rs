@@ -6,7 +6,8 @@
 //! programs (bpf target) and the bench (host, `user` feature: aya::Pod).
 #![no_std]
 
-/// Bytes of every generated frame: Ethernet + IPv4 + UDP + 18 bytes payload.
+/// Bytes of every generated frame: Ethernet + IPv4 + UDP + 18 bytes payload,
+/// or Ethernet + IPv4 + TCP + 6 bytes of Ethernet padding.
 pub const FRAME_LEN: usize = 60;
 
 /// `GEN_CONFIG[0]`: what to send. Host order unless named `_be`.
@@ -30,7 +31,10 @@ pub struct GenConfig {
     pub src_port_base: u16,
     /// Source ports per source address before the address moves on.
     pub port_span: u16,
-    pub _pad: u32,
+    /// 0: the template is UDP (checksum at `UDP_CSUM_AT`). 1: TCP, e.g. a
+    /// SYN flood (checksum at `TCP_CSUM_AT`; `udp_csum_base` then sums the
+    /// TCP pseudo-header and header).
+    pub tcp: u32,
 }
 const _: () = assert!(core::mem::size_of::<GenConfig>() == 88);
 
@@ -49,8 +53,19 @@ pub const IP_CSUM_AT: usize = 24;
 pub const SRC_ADDR_AT: usize = 26;
 pub const SRC_PORT_AT: usize = 34;
 pub const UDP_CSUM_AT: usize = 40;
+pub const TCP_CSUM_AT: usize = 50;
 
 impl GenConfig {
+    /// Where the template's L4 checksum is.
+    #[inline(always)]
+    pub fn l4_csum_at(&self) -> usize {
+        if self.tcp != 0 {
+            TCP_CSUM_AT
+        } else {
+            UDP_CSUM_AT
+        }
+    }
+
     /// The fields of frame number `seq`: the flow is picked from the
     /// sequence number, the checksums finished from the template's bases.
     #[inline(always)]

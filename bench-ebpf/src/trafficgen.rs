@@ -7,7 +7,10 @@
 //! the flow from a sequence number and returns XDP_TX, which sends the frame
 //! out of the generator's veth. `xlb_bench_sink` sits on the backends' veths
 //! and counts and drops the benchmark's UDP datagrams, passing everything
-//! else (ARP, TCP, the latency echo) to the stack.
+//! else (ARP, TCP, the latency echo) to the stack. `xlb_bench_tc_sink` does
+//! the same at tc ingress, for pods whose veth ends keep the kernel's
+//! defaults (no XDP program): it counts where the pod's stack would take
+//! the datagram.
 //!
 //! The map layouts and the frame arithmetic are the library's (lib.rs),
 //! shared with the bench.
@@ -17,15 +20,13 @@
 #[cfg(target_arch = "bpf")]
 mod prog {
     use aya_ebpf::{
-        bindings::xdp_action,
-        macros::{map, xdp},
+        bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+        macros::{classifier, map, xdp},
         maps::{Array, PerCpuArray},
-        programs::XdpContext,
+        programs::{TcContext, XdpContext},
     };
 
-    use xlb_bench_ebpf::{
-        FRAME_LEN, GenConfig, IP_CSUM_AT, SINK_PORTS, SRC_ADDR_AT, SRC_PORT_AT, UDP_CSUM_AT,
-    };
+    use xlb_bench_ebpf::{FRAME_LEN, GenConfig, IP_CSUM_AT, SINK_PORTS, SRC_ADDR_AT, SRC_PORT_AT};
 
     #[map]
     static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
@@ -69,7 +70,8 @@ mod prog {
             (frame.add(IP_CSUM_AT) as *mut [u8; 2]).write_unaligned(fields.ip_csum.to_be_bytes());
             (frame.add(SRC_ADDR_AT) as *mut [u8; 4]).write_unaligned(fields.src_addr.to_be_bytes());
             (frame.add(SRC_PORT_AT) as *mut [u8; 2]).write_unaligned(fields.src_port.to_be_bytes());
-            (frame.add(UDP_CSUM_AT) as *mut [u8; 2]).write_unaligned(fields.udp_csum.to_be_bytes());
+            (frame.add(cfg.l4_csum_at()) as *mut [u8; 2])
+                .write_unaligned(fields.udp_csum.to_be_bytes());
         }
         xdp_action::XDP_TX
     }
@@ -91,8 +93,34 @@ mod prog {
                 u16::from_be_bytes((frame.add(36) as *const [u8; 2]).read_unaligned()),
             )
         };
+        if count_ours(ether_type, version_ihl, proto, dst_port) {
+            xdp_action::XDP_DROP
+        } else {
+            xdp_action::XDP_PASS
+        }
+    }
+
+    #[classifier]
+    pub fn xlb_bench_tc_sink(ctx: TcContext) -> i32 {
+        // Ethernet + option-less IPv4 + UDP destination port, copied out of
+        // the skb (its linear part may be shorter).
+        let Ok(head) = ctx.load::<[u8; 38]>(0) else {
+            return TC_ACT_OK;
+        };
+        let dst_port = u16::from_be_bytes([head[36], head[37]]);
+        if count_ours([head[12], head[13]], head[14], head[23], dst_port) {
+            TC_ACT_SHOT
+        } else {
+            TC_ACT_OK
+        }
+    }
+
+    /// Whether the frame is a benchmark datagram (UDP to a `SINK_CONFIG`
+    /// port); counts it if so.
+    #[inline(always)]
+    fn count_ours(ether_type: [u8; 2], version_ihl: u8, proto: u8, dst_port: u16) -> bool {
         if ether_type != [0x08, 0x00] || version_ihl != 0x45 || proto != 17 {
-            return xdp_action::XDP_PASS;
+            return false;
         }
         let mut ours = false;
         for index in 0..SINK_PORTS {
@@ -103,14 +131,11 @@ mod prog {
                 ours = true;
             }
         }
-        if !ours {
-            return xdp_action::XDP_PASS;
-        }
-        if let Some(count) = SINK_COUNT.get_ptr_mut(0) {
+        if ours && let Some(count) = SINK_COUNT.get_ptr_mut(0) {
             // SAFETY: per-CPU slot; nothing else runs on this CPU meanwhile.
             unsafe { *count += 1 };
         }
-        xdp_action::XDP_DROP
+        ours
     }
 
     xlb_bench_ebpf::program_boilerplate!();

@@ -7,18 +7,7 @@ mod lab;
 mod machine;
 mod micro;
 
-/// Yardstick XDP programs for `--micro`: `baseline_swap_macs` and
-/// `baseline_pass` (bench-ebpf/src/baseline.rs, built by build.rs).
-const BASELINE_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-baseline"));
-
-/// The lab's traffic generator (`xlb_trafficgen`) and backend sink
-/// (`xlb_bench_sink`).
-const TRAFFICGEN_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-trafficgen"));
-
-/// The lab's ceiling: rewrite MACs and redirect (`xlb_limit`).
-const LIMIT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-limit"));
+use xlb_bench::{BASELINE_OBJECT, LIMIT_OBJECT, TRAFFICGEN_OBJECT};
 
 use std::path::PathBuf;
 

@@ -1,7 +1,12 @@
-//! Conntrack entries (`XLB_FLOWS`). A flow has two entries: one keyed by the
-//! client's tuple (ORIGINAL) and one keyed by the tuple the backend's replies
-//! carry (REPLY). Each entry holds the complete rewrite for packets matching
-//! its key, so both directions cost one lookup.
+//! Conntrack entries (`XLB_FLOWS`, `XLB_FLOWS_NEW`). A flow has two entries:
+//! one keyed by the client's tuple (ORIGINAL) and one keyed by the tuple the
+//! backend's replies carry (REPLY). Each entry holds the complete rewrite for
+//! packets matching its key, so both directions cost one lookup.
+//!
+//! A TCP flow lives in `XLB_FLOWS_NEW` until the client acknowledges the
+//! backend's SYN-ACK, then moves to `XLB_FLOWS`: a flood of new flows (spoofed
+//! SYNs never get that far) can only evict other unconfirmed flows, never an
+//! established one. UDP flows go straight to `XLB_FLOWS`.
 
 use crate::assert_size;
 
@@ -47,6 +52,10 @@ pub const FLOW_S_SEEN_REPLY: u8 = 1 << 1;
 pub const FLOW_S_FIN_ORIGINAL: u8 = 1 << 2;
 pub const FLOW_S_FIN_REPLY: u8 = 1 << 3;
 pub const FLOW_S_RST: u8 = 1 << 4;
+/// The entry is in `XLB_FLOWS` (UDP always; TCP once the client acknowledged
+/// the backend's SYN-ACK). Without it a TCP flow is half-open, lives in
+/// `XLB_FLOWS_NEW` and expires `tcp_syn_timeout_s` after it was created.
+pub const FLOW_S_CONFIRMED: u8 = 1 << 5;
 
 /// One conntrack entry: what to rewrite packets matching its key to.
 #[repr(C)]
@@ -76,8 +85,15 @@ pub struct Flow {
     pub hop_ifindex: u32,
     pub hop_src_mac: [u8; 6],
     pub hop_dst_mac: [u8; 6],
+    /// TCP, host order: the highest sequence number this entry's direction
+    /// has used (end of its furthest segment, SYN and FIN counting one).
+    pub seq_end: u32,
+    /// TCP, host order: the highest acknowledgement number this entry's
+    /// direction has sent. A RST is believed only if its sequence number lies
+    /// between the receiver's `ack` and the sender's `seq_end`.
+    pub ack: u32,
 }
-assert_size!(Flow, 56);
+assert_size!(Flow, 64);
 
 impl Flow {
     /// Idle timeout of this entry, in seconds, under `cfg`.
@@ -86,21 +102,47 @@ impl Flow {
         if proto != crate::IPPROTO_TCP {
             return cfg.udp_timeout_s;
         }
-        let both_fins = FLOW_S_FIN_ORIGINAL | FLOW_S_FIN_REPLY;
-        if self.state & FLOW_S_RST != 0 || self.state & both_fins == both_fins {
+        if self.closed() {
             cfg.tcp_closing_timeout_s
-        } else if self.state & FLOW_S_SEEN_REPLY == 0 {
+        } else if self.state & FLOW_S_CONFIRMED == 0 {
             cfg.tcp_syn_timeout_s
         } else {
             cfg.tcp_established_timeout_s
         }
     }
 
-    /// Whether the entry has been idle longer than its timeout at `now_ns`.
+    /// TCP: RST seen, or FIN both ways.
+    #[inline(always)]
+    pub const fn closed(&self) -> bool {
+        let both_fins = FLOW_S_FIN_ORIGINAL | FLOW_S_FIN_REPLY;
+        self.state & FLOW_S_RST != 0 || self.state & both_fins == both_fins
+    }
+
+    /// Whether the entry is past its timeout at `now_ns`. A half-open TCP
+    /// flow (not confirmed, not closed) counts from its creation, so a
+    /// backend retransmitting its SYN-ACK to a silent client cannot keep
+    /// it alive; everything else counts from its last packet.
     #[inline(always)]
     pub const fn expired(&self, proto: u8, cfg: &crate::GlobalConfig, now_ns: u64) -> bool {
         let timeout_ns = self.timeout_s(proto, cfg) as u64 * 1_000_000_000;
-        now_ns.saturating_sub(self.last_seen_ns) > timeout_ns
+        let half_open =
+            proto == crate::IPPROTO_TCP && self.state & FLOW_S_CONFIRMED == 0 && !self.closed();
+        let since = if half_open {
+            self.created_ns
+        } else {
+            self.last_seen_ns
+        };
+        now_ns.saturating_sub(since) > timeout_ns
+    }
+
+    /// Whether `other` is this entry's peer: the entry the opposite
+    /// direction's packets find, pointing back at `key` (this entry's key).
+    #[inline(always)]
+    pub const fn is_peer(other: &Flow, key: &FlowKey) -> bool {
+        other.new_src_addr_be == key.dst_addr_be
+            && other.new_dst_addr_be == key.src_addr_be
+            && other.new_src_port_be == key.dst_port_be
+            && other.new_dst_port_be == key.src_port_be
     }
 }
 
@@ -167,6 +209,12 @@ mod tests {
         flow.state |= FLOW_S_SEEN_REPLY;
         assert_eq!(
             flow.timeout_s(crate::IPPROTO_TCP, &cfg),
+            cfg.tcp_syn_timeout_s,
+            "a SYN-ACK alone does not make a flow established"
+        );
+        flow.state |= FLOW_S_CONFIRMED;
+        assert_eq!(
+            flow.timeout_s(crate::IPPROTO_TCP, &cfg),
             cfg.tcp_established_timeout_s
         );
         flow.state |= FLOW_S_FIN_ORIGINAL;
@@ -193,5 +241,24 @@ mod tests {
         let limit = 1_000_000_000 + u64::from(cfg.udp_timeout_s) * 1_000_000_000;
         assert!(!flow.expired(crate::IPPROTO_UDP, &cfg, limit));
         assert!(flow.expired(crate::IPPROTO_UDP, &cfg, limit + 1));
+    }
+
+    #[test]
+    fn half_open_tcp_expires_from_creation() {
+        let cfg = GlobalConfig::DEFAULT;
+        let second = 1_000_000_000;
+        let syn_timeout = u64::from(cfg.tcp_syn_timeout_s) * second;
+        let mut flow = Flow {
+            created_ns: second,
+            // SYN-ACK retransmissions keep refreshing last_seen.
+            last_seen_ns: syn_timeout,
+            state: FLOW_S_SYN | FLOW_S_SEEN_REPLY,
+            ..Flow::default()
+        };
+        let tcp = crate::IPPROTO_TCP;
+        assert!(!flow.expired(tcp, &cfg, second + syn_timeout));
+        assert!(flow.expired(tcp, &cfg, second + syn_timeout + 1));
+        flow.state |= FLOW_S_CONFIRMED;
+        assert!(!flow.expired(tcp, &cfg, second + syn_timeout + 1));
     }
 }

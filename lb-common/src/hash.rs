@@ -1,35 +1,82 @@
 //! The flow hash: picks the backend slot and the first masquerade port to try.
 //! Shared so the agent and tests can predict the datapath's choice.
+//!
+//! HalfSipHash-1-3 (the keyed hash the Linux kernel uses for its own
+//! network tables) under a 64-bit secret per cluster: nodes that share the
+//! secret choose the same backend for a tuple, and nobody without it can
+//! pick tuples that all land on one backend or one masquerade port.
 
 use crate::FlowKey;
 
-#[inline(always)]
-const fn mix(mut h: u32, word: u32) -> u32 {
-    // One round of murmur3's body: cheap, branch-free, good avalanche.
-    let mut k = word.wrapping_mul(0xcc9e_2d51);
-    k = k.rotate_left(15).wrapping_mul(0x1b87_3593);
-    h ^= k;
-    h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+/// The flow hash's secret (`GlobalConfig::hash_seed`, `hash_seed_hi`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HashKey {
+    pub lo: u32,
+    pub hi: u32,
 }
 
-#[inline(always)]
-const fn finish(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
+impl HashKey {
+    pub const fn new(lo: u32, hi: u32) -> Self {
+        Self { lo, hi }
+    }
+
+    /// A second, independent-looking key from the same secret (the
+    /// masquerade port's start must not follow the backend slot).
+    pub const fn derived(self, tweak: u32) -> Self {
+        Self {
+            lo: self.lo ^ tweak,
+            hi: self.hi,
+        }
+    }
 }
 
-/// Hash of a flow's 5-tuple (fields as stored, i.e. network byte order).
+struct State([u32; 4]);
+
+impl State {
+    #[inline(always)]
+    const fn round(mut self) -> Self {
+        let [mut v0, mut v1, mut v2, mut v3] = self.0;
+        v0 = v0.wrapping_add(v1);
+        v1 = v1.rotate_left(5) ^ v0;
+        v0 = v0.rotate_left(16);
+        v2 = v2.wrapping_add(v3);
+        v3 = v3.rotate_left(8) ^ v2;
+        v0 = v0.wrapping_add(v3);
+        v3 = v3.rotate_left(7) ^ v0;
+        v2 = v2.wrapping_add(v1);
+        v1 = v1.rotate_left(13) ^ v2;
+        v2 = v2.rotate_left(16);
+        self.0 = [v0, v1, v2, v3];
+        self
+    }
+
+    /// One compression round per message word (the "1" of 1-3).
+    #[inline(always)]
+    const fn absorb(mut self, word: u32) -> Self {
+        self.0[3] ^= word;
+        self = self.round();
+        self.0[0] ^= word;
+        self
+    }
+}
+
+/// HalfSipHash-1-3 of a flow's 5-tuple (fields as stored, i.e. network
+/// byte order) under `key`.
 #[inline(always)]
-pub const fn flow_hash(key: &FlowKey, seed: u32) -> u32 {
-    let mut h = seed;
-    h = mix(h, key.src_addr_be);
-    h = mix(h, key.dst_addr_be);
-    h = mix(h, (key.src_port_be as u32) << 16 | key.dst_port_be as u32);
-    h = mix(h, key.proto as u32);
-    finish(h ^ 13)
+pub const fn flow_hash(flow: &FlowKey, key: HashKey) -> u32 {
+    let mut state = State([key.lo, key.hi, 0x6c79_6765 ^ key.lo, 0x7465_6462 ^ key.hi]);
+    state = state.absorb(flow.src_addr_be);
+    state = state.absorb(flow.dst_addr_be);
+    state = state.absorb((flow.src_port_be as u32) << 16 | flow.dst_port_be as u32);
+    state = state.absorb(flow.proto as u32);
+    // Four words: 16 bytes.
+    let length = 16u32 << 24;
+    state.0[3] ^= length;
+    state = state.round();
+    state.0[0] ^= length;
+    state.0[2] ^= 0xff;
+    state = state.round().round().round();
+    state.0[1] ^ state.0[3]
 }
 
 #[cfg(test)]
@@ -46,8 +93,10 @@ mod tests {
             proto: crate::IPPROTO_TCP,
             _pad: [0; 3],
         };
-        let base = flow_hash(&key, 1);
-        assert_ne!(base, flow_hash(&key, 2));
+        let k1 = HashKey::new(1, 9);
+        let base = flow_hash(&key, k1);
+        assert_ne!(base, flow_hash(&key, HashKey::new(2, 9)));
+        assert_ne!(base, flow_hash(&key, HashKey::new(1, 8)));
         assert_ne!(
             base,
             flow_hash(
@@ -55,7 +104,7 @@ mod tests {
                     src_addr_be: 1,
                     ..key
                 },
-                1
+                k1
             )
         );
         assert_ne!(
@@ -65,7 +114,7 @@ mod tests {
                     dst_addr_be: 1,
                     ..key
                 },
-                1
+                k1
             )
         );
         assert_ne!(
@@ -75,7 +124,7 @@ mod tests {
                     src_port_be: 1,
                     ..key
                 },
-                1
+                k1
             )
         );
         assert_ne!(
@@ -85,11 +134,11 @@ mod tests {
                     dst_port_be: 1,
                     ..key
                 },
-                1
+                k1
             )
         );
-        assert_ne!(base, flow_hash(&FlowKey { proto: 17, ..key }, 1));
-        assert_eq!(base, flow_hash(&key, 1), "deterministic");
+        assert_ne!(base, flow_hash(&FlowKey { proto: 17, ..key }, k1));
+        assert_eq!(base, flow_hash(&key, k1), "deterministic");
     }
 
     #[test]
@@ -101,7 +150,7 @@ mod tests {
                 proto: crate::IPPROTO_UDP,
                 ..FlowKey::default()
             };
-            buckets[(flow_hash(&key, 7) % 4) as usize] += 1;
+            buckets[(flow_hash(&key, HashKey::new(7, 0x1234_5678)) % 4) as usize] += 1;
         }
         for count in buckets {
             assert!((9_000..11_000).contains(&count), "{buckets:?}");

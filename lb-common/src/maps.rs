@@ -161,6 +161,10 @@ declare_maps! {
     BACKEND_HOPS = "XLB_BACKEND_HOPS": Array<u32, BackendHop>, BACKENDS_MAX, Fixed, No, Private;
     /// `LruHashMap<FlowKey, Flow>`: conntrack, two entries per flow.
     FLOWS = "XLB_FLOWS": LruHash<FlowKey, Flow>, FLOWS_MAX, Flows, Alone, Seeded;
+    /// `LruHashMap<FlowKey, Flow>`: half-open TCP flows (SYN seen, client's ACK
+    /// of the SYN-ACK not yet), two entries per flow. Kept apart from
+    /// `XLB_FLOWS` so a SYN flood evicts only its own kind.
+    FLOWS_NEW = "XLB_FLOWS_NEW": LruHash<FlowKey, Flow>, FLOWS_NEW_MAX, Fixed, Alone, Seeded;
     /// `HashMap<u32 /* addr_be */, NodeAddr>`: addresses that NodePorts answer on.
     NODE_ADDRS = "XLB_NODE_ADDRS": Hash<u32, NodeAddr>, NODE_ADDRS_MAX, Fixed, Config, Shared;
     /// `HashMap<u32 /* ifindex */, u32 /* addr_be */>`: masquerade source address
@@ -290,6 +294,10 @@ pub const SERVICE_IDS_MAX: u32 = 65_536;
 pub const SELECT_MAX: u32 = 1 << 22;
 pub const BACKENDS_MAX: u32 = 131_072;
 pub const FLOWS_MAX: u32 = 1 << 20;
+/// 16,384 half-open flows: at most about half of one backend's default
+/// masquerade port range (28,976 ports), so even a flood aimed at a
+/// one-backend service leaves 32 port probes a free port (0.57^32 < 1e-7).
+pub const FLOWS_NEW_MAX: u32 = 1 << 15;
 pub const NODE_ADDRS_MAX: u32 = 256;
 pub const IFACE_ADDRS_MAX: u32 = 256;
 pub const AFFINITY_MAX: u32 = 1 << 18;

@@ -81,6 +81,7 @@ reasons! {
     RejectSocketNoBackend = 28, "reject_sock_no_backend", Reject, "connect() or sendmsg() to a service with no endpoints refused with ECONNREFUSED by the socket hooks";
     DropTcHandoff = 29, "drop_tc_handoff", Drop, "no room in the frame for the metadata that hands it to the tc program (the next hop takes no XDP frames)";
     DropTcRewrite = 30, "drop_tc_rewrite", Drop, "a kernel checksum or store helper failed part-way through a rewrite at tc; the packet is dropped rather than sent half-rewritten";
+    FwdRstOutsideWindow = 31, "fwd_rst_outside_window", Forward, "TCP RST whose sequence number is outside the flow's window: forwarded for the endpoint to judge, the flow stays open";
 }
 
 /// Number of counters in `XLB_STATS`.

@@ -95,16 +95,21 @@ pub struct AffinityKey {
 }
 assert_size!(AffinityKey, 8);
 
-/// `XLB_AFFINITY` value: where the client's last new flow went.
+/// `XLB_AFFINITY` value: where the client's last new flow went. The
+/// backend's address and port are kept too: a record is followed only while
+/// `XLB_BACKENDS[backend_id]` is still that endpoint, never a pod that got
+/// the id later.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Affinity {
     pub backend_id: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns()` of the client's last new flow.
+    pub backend_addr_be: u32,
+    /// `bpf_ktime_get_coarse_ns()` of the client's last new flow.
     pub last_seen_ns: u64,
+    pub backend_port_be: u16,
+    pub _pad: [u8; 6],
 }
-assert_size!(Affinity, 16);
+assert_size!(Affinity, 24);
 
 /// `XLB_SOURCE_RANGES` key data (after the LPM prefix length): the service
 /// id, matched in full, then the source address prefix. An LPM prefix length
@@ -133,7 +138,8 @@ pub struct GlobalConfig {
     /// (host order). Keep this range out of `net.ipv4.ip_local_port_range`.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    /// Seed for the flow hash (backend choice and masquerade port).
+    /// Low half of the flow hash's 64-bit secret (backend choice and
+    /// masquerade port); the high half is `hash_seed_hi`.
     pub hash_seed: u32,
     /// Idle timeouts, seconds.
     pub tcp_syn_timeout_s: u32,
@@ -142,7 +148,8 @@ pub struct GlobalConfig {
     pub udp_timeout_s: u32,
     /// `CONFIG_F_*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// High half of the flow hash's secret.
+    pub hash_seed_hi: u32,
 }
 assert_size!(GlobalConfig, 32);
 
@@ -160,8 +167,16 @@ impl GlobalConfig {
         tcp_closing_timeout_s: 10,
         udp_timeout_s: 60,
         flags: 0,
-        _pad: 0,
+        hash_seed_hi: 0,
     };
+}
+
+impl GlobalConfig {
+    /// The flow hash's secret.
+    #[inline(always)]
+    pub const fn hash_key(&self) -> crate::hash::HashKey {
+        crate::hash::HashKey::new(self.hash_seed, self.hash_seed_hi)
+    }
 }
 
 impl Default for GlobalConfig {

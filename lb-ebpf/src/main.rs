@@ -48,9 +48,9 @@ mod prog {
     };
 
     use crate::{
-        conntrack::{self, NewFlow},
+        conntrack::{self, NewFlow, Segment},
         fib, frag, icmp, lookup,
-        maps::{XLB_CONFIG, XLB_FLOWS, count, count_path, count_traffic},
+        maps::{XLB_CONFIG, count, count_path, count_traffic},
         mtu, nat,
         parse::{self, Packet, TCP_ACK, TCP_SYN},
         reject, select,
@@ -172,13 +172,21 @@ mod prog {
         if !reply && (restart || !select::backend_still_serves(flow)) {
             return NO_FLOW;
         }
-        let recheck = conntrack::track(entry, key.proto, packet.l4.tcp_flags, now);
-        let reason = if reply {
+        let segment = Segment::of(ctx, packet);
+        let tracked = conntrack::track(entry, &key, &segment, now);
+        let reason = if tracked.rst_ignored {
+            Reason::FwdRstOutsideWindow
+        } else if reply {
             Reason::FwdReply
         } else {
             Reason::FwdEstablished
         };
-        pack(forward(ctx, packet, entry, flow, recheck, reason))
+        // A flow just confirmed has moved to XLB_FLOWS: only the entry
+        // track() returns may be used from here on.
+        let entry = tracked.entry;
+        // SAFETY: valid map value pointer for this run.
+        let flow = unsafe { &*entry };
+        pack(forward(ctx, packet, entry, flow, tracked.recheck, reason))
     }
 
     #[inline(never)]
@@ -215,8 +223,7 @@ mod prog {
     #[inline(never)]
     fn new_flow_send_path(ctx: &XdpContext, packet: &Packet) -> u64 {
         let key = flow_key(packet);
-        // Just inserted; gone only if the LRU evicted it already.
-        let Some(entry) = XLB_FLOWS.get_ptr_mut(&key) else {
+        let Some(entry) = conntrack::created(&key) else {
             return pack(Err(Reason::DropFlowInsert));
         };
         // SAFETY: valid map value pointer for this run.
@@ -243,7 +250,7 @@ mod prog {
         if key.proto == IPPROTO_TCP && !syn {
             return Err(Err(Reason::PassTcpNoFlow));
         }
-        let hash = flow_hash(key, cfg.hash_seed);
+        let hash = flow_hash(key, cfg.hash_key());
         let Some((backend_id, backend)) =
             select::backend_for_client(&service, key.src_addr_be, hash, now)
         else {
@@ -279,7 +286,8 @@ mod prog {
             syn,
             hop,
         };
-        let flow = conntrack::create(key, &new, cfg, now).map_err(Err)?;
+        let segment = Segment::of(ctx, packet);
+        conntrack::create(key, &new, &segment, cfg, now).map_err(Err)?;
         if debug_logs() {
             debug!(
                 ctx,
@@ -290,8 +298,8 @@ mod prog {
                 u32::from_be(key.dst_addr_be),
                 u16::from_be(key.dst_port_be),
                 backend_id,
-                u32::from_be(flow.new_dst_addr_be),
-                u16::from_be(flow.new_dst_port_be)
+                u32::from_be(new.backend.addr_be),
+                u16::from_be(new.backend.port_be)
             );
         }
         Ok(())

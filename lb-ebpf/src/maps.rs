@@ -33,6 +33,10 @@ pub static XLB_FLOWS: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(decl::FLOWS.max_entries, decl::FLOWS.flags);
 
 #[map]
+pub static XLB_FLOWS_NEW: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(decl::FLOWS_NEW.max_entries, decl::FLOWS_NEW.flags);
+
+#[map]
 pub static XLB_NODE_ADDRS: HashMap<u32, NodeAddr> =
     HashMap::with_max_entries(decl::NODE_ADDRS.max_entries, decl::NODE_ADDRS.flags);
 

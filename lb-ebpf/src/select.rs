@@ -49,7 +49,9 @@ pub fn backend_for_client(
         if now.saturating_sub(entry.last_seen_ns) <= timeout_ns {
             if let Some(backend) = XLB_BACKENDS.get(entry.backend_id) {
                 let usable = BACKEND_F_ACTIVE | BACKEND_F_TERMINATING;
-                if backend.flags & usable == BACKEND_F_ACTIVE {
+                let same = backend.addr_be == entry.backend_addr_be
+                    && backend.port_be == entry.backend_port_be;
+                if same && backend.flags & usable == BACKEND_F_ACTIVE {
                     entry.last_seen_ns = now;
                     return Some((entry.backend_id, *backend));
                 }
@@ -59,8 +61,10 @@ pub fn backend_for_client(
     let (id, backend) = backend_for(service, hash)?;
     let affinity = Affinity {
         backend_id: id,
-        _pad: 0,
+        backend_addr_be: backend.addr_be,
         last_seen_ns: now,
+        backend_port_be: backend.port_be,
+        _pad: [0; 6],
     };
     // Losing the record only costs the client its stickiness once.
     let _ = XLB_AFFINITY.insert(key, affinity, u64::from(BPF_ANY));

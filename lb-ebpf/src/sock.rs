@@ -16,7 +16,7 @@ use aya_ebpf::{
 use lb_common::{
     FlowKey, Reason, Service, SockRevNat, SockRevNatKey,
     hash::flow_hash,
-    service::CONFIG_F_READY,
+    service::{CONFIG_F_READY, SERVICE_F_SOURCE_RANGES},
     sock::{AFFINITY_SOCKET_CLIENT, netns_client},
 };
 
@@ -78,8 +78,8 @@ fn to_backend(ctx: &SockAddrContext) -> i32 {
 /// Whether the address was a service frontend (and is now a backend).
 #[inline(always)]
 fn translate(ctx: &SockAddrContext) -> Result<bool, Reason> {
-    let hash_seed = match XLB_CONFIG.get(0) {
-        Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => cfg.hash_seed,
+    let hash_key = match XLB_CONFIG.get(0) {
+        Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => cfg.hash_key(),
         _ => return Ok(false),
     };
     let Some((proto, dst_addr_be, dst_port_be)) = ipv4_address(ctx) else {
@@ -93,6 +93,13 @@ fn translate(ctx: &SockAddrContext) -> Result<bool, Reason> {
     let Some(service) = lookup::service_for(dst_addr_be, dst_port_be, proto) else {
         return Ok(false);
     };
+    // loadBalancerSourceRanges need the client's address, which connect()
+    // and an unbound sendmsg() do not have yet (the kernel picks it after
+    // this hook): such frontends are left to the per-packet paths, which
+    // check the packet's source (see the README).
+    if service.flags & SERVICE_F_SOURCE_RANGES != 0 {
+        return Ok(false);
+    }
     // SAFETY: both helpers only read the socket behind the context.
     let (socket_cookie, netns_cookie) = unsafe {
         (
@@ -113,7 +120,7 @@ fn translate(ctx: &SockAddrContext) -> Result<bool, Reason> {
         proto,
         _pad: [0; 3],
     };
-    let hash = flow_hash(&key, hash_seed);
+    let hash = flow_hash(&key, hash_key);
     // Affinity is per client network namespace (a pod, or the node), keyed
     // apart from the XDP path's client addresses.
     let socket_client = Service {

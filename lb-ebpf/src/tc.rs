@@ -90,16 +90,17 @@ fn parse_skb(ctx: &TcContext) -> Result<Packet, Reason> {
 #[inline(always)]
 fn try_tc_pod(ctx: &TcContext) -> Result<i32, Reason> {
     let cfg = match XLB_CONFIG.get(0) {
-        Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => *cfg,
+        Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => cfg,
         _ => return Err(Reason::PassNotReady),
     };
     let packet = parse_skb(ctx)?;
     let key = flow_key(&packet);
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let entry = conntrack::lookup(&key, &cfg, now).ok_or(Reason::PassNotService)?;
-    // SAFETY: valid map value pointer for this run.
-    let flow = unsafe { *entry };
+    let entry = conntrack::lookup(&key, cfg, now).ok_or(Reason::PassNotService)?;
+    // SAFETY: valid map value pointer for this run; used in place, not
+    // copied (a reply never moves its flow between tables).
+    let flow = unsafe { &*entry };
     if flow.direction != FLOW_DIR_REPLY {
         return Err(Reason::PassNotService);
     }
@@ -117,9 +118,14 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, Reason> {
         0,
         true,
     )?;
-    conntrack::track(entry, key.proto, packet.l4.tcp_flags, now);
-    nat::rewrite_skb(ctx, &packet, &flow)?;
-    count(Reason::FwdReply);
+    let segment = conntrack::Segment::of(ctx, &packet);
+    let tracked = conntrack::track(entry, &key, &segment, now);
+    nat::rewrite_skb(ctx, &packet, flow)?;
+    count(if tracked.rst_ignored {
+        Reason::FwdRstOutsideWindow
+    } else {
+        Reason::FwdReply
+    });
     count_traffic(flow.service_id, flow.backend_id, true, u64::from(ctx.len()));
     count_path(flow.backend_id, true, Path::Tc);
     // SAFETY: plain helper call; the kernel resolves the neighbour.

@@ -19,8 +19,10 @@ use crate::kernel::maps::{MapIoError, format_paths, format_stats, global_config}
 use crate::kernel::{
     self, AttachMode, DEFAULT_BPFFS, Datapath, FlowTable, KernelError, KernelMaps, LinkKind,
     Loaded, MapSizes, NeighbourWorker, PinDir, TcRole, host,
+    linkwatch::LinkWatch,
+    uplinks::{self, Uplink},
 };
-use crate::model::DesiredState;
+use crate::model::{DesiredState, Protocol};
 use crate::observe::{self, Observe, ObserveError, Steps};
 use crate::reconcile::{self, Applied, ApplyError, Capacity, Desired, PlanError, RefusedFrontend};
 use crate::source::kube::{ClusterSource, SourceError, SourceOptions, next_change};
@@ -31,8 +33,11 @@ const POLL: Duration = Duration::from_secs(1);
 /// How often node addresses are re-read and an unfinished apply retried.
 const RESYNC: Duration = Duration::from_secs(10);
 /// How often the node's devices are listed, to attach tc to pods' veths
-/// and tunnels as they appear (and forget those that went).
-const LINK_SCAN: Duration = Duration::from_secs(1);
+/// and tunnels as they appear (and forget those that went): a safety net
+/// behind the rtnetlink link watch, which lists them at every link event;
+/// each second if the watch cannot be opened.
+const LINK_SCAN: Duration = Duration::from_secs(10);
+const LINK_SCAN_UNWATCHED: Duration = Duration::from_secs(1);
 /// How often conntrack is swept, and how many entries one sweep visits.
 const GC_PERIOD: Duration = Duration::from_secs(5);
 const GC_BUDGET: usize = 100_000;
@@ -63,6 +68,9 @@ pub struct RunOptions {
     /// (clients on this node reach services through them); `None` leaves
     /// socket-level balancing off.
     pub cgroup: Option<PathBuf>,
+    /// `--hash-seed-file`: the flow hash's secret, shared by every node
+    /// (created if missing); `None`: random for this run.
+    pub hash_seed_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,18 +109,27 @@ pub enum AgentError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Seed(#[from] kernel::seed::SeedError),
     #[error("cannot listen for signals")]
     Signal {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "no uplink found: no device holds a node address ({addresses}) and there is no default \
+         route; list node.interfaces in the config or pass --iface"
+    )]
+    NoUplink { addresses: String },
 }
 
 impl AgentError {
     /// 2 for a config that cannot be used, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            AgentError::Config(_) | AgentError::Plan { .. } => 2,
+            AgentError::Config(_)
+            | AgentError::Plan { .. }
+            | AgentError::Seed(kernel::seed::SeedError::Malformed { .. }) => 2,
             AgentError::Source(error) => error.exit_code(),
             _ => 1,
         }
@@ -291,9 +308,10 @@ const DEFAULT_MASQUERADE_IFINDEX: u32 = 0;
 /// The node's primary address, used to masquerade towards pods behind
 /// address-less interfaces (a routed CNI's veths, as Calico makes them):
 /// the first listed node address this node has, else the first address of
-/// the first configured interface (the uplink).
+/// the first uplink.
 fn default_masquerade_address(
     state: &DesiredState,
+    uplinks: &[Uplink],
     facts: &crate::reconcile::NodeFacts,
 ) -> Option<Ipv4Addr> {
     if let Some(listed) = &state.node_addresses
@@ -303,11 +321,67 @@ fn default_masquerade_address(
     {
         return Some(*address);
     }
-    state
-        .interfaces
+    uplinks
         .iter()
-        .filter_map(|name| host::ifindex(name))
+        .filter_map(|uplink| host::ifindex(&uplink.name))
         .find_map(|ifindex| facts.interface_addresses.get(&ifindex).copied())
+}
+
+/// The uplinks for `state`: the configured interfaces (`--iface` or
+/// `node.interfaces`), else those [`uplinks::detect`] finds from the node's
+/// addresses (the config's `node.addresses`, or the Node's InternalIP) and
+/// default routes.
+fn choose_uplinks(state: &DesiredState, from_flag: bool) -> Result<Vec<Uplink>, AgentError> {
+    if !state.interfaces.is_empty() {
+        let why = if from_flag {
+            uplinks::WHY_FLAG
+        } else {
+            uplinks::WHY_CONFIG
+        };
+        return Ok(state
+            .interfaces
+            .iter()
+            .map(|name| Uplink {
+                name: name.clone(),
+                why: why.to_owned(),
+            })
+            .collect());
+    }
+    let addresses = host::ipv4_addresses().map_err(|source| AgentError::Host { source })?;
+    let default_routes = uplinks::default_route_devices().unwrap_or_else(|error| {
+        warn!("cannot read the default routes (/proc/net/route): {error}");
+        Vec::new()
+    });
+    let node_addresses = state.node_addresses.as_deref().unwrap_or_default();
+    let found = uplinks::detect(node_addresses, &addresses, &default_routes);
+    if found.is_empty() {
+        let addresses = if node_addresses.is_empty() {
+            String::from("none given")
+        } else {
+            node_addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        return Err(AgentError::NoUplink { addresses });
+    }
+    Ok(found)
+}
+
+/// The next link event, or never (no watch, or one that failed: the
+/// periodic scan goes on).
+async fn next_link_event(watch: Option<&LinkWatch>) {
+    let Some(watch) = watch else {
+        return std::future::pending().await;
+    };
+    if let Err(error) = watch.changed().await {
+        warn!(
+            "link watch failed: {error}; devices are listed every {} s",
+            LINK_SCAN.as_secs()
+        );
+        std::future::pending::<()>().await;
+    }
 }
 
 /// What the running agent tracks about the config file between polls.
@@ -342,11 +416,37 @@ struct Agent {
     /// Cluster services that did not fit the maps, as last reported.
     skipped: Vec<String>,
     datapath: Datapath,
+    /// Where XDP and the tc hand-off are attached, and why.
+    uplinks: Vec<Uplink>,
     flows: FlowTable,
     watch: FileWatch,
     observe: Observe,
     /// Where services come from when not from the config file.
     services: Option<ClusterSource>,
+    /// The flow hash's secret (`Settings::hash_seed`).
+    hash_seed: u64,
+}
+
+/// The flow hash's secret, with a line in the log saying where it came
+/// from. Without a file, an adopted datapath's secret is kept, so new flows
+/// hash as before the restart (and adoption writes nothing).
+fn choose_hash_seed((value, origin): (u64, kernel::seed::SeedOrigin), adopted: Option<u64>) -> u64 {
+    use kernel::seed::SeedOrigin;
+    if let (SeedOrigin::Random { .. }, Some(adopted)) = (&origin, adopted) {
+        info!("flow hash secret kept from the adopted datapath");
+        return adopted;
+    }
+    match origin {
+        SeedOrigin::Read(path) => info!("flow hash secret read from {}", path.display()),
+        SeedOrigin::Created(path) => info!(
+            "flow hash secret created in {} (mode 0600); give every node the same file",
+            path.display()
+        ),
+        SeedOrigin::Random { why } => warn!(
+            "flow hash secret is random for this run ({why}): nodes choose backends independently; use --hash-seed-file with one file for all nodes"
+        ),
+    }
+    value
 }
 
 /// `xlb run`. Returns when told to stop; an error means nothing is left
@@ -371,6 +471,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     for warning in warnings(&config) {
         warn!("{warning}");
     }
+    let hash_seed = kernel::seed::load(options.hash_seed_file.as_deref())?;
     let pins = pin_dir(options.bpffs.as_deref())?;
     let bpffs = pins.as_ref().map_or_else(
         || {
@@ -414,6 +515,10 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     } else {
         Applied::default()
     };
+    let hash_seed = choose_hash_seed(
+        hash_seed,
+        applied.settings.as_ref().map(|settings| settings.hash_seed),
+    );
     observe.datapath_loaded(sizes.flows, observed);
     let capacity = maps.capacity();
     debug!("map capacity: {capacity:?}");
@@ -435,10 +540,12 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         refused: Vec::new(),
         skipped: Vec::new(),
         datapath,
+        uplinks: Vec::new(),
         flows,
         watch: FileWatch::default(),
         observe,
         services,
+        hash_seed,
     };
     agent.watch.stamp = agent.stamp();
     agent.watch.handled = Some(text);
@@ -460,19 +567,28 @@ impl Agent {
         for warning in foreign_node_addresses(&self.config, &local) {
             warn!("{warning}");
         }
+        self.uplinks = choose_uplinks(&self.config.state, !self.overrides.interfaces.is_empty())?;
+        self.observe.uplinks(&self.uplink_names());
         let ops = self.reconcile()?;
         self.pending = false;
-        self.datapath
-            .allow_redirect(&self.config.state.interfaces)?;
-        for interface in self.config.state.interfaces.clone() {
-            let mode = self.datapath.attach(&interface, self.options.attach_mode)?;
-            self.observe.attached(&interface, mode);
-            info!("{interface}: XDP attached ({mode})");
+        self.datapath.allow_redirect(&self.uplink_names())?;
+        for uplink in self.uplinks.clone() {
+            let mode = self
+                .datapath
+                .attach(&uplink.name, self.options.attach_mode)?;
+            self.observe.attached(&uplink.name, mode, &uplink.why);
+            info!(
+                "{}: XDP attached ({mode}; uplink: {})",
+                uplink.name, uplink.why
+            );
         }
         for interface in self.datapath.unpin_stale_links()? {
             info!("{interface}: XDP detached (pinned by a previous agent, no longer configured)");
         }
         self.sync_pod_hooks();
+        for name in self.datapath.unpin_stale_tc_links()? {
+            info!("tc link {name} detached (pinned by a previous agent, its device is gone)");
+        }
         self.attach_sockets()?;
         info!("applied config generation {} ({ops} ops)", self.generation);
         self.write_ready_file()
@@ -514,7 +630,22 @@ impl Agent {
         let mut poll = interval(POLL);
         let mut resync = interval(RESYNC);
         let mut gc = interval(GC_PERIOD);
-        let mut links = interval(LINK_SCAN);
+        let watch = match LinkWatch::open() {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                warn!(
+                    "cannot watch link events (rtnetlink): {error}; listing devices every {} s \
+                     instead",
+                    LINK_SCAN_UNWATCHED.as_secs()
+                );
+                None
+            }
+        };
+        let mut links = interval(if watch.is_some() {
+            LINK_SCAN
+        } else {
+            LINK_SCAN_UNWATCHED
+        });
         for timer in [&mut poll, &mut resync, &mut gc, &mut links] {
             timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
             timer.reset();
@@ -532,6 +663,7 @@ impl Agent {
                 _ = resync.tick() => self.resync(),
                 _ = gc.tick() => self.collect_garbage(),
                 _ = links.tick() => self.sync_pod_hooks(),
+                () = next_link_event(watch.as_ref()) => self.sync_pod_hooks(),
                 () = next_change(&mut self.services) => self.reload_services(),
             }
         }
@@ -597,7 +729,7 @@ impl Agent {
         let dir = bpffs_display(self.datapath.pins());
         if !kept.is_empty() {
             info!(
-                "XDP left attached to {} with its maps pinned in {dir} (--keep-attached); the \
+                "XDP and tc left attached to {} with the maps pinned in {dir} (--keep-attached); the \
                  next `xlb run --bpffs {dir}` adopts them, `xlb detach --bpffs {dir}` removes them",
                 kept.join(", "),
             );
@@ -654,12 +786,14 @@ impl Agent {
 
     fn plan_and_apply(&mut self) -> Result<usize, AgentError> {
         let mut facts = host::node_facts().map_err(|source| AgentError::Host { source })?;
-        if let Some(address) = default_masquerade_address(&self.config.state, &facts) {
+        if let Some(address) = default_masquerade_address(&self.config.state, &self.uplinks, &facts)
+        {
             facts
                 .interface_addresses
                 .insert(DEFAULT_MASQUERADE_IFINDEX, address);
         }
-        let desired = Desired::new(&self.config.state, &facts);
+        let mut desired = Desired::new(&self.config.state, &facts);
+        desired.settings.hash_seed = self.hash_seed;
         if desired.refused != self.refused {
             for refused in desired.refused.iter().filter(|r| !self.refused.contains(r)) {
                 warn!("{refused}");
@@ -702,7 +836,44 @@ impl Agent {
                 source: Box::new(source),
             }
         })?;
+        self.move_socket_clients();
         Ok(ops.len())
+    }
+
+    /// Connected UDP sockets the socket hooks balanced to a backend that is
+    /// gone are destroyed (their next send or receive fails; a reconnect is
+    /// balanced again), as Cilium's socket-LB does. Unconnected ones need
+    /// nothing: sendmsg4 balances each datagram.
+    fn move_socket_clients(&mut self) {
+        let applied = &self.applied;
+        let stale = self
+            .datapath
+            .take_stale_socket_records(|service_id, backend| {
+                applied.socket_keeps_backend(service_id, backend)
+                    || applied.service_protocol(service_id) == Some(Protocol::Tcp)
+            });
+        let stale = match stale {
+            Ok(stale) if stale.is_empty() => return,
+            Ok(stale) => stale,
+            Err(error) => {
+                warn!(
+                    "cannot read the socket hooks' records: {}",
+                    error_chain(&error)
+                );
+                return;
+            }
+        };
+        let pass = crate::kernel::sock_destroy::destroy_connected_udp(&stale);
+        info!(
+            "{} connected UDP socket(s) of removed backends destroyed ({} balanced socket(s) \
+             had a removed backend; {} network namespace(s) visited)",
+            pass.destroyed,
+            stale.len(),
+            pass.namespaces
+        );
+        for failure in pass.failures {
+            warn!("destroying sockets of removed backends: {failure}");
+        }
     }
 
     /// Logs the services that changed from fitting to skipped, and counts
@@ -857,38 +1028,65 @@ impl Agent {
         }
     }
 
-    /// Attaches to interfaces the config gained and detaches from those it
-    /// lost.
+    fn uplink_names(&self) -> Vec<String> {
+        self.uplinks
+            .iter()
+            .map(|uplink| uplink.name.clone())
+            .collect()
+    }
+
+    /// Chooses the uplinks again (the config's, or those the node's
+    /// addresses and default routes give); attaches to new ones and
+    /// detaches from those that are no longer uplinks.
     fn sync_interfaces(&mut self) {
-        let wanted = self.config.state.interfaces.clone();
+        match choose_uplinks(&self.config.state, !self.overrides.interfaces.is_empty()) {
+            Ok(uplinks) => self.uplinks = uplinks,
+            // Keep the last uplinks (an address moving between devices).
+            Err(error) => warn!("{}; keeping {:?}", error_chain(&error), self.uplink_names()),
+        }
+        self.observe.uplinks(&self.uplink_names());
+        let wanted = self.uplink_names();
         for interface in self.datapath.interfaces() {
             if !wanted.contains(&interface) {
                 match self.datapath.detach(&interface) {
                     Ok(()) => {
                         self.observe.detached(&interface);
-                        info!("{interface}: XDP detached (no longer configured)");
+                        info!("{interface}: XDP detached (no longer an uplink)");
                     }
                     Err(error) => error!("{}", error_chain(&error)),
                 }
             }
         }
         let attached = self.datapath.interfaces();
-        for interface in wanted {
-            if attached.contains(&interface) {
+        for uplink in self.uplinks.clone() {
+            if attached.contains(&uplink.name) {
+                // Already attached: the reason may have changed.
+                if let Some(mode) = self.datapath.attached_mode(&uplink.name) {
+                    self.observe.attached(&uplink.name, mode, &uplink.why);
+                }
                 continue;
             }
-            match self.datapath.attach(&interface, self.options.attach_mode) {
+            match self.datapath.attach(&uplink.name, self.options.attach_mode) {
                 Ok(mode) => {
-                    self.observe.attached(&interface, mode);
-                    info!("{interface}: XDP attached ({mode})");
+                    self.observe.attached(&uplink.name, mode, &uplink.why);
+                    info!(
+                        "{}: XDP attached ({mode}; uplink: {})",
+                        uplink.name, uplink.why
+                    );
                 }
                 Err(error) => error!("{}", error_chain(&error)),
             }
         }
     }
 
-    /// Follows node address changes and finishes an interrupted apply.
+    /// Follows node address changes (the uplinks too, when found rather than
+    /// configured) and finishes an interrupted apply.
     fn resync(&mut self) {
+        if self.config.state.interfaces.is_empty()
+            && choose_uplinks(&self.config.state, false).is_ok_and(|found| found != self.uplinks)
+        {
+            self.sync_interfaces();
+        }
         match self.reconcile() {
             Ok(0) => {}
             Ok(ops) if self.pending => {
@@ -906,10 +1104,10 @@ impl Agent {
 
     /// Puts the pod/tunnel tc program on every veth and tunnel device that
     /// is not an uplink (XDP runs there), and forgets devices that are gone
-    /// or were made again under the same name. Listing the devices each
-    /// second costs one `ip` run; a pod's first reply can come sooner than
-    /// that only if its first request did, which XDP handles (the request),
-    /// and a reply before its tc program is attached is retransmitted.
+    /// or were made again under the same name. Runs at every link event
+    /// (rtnetlink), so a pod's veth has its program milliseconds after it
+    /// is made, before the pod can answer anything; listing the devices
+    /// costs one `ip` run.
     fn sync_pod_hooks(&mut self) {
         let links = match host::links() {
             Ok(links) => links,
@@ -940,15 +1138,15 @@ impl Agent {
             }
             let why = match &link.kind {
                 LinkKind::Tunnel(kind) => {
-                    format!("{kind} tunnel: replies of remote pods, no XDP redirect into tunnels")
+                    format!("{kind} (replies of remote pods; no XDP redirect into tunnels)")
                 }
-                _ => String::from("veth without XDP peer (a pod): replies reverse-NATed here"),
+                _ => String::from("pod veth (replies reverse-NATed here; no XDP peer)"),
             };
             match self.datapath.attach_tc(&link.name, TcRole::Pod) {
                 Ok(hook) => {
-                    let mode = format!("{hook} ingress ({why})");
-                    info!("{}: {mode}", link.name);
-                    self.observe.hooked(&link.name, link.ifindex, mode);
+                    let mode = format!("{hook} ingress");
+                    info!("{}: {mode} ({why})", link.name);
+                    self.observe.hooked(&link.name, link.ifindex, mode, why);
                 }
                 Err(error) => warn!("{}", error_chain(&error)),
             }

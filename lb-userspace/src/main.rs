@@ -70,6 +70,11 @@ enum Command {
         /// hybrid hosts) [default: off].
         #[arg(long, value_name = "DIR")]
         cgroup: Option<PathBuf>,
+        /// The flow hash's 64-bit secret (16+ hex digits), the same file on
+        /// every node (in Kubernetes, a mounted Secret); created with a
+        /// random secret (mode 0600) if missing [default: random per run].
+        #[arg(long, value_name = "FILE")]
+        hash_seed_file: Option<PathBuf>,
         #[command(flatten)]
         observe: observe::Flags,
     },
@@ -144,6 +149,7 @@ fn main() -> ExitCode {
             node_name,
             manifests,
             cgroup,
+            hash_seed_file,
             observe,
         } => {
             let options = RunOptions {
@@ -159,6 +165,7 @@ fn main() -> ExitCode {
                 bpffs,
                 keep_attached,
                 cgroup,
+                hash_seed_file,
                 services: if kubernetes {
                     Some(SourceOptions::Kubernetes {
                         kubeconfig,

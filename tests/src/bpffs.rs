@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{Lab, LabError};
+use crate::LabError;
+use crate::agent::AgentLab;
 
 pub struct Bpffs {
     path: PathBuf,
@@ -14,8 +15,8 @@ pub struct Bpffs {
 
 impl Bpffs {
     /// `mount -t bpf bpf LAB_DIR/bpffs`.
-    pub fn mount(lab: &Lab) -> Result<Bpffs, LabError> {
-        let path = lab.dir().join("bpffs");
+    pub fn mount(lab: &impl AgentLab) -> Result<Bpffs, LabError> {
+        let path = lab.scratch_dir().join("bpffs");
         std::fs::create_dir_all(&path)
             .map_err(|source| LabError::io(format!("creating {}", path.display()), source))?;
         let status = Command::new("mount")
@@ -41,7 +42,7 @@ impl Bpffs {
         self.path.display().to_string()
     }
 
-    /// Names pinned under `maps/` or `links/`, sorted.
+    /// Names pinned under `maps/`, `links/`, `tc/` or `cgroup/`, sorted.
     pub fn pins(&self, dir: &str) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(self.path.join(dir)) else {
             return Vec::new();

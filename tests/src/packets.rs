@@ -42,6 +42,9 @@ pub struct Spec {
     /// Send UDP with checksum 0 ("none").
     pub udp_no_checksum: bool,
     pub payload: Vec<u8>,
+    /// TCP sequence number, and acknowledgement number (used with ACK).
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
 }
 
 impl Spec {
@@ -62,6 +65,8 @@ impl Spec {
             fragment_offset: 0,
             udp_no_checksum: false,
             payload: b"hello xlb".to_vec(),
+            tcp_seq: 1000,
+            tcp_ack: 2000,
         }
     }
 
@@ -85,14 +90,14 @@ impl Spec {
         let (transport, transport_len) = match self.l4 {
             L4::Udp => (None, UdpHeader::LEN),
             L4::Tcp(flags) => {
-                let mut tcp = TcpHeader::new(self.sport, self.dport, 1000, 64_240);
+                let mut tcp = TcpHeader::new(self.sport, self.dport, self.tcp_seq, 64_240);
                 tcp.fin = flags & FIN != 0;
                 tcp.syn = flags & SYN != 0;
                 tcp.rst = flags & RST != 0;
                 tcp.psh = flags & PSH != 0;
                 tcp.ack = flags & ACK != 0;
                 if tcp.ack {
-                    tcp.acknowledgment_number = 2000;
+                    tcp.acknowledgment_number = self.tcp_ack;
                 }
                 let len = tcp.header_len();
                 (Some(tcp), len)
@@ -317,7 +322,7 @@ pub fn port_unreachable_for(datagram: &Spec) -> Vec<u8> {
 /// RST|ACK, seq 0, ack = SYN's seq + 1 + payload.
 pub fn reset_for(syn: &Spec) -> Vec<u8> {
     let mut out = Vec::new();
-    let ack = 1000 + 1 + syn.payload.len() as u32;
+    let ack = syn.tcp_seq + 1 + syn.payload.len() as u32;
     PacketBuilder::ethernet2(syn.eth_dst, syn.eth_src)
         .ipv4(syn.dst.octets(), syn.src.octets(), 64)
         .tcp(syn.dport, syn.sport, 0, 0)

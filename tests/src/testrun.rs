@@ -77,6 +77,17 @@ const BACKEND_UNRESOLVED_ID: u32 = 3;
 /// Slots per service in the base state's selection table.
 const TABLE_SIZE: u32 = 7;
 
+/// CLOCK_MONOTONIC now, the clock conntrack timestamps use (coarse there).
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 pub fn be(addr: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
 }
@@ -189,8 +200,14 @@ impl Datapath {
         Array::try_from(self.map_mut(names::BACKENDS)).expect("backends map")
     }
 
+    /// `XLB_FLOWS`: established TCP flows and UDP flows.
     pub fn flows(&mut self) -> HashMap<&mut MapData, FlowKey, Flow> {
         HashMap::try_from(self.map_mut(names::FLOWS)).expect("flows map")
+    }
+
+    /// `XLB_FLOWS_NEW`: half-open TCP flows.
+    pub fn new_flows(&mut self) -> HashMap<&mut MapData, FlowKey, Flow> {
+        HashMap::try_from(self.map_mut(names::FLOWS_NEW)).expect("half-open flows map")
     }
 
     pub fn set_config(&mut self, cfg: GlobalConfig) {
@@ -357,10 +374,13 @@ impl Datapath {
     /// Deletes every conntrack, affinity, fragment and ICMP rate-limit
     /// entry, so rows do not see each other's state.
     pub fn clear_flows(&mut self) {
-        let mut flows = self.flows();
-        let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let _ = flows.remove(&key);
+        for name in [names::FLOWS, names::FLOWS_NEW] {
+            let mut flows: HashMap<_, FlowKey, Flow> =
+                HashMap::try_from(self.map_mut(name)).expect("flows map");
+            let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = flows.remove(&key);
+            }
         }
         let mut affinity: HashMap<_, lb_common::AffinityKey, lb_common::Affinity> =
             HashMap::try_from(self.map_mut(names::AFFINITY)).expect("affinity map");
@@ -382,8 +402,12 @@ impl Datapath {
         }
     }
 
+    /// The entry for `key` in either conntrack table.
     pub fn flow(&mut self, key: &FlowKey) -> Option<Flow> {
-        self.flows().get(key, 0).ok()
+        self.flows()
+            .get(key, 0)
+            .ok()
+            .or_else(|| self.new_flows().get(key, 0).ok())
     }
 
     /// The ports `XLB_FRAGS` recorded for a datagram's first fragment
@@ -437,6 +461,15 @@ impl Datapath {
             .collect()
     }
 
+    /// The loaded XDP program, e.g. to run it from several threads at once.
+    pub fn program(&self) -> &Xdp {
+        self.bpf
+            .program(names::PROGRAM)
+            .expect("program")
+            .try_into()
+            .expect("an XDP program")
+    }
+
     /// Runs the program once on `frame` as if it arrived on `ifindex`.
     pub fn run(&mut self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
         self.run_repeat(frame, ifindex, 1).0
@@ -464,7 +497,7 @@ impl Datapath {
 /// times: (verdict, output frame) of the last run and the kernel's average
 /// time per run. The frame is not reset between repeats.
 pub fn test_run(
-    program: &mut Xdp,
+    program: &Xdp,
     frame: &[u8],
     ifindex: u32,
     repeat: u32,

@@ -454,7 +454,12 @@ fn node_configs_are_valid_agent_configs() -> anyhow::Result<()> {
             [],
             "{name}: services come from the API"
         );
-        assert!(!loaded.state.interfaces.is_empty(), "{name}");
+        // Uplinks are found by the agent unless an overlay names them.
+        if name.contains("production") {
+            assert_eq!(loaded.state.interfaces, ["bond0"], "{name}");
+        } else {
+            assert_eq!(loaded.state.interfaces, Vec::<String>::new(), "{name}");
+        }
     }
     Ok(())
 }
@@ -597,5 +602,66 @@ fn echo_apps_match_the_demo_port_table() -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// deploy/pod-sockets, used from an overlay, adds exactly CAP_SYS_ADMIN and
+/// the host's /run/netns (read-only, host-to-container propagation) to the
+/// agent, which is what entering pods' namespaces to destroy their
+/// connected UDP sockets takes; everything else stays as the base has it.
+#[test]
+fn the_pod_sockets_component_adds_sys_admin_and_run_netns() -> anyhow::Result<()> {
+    // kustomize takes only relative paths to bases and components, so the
+    // overlay lives in the repository for the length of the test.
+    let overlay = repo_root().join(format!(".deploy-test-pod-sockets-{}", std::process::id()));
+    std::fs::create_dir_all(&overlay)?;
+    struct Cleanup<'a>(&'a Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0);
+        }
+    }
+    let _cleanup = Cleanup(&overlay);
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n\
+         resources: [../deploy/base]\ncomponents: [../deploy/pod-sockets]\n",
+    )?;
+    let base = render(&repo_root().join("deploy/base"))?;
+    let with = render(&overlay)?;
+    let (_, base_container) = agent_container(&base).expect("base has the agent");
+    let (set, container) = agent_container(&with).expect("component keeps the agent");
+    let added = |container: &Container| -> BTreeSet<String> {
+        let security = container.security_context.clone().unwrap_or_default();
+        security
+            .capabilities
+            .and_then(|caps| caps.add)
+            .unwrap_or_default()
+            .into_iter()
+            .collect()
+    };
+    let extra: Vec<String> = added(container)
+        .difference(&added(base_container))
+        .cloned()
+        .collect();
+    assert_eq!(extra, ["SYS_ADMIN"]);
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|mount| mount.mount_path == "/run/netns")
+        .expect("/run/netns mounted");
+    assert_eq!(mount.read_only, Some(true));
+    assert_eq!(mount.mount_propagation.as_deref(), Some("HostToContainer"));
+    let volume = set
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.template.spec.as_ref())
+        .and_then(|pod| pod.volumes.as_ref())
+        .and_then(|volumes| volumes.iter().find(|volume| volume.name == mount.name))
+        .expect("the mount's volume");
+    let host_path = volume.host_path.as_ref().expect("a hostPath volume");
+    assert_eq!(host_path.path, "/run/netns");
+    assert_eq!(container.args, base_container.args);
     Ok(())
 }

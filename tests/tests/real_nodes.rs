@@ -8,10 +8,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use xlb_tests::Agent;
 use xlb_tests::client::{pattern, tcp_who_echo, udp_exchange, udp_socket, udp_who};
 use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT};
-use xlb_tests::node_lab::{CLIENT_ADDR, NodeLab, Pod, PodKind, tcp_service, udp_service};
+use xlb_tests::node_lab::{
+    CLIENT_ADDR, NODE_ADDR, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF, tcp_service, udp_service,
+};
+use xlb_tests::{Agent, Bpffs, XLB_BIN_ENV, bin_from_env};
 
 fn masquerade_addr(pod: &Pod) -> IpAddr {
     IpAddr::from(pod.masquerade_addr())
@@ -138,6 +140,90 @@ fn node_port_reaches_every_kind_of_pod_with_good_checksums() -> anyhow::Result<(
     Ok(())
 }
 
+/// No `node.interfaces`, no `--iface`: the agent finds the uplink (the
+/// device holding the node address, which also has the default route), and
+/// only it: cni0 and the VXLAN device hold addresses too, but not the
+/// node's. Traffic goes through, and status.json and /metrics say why each
+/// attach point was chosen.
+#[test]
+fn agent_finds_its_uplink_without_interfaces() -> anyhow::Result<()> {
+    let lab = NodeLab::new()?;
+    let pods = [lab.pod(PodKind::Bridge)];
+    let config = lab.write_file(
+        "xlb.yaml",
+        &format!(
+            "node:\n  addresses: [{NODE_ADDR}]\n\nservices:\n{}",
+            lab.echo_services(&pods, false)
+        ),
+    )?;
+    let run_dir = lab.dir().join("auto-run");
+    let run_dir_arg = run_dir.display().to_string();
+    let agent = Agent::start_with(
+        &bin_from_env(XLB_BIN_ENV)?,
+        &lab,
+        &config,
+        &["--run-dir", &run_dir_arg],
+    )?;
+    let why = format!("holds node address {NODE_ADDR}, default route");
+    agent.wait_for_log(0, &format!("{UPLINK_IF}: XDP attached"), WAIT)?;
+    agent.wait_for_log(0, &format!("{}: tcx ingress", pods[0].host_if), WAIT)?;
+    agent.wait_for_log(0, &format!("{VXLAN_IF}: tcx ingress"), WAIT)?;
+    let log = agent.log();
+    ensure!(log.contains(&format!("uplink: {why})")), "{log}");
+    ensure!(
+        log.matches("XDP attached").count() == 1,
+        "XDP on more than the uplink:\n{log}"
+    );
+    for pod in pods {
+        exchange_with(&lab, pod)
+            .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{log}"))?;
+    }
+
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("status.json"))?)?;
+    let why_of = |name: &str| {
+        status["interfaces"]
+            .as_array()
+            .and_then(|list| list.iter().find(|i| i["name"] == name))
+            .and_then(|i| i["why"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    ensure!(why_of(UPLINK_IF) == why, "{status:#}");
+    ensure!(
+        why_of(&pods[0].host_if).starts_with("pod veth"),
+        "{status:#}"
+    );
+    ensure!(why_of(VXLAN_IF).starts_with("vxlan"), "{status:#}");
+    ensure!(
+        why_of("cni0").is_empty(),
+        "cni0 is no attach point: {status:#}"
+    );
+
+    let address = SocketAddr::from(([127, 0, 0, 1], 9090));
+    let (code, metrics) = lab
+        .node
+        .run(move || xlb::observe::http::get(address, "/metrics"))??;
+    ensure!(code == 200, "{metrics}");
+    let series = format!("interface=\"{UPLINK_IF}\",mode=\"native\",why=\"{why}\"}} 1");
+    ensure!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("xlb_interface_xdp_attached{") && line.ends_with(&series)),
+        "no {series} in\n{metrics}"
+    );
+    ensure!(
+        metrics.lines().any(|line| line.starts_with(&format!(
+            "xlb_interface_tc_attached{{interface=\"{}\",hook=\"tcx\",why=\"pod veth",
+            pods[0].host_if
+        ))),
+        "no tc line for {} in\n{metrics}",
+        pods[0].host_if
+    );
+    agent.stop()?;
+    Ok(())
+}
+
 #[test]
 fn external_traffic_policy_local_keeps_the_client_address() -> anyhow::Result<()> {
     let lab = NodeLab::new()?;
@@ -249,6 +335,193 @@ fn thousand_flows_over_bridge_and_vxlan_while_pods_come_and_go() -> anyhow::Resu
     ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
     // The agent noticed the churn in its status too.
     ensure!(agent.log().contains("xlb-vb2: gone"));
+    Ok(())
+}
+
+/// A pod made while traffic runs is served at once: the rtnetlink link
+/// watch puts tc on its veth as the veth appears, so the very first reply
+/// the new pod sends (tens of milliseconds after its veth exists, long
+/// before a periodic scan would come) is reverse-NATed. Each new pod gets
+/// one datagram, no retry. A stream to the pod that was there all along
+/// loses nothing meanwhile.
+#[test]
+fn a_new_pod_is_served_at_once() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let lab = NodeLab::new()?;
+    let first = lab.pod(PodKind::Bridge);
+    // (kind, index, its address as the lab will give it, its NodePort)
+    let new_pods = [
+        (PodKind::Bridge, 2, [198, 18, 10, 3], 30990),
+        (PodKind::Routed, 2, [198, 18, 11, 3], 30991),
+        (PodKind::Bridge, 3, [198, 18, 10, 4], 30992),
+        (PodKind::Routed, 3, [198, 18, 11, 4], 30993),
+    ];
+    let mut services = lab.echo_services(&[first], false);
+    for (kind, index, addr, node_port) in new_pods {
+        services.push_str(&format!(
+            "  - name: new-{}-{index}\n    protocol: UDP\n    nodePort: {node_port}\n    \
+             targetPort: {ECHO_UDP_PORT}\n    backends:\n      - address: {}\n",
+            kind.label(),
+            std::net::Ipv4Addr::from(addr)
+        ));
+    }
+    let config = lab.write_file("xlb.yaml", &lab.config_yaml(&services))?;
+    let agent = Agent::start(&lab, &config)?;
+    agent.wait_for_log(0, &format!("{}: tcx ingress", first.host_if), WAIT)?;
+
+    let stop = AtomicBool::new(false);
+    let (answered, lost) = (AtomicU64::new(0), AtomicU64::new(0));
+    let outcome = std::thread::scope(|scope| -> anyhow::Result<Vec<Pod>> {
+        let stream = scope.spawn(|| {
+            lab.client.run(|| -> anyhow::Result<()> {
+                let socket = udp_socket()?;
+                socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+                let mut seq = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let payload = pattern(64, seq);
+                    match udp_exchange(&socket, udp_service(), &payload) {
+                        Ok((reply, _)) if reply == payload => &answered,
+                        _ => &lost,
+                    }
+                    .fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(())
+            })
+        });
+        let made = (|| -> anyhow::Result<Vec<Pod>> {
+            let mut made = Vec::new();
+            for (kind, index, addr, node_port) in new_pods {
+                let pod = lab.add_pod(kind, index)?;
+                ensure!(pod.addr == std::net::Ipv4Addr::from(addr), "{pod:?}");
+                let target = SocketAddr::from((NODE_ADDR, node_port));
+                let (who, from) = lab
+                    .client
+                    .run(|| udp_who(&udp_socket()?, target))?
+                    .with_context(|| format!("the first datagram to the new pod {}", pod.name))?;
+                ensure!(from == target, "reply from {from}, not {target}");
+                ensure!(who.name == pod.name, "{who:?} answered for {}", pod.name);
+                made.push(pod);
+            }
+            Ok(made)
+        })();
+        stop.store(true, Ordering::Relaxed);
+        stream.join().expect("stream thread panicked")??;
+        made
+    });
+    let made = outcome
+        .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+    let (answered, lost) = (answered.into_inner(), lost.into_inner());
+    ensure!(
+        answered > 0 && lost == 0,
+        "stream to {}: {answered} answered, {lost} lost",
+        first.name
+    );
+    drop(made);
+    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
+    ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
+    Ok(())
+}
+
+/// `--keep-attached` keeps pods behind tc served while no agent runs: the
+/// uplink's tc hand-off and the pods' tc links are pinned next to the XDP
+/// links, the next agent adopts them, and a plain stop removes them.
+#[test]
+fn pods_behind_tc_are_served_across_an_agent_restart() -> anyhow::Result<()> {
+    let lab = NodeLab::new()?;
+    let bpffs = Bpffs::mount(&lab)?;
+    let dir = bpffs.arg();
+    let pod = lab.pod(PodKind::Bridge);
+    let config = lab.write_file(
+        "xlb.yaml",
+        &lab.config_yaml(&lab.echo_services(&[pod], false)),
+    )?;
+    let bin = bin_from_env(XLB_BIN_ENV)?;
+    let run_dir = lab.dir().join("restart-run").display().to_string();
+    let agent = Agent::start_with(
+        &bin,
+        &lab,
+        &config,
+        &["--bpffs", &dir, "--keep-attached", "--run-dir", &run_dir],
+    )?;
+    agent.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
+    agent.wait_for_log(0, &format!("{VXLAN_IF}: tcx ingress"), WAIT)?;
+    // `xlb status` says the pod's tc link is pinned.
+    let output = lab
+        .node
+        .command(&bin)
+        .args(["status", "--json", "--bpffs", &dir, "--run-dir", &run_dir])
+        .output()?;
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .with_context(|| String::from_utf8_lossy(&output.stderr).into_owned())?;
+    let pod_row = status["interfaces"]
+        .as_array()
+        .and_then(|list| list.iter().find(|i| i["name"] == pod.host_if.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(pod_row["link_pinned"] == true, "{status:#}");
+    let tc_pins = bpffs.pins("tc");
+    for expected in [
+        format!("uplink-{UPLINK_IF}"),
+        format!("pod-{}", pod.host_if),
+        format!("pod-{VXLAN_IF}"),
+    ] {
+        ensure!(
+            tc_pins.contains(&expected),
+            "no tc pin {expected}: {tc_pins:?}"
+        );
+    }
+    let udp = udp_service();
+    let (flow, who) = lab.client.run(|| -> anyhow::Result<_> {
+        let socket = udp_socket()?;
+        let (who, _) = udp_who(&socket, udp)?;
+        Ok((socket, who))
+    })??;
+    ensure!(who.name == pod.name, "{who:?}");
+    let exit = agent.stop()?;
+    ensure!(exit.status.success(), "{}", exit.log);
+    ensure!(
+        bpffs.pins("tc") == tc_pins,
+        "{:?}\n{}",
+        bpffs.pins("tc"),
+        exit.log
+    );
+
+    // No agent: the flow goes on, a new one is served, TCP too.
+    let alone = |when: &str| -> anyhow::Result<()> {
+        lab.client
+            .run(|| -> anyhow::Result<()> {
+                let (who, from) = udp_who(&flow, udp).context("the flow")?;
+                ensure!(from == udp && who.name == pod.name, "{who:?} from {from}");
+                let (who, _) = udp_who(&udp_socket()?, udp).context("a new UDP flow")?;
+                ensure!(who.name == pod.name, "{who:?}");
+                let who = tcp_who_echo(tcp_service(), &pattern(20_000, 7)).context("TCP")?;
+                ensure!(who.name == pod.name, "{who:?}");
+                Ok(())
+            })?
+            .with_context(|| format!("{when}\n--- first agent's log ---\n{}", exit.log))
+    };
+    alone("while no agent runs")?;
+
+    let second = Agent::start_with(&bin, &lab, &config, &["--bpffs", &dir])?;
+    second.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
+    alone("after the restart")?;
+    let exit = second.stop()?;
+    ensure!(exit.status.success(), "{}", exit.log);
+    ensure!(
+        exit.log.contains("adopted the datapath pinned in"),
+        "{}",
+        exit.log
+    );
+    ensure!(
+        bpffs.pins("tc").is_empty() && bpffs.pins("links").is_empty(),
+        "a plain stop leaves {:?} {:?}",
+        bpffs.pins("tc"),
+        bpffs.pins("links")
+    );
+    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
+    ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
     Ok(())
 }
 

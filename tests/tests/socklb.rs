@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use xlb_tests::client::{IO_TIMEOUT, Who, pattern, tcp_who_echo, udp_socket, udp_who};
 use xlb_tests::lab::{
-    ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, TCP_ECHO_NODE_PORT, UDP_ECHO_NODE_PORT,
+    CLIENT_ADDR, ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, TCP_ECHO_NODE_PORT, UDP_ECHO_NODE_PORT,
 };
 use xlb_tests::{Agent, Bpffs, ChildGuard, Lab, Netns, TestCgroup, XLB_BIN_ENV, bin_from_env};
 
@@ -27,10 +27,10 @@ use xlb_tests::{Agent, Bpffs, ChildGuard, Lab, Netns, TestCgroup, XLB_BIN_ENV, b
 const TCP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const UDP_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 const STICKY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
-/// One-backend ClusterIPs for the benchmark: through xlb's hooks, and
-/// through an iptables DNAT rule as kube-proxy's.
-const BENCH_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 20);
-const IPTABLES_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 30);
+/// A service with loadBalancerSourceRanges: its ClusterIP, and its
+/// load-balancer IP (routed from the client namespace to the node).
+const GUARDED_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 13);
+const GUARDED_LB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 40);
 const SERVICE_PORT: u16 = 80;
 const DNS_PORT: u16 = 53;
 /// The echo server in the client namespace: a pod on another node.
@@ -79,9 +79,9 @@ fn config(lab: &Lab, udp_without: Option<&str>) -> String {
          port: {DNS_PORT}\n    clusterIP: {UDP_CLUSTER_IP}\n    backends:\n{udp}\
          \n  - name: tcp-sticky\n    protocol: TCP\n    port: {SERVICE_PORT}\n    \
          clusterIP: {STICKY_CLUSTER_IP}\n    sessionAffinity: ClientIP\n    backends:\n{tcp}\
-         \n  - name: tcp-bench\n    protocol: TCP\n    port: {SERVICE_PORT}\n    \
-         clusterIP: {BENCH_CLUSTER_IP}\n    backends:\n      - {{address: {}, port: {ECHO_TCP_PORT}}}\n",
-        lab.backends[1].addr
+         \n  - name: tcp-guarded\n    protocol: TCP\n    port: {SERVICE_PORT}\n    \
+         clusterIP: {GUARDED_CLUSTER_IP}\n    frontends: [{GUARDED_LB_IP}]\n    \
+         loadBalancerSourceRanges: [{CLIENT_ADDR}/32]\n    backends:\n{tcp}"
     ))
 }
 
@@ -355,6 +355,199 @@ fn a_removed_backend_moves_udp_clients_on_their_next_datagram() -> anyhow::Resul
     Ok(())
 }
 
+/// loadBalancerSourceRanges need the client's address, which connect()
+/// does not have yet: the hooks leave such a load-balancer IP alone (no
+/// bypass of the ranges from the node), the per-packet path checks them for
+/// clients on the wire, and the service's ClusterIP (no ranges) is
+/// balanced as usual.
+#[test]
+fn source_ranged_load_balancer_ips_are_not_balanced_by_the_hooks() -> anyhow::Result<()> {
+    xlb_tests::require_root()?;
+    let lab = SockLab::new()?;
+    let agent = lab.start_agent(&[])?;
+    let load_balancer = SocketAddr::from((GUARDED_LB_IP, SERVICE_PORT));
+    let cluster_ip = SocketAddr::from((GUARDED_CLUSTER_IP, SERVICE_PORT));
+    for netns in [lab.pod(0), &lab.lab.node] {
+        let checked = netns.run(|| -> anyhow::Result<()> {
+            let who = tcp_who_echo(cluster_ip, b"ranged")?;
+            ensure!(all_backends(&lab.lab).contains(&who.name));
+            let connected = TcpStream::connect_timeout(&load_balancer, Duration::from_secs(2));
+            ensure!(
+                connected.is_err(),
+                "{}: {load_balancer} (loadBalancerSourceRanges [{CLIENT_ADDR}/32]) was \
+                 balanced by the socket hooks",
+                netns.name()
+            );
+            Ok(())
+        })?;
+        checked.map_err(|error| agent.failure(format!("{error:#}")))?;
+    }
+    // The wire client inside the ranges: XDP balances it.
+    let who = lab
+        .lab
+        .client
+        .run(|| tcp_who_echo(load_balancer, b"in range"))?
+        .map_err(|error| agent.failure(format!("{error:#}")))?;
+    ensure!(all_backends(&lab.lab).contains(&who.name));
+    Ok(())
+}
+
+/// What a connected UDP client saw, datagram by datagram.
+#[derive(Debug)]
+enum Seen {
+    Reply(String),
+    /// The errno of a failed send() or recv().
+    Error(i32),
+    /// No answer within the read timeout.
+    Lost,
+}
+
+/// A connected UDP client that sends WHO every 5 ms until `stop`, and
+/// reconnects when its socket is no longer connected (as an application
+/// handling the documented errors would).
+fn connected_client(
+    socket: &UdpSocket,
+    target: SocketAddr,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<Vec<Seen>> {
+    use std::sync::atomic::Ordering;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 512];
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(5));
+        if socket.peer_addr().is_err() {
+            socket.connect(target)?;
+        }
+        if let Err(error) = socket.send(b"WHO\n") {
+            seen.push(Seen::Error(error.raw_os_error().unwrap_or(0)));
+            continue;
+        }
+        match socket.recv(&mut buf) {
+            Ok(len) => {
+                let who: Who = std::str::from_utf8(&buf[..len])?.parse()?;
+                seen.push(Seen::Reply(who.name));
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => seen.push(Seen::Lost),
+            Err(error) => seen.push(Seen::Error(error.raw_os_error().unwrap_or(0))),
+        }
+    }
+    Ok(seen)
+}
+
+#[test]
+fn a_removed_backend_destroys_its_connected_udp_clients() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    xlb_tests::require_root()?;
+    let lab = SockLab::new()?;
+    let mut agent = lab.start_agent(&[])?;
+    let target = udp_cluster_ip();
+    // Connected sockets of a pod, each on its backend.
+    let sockets: Vec<(UdpSocket, String)> =
+        lab.pod(2)
+            .run(|| -> anyhow::Result<Vec<(UdpSocket, String)>> {
+                let mut sockets = Vec::new();
+                for _ in 0..16 {
+                    let socket = udp_socket()?;
+                    socket.connect(target)?;
+                    socket.send(b"WHO\n")?;
+                    let mut buf = [0u8; 512];
+                    let len = socket.recv(&mut buf)?;
+                    let first: Who = std::str::from_utf8(&buf[..len])?.parse()?;
+                    sockets.push((socket, first.name));
+                }
+                Ok(sockets)
+            })??;
+    let removed = sockets[0].1.clone();
+    let stop = AtomicBool::new(false);
+    // The sockets are the pod's whichever thread uses them.
+    let seen = std::thread::scope(|scope| -> anyhow::Result<Vec<Seen>> {
+        let client = scope.spawn(|| connected_client(&sockets[0].0, target, &stop));
+        std::thread::sleep(Duration::from_millis(300));
+        lab.lab
+            .write_file("xlb.yaml", &config(&lab.lab, Some(&removed)))?;
+        let reloaded = agent.reload_and_wait();
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        let seen = client
+            .join()
+            .map_err(|_| anyhow::anyhow!("the client panicked"))?;
+        reloaded?;
+        seen
+    })?;
+    let checked = (|| -> anyhow::Result<()> {
+        let first_error = seen
+            .iter()
+            .position(|seen| matches!(seen, Seen::Error(_)))
+            .with_context(|| format!("the client on {removed} saw no error: {seen:?}"))?;
+        let (before, after) = seen.split_at(first_error);
+        ensure!(
+            before
+                .iter()
+                .all(|seen| matches!(seen, Seen::Reply(name) if *name == removed)),
+            "before the removal every datagram reached {removed}: {before:?}"
+        );
+        let errors: Vec<i32> = after
+            .iter()
+            .filter_map(|seen| match seen {
+                Seen::Error(errno) => Some(*errno),
+                _ => None,
+            })
+            .collect();
+        ensure!(
+            errors
+                .iter()
+                .all(|errno| [libc::EDESTADDRREQ, libc::ECONNABORTED].contains(errno)),
+            "errors after the destroy: {errors:?} (expected EDESTADDRREQ or ECONNABORTED)"
+        );
+        let replies: Vec<&String> = after
+            .iter()
+            .filter_map(|seen| match seen {
+                Seen::Reply(name) => Some(name),
+                _ => None,
+            })
+            .collect();
+        ensure!(
+            replies.len() >= 20 && replies.iter().all(|name| **name != removed),
+            "after the destroy and a reconnect, datagrams reached {replies:?} (not {removed}?)"
+        );
+        ensure!(
+            !seen.iter().any(|seen| matches!(seen, Seen::Lost)),
+            "datagrams were lost: {seen:?}"
+        );
+        println!(
+            "client on {removed}: {} replies before, errors {errors:?}, then {} replies from {:?}",
+            before.len(),
+            replies.len(),
+            replies.iter().collect::<std::collections::BTreeSet<_>>()
+        );
+        // The other sockets: those on the removed backend were destroyed
+        // too; the others keep their backend, still connected.
+        let mut buf = [0u8; 512];
+        for (socket, backend) in &sockets[1..] {
+            if *backend == removed {
+                let sent = socket.send(b"WHO\n").map_err(|e| e.raw_os_error());
+                ensure!(
+                    sent == Err(Some(libc::EDESTADDRREQ)),
+                    "a socket on {removed} after the removal: send() gave {sent:?}"
+                );
+            } else {
+                socket.send(b"WHO\n")?;
+                let len = socket.recv(&mut buf)?;
+                let who: Who = std::str::from_utf8(&buf[..len])?.parse()?;
+                ensure!(
+                    who.name == *backend,
+                    "a socket on the kept {backend} moved to {}",
+                    who.name
+                );
+            }
+        }
+        Ok(())
+    })();
+    checked.map_err(|error| agent.failure(format!("{error:#}")))?;
+    Ok(())
+}
+
 #[test]
 fn status_metrics_keep_attached_and_detach() -> anyhow::Result<()> {
     xlb_tests::require_root()?;
@@ -453,102 +646,5 @@ fn status_metrics_keep_attached_and_detach() -> anyhow::Result<()> {
         .run(|| TcpStream::connect_timeout(&tcp_node_port(), Duration::from_secs(2)).is_err())?;
     ensure!(refused, "NODE:nodePort still answers after xlb detach");
     drop(bpffs);
-    Ok(())
-}
-
-/// connect() rate and TCP request/response latency from a pod to one
-/// backend pod on the same node: directly, through a ClusterIP balanced by
-/// xlb's socket hooks, and through a ClusterIP DNATed by an iptables rule
-/// in the node namespace (kube-proxy's iptables mode, reduced to the one
-/// rule that matches). Prints a table; run with `cargo xtask test --
-/// --ignored bench_cluster_ip` (numbers from a shared 2-core machine).
-#[test]
-#[ignore = "benchmark: prints figures, asserts nothing but that it ran"]
-fn bench_cluster_ip_connect_rate_and_request_response() -> anyhow::Result<()> {
-    xlb_tests::require_root()?;
-    let lab = SockLab::new()?;
-    let agent = lab.start_agent(&[])?;
-    let backend = lab.lab.backends[1].addr;
-    let rule = format!(
-        "-t nat -A PREROUTING -d {IPTABLES_CLUSTER_IP}/32 -p tcp --dport {SERVICE_PORT} -j DNAT \
-         --to-destination {backend}:{ECHO_TCP_PORT}"
-    );
-    let args: Vec<&str> = rule.split(' ').collect();
-    lab.lab.node.exec("iptables", &args)?;
-    let targets = [
-        (
-            "direct to the pod",
-            SocketAddr::from((backend, ECHO_TCP_PORT)),
-        ),
-        (
-            "ClusterIP, xlb socket hooks",
-            SocketAddr::from((BENCH_CLUSTER_IP, SERVICE_PORT)),
-        ),
-        (
-            "ClusterIP, iptables DNAT",
-            SocketAddr::from((IPTABLES_CLUSTER_IP, SERVICE_PORT)),
-        ),
-    ];
-    // Rounds interleave the paths, so that load from other processes on a
-    // shared machine falls on all of them alike.
-    const ROUNDS: usize = 5;
-    const CONNECTIONS: u32 = 400;
-    const ROUND_TRIPS: u32 = 4_000;
-    let rows = lab.pod(0).run(|| -> anyhow::Result<Vec<String>> {
-        use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-        use std::time::Instant;
-        let mut connect_seconds = [0f64; 3];
-        let mut round_trips: [Vec<f64>; 3] = Default::default();
-        for (_, target) in targets {
-            // Warm up (ARP, conntrack, page cache).
-            tcp_who_echo(target, b"warm")?;
-        }
-        for _ in 0..ROUNDS {
-            for (index, (what, target)) in targets.iter().enumerate() {
-                let started = Instant::now();
-                for _ in 0..CONNECTIONS {
-                    let mut stream = TcpStream::connect_timeout(target, IO_TIMEOUT)?;
-                    stream.write_all(b"WHO\n")?;
-                    let mut line = String::new();
-                    BufReader::new(&stream).read_line(&mut line)?;
-                    ensure!(line.starts_with("name="), "{what}: {line:?}");
-                }
-                connect_seconds[index] += started.elapsed().as_secs_f64();
-                let mut stream = TcpStream::connect_timeout(target, IO_TIMEOUT)?;
-                stream.set_nodelay(true)?;
-                stream.write_all(b"WHO\n")?;
-                let mut reader = BufReader::new(stream.try_clone()?);
-                let mut line = String::new();
-                reader.read_line(&mut line)?;
-                let mut byte = [0u8; 1];
-                for _ in 0..ROUND_TRIPS {
-                    let sent = Instant::now();
-                    stream.write_all(b"x")?;
-                    reader.read_exact(&mut byte)?;
-                    round_trips[index].push(sent.elapsed().as_secs_f64() * 1e6);
-                }
-            }
-        }
-        let mut rows = Vec::new();
-        for (index, (what, _)) in targets.iter().enumerate() {
-            let samples = &mut round_trips[index];
-            samples.sort_by(f64::total_cmp);
-            let connect_rate = f64::from(CONNECTIONS) * ROUNDS as f64 / connect_seconds[index];
-            let median = samples[samples.len() / 2];
-            let p90 = samples[samples.len() * 9 / 10];
-            rows.push(format!(
-                "{what:<28} {connect_rate:>10.0} {median:>10.1} {p90:>10.1}"
-            ));
-        }
-        Ok(rows)
-    })?;
-    let rows = rows.map_err(|error| agent.failure(format!("{error:#}")))?;
-    println!(
-        "{:<28} {:>10} {:>10} {:>10}",
-        "path", "conn/s", "RR p50 us", "RR p90 us"
-    );
-    for row in rows {
-        println!("{row}");
-    }
     Ok(())
 }

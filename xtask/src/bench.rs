@@ -1,13 +1,16 @@
 //! `cargo xtask bench`: build the agent and the bench, then run the lab
 //! benchmark (`xlb-bench lab`: xlb vs an XDP ceiling, kube-proxy iptables
-//! and nftables, nginx stream, and a scale sweep), or with `--micro` the
+//! and nftables, nginx stream, ClusterIP from a pod through the socket
+//! hooks vs iptables vs direct; the real-node paths, uplink to a local
+//! bridge pod and to remote pods, for xlb and iptables; and a scale sweep),
+//! or with `--micro` the
 //! per-packet datapath benchmark (`xlb-bench micro`).
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::Context as _;
-use xlb_tests::XLB_BIN_ENV;
+use xlb_tests::{XLB_BIN_ENV, XLB_ECHO_BIN_ENV};
 
 use crate::build::{self, cargo, check_status};
 use crate::setup;
@@ -54,7 +57,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let profile = if release { "release" } else { "debug" };
     println!("xtask: cargo build ({profile}) of the agent and the bench");
     let mut command = cargo();
-    command.args(["build", "-p", "lb-userspace", "-p", "xlb-bench"]);
+    // xlb-echo: the pods' servers of the ClusterIP part of the lab bench.
+    command.args([
+        "build",
+        "-p",
+        "lb-userspace",
+        "-p",
+        "xlb-bench",
+        "-p",
+        "xlb-echo",
+    ]);
     if release {
         command.arg("--release");
     }
@@ -62,7 +74,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let dir = build::target_dir()?.join(profile);
     let bench = dir.join("xlb-bench");
     let xlb = dir.join("xlb");
-    for path in [&bench, &xlb] {
+    let echo = dir.join("xlb-echo");
+    for path in [&bench, &xlb, &echo] {
         anyhow::ensure!(path.is_file(), "{} was not built", path.display());
     }
 
@@ -85,7 +98,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             command.arg("--json").arg(json);
         }
     }
-    command.args(&args.args).env(XLB_BIN_ENV, &xlb);
+    command
+        .args(&args.args)
+        .env(XLB_BIN_ENV, &xlb)
+        .env(XLB_ECHO_BIN_ENV, &echo);
     println!(
         "xtask: {} ({XLB_BIN_ENV}={})",
         bench.display(),

@@ -63,6 +63,12 @@ fn sep_chain(service: &Service, endpoint: &str) -> String {
 /// The `iptables-restore` input kube-proxy's iptables proxier writes (its
 /// full sync), plus the jumps from the built-in chains it installs itself.
 pub fn iptables_restore(config: &BenchConfig) -> String {
+    iptables_restore_for_cluster(config, SERVICE_CIDR)
+}
+
+/// [`iptables_restore`] with `cluster_cidr` as kube-proxy's
+/// `--cluster-cidr`: ClusterIP traffic from outside it is masqueraded.
+pub fn iptables_restore_for_cluster(config: &BenchConfig, cluster_cidr: &str) -> String {
     let mut filter = String::from("*filter\n");
     for chain in ["INPUT", "FORWARD", "OUTPUT"] {
         let _ = writeln!(filter, ":{chain} ACCEPT [0:0]");
@@ -122,7 +128,7 @@ pub fn iptables_restore(config: &BenchConfig) -> String {
         );
         let _ = writeln!(
             rules,
-            "-A {svc} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} ! -s {SERVICE_CIDR} -j KUBE-MARK-MASQ",
+            "-A {svc} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} ! -s {cluster_cidr} -j KUBE-MARK-MASQ",
             service.cluster_ip, service.port
         );
         let count = service.backends.len();

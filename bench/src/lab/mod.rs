@@ -9,12 +9,19 @@
 //!
 //! Figures: UDP packets/s delivered to the backends (1 flow, 60k flows),
 //! new flows/s (every packet a new tuple), TCP connect/close per second and
-//! UDP round-trip latency; then a scale sweep over the number of Services
-//! for xlb, iptables and nftables. Each point is the median of repeats.
+//! UDP round-trip latency; then ClusterIP connect rate and TCP
+//! request/response from a pod, directly, through xlb's socket hooks and
+//! through kube-proxy's iptables rules (`cluster_ip`); then the real-node
+//! paths (uplink to pods as CNIs leave them: a local bridge pod, a remote
+//! pod routed and over VXLAN) for xlb and iptables (`nodes`); then a scale
+//! sweep over the number of Services for xlb, iptables and nftables. Each
+//! point is the median of repeats.
 
 mod agent;
+mod cluster_ip;
 mod kubeproxy;
 mod nginx;
+mod nodes;
 mod progs;
 mod report;
 pub mod scale;
@@ -108,6 +115,17 @@ pub struct Options {
     /// the new-flow rate then depends on how full they are).
     #[arg(long, default_value_t = 1)]
     pub udp_timeout: u32,
+    /// Skip the ClusterIP part (connect rate and TCP request/response from
+    /// a pod: direct, xlb's socket hooks, kube-proxy's iptables rules).
+    #[arg(long)]
+    pub no_cluster_ip: bool,
+    /// Rounds of the ClusterIP part (default 5; 2 with --quick).
+    #[arg(long)]
+    pub cluster_ip_rounds: Option<u32>,
+    /// Skip the real-node paths (uplink -> local bridge pod, -> remote pod
+    /// routed and over VXLAN, for xlb and iptables).
+    #[arg(long)]
+    pub no_node_paths: bool,
     /// Seconds the agent may take to apply a sweep config.
     #[arg(long, default_value_t = 900)]
     pub apply_timeout: u64,
@@ -168,6 +186,25 @@ pub fn run(options: &Options) -> anyhow::Result<(Report, bool)> {
     let (figures, headline_failed) = headline(&systems, plan, udp_timeout_s);
     report.systems = figures;
     failed |= headline_failed;
+    if systems.contains(&System::Xlb) && !options.no_cluster_ip {
+        let mut cluster_plan = cluster_ip::Plan::new(options.quick);
+        if let Some(rounds) = options.cluster_ip_rounds {
+            cluster_plan.rounds = rounds.max(1);
+        }
+        let figures = cluster_ip::run(cluster_plan, systems.contains(&System::Iptables));
+        if let Some(error) = &figures.error {
+            eprintln!("xlb-bench: ClusterIP part failed: {error}");
+            failed = true;
+        }
+        report.cluster_ip = Some(figures);
+    }
+    let path_systems = nodes::systems(&systems);
+    if !options.no_node_paths && !path_systems.is_empty() {
+        let (rows, notes, paths_failed) = nodes::run(&path_systems, plan, udp_timeout_s);
+        report.node_paths = rows;
+        report.node_path_notes = notes;
+        failed |= paths_failed;
+    }
     for &services in &sweep {
         let config = BenchConfig {
             udp_timeout_s,

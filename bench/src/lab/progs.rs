@@ -73,7 +73,7 @@ pub fn gen_config(dst_port: u16, flows: Flows) -> GenConfig {
         udp_csum_base,
         src_port_base,
         port_span,
-        _pad: 0,
+        tcp: 0,
     }
 }
 

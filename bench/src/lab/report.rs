@@ -95,6 +95,52 @@ pub struct SweepPoint {
     pub systems: BTreeMap<String, SweepSystem>,
 }
 
+/// One real-node path (bench/src/lab/nodes.rs): delivered pps per system.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodePath {
+    pub path: String,
+    pub description: String,
+    /// How xlb's datapath sends this path's packets.
+    pub xlb_hook: String,
+    /// "xlb" / "iptables" -> UDP packets/s (1 flow) delivered to the pod.
+    pub pps: BTreeMap<String, Figure>,
+    /// Remote pods: the flood counted (and dropped) by an XDP sink as it
+    /// arrives at node2's uplink, as the bench lab's backends count it: the
+    /// node's cost without node2's forwarding on the same two CPUs.
+    pub at_node2_pps: BTreeMap<String, Figure>,
+    /// xlb / iptables.
+    pub ratio: Option<f64>,
+    pub errors: BTreeMap<String, String>,
+}
+
+impl NodePath {
+    pub fn new(path: &str, description: &str, xlb_hook: &str) -> NodePath {
+        NodePath {
+            path: path.to_owned(),
+            description: description.to_owned(),
+            xlb_hook: xlb_hook.to_owned(),
+            pps: BTreeMap::new(),
+            at_node2_pps: BTreeMap::new(),
+            ratio: None,
+            errors: BTreeMap::new(),
+        }
+    }
+
+    fn median(&self, system: &str) -> Option<f64> {
+        self.pps
+            .get(system)
+            .map(|figure| figure.median)
+            .filter(|v| v.is_finite())
+    }
+
+    fn at_node2(&self, system: &str) -> Option<f64> {
+        self.at_node2_pps
+            .get(system)
+            .map(|figure| figure.median)
+            .filter(|v| v.is_finite())
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Goal {
     pub goal: String,
@@ -119,6 +165,11 @@ pub struct Report {
     /// "xlb/limit" etc. -> metric -> xlb figure / other figure.
     pub ratios: BTreeMap<String, BTreeMap<String, f64>>,
     pub sweep: Vec<SweepPoint>,
+    /// ClusterIP from a pod: direct, xlb's socket hooks, kube-proxy iptables.
+    pub cluster_ip: Option<super::cluster_ip::ClusterIpFigures>,
+    /// Uplink to pods as CNIs leave them, xlb and iptables side by side.
+    pub node_paths: Vec<NodePath>,
+    pub node_path_notes: Vec<String>,
     pub goals: Vec<Goal>,
     pub notes: Vec<String>,
 }
@@ -158,6 +209,9 @@ impl Report {
             systems: Vec::new(),
             ratios: BTreeMap::new(),
             sweep: Vec::new(),
+            cluster_ip: None,
+            node_paths: Vec::new(),
+            node_path_notes: Vec::new(),
             goals: Vec::new(),
             notes: vec![
                 "60-byte UDP frames from an XDP live-frames generator; delivered = counted by an XDP sink on the backends' veths".into(),
@@ -205,7 +259,17 @@ impl Report {
                 }
             }
         }
+        for row in &mut self.node_paths {
+            row.ratio = match (row.median("xlb"), row.median("iptables")) {
+                (Some(ours), Some(theirs)) if theirs > 0.0 => Some(ours / theirs),
+                _ => None,
+            };
+        }
         self.goals = self.evaluate_goals();
+    }
+
+    fn node_path(&self, key: &str) -> Option<&NodePath> {
+        self.node_paths.iter().find(|row| row.path == key)
     }
 
     fn ratio(&self, pair: &str, metric: &str) -> Option<f64> {
@@ -231,6 +295,30 @@ impl Report {
                 format!("xlb >= 6x iptables ({metric})"),
                 self.ratio("xlb/iptables", metric),
                 6.0,
+            ));
+        }
+        if let Some(local) = self.node_path("local_bridge_pod") {
+            goals.push(at_least(
+                format!("xlb >= 2x iptables ({}, UDP 1 flow)", local.description),
+                local.ratio,
+                2.0,
+            ));
+        }
+        if let Some(remote) = self.node_path("remote_pod_routed") {
+            let today = self
+                .system("xlb")
+                .and_then(|xlb| xlb.metric("udp_pps_1_flow"));
+            goals.push(at_least(
+                format!(
+                    "xlb {} (at node2) >= 0.85x xlb's UDP 1 flow on the bench lab (today's XDP figure)",
+                    remote.description
+                ),
+                remote
+                    .at_node2("xlb")
+                    .zip(today)
+                    .filter(|(_, today)| *today > 0.0)
+                    .map(|(ours, today)| ours / today),
+                0.85,
             ));
         }
         let xlb_points: Vec<(usize, &SweepSystem)> = self
@@ -266,6 +354,14 @@ impl Report {
                 goal: format!("xlb flat (< 5% change) over {span} ({metric}), % worst change"),
                 value: worst,
                 met: (xlb_points.len() > 1).then(|| worst.is_some_and(|w| w < 5.0)),
+            });
+        }
+        if let Some(cluster_ip) = &self.cluster_ip {
+            let ratio = cluster_ip.ratio("xlb/direct", "rr_p50_us");
+            goals.push(Goal {
+                goal: "ClusterIP RR p50 via xlb <= 1.05x direct to the pod (ratio)".into(),
+                value: ratio,
+                met: ratio.map(|r| r <= 1.05),
             });
         }
         let biggest = xlb_points.iter().max_by_key(|(services, _)| *services);
@@ -393,6 +489,50 @@ impl Report {
                 }
             }
             out += "  apply s: xlb = SIGHUP to \"applied config generation N\"; iptables/nftables = iptables-restore / nft -f\n";
+        }
+        if let Some(cluster_ip) = &self.cluster_ip {
+            out += "\n";
+            out += &super::cluster_ip::table(cluster_ip);
+        }
+        if !self.node_paths.is_empty() {
+            out += "\nreal-node paths: UDP 1 flow to one pod, counted at tc ingress of the pod's eth0 (pod ends at kernel defaults)\n";
+            let _ = writeln!(
+                out,
+                "{:<36} {:>12} {:>13} {:>13} {:>14}  xlb sends it by",
+                "path", "xlb pps", "iptables pps", "xlb/iptables", "at node2 x/i"
+            );
+            for row in &self.node_paths {
+                let cell = |system: &str| {
+                    if row.errors.contains_key(system) {
+                        "FAILED".to_owned()
+                    } else {
+                        row.median(system)
+                            .map_or_else(|| "-".to_owned(), |v| human(v, "pps"))
+                    }
+                };
+                let at_node2 = match (row.at_node2("xlb"), row.at_node2("iptables")) {
+                    (Some(ours), Some(theirs)) => {
+                        format!("{}/{}", human(ours, "pps"), human(theirs, "pps"))
+                    }
+                    (Some(ours), None) => human(ours, "pps"),
+                    _ => "-".to_owned(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<36} {:>12} {:>13} {:>13} {:>14}  {}",
+                    row.description,
+                    cell("xlb"),
+                    cell("iptables"),
+                    row.ratio
+                        .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
+                    at_node2,
+                    row.xlb_hook
+                );
+            }
+            out += "  at node2 x/i: xlb / iptables pps counted by an XDP sink on node2's uplink instead (remote pods: the node's cost, without node2 forwarding to its pod on the same 2 CPUs)\n";
+            for note in &self.node_path_notes {
+                let _ = writeln!(out, "  {note}");
+            }
         }
         out += "\ndesign goals\n";
         for goal in &self.goals {

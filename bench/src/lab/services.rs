@@ -83,6 +83,15 @@ pub struct BenchConfig {
     /// kernel's (None: each system's default, 60 s and 30 s).
     pub udp_timeout_s: Option<u32>,
     pub node_addr: Ipv4Addr,
+    /// xlb's `node.interfaces` (the node's uplinks).
+    pub interfaces: Vec<String>,
+}
+
+/// The bench lab's node interfaces: the generator's link and the backends'.
+fn bench_interfaces() -> Vec<String> {
+    let mut interfaces = vec![NODE_GEN_IF.to_owned()];
+    interfaces.extend((1..=topology::BACKEND_NAMESPACES).map(topology::node_backend_if));
+    interfaces
 }
 
 fn real_backends(port: u16) -> Vec<SocketAddrV4> {
@@ -92,7 +101,13 @@ fn real_backends(port: u16) -> Vec<SocketAddrV4> {
         .collect()
 }
 
-fn measured(index: usize, name: &str, protocol: Protocol, node_port: u16, target: u16) -> Service {
+pub(super) fn measured_service(
+    index: usize,
+    name: &str,
+    protocol: Protocol,
+    node_port: u16,
+    target: u16,
+) -> Service {
     Service {
         namespace: "bench".into(),
         name: name.into(),
@@ -116,15 +131,15 @@ impl BenchConfig {
     pub fn headline() -> BenchConfig {
         BenchConfig {
             services: vec![
-                measured(
+                measured_service(
                     0,
                     "udp-flood",
                     Protocol::Udp,
                     FLOOD_NODE_PORT,
                     FLOOD_TARGET_PORT,
                 ),
-                measured(1, "tcp-conn", Protocol::Tcp, TCP_NODE_PORT, TCP_TARGET_PORT),
-                measured(
+                measured_service(1, "tcp-conn", Protocol::Tcp, TCP_NODE_PORT, TCP_TARGET_PORT),
+                measured_service(
                     2,
                     "udp-echo",
                     Protocol::Udp,
@@ -135,6 +150,7 @@ impl BenchConfig {
             table_size: None,
             udp_timeout_s: None,
             node_addr: NODE_ADDR,
+            interfaces: bench_interfaces(),
         }
     }
 
@@ -180,7 +196,7 @@ impl BenchConfig {
                 backends,
             });
         }
-        list.push(measured(
+        list.push(measured_service(
             0,
             "udp-flood",
             Protocol::Udp,
@@ -192,6 +208,7 @@ impl BenchConfig {
             table_size,
             udp_timeout_s: None,
             node_addr: NODE_ADDR,
+            interfaces: bench_interfaces(),
         }
     }
 
@@ -201,11 +218,9 @@ impl BenchConfig {
 
     /// The xlb agent's YAML config (config/example.yaml's format).
     pub fn xlb_yaml(&self) -> String {
-        let mut interfaces = vec![NODE_GEN_IF.to_owned()];
-        interfaces.extend((1..=topology::BACKEND_NAMESPACES).map(topology::node_backend_if));
         let mut out = format!(
             "# Written by xlb-bench.\nnode:\n  interfaces: [{}]\n  addresses: [{}]\n",
-            interfaces.join(", "),
+            self.interfaces.join(", "),
             self.node_addr
         );
         // 60,000 flows from one client to 10 backends need more masquerade

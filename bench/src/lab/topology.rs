@@ -71,7 +71,10 @@ pub struct BenchLab {
     pub gen_ns: Netns,
     pub node: Netns,
     pub backends: Vec<Netns>,
-    dir: ScratchDir,
+    /// The real-node lab's second node and pods (bench/src/lab/nodes.rs);
+    /// empty on this lab.
+    pub real_node: Vec<Netns>,
+    pub(super) dir: ScratchDir,
 }
 
 impl BenchLab {
@@ -88,6 +91,7 @@ impl BenchLab {
             gen_ns,
             node,
             backends,
+            real_node: Vec::new(),
             dir,
         };
         lab.wire().context("wiring the benchmark lab")?;
@@ -176,7 +180,7 @@ impl BenchLab {
 /// addresses; `b` routes everything via `a`'s first address. The pod end
 /// gets GRO (so redirected frames land even before its XDP sink is
 /// attached) and no TX checksum offload (so what it sends is complete).
-fn veth(
+pub(super) fn veth(
     a: &Netns,
     a_if: &str,
     a_mac: [u8; 6],
@@ -214,7 +218,7 @@ fn veth(
     Ok(())
 }
 
-fn neighbour(ns: &Netns, addr: Ipv4Addr, mac: [u8; 6], dev: &str) -> anyhow::Result<()> {
+pub(super) fn neighbour(ns: &Netns, addr: Ipv4Addr, mac: [u8; 6], dev: &str) -> anyhow::Result<()> {
     ns.ip(&[
         "neigh",
         "replace",

@@ -75,3 +75,22 @@ pub fn parse_l4<C: Frame>(ctx: &C, ip: &Ipv4) -> Result<L4, Reason> {
         })
     }
 }
+
+/// A TCP segment's sequence and acknowledgement numbers (host order) and
+/// its payload length, read again from the header `parse_l4` checked (so
+/// the parsed `Packet` stays small on the entry's stack); all 0 for UDP.
+#[inline(always)]
+pub fn tcp_numbers<C: Frame>(ctx: &C, ip: &Ipv4) -> (u32, u32, u32) {
+    if ip.proto != IPPROTO_TCP {
+        return (0, 0, 0);
+    }
+    let Ok(tcp) = ptr_at::<[u8; 13], C>(ctx, ip.l4_offset) else {
+        return (0, 0, 0);
+    };
+    // SAFETY: ptr_at checked the 13 bytes are inside the packet.
+    let raw = unsafe { *tcp };
+    let seq = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
+    let ack = u32::from_be_bytes([raw[8], raw[9], raw[10], raw[11]]);
+    let header_len = usize::from(raw[12] >> 4) * 4;
+    (seq, ack, ip.l4_len.saturating_sub(header_len) as u32)
+}

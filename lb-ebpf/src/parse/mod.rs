@@ -11,7 +11,7 @@ pub mod sock_addr;
 pub use eth::parse_eth;
 pub use icmp::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IcmpError, parse_icmp_error};
 pub use ipv4::{IP_DF, Ipv4, parse_ipv4, parse_ipv4_header};
-pub use l4::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_l4};
+pub use l4::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_l4, tcp_numbers};
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::Reason;

@@ -254,7 +254,7 @@ fn describe(
         .service
         .filter(|service| service.table_size > 0)
         .map(|service| {
-            let hash = flow_hash(key, simulated.config.hash_seed);
+            let hash = flow_hash(key, simulated.config.hash_key());
             let slot = hash % service.table_size;
             Maglev {
                 hash,

@@ -5,7 +5,9 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
-use lb_common::flow::{FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY, FLOW_S_RST, FLOW_S_SEEN_REPLY};
+use lb_common::flow::{
+    FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY, FLOW_S_RST, FLOW_S_SEEN_REPLY,
+};
 use lb_common::{Flow, FlowKey, GlobalConfig, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
 
@@ -41,8 +43,9 @@ pub struct FlowReport {
     pub backend: Named,
     pub age_seconds: u64,
     pub idle_seconds: u64,
-    /// TCP: `syn_sent`, `established`, `closing` (one side sent FIN),
-    /// `closed` (both did), `reset`. UDP: `unreplied`, `replied`.
+    /// TCP: `syn_sent`, `syn_received` (the backend answered, the client
+    /// has not acknowledged yet), `established`, `closing` (one side sent
+    /// FIN), `closed` (both did), `reset`. UDP: `unreplied`, `replied`.
     pub state: &'static str,
     /// Idle past its timeout: the next sweep deletes it, a new packet
     /// starts a new flow.
@@ -75,15 +78,17 @@ pub struct Filter {
     /// Only flows from this client: ADDRESS or ADDRESS:PORT.
     #[arg(long = "src", value_name = "ADDR[:PORT]")]
     pub source: Option<Endpoint>,
-    /// Only flows in this state: TCP syn_sent, established, closing,
-    /// closed, reset; UDP unreplied, replied; or expired.
+    /// Only flows in this state: TCP syn_sent, syn_received (both
+    /// half-open), established, closing, closed, reset; UDP unreplied,
+    /// replied; or expired.
     #[arg(long, value_name = "STATE", value_parser = clap::builder::PossibleValuesParser::new(STATES))]
     pub state: Option<String>,
 }
 
 /// Every value `--state` takes.
-pub const STATES: [&str; 8] = [
+pub const STATES: [&str; 9] = [
     "syn_sent",
+    "syn_received",
     "established",
     "closing",
     "closed",
@@ -255,8 +260,10 @@ fn state_name(key: &FlowKey, flow: &Flow) -> &'static str {
         "closed"
     } else if fins != 0 {
         "closing"
-    } else if state & FLOW_S_SEEN_REPLY != 0 {
+    } else if state & FLOW_S_CONFIRMED != 0 {
         "established"
+    } else if state & FLOW_S_SEEN_REPLY != 0 {
+        "syn_received"
     } else {
         "syn_sent"
     }
@@ -372,7 +379,7 @@ mod tests {
         );
         let config = GlobalConfig::DEFAULT;
         let report = describe(
-            &entry(IPPROTO_TCP, FLOW_S_SEEN_REPLY),
+            &entry(IPPROTO_TCP, FLOW_S_SEEN_REPLY | FLOW_S_CONFIRMED),
             &catalog,
             &config,
             165 * SECOND,
@@ -420,7 +427,8 @@ mod tests {
     fn tcp_states() {
         let name = |state| state_name(&entry(IPPROTO_TCP, 0).key, &entry(IPPROTO_TCP, state).flow);
         assert_eq!(name(0), "syn_sent");
-        assert_eq!(name(FLOW_S_SEEN_REPLY), "established");
+        assert_eq!(name(FLOW_S_SEEN_REPLY), "syn_received");
+        assert_eq!(name(FLOW_S_SEEN_REPLY | FLOW_S_CONFIRMED), "established");
         assert_eq!(name(FLOW_S_SEEN_REPLY | FLOW_S_FIN_REPLY), "closing");
         assert_eq!(
             name(FLOW_S_SEEN_REPLY | FLOW_S_FIN_REPLY | FLOW_S_FIN_ORIGINAL),

@@ -54,8 +54,11 @@ pub struct AgentReport {
 pub struct InterfaceReport {
     pub name: String,
     pub ifindex: Option<u32>,
-    /// `native` or `generic`, as attached.
+    /// `native` or `generic`, as attached; `tcx ingress` / `clsact ingress`
+    /// for tc attach points.
     pub mode: Option<String>,
+    /// Why the agent attached there (empty when unknown).
+    pub why: String,
     /// A link is pinned for it under `bpffs/links/`.
     pub link_pinned: bool,
     /// The program that link runs.
@@ -126,6 +129,7 @@ pub fn report(session: &Session) -> Result<StatusReport, CliError> {
             name: interface.name.clone(),
             ifindex: Some(interface.ifindex),
             mode: Some(interface.mode.clone()),
+            why: interface.why.clone(),
             link_pinned: false,
             program_id: None,
         })
@@ -140,9 +144,21 @@ pub fn report(session: &Session) -> Result<StatusReport, CliError> {
                 name: name.clone(),
                 ifindex: None,
                 mode: None,
+                why: String::new(),
                 link_pinned: true,
                 program_id: *program_id,
             }),
+        }
+    }
+    // tc attach points: their tcx links are pinned under tc/<role>-<name>.
+    let pins = crate::kernel::PinDir::at(&session.bpffs);
+    for interface in interfaces.iter_mut().filter(|i| !i.link_pinned) {
+        let is_tc = interface
+            .mode
+            .as_deref()
+            .is_some_and(|mode| mode.starts_with("tcx"));
+        if is_tc && pins.tc_link("pod", &interface.name).exists() {
+            interface.link_pinned = true;
         }
     }
     let socket_hooks = SocketHooksReport {
@@ -316,6 +332,7 @@ impl Report for StatusReport {
             ("MODE", Align::Left),
             ("LINK PIN", Align::Left),
             ("PROGRAM", Align::Right),
+            ("WHY", Align::Left),
         ]);
         for interface in &self.interfaces {
             interfaces.row(vec![
@@ -324,6 +341,11 @@ impl Report for StatusReport {
                 interface.mode.clone().unwrap_or_else(|| String::from("-")),
                 String::from(if interface.link_pinned { "yes" } else { "no" }),
                 optional(interface.program_id),
+                if interface.why.is_empty() {
+                    String::from("-")
+                } else {
+                    interface.why.clone()
+                },
             ]);
         }
         out.push('\n');

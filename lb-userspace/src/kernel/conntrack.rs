@@ -1,7 +1,12 @@
-//! Conntrack garbage collection: walks `XLB_FLOWS` a bounded number of
-//! entries per pass, resuming where the last pass stopped, and deletes flows
-//! idle past their timeout. The LRU map would evict them eventually; GC keeps
-//! masquerade ports and memory free before it has to.
+//! Conntrack garbage collection: walks `XLB_FLOWS` and `XLB_FLOWS_NEW` a
+//! bounded number of entries per pass, resuming where the last pass stopped,
+//! and deletes flows past their timeout. The LRU maps would evict them
+//! eventually; GC keeps masquerade ports and memory free before it has to.
+//!
+//! The syscalls offer no compare-and-delete, so just before deleting an
+//! entry GC reads it again and keeps it if it changed since the walk (a
+//! packet refreshed it, or the datapath re-created the flow on that tuple).
+//! That leaves a window of one syscall instead of a whole pass.
 
 use std::os::fd::AsFd as _;
 
@@ -22,18 +27,51 @@ pub struct GcPass {
     pub wrapped: bool,
 }
 
+/// Both conntrack tables.
 pub struct FlowTable {
+    established: Table,
+    half_open: Table,
+}
+
+impl FlowTable {
+    pub fn open(ebpf: &mut Ebpf) -> Result<Self, OpenError> {
+        Ok(Self {
+            established: Table::open(ebpf, lb_common::maps::FLOWS)?,
+            half_open: Table::open(ebpf, lb_common::maps::FLOWS_NEW)?,
+        })
+    }
+
+    /// One bounded pass over each table (`budget` entries each).
+    pub fn collect_garbage(
+        &mut self,
+        config: &GlobalConfig,
+        now_ns: u64,
+        budget: usize,
+    ) -> Result<GcPass, MapIoError> {
+        let first = self.established.collect_garbage(config, now_ns, budget)?;
+        let second = self.half_open.collect_garbage(config, now_ns, budget)?;
+        Ok(GcPass {
+            scanned: first.scanned + second.scanned,
+            deleted: first.deleted + second.deleted,
+            wrapped: first.wrapped && second.wrapped,
+        })
+    }
+}
+
+/// One conntrack map and where its walk stands.
+struct Table {
+    name: &'static str,
     flows: HashMap<MapData, FlowKey, Flow>,
     /// Last key visited; the next pass continues after it.
     cursor: Option<FlowKey>,
 }
 
-impl FlowTable {
-    pub fn open(ebpf: &mut Ebpf) -> Result<Self, OpenError> {
-        let name = lb_common::maps::FLOWS;
+impl Table {
+    fn open(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, OpenError> {
         let map = ebpf.take_map(name).ok_or(OpenError::Missing { name })?;
         let flows = HashMap::try_from(map).map_err(|source| OpenError::Kind { name, source })?;
         Ok(Self {
+            name,
             flows,
             cursor: None,
         })
@@ -45,7 +83,7 @@ impl FlowTable {
     fn next_key(&self, key: Option<&FlowKey>) -> Result<Option<FlowKey>, MapIoError> {
         sys::bpf_map_get_next_key(self.flows.map().fd().as_fd(), key).map_err(|io_error| {
             MapIoError {
-                map: lb_common::maps::FLOWS,
+                map: self.name,
                 source: MapError::SyscallError(aya::sys::SyscallError {
                     call: "bpf_map_get_next_key",
                     io_error,
@@ -56,14 +94,30 @@ impl FlowTable {
 
     /// Visits up to `budget` entries after the cursor, deleting flows idle
     /// past their timeout at `now_ns` under `config`.
-    pub fn collect_garbage(
+    fn collect_garbage(
         &mut self,
         config: &GlobalConfig,
         now_ns: u64,
         budget: usize,
     ) -> Result<GcPass, MapIoError> {
+        let (mut pass, expired, resume) = self.walk(config, now_ns, budget)?;
+        pass.deleted = self.delete(&expired)?;
+        self.cursor = resume.filter(|key| !expired.iter().any(|(gone, _)| gone == key));
+        Ok(pass)
+    }
+
+    /// The walk of one pass: what it saw, the expired entries as it saw
+    /// them (sorted, unique), and where the next pass resumes.
+    #[allow(clippy::type_complexity)]
+    fn walk(
+        &mut self,
+        config: &GlobalConfig,
+        now_ns: u64,
+        budget: usize,
+    ) -> Result<(GcPass, Vec<(FlowKey, Flow)>, Option<FlowKey>), MapIoError> {
         let mut pass = GcPass::default();
-        let mut expired: Vec<FlowKey> = Vec::new();
+        // Each key with the entry as the walk saw it.
+        let mut expired: Vec<(FlowKey, Flow)> = Vec::new();
         let mut cursor = self.cursor;
         // Where the next pass resumes: the last key visited that survives.
         let mut resume = self.cursor;
@@ -92,13 +146,13 @@ impl FlowTable {
                     resume = Some(key);
                     continue;
                 }
-                Ok(_) => expired.push(peer),
+                Ok(peer_flow) => expired.push((peer, peer_flow)),
                 Err(_) => {}
             }
-            expired.push(key);
+            expired.push((key, flow));
         }
         // Delete after walking so the walk's cursor stays a live key.
-        expired.sort_unstable_by_key(|key| {
+        expired.sort_unstable_by_key(|(key, _)| {
             (
                 key.src_addr_be,
                 key.dst_addr_be,
@@ -107,22 +161,36 @@ impl FlowTable {
                 key.proto,
             )
         });
-        expired.dedup();
-        for key in &expired {
+        expired.dedup_by_key(|(key, _)| *key);
+        Ok((pass, expired, resume))
+    }
+
+    /// Deletes `expired` entries that are still as the walk saw them;
+    /// returns how many went.
+    fn delete(&mut self, expired: &[(FlowKey, Flow)]) -> Result<usize, MapIoError> {
+        let mut deleted = 0;
+        for (key, seen) in expired {
+            // Re-read just before deleting: a flow refreshed or re-created
+            // since the walk decided is no longer this one.
+            match self.flows.get(key, 0) {
+                Ok(now)
+                    if now.last_seen_ns == seen.last_seen_ns
+                        && now.created_ns == seen.created_ns => {}
+                _ => continue,
+            }
             match self.flows.remove(key) {
-                Ok(()) => pass.deleted += 1,
+                Ok(()) => deleted += 1,
                 Err(MapError::SyscallError(error))
                     if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(source) => {
                     return Err(MapIoError {
-                        map: lb_common::maps::FLOWS,
+                        map: self.name,
                         source,
                     });
                 }
             }
         }
-        self.cursor = resume.filter(|key| !expired.contains(key));
-        Ok(pass)
+        Ok(deleted)
     }
 }
 
@@ -171,7 +239,7 @@ mod tests {
             last_seen_ns: original_seen,
             ..Flow::default()
         };
-        let inserted = table.flows.insert(key, original, 0);
+        let inserted = table.established.flows.insert(key, original, 0);
         assert!(inserted.is_ok(), "{inserted:?}");
         if let Some(reply_seen) = reply_seen {
             let reply = Flow {
@@ -184,13 +252,13 @@ mod tests {
                 ..original
             };
             let peer = FlowKey::peer_of(&original, key.proto);
-            let inserted = table.flows.insert(peer, reply, 0);
+            let inserted = table.established.flows.insert(peer, reply, 0);
             assert!(inserted.is_ok(), "{inserted:?}");
         }
     }
 
     fn count(table: &FlowTable) -> usize {
-        table.flows.keys().filter(Result::is_ok).count()
+        table.established.flows.keys().filter(Result::is_ok).count()
     }
 
     #[test]
@@ -243,5 +311,23 @@ mod tests {
         }
         assert_eq!(deleted, 10, "after {passes} passes");
         assert_eq!(count(&table), 10);
+    }
+
+    #[test]
+    fn a_flow_recreated_after_the_walk_survives() {
+        let Some(mut table) = table() else { return };
+        let config = GlobalConfig::DEFAULT;
+        insert_flow(&mut table, 300, 0, Some(0)); // expired both ways
+        insert_flow(&mut table, 301, 0, Some(0));
+        let walked = table.established.walk(&config, NOW, 1000);
+        let Ok((_, expired, _)) = walked else {
+            panic!("{walked:?}")
+        };
+        assert_eq!(expired.len(), 4);
+        // The datapath re-creates the flow from port 300 before the delete.
+        insert_flow(&mut table, 300, NOW, Some(NOW));
+        let deleted = table.established.delete(&expired);
+        assert_eq!(deleted.map_err(|e| error_chain(&e)), Ok(2));
+        assert_eq!(count(&table), 2, "the re-created flow is still there");
     }
 }

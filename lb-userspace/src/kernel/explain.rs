@@ -8,8 +8,11 @@
 //! with the live datapath only the maps the datapath never writes (the
 //! configuration: `Explain::Shared` in `lb_common::maps::MAPS`, opened from
 //! the agent's pins) and gets fresh, private copies of every map it does
-//! write. Before each run the private
-//! conntrack is seeded with the live entries of this tuple (and its peer)
+//! write (both conntrack tables, `XLB_FLOWS` and `XLB_FLOWS_NEW`, are
+//! `Explain::Seeded`). The keyed flow hash's secret is in the shared
+//! `XLB_CONFIG`, so the simulation hashes as the live datapath does. Before
+//! each run the private conntrack is seeded with the live entries of this
+//! tuple (and its peer)
 //! and the private affinity table with the client's live record, so the
 //! program sees what the live one would; what it creates stays private and
 //! is read back as the answer. Nothing is written to a live map, and no
@@ -111,6 +114,8 @@ pub struct Simulated {
 pub struct Simulator {
     ebpf: Ebpf,
     live_flows: HashMap<MapData, FlowKey, Flow>,
+    /// `XLB_FLOWS_NEW`: half-open TCP flows.
+    live_new_flows: HashMap<MapData, FlowKey, Flow>,
     live_affinity: HashMap<MapData, AffinityKey, Affinity>,
 }
 
@@ -135,6 +140,9 @@ impl Simulator {
         let live_flows = aya::maps::Map::from_map_data(open(names::FLOWS)?)
             .and_then(HashMap::try_from)
             .map_err(map_error(names::FLOWS))?;
+        let live_new_flows = aya::maps::Map::from_map_data(open(names::FLOWS_NEW)?)
+            .and_then(HashMap::try_from)
+            .map_err(map_error(names::FLOWS_NEW))?;
         let live_affinity = aya::maps::Map::from_map_data(open(names::AFFINITY)?)
             .and_then(HashMap::try_from)
             .map_err(map_error(names::AFFINITY))?;
@@ -167,13 +175,26 @@ impl Simulator {
         Ok(Self {
             ebpf,
             live_flows,
+            live_new_flows,
             live_affinity,
         })
     }
 
-    /// The live conntrack entry of `key`, if any.
+    /// The live conntrack entry of `key`, if any, and the table it is in.
+    fn live_entry(&self, key: &FlowKey) -> Option<(&'static str, Flow)> {
+        if let Ok(flow) = self.live_flows.get(key, 0) {
+            return Some((names::FLOWS, flow));
+        }
+        self.live_new_flows
+            .get(key, 0)
+            .ok()
+            .map(|flow| (names::FLOWS_NEW, flow))
+    }
+
+    /// The live conntrack entry of `key`, if any (established or
+    /// half-open).
     pub fn live_flow(&self, key: &FlowKey) -> Option<Flow> {
-        self.live_flows.get(key, 0).ok()
+        self.live_entry(key).map(|(_, flow)| flow)
     }
 
     /// Runs `frame` (whose 5-tuple is `key`) through the program as if it
@@ -191,13 +212,14 @@ impl Simulator {
         self.clear_private()?;
 
         // What the live datapath knows about this tuple and client.
-        let live_flow = self.live_flows.get(key, 0).ok();
+        let live = self.live_entry(key);
+        let live_flow = live.map(|(_, flow)| flow);
         let mut seed = Vec::new();
-        if let Some(flow) = live_flow {
-            seed.push((*key, flow));
+        if let Some((table, flow)) = live {
+            seed.push((table, *key, flow));
             let peer = FlowKey::peer_of(&flow, key.proto);
-            if let Ok(reply) = self.live_flows.get(&peer, 0) {
-                seed.push((peer, reply));
+            if let Some((table, reply)) = self.live_entry(&peer) {
+                seed.push((table, peer, reply));
             }
         }
         let live_affinity = match &service {
@@ -213,14 +235,10 @@ impl Simulator {
                 .ok(),
             _ => None,
         };
-        {
-            let mut flows = HashMap::<_, FlowKey, Flow>::try_from(self.map(names::FLOWS)?)
-                .map_err(map_error(names::FLOWS))?;
-            for (key, flow) in &seed {
-                flows
-                    .insert(key, flow, 0)
-                    .map_err(map_error(names::FLOWS))?;
-            }
+        for (table, key, flow) in &seed {
+            HashMap::<_, FlowKey, Flow>::try_from(self.map(table)?)
+                .and_then(|mut flows| flows.insert(key, flow, 0))
+                .map_err(map_error(table))?;
         }
         if let (Some(service), Some(record)) = (&service, live_affinity) {
             let mut affinity =
@@ -244,10 +262,13 @@ impl Simulator {
             .find(|(_, (before, after))| after > before)
             .map(|(reason, _)| *reason);
 
-        let flow = HashMap::<_, FlowKey, Flow>::try_from(self.map(names::FLOWS)?)
-            .map_err(map_error(names::FLOWS))?
-            .get(key, 0)
-            .ok();
+        let mut flow = None;
+        for table in [names::FLOWS, names::FLOWS_NEW] {
+            flow = flow.or(HashMap::<_, FlowKey, Flow>::try_from(self.map(table)?)
+                .map_err(map_error(table))?
+                .get(key, 0)
+                .ok());
+        }
         let hop = match (flow, live_flow) {
             (Some(flow), None) => Array::<_, BackendHop>::try_from(self.map(names::BACKEND_HOPS)?)
                 .and_then(|hops| hops.get(&flow.backend_id, 0))
@@ -304,11 +325,13 @@ impl Simulator {
 
     /// Empties the private conntrack and affinity tables.
     fn clear_private(&mut self) -> Result<(), ExplainError> {
-        let mut flows = HashMap::<_, FlowKey, Flow>::try_from(self.map(names::FLOWS)?)
-            .map_err(map_error(names::FLOWS))?;
-        let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let _ = flows.remove(&key);
+        for table in [names::FLOWS, names::FLOWS_NEW] {
+            let mut flows = HashMap::<_, FlowKey, Flow>::try_from(self.map(table)?)
+                .map_err(map_error(table))?;
+            let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = flows.remove(&key);
+            }
         }
         let mut affinity =
             HashMap::<_, AffinityKey, Affinity>::try_from(self.map(names::AFFINITY)?)

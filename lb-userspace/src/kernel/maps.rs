@@ -257,6 +257,7 @@ impl KernelMaps {
         let config = self.config.get(&0, 0).map_err(io(names::CONFIG))?;
         applied.settings = (config.flags & CONFIG_F_READY != 0).then(|| settings_of(&config));
         applied.next_service_id = applied.next_service_id.max(self.first_unused_service_id()?);
+        applied.next_backend_id = applied.backends.keys().max().map_or(1, |id| id + 1);
         Ok(applied)
     }
 
@@ -454,7 +455,7 @@ pub fn settings_of(config: &GlobalConfig) -> Settings {
     Settings {
         masquerade_port_min: config.snat_port_min,
         masquerade_port_max: config.snat_port_max,
-        hash_seed: config.hash_seed,
+        hash_seed: u64::from(config.hash_seed_hi) << 32 | u64::from(config.hash_seed),
         tcp_syn_timeout_s: config.tcp_syn_timeout_s,
         tcp_timeout_s: config.tcp_established_timeout_s,
         tcp_closing_timeout_s: config.tcp_closing_timeout_s,
@@ -466,13 +467,13 @@ pub fn global_config(settings: &Settings) -> GlobalConfig {
     GlobalConfig {
         snat_port_min: settings.masquerade_port_min,
         snat_port_max: settings.masquerade_port_max,
-        hash_seed: settings.hash_seed,
+        hash_seed: settings.hash_seed as u32,
+        hash_seed_hi: (settings.hash_seed >> 32) as u32,
         tcp_syn_timeout_s: settings.tcp_syn_timeout_s,
         tcp_established_timeout_s: settings.tcp_timeout_s,
         tcp_closing_timeout_s: settings.tcp_closing_timeout_s,
         udp_timeout_s: settings.udp_timeout_s,
         flags: CONFIG_F_READY,
-        ..GlobalConfig::DEFAULT
     }
 }
 
@@ -577,7 +578,7 @@ mod tests {
         let settings = Settings {
             masquerade_port_min: 61000,
             masquerade_port_max: 65535,
-            hash_seed: 7,
+            hash_seed: 0x0123_4567_89ab_cdef,
             tcp_syn_timeout_s: 1,
             tcp_timeout_s: 2,
             tcp_closing_timeout_s: 3,

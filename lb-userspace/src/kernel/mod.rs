@@ -7,11 +7,15 @@
 pub mod conntrack;
 pub mod explain;
 pub mod host;
+pub mod linkwatch;
 pub mod maps;
 pub mod neigh;
 pub mod pin;
+pub mod seed;
 pub mod sock;
+pub mod sock_destroy;
 pub mod sys;
+pub mod uplinks;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use aya::programs::tc::SchedClassifierLinkId;
+use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId};
 use aya::programs::xdp::{XdpLink, XdpLinkId};
 use aya::programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
@@ -207,6 +211,25 @@ impl TcRole {
             TcRole::Pod => lb_common::maps::PROGRAM_TC_POD,
         }
     }
+
+    /// The role's part of its pin name (`tc/<role>-<interface>`).
+    fn pin_name(self) -> &'static str {
+        match self {
+            TcRole::Uplink => "uplink",
+            TcRole::Pod => "pod",
+        }
+    }
+}
+
+/// A tc attachment's link.
+#[derive(Debug)]
+enum TcLink {
+    /// Owned by the program (a clsact filter, or unpinned): detached when
+    /// the program is dropped.
+    Owned(SchedClassifierLinkId),
+    /// A tcx link pinned at `path`: stays attached after the agent exits
+    /// (`--keep-attached`), until the pin is removed.
+    Pinned { link: FdLink, path: PathBuf },
 }
 
 /// How a tc program got attached.
@@ -234,7 +257,7 @@ struct TcAttachment {
     /// again under the same name is a new device that needs a new link.
     ifindex: u32,
     role: TcRole,
-    id: SchedClassifierLinkId,
+    link: TcLink,
 }
 
 /// The loaded object and where its program is attached. Dropping it
@@ -243,7 +266,7 @@ struct TcAttachment {
 pub struct Datapath {
     ebpf: Ebpf,
     attached: Vec<Attachment>,
-    /// tc programs; never pinned (they go with the agent).
+    /// tc programs; tcx links are pinned when the maps are.
     tc: Vec<TcAttachment>,
     /// `XLB_REDIRECT_OK`: the interfaces XDP runs on.
     redirect_ok: BpfHashMap<MapData, u32, u32>,
@@ -592,6 +615,49 @@ impl Datapath {
         }
     }
 
+    /// The sockets the socket hooks balanced whose backend `keeps` says is
+    /// gone (`keeps(service_id, backend)`), from `XLB_SOCK_REVNAT`: their
+    /// records are deleted, and they are returned (cookie -> backend) for
+    /// `sock_destroy`. Empty without socket hooks.
+    pub fn take_stale_socket_records(
+        &mut self,
+        keeps: impl Fn(u32, crate::reconcile::BackendAddr) -> bool,
+    ) -> Result<sock_destroy::Stale, KernelError> {
+        use lb_common::{SockRevNat, SockRevNatKey};
+        if self.sockets.is_none() {
+            return Ok(sock_destroy::Stale::new());
+        }
+        let name = lb_common::maps::SOCK_REVNAT;
+        let map = self.ebpf.map_mut(name).ok_or(OpenError::Missing { name })?;
+        let mut records: BpfHashMap<&mut MapData, SockRevNatKey, SockRevNat> =
+            BpfHashMap::try_from(map).map_err(|source| OpenError::Kind { name, source })?;
+        let stale: Vec<SockRevNatKey> = records
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, record)| {
+                let backend = crate::reconcile::BackendAddr {
+                    address: std::net::Ipv4Addr::from(u32::from_be(key.backend_addr_be)),
+                    port: u16::from_be(key.backend_port_be),
+                };
+                !keeps(record.service_id, backend)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        let mut taken = sock_destroy::Stale::new();
+        for key in stale {
+            // Gone meanwhile (the LRU evicted it): nothing to do.
+            let _ = records.remove(&key);
+            taken.insert(
+                key.socket_cookie,
+                std::net::SocketAddrV4::new(
+                    std::net::Ipv4Addr::from(u32::from_be(key.backend_addr_be)),
+                    u16::from_be(key.backend_port_be),
+                ),
+            );
+        }
+        Ok(taken)
+    }
+
     /// Leaves pinned socket hooks attached; returns them.
     pub fn release_sockets(&mut self) -> Vec<&'static str> {
         self.sockets
@@ -605,6 +671,14 @@ impl Datapath {
         self.attached.iter().map(|a| a.interface.clone()).collect()
     }
 
+    /// How XDP is attached to `interface`, if it is.
+    pub fn attached_mode(&self, interface: &str) -> Option<Attached> {
+        self.attached
+            .iter()
+            .find(|a| a.interface == interface)
+            .map(|a| a.mode)
+    }
+
     fn tc_program(&mut self, role: TcRole) -> Result<&mut SchedClassifier, KernelError> {
         let name = role.program();
         self.ebpf
@@ -615,12 +689,98 @@ impl Datapath {
     }
 
     /// Attaches `role`'s tc program at `interface`'s ingress: a tcx link
-    /// where the kernel has tcx, else a filter on a clsact qdisc (added if
-    /// missing). Replaces an attachment of an older device of that name.
+    /// where the kernel has tcx (pinned at `tc/<role>-<interface>` when the
+    /// maps are pinned, so it outlives the agent with `--keep-attached`;
+    /// one a previous agent pinned there is adopted: this program is
+    /// swapped into it, with no gap), else a filter on a clsact qdisc
+    /// (added if missing). Replaces an attachment of an older device of
+    /// that name.
     pub fn attach_tc(&mut self, interface: &str, role: TcRole) -> Result<TcHook, KernelError> {
         self.detach_tc(interface, role);
-        let name = role.program();
         let ifindex = host::ifindex(interface).unwrap_or(0);
+        let pin_path = self
+            .pins
+            .as_ref()
+            .map(|pins| pins.tc_link(role.pin_name(), interface));
+        if let Some(path) = &pin_path
+            && path.exists()
+        {
+            match self.adopt_tc_link(role, path) {
+                Ok(link) => {
+                    self.tc.push(TcAttachment {
+                        interface: interface.to_owned(),
+                        ifindex,
+                        role,
+                        link: TcLink::Pinned {
+                            link,
+                            path: path.clone(),
+                        },
+                    });
+                    return Ok(TcHook::Tcx);
+                }
+                Err(error) => {
+                    // The device it was made for is gone (a pod's veth made
+                    // again under the same name): attach anew.
+                    log::debug!(
+                        "{interface}: not reusing the pinned tc link {} ({})",
+                        path.display(),
+                        error_chain(error.as_ref())
+                    );
+                    pin::remove_pin(path)?;
+                }
+            }
+        }
+        let (id, hook) = self.attach_tc_new(interface, role)?;
+        let link = match (hook, pin_path) {
+            (TcHook::Tcx, Some(path)) => {
+                let failed =
+                    |source: Box<dyn std::error::Error + Send + Sync>| KernelError::PinLink {
+                        interface: interface.to_owned(),
+                        path: path.display().to_string(),
+                        source,
+                    };
+                let link = self
+                    .tc_program(role)?
+                    .take_link(id)
+                    .map_err(|e| failed(Box::new(e)))?;
+                let link = FdLink::try_from(link).map_err(|e| failed(Box::new(e)))?;
+                let pinned = link.pin(&path).map_err(|e| failed(Box::new(e)))?;
+                TcLink::Pinned {
+                    link: pinned.into(),
+                    path,
+                }
+            }
+            _ => TcLink::Owned(id),
+        };
+        self.tc.push(TcAttachment {
+            interface: interface.to_owned(),
+            ifindex,
+            role,
+            link,
+        });
+        Ok(hook)
+    }
+
+    /// Swaps `role`'s program into the tcx link pinned at `path`.
+    fn adopt_tc_link(
+        &mut self,
+        role: TcRole,
+        path: &Path,
+    ) -> Result<FdLink, Box<dyn std::error::Error + Send + Sync>> {
+        let pinned = PinnedLink::from_pin(path)?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned))?;
+        let program = self.tc_program(role)?;
+        let id = program.attach_to_link(link)?;
+        let link = program.take_link(id)?;
+        Ok(FdLink::try_from(link)?)
+    }
+
+    fn attach_tc_new(
+        &mut self,
+        interface: &str,
+        role: TcRole,
+    ) -> Result<(SchedClassifierLinkId, TcHook), KernelError> {
+        let name = role.program();
         let program = self.tc_program(role)?;
         let (id, hook) = match program.attach(interface, TcAttachType::Ingress) {
             Ok(id) => (id, hook_kind()),
@@ -641,13 +801,7 @@ impl Datapath {
                 (id, TcHook::Clsact)
             }
         };
-        self.tc.push(TcAttachment {
-            interface: interface.to_owned(),
-            ifindex,
-            role,
-            id,
-        });
-        Ok(hook)
+        Ok((id, hook))
     }
 
     /// Detaches `role`'s tc program from `interface`, if attached there. A
@@ -661,14 +815,48 @@ impl Datapath {
             return;
         };
         let attachment = self.tc.remove(index);
-        if let Ok(program) = self.tc_program(role)
-            && let Err(error) = program.detach(attachment.id)
-        {
-            log::debug!(
-                "{interface}: detaching tc: {} (the device may be gone)",
-                error_chain(&error)
-            );
+        match attachment.link {
+            TcLink::Owned(id) => {
+                if let Ok(program) = self.tc_program(role)
+                    && let Err(error) = program.detach(id)
+                {
+                    log::debug!(
+                        "{interface}: detaching tc: {} (the device may be gone)",
+                        error_chain(&error)
+                    );
+                }
+            }
+            // The kernel detaches when the last reference goes: the pin
+            // and our fd.
+            TcLink::Pinned { link, path } => {
+                if let Err(error) = pin::remove_pin(&path) {
+                    log::warn!("{interface}: {}", error_chain(&error));
+                }
+                drop(link);
+            }
         }
+    }
+
+    /// tc links pinned for devices this agent did not attach to (a pod
+    /// deleted while no agent ran, an uplink no longer chosen): unpinned,
+    /// so they detach. Returns their pin names.
+    pub fn unpin_stale_tc_links(&mut self) -> Result<Vec<String>, KernelError> {
+        let Some(pins) = &self.pins else {
+            return Ok(Vec::new());
+        };
+        let mut stale = Vec::new();
+        for name in pins.pinned_tc_links()? {
+            let path = pins.tc_links_dir().join(&name);
+            let current = self
+                .tc
+                .iter()
+                .any(|a| matches!(&a.link, TcLink::Pinned { path: p, .. } if *p == path));
+            if !current {
+                pin::remove_pin(&path)?;
+                stale.push(name);
+            }
+        }
+        Ok(stale)
     }
 
     /// Interfaces with the pod/tunnel tc program, with the ifindex each had
@@ -779,11 +967,30 @@ impl Datapath {
     /// they cannot outlive the agent. Returns the interfaces left attached
     /// and those detached.
     pub fn release_all(&mut self) -> (Vec<String>, Vec<String>) {
-        // tc links are not pinned: replies of pods behind tc wait for the
-        // next agent (XDP-redirected backends keep being served).
-        let mut detached = self.detach_all_tc();
-        let attachments = std::mem::take(&mut self.attached);
+        // Pinned tc links stay (pods' replies and the uplinks' hand-off keep
+        // working); owned ones (clsact filters) go with the agent.
         let mut kept = Vec::new();
+        let mut detached = Vec::new();
+        for attachment in std::mem::take(&mut self.tc) {
+            let label = format!(
+                "{} (tc {})",
+                attachment.interface,
+                attachment.role.pin_name()
+            );
+            match attachment.link {
+                TcLink::Pinned { link, .. } => {
+                    drop(link);
+                    kept.push(label);
+                }
+                TcLink::Owned(id) => {
+                    if let Ok(program) = self.tc_program(attachment.role) {
+                        let _ = program.detach(id);
+                    }
+                    detached.push(label);
+                }
+            }
+        }
+        let attachments = std::mem::take(&mut self.attached);
         for attachment in attachments {
             match attachment.link {
                 Link::Pinned { link, .. } => {
@@ -805,7 +1012,7 @@ impl Datapath {
 /// What recreating a pinned map costs, for the warning.
 fn consequence(name: &str) -> &'static str {
     match name {
-        lb_common::maps::FLOWS => "; existing flows are forgotten",
+        lb_common::maps::FLOWS | lb_common::maps::FLOWS_NEW => "; existing flows are forgotten",
         lb_common::maps::STATS
         | lb_common::maps::SERVICE_STATS
         | lb_common::maps::BACKEND_STATS => "; its counters restart from zero",

@@ -21,6 +21,8 @@ pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/xlb";
 pub const MAPS_DIR: &str = "maps";
 pub const LINKS_DIR: &str = "links";
 pub const CGROUP_LINKS_DIR: &str = "cgroup";
+/// tc (tcx) links: `tc/uplink-<interface>`, `tc/pod-<interface>`.
+pub const TC_LINKS_DIR: &str = "tc";
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
@@ -81,6 +83,7 @@ impl PinDir {
             pins.maps_dir(),
             pins.links_dir(),
             pins.cgroup_links_dir(),
+            pins.tc_links_dir(),
         ] {
             std::fs::create_dir_all(&path).map_err(|source| PinError::Create {
                 path: path.display().to_string(),
@@ -134,6 +137,20 @@ impl PinDir {
         self.cgroup_links_dir().join(hook)
     }
 
+    pub fn tc_links_dir(&self) -> PathBuf {
+        self.root.join(TC_LINKS_DIR)
+    }
+
+    /// `DIR/tc/<role>-<interface>`: a tcx link (`role` is `uplink` or `pod`).
+    pub fn tc_link(&self, role: &str, interface: &str) -> PathBuf {
+        self.tc_links_dir().join(format!("{role}-{interface}"))
+    }
+
+    /// Names (`<role>-<interface>`) of the pinned tc links, sorted.
+    pub fn pinned_tc_links(&self) -> Result<Vec<String>, PinError> {
+        list(&self.tc_links_dir())
+    }
+
     /// Socket hooks with a pinned cgroup link, sorted.
     pub fn pinned_cgroup_links(&self) -> Result<Vec<String>, PinError> {
         list(&self.cgroup_links_dir())
@@ -153,6 +170,9 @@ impl PinDir {
         for hook in &hooks {
             remove_pin(&self.cgroup_link(hook))?;
         }
+        for name in self.pinned_tc_links()? {
+            remove_pin(&self.tc_links_dir().join(name))?;
+        }
         let maps = list(&self.maps_dir())?;
         for name in &maps {
             remove_pin(&self.map(name))?;
@@ -160,6 +180,7 @@ impl PinDir {
         for dir in [
             self.links_dir(),
             self.cgroup_links_dir(),
+            self.tc_links_dir(),
             self.maps_dir(),
             self.root.clone(),
         ] {
@@ -381,7 +402,7 @@ mod tests {
     #[test]
     fn every_pinned_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
-        assert_eq!(specs.len(), 16);
+        assert_eq!(specs.len(), 17);
         for name in config_maps() {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }

@@ -61,6 +61,9 @@ pub struct DatapathMaps {
     backend_stats: PerCpuArray<MapData, Traffic>,
     backend_paths: PerCpuArray<MapData, Paths>,
     flows: HashMap<MapData, FlowKey, Flow>,
+    /// `XLB_FLOWS_NEW` (half-open TCP flows); `None` for a datapath older
+    /// than that table.
+    half_open: Option<HashMap<MapData, FlowKey, Flow>>,
     services: HashMap<MapData, ServiceKey, Service>,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
     config: Array<MapData, GlobalConfig>,
@@ -97,12 +100,13 @@ pub struct FlowWalk {
     pub complete: bool,
 }
 
-const READ_NAMES: [&str; 8] = [
+const READ_NAMES: [&str; 9] = [
     names::STATS,
     names::SERVICE_STATS,
     names::BACKEND_STATS,
     names::BACKEND_PATHS,
     names::FLOWS,
+    names::FLOWS_NEW,
     names::SERVICES,
     names::AFFINITY,
     names::CONFIG,
@@ -113,12 +117,13 @@ const MEASURED_NAMES: [&str; 1] = [names::BACKENDS];
 
 /// Every map this module opens: what the agent hands its /metrics
 /// ([`DatapathMaps::from_maps`]).
-pub const OBSERVED: [&str; 9] = [
+pub const OBSERVED: [&str; 10] = [
     names::STATS,
     names::SERVICE_STATS,
     names::BACKEND_STATS,
     names::BACKEND_PATHS,
     names::FLOWS,
+    names::FLOWS_NEW,
     names::SERVICES,
     names::AFFINITY,
     names::CONFIG,
@@ -226,6 +231,10 @@ impl DatapathMaps {
             backend_stats: typed(names::BACKEND_STATS, take(names::BACKEND_STATS)?)?,
             backend_paths: typed(names::BACKEND_PATHS, take(names::BACKEND_PATHS)?)?,
             flows: typed(names::FLOWS, take(names::FLOWS)?)?,
+            half_open: match take(names::FLOWS_NEW) {
+                Ok(map) => Some(typed(names::FLOWS_NEW, map)?),
+                Err(_) => None,
+            },
             services: typed(names::SERVICES, take(names::SERVICES)?)?,
             affinity: typed(names::AFFINITY, take(names::AFFINITY)?)?,
             config: typed(names::CONFIG, take(names::CONFIG)?)?,
@@ -280,6 +289,18 @@ impl DatapathMaps {
         count_keys(self.flows.keys(), self.capacity(names::FLOWS), deadline)
     }
 
+    /// Entries in `XLB_FLOWS_NEW` (half-open TCP flows, two per flow),
+    /// walking at most until `deadline`.
+    pub fn count_half_open(&self, deadline: Instant) -> Count {
+        match &self.half_open {
+            Some(map) => count_keys(map.keys(), self.capacity(names::FLOWS_NEW), deadline),
+            None => Count {
+                entries: 0,
+                complete: true,
+            },
+        }
+    }
+
     /// Entries in `XLB_SERVICES`.
     pub fn count_services(&self, deadline: Instant) -> Count {
         count_keys(
@@ -311,40 +332,43 @@ impl DatapathMaps {
             complete: true,
             ..FlowWalk::default()
         };
-        let cap = u64::from(self.capacity(names::FLOWS));
         // A deleted cursor key restarts the kernel's walk from the first key:
         // remember what was seen so no flow is reported twice.
         let mut seen: HashSet<FlowKey> = HashSet::new();
-        for key in self.flows.keys() {
-            if Instant::now() >= deadline || walk.entries >= cap.saturating_mul(2) {
-                walk.complete = false;
-                break;
+        let tables = [
+            Some((&self.flows, names::FLOWS)),
+            self.half_open.as_ref().map(|map| (map, names::FLOWS_NEW)),
+        ];
+        for (table, name) in tables.into_iter().flatten() {
+            let cap = u64::from(self.capacity(name));
+            for (visited, key) in (0u64..).zip(table.keys()) {
+                if Instant::now() >= deadline || visited >= cap.saturating_mul(2) {
+                    walk.complete = false;
+                    break;
+                }
+                let Ok(key) = key else { break };
+                walk.entries += 1;
+                if !seen.insert(key) {
+                    continue;
+                }
+                let Ok(flow) = table.get(&key, 0) else {
+                    continue; // Closed, evicted or confirmed meanwhile.
+                };
+                if flow.direction != FLOW_DIR_ORIGINAL || !keep(&key, &flow) {
+                    continue;
+                }
+                walk.matched += 1;
+                if walk.flows.len() >= limit {
+                    continue;
+                }
+                let peer = FlowKey::peer_of(&flow, key.proto);
+                let reply_seen = table.get(&peer, 0).map_or(0, |reply| reply.last_seen_ns);
+                walk.flows.push(FlowEntry {
+                    key,
+                    flow,
+                    last_seen_ns: flow.last_seen_ns.max(reply_seen),
+                });
             }
-            let Ok(key) = key else { break };
-            walk.entries += 1;
-            if !seen.insert(key) {
-                continue;
-            }
-            let Ok(flow) = self.flows.get(&key, 0) else {
-                continue; // Closed or evicted meanwhile.
-            };
-            if flow.direction != FLOW_DIR_ORIGINAL || !keep(&key, &flow) {
-                continue;
-            }
-            walk.matched += 1;
-            if walk.flows.len() >= limit {
-                continue;
-            }
-            let peer = FlowKey::peer_of(&flow, key.proto);
-            let reply_seen = self
-                .flows
-                .get(&peer, 0)
-                .map_or(0, |reply| reply.last_seen_ns);
-            walk.flows.push(FlowEntry {
-                key,
-                flow,
-                last_seen_ns: flow.last_seen_ns.max(reply_seen),
-            });
         }
         walk
     }

@@ -87,8 +87,8 @@ pub struct AgentMetrics {
     pub reconcile_seconds: Histogram,
     /// Errors by config source (`file`, `kubernetes`, ...).
     pub source_errors: BTreeMap<String, u64>,
-    /// (interface, mode) of every attachment.
-    pub interfaces: Vec<(String, String)>,
+    /// (interface, mode, why) of every attachment.
+    pub interfaces: Vec<(String, String, String)>,
     /// (hook, cgroup) of every socket hook attached.
     pub socket_hooks: Vec<(String, String)>,
     /// Interfaces the applied config names that XDP is not attached to.
@@ -208,15 +208,14 @@ fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
     let tc_hooks: Vec<Samples> = agent
         .interfaces
         .iter()
-        .filter(|(_, mode)| is_tc(mode))
-        .map(|(interface, mode)| {
-            let (hook, why) = mode.split_once(' ').unwrap_or((mode.as_str(), ""));
-            let why = why.trim_start_matches("ingress (").trim_end_matches(')');
+        .filter(|(_, mode, _)| is_tc(mode))
+        .map(|(interface, mode, why)| {
+            let hook = mode.split(' ').next().unwrap_or_default();
             (
                 vec![
                     ("interface", interface.clone()),
                     ("hook", hook.to_owned()),
-                    ("why", why.to_owned()),
+                    ("why", why.clone()),
                 ],
                 1.0,
             )
@@ -225,23 +224,31 @@ fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
     let interfaces: Vec<Samples> = agent
         .interfaces
         .iter()
-        .filter(|(_, mode)| !is_tc(mode))
-        .map(|(interface, mode)| {
+        .filter(|(_, mode, _)| !is_tc(mode))
+        .map(|(interface, mode, why)| {
             (
-                vec![("interface", interface.clone()), ("mode", mode.clone())],
+                vec![
+                    ("interface", interface.clone()),
+                    ("mode", mode.clone()),
+                    ("why", why.clone()),
+                ],
                 1.0,
             )
         })
         .chain(agent.detached.iter().map(|interface| {
             (
-                vec![("interface", interface.clone()), ("mode", String::new())],
+                vec![
+                    ("interface", interface.clone()),
+                    ("mode", String::new()),
+                    ("why", String::new()),
+                ],
                 0.0,
             )
         }))
         .collect();
     out.gauge(
         "xlb_interface_xdp_attached",
-        "1 for each interface the XDP program is attached to, with the mode (native or generic); 0 for an interface the config names that has none.",
+        "1 for each uplink the XDP program is attached to, with the mode (native or generic) and why it is an uplink (config node.interfaces, --iface, holds node address A, default route); 0 for an uplink that has none.",
         &interfaces,
     );
     let socket_hooks: Vec<Samples> = agent
@@ -407,6 +414,12 @@ fn render_datapath(
         "Entries in the conntrack table (a flow takes two; a lower bound if counting ran out of time).",
         &[(vec![], count.entries as f64)],
     );
+    let half_open = maps.count_half_open(Instant::now() + COUNT_BUDGET);
+    out.gauge(
+        "xlb_conntrack_half_open_entries",
+        "Entries in the half-open TCP table XLB_FLOWS_NEW (SYN seen, the client's ACK of the SYN-ACK not yet; a flow takes two; a SYN flood shows here).",
+        &[(vec![], half_open.entries as f64)],
+    );
     Ok(())
 }
 
@@ -548,7 +561,18 @@ mod tests {
             reconcile_ops: 42,
             reconcile_seconds: seconds,
             source_errors: [(String::from("file"), 1)].into_iter().collect(),
-            interfaces: vec![(String::from("xlb-c"), String::from("native"))],
+            interfaces: vec![
+                (
+                    String::from("xlb-c"),
+                    String::from("native"),
+                    String::from("holds node address 198.18.0.1"),
+                ),
+                (
+                    String::from("xlb-vb1"),
+                    String::from("tcx ingress"),
+                    String::from("pod veth (replies reverse-NATed here; no XDP peer)"),
+                ),
+            ],
             socket_hooks: vec![(String::from("connect4"), String::from("/sys/fs/cgroup"))],
             detached: vec![String::from("xlb-d")],
             conntrack_capacity: 1 << 20,
@@ -610,8 +634,9 @@ mod tests {
             "xlb_reconcile_duration_seconds_bucket{le=\"5\"} 2\n",
             "xlb_reconcile_duration_seconds_bucket{le=\"+Inf\"} 3\n",
             "xlb_reconcile_duration_seconds_count 3\n",
-            "xlb_interface_xdp_attached{interface=\"xlb-c\",mode=\"native\"} 1\n",
-            "xlb_interface_xdp_attached{interface=\"xlb-d\",mode=\"\"} 0\n",
+            "xlb_interface_xdp_attached{interface=\"xlb-c\",mode=\"native\",why=\"holds node address 198.18.0.1\"} 1\n",
+            "xlb_interface_xdp_attached{interface=\"xlb-d\",mode=\"\",why=\"\"} 0\n",
+            "xlb_interface_tc_attached{interface=\"xlb-vb1\",hook=\"tcx\",why=\"pod veth (replies reverse-NATed here; no XDP peer)\"} 1\n",
             "xlb_socket_hook_attached{hook=\"connect4\",cgroup=\"/sys/fs/cgroup\"} 1\n",
             "xlb_conntrack_entries_limit 1048576\n",
             "xlb_datapath_readable 0\n",

@@ -180,7 +180,7 @@ impl Facts {
                 .status
                 .interfaces
                 .iter()
-                .map(|i| (i.name.clone(), i.mode.clone()))
+                .map(|i| (i.name.clone(), i.mode.clone(), i.why.clone()))
                 .collect(),
             socket_hooks: self
                 .status
@@ -356,7 +356,7 @@ impl Observe {
 
     /// A tc program is attached to `interface` (a pod's veth or a tunnel);
     /// `mode` says which hook and why, for `xlb status` and /metrics.
-    pub fn hooked(&mut self, interface: &str, ifindex: u32, mode: String) {
+    pub fn hooked(&mut self, interface: &str, ifindex: u32, mode: String, why: String) {
         {
             let mut facts = self.shared.facts();
             facts.status.interfaces.retain(|i| i.name != interface);
@@ -364,13 +364,20 @@ impl Observe {
                 name: interface.to_owned(),
                 ifindex,
                 mode,
+                why,
             });
         }
         self.write_status_or_warn();
     }
 
-    /// XDP is attached to `interface` in `mode`.
-    pub fn attached(&mut self, interface: &str, mode: Attached) {
+    /// The uplinks XDP must be attached to for /readyz.
+    pub fn uplinks(&mut self, names: &[String]) {
+        self.shared.facts().wanted_interfaces = names.to_vec();
+        self.update_ready();
+    }
+
+    /// XDP is attached to `interface` in `mode`, for `why`.
+    pub fn attached(&mut self, interface: &str, mode: Attached, why: &str) {
         {
             let mut facts = self.shared.facts();
             facts.status.interfaces.retain(|i| i.name != interface);
@@ -378,6 +385,7 @@ impl Observe {
                 name: interface.to_owned(),
                 ifindex: host::ifindex(interface).unwrap_or(0),
                 mode: mode.to_string(),
+                why: why.to_owned(),
             });
             if facts.status.program_id.is_none() {
                 facts.status.program_id = datapath::own_xdp_program_id();
@@ -450,7 +458,6 @@ impl Observe {
             }
             facts.applied_once = true;
             facts.status.generation = generation;
-            facts.wanted_interfaces = state.interfaces.clone();
             facts.status.masquerade_ports = PortRange {
                 first: *state.masquerade_ports.start(),
                 last: *state.masquerade_ports.end(),
@@ -672,6 +679,7 @@ mod tests {
             )
             .unwrap();
             let applied = Applied::default();
+            observe.uplinks(&[String::from("lo")]);
             observe.reconciled(
                 1,
                 Some(3),
@@ -685,12 +693,13 @@ mod tests {
             );
             let reason = observe.shared.facts().not_ready_reason();
             assert_eq!(reason, "XDP is not attached to lo");
-            observe.attached("lo", Attached::Generic);
+            observe.attached("lo", Attached::Generic, "config node.interfaces");
             assert!(observe.shared.ready.load(Ordering::Relaxed));
             let status: Status = rundir::read_json(&run_dir, STATUS_FILE).unwrap().unwrap();
             assert!(status.ready);
             assert_eq!(status.generation, 1);
             assert_eq!(status.interfaces[0].mode, "generic");
+            assert_eq!(status.interfaces[0].why, "config node.interfaces");
             assert_eq!(status.interfaces[0].ifindex, 1);
             assert!(status.last_reload.as_ref().is_some_and(|r| r.ok));
             let catalog: Catalog = rundir::read_json(&run_dir, CATALOG_FILE).unwrap().unwrap();

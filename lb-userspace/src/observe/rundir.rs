@@ -83,8 +83,14 @@ pub struct Reload {
 pub struct Interface {
     pub name: String,
     pub ifindex: u32,
-    /// `native` or `generic`.
+    /// XDP: `native` or `generic` (or `adopted`); tc: `tcx ingress` or
+    /// `clsact ingress`.
     pub mode: String,
+    /// Why the agent attached here: "config node.interfaces", "--iface",
+    /// "holds node address A", "default route", "pod veth (...)",
+    /// "vxlan (...)".
+    #[serde(default)]
+    pub why: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

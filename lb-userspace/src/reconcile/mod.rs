@@ -145,7 +145,9 @@ pub fn network_of(address: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
 pub struct Settings {
     pub masquerade_port_min: u16,
     pub masquerade_port_max: u16,
-    pub hash_seed: u32,
+    /// The flow hash's 64-bit secret. Not part of the config: the agent
+    /// sets it (from `--hash-seed-file`, or random) after `Desired::new`.
+    pub hash_seed: u64,
     pub tcp_syn_timeout_s: u32,
     pub tcp_timeout_s: u32,
     pub tcp_closing_timeout_s: u32,
@@ -157,7 +159,7 @@ impl Settings {
         Self {
             masquerade_port_min: *state.masquerade_ports.start(),
             masquerade_port_max: *state.masquerade_ports.end(),
-            hash_seed: lb_common::GlobalConfig::DEFAULT.hash_seed,
+            hash_seed: u64::from(lb_common::GlobalConfig::DEFAULT.hash_seed),
             tcp_syn_timeout_s: state.conntrack.tcp_syn_timeout_s,
             tcp_timeout_s: state.conntrack.tcp_timeout_s,
             tcp_closing_timeout_s: state.conntrack.tcp_closing_timeout_s,
@@ -625,6 +627,13 @@ pub struct Applied {
     /// Service ids are never reused within one agent's life, so a flow's
     /// `service_id` cannot come to mean another service.
     pub next_service_id: u32,
+    /// Backend ids never used yet start here. New backends take these
+    /// first; freed ids are reused only once they run out, oldest first, so
+    /// an id that flows or affinity records may still name comes back as
+    /// late as possible (and those check the address and port anyway).
+    pub next_backend_id: u32,
+    /// Cleared backend ids, in the order they were freed.
+    pub freed_backend_ids: std::collections::VecDeque<u32>,
 }
 
 impl Applied {
@@ -645,9 +654,12 @@ impl Applied {
             }
             MapOp::WriteBackend { id, backend } => {
                 self.backends.insert(*id, *backend);
+                self.next_backend_id = self.next_backend_id.max(id.saturating_add(1));
             }
             MapOp::ClearBackend { id } => {
-                self.backends.remove(id);
+                if self.backends.remove(id).is_some() {
+                    self.freed_backend_ids.push_back(*id);
+                }
             }
             MapOp::WriteTable {
                 offset,
@@ -690,6 +702,37 @@ impl Applied {
             }
             MapOp::WriteSettings(settings) => self.settings = Some(*settings),
         }
+    }
+
+    /// Whether a socket the socket hooks balanced to `backend` through
+    /// service `service_id` may keep talking to it: the backend still has
+    /// slots in one of the service's tables, or is terminating (it keeps its
+    /// flows). A service that is gone keeps nothing.
+    pub fn socket_keeps_backend(&self, service_id: u32, backend: BackendAddr) -> bool {
+        let terminating = self
+            .backends
+            .values()
+            .any(|active| active.address == backend && active.terminating);
+        terminating
+            || self
+                .services
+                .values()
+                .filter(|service| service.entry.id == service_id)
+                .filter_map(|service| self.table_of(&service.entry))
+                .flatten()
+                .any(|id| {
+                    self.backends
+                        .get(id)
+                        .is_some_and(|active| active.address == backend)
+                })
+    }
+
+    /// The protocol of service `service_id`, while it exists.
+    pub fn service_protocol(&self, service_id: u32) -> Option<Protocol> {
+        self.services
+            .iter()
+            .find(|(_, service)| service.entry.id == service_id)
+            .map(|(frontend, _)| frontend.protocol)
     }
 
     fn forget_unreferenced(&mut self, offset: u32) {
@@ -919,8 +962,9 @@ fn check_fits(map: &'static str, needed: usize, capacity: u32) -> Result<(), Pla
     Ok(())
 }
 
-/// Ids for every desired backend: kept for those already written, the lowest
-/// free ones (from 1; id 0 is never used) for new ones. A backend several
+/// Ids for every desired backend: kept for those already written; for new
+/// ones, ids never used before (from 1; id 0 is never used), then freed ids
+/// oldest first, then any free one. A backend several
 /// services share is terminating only if every one of them says so (its
 /// flag only stops session affinity from choosing it).
 fn backends(
@@ -951,25 +995,44 @@ fn backends(
         }
     }
     let mut taken: BTreeSet<u32> = applied.backends.keys().copied().collect();
-    let mut next_free = 1u32;
+    let mut fresh = applied.next_backend_id.max(1);
+    let mut freed = applied.freed_backend_ids.iter().copied();
+    let mut lowest = 1u32;
     for (address, &terminating) in &wanted {
         if ids.contains_key(address) {
             continue;
         }
-        while taken.contains(&next_free) {
-            next_free += 1;
+        while fresh < capacity.backends && taken.contains(&fresh) {
+            fresh += 1;
         }
-        if next_free >= capacity.backends {
+        let id = if fresh < capacity.backends {
+            fresh += 1;
+            Some(fresh - 1)
+        } else {
+            freed
+                .by_ref()
+                .find(|id| !taken.contains(id) && *id < capacity.backends)
+        };
+        let id = match id {
+            Some(id) => id,
+            None => {
+                while taken.contains(&lowest) {
+                    lowest += 1;
+                }
+                lowest
+            }
+        };
+        if id >= capacity.backends || taken.contains(&id) {
             return Err(PlanError::Full {
                 map: lb_common::maps::BACKENDS,
                 needed: taken.len() + 2,
                 capacity: capacity.backends,
             });
         }
-        taken.insert(next_free);
-        ids.insert(*address, next_free);
+        taken.insert(id);
+        ids.insert(*address, id);
         ops.push(MapOp::WriteBackend {
-            id: next_free,
+            id,
             backend: ActiveBackend {
                 address: *address,
                 terminating,

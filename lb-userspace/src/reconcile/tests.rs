@@ -1229,3 +1229,54 @@ fn internal_traffic_policy_local_gives_cluster_ips_their_own_table() {
     let names: Vec<&str> = desired.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["default/web"]);
 }
+
+#[test]
+fn sockets_keep_selectable_and_terminating_backends_only() {
+    let mut lab = Harness::new();
+    let web = |backends| state(vec![service("web", 30080, backends)]);
+    lab.reconcile(&web(vec![backend(2, 1), backend(3, 1), backend(4, 1)]));
+    let id = lab.id_of("web");
+    let keeps = |lab: &Harness, last: u8| {
+        lab.applied
+            .socket_keeps_backend(id, BackendAddr::from(&backend(last, 1)))
+    };
+    assert!(keeps(&lab, 2) && keeps(&lab, 3) && keeps(&lab, 4));
+    assert_eq!(lab.applied.service_protocol(id), Some(Protocol::Tcp));
+    // 3 removed, 4 terminating but serving: only 3's sockets must move.
+    lab.reconcile(&web(vec![
+        backend(2, 1),
+        with_conditions(4, false, true, true),
+    ]));
+    assert!(keeps(&lab, 2) && !keeps(&lab, 3) && keeps(&lab, 4));
+    // A removed service keeps nothing.
+    lab.reconcile(&state(Vec::new()));
+    assert!(!keeps(&lab, 2));
+    assert_eq!(lab.applied.service_protocol(id), None);
+}
+
+/// A freed backend id is not handed to the next new backend while ids never
+/// used remain (flows and affinity records may still name it); once they run
+/// out, freed ids come back oldest first.
+#[test]
+fn freed_backend_ids_are_reused_last_and_oldest_first() {
+    let mut lab = Harness::new();
+    lab.reconcile(&state(vec![service("web", 30080, vec![backend(2, 1)])]));
+    let first = lab.backend_id(2).expect("id");
+    // The pod goes and another comes: the new one does not get its id.
+    lab.reconcile(&state(vec![service("web", 30080, vec![backend(3, 1)])]));
+    let second = lab.backend_id(3).expect("id");
+    assert_ne!(second, first, "a freed id was reused at once");
+    assert!(second > first);
+    // Churn through every id the capacity (64) allows: 3 ... 62.
+    for last in 4..=63u8 {
+        lab.reconcile(&state(vec![service("web", 30080, vec![backend(last, 1)])]));
+    }
+    assert_eq!(lab.applied.next_backend_id, 63);
+    lab.reconcile(&state(vec![service("web", 30080, vec![backend(64, 1)])]));
+    assert_eq!(lab.backend_id(64), Some(63), "the last id never used");
+    // Ids are now used up: the oldest freed one (the first pod's) comes back.
+    lab.reconcile(&state(vec![service("web", 30080, vec![backend(65, 1)])]));
+    assert_eq!(lab.backend_id(65), Some(first));
+    lab.reconcile(&state(vec![service("web", 30080, vec![backend(66, 1)])]));
+    assert_eq!(lab.backend_id(66), Some(second));
+}

@@ -517,13 +517,8 @@ impl Validator<'_> {
             let fields = vec![None; names.len()];
             return (names, fields);
         }
-        if listed.is_empty() {
-            self.fail(
-                "node.interfaces",
-                "no interface to attach the datapath to",
-                "list interfaces in node.interfaces or pass --iface",
-            );
-        }
+        // None listed: the agent finds the uplinks itself (the devices
+        // holding the node's addresses, the default route's device).
         let fields = (0..listed.len())
             .map(|index| Some(format!("node.interfaces[{index}]")))
             .collect();

@@ -140,3 +140,181 @@ fn malformed_packet_sweep() {
         println!("sweep counters: {}", counted.join(" "));
     });
 }
+
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data set up by CPU_ZERO/CPU_SET before use;
+    // sched_setaffinity(0, ..) affects only the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Many clients, one CPU each thread, all at once, for a masquerade range
+/// of 64 ports per backend: no two clients may end up with the same reply
+/// tuple (the port is taken with BPF_NOEXIST), and every reply entry leads
+/// back to the one client that owns it.
+#[test]
+fn masquerade_ports_are_taken_atomically_across_cpus() {
+    use lb_common::{FlowKey, flow::FLOW_DIR_ORIGINAL};
+    use packets::{L4, SYN, Spec};
+    use std::collections::HashMap;
+
+    const CLIENTS_PER_CPU: u16 = 80;
+    const ROUNDS: u16 = 10;
+    // SAFETY: sysconf has no preconditions.
+    let cpus = (unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).clamp(1, 4) as usize;
+    with_datapath(xlb::DATAPATH_OBJECT, |dp| {
+        let mut cfg = Datapath::base_config();
+        cfg.snat_port_min = 61_000;
+        cfg.snat_port_max = 61_063;
+        dp.set_config(cfg);
+        let mut taken = 0;
+        for round in 0..ROUNDS {
+            dp.clear_flows();
+            let client_ifindex = dp.client_ifindex;
+            let program = dp.program();
+            std::thread::scope(|scope| {
+                for cpu in 0..cpus {
+                    scope.spawn(move || {
+                        pin_to_cpu(cpu);
+                        for index in 0..CLIENTS_PER_CPU {
+                            let sport = 20_000 + (cpu as u16) * 1_000 + index;
+                            for l4 in [L4::Udp, L4::Tcp(SYN)] {
+                                let dport = if l4 == L4::Udp {
+                                    UDP_NODE_PORT
+                                } else {
+                                    TCP_NODE_PORT
+                                };
+                                let mut spec = Spec::from_client(sport, dport, l4);
+                                spec.ident = round;
+                                test_run(program, &spec.build(), client_ifindex, 1);
+                            }
+                        }
+                    });
+                }
+            });
+            // Every client entry, from both tables, by the reply tuple it
+            // was given.
+            let mut owners: HashMap<FlowKey, Vec<FlowKey>> = HashMap::new();
+            let mut entries: Vec<(FlowKey, lb_common::Flow)> = Vec::new();
+            entries.extend(dp.flows().iter().filter_map(Result::ok));
+            entries.extend(dp.new_flows().iter().filter_map(Result::ok));
+            for (key, flow) in &entries {
+                if flow.direction == FLOW_DIR_ORIGINAL {
+                    let reply_key = FlowKey::peer_of(flow, key.proto);
+                    owners.entry(reply_key).or_default().push(*key);
+                }
+            }
+            for (reply_key, clients) in &owners {
+                assert_eq!(
+                    clients.len(),
+                    1,
+                    "round {round}: clients {clients:?} share the reply tuple {reply_key:?}"
+                );
+                let reply = entries
+                    .iter()
+                    .find(|(key, _)| key == reply_key)
+                    .map(|(_, flow)| *flow)
+                    .unwrap_or_else(|| panic!("round {round}: no reply entry {reply_key:?}"));
+                assert_eq!(FlowKey::peer_of(&reply, reply_key.proto), clients[0]);
+            }
+            taken += owners.len();
+        }
+        let per_round = 2 * 2 * 64;
+        println!(
+            "{cpus} CPUs x {CLIENTS_PER_CPU} clients x TCP+UDP, {ROUNDS} rounds: {taken} ports \
+             taken (at most {per_round} per round), no reply tuple shared"
+        );
+        assert!(taken > 0);
+    });
+}
+
+/// Two CPUs open a flow each at the same instant, round after round, with
+/// one masquerade port: when both clients go to the same backend they want
+/// the same reply tuple. Taking it with BPF_NOEXIST lets exactly one have
+/// it (the other is told `drop_snat_exhausted`); a probe followed by an
+/// insert with BPF_ANY lets both see it free now and then, and the second
+/// insert silently takes the first client's reply tuple.
+#[test]
+fn one_masquerade_port_two_cpus_at_once() {
+    use lb_common::{Flow, FlowKey, flow::FLOW_DIR_ORIGINAL};
+    use packets::{L4, Spec};
+    use std::sync::Barrier;
+
+    const ROUNDS: u16 = 2_000;
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if cpus < 2 {
+        println!("one CPU: nothing can race");
+        return;
+    }
+    with_datapath(xlb::DATAPATH_OBJECT, |dp| {
+        let mut cfg = Datapath::base_config();
+        cfg.snat_port_min = 61_000;
+        cfg.snat_port_max = 61_000;
+        dp.set_config(cfg);
+        let client_ifindex = dp.client_ifindex;
+        let (mut contended, mut one_won) = (0, 0);
+        for round in 0..ROUNDS {
+            dp.clear_flows();
+            let start = Barrier::new(2);
+            let program = dp.program();
+            std::thread::scope(|scope| {
+                for cpu in 0..2u16 {
+                    let start = &start;
+                    scope.spawn(move || {
+                        pin_to_cpu(usize::from(cpu));
+                        let sport = 20_000 + cpu * 20_000 + round;
+                        let frame = Spec::from_client(sport, UDP_NODE_PORT, L4::Udp).build();
+                        start.wait();
+                        test_run(program, &frame, client_ifindex, 1);
+                    });
+                }
+            });
+            let entries: Vec<(FlowKey, Flow)> = dp.flows().iter().filter_map(Result::ok).collect();
+            let originals: Vec<&(FlowKey, Flow)> = entries
+                .iter()
+                .filter(|(_, flow)| flow.direction == FLOW_DIR_ORIGINAL)
+                .collect();
+            let reply_keys: Vec<FlowKey> = originals
+                .iter()
+                .map(|(key, flow)| FlowKey::peer_of(flow, key.proto))
+                .collect();
+            if let [a, b] = reply_keys[..] {
+                assert_ne!(
+                    a, b,
+                    "round {round}: two clients share the reply tuple {a:?}"
+                );
+            }
+            for (reply_key, (key, _)) in reply_keys.iter().zip(&originals) {
+                let reply = entries
+                    .iter()
+                    .find(|(entry_key, _)| entry_key == reply_key)
+                    .map(|(_, flow)| *flow)
+                    .unwrap_or_else(|| panic!("round {round}: no reply entry {reply_key:?}"));
+                assert_eq!(
+                    FlowKey::peer_of(&reply, reply_key.proto),
+                    *key,
+                    "round {round}: a client's reply tuple leads to another client"
+                );
+            }
+            if originals.len() == 1 {
+                one_won += 1;
+            }
+            if originals.len() == 1
+                || reply_keys.first().map(|k| k.src_addr_be)
+                    == reply_keys.get(1).map(|k| k.src_addr_be)
+            {
+                contended += 1;
+            }
+        }
+        println!(
+            "{ROUNDS} rounds of two clients at once on two CPUs, one port: {contended} \
+             contended the same backend's tuple, {one_won} had exactly one winner, none shared"
+        );
+    });
+}

@@ -3,8 +3,11 @@
 //! and the frame expected out.
 
 use lb_common::{
-    Reason,
-    flow::{FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY, FLOW_S_RST},
+    Flow, FlowKey, Reason,
+    flow::{
+        FLOW_DIR_ORIGINAL, FLOW_DIR_REPLY, FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY,
+        FLOW_S_RST, FLOW_S_SEEN_REPLY,
+    },
 };
 
 use xlb_tests::{packets::*, testrun::*};
@@ -193,6 +196,103 @@ fn state_has(bits: u8, spec: Spec) -> Option<AfterCheck> {
             reply.state
         );
     }))
+}
+
+/// The backend's initial sequence number in `handshake`.
+const SYNACK_SEQ: u32 = 5_000;
+
+/// SYN (seq 1000) from the client and the backend's SYN-ACK (seq
+/// `SYNACK_SEQ`, ack 1001), both forwarded; returns the client's SYN.
+fn handshake(dp: &mut Datapath, sport: u16) -> Spec {
+    let mut client = tcp(sport, SYN);
+    client.payload.clear();
+    let at_backend = send_from_client(dp, &client);
+    let mut synack = at_backend.reply(L4::Tcp(SYN | ACK), b"");
+    (synack.tcp_seq, synack.tcp_ack) = (SYNACK_SEQ, 1_001);
+    let (verdict, _) = dp.run(&synack.build(), dp.backend_ifindex);
+    assert_eq!(verdict, XDP_REDIRECT, "SYN-ACK not forwarded");
+    client
+}
+
+/// `handshake` and the client's ACK (seq 1001, 9 bytes: it has sent up to
+/// 1010): an established flow in XLB_FLOWS.
+fn established(dp: &mut Datapath, sport: u16) -> Spec {
+    let client = handshake(dp, sport);
+    let mut ack = tcp(sport, ACK);
+    (ack.tcp_seq, ack.tcp_ack) = (1_001, SYNACK_SEQ + 1);
+    send_from_client(dp, &ack);
+    assert!(dp.flows().get(&client.key(), 0).is_ok(), "not established");
+    client
+}
+
+/// Sets the creation and last-packet times of both entries of `key`'s flow.
+fn age_flow(dp: &mut Datapath, key: &FlowKey, created_ns: u64, last_seen_ns: u64) {
+    let flow = dp.flow(key).expect("flow");
+    let peer = FlowKey::peer_of(&flow, key.proto);
+    for name in [lb_common::maps::FLOWS, lb_common::maps::FLOWS_NEW] {
+        for entry_key in [*key, peer] {
+            let mut table = if name == lb_common::maps::FLOWS {
+                dp.flows()
+            } else {
+                dp.new_flows()
+            };
+            if let Ok(mut entry) = table.get(&entry_key, 0) {
+                entry.created_ns = created_ns;
+                entry.last_seen_ns = last_seen_ns;
+                table.insert(entry_key, entry, 0).expect("rewrite entry");
+            }
+        }
+    }
+}
+
+/// The masquerade port conntrack tries first for `spec` (the contract's
+/// flow hash under the base config's secret).
+fn first_masquerade_port(spec: &Spec) -> u16 {
+    let cfg = Datapath::base_config();
+    let span = u32::from(SNAT_MAX - SNAT_MIN) + 1;
+    let hash = lb_common::hash::flow_hash(&spec.key(), cfg.hash_key().derived(0x9e37_79b9));
+    // Try 0's position (lb-ebpf/src/conntrack.rs take_port).
+    let mixed = hash.wrapping_mul(0x85eb_ca6b);
+    SNAT_MIN + ((mixed ^ (mixed >> 15)) % span) as u16
+}
+
+/// A live UDP flow of another client (198.18.0.77, port 900 + the
+/// backend's last octet) masqueraded to NODE_B:`port` towards `backend`:
+/// (ORIGINAL key and entry, REPLY key and entry).
+fn foreign_pair(backend: std::net::Ipv4Addr, port: u16) -> ((FlowKey, Flow), (FlowKey, Flow)) {
+    let other = std::net::Ipv4Addr::new(198, 18, 0, 77);
+    let now = monotonic_ns();
+    let key = lb_common::FlowKey {
+        src_addr_be: be(other),
+        dst_addr_be: be(NODE),
+        src_port_be: (900 + u16::from(backend.octets()[3])).to_be(),
+        dst_port_be: UDP_NODE_PORT.to_be(),
+        proto: IPPROTO_UDP,
+        _pad: [0; 3],
+    };
+    let original = Flow {
+        new_src_addr_be: be(NODE_B),
+        new_dst_addr_be: be(backend),
+        new_src_port_be: port.to_be(),
+        new_dst_port_be: UDP_TARGET_PORT.to_be(),
+        backend_id: 11,
+        service_id: 2,
+        direction: FLOW_DIR_ORIGINAL,
+        state: FLOW_S_CONFIRMED | FLOW_S_SEEN_REPLY,
+        last_seen_ns: now,
+        created_ns: now,
+        ..Flow::default()
+    };
+    let reply = Flow {
+        new_src_addr_be: key.dst_addr_be,
+        new_dst_addr_be: key.src_addr_be,
+        new_src_port_be: key.dst_port_be,
+        new_dst_port_be: key.src_port_be,
+        direction: FLOW_DIR_REPLY,
+        ..original
+    };
+    let reply_key = FlowKey::peer_of(&original, IPPROTO_UDP);
+    ((key, original), (reply_key, reply))
 }
 
 fn udp(sport: u16) -> Spec {
@@ -912,6 +1012,266 @@ pub fn rows() -> Vec<Row> {
                     assert_eq!(verdict, XDP_TX, "an answer within the burst");
                 }
                 case.expect = Expect::Dropped;
+                case
+            },
+        },
+        Row {
+            name: "TCP SYN-ACK alone leaves the flow half-open in XLB_FLOWS_NEW",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdReply,
+            case: |dp| {
+                let client = tcp(40_300, SYN);
+                let at_backend = send_from_client(dp, &client);
+                let mut case = reply_case(dp, &client, &at_backend, L4::Tcp(SYN | ACK));
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    assert!(dp.flows().get(&client.key(), 0).is_err(), "in XLB_FLOWS");
+                    let flow = dp.new_flows().get(&client.key(), 0).expect("half-open");
+                    assert_eq!(flow.state & FLOW_S_CONFIRMED, 0);
+                }));
+                case
+            },
+        },
+        Row {
+            name: "the client's ACK of the SYN-ACK moves the flow to XLB_FLOWS",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                let client = handshake(dp, 40_301);
+                let mut ack = tcp(40_301, ACK);
+                (ack.tcp_seq, ack.tcp_ack) = (1_001, SYNACK_SEQ + 1);
+                let mut case = forward_case(dp, ack);
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flows().get(&client.key(), 0).expect("established");
+                    assert_eq!(flow.state & FLOW_S_CONFIRMED, FLOW_S_CONFIRMED);
+                    let peer = lb_common::FlowKey::peer_of(&flow, IPPROTO_TCP);
+                    assert!(dp.flows().get(&peer, 0).is_ok(), "reply entry moved too");
+                    assert!(dp.new_flows().get(&client.key(), 0).is_err());
+                    assert!(dp.new_flows().get(&peer, 0).is_err());
+                }));
+                case
+            },
+        },
+        Row {
+            name: "an ACK that does not acknowledge the SYN-ACK leaves the flow half-open",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                let client = handshake(dp, 40_302);
+                let mut blind = tcp(40_302, ACK);
+                (blind.tcp_seq, blind.tcp_ack) = (1_001, 777);
+                let mut case = forward_case(dp, blind);
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    assert!(dp.flows().get(&client.key(), 0).is_err());
+                    assert!(dp.new_flows().get(&client.key(), 0).is_ok());
+                }));
+                case
+            },
+        },
+        Row {
+            name: "a half-open flow expires tcp_syn_timeout after its SYN despite SYN-ACK retransmits",
+            verdict: XDP_PASS,
+            reason: Reason::PassTcpNoFlow,
+            case: |dp| {
+                let client = handshake(dp, 40_303);
+                let cfg = Datapath::base_config();
+                let now = monotonic_ns();
+                let born = now - (u64::from(cfg.tcp_syn_timeout_s) + 1) * 1_000_000_000;
+                age_flow(dp, &client.key(), born, now);
+                let mut ack = tcp(40_303, ACK);
+                (ack.tcp_seq, ack.tcp_ack) = (1_001, SYNACK_SEQ + 1);
+                unchanged(dp, ack.build())
+            },
+        },
+        Row {
+            name: "RST inside the window closes an established flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                let client = established(dp, 40_304);
+                let mut rst = tcp(40_304, RST);
+                rst.payload.clear();
+                // Between what the backend acknowledged (1001) and what the
+                // client has sent (up to 1010).
+                rst.tcp_seq = 1_005;
+                let mut case = forward_case(dp, rst);
+                case.after = state_has(FLOW_S_RST, client);
+                case
+            },
+        },
+        Row {
+            name: "RST outside the window is forwarded but does not close the flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdRstOutsideWindow,
+            case: |dp| {
+                let client = established(dp, 40_305);
+                let mut rst = tcp(40_305, RST);
+                rst.payload.clear();
+                rst.tcp_seq = 900_000;
+                let mut case = forward_case(dp, rst);
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow(&client.key()).expect("flow");
+                    assert_eq!(flow.state & FLOW_S_RST, 0, "closed by a blind RST");
+                    let cfg = Datapath::base_config();
+                    assert_eq!(
+                        flow.timeout_s(IPPROTO_TCP, &cfg),
+                        cfg.tcp_established_timeout_s
+                    );
+                }));
+                case
+            },
+        },
+        Row {
+            name: "RST from the backend outside the window does not close the flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdRstOutsideWindow,
+            case: |dp| {
+                let client = established(dp, 40_306);
+                let at_backend = send_from_client(dp, &tcp(40_306, ACK));
+                let mut case = reply_case(dp, &client, &at_backend, L4::Tcp(RST));
+                let mut rst = at_backend.reply(L4::Tcp(RST), b"");
+                rst.payload.clear();
+                rst.tcp_seq = SYNACK_SEQ + 100_000;
+                let to_client =
+                    rst.forwarded(NODE_MAC, CLIENT_MAC, NODE, TCP_NODE_PORT, CLIENT, 40_306);
+                case.input = rst.build();
+                case.expect = Expect::Frame(Box::new(move |_| to_client.build()));
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow(&client.key()).expect("flow");
+                    assert_eq!(flow.state & FLOW_S_RST, 0, "closed by a blind RST");
+                }));
+                case
+            },
+        },
+        Row {
+            name: "a masquerade port held by half a flow (its peer evicted) is taken over",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let spec = udp(40_307);
+                let port = first_masquerade_port(&spec);
+                for backend in [BACKEND_1, BACKEND_2] {
+                    let (reply_key, mut reply) = foreign_pair(backend, port).1;
+                    // Idle past a refresh period: a reply entry younger than
+                    // that may belong to a flow another CPU is creating.
+                    reply.last_seen_ns -= 2_000_000_000;
+                    dp.flows()
+                        .insert(reply_key, reply, 0)
+                        .expect("stale reply entry");
+                }
+                let mut case = forward_case(dp, spec.clone());
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow(&spec.key()).expect("flow");
+                    assert_eq!(u16::from_be(flow.new_src_port_be), port);
+                }));
+                case
+            },
+        },
+        Row {
+            name: "a masquerade port whose reply entry is fresh but unpaired (a flow another CPU is creating) is not taken",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let spec = udp(40_313);
+                let port = first_masquerade_port(&spec);
+                for backend in [BACKEND_1, BACKEND_2] {
+                    let (reply_key, reply) = foreign_pair(backend, port).1;
+                    dp.flows()
+                        .insert(reply_key, reply, 0)
+                        .expect("fresh reply entry");
+                }
+                let mut case = forward_case(dp, spec.clone());
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow(&spec.key()).expect("flow");
+                    assert_ne!(
+                        u16::from_be(flow.new_src_port_be),
+                        port,
+                        "took the port of a flow being created"
+                    );
+                    let backend = std::net::Ipv4Addr::from(flow.new_dst_addr_be.to_ne_bytes());
+                    let (reply_key, _) = foreign_pair(backend, port).1;
+                    assert!(
+                        dp.flow(&reply_key).is_some(),
+                        "the other flow's reply entry was deleted"
+                    );
+                }));
+                case
+            },
+        },
+        Row {
+            name: "a masquerade port a live flow holds is never handed out twice",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let spec = udp(40_308);
+                let port = first_masquerade_port(&spec);
+                for backend in [BACKEND_1, BACKEND_2] {
+                    let ((key, original), (reply_key, reply)) = foreign_pair(backend, port);
+                    dp.flows().insert(key, original, 0).expect("original");
+                    dp.flows().insert(reply_key, reply, 0).expect("reply");
+                }
+                let mut case = forward_case(dp, spec.clone());
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow(&spec.key()).expect("flow");
+                    assert_ne!(u16::from_be(flow.new_src_port_be), port);
+                    let backend = std::net::Ipv4Addr::from(flow.new_dst_addr_be.to_ne_bytes());
+                    let ((key, _), (reply_key, reply)) = foreign_pair(backend, port);
+                    assert!(dp.flow(&key).is_some(), "the other flow lost its entry");
+                    let held = dp.flow(&reply_key).expect("the other flow's reply entry");
+                    assert_eq!(
+                        (held.new_dst_addr_be, held.new_dst_port_be),
+                        (reply.new_dst_addr_be, reply.new_dst_port_be),
+                        "the reply tuple now leads to another client"
+                    );
+                }));
+                case
+            },
+        },
+        Row {
+            name: "a flow whose reply entry was evicted is gone: its next datagram is a new flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let spec = udp(40_309);
+                send_from_client(dp, &spec);
+                let flow = dp.flow(&spec.key()).expect("flow");
+                let peer = lb_common::FlowKey::peer_of(&flow, IPPROTO_UDP);
+                dp.flows().remove(&peer).expect("evict the reply entry");
+                let now = monotonic_ns();
+                age_flow(dp, &spec.key(), now - 2_000_000_000, now - 2_000_000_000);
+                forward_case(dp, spec)
+            },
+        },
+        Row {
+            name: "sessionAffinity: a record whose backend id now names another endpoint is not followed",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let first =
+                    send_from_client(dp, &Spec::from_client(40_311, AFFINITY_NODE_PORT, L4::Udp));
+                let (gone, survivor) = if first.dst == BACKEND_1 {
+                    (BACKEND_1_ID + 10, BACKEND_2_ID + 10)
+                } else {
+                    (BACKEND_2_ID + 10, BACKEND_1_ID + 10)
+                };
+                // The agent removes the pod, then gives its id to another
+                // Service's endpoint (same pod address, another port).
+                dp.remove_backend(gone, survivor);
+                let mut table = dp.backends();
+                let mut reused = table.get(&gone, 0).expect("backend");
+                reused.port_be = 5_555u16.to_be();
+                reused.flags |= lb_common::service::BACKEND_F_ACTIVE;
+                table.set(gone, reused, 0).expect("backend");
+                let spec = Spec::from_client(40_312, AFFINITY_NODE_PORT, L4::Udp);
+                let mut case = forward_case(dp, spec.clone());
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow(&spec.key()).expect("flow");
+                    assert_eq!(u16::from_be(flow.new_dst_port_be), UDP_TARGET_PORT);
+                    assert_ne!(
+                        flow.new_dst_addr_be,
+                        be(first.dst),
+                        "followed a stale record"
+                    );
+                }));
                 case
             },
         },

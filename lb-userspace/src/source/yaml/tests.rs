@@ -407,12 +407,14 @@ fn empty_config() {
 
 #[test]
 fn interfaces() {
+    // None listed: the agent finds the uplinks (kernel::uplinks).
     let text = GOOD.replace("interfaces: [eth0]", "interfaces: []");
-    assert_eq!(
-        error(&text),
-        "config/x.yaml:2:15: node.interfaces: no interface to attach the datapath to; list \
-         interfaces in node.interfaces or pass --iface"
-    );
+    let config = parse(ORIGIN, &text, &Overrides::default()).map_err(|e| e.to_string());
+    assert_eq!(config.map(|c| c.state.interfaces), Ok(Vec::new()));
+    let text = GOOD.replace("  interfaces: [eth0]\n", "");
+    let config = parse(ORIGIN, &text, &Overrides::default()).map_err(|e| e.to_string());
+    assert_eq!(config.map(|c| c.state.interfaces), Ok(Vec::new()));
+    let text = GOOD.replace("interfaces: [eth0]", "interfaces: []");
     let overrides = Overrides {
         interfaces: vec![String::from("veth9"), String::from("veth9")],
     };

@@ -1,0 +1,150 @@
+//! Link events from the kernel: a NETLINK_ROUTE socket subscribed to
+//! RTMGRP_LINK, so the agent hears of a pod's veth (or a tunnel) the moment
+//! it is made or removed, and attaches or forgets its tc program then
+//! rather than at the next periodic scan. Only "something changed" is
+//! taken from the messages; the agent then lists the devices again.
+
+use std::io;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+use tokio::io::unix::AsyncFd;
+
+/// rtnetlink message types (linux/rtnetlink.h).
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+/// `struct nlmsghdr`: len (u32), type (u16), flags (u16), seq, pid.
+const NLMSG_HDRLEN: usize = 16;
+
+/// A subscription to link events in this network namespace.
+pub struct LinkWatch {
+    socket: AsyncFd<OwnedFd>,
+}
+
+impl LinkWatch {
+    /// Opens and binds the socket. Call inside the tokio runtime.
+    pub fn open() -> io::Result<LinkWatch> {
+        // SAFETY: plain socket(2) call; the result is checked below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a socket this function just opened and owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_nl is plain data; zero is a valid start.
+        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        address.nl_groups = libc::RTMGRP_LINK as u32;
+        // SAFETY: `address` is a valid sockaddr_nl of the length given.
+        let rc = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                (&raw const address).cast::<libc::sockaddr>(),
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `socket` is an open descriptor the AsyncFd owns from here
+        // on; OwnedFd::as_raw_fd always returns that same descriptor.
+        let socket = unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)?;
+        Ok(LinkWatch { socket })
+    }
+
+    /// Waits until a link was added, changed or removed, and drains every
+    /// message queued by then (a pod's creation sends several). A queue
+    /// that overflowed (ENOBUFS: events were lost) counts as a change.
+    pub async fn changed(&self) -> io::Result<()> {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let mut guard = self.socket.readable().await?;
+            let mut changed = false;
+            loop {
+                // SAFETY: `buffer` is valid for writes of its length.
+                let received = unsafe {
+                    libc::recv(
+                        self.socket.get_ref().as_raw_fd(),
+                        buffer.as_mut_ptr().cast(),
+                        buffer.len(),
+                        0,
+                    )
+                };
+                if received >= 0 {
+                    changed |= has_link_message(&buffer[..received as usize]);
+                    continue;
+                }
+                let error = io::Error::last_os_error();
+                match error.raw_os_error() {
+                    Some(libc::EAGAIN) => {
+                        guard.clear_ready();
+                        break;
+                    }
+                    Some(libc::ENOBUFS) => changed = true,
+                    Some(libc::EINTR) => {}
+                    _ => return Err(error),
+                }
+            }
+            if changed {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Whether a datagram of netlink messages holds a RTM_NEWLINK or
+/// RTM_DELLINK.
+fn has_link_message(mut messages: &[u8]) -> bool {
+    while messages.len() >= NLMSG_HDRLEN {
+        let len = u32::from_ne_bytes([messages[0], messages[1], messages[2], messages[3]]) as usize;
+        let kind = u16::from_ne_bytes([messages[4], messages[5]]);
+        if kind == RTM_NEWLINK || kind == RTM_DELLINK {
+            return true;
+        }
+        // Messages are 4-byte aligned (NLMSG_ALIGN).
+        let next = len.div_ceil(4) * 4;
+        if len < NLMSG_HDRLEN || next > messages.len() {
+            break;
+        }
+        messages = &messages[next..];
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(kind: u16, payload: usize) -> Vec<u8> {
+        let len = (NLMSG_HDRLEN + payload) as u32;
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&len.to_ne_bytes());
+        bytes.extend_from_slice(&kind.to_ne_bytes());
+        bytes.extend_from_slice(&[0; 10]);
+        bytes.resize(bytes.len() + payload.div_ceil(4) * 4, 0);
+        bytes
+    }
+
+    #[test]
+    fn finds_link_messages_among_others() {
+        const RTM_NEWADDR: u16 = 20;
+        assert!(has_link_message(&message(RTM_NEWLINK, 32)));
+        assert!(has_link_message(&message(RTM_DELLINK, 0)));
+        assert!(!has_link_message(&message(RTM_NEWADDR, 8)));
+        let mut both = message(RTM_NEWADDR, 5);
+        both.extend(message(RTM_DELLINK, 3));
+        assert!(has_link_message(&both));
+        assert!(!has_link_message(&[]));
+        assert!(!has_link_message(&[0; 8]));
+        // A length shorter than a header stops the walk.
+        let mut broken = message(RTM_NEWADDR, 0);
+        broken[0..4].copy_from_slice(&4u32.to_ne_bytes());
+        broken.extend(message(RTM_NEWLINK, 0));
+        assert!(!has_link_message(&broken));
+    }
+}
