@@ -2,7 +2,7 @@
 //! so the agent opens exactly these.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -16,8 +16,10 @@ use lb_common::{
 pub static XLB_SERVICES: HashMap<ServiceKey, Service> =
     HashMap::with_max_entries(size::SERVICES_MAX, 0);
 
+/// Memory-mappable: the agent writes a big config's millions of slots
+/// through a mapping instead of one map update each.
 #[map]
-pub static XLB_SELECT: Array<u32> = Array::with_max_entries(size::SELECT_MAX, 0);
+pub static XLB_SELECT: Array<u32> = Array::with_max_entries(size::SELECT_MAX, BPF_F_MMAPABLE);
 
 #[map]
 pub static XLB_BACKENDS: Array<Backend> = Array::with_max_entries(size::BACKENDS_MAX, 0);

@@ -310,6 +310,53 @@ fn default_masquerade_address(
         .find_map(|ifindex| facts.interface_addresses.get(&ifindex).copied())
 }
 
+/// Where one apply's time went, step by step; logged at debug level under
+/// target `xlb::timing` (`RUST_LOG=info,xlb::timing=debug`) with the
+/// "applied" line.
+#[derive(Default)]
+struct Laps {
+    parts: Vec<(&'static str, Duration)>,
+    last: Option<Instant>,
+}
+
+impl Laps {
+    /// Starts timing a new apply.
+    fn start(&mut self) {
+        self.parts.clear();
+        self.last = Some(Instant::now());
+    }
+
+    /// The time since the last lap (or the start) went to `step`.
+    fn lap(&mut self, step: &'static str) {
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            self.parts.push((step, now.duration_since(last)));
+        }
+        self.last = Some(now);
+    }
+
+    /// Logs and forgets the laps so far.
+    fn log(&mut self, generation: u64) {
+        if self.parts.is_empty() {
+            return;
+        }
+        let total: Duration = self.parts.iter().map(|(_, took)| *took).sum();
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .map(|(step, took)| format!("{step} {:.1}", took.as_secs_f64() * 1e3))
+            .collect();
+        debug!(
+            target: "xlb::timing",
+            "generation {generation}: {:.1} ms: {} (ms)",
+            total.as_secs_f64() * 1e3,
+            parts.join(", ")
+        );
+        self.parts.clear();
+        self.last = None;
+    }
+}
+
 /// What the running agent tracks about the config file between polls.
 #[derive(Default)]
 struct FileWatch {
@@ -348,6 +395,8 @@ struct Agent {
     observe: Observe,
     /// Where services come from when not from the config file.
     services: Option<ClusterSource>,
+    /// The current apply's steps (`xlb::timing`).
+    laps: Laps,
 }
 
 /// `xlb run`. Returns when told to stop; an error means nothing is left
@@ -442,6 +491,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         watch: FileWatch::default(),
         observe,
         services,
+        laps: Laps::default(),
     };
     agent.watch.stamp = agent.stamp();
     agent.watch.handled = Some(text);
@@ -463,6 +513,7 @@ impl Agent {
         for warning in foreign_node_addresses(&self.config, &local) {
             warn!("{warning}");
         }
+        self.laps.start();
         let ops = self.reconcile()?;
         self.pending = false;
         self.datapath
@@ -477,8 +528,12 @@ impl Agent {
         }
         self.sync_pod_hooks();
         self.attach_sockets()?;
+        self.laps.lap("attach");
         info!("applied config generation {} ({ops} ops)", self.generation);
-        self.write_ready_file()
+        let ready = self.write_ready_file();
+        self.laps.lap("ready file");
+        self.laps.log(self.generation);
+        ready
     }
 
     /// With `--cgroup`, the socket hooks; without, a previous agent's
@@ -632,6 +687,7 @@ impl Agent {
         let started = Instant::now();
         let steps = self.steps.clone();
         let result = steps.run("reconcile", || self.plan_and_apply());
+        self.laps.lap("write");
         self.observe.reconciled(
             self.generation,
             result.as_ref().ok().copied(),
@@ -639,6 +695,7 @@ impl Agent {
             &self.config.state,
             &self.applied,
         );
+        self.laps.lap("status");
         result
     }
 
@@ -658,6 +715,7 @@ impl Agent {
         }
         // Entries adopted from pinned maps carry no names yet.
         self.applied.adopt_names(&desired);
+        self.laps.lap("desired");
         // A file config that does not fit is the operator's to fix: it is
         // rejected whole. A cluster's Services are not: those that fit are
         // applied, the others skipped and reported.
@@ -670,6 +728,7 @@ impl Agent {
             reconcile::diff(&self.applied, &desired, &self.capacity)
                 .map_err(|source| AgentError::Plan { source })?
         };
+        self.laps.lap("plan");
         // Next hops are made managed neighbours on the neighbour thread
         // (only new or failed backends cost iproute2 work); the kernel
         // resolves them in the background either way, so nothing here waits.
@@ -681,6 +740,7 @@ impl Agent {
             .flat_map(|service| service.backends.iter().map(|backend| backend.address))
             .collect();
         self.neighbours.ensure(backends);
+        self.laps.lap("neighbours");
         if ops.is_empty() {
             return Ok(0);
         }
@@ -753,8 +813,10 @@ impl Agent {
     }
 
     fn reload(&mut self, origin: &str, text: &str) {
-        let mut config = match yaml::parse(origin, text, &self.overrides)
-            .and_then(|config| check_interfaces(&config).map(|()| config))
+        self.laps.start();
+        let parsed = yaml::parse(origin, text, &self.overrides);
+        self.laps.lap("parse");
+        let mut config = match parsed.and_then(|config| check_interfaces(&config).map(|()| config))
         {
             Ok(config) => config,
             Err(error) => {
@@ -769,6 +831,7 @@ impl Agent {
         };
         if let Some(source) = &mut self.services {
             source.apply_to(&mut config);
+            self.laps.lap("translate");
         }
         for warning in warnings(&config) {
             warn!("{warning}");
@@ -796,10 +859,12 @@ impl Agent {
         let Some(source) = &mut self.services else {
             return;
         };
+        self.laps.start();
         let state = source.current();
         if state == self.config.state {
             return;
         }
+        self.laps.lap("translate");
         let mut config = self.config.clone();
         config.state = state;
         self.adopt(config);
@@ -808,6 +873,7 @@ impl Agent {
     /// Makes `config` the next generation and applies it (keeping the
     /// previous one if it does not fit the maps: then returns false).
     fn adopt(&mut self, config: LoadedConfig) -> bool {
+        self.laps.lap("checks");
         let previous = std::mem::replace(&mut self.config, config);
         self.generation += 1;
         self.pending = true;
@@ -815,10 +881,13 @@ impl Agent {
             Ok(ops) => {
                 self.pending = false;
                 self.sync_interfaces();
+                self.laps.lap("attach");
                 info!("applied config generation {} ({ops} ops)", self.generation);
                 if let Err(error) = self.write_ready_file() {
                     error!("{}", error_chain(&error));
                 }
+                self.laps.lap("ready file");
+                self.laps.log(self.generation);
                 true
             }
             Err(error @ AgentError::Plan { .. }) => {
@@ -879,6 +948,8 @@ impl Agent {
 
     /// Follows node address changes and finishes an interrupted apply.
     fn resync(&mut self) {
+        // Untimed: only reloads log their steps.
+        self.laps = Laps::default();
         match self.reconcile() {
             Ok(0) => {}
             Ok(ops) if self.pending => {
@@ -892,6 +963,7 @@ impl Agent {
             Ok(ops) => info!("node addresses changed ({ops} ops)"),
             Err(error) => error!("resync failed: {}", error_chain(&error)),
         }
+        self.laps = Laps::default();
     }
 
     /// Puts the pod/tunnel tc program on every veth and tunnel device that
