@@ -33,6 +33,8 @@ pub enum MapKind {
 
 /// `BPF_F_NO_PREALLOC`: the kernel requires it of LPM tries.
 pub const BPF_F_NO_PREALLOC: u32 = 1;
+/// `BPF_F_MMAPABLE`: an array the agent may mmap (`XLB_SELECT`).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 impl MapKind {
     /// The map's `map_flags`, which follow from its kind.
@@ -121,7 +123,7 @@ macro_rules! declare_maps {
     ($(
         $(#[$doc:meta])*
         $id:ident = $name:literal: $kind:ident<$key:ty, $value:ty>,
-            $max:expr, $sizing:ident, $pin:ident, $explain:ident;
+            $max:expr, $sizing:ident, $pin:ident, $explain:ident $(, flags: $flags:expr)?;
     )*) => {
         $( $(#[$doc])* pub const $id: &str = $name; )*
 
@@ -135,7 +137,7 @@ macro_rules! declare_maps {
                     key_size: MapKind::$kind.key_size(size_of::<$key>()),
                     value_size: size_of::<$value>() as u32,
                     max_entries: $max,
-                    flags: MapKind::$kind.flags(),
+                    flags: MapKind::$kind.flags() $(| $flags)?,
                     sizing: Sizing::$sizing,
                     pin: Pin::$pin,
                     explain: Explain::$explain,
@@ -150,10 +152,15 @@ macro_rules! declare_maps {
 
 declare_maps! {
     /// `HashMap<ServiceKey, Service>`: frontends. NodePorts use `addr_be == 0`.
+    ///
+    /// Row: `CONST = "NAME": Kind<Key, Value>, max entries, sizing, pin,
+    /// explain[, flags: extra map_flags]`.
     SERVICES = "XLB_SERVICES": Hash<ServiceKey, Service>, SERVICES_MAX, Fixed, Config, Shared;
     /// `Array<u32>`: backend selection slots (backend ids), one region per service
     /// at `Service::table_offset .. + table_size`.
-    SELECT = "XLB_SELECT": Array<u32, u32>, SELECT_MAX, SelectSlots, Config, Shared;
+    /// Memory-mappable: the agent writes a big config's millions of slots
+    /// through a mapping instead of one map update each.
+    SELECT = "XLB_SELECT": Array<u32, u32>, SELECT_MAX, SelectSlots, Config, Shared, flags: BPF_F_MMAPABLE;
     /// `Array<Backend>`: backends by id. Id 0 is never used.
     BACKENDS = "XLB_BACKENDS": Array<u32, Backend>, BACKENDS_MAX, Backends, Config, Shared;
     /// `Array<BackendHop>`: the datapath's next-hop cache per backend id. Not

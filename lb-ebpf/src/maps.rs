@@ -16,6 +16,8 @@ use lb_common::{
 pub static XLB_SERVICES: HashMap<ServiceKey, Service> =
     HashMap::with_max_entries(decl::SERVICES.max_entries, decl::SERVICES.flags);
 
+/// Memory-mappable (its declaration's flags): the agent writes a big
+/// config's millions of slots through a mapping.
 #[map]
 pub static XLB_SELECT: Array<u32> =
     Array::with_max_entries(decl::SELECT.max_entries, decl::SELECT.flags);

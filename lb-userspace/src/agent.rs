@@ -384,6 +384,53 @@ async fn next_link_event(watch: Option<&LinkWatch>) {
     }
 }
 
+/// Where one apply's time went, step by step; logged at debug level under
+/// target `xlb::timing` (`RUST_LOG=info,xlb::timing=debug`) with the
+/// "applied" line.
+#[derive(Default)]
+struct Laps {
+    parts: Vec<(&'static str, Duration)>,
+    last: Option<Instant>,
+}
+
+impl Laps {
+    /// Starts timing a new apply.
+    fn start(&mut self) {
+        self.parts.clear();
+        self.last = Some(Instant::now());
+    }
+
+    /// The time since the last lap (or the start) went to `step`.
+    fn lap(&mut self, step: &'static str) {
+        let now = Instant::now();
+        if let Some(last) = self.last {
+            self.parts.push((step, now.duration_since(last)));
+        }
+        self.last = Some(now);
+    }
+
+    /// Logs and forgets the laps so far.
+    fn log(&mut self, generation: u64) {
+        if self.parts.is_empty() {
+            return;
+        }
+        let total: Duration = self.parts.iter().map(|(_, took)| *took).sum();
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .map(|(step, took)| format!("{step} {:.1}", took.as_secs_f64() * 1e3))
+            .collect();
+        debug!(
+            target: "xlb::timing",
+            "generation {generation}: {:.1} ms: {} (ms)",
+            total.as_secs_f64() * 1e3,
+            parts.join(", ")
+        );
+        self.parts.clear();
+        self.last = None;
+    }
+}
+
 /// What the running agent tracks about the config file between polls.
 #[derive(Default)]
 struct FileWatch {
@@ -425,6 +472,8 @@ struct Agent {
     services: Option<ClusterSource>,
     /// The flow hash's secret (`Settings::hash_seed`).
     hash_seed: u64,
+    /// The current apply's steps (`xlb::timing`).
+    laps: Laps,
 }
 
 /// The flow hash's secret, with a line in the log saying where it came
@@ -546,6 +595,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
         observe,
         services,
         hash_seed,
+        laps: Laps::default(),
     };
     agent.watch.stamp = agent.stamp();
     agent.watch.handled = Some(text);
@@ -567,6 +617,7 @@ impl Agent {
         for warning in foreign_node_addresses(&self.config, &local) {
             warn!("{warning}");
         }
+        self.laps.start();
         self.uplinks = choose_uplinks(&self.config.state, !self.overrides.interfaces.is_empty())?;
         self.observe.uplinks(&self.uplink_names());
         let ops = self.reconcile()?;
@@ -590,8 +641,12 @@ impl Agent {
             info!("tc link {name} detached (pinned by a previous agent, its device is gone)");
         }
         self.attach_sockets()?;
+        self.laps.lap("attach");
         info!("applied config generation {} ({ops} ops)", self.generation);
-        self.write_ready_file()
+        let ready = self.write_ready_file();
+        self.laps.lap("ready file");
+        self.laps.log(self.generation);
+        ready
     }
 
     /// With `--cgroup`, the socket hooks; without, a previous agent's
@@ -774,6 +829,7 @@ impl Agent {
         let started = Instant::now();
         let steps = self.steps.clone();
         let result = steps.run("reconcile", || self.plan_and_apply());
+        self.laps.lap("write");
         self.observe.reconciled(
             self.generation,
             result.as_ref().ok().copied(),
@@ -781,6 +837,7 @@ impl Agent {
             &self.config.state,
             &self.applied,
         );
+        self.laps.lap("status");
         result
     }
 
@@ -802,6 +859,7 @@ impl Agent {
         }
         // Entries adopted from pinned maps carry no names yet.
         self.applied.adopt_names(&desired);
+        self.laps.lap("desired");
         // A file config that does not fit is the operator's to fix: it is
         // rejected whole. A cluster's Services are not: those that fit are
         // applied, the others skipped and reported.
@@ -814,6 +872,7 @@ impl Agent {
             reconcile::diff(&self.applied, &desired, &self.capacity)
                 .map_err(|source| AgentError::Plan { source })?
         };
+        self.laps.lap("plan");
         // Next hops are made managed neighbours on the neighbour thread
         // (only new or failed backends cost iproute2 work); the kernel
         // resolves them in the background either way, so nothing here waits.
@@ -825,6 +884,7 @@ impl Agent {
             .flat_map(|service| service.backends.iter().map(|backend| backend.address))
             .collect();
         self.neighbours.ensure(backends);
+        self.laps.lap("neighbours");
         if ops.is_empty() {
             return Ok(0);
         }
@@ -934,8 +994,10 @@ impl Agent {
     }
 
     fn reload(&mut self, origin: &str, text: &str) {
-        let mut config = match yaml::parse(origin, text, &self.overrides)
-            .and_then(|config| check_interfaces(&config).map(|()| config))
+        self.laps.start();
+        let parsed = yaml::parse(origin, text, &self.overrides);
+        self.laps.lap("parse");
+        let mut config = match parsed.and_then(|config| check_interfaces(&config).map(|()| config))
         {
             Ok(config) => config,
             Err(error) => {
@@ -950,6 +1012,7 @@ impl Agent {
         };
         if let Some(source) = &mut self.services {
             source.apply_to(&mut config);
+            self.laps.lap("translate");
         }
         for warning in warnings(&config) {
             warn!("{warning}");
@@ -977,10 +1040,12 @@ impl Agent {
         let Some(source) = &mut self.services else {
             return;
         };
+        self.laps.start();
         let state = source.current();
         if state == self.config.state {
             return;
         }
+        self.laps.lap("translate");
         let mut config = self.config.clone();
         config.state = state;
         self.adopt(config);
@@ -989,6 +1054,7 @@ impl Agent {
     /// Makes `config` the next generation and applies it (keeping the
     /// previous one if it does not fit the maps: then returns false).
     fn adopt(&mut self, config: LoadedConfig) -> bool {
+        self.laps.lap("checks");
         let previous = std::mem::replace(&mut self.config, config);
         self.generation += 1;
         self.pending = true;
@@ -996,10 +1062,13 @@ impl Agent {
             Ok(ops) => {
                 self.pending = false;
                 self.sync_interfaces();
+                self.laps.lap("attach");
                 info!("applied config generation {} ({ops} ops)", self.generation);
                 if let Err(error) = self.write_ready_file() {
                     error!("{}", error_chain(&error));
                 }
+                self.laps.lap("ready file");
+                self.laps.log(self.generation);
                 true
             }
             Err(error @ AgentError::Plan { .. }) => {
@@ -1082,6 +1151,8 @@ impl Agent {
     /// Follows node address changes (the uplinks too, when found rather than
     /// configured) and finishes an interrupted apply.
     fn resync(&mut self) {
+        // Untimed: only reloads log their steps.
+        self.laps = Laps::default();
         if self.config.state.interfaces.is_empty()
             && choose_uplinks(&self.config.state, false).is_ok_and(|found| found != self.uplinks)
         {
@@ -1100,6 +1171,7 @@ impl Agent {
             Ok(ops) => info!("node addresses changed ({ops} ops)"),
             Err(error) => error!("resync failed: {}", error_chain(&error)),
         }
+        self.laps = Laps::default();
     }
 
     /// Puts the pod/tunnel tc program on every veth and tunnel device that

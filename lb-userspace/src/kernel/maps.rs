@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
 use aya::{Ebpf, Pod};
 use lb_common::maps as names;
 use lb_common::service::{ADDR_ANY_NODE, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, CONFIG_F_READY};
@@ -18,7 +18,7 @@ use lb_common::{
 use crate::model::Protocol;
 use crate::reconcile::{
     ActiveBackend, Applied, AppliedService, BackendAddr, Capacity, Frontend, MapOp, MapWriter,
-    ServiceEntry, Settings, SourceRangeKey,
+    RunKind, ServiceEntry, Settings, SourceRangeKey,
 };
 
 /// A map the agent needs is missing from the object or is of another kind.
@@ -71,6 +71,9 @@ pub struct KernelMaps {
     /// Zeroed when a backend id is freed, so the next backend given that id
     /// does not inherit its counters.
     backend_stats: PerCpuArray<MapData, Traffic>,
+    /// `XLB_SELECT` can be written through a mapping (see `write_mapped`);
+    /// false after the first failure.
+    pub(super) select_mappable: bool,
 }
 
 impl KernelMaps {
@@ -87,6 +90,7 @@ impl KernelMaps {
             affinity: typed(ebpf, names::AFFINITY)?,
             service_stats: typed(ebpf, names::SERVICE_STATS)?,
             backend_stats: typed(ebpf, names::BACKEND_STATS)?,
+            select_mappable: true,
         })
     }
 
@@ -109,7 +113,6 @@ impl KernelMaps {
         let defaults = Capacity::default();
         let max_entries =
             |map: &MapData, default: u32| map.info().map_or(default, |info| info.max_entries());
-        use aya::maps::IterableMap as _;
         Capacity {
             services: max_entries(self.services.map(), defaults.services),
             backends: self.backends.len(),
@@ -310,8 +313,251 @@ fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// `BPF_MAP_UPDATE_BATCH` from `enum bpf_cmd` (linux/bpf.h).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The `batch` member of `union bpf_attr` (`BPF_MAP_*_BATCH` commands).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Slots of one `XLB_SELECT` batch call: bounds the buffers (8 bytes a
+/// slot) while keeping calls few (a 10,000-Service config has millions of
+/// slots).
+const SELECT_BATCH_SLOTS: usize = 64 * 1024;
+
+/// Writes `keys[i] = values[i]` in order with one `BPF_MAP_UPDATE_BATCH`
+/// call (BPF_ANY). On failure, returns how many pairs were written first.
+///
+/// `K` and `V` must have the map's key and value sizes: callers pass the
+/// fd of an aya map typed with exactly `K` and `V` (aya checked the sizes
+/// when the map was typed).
+fn update_batch<K: Copy, V: Copy>(
+    map: &MapData,
+    name: &'static str,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, MapIoError)> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let count = keys.len().min(values.len());
+    if count == 0 {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: u32::try_from(count).unwrap_or(u32::MAX),
+        map_fd: u32::try_from(map.fd().as_fd().as_raw_fd()).unwrap_or(u32::MAX),
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_MAP_UPDATE_BATCH attribute: `map_fd` is
+    // an open map whose key and value sizes are size_of::<K>() and
+    // size_of::<V>() (see above), and `keys` and `values` point to at least
+    // `count` initialized elements each, which outlive the call. The kernel
+    // only reads them, and writes `count` in `attr`, which is live and
+    // mutable.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            std::ptr::from_mut(&mut attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let io_error = std::io::Error::last_os_error();
+    // After EFAULT the count is not reliable: claim nothing.
+    let written = if io_error.raw_os_error() == Some(libc::EFAULT) {
+        0
+    } else {
+        (attr.count as usize).min(count)
+    };
+    Err((
+        written,
+        MapIoError {
+            map: name,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error,
+            }),
+        },
+    ))
+}
+
+/// `XLB_SELECT`'s slots are `u32`s stored 8 bytes apart (array maps round
+/// values up to 8 bytes), from the start of the mapping.
+const SELECT_SLOT_BYTES: usize = 8;
+/// The most of `XLB_SELECT` mapped at once: pages of the mapping count in
+/// the agent's resident memory while it is mapped.
+const SELECT_WINDOW_BYTES: usize = 4 << 20;
+
+/// Writes `XLB_SELECT[slots[i]] = ids[i]` through a temporary shared
+/// mapping of the pages they fall in (the map is `BPF_F_MMAPABLE`): no
+/// syscall per slot. `Some(false)`, having written nothing, if a slot is
+/// out of range or the slots span more than `SELECT_WINDOW_BYTES`; `None`
+/// if the map cannot be mapped (a pinned map made without the flag).
+fn write_mapped(select: &Array<MapData, u32>, slots: &[u32], ids: &[u32]) -> Option<bool> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    use std::sync::atomic::{AtomicU32, Ordering, fence};
+    let (Some(&first), Some(&last)) = (slots.iter().min(), slots.iter().max()) else {
+        return Some(true);
+    };
+    if last >= select.len() || slots.len() != ids.len() {
+        return Some(false);
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let start = first as usize * SELECT_SLOT_BYTES / page * page;
+    let end = (last as usize + 1) * SELECT_SLOT_BYTES;
+    let map_end = (select.len() as usize * SELECT_SLOT_BYTES).div_ceil(page) * page;
+    let length = (end.div_ceil(page) * page).min(map_end) - start;
+    if length > SELECT_WINDOW_BYTES {
+        return Some(false);
+    }
+    let Ok(file_offset) = libc::off_t::try_from(start) else {
+        return Some(false);
+    };
+    let fd = select.map().fd().as_fd().as_raw_fd();
+    // SAFETY: a new shared mapping of `length` bytes of the map at
+    // `file_offset` (page-aligned, inside the map's page-rounded size, as
+    // the kernel requires); it aliases no Rust memory and is unmapped below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            length,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            file_offset,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return None;
+    }
+    for (&slot, &id) in slots.iter().zip(ids) {
+        let at = slot as usize * SELECT_SLOT_BYTES - start;
+        // SAFETY: `at` is inside the mapping (start <= slot's byte < end <=
+        // start + length) and 8-byte aligned (the mapping is page-aligned).
+        // The datapath reads the slot concurrently: an atomic store keeps
+        // it whole.
+        let cell = unsafe { &*base.cast::<u8>().add(at).cast::<AtomicU32>() };
+        cell.store(id, Ordering::Relaxed);
+    }
+    // The service entries that point at these slots are written after.
+    fence(Ordering::Release);
+    // SAFETY: `base`/`length` are exactly the mapping made above, and no
+    // reference into it outlives this point.
+    unsafe { libc::munmap(base, length) };
+    Some(true)
+}
+
+impl KernelMaps {
+    /// A run of `WriteBackend`s as one batch.
+    fn write_backends(&mut self, ops: &[MapOp]) -> Result<(), (usize, MapIoError)> {
+        let (ids, values): (Vec<u32>, Vec<Backend>) = ops
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::WriteBackend { id, backend } => Some((*id, backend_value(backend))),
+                _ => None,
+            })
+            .unzip();
+        update_batch(self.backends.map(), names::BACKENDS, &ids, &values)
+    }
+
+    /// A run of `WriteService`s as one batch.
+    fn write_services(&mut self, ops: &[MapOp]) -> Result<(), (usize, MapIoError)> {
+        let (keys, values): (Vec<ServiceKey>, Vec<Service>) = ops
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::WriteService {
+                    frontend, entry, ..
+                } => Some((service_key(frontend), service_value(entry))),
+                _ => None,
+            })
+            .unzip();
+        update_batch(self.services.map(), names::SERVICES, &keys, &values)
+    }
+
+    /// A run of `WriteTable`s, in batches of about `SELECT_BATCH_SLOTS`
+    /// slots. On failure, the tables written completely are counted.
+    fn write_tables(&mut self, ops: &[MapOp]) -> Result<(), (usize, MapIoError)> {
+        let mut slots: Vec<u32> = Vec::with_capacity(SELECT_BATCH_SLOTS);
+        let mut ids: Vec<u32> = Vec::with_capacity(SELECT_BATCH_SLOTS);
+        // Ops before `first` are written; `ends[i]` is where op `first + i`
+        // ends in the pending buffers.
+        let mut first = 0;
+        let mut ends: Vec<usize> = Vec::new();
+        for (index, op) in ops.iter().enumerate() {
+            if let MapOp::WriteTable {
+                offset,
+                backend_ids,
+            } = op
+            {
+                slots.extend((*offset..).take(backend_ids.len()));
+                ids.extend_from_slice(backend_ids);
+            }
+            ends.push(slots.len());
+            if slots.len() >= SELECT_BATCH_SLOTS || index + 1 == ops.len() {
+                let mapped = self.select_mappable
+                    && match write_mapped(&self.select, &slots, &ids) {
+                        Some(written) => written,
+                        None => {
+                            // Pinned by an agent that made it without
+                            // BPF_F_MMAPABLE: batch calls from now on.
+                            self.select_mappable = false;
+                            false
+                        }
+                    };
+                let written = if mapped {
+                    Ok(())
+                } else {
+                    update_batch(self.select.map(), names::SELECT, &slots, &ids)
+                };
+                if let Err((written, error)) = written {
+                    let complete = ends.iter().take_while(|&&end| end <= written).count();
+                    return Err((first + complete, error));
+                }
+                first = index + 1;
+                slots.clear();
+                ids.clear();
+                ends.clear();
+            }
+        }
+        Ok(())
+    }
+}
+
 impl MapWriter for KernelMaps {
     type Error = MapIoError;
+
+    fn apply_run(&mut self, ops: &[MapOp]) -> Result<(), (usize, MapIoError)> {
+        let kind = ops.first().and_then(MapOp::run_kind);
+        let one_kind = ops.iter().all(|op| op.run_kind() == kind);
+        match kind {
+            Some(RunKind::Backends) if one_kind => self.write_backends(ops),
+            Some(RunKind::Tables) if one_kind => self.write_tables(ops),
+            Some(RunKind::Services) if one_kind => self.write_services(ops),
+            _ => {
+                for (index, op) in ops.iter().enumerate() {
+                    self.apply(op).map_err(|error| (index, error))?;
+                }
+                Ok(())
+            }
+        }
+    }
 
     fn apply(&mut self, op: &MapOp) -> Result<(), MapIoError> {
         match op {
@@ -348,15 +594,9 @@ impl MapWriter for KernelMaps {
                     .map_err(io(names::BACKENDS))?;
                 self.zero_backend_counters(*id)
             }
-            MapOp::WriteTable {
-                offset,
-                backend_ids,
-            } => {
-                for (slot, id) in (*offset..).zip(backend_ids) {
-                    self.select.set(slot, id, 0).map_err(io(names::SELECT))?;
-                }
-                Ok(())
-            }
+            MapOp::WriteTable { .. } => self
+                .write_tables(std::slice::from_ref(op))
+                .map_err(|(_, error)| error),
             MapOp::WriteService {
                 frontend, entry, ..
             } => self

@@ -210,6 +210,85 @@ fn deleting_what_is_already_gone_is_fine() {
     assert!(reconcile::MapWriter::apply(maps, &op).is_err());
 }
 
+/// Runs of one kind are written together (tables through a mapping of
+/// `XLB_SELECT`, backends and services with batch calls) and read back as
+/// written; a run that fails part way reports the ops written before.
+#[test]
+fn runs_are_written_whole_and_fail_where_they_fail() {
+    use reconcile::{ActiveBackend, BackendAddr, Frontend, MapWriter as _, ServiceEntry};
+    let Some(mut loaded) = load() else { return };
+    let maps = &mut loaded.maps;
+    let backend = |id: u32| MapOp::WriteBackend {
+        id,
+        backend: ActiveBackend {
+            address: BackendAddr {
+                address: Ipv4Addr::new(198, 18, 1, u8::try_from(id).unwrap_or(0)),
+                port: 80,
+            },
+            terminating: id == 2,
+        },
+    };
+    let table = |offset: u32, len: u32| MapOp::WriteTable {
+        offset,
+        backend_ids: (0..len).map(|slot| 1 + (offset + slot) % 3).collect(),
+    };
+    let service = |port: u16, offset: u32| MapOp::WriteService {
+        frontend: Frontend::node_port(crate::model::Protocol::Tcp, port),
+        name: format!("svc-{port}"),
+        entry: ServiceEntry {
+            id: u32::from(port),
+            table_offset: offset,
+            table_size: 1021,
+            flags: SERVICE_F_MASQUERADE,
+            affinity_timeout_s: 0,
+        },
+    };
+    let mut ops = vec![backend(1), backend(2), backend(3)];
+    ops.extend((0..8).map(|index| table(index * 1021, 1021)));
+    ops.extend((0..8).map(|index| service(30000 + index as u16, index * 1021)));
+    let mut applied = Applied::default();
+    let applied_result = reconcile::apply(maps, &mut applied, &ops).map_err(|e| error_chain(&e));
+    assert_eq!(applied_result, Ok(()));
+    assert!(maps.select_mappable, "XLB_SELECT is not BPF_F_MMAPABLE");
+    for index in 0..8 {
+        let Ok(slots) = maps.select_slots(index * 1021, 1021) else {
+            panic!("read XLB_SELECT")
+        };
+        let MapOp::WriteTable { backend_ids, .. } = table(index * 1021, 1021) else {
+            unreachable!()
+        };
+        assert_eq!(slots, backend_ids, "table {index}");
+        assert_eq!(applied.tables.get(&(index * 1021)), Some(&backend_ids));
+    }
+    let snapshot = match maps.snapshot() {
+        Ok(snapshot) => snapshot,
+        Err(error) => panic!("{}", error_chain(&error)),
+    };
+    assert_eq!(snapshot.backends.len(), 3);
+    assert_eq!(snapshot.services.len(), 8);
+    assert_eq!(applied.backends.len(), 3);
+    assert_eq!(applied.services.len(), 8);
+
+    // The third backend is out of range: two are written and recorded.
+    let ops = [
+        backend(4),
+        backend(5),
+        backend(TEST_SIZES.backends),
+        backend(6),
+    ];
+    let Err(error) = reconcile::apply(maps, &mut applied, &ops) else {
+        panic!("an out-of-range backend was written")
+    };
+    assert_eq!(error.index, 3);
+    assert_eq!(applied.backends.len(), 5);
+    // A table past the end: the first is written, the second is not.
+    let ops = [table(0, 10), table(TEST_SIZES.select_slots - 5, 10)];
+    let Err(error) = maps.apply_run(&ops) else {
+        panic!("a table past the end was written")
+    };
+    assert_eq!(error.0, 1);
+}
+
 #[test]
 fn stats_start_at_zero() {
     let Some(loaded) = load() else { return };

@@ -444,7 +444,7 @@ impl Observe {
     /// Config `generation` is completely written (first apply, reload,
     /// resync): rewrite the catalog and status, follow health checks.
     fn applied(&mut self, generation: u64, state: &DesiredState, applied: &Applied) {
-        let catalog = Catalog::build(generation, state, applied);
+        let catalog = Arc::new(Catalog::build(generation, state, applied));
         {
             let mut facts = self.shared.facts();
             if !facts.applied_once || facts.status.generation != generation {
@@ -463,11 +463,11 @@ impl Observe {
                 last: *state.masquerade_ports.end(),
             };
             facts.status.masquerade_addresses = applied.interface_addresses.clone();
-            facts.catalog = Arc::new(catalog.clone());
+            facts.catalog = Arc::clone(&catalog);
         }
         self.update_ready();
         self.follow_health_checks(state);
-        if let Err(error) = rundir::write_json(&self.run_dir, CATALOG_FILE, &catalog) {
+        if let Err(error) = rundir::write_json(&self.run_dir, CATALOG_FILE, &*catalog) {
             tracing::warn!("{}", error_chain(&error));
         }
         self.write_status_or_warn();

@@ -5,7 +5,7 @@
 //! still runs.
 
 use std::collections::BTreeMap;
-use std::io;
+use std::io::{self, Write as _};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -141,14 +141,17 @@ pub fn create(dir: &Path) -> Result<(), RunDirError> {
 pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), RunDirError> {
     let path = dir.join(name);
     let temporary = dir.join(format!(".{name}.tmp"));
-    let mut text = serde_json::to_string_pretty(value).map_err(|source| RunDirError::Write {
-        path: path.clone(),
-        source: io::Error::other(source),
-    })?;
-    text.push('\n');
-    std::fs::write(&temporary, text)
-        .and_then(|()| std::fs::rename(&temporary, &path))
-        .map_err(|source| RunDirError::Write { path, source })
+    // Streamed to the file: catalog.json of a big config is tens of MB.
+    let written = std::fs::File::create(&temporary).and_then(|file| {
+        let mut writer = io::BufWriter::new(file);
+        serde_json::to_writer_pretty(&mut writer, value).map_err(io::Error::other)?;
+        writer.write_all(b"\n")?;
+        writer
+            .into_inner()
+            .map_err(io::IntoInnerError::into_error)?;
+        std::fs::rename(&temporary, &path)
+    });
+    written.map_err(|source| RunDirError::Write { path, source })
 }
 
 /// Reads `dir/name`; `None` if it does not exist.

@@ -231,6 +231,26 @@ impl MapOp {
     }
 }
 
+/// Ops the kernel layer may write together (see `MapWriter::apply_run`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunKind {
+    Backends,
+    Tables,
+    Services,
+}
+
+impl MapOp {
+    /// The run this op can be part of, if any.
+    pub const fn run_kind(&self) -> Option<RunKind> {
+        match self {
+            MapOp::WriteBackend { .. } => Some(RunKind::Backends),
+            MapOp::WriteTable { .. } => Some(RunKind::Tables),
+            MapOp::WriteService { .. } => Some(RunKind::Services),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for MapOp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -665,11 +685,22 @@ impl Applied {
                 offset,
                 backend_ids,
             } => {
-                let end = u64::from(*offset) + backend_ids.len() as u64;
-                self.tables.retain(|&start, table| {
-                    u64::from(start) >= end
-                        || u64::from(start) + table.len() as u64 <= u64::from(*offset)
-                });
+                // Written regions never overlap: those the new one covers
+                // are the last one starting before it and the ones starting
+                // inside it.
+                let start = u64::from(*offset);
+                let end = start + backend_ids.len() as u64;
+                let covered: Vec<u32> = self
+                    .tables
+                    .range(..=u32::try_from(end.saturating_sub(1)).unwrap_or(u32::MAX))
+                    .rev()
+                    .take_while(|&(&other, table)| u64::from(other) + table.len() as u64 > start)
+                    .filter(|&(&other, _)| u64::from(other) < end)
+                    .map(|(&other, _)| other)
+                    .collect();
+                for other in covered {
+                    self.tables.remove(&other);
+                }
                 self.tables.insert(*offset, backend_ids.clone());
             }
             MapOp::AddSourceRange(range) => {
@@ -801,6 +832,17 @@ impl Applied {
 pub trait MapWriter {
     type Error: std::error::Error + Send + Sync + 'static;
     fn apply(&mut self, op: &MapOp) -> Result<(), Self::Error>;
+
+    /// Applies a run of ops of one [`MapOp::run_kind`] (one map, one
+    /// phase), in order, as if by `apply` one after the other: the kernel
+    /// layer writes a run with one batch call where it can. On failure,
+    /// returns how many ops of the run were completely written first.
+    fn apply_run(&mut self, ops: &[MapOp]) -> Result<(), (usize, Self::Error)> {
+        for (index, op) in ops.iter().enumerate() {
+            self.apply(op).map_err(|error| (index, error))?;
+        }
+        Ok(())
+    }
 }
 
 /// An op the kernel refused; everything before it is written and recorded.
@@ -815,20 +857,47 @@ pub struct ApplyError<E: std::error::Error + 'static> {
 }
 
 /// Applies `ops` in order, recording each success in `applied`; stops at
-/// the first failure.
+/// the first failure. Consecutive ops of one kind go to the writer as one
+/// run (`MapWriter::apply_run`): they are of one phase and one map, so
+/// writing them together keeps the safe order.
 pub fn apply<W: MapWriter>(
     writer: &mut W,
     applied: &mut Applied,
     ops: &[MapOp],
 ) -> Result<(), ApplyError<W::Error>> {
-    for (index, op) in ops.iter().enumerate() {
-        writer.apply(op).map_err(|source| ApplyError {
-            op: op.clone(),
-            index: index + 1,
-            total: ops.len(),
-            source,
-        })?;
-        applied.record(op);
+    let mut start = 0;
+    while start < ops.len() {
+        let kind = ops[start].run_kind();
+        let len = match kind {
+            Some(kind) => ops[start..]
+                .iter()
+                .take_while(|op| op.run_kind() == Some(kind))
+                .count(),
+            None => 1,
+        };
+        let run = &ops[start..start + len];
+        let outcome = if len == 1 {
+            writer.apply(&run[0]).map_err(|error| (0, error))
+        } else {
+            writer.apply_run(run)
+        };
+        let written = match &outcome {
+            Ok(()) => len,
+            Err((written, _)) => (*written).min(len),
+        };
+        for op in &run[..written] {
+            applied.record(op);
+        }
+        if let Err((_, source)) = outcome {
+            let index = start + written;
+            return Err(ApplyError {
+                op: ops[index.min(ops.len() - 1)].clone(),
+                index: index + 1,
+                total: ops.len(),
+                source,
+            });
+        }
+        start += len;
     }
     Ok(())
 }
@@ -1065,6 +1134,14 @@ fn services(
         .filter(|service| !service.name.is_empty())
         .map(|service| (service.name.as_str(), service.entry.id))
         .collect();
+    // Every entry written under each name, in frontend order.
+    let mut entries_by_name: BTreeMap<&str, Vec<ServiceEntry>> = BTreeMap::new();
+    for current in applied.services.values() {
+        entries_by_name
+            .entry(current.name.as_str())
+            .or_default()
+            .push(current.entry);
+    }
     let mut next_id = applied.next_service_id.max(1);
     let mut regions = Regions::new(
         capacity.select_slots,
@@ -1099,11 +1176,11 @@ fn services(
         let table = table_for(service, backend_ids, desired.table_size);
         // The region this service (under any frontend) already has, if its
         // content is exactly the new table.
-        let reusable = applied
-            .services
-            .values()
-            .filter(|current| current.name == service.name)
-            .map(|current| current.entry)
+        let reusable = entries_by_name
+            .get(service.name.as_str())
+            .into_iter()
+            .flatten()
+            .copied()
             .find(|entry| applied.table_of(entry) == Some(table.as_slice()));
         let (table_offset, table_size) = match reusable {
             Some(entry) => (entry.table_offset, entry.table_size),

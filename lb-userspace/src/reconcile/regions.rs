@@ -7,6 +7,12 @@ pub struct Regions {
     capacity: u32,
     /// Offset -> size of every region in use.
     used: BTreeMap<u32, u32>,
+    /// (size, offset) of the smallest allocation so far: no gap before the
+    /// offset fits that size (regions are only added, so gaps only shrink),
+    /// and every region before it ends there or earlier. A request at
+    /// least as big starts looking there, which keeps filling a big map
+    /// linear rather than quadratic.
+    resume: Option<(u32, u32)>,
 }
 
 impl Regions {
@@ -19,14 +25,22 @@ impl Regions {
                 *entry = size.max(*entry);
             }
         }
-        Self { capacity, used }
+        Self {
+            capacity,
+            used,
+            resume: None,
+        }
     }
 
     /// First free range of `size` slots; it stays in use until this
     /// `Regions` is dropped.
     pub fn allocate(&mut self, size: u32) -> Option<u32> {
-        let mut candidate = 0u64;
-        for (&offset, &len) in &self.used {
+        let start = match self.resume {
+            Some((smallest, offset)) if size >= smallest => offset,
+            _ => 0,
+        };
+        let mut candidate = u64::from(start);
+        for (&offset, &len) in self.used.range(start..) {
             if u64::from(offset) >= candidate + u64::from(size) {
                 break;
             }
@@ -37,6 +51,9 @@ impl Regions {
         }
         let offset = u32::try_from(candidate).ok()?;
         self.used.insert(offset, size);
+        if self.resume.is_none_or(|(smallest, _)| size <= smallest) {
+            self.resume = Some((size, offset));
+        }
         Some(offset)
     }
 }
@@ -55,6 +72,23 @@ mod tests {
         assert_eq!(regions.allocate(26), None);
         assert_eq!(regions.allocate(25), Some(75));
         assert_eq!(regions.allocate(1), None);
+    }
+
+    /// The resume point changes nothing about where tables go: first fit,
+    /// as a scan from the start would find.
+    #[test]
+    fn resuming_is_first_fit() {
+        let in_use = [(3, 2), (9, 1), (12, 4), (30, 7)];
+        let sizes = [2, 2, 1, 5, 3, 1, 2, 4, 1, 1, 6, 2, 3];
+        let mut regions = Regions::new(60, in_use);
+        let mut slow = Regions::new(60, in_use);
+        for size in sizes {
+            let expected = {
+                slow.resume = None;
+                slow.allocate(size)
+            };
+            assert_eq!(regions.allocate(size), expected, "size {size}");
+        }
     }
 
     #[test]

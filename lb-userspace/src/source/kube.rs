@@ -21,6 +21,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service as KubeService, ServicePort as KubeServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -42,22 +43,26 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// `(namespace, name)` of a namespaced object.
 pub type ObjectKey = (String, String);
 
-/// The Kubernetes objects a node's load balancing depends on.
+/// The Kubernetes objects a node's load balancing depends on. Objects are
+/// shared (`Arc`): the watch keeps them and each view it publishes holds
+/// the same ones, so a big cluster is in memory once, not once per copy.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterSnapshot {
-    pub services: BTreeMap<ObjectKey, KubeService>,
-    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub services: BTreeMap<ObjectKey, Arc<KubeService>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
 }
 
 impl ClusterSnapshot {
     /// Adds or replaces a Service (an object without a namespace is in
     /// `default`, as kubectl would put it).
     pub fn insert_service(&mut self, service: KubeService) {
-        self.services.insert(key_of(&service.metadata), service);
+        self.services
+            .insert(key_of(&service.metadata), Arc::new(service));
     }
 
     pub fn insert_endpoint_slice(&mut self, slice: EndpointSlice) {
-        self.endpoint_slices.insert(key_of(&slice.metadata), slice);
+        self.endpoint_slices
+            .insert(key_of(&slice.metadata), Arc::new(slice));
     }
 }
 
@@ -369,7 +374,7 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
         slices_by_service
             .entry((key.0.clone(), service.clone()))
             .or_default()
-            .push((key, slice));
+            .push((key, &**slice));
     }
     let mut ports = Vec::new();
     for (key, service) in &snapshot.services {

@@ -35,7 +35,18 @@ impl Locations {
     /// Indexes `text`. A document this parser rejects yields an empty index
     /// (serde_yaml reports the syntax error itself).
     pub fn index(text: &str) -> Self {
-        let mut indexer = Indexer::default();
+        Self::index_skipping(text, None)
+    }
+
+    /// [`Locations::index`] without what is inside the top-level field
+    /// `skip` (its own position is kept): a big config is mostly its
+    /// services, and indexing every one of their fields costs more than
+    /// reading the file. Aliases are found everywhere.
+    pub fn index_skipping(text: &str, skip: Option<&str>) -> Self {
+        let mut indexer = Indexer {
+            skip: skip.map(str::to_owned),
+            ..Indexer::default()
+        };
         let mut parser = Parser::new_from_str(text);
         if parser.load(&mut indexer, false).is_err() {
             return Self::default();
@@ -108,6 +119,10 @@ struct Indexer {
     /// Key positions, used for values that have no text of their own.
     keys: HashMap<String, Position>,
     first_alias: Option<Position>,
+    /// Top-level field whose contents are not indexed.
+    skip: Option<String>,
+    /// Collections open inside the skipped field (0: not inside it).
+    skipping: usize,
 }
 
 fn join(parent: &str, key: &str) -> String {
@@ -169,6 +184,20 @@ impl MarkedEventReceiver for Indexer {
         if matches!(event, Event::Alias(..)) && self.first_alias.is_none() {
             self.first_alias = Some(position);
         }
+        if self.skipping > 0 {
+            match &event {
+                Event::MappingStart(..) | Event::SequenceStart(..) => self.skipping += 1,
+                Event::MappingEnd | Event::SequenceEnd => {
+                    self.skipping -= 1;
+                    if self.skipping == 0 {
+                        // The skipped field's own collection ends.
+                        self.stack.pop();
+                    }
+                }
+                _ => {}
+            }
+            return;
+        }
         match &event {
             Event::Scalar(..) | Event::Alias(..) => {
                 if let Some(path) = self.place(&event, position) {
@@ -191,6 +220,9 @@ impl MarkedEventReceiver for Indexer {
                     },
                 };
                 self.record(path.clone(), position, false);
+                if self.stack.len() == 1 && self.skip.as_deref() == Some(path.as_str()) {
+                    self.skipping = 1;
+                }
                 self.stack.push(match event {
                     Event::MappingStart(..) => Frame::Map { path, key: None },
                     _ => Frame::Seq {
@@ -273,6 +305,26 @@ services:
         let started = std::time::Instant::now();
         assert_eq!(Locations::index(&bomb).first_alias(), Some(at(2, 10)));
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    /// Skipping a field's contents changes no other position.
+    #[test]
+    fn skipping_keeps_everything_else() {
+        let doc = format!("{DOC}after:\n  key: [1, {{a: b}}]\n");
+        let full = Locations::index(&doc);
+        let mut skipped = Locations::index_skipping(&doc, Some("services"));
+        assert!(!skipped.contains("services[0].nodePort"));
+        assert_eq!(skipped.find("services"), full.find("services"));
+        let mut outside = full.clone();
+        outside.retain(|path| !path.starts_with("services[") && !path.starts_with("services."));
+        skipped.retain(|_| true);
+        assert_eq!(skipped, outside);
+        assert_eq!(skipped.find("after.key[1].a"), full.find("after.key[1].a"));
+        let aliased = "services:\n  - &x {a: 1}\n  - *x\n";
+        assert_eq!(
+            Locations::index_skipping(aliased, Some("services")).first_alias(),
+            Some(at(3, 5))
+        );
     }
 
     #[test]

@@ -178,7 +178,7 @@ pub fn parse(origin: &str, text: &str, overrides: &Overrides) -> Result<LoadedCo
             }],
         });
     }
-    let mut locations = Locations::index(text);
+    let mut locations = Locations::index_skipping(text, Some(SERVICES));
     if let Some(position) = locations.first_alias() {
         return Err(ConfigError::Invalid {
             problems: vec![Problem {
@@ -194,9 +194,14 @@ pub fn parse(origin: &str, text: &str, overrides: &Overrides) -> Result<LoadedCo
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|error| ConfigError::Invalid {
         problems: vec![serde_problem(origin, &error)],
     })?;
+    let located = Located {
+        text,
+        outside: &locations,
+        services: std::cell::OnceCell::new(),
+    };
     let mut validator = Validator {
         origin,
-        locations: &locations,
+        locations: &located,
         problems: Vec::new(),
         warnings: Vec::new(),
     };
@@ -209,7 +214,7 @@ pub fn parse(origin: &str, text: &str, overrides: &Overrides) -> Result<LoadedCo
             locations: {
                 // Later findings are about the node's settings; the services'
                 // positions (most of a big file) are not kept.
-                locations.retain(|path| !path.starts_with("services"));
+                locations.retain(|path| !path.starts_with(SERVICES));
                 locations
             },
             state,
@@ -409,9 +414,35 @@ impl<'de> Deserialize<'de> for Int {
 
 // ---------------------------------------------------------------------------
 
+/// The top-level field with the services.
+const SERVICES: &str = "services";
+
+/// Positions for the validator's findings: the node's settings indexed up
+/// front, the services' only when a finding is about one of them (most of
+/// a big file is services, and indexing them costs more than reading it).
+struct Located<'a> {
+    text: &'a str,
+    /// Everything but what is inside `services`.
+    outside: &'a Locations,
+    services: std::cell::OnceCell<Locations>,
+}
+
+impl Located<'_> {
+    fn locations_for(&self, field: &str) -> &Locations {
+        let inside = field
+            .strip_prefix(SERVICES)
+            .is_some_and(|rest| rest.starts_with(['[', '.']));
+        if inside {
+            self.services.get_or_init(|| Locations::index(self.text))
+        } else {
+            self.outside
+        }
+    }
+}
+
 struct Validator<'a> {
     origin: &'a str,
-    locations: &'a Locations,
+    locations: &'a Located<'a>,
     problems: Vec<Problem>,
     warnings: Vec<Problem>,
 }
@@ -420,7 +451,7 @@ impl Validator<'_> {
     fn fail(&mut self, field: &str, message: impl Into<String>, fix: impl Into<String>) {
         let problem = locate(
             self.origin,
-            self.locations,
+            self.locations.locations_for(field),
             field,
             message.into(),
             fix.into(),
@@ -431,7 +462,7 @@ impl Validator<'_> {
     fn warn(&mut self, field: &str, message: impl Into<String>, fix: impl Into<String>) {
         let problem = locate(
             self.origin,
-            self.locations,
+            self.locations.locations_for(field),
             field,
             message.into(),
             fix.into(),

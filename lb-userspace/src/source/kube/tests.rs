@@ -824,10 +824,10 @@ fn translation_is_deterministic() {
     let forwards = tcp_echo();
     let mut backwards = ClusterSnapshot::default();
     for slice in forwards.endpoint_slices.values().rev() {
-        backwards.insert_endpoint_slice(slice.clone());
+        backwards.insert_endpoint_slice((**slice).clone());
     }
     for service in forwards.services.values().rev() {
-        backwards.insert_service(service.clone());
+        backwards.insert_service((**service).clone());
     }
     assert_eq!(
         desired_state(&forwards, &node(), &base()),

@@ -178,7 +178,10 @@ async fn run(
                 services: services.objects.clone(),
                 endpoint_slices: slices.objects.clone(),
             },
-            node: NodeInfo::new(Some(node_name.clone()), nodes.objects.values().next()),
+            node: NodeInfo::new(
+                Some(node_name.clone()),
+                nodes.objects.values().next().map(|node| &**node),
+            ),
         };
         let unchanged = publish
             .borrow()
@@ -197,10 +200,11 @@ struct Watched<K: Resource> {
     api: Api<K>,
     config: watcher::Config,
     events: Events<K>,
-    /// The objects as of the last complete list plus later events.
-    objects: BTreeMap<ObjectKey, K>,
+    /// The objects as of the last complete list plus later events, shared
+    /// with the views published.
+    objects: BTreeMap<ObjectKey, Arc<K>>,
     /// A relist in progress; replaces `objects` when complete.
-    listing: Option<BTreeMap<ObjectKey, K>>,
+    listing: Option<BTreeMap<ObjectKey, Arc<K>>>,
     /// Listed completely at least once.
     synced: bool,
     /// The last request failed (errors are logged once per outage).
@@ -267,7 +271,7 @@ where
             Event::InitApply(object) => {
                 self.listing
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(key_of(object.meta()), object);
+                    .insert(key_of(object.meta()), Arc::new(object));
                 false
             }
             Event::InitDone => {
@@ -290,7 +294,7 @@ where
                 true
             }
             Event::Apply(object) => {
-                self.objects.insert(key_of(object.meta()), object);
+                self.objects.insert(key_of(object.meta()), Arc::new(object));
                 true
             }
             Event::Delete(object) => self.objects.remove(&key_of(object.meta())).is_some(),
