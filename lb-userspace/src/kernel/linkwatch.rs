@@ -5,9 +5,11 @@
 //! taken from the messages; the agent then lists the devices again.
 
 use std::io;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, OwnedFd};
 
 use tokio::io::unix::AsyncFd;
+
+use crate::kernel::sys;
 
 /// rtnetlink message types (linux/rtnetlink.h).
 const RTM_NEWLINK: u16 = 16;
@@ -23,37 +25,8 @@ pub struct LinkWatch {
 impl LinkWatch {
     /// Opens and binds the socket. Call inside the tokio runtime.
     pub fn open() -> io::Result<LinkWatch> {
-        // SAFETY: plain socket(2) call; the result is checked below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a socket this function just opened and owns.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_nl is plain data; zero is a valid start.
-        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        address.nl_groups = libc::RTMGRP_LINK as u32;
-        // SAFETY: `address` is a valid sockaddr_nl of the length given.
-        let rc = unsafe {
-            libc::bind(
-                socket.as_raw_fd(),
-                (&raw const address).cast::<libc::sockaddr>(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `socket` is an open descriptor the AsyncFd owns from here
-        // on; OwnedFd::as_raw_fd always returns that same descriptor.
-        let socket = unsafe { AsyncFd::register(socket) }.map_err(io::Error::from)?;
+        let socket = sys::netlink_socket(libc::NETLINK_ROUTE, libc::RTMGRP_LINK as u32, true)?;
+        let socket = sys::async_readable(socket)?;
         Ok(LinkWatch { socket })
     }
 
@@ -66,20 +39,14 @@ impl LinkWatch {
             let mut guard = self.socket.readable().await?;
             let mut changed = false;
             loop {
-                // SAFETY: `buffer` is valid for writes of its length.
-                let received = unsafe {
-                    libc::recv(
-                        self.socket.get_ref().as_raw_fd(),
-                        buffer.as_mut_ptr().cast(),
-                        buffer.len(),
-                        0,
-                    )
+                let received = sys::recv(self.socket.get_ref().as_fd(), &mut buffer);
+                let error = match received {
+                    Ok(received) => {
+                        changed |= has_link_message(&buffer[..received]);
+                        continue;
+                    }
+                    Err(error) => error,
                 };
-                if received >= 0 {
-                    changed |= has_link_message(&buffer[..received as usize]);
-                    continue;
-                }
-                let error = io::Error::last_os_error();
                 match error.raw_os_error() {
                     Some(libc::EAGAIN) => {
                         guard.clear_ready();

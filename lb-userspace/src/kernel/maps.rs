@@ -15,6 +15,7 @@ use lb_common::{
     Reason, Service, ServiceKey, SourceRange, Traffic,
 };
 
+use crate::kernel::sys;
 use crate::model::Protocol;
 use crate::reconcile::{
     ActiveBackend, Applied, AppliedService, BackendAddr, Capacity, Frontend, MapOp, MapWriter,
@@ -313,22 +314,6 @@ fn absent_ok(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-/// `BPF_MAP_UPDATE_BATCH` from `enum bpf_cmd` (linux/bpf.h).
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-/// The `batch` member of `union bpf_attr` (`BPF_MAP_*_BATCH` commands).
-#[repr(C)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
 /// Slots of one `XLB_SELECT` batch call: bounds the buffers (8 bytes a
 /// slot) while keeping calls few (a 10,000-Service config has millions of
 /// slots).
@@ -337,64 +322,28 @@ const SELECT_BATCH_SLOTS: usize = 64 * 1024;
 /// Writes `keys[i] = values[i]` in order with one `BPF_MAP_UPDATE_BATCH`
 /// call (BPF_ANY). On failure, returns how many pairs were written first.
 ///
-/// `K` and `V` must have the map's key and value sizes: callers pass the
-/// fd of an aya map typed with exactly `K` and `V` (aya checked the sizes
-/// when the map was typed).
-fn update_batch<K: Copy, V: Copy>(
+/// `K` and `V` must have the map's key and value sizes: callers pass an aya
+/// map typed with exactly `K` and `V` (aya checked the sizes when the map
+/// was typed).
+fn update_batch<K: Pod, V: Pod>(
     map: &MapData,
     name: &'static str,
     keys: &[K],
     values: &[V],
 ) -> Result<(), (usize, MapIoError)> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    let count = keys.len().min(values.len());
-    if count == 0 {
-        return Ok(());
-    }
-    let mut attr = BatchAttr {
-        in_batch: 0,
-        out_batch: 0,
-        keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
-        count: u32::try_from(count).unwrap_or(u32::MAX),
-        map_fd: u32::try_from(map.fd().as_fd().as_raw_fd()).unwrap_or(u32::MAX),
-        elem_flags: 0,
-        flags: 0,
-    };
-    // SAFETY: `attr` is a valid BPF_MAP_UPDATE_BATCH attribute: `map_fd` is
-    // an open map whose key and value sizes are size_of::<K>() and
-    // size_of::<V>() (see above), and `keys` and `values` point to at least
-    // `count` initialized elements each, which outlive the call. The kernel
-    // only reads them, and writes `count` in `attr`, which is live and
-    // mutable.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            std::ptr::from_mut(&mut attr),
-            std::mem::size_of::<BatchAttr>(),
+    use std::os::fd::AsFd as _;
+    sys::bpf_map_update_batch(map.fd().as_fd(), keys, values).map_err(|(written, io_error)| {
+        (
+            written,
+            MapIoError {
+                map: name,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error,
+                }),
+            },
         )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let io_error = std::io::Error::last_os_error();
-    // After EFAULT the count is not reliable: claim nothing.
-    let written = if io_error.raw_os_error() == Some(libc::EFAULT) {
-        0
-    } else {
-        (attr.count as usize).min(count)
-    };
-    Err((
-        written,
-        MapIoError {
-            map: name,
-            source: MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_update_batch",
-                io_error,
-            }),
-        },
-    ))
+    })
 }
 
 /// `XLB_SELECT`'s slots are `u32`s stored 8 bytes apart (array maps round
@@ -410,16 +359,15 @@ const SELECT_WINDOW_BYTES: usize = 4 << 20;
 /// out of range or the slots span more than `SELECT_WINDOW_BYTES`; `None`
 /// if the map cannot be mapped (a pinned map made without the flag).
 fn write_mapped(select: &Array<MapData, u32>, slots: &[u32], ids: &[u32]) -> Option<bool> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-    use std::sync::atomic::{AtomicU32, Ordering, fence};
+    use std::os::fd::AsFd as _;
+    use std::sync::atomic::{Ordering, fence};
     let (Some(&first), Some(&last)) = (slots.iter().min(), slots.iter().max()) else {
         return Some(true);
     };
     if last >= select.len() || slots.len() != ids.len() {
         return Some(false);
     }
-    // SAFETY: sysconf has no preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let page = sys::page_size();
     let start = first as usize * SELECT_SLOT_BYTES / page * page;
     let end = (last as usize + 1) * SELECT_SLOT_BYTES;
     let map_end = (select.len() as usize * SELECT_SLOT_BYTES).div_ceil(page) * page;
@@ -427,40 +375,12 @@ fn write_mapped(select: &Array<MapData, u32>, slots: &[u32], ids: &[u32]) -> Opt
     if length > SELECT_WINDOW_BYTES {
         return Some(false);
     }
-    let Ok(file_offset) = libc::off_t::try_from(start) else {
-        return Some(false);
-    };
-    let fd = select.map().fd().as_fd().as_raw_fd();
-    // SAFETY: a new shared mapping of `length` bytes of the map at
-    // `file_offset` (page-aligned, inside the map's page-rounded size, as
-    // the kernel requires); it aliases no Rust memory and is unmapped below.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            length,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            file_offset,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return None;
-    }
+    let mapping = sys::SharedMapping::new(select.map().fd().as_fd(), start, length).ok()?;
     for (&slot, &id) in slots.iter().zip(ids) {
-        let at = slot as usize * SELECT_SLOT_BYTES - start;
-        // SAFETY: `at` is inside the mapping (start <= slot's byte < end <=
-        // start + length) and 8-byte aligned (the mapping is page-aligned).
-        // The datapath reads the slot concurrently: an atomic store keeps
-        // it whole.
-        let cell = unsafe { &*base.cast::<u8>().add(at).cast::<AtomicU32>() };
-        cell.store(id, Ordering::Relaxed);
+        mapping.store_u32(slot as usize * SELECT_SLOT_BYTES - start, id);
     }
     // The service entries that point at these slots are written after.
     fence(Ordering::Release);
-    // SAFETY: `base`/`length` are exactly the mapping made above, and no
-    // reference into it outlives this point.
-    unsafe { libc::munmap(base, length) };
     Some(true)
 }
 

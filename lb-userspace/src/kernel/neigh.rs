@@ -435,10 +435,9 @@ mod tests {
         let path = format!("/var/run/netns/{ns}");
         let outcome = std::thread::spawn(move || {
             let file = std::fs::File::open(&path).expect("netns handle");
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: a valid namespace fd; only this thread changes namespace.
-            let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(entered, 0, "setns");
+            use std::os::fd::AsFd as _;
+            // Only this thread changes namespace.
+            crate::kernel::sys::setns_net(file.as_fd()).expect("setns");
             let mut neighbours = Neighbours::default();
             let backends: BTreeSet<Ipv4Addr> = [
                 Ipv4Addr::new(198, 18, 5, 7),

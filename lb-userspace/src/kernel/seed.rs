@@ -8,6 +8,8 @@ use std::io::{self, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
+use crate::kernel::sys;
+
 /// Hex digits a seed file must start with (64 bits).
 const SEED_HEX_DIGITS: usize = 16;
 
@@ -60,7 +62,7 @@ pub fn load(path: Option<&Path>) -> Result<(u64, SeedOrigin), SeedError> {
         }
     }
     let mut bytes = [0u8; 16];
-    getrandom(&mut bytes).map_err(|source| SeedError::Random { source })?;
+    sys::getrandom(&mut bytes).map_err(|source| SeedError::Random { source })?;
     let text: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
     let seed = parse(path, &text)?;
     let created = std::fs::OpenOptions::new()
@@ -102,27 +104,8 @@ fn parse(path: &Path, text: &str) -> Result<u64, SeedError> {
 
 fn random_seed() -> Result<u64, SeedError> {
     let mut bytes = [0u8; 8];
-    getrandom(&mut bytes).map_err(|source| SeedError::Random { source })?;
+    sys::getrandom(&mut bytes).map_err(|source| SeedError::Random { source })?;
     Ok(u64::from_ne_bytes(bytes))
-}
-
-fn getrandom(buffer: &mut [u8]) -> io::Result<()> {
-    let mut filled = 0;
-    while filled < buffer.len() {
-        let rest = &mut buffer[filled..];
-        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`,
-        // which is valid, writable memory for the call's duration.
-        let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if got < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error);
-        }
-        filled += got as usize;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

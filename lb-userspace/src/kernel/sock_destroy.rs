@@ -15,9 +15,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+
+use crate::kernel::sys;
 
 /// `SOCK_DIAG_BY_FAMILY` and `SOCK_DESTROY` from linux/sock_diag.h.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -137,12 +139,8 @@ fn own_namespace() -> Option<(u64, u64)> {
 
 fn enter(path: &Path) -> io::Result<()> {
     let file = File::open(path)?;
-    // SAFETY: setns on an open namespace descriptor; it changes only this
-    // thread, which exists for this pass alone.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    // Changes only this thread, which exists for this pass alone.
+    sys::setns_net(file.as_fd())
 }
 
 /// In the current thread's namespace: the sockets destroyed, and a message
@@ -189,19 +187,7 @@ struct DiagSocket {
 }
 
 fn diag_socket() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the descriptor is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sys::netlink_socket(libc::NETLINK_SOCK_DIAG, 0, false)
 }
 
 /// An `inet_diag_req_v2` for IPv4 UDP sockets in `states`, naming `id`.
@@ -223,33 +209,12 @@ fn diag_request(kind: u16, flags: u16, states: u32, id: &[u8; SOCKID_LEN]) -> Ve
 }
 
 fn send(netlink: &OwnedFd, message: &[u8]) -> io::Result<()> {
-    // SAFETY: the buffer is valid for its length; the kernel is the peer.
-    let sent = unsafe {
-        libc::send(
-            netlink.as_raw_fd(),
-            message.as_ptr().cast(),
-            message.len(),
-            0,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    sys::send(netlink.as_fd(), message).map(drop)
 }
 
 /// One datagram of netlink messages.
 fn receive(netlink: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: the buffer is valid and writable for its length.
-    let len = unsafe {
-        libc::recv(
-            netlink.as_raw_fd(),
-            buffer.as_mut_ptr().cast(),
-            buffer.len(),
-            0,
-        )
-    };
-    usize::try_from(len).map_err(|_| io::Error::last_os_error())
+    sys::recv(netlink.as_fd(), buffer)
 }
 
 /// Sends one request and waits for its acknowledgement.

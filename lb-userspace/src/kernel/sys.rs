@@ -4,7 +4,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd as _, OwnedFd};
 use std::path::Path;
 
 use aya::Pod;
@@ -184,4 +184,235 @@ pub fn async_readable<T: AsRawFd>(inner: T) -> io::Result<tokio::io::unix::Async
         tokio::io::unix::AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE)
     };
     registered.map_err(Into::into)
+}
+
+/// Moves this thread (only) into the network namespace `namespace` (an
+/// open `/proc/PID/ns/net` or `/run/netns/NAME`). Needs CAP_SYS_ADMIN.
+pub fn setns_net(namespace: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: setns on an open namespace descriptor changes only the calling
+    // thread's network namespace; no memory is involved.
+    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Fills `buffer` from the kernel's random source (getrandom(2)).
+pub fn getrandom(buffer: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        let rest = &mut buffer[filled..];
+        // SAFETY: the kernel writes at most `rest.len()` bytes into `rest`,
+        // which is valid, writable memory for the call's duration.
+        let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if got < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        filled += got.unsigned_abs();
+    }
+    Ok(())
+}
+
+/// A netlink socket of `protocol` (`NETLINK_ROUTE`, `NETLINK_SOCK_DIAG`),
+/// close-on-exec, non-blocking if asked, and bound to the multicast
+/// `groups` when there are any.
+pub fn netlink_socket(
+    protocol: libc::c_int,
+    groups: u32,
+    nonblocking: bool,
+) -> io::Result<OwnedFd> {
+    let mut kind = libc::SOCK_RAW | libc::SOCK_CLOEXEC;
+    if nonblocking {
+        kind |= libc::SOCK_NONBLOCK;
+    }
+    // SAFETY: plain socket(2); the result is checked and owned right away.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, kind, protocol) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a descriptor this function just opened and nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    if groups == 0 {
+        return Ok(socket);
+    }
+    // SAFETY: sockaddr_nl is plain data; all-zero is a valid start.
+    let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    address.nl_groups = groups;
+    // SAFETY: `address` is a valid sockaddr_nl of the length given, alive
+    // for the call.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&raw const address).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+/// send(2) of one datagram; the bytes sent.
+pub fn send(socket: BorrowedFd<'_>, message: &[u8]) -> io::Result<usize> {
+    // SAFETY: `message` is valid for reads of its length during the call.
+    let sent = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            message.as_ptr().cast(),
+            message.len(),
+            0,
+        )
+    };
+    usize::try_from(sent).map_err(|_| io::Error::last_os_error())
+}
+
+/// recv(2) of one datagram into `buffer`; the bytes received.
+pub fn recv(socket: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buffer` is valid for writes of its length during the call.
+    let received = unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            0,
+        )
+    };
+    usize::try_from(received).map_err(|_| io::Error::last_os_error())
+}
+
+/// `BPF_MAP_UPDATE_BATCH` from `enum bpf_cmd` (linux/bpf.h).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// The `batch` member of `union bpf_attr` (`BPF_MAP_*_BATCH` commands).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes `keys[i] = values[i]` in order with one `BPF_MAP_UPDATE_BATCH`
+/// call (BPF_ANY) to the map `map`, whose key and value sizes must be
+/// those of `K` and `V` (callers pass the fd of an aya map typed with
+/// exactly them). On failure, how many pairs were written first (0 after
+/// EFAULT, when the kernel's count is not reliable) and the error.
+pub fn bpf_map_update_batch<K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    let count = keys.len().min(values.len());
+    if count == 0 {
+        return Ok(());
+    }
+    let mut attr = BatchAttr {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: u32::try_from(count).unwrap_or(u32::MAX),
+        map_fd: u32::try_from(map.as_raw_fd()).unwrap_or(u32::MAX),
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_MAP_UPDATE_BATCH attribute: `map_fd` is
+    // an open map whose key and value sizes are size_of::<K>() and
+    // size_of::<V>() (see above), and `keys` and `values` point to at least
+    // `count` initialized elements each, which outlive the call. The kernel
+    // only reads them, and writes `count` in `attr`, which is live and
+    // mutable.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            std::ptr::from_mut(&mut attr),
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    let written = if error.raw_os_error() == Some(libc::EFAULT) {
+        0
+    } else {
+        (attr.count as usize).min(count)
+    };
+    Err((written, error))
+}
+
+/// The system's page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
+/// A shared, writable mapping of part of a `BPF_F_MMAPABLE` map, unmapped
+/// on drop. The datapath reads the same memory concurrently, so it is only
+/// written through atomic stores.
+pub struct SharedMapping {
+    base: std::ptr::NonNull<libc::c_void>,
+    length: usize,
+}
+
+impl SharedMapping {
+    /// Maps `length` bytes of the map `map` from byte `offset`, which must
+    /// be page-aligned and inside the map's page-rounded size.
+    pub fn new(map: BorrowedFd<'_>, offset: usize, length: usize) -> io::Result<Self> {
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+        // SAFETY: a new shared mapping of `length` bytes of the map's fd at
+        // `offset` (the kernel checks alignment and range); it aliases no
+        // Rust memory and is unmapped by Drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                length,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_raw_fd(),
+                offset,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = std::ptr::NonNull::new(base).ok_or_else(io::Error::last_os_error)?;
+        Ok(Self { base, length })
+    }
+
+    /// Stores `value` at byte `at` of the mapping (4-byte aligned, inside it).
+    pub fn store_u32(&self, at: usize, value: u32) {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        assert!(
+            at.is_multiple_of(4) && at + 4 <= self.length,
+            "store at {at} of {}",
+            self.length
+        );
+        // SAFETY: `at` is inside the mapping and 4-byte aligned (the mapping
+        // is page-aligned), checked above; the memory stays mapped while
+        // `self` lives. Other writers and the datapath only ever access it
+        // whole (atomically), so a shared atomic reference is sound.
+        let cell = unsafe { &*self.base.as_ptr().cast::<u8>().add(at).cast::<AtomicU32>() };
+        cell.store(value, Ordering::Relaxed);
+    }
+}
+
+impl Drop for SharedMapping {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`length` are exactly the mapping `new` made, and no
+        // reference into it outlives `self` (store_u32's is temporary).
+        unsafe { libc::munmap(self.base.as_ptr(), self.length) };
+    }
 }
