@@ -30,12 +30,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, PerCpuArray},
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
 };
 use xlb_tests::{Netns, ScratchDir, netns::unique_stem};
 
-use super::progs::{Flows, Generator};
+use super::progs::{Flows, Generator, set_sink_ports, sink_count};
 use super::report::{Figure, NodePath};
 use super::services::{BenchConfig, FLOOD_TARGET_PORT, Protocol, Service, measured_service};
 use super::topology::{
@@ -391,25 +390,6 @@ fn load_sink_object(ports: [u16; 2]) -> anyhow::Result<Ebpf> {
         .context("loading the trafficgen object")?;
     set_sink_ports(&mut ebpf, ports)?;
     Ok(ebpf)
-}
-
-fn set_sink_ports(ebpf: &mut Ebpf, ports: [u16; 2]) -> anyhow::Result<()> {
-    let mut config: Array<_, u32> = Array::try_from(
-        ebpf.map_mut("SINK_CONFIG")
-            .ok_or_else(|| anyhow!("SINK_CONFIG missing"))?,
-    )?;
-    for (index, port) in ports.iter().enumerate() {
-        config.set(index as u32, u32::from(*port), 0)?;
-    }
-    Ok(())
-}
-
-fn sink_count(ebpf: &Ebpf) -> anyhow::Result<u64> {
-    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
-        ebpf.map("SINK_COUNT")
-            .ok_or_else(|| anyhow!("SINK_COUNT missing"))?,
-    )?;
-    Ok(map.get(&0, 0)?.iter().sum())
 }
 
 /// Where a window counts the flood.

@@ -129,15 +129,7 @@ impl Sink {
             .load(crate::TRAFFICGEN_OBJECT)
             .context("loading the trafficgen object")?;
         load_program(&mut ebpf, "xlb_bench_sink")?;
-        {
-            let mut config: Array<_, u32> = Array::try_from(
-                ebpf.map_mut("SINK_CONFIG")
-                    .ok_or_else(|| anyhow!("SINK_CONFIG missing"))?,
-            )?;
-            for (index, port) in ports.iter().enumerate() {
-                config.set(index as u32, u32::from(*port), 0)?;
-            }
-        }
+        set_sink_ports(&mut ebpf, ports)?;
         for backend in &lab.backends {
             let program = program(&mut ebpf, "xlb_bench_sink")?;
             backend
@@ -149,13 +141,29 @@ impl Sink {
 
     /// Datagrams counted so far, all backends and CPUs.
     pub fn count(&self) -> anyhow::Result<u64> {
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map("SINK_COUNT")
-                .ok_or_else(|| anyhow!("SINK_COUNT missing"))?,
-        )?;
-        Ok(map.get(&0, 0)?.iter().sum())
+        sink_count(&self.ebpf)
     }
+}
+
+/// The UDP destination ports the sinks of `ebpf` count.
+pub(super) fn set_sink_ports(ebpf: &mut Ebpf, ports: [u16; 2]) -> anyhow::Result<()> {
+    let mut config: Array<_, u32> = Array::try_from(
+        ebpf.map_mut("SINK_CONFIG")
+            .ok_or_else(|| anyhow!("SINK_CONFIG missing"))?,
+    )?;
+    for (index, port) in ports.iter().enumerate() {
+        config.set(index as u32, u32::from(*port), 0)?;
+    }
+    Ok(())
+}
+
+/// Datagrams the sinks of `ebpf` counted so far, all CPUs.
+pub(super) fn sink_count(ebpf: &Ebpf) -> anyhow::Result<u64> {
+    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(
+        ebpf.map("SINK_COUNT")
+            .ok_or_else(|| anyhow!("SINK_COUNT missing"))?,
+    )?;
+    Ok(map.get(&0, 0)?.iter().sum())
 }
 
 /// `xlb_limit` on the node's generator-facing veth, sending the benchmark
