@@ -214,6 +214,9 @@ pub struct Window {
     pub offered_pps: f64,
     /// Benchmark datagrams per second the backends received.
     pub delivered_pps: f64,
+    /// Flows the system under test created during the window, where it
+    /// says (xlb: its `fwd_new_flow` counter).
+    pub new_flows: Option<u64>,
 }
 
 /// The generator: `xlb_trafficgen` run with BPF_PROG_TEST_RUN in live-frames
@@ -263,7 +266,8 @@ impl Generator {
     }
 
     /// Send `flows` to `dst_port` as fast as the generator goes; after
-    /// `warmup`, count what `delivered` reports over `window`.
+    /// `warmup`, count what `delivered` (and `new_flows`, if given) report
+    /// over `window`.
     pub fn measure(
         &mut self,
         dst_port: u16,
@@ -271,6 +275,7 @@ impl Generator {
         warmup: Duration,
         window: Duration,
         delivered: &dyn Fn() -> anyhow::Result<u64>,
+        new_flows: Option<&dyn Fn() -> anyhow::Result<u64>>,
     ) -> anyhow::Result<Window> {
         self.set_config(gen_config(dst_port, flows))?;
         let stop = AtomicBool::new(false);
@@ -309,13 +314,18 @@ impl Generator {
             let measured = (|| -> anyhow::Result<Window> {
                 std::thread::sleep(warmup);
                 anyhow::ensure!(!sender.is_finished(), "the generator stopped early");
+                let created0 = new_flows.map(|count| count()).transpose()?;
                 let (sent0, got0, t0) = (this.sent()?, delivered()?, Instant::now());
                 std::thread::sleep(window);
                 let (sent1, got1, t1) = (this.sent()?, delivered()?, Instant::now());
+                let created1 = new_flows.map(|count| count()).transpose()?;
                 let seconds = (t1 - t0).as_secs_f64();
                 Ok(Window {
                     offered_pps: (sent1 - sent0) as f64 / seconds,
                     delivered_pps: got1.saturating_sub(got0) as f64 / seconds,
+                    new_flows: created0
+                        .zip(created1)
+                        .map(|(before, after)| after.saturating_sub(before)),
                 })
             })();
             stop.store(true, Ordering::Relaxed);
