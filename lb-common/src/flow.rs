@@ -57,6 +57,11 @@ pub const FLOW_S_RST: u8 = 1 << 4;
 /// `XLB_FLOWS_NEW` and expires `tcp_syn_timeout_s` after it was created.
 pub const FLOW_S_CONFIRMED: u8 = 1 << 5;
 
+/// The longest a flow's `last_seen_ns` goes unrewritten while packets
+/// arrive: the established path writes the entry (a shared cache line) at
+/// most this often, not on every packet.
+pub const REFRESH_NS: u64 = 1_000_000_000;
+
 /// One conntrack entry: what to rewrite packets matching its key to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -75,13 +80,14 @@ pub struct Flow {
     pub state: u8,
     pub _pad: [u8; 2],
     /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC_COARSE) of the last
-    /// packet, refreshed at most about once a second.
+    /// packet, rewritten only once it is `refresh_ns` old (at most a second,
+    /// a quarter of the timeout for timeouts under 4 s).
     pub last_seen_ns: u64,
     /// `bpf_ktime_get_coarse_ns()` when the flow was created.
     pub created_ns: u64,
     /// Next hop for this entry's packets as the FIB last said (egress
     /// interface, MACs), re-checked with each timestamp refresh so a route
-    /// or neighbour change is followed within about a second. 0: not known.
+    /// or neighbour change is followed within a second. 0: not known.
     pub hop_ifindex: u32,
     pub hop_src_mac: [u8; 6],
     pub hop_dst_mac: [u8; 6],
@@ -109,6 +115,31 @@ impl Flow {
         } else {
             cfg.tcp_established_timeout_s
         }
+    }
+
+    /// How old `last_seen_ns` may get before a packet rewrites it, for an
+    /// entry whose timeout is `timeout_s`: `REFRESH_NS`, or a quarter of the
+    /// timeout if that is shorter. Expiry is judged on the stored value, so
+    /// the refresh must come well inside the timeout: with a 1 s timeout
+    /// and a 1 s refresh, a flow with a packet every 300 ms looked idle at
+    /// its fourth packet and was created anew about once a second. With a
+    /// quarter, a flow lives as long as its gaps stay under 3/4 of the
+    /// timeout, and ends at most a whole timeout after its last packet.
+    #[inline(always)]
+    pub const fn refresh_ns(timeout_s: u32) -> u64 {
+        let quarter = timeout_s as u64 * 250_000_000;
+        if quarter < REFRESH_NS {
+            quarter
+        } else {
+            REFRESH_NS
+        }
+    }
+
+    /// Whether a packet at `now_ns` should rewrite `last_seen_ns` (and, in
+    /// the datapath, re-check the entry's peer and next hop).
+    #[inline(always)]
+    pub const fn refresh_due(&self, proto: u8, cfg: &crate::GlobalConfig, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) >= Self::refresh_ns(self.timeout_s(proto, cfg))
     }
 
     /// TCP: RST seen, or FIN both ways.
@@ -241,6 +272,30 @@ mod tests {
         let limit = 1_000_000_000 + u64::from(cfg.udp_timeout_s) * 1_000_000_000;
         assert!(!flow.expired(crate::IPPROTO_UDP, &cfg, limit));
         assert!(flow.expired(crate::IPPROTO_UDP, &cfg, limit + 1));
+    }
+
+    #[test]
+    fn refresh_comes_well_inside_short_timeouts() {
+        let second = 1_000_000_000;
+        assert_eq!(Flow::refresh_ns(1), second / 4);
+        assert_eq!(Flow::refresh_ns(2), second / 2);
+        assert_eq!(Flow::refresh_ns(4), REFRESH_NS);
+        assert_eq!(Flow::refresh_ns(86_400), REFRESH_NS);
+        // A flow with a packet every 300 ms under a 1 s timeout: every
+        // packet finds its entry due, so none finds it expired.
+        let cfg = GlobalConfig {
+            udp_timeout_s: 1,
+            ..GlobalConfig::DEFAULT
+        };
+        let udp = crate::IPPROTO_UDP;
+        let mut flow = Flow::default();
+        for packet in 1..=10u64 {
+            let now = packet * 300_000_000;
+            assert!(!flow.expired(udp, &cfg, now), "expired at packet {packet}");
+            assert!(flow.refresh_due(udp, &cfg, now));
+            flow.last_seen_ns = now;
+        }
+        assert!(!flow.refresh_due(udp, &cfg, 3 * second + second / 5));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use lb_common::{
     Backend, Flow, FlowKey, GlobalConfig, IPPROTO_TCP, Reason,
     flow::{
         FLOW_DIR_ORIGINAL, FLOW_DIR_REPLY, FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY,
-        FLOW_S_RST, FLOW_S_SEEN_REPLY, FLOW_S_SYN,
+        FLOW_S_RST, FLOW_S_SEEN_REPLY, FLOW_S_SYN, REFRESH_NS,
     },
     hash::flow_hash,
 };
@@ -28,9 +28,6 @@ use crate::{
 const SNAT_PORT_TRIES: u32 = 16;
 /// `-EEXIST` from a map update with BPF_NOEXIST: the key is taken.
 const EEXIST: i32 = -17;
-/// `last_seen_ns` is rewritten at most this often per flow, to keep the
-/// established path from dirtying a shared cache line on every packet.
-const REFRESH_NS: u64 = 1_000_000_000;
 
 /// What conntrack needs from a packet's TCP header (all 0 for UDP).
 #[derive(Clone, Copy)]
@@ -100,7 +97,7 @@ fn live(
     let entry = unsafe { &*flow };
     // An entry whose peer was evicted is gone: its masquerade port looks
     // free to new flows, so it must not keep using it.
-    let due = now.saturating_sub(entry.last_seen_ns) >= REFRESH_NS;
+    let due = entry.refresh_due(key.proto, cfg, now);
     if entry.expired(key.proto, cfg, now) || (due && !paired(table, key, entry)) {
         let _ = table.remove(key);
         return None;
@@ -136,14 +133,22 @@ pub struct Tracked {
 }
 
 /// Records what `segment` says about the flow, in this entry and its peer,
-/// refreshes both timestamps when due, and moves a TCP flow whose client
-/// just acknowledged the backend's SYN-ACK to `XLB_FLOWS`.
+/// refreshes both timestamps when due (`Flow::refresh_due`: judged before
+/// this packet's state change, as `lookup` judged expiry), and moves a TCP
+/// flow whose client just acknowledged the backend's SYN-ACK to `XLB_FLOWS`.
 #[inline(always)]
-pub fn track(flow: *mut Flow, key: &FlowKey, segment: &Segment, now: u64) -> Tracked {
+pub fn track(
+    flow: *mut Flow,
+    key: &FlowKey,
+    segment: &Segment,
+    cfg: &GlobalConfig,
+    now: u64,
+) -> Tracked {
     // SAFETY: `flow` came from a map lookup and stays valid during this run.
     let entry = unsafe { &mut *flow };
     let reply = entry.direction == FLOW_DIR_REPLY;
     let confirmed = entry.state & FLOW_S_CONFIRMED != 0;
+    let due = entry.refresh_due(key.proto, cfg, now);
     let table = table_of(entry);
     let peer_key = FlowKey::peer_of(entry, key.proto);
     let mut add = if reply { FLOW_S_SEEN_REPLY } else { 0 };
@@ -174,7 +179,6 @@ pub fn track(flow: *mut Flow, key: &FlowKey, segment: &Segment, now: u64) -> Tra
         }
     }
     let changed = add & !entry.state != 0;
-    let due = now.saturating_sub(entry.last_seen_ns) >= REFRESH_NS;
     if !changed && !due && !confirm {
         return Tracked {
             entry: flow,

@@ -173,7 +173,7 @@ mod prog {
             return NO_FLOW;
         }
         let segment = Segment::of(ctx, packet);
-        let tracked = conntrack::track(entry, &key, &segment, now);
+        let tracked = conntrack::track(entry, &key, &segment, cfg, now);
         let reason = if tracked.rst_ignored {
             Reason::FwdRstOutsideWindow
         } else if reply {

@@ -119,7 +119,7 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, Reason> {
         true,
     )?;
     let segment = conntrack::Segment::of(ctx, &packet);
-    let tracked = conntrack::track(entry, &key, &segment, now);
+    let tracked = conntrack::track(entry, &key, &segment, cfg, now);
     nat::rewrite_skb(ctx, &packet, flow)?;
     count(if tracked.rst_ignored {
         Reason::FwdRstOutsideWindow

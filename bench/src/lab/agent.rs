@@ -1,16 +1,19 @@
 //! The real xlb agent in the node namespace (`xlb run --config FILE`), and
 //! what the bench reads from outside it: how long a config takes to apply
 //! (SIGHUP to the `applied config generation N` log line; the agent logs no
-//! duration itself) and its resident memory.
+//! duration itself), its resident memory, and its datapath's counters
+//! (read from the maps of the XDP program it attached).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
+use lb_common::Reason;
+use xlb::observe::datapath::DatapathMaps;
 use xlb_tests::{ChildGuard, XLB_BIN_ENV};
 
-use super::topology::BenchLab;
+use super::topology::{BenchLab, NODE_GEN_IF};
 
 /// How long the first start (load, verify, attach, first apply) may take.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -163,6 +166,14 @@ impl Agent {
         Ok((field("VmRSS:")?, field("VmHWM:")?))
     }
 
+    /// The maps of the datapath this agent attached to the node's
+    /// generator link (unpinned: found through the program's kernel id).
+    pub fn datapath(&self, lab: &BenchLab) -> anyhow::Result<DatapathMaps> {
+        let id = xdp_program_id(lab)?;
+        DatapathMaps::of_program(id)
+            .with_context(|| format!("opening the maps of XDP program {id}"))
+    }
+
     /// SIGTERM; returns the agent's `packet counters: ...` line.
     pub fn stop(mut self) -> String {
         let _ = self.child.stop(Duration::from_secs(10));
@@ -176,6 +187,30 @@ impl Agent {
             .unwrap_or("")
             .to_owned()
     }
+}
+
+/// Flows the datapath has created (`fwd_new_flow`, all CPUs) so far.
+pub fn new_flows(datapath: &DatapathMaps) -> anyhow::Result<u64> {
+    let verdicts = datapath.verdicts().context("reading XLB_STATS")?;
+    Ok(verdicts
+        .iter()
+        .find(|(reason, _)| *reason == Reason::FwdNewFlow)
+        .map_or(0, |(_, count)| *count))
+}
+
+/// The kernel id of the XDP program on the node's generator link, as
+/// `ip -j link` reports it (`xdp.prog.id`, or the first of
+/// `xdp.attached[].prog.id`).
+fn xdp_program_id(lab: &BenchLab) -> anyhow::Result<u32> {
+    let text = lab.node.ip(&["-j", "link", "show", "dev", NODE_GEN_IF])?;
+    let links: serde_json::Value =
+        serde_json::from_str(&text).context("parsing `ip -j link show`")?;
+    let xdp = &links[0]["xdp"];
+    let id = xdp["prog"]["id"]
+        .as_u64()
+        .or_else(|| xdp["attached"][0]["prog"]["id"].as_u64())
+        .ok_or_else(|| anyhow!("no XDP program on {NODE_GEN_IF}: {text}"))?;
+    Ok(u32::try_from(id)?)
 }
 
 fn tail(log: &str) -> String {

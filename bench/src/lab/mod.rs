@@ -358,13 +358,27 @@ impl Bench {
         ))
     }
 
-    /// Delivered UDP packets/s to the flood service with `flows`.
+    /// Delivered UDP packets/s to the flood service with `flows` (and, for
+    /// xlb, the flows its datapath created meanwhile).
     fn udp(&mut self, flows: Flows, plan: Plan) -> anyhow::Result<progs::Window> {
         let sink = &self.sink;
-        self.generator
-            .measure(FLOOD_NODE_PORT, flows, plan.warmup, plan.window, &|| {
-                sink.count()
-            })
+        let datapath = match &self.running {
+            Running::Xlb(agent) => Some(agent.datapath(&self.lab)?),
+            _ => None,
+        };
+        let new_flows = datapath
+            .as_ref()
+            .map(|datapath| move || agent::new_flows(datapath));
+        self.generator.measure(
+            FLOOD_NODE_PORT,
+            flows,
+            plan.warmup,
+            plan.window,
+            &|| sink.count(),
+            new_flows
+                .as_ref()
+                .map(|count| count as &dyn Fn() -> anyhow::Result<u64>),
+        )
     }
 
     /// Stop the agent, if this is xlb: its RSS and packet counters.
@@ -385,6 +399,9 @@ impl Bench {
 struct Samples {
     metrics: BTreeMap<&'static str, Vec<f64>>,
     offered: Vec<f64>,
+    /// Established tests (metric -> per repeat): flows the system created
+    /// during the window, where it says.
+    new_flows: BTreeMap<&'static str, Vec<u64>>,
     lost: u64,
     tcp_failed: u64,
 }
@@ -395,6 +412,13 @@ enum Measurement {
     Udp(&'static str, Flows),
     Tcp,
     Latency,
+}
+
+/// Most flows an established test's window may see created: 1% of its
+/// flows (none for 1 flow). Every tuple is then a live flow, so its packets
+/// measure the established path, not new flows.
+fn new_flow_allowance(flows: u32) -> u64 {
+    u64::from(flows) / 100
 }
 
 const HEADLINE: [Measurement; 5] = [
@@ -420,6 +444,9 @@ fn measure_headline(
                 .or_default()
                 .push(window.delivered_pps);
             samples.offered.push(window.offered_pps);
+            if let (Flows::Cycle(_), Some(created)) = (flows, window.new_flows) {
+                samples.new_flows.entry(metric).or_default().push(created);
+            }
         }
         // No NAT, no state: the ceiling only forwards the flood.
         Measurement::Tcp | Measurement::Latency if bench.system == System::Limit => {}
@@ -518,6 +545,7 @@ fn headline(
             continue;
         };
         let system = bench.system;
+        failed |= check_new_flows(&samples.new_flows, &samples.metrics, figures);
         for (metric, values) in samples.metrics {
             figures
                 .metrics
@@ -548,6 +576,65 @@ fn headline(
         }
     }
     (figures, failed)
+}
+
+/// Records the flows created during established windows in `figures` and
+/// says whether any window saw more than [`new_flow_allowance`]: its
+/// packets then partly measured new flows (a flow table too small, or
+/// entries expiring under traffic), and its pps is not an established
+/// figure.
+fn check_new_flows(
+    new_flows: &BTreeMap<&'static str, Vec<u64>>,
+    pps: &BTreeMap<&'static str, Vec<f64>>,
+    figures: &mut SystemFigures,
+) -> bool {
+    let mut failed = false;
+    for (&metric, created) in new_flows {
+        let Some(flows) = HEADLINE.iter().find_map(|measurement| match measurement {
+            Measurement::Udp(key, Flows::Cycle(flows)) if *key == metric => Some(*flows),
+            _ => None,
+        }) else {
+            continue;
+        };
+        let allowed = new_flow_allowance(flows);
+        let list: Vec<String> = created.iter().map(u64::to_string).collect();
+        let worst = created.iter().copied().max().unwrap_or(0);
+        let verdict = if worst > allowed {
+            failed = true;
+            // A flow's packets come this far apart on average (more with
+            // bursts of loss): against the UDP timeout, whether the rate
+            // was too low to keep every flow alive.
+            let slowest = pps
+                .get(metric)
+                .and_then(|rates| rates.iter().copied().reduce(f64::min))
+                .filter(|rate| *rate > 0.0)
+                .map_or_else(String::new, |rate| {
+                    format!(
+                        "; at {rate:.0} pps a flow sees a packet every {:.0} ms",
+                        f64::from(flows) * 1_000.0 / rate
+                    )
+                });
+            format!(
+                "MORE than {allowed} ({:.1}% of {flows} flows): not an established test{slowest}",
+                worst as f64 * 100.0 / f64::from(flows)
+            )
+        } else {
+            format!("ok: at most {allowed} allowed")
+        };
+        eprintln!(
+            "xlb-bench: {} {metric}: new flows per window {}: {verdict}",
+            figures.system,
+            list.join(", ")
+        );
+        figures.notes.push(format!(
+            "{metric}: new flows per window {} ({verdict})",
+            list.join(", ")
+        ));
+        figures
+            .new_flows_per_window
+            .insert(metric.to_owned(), created.clone());
+    }
+    failed
 }
 
 /// Configure one system at one sweep point. xlb starts on an empty config,

@@ -444,6 +444,7 @@ impl PathBench {
                 CountAt::Pod => sink.count(),
                 CountAt::Node2 => at_node2.count(),
             },
+            None,
         );
         self.at_node2.arm(false)?;
         Ok(window?.delivered_pps)

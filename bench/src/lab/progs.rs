@@ -215,6 +215,42 @@ impl Limit {
     }
 }
 
+/// Longest extra warm-up while a cycle's flows are still being created.
+const SETTLE_MAX: Duration = Duration::from_secs(5);
+const SETTLE_STEP: Duration = Duration::from_millis(100);
+
+/// Extends the warm-up (by at most `SETTLE_MAX`) until the system creates
+/// fewer than 1% of `flows` per second: at a low delivered rate a fixed
+/// warm-up ends before every tuple of a 60k-flow cycle has had its first
+/// packet, and the window would count first packets as established ones.
+fn settle(count: &dyn Fn() -> anyhow::Result<u64>, flows: u32) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let allowed_per_step = u64::from(flows) / 1_000;
+    let mut last = count()?;
+    loop {
+        std::thread::sleep(SETTLE_STEP);
+        let now = count()?;
+        if now.saturating_sub(last) <= allowed_per_step {
+            break;
+        }
+        if start.elapsed() >= SETTLE_MAX {
+            eprintln!(
+                "xlb-bench: {flows} flows: still {} new flows per {SETTLE_STEP:?} after {SETTLE_MAX:?} more warm-up",
+                now.saturating_sub(last)
+            );
+            break;
+        }
+        last = now;
+    }
+    if start.elapsed() > 2 * SETTLE_STEP {
+        eprintln!(
+            "xlb-bench: {flows} flows: warm-up extended by {:.1} s until the flows existed",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 /// One measured window of generated traffic.
 #[derive(Clone, Copy, Debug)]
 pub struct Window {
@@ -222,6 +258,9 @@ pub struct Window {
     pub offered_pps: f64,
     /// Benchmark datagrams per second the backends received.
     pub delivered_pps: f64,
+    /// Flows the system under test created during the window, where it
+    /// says (xlb: its `fwd_new_flow` counter).
+    pub new_flows: Option<u64>,
 }
 
 /// The generator: `xlb_trafficgen` run with BPF_PROG_TEST_RUN in live-frames
@@ -271,7 +310,8 @@ impl Generator {
     }
 
     /// Send `flows` to `dst_port` as fast as the generator goes; after
-    /// `warmup`, count what `delivered` reports over `window`.
+    /// `warmup`, count what `delivered` (and `new_flows`, if given) report
+    /// over `window`.
     pub fn measure(
         &mut self,
         dst_port: u16,
@@ -279,6 +319,7 @@ impl Generator {
         warmup: Duration,
         window: Duration,
         delivered: &dyn Fn() -> anyhow::Result<u64>,
+        new_flows: Option<&dyn Fn() -> anyhow::Result<u64>>,
     ) -> anyhow::Result<Window> {
         self.set_config(gen_config(dst_port, flows))?;
         let stop = AtomicBool::new(false);
@@ -317,13 +358,21 @@ impl Generator {
             let measured = (|| -> anyhow::Result<Window> {
                 std::thread::sleep(warmup);
                 anyhow::ensure!(!sender.is_finished(), "the generator stopped early");
+                if let (Some(count), Flows::Cycle(flows)) = (new_flows, flows) {
+                    settle(count, flows)?;
+                }
+                let created0 = new_flows.map(|count| count()).transpose()?;
                 let (sent0, got0, t0) = (this.sent()?, delivered()?, Instant::now());
                 std::thread::sleep(window);
                 let (sent1, got1, t1) = (this.sent()?, delivered()?, Instant::now());
+                let created1 = new_flows.map(|count| count()).transpose()?;
                 let seconds = (t1 - t0).as_secs_f64();
                 Ok(Window {
                     offered_pps: (sent1 - sent0) as f64 / seconds,
                     delivered_pps: got1.saturating_sub(got0) as f64 / seconds,
+                    new_flows: created0
+                        .zip(created1)
+                        .map(|(before, after)| after.saturating_sub(before)),
                 })
             })();
             stop.store(true, Ordering::Relaxed);

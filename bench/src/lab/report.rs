@@ -48,6 +48,10 @@ pub struct SystemFigures {
     /// Seconds to configure the system (rules load, agent start).
     pub setup_s: Option<f64>,
     pub rss_mib: Option<f64>,
+    /// xlb, established tests (metric key -> per repeat): flows its
+    /// datapath created during the measured window (`fwd_new_flow`); about
+    /// 0 when every tuple is a live flow.
+    pub new_flows_per_window: BTreeMap<String, Vec<u64>>,
     pub notes: Vec<String>,
     pub error: Option<String>,
 }
@@ -60,6 +64,7 @@ impl SystemFigures {
             offered_pps: None,
             setup_s: None,
             rss_mib: None,
+            new_flows_per_window: BTreeMap::new(),
             notes: Vec::new(),
             error: None,
         }

@@ -141,6 +141,75 @@ fn malformed_packet_sweep() {
     });
 }
 
+/// A UDP flow under a 1 s timeout with a packet every 300 ms lives on for
+/// 3 s: every packet finds its entry due for a refresh (a quarter of the
+/// timeout) before it could look idle, so no packet is a new flow, and the
+/// reply entry, refreshed with it, still answers. Once the client falls
+/// silent for longer than the timeout, the flow is gone. With the refresh
+/// at a fixed second, the fourth packet found the flow expired and made a
+/// new one, about once a second. Real sleeps: BPF_PROG_TEST_RUN runs the
+/// program on the real (coarse monotonic) clock.
+#[test]
+fn short_timeout_flow_with_steady_packets_lives_on() {
+    use packets::{L4, Spec};
+    use std::time::{Duration, Instant};
+
+    const GAP: Duration = Duration::from_millis(300);
+    const LIVE: Duration = Duration::from_secs(3);
+    with_datapath(xlb::DATAPATH_OBJECT, |dp| {
+        let mut cfg = Datapath::base_config();
+        cfg.udp_timeout_s = 1;
+        dp.set_config(cfg);
+        let client = Spec::from_client(40_400, UDP_NODE_PORT, L4::Udp);
+        let frame = client.build();
+        let counted = |dp: &mut Datapath, reason: Reason| dp.stats()[reason as usize];
+        let at_backend = table::send_from_client(dp, &client);
+        let created_ns = dp.flow(&client.key()).expect("flow").created_ns;
+        let new_before = counted(dp, Reason::FwdNewFlow);
+        let established_before = counted(dp, Reason::FwdEstablished);
+        let start = Instant::now();
+        let mut packets = 0;
+        while start.elapsed() < LIVE {
+            std::thread::sleep(GAP);
+            let (verdict, _) = dp.run(&frame, dp.client_ifindex);
+            assert_eq!(verdict, XDP_REDIRECT, "packet {packets} not forwarded");
+            packets += 1;
+        }
+        let new_flows = counted(dp, Reason::FwdNewFlow) - new_before;
+        assert_eq!(
+            new_flows, 0,
+            "{new_flows} of {packets} packets 300 ms apart re-created a flow with a 1 s timeout"
+        );
+        assert_eq!(
+            counted(dp, Reason::FwdEstablished) - established_before,
+            packets
+        );
+        let flow = dp.flow(&client.key()).expect("flow");
+        assert_eq!(flow.created_ns, created_ns, "the flow was re-created");
+        let reply = at_backend.reply(L4::Udp, b"echo").build();
+        let replies_before = counted(dp, Reason::FwdReply);
+        let (verdict, _) = dp.run(&reply, dp.backend_ifindex);
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "the backend's reply was not forwarded"
+        );
+        assert_eq!(counted(dp, Reason::FwdReply) - replies_before, 1);
+        // Silent for longer than the timeout: the next packet is a new flow.
+        std::thread::sleep(Duration::from_millis(1_300));
+        let (verdict, _) = dp.run(&frame, dp.client_ifindex);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(
+            counted(dp, Reason::FwdNewFlow) - new_before,
+            1,
+            "an idle flow lived on"
+        );
+        println!(
+            "{packets} packets {GAP:?} apart under a 1 s timeout: one flow; after 1.3 s of \
+             silence, a new one"
+        );
+    });
+}
+
 /// Pins the calling thread to `cpu`.
 fn pin_to_cpu(cpu: usize) {
     // SAFETY: cpu_set_t is plain data set up by CPU_ZERO/CPU_SET before use;

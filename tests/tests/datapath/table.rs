@@ -149,7 +149,7 @@ fn forward_case(dp: &Datapath, spec: Spec) -> Case {
 }
 
 /// Sends `spec` from the client and returns the frame as the backend got it.
-fn send_from_client(dp: &mut Datapath, spec: &Spec) -> Spec {
+pub fn send_from_client(dp: &mut Datapath, spec: &Spec) -> Spec {
     let (verdict, out) = dp.run(&spec.build(), dp.client_ifindex);
     assert_eq!(
         verdict, XDP_REDIRECT,
