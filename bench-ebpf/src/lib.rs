@@ -35,8 +35,12 @@ pub struct GenConfig {
     /// SYN flood (checksum at `TCP_CSUM_AT`; `udp_csum_base` then sums the
     /// TCP pseudo-header and header).
     pub tcp: u32,
+    /// The generator's wire (in its own namespace): each frame is cloned
+    /// out of this interface.
+    pub ifindex: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<GenConfig>() == 88);
+const _: () = assert!(core::mem::size_of::<GenConfig>() == 96);
 
 /// What changes from one generated frame to the next.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,11 +1,13 @@
 //! The lab benchmark's traffic generator and sink (`cargo xtask bench`), not
 //! part of the datapath.
 //!
-//! `xlb_trafficgen` is run with BPF_PROG_TEST_RUN in live-frames mode: every
-//! run writes one whole UDP frame from a template (live frames are recycled,
-//! so nothing of the previous run may survive: LAB-NOTES pitfall 2), picks
-//! the flow from a sequence number and returns XDP_TX, which sends the frame
-//! out of the generator's veth. `xlb_bench_sink` sits on the backends' veths
+//! `xlb_trafficgen` is a tc program run with BPF_PROG_TEST_RUN (`repeat` in
+//! the hundreds of thousands): every run writes the frame's header from a
+//! template, picks the flow from a sequence number and sends a clone of the
+//! test skb out of the generator's veth with `bpf_clone_redirect`. (XDP's
+//! live-frames test mode did this faster, but this lab's kernel refuses
+//! it with EPERM; the kernel copies the skb's head before a write while an
+//! earlier clone still shares it, so every clone keeps its own flow.) `xlb_bench_sink` sits on the backends' veths
 //! and counts and drops the benchmark's UDP datagrams, passing everything
 //! else (ARP, TCP, the latency echo) to the stack. `xlb_bench_tc_sink` does
 //! the same at tc ingress, for pods whose veth ends keep the kernel's
@@ -21,6 +23,7 @@
 mod prog {
     use aya_ebpf::{
         bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+        helpers::bpf_clone_redirect,
         macros::{classifier, map, xdp},
         maps::{Array, PerCpuArray},
         programs::{TcContext, XdpContext},
@@ -41,14 +44,14 @@ mod prog {
     #[map]
     static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
-    #[xdp]
-    pub fn xlb_trafficgen(ctx: XdpContext) -> u32 {
+    #[classifier]
+    pub fn xlb_trafficgen(ctx: TcContext) -> i32 {
         let start = ctx.data();
         if start + FRAME_LEN > ctx.data_end() {
-            return xdp_action::XDP_ABORTED;
+            return TC_ACT_SHOT;
         }
         let (Some(cfg), Some(sent)) = (GEN_CONFIG.get_ptr(0), GEN_SENT.get_ptr_mut(0)) else {
-            return xdp_action::XDP_ABORTED;
+            return TC_ACT_SHOT;
         };
         // SAFETY: map value pointers are valid for this run; one writer.
         let (cfg, seq) = unsafe {
@@ -73,7 +76,9 @@ mod prog {
             (frame.add(cfg.l4_csum_at()) as *mut [u8; 2])
                 .write_unaligned(fields.udp_csum.to_be_bytes());
         }
-        xdp_action::XDP_TX
+        // SAFETY: plain helper call on this run's skb; it transmits a clone.
+        let sent = unsafe { bpf_clone_redirect(ctx.skb.skb, cfg.ifindex, 0) };
+        if sent == 0 { TC_ACT_OK } else { TC_ACT_SHOT }
     }
 
     #[xdp]

@@ -1,6 +1,7 @@
 //! A SYN flood at the TCP NodePort (issue 10): 100,000 spoofed SYNs from
-//! silent sources, sent by the bench's XDP live-frames generator from a
-//! namespace of its own as fast as one core goes, while an established TCP
+//! silent sources, sent by the bench's generator (a tc program cloning a
+//! test skb out of the wire, `xlb_bench::send_generated`) from a namespace
+//! of its own as fast as one core goes, while an established TCP
 //! stream and a UDP stream run. Half-open flows live in `XLB_FLOWS_NEW`, so
 //! the flood can neither evict those flows nor keep masquerade ports.
 //!
@@ -16,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::{
-    EbpfLoader, TestRunAttrs, TestRunOptions,
+    EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
-    programs::{TestRun as _, Xdp},
+    programs::SchedClassifier,
 };
 use lb_common::{Flow, FlowKey, Reason};
-use xlb_bench_ebpf::{FRAME_LEN, GenConfig};
+use xlb_bench_ebpf::GenConfig;
 use xlb_tests::client::{IO_TIMEOUT, pattern, tcp_who_echo, udp_socket};
 use xlb_tests::lab::{NODE_ADDR, TCP_ECHO_NODE_PORT, tcp_echo_service, udp_echo_service};
 use xlb_tests::netns::unique_stem;
@@ -82,6 +83,8 @@ fn syn_flood_config() -> GenConfig {
         src_port_base: 1024,
         port_span: SPOOFED_PORTS,
         tcp: 1,
+        ifindex: 0,
+        _pad: 0,
     }
 }
 
@@ -126,7 +129,7 @@ fn flood(
         let mut ebpf = EbpfLoader::new()
             .load(xlb_bench::TRAFFICGEN_OBJECT)
             .context("loading the trafficgen object")?;
-        let program: &mut Xdp = ebpf
+        let program: &mut SchedClassifier = ebpf
             .program_mut("xlb_trafficgen")
             .ok_or_else(|| anyhow!("xlb_trafficgen missing"))?
             .try_into()?;
@@ -135,16 +138,18 @@ fn flood(
             ebpf.map_mut("GEN_CONFIG")
                 .ok_or_else(|| anyhow!("GEN_CONFIG missing"))?,
         )?;
-        config.set(0, syn_flood_config(), 0)?;
-        let ifindex = nix_ifindex("eth0")?;
-        let program: &Xdp = ebpf
+        config.set(
+            0,
+            GenConfig {
+                ifindex: nix_ifindex("eth0")?,
+                ..syn_flood_config()
+            },
+            0,
+        )?;
+        let program: &SchedClassifier = ebpf
             .program("xlb_trafficgen")
             .ok_or_else(|| anyhow!("xlb_trafficgen missing"))?
             .try_into()?;
-        let frame = vec![0u8; FRAME_LEN];
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(FRAME_LEN as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
         let started = Instant::now();
         let mut requested = 0u64;
         for _ in 0..FLOOD_ROUNDS {
@@ -152,15 +157,8 @@ fn flood(
             if missing == 0 {
                 break;
             }
-            program
-                .test_run(TestRunOptions {
-                    data_in: Some(&frame),
-                    ctx_in: Some(&ctx),
-                    repeat: u32::try_from(missing)?,
-                    attrs: TestRunAttrs::new().xdp_live_frames(64),
-                    ..TestRunOptions::default()
-                })
-                .context("BPF_PROG_TEST_RUN (live frames) of xlb_trafficgen")?;
+            xlb_bench::send_generated(program, u32::try_from(missing)?)
+                .context("BPF_PROG_TEST_RUN of xlb_trafficgen")?;
             requested += missing;
         }
         let elapsed = started.elapsed();

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf, EbpfLoader, TestRunAttrs, TestRunOptions,
+    Ebpf, EbpfLoader,
     maps::{Array, PerCpuArray},
-    programs::{TestRun as _, Xdp, XdpMode},
+    programs::{SchedClassifier, Xdp, XdpMode},
 };
 
 use xlb_bench_ebpf::{FRAME_LEN, GenConfig, LimitTarget};
@@ -74,6 +74,8 @@ pub fn gen_config(dst_port: u16, flows: Flows) -> GenConfig {
         src_port_base,
         port_span,
         tcp: 0,
+        ifindex: 0,
+        _pad: 0,
     }
 }
 
@@ -263,8 +265,9 @@ pub struct Window {
     pub new_flows: Option<u64>,
 }
 
-/// The generator: `xlb_trafficgen` run with BPF_PROG_TEST_RUN in live-frames
-/// mode from a thread inside the generator namespace.
+/// The generator: `xlb_trafficgen` (a tc program that clones the test skb
+/// out of the generator's wire) run with BPF_PROG_TEST_RUN from a thread
+/// inside the generator namespace.
 pub struct Generator {
     ebpf: Ebpf,
     ns: String,
@@ -273,15 +276,17 @@ pub struct Generator {
 
 /// Frames per BPF_PROG_TEST_RUN call: short enough to stop promptly.
 const REPEAT: u32 = 1 << 18;
-/// Frames per live-frames batch (the kernel's default is 64, at most 256).
-const BATCH: u32 = 64;
 
 impl Generator {
     pub fn load(lab: &BenchLab) -> anyhow::Result<Generator> {
         let mut ebpf = EbpfLoader::new()
             .load(crate::TRAFFICGEN_OBJECT)
             .context("loading the trafficgen object")?;
-        load_program(&mut ebpf, "xlb_trafficgen")?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut("xlb_trafficgen")
+            .ok_or_else(|| anyhow!("xlb_trafficgen missing"))?
+            .try_into()?;
+        program.load().context("loading xlb_trafficgen")?;
         let ifindex = lab.gen_ns.run(|| topology::ifindex(POD_IF))??;
         Ok(Generator {
             ebpf,
@@ -321,12 +326,14 @@ impl Generator {
         delivered: &dyn Fn() -> anyhow::Result<u64>,
         new_flows: Option<&dyn Fn() -> anyhow::Result<u64>>,
     ) -> anyhow::Result<Window> {
-        self.set_config(gen_config(dst_port, flows))?;
+        self.set_config(GenConfig {
+            ifindex: self.ifindex,
+            ..gen_config(dst_port, flows)
+        })?;
         let stop = AtomicBool::new(false);
         let handle = topology::open_ns(&self.ns)?;
         let ns = self.ns.clone();
-        let ifindex = self.ifindex;
-        let program: &Xdp = self
+        let program: &SchedClassifier = self
             .ebpf
             .program("xlb_trafficgen")
             .ok_or_else(|| anyhow!("xlb_trafficgen missing"))?
@@ -336,22 +343,9 @@ impl Generator {
             let sender = scope.spawn(|| -> anyhow::Result<()> {
                 topology::enter(&handle, &ns)?;
                 pin_to_cpu(0);
-                let frame = vec![0u8; FRAME_LEN];
-                // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-                // rx_queue_index, egress_ifindex.
-                let mut ctx = [0u8; 24];
-                ctx[4..8].copy_from_slice(&(FRAME_LEN as u32).to_ne_bytes());
-                ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
                 while !stop.load(Ordering::Relaxed) {
-                    program
-                        .test_run(TestRunOptions {
-                            data_in: Some(&frame),
-                            ctx_in: Some(&ctx),
-                            repeat: REPEAT,
-                            attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
-                            ..TestRunOptions::default()
-                        })
-                        .context("BPF_PROG_TEST_RUN (live frames) of xlb_trafficgen")?;
+                    xlb_bench::send_generated(program, REPEAT)
+                        .context("BPF_PROG_TEST_RUN of xlb_trafficgen")?;
                 }
                 Ok(())
             });
