@@ -4,8 +4,8 @@
 
 use std::net::Ipv4Addr;
 
+use xlb::model::desired_backends;
 use xlb::model::{DesiredState, Protocol};
-use xlb::reconcile::desired_backends;
 use xlb::source::kube::{NodeInfo, desired_state};
 use xlb::source::manifests::{self, ManifestError, ManifestProblem, Manifests};
 use xlb_tests::ScratchDir;

@@ -18,14 +18,10 @@ use serde::de::{self, Deserializer, Visitor};
 use super::locate::{Locations, Position};
 use crate::model::{
     Backend, Conntrack, DEFAULT_AFFINITY_TIMEOUT_S, DEFAULT_MASQUERADE_PORTS, DEFAULT_TABLE_SIZE,
-    DesiredState, MAX_AFFINITY_TIMEOUT_S, Protocol, Service, TrafficPolicy,
+    DesiredState, MAX_AFFINITY_TIMEOUT_S, MAX_TABLE_SIZE, Protocol, Service, TrafficPolicy,
+    is_prime, network_of,
 };
-use crate::reconcile::maglev::is_prime;
-use crate::reconcile::network_of;
 
-/// Largest accepted `selection.tableSize`: a prime that leaves room in
-/// `XLB_SELECT` (default capacity) for double-buffering a few services.
-pub const MAX_TABLE_SIZE: u32 = 1_048_573;
 /// Most weight one backend may have.
 pub const MAX_WEIGHT: i128 = 1000;
 /// Bounds of `conntrack.*TimeoutSeconds` (one second to a year).
