@@ -11,7 +11,6 @@
 //! `nodeport` must not silently become "no NodePort".
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::io::Read as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -23,52 +22,13 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use super::kube::{ClusterSnapshot, ObjectKey, SERVICE_NAME_LABEL, key_of};
-use super::locate::{self, Locations};
+use super::locate::{Locations, Position};
+use super::problem::{Problem, SYNTAX_FIX, display_problems, error_position};
 
 /// Names manifests read from standard input in messages.
 pub const STDIN_ORIGIN: &str = "<stdin>";
 /// File name endings read from a directory.
 pub const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
-
-/// One located finding in a manifest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ManifestProblem {
-    /// The file as named to xlb, or `<stdin>`.
-    pub origin: String,
-    /// 1-based among the stream's non-empty documents.
-    pub document: usize,
-    pub line: usize,
-    pub column: usize,
-    /// `Service default/web`, when the document got that far.
-    pub object: Option<String>,
-    /// Field path in the document, e.g. `spec.ports[0].nodePort`; empty
-    /// for the document as a whole.
-    pub field: String,
-    pub message: String,
-    pub fix: String,
-}
-
-impl fmt::Display for ManifestProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: document {}",
-            self.origin, self.line, self.column, self.document
-        )?;
-        if let Some(object) = &self.object {
-            write!(f, " ({object})")?;
-        }
-        f.write_str(": ")?;
-        if !self.field.is_empty() {
-            write!(f, "{}: ", self.field)?;
-        }
-        f.write_str(&self.message)?;
-        if !self.fix.is_empty() {
-            write!(f, "; {}", self.fix)?;
-        }
-        Ok(())
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -85,19 +45,14 @@ pub enum ManifestError {
     EmptyDirectory { origin: String },
     /// Every problem found (one per line when displayed).
     #[error("{}", display_problems(problems))]
-    Invalid { problems: Vec<ManifestProblem> },
-}
-
-fn display_problems(problems: &[ManifestProblem]) -> String {
-    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
-    lines.join("\n")
+    Invalid { problems: Vec<Problem> },
 }
 
 /// Loaded manifests: the objects xlb uses, and findings that do not stop it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Manifests {
     pub snapshot: ClusterSnapshot,
-    pub warnings: Vec<ManifestProblem>,
+    pub warnings: Vec<Problem>,
     /// Objects of other kinds, by `apiVersion/kind`, and how many.
     pub skipped: BTreeMap<String, usize>,
 }
@@ -197,6 +152,29 @@ struct Document {
     text: String,
 }
 
+impl Document {
+    /// `problem`, found in this document's own text, placed in the stream.
+    fn place(&self, problem: Problem) -> Problem {
+        Problem {
+            document: Some(self.index),
+            line: problem.line + self.line_offset,
+            ..problem
+        }
+    }
+
+    /// A finding at `position` of this document's text.
+    fn problem(
+        &self,
+        origin: &str,
+        position: Position,
+        field: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Problem {
+        self.place(Problem::new(origin, position, field, message, fix))
+    }
+}
+
 /// Splits a stream at `---` and `...` lines. The marker is blanked rather
 /// than removed, so that columns on its line stay true (`--- {a: 1}`).
 /// Documents of only blanks and comments are dropped.
@@ -271,27 +249,18 @@ impl<'a> At<'a> {
         }
     }
 
-    fn problem(
-        &self,
-        field: &str,
-        message: impl Into<String>,
-        fix: impl Into<String>,
-    ) -> ManifestProblem {
+    fn problem(&self, field: &str, message: impl Into<String>, fix: impl Into<String>) -> Problem {
         let full = if field.is_empty() {
             self.prefix.trim_end_matches('.').to_owned()
         } else {
             format!("{}{field}", self.prefix)
         };
         let position = self.locations.find(&full);
-        ManifestProblem {
-            origin: self.origin.to_owned(),
-            document: self.document.index,
-            line: position.line + self.document.line_offset,
-            column: position.column,
+        Problem {
             object: self.object.clone(),
-            field: full,
-            message: message.into(),
-            fix: fix.into(),
+            ..self
+                .document
+                .problem(self.origin, position, full, message, fix)
         }
     }
 }
@@ -299,20 +268,20 @@ impl<'a> At<'a> {
 /// A NodePort's first owner, for duplicate checks across documents.
 struct Owner {
     object: String,
-    problem: ManifestProblem,
+    problem: Problem,
 }
 
 #[derive(Default)]
 struct Checker {
     snapshot: ClusterSnapshot,
-    problems: Vec<ManifestProblem>,
-    warnings: Vec<ManifestProblem>,
+    problems: Vec<Problem>,
+    warnings: Vec<Problem>,
     skipped: BTreeMap<String, usize>,
     /// Where each object was defined, for duplicate messages.
-    defined: HashMap<(String, ObjectKey), ManifestProblem>,
+    defined: HashMap<(String, ObjectKey), Problem>,
     node_ports: HashMap<(String, i32), Owner>,
     /// Where each slice is, for the cross check.
-    slices: Vec<(ObjectKey, ManifestProblem)>,
+    slices: Vec<(ObjectKey, Problem)>,
 }
 
 impl Checker {
@@ -326,40 +295,20 @@ impl Checker {
             object: None,
         };
         if let Some(position) = locations.first_alias() {
-            self.problems.push(ManifestProblem {
-                origin: origin.to_owned(),
-                document: document.index,
-                line: position.line + document.line_offset,
-                column: position.column,
-                object: None,
-                field: String::new(),
-                message: String::from(locate::ALIAS_MESSAGE),
-                fix: String::from(locate::ALIAS_FIX),
-            });
+            self.problems
+                .push(document.place(Problem::alias(origin, position)));
             return;
         }
         let value: Value = match serde_yaml::from_str(&document.text) {
             Ok(value) => value,
             Err(error) => {
-                let (line, column) = error
-                    .location()
-                    .map_or((1, 1), |location| (location.line(), location.column()));
                 let mut message = error.to_string();
                 if let Some(at) = message.find(" at line ") {
                     message.truncate(at);
                 }
-                self.problems.push(ManifestProblem {
-                    origin: origin.to_owned(),
-                    document: document.index,
-                    line: line + document.line_offset,
-                    column,
-                    object: None,
-                    field: String::new(),
-                    message,
-                    fix: String::from(
-                        "fix the YAML syntax (indentation, a missing ':' or space after it, an unclosed quote or bracket)",
-                    ),
-                });
+                let position = error_position(&error);
+                let problem = document.problem(origin, position, "", message, SYNTAX_FIX);
+                self.problems.push(problem);
                 return;
             }
         };
@@ -487,7 +436,11 @@ impl Checker {
                 "metadata.name",
                 format!(
                     "{kind} {}/{} is also defined at {}:{} (document {})",
-                    key.0, key.1, first.origin, first.line, first.document
+                    key.0,
+                    key.1,
+                    first.origin,
+                    first.line,
+                    first.document.unwrap_or_default()
                 ),
                 "define each object once",
             ));
@@ -803,7 +756,7 @@ impl Checker {
             };
             let service_key = (key.0.clone(), service_name.clone());
             let Some(service) = self.snapshot.services.get(&service_key) else {
-                self.warnings.push(ManifestProblem {
+                self.warnings.push(Problem {
                     message: format!(
                         "its Service {}/{service_name} is not in the manifests, so the slice is unused",
                         key.0
@@ -826,7 +779,7 @@ impl Checker {
                         .iter()
                         .map(|name| format!("{name:?}"))
                         .collect();
-                    self.warnings.push(ManifestProblem {
+                    self.warnings.push(Problem {
                         field: String::from("ports"),
                         message: format!(
                             "port name {name:?} matches no port of Service {}/{service_name} ({})",

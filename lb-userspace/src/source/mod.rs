@@ -3,4 +3,5 @@
 pub mod kube;
 pub mod locate;
 pub mod manifests;
+pub mod problem;
 pub mod yaml;

@@ -16,6 +16,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use super::locate::{Locations, Position};
+pub use super::problem::Problem;
+use super::problem::{SYNTAX_FIX, display_problems, error_position};
 use crate::model::{
     Backend, Conntrack, DEFAULT_AFFINITY_TIMEOUT_S, DEFAULT_MASQUERADE_PORTS, DEFAULT_TABLE_SIZE,
     DesiredState, MAX_AFFINITY_TIMEOUT_S, MAX_TABLE_SIZE, Protocol, Service, TrafficPolicy,
@@ -29,35 +31,6 @@ const TIMEOUT_RANGE: RangeInclusive<i128> = 1..=31_536_000;
 /// Bounds of `conntrack.maxFlows`.
 const MAX_FLOWS_RANGE: RangeInclusive<i128> = 1024..=(1 << 26);
 const EXAMPLE: &str = "config/example.yaml";
-
-/// One located finding in a config file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Problem {
-    /// How the file was named to xlb (e.g. `config/demo.yaml`).
-    pub origin: String,
-    pub line: usize,
-    pub column: usize,
-    /// Field path, e.g. `services[1].backends[0].address`; empty for
-    /// document-level problems.
-    pub field: String,
-    pub message: String,
-    /// What to do about it.
-    pub fix: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.origin, self.line, self.column)?;
-        if !self.field.is_empty() {
-            write!(f, "{}: ", self.field)?;
-        }
-        f.write_str(&self.message)?;
-        if !self.fix.is_empty() {
-            write!(f, "; {}", self.fix)?;
-        }
-        Ok(())
-    }
-}
 
 /// Why a config could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -79,11 +52,6 @@ pub enum ConfigError {
     /// Every problem found, in document order (one per line when displayed).
     #[error("{}", display_problems(problems))]
     Invalid { problems: Vec<Problem> },
-}
-
-fn display_problems(problems: &[Problem]) -> String {
-    let lines: Vec<String> = problems.iter().map(Problem::to_string).collect();
-    lines.join("\n")
 }
 
 /// Settings that come from the command line rather than the file.
@@ -110,7 +78,7 @@ pub struct LoadedConfig {
 impl LoadedConfig {
     /// A finding about `field`, located in this config's file.
     pub fn problem(&self, field: &str, message: String, fix: String) -> Problem {
-        locate(&self.origin, &self.locations, field, message, fix)
+        Problem::located(&self.origin, &self.locations, field, message, fix)
     }
 
     /// Field path that named `state.interfaces[index]`, or `--iface`.
@@ -132,24 +100,6 @@ impl LoadedConfig {
     }
 }
 
-fn locate(
-    origin: &str,
-    locations: &Locations,
-    field: &str,
-    message: String,
-    fix: String,
-) -> Problem {
-    let Position { line, column } = locations.find(field);
-    Problem {
-        origin: origin.to_owned(),
-        line,
-        column,
-        field: field.to_owned(),
-        message,
-        fix,
-    }
-}
-
 /// Reads and validates the config at `path`.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, ConfigError> {
     let origin = path.display().to_string();
@@ -164,27 +114,19 @@ pub fn load(path: &Path, overrides: &Overrides) -> Result<LoadedConfig, ConfigEr
 pub fn parse(origin: &str, text: &str, overrides: &Overrides) -> Result<LoadedConfig, ConfigError> {
     if !has_content(text) {
         return Err(ConfigError::Invalid {
-            problems: vec![Problem {
-                origin: origin.to_owned(),
-                line: 1,
-                column: 1,
-                field: String::new(),
-                message: String::from("the config is empty"),
-                fix: format!("describe the node and its services; start from {EXAMPLE}"),
-            }],
+            problems: vec![Problem::new(
+                origin,
+                Position { line: 1, column: 1 },
+                "",
+                "the config is empty",
+                format!("describe the node and its services; start from {EXAMPLE}"),
+            )],
         });
     }
     let mut locations = Locations::index_skipping(text, Some(SERVICES));
     if let Some(position) = locations.first_alias() {
         return Err(ConfigError::Invalid {
-            problems: vec![Problem {
-                origin: origin.to_owned(),
-                line: position.line,
-                column: position.column,
-                field: String::new(),
-                message: String::from(super::locate::ALIAS_MESSAGE),
-                fix: String::from(super::locate::ALIAS_FIX),
-            }],
+            problems: vec![Problem::alias(origin, position)],
         });
     }
     let raw: RawConfig = serde_yaml::from_str(text).map_err(|error| ConfigError::Invalid {
@@ -233,9 +175,8 @@ fn has_content(text: &str) -> bool {
 /// A serde_yaml error as a `Problem`: its path, its message without the
 /// position (which moves into the prefix), and a fix chosen by its kind.
 fn serde_problem(origin: &str, error: &serde_yaml::Error) -> Problem {
-    let (line, column) = error
-        .location()
-        .map_or((1, 1), |location| (location.line(), location.column()));
+    let position = error_position(error);
+    let Position { line, column } = position;
     let mut message = error.to_string();
     let suffix = format!(" at line {line} column {column}");
     if let Some(at) = message.find(&suffix) {
@@ -263,18 +204,9 @@ fn serde_problem(origin: &str, error: &serde_yaml::Error) -> Problem {
     } else if message.starts_with("invalid type") || message.starts_with("invalid value") {
         format!("write the value as {EXAMPLE} does")
     } else {
-        String::from(
-            "fix the YAML syntax (indentation, a missing ':' or space after it, an unclosed quote or bracket)",
-        )
+        String::from(SYNTAX_FIX)
     };
-    Problem {
-        origin: origin.to_owned(),
-        line,
-        column,
-        field,
-        message,
-        fix,
-    }
+    Problem::new(origin, position, field, message, fix)
 }
 
 // ---------------------------------------------------------------------------
@@ -445,23 +377,23 @@ struct Validator<'a> {
 
 impl Validator<'_> {
     fn fail(&mut self, field: &str, message: impl Into<String>, fix: impl Into<String>) {
-        let problem = locate(
+        let problem = Problem::located(
             self.origin,
             self.locations.locations_for(field),
             field,
-            message.into(),
-            fix.into(),
+            message,
+            fix,
         );
         self.problems.push(problem);
     }
 
     fn warn(&mut self, field: &str, message: impl Into<String>, fix: impl Into<String>) {
-        let problem = locate(
+        let problem = Problem::located(
             self.origin,
             self.locations.locations_for(field),
             field,
-            message.into(),
-            fix.into(),
+            message,
+            fix,
         );
         self.warnings.push(problem);
     }
