@@ -13,16 +13,14 @@ use super::stream::{At, Checker, Owner};
 use crate::model::{
     Claim, DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S, Protocol, TrafficPolicy,
 };
-use crate::source::kube::{SERVICE_NAME_LABEL, key_of};
+use crate::source::kube::SERVICE_NAME_LABEL;
 use crate::source::problem::Problem;
 
 impl Checker {
     pub fn service(&mut self, at: &At<'_>, service: Service) {
-        let key = key_of(&service.metadata);
-        let at = at.about(format!("Service {}/{}", key.0, key.1));
-        if !self.metadata_name(&at, &key) || !self.define(&at, "Service", &key) {
+        let Some((at, _)) = self.named_object(at, "Service", &service.metadata) else {
             return;
-        }
+        };
         let problems_before = self.problems.len();
         let Some(spec) = &service.spec else {
             self.problems
@@ -211,11 +209,9 @@ impl Checker {
     }
 
     pub fn endpoint_slice(&mut self, at: &At<'_>, slice: EndpointSlice) {
-        let key = key_of(&slice.metadata);
-        let at = at.about(format!("EndpointSlice {}/{}", key.0, key.1));
-        if !self.metadata_name(&at, &key) || !self.define(&at, "EndpointSlice", &key) {
+        let Some((at, key)) = self.named_object(at, "EndpointSlice", &slice.metadata) else {
             return;
-        }
+        };
         let problems_before = self.problems.len();
         let service = slice
             .metadata

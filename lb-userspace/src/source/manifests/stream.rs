@@ -7,12 +7,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use super::Document;
 use crate::model::Owners;
-use crate::source::kube::{ClusterSnapshot, ObjectKey};
+use crate::source::kube::{ClusterSnapshot, ObjectKey, key_of};
 use crate::source::locate::Locations;
 use crate::source::problem::{Problem, SYNTAX_FIX, error_position};
 
@@ -231,7 +232,21 @@ impl Checker {
         None
     }
 
-    pub fn define(&mut self, at: &At<'_>, kind: &str, key: &ObjectKey) -> bool {
+    /// `at`, about the `kind` object of `metadata`, and its key; `None`
+    /// (with a finding) when it has no name or is defined already.
+    pub fn named_object<'a>(
+        &mut self,
+        at: &At<'a>,
+        kind: &str,
+        metadata: &ObjectMeta,
+    ) -> Option<(At<'a>, ObjectKey)> {
+        let key = key_of(metadata);
+        let at = at.about(format!("{kind} {}/{}", key.0, key.1));
+        let defined = self.metadata_name(&at, &key) && self.define(&at, kind, &key);
+        defined.then_some((at, key))
+    }
+
+    fn define(&mut self, at: &At<'_>, kind: &str, key: &ObjectKey) -> bool {
         let here = at.problem("metadata.name", "", "");
         if let Some(first) = self.defined.get(&(kind.to_owned(), key.clone())) {
             self.problems.push(at.problem(
@@ -252,7 +267,7 @@ impl Checker {
         true
     }
 
-    pub fn metadata_name(&mut self, at: &At<'_>, key: &ObjectKey) -> bool {
+    fn metadata_name(&mut self, at: &At<'_>, key: &ObjectKey) -> bool {
         if key.1.is_empty() {
             self.problems.push(at.problem(
                 "metadata.name",

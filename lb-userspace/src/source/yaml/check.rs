@@ -53,6 +53,16 @@ pub struct Checker<'a> {
     pub warnings: Vec<Problem>,
 }
 
+/// The names a field may hold, as Kubernetes spells them.
+struct Names<T> {
+    /// What it means when left out.
+    default: &'static str,
+    parse: fn(&str) -> Option<T>,
+    /// `"{text}" is not {what}`.
+    what: &'static str,
+    fix: &'static str,
+}
+
 /// What an address stands for, in messages, and whether it may be a
 /// loopback address.
 struct Role {
@@ -388,31 +398,36 @@ impl Checker<'_> {
 
     /// `protocol` (`field`): TCP (the default) or UDP.
     pub fn protocol(&mut self, field: &str, text: Option<&str>) -> Option<Protocol> {
-        let text = text.unwrap_or("TCP");
-        let protocol = Protocol::from_name(text);
-        if protocol.is_none() {
-            self.fail(
-                field,
-                format!("\"{text}\" is not a supported protocol"),
-                "use TCP or UDP (upper case, as in a Kubernetes Service)",
-            );
-        }
-        protocol
+        let names = Names {
+            default: "TCP",
+            parse: Protocol::from_name,
+            what: "a supported protocol",
+            fix: "use TCP or UDP (upper case, as in a Kubernetes Service)",
+        };
+        self.one_of(field, text, &names)
     }
 
     /// `externalTrafficPolicy` or `internalTrafficPolicy` (`field`).
     pub fn traffic_policy(&mut self, field: &str, text: Option<&str>) -> Option<TrafficPolicy> {
-        let text = text.unwrap_or("Cluster");
-        let policy = TrafficPolicy::from_name(text);
-        if policy.is_none() {
-            self.fail(
-                field,
-                format!("\"{text}\" is not a traffic policy"),
-                "use Cluster (the default: any backend, client masqueraded) or Local (only \
-                 local: true backends, client address kept)",
-            );
+        let names = Names {
+            default: "Cluster",
+            parse: TrafficPolicy::from_name,
+            what: "a traffic policy",
+            fix: "use Cluster (the default: any backend, client masqueraded) or Local (only \
+                  local: true backends, client address kept)",
+        };
+        self.one_of(field, text, &names)
+    }
+
+    /// The value `names` reads from `text` at `field`, or a finding.
+    fn one_of<T>(&mut self, field: &str, text: Option<&str>, names: &Names<T>) -> Option<T> {
+        let text = text.unwrap_or(names.default);
+        let value = (names.parse)(text);
+        if value.is_none() {
+            let what = names.what;
+            self.fail(field, format!("\"{text}\" is not {what}"), names.fix);
         }
-        policy
+        value
     }
 
     /// `sessionAffinity` and its timeout: `Some(None)` for no affinity,
