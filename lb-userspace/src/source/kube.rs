@@ -21,7 +21,6 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service as KubeService, ServicePort as KubeServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -35,50 +34,10 @@ use crate::model::{
 pub use source::{ClusterSource, NODE_NAME_ENV, SourceError, SourceOptions, next_change};
 pub use watch::{ClusterView, Watch, WatchError, client, connect};
 
+pub use super::cluster::{ClusterSnapshot, ObjectKey, SERVICE_NAME_LABEL, key_of};
+
 /// Label that hands a Service (and its slices) to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-/// Label that binds an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// `(namespace, name)` of a namespaced object.
-pub type ObjectKey = (String, String);
-
-/// The Kubernetes objects a node's load balancing depends on. Objects are
-/// shared (`Arc`): the watch keeps them and each view it publishes holds
-/// the same ones, so a big cluster is in memory once, not once per copy.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ClusterSnapshot {
-    pub services: BTreeMap<ObjectKey, Arc<KubeService>>,
-    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
-}
-
-impl ClusterSnapshot {
-    /// Adds or replaces a Service (an object without a namespace is in
-    /// `default`, as kubectl would put it).
-    pub fn insert_service(&mut self, service: KubeService) {
-        self.services
-            .insert(key_of(&service.metadata), Arc::new(service));
-    }
-
-    pub fn insert_endpoint_slice(&mut self, slice: EndpointSlice) {
-        self.endpoint_slices
-            .insert(key_of(&slice.metadata), Arc::new(slice));
-    }
-}
-
-/// `(namespace, name)` of an object's metadata (`default` namespace when
-/// unset).
-pub fn key_of(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
-    (
-        metadata
-            .namespace
-            .clone()
-            .filter(|namespace| !namespace.is_empty())
-            .unwrap_or_else(|| String::from("default")),
-        metadata.name.clone().unwrap_or_default(),
-    )
-}
-
 /// What the translation needs to know about the node xlb runs on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
-use super::kube::ClusterSnapshot;
+use super::cluster::ClusterSnapshot;
 use super::locate::Position;
 use super::problem::{Problem, display_problems};
 use stream::Checker;

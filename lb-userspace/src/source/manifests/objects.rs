@@ -13,7 +13,7 @@ use super::stream::{At, Checker, Owner};
 use crate::model::{
     Claim, DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S, Protocol, TrafficPolicy,
 };
-use crate::source::kube::SERVICE_NAME_LABEL;
+use crate::source::cluster::SERVICE_NAME_LABEL;
 use crate::source::problem::Problem;
 
 impl Checker {

@@ -13,7 +13,7 @@ use serde_yaml::Value;
 
 use super::Document;
 use crate::model::Owners;
-use crate::source::kube::{ClusterSnapshot, ObjectKey, key_of};
+use crate::source::cluster::{ClusterSnapshot, ObjectKey, key_of};
 use crate::source::locate::Locations;
 use crate::source::problem::{Problem, SYNTAX_FIX, error_position};
 
