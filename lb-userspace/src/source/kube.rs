@@ -18,7 +18,7 @@ mod watch;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -27,8 +27,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
-    Backend, DEFAULT_AFFINITY_TIMEOUT_S, DesiredState, MAX_AFFINITY_TIMEOUT_S, Protocol, Service,
-    TrafficPolicy,
+    Backend, DEFAULT_AFFINITY_TIMEOUT_S, DesiredState, MAX_AFFINITY_TIMEOUT_S, Owners, Protocol,
+    Service, TrafficPolicy, network_of,
 };
 
 pub use source::{ClusterSource, NODE_NAME_ENV, SourceError, SourceOptions, next_change};
@@ -184,39 +184,22 @@ pub fn desired_state(
 pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredState) -> Translation {
     let (ports, mut notes) = service_ports(snapshot, node);
     let mut services = Vec::new();
-    // A NodePort (protocol, port) and an external frontend (protocol,
-    // address, port) belong to one service; the API server guarantees the
-    // first, nothing guarantees the second.
-    let mut owners: HashMap<(Protocol, Option<Ipv4Addr>, u16), String> = HashMap::new();
+    // A NodePort and an external frontend belong to one service (the
+    // model's rule); the API server guarantees the first, nothing
+    // guarantees the second.
+    let mut owners: Owners<String> = Owners::default();
     for port in &ports {
         let object = format!("Service {}/{}", port.namespace, port.service);
         let Some(service) = to_model(port, &mut notes) else {
             continue;
         };
-        let mut claims: Vec<(Protocol, Option<Ipv4Addr>, u16)> = Vec::new();
-        if service.node_port != 0 {
-            claims.push((service.protocol, None, service.node_port));
-        }
-        claims.extend(
-            service
-                .frontends
-                .iter()
-                .chain(&service.cluster_ips)
-                .map(|address| (service.protocol, Some(*address), service.port)),
-        );
-        let taken = claims
-            .iter()
-            .find_map(|claim| owners.get(claim).map(|owner| (claim, owner)));
-        if let Some(((protocol, address, number), owner)) = taken {
-            let what = match address {
-                None => format!("nodePort {protocol} {number}"),
-                Some(address) => format!("{protocol} {address}:{number}"),
-            };
+        let claims = service.claims();
+        if let Some((claim, owner)) = owners.first_taken(&claims) {
             notes.push(Note {
                 level: NoteLevel::Warn,
                 object,
                 message: format!(
-                    "{what} is already used by {owner}; port {} skipped",
+                    "{claim} is already used by {owner}; port {} skipped",
                     port.port
                 ),
             });
@@ -224,7 +207,8 @@ pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredStat
         }
         let owner = format!("{object} port {}", port.port);
         for claim in claims {
-            owners.insert(claim, owner.clone());
+            // A service repeating an address of its own holds it already.
+            let _ = owners.take(claim, owner.clone());
         }
         services.push(service);
     }
@@ -256,8 +240,8 @@ pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredStat
 /// Every endpoint becomes a backend with its conditions and locality, all
 /// of weight 1 (Kubernetes has no weights): which of them take new flows
 /// (ready ones, local ones under the Local policy, serving terminating ones
-/// when nothing is ready) is decided in one place, the reconciler
-/// (`reconcile::desired_backends`), which also keeps draining pods' flows.
+/// when nothing is ready) is decided in one place, the model
+/// (`model::desired_backends`), which also keeps draining pods' flows.
 pub fn to_model(port: &ServicePort, notes: &mut Vec<Note>) -> Option<Service> {
     if port.node_port.is_none() && port.external_addresses.is_empty() && port.cluster_ips.is_empty()
     {
@@ -493,8 +477,7 @@ fn source_ranges(listed: &[String], object: &str, notes: &mut Vec<Note>) -> Vec<
         let parsed = text.trim().split_once('/').and_then(|(address, length)| {
             let address: Ipv4Addr = address.parse().ok()?;
             let length: u8 = length.parse().ok().filter(|length| *length <= 32)?;
-            let mask = u32::MAX.checked_shl(u32::from(32 - length)).unwrap_or(0);
-            Some((Ipv4Addr::from(u32::from(address) & mask), length))
+            Some((network_of(address, length), length))
         });
         match parsed {
             Some(range) if !ranges.contains(&range) => ranges.push(range),
