@@ -3,7 +3,7 @@ use std::net::Ipv4Addr;
 use super::*;
 use crate::model::{
     Backend, Conntrack, DEFAULT_MASQUERADE_PORTS, DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, Protocol,
-    Service, TrafficPolicy, is_prime,
+    TrafficPolicy, is_prime,
 };
 
 const ORIGIN: &str = "config/x.yaml";
