@@ -23,8 +23,6 @@ mod build;
 mod check;
 mod raw;
 
-pub use check::MAX_WEIGHT;
-
 const EXAMPLE: &str = "config/example.yaml";
 /// The top-level field with the services.
 const SERVICES: &str = "services";
