@@ -6,10 +6,12 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
 
-/// Default number of slots in a service's selection table: a prime (so every
-/// Maglev permutation covers every slot) about 100 times the backends of a
-/// large service, so weights are honoured to within about 1%.
-pub const DEFAULT_TABLE_SIZE: u32 = crate::reconcile::maglev::DEFAULT_TABLE_SIZE;
+mod rules;
+
+pub use rules::{
+    BackendAddr, Claim, DEFAULT_TABLE_SIZE, DesiredBackend, MAX_TABLE_SIZE, MIN_TABLE_SIZE, Owners,
+    backends_for, desired_backends, is_prime, network_of,
+};
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours, as
 /// Kubernetes).
@@ -106,6 +108,15 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// `TCP` or `UDP`, spelt as in a Kubernetes Service.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
     /// IP protocol number.
     pub const fn number(self) -> u8 {
         match self {
@@ -136,6 +147,17 @@ pub enum TrafficPolicy {
     /// the backend sees the client's real address. With no local backend,
     /// packets are dropped (as kube-proxy does), not rejected.
     Local,
+}
+
+impl TrafficPolicy {
+    /// `Cluster` or `Local`, spelt as in a Kubernetes Service.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "Cluster" => Some(TrafficPolicy::Cluster),
+            "Local" => Some(TrafficPolicy::Local),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for TrafficPolicy {

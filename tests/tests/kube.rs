@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use xlb::model::desired_backends;
 use xlb::model::{DesiredState, Protocol};
-use xlb::reconcile::desired_backends;
 use xlb::source::kube::{
     ClusterSource, ClusterView, NodeInfo, SourceOptions, Watch, client, desired_state,
 };

@@ -4,10 +4,11 @@
 
 use std::net::Ipv4Addr;
 
+use xlb::model::desired_backends;
 use xlb::model::{DesiredState, Protocol};
-use xlb::reconcile::desired_backends;
 use xlb::source::kube::{NodeInfo, desired_state};
-use xlb::source::manifests::{self, ManifestError, ManifestProblem, Manifests};
+use xlb::source::manifests::{self, ManifestError, Manifests};
+use xlb::source::problem::Problem;
 use xlb_tests::ScratchDir;
 
 /// (name, protocol, nodePort, backends new flows may use) of a service.
@@ -27,7 +28,7 @@ fn parse(text: &str) -> Manifests {
     }
 }
 
-fn problems(text: &str) -> Vec<ManifestProblem> {
+fn problems(text: &str) -> Vec<Problem> {
     match manifests::parse("app.yaml", text) {
         Ok(loaded) => panic!("accepted: {loaded:#?}"),
         Err(ManifestError::Invalid { problems }) => problems,
@@ -215,7 +216,7 @@ metadata:
     assert_eq!(found.len(), 1);
     let problem = &found[0];
     assert_eq!(problem.origin, "app.yaml");
-    assert_eq!(problem.document, 2);
+    assert_eq!(problem.document, Some(2));
     assert!((8..=9).contains(&problem.line), "{problem}");
     assert!(problem.fix.contains("YAML syntax"), "{problem}");
 }

@@ -22,11 +22,6 @@ pub struct MaglevBackend {
     pub identity: u64,
 }
 
-/// Smallest and default table sizes. Sizes must be prime so every skip
-/// walks the whole table.
-pub const MIN_TABLE_SIZE: u32 = 7;
-pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
-
 /// Builds a `size`-slot table. Returns an empty table when no backend has
 /// weight (the service has no backend). `size` must be prime.
 pub fn maglev_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
@@ -79,21 +74,6 @@ pub fn maglev_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
     slots
 }
 
-/// Whether `n` is prime (table sizes are small enough for trial division).
-pub fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let mut divisor = 2u32;
-    while u64::from(divisor) * u64::from(divisor) <= u64::from(n) {
-        if n.is_multiple_of(divisor) {
-            return false;
-        }
-        divisor += 1;
-    }
-    true
-}
-
 /// The identity of a backend for `MaglevBackend::identity`.
 pub fn identity(address: std::net::Ipv4Addr, port: u16) -> u64 {
     (u64::from(u32::from(address)) << 16) | u64::from(port)
@@ -110,6 +90,7 @@ fn mix(mut z: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{DEFAULT_TABLE_SIZE, MIN_TABLE_SIZE};
     use std::net::Ipv4Addr;
 
     fn backends(count: u32) -> Vec<MaglevBackend> {
@@ -213,11 +194,5 @@ mod tests {
     fn single_backend_owns_the_table() {
         let table = maglev_table(&backends(1), MIN_TABLE_SIZE);
         assert_eq!(table, vec![1; MIN_TABLE_SIZE as usize]);
-    }
-
-    #[test]
-    fn primes() {
-        assert!(is_prime(7) && is_prime(1021) && is_prime(16_381) && is_prime(65_521));
-        assert!(!is_prime(1) && !is_prime(1024) && !is_prime(16_383) && !is_prime(0));
     }
 }

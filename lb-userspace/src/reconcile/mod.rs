@@ -23,7 +23,8 @@ use lb_common::service::{
     SERVICE_F_AFFINITY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE, SERVICE_F_SOURCE_RANGES,
 };
 
-use crate::model::{Backend, DesiredState, Protocol, Service, TrafficPolicy};
+pub use crate::model::{BackendAddr, DesiredBackend, desired_backends};
+use crate::model::{DesiredState, Protocol, Service, TrafficPolicy, backends_for, network_of};
 use maglev::{MaglevBackend, identity, maglev_table};
 use regions::Regions;
 
@@ -79,28 +80,6 @@ pub struct ServiceEntry {
     pub affinity_timeout_s: u32,
 }
 
-/// A backend as `XLB_BACKENDS` knows it: where to send, not how much.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct BackendAddr {
-    pub address: Ipv4Addr,
-    pub port: u16,
-}
-
-impl From<&Backend> for BackendAddr {
-    fn from(backend: &Backend) -> Self {
-        Self {
-            address: backend.address,
-            port: backend.port,
-        }
-    }
-}
-
-impl fmt::Display for BackendAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.address, self.port)
-    }
-}
-
 /// A written (active) `XLB_BACKENDS` entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ActiveBackend {
@@ -128,15 +107,6 @@ impl fmt::Display for SourceRangeKey {
             self.service_id, self.network, self.prefix_len
         )
     }
-}
-
-/// `address/prefix_len` with the host bits cleared.
-pub fn network_of(address: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
-    let mask = match prefix_len {
-        0 => 0,
-        len => u32::MAX << (32 - u32::from(len.min(32))),
-    };
-    Ipv4Addr::from(u32::from(address) & mask)
 }
 
 /// Node-wide datapath settings (`XLB_CONFIG[0]`). Writing them also marks
@@ -400,16 +370,6 @@ pub struct DesiredService {
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
-/// A backend the datapath keeps active for a service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct DesiredBackend {
-    pub address: BackendAddr,
-    pub weight: u32,
-    pub terminating: bool,
-    /// New flows may be sent to it (it has slots in the selection table).
-    pub selectable: bool,
-}
-
 impl DesiredService {
     /// The service's entries: its NodePort and exact frontends, and its
     /// ClusterIPs with them when both traffic policies choose the same
@@ -539,48 +499,6 @@ fn cluster_ip_flags(service: &Service) -> u32 {
         flags |= SERVICE_F_AFFINITY;
     }
     flags
-}
-
-/// kube-proxy's endpoint rules for the service's external frontends
-/// (`externalTrafficPolicy`); see `backends_for`.
-pub fn desired_backends(service: &Service) -> Vec<DesiredBackend> {
-    backends_for(service, service.external_traffic_policy)
-}
-
-/// kube-proxy's endpoint rules under `policy`. Kept active: every backend that is ready
-/// or serving (a terminating one keeps its flows). Selectable for new
-/// flows: the ready ones (with externalTrafficPolicy=Local, the local ready
-/// ones); when there is none, the serving terminating ones. Weight 0 takes
-/// no new flow.
-fn backends_for(service: &Service, policy: TrafficPolicy) -> Vec<DesiredBackend> {
-    let eligible = |backend: &Backend| {
-        backend.weight > 0 && (policy == TrafficPolicy::Cluster || backend.is_local)
-    };
-    let any_ready = service.backends.iter().any(|b| b.ready && eligible(b));
-    let selectable = |backend: &Backend| {
-        eligible(backend)
-            && if any_ready {
-                backend.ready
-            } else {
-                backend.serving && backend.terminating
-            }
-    };
-    let mut backends: Vec<DesiredBackend> = Vec::with_capacity(service.backends.len());
-    let mut seen = BTreeSet::new();
-    for backend in &service.backends {
-        let address = BackendAddr::from(backend);
-        if !(backend.ready || backend.serving) || !seen.insert(address) {
-            continue;
-        }
-        backends.push(DesiredBackend {
-            address,
-            weight: backend.weight,
-            terminating: backend.terminating,
-            selectable: selectable(backend),
-        });
-    }
-    backends.sort_unstable();
-    backends
 }
 
 impl Desired {

@@ -18,67 +18,26 @@ mod watch;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service as KubeService, ServicePort as KubeServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::model::{
-    Backend, DEFAULT_AFFINITY_TIMEOUT_S, DesiredState, MAX_AFFINITY_TIMEOUT_S, Protocol, Service,
-    TrafficPolicy,
+    Backend, DEFAULT_AFFINITY_TIMEOUT_S, DesiredState, MAX_AFFINITY_TIMEOUT_S, Owners, Protocol,
+    Service, TrafficPolicy, network_of,
 };
 
 pub use source::{ClusterSource, NODE_NAME_ENV, SourceError, SourceOptions, next_change};
 pub use watch::{ClusterView, Watch, WatchError, client, connect};
 
+pub use super::cluster::{ClusterSnapshot, ObjectKey, SERVICE_NAME_LABEL, key_of};
+
 /// Label that hands a Service (and its slices) to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-/// Label that binds an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// `(namespace, name)` of a namespaced object.
-pub type ObjectKey = (String, String);
-
-/// The Kubernetes objects a node's load balancing depends on. Objects are
-/// shared (`Arc`): the watch keeps them and each view it publishes holds
-/// the same ones, so a big cluster is in memory once, not once per copy.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ClusterSnapshot {
-    pub services: BTreeMap<ObjectKey, Arc<KubeService>>,
-    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
-}
-
-impl ClusterSnapshot {
-    /// Adds or replaces a Service (an object without a namespace is in
-    /// `default`, as kubectl would put it).
-    pub fn insert_service(&mut self, service: KubeService) {
-        self.services
-            .insert(key_of(&service.metadata), Arc::new(service));
-    }
-
-    pub fn insert_endpoint_slice(&mut self, slice: EndpointSlice) {
-        self.endpoint_slices
-            .insert(key_of(&slice.metadata), Arc::new(slice));
-    }
-}
-
-/// `(namespace, name)` of an object's metadata (`default` namespace when
-/// unset).
-pub fn key_of(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
-    (
-        metadata
-            .namespace
-            .clone()
-            .filter(|namespace| !namespace.is_empty())
-            .unwrap_or_else(|| String::from("default")),
-        metadata.name.clone().unwrap_or_default(),
-    )
-}
-
 /// What the translation needs to know about the node xlb runs on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -225,39 +184,22 @@ pub fn desired_state(
 pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredState) -> Translation {
     let (ports, mut notes) = service_ports(snapshot, node);
     let mut services = Vec::new();
-    // A NodePort (protocol, port) and an external frontend (protocol,
-    // address, port) belong to one service; the API server guarantees the
-    // first, nothing guarantees the second.
-    let mut owners: HashMap<(Protocol, Option<Ipv4Addr>, u16), String> = HashMap::new();
+    // A NodePort and an external frontend belong to one service (the
+    // model's rule); the API server guarantees the first, nothing
+    // guarantees the second.
+    let mut owners: Owners<String> = Owners::default();
     for port in &ports {
         let object = format!("Service {}/{}", port.namespace, port.service);
         let Some(service) = to_model(port, &mut notes) else {
             continue;
         };
-        let mut claims: Vec<(Protocol, Option<Ipv4Addr>, u16)> = Vec::new();
-        if service.node_port != 0 {
-            claims.push((service.protocol, None, service.node_port));
-        }
-        claims.extend(
-            service
-                .frontends
-                .iter()
-                .chain(&service.cluster_ips)
-                .map(|address| (service.protocol, Some(*address), service.port)),
-        );
-        let taken = claims
-            .iter()
-            .find_map(|claim| owners.get(claim).map(|owner| (claim, owner)));
-        if let Some(((protocol, address, number), owner)) = taken {
-            let what = match address {
-                None => format!("nodePort {protocol} {number}"),
-                Some(address) => format!("{protocol} {address}:{number}"),
-            };
+        let claims = service.claims();
+        if let Some((claim, owner)) = owners.first_taken(&claims) {
             notes.push(Note {
                 level: NoteLevel::Warn,
                 object,
                 message: format!(
-                    "{what} is already used by {owner}; port {} skipped",
+                    "{claim} is already used by {owner}; port {} skipped",
                     port.port
                 ),
             });
@@ -265,7 +207,8 @@ pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredStat
         }
         let owner = format!("{object} port {}", port.port);
         for claim in claims {
-            owners.insert(claim, owner.clone());
+            // A service repeating an address of its own holds it already.
+            let _ = owners.take(claim, owner.clone());
         }
         services.push(service);
     }
@@ -297,8 +240,8 @@ pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredStat
 /// Every endpoint becomes a backend with its conditions and locality, all
 /// of weight 1 (Kubernetes has no weights): which of them take new flows
 /// (ready ones, local ones under the Local policy, serving terminating ones
-/// when nothing is ready) is decided in one place, the reconciler
-/// (`reconcile::desired_backends`), which also keeps draining pods' flows.
+/// when nothing is ready) is decided in one place, the model
+/// (`model::desired_backends`), which also keeps draining pods' flows.
 pub fn to_model(port: &ServicePort, notes: &mut Vec<Note>) -> Option<Service> {
     if port.node_port.is_none() && port.external_addresses.is_empty() && port.cluster_ips.is_empty()
     {
@@ -534,8 +477,7 @@ fn source_ranges(listed: &[String], object: &str, notes: &mut Vec<Note>) -> Vec<
         let parsed = text.trim().split_once('/').and_then(|(address, length)| {
             let address: Ipv4Addr = address.parse().ok()?;
             let length: u8 = length.parse().ok().filter(|length| *length <= 32)?;
-            let mask = u32::MAX.checked_shl(u32::from(32 - length)).unwrap_or(0);
-            Some((Ipv4Addr::from(u32::from(address) & mask), length))
+            Some((network_of(address, length), length))
         });
         match parsed {
             Some(range) if !ranges.contains(&range) => ranges.push(range),

@@ -1,6 +1,8 @@
 //! Config sources. Each produces a whole `DesiredState`, never deltas.
 
+pub mod cluster;
 pub mod kube;
 pub mod locate;
 pub mod manifests;
+pub mod problem;
 pub mod yaml;

@@ -80,7 +80,7 @@ fn ip(text: &str) -> Ipv4Addr {
 /// The backends of `service` new flows may go to, as the reconciler picks
 /// them from the conditions the translation carried: "address:port".
 fn selectable(service: &Service) -> Vec<String> {
-    crate::reconcile::desired_backends(service)
+    crate::model::desired_backends(service)
         .into_iter()
         .filter(|backend| backend.selectable)
         .map(|backend| format!("{}:{}", backend.address.address, backend.address.port))

@@ -1,6 +1,10 @@
 use std::net::Ipv4Addr;
 
 use super::*;
+use crate::model::{
+    Backend, Conntrack, DEFAULT_MASQUERADE_PORTS, DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, Protocol,
+    TrafficPolicy, is_prime,
+};
 
 const ORIGIN: &str = "config/x.yaml";
 

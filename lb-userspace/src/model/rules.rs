@@ -1,0 +1,250 @@
+//! kube-proxy's rules, once for every source and the reconciler: which
+//! backends take new flows, which address and port belongs to which service,
+//! and the value rules (prime table sizes, networks of CIDRs) the sources
+//! check and the reconciler relies on.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use super::{Backend, Protocol, Service, TrafficPolicy};
+
+/// Smallest and default number of slots in a service's selection table.
+/// Sizes must be prime so every Maglev permutation covers every slot; the
+/// default is about 100 times the backends of a large service, so weights
+/// are honoured to within about 1%.
+pub const MIN_TABLE_SIZE: u32 = 7;
+pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
+/// Largest accepted table size: a prime that leaves room in `XLB_SELECT`
+/// (default capacity) for double-buffering a few services.
+pub const MAX_TABLE_SIZE: u32 = 1_048_573;
+
+/// Whether `n` is prime (table sizes are small enough for trial division).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut divisor = 2u32;
+    while u64::from(divisor) * u64::from(divisor) <= u64::from(n) {
+        if n.is_multiple_of(divisor) {
+            return false;
+        }
+        divisor += 1;
+    }
+    true
+}
+
+/// `address/prefix_len` with the host bits cleared.
+pub fn network_of(address: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
+    let mask = match prefix_len {
+        0 => 0,
+        len => u32::MAX << (32 - u32::from(len.min(32))),
+    };
+    Ipv4Addr::from(u32::from(address) & mask)
+}
+
+/// A backend's identity, as `XLB_BACKENDS` keys it: where to send, not how
+/// much.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendAddr {
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+impl From<&Backend> for BackendAddr {
+    fn from(backend: &Backend) -> Self {
+        Self {
+            address: backend.address,
+            port: backend.port,
+        }
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.address, self.port)
+    }
+}
+
+/// A backend the datapath keeps active for a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DesiredBackend {
+    pub address: BackendAddr,
+    pub weight: u32,
+    pub terminating: bool,
+    /// New flows may be sent to it (it has slots in the selection table).
+    pub selectable: bool,
+}
+
+/// kube-proxy's endpoint rules for the service's external frontends
+/// (`externalTrafficPolicy`); see `backends_for`.
+pub fn desired_backends(service: &Service) -> Vec<DesiredBackend> {
+    backends_for(service, service.external_traffic_policy)
+}
+
+/// kube-proxy's endpoint rules under `policy`. Kept active: every backend that is ready
+/// or serving (a terminating one keeps its flows). Selectable for new
+/// flows: the ready ones (with externalTrafficPolicy=Local, the local ready
+/// ones); when there is none, the serving terminating ones. Weight 0 takes
+/// no new flow.
+pub fn backends_for(service: &Service, policy: TrafficPolicy) -> Vec<DesiredBackend> {
+    let eligible = |backend: &Backend| {
+        backend.weight > 0 && (policy == TrafficPolicy::Cluster || backend.is_local)
+    };
+    let any_ready = service.backends.iter().any(|b| b.ready && eligible(b));
+    let selectable = |backend: &Backend| {
+        eligible(backend)
+            && if any_ready {
+                backend.ready
+            } else {
+                backend.serving && backend.terminating
+            }
+    };
+    let mut backends: Vec<DesiredBackend> = Vec::with_capacity(service.backends.len());
+    let mut seen = BTreeSet::new();
+    for backend in &service.backends {
+        let address = BackendAddr::from(backend);
+        if !(backend.ready || backend.serving) || !seen.insert(address) {
+            continue;
+        }
+        backends.push(DesiredBackend {
+            address,
+            weight: backend.weight,
+            terminating: backend.terminating,
+            selectable: selectable(backend),
+        });
+    }
+    backends.sort_unstable();
+    backends
+}
+
+/// What a service answers on, which no other service may answer on too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Claim {
+    /// A NodePort: the port on every node address (TCP and UDP are
+    /// separate ports, so two services may share a number across them).
+    NodePort { protocol: Protocol, port: u16 },
+    /// A load-balancer IP, an external IP or a ClusterIP on the service port.
+    Address {
+        protocol: Protocol,
+        address: Ipv4Addr,
+        port: u16,
+    },
+}
+
+impl fmt::Display for Claim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Claim::NodePort { protocol, port } => write!(f, "nodePort {protocol} {port}"),
+            Claim::Address {
+                protocol,
+                address,
+                port,
+            } => write!(f, "{protocol} {address}:{port}"),
+        }
+    }
+}
+
+impl Service {
+    /// Everything this service answers on: its NodePort, then its frontends
+    /// and ClusterIPs on the service port.
+    pub fn claims(&self) -> Vec<Claim> {
+        let node_port = (self.node_port != 0).then_some(Claim::NodePort {
+            protocol: self.protocol,
+            port: self.node_port,
+        });
+        let addresses = self.frontends.iter().chain(&self.cluster_ips);
+        node_port
+            .into_iter()
+            .chain(addresses.map(|&address| Claim::Address {
+                protocol: self.protocol,
+                address,
+                port: self.port,
+            }))
+            .collect()
+    }
+}
+
+/// Who holds each claim: the first service to make it. Every source asks
+/// this one table, whatever it calls an owner (an index, an object name).
+#[derive(Clone, Debug)]
+pub struct Owners<T> {
+    owners: HashMap<Claim, T>,
+}
+
+impl<T> Default for Owners<T> {
+    fn default() -> Self {
+        Self {
+            owners: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Owners<T> {
+    /// Who holds `claim`, if anyone does.
+    pub fn owner(&self, claim: &Claim) -> Option<&T> {
+        self.owners.get(claim)
+    }
+
+    /// Gives `claim` to `owner`, or says who holds it already (and keeps it).
+    pub fn take(&mut self, claim: Claim, owner: T) -> Result<(), &T> {
+        match self.owners.entry(claim) {
+            std::collections::hash_map::Entry::Occupied(first) => Err(first.into_mut()),
+            std::collections::hash_map::Entry::Vacant(free) => {
+                free.insert(owner);
+                Ok(())
+            }
+        }
+    }
+
+    /// The first of `claims` someone already holds, and who.
+    pub fn first_taken<'a>(&self, claims: &'a [Claim]) -> Option<(&'a Claim, &T)> {
+        claims
+            .iter()
+            .find_map(|claim| self.owner(claim).map(|owner| (claim, owner)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(7) && is_prime(1021) && is_prime(16_381) && is_prime(65_521));
+        assert!(!is_prime(1) && !is_prime(1024) && !is_prime(16_383) && !is_prime(0));
+        assert!(is_prime(DEFAULT_TABLE_SIZE) && is_prime(MAX_TABLE_SIZE));
+        assert!(is_prime(MIN_TABLE_SIZE));
+    }
+
+    #[test]
+    fn networks_clear_host_bits() {
+        let address = Ipv4Addr::new(198, 18, 7, 9);
+        assert_eq!(network_of(address, 24), Ipv4Addr::new(198, 18, 7, 0));
+        assert_eq!(network_of(address, 0), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(network_of(address, 32), address);
+    }
+
+    #[test]
+    fn a_claim_belongs_to_its_first_owner() {
+        let web = Service {
+            node_port: 30080,
+            port: 80,
+            frontends: vec![Ipv4Addr::new(198, 18, 0, 10)],
+            ..Service::default()
+        };
+        let claims = web.claims();
+        assert_eq!(claims.len(), 2);
+        assert_eq!(claims[0].to_string(), "nodePort TCP 30080");
+        assert_eq!(claims[1].to_string(), "TCP 198.18.0.10:80");
+        let mut owners = Owners::default();
+        assert_eq!(owners.take(claims[0], "web"), Ok(()));
+        assert_eq!(owners.take(claims[0], "api"), Err(&"web"));
+        let udp = Claim::NodePort {
+            protocol: Protocol::Udp,
+            port: 30080,
+        };
+        assert_eq!(owners.take(udp, "dns"), Ok(()));
+        assert_eq!(owners.first_taken(&claims), Some((&claims[0], &"web")));
+    }
+}

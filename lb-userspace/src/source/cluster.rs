@@ -1,0 +1,52 @@
+//! The Kubernetes objects a node's load balancing depends on, as the API
+//! (`kube`) or manifest files (`manifests`) give them: what both readers
+//! fill and the Kubernetes source translates.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// Label that binds an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// `(namespace, name)` of a namespaced object.
+pub type ObjectKey = (String, String);
+
+/// The Kubernetes objects a node's load balancing depends on. Objects are
+/// shared (`Arc`): the watch keeps them and each view it publishes holds
+/// the same ones, so a big cluster is in memory once, not once per copy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterSnapshot {
+    pub services: BTreeMap<ObjectKey, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+}
+
+impl ClusterSnapshot {
+    /// Adds or replaces a Service (an object without a namespace is in
+    /// `default`, as kubectl would put it).
+    pub fn insert_service(&mut self, service: Service) {
+        self.services
+            .insert(key_of(&service.metadata), Arc::new(service));
+    }
+
+    pub fn insert_endpoint_slice(&mut self, slice: EndpointSlice) {
+        self.endpoint_slices
+            .insert(key_of(&slice.metadata), Arc::new(slice));
+    }
+}
+
+/// `(namespace, name)` of an object's metadata (`default` namespace when
+/// unset).
+pub fn key_of(metadata: &ObjectMeta) -> ObjectKey {
+    (
+        metadata
+            .namespace
+            .clone()
+            .filter(|namespace| !namespace.is_empty())
+            .unwrap_or_else(|| String::from("default")),
+        metadata.name.clone().unwrap_or_default(),
+    )
+}
