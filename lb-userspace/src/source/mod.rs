@@ -1,5 +1,6 @@
 //! Config sources. Each produces a whole `DesiredState`, never deltas.
 
+pub mod file;
 pub mod kube;
 pub mod locate;
 pub mod manifests;
