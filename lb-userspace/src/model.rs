@@ -6,10 +6,14 @@ use std::fmt;
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
 
+mod endpoints;
+
+pub use endpoints::Endpoint;
+
 /// Default number of slots in a service's selection table: a prime (so every
 /// Maglev permutation covers every slot) about 100 times the backends of a
 /// large service, so weights are honoured to within about 1%.
-pub const DEFAULT_TABLE_SIZE: u32 = crate::reconcile::maglev::DEFAULT_TABLE_SIZE;
+pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours, as
 /// Kubernetes).

@@ -22,10 +22,9 @@ pub struct MaglevBackend {
     pub identity: u64,
 }
 
-/// Smallest and default table sizes. Sizes must be prime so every skip
-/// walks the whole table.
+/// Smallest table size. Sizes must be prime so every skip walks the whole
+/// table (the default is the model's, `model::DEFAULT_TABLE_SIZE`).
 pub const MIN_TABLE_SIZE: u32 = 7;
-pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
 
 /// Builds a `size`-slot table. Returns an empty table when no backend has
 /// weight (the service has no backend). `size` must be prime.
@@ -110,6 +109,7 @@ fn mix(mut z: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::DEFAULT_TABLE_SIZE;
     use std::net::Ipv4Addr;
 
     fn backends(count: u32) -> Vec<MaglevBackend> {
