@@ -266,7 +266,12 @@ impl Load {
         hash_seed: (u64, kernel::seed::SeedOrigin),
         observe: &mut Observe,
     ) -> Result<Self, AgentError> {
-        let mut loaded = Datapath::load_with(sizes, pins, options.observe.datapath_debug)?;
+        let mut loaded = Datapath::load_with(
+            sizes,
+            pins,
+            options.observe.datapath_debug,
+            &observe::datapath::OBSERVED,
+        )?;
         if let Some(logger) = loaded.logger.take() {
             kernel::spawn_log_reader(logger);
         }
