@@ -7,10 +7,11 @@ use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use aya::programs::{SchedClassifier, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::maps::Sizing;
 
+use super::tc::tc_program;
+use super::xdp::xdp_program;
 use super::{
     Datapath, FlowTable, KernelError, KernelMaps, Loaded, MapSizes, OBJECT, OpenError, PinDir,
     TcRole, pin, sys,
@@ -129,25 +130,16 @@ fn load_object(sizes: &MapSizes, map_paths: &MapPins, debug: bool) -> Result<Ebp
 
 /// Loads (verifies) the XDP program and both tc programs.
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), KernelError> {
-    let name = lb_common::maps::PROGRAM;
-    let program: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or(KernelError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| KernelError::NotXdp { name, source })?;
-    program
+    xdp_program(ebpf)?
         .load()
         .map_err(|source| KernelError::Verify { source })?;
     for role in [TcRole::Uplink, TcRole::Pod] {
-        let name = role.program();
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .ok_or(KernelError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| KernelError::NotTc { name, source })?;
-        program
+        tc_program(ebpf, role)?
             .load()
-            .map_err(|source| KernelError::VerifyTc { name, source })?;
+            .map_err(|source| KernelError::VerifyTc {
+                name: role.program(),
+                source,
+            })?;
     }
     Ok(())
 }

@@ -212,6 +212,22 @@ pub struct Loaded {
     pub observed: BTreeMap<&'static str, MapData>,
 }
 
+/// The object's program `name`, of the kind `P` (`not_kind` says what
+/// else it is).
+fn program<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    not_kind: fn(&'static str, ProgramError) -> KernelError,
+) -> Result<&'a mut P, KernelError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(KernelError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| not_kind(name, source))
+}
+
 impl Datapath {
     /// Where links and maps are pinned, if they are.
     pub fn pins(&self) -> Option<&PinDir> {

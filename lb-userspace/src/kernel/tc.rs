@@ -5,11 +5,12 @@
 
 use std::fmt;
 
+use aya::Ebpf;
 use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{SchedClassifier, TcAttachType};
 
 use super::links::{self, Held};
-use super::{Datapath, KernelError, host, pin};
+use super::{Datapath, KernelError, host, pin, program};
 use crate::error_chain;
 
 /// Which tc program an interface gets (see lb-ebpf/src/tc.rs).
@@ -72,12 +73,7 @@ pub(super) struct TcAttachment {
 
 impl Datapath {
     fn tc_program(&mut self, role: TcRole) -> Result<&mut SchedClassifier, KernelError> {
-        let name = role.program();
-        self.ebpf
-            .program_mut(name)
-            .ok_or(KernelError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| KernelError::NotTc { name, source })
+        tc_program(&mut self.ebpf, role)
     }
 
     /// Attaches `role`'s tc program at `interface`'s ingress: a tcx link
@@ -270,6 +266,17 @@ impl Datapath {
         }
         (kept, detached)
     }
+}
+
+/// The object's tc program for `role`.
+pub(super) fn tc_program(
+    ebpf: &mut Ebpf,
+    role: TcRole,
+) -> Result<&mut SchedClassifier, KernelError> {
+    program(ebpf, role.program(), |name, source| KernelError::NotTc {
+        name,
+        source,
+    })
 }
 
 /// What `SchedClassifier::attach` uses on this kernel.

@@ -1,11 +1,12 @@
 //! XDP on the uplinks: attached (native, else generic in `Auto` mode) or
 //! adopted from a previous agent's pinned link, detached, released.
 
+use aya::Ebpf;
 use aya::programs::xdp::XdpLinkId;
 use aya::programs::{ProgramError, Xdp, XdpMode};
 
 use super::links::{self, Held};
-use super::{AttachMode, Attached, Datapath, KernelError, TcRole, host, pin};
+use super::{AttachMode, Attached, Datapath, KernelError, TcRole, host, pin, program};
 use crate::error_chain;
 
 /// How an XDP attachment is held.
@@ -20,12 +21,7 @@ pub(super) struct Attachment {
 
 impl Datapath {
     pub(super) fn program(&mut self) -> Result<&mut Xdp, KernelError> {
-        let name = lb_common::maps::PROGRAM;
-        self.ebpf
-            .program_mut(name)
-            .ok_or(KernelError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| KernelError::NotXdp { name, source })
+        xdp_program(&mut self.ebpf)
     }
 
     /// Attaches the program to `interface`. With pins, a link a previous
@@ -107,41 +103,39 @@ impl Datapath {
         mode: AttachMode,
     ) -> Result<(XdpLinkId, Attached), KernelError> {
         let program = self.program()?;
+        let attach = |program: &mut Xdp, attached: Attached| {
+            let (flags, mode) = match attached {
+                Attached::Native => (XdpMode::Driver, "native"),
+                _ => (XdpMode::Skb, "generic"),
+            };
+            program
+                .attach(interface, flags)
+                .map(|link| (link, attached))
+                .map_err(|source| KernelError::Attach {
+                    interface: interface.to_owned(),
+                    mode,
+                    source,
+                })
+        };
         match mode {
-            AttachMode::Native | AttachMode::Auto => {
-                match program.attach(interface, XdpMode::Driver) {
-                    Ok(link) => Ok((link, Attached::Native)),
-                    Err(native) if mode == AttachMode::Auto && !is_unknown_interface(&native) => {
-                        let link = program.attach(interface, XdpMode::Skb).map_err(|source| {
-                            KernelError::Attach {
-                                interface: interface.to_owned(),
-                                mode: "generic",
-                                source,
-                            }
-                        })?;
-                        log::warn!(
-                            "{interface}: native XDP unavailable ({}); using generic XDP, which is slower",
-                            error_chain(&native)
-                        );
-                        Ok((link, Attached::Generic))
-                    }
-                    Err(source) => Err(KernelError::Attach {
-                        interface: interface.to_owned(),
-                        mode: "native",
-                        source,
-                    }),
+            AttachMode::Generic => attach(program, Attached::Generic),
+            AttachMode::Native => attach(program, Attached::Native),
+            AttachMode::Auto => match program.attach(interface, XdpMode::Driver) {
+                Ok(link) => Ok((link, Attached::Native)),
+                Err(native) if !is_unknown_interface(&native) => {
+                    let generic = attach(program, Attached::Generic)?;
+                    log::warn!(
+                        "{interface}: native XDP unavailable ({}); using generic XDP, which is slower",
+                        error_chain(&native)
+                    );
+                    Ok(generic)
                 }
-            }
-            AttachMode::Generic => {
-                let link = program.attach(interface, XdpMode::Skb).map_err(|source| {
-                    KernelError::Attach {
-                        interface: interface.to_owned(),
-                        mode: "generic",
-                        source,
-                    }
-                })?;
-                Ok((link, Attached::Generic))
-            }
+                Err(source) => Err(KernelError::Attach {
+                    interface: interface.to_owned(),
+                    mode: "native",
+                    source,
+                }),
+            },
         }
     }
 
@@ -256,6 +250,13 @@ impl Datapath {
         }
         (kept, detached)
     }
+}
+
+/// The object's XDP program.
+pub(super) fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, KernelError> {
+    program(ebpf, lb_common::maps::PROGRAM, |name, source| {
+        KernelError::NotXdp { name, source }
+    })
 }
 
 fn is_unknown_interface(error: &ProgramError) -> bool {

@@ -105,20 +105,25 @@ fn service_entries_carry_flags_and_affinity() {
     );
 }
 
+/// The real object's maps, or `None` (with a note) without root.
+fn load() -> Option<KernelMaps> {
+    use crate::kernel::{Datapath, TEST_SIZES, is_root};
+    if !is_root() {
+        eprintln!("skipped: loading BPF needs root");
+        return None;
+    }
+    match Datapath::load(TEST_SIZES) {
+        Ok(loaded) => Some(loaded.maps),
+        Err(error) => panic!("{}", crate::error_chain(&error)),
+    }
+}
+
 /// A freed backend id starts from zero counters, so the next backend
 /// given that id does not report its predecessor's traffic.
 #[test]
 fn clearing_a_backend_zeroes_its_counters() {
-    use crate::kernel::{Datapath, TEST_SIZES, is_root};
     use crate::reconcile::{MapOp, MapWriter as _};
-    if !is_root() {
-        eprintln!("skipped: loading BPF needs root");
-        return;
-    }
-    let mut maps = match Datapath::load(TEST_SIZES) {
-        Ok(loaded) => loaded.maps,
-        Err(error) => panic!("{}", crate::error_chain(&error)),
-    };
+    let Some(mut maps) = load() else { return };
     let cpus = aya::util::nr_cpus().map_or(1, |cpus| cpus);
     let mut counted = vec![Traffic::default(); cpus];
     counted[0].to_backend_packets = 7;
@@ -138,15 +143,7 @@ fn clearing_a_backend_zeroes_its_counters() {
 /// still remembers in affinity records and counters.
 #[test]
 fn adopted_ids_stay_above_remembered_ones() {
-    use crate::kernel::{Datapath, TEST_SIZES, is_root};
-    if !is_root() {
-        eprintln!("skipped: loading BPF needs root");
-        return;
-    }
-    let mut maps = match Datapath::load(TEST_SIZES) {
-        Ok(loaded) => loaded.maps,
-        Err(error) => panic!("{}", crate::error_chain(&error)),
-    };
+    let Some(mut maps) = load() else { return };
     assert_eq!(maps.first_unused_service_id().ok(), Some(0));
     let key = AffinityKey {
         service_id: 40,
