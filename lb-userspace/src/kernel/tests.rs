@@ -7,7 +7,11 @@ use std::net::Ipv4Addr;
 use lb_common::Reason;
 use lb_common::service::{BACKEND_F_ACTIVE, CONFIG_F_READY, SERVICE_F_MASQUERADE};
 
+use aya::EbpfLoader;
+
+use super::load::map_data;
 use super::*;
+use crate::error_chain;
 use crate::reconcile::{self, Applied, Desired, MapOp, NodeFacts};
 use crate::source::yaml::{self, Overrides};
 
@@ -16,7 +20,9 @@ fn load() -> Option<Loaded> {
         eprintln!("skipped: loading BPF needs root");
         return None;
     }
-    match Datapath::load(TEST_SIZES) {
+    // With the reader's second descriptors, as the agent loads it.
+    let observed = &crate::observe::datapath::OBSERVED;
+    match Datapath::load_with(TEST_SIZES, None, false, observed) {
         Ok(loaded) => Some(loaded),
         Err(error) => panic!("{}", error_chain(&error)),
     }

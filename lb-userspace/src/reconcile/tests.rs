@@ -1,7 +1,10 @@
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 
 use super::*;
-use crate::model::{Backend, Conntrack, DEFAULT_MASQUERADE_PORTS, Service, TrafficPolicy};
+use crate::model::{
+    Backend, Conntrack, DEFAULT_MASQUERADE_PORTS, DesiredState, Protocol, Service, TrafficPolicy,
+};
 use lb_common::service::{
     SERVICE_F_AFFINITY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE, SERVICE_F_SOURCE_RANGES,
 };

@@ -2,7 +2,9 @@
 //! than the config file: the API (`xlb run --kubernetes`) or manifest files
 //! (`xlb run --manifests PATH|-`). The config file still gives the node's
 //! settings (interfaces, conntrack, ...): [`ClusterSource::desired`] is that
-//! base with the services of the latest complete cluster view.
+//! base with the services of the latest complete cluster view. The agent
+//! keeps the base (the last file config it accepted); the source keeps
+//! only its view.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -72,10 +74,6 @@ pub struct ClusterSource {
     view: Arc<ClusterView>,
     /// Notes already logged (each finding is logged once while it lasts).
     logged: BTreeSet<Note>,
-    /// The last base given to [`ClusterSource::desired`].
-    base: DesiredState,
-    /// The one before, for [`ClusterSource::rejected`].
-    previous_base: DesiredState,
     description: String,
 }
 
@@ -118,8 +116,6 @@ impl ClusterSource {
                     feed: Feed::Api(watch),
                     view,
                     logged: BTreeSet::new(),
-                    base: DesiredState::default(),
-                    previous_base: DesiredState::default(),
                     description,
                 })
             }
@@ -147,8 +143,6 @@ impl ClusterSource {
                     feed: Feed::Manifests(watch),
                     view: Arc::new(ClusterView { snapshot, node }),
                     logged: BTreeSet::new(),
-                    base: DesiredState::default(),
-                    previous_base: DesiredState::default(),
                     description,
                 })
             }
@@ -171,23 +165,9 @@ impl ClusterSource {
     }
 
     /// `base` (the config file's state) with the services of the latest
-    /// view; `base` is kept for [`ClusterSource::current`]. Logs each note
-    /// the first time it appears.
+    /// view: what to apply, also after [`ClusterSource::changed`]. Logs each
+    /// note the first time it appears.
     pub fn desired(&mut self, base: &DesiredState) -> DesiredState {
-        self.previous_base = std::mem::replace(&mut self.base, base.clone());
-        self.current()
-    }
-
-    /// The state made from the last base was rejected (the agent kept the
-    /// previous config): later views apply over the previous base again.
-    pub fn rejected(&mut self) {
-        self.base = self.previous_base.clone();
-    }
-
-    /// The last base given to [`ClusterSource::desired`] with the services
-    /// of the latest view: what to apply after [`ClusterSource::changed`].
-    pub fn current(&mut self) -> DesiredState {
-        let base = &self.base;
         if !base.services.is_empty() {
             let note = Note {
                 level: NoteLevel::Warn,

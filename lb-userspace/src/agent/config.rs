@@ -1,0 +1,246 @@
+//! What the agent checks about a config on this host, beyond what the
+//! source validated: that its interfaces exist, its node addresses are
+//! this node's, its tables fit in memory; and the map sizes it loads with.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use crate::kernel::{MapSizes, host};
+use crate::model::DesiredState;
+use crate::source::yaml::{self, ConfigError, LoadedConfig, Overrides};
+
+/// `xlb check`: validates only. Returns the line to print on success.
+pub fn check(path: &Path, overrides: &Overrides) -> Result<(String, Vec<String>), ConfigError> {
+    let config = yaml::load(path, overrides)?;
+    let warnings = warnings(&config);
+    let state = &config.state;
+    let summary = format!(
+        "{}: ok ({} services, {} backends)",
+        config.origin(),
+        state.services.len(),
+        state.backend_count()
+    );
+    Ok((summary, warnings))
+}
+
+/// The config's own warnings plus those that depend on this host.
+pub(super) fn warnings(config: &LoadedConfig) -> Vec<String> {
+    let mut warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    if let Some(ephemeral) = host::ephemeral_ports()
+        && let Some(overlap) = yaml::ephemeral_overlap(config, &ephemeral)
+    {
+        warnings.push(overlap.to_string());
+    }
+    warnings.extend(select_memory_warning(config));
+    warnings
+}
+
+/// `XLB_SELECT` above this many bytes deserves a word.
+const SELECT_WARN_BYTES: u64 = 256 << 20;
+
+/// A warning when the selection tables need a lot of memory: every
+/// service's table twice (double buffering) at `selection.tableSize`.
+fn select_memory_warning(config: &LoadedConfig) -> Option<String> {
+    let state = &config.state;
+    let bytes = u64::from(map_sizes(state).select_slots) * 4;
+    if bytes <= SELECT_WARN_BYTES {
+        return None;
+    }
+    let problem = config.problem(
+        "selection.tableSize",
+        format!(
+            "{} services at {} slots, double-buffered, make XLB_SELECT {} MiB",
+            state.services.len(),
+            state.table_size,
+            bytes >> 20
+        ),
+        String::from("a smaller prime (4093 or 1021) saves memory at the cost of coarser weights"),
+    );
+    Some(problem.to_string())
+}
+
+/// Every interface the config names must exist here.
+pub(super) fn check_interfaces(config: &LoadedConfig) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    for (index, name) in config.state.interfaces.iter().enumerate() {
+        if host::ifindex(name).is_some() {
+            continue;
+        }
+        let message = format!("no interface \"{name}\" on this node");
+        let fix = String::from("check `ip link`, or the network namespace xlb runs in");
+        let field = config.interface_field(index);
+        if field == "--iface" {
+            return Err(ConfigError::Flag {
+                flag: "--iface",
+                value: name.clone(),
+                message,
+                fix,
+            });
+        }
+        problems.push(config.problem(&field, message, fix));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid { problems })
+    }
+}
+
+/// Listed node addresses that this node does not have (NodePort traffic to
+/// them only arrives if something routes it here).
+pub(super) fn foreign_node_addresses(
+    config: &LoadedConfig,
+    local: &BTreeSet<Ipv4Addr>,
+) -> Vec<String> {
+    let Some(listed) = &config.state.node_addresses else {
+        return Vec::new();
+    };
+    listed
+        .iter()
+        .enumerate()
+        .filter(|(_, address)| !local.contains(address))
+        .map(|(index, address)| {
+            config
+                .problem(
+                    &LoadedConfig::node_address_field(index),
+                    format!("{address} is not an address of this node"),
+                    String::from("NodePorts answer on it only if traffic to it is routed here"),
+                )
+                .to_string()
+        })
+        .collect()
+}
+
+/// Load-time map sizes for a config: room for every service's table twice
+/// (double buffering) plus slack, never below the defaults.
+pub(super) fn map_sizes(state: &DesiredState) -> MapSizes {
+    let defaults = MapSizes::default();
+    let services = u64::try_from(state.services.len()).unwrap_or(u64::MAX);
+    let wanted = u64::from(state.table_size).saturating_mul(services.saturating_mul(2) + 2);
+    MapSizes {
+        flows: state.conntrack.max_flows,
+        select_slots: u32::try_from(wanted)
+            .unwrap_or(u32::MAX)
+            .max(defaults.select_slots),
+        ..defaults
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> LoadedConfig {
+        match yaml::parse("t.yaml", text, &Overrides::default()) {
+            Ok(config) => config,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    #[test]
+    fn missing_interface_is_a_located_config_error() {
+        let loaded = config("node:\n  interfaces: [lo, xlb-nope0]\n");
+        let error = check_interfaces(&loaded).map_err(|e| e.to_string());
+        assert_eq!(
+            error,
+            Err(String::from(
+                "t.yaml:2:20: node.interfaces[1]: no interface \"xlb-nope0\" on this node; check \
+                 `ip link`, or the network namespace xlb runs in"
+            ))
+        );
+        let overrides = Overrides {
+            interfaces: vec![String::from("xlb-nope0")],
+        };
+        let loaded = yaml::parse("t.yaml", "node:\n  interfaces: [lo]\n", &overrides);
+        let error = loaded
+            .map_err(|e| e.to_string())
+            .and_then(|c| check_interfaces(&c).map_err(|e| e.to_string()));
+        assert_eq!(
+            error,
+            Err(String::from(
+                "--iface xlb-nope0: no interface \"xlb-nope0\" on this node; check `ip link`, or \
+                 the network namespace xlb runs in"
+            ))
+        );
+    }
+
+    #[test]
+    fn foreign_node_address_warning() {
+        let loaded = config("node:\n  interfaces: [lo]\n  addresses: [198.18.0.1, 198.18.0.2]\n");
+        let local: BTreeSet<Ipv4Addr> = [Ipv4Addr::new(198, 18, 0, 1)].into_iter().collect();
+        assert_eq!(
+            foreign_node_addresses(&loaded, &local),
+            [
+                "t.yaml:3:27: node.addresses[1]: 198.18.0.2 is not an address of this node; \
+              NodePorts answer on it only if traffic to it is routed here"
+            ]
+        );
+    }
+
+    #[test]
+    fn select_map_grows_with_services() {
+        let mut state = config("node:\n  interfaces: [lo]\n").state;
+        assert_eq!(map_sizes(&state), MapSizes::default());
+        state.table_size = 65_537;
+        state.services = (0..40)
+            .map(|index| crate::model::Service {
+                name: format!("s{index}"),
+                namespace: String::from("default"),
+                protocol: crate::model::Protocol::Tcp,
+                node_port: 30_000 + index,
+                ..crate::model::Service::default()
+            })
+            .collect();
+        assert_eq!(map_sizes(&state).select_slots, 65_537 * 82);
+    }
+
+    #[test]
+    fn big_selection_tables_are_a_located_warning() {
+        let services: String = (0..300)
+            .map(|index| {
+                format!(
+                    "  - name: s{index}\n    nodePort: {}\n    backends: []\n",
+                    30_000 + index
+                )
+            })
+            .collect();
+        let loaded = config(&format!("node:\n  interfaces: [lo]\nservices:\n{services}"));
+        // 300 services: 2 x 300 + 2 tables of 16381 slots, 37 MiB: fine.
+        assert_eq!(select_memory_warning(&loaded), None);
+        let big: String = (0..3000)
+            .map(|index| {
+                format!(
+                    "  - name: s{index}\n    nodePort: {}\n    backends: []\n",
+                    30_000 + index
+                )
+            })
+            .collect();
+        let loaded = config(&format!("node:\n  interfaces: [lo]\nservices:\n{big}"));
+        let warning = select_memory_warning(&loaded).unwrap_or_default();
+        assert!(
+            warning.starts_with(
+                "t.yaml:1:1: selection.tableSize: 3000 services at 16381 slots, double-buffered, \
+                 make XLB_SELECT 375 MiB; a smaller prime (4093 or 1021)"
+            ),
+            "{warning}"
+        );
+        let small = config(&format!(
+            "node:\n  interfaces: [lo]\nselection:\n  tableSize: 1021\nservices:\n{big}"
+        ));
+        assert_eq!(select_memory_warning(&small), None);
+    }
+
+    #[test]
+    fn check_summarises() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/demo.yaml");
+        let result = check(&path, &Overrides::default()).map_err(|e| e.to_string());
+        let Ok((summary, _)) = result else {
+            panic!("{result:?}");
+        };
+        assert!(
+            summary.ends_with("demo.yaml: ok (2 services, 4 backends)"),
+            "{summary}"
+        );
+    }
+}

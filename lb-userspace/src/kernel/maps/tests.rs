@@ -1,0 +1,176 @@
+use std::net::Ipv4Addr;
+
+use lb_common::Reason;
+use lb_common::service::{ADDR_ANY_NODE, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, CONFIG_F_READY};
+
+use super::convert::source_range_of;
+use super::*;
+use crate::model::Protocol;
+use crate::reconcile::{
+    ActiveBackend, BackendAddr, Frontend, ServiceEntry, Settings, SourceRangeKey,
+};
+
+#[test]
+fn addresses_and_ports_keep_wire_byte_order() {
+    let key = service_key(&Frontend::node_port(Protocol::Udp, 30998));
+    assert_eq!(key.port_be.to_ne_bytes(), 30998u16.to_be_bytes());
+    assert_eq!(key.proto, 17);
+    assert_eq!(key.addr_be, ADDR_ANY_NODE);
+    assert_eq!(
+        frontend_of(&key),
+        Some(Frontend::node_port(Protocol::Udp, 30998))
+    );
+    let exact = Frontend::exact(Protocol::Tcp, Ipv4Addr::new(198, 18, 200, 10), 80);
+    let key = service_key(&exact);
+    assert_eq!(key.addr_be.to_ne_bytes(), [198, 18, 200, 10]);
+    assert_eq!(frontend_of(&key), Some(exact));
+    let mut backend = ActiveBackend {
+        address: BackendAddr {
+            address: Ipv4Addr::new(198, 18, 1, 2),
+            port: 3333,
+        },
+        terminating: false,
+    };
+    let value = backend_value(&backend);
+    assert_eq!(value.addr_be.to_ne_bytes(), [198, 18, 1, 2]);
+    assert_eq!(value.port_be.to_ne_bytes(), 3333u16.to_be_bytes());
+    assert_eq!(value.flags, BACKEND_F_ACTIVE);
+    backend.terminating = true;
+    assert_eq!(
+        backend_value(&backend).flags,
+        BACKEND_F_ACTIVE | BACKEND_F_TERMINATING
+    );
+}
+
+#[test]
+fn source_range_keys_match_the_datapath_lookup() {
+    let range = SourceRangeKey {
+        service_id: 7,
+        network: Ipv4Addr::new(198, 18, 0, 0),
+        prefix_len: 24,
+    };
+    let key = source_range_key(&range);
+    // The datapath looks up (64, {id, source}): 32 bits of id + 24 of prefix.
+    assert_eq!(key.prefix_len(), 56);
+    assert_eq!(key.data().service_id, 7);
+    assert_eq!(key.data().addr_be.to_ne_bytes(), [198, 18, 0, 0]);
+    assert_eq!(source_range_of(&key), range);
+}
+
+#[test]
+fn settings_become_a_ready_global_config_and_back() {
+    let settings = Settings {
+        masquerade_port_min: 61000,
+        masquerade_port_max: 65535,
+        hash_seed: 0x0123_4567_89ab_cdef,
+        tcp_syn_timeout_s: 1,
+        tcp_timeout_s: 2,
+        tcp_closing_timeout_s: 3,
+        udp_timeout_s: 4,
+    };
+    let config = global_config(&settings);
+    assert_eq!(config.flags & CONFIG_F_READY, CONFIG_F_READY);
+    assert_eq!(
+        (
+            config.tcp_syn_timeout_s,
+            config.tcp_established_timeout_s,
+            config.tcp_closing_timeout_s,
+            config.udp_timeout_s
+        ),
+        (1, 2, 3, 4)
+    );
+    assert_eq!((config.snat_port_min, config.snat_port_max), (61000, 65535));
+    assert_eq!(settings_of(&config), settings);
+}
+
+#[test]
+fn service_entries_carry_flags_and_affinity() {
+    use lb_common::service::{SERVICE_F_AFFINITY, SERVICE_F_MASQUERADE};
+    let value = service_value(&ServiceEntry {
+        id: 3,
+        table_offset: 1021,
+        table_size: 1021,
+        flags: SERVICE_F_MASQUERADE | SERVICE_F_AFFINITY,
+        affinity_timeout_s: 600,
+    });
+    assert_eq!(value.flags, SERVICE_F_MASQUERADE | SERVICE_F_AFFINITY);
+    assert_eq!(
+        (
+            value.id,
+            value.table_offset,
+            value.table_size,
+            value.affinity_timeout_s
+        ),
+        (3, 1021, 1021, 600)
+    );
+}
+
+/// The real object's maps, or `None` (with a note) without root.
+fn load() -> Option<KernelMaps> {
+    use crate::kernel::{Datapath, TEST_SIZES, is_root};
+    if !is_root() {
+        eprintln!("skipped: loading BPF needs root");
+        return None;
+    }
+    match Datapath::load(TEST_SIZES) {
+        Ok(loaded) => Some(loaded.maps),
+        Err(error) => panic!("{}", crate::error_chain(&error)),
+    }
+}
+
+/// A freed backend id starts from zero counters, so the next backend
+/// given that id does not report its predecessor's traffic.
+#[test]
+fn clearing_a_backend_zeroes_its_counters() {
+    use crate::reconcile::{MapOp, MapWriter as _};
+    let Some(mut maps) = load() else { return };
+    let cpus = aya::util::nr_cpus().map_or(1, |cpus| cpus);
+    let mut counted = vec![Traffic::default(); cpus];
+    counted[0].to_backend_packets = 7;
+    counted[cpus - 1].to_client_bytes = 900;
+    let Ok(values) = aya::maps::PerCpuValues::try_from(counted) else {
+        panic!("per-CPU values")
+    };
+    assert!(maps.backend_stats.set(5, values, 0).is_ok());
+    assert!(maps.apply(&MapOp::ClearBackend { id: 5 }).is_ok());
+    let Ok(after) = maps.backend_stats.get(&5, 0) else {
+        panic!("read counters")
+    };
+    assert!(after.iter().all(|traffic| *traffic == Traffic::default()));
+}
+
+/// After a restart, new services get ids above those the datapath
+/// still remembers in affinity records and counters.
+#[test]
+fn adopted_ids_stay_above_remembered_ones() {
+    let Some(mut maps) = load() else { return };
+    assert_eq!(maps.first_unused_service_id().ok(), Some(0));
+    let key = AffinityKey {
+        service_id: 40,
+        client_addr_be: 1,
+    };
+    assert!(maps.affinity.insert(key, Affinity::default(), 0).is_ok());
+    assert_eq!(maps.first_unused_service_id().ok(), Some(41));
+    let cpus = aya::util::nr_cpus().map_or(1, |cpus| cpus);
+    let mut counted = vec![Traffic::default(); cpus];
+    counted[0].to_backend_packets = 1;
+    let values = aya::maps::PerCpuValues::try_from(counted);
+    let Ok(values) = values else {
+        panic!("per-CPU values")
+    };
+    assert!(maps.service_stats.set(50, values, 0).is_ok());
+    assert_eq!(maps.first_unused_service_id().ok(), Some(51));
+    assert_eq!(
+        maps.read_applied().map(|a| a.next_service_id).ok(),
+        Some(51)
+    );
+}
+
+#[test]
+fn stats_line() {
+    assert_eq!(format_stats(&[]), "none");
+    assert_eq!(
+        format_stats(&[(Reason::FwdNewFlow, 3), (Reason::DropNoNeighbour, 1)]),
+        "fwd_new_flow=3 drop_no_neighbour=1"
+    );
+}

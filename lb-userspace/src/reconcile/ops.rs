@@ -1,0 +1,246 @@
+//! The reconciler's map vocabulary: the keys and values of the control
+//! maps in the model's words (byte order and `#[repr(C)]` are the kernel
+//! layer's), and `MapOp`, one write or delete in one map, with its rank in
+//! the safe order.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use crate::model::{BackendAddr, DesiredState, Protocol};
+
+/// A frontend: the key of `XLB_SERVICES`. A NodePort (`address: None`)
+/// answers on every node address; an exact frontend (load-balancer or
+/// external IP) on its own address only, and wins over a NodePort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub protocol: Protocol,
+    pub address: Option<Ipv4Addr>,
+    pub port: u16,
+}
+
+impl Frontend {
+    pub const fn node_port(protocol: Protocol, port: u16) -> Self {
+        Self {
+            protocol,
+            address: None,
+            port,
+        }
+    }
+
+    pub const fn exact(protocol: Protocol, address: Ipv4Addr, port: u16) -> Self {
+        Self {
+            protocol,
+            address: Some(address),
+            port,
+        }
+    }
+}
+
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.address {
+            None => write!(f, "{} {}", self.protocol, self.port),
+            Some(address) => write!(f, "{} {address}:{}", self.protocol, self.port),
+        }
+    }
+}
+
+/// The value of a service's `XLB_SERVICES` entry (one per frontend; a
+/// service's frontends share its id and table).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub id: u32,
+    /// First slot of the service's region in `XLB_SELECT`.
+    pub table_offset: u32,
+    /// Slots in the region; 0 means the service has no backend for new flows.
+    pub table_size: u32,
+    /// `lb_common::service::SERVICE_F_*`.
+    pub flags: u32,
+    /// sessionAffinity timeout (with `SERVICE_F_AFFINITY`), else 0.
+    pub affinity_timeout_s: u32,
+}
+
+/// A written (active) `XLB_BACKENDS` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ActiveBackend {
+    pub address: BackendAddr,
+    /// `BACKEND_F_TERMINATING`: keeps its flows, but session affinity sends
+    /// no new flow to it.
+    pub terminating: bool,
+}
+
+/// One `XLB_SOURCE_RANGES` entry: sources in `network/prefix_len` may open
+/// flows to service `service_id`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRangeKey {
+    pub service_id: u32,
+    /// Host bits are zero.
+    pub network: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl fmt::Display for SourceRangeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "service {} source {}/{}",
+            self.service_id, self.network, self.prefix_len
+        )
+    }
+}
+
+/// Node-wide datapath settings (`XLB_CONFIG[0]`). Writing them also marks
+/// the configuration ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub masquerade_port_min: u16,
+    pub masquerade_port_max: u16,
+    /// The flow hash's 64-bit secret. Not part of the config: the agent
+    /// sets it (from `--hash-seed-file`, or random) after `Desired::new`.
+    pub hash_seed: u64,
+    pub tcp_syn_timeout_s: u32,
+    pub tcp_timeout_s: u32,
+    pub tcp_closing_timeout_s: u32,
+    pub udp_timeout_s: u32,
+}
+
+impl Settings {
+    pub fn from_state(state: &DesiredState) -> Self {
+        Self {
+            masquerade_port_min: *state.masquerade_ports.start(),
+            masquerade_port_max: *state.masquerade_ports.end(),
+            hash_seed: u64::from(lb_common::GlobalConfig::DEFAULT.hash_seed),
+            tcp_syn_timeout_s: state.conntrack.tcp_syn_timeout_s,
+            tcp_timeout_s: state.conntrack.tcp_timeout_s,
+            tcp_closing_timeout_s: state.conntrack.tcp_closing_timeout_s,
+            udp_timeout_s: state.conntrack.udp_timeout_s,
+        }
+    }
+}
+
+/// One write or delete in one map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    /// `XLB_NODE_ADDRS`: NodePorts answer on `0`.
+    AddNodeAddress(Ipv4Addr),
+    RemoveNodeAddress(Ipv4Addr),
+    /// `XLB_IFACE_ADDRS`: masquerade with `address` when leaving `ifindex`.
+    SetInterfaceAddress {
+        ifindex: u32,
+        address: Ipv4Addr,
+    },
+    RemoveInterfaceAddress {
+        ifindex: u32,
+    },
+    /// `XLB_BACKENDS[id]`, marked active (and terminating, if it is).
+    WriteBackend {
+        id: u32,
+        backend: ActiveBackend,
+    },
+    /// `XLB_BACKENDS[id]` zeroed (inactive); arrays cannot delete. The
+    /// datapath re-balances the backend's flows on their next packet.
+    ClearBackend {
+        id: u32,
+    },
+    /// `XLB_SELECT[offset..offset + backend_ids.len()]`.
+    WriteTable {
+        offset: u32,
+        backend_ids: Vec<u32>,
+    },
+    /// `XLB_SOURCE_RANGES`: allow a prefix (written before the service entry
+    /// that turns the check on).
+    AddSourceRange(SourceRangeKey),
+    /// Removed after the service entry stopped needing it.
+    RemoveSourceRange(SourceRangeKey),
+    /// `XLB_SERVICES[frontend]`; `name` is for the mirror and logs only.
+    WriteService {
+        frontend: Frontend,
+        name: String,
+        entry: ServiceEntry,
+    },
+    RemoveService {
+        frontend: Frontend,
+    },
+    /// `XLB_CONFIG[0]`, with the ready flag set.
+    WriteSettings(Settings),
+}
+
+impl MapOp {
+    /// Rank in the safe order; `diff` emits ops sorted by it.
+    pub(super) const fn phase(&self) -> u8 {
+        match self {
+            MapOp::AddNodeAddress(_) | MapOp::SetInterfaceAddress { .. } => 0,
+            MapOp::WriteBackend { .. } => 1,
+            MapOp::WriteTable { .. } | MapOp::AddSourceRange(_) => 2,
+            MapOp::WriteService { .. } => 3,
+            MapOp::RemoveService { .. } => 4,
+            MapOp::ClearBackend { .. } | MapOp::RemoveSourceRange(_) => 5,
+            MapOp::RemoveNodeAddress(_) | MapOp::RemoveInterfaceAddress { .. } => 6,
+            MapOp::WriteSettings(_) => 7,
+        }
+    }
+}
+
+/// Ops the kernel layer may write together (see `MapWriter::apply_run`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunKind {
+    Backends,
+    Tables,
+    Services,
+}
+
+impl MapOp {
+    /// The run this op can be part of, if any.
+    pub const fn run_kind(&self) -> Option<RunKind> {
+        match self {
+            MapOp::WriteBackend { .. } => Some(RunKind::Backends),
+            MapOp::WriteTable { .. } => Some(RunKind::Tables),
+            MapOp::WriteService { .. } => Some(RunKind::Services),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for MapOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MapOp::AddNodeAddress(address) => write!(f, "add node address {address}"),
+            MapOp::RemoveNodeAddress(address) => write!(f, "remove node address {address}"),
+            MapOp::SetInterfaceAddress { ifindex, address } => {
+                write!(f, "masquerade as {address} on ifindex {ifindex}")
+            }
+            MapOp::RemoveInterfaceAddress { ifindex } => {
+                write!(f, "forget the address of ifindex {ifindex}")
+            }
+            MapOp::WriteBackend { id, backend } => {
+                write!(f, "backend {id} = {}", backend.address)?;
+                if backend.terminating {
+                    f.write_str(" (terminating)")?;
+                }
+                Ok(())
+            }
+            MapOp::ClearBackend { id } => write!(f, "backend {id} cleared"),
+            MapOp::WriteTable {
+                offset,
+                backend_ids,
+            } => write!(
+                f,
+                "selection table at {offset}..{}",
+                *offset as usize + backend_ids.len()
+            ),
+            MapOp::AddSourceRange(range) => write!(f, "allow {range}"),
+            MapOp::RemoveSourceRange(range) => write!(f, "disallow {range}"),
+            MapOp::WriteService {
+                frontend,
+                name,
+                entry,
+            } => write!(
+                f,
+                "service {name} ({frontend}) id {} -> table {}+{} flags {:#x}",
+                entry.id, entry.table_offset, entry.table_size, entry.flags
+            ),
+            MapOp::RemoveService { frontend } => write!(f, "remove service {frontend}"),
+            MapOp::WriteSettings(_) => write!(f, "global settings (ready)"),
+        }
+    }
+}
