@@ -16,12 +16,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::{
-    EbpfLoader, TestRunAttrs, TestRunOptions,
+    EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
-    programs::{TestRun as _, Xdp},
+    programs::Xdp,
 };
 use lb_common::{Flow, FlowKey, Reason};
-use xlb_bench_ebpf::{FRAME_LEN, GenConfig};
+use xlb_bench_ebpf::{
+    GenConfig,
+    template::{Segment, Sources, Template},
+};
 use xlb_tests::client::{IO_TIMEOUT, pattern, tcp_who_echo, udp_socket};
 use xlb_tests::lab::{NODE_ADDR, TCP_ECHO_NODE_PORT, tcp_echo_service, udp_echo_service};
 use xlb_tests::netns::unique_stem;
@@ -40,49 +43,25 @@ const SYN_TIMEOUT_S: u64 = 3;
 const GC_PERIOD_S: u64 = 5;
 const GEN_MAC: [u8; 6] = [0x02, 0x78, 0x6c, 0xee, 0, 2];
 const NODE_GEN_MAC: [u8; 6] = [0x02, 0x78, 0x6c, 0xee, 0, 1];
-fn word_sum(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks_exact(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], pair[1]])))
-        .sum()
-}
-
 /// A SYN template to NODE_ADDR:30999 (source address and port filled in per
-/// frame by the generator), 6 bytes of Ethernet padding.
+/// frame by the generator).
 fn syn_flood_config() -> GenConfig {
-    let mut frame = [0u8; 64];
-    frame[0..6].copy_from_slice(&NODE_GEN_MAC);
-    frame[6..12].copy_from_slice(&GEN_MAC);
-    frame[12..14].copy_from_slice(&[0x08, 0x00]);
-    let ip = &mut frame[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[6] = 0x40; // DF
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[16..20].copy_from_slice(&NODE_ADDR.octets());
-    let tcp = &mut frame[34..54];
-    tcp[2..4].copy_from_slice(&TCP_ECHO_NODE_PORT.to_be_bytes());
-    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    tcp[12] = 0x50;
-    tcp[13] = 0x02; // SYN
-    tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
-    let ip_csum_base = word_sum(&frame[14..34]);
-    let l4_csum_base = word_sum(&NODE_ADDR.octets()) + 6 + 20 + word_sum(&frame[34..54]);
-    let mut words = [0u64; 8];
-    for (word, chunk) in words.iter_mut().zip(frame.chunks_exact(8)) {
-        *word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
-    }
-    GenConfig {
-        frame: words,
-        src_addr_base: u32::from(SPOOFED),
+    let template = Template {
+        dst_mac: NODE_GEN_MAC,
+        src_mac: GEN_MAC,
+        dst_addr: NODE_ADDR.octets(),
+        dst_port: TCP_ECHO_NODE_PORT,
+        segment: Segment::TcpSyn {
+            seq: 0x1234_5678,
+            window: 64_240,
+        },
+    };
+    template.config(Sources {
+        addr_base: u32::from(SPOOFED),
         flows: 0,
-        ip_csum_base,
-        udp_csum_base: l4_csum_base,
-        src_port_base: 1024,
+        port_base: 1024,
         port_span: SPOOFED_PORTS,
-        tcp: 1,
-    }
+    })
 }
 
 fn mac(bytes: [u8; 6]) -> String {
@@ -141,10 +120,6 @@ fn flood(
             .program("xlb_trafficgen")
             .ok_or_else(|| anyhow!("xlb_trafficgen missing"))?
             .try_into()?;
-        let frame = vec![0u8; FRAME_LEN];
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(FRAME_LEN as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
         let started = Instant::now();
         let mut requested = 0u64;
         for _ in 0..FLOOD_ROUNDS {
@@ -152,15 +127,7 @@ fn flood(
             if missing == 0 {
                 break;
             }
-            program
-                .test_run(TestRunOptions {
-                    data_in: Some(&frame),
-                    ctx_in: Some(&ctx),
-                    repeat: u32::try_from(missing)?,
-                    attrs: TestRunAttrs::new().xdp_live_frames(64),
-                    ..TestRunOptions::default()
-                })
-                .context("BPF_PROG_TEST_RUN (live frames) of xlb_trafficgen")?;
+            xlb_bench::send_generated(program, ifindex, u32::try_from(missing)?, 64)?;
             requested += missing;
         }
         let elapsed = started.elapsed();
