@@ -522,7 +522,7 @@ pub fn run(
             }
         }
     }
-    super::pin_node_napi_threads();
+    super::process::pin_node_napi_threads();
     for _ in 0..plan.repeats {
         for (slot, &(path, at)) in windows.iter().enumerate() {
             for entry in &mut benches {

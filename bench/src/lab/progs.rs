@@ -308,7 +308,7 @@ impl Generator {
         std::thread::scope(|scope| -> anyhow::Result<Window> {
             let sender = scope.spawn(|| -> anyhow::Result<()> {
                 topology::enter(&handle, &ns)?;
-                pin_to_cpu(0);
+                pin_thread(0, 0);
                 while !stop.load(Ordering::Relaxed) {
                     xlb_bench::send_generated(program, ifindex, REPEAT, BATCH)?;
                 }
@@ -345,15 +345,16 @@ impl Generator {
     }
 }
 
-/// Pin the calling thread to `cpu` (best effort: on one CPU it is a no-op).
-pub fn pin_to_cpu(cpu: usize) {
+/// Pin thread `tid` (0: the calling thread) to `cpu`. Best effort: on one
+/// CPU it is a no-op.
+pub fn pin_thread(tid: i32, cpu: usize) {
     // SAFETY: cpu_set_t is plain data, initialised by CPU_ZERO before use;
-    // sched_setaffinity(0, ...) affects only the calling thread.
+    // sched_setaffinity only changes the affinity of the named thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_ZERO(&mut set);
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
