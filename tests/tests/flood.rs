@@ -27,7 +27,7 @@ use xlb_bench_ebpf::{
 };
 use xlb_tests::client::{IO_TIMEOUT, pattern, tcp_who_echo, udp_socket};
 use xlb_tests::lab::{NODE_ADDR, TCP_ECHO_NODE_PORT, tcp_echo_service, udp_echo_service};
-use xlb_tests::netns::unique_stem;
+use xlb_tests::netns::{mac_str, unique_stem};
 use xlb_tests::{Agent, Bpffs, Lab, Netns, poll_until};
 
 /// SYNs in the flood.
@@ -64,21 +64,13 @@ fn syn_flood_config() -> GenConfig {
     })
 }
 
-fn mac(bytes: [u8; 6]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// The generator's namespace and its link to the node.
 fn generator_namespace(lab: &Lab) -> anyhow::Result<Netns> {
     let gen_ns = Netns::create(format!("{}-gen", unique_stem()))?;
     lab.node.ip_line(&format!(
         "link add xlb-g address {} type veth peer name eth0 address {} netns {}",
-        mac(NODE_GEN_MAC),
-        mac(GEN_MAC),
+        mac_str(NODE_GEN_MAC),
+        mac_str(GEN_MAC),
         gen_ns.name()
     ))?;
     lab.node.ip_line("addr add 198.18.250.1/24 dev xlb-g")?;

@@ -201,14 +201,7 @@ fn wire(lab: &BenchLab) -> anyhow::Result<()> {
         &[NODE2_ADDR],
     )?;
     topology::neighbour(node, NODE2_ADDR, topology::backend_mac(2), NODE2_IF)?;
-    node.exec("ethtool", &["-K", NODE_GEN_IF, "gro", "on"])?;
-    node.exec(
-        "sh",
-        &[
-            "-c",
-            &format!("echo 1 > /sys/class/net/{NODE_GEN_IF}/threaded"),
-        ],
-    )?;
+    topology::generator_ingress(node)?;
 
     // The node's bridge CNI and its pod.
     node.ip_line("link add cni0 type bridge")?;

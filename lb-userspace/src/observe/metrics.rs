@@ -348,30 +348,24 @@ fn render_services(
     catalog: &Catalog,
     maps: &DatapathMaps,
 ) -> Result<(), DatapathError> {
-    let mut packets = Vec::new();
-    let mut bytes = Vec::new();
+    let mut traffic = TrafficSamples::default();
     for (&id, service) in &catalog.services {
         let labels = vec![
             ("namespace", service.namespace.clone()),
             ("service", service.name.clone()),
             ("protocol", service.protocol.clone()),
         ];
-        push_traffic(
-            &mut packets,
-            &mut bytes,
-            &labels,
-            &maps.service_traffic(id)?,
-        );
+        traffic.push(&labels, &maps.service_traffic(id)?);
     }
     out.counter(
         "xlb_service_packets_total",
         "Packets forwarded for a service, by direction (to_backend, to_client).",
-        &packets,
+        &traffic.packets,
     );
     out.counter(
         "xlb_service_bytes_total",
         "Bytes (whole frames) forwarded for a service, by direction.",
-        &bytes,
+        &traffic.bytes,
     );
     Ok(())
 }
@@ -382,19 +376,12 @@ fn render_backends(
     catalog: &Catalog,
     maps: &DatapathMaps,
 ) -> Result<(), DatapathError> {
-    let mut packets = Vec::new();
-    let mut bytes = Vec::new();
+    let mut traffic = TrafficSamples::default();
     let mut info = Vec::new();
     let mut weights = Vec::new();
     for (&id, backend) in &catalog.backends {
         let endpoint = backend.endpoint();
-        let labels = vec![("backend", endpoint.clone())];
-        push_traffic(
-            &mut packets,
-            &mut bytes,
-            &labels,
-            &maps.backend_traffic(id)?,
-        );
+        traffic.push(&[("backend", endpoint.clone())], &maps.backend_traffic(id)?);
         for &service_id in &backend.services {
             let Some(service) = catalog.services.get(&service_id) else {
                 continue;
@@ -416,12 +403,12 @@ fn render_backends(
     out.counter(
         "xlb_backend_packets_total",
         "Packets forwarded to or from a backend (address:port), by direction.",
-        &packets,
+        &traffic.packets,
     );
     out.counter(
         "xlb_backend_bytes_total",
         "Bytes (whole frames) forwarded to or from a backend, by direction.",
-        &bytes,
+        &traffic.bytes,
     );
     out.gauge(
         "xlb_backend_info",
@@ -452,28 +439,32 @@ fn render_conntrack(out: &mut Exposition, maps: &DatapathMaps) {
     );
 }
 
-fn push_traffic(
-    packets: &mut Vec<Samples>,
-    bytes: &mut Vec<Samples>,
-    labels: &[(&'static str, String)],
-    traffic: &Traffic,
-) {
-    for (direction, packet_count, byte_count) in [
-        (
-            "to_backend",
-            traffic.to_backend_packets,
-            traffic.to_backend_bytes,
-        ),
-        (
-            "to_client",
-            traffic.to_client_packets,
-            traffic.to_client_bytes,
-        ),
-    ] {
-        let mut labels = labels.to_vec();
-        labels.push(("direction", direction.to_owned()));
-        packets.push((labels.clone(), packet_count as f64));
-        bytes.push((labels, byte_count as f64));
+/// Packets and bytes by direction, one sample each per labelled thing.
+#[derive(Default)]
+struct TrafficSamples {
+    packets: Vec<Samples>,
+    bytes: Vec<Samples>,
+}
+
+impl TrafficSamples {
+    fn push(&mut self, labels: &[(&'static str, String)], traffic: &Traffic) {
+        for (direction, packet_count, byte_count) in [
+            (
+                "to_backend",
+                traffic.to_backend_packets,
+                traffic.to_backend_bytes,
+            ),
+            (
+                "to_client",
+                traffic.to_client_packets,
+                traffic.to_client_bytes,
+            ),
+        ] {
+            let mut labels = labels.to_vec();
+            labels.push(("direction", direction.to_owned()));
+            self.packets.push((labels.clone(), packet_count as f64));
+            self.bytes.push((labels, byte_count as f64));
+        }
     }
 }
 
