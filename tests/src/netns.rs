@@ -282,6 +282,14 @@ fn scratch_dirs() -> Vec<(PathBuf, u32)> {
         .collect()
 }
 
+/// A MAC address as `ip` writes it (`02:78:6c:ee:00:01`).
+pub fn mac_str(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,12 +308,4 @@ mod tests {
         assert_ne!(unique_stem(), unique_stem());
         assert_eq!(owner_pid(&unique_stem()), Some(std::process::id()));
     }
-}
-
-/// A MAC address as `ip` writes it (`02:78:6c:ee:00:01`).
-pub fn mac_str(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
