@@ -6,6 +6,8 @@
 //! programs (bpf target) and the bench (host, `user` feature: aya::Pod).
 #![no_std]
 
+pub mod template;
+
 /// Bytes of every generated frame: Ethernet + IPv4 + UDP + 18 bytes payload,
 /// or Ethernet + IPv4 + TCP + 6 bytes of Ethernet padding.
 pub const FRAME_LEN: usize = 60;

@@ -16,21 +16,21 @@ pub const TRAFFICGEN_OBJECT: &[u8] =
 /// The lab's ceiling: rewrite MACs and redirect (`xlb_limit`).
 pub const LIMIT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-limit"));
 
-/// Sends `count` frames from the loaded `xlb_trafficgen` (configured through
-/// its `GEN_CONFIG`, whose `ifindex` names the wire): one BPF_PROG_TEST_RUN
-/// with `repeat = count`, each run cloning the test skb out of the wire.
-/// Call it from a thread inside the generator's namespace (the ifindex is
-/// looked up there).
-pub fn send_generated(
-    program: &aya::programs::SchedClassifier,
-    count: u32,
-) -> Result<(), aya::programs::ProgramError> {
-    use aya::programs::{TestRun as _, TestRunOptions};
+/// Sends `repeat` frames from the loaded `xlb_trafficgen` (configured
+/// through its `GEN_CONFIG`, whose `ifindex` names the wire): one
+/// BPF_PROG_TEST_RUN with `repeat`, each run cloning the test skb out of the
+/// wire. Call it from a thread inside the generator's namespace (the
+/// ifindex is looked up there).
+pub fn send_generated(program: &aya::programs::SchedClassifier, repeat: u32) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use aya::programs::TestRun as _;
     let frame = [0u8; xlb_bench_ebpf::FRAME_LEN];
-    program.test_run(TestRunOptions {
-        data_in: Some(&frame),
-        repeat: count,
-        ..TestRunOptions::default()
-    })?;
+    program
+        .test_run(aya::TestRunOptions {
+            data_in: Some(&frame),
+            repeat,
+            ..aya::TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN of xlb_trafficgen")?;
     Ok(())
 }

@@ -8,31 +8,24 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED, xdp_action},
-    helpers::{bpf_check_mtu, bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_check_mtu, bpf_ktime_get_coarse_ns},
     programs::XdpContext,
 };
 use lb_common::{
-    IPPROTO_ICMP, IcmpLimit, Reason,
+    IcmpLimit, Reason,
     frag::{ICMP_LIMIT_BURST, ICMP_LIMIT_INTERVAL_NS},
 };
-use lb_ebpf::csum::checksum;
-use network_types::{eth::EthHdr, icmp::Icmpv4Hdr, ip::Ipv4Hdr};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
+    answer::{self, ICMP_HEADERS, Sender},
     fib::NextHop,
     maps::XLB_ICMP_LIMIT,
     parse::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IP_DF, Packet, ptr_at},
 };
 
-/// The headers of the answer, in front of the quoted packet.
-#[repr(C)]
-struct FragNeededHeaders {
-    eth: EthHdr,
-    ip: Ipv4Hdr,
-    icmp: Icmpv4Hdr,
-}
-const HEADERS: usize = core::mem::size_of::<FragNeededHeaders>();
-const _: () = assert!(HEADERS == EthHdr::LEN + Ipv4Hdr::LEN + 8);
+/// ICMP destination unreachable, fragmentation needed.
+const FRAG_NEEDED: [u8; 2] = [ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED];
 /// What the answer quotes: the packet's IPv4 header (options included) and
 /// the first 8 bytes after it, all RFC 792 asks for.
 const QUOTE_MAX: usize = 60 + 8;
@@ -42,7 +35,7 @@ const QUOTE_MAX: usize = 60 + 8;
 const ALWAYS_FITS: u16 = 576;
 /// Bytes added in front: the new IPv4 and ICMP headers (the old Ethernet
 /// header's place takes the new one).
-const GROW: usize = Ipv4Hdr::LEN + 8;
+const GROW: usize = ICMP_HEADERS - EthHdr::LEN;
 
 /// `Err` with what to do when `packet` does not fit `hop`'s device. Small
 /// packets are let through inline; the check itself runs in a function of
@@ -150,76 +143,29 @@ fn answer_allowed(client_be: u32, now: u64) -> bool {
 /// sends it back out of the interface it came in on.
 #[inline(always)]
 fn frag_needed(ctx: &XdpContext, l4_offset: usize, mtu: u16) -> Verdict {
-    let ip_len = l4_offset - EthHdr::LEN;
-    let quote_len = ip_len + 8;
+    let quote_len = l4_offset - EthHdr::LEN + 8;
     if quote_len > QUOTE_MAX {
         return Err(Reason::DropTooBig);
     }
-    let old: *const FragNeededHeaders = ptr_at(ctx, 0)?;
-    // SAFETY: ptr_at checked the bytes are inside the frame; the parser
-    // checked the Ethernet and IPv4 headers are there.
-    let (client_mac, node_mac, ether_type, client, node) = unsafe {
-        (
-            (*old).eth.src_addr,
-            (*old).eth.dst_addr,
-            core::ptr::addr_of!((*old).eth.ether_type).read_unaligned(),
-            (*old).ip.src_addr,
-            (*old).ip.dst_addr,
-        )
-    };
-    // SAFETY: plain helper call; pointers are re-derived afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(GROW as i32)) } != 0 {
-        return Err(Reason::DropTooBig);
-    }
+    let sender = Sender::of(ctx)?;
+    answer::grow_head(ctx, GROW, Reason::DropTooBig)?;
     // The quote now starts right after the new headers. Sum it while the
     // frame is still long (the packet was larger than an MTU, so at least
     // QUOTE_MAX bytes follow), then cut the frame after it.
-    let quoted: *const [[u8; 2]; QUOTE_MAX / 2] = ptr_at(ctx, HEADERS)?;
-    let mtu_be = mtu.to_be_bytes();
-    let icmp_head = [
-        u16::from_ne_bytes([ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED]),
-        u16::from_ne_bytes(mtu_be),
-    ];
-    let mut sum = u32::from(icmp_head[0]) + u32::from(icmp_head[1]);
+    let quoted: *const [[u8; 2]; QUOTE_MAX / 2] = ptr_at(ctx, ICMP_HEADERS)?;
+    let mut quote_sum = 0u32;
     for word in 0..QUOTE_MAX / 2 {
         if word * 2 < quote_len {
             // SAFETY: ptr_at checked all QUOTE_MAX bytes are in the frame.
-            sum += u32::from(u16::from_ne_bytes(unsafe { (*quoted)[word] }));
+            quote_sum += u32::from(u16::from_ne_bytes(unsafe { (*quoted)[word] }));
         }
     }
-    let icmp_check = checksum(&[], sum);
-    let frame_len = ctx.data_end() - ctx.data();
-    let delta = (HEADERS + quote_len) as i32 - frame_len as i32;
-    // SAFETY: plain helper call; a negative delta only shortens the frame.
-    if delta < 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
-        return Err(Reason::DropTooBig);
-    }
-    let out: *mut FragNeededHeaders = ptr_at(ctx, 0)?;
-    let total = ((Ipv4Hdr::LEN + 8 + quote_len) as u16).to_be_bytes();
-    // SAFETY: ptr_at checked the 42 bytes are inside the frame; every field
-    // is written in place (align 1 except ether_type, written unaligned).
-    unsafe {
-        let eth = core::ptr::addr_of_mut!((*out).eth);
-        (*eth).dst_addr = client_mac;
-        (*eth).src_addr = node_mac;
-        core::ptr::addr_of_mut!((*eth).ether_type).write_unaligned(ether_type);
-        let ip = core::ptr::addr_of_mut!((*out).ip);
-        (*ip).vihl = 0x45;
-        (*ip).tos = 0;
-        (*ip).tot_len = total;
-        (*ip).id = [0, 0];
-        (*ip).frags = IP_DF.to_be_bytes();
-        (*ip).ttl = 64;
-        (*ip).proto = IPPROTO_ICMP;
-        (*ip).check = [0, 0];
-        (*ip).src_addr = node;
-        (*ip).dst_addr = client;
-        (*ip).check = checksum(&*ip.cast::<[u8; Ipv4Hdr::LEN]>(), 0).to_ne_bytes();
-        let icmp = core::ptr::addr_of_mut!((*out).icmp);
-        (*icmp).type_ = ICMP_DEST_UNREACHABLE;
-        (*icmp).code = ICMP_FRAG_NEEDED;
-        (*icmp).check = icmp_check.to_ne_bytes();
-        (*icmp).data = [0, 0, mtu_be[0], mtu_be[1]];
-    }
+    answer::truncate(ctx, ICMP_HEADERS + quote_len, Reason::DropTooBig)?;
+    let mtu_be = mtu.to_be_bytes();
+    let rest = [0, 0, mtu_be[0], mtu_be[1]];
+    answer::write(
+        ctx,
+        sender.icmp_error(FRAG_NEEDED, rest, quote_len, quote_sum),
+    )?;
     Ok((xdp_action::XDP_TX, Reason::RejectFragNeeded))
 }

@@ -93,6 +93,27 @@ impl Netns {
         self.ip(&args.split_whitespace().collect::<Vec<_>>())
     }
 
+    /// A permanent neighbour entry in this namespace: `addr` is at `mac` on
+    /// `dev`.
+    pub fn neighbour(
+        &self,
+        addr: std::net::Ipv4Addr,
+        mac: [u8; 6],
+        dev: &str,
+    ) -> Result<String, LabError> {
+        self.ip(&[
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            &mac_str(mac),
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ])
+    }
+
     /// `ping` `addr` from inside this namespace: Ok if an echo reply came
     /// back within a few seconds.
     pub fn ping(&self, addr: std::net::Ipv4Addr) -> Result<(), LabError> {
@@ -259,6 +280,14 @@ fn scratch_dirs() -> Vec<(PathBuf, u32)> {
             Some((entry.path(), pid))
         })
         .collect()
+}
+
+/// A MAC address as `ip` writes it (`02:78:6c:ee:00:01`).
+pub fn mac_str(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]

@@ -5,7 +5,10 @@
 
 use std::net::Ipv4Addr;
 
-use crate::{Netns, netns::unique_stem};
+use crate::{
+    Netns,
+    netns::{mac_str, unique_stem},
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
@@ -138,28 +141,10 @@ pub fn with_namespace<T: Send>(body: impl FnOnce() -> T + Send) -> T {
         (BACKEND_1, BACKEND_1_MAC, "xb"),
         (BACKEND_2, BACKEND_2_MAC, "xb"),
     ] {
-        ns.ip(&[
-            "neigh",
-            "replace",
-            &addr.to_string(),
-            "lladdr",
-            &mac_str(mac),
-            "dev",
-            dev,
-            "nud",
-            "permanent",
-        ])
-        .expect("neighbour");
+        ns.neighbour(addr, mac, dev).expect("neighbour");
     }
     ns.sysctl("net/ipv4/ip_forward", "1").expect("forwarding");
     ns.run(body).expect("run in namespace")
-}
-
-fn mac_str(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 pub fn ifindex(name: &str) -> u32 {

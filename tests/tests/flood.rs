@@ -1,7 +1,7 @@
 //! A SYN flood at the TCP NodePort (issue 10): 100,000 spoofed SYNs from
 //! silent sources, sent by the bench's generator (a tc program cloning a
-//! test skb out of the wire, `xlb_bench::send_generated`) from a namespace
-//! of its own as fast as one core goes, while an established TCP
+//! test skb out of the wire, `xlb_bench::send_generated`) from a
+//! namespace of its own as fast as one core goes, while an established TCP
 //! stream and a UDP stream run. Half-open flows live in `XLB_FLOWS_NEW`, so
 //! the flood can neither evict those flows nor keep masquerade ports.
 //!
@@ -22,10 +22,13 @@ use aya::{
     programs::SchedClassifier,
 };
 use lb_common::{Flow, FlowKey, Reason};
-use xlb_bench_ebpf::GenConfig;
+use xlb_bench_ebpf::{
+    GenConfig,
+    template::{Segment, Sources, Template},
+};
 use xlb_tests::client::{IO_TIMEOUT, pattern, tcp_who_echo, udp_socket};
 use xlb_tests::lab::{NODE_ADDR, TCP_ECHO_NODE_PORT, tcp_echo_service, udp_echo_service};
-use xlb_tests::netns::unique_stem;
+use xlb_tests::netns::{mac_str, unique_stem};
 use xlb_tests::{Agent, Bpffs, Lab, Netns, poll_until};
 
 /// SYNs in the flood.
@@ -41,59 +44,25 @@ const SYN_TIMEOUT_S: u64 = 3;
 const GC_PERIOD_S: u64 = 5;
 const GEN_MAC: [u8; 6] = [0x02, 0x78, 0x6c, 0xee, 0, 2];
 const NODE_GEN_MAC: [u8; 6] = [0x02, 0x78, 0x6c, 0xee, 0, 1];
-fn word_sum(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks_exact(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], pair[1]])))
-        .sum()
-}
-
 /// A SYN template to NODE_ADDR:30999 (source address and port filled in per
-/// frame by the generator), 6 bytes of Ethernet padding.
+/// frame by the generator).
 fn syn_flood_config() -> GenConfig {
-    let mut frame = [0u8; 64];
-    frame[0..6].copy_from_slice(&NODE_GEN_MAC);
-    frame[6..12].copy_from_slice(&GEN_MAC);
-    frame[12..14].copy_from_slice(&[0x08, 0x00]);
-    let ip = &mut frame[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
-    ip[6] = 0x40; // DF
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[16..20].copy_from_slice(&NODE_ADDR.octets());
-    let tcp = &mut frame[34..54];
-    tcp[2..4].copy_from_slice(&TCP_ECHO_NODE_PORT.to_be_bytes());
-    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    tcp[12] = 0x50;
-    tcp[13] = 0x02; // SYN
-    tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
-    let ip_csum_base = word_sum(&frame[14..34]);
-    let l4_csum_base = word_sum(&NODE_ADDR.octets()) + 6 + 20 + word_sum(&frame[34..54]);
-    let mut words = [0u64; 8];
-    for (word, chunk) in words.iter_mut().zip(frame.chunks_exact(8)) {
-        *word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
-    }
-    GenConfig {
-        frame: words,
-        src_addr_base: u32::from(SPOOFED),
+    let template = Template {
+        dst_mac: NODE_GEN_MAC,
+        src_mac: GEN_MAC,
+        dst_addr: NODE_ADDR.octets(),
+        dst_port: TCP_ECHO_NODE_PORT,
+        segment: Segment::TcpSyn {
+            seq: 0x1234_5678,
+            window: 64_240,
+        },
+    };
+    template.config(Sources {
+        addr_base: u32::from(SPOOFED),
         flows: 0,
-        ip_csum_base,
-        udp_csum_base: l4_csum_base,
-        src_port_base: 1024,
+        port_base: 1024,
         port_span: SPOOFED_PORTS,
-        tcp: 1,
-        ifindex: 0,
-        _pad: 0,
-    }
-}
-
-fn mac(bytes: [u8; 6]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    })
 }
 
 /// The generator's namespace and its link to the node.
@@ -101,8 +70,8 @@ fn generator_namespace(lab: &Lab) -> anyhow::Result<Netns> {
     let gen_ns = Netns::create(format!("{}-gen", unique_stem()))?;
     lab.node.ip_line(&format!(
         "link add xlb-g address {} type veth peer name eth0 address {} netns {}",
-        mac(NODE_GEN_MAC),
-        mac(GEN_MAC),
+        mac_str(NODE_GEN_MAC),
+        mac_str(GEN_MAC),
         gen_ns.name()
     ))?;
     lab.node.ip_line("addr add 198.18.250.1/24 dev xlb-g")?;
@@ -117,7 +86,7 @@ fn generator_namespace(lab: &Lab) -> anyhow::Result<Netns> {
 /// SYNs through the node's XDP program.
 const FLOOD_ROUNDS: u32 = 5;
 
-/// Sends SYNs with the live-frames generator from `gen_ns`, on one core as
+/// Sends SYNs with the bench's generator from `gen_ns`, on one core as
 /// fast as it goes, until the node's datapath has seen `FLOOD` of them
 /// (`reached` says how many so far; every frame is a new tuple); returns how
 /// long that took and how many frames were sent.
@@ -157,8 +126,7 @@ fn flood(
             if missing == 0 {
                 break;
             }
-            xlb_bench::send_generated(program, u32::try_from(missing)?)
-                .context("BPF_PROG_TEST_RUN of xlb_trafficgen")?;
+            xlb_bench::send_generated(program, u32::try_from(missing)?)?;
             requested += missing;
         }
         let elapsed = started.elapsed();

@@ -69,6 +69,17 @@ pub fn iptables_restore(config: &BenchConfig) -> String {
 /// [`iptables_restore`] with `cluster_cidr` as kube-proxy's
 /// `--cluster-cidr`: ClusterIP traffic from outside it is masqueraded.
 pub fn iptables_restore_for_cluster(config: &BenchConfig, cluster_cidr: &str) -> String {
+    let mut rules = NatRules::default();
+    for service in &config.services {
+        service_rules(&mut rules, service, cluster_cidr);
+    }
+    filter_table() + &nat_table(&rules)
+}
+
+/// The filter table: the built-in chains' jumps and kube-proxy's fixed
+/// chains (no per-service rule in this bench: no firewall, no health
+/// check).
+fn filter_table() -> String {
     let mut filter = String::from("*filter\n");
     for chain in ["INPUT", "FORWARD", "OUTPUT"] {
         let _ = writeln!(filter, ":{chain} ACCEPT [0:0]");
@@ -101,69 +112,81 @@ pub fn iptables_restore_for_cluster(config: &BenchConfig, cluster_cidr: &str) ->
         "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
         "COMMIT\n",
     );
+    filter
+}
 
-    let mut chains = String::new();
-    let mut rules = String::new();
-    let mut services_rules = String::new();
-    let mut nodeport_rules = String::new();
-    for service in &config.services {
-        let name = service.port_name_string();
-        let proto = service.protocol.lower();
-        let svc = svc_chain(service);
-        let ext = ext_chain(service);
-        let _ = writeln!(chains, ":{svc} - [0:0]\n:{ext} - [0:0]");
-        let _ = writeln!(
-            services_rules,
-            "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} -j {svc}",
-            service.cluster_ip, service.port
-        );
-        let _ = writeln!(
-            nodeport_rules,
-            "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {} -j {ext}",
-            service.node_port
-        );
-        let _ = writeln!(
-            rules,
-            "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ\n-A {ext} -j {svc}"
-        );
-        let _ = writeln!(
-            rules,
-            "-A {svc} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} ! -s {cluster_cidr} -j KUBE-MARK-MASQ",
-            service.cluster_ip, service.port
-        );
-        let count = service.backends.len();
-        for (index, backend) in service.backends.iter().enumerate() {
-            let endpoint = backend.to_string();
-            let sep = sep_chain(service, &endpoint);
-            let _ = writeln!(chains, ":{sep} - [0:0]");
-            // kube-proxy: endpoint i of n is taken with probability
-            // 1/(n-i), the last one unconditionally.
-            let remaining = count - index;
-            if remaining > 1 {
-                let _ = writeln!(
-                    rules,
-                    "-A {svc} -m comment --comment \"{name} -> {endpoint}\" -m statistic --mode random --probability {:.11} -j {sep}",
-                    1.0 / remaining as f64
-                );
-            } else {
-                let _ = writeln!(
-                    rules,
-                    "-A {svc} -m comment --comment \"{name} -> {endpoint}\" -j {sep}"
-                );
-            }
+/// The nat table's per-service parts, in the order the table lists them.
+#[derive(Default)]
+struct NatRules {
+    chains: String,
+    nodeport_rules: String,
+    services_rules: String,
+    rules: String,
+}
+
+/// One Service's chains and rules: its KUBE-SVC and KUBE-EXT chains, the
+/// jumps to them, and a KUBE-SEP chain per endpoint.
+fn service_rules(nat: &mut NatRules, service: &Service, cluster_cidr: &str) {
+    let name = service.port_name_string();
+    let proto = service.protocol.lower();
+    let svc = svc_chain(service);
+    let ext = ext_chain(service);
+    let _ = writeln!(nat.chains, ":{svc} - [0:0]\n:{ext} - [0:0]");
+    let _ = writeln!(
+        nat.services_rules,
+        "-A KUBE-SERVICES -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} -j {svc}",
+        service.cluster_ip, service.port
+    );
+    let _ = writeln!(
+        nat.nodeport_rules,
+        "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {} -j {ext}",
+        service.node_port
+    );
+    let _ = writeln!(
+        nat.rules,
+        "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ\n-A {ext} -j {svc}"
+    );
+    let _ = writeln!(
+        nat.rules,
+        "-A {svc} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} ! -s {cluster_cidr} -j KUBE-MARK-MASQ",
+        service.cluster_ip, service.port
+    );
+    let count = service.backends.len();
+    for (index, backend) in service.backends.iter().enumerate() {
+        let endpoint = backend.to_string();
+        let sep = sep_chain(service, &endpoint);
+        let _ = writeln!(nat.chains, ":{sep} - [0:0]");
+        // kube-proxy: endpoint i of n is taken with probability
+        // 1/(n-i), the last one unconditionally.
+        let remaining = count - index;
+        if remaining > 1 {
             let _ = writeln!(
-                rules,
-                "-A {sep} -m comment --comment {name} -s {}/32 -j KUBE-MARK-MASQ\n-A {sep} -m comment --comment {name} -m {proto} -p {proto} -j DNAT --to-destination {endpoint}",
-                backend.ip()
+                nat.rules,
+                "-A {svc} -m comment --comment \"{name} -> {endpoint}\" -m statistic --mode random --probability {:.11} -j {sep}",
+                1.0 / remaining as f64
+            );
+        } else {
+            let _ = writeln!(
+                nat.rules,
+                "-A {svc} -m comment --comment \"{name} -> {endpoint}\" -j {sep}"
             );
         }
+        let _ = writeln!(
+            nat.rules,
+            "-A {sep} -m comment --comment {name} -s {}/32 -j KUBE-MARK-MASQ\n-A {sep} -m comment --comment {name} -m {proto} -p {proto} -j DNAT --to-destination {endpoint}",
+            backend.ip()
+        );
     }
+}
+
+/// The nat table around `rules`.
+fn nat_table(rules: &NatRules) -> String {
     let mut nat = String::from("*nat\n");
     for chain in ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"] {
         let _ = writeln!(nat, ":{chain} ACCEPT [0:0]");
     }
     nat += ":KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-SERVICES - [0:0]\n";
-    nat += &chains;
+    nat += &rules.chains;
     nat += concat!(
         "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
         "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
@@ -173,12 +196,12 @@ pub fn iptables_restore_for_cluster(config: &BenchConfig, cluster_cidr: &str) ->
         nat,
         "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}\n-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN\n-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}\n-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
     );
-    nat += &nodeport_rules;
-    nat += &services_rules;
+    nat += &rules.nodeport_rules;
+    nat += &rules.services_rules;
     nat += "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n";
-    nat += &rules;
+    nat += &rules.rules;
     nat += "COMMIT\n";
-    filter + &nat
+    nat
 }
 
 /// kube-proxy's nftables chain-name hash: 8 base32 characters.
@@ -204,49 +227,7 @@ pub fn nft_script(config: &BenchConfig) -> String {
     let mut out = String::from(
         "add table ip kube-proxy { comment \"rules for kube-proxy\" ; }\nflush table ip kube-proxy\n",
     );
-    out += concat!(
-        "add chain ip kube-proxy mark-for-masquerade\n",
-        "add rule ip kube-proxy mark-for-masquerade mark set mark or 0x4000\n",
-        "add chain ip kube-proxy masquerading\n",
-        "add rule ip kube-proxy masquerading mark and 0x4000 == 0 return\n",
-        "add rule ip kube-proxy masquerading mark set mark xor 0x4000\n",
-        "add rule ip kube-proxy masquerading masquerade fully-random\n",
-        "add chain ip kube-proxy services\n",
-        "add chain ip kube-proxy service-endpoints-check\n",
-        "add chain ip kube-proxy nodeport-endpoints-check\n",
-        "add chain ip kube-proxy firewall-check\n",
-        "add chain ip kube-proxy cluster-ips-check\n",
-        "add chain ip kube-proxy filter-prerouting { type filter hook prerouting priority -110 ; }\n",
-        "add rule ip kube-proxy filter-prerouting ct state new jump firewall-check\n",
-        "add chain ip kube-proxy filter-forward { type filter hook forward priority -110 ; }\n",
-        "add rule ip kube-proxy filter-forward ct state new jump service-endpoints-check\n",
-        "add rule ip kube-proxy filter-forward ct state new jump cluster-ips-check\n",
-        "add chain ip kube-proxy filter-input { type filter hook input priority -110 ; }\n",
-        "add rule ip kube-proxy filter-input ct state new jump nodeport-endpoints-check\n",
-        "add rule ip kube-proxy filter-input ct state new jump service-endpoints-check\n",
-        "add chain ip kube-proxy filter-output { type filter hook output priority -110 ; }\n",
-        "add rule ip kube-proxy filter-output ct state new jump service-endpoints-check\n",
-        "add rule ip kube-proxy filter-output ct state new jump firewall-check\n",
-        "add chain ip kube-proxy filter-output-post-dnat { type filter hook output priority -90 ; }\n",
-        "add rule ip kube-proxy filter-output-post-dnat ct state new jump cluster-ips-check\n",
-        "add chain ip kube-proxy nat-output { type nat hook output priority -100 ; }\n",
-        "add rule ip kube-proxy nat-output jump services\n",
-        "add chain ip kube-proxy nat-postrouting { type nat hook postrouting priority 100 ; }\n",
-        "add rule ip kube-proxy nat-postrouting jump masquerading\n",
-        "add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }\n",
-        "add rule ip kube-proxy nat-prerouting jump services\n",
-        "add set ip kube-proxy cluster-ips { type ipv4_addr ; comment \"Active ClusterIPs\" ; }\n",
-        "add set ip kube-proxy nodeport-ips { type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }\n",
-        "add map ip kube-proxy firewall-ips { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }\n",
-        "add map ip kube-proxy no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }\n",
-        "add map ip kube-proxy no-endpoint-nodeports { type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }\n",
-        "add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }\n",
-        "add map ip kube-proxy service-nodeports { type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }\n",
-        "add rule ip kube-proxy firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips\n",
-        "add rule ip kube-proxy service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services\n",
-        "add rule ip kube-proxy nodeport-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports\n",
-        "add rule ip kube-proxy cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"\n",
-    );
+    out += NFT_BASE;
     let _ = writeln!(
         out,
         "add rule ip kube-proxy cluster-ips-check ip daddr {{ {SERVICE_CIDR} }} drop comment \"Drop traffic to unallocated ClusterIPs\"\n\
@@ -256,53 +237,103 @@ pub fn nft_script(config: &BenchConfig) -> String {
         config.node_addr
     );
     for service in &config.services {
-        let id = nft_service_id(service);
-        let proto = service.protocol.lower();
-        let hash = hash8(&[&service.port_name_string(), proto]);
-        let svc = format!("service-{hash}-{id}");
-        let ext = format!("external-{hash}-{id}");
-        let _ = writeln!(
-            out,
-            "add chain ip kube-proxy {svc}\n\
-             add rule ip kube-proxy {svc} ip daddr {ip} {proto} dport {port} ip saddr != {SERVICE_CIDR} jump mark-for-masquerade",
-            ip = service.cluster_ip,
-            port = service.port
-        );
-        let mut vmap = Vec::with_capacity(service.backends.len());
-        for (index, backend) in service.backends.iter().enumerate() {
-            let endpoint = format!("{}/{}", backend.ip(), backend.port());
-            let ep_hash = hash8(&[&service.port_name_string(), proto, &endpoint]);
-            let chain = format!("endpoint-{ep_hash}-{id}__{endpoint}");
-            let _ = writeln!(
-                out,
-                "add chain ip kube-proxy {chain}\n\
-                 add rule ip kube-proxy {chain} ip saddr {} jump mark-for-masquerade\n\
-                 add rule ip kube-proxy {chain} meta l4proto {proto} dnat to {backend}",
-                backend.ip()
-            );
-            vmap.push(format!("{index} : goto {chain}"));
-        }
-        let _ = writeln!(
-            out,
-            "add rule ip kube-proxy {svc} numgen random mod {} vmap {{ {} }}",
-            service.backends.len(),
-            vmap.join(" , ")
-        );
-        let _ = writeln!(
-            out,
-            "add chain ip kube-proxy {ext}\n\
-             add rule ip kube-proxy {ext} jump mark-for-masquerade\n\
-             add rule ip kube-proxy {ext} goto {svc}\n\
-             add element ip kube-proxy cluster-ips {{ {ip} }}\n\
-             add element ip kube-proxy service-ips {{ {ip} . {proto} . {port} : goto {svc} }}\n\
-             add element ip kube-proxy service-nodeports {{ {proto} . {node_port} : goto {ext} }}",
-            ip = service.cluster_ip,
-            port = service.port,
-            node_port = service.node_port
-        );
+        nft_service(&mut out, service);
     }
     out
 }
+
+/// One Service's chains, its endpoints' chains and its map elements.
+fn nft_service(out: &mut String, service: &Service) {
+    let id = nft_service_id(service);
+    let proto = service.protocol.lower();
+    let hash = hash8(&[&service.port_name_string(), proto]);
+    let svc = format!("service-{hash}-{id}");
+    let ext = format!("external-{hash}-{id}");
+    let _ = writeln!(
+        out,
+        "add chain ip kube-proxy {svc}\n\
+         add rule ip kube-proxy {svc} ip daddr {ip} {proto} dport {port} ip saddr != {SERVICE_CIDR} jump mark-for-masquerade",
+        ip = service.cluster_ip,
+        port = service.port
+    );
+    let mut vmap = Vec::with_capacity(service.backends.len());
+    for (index, backend) in service.backends.iter().enumerate() {
+        let endpoint = format!("{}/{}", backend.ip(), backend.port());
+        let ep_hash = hash8(&[&service.port_name_string(), proto, &endpoint]);
+        let chain = format!("endpoint-{ep_hash}-{id}__{endpoint}");
+        let _ = writeln!(
+            out,
+            "add chain ip kube-proxy {chain}\n\
+             add rule ip kube-proxy {chain} ip saddr {} jump mark-for-masquerade\n\
+             add rule ip kube-proxy {chain} meta l4proto {proto} dnat to {backend}",
+            backend.ip()
+        );
+        vmap.push(format!("{index} : goto {chain}"));
+    }
+    let _ = writeln!(
+        out,
+        "add rule ip kube-proxy {svc} numgen random mod {} vmap {{ {} }}",
+        service.backends.len(),
+        vmap.join(" , ")
+    );
+    let _ = writeln!(
+        out,
+        "add chain ip kube-proxy {ext}\n\
+         add rule ip kube-proxy {ext} jump mark-for-masquerade\n\
+         add rule ip kube-proxy {ext} goto {svc}\n\
+         add element ip kube-proxy cluster-ips {{ {ip} }}\n\
+         add element ip kube-proxy service-ips {{ {ip} . {proto} . {port} : goto {svc} }}\n\
+         add element ip kube-proxy service-nodeports {{ {proto} . {node_port} : goto {ext} }}",
+        ip = service.cluster_ip,
+        port = service.port,
+        node_port = service.node_port
+    );
+}
+
+/// The base chains, sets and verdict maps of kube-proxy's table.
+const NFT_BASE: &str = concat!(
+    "add chain ip kube-proxy mark-for-masquerade\n",
+    "add rule ip kube-proxy mark-for-masquerade mark set mark or 0x4000\n",
+    "add chain ip kube-proxy masquerading\n",
+    "add rule ip kube-proxy masquerading mark and 0x4000 == 0 return\n",
+    "add rule ip kube-proxy masquerading mark set mark xor 0x4000\n",
+    "add rule ip kube-proxy masquerading masquerade fully-random\n",
+    "add chain ip kube-proxy services\n",
+    "add chain ip kube-proxy service-endpoints-check\n",
+    "add chain ip kube-proxy nodeport-endpoints-check\n",
+    "add chain ip kube-proxy firewall-check\n",
+    "add chain ip kube-proxy cluster-ips-check\n",
+    "add chain ip kube-proxy filter-prerouting { type filter hook prerouting priority -110 ; }\n",
+    "add rule ip kube-proxy filter-prerouting ct state new jump firewall-check\n",
+    "add chain ip kube-proxy filter-forward { type filter hook forward priority -110 ; }\n",
+    "add rule ip kube-proxy filter-forward ct state new jump service-endpoints-check\n",
+    "add rule ip kube-proxy filter-forward ct state new jump cluster-ips-check\n",
+    "add chain ip kube-proxy filter-input { type filter hook input priority -110 ; }\n",
+    "add rule ip kube-proxy filter-input ct state new jump nodeport-endpoints-check\n",
+    "add rule ip kube-proxy filter-input ct state new jump service-endpoints-check\n",
+    "add chain ip kube-proxy filter-output { type filter hook output priority -110 ; }\n",
+    "add rule ip kube-proxy filter-output ct state new jump service-endpoints-check\n",
+    "add rule ip kube-proxy filter-output ct state new jump firewall-check\n",
+    "add chain ip kube-proxy filter-output-post-dnat { type filter hook output priority -90 ; }\n",
+    "add rule ip kube-proxy filter-output-post-dnat ct state new jump cluster-ips-check\n",
+    "add chain ip kube-proxy nat-output { type nat hook output priority -100 ; }\n",
+    "add rule ip kube-proxy nat-output jump services\n",
+    "add chain ip kube-proxy nat-postrouting { type nat hook postrouting priority 100 ; }\n",
+    "add rule ip kube-proxy nat-postrouting jump masquerading\n",
+    "add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }\n",
+    "add rule ip kube-proxy nat-prerouting jump services\n",
+    "add set ip kube-proxy cluster-ips { type ipv4_addr ; comment \"Active ClusterIPs\" ; }\n",
+    "add set ip kube-proxy nodeport-ips { type ipv4_addr ; comment \"IPs that accept NodePort traffic\" ; }\n",
+    "add map ip kube-proxy firewall-ips { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"destinations that are subject to LoadBalancerSourceRanges\" ; }\n",
+    "add map ip kube-proxy no-endpoint-services { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to services with no endpoints\" ; }\n",
+    "add map ip kube-proxy no-endpoint-nodeports { type inet_proto . inet_service : verdict ; comment \"vmap to drop or reject packets to service nodeports with no endpoints\" ; }\n",
+    "add map ip kube-proxy service-ips { type ipv4_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }\n",
+    "add map ip kube-proxy service-nodeports { type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }\n",
+    "add rule ip kube-proxy firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips\n",
+    "add rule ip kube-proxy service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services\n",
+    "add rule ip kube-proxy nodeport-endpoints-check ip daddr @nodeport-ips meta l4proto . th dport vmap @no-endpoint-nodeports\n",
+    "add rule ip kube-proxy cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"\n",
+);
 
 #[cfg(test)]
 mod tests {

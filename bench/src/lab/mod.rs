@@ -19,25 +19,28 @@
 
 mod agent;
 mod cluster_ip;
+mod headline;
 mod kubeproxy;
 mod nginx;
 mod nodes;
+mod process;
 mod progs;
 mod report;
 pub mod scale;
 mod services;
+mod sweep;
 mod topology;
 mod traffic;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
+pub use process::unblock_signals;
 use progs::{Flows, Generator, Limit, Sink};
-use report::{Figure, Report, SweepPoint, SweepSystem, SystemFigures};
-use services::{BenchConfig, ECHO_NODE_PORT, FLOOD_NODE_PORT, FLOOD_TARGET_PORT, TCP_NODE_PORT};
+use report::Report;
+use services::{BenchConfig, FLOOD_NODE_PORT, FLOOD_TARGET_PORT, TCP_NODE_PORT};
 use topology::BenchLab;
 
 /// The systems under test, in table order.
@@ -139,13 +142,6 @@ struct Plan {
     window: Duration,
 }
 
-/// Client threads of the TCP connect/close test.
-const TCP_CLIENTS: usize = 4;
-/// Requests per second of the latency test (moderate: far below capacity).
-const LATENCY_RATE: u32 = 1_000;
-/// Flows in the "60k flows" test.
-const MANY_FLOWS: u32 = 60_000;
-
 pub fn run(options: &Options) -> anyhow::Result<(Report, bool)> {
     xlb_tests::require_root()?;
     let started = Instant::now();
@@ -183,7 +179,7 @@ pub fn run(options: &Options) -> anyhow::Result<(Report, bool)> {
         udp_timeout_s,
     );
     let mut failed = false;
-    let (figures, headline_failed) = headline(&systems, plan, udp_timeout_s);
+    let (figures, headline_failed) = headline::run(&systems, plan, udp_timeout_s);
     report.systems = figures;
     failed |= headline_failed;
     if systems.contains(&System::Xlb) && !options.no_cluster_ip {
@@ -214,7 +210,7 @@ pub fn run(options: &Options) -> anyhow::Result<(Report, bool)> {
                 options.filler_pod_ips,
             )
         };
-        let (point, point_failed) = sweep_point(&config, plan, options);
+        let (point, point_failed) = sweep::point(&config, plan, options);
         report.sweep.push(point);
         failed |= point_failed;
     }
@@ -394,408 +390,9 @@ impl Bench {
     }
 }
 
-/// What one headline repeat of one system measured.
-#[derive(Default)]
-struct Samples {
-    metrics: BTreeMap<&'static str, Vec<f64>>,
-    offered: Vec<f64>,
-    /// Established tests (metric -> per repeat): flows the system created
-    /// during the window, where it says.
-    new_flows: BTreeMap<&'static str, Vec<u64>>,
-    lost: u64,
-    tcp_failed: u64,
-}
-
-/// The headline measurements, in the order they are taken.
-#[derive(Clone, Copy, Debug)]
-enum Measurement {
-    Udp(&'static str, Flows),
-    Tcp,
-    Latency,
-}
-
-/// Most flows an established test's window may see created: 1% of its
-/// flows (none for 1 flow). Every tuple is then a live flow, so its packets
-/// measure the established path, not new flows.
-fn new_flow_allowance(flows: u32) -> u64 {
-    u64::from(flows) / 100
-}
-
-const HEADLINE: [Measurement; 5] = [
-    Measurement::Udp("udp_pps_1_flow", Flows::Cycle(1)),
-    Measurement::Udp("udp_pps_60k_flows", Flows::Cycle(MANY_FLOWS)),
-    Measurement::Udp("new_flows_per_s", Flows::New),
-    Measurement::Tcp,
-    Measurement::Latency,
-];
-
-fn measure_headline(
-    bench: &mut Bench,
-    measurement: Measurement,
-    plan: Plan,
-    samples: &mut Samples,
-) -> anyhow::Result<()> {
-    match measurement {
-        Measurement::Udp(metric, flows) => {
-            let window = bench.udp(flows, plan)?;
-            samples
-                .metrics
-                .entry(metric)
-                .or_default()
-                .push(window.delivered_pps);
-            samples.offered.push(window.offered_pps);
-            if let (Flows::Cycle(_), Some(created)) = (flows, window.new_flows) {
-                samples.new_flows.entry(metric).or_default().push(created);
-            }
-        }
-        // No NAT, no state: the ceiling only forwards the flood.
-        Measurement::Tcp | Measurement::Latency if bench.system == System::Limit => {}
-        Measurement::Tcp => {
-            let (rate, failed) = traffic::tcp_connect_rate(
-                &bench.lab,
-                TCP_NODE_PORT,
-                TCP_CLIENTS,
-                plan.warmup,
-                plan.window,
-            )?;
-            samples
-                .metrics
-                .entry("tcp_conn_per_s")
-                .or_default()
-                .push(rate);
-            samples.tcp_failed += failed;
-        }
-        Measurement::Latency => {
-            let requests = (plan.window.as_secs_f64() * f64::from(LATENCY_RATE)) as u32;
-            let latency = traffic::udp_latency(&bench.lab, ECHO_NODE_PORT, LATENCY_RATE, requests)?;
-            samples
-                .metrics
-                .entry("latency_p50_us")
-                .or_default()
-                .push(latency.p50_us);
-            samples
-                .metrics
-                .entry("latency_p99_us")
-                .or_default()
-                .push(latency.p99_us);
-            samples.lost += latency.lost;
-        }
-    }
-    Ok(())
-}
-
-/// The headline table: every system on its own lab, all configured first,
-/// then measured in turn, so a burst of load elsewhere on the machine hits
-/// every system rather than one.
-fn headline(
-    systems: &[System],
-    plan: Plan,
-    udp_timeout_s: Option<u32>,
-) -> (Vec<SystemFigures>, bool) {
-    let config = BenchConfig {
-        udp_timeout_s,
-        ..BenchConfig::headline()
-    };
-    let mut failed = false;
-    let mut figures: Vec<SystemFigures> = Vec::new();
-    let mut benches: Vec<Option<(Bench, Samples)>> = Vec::new();
-    for system in systems {
-        eprintln!("xlb-bench: setting up {} ...", system.name());
-        let mut entry = SystemFigures::new(system.name());
-        match Bench::new(*system, &config, true) {
-            Ok((bench, setup_s)) => {
-                entry.setup_s = Some(setup_s);
-                benches.push(Some((bench, Samples::default())));
-            }
-            Err(error) => {
-                failed = true;
-                eprintln!("xlb-bench: {} failed: {error:#}", system.name());
-                entry.error = Some(format!("{error:#}"));
-                benches.push(None);
-            }
-        }
-        figures.push(entry);
-    }
-    pin_node_napi_threads();
-    // Measurement by measurement, system by system: a ratio compares
-    // figures taken seconds apart, whatever else the machine is doing.
-    for repeat in 0..plan.repeats {
-        for measurement in HEADLINE {
-            for (slot, entry) in benches.iter_mut().enumerate() {
-                let Some((bench, samples)) = entry else {
-                    continue;
-                };
-                eprintln!(
-                    "xlb-bench: {} {measurement:?} (repeat {}/{}) ...",
-                    bench.system.name(),
-                    repeat + 1,
-                    plan.repeats
-                );
-                if let Err(error) = measure_headline(bench, measurement, plan, samples) {
-                    failed = true;
-                    eprintln!("xlb-bench: {} failed: {error:#}", bench.system.name());
-                    figures[slot].error = Some(format!("{error:#}"));
-                    *entry = None;
-                }
-            }
-        }
-    }
-    for (entry, figures) in benches.into_iter().zip(figures.iter_mut()) {
-        let Some((bench, samples)) = entry else {
-            continue;
-        };
-        let system = bench.system;
-        failed |= check_new_flows(&samples.new_flows, &samples.metrics, figures);
-        for (metric, values) in samples.metrics {
-            figures
-                .metrics
-                .insert(metric.to_owned(), Figure::of(values));
-        }
-        figures.offered_pps = Some(Figure::of(samples.offered));
-        if system == System::Limit {
-            figures
-                .notes
-                .push("no NAT and no state: TCP and latency do not apply".into());
-        }
-        if samples.tcp_failed > 0 {
-            figures.notes.push(format!(
-                "{} TCP connections failed or timed out",
-                samples.tcp_failed
-            ));
-        }
-        if samples.lost > 0 {
-            figures.notes.push(format!(
-                "{} latency requests got no answer in 200 ms",
-                samples.lost
-            ));
-        }
-        let (rss, counters) = bench.finish();
-        figures.rss_mib = rss;
-        if let Some(counters) = counters {
-            figures.notes.push(format!("agent counters: {counters}"));
-        }
-    }
-    (figures, failed)
-}
-
-/// Records the flows created during established windows in `figures` and
-/// says whether any window saw more than [`new_flow_allowance`]: its
-/// packets then partly measured new flows (a flow table too small, or
-/// entries expiring under traffic), and its pps is not an established
-/// figure.
-fn check_new_flows(
-    new_flows: &BTreeMap<&'static str, Vec<u64>>,
-    pps: &BTreeMap<&'static str, Vec<f64>>,
-    figures: &mut SystemFigures,
-) -> bool {
-    let mut failed = false;
-    for (&metric, created) in new_flows {
-        let Some(flows) = HEADLINE.iter().find_map(|measurement| match measurement {
-            Measurement::Udp(key, Flows::Cycle(flows)) if *key == metric => Some(*flows),
-            _ => None,
-        }) else {
-            continue;
-        };
-        let allowed = new_flow_allowance(flows);
-        let list: Vec<String> = created.iter().map(u64::to_string).collect();
-        let worst = created.iter().copied().max().unwrap_or(0);
-        let verdict = if worst > allowed {
-            failed = true;
-            // A flow's packets come this far apart on average (more with
-            // bursts of loss): against the UDP timeout, whether the rate
-            // was too low to keep every flow alive.
-            let slowest = pps
-                .get(metric)
-                .and_then(|rates| rates.iter().copied().reduce(f64::min))
-                .filter(|rate| *rate > 0.0)
-                .map_or_else(String::new, |rate| {
-                    format!(
-                        "; at {rate:.0} pps a flow sees a packet every {:.0} ms",
-                        f64::from(flows) * 1_000.0 / rate
-                    )
-                });
-            format!(
-                "MORE than {allowed} ({:.1}% of {flows} flows): not an established test{slowest}",
-                worst as f64 * 100.0 / f64::from(flows)
-            )
-        } else {
-            format!("ok: at most {allowed} allowed")
-        };
-        eprintln!(
-            "xlb-bench: {} {metric}: new flows per window {}: {verdict}",
-            figures.system,
-            list.join(", ")
-        );
-        figures.notes.push(format!(
-            "{metric}: new flows per window {} ({verdict})",
-            list.join(", ")
-        ));
-        figures
-            .new_flows_per_window
-            .insert(metric.to_owned(), created.clone());
-    }
-    failed
-}
-
-/// Configure one system at one sweep point. xlb starts on an empty config,
-/// then the whole config is written and applied (SIGHUP), and timed.
-fn sweep_setup(
-    system: System,
-    config: &BenchConfig,
-    options: &Options,
-) -> anyhow::Result<(Bench, SweepSystem)> {
-    let mut figures = SweepSystem::default();
-    if system != System::Xlb {
-        let (bench, seconds) = Bench::new(system, config, false)?;
-        figures.apply_s = Some(seconds);
-        return Ok((bench, figures));
-    }
-    let empty = BenchConfig {
-        services: Vec::new(),
-        ..config.clone()
-    };
-    let (mut bench, _) = Bench::new(system, &empty, false)?;
-    let Running::Xlb(agent) = &mut bench.running else {
-        unreachable!("an xlb bench runs the agent");
-    };
-    let applied = agent.apply(
-        &config.xlb_yaml(),
-        Duration::from_secs(options.apply_timeout),
-    )?;
-    figures.apply_s = Some(applied.seconds);
-    figures.ops = Some(applied.ops);
-    figures.rss_mib = agent.rss_mib().ok();
-    Ok((bench, figures))
-}
-
-/// One sweep point: xlb, iptables and nftables configured for `config`,
-/// then pps (1 flow) and new flows/s to the measured Service (last),
-/// interleaved by repeat.
-fn sweep_point(config: &BenchConfig, plan: Plan, options: &Options) -> (SweepPoint, bool) {
-    let mut failed = false;
-    let mut point = SweepPoint {
-        services: config.services.len(),
-        backends: config.backend_count(),
-        systems: BTreeMap::new(),
-    };
-    let mut benches = Vec::new();
-    let systems = if options.sweep_systems.is_empty() {
-        vec![System::Xlb, System::Iptables, System::Nftables]
-    } else {
-        options.sweep_systems.clone()
-    };
-    for system in systems {
-        eprintln!(
-            "xlb-bench: sweep {} services: setting up {} ...",
-            point.services,
-            system.name()
-        );
-        match sweep_setup(system, config, options) {
-            Ok((bench, figures)) => {
-                point.systems.insert(system.name().to_owned(), figures);
-                benches.push(Some((bench, Vec::new(), Vec::new())));
-            }
-            Err(error) => {
-                failed = true;
-                eprintln!(
-                    "xlb-bench: sweep {} services, {} failed: {error:#}",
-                    point.services,
-                    system.name()
-                );
-                point.systems.insert(
-                    system.name().to_owned(),
-                    SweepSystem {
-                        error: Some(format!("{error:#}")),
-                        ..SweepSystem::default()
-                    },
-                );
-            }
-        }
-    }
-    pin_node_napi_threads();
-    for _ in 0..plan.repeats {
-        for flows in [Flows::Cycle(1), Flows::New] {
-            for entry in &mut benches {
-                let Some((bench, pps, new_flows)) = entry else {
-                    continue;
-                };
-                let name = bench.system.name();
-                eprintln!(
-                    "xlb-bench: sweep {} services, {name} {flows:?} ...",
-                    point.services
-                );
-                match bench.udp(flows, plan) {
-                    Ok(window) if flows == Flows::New => new_flows.push(window.delivered_pps),
-                    Ok(window) => pps.push(window.delivered_pps),
-                    Err(error) => {
-                        failed = true;
-                        eprintln!(
-                            "xlb-bench: sweep {}, {name} failed: {error:#}",
-                            point.services
-                        );
-                        if let Some(figures) = point.systems.get_mut(name) {
-                            figures.error = Some(format!("{error:#}"));
-                        }
-                        *entry = None;
-                    }
-                }
-            }
-        }
-    }
-    for (bench, pps, new_flows) in benches.into_iter().flatten() {
-        let name = bench.system.name();
-        let (rss, counters) = bench.finish();
-        let Some(figures) = point.systems.get_mut(name) else {
-            continue;
-        };
-        figures.udp_pps_1_flow = Some(Figure::of(pps));
-        figures.new_flows_per_s = Some(Figure::of(new_flows));
-        if let Some(rss) = rss {
-            figures.rss_mib = Some(figures.rss_mib.unwrap_or(0.0).max(rss));
-        }
-        if let Some(counters) = counters {
-            figures.notes.push(format!("agent counters: {counters}"));
-        }
-    }
-    (point, failed)
-}
-
-/// Move the node namespaces' ingress NAPI threads (`napi/xb-g-*`, threaded
-/// by the lab) to CPU 1, away from the generator on CPU 0, so every system
-/// gets the same split of the two cores. Best effort.
-fn pin_node_napi_threads() {
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        return;
-    }
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with(&format!("napi/{}-", topology::NODE_GEN_IF)) {
-            continue;
-        }
-        // SAFETY: cpu_set_t is plain data set up by CPU_ZERO/CPU_SET; the
-        // call only changes the affinity of the named thread.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_ZERO(&mut set);
-            libc::CPU_SET(1, &mut set);
-            libc::sched_setaffinity(pid, size_of::<libc::cpu_set_t>(), &set);
-        }
-    }
-}
-
 /// `xlb-bench lab`: run, print, write the files.
 pub fn main(options: &Options) -> anyhow::Result<std::process::ExitCode> {
-    teardown_on_interrupt()?;
+    process::teardown_on_interrupt()?;
     let (report, failed) = run(options)?;
     print!("{}", report.table());
     if let Some(path) = &options.json {
@@ -818,54 +415,4 @@ pub fn main(options: &Options) -> anyhow::Result<std::process::ExitCode> {
     } else {
         std::process::ExitCode::SUCCESS
     })
-}
-
-/// Children inherit the signal mask (std's spawn keeps it), and this
-/// process blocks SIGINT/SIGTERM for [`teardown_on_interrupt`]: clear the
-/// mask in `command`'s child so the agent and nginx still stop on SIGTERM.
-pub fn unblock_signals(command: &mut std::process::Command) {
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: the closure runs between fork and exec and only calls
-    // sigemptyset and sigprocmask, which are async-signal-safe.
-    unsafe {
-        command.pre_exec(|| {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Ctrl-C / SIGTERM: remove this process's namespaces (which kills the
-/// agent and nginx inside them) and exit, rather than leave the lab behind.
-/// Signals are blocked in every thread and taken by one of its own, so this
-/// must run before any other thread starts.
-fn teardown_on_interrupt() -> anyhow::Result<()> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t and the signal numbers are valid;
-    // pthread_sigmask only reads it.
-    let rc = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    anyhow::ensure!(rc == 0, "could not block SIGINT/SIGTERM");
-    std::thread::Builder::new()
-        .name("teardown".to_owned())
-        .spawn(move || {
-            let mut signal: libc::c_int = 0;
-            // SAFETY: `set` and `signal` are valid for the call.
-            if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
-                return;
-            }
-            eprintln!("\nxlb-bench: interrupted (signal {signal}): removing the lab");
-            xlb_tests::netns::remove_owned_by(std::process::id());
-            std::process::exit(128 + signal);
-        })?;
-    Ok(())
 }

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use anyhow::Context as _;
 use xlb_tests::ChildGuard;
 
-use super::services::{BenchConfig, FLOOD_NODE_PORT, Protocol};
+use super::services::{BenchConfig, FLOOD_NODE_PORT, Protocol, Service};
 use super::topology::BenchLab;
 
 /// Where Debian's libnginx-mod-stream puts the module.
@@ -32,36 +32,42 @@ pub fn config_text(config: &BenchConfig, dir: &Path) -> String {
          stream {{\n"
     );
     for service in &config.services {
-        let upstream = format!("{}_{}", service.namespace, service.name).replace('-', "_");
-        let _ = writeln!(out, "  upstream {upstream} {{");
-        for backend in &service.backends {
-            let _ = writeln!(out, "    server {backend};");
-        }
-        out += "  }\n";
-        let udp = service.protocol == Protocol::Udp;
-        let _ = writeln!(
-            out,
-            "  server {{\n    listen {}:{}{} reuseport;\n    proxy_pass {upstream};",
-            config.node_addr,
-            service.node_port,
-            if udp { " udp" } else { "" }
-        );
-        if udp {
-            // The flood's backends never answer; the echo's answer once.
-            let responses = if service.node_port == FLOOD_NODE_PORT {
-                0
-            } else {
-                1
-            };
-            let _ = writeln!(
-                out,
-                "    proxy_responses {responses};\n    proxy_timeout 2s;"
-            );
-        }
-        out += "  }\n";
+        server_block(&mut out, config, service);
     }
     out += "}\n";
     out
+}
+
+/// One Service: its upstream (the backends) and the `server` listening on
+/// its NodePort.
+fn server_block(out: &mut String, config: &BenchConfig, service: &Service) {
+    let upstream = format!("{}_{}", service.namespace, service.name).replace('-', "_");
+    let _ = writeln!(out, "  upstream {upstream} {{");
+    for backend in &service.backends {
+        let _ = writeln!(out, "    server {backend};");
+    }
+    *out += "  }\n";
+    let udp = service.protocol == Protocol::Udp;
+    let _ = writeln!(
+        out,
+        "  server {{\n    listen {}:{}{} reuseport;\n    proxy_pass {upstream};",
+        config.node_addr,
+        service.node_port,
+        if udp { " udp" } else { "" }
+    );
+    if udp {
+        // The flood's backends never answer; the echo's answer once.
+        let responses = if service.node_port == FLOOD_NODE_PORT {
+            0
+        } else {
+            1
+        };
+        let _ = writeln!(
+            out,
+            "    proxy_responses {responses};\n    proxy_timeout 2s;"
+        );
+    }
+    *out += "  }\n";
 }
 
 /// nginx running in the node namespace; stopped on drop.

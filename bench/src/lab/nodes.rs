@@ -169,6 +169,14 @@ fn pod_ns(lab: &BenchLab, path: PodPath) -> &Netns {
 }
 
 fn wire(lab: &BenchLab) -> anyhow::Result<()> {
+    wire_uplinks(lab)?;
+    wire_pods(lab)?;
+    wire_overlay(lab)
+}
+
+/// Forwarding on, and the uplinks: NIC stand-ins, set up as the bench
+/// lab's.
+fn wire_uplinks(lab: &BenchLab) -> anyhow::Result<()> {
     let node = &lab.node;
     let node2 = &lab.real_node[0];
     for netns in [node, node2] {
@@ -180,7 +188,6 @@ fn wire(lab: &BenchLab) -> anyhow::Result<()> {
             netns.sysctl(key, if key.ends_with("forward") { "1" } else { "0" })?;
         }
     }
-    // The uplinks: NIC stand-ins, set up as the bench lab's.
     topology::veth(
         node,
         NODE_GEN_IF,
@@ -201,22 +208,19 @@ fn wire(lab: &BenchLab) -> anyhow::Result<()> {
         &[NODE2_ADDR],
     )?;
     topology::neighbour(node, NODE2_ADDR, topology::backend_mac(2), NODE2_IF)?;
-    node.exec("ethtool", &["-K", NODE_GEN_IF, "gro", "on"])?;
-    node.exec(
-        "sh",
-        &[
-            "-c",
-            &format!("echo 1 > /sys/class/net/{NODE_GEN_IF}/threaded"),
-        ],
-    )?;
+    topology::generator_ingress(node)
+}
 
-    // The node's bridge CNI and its pod.
+/// The node's bridge CNI and its pod; node2's pod networks, one reached
+/// routed, one over the overlay.
+fn wire_pods(lab: &BenchLab) -> anyhow::Result<()> {
+    let node = &lab.node;
+    let node2 = &lab.real_node[0];
     node.ip_line("link add cni0 type bridge")?;
     node.ip_line("addr add 198.18.10.1/24 dev cni0")?;
     node.ip_line("link set cni0 up")?;
     pod(lab, PodPath::LocalBridge, node, "xb-p1", "cni0", None)?;
 
-    // node2's pod networks: one reached routed, one over the overlay.
     for (bridge, gateway, mtu) in [
         ("br20", "198.18.20.1/24", None),
         ("br21", "198.18.21.1/24", Some(VXLAN_MTU)),
@@ -240,8 +244,13 @@ fn wire(lab: &BenchLab) -> anyhow::Result<()> {
     node.ip_line(&format!(
         "route add 198.18.20.0/24 via {NODE2_ADDR} dev {NODE2_IF}"
     ))?;
+    Ok(())
+}
 
-    // A flannel-like overlay over the second uplink.
+/// A flannel-like overlay over the second uplink.
+fn wire_overlay(lab: &BenchLab) -> anyhow::Result<()> {
+    let node = &lab.node;
+    let node2 = &lab.real_node[0];
     for (netns, local, remote, dev, addr) in [
         (node, NODE_NODE2_ADDR, NODE2_ADDR, NODE2_IF, NODE_VXLAN_ADDR),
         (node2, NODE2_ADDR, NODE_NODE2_ADDR, POD_IF, NODE2_VXLAN_ADDR),
@@ -473,6 +482,9 @@ pub fn systems(requested: &[System]) -> Vec<System> {
 
 /// Every path for every system, each system on a fresh lab, measured path
 /// by path and system by system (as the headline), one flow each.
+/// Per bench: (path, where counted) -> samples.
+type Samples = Vec<((PodPath, CountAt), Vec<f64>)>;
+
 pub fn run(
     systems: &[System],
     plan: Plan,
@@ -485,8 +497,6 @@ pub fn run(
         .map(|path| NodePath::new(path.key(), path.describe(), path.xlb_hook()))
         .collect();
     let mut notes = Vec::new();
-    // Per bench: (path, where counted) -> samples.
-    type Samples = Vec<((PodPath, CountAt), Vec<f64>)>;
     let windows: Vec<(PodPath, CountAt)> = PodPath::ALL
         .iter()
         .map(|path| (*path, CountAt::Pod))
@@ -522,32 +532,8 @@ pub fn run(
             }
         }
     }
-    super::pin_node_napi_threads();
-    for _ in 0..plan.repeats {
-        for (slot, &(path, at)) in windows.iter().enumerate() {
-            for entry in &mut benches {
-                let Some((bench, samples)) = entry else {
-                    continue;
-                };
-                let name = bench.system.name();
-                eprintln!(
-                    "xlb-bench: real-node paths, {name} {}, counted at {at:?} ...",
-                    path.describe()
-                );
-                match bench.measure(path, at, plan) {
-                    Ok(pps) => samples[slot].1.push(pps),
-                    Err(error) => {
-                        failed = true;
-                        eprintln!("xlb-bench: real-node paths, {name} failed: {error:#}");
-                        for row in &mut rows {
-                            row.errors.insert(name.to_owned(), format!("{error:#}"));
-                        }
-                        *entry = None;
-                    }
-                }
-            }
-        }
-    }
+    super::process::pin_node_napi_threads();
+    failed |= measure_all(&mut benches, &windows, &mut rows, plan);
     for (bench, samples) in benches.into_iter().flatten() {
         let name = bench.system.name();
         for ((path, at), values) in samples {
@@ -563,6 +549,43 @@ pub fn run(
         }
     }
     (rows, notes, failed)
+}
+
+/// Window by window, system by system; a system that fails leaves the run
+/// (its error on every row).
+fn measure_all(
+    benches: &mut [Option<(PathBench, Samples)>],
+    windows: &[(PodPath, CountAt)],
+    rows: &mut [NodePath],
+    plan: Plan,
+) -> bool {
+    let mut failed = false;
+    for _ in 0..plan.repeats {
+        for (slot, &(path, at)) in windows.iter().enumerate() {
+            for entry in benches.iter_mut() {
+                let Some((bench, samples)) = entry else {
+                    continue;
+                };
+                let name = bench.system.name();
+                eprintln!(
+                    "xlb-bench: real-node paths, {name} {}, counted at {at:?} ...",
+                    path.describe()
+                );
+                match bench.measure(path, at, plan) {
+                    Ok(pps) => samples[slot].1.push(pps),
+                    Err(error) => {
+                        failed = true;
+                        eprintln!("xlb-bench: real-node paths, {name} failed: {error:#}");
+                        for row in rows.iter_mut() {
+                            row.errors.insert(name.to_owned(), format!("{error:#}"));
+                        }
+                        *entry = None;
+                    }
+                }
+            }
+        }
+    }
+    failed
 }
 
 #[cfg(test)]

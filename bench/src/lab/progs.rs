@@ -14,14 +14,17 @@ use aya::{
     programs::{SchedClassifier, Xdp, XdpMode},
 };
 
-use xlb_bench_ebpf::{FRAME_LEN, GenConfig, LimitTarget};
+#[cfg(test)]
+use xlb_bench_ebpf::{FRAME_LEN, template::UDP_PAYLOAD};
+use xlb_bench_ebpf::{
+    GenConfig, LimitTarget,
+    template::{Segment, Sources, Template},
+};
 
 use super::topology::{
     self, BenchLab, GEN_ADDR, GEN_MAC, NEW_FLOW_SOURCES, NODE_ADDR, NODE_GEN_IF, NODE_GEN_MAC,
     POD_IF,
 };
-
-const PAYLOAD: &[u8; 18] = b"xlb-bench-payload!";
 
 /// Which tuples the generator sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,73 +35,41 @@ pub enum Flows {
     New,
 }
 
-/// The UDP frame the generator sends, as a template plus checksum bases.
+/// The UDP frame the generator sends to `dst_port`, as a template plus
+/// checksum bases.
 pub fn gen_config(dst_port: u16, flows: Flows) -> GenConfig {
-    let (src_addr_base, flow_count, src_port_base, port_span) = match flows {
-        Flows::Cycle(count) => (GEN_ADDR, count, 1024u16, 64_000u16),
-        Flows::New => (NEW_FLOW_SOURCES, 0, 1024, 64_000),
+    let (addr_base, flows) = match flows {
+        Flows::Cycle(count) => (GEN_ADDR, count),
+        Flows::New => (NEW_FLOW_SOURCES, 0),
     };
-    let udp_len = (8 + PAYLOAD.len()) as u16;
-    let ip_len = 20 + udp_len;
-    let mut frame = [0u8; 64];
-    frame[0..6].copy_from_slice(&NODE_GEN_MAC);
-    frame[6..12].copy_from_slice(&GEN_MAC);
-    frame[12..14].copy_from_slice(&[0x08, 0x00]);
-    let ip = &mut frame[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
-    ip[6] = 0x40; // DF
-    ip[8] = 64; // TTL
-    ip[9] = 17;
-    ip[16..20].copy_from_slice(&NODE_ADDR.octets());
-    let udp = &mut frame[34..42];
-    udp[2..4].copy_from_slice(&dst_port.to_be_bytes());
-    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
-    frame[42..FRAME_LEN].copy_from_slice(PAYLOAD);
-
-    let ip_csum_base = word_sum(&frame[14..34]);
-    // Pseudo-header (destination, protocol, length) + header + payload; the
-    // source address and port are added per frame.
-    let udp_csum_base =
-        word_sum(&NODE_ADDR.octets()) + 17 + u32::from(udp_len) + word_sum(&frame[34..FRAME_LEN]);
-    let mut words = [0u64; 8];
-    for (word, chunk) in words.iter_mut().zip(frame.chunks_exact(8)) {
-        *word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
-    }
-    GenConfig {
-        frame: words,
-        src_addr_base: u32::from(src_addr_base),
-        flows: flow_count,
-        ip_csum_base,
-        udp_csum_base,
-        src_port_base,
-        port_span,
-        tcp: 0,
-        ifindex: 0,
-        _pad: 0,
-    }
-}
-
-/// Sum of big-endian 16-bit words (even length), unfolded.
-fn word_sum(bytes: &[u8]) -> u32 {
-    bytes
-        .chunks_exact(2)
-        .map(|pair| u32::from(u16::from_be_bytes([pair[0], pair[1]])))
-        .sum()
+    let template = Template {
+        dst_mac: NODE_GEN_MAC,
+        src_mac: GEN_MAC,
+        dst_addr: NODE_ADDR.octets(),
+        dst_port,
+        segment: Segment::Udp,
+    };
+    template.config(Sources {
+        addr_base: u32::from(addr_base),
+        flows,
+        port_base: 1024,
+        port_span: 64_000,
+    })
 }
 
 #[cfg(test)]
 /// What `xlb_trafficgen` writes for sequence number `seq`, on the host (the
 /// same `GenConfig::fields`), so it can be checked by a packet library.
 pub fn frame_for(cfg: &GenConfig, seq: u64) -> Vec<u8> {
-    use xlb_bench_ebpf::{IP_CSUM_AT, SRC_ADDR_AT, SRC_PORT_AT, UDP_CSUM_AT};
+    use xlb_bench_ebpf::{IP_CSUM_AT, SRC_ADDR_AT, SRC_PORT_AT};
     let fields = cfg.fields(seq);
     let mut frame: Vec<u8> = cfg.frame.iter().flat_map(|w| w.to_ne_bytes()).collect();
     frame.truncate(FRAME_LEN);
     frame[IP_CSUM_AT..IP_CSUM_AT + 2].copy_from_slice(&fields.ip_csum.to_be_bytes());
     frame[SRC_ADDR_AT..SRC_ADDR_AT + 4].copy_from_slice(&fields.src_addr.to_be_bytes());
     frame[SRC_PORT_AT..SRC_PORT_AT + 2].copy_from_slice(&fields.src_port.to_be_bytes());
-    frame[UDP_CSUM_AT..UDP_CSUM_AT + 2].copy_from_slice(&fields.udp_csum.to_be_bytes());
+    let l4_csum_at = cfg.l4_csum_at();
+    frame[l4_csum_at..l4_csum_at + 2].copy_from_slice(&fields.udp_csum.to_be_bytes());
     frame
 }
 
@@ -342,10 +313,9 @@ impl Generator {
         std::thread::scope(|scope| -> anyhow::Result<Window> {
             let sender = scope.spawn(|| -> anyhow::Result<()> {
                 topology::enter(&handle, &ns)?;
-                pin_to_cpu(0);
+                pin_thread(0, 0);
                 while !stop.load(Ordering::Relaxed) {
-                    xlb_bench::send_generated(program, REPEAT)
-                        .context("BPF_PROG_TEST_RUN of xlb_trafficgen")?;
+                    xlb_bench::send_generated(program, REPEAT)?;
                 }
                 Ok(())
             });
@@ -380,15 +350,16 @@ impl Generator {
     }
 }
 
-/// Pin the calling thread to `cpu` (best effort: on one CPU it is a no-op).
-pub fn pin_to_cpu(cpu: usize) {
+/// Pin thread `tid` (0: the calling thread) to `cpu`. Best effort: on one
+/// CPU it is a no-op.
+pub fn pin_thread(tid: i32, cpu: usize) {
     // SAFETY: cpu_set_t is plain data, initialised by CPU_ZERO before use;
-    // sched_setaffinity(0, ...) affects only the calling thread.
+    // sched_setaffinity only changes the affinity of the named thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_ZERO(&mut set);
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
@@ -422,7 +393,7 @@ mod tests {
             .expect("checksum");
         assert_eq!(udp.checksum(), expected, "UDP checksum of seq {seq}");
         assert_eq!(udp.destination_port(), 31_000);
-        assert_eq!(udp.payload(), PAYLOAD);
+        assert_eq!(udp.payload(), UDP_PAYLOAD);
         (Ipv4Addr::from(header.source), udp.source_port())
     }
 
@@ -439,6 +410,52 @@ mod tests {
             let (addr, port) = check(&new, seq);
             assert!(u32::from(addr) >= u32::from(NEW_FLOW_SOURCES));
             assert!(seen.insert((addr, port)), "tuple repeated at seq {seq}");
+        }
+    }
+
+    /// The SYN template tests/tests/flood.rs sends: valid checksums, every
+    /// frame a new source.
+    #[test]
+    fn generated_syns_have_valid_checksums() {
+        let template = Template {
+            dst_mac: NODE_GEN_MAC,
+            src_mac: GEN_MAC,
+            dst_addr: NODE_ADDR.octets(),
+            dst_port: 30_999,
+            segment: Segment::TcpSyn {
+                seq: 0x1234_5678,
+                window: 64_240,
+            },
+        };
+        let sources = Sources {
+            addr_base: u32::from(NEW_FLOW_SOURCES),
+            flows: 0,
+            port_base: 1024,
+            port_span: 50_000,
+        };
+        let cfg = template.config(sources);
+        for seq in [0, 1, 49_999, 50_000, 123_457] {
+            let frame = frame_for(&cfg, seq);
+            let packet = SlicedPacket::from_ethernet(&frame).expect("parses");
+            let Some(NetSlice::Ipv4(ip)) = packet.net else {
+                panic!("not IPv4");
+            };
+            let header = ip.header().to_header();
+            assert_eq!(header.header_checksum, header.calc_header_checksum());
+            let Some(TransportSlice::Tcp(tcp)) = packet.transport else {
+                panic!("not TCP");
+            };
+            assert!(tcp.syn() && !tcp.ack());
+            assert_eq!(tcp.destination_port(), 30_999);
+            assert_eq!(tcp.sequence_number(), 0x1234_5678);
+            let expected = tcp
+                .to_header()
+                .calc_checksum_ipv4(&header, &[])
+                .expect("checksum");
+            assert_eq!(tcp.checksum(), expected, "TCP checksum of seq {seq}");
+            let source = u32::from(NEW_FLOW_SOURCES) + (seq / 50_000) as u32;
+            assert_eq!(u32::from_be_bytes(header.source), source);
+            assert_eq!(u64::from(tcp.source_port()), 1024 + seq % 50_000);
         }
     }
 }

@@ -68,6 +68,32 @@ pub struct Figures {
 }
 
 impl Figures {
+    /// The figures of applying `big` from `source`: the prober's (probes,
+    /// failed, p99 ms, max ms) and the agent's memory; stops the agent.
+    fn measured(
+        source: &'static str,
+        big: &BenchConfig,
+        apply_seconds: f64,
+        probed: (usize, usize, f64, f64),
+        agent: Agent,
+    ) -> anyhow::Result<Figures> {
+        let (probes, probes_failed, probe_p99_ms, probe_max_ms) = probed;
+        let (rss_mib, peak_rss_mib) = agent.memory_mib()?;
+        agent.stop();
+        Ok(Figures {
+            source,
+            services: big.services.len(),
+            backends: big.backend_count(),
+            apply_seconds,
+            probes,
+            probes_failed,
+            probe_max_ms,
+            probe_p99_ms,
+            rss_mib,
+            peak_rss_mib,
+        })
+    }
+
     fn row(&self) -> String {
         let mark = |ok: bool| if ok { "ok" } else { "MISSED" };
         format!(
@@ -159,22 +185,9 @@ fn by_sighup(options: &Options) -> anyhow::Result<Figures> {
     let applied = agent.apply(&big.xlb_yaml(), Duration::from_secs(options.timeout));
     // Probe on a while after "applied": neighbours resolve in the background.
     std::thread::sleep(Duration::from_secs(3));
-    let (probes, probes_failed, probe_p99_ms, probe_max_ms) = prober.stop()?;
+    let probed = prober.stop()?;
     let applied = applied?;
-    let (rss_mib, peak_rss_mib) = agent.memory_mib()?;
-    agent.stop();
-    Ok(Figures {
-        source: "file+SIGHUP",
-        services: big.services.len(),
-        backends: big.backend_count(),
-        apply_seconds: applied.seconds,
-        probes,
-        probes_failed,
-        probe_max_ms,
-        probe_p99_ms,
-        rss_mib,
-        peak_rss_mib,
-    })
+    Figures::measured("file+SIGHUP", &big, applied.seconds, probed, agent)
 }
 
 /// Kubernetes: the API server already holds every Service and
@@ -236,22 +249,10 @@ fn from_kubernetes(options: &Options) -> anyhow::Result<Figures> {
     let apply_seconds = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(3));
     let agent = agent?;
-    let (probes, probes_failed, probe_p99_ms, probe_max_ms) = prober.stop()?;
-    let (rss_mib, peak_rss_mib) = agent.memory_mib()?;
-    agent.stop();
+    let probed = prober.stop()?;
+    let figures = Figures::measured("kubernetes", &big, apply_seconds, probed, agent);
     drop(server);
-    Ok(Figures {
-        source: "kubernetes",
-        services: big.services.len(),
-        backends: big.backend_count(),
-        apply_seconds,
-        probes,
-        probes_failed,
-        probe_max_ms,
-        probe_p99_ms,
-        rss_mib,
-        peak_rss_mib,
-    })
+    figures
 }
 
 pub fn main(options: &Options) -> anyhow::Result<std::process::ExitCode> {

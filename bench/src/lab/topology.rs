@@ -58,12 +58,7 @@ pub fn pod_addrs() -> Vec<Ipv4Addr> {
         .collect()
 }
 
-pub fn mac_str(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use xlb_tests::netns::mac_str;
 
 /// A built lab; dropping it kills what runs inside and removes it.
 pub struct BenchLab {
@@ -160,19 +155,7 @@ impl BenchLab {
             backend.sysctl("net/ipv4/tcp_max_syn_backlog", "8192")?;
         }
         node.ip(&["route", "add", "198.19.0.0/16", "via", "198.18.1.2"])?;
-        // LAB-NOTES 4 and 5: GRO gives the node's ingress veth NAPI, so XDP_TX
-        // frames from the generator are delivered even with no XDP program
-        // on the node, and threaded NAPI moves the node's work off the
-        // generator's CPU.
-        node.exec("ethtool", &["-K", NODE_GEN_IF, "gro", "on"])?;
-        node.exec(
-            "sh",
-            &[
-                "-c",
-                &format!("echo 1 > /sys/class/net/{NODE_GEN_IF}/threaded"),
-            ],
-        )?;
-        Ok(())
+        generator_ingress(node)
     }
 }
 
@@ -218,18 +201,23 @@ pub(super) fn veth(
     Ok(())
 }
 
+/// LAB-NOTES 4 and 5: GRO gives the node's ingress veth NAPI, so XDP_TX
+/// frames from the generator are delivered even with no XDP program on the
+/// node, and threaded NAPI moves the node's work off the generator's CPU.
+pub(super) fn generator_ingress(node: &Netns) -> anyhow::Result<()> {
+    node.exec("ethtool", &["-K", NODE_GEN_IF, "gro", "on"])?;
+    node.exec(
+        "sh",
+        &[
+            "-c",
+            &format!("echo 1 > /sys/class/net/{NODE_GEN_IF}/threaded"),
+        ],
+    )?;
+    Ok(())
+}
+
 pub(super) fn neighbour(ns: &Netns, addr: Ipv4Addr, mac: [u8; 6], dev: &str) -> anyhow::Result<()> {
-    ns.ip(&[
-        "neigh",
-        "replace",
-        &addr.to_string(),
-        "lladdr",
-        &mac_str(mac),
-        "dev",
-        dev,
-        "nud",
-        "permanent",
-    ])?;
+    ns.neighbour(addr, mac, dev)?;
     Ok(())
 }
 

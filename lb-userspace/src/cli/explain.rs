@@ -14,11 +14,15 @@ use lb_common::service::SERVICE_F_AFFINITY;
 use lb_common::{Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
 
-use super::{CliError, Report, Session};
+mod frame;
+mod render;
+
+use super::{CliError, Session};
 use crate::kernel::explain::{ExplainError, Simulated, Simulator};
 use crate::kernel::host;
 use crate::observe::catalog::Catalog;
 use crate::observe::metrics::verdict_name;
+use frame::{TCP_ACK, TCP_SYN, build_frame, output_tuple};
 
 /// `xlb explain`'s protocol argument.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -35,9 +39,6 @@ impl Protocol {
         }
     }
 }
-
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 
 /// One packet to explain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,40 +206,7 @@ fn describe(
     simulated: &Simulated,
     catalog: &Catalog,
 ) -> Explanation {
-    let mut notes = Vec::new();
     let reason = simulated.reason;
-    let verdict = match reason {
-        Some(reason) => Verdict {
-            reason: reason.name(),
-            verdict: verdict_name(reason.verdict()),
-            action: action_name(simulated.action),
-            description: reason.description(),
-        },
-        None => Verdict {
-            reason: "?",
-            verdict: "?",
-            action: action_name(simulated.action),
-            description: "the program counted no reason (not this xlb's datapath?)",
-        },
-    };
-    let service = simulated.service.map(|service| ServiceMatch {
-        id: service.id,
-        name: catalog
-            .services
-            .get(&service.id)
-            .map(|s| s.qualified_name()),
-        affinity_timeout_seconds: (service.flags & SERVICE_F_AFFINITY != 0)
-            .then_some(service.affinity_timeout_s),
-    });
-    let existing_flow = simulated.live_flow.map(|flow| ExistingFlow {
-        direction: if flow.direction == FLOW_DIR_REPLY {
-            "reply"
-        } else {
-            "original"
-        },
-        backend_id: flow.backend_id,
-        translated: translated(&flow),
-    });
     let new_flow = reason == Some(lb_common::Reason::FwdNewFlow);
     let flow = simulated.flow.filter(|_| {
         matches!(
@@ -250,73 +218,10 @@ fn describe(
             )
         )
     });
-    let maglev = simulated
-        .service
-        .filter(|service| service.table_size > 0)
-        .map(|service| {
-            let hash = flow_hash(key, simulated.config.hash_key());
-            let slot = hash % service.table_size;
-            Maglev {
-                hash,
-                slot,
-                table_size: service.table_size,
-                select_index: service.table_offset.wrapping_add(slot),
-            }
-        });
-    let affinity = simulated
-        .service
-        .filter(|service| service.flags & SERVICE_F_AFFINITY != 0)
-        .map(|_| AffinityUse {
-            record_backend_id: simulated.live_affinity.map(|a| a.backend_id),
-            used: new_flow
-                && simulated
-                    .live_affinity
-                    .zip(flow)
-                    .is_some_and(|(record, flow)| record.backend_id == flow.backend_id),
-        });
-    let backend = flow.map(|flow| {
-        let by = if !new_flow {
-            "existing flow"
-        } else if affinity.as_ref().is_some_and(|a| a.used) {
-            "affinity"
-        } else {
-            "maglev"
-        };
-        let (address, id) = if flow.direction == FLOW_DIR_REPLY {
-            // A reply's entry rewrites towards the client; its backend is
-            // where it came from.
-            (endpoint(key.src_addr_be, key.src_port_be), flow.backend_id)
-        } else {
-            (
-                endpoint(flow.new_dst_addr_be, flow.new_dst_port_be),
-                flow.backend_id,
-            )
-        };
-        Chosen {
-            id,
-            address,
-            name: catalog.backends.get(&id).map(|b| b.endpoint()),
-            by,
-        }
-    });
+    let affinity = affinity_use(simulated, flow, new_flow);
     let masquerade = flow
         .filter(|flow| flow.direction != FLOW_DIR_REPLY && flow.new_src_addr_be != key.src_addr_be)
         .map(|flow| endpoint(flow.new_src_addr_be, flow.new_src_port_be));
-    let next_hop = match (flow, simulated.hop) {
-        (Some(flow), _) if flow.hop_ifindex != 0 => Some(NextHop {
-            ifindex: flow.hop_ifindex,
-            interface: host::interface_name(flow.hop_ifindex),
-            source_mac: mac(&flow.hop_src_mac),
-            destination_mac: mac(&flow.hop_dst_mac),
-        }),
-        (_, Some(hop)) if hop.ifindex != 0 => Some(NextHop {
-            ifindex: hop.ifindex,
-            interface: host::interface_name(hop.ifindex),
-            source_mac: mac(&hop.src_mac),
-            destination_mac: mac(&hop.dst_mac),
-        }),
-        _ => None,
-    };
     let output = output_tuple(&simulated.output).filter(|_| {
         reason.is_some_and(|r| {
             matches!(
@@ -325,6 +230,7 @@ fn describe(
             )
         })
     });
+    let mut notes = Vec::new();
     if new_flow && masquerade.is_some() {
         notes.push(String::from(
             "the masquerade port is the first free candidate in the simulation's conntrack; the live datapath skips candidates its conntrack already uses",
@@ -344,17 +250,135 @@ fn describe(
         interface,
         ifindex,
         tcp_flags: tcp_flags.map(|flags| if flags == TCP_SYN { "SYN" } else { "ACK" }),
-        verdict,
-        service,
-        existing_flow,
-        backend,
-        maglev: maglev.filter(|_| new_flow),
+        verdict: verdict(simulated),
+        service: service_match(simulated, catalog),
+        existing_flow: simulated.live_flow.map(|flow| ExistingFlow {
+            direction: if flow.direction == FLOW_DIR_REPLY {
+                "reply"
+            } else {
+                "original"
+            },
+            backend_id: flow.backend_id,
+            translated: translated(&flow),
+        }),
+        backend: flow.map(|flow| chosen(key, &flow, new_flow, affinity.as_ref(), catalog)),
+        maglev: maglev(key, simulated).filter(|_| new_flow),
         affinity,
         masquerade,
-        next_hop,
+        next_hop: next_hop(flow, simulated),
         output,
         notes,
     }
+}
+
+/// The reason the program counted, with its verdict and action.
+fn verdict(simulated: &Simulated) -> Verdict {
+    match simulated.reason {
+        Some(reason) => Verdict {
+            reason: reason.name(),
+            verdict: verdict_name(reason.verdict()),
+            action: action_name(simulated.action),
+            description: reason.description(),
+        },
+        None => Verdict {
+            reason: "?",
+            verdict: "?",
+            action: action_name(simulated.action),
+            description: "the program counted no reason (not this xlb's datapath?)",
+        },
+    }
+}
+
+fn service_match(simulated: &Simulated, catalog: &Catalog) -> Option<ServiceMatch> {
+    simulated.service.map(|service| ServiceMatch {
+        id: service.id,
+        name: catalog
+            .services
+            .get(&service.id)
+            .map(|s| s.qualified_name()),
+        affinity_timeout_seconds: (service.flags & SERVICE_F_AFFINITY != 0)
+            .then_some(service.affinity_timeout_s),
+    })
+}
+
+/// Where the tuple falls in its service's Maglev table.
+fn maglev(key: &FlowKey, simulated: &Simulated) -> Option<Maglev> {
+    simulated
+        .service
+        .filter(|service| service.table_size > 0)
+        .map(|service| {
+            let hash = flow_hash(key, simulated.config.hash_key());
+            let slot = hash % service.table_size;
+            Maglev {
+                hash,
+                slot,
+                table_size: service.table_size,
+                select_index: service.table_offset.wrapping_add(slot),
+            }
+        })
+}
+
+/// For a service with session affinity: the client's record, and whether
+/// the new `flow` followed it.
+fn affinity_use(simulated: &Simulated, flow: Option<Flow>, new_flow: bool) -> Option<AffinityUse> {
+    simulated
+        .service
+        .filter(|service| service.flags & SERVICE_F_AFFINITY != 0)
+        .map(|_| AffinityUse {
+            record_backend_id: simulated.live_affinity.map(|a| a.backend_id),
+            used: new_flow
+                && simulated
+                    .live_affinity
+                    .zip(flow)
+                    .is_some_and(|(record, flow)| record.backend_id == flow.backend_id),
+        })
+}
+
+/// The backend of `flow`, and what chose it.
+fn chosen(
+    key: &FlowKey,
+    flow: &Flow,
+    new_flow: bool,
+    affinity: Option<&AffinityUse>,
+    catalog: &Catalog,
+) -> Chosen {
+    let by = if !new_flow {
+        "existing flow"
+    } else if affinity.is_some_and(|a| a.used) {
+        "affinity"
+    } else {
+        "maglev"
+    };
+    let address = if flow.direction == FLOW_DIR_REPLY {
+        // A reply's entry rewrites towards the client; its backend is
+        // where it came from.
+        endpoint(key.src_addr_be, key.src_port_be)
+    } else {
+        endpoint(flow.new_dst_addr_be, flow.new_dst_port_be)
+    };
+    Chosen {
+        id: flow.backend_id,
+        address,
+        name: catalog.backends.get(&flow.backend_id).map(|b| b.endpoint()),
+        by,
+    }
+}
+
+/// The hop the flow caches, else the one the program looked up.
+fn next_hop(flow: Option<Flow>, simulated: &Simulated) -> Option<NextHop> {
+    let (ifindex, src_mac, dst_mac) = match (flow, simulated.hop) {
+        (Some(flow), _) if flow.hop_ifindex != 0 => {
+            (flow.hop_ifindex, flow.hop_src_mac, flow.hop_dst_mac)
+        }
+        (_, Some(hop)) if hop.ifindex != 0 => (hop.ifindex, hop.src_mac, hop.dst_mac),
+        _ => return None,
+    };
+    Some(NextHop {
+        ifindex,
+        interface: host::interface_name(ifindex),
+        source_mac: mac(&src_mac),
+        destination_mac: mac(&dst_mac),
+    })
 }
 
 fn translated(flow: &Flow) -> Tuple {
@@ -409,248 +433,4 @@ fn interface_mac(interface: &str) -> [u8; 6] {
         *byte = u8::from_str_radix(part, 16).unwrap_or(0);
     }
     mac
-}
-
-/// The addresses and ports of an IPv4 TCP/UDP frame.
-fn output_tuple(frame: &[u8]) -> Option<Tuple> {
-    let ip = frame.get(14..)?;
-    if frame.get(12..14)? != [0x08, 0x00] || ip.first()? >> 4 != 4 {
-        return None;
-    }
-    let header_len = usize::from(ip[0] & 0x0f) * 4;
-    let addr = |at: usize| Some(Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]));
-    let l4 = ip.get(header_len..header_len + 4)?;
-    let port = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
-    Some(Tuple {
-        source: SocketAddrV4::new(addr(12)?, port(0)),
-        destination: SocketAddrV4::new(addr(16)?, port(2)),
-    })
-}
-
-/// An Ethernet + IPv4 + TCP (no payload) or UDP (a short payload) frame
-/// with valid checksums, as a client would send it.
-fn build_frame(question: &Question, dst_mac: [u8; 6], tcp_flags: u8) -> Vec<u8> {
-    const PAYLOAD: &[u8] = b"xlb explain\n";
-    let (l4_len, proto) = match question.protocol {
-        Protocol::Tcp => (20usize, IPPROTO_TCP),
-        Protocol::Udp => (8 + PAYLOAD.len(), IPPROTO_UDP),
-    };
-    let total = 20 + l4_len;
-    let mut frame = Vec::with_capacity(14 + total);
-    frame.extend_from_slice(&dst_mac);
-    frame.extend_from_slice(&[0x02, 0x78, 0x6c, 0xee, 0x00, 0x01]);
-    frame.extend_from_slice(&[0x08, 0x00]);
-    let src = question.source.ip().octets();
-    let dst = question.destination.ip().octets();
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
-    ip[2..4].copy_from_slice(&u16::try_from(total).unwrap_or(u16::MAX).to_be_bytes());
-    ip.extend_from_slice(&src);
-    ip.extend_from_slice(&dst);
-    let ip_sum = checksum(&[&ip]);
-    ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
-    frame.extend_from_slice(&ip);
-
-    let mut l4 = Vec::with_capacity(l4_len);
-    l4.extend_from_slice(&question.source.port().to_be_bytes());
-    l4.extend_from_slice(&question.destination.port().to_be_bytes());
-    let sum_at = match question.protocol {
-        Protocol::Tcp => {
-            l4.extend_from_slice(&1u32.to_be_bytes()); // sequence
-            let ack = if tcp_flags & TCP_ACK != 0 { 1u32 } else { 0 };
-            l4.extend_from_slice(&ack.to_be_bytes());
-            l4.extend_from_slice(&[5 << 4, tcp_flags, 0xfa, 0xf0, 0, 0, 0, 0]);
-            16
-        }
-        Protocol::Udp => {
-            l4.extend_from_slice(&u16::try_from(l4_len).unwrap_or(0).to_be_bytes());
-            l4.extend_from_slice(&[0, 0]);
-            l4.extend_from_slice(PAYLOAD);
-            6
-        }
-    };
-    let length = u16::try_from(l4_len).unwrap_or(0).to_be_bytes();
-    let pseudo = [&src[..], &dst[..], &[0, proto], &length[..]].concat();
-    let mut sum = checksum(&[&pseudo, &l4]);
-    if sum == 0 && proto == IPPROTO_UDP {
-        sum = 0xffff;
-    }
-    l4[sum_at..sum_at + 2].copy_from_slice(&sum.to_be_bytes());
-    frame.extend_from_slice(&l4);
-    frame
-}
-
-/// The Internet checksum of the concatenation of `parts` (each of even
-/// length but the last).
-fn checksum(parts: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    let bytes: Vec<u8> = parts.concat();
-    for chunk in bytes.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-impl Report for Explanation {
-    fn render(&self) -> String {
-        let mut lines: Vec<(String, String)> = Vec::new();
-        let mut line = |label: &str, text: String| lines.push((label.to_owned(), text));
-        line(
-            "packet",
-            format!(
-                "{} {} -> {}{} arriving on {} (ifindex {})",
-                self.protocol,
-                self.source,
-                self.destination,
-                self.tcp_flags.map(|f| format!(" {f}")).unwrap_or_default(),
-                self.interface,
-                self.ifindex
-            ),
-        );
-        line(
-            "service",
-            match &self.service {
-                Some(service) => format!(
-                    "{} (id {}){}",
-                    service.name.clone().unwrap_or_else(|| String::from("?")),
-                    service.id,
-                    service
-                        .affinity_timeout_seconds
-                        .map(|t| format!(", sessionAffinity ClientIP for {t}s"))
-                        .unwrap_or_default()
-                ),
-                None => String::from("none on this address and port"),
-            },
-        );
-        line(
-            "flow",
-            match &self.existing_flow {
-                Some(flow) => format!(
-                    "existing ({} direction): {} -> {}, backend id {}",
-                    flow.direction,
-                    flow.translated.source,
-                    flow.translated.destination,
-                    flow.backend_id
-                ),
-                None => String::from("none in conntrack"),
-            },
-        );
-        if let Some(affinity) = &self.affinity {
-            line(
-                "affinity",
-                match (affinity.record_backend_id, affinity.used) {
-                    (Some(id), true) => format!("the client's record names backend id {id}: used"),
-                    (Some(id), false) => format!(
-                        "the client's record names backend id {id}: not used (expired, gone or not taking new flows)"
-                    ),
-                    (None, _) => {
-                        String::from("no record for this client: Maglev chooses, and is remembered")
-                    }
-                },
-            );
-        }
-        if let Some(backend) = &self.backend {
-            line(
-                "backend",
-                format!("{} (id {}), by {}", backend.address, backend.id, backend.by),
-            );
-        }
-        if let Some(maglev) = &self.maglev {
-            line(
-                "maglev",
-                format!(
-                    "hash {:#010x}: slot {} of {} (XLB_SELECT[{}])",
-                    maglev.hash, maglev.slot, maglev.table_size, maglev.select_index
-                ),
-            );
-        }
-        if let Some(masquerade) = &self.masquerade {
-            line("masquerade", format!("as {masquerade}"));
-        }
-        if let Some(hop) = &self.next_hop {
-            line(
-                "next hop",
-                format!(
-                    "{} (ifindex {}) {} -> {}",
-                    hop.interface.clone().unwrap_or_else(|| String::from("?")),
-                    hop.ifindex,
-                    hop.source_mac,
-                    hop.destination_mac
-                ),
-            );
-        }
-        line(
-            "verdict",
-            format!(
-                "{} ({}, {}): {}",
-                self.verdict.reason,
-                self.verdict.verdict,
-                self.verdict.action,
-                self.verdict.description
-            ),
-        );
-        if let Some(output) = &self.output {
-            line(
-                "leaves as",
-                format!("{} -> {}", output.source, output.destination),
-            );
-        }
-        let width = lines
-            .iter()
-            .map(|(label, _)| label.len())
-            .max()
-            .unwrap_or(0);
-        let mut out = String::new();
-        for (label, text) in &lines {
-            out.push_str(&format!("{label:<width$}  {text}\n"));
-        }
-        for note in &self.notes {
-            out.push_str(&format!("note: {note}\n"));
-        }
-        out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frames_carry_valid_checksums() {
-        let question = Question {
-            protocol: Protocol::Udp,
-            source: "198.18.0.2:40000".parse().unwrap(),
-            destination: "198.18.0.1:30998".parse().unwrap(),
-        };
-        let frame = build_frame(&question, [2, 0, 0, 0, 0, 1], 0);
-        // Summing a header with its checksum gives 0.
-        assert_eq!(checksum(&[&frame[14..34]]), 0);
-        let udp = &frame[34..];
-        let pseudo = [
-            &frame[26..34],
-            &[0, IPPROTO_UDP],
-            &u16::try_from(udp.len()).unwrap().to_be_bytes()[..],
-        ]
-        .concat();
-        assert_eq!(checksum(&[&pseudo, udp]), 0);
-        let tuple = output_tuple(&frame).unwrap();
-        assert_eq!(tuple.source, question.source);
-        assert_eq!(tuple.destination, question.destination);
-
-        let tcp = build_frame(
-            &Question {
-                protocol: Protocol::Tcp,
-                ..question
-            },
-            [0; 6],
-            TCP_SYN,
-        );
-        assert_eq!(tcp.len(), 14 + 20 + 20);
-        assert_eq!(tcp[34 + 13], TCP_SYN);
-        let pseudo = [&tcp[26..34], &[0, IPPROTO_TCP], &20u16.to_be_bytes()[..]].concat();
-        assert_eq!(checksum(&[&pseudo, &tcp[34..]]), 0);
-    }
 }

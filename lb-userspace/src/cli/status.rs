@@ -103,8 +103,54 @@ pub struct MasqueradeAddress {
 
 pub fn report(session: &Session) -> Result<StatusReport, CliError> {
     let status = session.status.as_ref();
+    let links = datapath::pinned_links(&session.bpffs);
+    let program_id = links
+        .iter()
+        .find_map(|(_, id)| *id)
+        .or_else(|| status.and_then(|s| s.program_id));
+    let (conntrack, maps) = fills(session);
+    let interface_names = interface_names();
+    Ok(StatusReport {
+        agent: agent_report(session),
+        interfaces: interfaces_report(session, &links),
+        socket_hooks: SocketHooksReport {
+            cgroup: status
+                .and_then(|s| s.socket_hooks.as_ref())
+                .map(|h| h.cgroup.clone()),
+            hooks: status
+                .and_then(|s| s.socket_hooks.as_ref())
+                .map(|h| h.hooks.clone())
+                .unwrap_or_default(),
+            pinned: crate::kernel::PinDir::at(&session.bpffs)
+                .pinned_cgroup_links()
+                .unwrap_or_default(),
+        },
+        program_id,
+        conntrack,
+        maps,
+        masquerade: Masquerade {
+            ports: status.map(|s| s.masquerade_ports),
+            addresses: status
+                .map(|s| &s.masquerade_addresses)
+                .into_iter()
+                .flatten()
+                .map(|(&ifindex, &address)| MasqueradeAddress {
+                    ifindex,
+                    interface: interface_names.get(&ifindex).cloned(),
+                    address,
+                })
+                .collect(),
+        },
+        bpffs: session.bpffs.display().to_string(),
+        run_dir: session.run_dir.display().to_string(),
+    })
+}
+
+/// The agent as status.json and its process say.
+fn agent_report(session: &Session) -> AgentReport {
+    let status = session.status.as_ref();
     let now = rundir::unix_now();
-    let agent = AgentReport {
+    AgentReport {
         running: session.alive,
         pid: status.map(|s| s.pid),
         version: status.map(|s| s.version.clone()),
@@ -118,9 +164,13 @@ pub fn report(session: &Session) -> Result<StatusReport, CliError> {
         last_reload: status.and_then(|s| s.last_reload.clone()),
         metrics_addr: status.and_then(|s| s.metrics_addr.clone()),
         datapath_debug: status.is_some_and(|s| s.datapath_debug),
-    };
+    }
+}
 
-    let links = datapath::pinned_links(&session.bpffs);
+/// The interfaces status.json names, and those with a pinned link the
+/// agent no longer reports.
+fn interfaces_report(session: &Session, links: &[(String, Option<u32>)]) -> Vec<InterfaceReport> {
+    let status = session.status.as_ref();
     let mut interfaces: Vec<InterfaceReport> = status
         .map(|s| s.interfaces.as_slice())
         .unwrap_or_default()
@@ -134,7 +184,7 @@ pub fn report(session: &Session) -> Result<StatusReport, CliError> {
             program_id: None,
         })
         .collect();
-    for (name, program_id) in &links {
+    for (name, program_id) in links {
         match interfaces.iter_mut().find(|i| &i.name == name) {
             Some(interface) => {
                 interface.link_pinned = true;
@@ -161,24 +211,12 @@ pub fn report(session: &Session) -> Result<StatusReport, CliError> {
             interface.link_pinned = true;
         }
     }
-    let socket_hooks = SocketHooksReport {
-        cgroup: status
-            .and_then(|s| s.socket_hooks.as_ref())
-            .map(|h| h.cgroup.clone()),
-        hooks: status
-            .and_then(|s| s.socket_hooks.as_ref())
-            .map(|h| h.hooks.clone())
-            .unwrap_or_default(),
-        pinned: crate::kernel::PinDir::at(&session.bpffs)
-            .pinned_cgroup_links()
-            .unwrap_or_default(),
-    };
-    let program_id = links
-        .iter()
-        .find_map(|(_, id)| *id)
-        .or_else(|| status.and_then(|s| s.program_id));
+    interfaces
+}
 
-    let interface_names = interface_names();
+/// How full conntrack and the other maps are (counted within
+/// `COUNT_BUDGET`).
+fn fills(session: &Session) -> (Fill, Vec<Fill>) {
     let maps = &session.maps;
     let deadline = Instant::now() + COUNT_BUDGET;
     let fill = |map: &'static str, count: Count| Fill {
@@ -197,34 +235,25 @@ pub fn report(session: &Session) -> Result<StatusReport, CliError> {
         fill(names::BACKENDS, backends),
         fill(names::AFFINITY, maps.count_affinity(deadline)),
     ];
-    Ok(StatusReport {
-        agent,
-        interfaces,
-        socket_hooks,
-        program_id,
-        conntrack,
-        maps: fills,
-        masquerade: Masquerade {
-            ports: status.map(|s| s.masquerade_ports),
-            addresses: status
-                .map(|s| &s.masquerade_addresses)
-                .into_iter()
-                .flatten()
-                .map(|(&ifindex, &address)| MasqueradeAddress {
-                    ifindex,
-                    interface: interface_names.get(&ifindex).cloned(),
-                    address,
-                })
-                .collect(),
-        },
-        bpffs: session.bpffs.display().to_string(),
-        run_dir: session.run_dir.display().to_string(),
-    })
+    (conntrack, fills)
 }
 
 impl Report for StatusReport {
     fn render(&self) -> String {
         let mut out = String::new();
+        self.summary(&mut out);
+        out.push('\n');
+        out.push_str(&self.interface_table());
+        out.push('\n');
+        out.push_str(&self.map_table());
+        out
+    }
+}
+
+impl StatusReport {
+    /// One line each: the agent, its config, program, masquerade, metrics,
+    /// pins and socket hooks.
+    fn summary(&self, out: &mut String) {
         let agent = &self.agent;
         let mut line = |key: &str, value: String| {
             let _ = writeln!(out, "{key:<11} {value}");
@@ -246,24 +275,7 @@ impl Report for StatusReport {
                 format!("not running ({who}); the pinned maps outlived it")
             },
         );
-        if let Some(source) = &agent.config_source {
-            let mut config = format!("{source}, generation {}", agent.generation.unwrap_or(0));
-            if let Some(reload) = &agent.last_reload {
-                let ago = table::duration(rundir::unix_now().saturating_sub(reload.at));
-                match &reload.error {
-                    None if reload.ok => {
-                        let _ = write!(config, "; last reload ok {ago} ago");
-                    }
-                    error => {
-                        let _ = write!(
-                            config,
-                            "; last reload FAILED {ago} ago (kept generation {}): {}",
-                            reload.generation,
-                            error.as_deref().unwrap_or("unknown error")
-                        );
-                    }
-                }
-            }
+        if let Some(config) = self.config_line() {
             line("config", config);
         }
         line(
@@ -280,52 +292,17 @@ impl Report for StatusReport {
                 None => String::from("unknown"),
             },
         );
-        if let Some(ports) = self.masquerade.ports {
-            let mut masquerade = format!("ports {}-{}", ports.first, ports.last);
-            let addresses: Vec<String> = self
-                .masquerade
-                .addresses
-                .iter()
-                .map(|masquerade| match &masquerade.interface {
-                    Some(name) => format!("{} on {name}", masquerade.address),
-                    // Key 0: the fallback for interfaces without an address.
-                    None if masquerade.ifindex == 0 => {
-                        format!("{} elsewhere", masquerade.address)
-                    }
-                    None => format!("{} on ifindex {}", masquerade.address, masquerade.ifindex),
-                })
-                .collect();
-            if !addresses.is_empty() {
-                let _ = write!(masquerade, " from {}", addresses.join(", "));
-            }
+        if let Some(masquerade) = self.masquerade_line() {
             line("masquerade", masquerade);
         }
         if let Some(address) = &agent.metrics_addr {
             line("metrics", format!("http://{address}/metrics"));
         }
         line("pins", format!("{} (run dir {})", self.bpffs, self.run_dir));
-        let hooks = &self.socket_hooks;
-        line(
-            "sockets",
-            match (
-                &hooks.cgroup,
-                hooks.hooks.is_empty(),
-                hooks.pinned.is_empty(),
-            ) {
-                (Some(cgroup), false, _) => format!(
-                    "{} attached to cgroup {cgroup}{}",
-                    hooks.hooks.join(", "),
-                    if hooks.pinned.is_empty() {
-                        ""
-                    } else {
-                        " (pinned)"
-                    }
-                ),
-                (_, _, false) => format!("{} pinned (cgroup unknown)", hooks.pinned.join(", ")),
-                _ => String::from("off (no --cgroup): local clients are not balanced"),
-            },
-        );
+        line("sockets", self.sockets_line());
+    }
 
+    fn interface_table(&self) -> String {
         let mut interfaces = Table::new(&[
             ("INTERFACE", Align::Left),
             ("IFINDEX", Align::Right),
@@ -348,13 +325,14 @@ impl Report for StatusReport {
                 },
             ]);
         }
-        out.push('\n');
         if interfaces.is_empty() {
-            out.push_str("XDP is attached to no interface\n");
+            String::from("XDP is attached to no interface\n")
         } else {
-            out.push_str(&interfaces.render());
+            interfaces.render()
         }
+    }
 
+    fn map_table(&self) -> String {
         let mut maps = Table::new(&[
             ("MAP", Align::Left),
             ("ENTRIES", Align::Right),
@@ -384,9 +362,75 @@ impl Report for StatusReport {
                 note,
             ]);
         }
-        out.push('\n');
-        out.push_str(&maps.render());
-        out
+        maps.render()
+    }
+
+    /// The config source and generation, and how the last reload went.
+    fn config_line(&self) -> Option<String> {
+        let agent = &self.agent;
+        let source = agent.config_source.as_ref()?;
+        let mut config = format!("{source}, generation {}", agent.generation.unwrap_or(0));
+        if let Some(reload) = &agent.last_reload {
+            let ago = table::duration(rundir::unix_now().saturating_sub(reload.at));
+            match &reload.error {
+                None if reload.ok => {
+                    let _ = write!(config, "; last reload ok {ago} ago");
+                }
+                error => {
+                    let _ = write!(
+                        config,
+                        "; last reload FAILED {ago} ago (kept generation {}): {}",
+                        reload.generation,
+                        error.as_deref().unwrap_or("unknown error")
+                    );
+                }
+            }
+        }
+        Some(config)
+    }
+
+    /// The masquerade ports and the addresses per interface.
+    fn masquerade_line(&self) -> Option<String> {
+        let ports = self.masquerade.ports?;
+        let mut masquerade = format!("ports {}-{}", ports.first, ports.last);
+        let addresses: Vec<String> = self
+            .masquerade
+            .addresses
+            .iter()
+            .map(|masquerade| match &masquerade.interface {
+                Some(name) => format!("{} on {name}", masquerade.address),
+                // Key 0: the fallback for interfaces without an address.
+                None if masquerade.ifindex == 0 => {
+                    format!("{} elsewhere", masquerade.address)
+                }
+                None => format!("{} on ifindex {}", masquerade.address, masquerade.ifindex),
+            })
+            .collect();
+        if !addresses.is_empty() {
+            let _ = write!(masquerade, " from {}", addresses.join(", "));
+        }
+        Some(masquerade)
+    }
+
+    fn sockets_line(&self) -> String {
+        let hooks = &self.socket_hooks;
+        match (
+            &hooks.cgroup,
+            hooks.hooks.is_empty(),
+            hooks.pinned.is_empty(),
+        ) {
+            (Some(cgroup), false, _) => format!(
+                "{} attached to cgroup {cgroup}{}",
+                hooks.hooks.join(", "),
+                if hooks.pinned.is_empty() {
+                    ""
+                } else {
+                    " (pinned)"
+                }
+            ),
+            (_, _, false) => format!("{} pinned (cgroup unknown)", hooks.pinned.join(", ")),
+            _ => String::from("off (no --cgroup): local clients are not balanced"),
+        }
     }
 }
 

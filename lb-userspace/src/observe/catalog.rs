@@ -127,6 +127,29 @@ pub fn backend_state(backend: &model::Backend) -> BackendState {
     }
 }
 
+/// A service's entry, before its frontends are added.
+fn service_info(service: &model::Service, backend_ids: &BTreeMap<BackendAddr, u32>) -> ServiceInfo {
+    ServiceInfo {
+        namespace: service.namespace.clone(),
+        name: service.name.clone(),
+        protocol: service.protocol.to_string(),
+        frontends: Vec::new(),
+        external_traffic_policy: service.external_traffic_policy.to_string(),
+        health_check_node_port: service.health_check_node_port,
+        backends: service
+            .backends
+            .iter()
+            .filter_map(|backend| {
+                Some(ServiceBackend {
+                    id: *backend_ids.get(&BackendAddr::from(backend))?,
+                    weight: backend.weight,
+                    state: backend_state(backend),
+                })
+            })
+            .collect(),
+    }
+}
+
 impl Catalog {
     /// The catalog of what `applied` holds for `state` at `generation`.
     pub fn build(generation: u64, state: &DesiredState, applied: &Applied) -> Catalog {
@@ -149,25 +172,7 @@ impl Catalog {
             };
             let info = services
                 .entry(entry.entry.id)
-                .or_insert_with(|| ServiceInfo {
-                    namespace: service.namespace.clone(),
-                    name: service.name.clone(),
-                    protocol: service.protocol.to_string(),
-                    frontends: Vec::new(),
-                    external_traffic_policy: service.external_traffic_policy.to_string(),
-                    health_check_node_port: service.health_check_node_port,
-                    backends: service
-                        .backends
-                        .iter()
-                        .filter_map(|backend| {
-                            Some(ServiceBackend {
-                                id: *backend_ids.get(&BackendAddr::from(backend))?,
-                                weight: backend.weight,
-                                state: backend_state(backend),
-                            })
-                        })
-                        .collect(),
-                });
+                .or_insert_with(|| service_info(service, &backend_ids));
             let (kind, addresses) = match frontend.address {
                 None => ("NodePort", node_addresses.clone()),
                 Some(address) => ("External", vec![address]),

@@ -117,18 +117,19 @@ const MEASURED_NAMES: [&str; 1] = [names::BACKENDS];
 
 /// Every map this module opens: what the agent hands its /metrics
 /// ([`DatapathMaps::from_maps`]).
-pub const OBSERVED: [&str; 10] = [
-    names::STATS,
-    names::SERVICE_STATS,
-    names::BACKEND_STATS,
-    names::BACKEND_PATHS,
-    names::FLOWS,
-    names::FLOWS_NEW,
-    names::SERVICES,
-    names::AFFINITY,
-    names::CONFIG,
-    names::BACKENDS,
-];
+pub const OBSERVED: [&str; READ_NAMES.len() + MEASURED_NAMES.len()] = {
+    let mut all = [""; READ_NAMES.len() + MEASURED_NAMES.len()];
+    let mut at = 0;
+    while at < all.len() {
+        all[at] = if at < READ_NAMES.len() {
+            READ_NAMES[at]
+        } else {
+            MEASURED_NAMES[at - READ_NAMES.len()]
+        };
+        at += 1;
+    }
+    all
+};
 
 impl DatapathMaps {
     /// Opens the maps pinned under `bpffs/maps/`.

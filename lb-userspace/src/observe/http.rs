@@ -265,6 +265,13 @@ pub fn get(address: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, S
 mod tests {
     use super::*;
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
     #[test]
     fn request_lines() {
         let parsed = parse_request_line(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n");
@@ -282,11 +289,7 @@ mod tests {
 
     #[test]
     fn serves_get_head_and_refuses_the_rest() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        runtime().block_on(async {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let address = listener.local_addr().unwrap();
             let server = tokio::spawn(serve(listener, |request: Request| async move {
@@ -330,11 +333,7 @@ mod tests {
     /// idle ones time out.
     #[test]
     fn idle_connections_do_not_starve_probes() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        runtime().block_on(async {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let address = listener.local_addr().unwrap();
             let server = tokio::spawn(serve(listener, |_request: Request| async move {

@@ -3,8 +3,9 @@
 //! (HELP, TYPE, samples) one after the other; names follow Prometheus
 //! conventions (`_total` counters, `_seconds`, `_bytes`, base units).
 
+mod exposition;
+
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use lb_common::Traffic;
@@ -12,6 +13,7 @@ use lb_common::reason::Verdict;
 
 use super::catalog::Catalog;
 use super::datapath::{DatapathError, DatapathMaps};
+use exposition::{Exposition, Samples};
 
 /// The `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -123,22 +125,17 @@ pub fn render(
 ) -> Result<String, DatapathError> {
     let mut out = Exposition::default();
     render_agent(&mut out, agent);
-    match maps {
-        Some(maps) => {
-            out.gauge(
-                "xlb_datapath_readable",
-                "Whether this scrape could read the datapath's maps (1) or not (0).",
-                &[(vec![], 1.0)],
-            );
-            render_datapath(&mut out, catalog, maps)?;
-        }
-        None => out.gauge(
-            "xlb_datapath_readable",
-            "Whether this scrape could read the datapath's maps (1) or not (0).",
-            &[(vec![], 0.0)],
-        ),
+    render_attachments(&mut out, agent);
+    render_limits(&mut out, agent);
+    out.gauge(
+        "xlb_datapath_readable",
+        "Whether this scrape could read the datapath's maps (1) or not (0).",
+        &[(vec![], f64::from(u8::from(maps.is_some())))],
+    );
+    if let Some(maps) = maps {
+        render_datapath(&mut out, catalog, maps)?;
     }
-    Ok(out.text)
+    Ok(out.into_text())
 }
 
 fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
@@ -203,6 +200,25 @@ fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
         "How long reconcile passes took.",
         &agent.reconcile_seconds,
     );
+}
+
+/// What did not fit: the conntrack table's capacity, services skipped.
+fn render_limits(out: &mut Exposition, agent: &AgentMetrics) {
+    out.gauge(
+        "xlb_conntrack_entries_limit",
+        "Capacity of the conntrack table (entries; a flow takes two).",
+        &[(vec![], f64::from(agent.conntrack_capacity))],
+    );
+    out.gauge(
+        "xlb_services_skipped",
+        "Cluster services left out because they do not fit the datapath's maps (the log names them).",
+        &[(vec![], agent.services_skipped as f64)],
+    );
+}
+
+/// Where the datapath is attached: uplinks (XDP), pods' veths and tunnels
+/// (tc), cgroups (socket hooks).
+fn render_attachments(out: &mut Exposition, agent: &AgentMetrics) {
     // tc attach points (pods' veths, tunnels) say so in their mode.
     let is_tc = |mode: &str| mode.starts_with("tcx") || mode.starts_with("clsact");
     let tc_hooks: Vec<Samples> = agent
@@ -272,16 +288,6 @@ fn render_agent(out: &mut Exposition, agent: &AgentMetrics) {
          clsact) and why XDP is not used there.",
         &tc_hooks,
     );
-    out.gauge(
-        "xlb_conntrack_entries_limit",
-        "Capacity of the conntrack table (entries; a flow takes two).",
-        &[(vec![], f64::from(agent.conntrack_capacity))],
-    );
-    out.gauge(
-        "xlb_services_skipped",
-        "Cluster services left out because they do not fit the datapath's maps (the log names them).",
-        &[(vec![], agent.services_skipped as f64)],
-    );
 }
 
 fn outcome_samples(outcomes: Outcomes) -> Vec<Samples> {
@@ -320,46 +326,62 @@ fn render_datapath(
         "Packets the XDP program handled, and calls the socket hooks balanced (fwd_socket, reject_sock_no_backend), by reason (see `xlb stats`) and verdict.",
         &verdicts,
     );
+    render_services(out, catalog, maps)?;
+    render_backends(out, catalog, maps)?;
+    out.gauge(
+        "xlb_services",
+        "Services in the applied config.",
+        &[(vec![], catalog.services.len() as f64)],
+    );
+    out.gauge(
+        "xlb_backends",
+        "Distinct backends (address:port) in the applied config.",
+        &[(vec![], catalog.backends.len() as f64)],
+    );
+    render_conntrack(out, maps);
+    Ok(())
+}
 
-    let mut packets = Vec::new();
-    let mut bytes = Vec::new();
+/// Traffic per service.
+fn render_services(
+    out: &mut Exposition,
+    catalog: &Catalog,
+    maps: &DatapathMaps,
+) -> Result<(), DatapathError> {
+    let mut traffic = TrafficSamples::default();
     for (&id, service) in &catalog.services {
         let labels = vec![
             ("namespace", service.namespace.clone()),
             ("service", service.name.clone()),
             ("protocol", service.protocol.clone()),
         ];
-        push_traffic(
-            &mut packets,
-            &mut bytes,
-            &labels,
-            &maps.service_traffic(id)?,
-        );
+        traffic.push(&labels, &maps.service_traffic(id)?);
     }
     out.counter(
         "xlb_service_packets_total",
         "Packets forwarded for a service, by direction (to_backend, to_client).",
-        &packets,
+        &traffic.packets,
     );
     out.counter(
         "xlb_service_bytes_total",
         "Bytes (whole frames) forwarded for a service, by direction.",
-        &bytes,
+        &traffic.bytes,
     );
+    Ok(())
+}
 
-    let mut packets = Vec::new();
-    let mut bytes = Vec::new();
+/// Traffic per backend, and each backend's state and weight per service.
+fn render_backends(
+    out: &mut Exposition,
+    catalog: &Catalog,
+    maps: &DatapathMaps,
+) -> Result<(), DatapathError> {
+    let mut traffic = TrafficSamples::default();
     let mut info = Vec::new();
     let mut weights = Vec::new();
     for (&id, backend) in &catalog.backends {
         let endpoint = backend.endpoint();
-        let labels = vec![("backend", endpoint.clone())];
-        push_traffic(
-            &mut packets,
-            &mut bytes,
-            &labels,
-            &maps.backend_traffic(id)?,
-        );
+        traffic.push(&[("backend", endpoint.clone())], &maps.backend_traffic(id)?);
         for &service_id in &backend.services {
             let Some(service) = catalog.services.get(&service_id) else {
                 continue;
@@ -381,12 +403,12 @@ fn render_datapath(
     out.counter(
         "xlb_backend_packets_total",
         "Packets forwarded to or from a backend (address:port), by direction.",
-        &packets,
+        &traffic.packets,
     );
     out.counter(
         "xlb_backend_bytes_total",
         "Bytes (whole frames) forwarded to or from a backend, by direction.",
-        &bytes,
+        &traffic.bytes,
     );
     out.gauge(
         "xlb_backend_info",
@@ -398,16 +420,11 @@ fn render_datapath(
         "A backend's share of its service's new flows, relative to the others.",
         &weights,
     );
-    out.gauge(
-        "xlb_services",
-        "Services in the applied config.",
-        &[(vec![], catalog.services.len() as f64)],
-    );
-    out.gauge(
-        "xlb_backends",
-        "Distinct backends (address:port) in the applied config.",
-        &[(vec![], catalog.backends.len() as f64)],
-    );
+    Ok(())
+}
+
+/// Conntrack occupancy (counted within `COUNT_BUDGET`).
+fn render_conntrack(out: &mut Exposition, maps: &DatapathMaps) {
     let count = maps.count_flows(Instant::now() + COUNT_BUDGET);
     out.gauge(
         "xlb_conntrack_entries",
@@ -420,119 +437,35 @@ fn render_datapath(
         "Entries in the half-open TCP table XLB_FLOWS_NEW (SYN seen, the client's ACK of the SYN-ACK not yet; a flow takes two; a SYN flood shows here).",
         &[(vec![], half_open.entries as f64)],
     );
-    Ok(())
 }
 
-fn push_traffic(
-    packets: &mut Vec<Samples>,
-    bytes: &mut Vec<Samples>,
-    labels: &[(&'static str, String)],
-    traffic: &Traffic,
-) {
-    for (direction, packet_count, byte_count) in [
-        (
-            "to_backend",
-            traffic.to_backend_packets,
-            traffic.to_backend_bytes,
-        ),
-        (
-            "to_client",
-            traffic.to_client_packets,
-            traffic.to_client_bytes,
-        ),
-    ] {
-        let mut labels = labels.to_vec();
-        labels.push(("direction", direction.to_owned()));
-        packets.push((labels.clone(), packet_count as f64));
-        bytes.push((labels, byte_count as f64));
-    }
-}
-
-/// One sample: label pairs and value.
-type Samples = (Vec<(&'static str, String)>, f64);
-
+/// Packets and bytes by direction, one sample each per labelled thing.
 #[derive(Default)]
-struct Exposition {
-    text: String,
+struct TrafficSamples {
+    packets: Vec<Samples>,
+    bytes: Vec<Samples>,
 }
 
-impl Exposition {
-    fn header(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {}", escape_help(help));
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: f64) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (index, (label, value)) in labels.iter().enumerate() {
-                if index > 0 {
-                    self.text.push(',');
-                }
-                let _ = write!(self.text, "{label}=\"{}\"", escape_label(value));
-            }
-            self.text.push('}');
-        }
-        let _ = writeln!(self.text, " {}", format_value(value));
-    }
-
-    fn counter(&mut self, name: &str, help: &str, samples: &[Samples]) {
-        self.header(name, "counter", help);
-        for (labels, value) in samples {
-            self.sample(name, labels, *value);
+impl TrafficSamples {
+    fn push(&mut self, labels: &[(&'static str, String)], traffic: &Traffic) {
+        for (direction, packet_count, byte_count) in [
+            (
+                "to_backend",
+                traffic.to_backend_packets,
+                traffic.to_backend_bytes,
+            ),
+            (
+                "to_client",
+                traffic.to_client_packets,
+                traffic.to_client_bytes,
+            ),
+        ] {
+            let mut labels = labels.to_vec();
+            labels.push(("direction", direction.to_owned()));
+            self.packets.push((labels.clone(), packet_count as f64));
+            self.bytes.push((labels, byte_count as f64));
         }
     }
-
-    fn gauge(&mut self, name: &str, help: &str, samples: &[Samples]) {
-        self.header(name, "gauge", help);
-        for (labels, value) in samples {
-            self.sample(name, labels, *value);
-        }
-    }
-
-    fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
-        self.header(name, "histogram", help);
-        let bucket = format!("{name}_bucket");
-        let mut cumulative = 0;
-        for (index, &bound) in histogram.bounds.iter().enumerate() {
-            cumulative += histogram.counts[index];
-            self.sample(&bucket, &[("le", format_value(bound))], cumulative as f64);
-        }
-        self.sample(
-            &bucket,
-            &[("le", String::from("+Inf"))],
-            histogram.count() as f64,
-        );
-        self.sample(&format!("{name}_sum"), &[], histogram.sum);
-        self.sample(&format!("{name}_count"), &[], histogram.count() as f64);
-    }
-}
-
-/// Integers without a fraction, others as Rust prints them (never with an
-/// exponent), infinities as Prometheus spells them.
-fn format_value(value: f64) -> String {
-    if value.is_infinite() {
-        return String::from(if value > 0.0 { "+Inf" } else { "-Inf" });
-    }
-    if value.is_nan() {
-        return String::from("NaN");
-    }
-    if value.fract() == 0.0 && value.abs() < 9.0e15 {
-        return format!("{}", value as i64);
-    }
-    format!("{value}")
-}
-
-fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn escape_help(help: &str) -> String {
-    help.replace('\\', "\\\\").replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -644,24 +577,5 @@ mod tests {
         ] {
             assert!(text.contains(expected), "no {expected:?} in\n{text}");
         }
-    }
-
-    #[test]
-    fn values_and_labels_are_escaped() {
-        assert_eq!(format_value(3.0), "3");
-        assert_eq!(format_value(0.25), "0.25");
-        assert_eq!(format_value(f64::INFINITY), "+Inf");
-        assert_eq!(format_value(1e-7), "0.0000001");
-        assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        let mut out = Exposition::default();
-        out.gauge(
-            "x",
-            "help\nwith newline",
-            &[(vec![("l", String::from("q\""))], 1.0)],
-        );
-        assert_eq!(
-            out.text,
-            "# HELP x help\\nwith newline\n# TYPE x gauge\nx{l=\"q\\\"\"} 1\n"
-        );
     }
 }

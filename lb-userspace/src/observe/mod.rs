@@ -6,18 +6,21 @@
 
 pub mod catalog;
 pub mod datapath;
+mod facts;
 pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+mod options;
 pub mod rundir;
+mod server;
 pub mod steps;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -29,82 +32,13 @@ use crate::model::DesiredState;
 use crate::reconcile::Applied;
 use catalog::Catalog;
 use datapath::DatapathMaps;
+use facts::Shared;
 use health::HealthServers;
-use http::{Request, Response};
-use metrics::{AgentMetrics, Histogram, Outcomes};
+pub use options::{DEFAULT_METRICS_ADDR, Flags, MetricsAddr, Options, parse_metrics_addr};
 use rundir::{
     CATALOG_FILE, Interface, PortRange, Reload, RunDirError, STATUS_FILE, SocketHooks, Status,
 };
 pub use steps::Steps;
-
-/// `--metrics-addr`'s default: loopback only.
-pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9090";
-
-/// `xlb run`'s flags for this module.
-#[derive(Clone, Debug, PartialEq, Eq, clap::Args)]
-pub struct Flags {
-    /// Where to keep status.json and catalog.json, which `xlb status`,
-    /// `xlb services` and `xlb flows` read.
-    #[arg(long, value_name = "DIR", default_value = rundir::DEFAULT_RUN_DIR)]
-    pub run_dir: PathBuf,
-    /// Where /metrics, /healthz and /readyz answer over HTTP, or `off`.
-    #[arg(long, value_name = "ADDR:PORT", default_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: MetricsAddr,
-    /// Turn on the datapath's debug logs (a line per packet through
-    /// aya-log, at debug level: RUST_LOG=debug). For debugging only.
-    #[arg(long)]
-    pub datapath_debug: bool,
-}
-
-impl Default for Flags {
-    fn default() -> Self {
-        Self {
-            run_dir: PathBuf::from(rundir::DEFAULT_RUN_DIR),
-            metrics_addr: MetricsAddr(parse_metrics_addr(DEFAULT_METRICS_ADDR).ok().flatten()),
-            datapath_debug: false,
-        }
-    }
-}
-
-impl Flags {
-    /// The options for `Observe::start`.
-    pub fn options(&self, bpffs: PathBuf, config_source: String) -> Options {
-        Options {
-            run_dir: self.run_dir.clone(),
-            bpffs,
-            metrics_addr: self.metrics_addr.0,
-            datapath_debug: self.datapath_debug,
-            config_source,
-        }
-    }
-}
-
-/// `--metrics-addr`: an address and port, or `off` (`None`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MetricsAddr(pub Option<SocketAddr>);
-
-impl std::str::FromStr for MetricsAddr {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        parse_metrics_addr(text).map(MetricsAddr)
-    }
-}
-
-/// What `xlb run` was told about observability.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Options {
-    /// `--run-dir`.
-    pub run_dir: PathBuf,
-    /// `--bpffs` (recorded in status.json so the CLI finds the pins).
-    pub bpffs: PathBuf,
-    /// `--metrics-addr`; `None` serves nothing.
-    pub metrics_addr: Option<SocketAddr>,
-    /// `--datapath-debug`.
-    pub datapath_debug: bool,
-    /// Where the config comes from, for status (`file config/demo.yaml`).
-    pub config_source: String,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ObserveError {
@@ -118,115 +52,6 @@ pub enum ObserveError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// Everything the agent reported, guarded by one lock.
-struct Facts {
-    status: Status,
-    catalog: Arc<Catalog>,
-    reloads: Outcomes,
-    reconciles: Outcomes,
-    reconcile_ops: u64,
-    reconcile_seconds: Histogram,
-    source_errors: BTreeMap<String, u64>,
-    /// Interfaces the applied config names.
-    wanted_interfaces: Vec<String>,
-    applied_once: bool,
-}
-
-impl Facts {
-    fn is_ready(&self) -> bool {
-        self.applied_once
-            && !self.wanted_interfaces.is_empty()
-            && self.wanted_interfaces.iter().all(|wanted| {
-                self.status
-                    .interfaces
-                    .iter()
-                    .any(|attached| &attached.name == wanted)
-            })
-    }
-
-    /// Why /readyz says no.
-    fn not_ready_reason(&self) -> String {
-        if !self.applied_once {
-            return String::from("the first config is not applied yet");
-        }
-        let missing: Vec<&str> = self
-            .wanted_interfaces
-            .iter()
-            .filter(|wanted| !self.status.interfaces.iter().any(|a| &a.name == *wanted))
-            .map(String::as_str)
-            .collect();
-        if missing.is_empty() {
-            String::from("no interface to attach to")
-        } else {
-            format!("XDP is not attached to {}", missing.join(", "))
-        }
-    }
-
-    fn agent_metrics(&self) -> AgentMetrics {
-        AgentMetrics {
-            version: env!("CARGO_PKG_VERSION"),
-            started_at: self.status.started_at,
-            ready: self.status.ready,
-            generation: self.status.generation,
-            last_reload: self.status.last_reload.as_ref().map(|r| (r.ok, r.at)),
-            reloads: self.reloads,
-            reconciles: self.reconciles,
-            reconcile_ops: self.reconcile_ops,
-            reconcile_seconds: self.reconcile_seconds.clone(),
-            source_errors: self.source_errors.clone(),
-            interfaces: self
-                .status
-                .interfaces
-                .iter()
-                .map(|i| (i.name.clone(), i.mode.clone(), i.why.clone()))
-                .collect(),
-            socket_hooks: self
-                .status
-                .socket_hooks
-                .iter()
-                .flat_map(|attached| {
-                    attached
-                        .hooks
-                        .iter()
-                        .map(|hook| (hook.clone(), attached.cgroup.clone()))
-                })
-                .collect(),
-            detached: self
-                .wanted_interfaces
-                .iter()
-                .filter(|wanted| !self.status.interfaces.iter().any(|a| &a.name == *wanted))
-                .cloned()
-                .collect(),
-            conntrack_capacity: self.status.conntrack_capacity,
-            services_skipped: self.status.skipped_services.len(),
-        }
-    }
-}
-
-struct Shared {
-    facts: Mutex<Facts>,
-    /// The agent's own map descriptors, handed over once loaded.
-    maps: Mutex<Option<Arc<DatapathMaps>>>,
-    /// /readyz and healthCheckNodePorts' `serviceProxyHealthy`.
-    ready: Arc<AtomicBool>,
-    /// What the agent is busy with, for /readyz.
-    steps: Steps,
-}
-
-impl Shared {
-    fn facts(&self) -> MutexGuard<'_, Facts> {
-        self.facts.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The datapath's maps, once loaded.
-    fn maps(&self) -> Option<Arc<DatapathMaps>> {
-        self.maps
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
 }
 
 /// The agent's reporting side. Needs a tokio runtime; dropping it stops the
@@ -266,33 +91,14 @@ impl Observe {
             ..Status::default()
         };
         let ready = Arc::new(AtomicBool::new(false));
-        let shared = Arc::new(Shared {
-            facts: Mutex::new(Facts {
-                status,
-                catalog: Arc::new(Catalog::default()),
-                reloads: Outcomes::default(),
-                reconciles: Outcomes::default(),
-                reconcile_ops: 0,
-                reconcile_seconds: Histogram::reconcile(),
-                // Zero for the source in use, so the series exists from
-                // the start (`file`, `kubernetes`, ...).
-                source_errors: options
-                    .config_source
-                    .split_whitespace()
-                    .next()
-                    .map(|kind| (kind.to_owned(), 0))
-                    .into_iter()
-                    .collect(),
-                wanted_interfaces: Vec::new(),
-                applied_once: false,
-            }),
-            maps: Mutex::new(None),
-            ready: Arc::clone(&ready),
-            steps: Steps::default(),
-        });
+        let shared = Arc::new(Shared::new(
+            status,
+            &options.config_source,
+            Arc::clone(&ready),
+        ));
         let server = match options.metrics_addr {
             Some(address) => {
-                let (server, bound) = start_server(address, Arc::clone(&shared))?;
+                let (server, bound) = server::start(address, Arc::clone(&shared))?;
                 shared.facts().status.metrics_addr = Some(bound.to_string());
                 Some(server)
             }
@@ -554,102 +360,10 @@ impl Observe {
     }
 }
 
-/// Binds `address` now (so a taken port fails `xlb run` at once) and serves
-/// it in the background. Returns the task and the address bound.
-fn start_server(
-    address: SocketAddr,
-    shared: Arc<Shared>,
-) -> Result<(JoinHandle<()>, SocketAddr), ObserveError> {
-    let listen = |source| ObserveError::Listen { address, source };
-    let listener = std::net::TcpListener::bind(address).map_err(listen)?;
-    listener.set_nonblocking(true).map_err(listen)?;
-    let bound = listener.local_addr().map_err(listen)?;
-    let listener = tokio::net::TcpListener::from_std(listener).map_err(listen)?;
-    let server = tokio::spawn(http::serve(listener, move |request| {
-        handle(Arc::clone(&shared), request)
-    }));
-    Ok((server, bound))
-}
-
-async fn handle(shared: Arc<Shared>, request: Request) -> Response {
-    match request.path.as_str() {
-        "/metrics" => {
-            let scrape = tokio::task::spawn_blocking(move || scrape(&shared)).await;
-            match scrape {
-                Ok(Ok(text)) => Response {
-                    status: 200,
-                    content_type: metrics::CONTENT_TYPE,
-                    headers: Vec::new(),
-                    body: text.into_bytes(),
-                },
-                Ok(Err(error)) => Response::text(500, format!("{error}\n")),
-                Err(error) => Response::text(500, format!("scrape failed: {error}\n")),
-            }
-        }
-        "/healthz" => Response::text(200, "ok\n"),
-        "/readyz" => {
-            if let Some((step, running)) = shared.steps.stuck(steps::STUCK_AFTER) {
-                return Response::text(
-                    503,
-                    format!(
-                        "not ready: {step} has been running for {} s\n",
-                        running.as_secs()
-                    ),
-                );
-            }
-            let facts = shared.facts();
-            if facts.status.ready {
-                Response::text(200, "ready\n")
-            } else {
-                Response::text(503, format!("not ready: {}\n", facts.not_ready_reason()))
-            }
-        }
-        "/" => Response::text(200, "xlb: /metrics /healthz /readyz\n"),
-        _ => Response::text(404, "not found: try /metrics, /healthz or /readyz\n"),
-    }
-}
-
-/// One /metrics body. Runs on a blocking thread: counting conntrack walks
-/// the whole table.
-fn scrape(shared: &Shared) -> Result<String, String> {
-    let (agent, catalog) = {
-        let facts = shared.facts();
-        (facts.agent_metrics(), Arc::clone(&facts.catalog))
-    };
-    let maps = shared.maps();
-    match metrics::render(&agent, &catalog, maps.as_deref()) {
-        Ok(text) => Ok(text),
-        Err(error) => {
-            // Serve what the agent knows rather than nothing.
-            tracing::warn!("metrics: {}", error_chain(&error));
-            metrics::render(&agent, &catalog, None).map_err(|e| error_chain(&e))
-        }
-    }
-}
-
-/// Parses `--metrics-addr`: an address and port, or `off`.
-pub fn parse_metrics_addr(text: &str) -> Result<Option<SocketAddr>, String> {
-    if text == "off" {
-        return Ok(None);
-    }
-    text.parse().map(Some).map_err(|_| {
-        format!("{text:?} is not ADDRESS:PORT (e.g. {DEFAULT_METRICS_ADDR}) or \"off\"")
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn metrics_addr_flag() {
-        assert_eq!(
-            parse_metrics_addr("127.0.0.1:9090"),
-            Ok(Some(SocketAddr::from(([127, 0, 0, 1], 9090))))
-        );
-        assert_eq!(parse_metrics_addr("off"), Ok(None));
-        assert!(parse_metrics_addr("9090").is_err());
-    }
+    use metrics::Outcomes;
 
     #[test]
     fn status_files_and_probes_follow_the_agent() {
