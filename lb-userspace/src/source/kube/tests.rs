@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::model::{DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S};
 const NODE: &str = "node-a";
 
 fn base() -> DesiredState {
@@ -823,11 +824,13 @@ fn duplicate_node_ports_keep_the_first_service() {
 fn translation_is_deterministic() {
     let forwards = tcp_echo();
     let mut backwards = ClusterSnapshot::default();
-    for slice in forwards.endpoint_slices.values().rev() {
-        backwards.insert_endpoint_slice((**slice).clone());
+    for (key, slice) in forwards.endpoint_slices.iter().rev() {
+        backwards
+            .endpoint_slices
+            .insert(key.clone(), Arc::clone(slice));
     }
-    for service in forwards.services.values().rev() {
-        backwards.insert_service((**service).clone());
+    for (key, service) in forwards.services.iter().rev() {
+        backwards.services.insert(key.clone(), Arc::clone(service));
     }
     assert_eq!(
         desired_state(&forwards, &node(), &base()),
