@@ -30,18 +30,37 @@ impl Paths {
     }
 }
 
-/// Magic of [`Handoff`], so tc never acts on metadata it did not get from xlb.
-pub const HANDOFF_MAGIC: u32 = 0x786c_6231;
+/// First four bytes of [`Handoff`]: a locally administered unicast MAC
+/// prefix ("\x02xlb"), so tc never acts on a frame xlb's XDP did not mark.
+/// XDP drops frames that arrive from the wire with it (`drop_tc_handoff`).
+pub const HANDOFF_MAGIC: [u8; 4] = [0x02, b'x', b'l', b'b'];
 
-/// XDP metadata in front of a frame XDP rewrote and passes to the uplink's
-/// tc program, which redirects it to `ifindex` with `bpf_redirect_neigh`.
+/// The hand-off from XDP to the uplink's tc program, written over the
+/// frame's Ethernet destination and the start of its source address: XDP
+/// rewrote the frame but cannot deliver it, passes it up, and tc redirects it
+/// to `ifindex` with `bpf_redirect_neigh`, which writes both MACs anew.
+/// It travels in the frame itself rather than in XDP metadata because not
+/// every kernel gives XDP programs `bpf_xdp_adjust_meta`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Handoff {
-    pub magic: u32,
+    pub magic: [u8; 4],
+    /// Native byte order.
     pub ifindex: u32,
 }
 assert_size!(Handoff, 8);
+
+impl Handoff {
+    /// Whether an Ethernet destination address starts with the hand-off's
+    /// magic.
+    #[inline(always)]
+    pub fn is_marked(dst_mac: &[u8; 6]) -> bool {
+        dst_mac[0] == HANDOFF_MAGIC[0]
+            && dst_mac[1] == HANDOFF_MAGIC[1]
+            && dst_mac[2] == HANDOFF_MAGIC[2]
+            && dst_mac[3] == HANDOFF_MAGIC[3]
+    }
+}
 
 #[cfg(feature = "user")]
 mod pod {

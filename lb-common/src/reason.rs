@@ -79,7 +79,7 @@ reasons! {
     DropTooBig = 26, "drop_too_big", Drop, "packet without DF larger than the next hop's MTU (XDP cannot fragment)";
     FwdSocket = 27, "fwd_socket", Forward, "connect() or sendmsg() to a service rewritten to a backend by the socket hooks (counts calls, not packets)";
     RejectSocketNoBackend = 28, "reject_sock_no_backend", Reject, "connect() or sendmsg() to a service with no endpoints refused with ECONNREFUSED by the socket hooks";
-    DropTcHandoff = 29, "drop_tc_handoff", Drop, "no room in the frame for the metadata that hands it to the tc program (the next hop takes no XDP frames)";
+    DropTcHandoff = 29, "drop_tc_handoff", Drop, "a frame from the wire whose destination MAC carries the marker xlb's XDP uses to hand frames to its tc program (02:78:6c:62:..): forged, dropped";
     DropTcRewrite = 30, "drop_tc_rewrite", Drop, "a kernel checksum or store helper failed part-way through a rewrite at tc; the packet is dropped rather than sent half-rewritten";
     FwdRstOutsideWindow = 31, "fwd_rst_outside_window", Forward, "TCP RST whose sequence number is outside the flow's window: forwarded for the endpoint to judge, the flow stays open";
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
         bpf_fib_lookup, xdp_action,
     },
     cty::c_void,
-    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect, bpf_xdp_adjust_meta},
+    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
@@ -180,13 +180,11 @@ pub fn hop_to_backend(
 /// Sends the rewritten frame: XDP_TX back out of the interface it came in
 /// on, a redirect to another XDP interface (MACs rewritten), or, for any
 /// other next hop, XDP_PASS with a hand-off for the uplink's tc program.
-/// Must be the last thing done with the packet: the hand-off moves
-/// `data_meta` and so invalidates every packet pointer.
 #[inline(always)]
 pub fn send(ctx: &XdpContext, eth: *mut EthHdr, hop: &NextHop) -> Result<(u32, Path), Reason> {
     let ingress = hop.ifindex == ctx.ingress_ifindex() as u32;
     if !ingress && !redirect_ok(hop.ifindex) {
-        handoff(ctx, hop.ifindex)?;
+        handoff(eth, hop.ifindex);
         return Ok((xdp_action::XDP_PASS, Path::Tc));
     }
     // SAFETY: the parser checked the Ethernet header is inside the packet.
@@ -202,26 +200,17 @@ pub fn send(ctx: &XdpContext, eth: *mut EthHdr, hop: &NextHop) -> Result<(u32, P
     Ok((action, Path::Xdp))
 }
 
-/// Puts a `Handoff` for `ifindex` in the frame's XDP metadata. The frame
-/// itself is already rewritten; the uplink's tc program only sends it.
+/// Writes a `Handoff` for `ifindex` over the frame's Ethernet addresses
+/// (tc's `bpf_redirect_neigh` writes real ones). The frame itself is already
+/// rewritten; the uplink's tc program only sends it.
 #[inline(always)]
-fn handoff(ctx: &XdpContext, ifindex: u32) -> Result<(), Reason> {
-    let len = core::mem::size_of::<Handoff>() as i32;
-    // SAFETY: plain helper call on our own context; pointers into the frame
-    // are not used after it.
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
-        return Err(Reason::DropTcHandoff);
-    }
-    let meta = ctx.metadata();
-    if meta + core::mem::size_of::<Handoff>() > ctx.data() {
-        return Err(Reason::DropTcHandoff);
-    }
-    // SAFETY: checked above: the metadata area holds a whole `Handoff`.
+fn handoff(eth: *mut EthHdr, ifindex: u32) {
+    // SAFETY: the parser checked the Ethernet header (14 bytes) is inside the
+    // packet; `Handoff` covers its first 8.
     unsafe {
-        *(meta as *mut Handoff) = Handoff {
+        *(eth as *mut Handoff) = Handoff {
             magic: HANDOFF_MAGIC,
             ifindex,
         };
     }
-    Ok(())
 }

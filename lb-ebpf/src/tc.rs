@@ -3,7 +3,7 @@
 //! - `xlb_tc_uplink` (tc ingress on each uplink, after XDP): sends on the
 //!   frames the XDP program rewrote but could not deliver itself because
 //!   their next hop takes no XDP frames (a pod's veth, a bridge, a tunnel).
-//!   XDP leaves a `Handoff` in the frame's metadata; this program only
+//!   XDP writes a `Handoff` over the frame's MACs; this program only
 //!   redirects (`bpf_redirect_neigh`). Passing such a frame to the stack
 //!   instead would get it dropped as a martian (its source is the node's).
 //! - `xlb_tc_pod` (tc ingress on pods' host-side veths and tunnel devices):
@@ -40,24 +40,16 @@ const HEADERS_MAX: u32 = 14 + 60 + 60;
 
 #[classifier]
 pub fn xlb_tc_uplink(ctx: TcContext) -> i32 {
-    // SAFETY: `skb` is this run's context; data_meta and data are plain
-    // fields the verifier turns into packet pointers.
-    let (meta, data) = unsafe {
-        (
-            (*ctx.skb.skb).data_meta as usize,
-            (*ctx.skb.skb).data as usize,
-        )
-    };
-    if meta + core::mem::size_of::<Handoff>() > data {
+    let Ok(eth) = parse::ptr_at::<Handoff, _>(&ctx, 0) else {
         return TC_ACT_OK as i32;
-    }
-    // SAFETY: checked above: a whole `Handoff` lies in the metadata area.
-    let handoff = unsafe { *(meta as *const Handoff) };
+    };
+    // SAFETY: ptr_at checked that a whole `Handoff` lies inside the packet.
+    let handoff = unsafe { *eth };
     if handoff.magic != HANDOFF_MAGIC {
         return TC_ACT_OK as i32;
     }
     // SAFETY: plain helper call; a null `params` makes the kernel look up the
-    // route and neighbour itself.
+    // route and neighbour itself (and write both MACs).
     unsafe { bpf_redirect_neigh(handoff.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 

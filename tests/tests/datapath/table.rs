@@ -109,20 +109,17 @@ fn to_backend(dp: &mut Datapath, spec: &Spec) -> Vec<u8> {
 }
 
 /// What a new flow to a backend behind an interface XDP does not run on
-/// leaves as: rewritten like `to_backend` but with its MACs untouched
-/// (tc's `bpf_redirect_neigh` writes them), behind 8 bytes of XDP metadata
-/// (BPF_PROG_TEST_RUN returns the frame from `data_meta`): the hand-off,
-/// magic then egress ifindex, in host order.
+/// leaves as: rewritten like `to_backend`, with the hand-off (magic, then
+/// the egress ifindex in host order) written over its first 8 bytes, the
+/// Ethernet destination and the start of the source (tc's
+/// `bpf_redirect_neigh` writes real MACs).
 fn handed_to_tc(dp: &mut Datapath, spec: &Spec) -> Vec<u8> {
     let flow = dp
         .flow(&spec.key())
         .expect("conntrack has the client's flow");
     let backend = std::net::Ipv4Addr::from(flow.new_dst_addr_be.to_ne_bytes());
-    let mut out = Vec::new();
-    out.extend_from_slice(&lb_common::path::HANDOFF_MAGIC.to_ne_bytes());
-    out.extend_from_slice(&dp.backend_ifindex.to_ne_bytes());
-    out.extend(
-        spec.forwarded(
+    let mut out = spec
+        .forwarded(
             spec.eth_src,
             spec.eth_dst,
             NODE_B,
@@ -130,8 +127,9 @@ fn handed_to_tc(dp: &mut Datapath, spec: &Spec) -> Vec<u8> {
             backend,
             target_port(spec),
         )
-        .build(),
-    );
+        .build();
+    out[..4].copy_from_slice(&lb_common::path::HANDOFF_MAGIC);
+    out[4..8].copy_from_slice(&dp.backend_ifindex.to_ne_bytes());
     out
 }
 
@@ -313,7 +311,7 @@ pub fn rows() -> Vec<Row> {
         },
         Row {
             name: "new flow to a backend behind an interface XDP does not run on: rewritten, \
-                   handed to tc in XDP metadata, XDP_PASS",
+                   handed to tc over its MACs, XDP_PASS",
             verdict: XDP_PASS,
             reason: Reason::FwdNewFlow,
             case: |dp| {
@@ -741,6 +739,16 @@ pub fn rows() -> Vec<Row> {
             verdict: XDP_PASS,
             reason: Reason::PassNotIpv4,
             case: |dp| unchanged(dp, ipv6_udp()),
+        },
+        Row {
+            name: "a frame from the wire carrying the tc hand-off marker is dropped",
+            verdict: XDP_DROP,
+            reason: Reason::DropTcHandoff,
+            case: |dp| {
+                let mut spec = udp(40_025);
+                spec.eth_dst = [0x02, b'x', b'l', b'b', 0x01, 0x00];
+                dropped(dp, spec.build())
+            },
         },
         Row {
             name: "VLAN-tagged frame passes",
