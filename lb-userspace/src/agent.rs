@@ -1046,7 +1046,11 @@ impl Agent {
             return;
         }
         self.laps.lap("translate");
+        // The node settings and file positions, not the old services: a
+        // copy of those would be dropped at once.
+        let services = std::mem::take(&mut self.config.state.services);
         let mut config = self.config.clone();
+        self.config.state.services = services;
         config.state = state;
         self.adopt(config);
     }
