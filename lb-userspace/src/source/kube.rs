@@ -228,7 +228,9 @@ pub fn desired_state(
 /// [`desired_state`], with notes on what was skipped and why.
 pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredState) -> Translation {
     let (ports, mut notes) = service_ports(snapshot, node);
-    let mut services = Vec::new();
+    // Exactly as long as needed: doubling to fit 10,000 services would
+    // hold 16,384 (and both copies while growing).
+    let mut services = Vec::with_capacity(ports.len());
     // A NodePort (protocol, port) and an external frontend (protocol,
     // address, port) belong to one service; the API server guarantees the
     // first, nothing guarantees the second.
@@ -379,7 +381,8 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
             .or_default()
             .push((key, &**slice));
     }
-    let mut ports = Vec::new();
+    // Most services have one port.
+    let mut ports = Vec::with_capacity(snapshot.services.len());
     for (key, service) in &snapshot.services {
         let object = format!("Service {}/{}", key.0, key.1);
         let Some(spec) = &service.spec else {
