@@ -3,7 +3,8 @@
 //! is converted as it arrives and the k8s-openapi object dropped at once:
 //! a whole EndpointSlice endpoint is about 560 bytes (topology, hints,
 //! zone, the target reference's uid and resourceVersion, ...), this one
-//! about 60, and metadata (managedFields, annotations) is not kept at all.
+//! 64 plus its names, and metadata (managedFields, annotations) is not
+//! kept at all.
 //!
 //! Conversion keeps every value a note may quote as text (an address that
 //! is not IPv4, an unknown protocol or type), so the translation's findings
