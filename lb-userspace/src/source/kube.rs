@@ -46,8 +46,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub type ObjectKey = (String, String);
 
 /// The Kubernetes objects a node's load balancing depends on, as far as it
-/// depends on them ([`objects`]: converted on arrival, the full objects are
-/// not kept). Objects are shared (`Arc`): the watch keeps them and each
+/// depends on them ([`ServiceObject`], [`SliceObject`]: converted on
+/// arrival, the full objects are not kept). Objects are shared (`Arc`): the watch keeps them and each
 /// view it publishes holds the same ones, so a big cluster is in memory
 /// once, not once per copy.
 #[derive(Clone, Debug, Default, PartialEq)]
