@@ -47,9 +47,9 @@ pub type ObjectKey = (String, String);
 
 /// The Kubernetes objects a node's load balancing depends on, as far as it
 /// depends on them ([`ServiceObject`], [`SliceObject`]: converted on
-/// arrival, the full objects are not kept). Objects are shared (`Arc`): the watch keeps them and each
-/// view it publishes holds the same ones, so a big cluster is in memory
-/// once, not once per copy.
+/// arrival, the full objects are not kept). Objects are shared (`Arc`):
+/// the watch keeps them and each view it publishes holds the same ones, so
+/// a big cluster is in memory once, not once per copy.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterSnapshot {
     pub services: BTreeMap<ObjectKey, Arc<ServiceObject>>,
