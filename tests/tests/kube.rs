@@ -436,6 +436,124 @@ fn bookmarks_let_watches_resume_without_a_relist() -> anyhow::Result<()> {
     })
 }
 
+/// `GET path` on the test API server: (status, JSON body).
+fn get(cluster: &Cluster, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(cluster.server.addr())?;
+    stream.set_read_timeout(Some(FOLLOW))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no end of head in {response:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status in {head:?}"))?;
+    Ok((status, serde_json::from_str(body)?))
+}
+
+/// The lists of a big cluster come in pages (kube-runtime asks for 500
+/// objects at a time), so neither side holds one giant response.
+#[test]
+fn big_lists_come_in_pages() -> anyhow::Result<()> {
+    const SERVICES: u16 = 1_100;
+    let cluster = Cluster::new()?;
+    for index in 0..SERVICES {
+        let name = format!("web-{index}");
+        let node_port = 30_000 + index;
+        cluster.server.apply_quietly(&node_port_service(
+            "default", &name, "TCP", 80, 8080, node_port,
+        ));
+        let pod = Ipv4Addr::from(u32::from(POD_1) + u32::from(index));
+        cluster.server.apply_quietly(&endpoint_slice(
+            "default",
+            &format!("{name}-1"),
+            &name,
+            "TCP",
+            8080,
+            &[EndpointState::ready(pod)],
+        ));
+    }
+    run(async {
+        let mut watch = cluster.watch().await?;
+        let state = state_where(&mut watch, "every service", |state| {
+            state.services.len() == usize::from(SERVICES)
+        })
+        .await?;
+        let last = SERVICES - 1;
+        let pod = Ipv4Addr::from(u32::from(POD_1) + u32::from(last));
+        assert_eq!(backends(&state, 30_000 + last), Some(vec![(pod, 8080)]));
+        let lists: Vec<_> = cluster
+            .server
+            .requests()
+            .into_iter()
+            .filter(|request| request.plural == Some("endpointslices") && !request.watch)
+            .collect();
+        assert!(
+            lists.iter().all(|list| list.query.contains("limit=500")),
+            "{lists:#?}"
+        );
+        let continued = lists
+            .iter()
+            .filter(|list| list.query.contains("continue="))
+            .count();
+        assert_eq!(continued, 2, "{lists:#?}");
+        Ok(())
+    })
+}
+
+/// Pages carry the first page's resourceVersion and a token to the next;
+/// a token from before a compaction is refused with 410 Expired, as
+/// kube-apiserver refuses it.
+#[test]
+fn list_pages_and_expired_continue_tokens() -> anyhow::Result<()> {
+    let cluster = Cluster::new()?;
+    for name in ["a", "b", "c"] {
+        cluster
+            .server
+            .apply(&node_port_service("default", name, "TCP", 80, 8080, 0));
+    }
+    let path = "/api/v1/services";
+    let (status, first) = get(&cluster, &format!("{path}?limit=2"))?;
+    assert_eq!(status, 200, "{first}");
+    let names = |list: &serde_json::Value| -> Vec<String> {
+        list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|item| item["metadata"]["name"].as_str().map(String::from))
+            .collect()
+    };
+    assert_eq!(names(&first), ["a", "b"]);
+    assert_eq!(first["metadata"]["remainingItemCount"], 1);
+    let version = first["metadata"]["resourceVersion"].clone();
+    let token = first["metadata"]["continue"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("no continue token in {first}"))?
+        .to_owned();
+    cluster
+        .server
+        .apply(&node_port_service("default", "d", "TCP", 80, 8080, 0));
+    let next = format!("{path}?limit=2&continue={token}");
+    let (status, second) = get(&cluster, &next)?;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(names(&second), ["c", "d"]);
+    assert_eq!(second["metadata"]["resourceVersion"], version);
+    assert!(second["metadata"].get("continue").is_none(), "{second}");
+
+    cluster.server.compact();
+    let (status, expired) = get(&cluster, &next)?;
+    assert_eq!(status, 410, "{expired}");
+    assert_eq!(expired["reason"], "Expired");
+    Ok(())
+}
+
 #[test]
 fn only_this_node_is_watched() -> anyhow::Result<()> {
     let cluster = Cluster::new()?;

@@ -59,7 +59,7 @@ impl Agent {
         // A file config that does not fit is the operator's to fix: it is
         // rejected whole. A cluster's Services are not: those that fit are
         // applied, the others skipped and reported.
-        let ops = if self.services.is_some() {
+        let mut ops = if self.services.is_some() {
             let fitted = reconcile::diff_fitting(&self.applied, &desired, &self.capacity)
                 .map_err(|source| AgentError::Plan { source })?;
             self.report_skipped(fitted.skipped, fitted.why.as_ref());
@@ -87,7 +87,7 @@ impl Agent {
         for op in &ops {
             debug!("map op: {op}");
         }
-        reconcile::apply(&mut self.maps, &mut self.applied, &ops).map_err(|source| {
+        reconcile::apply_taking(&mut self.maps, &mut self.applied, &mut ops).map_err(|source| {
             AgentError::Apply {
                 source: Box::new(source),
             }
@@ -182,7 +182,11 @@ impl Agent {
             return;
         }
         self.laps.lap("translate");
+        // The node settings and file positions, not the old services: a
+        // copy of those would be dropped at once.
+        let services = std::mem::take(&mut self.config.state.services);
         let mut config = self.config.clone();
+        self.config.state.services = services;
         config.state = state;
         self.adopt(config);
     }

@@ -28,7 +28,7 @@ pub use applied::{Applied, AppliedService};
 pub use desired::{Desired, DesiredService, NodeFacts, RefusedFrontend};
 pub use ops::{ActiveBackend, Frontend, MapOp, RunKind, ServiceEntry, Settings, SourceRangeKey};
 pub use plan::{Capacity, Fitted, PlanError, diff, diff_fitting};
-pub use writer::{ApplyError, MapWriter, apply};
+pub use writer::{ApplyError, MapWriter, apply, apply_taking};
 
 pub use crate::model::{BackendAddr, DesiredBackend, desired_backends, network_of};
 

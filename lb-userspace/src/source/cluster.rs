@@ -2,6 +2,8 @@
 //! (`kube`) or manifest files (`manifests`) give them: what both readers
 //! fill and the Kubernetes source translates.
 
+mod objects;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -9,32 +11,41 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+pub use objects::{
+    EndpointAddress, EndpointObject, ServiceObject, ServicePortSpec, ServiceSpec, SliceObject,
+    SlicePort,
+};
+
 /// Label that binds an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label that hands a Service (and its slices) to another proxy.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 
 /// `(namespace, name)` of a namespaced object.
 pub type ObjectKey = (String, String);
 
-/// The Kubernetes objects a node's load balancing depends on. Objects are
-/// shared (`Arc`): the watch keeps them and each view it publishes holds
-/// the same ones, so a big cluster is in memory once, not once per copy.
+/// The Kubernetes objects a node's load balancing depends on, as far as it
+/// depends on them ([`ServiceObject`], [`SliceObject`]: converted on
+/// arrival, the full objects are not kept). Objects are shared (`Arc`):
+/// the watch keeps them and each view it publishes holds the same ones, so
+/// a big cluster is in memory once, not once per copy.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterSnapshot {
-    pub services: BTreeMap<ObjectKey, Arc<Service>>,
-    pub endpoint_slices: BTreeMap<ObjectKey, Arc<EndpointSlice>>,
+    pub services: BTreeMap<ObjectKey, Arc<ServiceObject>>,
+    pub endpoint_slices: BTreeMap<ObjectKey, Arc<SliceObject>>,
 }
 
 impl ClusterSnapshot {
     /// Adds or replaces a Service (an object without a namespace is in
     /// `default`, as kubectl would put it).
     pub fn insert_service(&mut self, service: Service) {
-        self.services
-            .insert(key_of(&service.metadata), Arc::new(service));
+        let key = key_of(&service.metadata);
+        self.services.insert(key, Arc::new(service.into()));
     }
 
     pub fn insert_endpoint_slice(&mut self, slice: EndpointSlice) {
-        self.endpoint_slices
-            .insert(key_of(&slice.metadata), Arc::new(slice));
+        let key = key_of(&slice.metadata);
+        self.endpoint_slices.insert(key, Arc::new(slice.into()));
     }
 }
 

@@ -22,22 +22,22 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::core::v1::{Node, Service as KubeService, ServicePort as KubeServicePort};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::{
-    Backend, DEFAULT_AFFINITY_TIMEOUT_S, DesiredState, MAX_AFFINITY_TIMEOUT_S, Owners, Protocol,
-    Service, TrafficPolicy, network_of,
-};
+use crate::model::{Backend, DesiredState, Owners, Protocol, Service, TrafficPolicy, network_of};
 
+pub use super::cluster::{
+    EndpointAddress, EndpointObject, ServiceObject, ServicePortSpec, ServiceSpec, SliceObject,
+    SlicePort,
+};
 pub use source::{ClusterSource, NODE_NAME_ENV, SourceError, SourceOptions, next_change};
 pub use watch::{ClusterView, Watch, WatchError, client, connect};
 
-pub use super::cluster::{ClusterSnapshot, ObjectKey, SERVICE_NAME_LABEL, key_of};
+pub use super::cluster::{
+    ClusterSnapshot, ObjectKey, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, key_of,
+};
 
-/// Label that hands a Service (and its slices) to another proxy.
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// What the translation needs to know about the node xlb runs on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -183,7 +183,9 @@ pub fn desired_state(
 /// [`desired_state`], with notes on what was skipped and why.
 pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredState) -> Translation {
     let (ports, mut notes) = service_ports(snapshot, node);
-    let mut services = Vec::new();
+    // Exactly as long as needed: doubling to fit 10,000 services would
+    // hold 16,384 (and both copies while growing).
+    let mut services = Vec::with_capacity(ports.len());
     // A NodePort and an external frontend belong to one service (the
     // model's rule); the API server guarantees the first, nothing
     // guarantees the second.
@@ -290,12 +292,11 @@ pub fn to_model(port: &ServicePort, notes: &mut Vec<Note>) -> Option<Service> {
 /// order), with notes on what was skipped.
 pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<ServicePort>, Vec<Note>) {
     let mut notes = Vec::new();
-    let mut slices_by_service: BTreeMap<ObjectKey, Vec<(&ObjectKey, &EndpointSlice)>> =
+    let mut slices_by_service: BTreeMap<ObjectKey, Vec<(&ObjectKey, &SliceObject)>> =
         BTreeMap::new();
     for (key, slice) in &snapshot.endpoint_slices {
         let object = format!("EndpointSlice {}/{}", key.0, key.1);
-        let labels = slice.metadata.labels.as_ref();
-        let Some(service) = labels.and_then(|labels| labels.get(SERVICE_NAME_LABEL)) else {
+        let Some(service) = &slice.service_name else {
             notes.push(Note {
                 level: NoteLevel::Debug,
                 object,
@@ -319,7 +320,8 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
             .or_default()
             .push((key, &**slice));
     }
-    let mut ports = Vec::new();
+    // Most services have one port.
+    let mut ports = Vec::with_capacity(snapshot.services.len());
     for (key, service) in &snapshot.services {
         let object = format!("Service {}/{}", key.0, key.1);
         let Some(spec) = &service.spec else {
@@ -330,12 +332,7 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
             });
             continue;
         };
-        if let Some(proxy) = service
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|labels| labels.get(SERVICE_PROXY_NAME_LABEL))
-        {
+        if let Some(proxy) = &service.proxy_name {
             notes.push(Note {
                 level: NoteLevel::Debug,
                 object,
@@ -345,7 +342,7 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
             });
             continue;
         }
-        let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let service_type = spec.service_type.as_str();
         if service_type == "ExternalName" {
             notes.push(Note {
                 level: NoteLevel::Debug,
@@ -356,7 +353,7 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
         }
         // An empty clusterIP is not headless: manifests carry none, the API
         // server allocates it.
-        if spec.cluster_ip.as_deref() == Some("None") {
+        if spec.headless {
             notes.push(Note {
                 level: NoteLevel::Debug,
                 object,
@@ -365,8 +362,8 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
             continue;
         }
         let node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
-        let external_addresses = external_addresses(service, service_type, &object, &mut notes);
-        let cluster_ips = cluster_ips(service, &object, &mut notes);
+        let external_addresses = external_addresses(spec, &object, &mut notes);
+        let cluster_ips = cluster_ips(spec, &object, &mut notes);
         if !node_ports && external_addresses.is_empty() && cluster_ips.is_empty() {
             notes.push(Note {
                 level: NoteLevel::Debug,
@@ -377,34 +374,11 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
             });
             continue;
         }
-        let external_traffic_policy = match spec.external_traffic_policy.as_deref() {
-            Some("Local") => TrafficPolicy::Local,
-            _ => TrafficPolicy::Cluster,
-        };
-        let internal_traffic_policy = match spec.internal_traffic_policy.as_deref() {
-            Some("Local") => TrafficPolicy::Local,
-            _ => TrafficPolicy::Cluster,
-        };
-        let session_affinity_timeout =
-            (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-                spec.session_affinity_config
-                    .as_ref()
-                    .and_then(|config| config.client_ip.as_ref())
-                    .and_then(|client_ip| client_ip.timeout_seconds)
-                    .and_then(|seconds| u32::try_from(seconds).ok())
-                    .filter(|seconds| *seconds > 0)
-                    .map_or(DEFAULT_AFFINITY_TIMEOUT_S, |seconds| {
-                        seconds.min(MAX_AFFINITY_TIMEOUT_S)
-                    })
-            });
+        let external_traffic_policy = spec.external_traffic_policy;
+        let internal_traffic_policy = spec.internal_traffic_policy;
+        let session_affinity_timeout = spec.session_affinity_timeout;
         let source_ranges = if service_type == "LoadBalancer" {
-            source_ranges(
-                spec.load_balancer_source_ranges
-                    .as_deref()
-                    .unwrap_or_default(),
-                &object,
-                &mut notes,
-            )
+            source_ranges(&spec.source_ranges, &object, &mut notes)
         } else {
             Vec::new()
         };
@@ -418,9 +392,9 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
             .get(key)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        for kube_port in spec.ports.iter().flatten() {
-            let port_name = kube_port.name.clone().unwrap_or_default();
-            let protocol = match kube_port.protocol.as_deref().unwrap_or("TCP") {
+        for kube_port in &spec.ports {
+            let port_name = kube_port.name.clone();
+            let protocol = match kube_port.protocol.as_str() {
                 "TCP" => Protocol::Tcp,
                 "UDP" => Protocol::Udp,
                 other => {
@@ -498,16 +472,9 @@ fn positive_port(port: i32) -> Option<u16> {
 
 /// `spec.clusterIPs` (falling back to `spec.clusterIP`), IPv4 only, without
 /// duplicates; an IPv6 family of a dual-stack service is left out.
-fn cluster_ips(service: &KubeService, object: &str, notes: &mut Vec<Note>) -> Vec<Ipv4Addr> {
-    let Some(spec) = service.spec.as_ref() else {
-        return Vec::new();
-    };
-    let listed: Vec<&String> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().collect(),
-        _ => spec.cluster_ip.iter().collect(),
-    };
+fn cluster_ips(spec: &ServiceSpec, object: &str, notes: &mut Vec<Note>) -> Vec<Ipv4Addr> {
     let mut addresses = Vec::new();
-    for text in listed {
+    for text in &spec.cluster_ips {
         if text.is_empty() || text == "None" {
             continue;
         }
@@ -527,12 +494,7 @@ fn cluster_ips(service: &KubeService, object: &str, notes: &mut Vec<Note>) -> Ve
 /// `spec.externalIPs`, then the load balancer's ingress IPs (not those in
 /// `ipMode: Proxy`, whose load balancer does not send traffic to the
 /// service's IP), IPv4 only, without duplicates.
-fn external_addresses(
-    service: &KubeService,
-    service_type: &str,
-    object: &str,
-    notes: &mut Vec<Note>,
-) -> Vec<Ipv4Addr> {
+fn external_addresses(spec: &ServiceSpec, object: &str, notes: &mut Vec<Note>) -> Vec<Ipv4Addr> {
     let mut addresses = Vec::new();
     let mut add = |text: &str, field: &str, notes: &mut Vec<Note>| match text.parse::<Ipv4Addr>() {
         Ok(address) if !addresses.contains(&address) => addresses.push(address),
@@ -543,27 +505,12 @@ fn external_addresses(
             message: format!("{field} {text} is not an IPv4 address; not served"),
         }),
     };
-    let spec = service.spec.as_ref();
-    for ip in spec
-        .and_then(|spec| spec.external_ips.as_ref())
-        .into_iter()
-        .flatten()
-    {
+    for ip in &spec.external_ips {
         add(ip, "externalIP", notes);
     }
-    if service_type == "LoadBalancer" {
-        let ingress = service
-            .status
-            .as_ref()
-            .and_then(|status| status.load_balancer.as_ref())
-            .and_then(|load_balancer| load_balancer.ingress.as_ref());
-        for ingress in ingress.into_iter().flatten() {
-            if ingress.ip_mode.as_deref() == Some("Proxy") {
-                continue;
-            }
-            if let Some(ip) = &ingress.ip {
-                add(ip, "load-balancer ingress IP", notes);
-            }
+    if spec.service_type == "LoadBalancer" {
+        for ip in &spec.ingress_ips {
+            add(ip, "load-balancer ingress IP", notes);
         }
     }
     addresses
@@ -575,20 +522,21 @@ fn external_addresses(
 /// port without a number means "the target port", usable only when the
 /// service's targetPort is a number.
 fn endpoints(
-    kube_port: &KubeServicePort,
+    kube_port: &ServicePortSpec,
     port_name: &str,
     protocol: Protocol,
-    slices: &[(&ObjectKey, &EndpointSlice)],
+    slices: &[(&ObjectKey, &SliceObject)],
     node: &NodeInfo,
     notes: &mut Vec<Note>,
 ) -> Vec<Endpoint> {
     let mut found: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
+    let protocol = protocol.to_string();
     for (key, slice) in slices {
         let object = format!("EndpointSlice {}/{}", key.0, key.1);
-        let slice_port = slice.ports.iter().flatten().find(|slice_port| {
-            slice_port.name.as_deref().unwrap_or_default() == port_name
-                && slice_port.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
-        });
+        let slice_port = slice
+            .ports
+            .iter()
+            .find(|slice_port| slice_port.name == port_name && slice_port.protocol == protocol);
         let Some(slice_port) = slice_port else {
             continue;
         };
@@ -620,38 +568,30 @@ fn endpoints(
             continue;
         };
         for endpoint in &slice.endpoints {
-            let Some(text) = endpoint.addresses.first() else {
-                continue;
+            let address = match &endpoint.address {
+                EndpointAddress::V4(address) => *address,
+                EndpointAddress::Missing => continue,
+                EndpointAddress::Other(text) => {
+                    notes.push(Note {
+                        level: NoteLevel::Warn,
+                        object: object.clone(),
+                        message: format!("endpoint address {text} is not an IPv4 address; skipped"),
+                    });
+                    continue;
+                }
             };
-            let Ok(address) = text.parse::<Ipv4Addr>() else {
-                notes.push(Note {
-                    level: NoteLevel::Warn,
-                    object: object.clone(),
-                    message: format!("endpoint address {text} is not an IPv4 address; skipped"),
-                });
-                continue;
-            };
-            let conditions = endpoint.conditions.as_ref();
-            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
-            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
             let is_local = match (&endpoint.node_name, &node.name) {
-                (Some(endpoint_node), Some(this_node)) => endpoint_node == this_node,
+                (Some(endpoint_node), Some(this_node)) => **endpoint_node == **this_node,
                 _ => false,
             };
-            let name = endpoint
-                .target_ref
-                .as_ref()
-                .and_then(|target| target.name.clone())
-                .or_else(|| endpoint.hostname.clone());
             let candidate = Endpoint {
                 address,
                 port,
-                ready,
-                serving,
-                terminating,
+                ready: endpoint.ready,
+                serving: endpoint.serving,
+                terminating: endpoint.terminating,
                 is_local,
-                name,
+                name: endpoint.name.as_deref().map(String::from),
             };
             // The same endpoint in two slices (while one is being replaced):
             // keep the first, unless only the second knows it is local.

@@ -167,6 +167,10 @@ struct Query {
     send_initial_events: bool,
     field_selector: Vec<(String, bool, String)>,
     label_selector: Vec<LabelRequirement>,
+    /// `limit`: the most objects one list page holds.
+    limit: Option<usize>,
+    /// `continue`: the token of the page before.
+    continue_token: Option<String>,
 }
 
 #[derive(Debug)]
@@ -230,7 +234,14 @@ fn parse_query(text: &str) -> Result<Query, String> {
                     query.label_selector.push(parsed);
                 }
             }
-            // Paging is not needed: every list fits one page.
+            "limit" => {
+                let limit: usize = value
+                    .parse()
+                    .map_err(|_| format!("limit {value} is not a number"))?;
+                // kube-apiserver treats limit=0 as no limit.
+                query.limit = Some(limit).filter(|limit| *limit > 0);
+            }
+            "continue" => query.continue_token = Some(value.into_owned()),
             _ => {}
         }
     }
@@ -362,22 +373,93 @@ fn respond(
     if query.watch {
         watch_response(shared, kind, namespace, query)
     } else {
-        let store = shared.store();
-        let items: Vec<Value> = store
-            .list(kind, namespace.as_deref())
-            .into_iter()
-            .filter(|object| query.matches(object))
-            .collect();
-        json_response(
-            StatusCode::OK,
-            &json!({
-                "apiVersion": kind.api_version,
-                "kind": kind.list_kind(),
-                "metadata": {"resourceVersion": store.revision.to_string()},
-                "items": items,
-            }),
-        )
+        list_response(shared, kind, namespace.as_deref(), &query)
     }
+}
+
+/// A list, paged as kube-apiserver pages it: with `limit`, at most that
+/// many items and a `continue` token when more follow; every page of one
+/// list carries the first page's resourceVersion, and a token from before
+/// [`Store::compact`] gets 410 Expired (the client starts a new list).
+///
+/// kube-apiserver serves later pages from the first page's etcd snapshot;
+/// this server keeps no old versions and serves the objects as they are
+/// now. A client that watches from the list's resourceVersion then
+/// replays every change since, so it ends at the same state.
+fn list_response(
+    shared: &Arc<Shared>,
+    kind: Kind,
+    namespace: Option<&str>,
+    query: &Query,
+) -> Response<Body> {
+    let store = shared.store();
+    let (revision, after) = match &query.continue_token {
+        None => (store.revision, None),
+        Some(token) => {
+            if query
+                .resource_version
+                .as_deref()
+                .is_some_and(|version| !version.is_empty())
+            {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "specifying resource version is not allowed when using continue",
+                );
+            }
+            let Some((revision, after)) = parse_continue(token) else {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &format!("continue key is not valid: {token:?}"),
+                );
+            };
+            if revision < store.compacted {
+                return error_response(
+                    StatusCode::GONE,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list \
+                     result. You can start a new list without the continue parameter.",
+                );
+            }
+            (revision, Some(after))
+        }
+    };
+    let page = store.page(kind, namespace, after.as_ref(), query.limit, |object| {
+        query.matches(object)
+    });
+    let mut metadata = json!({"resourceVersion": revision.to_string()});
+    if let Some(last) = &page.last {
+        metadata["continue"] = json!(continue_token(revision, last));
+        // kube-apiserver counts the rest only when no selector filters it.
+        if query.field_selector.is_empty() && query.label_selector.is_empty() {
+            metadata["remainingItemCount"] = json!(page.remaining);
+        }
+    }
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "apiVersion": kind.api_version,
+            "kind": kind.list_kind(),
+            "metadata": metadata,
+            "items": page.items,
+        }),
+    )
+}
+
+/// The token of the page after `last`, opaque to clients:
+/// `REVISION/NAMESPACE/NAME` (names cannot hold a `/`).
+fn continue_token(revision: u64, (namespace, name): &(String, String)) -> String {
+    format!("{revision}/{namespace}/{name}")
+}
+
+fn parse_continue(token: &str) -> Option<(u64, (String, String))> {
+    let (revision, rest) = token.split_once('/')?;
+    let (namespace, name) = rest.split_once('/')?;
+    Some((
+        revision.parse().ok()?,
+        (namespace.to_owned(), name.to_owned()),
+    ))
 }
 
 /// One watch request, as its producer needs it.

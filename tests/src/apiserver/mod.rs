@@ -17,7 +17,9 @@
 //!   [`ApiServer::go_away`] also refuses new ones until
 //!   [`ApiServer::come_back`];
 //! - `fieldSelector` on `metadata.name`/`metadata.namespace` and simple
-//!   `labelSelector`s are honoured; paging is not (one page holds all).
+//!   `labelSelector`s are honoured;
+//! - lists are paged (`limit`, `continue`, `remainingItemCount`); a
+//!   `continue` token from before [`ApiServer::compact`] gets 410 Expired;
 //!
 //! Tests drive it synchronously: [`ApiServer::apply`] and
 //! [`ApiServer::delete`] take k8s-openapi objects. The server runs on its

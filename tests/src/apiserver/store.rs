@@ -207,6 +207,50 @@ impl Store {
         self.history.clear();
     }
 
+    /// One page of a list: up to `limit` objects of `kind` in `namespace`
+    /// (all namespaces when `None`) that `wanted` accepts, in key order,
+    /// after the `(namespace, name)` `after`; and the key of the last one
+    /// when more follow. Only the page's objects are copied.
+    pub fn page(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        after: Option<&(String, String)>,
+        limit: Option<usize>,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Page {
+        use std::ops::Bound;
+        let start = match after {
+            Some((namespace, name)) => {
+                Bound::Excluded((kind.plural, namespace.clone(), name.clone()))
+            }
+            None => Bound::Included((kind.plural, String::new(), String::new())),
+        };
+        let mut matching = self
+            .objects
+            .range((start, Bound::Unbounded))
+            .take_while(|((plural, _, _), _)| *plural == kind.plural)
+            .filter(|((_, object_namespace, _), object)| {
+                namespace.is_none_or(|namespace| namespace == object_namespace) && wanted(object)
+            });
+        let limit = limit.unwrap_or(usize::MAX);
+        let mut page = Page::default();
+        for ((_, object_namespace, name), object) in matching.by_ref() {
+            if page.items.len() == limit {
+                page.remaining = 1;
+                break;
+            }
+            page.items.push(object.clone());
+            page.last = Some((object_namespace.clone(), name.clone()));
+        }
+        if page.remaining == 0 {
+            page.last = None;
+        } else {
+            page.remaining += matching.count();
+        }
+        page
+    }
+
     /// Current objects of `kind` in `namespace` (all when `None`).
     pub fn list(&self, kind: Kind, namespace: Option<&str>) -> Vec<Value> {
         self.objects
@@ -218,6 +262,16 @@ impl Store {
             .map(|(_, object)| object.clone())
             .collect()
     }
+}
+
+/// One page of a list ([`Store::page`]).
+#[derive(Debug, Default)]
+pub struct Page {
+    pub items: Vec<Value>,
+    /// `(namespace, name)` of the last item, when more follow.
+    pub last: Option<(String, String)>,
+    /// How many matching objects follow.
+    pub remaining: usize,
 }
 
 /// Where `object` is stored.

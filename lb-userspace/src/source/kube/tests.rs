@@ -2,10 +2,14 @@
 //! objects as JSON (as the API sends them) and the state xlb derives.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::model::{DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S};
 const NODE: &str = "node-a";
 
 fn base() -> DesiredState {
@@ -823,11 +827,13 @@ fn duplicate_node_ports_keep_the_first_service() {
 fn translation_is_deterministic() {
     let forwards = tcp_echo();
     let mut backwards = ClusterSnapshot::default();
-    for slice in forwards.endpoint_slices.values().rev() {
-        backwards.insert_endpoint_slice((**slice).clone());
+    for (key, slice) in forwards.endpoint_slices.iter().rev() {
+        backwards
+            .endpoint_slices
+            .insert(key.clone(), Arc::clone(slice));
     }
-    for service in forwards.services.values().rev() {
-        backwards.insert_service((**service).clone());
+    for (key, service) in forwards.services.iter().rev() {
+        backwards.services.insert(key.clone(), Arc::clone(service));
     }
     assert_eq!(
         desired_state(&forwards, &node(), &base()),

@@ -28,7 +28,7 @@ use log::{debug, info, warn};
 use tokio::sync::watch as channel;
 use tokio::task::JoinHandle;
 
-use super::{ClusterSnapshot, NodeInfo, ObjectKey, key_of};
+use super::{ClusterSnapshot, NodeInfo, ObjectKey, ServiceObject, SliceObject, key_of};
 
 /// Why the API cannot be reached at all (bad configuration, not a network
 /// blip: those are retried).
@@ -195,26 +195,53 @@ async fn run(
 
 type Events<K> = BoxStream<'static, Result<Event<K>, watcher::Error>>;
 
+/// A kind the watch follows, and what it keeps of each object: the
+/// translation's fields only, converted as each object arrives, so a list
+/// page's full objects are dropped as soon as they are read.
+trait Kept: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static {
+    type Object: Debug;
+    fn keep(self) -> Self::Object;
+}
+
+impl Kept for Service {
+    type Object = ServiceObject;
+    fn keep(self) -> ServiceObject {
+        self.into()
+    }
+}
+
+impl Kept for EndpointSlice {
+    type Object = SliceObject;
+    fn keep(self) -> SliceObject {
+        self.into()
+    }
+}
+
+/// One object, read whole ([`NodeInfo::new`]).
+impl Kept for Node {
+    type Object = Node;
+    fn keep(self) -> Node {
+        self
+    }
+}
+
 /// One kind's watcher and the objects it has seen.
-struct Watched<K: Resource> {
+struct Watched<K: Kept> {
     api: Api<K>,
     config: watcher::Config,
     events: Events<K>,
     /// The objects as of the last complete list plus later events, shared
     /// with the views published.
-    objects: BTreeMap<ObjectKey, Arc<K>>,
+    objects: BTreeMap<ObjectKey, Arc<K::Object>>,
     /// A relist in progress; replaces `objects` when complete.
-    listing: Option<BTreeMap<ObjectKey, Arc<K>>>,
+    listing: Option<BTreeMap<ObjectKey, Arc<K::Object>>>,
     /// Listed completely at least once.
     synced: bool,
     /// The last request failed (errors are logged once per outage).
     failing: bool,
 }
 
-impl<K> Watched<K>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
-{
+impl<K: Kept> Watched<K> {
     fn new(api: Api<K>, config: watcher::Config) -> Self {
         let events = Self::events(&api, &config);
         Self {
@@ -269,9 +296,10 @@ where
                 false
             }
             Event::InitApply(object) => {
+                let key = key_of(object.meta());
                 self.listing
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(key_of(object.meta()), Arc::new(object));
+                    .insert(key, Arc::new(object.keep()));
                 false
             }
             Event::InitDone => {
@@ -294,7 +322,8 @@ where
                 true
             }
             Event::Apply(object) => {
-                self.objects.insert(key_of(object.meta()), Arc::new(object));
+                let key = key_of(object.meta());
+                self.objects.insert(key, Arc::new(object.keep()));
                 true
             }
             Event::Delete(object) => self.objects.remove(&key_of(object.meta())).is_some(),

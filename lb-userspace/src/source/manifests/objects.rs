@@ -289,12 +289,7 @@ impl Checker {
             let Some(slice) = self.snapshot.endpoint_slices.get(key) else {
                 continue;
             };
-            let Some(service_name) = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-            else {
+            let Some(service_name) = &slice.service_name else {
                 continue;
             };
             let service_key = (key.0.clone(), service_name.clone());
@@ -312,11 +307,11 @@ impl Checker {
             let service_ports: Vec<String> = service
                 .spec
                 .iter()
-                .flat_map(|spec| spec.ports.iter().flatten())
-                .map(|port| port.name.clone().unwrap_or_default())
+                .flat_map(|spec| &spec.ports)
+                .map(|port| port.name.clone())
                 .collect();
-            for port in slice.ports.iter().flatten() {
-                let name = port.name.clone().unwrap_or_default();
+            for port in &slice.ports {
+                let name = port.name.clone();
                 if !service_ports.contains(&name) {
                     let shown: Vec<String> = service_ports
                         .iter()
