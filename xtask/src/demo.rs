@@ -103,7 +103,12 @@ fn start_agent<'lab>(
     }
     println!("demo: agent ready; its attach points:");
     for line in agent.log().lines() {
-        if let Some((_, what)) = line.split_once("xlb::agent: ")
+        // The agent's records, from `xlb::agent` or one of its modules.
+        let what = line
+            .split_once("xlb::agent")
+            .and_then(|(_, rest)| rest.split_once(": "))
+            .map(|(_, what)| what);
+        if let Some(what) = what
             && (what.contains("XDP attached") || what.contains(" ingress ("))
         {
             println!("  {what}");
