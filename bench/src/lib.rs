@@ -16,6 +16,22 @@ pub const TRAFFICGEN_OBJECT: &[u8] =
 /// The lab's ceiling: rewrite MACs and redirect (`xlb_limit`).
 pub const LIMIT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-limit"));
 
+/// The traffic generator's object with `xlb_trafficgen` loaded into the
+/// kernel (not attached: `send_generated` runs it); `GEN_CONFIG` still to
+/// be written.
+pub fn load_trafficgen() -> anyhow::Result<aya::Ebpf> {
+    use anyhow::{Context as _, anyhow};
+    let mut ebpf = aya::EbpfLoader::new()
+        .load(TRAFFICGEN_OBJECT)
+        .context("loading the trafficgen object")?;
+    let program: &mut aya::programs::SchedClassifier = ebpf
+        .program_mut("xlb_trafficgen")
+        .ok_or_else(|| anyhow!("xlb_trafficgen missing"))?
+        .try_into()?;
+    program.load().context("loading xlb_trafficgen")?;
+    Ok(ebpf)
+}
+
 /// Sends `repeat` frames from the loaded `xlb_trafficgen` (configured
 /// through its `GEN_CONFIG`, whose `ifindex` names the wire): one
 /// BPF_PROG_TEST_RUN with `repeat`, each run cloning the test skb out of the

@@ -323,10 +323,6 @@ pub fn create(
     now: u64,
 ) -> Result<(), Reason> {
     let tcp = key.proto == IPPROTO_TCP;
-    let mut state = if new.syn { FLOW_S_SYN } else { 0 };
-    if !tcp {
-        state |= FLOW_S_CONFIRMED;
-    }
     let table: &LruHashMap<FlowKey, Flow> = if tcp { &XLB_FLOWS_NEW } else { &XLB_FLOWS };
     let (src_addr_be, src_port_be) = match new.masquerade_addr_be {
         Some(addr) => (addr, 0),
@@ -344,7 +340,29 @@ pub fn create(
     };
     // One entry on the stack: the REPLY entry, then rewritten in place into
     // the ORIGINAL one.
-    let mut entry = Flow {
+    let mut entry = reply_entry(key, new, now);
+    insert_reply(table, key, &mut reply_key, &entry, new, cfg, now)?;
+    into_original(&mut entry, new, src_addr_be, &reply_key, segment);
+    if tcp {
+        // A closed or expired flow on this tuple must not shadow the new one.
+        let _ = XLB_FLOWS.remove(key);
+    }
+    if table.insert(key, &entry, u64::from(BPF_ANY)).is_err() {
+        let _ = table.remove(&reply_key);
+        return Err(Reason::DropFlowInsert);
+    }
+    Ok(())
+}
+
+/// The REPLY entry of a new flow on `key`: the backend's replies are
+/// rewritten back to the client's tuple. TCP starts unconfirmed.
+#[inline(always)]
+fn reply_entry(key: &FlowKey, new: &NewFlow, now: u64) -> Flow {
+    let mut state = if new.syn { FLOW_S_SYN } else { 0 };
+    if key.proto != IPPROTO_TCP {
+        state |= FLOW_S_CONFIRMED;
+    }
+    Flow {
         new_src_addr_be: key.dst_addr_be,
         new_dst_addr_be: key.src_addr_be,
         new_src_port_be: key.dst_port_be,
@@ -361,20 +379,43 @@ pub fn create(
         hop_dst_mac: new.hop.dst_mac,
         seq_end: 0,
         ack: 0,
-    };
-    // The reply entry first, inserted only if its tuple is free: that is
-    // what takes the masquerade port. A reply can only follow the forwarded
-    // packet, which leaves after both entries exist.
-    if new.masquerade_addr_be.is_some() {
-        take_port(key, &mut reply_key, &entry, cfg, now)?;
-    } else {
-        if !free_or_reclaimed(table, &reply_key, key, cfg, now) {
-            return Err(Reason::DropFlowInsert);
-        }
-        table
-            .insert(&reply_key, &entry, u64::from(BPF_ANY))
-            .map_err(|_| Reason::DropFlowInsert)?;
     }
+}
+
+/// Inserts the reply entry first, only if its tuple is free: that is what
+/// takes the masquerade port. A reply can only follow the forwarded
+/// packet, which leaves after both entries exist.
+#[inline(always)]
+fn insert_reply(
+    table: &LruHashMap<FlowKey, Flow>,
+    key: &FlowKey,
+    reply_key: &mut FlowKey,
+    reply: &Flow,
+    new: &NewFlow,
+    cfg: &GlobalConfig,
+    now: u64,
+) -> Result<(), Reason> {
+    if new.masquerade_addr_be.is_some() {
+        return take_port(key, reply_key, reply, cfg, now);
+    }
+    if !free_or_reclaimed(table, reply_key, key, cfg, now) {
+        return Err(Reason::DropFlowInsert);
+    }
+    table
+        .insert(reply_key, reply, u64::from(BPF_ANY))
+        .map_err(|_| Reason::DropFlowInsert)
+}
+
+/// Rewrites the reply entry in place into the ORIGINAL one: the client's
+/// packets go to the backend from `src_addr_be` and the reply tuple's port.
+#[inline(always)]
+fn into_original(
+    entry: &mut Flow,
+    new: &NewFlow,
+    src_addr_be: u32,
+    reply_key: &FlowKey,
+    segment: &Segment,
+) {
     entry.new_src_addr_be = src_addr_be;
     entry.new_dst_addr_be = new.backend.addr_be;
     entry.new_src_port_be = reply_key.dst_port_be;
@@ -387,15 +428,6 @@ pub fn create(
     } else {
         0
     };
-    if tcp {
-        // A closed or expired flow on this tuple must not shadow the new one.
-        let _ = XLB_FLOWS.remove(key);
-    }
-    if table.insert(key, &entry, u64::from(BPF_ANY)).is_err() {
-        let _ = table.remove(&reply_key);
-        return Err(Reason::DropFlowInsert);
-    }
-    Ok(())
 }
 
 /// The ORIGINAL entry `create` just recorded for `key` (gone only if the

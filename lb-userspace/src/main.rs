@@ -1,6 +1,6 @@
 //! `xlb`: command line and runtime wiring only; the work is in the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -112,31 +112,8 @@ fn main() -> ExitCode {
     observe::logging::init(datapath_debug);
     match cli.command {
         Command::Inspect(command) => cli::run(&command),
-        Command::Detach { bpffs } => match agent::detach(bpffs.as_deref()) {
-            Ok(done) => {
-                println!("{done}");
-                ExitCode::SUCCESS
-            }
-            Err(error) => {
-                eprintln!("xlb: {}", error_chain(&error));
-                ExitCode::FAILURE
-            }
-        },
-        Command::Check { config, interfaces } => {
-            match agent::check(&config, &Overrides { interfaces }) {
-                Ok((summary, warnings)) => {
-                    for warning in warnings {
-                        eprintln!("warning: {warning}");
-                    }
-                    println!("{summary}");
-                    ExitCode::SUCCESS
-                }
-                Err(error) => {
-                    eprintln!("{error}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        Command::Detach { bpffs } => detach(bpffs.as_deref()),
+        Command::Check { config, interfaces } => check(&config, interfaces),
         Command::Run {
             config,
             interfaces,
@@ -155,11 +132,7 @@ fn main() -> ExitCode {
             let options = RunOptions {
                 config,
                 interfaces,
-                attach_mode: match xdp_mode {
-                    XdpMode::Auto => AttachMode::Auto,
-                    XdpMode::Native => AttachMode::Native,
-                    XdpMode::Generic => AttachMode::Generic,
-                },
+                attach_mode: xdp_mode.into(),
                 ready_file,
                 observe,
                 bpffs,
@@ -175,35 +148,81 @@ fn main() -> ExitCode {
                     manifests.map(|path| SourceOptions::Manifests { path, node_name })
                 },
             };
-            // The agent's loop runs on this thread and does blocking work
-            // (map writes, conntrack sweeps); /healthz, /readyz, /metrics
-            // and the health-check ports are tasks on the worker thread, so
-            // they answer while it does.
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("xlb-serve")
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    eprintln!("xlb: cannot start the async runtime: {error}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(agent::run(options)) {
-                Ok(()) => ExitCode::SUCCESS,
-                // Located config errors go to stderr as they are, one per
-                // line, so editors and scripts can parse them.
-                Err(agent::AgentError::Config(error)) => {
-                    eprintln!("{error}");
-                    ExitCode::from(2)
-                }
-                Err(error) => {
-                    log::error!("{}", error_chain(&error));
-                    ExitCode::from(error.exit_code())
-                }
+            serve(options)
+        }
+    }
+}
+
+impl From<XdpMode> for AttachMode {
+    fn from(mode: XdpMode) -> Self {
+        match mode {
+            XdpMode::Auto => AttachMode::Auto,
+            XdpMode::Native => AttachMode::Native,
+            XdpMode::Generic => AttachMode::Generic,
+        }
+    }
+}
+
+/// `xlb detach`: prints what it removed.
+fn detach(bpffs: Option<&Path>) -> ExitCode {
+    match agent::detach(bpffs) {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("xlb: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `xlb check`: the summary, or the located errors and exit 2.
+fn check(config: &Path, interfaces: Vec<String>) -> ExitCode {
+    match agent::check(config, &Overrides { interfaces }) {
+        Ok((summary, warnings)) => {
+            for warning in warnings {
+                eprintln!("warning: {warning}");
             }
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `xlb run`: the agent until SIGINT/SIGTERM.
+fn serve(options: RunOptions) -> ExitCode {
+    // The agent's loop runs on this thread and does blocking work
+    // (map writes, conntrack sweeps); /healthz, /readyz, /metrics
+    // and the health-check ports are tasks on the worker thread, so
+    // they answer while it does.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("xlb-serve")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("xlb: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agent::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        // Located config errors go to stderr as they are, one per
+        // line, so editors and scripts can parse them.
+        Err(agent::AgentError::Config(error)) => {
+            eprintln!("{error}");
+            ExitCode::from(2)
+        }
+        Err(error) => {
+            log::error!("{}", error_chain(&error));
+            ExitCode::from(error.exit_code())
         }
     }
 }

@@ -214,12 +214,20 @@ impl Datapath {
     /// no backends; tcp 30996 -> an unresolved backend. NodePorts answer on
     /// 198.18.0.1; masquerade addresses are each veth's own.
     pub fn write_base_state(&mut self) {
+        self.write_base_backends();
+        self.write_base_services();
+        self.write_base_addresses();
+        self.set_config(Self::base_config());
+    }
+
+    /// The backends and their selection slots: ids 1-3 serve TCP (port
+    /// 3333), ids 11-12 the same pods for UDP.
+    fn write_base_backends(&mut self) {
         let backends = [
             (BACKEND_1_ID, BACKEND_1),
             (BACKEND_2_ID, BACKEND_2),
             (BACKEND_UNRESOLVED_ID, BACKEND_UNRESOLVED),
         ];
-        // Ids 1-3 serve TCP (port 3333); ids 11-12 the same pods for UDP.
         let mut slots = vec![0u32; 4 * TABLE_SIZE as usize];
         let mut table = self.backends();
         for (id, addr) in backends {
@@ -241,6 +249,11 @@ impl Datapath {
         for (index, id) in slots.iter().enumerate() {
             select.set(index as u32, id, 0).expect("slot");
         }
+    }
+
+    /// The NodePort services, each naming its region of the selection
+    /// table.
+    fn write_base_services(&mut self) {
         let mut services = self.services();
         let masq = SERVICE_F_MASQUERADE;
         let table = TABLE_SIZE;
@@ -292,6 +305,11 @@ impl Datapath {
             };
             services.insert(key, service, 0).expect("service");
         }
+    }
+
+    /// The allowed source range, the node's addresses and the interfaces
+    /// XDP may redirect into.
+    fn write_base_addresses(&mut self) {
         let mut ranges: LpmTrie<_, SourceRange, u32> =
             LpmTrie::try_from(self.map_mut(names::SOURCE_RANGES)).expect("source ranges");
         let allowed = SourceRange {
@@ -319,7 +337,6 @@ impl Datapath {
         for ifindex in [client_if, backend_if] {
             redirect_ok.insert(ifindex, 0, 0).expect("redirect ok");
         }
-        self.set_config(Self::base_config());
     }
 
     /// Removes a backend the way the agent does: first every selection slot

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::{
-    EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::SchedClassifier,
 };
@@ -95,14 +94,7 @@ fn flood(
     reached: impl Fn() -> anyhow::Result<u64> + Send + Sync,
 ) -> anyhow::Result<(Duration, u64)> {
     gen_ns.run(|| -> anyhow::Result<(Duration, u64)> {
-        let mut ebpf = EbpfLoader::new()
-            .load(xlb_bench::TRAFFICGEN_OBJECT)
-            .context("loading the trafficgen object")?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut("xlb_trafficgen")
-            .ok_or_else(|| anyhow!("xlb_trafficgen missing"))?
-            .try_into()?;
-        program.load().context("loading xlb_trafficgen")?;
+        let mut ebpf = xlb_bench::load_trafficgen()?;
         let mut config: Array<_, GenConfig> = Array::try_from(
             ebpf.map_mut("GEN_CONFIG")
                 .ok_or_else(|| anyhow!("GEN_CONFIG missing"))?,

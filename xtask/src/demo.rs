@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -42,24 +43,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         &lab.config_yaml(&lab.echo_services(&pods, false)),
     )?;
 
-    println!(
-        "demo: starting `xlb run --config {}` in {}",
-        config.display(),
-        lab.node.name()
-    );
-    let agent = Agent::start_with(&xlb, &lab, &config, &[])?;
-    // The pods' veths and the tunnel get their tc program within a second.
-    for name in ["xlb-vb1", "xlb-vr1", "xlb-vx"] {
-        agent.wait_for_log(0, &format!("{name}: tcx ingress"), Duration::from_secs(10))?;
-    }
-    println!("demo: agent ready; its attach points:");
-    for line in agent.log().lines() {
-        if let Some((_, what)) = line.split_once("xlb::agent: ")
-            && (what.contains("XDP attached") || what.contains(" ingress ("))
-        {
-            println!("  {what}");
-        }
-    }
+    let agent = start_agent(&lab, &xlb, &config)?;
 
     let udp = send_udp(&lab)?;
     // (Each round stops early once interrupted; the agent and the lab are
@@ -97,8 +81,47 @@ pub fn run() -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(130));
     }
 
+    Ok(verdict(&udp, &tcp, checksum_errors, pod_count))
+}
+
+/// Runs the agent on the lab's node and waits for its tc programs; prints
+/// its attach points.
+fn start_agent<'lab>(
+    lab: &'lab NodeLab,
+    xlb: &Path,
+    config: &Path,
+) -> anyhow::Result<Agent<'lab, NodeLab>> {
+    println!(
+        "demo: starting `xlb run --config {}` in {}",
+        config.display(),
+        lab.node.name()
+    );
+    let agent = Agent::start_with(xlb, lab, config, &[])?;
+    // The pods' veths and the tunnel get their tc program within a second.
+    for name in ["xlb-vb1", "xlb-vr1", "xlb-vx"] {
+        agent.wait_for_log(0, &format!("{name}: tcx ingress"), Duration::from_secs(10))?;
+    }
+    println!("demo: agent ready; its attach points:");
+    for line in agent.log().lines() {
+        // The agent's records, from `xlb::agent` or one of its modules.
+        let what = line
+            .split_once("xlb::agent")
+            .and_then(|(_, rest)| rest.split_once(": "))
+            .map(|(_, what)| what);
+        if let Some(what) = what
+            && (what.contains("XDP attached") || what.contains(" ingress ("))
+        {
+            println!("  {what}");
+        }
+    }
+    Ok(agent)
+}
+
+/// OK when every request was answered, every pod served both protocols and
+/// the client counted no checksum errors; else what went wrong.
+fn verdict(udp: &Tally, tcp: &Tally, checksum_errors: (u64, u64), pod_count: usize) -> ExitCode {
     let mut problems = Vec::new();
-    for (protocol, tally) in [("UDP", &udp), ("TCP", &tcp)] {
+    for (protocol, tally) in [("UDP", udp), ("TCP", tcp)] {
         if !tally.failures.is_empty() {
             problems.push(format!(
                 "{protocol}: {} of {} requests failed",
@@ -120,10 +143,10 @@ pub fn run() -> anyhow::Result<ExitCode> {
         println!(
             "demo: OK: every pod served UDP and TCP, every reply came from the NodePort with a good checksum, and every pod saw the node"
         );
-        Ok(ExitCode::SUCCESS)
+        ExitCode::SUCCESS
     } else {
         println!("demo: FAILED: {}", problems.join("; "));
-        Ok(ExitCode::FAILURE)
+        ExitCode::FAILURE
     }
 }
 
@@ -240,50 +263,44 @@ impl Tally {
 
 fn send_udp(lab: &NodeLab) -> anyhow::Result<Tally> {
     let service = udp_service();
-    let tally = lab.client.run(|| {
-        let mut tally = Tally::default();
-        for _ in 0..UDP_FLOWS {
-            if signals::interrupted() {
-                break;
-            }
-            tally.sent += 1;
-            // A source port of its own (never reused): a new flow each.
-            let result = udp_socket().and_then(|socket| {
-                socket.set_read_timeout(Some(TIMEOUT))?;
-                udp_who(&socket, service)
-            });
-            match result {
-                Ok((who, from)) => {
-                    tally.record(lab, &who, from == service, ECHO_UDP_PORT);
-                }
-                Err(error) => {
-                    if tally.fail(error) {
-                        break;
-                    }
-                }
-            }
-        }
-        tally
-    })?;
-    Ok(tally)
+    send_round(lab, UDP_FLOWS, ECHO_UDP_PORT, |_| {
+        // A source port of its own (never reused): a new flow each.
+        let socket = udp_socket()?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        let (who, from) = udp_who(&socket, service)?;
+        Ok((who, from == service))
+    })
 }
 
 fn send_tcp(lab: &NodeLab) -> anyhow::Result<Tally> {
     let service = tcp_service();
+    send_round(lab, TCP_CONNECTIONS, ECHO_TCP_PORT, |connection| {
+        let payload = pattern(TCP_PAYLOAD, connection as u32);
+        let who = tcp_who_echo_timeout(service, &payload, TIMEOUT)?;
+        // A TCP reply from any other address would not have completed the
+        // handshake: the connection is the proof.
+        Ok((who, true))
+    })
+}
+
+/// Sends `count` requests from the client, each answering who served it and
+/// whether the reply came from the right source; stops early when
+/// interrupted or after GIVE_UP_AFTER failures in a row.
+fn send_round(
+    lab: &NodeLab,
+    count: usize,
+    target_port: u16,
+    request: impl Fn(usize) -> anyhow::Result<(Who, bool)> + Sync,
+) -> anyhow::Result<Tally> {
     let tally = lab.client.run(|| {
         let mut tally = Tally::default();
-        for connection in 0..TCP_CONNECTIONS {
+        for attempt in 0..count {
             if signals::interrupted() {
                 break;
             }
             tally.sent += 1;
-            let payload = pattern(TCP_PAYLOAD, connection as u32);
-            match tcp_who_echo_timeout(service, &payload, TIMEOUT) {
-                Ok(who) => {
-                    // A TCP reply from any other address would not have
-                    // completed the handshake: the connection is the proof.
-                    tally.record(lab, &who, true, ECHO_TCP_PORT);
-                }
+            match request(attempt) {
+                Ok((who, source_ok)) => tally.record(lab, &who, source_ok, target_port),
                 Err(error) => {
                     if tally.fail(error) {
                         break;

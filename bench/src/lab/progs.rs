@@ -250,14 +250,7 @@ const REPEAT: u32 = 1 << 18;
 
 impl Generator {
     pub fn load(lab: &BenchLab) -> anyhow::Result<Generator> {
-        let mut ebpf = EbpfLoader::new()
-            .load(crate::TRAFFICGEN_OBJECT)
-            .context("loading the trafficgen object")?;
-        let program: &mut SchedClassifier = ebpf
-            .program_mut("xlb_trafficgen")
-            .ok_or_else(|| anyhow!("xlb_trafficgen missing"))?
-            .try_into()?;
-        program.load().context("loading xlb_trafficgen")?;
+        let ebpf = xlb_bench::load_trafficgen()?;
         let ifindex = lab.gen_ns.run(|| topology::ifindex(POD_IF))??;
         Ok(Generator {
             ebpf,

@@ -210,48 +210,7 @@ impl Simulator {
             .map_err(map_error(names::CONFIG))?;
         let service = self.service_for(key)?;
         self.clear_private()?;
-
-        // What the live datapath knows about this tuple and client.
-        let live = self.live_entry(key);
-        let live_flow = live.map(|(_, flow)| flow);
-        let mut seed = Vec::new();
-        if let Some((table, flow)) = live {
-            seed.push((table, *key, flow));
-            let peer = FlowKey::peer_of(&flow, key.proto);
-            if let Some((table, reply)) = self.live_entry(&peer) {
-                seed.push((table, peer, reply));
-            }
-        }
-        let live_affinity = match &service {
-            Some(service) if service.flags & SERVICE_F_AFFINITY != 0 => self
-                .live_affinity
-                .get(
-                    &AffinityKey {
-                        service_id: service.id,
-                        client_addr_be: key.src_addr_be,
-                    },
-                    0,
-                )
-                .ok(),
-            _ => None,
-        };
-        for (table, key, flow) in &seed {
-            HashMap::<_, FlowKey, Flow>::try_from(self.map(table)?)
-                .and_then(|mut flows| flows.insert(key, flow, 0))
-                .map_err(map_error(table))?;
-        }
-        if let (Some(service), Some(record)) = (&service, live_affinity) {
-            let mut affinity =
-                HashMap::<_, AffinityKey, Affinity>::try_from(self.map(names::AFFINITY)?)
-                    .map_err(map_error(names::AFFINITY))?;
-            let key = AffinityKey {
-                service_id: service.id,
-                client_addr_be: key.src_addr_be,
-            };
-            affinity
-                .insert(key, record, 0)
-                .map_err(map_error(names::AFFINITY))?;
-        }
+        let (live_flow, live_affinity) = self.seed_private(key, service.as_ref())?;
 
         let before = self.counts()?;
         let (action, output) = test_run(program(&mut self.ebpf)?, frame, ifindex)?;
@@ -262,19 +221,7 @@ impl Simulator {
             .find(|(_, (before, after))| after > before)
             .map(|(reason, _)| *reason);
 
-        let mut flow = None;
-        for table in [names::FLOWS, names::FLOWS_NEW] {
-            flow = flow.or(HashMap::<_, FlowKey, Flow>::try_from(self.map(table)?)
-                .map_err(map_error(table))?
-                .get(key, 0)
-                .ok());
-        }
-        let hop = match (flow, live_flow) {
-            (Some(flow), None) => Array::<_, BackendHop>::try_from(self.map(names::BACKEND_HOPS)?)
-                .and_then(|hops| hops.get(&flow.backend_id, 0))
-                .ok(),
-            _ => None,
-        };
+        let (flow, hop) = self.flow_after(key, live_flow.is_some())?;
         Ok(Simulated {
             action,
             reason,
@@ -286,6 +233,71 @@ impl Simulator {
             hop,
             config,
         })
+    }
+
+    /// Copies what the live datapath knows about this tuple and client (its
+    /// flow, the flow's peer, the client's affinity record) into the private
+    /// maps; returns the live flow and affinity record.
+    fn seed_private(
+        &mut self,
+        key: &FlowKey,
+        service: Option<&Service>,
+    ) -> Result<(Option<Flow>, Option<Affinity>), ExplainError> {
+        let live = self.live_entry(key);
+        let live_flow = live.map(|(_, flow)| flow);
+        let mut seed = Vec::new();
+        if let Some((table, flow)) = live {
+            seed.push((table, *key, flow));
+            let peer = FlowKey::peer_of(&flow, key.proto);
+            if let Some((table, reply)) = self.live_entry(&peer) {
+                seed.push((table, peer, reply));
+            }
+        }
+        for (table, key, flow) in &seed {
+            HashMap::<_, FlowKey, Flow>::try_from(self.map(table)?)
+                .and_then(|mut flows| flows.insert(key, flow, 0))
+                .map_err(map_error(table))?;
+        }
+        let Some(service) = service.filter(|service| service.flags & SERVICE_F_AFFINITY != 0)
+        else {
+            return Ok((live_flow, None));
+        };
+        let affinity_key = AffinityKey {
+            service_id: service.id,
+            client_addr_be: key.src_addr_be,
+        };
+        let live_affinity = self.live_affinity.get(&affinity_key, 0).ok();
+        if let Some(record) = live_affinity {
+            HashMap::<_, AffinityKey, Affinity>::try_from(self.map(names::AFFINITY)?)
+                .and_then(|mut affinity| affinity.insert(affinity_key, record, 0))
+                .map_err(map_error(names::AFFINITY))?;
+        }
+        Ok((live_flow, live_affinity))
+    }
+
+    /// The tuple's entry after the run, and for a flow the run created
+    /// (`was_live` false), the next hop it resolved for the backend.
+    fn flow_after(
+        &mut self,
+        key: &FlowKey,
+        was_live: bool,
+    ) -> Result<(Option<Flow>, Option<BackendHop>), ExplainError> {
+        let mut flow = None;
+        for table in [names::FLOWS, names::FLOWS_NEW] {
+            flow = flow.or(HashMap::<_, FlowKey, Flow>::try_from(self.map(table)?)
+                .map_err(map_error(table))?
+                .get(key, 0)
+                .ok());
+        }
+        let hop = match flow {
+            Some(flow) if !was_live => {
+                Array::<_, BackendHop>::try_from(self.map(names::BACKEND_HOPS)?)
+                    .and_then(|hops| hops.get(&flow.backend_id, 0))
+                    .ok()
+            }
+            _ => None,
+        };
+        Ok((flow, hop))
     }
 
     fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, ExplainError> {

@@ -2,7 +2,8 @@
 //! pinning both on a bpffs (and adopting what a previous agent pinned),
 //! reading and writing its maps, and the host facts around it. The only
 //! module with aya; its raw system calls, the agent's only `unsafe`, are in
-//! `sys.rs`.//!
+//! `sys.rs`.
+//!
 //! `load.rs` loads the object, `xdp.rs`, `tc.rs` and `sockets.rs` attach
 //! its programs (`links.rs`: pinned links, adopted or new, for both), and
 //! `maps/` writes and reads the maps.

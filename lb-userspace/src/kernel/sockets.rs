@@ -60,7 +60,7 @@ impl Datapath {
     /// `sock_destroy`. Empty without socket hooks.
     pub fn take_stale_socket_records(
         &mut self,
-        keeps: impl Fn(u32, crate::reconcile::BackendAddr) -> bool,
+        keeps: impl Fn(u32, crate::model::BackendAddr) -> bool,
     ) -> Result<sock_destroy::Stale, KernelError> {
         use lb_common::{SockRevNat, SockRevNatKey};
         if self.sockets.is_none() {
@@ -74,7 +74,7 @@ impl Datapath {
             .iter()
             .filter_map(Result::ok)
             .filter(|(key, record)| {
-                let backend = crate::reconcile::BackendAddr {
+                let backend = crate::model::BackendAddr {
                     address: std::net::Ipv4Addr::from(u32::from_be(key.backend_addr_be)),
                     port: u16::from_be(key.backend_port_be),
                 };

@@ -206,7 +206,7 @@ fn deleting_what_is_already_gone_is_fine() {
     let op = MapOp::WriteBackend {
         id: TEST_SIZES.backends,
         backend: reconcile::ActiveBackend {
-            address: reconcile::BackendAddr {
+            address: crate::model::BackendAddr {
                 address: Ipv4Addr::new(198, 18, 1, 1),
                 port: 1,
             },
@@ -221,7 +221,8 @@ fn deleting_what_is_already_gone_is_fine() {
 /// written; a run that fails part way reports the ops written before.
 #[test]
 fn runs_are_written_whole_and_fail_where_they_fail() {
-    use reconcile::{ActiveBackend, BackendAddr, Frontend, MapWriter as _, ServiceEntry};
+    use crate::model::BackendAddr;
+    use reconcile::{ActiveBackend, Frontend, MapWriter as _, ServiceEntry};
     let Some(mut loaded) = load() else { return };
     let maps = &mut loaded.maps;
     let backend = |id: u32| MapOp::WriteBackend {

@@ -9,8 +9,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{self, DesiredState};
-use crate::reconcile::{Applied, BackendAddr};
+use crate::model::{self, BackendAddr, DesiredState};
+use crate::reconcile::Applied;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {

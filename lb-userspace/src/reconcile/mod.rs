@@ -30,7 +30,5 @@ pub use ops::{ActiveBackend, Frontend, MapOp, RunKind, ServiceEntry, Settings, S
 pub use plan::{Capacity, Fitted, PlanError, diff, diff_fitting};
 pub use writer::{ApplyError, MapWriter, apply, apply_taking};
 
-pub use crate::model::{BackendAddr, DesiredBackend, desired_backends, network_of};
-
 #[cfg(test)]
 mod tests;

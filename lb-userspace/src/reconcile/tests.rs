@@ -3,7 +3,8 @@ use std::net::Ipv4Addr;
 
 use super::*;
 use crate::model::{
-    Backend, Conntrack, DEFAULT_MASQUERADE_PORTS, DesiredState, Protocol, Service, TrafficPolicy,
+    Backend, BackendAddr, Conntrack, DEFAULT_MASQUERADE_PORTS, DesiredState, Protocol, Service,
+    TrafficPolicy, desired_backends,
 };
 use lb_common::service::{
     SERVICE_F_AFFINITY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE, SERVICE_F_SOURCE_RANGES,

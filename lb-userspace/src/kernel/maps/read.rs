@@ -10,7 +10,8 @@ use lb_common::{Backend, GlobalConfig, Service, Traffic};
 
 use super::convert::{frontend_of, settings_of, source_range_of};
 use super::{KernelMaps, MapIoError, io};
-use crate::reconcile::{ActiveBackend, Applied, AppliedService, BackendAddr, ServiceEntry};
+use crate::model::BackendAddr;
+use crate::reconcile::{ActiveBackend, Applied, AppliedService, ServiceEntry};
 
 /// What the control-plane maps hold, read back from the kernel (for tests
 /// and debugging).

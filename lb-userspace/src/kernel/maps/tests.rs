@@ -5,10 +5,8 @@ use lb_common::service::{ADDR_ANY_NODE, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING,
 
 use super::convert::source_range_of;
 use super::*;
-use crate::model::Protocol;
-use crate::reconcile::{
-    ActiveBackend, BackendAddr, Frontend, ServiceEntry, Settings, SourceRangeKey,
-};
+use crate::model::{BackendAddr, Protocol};
+use crate::reconcile::{ActiveBackend, Frontend, ServiceEntry, Settings, SourceRangeKey};
 
 #[test]
 fn addresses_and_ports_keep_wire_byte_order() {
