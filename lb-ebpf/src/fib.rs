@@ -2,6 +2,9 @@
 //! of the interface it names: XDP_TX / XDP_REDIRECT where the egress takes
 //! XDP frames, otherwise a hand-off to the uplink's tc program (a pod's
 //! veth without XDP, a bridge or a tunnel would drop a redirected frame).
+//! A local pod the agent knows (`XLB_PEERS`) gets the hand-off for
+//! `bpf_redirect_peer`: into its namespace directly, past the bridge, the
+//! host stack and the backlog.
 
 use aya_ebpf::{
     bindings::{
@@ -9,16 +12,18 @@ use aya_ebpf::{
         bpf_fib_lookup, xdp_action,
     },
     cty::c_void,
-    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect, bpf_xdp_adjust_meta},
+    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
     Backend, BackendHop, Reason,
-    path::{HANDOFF_MAGIC, Handoff},
+    path::{HANDOFF_NEIGH, HANDOFF_PEER, handoff_mac},
 };
 use network_types::eth::EthHdr;
 
-use crate::maps::{Path, XLB_BACKEND_HOPS, XLB_IFACE_ADDRS, XLB_REDIRECT_OK};
+use crate::maps::{
+    Path, XLB_BACKEND_HOPS, XLB_CONFIG, XLB_IFACE_ADDRS, XLB_PEERS, XLB_REDIRECT_OK,
+};
 
 /// Masquerade address for egress interfaces without one of their own (a
 /// routed CNI's pod veths): `XLB_IFACE_ADDRS` under this key.
@@ -177,17 +182,46 @@ pub fn hop_to_backend(
     Ok((hop, masquerade_addr_be))
 }
 
-/// Sends the rewritten frame: XDP_TX back out of the interface it came in
-/// on, a redirect to another XDP interface (MACs rewritten), or, for any
-/// other next hop, XDP_PASS with a hand-off for the uplink's tc program.
-/// Must be the last thing done with the packet: the hand-off moves
-/// `data_meta` and so invalidates every packet pointer.
+/// Sends the rewritten frame, addressed to `dst_addr_be`: XDP_TX back out
+/// of the interface it came in on, a redirect to another XDP interface (MACs
+/// rewritten), or, for any other next hop, XDP_PASS with a hand-off for the
+/// uplink's tc program (`lb_common::path::handoff_mac`): `bpf_redirect_peer`
+/// when the destination is a local pod the agent knows and the FIB still
+/// routes it there, else `bpf_redirect_neigh`.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, eth: *mut EthHdr, hop: &NextHop) -> Result<(u32, Path), Reason> {
+pub fn send(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    hop: &NextHop,
+    dst_addr_be: u32,
+) -> Result<(u32, Path), Reason> {
     let ingress = hop.ifindex == ctx.ingress_ifindex() as u32;
     if !ingress && !redirect_ok(hop.ifindex) {
-        handoff(ctx, hop.ifindex)?;
-        return Ok((xdp_action::XDP_PASS, Path::Tc));
+        let secret = XLB_CONFIG.get(0).map_or(0, |cfg| cfg.hash_seed_hi);
+        let (dst_mac, kind, ifindex, path) = match XLB_PEERS.get_ptr(dst_addr_be) {
+            // SAFETY: map value pointer, valid for this run; plain integers.
+            Some(peer) if unsafe { (*peer).route_ifindex } == hop.ifindex => {
+                // SAFETY: as above. The pod's stack takes the frame as it is
+                // (no neighbour step after a peer redirect): it must be
+                // addressed to the pod.
+                let peer = unsafe { *peer };
+                (peer.dst_mac, HANDOFF_PEER, peer.ifindex, Path::Peer)
+            }
+            // SAFETY: the parser checked the Ethernet header is inside the
+            // packet. bpf_redirect_neigh writes both addresses.
+            _ => (
+                unsafe { (*eth).dst_addr },
+                HANDOFF_NEIGH,
+                hop.ifindex,
+                Path::Tc,
+            ),
+        };
+        // SAFETY: the parser checked the Ethernet header is inside the packet.
+        unsafe {
+            (*eth).dst_addr = dst_mac;
+            (*eth).src_addr = handoff_mac(kind, ifindex, secret);
+        }
+        return Ok((xdp_action::XDP_PASS, path));
     }
     // SAFETY: the parser checked the Ethernet header is inside the packet.
     unsafe {
@@ -200,28 +234,4 @@ pub fn send(ctx: &XdpContext, eth: *mut EthHdr, hop: &NextHop) -> Result<(u32, P
     // SAFETY: plain helper call; it only records the target interface.
     let action = unsafe { bpf_redirect(hop.ifindex, 0) as u32 };
     Ok((action, Path::Xdp))
-}
-
-/// Puts a `Handoff` for `ifindex` in the frame's XDP metadata. The frame
-/// itself is already rewritten; the uplink's tc program only sends it.
-#[inline(always)]
-fn handoff(ctx: &XdpContext, ifindex: u32) -> Result<(), Reason> {
-    let len = core::mem::size_of::<Handoff>() as i32;
-    // SAFETY: plain helper call on our own context; pointers into the frame
-    // are not used after it.
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
-        return Err(Reason::DropTcHandoff);
-    }
-    let meta = ctx.metadata();
-    if meta + core::mem::size_of::<Handoff>() > ctx.data() {
-        return Err(Reason::DropTcHandoff);
-    }
-    // SAFETY: checked above: the metadata area holds a whole `Handoff`.
-    unsafe {
-        *(meta as *mut Handoff) = Handoff {
-            magic: HANDOFF_MAGIC,
-            ifindex,
-        };
-    }
-    Ok(())
 }

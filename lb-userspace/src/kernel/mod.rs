@@ -10,6 +10,7 @@ pub mod host;
 pub mod linkwatch;
 pub mod maps;
 pub mod neigh;
+pub mod peers;
 pub mod pin;
 pub mod seed;
 pub mod sock;
