@@ -21,7 +21,7 @@
 //! tc ingress of the pod's `eth0` (no XDP in the pod).
 //!
 //! What each path exercises in xlb: the local pod, XDP rewrite + tc
-//! hand-off (`bpf_redirect_neigh` into cni0); the remote routed pod, XDP
+//! hand-off (`bpf_redirect_peer` into the pod); the remote routed pod, XDP
 //! rewrite + `XDP_REDIRECT` to the second uplink (today's XDP path); the
 //! remote VXLAN pod, XDP rewrite + tc hand-off into the VXLAN device.
 
@@ -90,7 +90,7 @@ impl PodPath {
     /// How xlb's datapath sends this path's packets.
     pub fn xlb_hook(self) -> &'static str {
         match self {
-            PodPath::LocalBridge => "XDP + tc hand-off (bpf_redirect_neigh to cni0)",
+            PodPath::LocalBridge => "XDP + tc hand-off (bpf_redirect_peer into the pod)",
             PodPath::RemoteRouted => "XDP_REDIRECT to the uplink",
             PodPath::RemoteVxlan => "XDP + tc hand-off (bpf_redirect_neigh to the VXLAN device)",
         }

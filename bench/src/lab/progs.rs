@@ -379,9 +379,9 @@ impl Generator {
             let sent = sender
                 .join()
                 .map_err(|_| anyhow!("the generator thread panicked"))?;
-            let window = measured?;
+            // The generator's own error says why it stopped early.
             sent?;
-            Ok(window)
+            measured
         })
     }
 }

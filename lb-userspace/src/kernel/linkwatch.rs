@@ -13,8 +13,8 @@ use tokio::io::unix::AsyncFd;
 use crate::kernel::sys;
 
 /// rtnetlink message types (linux/rtnetlink.h).
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
+pub const RTM_NEWLINK: u16 = 16;
+pub const RTM_DELLINK: u16 = 17;
 /// Neighbour (and bridge FDB) messages.
 pub const RTM_NEWNEIGH: u16 = 28;
 pub const RTM_DELNEIGH: u16 = 29;

@@ -25,9 +25,9 @@ use serde::Deserialize;
 use tokio::time::{Instant, sleep_until};
 
 use super::Datapath;
-use super::linkwatch::{LinkWatch, RTM_DELNEIGH, RTM_NEWNEIGH};
+use super::linkwatch::{LinkWatch, RTM_DELLINK, RTM_DELNEIGH, RTM_NEWLINK, RTM_NEWNEIGH};
 
-/// Fewest time between two reads of the host's tables: a busy node's
+/// Least time between two reads of the host's tables: a busy node's
 /// neighbours change state often.
 const MIN_GAP: Duration = Duration::from_millis(200);
 /// Read them at least this often, events or not.
@@ -35,7 +35,7 @@ const SCAN: Duration = Duration::from_secs(10);
 
 /// rtnetlink messages that may change a peer: neighbours and FDB entries
 /// (RTMGRP_NEIGH), and links (a veth going, a port leaving its bridge).
-const KINDS: &[u16] = &[RTM_NEWNEIGH, RTM_DELNEIGH, 16, 17];
+const KINDS: &[u16] = &[RTM_NEWNEIGH, RTM_DELNEIGH, RTM_NEWLINK, RTM_DELLINK];
 
 /// A local pod as found: where the peer path sends its frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
