@@ -85,9 +85,9 @@ fn word_sum(bytes: &[u8]) -> u32 {
         .sum()
 }
 
-#[cfg(test)]
 /// What `xlb_trafficgen` writes for sequence number `seq`, on the host (the
-/// same `GenConfig::fields`), so it can be checked by a packet library.
+/// same `GenConfig::fields`), so it can be checked by a packet library, and
+/// what the AF_PACKET fallback sends.
 pub fn frame_for(cfg: &GenConfig, seq: u64) -> Vec<u8> {
     use xlb_bench_ebpf::{IP_CSUM_AT, SRC_ADDR_AT, SRC_PORT_AT, UDP_CSUM_AT};
     let fields = cfg.fields(seq);
@@ -269,6 +269,11 @@ pub struct Generator {
     ebpf: Ebpf,
     ns: String,
     ifindex: u32,
+    /// Frames sent by the AF_PACKET fallback (`send_by_packet_socket`).
+    sent_by_socket: std::sync::atomic::AtomicU64,
+    /// Set once BPF_PROG_TEST_RUN with live frames was refused (EPERM on
+    /// some kernels): the fallback sends from then on.
+    live_refused: AtomicBool,
 }
 
 /// Frames per BPF_PROG_TEST_RUN call: short enough to stop promptly.
@@ -287,6 +292,8 @@ impl Generator {
             ebpf,
             ns: lab.gen_ns.name().to_owned(),
             ifindex,
+            sent_by_socket: std::sync::atomic::AtomicU64::new(0),
+            live_refused: AtomicBool::new(false),
         })
     }
 
@@ -306,7 +313,7 @@ impl Generator {
                 .map("GEN_SENT")
                 .ok_or_else(|| anyhow!("GEN_SENT missing"))?,
         )?;
-        Ok(map.get(&0, 0)?)
+        Ok(map.get(&0, 0)? + self.sent_by_socket.load(Ordering::Relaxed))
     }
 
     /// Send `flows` to `dst_port` as fast as the generator goes; after
@@ -342,16 +349,32 @@ impl Generator {
                 let mut ctx = [0u8; 24];
                 ctx[4..8].copy_from_slice(&(FRAME_LEN as u32).to_ne_bytes());
                 ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-                while !stop.load(Ordering::Relaxed) {
-                    program
-                        .test_run(TestRunOptions {
-                            data_in: Some(&frame),
-                            ctx_in: Some(&ctx),
-                            repeat: REPEAT,
-                            attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
-                            ..TestRunOptions::default()
-                        })
-                        .context("BPF_PROG_TEST_RUN (live frames) of xlb_trafficgen")?;
+                while !stop.load(Ordering::Relaxed) && !this.live_refused.load(Ordering::Relaxed) {
+                    let sent = program.test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        ctx_in: Some(&ctx),
+                        repeat: REPEAT,
+                        attrs: TestRunAttrs::new().xdp_live_frames(BATCH),
+                        ..TestRunOptions::default()
+                    });
+                    match sent {
+                        Ok(_) => {}
+                        Err(error) if is_eperm(&error) => {
+                            eprintln!(
+                                "xlb-bench: BPF_PROG_TEST_RUN with live frames refused \
+                                 ({error}); sending from an AF_PACKET socket instead \
+                                 (slower: read the ratios)"
+                            );
+                            this.live_refused.store(true, Ordering::Relaxed);
+                        }
+                        Err(error) => {
+                            return Err(anyhow::Error::new(error)
+                                .context("BPF_PROG_TEST_RUN (live frames) of xlb_trafficgen"));
+                        }
+                    }
+                }
+                if this.live_refused.load(Ordering::Relaxed) {
+                    send_by_packet_socket(ifindex, dst_port, flows, &stop, &this.sent_by_socket)?;
                 }
                 Ok(())
             });
@@ -384,6 +407,101 @@ impl Generator {
             measured
         })
     }
+}
+
+fn is_eperm(error: &aya::programs::ProgramError) -> bool {
+    let text = format!("{error:?}");
+    text.contains("PermissionDenied") || text.contains("os error 1)")
+}
+
+/// Frames the AF_PACKET fallback cycles through for `flows` (for new-flow
+/// floods, enough that a tuple comes back only after its flow timed out).
+fn fallback_frames(dst_port: u16, flows: Flows) -> Vec<Vec<u8>> {
+    let cfg = gen_config(dst_port, flows);
+    let count = match flows {
+        Flows::Cycle(count) => u64::from(count.clamp(1, 65_536)),
+        Flows::New => 1 << 18,
+    };
+    (0..count).map(|seq| frame_for(&cfg, seq)).collect()
+}
+
+/// The generator without BPF_PROG_TEST_RUN: the same frames from an
+/// AF_PACKET socket on the generator's interface (qdisc bypassed), 64 per
+/// `sendmmsg`, until `stop`.
+fn send_by_packet_socket(
+    ifindex: u32,
+    dst_port: u16,
+    flows: Flows,
+    stop: &AtomicBool,
+    sent: &std::sync::atomic::AtomicU64,
+) -> anyhow::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let frames = fallback_frames(dst_port, flows);
+    // SAFETY: plain socket(2) call; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    anyhow::ensure!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: the option value is a c_int we own, its size passed.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    // SAFETY: sockaddr_ll is plain data; all-zero then filled in.
+    let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    address.sll_family = libc::AF_PACKET as u16;
+    address.sll_ifindex = ifindex as i32;
+    address.sll_halen = 6;
+    const BATCH_FRAMES: usize = 64;
+    let mut next = 0usize;
+    let mut iovecs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; BATCH_FRAMES];
+    // SAFETY: mmsghdr is plain data; all-zero is valid.
+    let mut messages: [libc::mmsghdr; BATCH_FRAMES] = unsafe { std::mem::zeroed() };
+    while !stop.load(Ordering::Relaxed) {
+        for (iovec, message) in iovecs.iter_mut().zip(messages.iter_mut()) {
+            let frame = &frames[next];
+            next = (next + 1) % frames.len();
+            iovec.iov_base = frame.as_ptr() as *mut libc::c_void;
+            iovec.iov_len = frame.len();
+            message.msg_hdr.msg_iov = iovec;
+            message.msg_hdr.msg_iovlen = 1;
+            message.msg_hdr.msg_name = (&mut address as *mut libc::sockaddr_ll).cast();
+            message.msg_hdr.msg_namelen = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        }
+        // SAFETY: every message points at a live frame and at `address`,
+        // both outliving the call.
+        let done = unsafe {
+            libc::sendmmsg(
+                socket.as_raw_fd(),
+                messages.as_mut_ptr(),
+                BATCH_FRAMES as libc::c_uint,
+                0,
+            )
+        };
+        if done > 0 {
+            sent.fetch_add(done as u64, Ordering::Relaxed);
+        } else {
+            let error = std::io::Error::last_os_error();
+            match error.raw_os_error() {
+                Some(libc::ENOBUFS | libc::EAGAIN | libc::EINTR) => std::thread::yield_now(),
+                _ => anyhow::bail!("AF_PACKET sendmmsg: {error}"),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Pin the calling thread to `cpu` (best effort: on one CPU it is a no-op).
