@@ -447,7 +447,14 @@ impl PathBench {
             None,
         );
         self.at_node2.arm(false)?;
-        Ok(window?.delivered_pps)
+        let window = window?;
+        // Whether the generator or the path is the bound.
+        eprintln!(
+            "xlb-bench:   offered {:.1}k pps, delivered {:.1}k pps",
+            window.offered_pps / 1e3,
+            window.delivered_pps / 1e3
+        );
+        Ok(window.delivered_pps)
     }
 
     /// Stops the agent (if xlb): its packet counters.
