@@ -18,7 +18,7 @@ pub mod sock;
 
 pub use flow::{Flow, FlowKey, Traffic};
 pub use frag::{FragKey, FragPorts, IcmpLimit};
-pub use path::{Handoff, Paths};
+pub use path::{Handoff, Paths, Peer};
 pub use reason::Reason;
 pub use service::{
     Affinity, AffinityKey, Backend, BackendHop, GlobalConfig, NodeAddr, Service, ServiceKey,

@@ -16,7 +16,7 @@ use core::mem::size_of;
 use crate::reason::REASON_COUNT;
 use crate::{
     Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
-    IcmpLimit, NodeAddr, Paths, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
+    IcmpLimit, NodeAddr, Paths, Peer, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
     Traffic,
 };
 
@@ -208,6 +208,12 @@ declare_maps! {
     /// service address a socket asked for, by (socket cookie, backend), so
     /// recvmsg() and getpeername() show the service rather than the backend.
     SOCK_REVNAT = "XLB_SOCK_REVNAT": LruHash<SockRevNatKey, SockRevNat>, SOCK_REVNAT_MAX, Fixed, Alone, Private;
+    /// `HashMap<u32 /* pod addr_be */, Peer>`: local pods (their host-side
+    /// veth and MACs), so XDP can hand their frames to tc for
+    /// `bpf_redirect_peer`. Not pinned: each agent fills it from the host
+    /// (kernel/peers.rs) and keeps it current; a pod not in it is reached
+    /// through `bpf_redirect_neigh` as before.
+    PEERS = "XLB_PEERS": Hash<u32, Peer>, PEERS_MAX, Fixed, No, Private;
 }
 
 /// Where a program of the object runs.
@@ -313,6 +319,8 @@ pub const FRAGS_MAX: u32 = 16_384;
 pub const ICMP_LIMIT_MAX: u32 = 16_384;
 pub const REDIRECT_OK_MAX: u32 = 256;
 pub const SOCK_REVNAT_MAX: u32 = 1 << 18;
+/// Pods on one node (Kubernetes' default limit is 110).
+pub const PEERS_MAX: u32 = 4_096;
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,9 @@
 //! of the interface it names: XDP_TX / XDP_REDIRECT where the egress takes
 //! XDP frames, otherwise a hand-off to the uplink's tc program (a pod's
 //! veth without XDP, a bridge or a tunnel would drop a redirected frame).
+//! A local pod the agent knows (`XLB_PEERS`) gets the hand-off for
+//! `bpf_redirect_peer`: into its namespace directly, past the bridge, the
+//! host stack and the backlog.
 
 use aya_ebpf::{
     bindings::{
@@ -14,11 +17,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendHop, Reason,
-    path::{HANDOFF_MAGIC, Handoff},
+    path::{HANDOFF_NEIGH, HANDOFF_PEER, Handoff},
 };
 use network_types::eth::EthHdr;
 
-use crate::maps::{Path, XLB_BACKEND_HOPS, XLB_IFACE_ADDRS, XLB_REDIRECT_OK};
+use crate::maps::{Path, XLB_BACKEND_HOPS, XLB_IFACE_ADDRS, XLB_PEERS, XLB_REDIRECT_OK};
 
 /// Masquerade address for egress interfaces without one of their own (a
 /// routed CNI's pod veths): `XLB_IFACE_ADDRS` under this key.
@@ -177,15 +180,31 @@ pub fn hop_to_backend(
     Ok((hop, masquerade_addr_be))
 }
 
-/// Sends the rewritten frame: XDP_TX back out of the interface it came in
-/// on, a redirect to another XDP interface (MACs rewritten), or, for any
-/// other next hop, XDP_PASS with a hand-off for the uplink's tc program.
+/// Sends the rewritten frame, addressed to `dst_addr_be`: XDP_TX back out
+/// of the interface it came in on, a redirect to another XDP interface (MACs
+/// rewritten), or, for any other next hop, XDP_PASS with a hand-off for the
+/// uplink's tc program (`lb_common::path::Handoff`): `bpf_redirect_peer`
+/// when the destination is a local pod the agent knows and the FIB still
+/// routes it there, else `bpf_redirect_neigh`.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, eth: *mut EthHdr, hop: &NextHop) -> Result<(u32, Path), Reason> {
+pub fn send(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    hop: &NextHop,
+    dst_addr_be: u32,
+) -> Result<(u32, Path), Reason> {
     let ingress = hop.ifindex == ctx.ingress_ifindex() as u32;
     if !ingress && !redirect_ok(hop.ifindex) {
-        handoff(eth, hop.ifindex);
-        return Ok((xdp_action::XDP_PASS, Path::Tc));
+        let (kind, ifindex, path) = match XLB_PEERS.get_ptr(dst_addr_be) {
+            // SAFETY: map value pointer, valid for this run; plain integers.
+            Some(peer) if unsafe { (*peer).route_ifindex } == hop.ifindex => {
+                // SAFETY: as above.
+                (HANDOFF_PEER, unsafe { (*peer).ifindex }, Path::Peer)
+            }
+            _ => (HANDOFF_NEIGH, hop.ifindex, Path::Tc),
+        };
+        handoff(eth, kind, ifindex);
+        return Ok((xdp_action::XDP_PASS, path));
     }
     // SAFETY: the parser checked the Ethernet header is inside the packet.
     unsafe {
@@ -200,17 +219,14 @@ pub fn send(ctx: &XdpContext, eth: *mut EthHdr, hop: &NextHop) -> Result<(u32, P
     Ok((action, Path::Xdp))
 }
 
-/// Writes a `Handoff` for `ifindex` over the frame's Ethernet addresses
-/// (tc's `bpf_redirect_neigh` writes real ones). The frame itself is already
-/// rewritten; the uplink's tc program only sends it.
+/// Writes a `Handoff` of `kind` for `ifindex` over the frame's Ethernet
+/// addresses (tc writes real ones, or `bpf_redirect_neigh` does). The frame
+/// itself is already rewritten; the uplink's tc program only sends it.
 #[inline(always)]
-fn handoff(eth: *mut EthHdr, ifindex: u32) {
+fn handoff(eth: *mut EthHdr, kind: u8, ifindex: u32) {
     // SAFETY: the parser checked the Ethernet header (14 bytes) is inside the
     // packet; `Handoff` covers its first 8.
     unsafe {
-        *(eth as *mut Handoff) = Handoff {
-            magic: HANDOFF_MAGIC,
-            ifindex,
-        };
+        *(eth as *mut Handoff) = Handoff::new(kind, ifindex);
     }
 }

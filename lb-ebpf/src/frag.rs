@@ -94,7 +94,7 @@ pub fn follow(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32, Re
     let to_client = flow.direction == FLOW_DIR_REPLY;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(flow.service_id, flow.backend_id, to_client, frame_len);
-    let (action, path) = fib::send(ctx, eth, &hop)?;
+    let (action, path) = fib::send(ctx, eth, &hop, flow.new_dst_addr_be)?;
     count_path(flow.backend_id, to_client, path);
     Ok((action, Reason::FwdFragment))
 }

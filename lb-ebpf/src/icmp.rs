@@ -50,7 +50,7 @@ pub fn translate(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32,
     } else {
         Reason::FwdIcmpToBackend
     };
-    let (action, path) = fib::send(ctx, error.eth, &hop)?;
+    let (action, path) = fib::send(ctx, error.eth, &hop, flow.new_dst_addr_be)?;
     count_path(flow.backend_id, to_client, path);
     Ok((action, reason))
 }

@@ -341,7 +341,7 @@ mod prog {
         nat::rewrite(packet, flow);
         let to_client = flow.direction == FLOW_DIR_REPLY;
         count_traffic(flow.service_id, flow.backend_id, to_client, frame_len(ctx));
-        let (action, path) = fib::send(ctx, packet.eth, &hop)?;
+        let (action, path) = fib::send(ctx, packet.eth, &hop, flow.new_dst_addr_be)?;
         count_path(flow.backend_id, to_client, path);
         Ok((action, reason))
     }

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
-    IcmpLimit, NodeAddr, Paths, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
+    IcmpLimit, NodeAddr, Paths, Peer, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
     Traffic, maps::decl,
 };
 
@@ -86,11 +86,18 @@ pub static XLB_REDIRECT_OK: HashMap<u32, u32> =
 pub static XLB_BACKEND_PATHS: PerCpuArray<Paths> =
     PerCpuArray::with_max_entries(decl::BACKEND_PATHS.max_entries, decl::BACKEND_PATHS.flags);
 
+#[map]
+pub static XLB_PEERS: HashMap<u32, Peer> =
+    HashMap::with_max_entries(decl::PEERS.max_entries, decl::PEERS.flags);
+
 /// Which hook carried a forwarded packet, for `XLB_BACKEND_PATHS`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Path {
     Xdp,
+    /// Handed to tc, sent with `bpf_redirect_neigh` (or reverse-NATed at tc).
     Tc,
+    /// Handed to tc, sent into a local pod with `bpf_redirect_peer`.
+    Peer,
 }
 
 /// Counts a forwarded packet of backend `backend_id` under the path it took.
@@ -105,7 +112,9 @@ pub fn count_path(backend_id: u32, to_client: bool, path: Path) {
         (false, Path::Xdp) => paths.to_backend_xdp += 1,
         (false, Path::Tc) => paths.to_backend_tc += 1,
         (true, Path::Xdp) => paths.to_client_xdp += 1,
-        (true, Path::Tc) => paths.to_client_tc += 1,
+        (false, Path::Peer) => paths.to_backend_peer += 1,
+        // A reply to a client that is a local pod: tc sent it either way.
+        (true, Path::Tc | Path::Peer) => paths.to_client_tc += 1,
     }
 }
 

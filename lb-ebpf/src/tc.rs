@@ -4,8 +4,12 @@
 //!   frames the XDP program rewrote but could not deliver itself because
 //!   their next hop takes no XDP frames (a pod's veth, a bridge, a tunnel).
 //!   XDP writes a `Handoff` over the frame's MACs; this program only
-//!   redirects (`bpf_redirect_neigh`). Passing such a frame to the stack
-//!   instead would get it dropped as a martian (its source is the node's).
+//!   redirects: `bpf_redirect_neigh` (`HANDOFF_NEIGH`), or for a local pod
+//!   `bpf_redirect_peer` into the pod's namespace (`HANDOFF_PEER`: skips
+//!   the bridge, the host's IP stack and the per-CPU backlog; the frame's
+//!   checksums are complete, as XDP wrote them). Passing such a frame to
+//!   the stack instead would get it dropped as a martian (its source is the
+//!   node's).
 //! - `xlb_tc_pod` (tc ingress on pods' host-side veths and tunnel devices):
 //!   reverse NAT for backend replies that never cross an XDP interface.
 //!   These are skbs, often CHECKSUM_PARTIAL, so the rewrite uses the kernel's
@@ -14,21 +18,22 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_neigh},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_neigh, bpf_redirect_peer},
     macros::classifier,
     programs::TcContext,
 };
 use lb_common::{
     Reason,
     flow::FLOW_DIR_REPLY,
-    path::{HANDOFF_MAGIC, Handoff},
+    path::{HANDOFF_MARK, HANDOFF_NEIGH, HANDOFF_PEER, Handoff},
     reason::Verdict,
     service::CONFIG_F_READY,
 };
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     conntrack, fib,
-    maps::{Path, XLB_CONFIG, count, count_path, count_traffic},
+    maps::{Path, XLB_CONFIG, XLB_PEERS, count, count_path, count_traffic},
     nat,
     parse::{self, Packet},
     prog::{check_ttl, flow_key},
@@ -40,17 +45,68 @@ const HEADERS_MAX: u32 = 14 + 60 + 60;
 
 #[classifier]
 pub fn xlb_tc_uplink(ctx: TcContext) -> i32 {
-    let Ok(eth) = parse::ptr_at::<Handoff, _>(&ctx, 0) else {
-        return TC_ACT_OK as i32;
-    };
-    // SAFETY: ptr_at checked that a whole `Handoff` lies inside the packet.
-    let handoff = unsafe { *eth };
-    if handoff.magic != HANDOFF_MAGIC {
+    // Ethernet (14) and the IPv4 header up to its destination (20).
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + 34 > end {
         return TC_ACT_OK as i32;
     }
-    // SAFETY: plain helper call; a null `params` makes the kernel look up the
-    // route and neighbour itself (and write both MACs).
-    unsafe { bpf_redirect_neigh(handoff.ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+    let eth = start as *mut EthHdr;
+    // SAFETY: checked above: the Ethernet header, which `Handoff` overlays
+    // (8 of 14 bytes), is inside the packet.
+    let handoff = unsafe { *(eth as *const Handoff) };
+    if handoff.mark != HANDOFF_MARK {
+        return TC_ACT_OK as i32;
+    }
+    // Any other kind under the mark is some device's own address: passed.
+    let ifindex = handoff.ifindex;
+    match handoff.kind {
+        HANDOFF_NEIGH => {
+            // SAFETY: plain helper call; a null `params` makes the kernel
+            // look up the route and neighbour itself (and write both MACs).
+            unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+        }
+        HANDOFF_PEER => {
+            // SAFETY: checked above: the IPv4 header's addresses are in the
+            // packet.
+            let (src, dst, proto) = unsafe {
+                let ip = (start + EthHdr::LEN) as *const Ipv4Hdr;
+                ((*ip).src_addr, (*ip).dst_addr, (*ip).proto as u8)
+            };
+            let (src, dst) = (u32::from_ne_bytes(src), u32::from_ne_bytes(dst));
+            // SAFETY: plain-integer map value, read at once.
+            let peer = match unsafe { XLB_PEERS.get(dst) }.copied() {
+                Some(peer) if peer.ifindex == ifindex => peer,
+                // The pod left the table since XDP looked: the way every
+                // other frame goes.
+                _ => return redirect_by_fib(&ctx, src, dst, proto),
+            };
+            // SAFETY: as above. The pod's stack takes the frame as it is
+            // (no neighbour step after a peer redirect): it must be
+            // addressed to the pod, from its gateway.
+            unsafe {
+                (*eth).dst_addr = peer.dst_mac;
+                (*eth).src_addr = peer.src_mac;
+            }
+            // SAFETY: plain helper call; the kernel checks the target is a
+            // veth whose peer is up in another namespace (else the frame is
+            // dropped: the agent removes a pod's entry as its veth goes).
+            unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
+        }
+        _ => TC_ACT_OK as i32,
+    }
+}
+
+/// Sends a rewritten frame to the FIB's next hop for `dst`, as
+/// `bpf_redirect_neigh` does for any hand-off.
+#[inline(never)]
+fn redirect_by_fib(ctx: &TcContext, src: u32, dst: u32, proto: u8) -> i32 {
+    // SAFETY: `skb` is this run's context.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    match fib::next_hop(ctx.skb.skb.cast(), ingress, src, dst, proto, 0, true) {
+        // SAFETY: plain helper call; the kernel resolves the neighbour.
+        Ok(hop) => unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) as i32 },
+        Err(_) => TC_ACT_SHOT as i32,
+    }
 }
 
 #[classifier]

@@ -422,20 +422,26 @@ impl NodeLab {
     /// The client's TCP and UDP checksum error counters (`nstat`):
     /// (TcpInCsumErrors, UdpInCsumErrors).
     pub fn client_csum_errors(&self) -> Result<(u64, u64), LabError> {
-        let out = self.client.exec(
-            "nstat",
-            &["-a", "-s", "-z", "TcpInCsumErrors", "UdpInCsumErrors"],
-        )?;
-        let value = |name: &str| {
-            out.lines()
-                .find_map(|line| {
-                    let mut fields = line.split_whitespace();
-                    (fields.next() == Some(name)).then(|| fields.next()?.parse().ok())?
-                })
-                .unwrap_or(0)
-        };
-        Ok((value("TcpInCsumErrors"), value("UdpInCsumErrors")))
+        csum_errors(&self.client)
     }
+}
+
+/// The TCP and UDP checksum error counters (`nstat`) of a namespace (the
+/// client's, a pod's): (TcpInCsumErrors, UdpInCsumErrors).
+pub fn csum_errors(netns: &Netns) -> Result<(u64, u64), LabError> {
+    let out = netns.exec(
+        "nstat",
+        &["-a", "-s", "-z", "TcpInCsumErrors", "UdpInCsumErrors"],
+    )?;
+    let value = |name: &str| {
+        out.lines()
+            .find_map(|line| {
+                let mut fields = line.split_whitespace();
+                (fields.next() == Some(name)).then(|| fields.next()?.parse().ok())?
+            })
+            .unwrap_or(0)
+    };
+    Ok((value("TcpInCsumErrors"), value("UdpInCsumErrors")))
 }
 
 /// `ip netns exec NS bridge ARGS`.

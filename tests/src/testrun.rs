@@ -19,7 +19,7 @@ use aya::{
 };
 use aya::{TestRunOptions, TestRunResult};
 use lb_common::{
-    Backend, Flow, FlowKey, GlobalConfig, NodeAddr, Reason, Service, ServiceKey, SourceRange,
+    Backend, Flow, FlowKey, GlobalConfig, NodeAddr, Peer, Reason, Service, ServiceKey, SourceRange,
     maps as names,
     service::{
         ADDR_ANY_NODE, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, CONFIG_F_READY, SERVICE_F_AFFINITY,
@@ -371,6 +371,23 @@ impl Datapath {
         let mut redirect_ok: HashMap<_, u32, u32> =
             HashMap::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
         redirect_ok.remove(&ifindex).expect("ifindex was allowed");
+    }
+
+    /// Makes `addr` a local pod behind the veth `peer.ifindex`
+    /// (`XLB_PEERS`); `clear_peers` forgets every one.
+    pub fn set_peer(&mut self, addr: Ipv4Addr, peer: Peer) {
+        let mut peers: HashMap<_, u32, Peer> =
+            HashMap::try_from(self.map_mut(names::PEERS)).expect("peers map");
+        peers.insert(be(addr), peer, 0).expect("peer");
+    }
+
+    pub fn clear_peers(&mut self) {
+        let mut peers: HashMap<_, u32, Peer> =
+            HashMap::try_from(self.map_mut(names::PEERS)).expect("peers map");
+        let keys: Vec<u32> = peers.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            peers.remove(&key).expect("peer");
+        }
     }
 
     /// Deletes every conntrack, affinity, fragment and ICMP rate-limit

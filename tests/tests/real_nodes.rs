@@ -11,7 +11,8 @@ use anyhow::{Context as _, ensure};
 use xlb_tests::client::{pattern, tcp_who_echo, udp_exchange, udp_socket, udp_who};
 use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT};
 use xlb_tests::node_lab::{
-    CLIENT_ADDR, NODE_ADDR, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF, tcp_service, udp_service,
+    CLIENT_ADDR, NODE_ADDR, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF, csum_errors, tcp_service,
+    udp_service,
 };
 use xlb_tests::{Agent, Bpffs, XLB_BIN_ENV, bin_from_env};
 
@@ -107,6 +108,17 @@ fn node_port_reaches_every_kind_of_pod_with_good_checksums() -> anyhow::Result<(
         let agent = start(&lab, &[pod], false)?;
         exchange_with(&lab, pod)
             .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+        if kind.is_local() {
+            // Once the agent knows the pod, through bpf_redirect_peer.
+            let known = format!(
+                "local pod {}: bpf_redirect_peer via {}",
+                pod.addr, pod.host_if
+            );
+            agent.wait_for_log(0, &known, WAIT)?;
+            exchange_with(&lab, pod).map_err(|error| {
+                anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log())
+            })?;
+        }
         let exit = agent.stop()?;
         ensure!(
             exit.status.success(),
@@ -115,13 +127,16 @@ fn node_port_reaches_every_kind_of_pod_with_good_checksums() -> anyhow::Result<(
             exit.log
         );
         // Which hooks carried the packets: XDP where the next hop takes XDP
-        // frames (node2 through the switch), tc everywhere else.
+        // frames (node2 through the switch), tc's bpf_redirect_peer into
+        // local pods (once the agent knows the pod's MAC and port), tc
+        // everywhere else.
         for port in [ECHO_UDP_PORT, ECHO_TCP_PORT] {
             let line = paths_line(&exit.log, pod, port)
                 .with_context(|| format!("no paths line for {}\n{}", pod.name, exit.log))?;
             let (to_backend, to_client) = match kind {
                 PodKind::Node2Routed => ("xdp", "xdp"),
-                _ => ("tc", "tc"),
+                PodKind::Bridge | PodKind::Routed => ("peer", "tc"),
+                PodKind::Node2Vxlan => ("tc", "tc"),
             };
             ensure!(
                 path_count(line, "to-backend", to_backend) > 0
@@ -137,6 +152,14 @@ fn node_port_reaches_every_kind_of_pod_with_good_checksums() -> anyhow::Result<(
         "the client saw checksum errors: TcpInCsumErrors={tcp_errors} \
          UdpInCsumErrors={udp_errors}"
     );
+    for pod in &lab.pods {
+        let errors = csum_errors(&pod.netns)?;
+        ensure!(
+            errors == (0, 0),
+            "{} saw checksum errors: {errors:?}",
+            pod.name
+        );
+    }
     Ok(())
 }
 
@@ -335,6 +358,166 @@ fn thousand_flows_over_bridge_and_vxlan_while_pods_come_and_go() -> anyhow::Resu
     ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
     // The agent noticed the churn in its status too.
     ensure!(agent.log().contains("xlb-vb2: gone"));
+    Ok(())
+}
+
+/// Local pods are reached with `bpf_redirect_peer` once the agent has found
+/// them in the host's tables (`XLB_PEERS`), on both CNIs. A pod made while
+/// traffic runs is answered from its first datagram (through
+/// `bpf_redirect_neigh` until it is known), then through the peer path;
+/// when it goes, its entry goes with it, and the stream to the pods that
+/// stay loses nothing. Checksums are right on both ends.
+#[test]
+fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let lab = NodeLab::new()?;
+    let pods = [lab.pod(PodKind::Bridge), lab.pod(PodKind::Routed)];
+    let new_pods = [
+        (PodKind::Bridge, 2, [198, 18, 10, 3], 30990),
+        (PodKind::Routed, 2, [198, 18, 11, 3], 30991),
+    ];
+    let mut services = lab.echo_services(&pods, false);
+    for (kind, index, addr, node_port) in new_pods {
+        for (protocol, offset, target) in [("UDP", 0, ECHO_UDP_PORT), ("TCP", 10, ECHO_TCP_PORT)] {
+            services.push_str(&format!(
+                "  - name: new-{}-{index}-{}\n    protocol: {protocol}\n    \
+                 nodePort: {}\n    targetPort: {target}\n    backends:\n      - address: {}\n",
+                kind.label(),
+                protocol.to_lowercase(),
+                node_port - offset,
+                std::net::Ipv4Addr::from(addr)
+            ));
+        }
+    }
+    let config = lab.write_file("xlb.yaml", &lab.config_yaml(&services))?;
+    let agent = Agent::start(&lab, &config)?;
+    for pod in pods {
+        agent.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
+        agent.wait_for_log(
+            0,
+            &format!(
+                "local pod {}: bpf_redirect_peer via {}",
+                pod.addr, pod.host_if
+            ),
+            WAIT,
+        )?;
+    }
+    let names: Vec<&str> = pods.iter().map(|pod| pod.name.as_str()).collect();
+    lab.client
+        .run(|| -> anyhow::Result<()> {
+            for flow in 0..20u32 {
+                let (who, from) = udp_who(&udp_socket()?, udp_service())?;
+                ensure!(from == udp_service() && names.contains(&who.name.as_str()));
+                let who = tcp_who_echo(tcp_service(), &pattern(30_000, flow))?;
+                ensure!(names.contains(&who.name.as_str()), "{who:?}");
+            }
+            Ok(())
+        })?
+        .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+
+    let stop = AtomicBool::new(false);
+    let (answered, lost) = (AtomicU64::new(0), AtomicU64::new(0));
+    let outcome = std::thread::scope(|scope| -> anyhow::Result<()> {
+        let stream = scope.spawn(|| {
+            lab.client.run(|| -> anyhow::Result<()> {
+                let mut seq = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    // A new flow each time: both pods, both paths' choices.
+                    let socket = udp_socket()?;
+                    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+                    seq += 1;
+                    let payload = pattern(64, seq);
+                    match udp_exchange(&socket, udp_service(), &payload) {
+                        Ok((reply, _)) if reply == payload => &answered,
+                        _ => &lost,
+                    }
+                    .fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(())
+            })
+        });
+        let churn = (|| -> anyhow::Result<()> {
+            for (kind, index, addr, node_port) in new_pods {
+                let since = agent.log().len();
+                let pod = lab.add_pod(kind, index)?;
+                ensure!(pod.addr == std::net::Ipv4Addr::from(addr), "{pod:?}");
+                let udp = SocketAddr::from((NODE_ADDR, node_port));
+                let tcp = SocketAddr::from((NODE_ADDR, node_port - 10));
+                let first = lab
+                    .client
+                    .run(|| udp_who(&udp_socket()?, udp))?
+                    .with_context(|| format!("the first datagram to the new pod {}", pod.name))?;
+                ensure!(first.0.name == pod.name, "{first:?}");
+                agent.wait_for_log(
+                    since,
+                    &format!(
+                        "local pod {}: bpf_redirect_peer via {}",
+                        pod.addr, pod.host_if
+                    ),
+                    WAIT,
+                )?;
+                for round in 0..5u32 {
+                    lab.client.run(|| -> anyhow::Result<()> {
+                        let (who, _) = udp_who(&udp_socket()?, udp)?;
+                        ensure!(who.name == pod.name, "{who:?}");
+                        let who = tcp_who_echo(tcp, &pattern(20_000, round))?;
+                        ensure!(who.name == pod.name, "{who:?}");
+                        Ok(())
+                    })??;
+                }
+                let errors = csum_errors(&pod.netns)?;
+                ensure!(
+                    errors == (0, 0),
+                    "{} saw checksum errors: {errors:?}",
+                    pod.name
+                );
+                let since = agent.log().len();
+                drop(pod);
+                agent.wait_for_log(
+                    since,
+                    &format!("local pod {}: gone", std::net::Ipv4Addr::from(addr)),
+                    WAIT,
+                )?;
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        stream.join().expect("stream thread panicked")??;
+        churn
+    });
+    outcome.map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+    let (answered, lost) = (answered.into_inner(), lost.into_inner());
+    ensure!(
+        answered > 0 && lost == 0,
+        "stream to the pods that stay: {answered} answered, {lost} lost"
+    );
+    let exit = agent.stop()?;
+    ensure!(
+        exit.status.success(),
+        "agent: {}\n{}",
+        exit.status,
+        exit.log
+    );
+    for pod in pods {
+        for port in [ECHO_UDP_PORT, ECHO_TCP_PORT] {
+            let line = paths_line(&exit.log, pod, port)
+                .with_context(|| format!("no paths line for {}\n{}", pod.name, exit.log))?;
+            ensure!(
+                path_count(line, "to-backend", "peer") > 0,
+                "{}: no packet through bpf_redirect_peer: {line}",
+                pod.name
+            );
+        }
+        let errors = csum_errors(&pod.netns)?;
+        ensure!(
+            errors == (0, 0),
+            "{} saw checksum errors: {errors:?}",
+            pod.name
+        );
+    }
+    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
+    ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
     Ok(())
 }
 

@@ -174,10 +174,10 @@ fn print_lab(lab: &NodeLab) {
 }
 
 /// Per pod, the paths its packets took, from the agent's exit log
-/// (`backend ADDR:PORT paths: to-backend xdp=N tc=N to-client xdp=N tc=N`).
+/// (`backend ADDR:PORT paths: to-backend xdp=N tc=N peer=N to-client xdp=N tc=N`).
 fn print_paths(lab: &NodeLab, log: &str) {
     println!(
-        "demo: path per backend (packets; xdp = XDP_TX/XDP_REDIRECT, tc = rewritten in XDP and sent by tc, or reverse-NATed at tc):"
+        "demo: path per backend (packets; xdp = XDP_TX/XDP_REDIRECT, tc = rewritten in XDP and sent by tc's bpf_redirect_neigh, or reverse-NATed at tc, peer = rewritten in XDP and sent into the local pod by tc's bpf_redirect_peer):"
     );
     for pod in &lab.pods {
         for (protocol, port) in [("UDP", ECHO_UDP_PORT), ("TCP", ECHO_TCP_PORT)] {

@@ -21,7 +21,7 @@
 //! tc ingress of the pod's `eth0` (no XDP in the pod).
 //!
 //! What each path exercises in xlb: the local pod, XDP rewrite + tc
-//! hand-off (`bpf_redirect_neigh` into cni0); the remote routed pod, XDP
+//! hand-off (`bpf_redirect_peer` into the pod); the remote routed pod, XDP
 //! rewrite + `XDP_REDIRECT` to the second uplink (today's XDP path); the
 //! remote VXLAN pod, XDP rewrite + tc hand-off into the VXLAN device.
 
@@ -90,7 +90,7 @@ impl PodPath {
     /// How xlb's datapath sends this path's packets.
     pub fn xlb_hook(self) -> &'static str {
         match self {
-            PodPath::LocalBridge => "XDP + tc hand-off (bpf_redirect_neigh to cni0)",
+            PodPath::LocalBridge => "XDP + tc hand-off (bpf_redirect_peer into the pod)",
             PodPath::RemoteRouted => "XDP_REDIRECT to the uplink",
             PodPath::RemoteVxlan => "XDP + tc hand-off (bpf_redirect_neigh to the VXLAN device)",
         }
@@ -456,7 +456,14 @@ impl PathBench {
             None,
         );
         self.at_node2.arm(false)?;
-        Ok(window?.delivered_pps)
+        let window = window?;
+        // Whether the generator or the path is the bound.
+        eprintln!(
+            "xlb-bench:   offered {:.1}k pps, delivered {:.1}k pps",
+            window.offered_pps / 1e3,
+            window.delivered_pps / 1e3
+        );
+        Ok(window.delivered_pps)
     }
 
     /// Stops the agent (if xlb): its packet counters.

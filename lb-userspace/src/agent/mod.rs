@@ -454,6 +454,7 @@ impl Agent {
         } else {
             LINK_SCAN_UNWATCHED
         });
+        let mut peers = kernel::peers::PeerWatch::open();
         for timer in [&mut poll, &mut resync, &mut gc, &mut links] {
             timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
             timer.reset();
@@ -472,6 +473,7 @@ impl Agent {
                 _ = gc.tick() => self.collect_garbage(),
                 _ = links.tick() => self.sync_pod_hooks(),
                 () = next_link_event(watch.as_ref()) => self.sync_pod_hooks(),
+                () = peers.due() => peers.sync(&mut self.datapath),
                 () = next_change(&mut self.services) => self.reload_services(),
             }
         }

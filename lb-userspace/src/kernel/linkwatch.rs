@@ -3,6 +3,7 @@
 //! it is made or removed, and attaches or forgets its tc program then
 //! rather than at the next periodic scan. Only "something changed" is
 //! taken from the messages; the agent then lists the devices again.
+//! `kernel/peers.rs` opens the same kind of watch on neighbour events.
 
 use std::io;
 use std::os::fd::{AsFd as _, OwnedFd};
@@ -12,22 +13,33 @@ use tokio::io::unix::AsyncFd;
 use crate::kernel::sys;
 
 /// rtnetlink message types (linux/rtnetlink.h).
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
+pub const RTM_NEWLINK: u16 = 16;
+pub const RTM_DELLINK: u16 = 17;
+/// Neighbour (and bridge FDB) messages.
+pub const RTM_NEWNEIGH: u16 = 28;
+pub const RTM_DELNEIGH: u16 = 29;
 /// `struct nlmsghdr`: len (u32), type (u16), flags (u16), seq, pid.
 const NLMSG_HDRLEN: usize = 16;
 
 /// A subscription to link events in this network namespace.
 pub struct LinkWatch {
     socket: AsyncFd<OwnedFd>,
+    /// The message types that count as a change.
+    kinds: &'static [u16],
 }
 
 impl LinkWatch {
     /// Opens and binds the socket. Call inside the tokio runtime.
     pub fn open() -> io::Result<LinkWatch> {
-        let socket = sys::netlink_socket(libc::NETLINK_ROUTE, libc::RTMGRP_LINK as u32, true)?;
+        Self::open_for(libc::RTMGRP_LINK as u32, &[RTM_NEWLINK, RTM_DELLINK])
+    }
+
+    /// A watch of the rtnetlink multicast `groups` that reports messages of
+    /// the types `kinds`.
+    pub fn open_for(groups: u32, kinds: &'static [u16]) -> io::Result<LinkWatch> {
+        let socket = sys::netlink_socket(libc::NETLINK_ROUTE, groups, true)?;
         let socket = sys::async_readable(socket)?;
-        Ok(LinkWatch { socket })
+        Ok(LinkWatch { socket, kinds })
     }
 
     /// Waits until a link was added, changed or removed, and drains every
@@ -42,7 +54,7 @@ impl LinkWatch {
                 let received = sys::recv(self.socket.get_ref().as_fd(), &mut buffer);
                 let error = match received {
                     Ok(received) => {
-                        changed |= has_link_message(&buffer[..received]);
+                        changed |= has_message(&buffer[..received], self.kinds);
                         continue;
                     }
                     Err(error) => error,
@@ -66,11 +78,17 @@ impl LinkWatch {
 
 /// Whether a datagram of netlink messages holds a RTM_NEWLINK or
 /// RTM_DELLINK.
-fn has_link_message(mut messages: &[u8]) -> bool {
+#[cfg(test)]
+fn has_link_message(messages: &[u8]) -> bool {
+    has_message(messages, &[RTM_NEWLINK, RTM_DELLINK])
+}
+
+/// Whether a datagram of netlink messages holds one of type `kinds`.
+fn has_message(mut messages: &[u8], kinds: &[u16]) -> bool {
     while messages.len() >= NLMSG_HDRLEN {
         let len = u32::from_ne_bytes([messages[0], messages[1], messages[2], messages[3]]) as usize;
         let kind = u16::from_ne_bytes([messages[4], messages[5]]);
-        if kind == RTM_NEWLINK || kind == RTM_DELLINK {
+        if kinds.contains(&kind) {
             return true;
         }
         // Messages are 4-byte aligned (NLMSG_ALIGN).

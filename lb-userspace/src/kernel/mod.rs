@@ -16,6 +16,7 @@ pub mod linkwatch;
 mod load;
 pub mod maps;
 pub mod neigh;
+pub mod peers;
 pub mod pin;
 pub mod seed;
 pub mod sock;

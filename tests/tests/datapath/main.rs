@@ -63,6 +63,7 @@ fn hex(frame: &[u8]) -> String {
 
 fn reset(dp: &mut Datapath) {
     dp.clear_flows();
+    dp.clear_peers();
     dp.write_base_state();
 }
 

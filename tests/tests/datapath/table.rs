@@ -3,11 +3,12 @@
 //! and the frame expected out.
 
 use lb_common::{
-    Flow, FlowKey, Reason,
+    Flow, FlowKey, Peer, Reason,
     flow::{
         FLOW_DIR_ORIGINAL, FLOW_DIR_REPLY, FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY,
         FLOW_S_RST, FLOW_S_SEEN_REPLY,
     },
+    path::{HANDOFF_NEIGH, HANDOFF_PEER, Handoff},
 };
 
 use xlb_tests::{packets::*, testrun::*};
@@ -109,11 +110,40 @@ fn to_backend(dp: &mut Datapath, spec: &Spec) -> Vec<u8> {
 }
 
 /// What a new flow to a backend behind an interface XDP does not run on
-/// leaves as: rewritten like `to_backend`, with the hand-off (magic, then
-/// the egress ifindex in host order) written over its first 8 bytes, the
-/// Ethernet destination and the start of the source (tc's
+/// leaves as: rewritten like `to_backend`, with the hand-off (mark, kind
+/// neigh, then the egress ifindex in host order) written over its first 8
+/// bytes, the Ethernet destination and the start of the source (tc's
 /// `bpf_redirect_neigh` writes real MACs).
 fn handed_to_tc(dp: &mut Datapath, spec: &Spec) -> Vec<u8> {
+    let hand_off = Handoff::new(HANDOFF_NEIGH, dp.backend_ifindex);
+    handed_over(dp, spec, hand_off)
+}
+
+/// A local pod's veth in `XLB_PEERS` rows (any index: tc is not run).
+const PEER_VETH: u32 = 4242;
+const POD_MAC: [u8; 6] = [0x0a, 0x58, 0, 0, 0, 0x42];
+const GATEWAY_MAC: [u8; 6] = [0x0a, 0x58, 0, 0, 0, 0x01];
+
+/// Both backends as local pods behind `PEER_VETH`, routed through `route`.
+fn backends_are_peers(dp: &mut Datapath, route: u32) {
+    for backend in [BACKEND_1, BACKEND_2] {
+        let peer = Peer {
+            ifindex: PEER_VETH,
+            route_ifindex: route,
+            dst_mac: POD_MAC,
+            src_mac: GATEWAY_MAC,
+        };
+        dp.set_peer(backend, peer);
+    }
+}
+
+/// As `handed_to_tc`, for a local pod: the hand-off to tc's
+/// `bpf_redirect_peer` into `PEER_VETH`'s peer (tc writes the pod's MACs).
+fn handed_to_peer(dp: &mut Datapath, spec: &Spec) -> Vec<u8> {
+    handed_over(dp, spec, Handoff::new(HANDOFF_PEER, PEER_VETH))
+}
+
+fn handed_over(dp: &mut Datapath, spec: &Spec, hand_off: Handoff) -> Vec<u8> {
     let flow = dp
         .flow(&spec.key())
         .expect("conntrack has the client's flow");
@@ -128,8 +158,9 @@ fn handed_to_tc(dp: &mut Datapath, spec: &Spec) -> Vec<u8> {
             target_port(spec),
         )
         .build();
-    out[..4].copy_from_slice(&lb_common::path::HANDOFF_MAGIC);
-    out[4..8].copy_from_slice(&dp.backend_ifindex.to_ne_bytes());
+    out[..3].copy_from_slice(&hand_off.mark);
+    out[3] = hand_off.kind;
+    out[4..8].copy_from_slice(&hand_off.ifindex.to_ne_bytes());
     out
 }
 
@@ -308,6 +339,49 @@ pub fn rows() -> Vec<Row> {
             verdict: XDP_REDIRECT,
             reason: Reason::FwdNewFlow,
             case: |dp| forward_case(dp, udp(40_001)),
+        },
+        Row {
+            name: "new flow to a local pod (XLB_PEERS, FIB agrees): rewritten, addressed to \
+                   the pod, handed to tc for bpf_redirect_peer, XDP_PASS",
+            verdict: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                dp.forbid_redirect(dp.backend_ifindex);
+                backends_are_peers(dp, dp.backend_ifindex);
+                let spec = udp(40_051);
+                Case {
+                    input: spec.build(),
+                    ifindex: dp.client_ifindex,
+                    expect: Expect::Frame(Box::new(move |dp| handed_to_peer(dp, &spec))),
+                    after: None,
+                }
+            },
+        },
+        Row {
+            name: "new flow to a local pod the FIB routes elsewhere: the neigh hand-off, \
+                   as for any pod not in XLB_PEERS",
+            verdict: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                dp.forbid_redirect(dp.backend_ifindex);
+                backends_are_peers(dp, dp.backend_ifindex + 100);
+                let spec = udp(40_052);
+                Case {
+                    input: spec.build(),
+                    ifindex: dp.client_ifindex,
+                    expect: Expect::Frame(Box::new(move |dp| handed_to_tc(dp, &spec))),
+                    after: None,
+                }
+            },
+        },
+        Row {
+            name: "a local pod in XLB_PEERS behind an XDP interface: XDP_REDIRECT, as before",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                backends_are_peers(dp, dp.backend_ifindex);
+                forward_case(dp, udp(40_053))
+            },
         },
         Row {
             name: "new flow to a backend behind an interface XDP does not run on: rewritten, \

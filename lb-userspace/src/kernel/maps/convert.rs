@@ -143,11 +143,15 @@ pub fn add_count(total: &mut u64, count: &u64) {
 }
 
 /// One backend's paths for the exit log (`cargo xtask demo` reads it):
-/// `to-backend xdp=N tc=N to-client xdp=N tc=N`.
+/// `to-backend xdp=N tc=N peer=N to-client xdp=N tc=N`.
 pub fn format_paths(paths: &Paths) -> String {
     format!(
-        "to-backend xdp={} tc={} to-client xdp={} tc={}",
-        paths.to_backend_xdp, paths.to_backend_tc, paths.to_client_xdp, paths.to_client_tc
+        "to-backend xdp={} tc={} peer={} to-client xdp={} tc={}",
+        paths.to_backend_xdp,
+        paths.to_backend_tc,
+        paths.to_backend_peer,
+        paths.to_client_xdp,
+        paths.to_client_tc
     )
 }
 
