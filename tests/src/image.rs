@@ -1,5 +1,6 @@
 //! The agent image, built offline: `FROM scratch` with the binaries this
-//! workspace built, `ip` (the agent runs it for backends' next hops) and
+//! workspace built, `ip` and `bridge` (the agent runs them for backends' next
+//! hops and to find local pods) and
 //! exactly the shared libraries `ldd` says they load, copied from this
 //! machine. Nothing is pulled, so it builds where no registry is reachable
 //! (`cargo xtask image`, and the container test). The Containerfile at the
@@ -83,6 +84,10 @@ pub fn build(contents: &Contents, tag: &str, scratch: &Path) -> anyhow::Result<S
         std::fs::remove_dir_all(&root).with_context(|| format!("clearing {}", root.display()))?;
     }
     let ip = which("ip").context("iproute2's `ip` must be installed (cargo xtask setup)")?;
+    // `bridge -json fdb show` finds bridge CNIs' pods for bpf_redirect_peer
+    // (kernel/peers.rs).
+    let bridge =
+        which("bridge").context("iproute2's `bridge` must be installed (cargo xtask setup)")?;
     let binaries = [
         (contents.xlb.clone(), PathBuf::from("/usr/local/bin/xlb")),
         (
@@ -90,6 +95,7 @@ pub fn build(contents: &Contents, tag: &str, scratch: &Path) -> anyhow::Result<S
             PathBuf::from("/usr/local/bin/xlb-echo"),
         ),
         (ip.clone(), PathBuf::from("/usr/sbin/ip")),
+        (bridge, PathBuf::from("/usr/sbin/bridge")),
     ];
     for (from, to) in &binaries {
         copy_into(&root, from, to)?;
