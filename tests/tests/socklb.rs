@@ -198,7 +198,7 @@ fn connected_who(socket: &UdpSocket) -> anyhow::Result<Who> {
     socket.send(b"WHO\n")?;
     let mut buf = [0u8; 512];
     let len = socket.recv(&mut buf)?;
-    Ok(std::str::from_utf8(&buf[..len])?.parse()?)
+    std::str::from_utf8(&buf[..len])?.parse()
 }
 
 /// A connected UDP socket to `target`: its peer is `target`, replies are
