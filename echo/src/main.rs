@@ -181,6 +181,20 @@ fn serve_connection(name: &str, mut stream: TcpStream) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// A TCP server named `t` on a free loopback port, and a client
+    /// connected to it (reads time out after 10 s).
+    fn connect_to_server() -> (std::net::SocketAddr, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        thread::spawn(move || serve_tcp("t", listener));
+
+        let client = TcpStream::connect(addr).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        (addr, client)
+    }
+
     #[test]
     fn udp_who_accepts_optional_newline() {
         assert!(is_udp_who(b"WHO"));
@@ -207,14 +221,7 @@ mod tests {
 
     #[test]
     fn tcp_who_then_echo_with_half_close() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        thread::spawn(move || serve_tcp("t", listener));
-
-        let mut client = TcpStream::connect(addr).unwrap();
-        client
-            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
+        let (addr, mut client) = connect_to_server();
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let mut writer = client.try_clone().unwrap();
         let sent = payload.clone();
@@ -234,14 +241,7 @@ mod tests {
 
     #[test]
     fn tcp_plain_echo_does_not_wait_for_four_bytes() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        thread::spawn(move || serve_tcp("t", listener));
-
-        let mut client = TcpStream::connect(addr).unwrap();
-        client
-            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
+        let (_, mut client) = connect_to_server();
         client.write_all(b"hi").unwrap();
         let mut reply = [0u8; 2];
         client.read_exact(&mut reply).unwrap();

@@ -225,4 +225,18 @@ impl<'lab, L: AgentLab> Agent<'lab, L> {
             log: self.log(),
         })
     }
+
+    /// [`stop`](Self::stop), and an error carrying the log unless the
+    /// agent exited cleanly.
+    pub fn stop_cleanly(self) -> Result<AgentExit, LabError> {
+        let exit = self.stop()?;
+        if exit.status.success() {
+            return Ok(exit);
+        }
+        Err(LabError::WithLog {
+            what: format!("the agent exited with {}", exit.status),
+            log_name: "xlb agent log".to_owned(),
+            log: exit.log,
+        })
+    }
 }

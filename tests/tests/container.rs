@@ -29,7 +29,7 @@ use xlb_tests::image::{self, Contents};
 use xlb_tests::lab::{NODE_ADDR, NODE_CLIENT_IF};
 use xlb_tests::{Bpffs, Lab, XLB_BIN_ENV, XLB_ECHO_BIN_ENV, bin_from_env, poll_until};
 
-use stream::{Connection, Stream, socket_drops};
+use stream::{Connection, SocketDrops, Stream};
 
 const UDP_PORT: u16 = 30970;
 const TCP_PORT: u16 = 30971;
@@ -518,8 +518,7 @@ fn the_image_serves_under_the_daemonsets_confinement_and_restarts_without_loss()
     for connection in &mut connections {
         connection.exchange()?;
     }
-    let namespaces = [&lab.client, &lab.backends[0].netns, &lab.backends[1].netns];
-    let drops_before: u64 = namespaces.iter().map(|netns| socket_drops(netns)).sum();
+    let drops = SocketDrops::start(&[&lab.client, &lab.backends[0].netns, &lab.backends[1].netns]);
     let stream = Stream::start(&lab.client, node_port(UDP_PORT))?;
     std::thread::sleep(Duration::from_millis(300));
 
@@ -557,11 +556,7 @@ fn the_image_serves_under_the_daemonsets_confinement_and_restarts_without_loss()
     let adopted = second.logs();
     std::thread::sleep(Duration::from_millis(300));
     let report = stream.finish()?;
-    let drops: u64 = namespaces
-        .iter()
-        .map(|netns| socket_drops(netns))
-        .sum::<u64>()
-        - drops_before;
+    let drops = drops.since_start();
     for connection in &mut connections {
         connection
             .exchange()
@@ -579,7 +574,7 @@ fn the_image_serves_under_the_daemonsets_confinement_and_restarts_without_loss()
     );
     assert!(adopted.contains("pinned link adopted"), "{adopted}");
     assert_eq!(
-        report.lost.saturating_sub(drops),
+        report.lost_beyond(drops),
         0,
         "{report}; {drops} socket drops"
     );

@@ -64,15 +64,12 @@ impl Cluster {
         self.server.apply(&node_port_service(
             "default", "tcp-echo", "TCP", 3333, 3333, 30999,
         ));
-        self.server.apply(&endpoint_slice(
-            "default",
-            "tcp-echo-1",
-            "tcp-echo",
-            "TCP",
-            3333,
-            endpoints,
-        ));
+        self.server.apply(&tcp_echo_slice(endpoints));
     }
+}
+
+fn tcp_echo_slice(endpoints: &[EndpointState]) -> EndpointSlice {
+    endpoint_slice("default", "tcp-echo-1", "tcp-echo", "TCP", 3333, endpoints)
 }
 
 /// Runs `test` on a fresh single-threaded runtime (as the agent's), bounded
@@ -108,6 +105,22 @@ async fn state_where(
     })
     .await;
     waited.map_err(|_| anyhow::anyhow!("no state where {what} within {FOLLOW:?}; last: {last:#?}"))
+}
+
+/// Waits until new flows to tcp-echo go to `pod` only.
+async fn tcp_echo_on(watch: &mut Watch, what: &str, pod: Ipv4Addr) -> anyhow::Result<DesiredState> {
+    state_where(watch, what, |state| {
+        backends(state, 30999) == Some(vec![(pod, 3333)])
+    })
+    .await
+}
+
+/// Waits until tcp-echo has two backends.
+async fn tcp_echo_on_two(watch: &mut Watch, what: &str) -> anyhow::Result<DesiredState> {
+    state_where(watch, what, |state| {
+        backends(state, 30999).is_some_and(|backends| backends.len() == 2)
+    })
+    .await
 }
 
 /// Waits (polling) until `done` holds.
@@ -151,10 +164,7 @@ fn state_follows_services_and_slices() -> anyhow::Result<()> {
         assert_eq!(state.interfaces, ["xlb-c"], "the base's settings are kept");
 
         cluster.tcp_echo(&[EndpointState::ready(POD_1), EndpointState::ready(POD_2)]);
-        let state = state_where(&mut watch, "tcp-echo has two backends", |state| {
-            backends(state, 30999).is_some_and(|backends| backends.len() == 2)
-        })
-        .await?;
+        let state = tcp_echo_on_two(&mut watch, "tcp-echo has two backends").await?;
         let service = &state.services[0];
         assert_eq!(service.qualified_name(), "default/tcp-echo");
         assert_eq!(service.protocol, Protocol::Tcp);
@@ -182,18 +192,10 @@ fn state_follows_services_and_slices() -> anyhow::Result<()> {
         assert_eq!(state.services.len(), 2);
 
         // A pod goes away.
-        cluster.server.apply(&endpoint_slice(
-            "default",
-            "tcp-echo-1",
-            "tcp-echo",
-            "TCP",
-            3333,
-            &[EndpointState::ready(POD_1)],
-        ));
-        state_where(&mut watch, "tcp-echo has one backend", |state| {
-            backends(state, 30999) == Some(vec![(POD_1, 3333)])
-        })
-        .await?;
+        cluster
+            .server
+            .apply(&tcp_echo_slice(&[EndpointState::ready(POD_1)]));
+        tcp_echo_on(&mut watch, "tcp-echo has one backend", POD_1).await?;
 
         // The NodePort moves.
         cluster.server.apply(&node_port_service(
@@ -230,27 +232,21 @@ fn terminating_endpoints_drain() -> anyhow::Result<()> {
     run(async {
         let mut watch = cluster.watch().await?;
         cluster.tcp_echo(&[EndpointState::ready(POD_1), EndpointState::ready(POD_2)]);
-        state_where(&mut watch, "two backends", |state| {
-            backends(state, 30999).is_some_and(|backends| backends.len() == 2)
-        })
-        .await?;
+        tcp_echo_on_two(&mut watch, "two backends").await?;
 
         // POD_2 is shutting down: no new flows while POD_1 is ready.
         cluster.tcp_echo(&[
             EndpointState::ready(POD_1),
             EndpointState::terminating(POD_2),
         ]);
-        state_where(&mut watch, "only the ready backend", |state| {
-            backends(state, 30999) == Some(vec![(POD_1, 3333)])
-        })
-        .await?;
+        tcp_echo_on(&mut watch, "only the ready backend", POD_1).await?;
 
         // Nothing ready: the serving, terminating pod is better than none.
         cluster.tcp_echo(&[EndpointState::terminating(POD_2)]);
-        state_where(
+        tcp_echo_on(
             &mut watch,
             "the terminating backend as a last resort",
-            |state| backends(state, 30999) == Some(vec![(POD_2, 3333)]),
+            POD_2,
         )
         .await?;
         Ok(())
@@ -263,10 +259,7 @@ fn last_state_serves_while_the_api_is_away() -> anyhow::Result<()> {
     run(async {
         let mut watch = cluster.watch().await?;
         cluster.tcp_echo(&[EndpointState::ready(POD_1), EndpointState::ready(POD_2)]);
-        let serving = state_where(&mut watch, "two backends", |state| {
-            backends(state, 30999).is_some_and(|backends| backends.len() == 2)
-        })
-        .await?;
+        let serving = tcp_echo_on_two(&mut watch, "two backends").await?;
 
         cluster.server.go_away();
         // Changes made meanwhile reach nobody yet.
@@ -283,10 +276,7 @@ fn last_state_serves_while_the_api_is_away() -> anyhow::Result<()> {
         );
 
         cluster.server.come_back();
-        state_where(&mut watch, "the change made while away arrives", |state| {
-            backends(state, 30999) == Some(vec![(POD_1, 3333)])
-        })
-        .await?;
+        tcp_echo_on(&mut watch, "the change made while away arrives", POD_1).await?;
         Ok(())
     })
 }
@@ -309,14 +299,9 @@ fn nothing_is_published_before_every_kind_is_listed() -> anyhow::Result<()> {
 
 /// A change only a relist can see: made quietly (no watch event).
 fn quiet_change(cluster: &Cluster) {
-    cluster.server.apply_quietly(&endpoint_slice(
-        "default",
-        "tcp-echo-1",
-        "tcp-echo",
-        "TCP",
-        3333,
-        &[EndpointState::ready(POD_2)],
-    ));
+    cluster
+        .server
+        .apply_quietly(&tcp_echo_slice(&[EndpointState::ready(POD_2)]));
 }
 
 #[test]
@@ -325,10 +310,7 @@ fn gone_event_on_an_open_watch_forces_a_relist() -> anyhow::Result<()> {
     run(async {
         let mut watch = cluster.watch().await?;
         cluster.tcp_echo(&[EndpointState::ready(POD_1)]);
-        state_where(&mut watch, "POD_1", |state| {
-            backends(state, 30999) == Some(vec![(POD_1, 3333)])
-        })
-        .await?;
+        tcp_echo_on(&mut watch, "POD_1", POD_1).await?;
         let lists = cluster.server.count("endpointslices", false);
         // The watch must be open for its end to force anything.
         eventually("the endpoint slice watch to start", || {
@@ -338,10 +320,7 @@ fn gone_event_on_an_open_watch_forces_a_relist() -> anyhow::Result<()> {
 
         quiet_change(&cluster);
         cluster.server.expire_watches();
-        state_where(&mut watch, "the quiet change, seen by a relist", |state| {
-            backends(state, 30999) == Some(vec![(POD_2, 3333)])
-        })
-        .await?;
+        tcp_echo_on(&mut watch, "the quiet change, seen by a relist", POD_2).await?;
         assert!(cluster.server.count("endpointslices", false) > lists);
         Ok(())
     })
@@ -350,19 +329,13 @@ fn gone_event_on_an_open_watch_forces_a_relist() -> anyhow::Result<()> {
 /// The watch resumes from a resourceVersion the server has compacted away.
 async fn resume_after_compaction(cluster: &Cluster, watch: &mut Watch) -> anyhow::Result<()> {
     cluster.tcp_echo(&[EndpointState::ready(POD_1)]);
-    state_where(watch, "POD_1", |state| {
-        backends(state, 30999) == Some(vec![(POD_1, 3333)])
-    })
-    .await?;
+    tcp_echo_on(watch, "POD_1", POD_1).await?;
     let lists = cluster.server.count("endpointslices", false);
     cluster.server.go_away();
     quiet_change(cluster);
     cluster.server.compact();
     cluster.server.come_back();
-    state_where(watch, "the quiet change, seen by a relist", |state| {
-        backends(state, 30999) == Some(vec![(POD_2, 3333)])
-    })
-    .await?;
+    tcp_echo_on(watch, "the quiet change, seen by a relist", POD_2).await?;
     assert!(cluster.server.count("endpointslices", false) > lists);
     Ok(())
 }
@@ -402,10 +375,7 @@ fn bookmarks_let_watches_resume_without_a_relist() -> anyhow::Result<()> {
     run(async {
         let mut watch = cluster.watch().await?;
         cluster.tcp_echo(&[EndpointState::ready(POD_1)]);
-        state_where(&mut watch, "POD_1", |state| {
-            backends(state, 30999) == Some(vec![(POD_1, 3333)])
-        })
-        .await?;
+        tcp_echo_on(&mut watch, "POD_1", POD_1).await?;
         // Other kinds move the resourceVersion on; bookmarks carry it to
         // the endpoint slice watch.
         cluster.server.apply(&node(NODE, NODE_ADDR));
@@ -419,10 +389,7 @@ fn bookmarks_let_watches_resume_without_a_relist() -> anyhow::Result<()> {
         })
         .await?;
         cluster.tcp_echo(&[EndpointState::ready(POD_2)]);
-        state_where(&mut watch, "POD_2", |state| {
-            backends(state, 30999) == Some(vec![(POD_2, 3333)])
-        })
-        .await?;
+        tcp_echo_on(&mut watch, "POD_2", POD_2).await?;
         assert!(
             cluster.server.count("endpointslices", true) > watches,
             "the watch was resumed"

@@ -11,6 +11,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use xlb_tests::apiserver::ApiServer;
 use xlb_tests::apiserver::objects::{EndpointState, endpoint_slice, node, node_port_service};
 use xlb_tests::client::{tcp_who_echo_timeout, udp_socket, udp_who};
@@ -59,25 +60,51 @@ fn names(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|name| (*name).to_owned()).collect()
 }
 
-/// Waits until new flows reach exactly `wanted` backends.
-fn until_backends(
-    lab: &Lab,
-    agent: &Agent<'_>,
-    what: &str,
-    seen: impl Fn(&Lab) -> BTreeSet<String>,
-    wanted: &BTreeSet<String>,
-) -> anyhow::Result<()> {
-    let mut last = BTreeSet::new();
-    let outcome = poll_until(what, FOLLOW, || {
-        last = seen(lab);
-        (last == *wanted).then_some(())
-    });
-    if let Err(error) = outcome {
-        return Err(agent
-            .failure(format!("{error}: wanted {wanted:?}, last saw {last:?}"))
-            .into());
+/// Waits, for an agent in a lab, until new TCP or UDP flows (`tries` of
+/// them per look) reach exactly the `wanted` backends.
+struct Follow<'a> {
+    lab: &'a Lab,
+    agent: &'a Agent<'a>,
+}
+
+impl Follow<'_> {
+    fn tcp(&self, what: &str, tries: usize, wanted: &BTreeSet<String>) -> anyhow::Result<()> {
+        self.until(what, |lab| tcp_backends(lab, tries), wanted)
     }
-    Ok(())
+
+    fn udp(&self, what: &str, tries: usize, wanted: &BTreeSet<String>) -> anyhow::Result<()> {
+        self.until(what, |lab| udp_backends(lab, tries), wanted)
+    }
+
+    fn until(
+        &self,
+        what: &str,
+        seen: impl Fn(&Lab) -> BTreeSet<String>,
+        wanted: &BTreeSet<String>,
+    ) -> anyhow::Result<()> {
+        let mut last = BTreeSet::new();
+        let outcome = poll_until(what, FOLLOW, || {
+            last = seen(self.lab);
+            (last == *wanted).then_some(())
+        });
+        if let Err(error) = outcome {
+            return Err(self
+                .agent
+                .failure(format!("{error}: wanted {wanted:?}, last saw {last:?}"))
+                .into());
+        }
+        Ok(())
+    }
+}
+
+/// The EndpointSlice of the lab's `tcp-echo` or `udp-echo` service.
+fn echo_slice(protocol: &str, endpoints: &[EndpointState]) -> EndpointSlice {
+    let (service, port) = match protocol {
+        "TCP" => ("tcp-echo", ECHO_TCP_PORT),
+        _ => ("udp-echo", ECHO_UDP_PORT),
+    };
+    let name = format!("{service}-1");
+    endpoint_slice("default", &name, service, protocol, port, endpoints)
 }
 
 fn addresses(lab: &Lab) -> (Ipv4Addr, Ipv4Addr) {
@@ -111,6 +138,10 @@ fn services_created_through_the_api_are_reachable() -> anyhow::Result<()> {
         ],
     )?;
     let (pod_1, pod_2) = addresses(&lab);
+    let follow = Follow {
+        lab: &lab,
+        agent: &agent,
+    };
 
     // Create: both services, both pods.
     let both = [EndpointState::ready(pod_1), EndpointState::ready(pod_2)];
@@ -122,14 +153,7 @@ fn services_created_through_the_api_are_reachable() -> anyhow::Result<()> {
         ECHO_TCP_PORT,
         TCP_ECHO_NODE_PORT,
     ));
-    server.apply(&endpoint_slice(
-        "default",
-        "tcp-echo-1",
-        "tcp-echo",
-        "TCP",
-        ECHO_TCP_PORT,
-        &both,
-    ));
+    server.apply(&echo_slice("TCP", &both));
     server.apply(&node_port_service(
         "default",
         "udp-echo",
@@ -138,102 +162,41 @@ fn services_created_through_the_api_are_reachable() -> anyhow::Result<()> {
         ECHO_UDP_PORT,
         UDP_ECHO_NODE_PORT,
     ));
-    server.apply(&endpoint_slice(
-        "default",
-        "udp-echo-1",
-        "udp-echo",
-        "UDP",
-        ECHO_UDP_PORT,
-        &both,
-    ));
+    server.apply(&echo_slice("UDP", &both));
     let all = names(&["backend-1", "backend-2"]);
-    until_backends(
-        &lab,
-        &agent,
-        "TCP to reach both pods",
-        |lab| tcp_backends(lab, 12),
-        &all,
-    )?;
-    until_backends(
-        &lab,
-        &agent,
-        "UDP to reach both pods",
-        |lab| udp_backends(lab, 12),
-        &all,
-    )?;
+    follow.tcp("TCP to reach both pods", 12, &all)?;
+    follow.udp("UDP to reach both pods", 12, &all)?;
 
     // Update: backend-2 is terminating, so new flows go to backend-1 only.
     let draining = [
         EndpointState::ready(pod_1),
         EndpointState::terminating(pod_2),
     ];
-    server.apply(&endpoint_slice(
-        "default",
-        "tcp-echo-1",
-        "tcp-echo",
-        "TCP",
-        ECHO_TCP_PORT,
-        &draining,
-    ));
-    until_backends(
-        &lab,
-        &agent,
+    server.apply(&echo_slice("TCP", &draining));
+    follow.tcp(
         "TCP to avoid the terminating pod",
-        |lab| tcp_backends(lab, 12),
+        12,
         &names(&["backend-1"]),
     )?;
 
     // Delete: the NodePort stops answering (nothing listens on the node).
     assert!(server.delete::<Service>("default", "tcp-echo"));
-    until_backends(
-        &lab,
-        &agent,
-        "TCP to stop answering",
-        |lab| tcp_backends(lab, 3),
-        &BTreeSet::new(),
-    )?;
-    until_backends(
-        &lab,
-        &agent,
-        "UDP to keep answering",
-        |lab| udp_backends(lab, 6),
-        &all,
-    )?;
+    follow.tcp("TCP to stop answering", 3, &BTreeSet::new())?;
+    follow.udp("UDP to keep answering", 6, &all)?;
 
     // The API goes away: the last state keeps serving.
     server.go_away();
     std::thread::sleep(Duration::from_secs(2));
-    until_backends(
-        &lab,
-        &agent,
-        "UDP to serve while the API is away",
-        |lab| udp_backends(lab, 6),
-        &all,
-    )?;
+    follow.udp("UDP to serve while the API is away", 6, &all)?;
     server.come_back();
-    server.apply(&endpoint_slice(
-        "default",
-        "udp-echo-1",
-        "udp-echo",
-        "UDP",
-        ECHO_UDP_PORT,
-        &[EndpointState::ready(pod_2)],
-    ));
-    until_backends(
-        &lab,
-        &agent,
+    server.apply(&echo_slice("UDP", &[EndpointState::ready(pod_2)]));
+    follow.udp(
         "UDP to follow a change after the API is back",
-        |lab| udp_backends(lab, 8),
+        8,
         &names(&["backend-2"]),
     )?;
 
-    let exit = agent.stop()?;
-    assert!(
-        exit.status.success(),
-        "agent exit {}:\n{}",
-        exit.status,
-        exit.log
-    );
+    agent.stop_cleanly()?;
     Ok(())
 }
 
@@ -258,41 +221,29 @@ fn manifests_drive_a_node_without_a_cluster() -> anyhow::Result<()> {
         &["--manifests", &manifests_arg],
     )?;
     let all = names(&["backend-1", "backend-2"]);
-    until_backends(
-        &lab,
-        &agent,
-        "TCP to reach both pods",
-        |lab| tcp_backends(lab, 12),
-        &all,
-    )?;
+    let follow = Follow {
+        lab: &lab,
+        agent: &agent,
+    };
+    follow.tcp("TCP to reach both pods", 12, &all)?;
 
     // The file changes: the agent follows.
     let one = manifests.replace(&format!("  - addresses: [{pod_2}]\n"), "");
     lab.write_file("app.yaml", &one)?;
-    until_backends(
-        &lab,
-        &agent,
+    follow.tcp(
         "TCP to follow the edited manifest",
-        |lab| tcp_backends(lab, 12),
+        12,
         &names(&["backend-1"]),
     )?;
 
     // A broken edit is reported and the last good manifests keep serving.
     lab.write_file("app.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: tcp-echo}\nspec: {type: NodePort, ports: [{port: 3333}]}\n")?;
     agent.wait_for_log(0, "manifests rejected", FOLLOW)?;
-    until_backends(
-        &lab,
-        &agent,
+    follow.tcp(
         "TCP to keep the last good manifests",
-        |lab| tcp_backends(lab, 6),
+        6,
         &names(&["backend-1"]),
     )?;
-    let exit = agent.stop()?;
-    assert!(
-        exit.status.success(),
-        "agent exit {}:\n{}",
-        exit.status,
-        exit.log
-    );
+    agent.stop_cleanly()?;
     Ok(())
 }

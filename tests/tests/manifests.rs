@@ -36,6 +36,25 @@ fn problems(text: &str) -> Vec<Problem> {
     }
 }
 
+/// A NodePort Service `web` (document 1, from line 1) whose `ports:` list
+/// is `$ports`, from line 8.
+macro_rules! web_node_port {
+    ($ports:literal) => {
+        concat!(
+            "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  type: NodePort
+  ports:
+",
+            $ports
+        )
+    };
+}
+
 /// The problems as `xlb run` prints them.
 fn messages(text: &str) -> Vec<String> {
     problems(text).iter().map(ToString::to_string).collect()
@@ -223,17 +242,7 @@ metadata:
 
 #[test]
 fn unknown_fields_are_errors() {
-    let text = "\
-apiVersion: v1
-kind: Service
-metadata:
-  name: web
-spec:
-  type: NodePort
-  ports:
-    - port: 80
-      nodeport: 30080
-";
+    let text = web_node_port!("    - port: 80\n      nodeport: 30080\n");
     assert_eq!(
         messages(text),
         [
@@ -249,17 +258,7 @@ spec:
 
 #[test]
 fn type_errors_are_located() {
-    let text = "\
-apiVersion: v1
-kind: Service
-metadata:
-  name: web
-spec:
-  type: NodePort
-  ports:
-    - port: eighty
-      nodePort: 30080
-";
+    let text = web_node_port!("    - port: eighty\n      nodePort: 30080\n");
     let found = problems(text);
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].field, "spec.ports[0].port");

@@ -411,13 +411,7 @@ fn counters_flows_and_metrics_report_exactly_the_traffic_sent() -> anyhow::Resul
         run_dir,
         xlb,
     } = operated;
-    let exit = agent.stop()?;
-    ensure!(
-        exit.status.success(),
-        "agent exit {}:\n{}",
-        exit.status,
-        exit.log
-    );
+    agent.stop_cleanly()?;
     let output = cli_in(&lab, &xlb, &["stats"], bpffs.path(), &run_dir)?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

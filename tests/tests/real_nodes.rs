@@ -8,13 +8,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use xlb_tests::client::{pattern, tcp_who_echo, udp_exchange, udp_socket, udp_who};
 use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT};
 use xlb_tests::node_lab::{
     CLIENT_ADDR, NODE_ADDR, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF, csum_errors, tcp_service,
     udp_service,
 };
-use xlb_tests::{Agent, Bpffs, XLB_BIN_ENV, bin_from_env};
+
+use xlb_tests::{Agent, Bpffs, Who, XLB_BIN_ENV, bin_from_env};
 
 fn masquerade_addr(pod: &Pod) -> IpAddr {
     IpAddr::from(pod.masquerade_addr())
@@ -100,32 +102,107 @@ fn path_count(line: &str, section: &str, hook: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `result`, its error followed by the agent's log.
+fn with_log<T>(agent: &Agent<'_, NodeLab>, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    result.map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))
+}
+
+fn ensure_no_csum_errors(pod: &Pod) -> anyhow::Result<()> {
+    let errors = csum_errors(&pod.netns)?;
+    ensure!(
+        errors == (0, 0),
+        "{} saw checksum errors: {errors:?}",
+        pod.name
+    );
+    Ok(())
+}
+
+/// Waits until the agent logs that it reaches `pod` with bpf_redirect_peer.
+fn wait_peer(agent: &Agent<'_, NodeLab>, since: usize, pod: &Pod) -> anyhow::Result<()> {
+    let known = format!(
+        "local pod {}: bpf_redirect_peer via {}",
+        pod.addr, pod.host_if
+    );
+    agent.wait_for_log(since, &known, WAIT)?;
+    Ok(())
+}
+
+/// The first datagram from the client to the new `pod` behind `target`,
+/// no retry.
+fn first_datagram(
+    lab: &NodeLab,
+    target: SocketAddr,
+    pod: &Pod,
+) -> anyhow::Result<(Who, SocketAddr)> {
+    lab.client
+        .run(|| udp_who(&udp_socket()?, target))?
+        .with_context(|| format!("the first datagram to the new pod {}", pod.name))
+}
+
+/// A stream of UDP datagrams from the client to the UDP NodePort, every
+/// 5 ms until `stop`, counted as answered or lost; a new socket (a new
+/// flow) each time when `fresh_flows`.
+struct Stream {
+    stop: AtomicBool,
+    answered: AtomicU64,
+    lost: AtomicU64,
+}
+
+impl Stream {
+    fn new() -> Stream {
+        Stream {
+            stop: AtomicBool::new(false),
+            answered: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+        }
+    }
+
+    fn run(&self, lab: &NodeLab, fresh_flows: bool) -> anyhow::Result<()> {
+        lab.client.run(|| -> anyhow::Result<()> {
+            let mut socket = udp_socket()?;
+            let mut seq = 0u32;
+            while !self.stop.load(Ordering::Relaxed) {
+                if fresh_flows {
+                    socket = udp_socket()?;
+                }
+                socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+                seq += 1;
+                let payload = pattern(64, seq);
+                match udp_exchange(&socket, udp_service(), &payload) {
+                    Ok((reply, _)) if reply == payload => &self.answered,
+                    _ => &self.lost,
+                }
+                .fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(())
+        })?
+    }
+
+    /// Every datagram was answered (`to` names the stream's pods).
+    fn ensure_lossless(self, to: &str) -> anyhow::Result<()> {
+        let (answered, lost) = (self.answered.into_inner(), self.lost.into_inner());
+        ensure!(
+            answered > 0 && lost == 0,
+            "stream to {to}: {answered} answered, {lost} lost"
+        );
+        Ok(())
+    }
+}
+
 #[test]
 fn node_port_reaches_every_kind_of_pod_with_good_checksums() -> anyhow::Result<()> {
     let lab = NodeLab::new()?;
     for kind in PodKind::ALL {
         let pod = lab.pod(kind);
         let agent = start(&lab, &[pod], false)?;
-        exchange_with(&lab, pod)
-            .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+        with_log(&agent, exchange_with(&lab, pod))?;
         if kind.is_local() {
             // Once the agent knows the pod, through bpf_redirect_peer.
-            let known = format!(
-                "local pod {}: bpf_redirect_peer via {}",
-                pod.addr, pod.host_if
-            );
-            agent.wait_for_log(0, &known, WAIT)?;
-            exchange_with(&lab, pod).map_err(|error| {
-                anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log())
-            })?;
+            wait_peer(&agent, 0, pod)?;
+            with_log(&agent, exchange_with(&lab, pod))?;
         }
-        let exit = agent.stop()?;
-        ensure!(
-            exit.status.success(),
-            "agent: {}\n{}",
-            exit.status,
-            exit.log
-        );
+        let exit = agent.stop_cleanly()?;
         // Which hooks carried the packets: XDP where the next hop takes XDP
         // frames (node2 through the switch), tc's bpf_redirect_peer into
         // local pods (once the agent knows the pod's MAC and port), tc
@@ -153,12 +230,7 @@ fn node_port_reaches_every_kind_of_pod_with_good_checksums() -> anyhow::Result<(
          UdpInCsumErrors={udp_errors}"
     );
     for pod in &lab.pods {
-        let errors = csum_errors(&pod.netns)?;
-        ensure!(
-            errors == (0, 0),
-            "{} saw checksum errors: {errors:?}",
-            pod.name
-        );
+        ensure_no_csum_errors(pod)?;
     }
     Ok(())
 }
@@ -271,8 +343,7 @@ fn external_traffic_policy_local_keeps_the_client_address() -> anyhow::Result<()
             }
             Ok(reached)
         })?;
-    let reached = reached
-        .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+    let reached = with_log(&agent, reached)?;
     for name in reached.keys() {
         let pod = lab.pod_named(name).context("unknown pod")?;
         ensure!(pod.kind.is_local(), "ETP Local reached {name}: {reached:?}");
@@ -343,8 +414,7 @@ fn thousand_flows_over_bridge_and_vxlan_while_pods_come_and_go() -> anyhow::Resu
         churn?;
         Ok(reached)
     });
-    let reached = outcome
-        .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+    let reached = with_log(&agent, outcome)?;
     let total: usize = reached.values().sum();
     ensure!(total == 2 * FLOWS, "answers: {reached:?}");
     for pod in pods {
@@ -369,7 +439,6 @@ fn thousand_flows_over_bridge_and_vxlan_while_pods_come_and_go() -> anyhow::Resu
 /// stay loses nothing. Checksums are right on both ends.
 #[test]
 fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let lab = NodeLab::new()?;
     let pods = [lab.pod(PodKind::Bridge), lab.pod(PodKind::Routed)];
     let new_pods = [
@@ -393,18 +462,12 @@ fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
     let agent = Agent::start(&lab, &config)?;
     for pod in pods {
         agent.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
-        agent.wait_for_log(
-            0,
-            &format!(
-                "local pod {}: bpf_redirect_peer via {}",
-                pod.addr, pod.host_if
-            ),
-            WAIT,
-        )?;
+        wait_peer(&agent, 0, pod)?;
     }
     let names: Vec<&str> = pods.iter().map(|pod| pod.name.as_str()).collect();
-    lab.client
-        .run(|| -> anyhow::Result<()> {
+    with_log(
+        &agent,
+        lab.client.run(|| -> anyhow::Result<()> {
             for flow in 0..20u32 {
                 let (who, from) = udp_who(&udp_socket()?, udp_service())?;
                 ensure!(from == udp_service() && names.contains(&who.name.as_str()));
@@ -412,31 +475,13 @@ fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
                 ensure!(names.contains(&who.name.as_str()), "{who:?}");
             }
             Ok(())
-        })?
-        .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
+        })?,
+    )?;
 
-    let stop = AtomicBool::new(false);
-    let (answered, lost) = (AtomicU64::new(0), AtomicU64::new(0));
+    let stream = Stream::new();
     let outcome = std::thread::scope(|scope| -> anyhow::Result<()> {
-        let stream = scope.spawn(|| {
-            lab.client.run(|| -> anyhow::Result<()> {
-                let mut seq = 0u32;
-                while !stop.load(Ordering::Relaxed) {
-                    // A new flow each time: both pods, both paths' choices.
-                    let socket = udp_socket()?;
-                    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
-                    seq += 1;
-                    let payload = pattern(64, seq);
-                    match udp_exchange(&socket, udp_service(), &payload) {
-                        Ok((reply, _)) if reply == payload => &answered,
-                        _ => &lost,
-                    }
-                    .fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Ok(())
-            })
-        });
+        // A new flow each time: both pods, both paths' choices.
+        let streaming = scope.spawn(|| stream.run(&lab, true));
         let churn = (|| -> anyhow::Result<()> {
             for (kind, index, addr, node_port) in new_pods {
                 let since = agent.log().len();
@@ -444,19 +489,9 @@ fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
                 ensure!(pod.addr == std::net::Ipv4Addr::from(addr), "{pod:?}");
                 let udp = SocketAddr::from((NODE_ADDR, node_port));
                 let tcp = SocketAddr::from((NODE_ADDR, node_port - 10));
-                let first = lab
-                    .client
-                    .run(|| udp_who(&udp_socket()?, udp))?
-                    .with_context(|| format!("the first datagram to the new pod {}", pod.name))?;
+                let first = first_datagram(&lab, udp, &pod)?;
                 ensure!(first.0.name == pod.name, "{first:?}");
-                agent.wait_for_log(
-                    since,
-                    &format!(
-                        "local pod {}: bpf_redirect_peer via {}",
-                        pod.addr, pod.host_if
-                    ),
-                    WAIT,
-                )?;
+                wait_peer(&agent, since, &pod)?;
                 for round in 0..5u32 {
                     lab.client.run(|| -> anyhow::Result<()> {
                         let (who, _) = udp_who(&udp_socket()?, udp)?;
@@ -466,12 +501,7 @@ fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
                         Ok(())
                     })??;
                 }
-                let errors = csum_errors(&pod.netns)?;
-                ensure!(
-                    errors == (0, 0),
-                    "{} saw checksum errors: {errors:?}",
-                    pod.name
-                );
+                ensure_no_csum_errors(&pod)?;
                 let since = agent.log().len();
                 drop(pod);
                 agent.wait_for_log(
@@ -482,23 +512,13 @@ fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
             }
             Ok(())
         })();
-        stop.store(true, Ordering::Relaxed);
-        stream.join().expect("stream thread panicked")??;
+        stream.stop.store(true, Ordering::Relaxed);
+        streaming.join().expect("stream thread panicked")?;
         churn
     });
-    outcome.map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
-    let (answered, lost) = (answered.into_inner(), lost.into_inner());
-    ensure!(
-        answered > 0 && lost == 0,
-        "stream to the pods that stay: {answered} answered, {lost} lost"
-    );
-    let exit = agent.stop()?;
-    ensure!(
-        exit.status.success(),
-        "agent: {}\n{}",
-        exit.status,
-        exit.log
-    );
+    with_log(&agent, outcome)?;
+    stream.ensure_lossless("the pods that stay")?;
+    let exit = agent.stop_cleanly()?;
     for pod in pods {
         for port in [ECHO_UDP_PORT, ECHO_TCP_PORT] {
             let line = paths_line(&exit.log, pod, port)
@@ -509,12 +529,7 @@ fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
                 pod.name
             );
         }
-        let errors = csum_errors(&pod.netns)?;
-        ensure!(
-            errors == (0, 0),
-            "{} saw checksum errors: {errors:?}",
-            pod.name
-        );
+        ensure_no_csum_errors(pod)?;
     }
     let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
     ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
@@ -529,7 +544,6 @@ fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
 /// loses nothing meanwhile.
 #[test]
 fn a_new_pod_is_served_at_once() -> anyhow::Result<()> {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let lab = NodeLab::new()?;
     let first = lab.pod(PodKind::Bridge);
     // (kind, index, its address as the lab will give it, its NodePort)
@@ -552,55 +566,28 @@ fn a_new_pod_is_served_at_once() -> anyhow::Result<()> {
     let agent = Agent::start(&lab, &config)?;
     agent.wait_for_log(0, &format!("{}: tcx ingress", first.host_if), WAIT)?;
 
-    let stop = AtomicBool::new(false);
-    let (answered, lost) = (AtomicU64::new(0), AtomicU64::new(0));
+    let stream = Stream::new();
     let outcome = std::thread::scope(|scope| -> anyhow::Result<Vec<Pod>> {
-        let stream = scope.spawn(|| {
-            lab.client.run(|| -> anyhow::Result<()> {
-                let socket = udp_socket()?;
-                socket.set_read_timeout(Some(Duration::from_millis(500)))?;
-                let mut seq = 0u32;
-                while !stop.load(Ordering::Relaxed) {
-                    seq += 1;
-                    let payload = pattern(64, seq);
-                    match udp_exchange(&socket, udp_service(), &payload) {
-                        Ok((reply, _)) if reply == payload => &answered,
-                        _ => &lost,
-                    }
-                    .fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Ok(())
-            })
-        });
+        let streaming = scope.spawn(|| stream.run(&lab, false));
         let made = (|| -> anyhow::Result<Vec<Pod>> {
             let mut made = Vec::new();
             for (kind, index, addr, node_port) in new_pods {
                 let pod = lab.add_pod(kind, index)?;
                 ensure!(pod.addr == std::net::Ipv4Addr::from(addr), "{pod:?}");
                 let target = SocketAddr::from((NODE_ADDR, node_port));
-                let (who, from) = lab
-                    .client
-                    .run(|| udp_who(&udp_socket()?, target))?
-                    .with_context(|| format!("the first datagram to the new pod {}", pod.name))?;
+                let (who, from) = first_datagram(&lab, target, &pod)?;
                 ensure!(from == target, "reply from {from}, not {target}");
                 ensure!(who.name == pod.name, "{who:?} answered for {}", pod.name);
                 made.push(pod);
             }
             Ok(made)
         })();
-        stop.store(true, Ordering::Relaxed);
-        stream.join().expect("stream thread panicked")??;
+        stream.stop.store(true, Ordering::Relaxed);
+        streaming.join().expect("stream thread panicked")?;
         made
     });
-    let made = outcome
-        .map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))?;
-    let (answered, lost) = (answered.into_inner(), lost.into_inner());
-    ensure!(
-        answered > 0 && lost == 0,
-        "stream to {}: {answered} answered, {lost} lost",
-        first.name
-    );
+    let made = with_log(&agent, outcome)?;
+    stream.ensure_lossless(&first.name)?;
     drop(made);
     let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
     ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");

@@ -54,6 +54,15 @@ fn tcp_backends_seen(lab: &Lab, flows: usize) -> anyhow::Result<BTreeSet<String>
     })?
 }
 
+/// New UDP flows (64) and TCP connections (48) to the echo services reach
+/// both backends.
+fn assert_both_backends_serve(lab: &Lab) -> anyhow::Result<()> {
+    let both = set(&["backend-1", "backend-2"]);
+    assert_eq!(udp_backends_seen(lab, udp_echo_service(), 64)?, both);
+    assert_eq!(tcp_backends_seen(lab, 48)?, both);
+    Ok(())
+}
+
 fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|name| (*name).to_owned()).collect()
 }
@@ -85,14 +94,7 @@ fn reload_adds_a_service_and_changes_backends() -> anyhow::Result<()> {
         udp_backends_seen(&lab, extra_service, 16)?,
         set(&["backend-2"])
     );
-    assert_eq!(
-        udp_backends_seen(&lab, udp_echo_service(), 64)?,
-        set(&["backend-1", "backend-2"])
-    );
-    assert_eq!(
-        tcp_backends_seen(&lab, 48)?,
-        set(&["backend-1", "backend-2"])
-    );
+    assert_both_backends_serve(&lab)?;
 
     // Remove backend-1 from udp-echo: new flows go only to backend-2.
     lab.write_file(
@@ -143,14 +145,7 @@ fn broken_reload_keeps_serving_the_last_good_config() -> anyhow::Result<()> {
         generation,
         "a broken config was applied"
     );
-    assert_eq!(
-        udp_backends_seen(&lab, udp_echo_service(), 64)?,
-        set(&["backend-1", "backend-2"])
-    );
-    assert_eq!(
-        tcp_backends_seen(&lab, 48)?,
-        set(&["backend-1", "backend-2"])
-    );
+    assert_both_backends_serve(&lab)?;
 
     // A fixed config is picked up again.
     lab.write_file(

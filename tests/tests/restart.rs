@@ -17,7 +17,7 @@ use anyhow::{Context as _, ensure};
 use xlb_tests::lab::{NODE_ADDR, NODE_CLIENT_IF};
 use xlb_tests::{Agent, Bpffs, Lab, XLB_BIN_ENV, bin_from_env};
 
-use stream::{Connection, Stream, counter, socket_drops};
+use stream::{Connection, SocketDrops, Stream, counter};
 
 const UDP_PORT: u16 = 30960;
 const TCP_PORT: u16 = 30961;
@@ -73,8 +73,7 @@ fn udp_stream_loses_nothing_across_100_reloads() -> anyhow::Result<()> {
     let config = lab.write_file("xlb.yaml", &lab.config_yaml(&services(0)))?;
     let mut agent = Agent::start(&lab, &config)?;
 
-    let namespaces = [&lab.client, &lab.backends[0].netns, &lab.backends[1].netns];
-    let drops_before: u64 = namespaces.iter().map(|netns| socket_drops(netns)).sum();
+    let drops = SocketDrops::start(&[&lab.client, &lab.backends[0].netns, &lab.backends[1].netns]);
     let stream = Stream::start(&lab.client, node_port(UDP_PORT))?;
     std::thread::sleep(Duration::from_millis(200));
     let first = stream.who()?;
@@ -86,11 +85,7 @@ fn udp_stream_loses_nothing_across_100_reloads() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(200));
     let last = stream.who()?;
     let report = stream.finish()?;
-    let drops: u64 = namespaces
-        .iter()
-        .map(|netns| socket_drops(netns))
-        .sum::<u64>()
-        - drops_before;
+    let drops = drops.since_start();
     let exit = agent.stop()?;
     println!(
         "{reloads} reloads (another service's backends changing each time) under a {}/s UDP \
@@ -105,7 +100,7 @@ fn udp_stream_loses_nothing_across_100_reloads() -> anyhow::Result<()> {
     // Every datagram comes back, but for any a starved receiver's socket
     // buffer dropped on a busy machine (not the path through xlb).
     assert_eq!(
-        report.lost.saturating_sub(drops),
+        report.lost_beyond(drops),
         0,
         "{report}; {drops} socket drops"
     );
@@ -140,17 +135,10 @@ fn tcp_connections_survive_reloads_and_an_agent_restart() -> anyhow::Result<()> 
     }
 
     // The agent stops with --keep-attached: the datapath goes on alone.
-    let namespaces = [&lab.client, &lab.backends[0].netns, &lab.backends[1].netns];
-    let drops_before: u64 = namespaces.iter().map(|netns| socket_drops(netns)).sum();
+    let drops = SocketDrops::start(&[&lab.client, &lab.backends[0].netns, &lab.backends[1].netns]);
     let stream = Stream::start(&lab.client, node_port(UDP_PORT))?;
     std::thread::sleep(Duration::from_millis(300));
-    let exit = agent.stop()?;
-    ensure!(
-        exit.status.success(),
-        "agent exit {}:\n{}",
-        exit.status,
-        exit.log
-    );
+    let exit = agent.stop_cleanly()?;
     assert!(xdp_attached(&lab)?, "XDP must stay attached:\n{}", exit.log);
     std::thread::sleep(Duration::from_millis(300));
     exchange_all(&mut connections, "while no agent runs")?;
@@ -165,11 +153,7 @@ fn tcp_connections_survive_reloads_and_an_agent_restart() -> anyhow::Result<()> 
     let adopted = second.log();
     std::thread::sleep(Duration::from_millis(300));
     let report = stream.finish()?;
-    let drops: u64 = namespaces
-        .iter()
-        .map(|netns| socket_drops(netns))
-        .sum::<u64>()
-        - drops_before;
+    let drops = drops.since_start();
     exchange_all(&mut connections, "after the restart")?;
     let mut fresh = Connection::open(&lab.client, node_port(TCP_PORT))?;
     fresh.exchange()?;
@@ -189,20 +173,14 @@ fn tcp_connections_survive_reloads_and_an_agent_restart() -> anyhow::Result<()> 
         "{adopted}"
     );
     assert_eq!(
-        report.lost.saturating_sub(drops),
+        report.lost_beyond(drops),
         0,
         "{report}; {drops} socket drops"
     );
 
     // Without --keep-attached, stopping detaches and removes the pins.
     drop(connections);
-    let exit = second.stop()?;
-    ensure!(
-        exit.status.success(),
-        "agent exit {}:\n{}",
-        exit.status,
-        exit.log
-    );
+    let exit = second.stop_cleanly()?;
     assert!(
         !xdp_attached(&lab)?,
         "still attached after a plain stop:\n{}",

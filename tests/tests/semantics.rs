@@ -14,11 +14,11 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::ensure;
-use xlb_tests::client::{IO_TIMEOUT, tcp_who_echo, udp_socket, udp_who};
+use xlb_tests::client::{IO_TIMEOUT, Who, tcp_who_echo, udp_socket, udp_who};
 use xlb_tests::lab::{CLIENT_ADDR, NODE_ADDR, POD_IF};
 use xlb_tests::{Agent, Lab};
 
-use stream::{Stream, counter, socket_drops};
+use stream::{SocketDrops, Stream, counter};
 
 /// The lab's config with `services` plus other top-level sections.
 fn config_with(lab: &Lab, services: &str, extra: &str) -> String {
@@ -54,16 +54,11 @@ fn udp_flows(
     target: SocketAddr,
     flows: usize,
 ) -> anyhow::Result<BTreeMap<String, usize>> {
-    lab.client
-        .run(|| -> anyhow::Result<BTreeMap<String, usize>> {
-            let mut counts = BTreeMap::new();
-            for _ in 0..flows {
-                let (who, from) = udp_who(&udp_socket()?, target)?;
-                ensure!(from == target, "reply from {from}, expected {target}");
-                *counts.entry(who.name).or_default() += 1;
-            }
-            Ok(counts)
-        })?
+    count_flows(lab, flows, |_| {
+        let (who, from) = udp_who(&udp_socket()?, target)?;
+        ensure!(from == target, "reply from {from}, expected {target}");
+        Ok(who)
+    })
 }
 
 fn tcp_flows(
@@ -71,15 +66,24 @@ fn tcp_flows(
     target: SocketAddr,
     flows: usize,
 ) -> anyhow::Result<BTreeMap<String, usize>> {
-    lab.client
-        .run(|| -> anyhow::Result<BTreeMap<String, usize>> {
-            let mut counts = BTreeMap::new();
-            for flow in 0..flows {
-                let who = tcp_who_echo(target, format!("flow {flow}").as_bytes())?;
-                *counts.entry(who.name).or_default() += 1;
-            }
-            Ok(counts)
-        })?
+    count_flows(lab, flows, |flow| {
+        tcp_who_echo(target, format!("flow {flow}").as_bytes())
+    })
+}
+
+/// `flows` flows from the client, each made by `flow`: backends by name.
+fn count_flows(
+    lab: &Lab,
+    flows: usize,
+    flow: impl Fn(usize) -> anyhow::Result<Who> + Send,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    lab.client.run(move || {
+        let mut counts = BTreeMap::new();
+        for index in 0..flows {
+            *counts.entry(flow(index)?.name).or_default() += 1;
+        }
+        Ok(counts)
+    })?
 }
 
 fn names(counts: &BTreeMap<String, usize>) -> Vec<&str> {
@@ -433,8 +437,7 @@ fn flows_of_a_removed_backend_move_on_their_next_packet() -> anyhow::Result<()> 
     let config = write(&(backend(1, &[]) + &backend(2, &[])))?;
     let mut agent = Agent::start(&lab, &config)?;
 
-    let namespaces = [&lab.client, &lab.backends[0].netns, &lab.backends[1].netns];
-    let drops_before: u64 = namespaces.iter().map(|netns| socket_drops(netns)).sum();
+    let drops = SocketDrops::start(&[&lab.client, &lab.backends[0].netns, &lab.backends[1].netns]);
     let stream = Stream::start(&lab.client, node_port(30981))?;
     std::thread::sleep(Duration::from_secs(1));
     let first = stream.who()?;
@@ -444,11 +447,7 @@ fn flows_of_a_removed_backend_move_on_their_next_packet() -> anyhow::Result<()> 
     std::thread::sleep(Duration::from_secs(1));
     let second = stream.who()?;
     let report = stream.finish()?;
-    let drops: u64 = namespaces
-        .iter()
-        .map(|netns| socket_drops(netns))
-        .sum::<u64>()
-        - drops_before;
+    let drops = drops.since_start();
     println!(
         "backend removal under a {}/s UDP stream: {} -> {}: {report}; socket buffer drops {drops}",
         stream::RATE,
@@ -457,7 +456,7 @@ fn flows_of_a_removed_backend_move_on_their_next_packet() -> anyhow::Result<()> 
     );
     assert_eq!(second.name, format!("backend-{staying}"));
     assert!(
-        report.lost.saturating_sub(drops) <= 10,
+        report.lost_beyond(drops) <= 10,
         "{report}; {drops} socket drops"
     );
     Ok(())

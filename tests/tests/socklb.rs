@@ -96,6 +96,7 @@ struct SockLab {
 
 impl SockLab {
     fn new() -> anyhow::Result<SockLab> {
+        xlb_tests::require_root()?;
         let cgroup = TestCgroup::enter()?;
         let lab = Lab::new(3)?;
         let remote = lab.start_echo(
@@ -191,6 +192,15 @@ fn udp_spread(target: SocketAddr) -> anyhow::Result<(Spread, Vec<Ipv4Addr>)> {
     Ok((spread, peers))
 }
 
+/// WHO on a connected UDP socket, answered through plain recv() (no
+/// address asked for).
+fn connected_who(socket: &UdpSocket) -> anyhow::Result<Who> {
+    socket.send(b"WHO\n")?;
+    let mut buf = [0u8; 512];
+    let len = socket.recv(&mut buf)?;
+    std::str::from_utf8(&buf[..len])?.parse()
+}
+
 /// A connected UDP socket to `target`: its peer is `target`, replies are
 /// accepted and shown as coming from `target`.
 fn udp_connected(target: SocketAddr) -> anyhow::Result<Who> {
@@ -212,19 +222,40 @@ fn udp_connected(target: SocketAddr) -> anyhow::Result<Who> {
     );
     let who: Who = std::str::from_utf8(&buf[..len])?.parse()?;
     // A second exchange with plain recv() (no address asked for).
-    socket.send(b"WHO\n")?;
-    let len = socket.recv(&mut buf)?;
-    let again: Who = std::str::from_utf8(&buf[..len])?.parse()?;
+    let again = connected_who(&socket)?;
     ensure!(again.name == who.name, "a connected socket changed backend");
     Ok(who)
 }
 
+/// Runs `check` in `netns`; its error carries the agent's log.
+fn check_in<T: Send>(
+    agent: &Agent<'_>,
+    netns: &Netns,
+    check: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
+    Ok(netns
+        .run(check)?
+        .map_err(|error| agent.failure(format!("{error:#}")))?)
+}
+
+/// 16 UDP sockets of pod 2 to `target`, each opened by `open`, with the
+/// backend its first WHO reached.
+fn pod_udp_sockets(
+    lab: &SockLab,
+    open: impl Fn() -> anyhow::Result<(UdpSocket, Who)> + Send,
+) -> anyhow::Result<Vec<(UdpSocket, String)>> {
+    lab.pod(2).run(move || {
+        (0..16)
+            .map(|_| open().map(|(socket, first)| (socket, first.name)))
+            .collect()
+    })?
+}
+
 #[test]
 fn host_processes_reach_node_ports_on_the_node_address() -> anyhow::Result<()> {
-    xlb_tests::require_root()?;
     let lab = SockLab::new()?;
     let agent = lab.start_agent(&[])?;
-    let checked = lab.lab.node.run(|| -> anyhow::Result<()> {
+    check_in(&agent, &lab.lab.node, || {
         let (tcp, _) = tcp_spread(tcp_node_port())?;
         ensure_every_backend(&lab.lab, &tcp, "TCP from the node to NODE:nodePort")?;
         let (udp, _) = udp_spread(udp_node_port())?;
@@ -240,19 +271,16 @@ fn host_processes_reach_node_ports_on_the_node_address() -> anyhow::Result<()> {
             "127.0.0.1:{TCP_ECHO_NODE_PORT} answered"
         );
         Ok(())
-    })?;
-    checked.map_err(|error| agent.failure(format!("{error:#}")))?;
-    Ok(())
+    })
 }
 
 #[test]
 fn pods_reach_cluster_ips_and_node_ports_including_hairpin() -> anyhow::Result<()> {
-    xlb_tests::require_root()?;
     let lab = SockLab::new()?;
     let agent = lab.start_agent(&[])?;
     let pod = &lab.lab.backends[0];
     let pod_addr = pod.addr;
-    let checked = pod.netns.run(|| -> anyhow::Result<()> {
+    check_in(&agent, &pod.netns, || {
         // Every backend: this pod itself (hairpin to self), its neighbours
         // on this node, and the pod on another node.
         for (target, what) in [
@@ -280,19 +308,16 @@ fn pods_reach_cluster_ips_and_node_ports_including_hairpin() -> anyhow::Result<(
         }
         udp_connected(udp_cluster_ip())?;
         Ok(())
-    })?;
-    checked.map_err(|error| agent.failure(format!("{error:#}")))?;
-    Ok(())
+    })
 }
 
 #[test]
 fn session_affinity_holds_per_client() -> anyhow::Result<()> {
-    xlb_tests::require_root()?;
     let lab = SockLab::new()?;
     let agent = lab.start_agent(&[])?;
     let sticky = SocketAddr::V4(SocketAddrV4::new(STICKY_CLUSTER_IP, SERVICE_PORT));
     for netns in [lab.pod(1), &lab.lab.node] {
-        let checked = netns.run(|| -> anyhow::Result<()> {
+        check_in(&agent, netns, || {
             let (spread, _) = tcp_spread(sticky)?;
             ensure!(
                 spread.len() == 1,
@@ -301,44 +326,36 @@ fn session_affinity_holds_per_client() -> anyhow::Result<()> {
             );
             Ok(())
         })?;
-        checked.map_err(|error| agent.failure(format!("{error:#}")))?;
     }
     Ok(())
 }
 
 #[test]
 fn a_removed_backend_moves_udp_clients_on_their_next_datagram() -> anyhow::Result<()> {
-    xlb_tests::require_root()?;
     let lab = SockLab::new()?;
     let mut agent = lab.start_agent(&[])?;
     let target = udp_cluster_ip();
     // Sockets of a pod, each on its backend for several datagrams.
-    let sockets: Vec<(UdpSocket, String)> =
-        lab.pod(2)
-            .run(|| -> anyhow::Result<Vec<(UdpSocket, String)>> {
-                let mut sockets = Vec::new();
-                for _ in 0..16 {
-                    let socket = udp_socket()?;
-                    let (first, _) = udp_who(&socket, target)?;
-                    for _ in 0..3 {
-                        let (again, from) = udp_who(&socket, target)?;
-                        ensure!(from == target, "reply from {from}");
-                        ensure!(
-                            again.name == first.name,
-                            "an unconnected socket moved from {} to {} with no change",
-                            first.name,
-                            again.name
-                        );
-                    }
-                    sockets.push((socket, first.name));
-                }
-                Ok(sockets)
-            })??;
+    let sockets = pod_udp_sockets(&lab, || {
+        let socket = udp_socket()?;
+        let (first, _) = udp_who(&socket, target)?;
+        for _ in 0..3 {
+            let (again, from) = udp_who(&socket, target)?;
+            ensure!(from == target, "reply from {from}");
+            ensure!(
+                again.name == first.name,
+                "an unconnected socket moved from {} to {} with no change",
+                first.name,
+                again.name
+            );
+        }
+        Ok((socket, first))
+    })?;
     let removed = sockets[0].1.clone();
     let config = config(&lab.lab, Some(&removed));
     lab.lab.write_file("xlb.yaml", &config)?;
     agent.reload_and_wait()?;
-    let checked = lab.pod(2).run(|| -> anyhow::Result<()> {
+    check_in(&agent, lab.pod(2), || {
         for (socket, before) in &sockets {
             let (now, from) = udp_who(socket, target)?;
             ensure!(from == target, "reply from {from}");
@@ -350,9 +367,7 @@ fn a_removed_backend_moves_udp_clients_on_their_next_datagram() -> anyhow::Resul
             }
         }
         Ok(())
-    })?;
-    checked.map_err(|error| agent.failure(format!("{error:#}")))?;
-    Ok(())
+    })
 }
 
 /// loadBalancerSourceRanges need the client's address, which connect()
@@ -362,13 +377,12 @@ fn a_removed_backend_moves_udp_clients_on_their_next_datagram() -> anyhow::Resul
 /// balanced as usual.
 #[test]
 fn source_ranged_load_balancer_ips_are_not_balanced_by_the_hooks() -> anyhow::Result<()> {
-    xlb_tests::require_root()?;
     let lab = SockLab::new()?;
     let agent = lab.start_agent(&[])?;
     let load_balancer = SocketAddr::from((GUARDED_LB_IP, SERVICE_PORT));
     let cluster_ip = SocketAddr::from((GUARDED_CLUSTER_IP, SERVICE_PORT));
     for netns in [lab.pod(0), &lab.lab.node] {
-        let checked = netns.run(|| -> anyhow::Result<()> {
+        check_in(&agent, netns, || {
             let who = tcp_who_echo(cluster_ip, b"ranged")?;
             ensure!(all_backends(&lab.lab).contains(&who.name));
             let connected = TcpStream::connect_timeout(&load_balancer, Duration::from_secs(2));
@@ -380,7 +394,6 @@ fn source_ranged_load_balancer_ips_are_not_balanced_by_the_hooks() -> anyhow::Re
             );
             Ok(())
         })?;
-        checked.map_err(|error| agent.failure(format!("{error:#}")))?;
     }
     // The wire client inside the ranges: XDP balances it.
     let who = lab
@@ -438,26 +451,16 @@ fn connected_client(
 #[test]
 fn a_removed_backend_destroys_its_connected_udp_clients() -> anyhow::Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    xlb_tests::require_root()?;
     let lab = SockLab::new()?;
     let mut agent = lab.start_agent(&[])?;
     let target = udp_cluster_ip();
     // Connected sockets of a pod, each on its backend.
-    let sockets: Vec<(UdpSocket, String)> =
-        lab.pod(2)
-            .run(|| -> anyhow::Result<Vec<(UdpSocket, String)>> {
-                let mut sockets = Vec::new();
-                for _ in 0..16 {
-                    let socket = udp_socket()?;
-                    socket.connect(target)?;
-                    socket.send(b"WHO\n")?;
-                    let mut buf = [0u8; 512];
-                    let len = socket.recv(&mut buf)?;
-                    let first: Who = std::str::from_utf8(&buf[..len])?.parse()?;
-                    sockets.push((socket, first.name));
-                }
-                Ok(sockets)
-            })??;
+    let sockets = pod_udp_sockets(&lab, || {
+        let socket = udp_socket()?;
+        socket.connect(target)?;
+        let first = connected_who(&socket)?;
+        Ok((socket, first))
+    })?;
     let removed = sockets[0].1.clone();
     let stop = AtomicBool::new(false);
     // The sockets are the pod's whichever thread uses them.
@@ -523,7 +526,6 @@ fn a_removed_backend_destroys_its_connected_udp_clients() -> anyhow::Result<()> 
         );
         // The other sockets: those on the removed backend were destroyed
         // too; the others keep their backend, still connected.
-        let mut buf = [0u8; 512];
         for (socket, backend) in &sockets[1..] {
             if *backend == removed {
                 let sent = socket.send(b"WHO\n").map_err(|e| e.raw_os_error());
@@ -532,9 +534,7 @@ fn a_removed_backend_destroys_its_connected_udp_clients() -> anyhow::Result<()> 
                     "a socket on {removed} after the removal: send() gave {sent:?}"
                 );
             } else {
-                socket.send(b"WHO\n")?;
-                let len = socket.recv(&mut buf)?;
-                let who: Who = std::str::from_utf8(&buf[..len])?.parse()?;
+                let who = connected_who(socket)?;
                 ensure!(
                     who.name == *backend,
                     "a socket on the kept {backend} moved to {}",
@@ -550,7 +550,6 @@ fn a_removed_backend_destroys_its_connected_udp_clients() -> anyhow::Result<()> 
 
 #[test]
 fn status_metrics_keep_attached_and_detach() -> anyhow::Result<()> {
-    xlb_tests::require_root()?;
     let lab = SockLab::new()?;
     let bpffs = Bpffs::mount(&lab.lab)?;
     let run_dir = lab.lab.dir().join("run");

@@ -45,13 +45,7 @@ fn udp_round_trip_with_dnat_and_masquerade() -> anyhow::Result<()> {
     })??;
 
     // On SIGTERM the agent exits cleanly and reports what the datapath did.
-    let exit = agent.stop()?;
-    assert!(
-        exit.status.success(),
-        "agent exit: {}\n{}",
-        exit.status,
-        exit.log
-    );
+    let exit = agent.stop_cleanly()?;
     for counter in ["fwd_new_flow=", "fwd_reply="] {
         assert!(
             exit.log.contains(counter),

@@ -544,51 +544,19 @@ fn line(event_type: &str, object: &Value) -> Bytes {
 /// Writes one watch's events into its response until the client goes, the
 /// watch times out, or a 410 ends it.
 async fn produce(shared: Arc<Shared>, watch: Watch, sender: mpsc::Sender<Bytes>) {
-    let Watch {
-        kind,
-        namespace,
-        query,
-        start,
-        gone_epoch,
-    } = watch;
     let mut signals = shared.signal.subscribe();
-    if signals.borrow_and_update().gone_epoch != gone_epoch {
-        let message = "the watch expired (the test server was told to send 410 Gone)";
-        let _ = sender
-            .send(line("ERROR", &status(410, "Expired", message)))
-            .await;
+    if signals.borrow_and_update().gone_epoch != watch.gone_epoch {
+        send_gone(&sender).await;
         return;
     }
-    let visible = |object: &Value| {
-        let in_namespace = namespace.as_deref().is_none_or(|namespace| {
-            object
-                .pointer("/metadata/namespace")
-                .and_then(Value::as_str)
-                == Some(namespace)
-        });
-        in_namespace && query.matches(object)
-    };
-    let mut position = match start {
+    let mut position = match watch.start {
         Start::From(revision) => revision,
-        Start::Now => {
-            let (objects, revision) = {
-                let store = shared.store();
-                (store.list(kind, namespace.as_deref()), store.revision)
-            };
-            for object in objects.iter().filter(|object| visible(object)) {
-                if sender.send(line("ADDED", object)).await.is_err() {
-                    return;
-                }
-            }
-            if query.send_initial_events && query.bookmarks {
-                let bookmark = bookmark(kind, revision, true);
-                if sender.send(line("BOOKMARK", &bookmark)).await.is_err() {
-                    return;
-                }
-            }
-            revision
-        }
+        Start::Now => match watch.send_initial(&shared, &sender).await {
+            Some(revision) => revision,
+            None => return,
+        },
     };
+    let query = &watch.query;
     let deadline = tokio::time::sleep(query.timeout.unwrap_or(Duration::from_secs(1800)));
     tokio::pin!(deadline);
     let bookmark_every = *shared
@@ -598,6 +566,82 @@ async fn produce(shared: Arc<Shared>, watch: Watch, sender: mpsc::Sender<Bytes>)
     let mut bookmarks = tokio::time::interval(bookmark_every);
     bookmarks.reset();
     loop {
+        match watch.send_since(&shared, &sender, position).await {
+            Some(drained_to) => position = drained_to,
+            None => return,
+        }
+        tokio::select! {
+            changed = signals.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                if signals.borrow_and_update().gone_epoch != watch.gone_epoch {
+                    send_gone(&sender).await;
+                    return;
+                }
+            }
+            _ = bookmarks.tick(), if query.bookmarks => {
+                let bookmark = bookmark(watch.kind, position, false);
+                if sender.send(line("BOOKMARK", &bookmark)).await.is_err() {
+                    return;
+                }
+            }
+            () = &mut deadline => return,
+            () = sender.closed() => return,
+        }
+    }
+}
+
+/// Ends a watch the test expired with a 410 ERROR event.
+async fn send_gone(sender: &mpsc::Sender<Bytes>) {
+    let message = "the watch expired (the test server was told to send 410 Gone)";
+    let _ = sender
+        .send(line("ERROR", &status(410, "Expired", message)))
+        .await;
+}
+
+impl Watch {
+    /// Whether `object` is in the watch's namespace and matches its query.
+    fn visible(&self, object: &Value) -> bool {
+        let in_namespace = self.namespace.as_deref().is_none_or(|namespace| {
+            object
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                == Some(namespace)
+        });
+        in_namespace && self.query.matches(object)
+    }
+
+    /// Sends the current objects as ADDED (and the initial-events bookmark
+    /// when asked for); the revision they are at, or None when the client
+    /// has gone.
+    async fn send_initial(&self, shared: &Shared, sender: &mpsc::Sender<Bytes>) -> Option<u64> {
+        let (objects, revision) = {
+            let store = shared.store();
+            (
+                store.list(self.kind, self.namespace.as_deref()),
+                store.revision,
+            )
+        };
+        for object in objects.iter().filter(|object| self.visible(object)) {
+            sender.send(line("ADDED", object)).await.ok()?;
+        }
+        if self.query.send_initial_events && self.query.bookmarks {
+            let bookmark = bookmark(self.kind, revision, true);
+            sender.send(line("BOOKMARK", &bookmark)).await.ok()?;
+        }
+        Some(revision)
+    }
+
+    /// Sends the events after `position`; the revision sent up to, or None
+    /// when the watch ended (the client went, or `position` was compacted
+    /// away: a 410 ERROR event).
+    async fn send_since(
+        &self,
+        shared: &Shared,
+        sender: &mpsc::Sender<Bytes>,
+        position: u64,
+    ) -> Option<u64> {
         let (events, drained_to, expired) = {
             let store = shared.store();
             if position < store.compacted {
@@ -606,8 +650,8 @@ async fn produce(shared: Arc<Shared>, watch: Watch, sender: mpsc::Sender<Bytes>)
                 let events: Vec<(&'static str, Value)> = store
                     .history
                     .iter()
-                    .filter(|event| event.revision > position && event.plural == kind.plural)
-                    .filter(|event| visible(&event.object))
+                    .filter(|event| event.revision > position && event.plural == self.kind.plural)
+                    .filter(|event| self.visible(&event.object))
                     .map(|event| (event.change.name(), event.object.clone()))
                     .collect();
                 (events, store.revision, None)
@@ -618,33 +662,12 @@ async fn produce(shared: Arc<Shared>, watch: Watch, sender: mpsc::Sender<Bytes>)
             let _ = sender
                 .send(line("ERROR", &status(410, "Expired", &message)))
                 .await;
-            return;
+            return None;
         }
         for (change, object) in events {
-            if sender.send(line(change, &object)).await.is_err() {
-                return;
-            }
+            sender.send(line(change, &object)).await.ok()?;
         }
-        position = drained_to;
-        tokio::select! {
-            changed = signals.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                if signals.borrow_and_update().gone_epoch != gone_epoch {
-                    let message = "the watch expired (the test server was told to send 410 Gone)";
-                    let _ = sender.send(line("ERROR", &status(410, "Expired", message))).await;
-                    return;
-                }
-            }
-            _ = bookmarks.tick(), if query.bookmarks => {
-                if sender.send(line("BOOKMARK", &bookmark(kind, position, false))).await.is_err() {
-                    return;
-                }
-            }
-            () = &mut deadline => return,
-            () = sender.closed() => return,
-        }
+        Some(drained_to)
     }
 }
 

@@ -31,6 +31,14 @@ pub struct Report {
     pub duration: Duration,
 }
 
+impl Report {
+    /// Datagrams lost beyond those `drops` a starved receiver's socket
+    /// buffer accounts for (not the path through xlb).
+    pub fn lost_beyond(&self, drops: u64) -> u64 {
+        self.lost.saturating_sub(drops)
+    }
+}
+
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -289,10 +297,40 @@ pub fn counter(log: &str, counter: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Socket-buffer drops (see [`socket_drops`]) in some namespaces, counted
+/// from `start`.
+pub struct SocketDrops<'a> {
+    namespaces: Vec<&'a Netns>,
+    before: u64,
+}
+
+impl<'a> SocketDrops<'a> {
+    pub fn start(namespaces: &[&'a Netns]) -> SocketDrops<'a> {
+        let mut drops = SocketDrops {
+            namespaces: namespaces.to_vec(),
+            before: 0,
+        };
+        drops.before = drops.total();
+        drops
+    }
+
+    /// Drops since `start`.
+    pub fn since_start(&self) -> u64 {
+        self.total() - self.before
+    }
+
+    fn total(&self) -> u64 {
+        self.namespaces
+            .iter()
+            .map(|netns| socket_drops(netns))
+            .sum()
+    }
+}
+
 /// UDP datagrams the kernel of `netns` dropped for want of socket buffer
 /// (`RcvbufErrors` in /proc/net/snmp): loss of a starved receiver, not of
 /// the path in between.
-pub fn socket_drops(netns: &Netns) -> u64 {
+fn socket_drops(netns: &Netns) -> u64 {
     let Ok(snmp) = netns.exec("cat", &["/proc/net/snmp"]) else {
         return 0;
     };

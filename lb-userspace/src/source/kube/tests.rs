@@ -59,6 +59,19 @@ fn slice(name: &str, service: &str, ports: Value, endpoints: Value) -> EndpointS
     }))
 }
 
+/// Service `svc`: NodePort 30080, port 80.
+fn svc_node_port() -> KubeService {
+    service(
+        "svc",
+        json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
+    )
+}
+
+/// An EndpointSlice of `svc` on port 8080.
+fn svc_slice(name: &str, endpoints: Value) -> EndpointSlice {
+    slice(name, "svc", json!([{"port": 8080}]), endpoints)
+}
+
 fn endpoint(address: &str) -> Value {
     json!({"addresses": [address], "conditions": {"ready": true}, "nodeName": "node-b"})
 }
@@ -240,48 +253,33 @@ fn slice_port_must_match_name_and_protocol() {
 
 #[test]
 fn slice_port_without_number_means_the_target_port() {
-    let numeric = snapshot(
-        vec![service(
-            "svc",
-            json!({"type": "NodePort", "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]}),
-        )],
-        vec![slice(
-            "svc-1",
-            "svc",
-            json!([{}]),
-            json!([endpoint("10.0.0.1")]),
-        )],
-    );
+    // One endpoint, in a slice whose port has no number.
+    let unnumbered = |service: KubeService| {
+        snapshot(
+            vec![service],
+            vec![slice(
+                "svc-1",
+                "svc",
+                json!([{}]),
+                json!([endpoint("10.0.0.1")]),
+            )],
+        )
+    };
+    let numeric = unnumbered(service(
+        "svc",
+        json!({"type": "NodePort", "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]}),
+    ));
     let state = desired_state(&numeric, &node(), &base());
     assert_eq!(summary(&state)[0].3, ["10.0.0.1:8080"]);
 
-    let defaulted = snapshot(
-        vec![service(
-            "svc",
-            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
-        )],
-        vec![slice(
-            "svc-1",
-            "svc",
-            json!([{}]),
-            json!([endpoint("10.0.0.1")]),
-        )],
-    );
+    let defaulted = unnumbered(svc_node_port());
     let state = desired_state(&defaulted, &node(), &base());
     assert_eq!(summary(&state)[0].3, ["10.0.0.1:80"]);
 
-    let named = snapshot(
-        vec![service(
-            "svc",
-            json!({"type": "NodePort", "ports": [{"port": 80, "targetPort": "http", "nodePort": 30080}]}),
-        )],
-        vec![slice(
-            "svc-1",
-            "svc",
-            json!([{}]),
-            json!([endpoint("10.0.0.1")]),
-        )],
-    );
+    let named = unnumbered(service(
+        "svc",
+        json!({"type": "NodePort", "ports": [{"port": 80, "targetPort": "http", "nodePort": 30080}]}),
+    ));
     let translation = translate(&named, &node(), &base());
     assert_eq!(summary(&translation.state)[0].3, Vec::<String>::new());
     assert!(
@@ -297,10 +295,7 @@ fn slice_port_without_number_means_the_target_port() {
 #[test]
 fn slices_without_ports_give_no_backends() {
     let snapshot = snapshot(
-        vec![service(
-            "svc",
-            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
-        )],
+        vec![svc_node_port()],
         vec![slice(
             "svc-1",
             "svc",
@@ -398,13 +393,7 @@ fn cluster_ips_and_internal_traffic_policy_are_served() {
 
 #[test]
 fn manifests_without_cluster_ip_are_not_headless() {
-    let snapshot = snapshot(
-        vec![service(
-            "svc",
-            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
-        )],
-        Vec::new(),
-    );
+    let snapshot = snapshot(vec![svc_node_port()], Vec::new());
     assert_eq!(desired_state(&snapshot, &node(), &base()).services.len(), 1);
 }
 
@@ -661,39 +650,16 @@ fn service_port_facts() {
 
 #[test]
 fn slices_are_matched_by_label_namespace_and_address_type() {
-    let mut other_namespace = slice(
-        "svc-x",
-        "svc",
-        json!([{"port": 8080}]),
-        json!([endpoint("10.0.0.9")]),
-    );
+    let mut other_namespace = svc_slice("svc-x", json!([endpoint("10.0.0.9")]));
     other_namespace.metadata.namespace = Some(String::from("other"));
-    let mut ipv6 = slice(
-        "svc-6",
-        "svc",
-        json!([{"port": 8080}]),
-        json!([endpoint("fd00::1")]),
-    );
+    let mut ipv6 = svc_slice("svc-6", json!([endpoint("fd00::1")]));
     ipv6.address_type = String::from("IPv6");
-    let mut unlabelled = slice(
-        "svc-u",
-        "svc",
-        json!([{"port": 8080}]),
-        json!([endpoint("10.0.0.8")]),
-    );
+    let mut unlabelled = svc_slice("svc-u", json!([endpoint("10.0.0.8")]));
     unlabelled.metadata.labels = None;
     let snapshot = snapshot(
-        vec![service(
-            "svc",
-            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
-        )],
+        vec![svc_node_port()],
         vec![
-            slice(
-                "svc-1",
-                "svc",
-                json!([{"port": 8080}]),
-                json!([endpoint("10.0.0.1")]),
-            ),
+            svc_slice("svc-1", json!([endpoint("10.0.0.1")])),
             slice(
                 "other-1",
                 "other",
@@ -711,21 +677,11 @@ fn slices_are_matched_by_label_namespace_and_address_type() {
 #[test]
 fn an_endpoint_in_two_slices_is_one_backend() {
     let snapshot = snapshot(
-        vec![service(
-            "svc",
-            json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30080}]}),
-        )],
+        vec![svc_node_port()],
         vec![
-            slice(
-                "svc-1",
-                "svc",
-                json!([{"port": 8080}]),
-                json!([endpoint("10.0.0.1")]),
-            ),
-            slice(
+            svc_slice("svc-1", json!([endpoint("10.0.0.1")])),
+            svc_slice(
                 "svc-2",
-                "svc",
-                json!([{"port": 8080}]),
                 json!([
                     on_node("10.0.0.1", NODE, true, false),
                     endpoint("not-an-ip")

@@ -50,6 +50,25 @@ fn error(text: &str) -> String {
     all.remove(0)
 }
 
+/// The one error line for `text` contains `wanted`.
+fn assert_error_contains(text: &str, wanted: &str) {
+    let message = error(text);
+    assert!(message.contains(wanted), "{message}");
+}
+
+/// The one error line for `text` starts with `wanted`.
+fn assert_error_starts(text: &str, wanted: &str) {
+    let message = error(text);
+    assert!(message.starts_with(wanted), "{message}");
+}
+
+/// `config` has one warning, and it starts with `wanted`.
+fn assert_one_warning_starts(config: &LoadedConfig, wanted: &str) {
+    assert_eq!(config.warnings.len(), 1);
+    let warning = config.warnings[0].to_string();
+    assert!(warning.starts_with(wanted), "{warning}");
+}
+
 #[test]
 fn good_config_becomes_desired_state() {
     let config = parse_ok(GOOD);
@@ -355,20 +374,15 @@ fn unknown_field_is_located_by_serde() {
 #[test]
 fn unknown_top_level_field() {
     let text = format!("{GOOD}extra: 1\n");
-    let message = error(&text);
-    assert!(
-        message.starts_with("config/x.yaml:14:1: unknown field `extra`"),
-        "{message}"
-    );
+    assert_error_starts(&text, "config/x.yaml:14:1: unknown field `extra`");
 }
 
 #[test]
 fn missing_required_field() {
     let text = GOOD.replace("  - name: web\n    protocol", "  - protocol");
-    let message = error(&text);
-    assert!(
-        message.starts_with("config/x.yaml:4:5: services[0]: missing field `name`; add it"),
-        "{message}"
+    assert_error_starts(
+        &text,
+        "config/x.yaml:4:5: services[0]: missing field `name`; add it",
     );
     let text = GOOD.replace("    nodePort: 30080\n", "");
     assert_eq!(
@@ -382,10 +396,9 @@ fn missing_required_field() {
 #[test]
 fn wrong_type() {
     let text = GOOD.replace("interfaces: [eth0]", "interfaces: eth0");
-    let message = error(&text);
-    assert!(
-        message.starts_with("config/x.yaml:2:15: node.interfaces: invalid type: string \"eth0\", expected a sequence"),
-        "{message}"
+    assert_error_starts(
+        &text,
+        "config/x.yaml:2:15: node.interfaces: invalid type: string \"eth0\", expected a sequence",
     );
 }
 
@@ -490,11 +503,9 @@ fn masquerade_port_range() {
     );
     assert!(error(&with("61000")).contains("\"61000\" is not a port range"));
     let narrow = parse_ok(&with("61000-61009"));
-    assert_eq!(narrow.warnings.len(), 1);
-    assert!(
-        narrow.warnings[0]
-            .to_string()
-            .starts_with("config/x.yaml:15:14: masquerade.portRange: only 10 ports")
+    assert_one_warning_starts(
+        &narrow,
+        "config/x.yaml:15:14: masquerade.portRange: only 10 ports",
     );
 }
 
@@ -542,24 +553,19 @@ fn conntrack_and_selection() {
 fn more_backends_than_slots() {
     let text = format!("{GOOD}selection:\n  tableSize: 2\n")
         .replace("weight: 3", "weight: 3\n      - address: 198.18.9.9");
-    assert!(
-        error(&text).starts_with(
-            "config/x.yaml:9:7: services[0].backends: 3 weighted backends do not fit a selection \
-             table of 2 slots"
-        ),
-        "{}",
-        error(&text)
+    assert_error_starts(
+        &text,
+        "config/x.yaml:9:7: services[0].backends: 3 weighted backends do not fit a selection \
+         table of 2 slots",
     );
 }
 
 #[test]
 fn no_services_is_a_warning() {
     let config = parse_ok("node:\n  interfaces: [eth0]\n");
-    assert_eq!(config.warnings.len(), 1);
-    assert!(
-        config.warnings[0]
-            .to_string()
-            .starts_with("config/x.yaml:1:1: services: no services are configured")
+    assert_one_warning_starts(
+        &config,
+        "config/x.yaml:1:1: services: no services are configured",
     );
 }
 
@@ -795,11 +801,7 @@ fn session_affinity() {
          affinity; use None (the default) or ClientIP, as in a Kubernetes Service"
     );
     let text = ISSUE4.replace("      clientIP:", "      clientIp:");
-    assert!(
-        error(&text).contains("unknown field `clientIp`, expected `clientIP`"),
-        "{}",
-        error(&text)
-    );
+    assert_error_contains(&text, "unknown field `clientIp`, expected `clientIP`");
 }
 
 #[test]
@@ -852,11 +854,7 @@ fn endpoint_conditions() {
          ready must be terminating; set ready: true, or terminating: true if it is shutting down"
     );
     let text = ISSUE4.replace("        local: true\n", "        local: yes please\n");
-    assert!(
-        error(&text).contains("backends[0].local: invalid type"),
-        "{}",
-        error(&text)
-    );
+    assert_error_contains(&text, "backends[0].local: invalid type");
 }
 
 #[test]
@@ -929,29 +927,20 @@ fn cluster_ip_and_internal_traffic_policy() {
 #[test]
 fn cluster_ip_needs_a_port_and_a_unicast_address() {
     let text = GOOD.replace("    nodePort: 30080\n", "    clusterIP: 198.19.0.10\n");
-    assert!(
-        error(&text).contains("services[0].port: is missing"),
-        "{}",
-        error(&text)
-    );
+    assert_error_contains(&text, "services[0].port: is missing");
     let text = GOOD.replace(
         "    nodePort: 30080\n",
         "    port: 80\n    clusterIP: 127.0.0.1\n",
     );
-    assert!(
-        error(&text).contains("services[0].clusterIP: 127.0.0.1 cannot be a ClusterIP"),
-        "{}",
-        error(&text)
+    assert_error_contains(
+        &text,
+        "services[0].clusterIP: 127.0.0.1 cannot be a ClusterIP",
     );
     let text = GOOD.replace(
         "    nodePort: 30080\n",
         "    port: 80\n    internalTrafficPolicy: Sometimes\n    clusterIP: 198.19.0.1\n",
     );
-    assert!(
-        error(&text).contains("services[0].internalTrafficPolicy: \"Sometimes\""),
-        "{}",
-        error(&text)
-    );
+    assert_error_contains(&text, "services[0].internalTrafficPolicy: \"Sometimes\"");
 }
 
 #[test]
