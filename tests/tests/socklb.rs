@@ -503,13 +503,20 @@ fn a_removed_backend_destroys_its_connected_udp_clients() -> anyhow::Result<()> 
                 .all(|errno| [libc::EDESTADDRREQ, libc::ECONNABORTED].contains(errno)),
             "errors after the destroy: {errors:?} (expected EDESTADDRREQ or ECONNABORTED)"
         );
-        let replies: Vec<&String> = after
+        let mut replies: Vec<&String> = after
             .iter()
             .filter_map(|seen| match seen {
                 Seen::Reply(name) => Some(name),
                 _ => None,
             })
             .collect();
+        // A reply the removed backend sent before the destroy may still be
+        // on its way when the client reconnects: the recvmsg4 hook shows it
+        // as the service's, so the reconnected socket takes it (seen once,
+        // on a loaded VM). Only that first one may come from the old backend.
+        if replies.first().is_some_and(|name| **name == removed) {
+            replies.remove(0);
+        }
         ensure!(
             replies.len() >= 20 && replies.iter().all(|name| **name != removed),
             "after the destroy and a reconnect, datagrams reached {replies:?} (not {removed}?)"
