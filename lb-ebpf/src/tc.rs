@@ -25,7 +25,7 @@ use aya_ebpf::{
 use lb_common::{
     Reason,
     flow::FLOW_DIR_REPLY,
-    path::{HANDOFF_MARK, HANDOFF_NEIGH, HANDOFF_PEER, Handoff},
+    path::{HANDOFF_NEIGH, HANDOFF_PEER, Handoff},
     reason::Verdict,
     service::CONFIG_F_READY,
 };
@@ -54,10 +54,10 @@ pub fn xlb_tc_uplink(ctx: TcContext) -> i32 {
     // SAFETY: checked above: the Ethernet header, which `Handoff` overlays
     // (8 of 14 bytes), is inside the packet.
     let handoff = unsafe { *(eth as *const Handoff) };
-    if handoff.mark != HANDOFF_MARK {
+    // SAFETY: as above.
+    if !Handoff::is_marked(unsafe { &(*eth).dst_addr }) {
         return TC_ACT_OK as i32;
     }
-    // Any other kind under the mark is some device's own address: passed.
     let ifindex = handoff.ifindex;
     match handoff.kind {
         HANDOFF_NEIGH => {
