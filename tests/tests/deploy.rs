@@ -364,7 +364,7 @@ fn the_agent_runs_with_named_capabilities() -> anyhow::Result<()> {
 }
 
 #[test]
-fn rbac_only_reads_what_the_agent_watches() -> anyhow::Result<()> {
+fn rbac_grants_what_the_agent_watches_and_its_events() -> anyhow::Result<()> {
     for rendered in render_all()?
         .iter()
         .filter(|r| r.name().starts_with("deploy"))
@@ -393,6 +393,8 @@ fn rbac_only_reads_what_the_agent_watches() -> anyhow::Result<()> {
             ("", "nodes", "get"),
             ("", "nodes", "list"),
             ("", "nodes", "watch"),
+            ("events.k8s.io", "events", "create"),
+            ("events.k8s.io", "events", "patch"),
         ]
         .into_iter()
         .map(|(group, resource, verb)| (group.to_owned(), resource.to_owned(), verb.to_owned()))

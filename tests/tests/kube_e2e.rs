@@ -167,6 +167,42 @@ fn services_created_through_the_api_are_reachable() -> anyhow::Result<()> {
     follow.tcp("TCP to reach both pods", 12, &all)?;
     follow.udp("UDP to reach both pods", 12, &all)?;
 
+    // A Service that claims tcp-echo's nodePort is not served; its owner
+    // reads why in an Event, and tcp-echo goes on.
+    server.apply(&node_port_service(
+        "default",
+        "tcp-echo-copy",
+        "TCP",
+        3334,
+        ECHO_TCP_PORT,
+        TCP_ECHO_NODE_PORT,
+    ));
+    let event = poll_until("an Event about tcp-echo-copy", FOLLOW, || {
+        server.events().into_iter().find(|event| {
+            event
+                .pointer("/regarding/name")
+                .and_then(|name| name.as_str())
+                == Some("tcp-echo-copy")
+        })
+    })
+    .map_err(|error| agent.failure(error.to_string()))?;
+    let field = |pointer: &str| event.pointer(pointer).and_then(|value| value.as_str());
+    assert_eq!(field("/type"), Some("Warning"), "{event}");
+    assert_eq!(field("/reason"), Some("NotServed"), "{event}");
+    assert_eq!(field("/reportingController"), Some("xlb"), "{event}");
+    assert_eq!(field("/reportingInstance"), Some(NODE), "{event}");
+    assert_eq!(field("/regarding/kind"), Some("Service"), "{event}");
+    assert!(
+        field("/regarding/uid").is_some_and(|uid| !uid.is_empty()),
+        "{event}"
+    );
+    assert!(
+        field("/note").is_some_and(|note| note.contains("already used by")),
+        "{event}"
+    );
+    follow.tcp("TCP to go on reaching both pods", 12, &all)?;
+    assert!(server.delete::<Service>("default", "tcp-echo-copy"));
+
     // Update: backend-2 is terminating, so new flows go to backend-1 only.
     let draining = [
         EndpointState::ready(pod_1),

@@ -15,7 +15,8 @@ use super::laps::Laps;
 use super::{Agent, AgentError, RESYNC};
 use crate::error_chain;
 use crate::kernel::host;
-use crate::reconcile::{self, Desired, PlanError};
+use crate::reconcile::{self, Desired, PlanError, RefusedFrontend};
+use crate::source::kube::{Finding, Why};
 use crate::source::yaml::LoadedConfig;
 
 impl Agent {
@@ -62,6 +63,7 @@ impl Agent {
         let mut ops = if self.services.is_some() {
             let fitted = reconcile::diff_fitting(&self.applied, &desired, &self.capacity)
                 .map_err(|source| AgentError::Plan { source })?;
+            self.tell_owners(&desired.refused, &fitted.skipped, fitted.why.as_ref());
             self.report_skipped(fitted.skipped, fitted.why.as_ref());
             fitted.ops
         } else {
@@ -108,6 +110,29 @@ impl Agent {
         }
         self.observe.services_skipped(&skipped);
         self.skipped = skipped;
+    }
+
+    /// Posts Kubernetes Events about the Services this generation does not
+    /// serve in full (see `source::kube::Finding`).
+    fn tell_owners(
+        &mut self,
+        refused: &[RefusedFrontend],
+        skipped: &[String],
+        why: Option<&PlanError>,
+    ) {
+        let Some(source) = &mut self.services else {
+            return;
+        };
+        let refused = refused.iter().filter_map(|refused| {
+            Finding::for_service(&refused.service, Why::FrontendRefused, refused.to_string())
+        });
+        let why = why.map_or_else(String::new, |why| format!(": {why}"));
+        let skipped = skipped.iter().filter_map(|name| {
+            let message =
+                format!("not served on this node: it does not fit the datapath's maps{why}");
+            Finding::for_service(name, Why::DoesNotFit, message)
+        });
+        source.publish_findings(refused.chain(skipped));
     }
 
     /// Reloads the config file: always on SIGHUP (`forced`), otherwise when

@@ -12,6 +12,7 @@
 //! 2. [`to_model`]: the one place that knows `model::Service`'s fields, so a
 //!    field the model gains is a change there, not a rewrite.
 
+mod events;
 mod source;
 mod watch;
 
@@ -31,6 +32,7 @@ pub use super::cluster::{
     EndpointAddress, EndpointObject, ServiceObject, ServicePortSpec, ServiceSpec, SliceObject,
     SlicePort,
 };
+pub use events::{Finding, REPORTING_CONTROLLER, Why};
 pub use source::{ClusterSource, NODE_NAME_ENV, SourceError, SourceOptions, next_change};
 pub use watch::{ClusterView, Watch, WatchError, client, connect};
 

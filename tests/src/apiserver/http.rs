@@ -10,13 +10,15 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper::{Method, Request as HttpRequest, Response, StatusCode};
+use hyper::body::Frame;
+use hyper::http::request::Parts;
+use hyper::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use super::store::{KINDS, Kind, Request, Store, status};
+use super::write;
 
 /// What open connections and watches react to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -80,7 +82,7 @@ impl Shared {
     }
 }
 
-type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub(super) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Accepts connections until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -111,10 +113,24 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             let mut signals = open.shared.signal.subscribe();
             let service_shared = Arc::clone(&open.shared);
-            let service = hyper::service::service_fn(move |request| {
-                let shared = Arc::clone(&service_shared);
-                async move { Ok::<_, Infallible>(handle(&shared, &request)) }
-            });
+            let service = hyper::service::service_fn(
+                move |request: hyper::Request<hyper::body::Incoming>| {
+                    let shared = Arc::clone(&service_shared);
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        // Only writes (Events) carry a body worth reading.
+                        let body = if parts.method == Method::GET {
+                            Bytes::new()
+                        } else {
+                            body.collect()
+                                .await
+                                .map(|collected| collected.to_bytes())
+                                .unwrap_or_default()
+                        };
+                        Ok::<_, Infallible>(handle(&shared, &parts, &body))
+                    }
+                },
+            );
             let connection = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let dropped = async {
@@ -285,7 +301,7 @@ impl Query {
 
 /// `(kind, namespace)` for a collection path, e.g.
 /// `/apis/discovery.k8s.io/v1/namespaces/web/endpointslices`.
-fn route(path: &str) -> Option<(Kind, Option<String>)> {
+pub(super) fn route(path: &str) -> Option<(Kind, Option<String>)> {
     for kind in KINDS {
         let Some(rest) = path.strip_prefix(&kind.group_prefix()) else {
             continue;
@@ -308,7 +324,7 @@ fn route(path: &str) -> Option<(Kind, Option<String>)> {
     None
 }
 
-fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
+pub(super) fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed_unsync());
     *response.status_mut() = code;
     response.headers_mut().insert(
@@ -318,41 +334,39 @@ fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
     response
 }
 
-fn error_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+pub(super) fn error_response(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
     json_response(code, &status(code.as_u16(), reason, message))
 }
 
-fn handle(shared: &Arc<Shared>, request: &HttpRequest<Incoming>) -> Response<Body> {
-    let path = request.uri().path().to_owned();
-    let query_text = request.uri().query().unwrap_or_default().to_owned();
+fn handle(shared: &Arc<Shared>, request: &Parts, body: &Bytes) -> Response<Body> {
+    let path = request.uri.path().to_owned();
+    let query_text = request.uri.query().unwrap_or_default().to_owned();
     let routed = route(&path);
     let query = parse_query(&query_text);
-    let response = respond(shared, request.method(), &path, routed.clone(), query);
+    let response = if request.method == Method::GET {
+        respond(shared, &path, routed.clone(), query)
+    } else {
+        write::respond(shared, &request.method, &path, body)
+    };
+    let watch = form_urlencoded::parse(query_text.as_bytes())
+        .any(|(key, value)| key == "watch" && (value == "true" || value == "1"));
     shared.store().requests.push(Request {
         path,
         query: query_text,
         plural: routed.map(|(kind, _)| kind.plural),
-        watch: form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
-            .any(|(key, value)| key == "watch" && (value == "true" || value == "1")),
+        watch,
         status: response.status().as_u16(),
     });
     response
 }
 
+/// A GET: a list or a watch.
 fn respond(
     shared: &Arc<Shared>,
-    method: &Method,
     path: &str,
     routed: Option<(Kind, Option<String>)>,
     query: Result<Query, String>,
 ) -> Response<Body> {
-    if method != Method::GET {
-        return error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            "the test API server only lists and watches",
-        );
-    }
     if path == "/version" {
         return json_response(
             StatusCode::OK,

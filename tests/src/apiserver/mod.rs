@@ -28,6 +28,7 @@
 mod http;
 pub mod objects;
 mod store;
+mod write;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::Path;
@@ -288,6 +289,16 @@ impl ApiServer {
                 request.plural == Some(plural) && request.watch == watch && request.status == 200
             })
             .count()
+    }
+
+    /// The Events clients posted (`events.k8s.io/v1`), as stored.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let store = self.shared.store();
+        store::KINDS
+            .iter()
+            .find(|kind| kind.plural == "events")
+            .map(|kind| store.list(*kind, None))
+            .unwrap_or_default()
     }
 
     /// The current resourceVersion.

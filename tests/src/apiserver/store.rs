@@ -36,7 +36,7 @@ impl Kind {
 }
 
 /// Every kind the server knows.
-pub const KINDS: [Kind; 3] = [
+pub const KINDS: [Kind; 4] = [
     Kind {
         plural: "services",
         api_version: "v1",
@@ -54,6 +54,13 @@ pub const KINDS: [Kind; 3] = [
         api_version: "v1",
         kind: "Node",
         namespaced: false,
+    },
+    // Written by agents (POST, PATCH), read by tests.
+    Kind {
+        plural: "events",
+        api_version: "events.k8s.io/v1",
+        kind: "Event",
+        namespaced: true,
     },
 ];
 

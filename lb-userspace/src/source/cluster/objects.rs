@@ -22,6 +22,9 @@ use crate::model::{DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S, TrafficPo
 /// A Service, as far as load balancing goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceObject {
+    /// `metadata.uid`: Events about the Service name it, so `kubectl
+    /// describe service` lists them.
+    pub uid: Option<Box<str>>,
     /// The `service.kubernetes.io/service-proxy-name` label: another proxy
     /// serves it.
     pub proxy_name: Option<String>,
@@ -115,6 +118,7 @@ pub enum EndpointAddress {
 
 impl From<KubeService> for ServiceObject {
     fn from(service: KubeService) -> Self {
+        let uid = service.metadata.uid.map(String::into_boxed_str);
         let proxy_name = service
             .metadata
             .labels
@@ -176,7 +180,11 @@ impl From<KubeService> for ServiceObject {
                     .collect(),
             }
         });
-        Self { proxy_name, spec }
+        Self {
+            uid,
+            proxy_name,
+            spec,
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use log::{debug, error, info, warn};
 
+use super::events::{Finding, ServiceEvents};
 use super::watch::{ClusterView, Watch, WatchError, connect};
 use super::{ClusterSnapshot, NodeInfo, Note, NoteLevel, new_notes, translate};
 use crate::model::DesiredState;
@@ -74,6 +75,10 @@ pub struct ClusterSource {
     view: Arc<ClusterView>,
     /// Notes already logged (each finding is logged once while it lasts).
     logged: BTreeSet<Note>,
+    /// The latest translation's findings about Services, for Events.
+    found: BTreeSet<Finding>,
+    /// `None` for manifests: there is no API to post Events to.
+    events: Option<ServiceEvents>,
     description: String,
 }
 
@@ -110,12 +115,15 @@ impl ClusterSource {
                     "node {node_name}: waiting for a complete list of Services, EndpointSlices and \
                      this Node from {description}"
                 );
+                let events = ServiceEvents::new(client.clone(), &node_name);
                 let mut watch = Watch::start(client, node_name);
                 let view = watch.next().await;
                 Ok(ClusterSource {
                     feed: Feed::Api(watch),
                     view,
                     logged: BTreeSet::new(),
+                    found: BTreeSet::new(),
+                    events: Some(events),
                     description,
                 })
             }
@@ -143,6 +151,8 @@ impl ClusterSource {
                     feed: Feed::Manifests(watch),
                     view: Arc::new(ClusterView { snapshot, node }),
                     logged: BTreeSet::new(),
+                    found: BTreeSet::new(),
+                    events: None,
                     description,
                 })
             }
@@ -188,10 +198,27 @@ impl ClusterSource {
                 NoteLevel::Warn => warn!("{note}"),
             }
         }
+        self.found = translation
+            .notes
+            .iter()
+            .filter_map(Finding::from_note)
+            .collect();
         let keep_config_note = |note: &Note| note.object == "config";
         self.logged.retain(keep_config_note);
         self.logged.extend(translation.notes);
         translation.state
+    }
+
+    /// Tells Services' owners, with Kubernetes Events, what this node does
+    /// not serve of them: the latest translation's findings and the
+    /// agent's (`more`: refused frontends, Services that did not fit). Call
+    /// it after each generation; a finding is posted once while it lasts.
+    pub fn publish_findings(&mut self, more: impl IntoIterator<Item = Finding>) {
+        let Some(events) = &mut self.events else {
+            return;
+        };
+        let findings = self.found.iter().cloned().chain(more).collect();
+        events.publish(findings, &self.view.snapshot.services);
     }
 
     /// Waits for a newer view (forever, for manifests read from standard
