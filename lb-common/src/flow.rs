@@ -45,7 +45,8 @@ pub const FLOW_DIR_ORIGINAL: u8 = 0;
 /// `Flow::direction`: backend -> client.
 pub const FLOW_DIR_REPLY: u8 = 1;
 
-/// `Flow::state` bits (TCP; UDP flows stay 0 apart from `SEEN_REPLY`).
+/// `Flow::state` bits (TCP; UDP flows use only `SEEN_REPLY`, `CONFIRMED`
+/// and `ASSURED`).
 pub const FLOW_S_SYN: u8 = 1 << 0;
 /// A packet has been seen in the reply direction.
 pub const FLOW_S_SEEN_REPLY: u8 = 1 << 1;
@@ -56,6 +57,15 @@ pub const FLOW_S_RST: u8 = 1 << 4;
 /// the backend's SYN-ACK). Without it a TCP flow is half-open, lives in
 /// `XLB_FLOWS_NEW` and expires `tcp_syn_timeout_s` after it was created.
 pub const FLOW_S_CONFIRMED: u8 = 1 << 5;
+/// UDP: the client has sent a packet after the flow's first, which a
+/// spoofed source sending one datagram per tuple never does (a backend's
+/// answer proves nothing: it answers a spoofed datagram too). Until then
+/// the flow expires after `udp_unassured_timeout_s` idle, and its
+/// masquerade port may be taken over once it has been idle for
+/// `REFRESH_NS`, so a flood of one-datagram flows cannot hold a backend's
+/// ports. Conntrack's `[ASSURED]` asks for replies instead, which a flood
+/// at a service that answers gets.
+pub const FLOW_S_ASSURED: u8 = 1 << 6;
 
 /// The longest a flow's `last_seen_ns` goes unrewritten while packets
 /// arrive: the established path writes the entry (a shared cache line) at
@@ -106,7 +116,11 @@ impl Flow {
     #[inline(always)]
     pub const fn timeout_s(&self, proto: u8, cfg: &crate::GlobalConfig) -> u32 {
         if proto != crate::IPPROTO_TCP {
-            return cfg.udp_timeout_s;
+            return if self.state & FLOW_S_ASSURED != 0 {
+                cfg.udp_timeout_s
+            } else {
+                cfg.udp_unassured_timeout_s
+            };
         }
         if self.closed() {
             cfg.tcp_closing_timeout_s
@@ -259,6 +273,13 @@ mod tests {
             flow.timeout_s(crate::IPPROTO_TCP, &cfg),
             cfg.tcp_closing_timeout_s
         );
+        flow.state = 0;
+        assert_eq!(
+            flow.timeout_s(crate::IPPROTO_UDP, &cfg),
+            cfg.udp_unassured_timeout_s,
+            "a UDP flow's client has sent one datagram"
+        );
+        flow.state = FLOW_S_ASSURED;
         assert_eq!(flow.timeout_s(crate::IPPROTO_UDP, &cfg), cfg.udp_timeout_s);
     }
 
@@ -267,6 +288,7 @@ mod tests {
         let cfg = GlobalConfig::DEFAULT;
         let flow = Flow {
             last_seen_ns: 1_000_000_000,
+            state: FLOW_S_ASSURED,
             ..Flow::default()
         };
         let limit = 1_000_000_000 + u64::from(cfg.udp_timeout_s) * 1_000_000_000;
@@ -288,7 +310,10 @@ mod tests {
             ..GlobalConfig::DEFAULT
         };
         let udp = crate::IPPROTO_UDP;
-        let mut flow = Flow::default();
+        let mut flow = Flow {
+            state: FLOW_S_ASSURED,
+            ..Flow::default()
+        };
         for packet in 1..=10u64 {
             let now = packet * 300_000_000;
             assert!(!flow.expired(udp, &cfg, now), "expired at packet {packet}");

@@ -150,8 +150,11 @@ pub struct GlobalConfig {
     pub flags: u32,
     /// High half of the flow hash's secret.
     pub hash_seed_hi: u32,
+    /// Idle timeout of a UDP flow whose client has sent one datagram so far
+    /// (`FLOW_S_ASSURED`), seconds; at most `udp_timeout_s`.
+    pub udp_unassured_timeout_s: u32,
 }
-assert_size!(GlobalConfig, 32);
+assert_size!(GlobalConfig, 36);
 
 /// Set by the agent once the whole config is written; until then the
 /// datapath passes everything.
@@ -168,6 +171,7 @@ impl GlobalConfig {
         udp_timeout_s: 60,
         flags: 0,
         hash_seed_hi: 0,
+        udp_unassured_timeout_s: 10,
     };
 }
 

@@ -2,7 +2,9 @@
 //! port atomically), and follow TCP state: half-open flows live in
 //! `XLB_FLOWS_NEW` until the client acknowledges the backend's SYN-ACK, then
 //! move to `XLB_FLOWS`; closed flows age out fast; a RST is believed only
-//! inside the flow's window.
+//! inside the flow's window. A UDP flow is assured by its client's second
+//! datagram; until then it ages out fast and yields its masquerade port
+//! once idle (`FLOW_S_ASSURED`).
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -11,8 +13,8 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Flow, FlowKey, GlobalConfig, IPPROTO_TCP, Reason,
     flow::{
-        FLOW_DIR_ORIGINAL, FLOW_DIR_REPLY, FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY,
-        FLOW_S_RST, FLOW_S_SEEN_REPLY, FLOW_S_SYN, REFRESH_NS,
+        FLOW_DIR_ORIGINAL, FLOW_DIR_REPLY, FLOW_S_ASSURED, FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL,
+        FLOW_S_FIN_REPLY, FLOW_S_RST, FLOW_S_SEEN_REPLY, FLOW_S_SYN, REFRESH_NS,
     },
     hash::flow_hash,
 };
@@ -177,6 +179,9 @@ pub fn track(
                 && flags & (TCP_ACK | TCP_SYN) == TCP_ACK
                 && entry.state & FLOW_S_SEEN_REPLY != 0;
         }
+    } else if !reply {
+        // The flow's first datagram created it; this one is its second.
+        add |= FLOW_S_ASSURED;
     }
     let changed = add & !entry.state != 0;
     if !changed && !due && !confirm {
@@ -497,7 +502,7 @@ fn take_port(
 /// Whether the reply tuple `reply_key` can be taken for the client `key`:
 /// nobody has it, or its holder is this very client tuple, past its timeout,
 /// or (idle for a refresh period at least) half a flow whose other half was
-/// evicted. Such a holder is deleted.
+/// evicted or a UDP flow not assured. Such a holder is deleted.
 // Not inlined: a subprogram of its own keeps the port loop within the
 // 512-byte stack.
 #[inline(never)]
@@ -518,9 +523,12 @@ fn free_or_reclaimed(
     // taking that over would give two clients one reply tuple (seen in
     // one_masquerade_port_two_cpus_at_once).
     let settled = now.saturating_sub(taken.last_seen_ns) >= REFRESH_NS;
+    // A UDP flow of one datagram, idle since: a spoofed source's, or a
+    // query answered long ago. Its port serves a new flow better.
+    let unassured = key.proto != IPPROTO_TCP && taken.state & FLOW_S_ASSURED == 0;
     let reclaim = Flow::is_peer(taken, key)
         || taken.expired(key.proto, cfg, now)
-        || (settled && !paired(table, reply_key, taken));
+        || (settled && (unassured || !paired(table, reply_key, taken)));
     if reclaim {
         let _ = table.remove(reply_key);
     }

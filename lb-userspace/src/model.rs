@@ -83,6 +83,9 @@ pub struct Conntrack {
     pub tcp_syn_timeout_s: u32,
     pub tcp_closing_timeout_s: u32,
     pub udp_timeout_s: u32,
+    /// A UDP flow whose client has sent one datagram so far (see
+    /// `lb_common::flow::FLOW_S_ASSURED`); `udp_timeout_s` if that is shorter.
+    pub udp_unassured_timeout_s: u32,
     /// Capacity of the flow table (two entries per flow); load-time only.
     pub max_flows: u32,
 }
@@ -95,6 +98,7 @@ impl Default for Conntrack {
             tcp_syn_timeout_s: defaults.tcp_syn_timeout_s,
             tcp_closing_timeout_s: defaults.tcp_closing_timeout_s,
             udp_timeout_s: defaults.udp_timeout_s,
+            udp_unassured_timeout_s: defaults.udp_unassured_timeout_s,
             max_flows: lb_common::maps::FLOWS_MAX,
         }
     }

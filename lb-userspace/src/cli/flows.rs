@@ -6,7 +6,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use lb_common::flow::{
-    FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY, FLOW_S_RST, FLOW_S_SEEN_REPLY,
+    FLOW_S_ASSURED, FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY, FLOW_S_RST,
+    FLOW_S_SEEN_REPLY,
 };
 use lb_common::{Flow, FlowKey, GlobalConfig, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
@@ -45,7 +46,9 @@ pub struct FlowReport {
     pub idle_seconds: u64,
     /// TCP: `syn_sent`, `syn_received` (the backend answered, the client
     /// has not acknowledged yet), `established`, `closing` (one side sent
-    /// FIN), `closed` (both did), `reset`. UDP: `unreplied`, `replied`.
+    /// FIN), `closed` (both did), `reset`. UDP: `unreplied`, `replied`
+    /// (one datagram from the client so far, answered or not), `assured`
+    /// (the client sent more: `FLOW_S_ASSURED`).
     pub state: &'static str,
     /// Idle past its timeout: the next sweep deletes it, a new packet
     /// starts a new flow.
@@ -80,13 +83,13 @@ pub struct Filter {
     pub source: Option<Endpoint>,
     /// Only flows in this state: TCP syn_sent, syn_received (both
     /// half-open), established, closing, closed, reset; UDP unreplied,
-    /// replied; or expired.
+    /// replied, assured; or expired.
     #[arg(long, value_name = "STATE", value_parser = clap::builder::PossibleValuesParser::new(STATES))]
     pub state: Option<String>,
 }
 
 /// Every value `--state` takes.
-pub const STATES: [&str; 9] = [
+pub const STATES: [&str; 10] = [
     "syn_sent",
     "syn_received",
     "established",
@@ -95,6 +98,7 @@ pub const STATES: [&str; 9] = [
     "reset",
     "unreplied",
     "replied",
+    "assured",
     "expired",
 ];
 
@@ -247,7 +251,9 @@ fn protocol_name(proto: u8) -> &'static str {
 fn state_name(key: &FlowKey, flow: &Flow) -> &'static str {
     let state = flow.state;
     if key.proto != IPPROTO_TCP {
-        return if state & FLOW_S_SEEN_REPLY != 0 {
+        return if state & FLOW_S_ASSURED != 0 {
+            "assured"
+        } else if state & FLOW_S_SEEN_REPLY != 0 {
             "replied"
         } else {
             "unreplied"
@@ -435,5 +441,17 @@ mod tests {
             "closed"
         );
         assert_eq!(name(FLOW_S_SEEN_REPLY | FLOW_S_RST), "reset");
+    }
+
+    #[test]
+    fn udp_states() {
+        let name = |state| state_name(&entry(IPPROTO_UDP, 0).key, &entry(IPPROTO_UDP, state).flow);
+        assert_eq!(name(FLOW_S_CONFIRMED), "unreplied");
+        assert_eq!(name(FLOW_S_CONFIRMED | FLOW_S_SEEN_REPLY), "replied");
+        assert_eq!(name(FLOW_S_CONFIRMED | FLOW_S_ASSURED), "assured");
+        assert_eq!(
+            name(FLOW_S_CONFIRMED | FLOW_S_SEEN_REPLY | FLOW_S_ASSURED),
+            "assured"
+        );
     }
 }

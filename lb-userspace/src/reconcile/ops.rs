@@ -102,6 +102,7 @@ pub struct Settings {
     pub tcp_timeout_s: u32,
     pub tcp_closing_timeout_s: u32,
     pub udp_timeout_s: u32,
+    pub udp_unassured_timeout_s: u32,
 }
 
 impl Settings {
@@ -114,6 +115,10 @@ impl Settings {
             tcp_timeout_s: state.conntrack.tcp_timeout_s,
             tcp_closing_timeout_s: state.conntrack.tcp_closing_timeout_s,
             udp_timeout_s: state.conntrack.udp_timeout_s,
+            udp_unassured_timeout_s: state
+                .conntrack
+                .udp_unassured_timeout_s
+                .min(state.conntrack.udp_timeout_s),
         }
     }
 }

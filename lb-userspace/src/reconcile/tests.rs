@@ -541,6 +541,19 @@ fn settings_change_is_one_op() {
         ops[..],
         [MapOp::WriteSettings(Settings {
             udp_timeout_s: 5,
+            udp_unassured_timeout_s: 5,
+            ..
+        })]
+    ));
+    // The unassured timeout (default 10 s) never outlasts the UDP timeout.
+    desired.conntrack.udp_timeout_s = 30;
+    desired.conntrack.udp_unassured_timeout_s = 3;
+    let ops = lab.reconcile(&desired);
+    assert!(matches!(
+        ops[..],
+        [MapOp::WriteSettings(Settings {
+            udp_timeout_s: 30,
+            udp_unassured_timeout_s: 3,
             ..
         })]
     ));

@@ -382,3 +382,91 @@ fn one_masquerade_port_two_cpus_at_once() {
         );
     });
 }
+
+/// A UDP flow of one datagram (a spoofed source's, or a query answered long
+/// ago) is not assured: once idle for a second, a new flow that needs its
+/// masquerade port takes it over. A flow whose client sent a second
+/// datagram is assured and keeps its port until its timeout. One port per
+/// backend makes the two clients want the same reply tuple.
+#[test]
+fn an_unassured_udp_flow_yields_its_masquerade_port() {
+    use lb_common::{FlowKey, flow::FLOW_S_ASSURED};
+    use packets::{L4, Spec};
+
+    const AGE_NS: u64 = 2_000_000_000;
+    with_datapath(xlb::DATAPATH_OBJECT, |dp| {
+        let mut cfg = Datapath::base_config();
+        cfg.snat_port_min = 61_000;
+        cfg.snat_port_max = 61_000;
+        dp.set_config(cfg);
+        let first = Spec::from_client(40_500, UDP_NODE_PORT, L4::Udp);
+        let counted = |dp: &mut Datapath, reason: Reason| dp.stats()[reason as usize];
+        // Opens `first`'s flow (sent `datagrams` times), ages both of its
+        // entries by `age_ns`, then sends one datagram of `second`; returns
+        // the reason it was counted under.
+        let race = |dp: &mut Datapath, datagrams: u32, age_ns: u64, second: &Spec| -> Reason {
+            dp.clear_flows();
+            for _ in 0..datagrams {
+                let (verdict, _) = dp.run(&first.build(), dp.client_ifindex);
+                assert_eq!(verdict, XDP_REDIRECT);
+            }
+            let entries: Vec<(FlowKey, lb_common::Flow)> =
+                dp.flows().iter().filter_map(Result::ok).collect();
+            assert_eq!(entries.len(), 2, "the first flow's two entries");
+            let assured = entries[0].1.state & FLOW_S_ASSURED != 0;
+            assert_eq!(
+                assured,
+                datagrams > 1,
+                "assured after {datagrams} datagram(s)"
+            );
+            for (key, mut flow) in entries {
+                flow.last_seen_ns -= age_ns;
+                flow.created_ns -= age_ns;
+                dp.flows().insert(key, flow, 0).expect("age the entry");
+            }
+            let before = dp.stats();
+            let _ = dp.run(&second.build(), dp.client_ifindex);
+            let after = dp.stats();
+            let grew: Vec<Reason> = Reason::ALL
+                .iter()
+                .copied()
+                .filter(|reason| after[*reason as usize] > before[*reason as usize])
+                .collect();
+            assert_eq!(grew.len(), 1, "one reason per packet: {grew:?}");
+            grew[0]
+        };
+        // A second client that hashes to the first one's backend: while the
+        // first flow is fresh, it finds the only port taken.
+        let second = (41_000..41_200)
+            .map(|port| Spec::from_client(port, UDP_NODE_PORT, L4::Udp))
+            .find(|second| race(dp, 1, 0, second) == Reason::DropSnatExhausted)
+            .expect("a client port that selects the first client's backend");
+
+        assert_eq!(
+            race(dp, 1, AGE_NS, &second),
+            Reason::FwdNewFlow,
+            "an idle one-datagram flow kept its masquerade port"
+        );
+        let first_entry = dp
+            .flow(&first.key())
+            .expect("the first flow's own entry stays");
+        let reply_key = FlowKey::peer_of(&first_entry, first.key().proto);
+        let reply = dp.flow(&reply_key).expect("the reply tuple's entry");
+        assert_eq!(
+            FlowKey::peer_of(&reply, reply_key.proto),
+            second.key(),
+            "the reply tuple now leads to the second client"
+        );
+
+        assert_eq!(
+            race(dp, 2, AGE_NS, &second),
+            Reason::DropSnatExhausted,
+            "an assured flow gave up its port"
+        );
+        let before = counted(dp, Reason::FwdEstablished);
+        let (verdict, _) = dp.run(&first.build(), dp.client_ifindex);
+        assert_eq!(verdict, XDP_REDIRECT);
+        assert_eq!(counted(dp, Reason::FwdEstablished) - before, 1);
+        println!("one port: an idle unassured flow yields it, an assured one keeps it");
+    });
+}

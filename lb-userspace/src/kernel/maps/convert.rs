@@ -102,6 +102,7 @@ pub fn settings_of(config: &GlobalConfig) -> Settings {
         tcp_timeout_s: config.tcp_established_timeout_s,
         tcp_closing_timeout_s: config.tcp_closing_timeout_s,
         udp_timeout_s: config.udp_timeout_s,
+        udp_unassured_timeout_s: config.udp_unassured_timeout_s,
     }
 }
 
@@ -115,6 +116,7 @@ pub fn global_config(settings: &Settings) -> GlobalConfig {
         tcp_established_timeout_s: settings.tcp_timeout_s,
         tcp_closing_timeout_s: settings.tcp_closing_timeout_s,
         udp_timeout_s: settings.udp_timeout_s,
+        udp_unassured_timeout_s: settings.udp_unassured_timeout_s,
         flags: CONFIG_F_READY,
     }
 }

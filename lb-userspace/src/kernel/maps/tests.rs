@@ -65,6 +65,7 @@ fn settings_become_a_ready_global_config_and_back() {
         tcp_timeout_s: 2,
         tcp_closing_timeout_s: 3,
         udp_timeout_s: 4,
+        udp_unassured_timeout_s: 5,
     };
     let config = global_config(&settings);
     assert_eq!(config.flags & CONFIG_F_READY, CONFIG_F_READY);
@@ -73,9 +74,10 @@ fn settings_become_a_ready_global_config_and_back() {
             config.tcp_syn_timeout_s,
             config.tcp_established_timeout_s,
             config.tcp_closing_timeout_s,
-            config.udp_timeout_s
+            config.udp_timeout_s,
+            config.udp_unassured_timeout_s
         ),
-        (1, 2, 3, 4)
+        (1, 2, 3, 4, 5)
     );
     assert_eq!((config.snat_port_min, config.snat_port_max), (61000, 65535));
     assert_eq!(settings_of(&config), settings);

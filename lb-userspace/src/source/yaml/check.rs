@@ -308,6 +308,11 @@ impl Checker<'_> {
             raw.udp_timeout_seconds,
             defaults.udp_timeout_s,
         );
+        let udp_unassured_timeout_s = self.timeout(
+            "udpUnassuredTimeoutSeconds",
+            raw.udp_unassured_timeout_seconds,
+            defaults.udp_unassured_timeout_s,
+        );
         let max_flows = match raw.max_flows {
             None => defaults.max_flows,
             Some(Int(flows)) if MAX_FLOWS_RANGE.contains(&flows) => {
@@ -332,6 +337,7 @@ impl Checker<'_> {
             tcp_syn_timeout_s,
             tcp_closing_timeout_s,
             udp_timeout_s,
+            udp_unassured_timeout_s,
             max_flows,
         }
     }

@@ -42,6 +42,7 @@ pub struct RawConntrack {
     pub tcp_syn_timeout_seconds: Option<Int>,
     pub tcp_closing_timeout_seconds: Option<Int>,
     pub udp_timeout_seconds: Option<Int>,
+    pub udp_unassured_timeout_seconds: Option<Int>,
     pub max_flows: Option<Int>,
 }
 

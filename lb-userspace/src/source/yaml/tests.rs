@@ -153,6 +153,7 @@ services:
             tcp_syn_timeout_s: 30,
             tcp_closing_timeout_s: 5,
             udp_timeout_s: 20,
+            udp_unassured_timeout_s: 10,
             max_flows: 4096,
         }
     );
