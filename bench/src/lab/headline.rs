@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use super::progs::Flows;
 use super::report::{Figure, SystemFigures};
+use super::runtime::BpfTime;
 use super::services::{BenchConfig, ECHO_NODE_PORT, TCP_NODE_PORT};
 use super::{Bench, Plan, System, process, traffic};
 
@@ -24,6 +25,8 @@ struct Samples {
     /// Established tests (metric -> per repeat): flows the system created
     /// during the window, where it says.
     new_flows: BTreeMap<&'static str, Vec<u64>>,
+    /// UDP tests (metric -> per repeat): the system's BPF time.
+    bpf: BTreeMap<&'static str, Vec<BpfTime>>,
     lost: u64,
     tcp_failed: u64,
 }
@@ -68,6 +71,9 @@ fn measure_headline(
             samples.offered.push(window.offered_pps);
             if let (Flows::Cycle(_), Some(created)) = (flows, window.new_flows) {
                 samples.new_flows.entry(metric).or_default().push(created);
+            }
+            if let Some(bpf) = window.bpf {
+                samples.bpf.entry(metric).or_default().push(bpf);
             }
         }
         // No NAT, no state: the ceiling only forwards the flood.
@@ -191,6 +197,16 @@ fn record(bench: Bench, samples: Samples, figures: &mut SystemFigures) -> bool {
             .insert(metric.to_owned(), Figure::of(values));
     }
     figures.offered_pps = Some(Figure::of(samples.offered));
+    for (metric, times) in samples.bpf {
+        let per_packet = times.iter().map(|time| time.ns_per_delivered).collect();
+        let per_run = times.iter().map(|time| time.ns_per_run).collect();
+        figures
+            .bpf_ns_per_packet
+            .insert(metric.to_owned(), Figure::of(per_packet));
+        figures
+            .bpf_ns_per_run
+            .insert(metric.to_owned(), Figure::of(per_run));
+    }
     if bench.system == System::Limit {
         figures
             .notes

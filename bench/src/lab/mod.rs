@@ -26,6 +26,7 @@ mod nodes;
 mod process;
 mod progs;
 mod report;
+mod runtime;
 pub mod scale;
 mod services;
 mod sweep;
@@ -145,6 +146,10 @@ struct Plan {
 pub fn run(options: &Options) -> anyhow::Result<(Report, bool)> {
     xlb_tests::require_root()?;
     let started = Instant::now();
+    // Held for the run: the kernel counts BPF run time while it is open.
+    let _stats = runtime::RunTimeStats::enable()
+        .map_err(|error| eprintln!("xlb-bench: no BPF run time figures: {error:#}"))
+        .ok();
     let plan = Plan {
         repeats: options
             .repeats
@@ -329,6 +334,8 @@ struct Bench {
     generator: Generator,
     sink: Sink,
     _servers: Option<traffic::Servers>,
+    /// The system's BPF programs, for their run time per window.
+    programs: runtime::Programs,
     lab: BenchLab,
 }
 
@@ -340,7 +347,9 @@ impl Bench {
         let servers = servers.then(|| traffic::Servers::start(&lab)).transpose()?;
         let sink = Sink::attach(&lab, [FLOOD_TARGET_PORT, FLOOD_NODE_PORT])?;
         let generator = Generator::load(&lab)?;
+        let newest = runtime::newest_id()?;
         let (running, setup_s) = configure(system, &lab, config)?;
+        let programs = runtime::Programs::loaded_since(newest, runtime::programs_of(system))?;
         Ok((
             Bench {
                 system,
@@ -348,6 +357,7 @@ impl Bench {
                 generator,
                 sink,
                 _servers: servers,
+                programs,
                 lab,
             },
             setup_s,
@@ -365,7 +375,9 @@ impl Bench {
         let new_flows = datapath
             .as_ref()
             .map(|datapath| move || agent::new_flows(datapath));
-        self.generator.measure(
+        let programs = &self.programs;
+        let bpf = (!programs.is_empty()).then_some(move || programs.snapshot());
+        self.generator.measure_with(
             FLOOD_NODE_PORT,
             flows,
             plan.warmup,
@@ -374,6 +386,8 @@ impl Bench {
             new_flows
                 .as_ref()
                 .map(|count| count as &dyn Fn() -> anyhow::Result<u64>),
+            bpf.as_ref()
+                .map(|snapshot| snapshot as &dyn Fn() -> anyhow::Result<(u64, u64)>),
         )
     }
 

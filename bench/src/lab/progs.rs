@@ -21,6 +21,7 @@ use xlb_bench_ebpf::{
     template::{Segment, Sources, Template},
 };
 
+use super::runtime::BpfTime;
 use super::topology::{
     self, BenchLab, GEN_ADDR, GEN_MAC, NEW_FLOW_SOURCES, NODE_ADDR, NODE_GEN_IF, NODE_GEN_MAC,
     POD_IF,
@@ -234,6 +235,8 @@ pub struct Window {
     /// Flows the system under test created during the window, where it
     /// says (xlb: its `fwd_new_flow` counter).
     pub new_flows: Option<u64>,
+    /// The system's BPF run time in the window, where it has programs.
+    pub bpf: Option<BpfTime>,
 }
 
 /// The generator: `xlb_trafficgen` (a tc program that clones the test skb
@@ -290,6 +293,22 @@ impl Generator {
         delivered: &dyn Fn() -> anyhow::Result<u64>,
         new_flows: Option<&dyn Fn() -> anyhow::Result<u64>>,
     ) -> anyhow::Result<Window> {
+        self.measure_with(dst_port, flows, warmup, window, delivered, new_flows, None)
+    }
+
+    /// [`Generator::measure`], and the system's BPF run time over the
+    /// window from `bpf` (summed `(run_time_ns, run_cnt)` snapshots).
+    #[allow(clippy::too_many_arguments)]
+    pub fn measure_with(
+        &mut self,
+        dst_port: u16,
+        flows: Flows,
+        warmup: Duration,
+        window: Duration,
+        delivered: &dyn Fn() -> anyhow::Result<u64>,
+        new_flows: Option<&dyn Fn() -> anyhow::Result<u64>>,
+        bpf: Option<&dyn Fn() -> anyhow::Result<(u64, u64)>>,
+    ) -> anyhow::Result<Window> {
         self.set_config(GenConfig {
             ifindex: self.ifindex,
             ..gen_config(dst_port, flows)
@@ -319,9 +338,11 @@ impl Generator {
                     settle(count, flows)?;
                 }
                 let created0 = new_flows.map(|count| count()).transpose()?;
+                let bpf0 = bpf.map(|snapshot| snapshot()).transpose()?;
                 let (sent0, got0, t0) = (this.sent()?, delivered()?, Instant::now());
                 std::thread::sleep(window);
                 let (sent1, got1, t1) = (this.sent()?, delivered()?, Instant::now());
+                let bpf1 = bpf.map(|snapshot| snapshot()).transpose()?;
                 let created1 = new_flows.map(|count| count()).transpose()?;
                 let seconds = (t1 - t0).as_secs_f64();
                 Ok(Window {
@@ -330,6 +351,9 @@ impl Generator {
                     new_flows: created0
                         .zip(created1)
                         .map(|(before, after)| after.saturating_sub(before)),
+                    bpf: bpf0.zip(bpf1).and_then(|(before, after)| {
+                        BpfTime::between(before, after, got1.saturating_sub(got0))
+                    }),
                 })
             })();
             stop.store(true, Ordering::Relaxed);

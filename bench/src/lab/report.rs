@@ -55,6 +55,13 @@ pub struct SystemFigures {
     /// datapath created during the measured window (`fwd_new_flow`); about
     /// 0 when every tuple is a live flow.
     pub new_flows_per_window: BTreeMap<String, Vec<u64>>,
+    /// UDP tests (metric key -> figure): nanoseconds of the system's BPF
+    /// programs per delivered packet (`BPF_ENABLE_STATS` run time over the
+    /// window; none for systems without BPF).
+    pub bpf_ns_per_packet: BTreeMap<String, Figure>,
+    /// The same per program run (each packet runs XDP once; hand-offs and
+    /// replies run a tc program too).
+    pub bpf_ns_per_run: BTreeMap<String, Figure>,
     pub notes: Vec<String>,
     pub error: Option<String>,
 }
@@ -68,6 +75,8 @@ impl SystemFigures {
             setup_s: None,
             rss_mib: None,
             new_flows_per_window: BTreeMap::new(),
+            bpf_ns_per_packet: BTreeMap::new(),
+            bpf_ns_per_run: BTreeMap::new(),
             notes: Vec::new(),
             error: None,
         }

@@ -38,6 +38,7 @@ impl Report {
             out += "\n";
         }
         self.ratio_table(&mut out);
+        self.bpf_table(&mut out);
         for figures in &self.systems {
             for note in &figures.notes {
                 let _ = writeln!(out, "  {}: {note}", figures.system);
@@ -71,6 +72,58 @@ impl Report {
                 }
                 *out += "\n";
             }
+        }
+    }
+
+    /// BPF nanoseconds per delivered packet, and xlb's over the limit's.
+    fn bpf_table(&self, out: &mut String) {
+        const UDP: [(&str, &str); 3] = [
+            ("udp_pps_1_flow", "UDP 1 flow"),
+            ("udp_pps_60k_flows", "UDP 60k flows"),
+            ("new_flows_per_s", "new flows"),
+        ];
+        let with_bpf: Vec<_> = self
+            .systems
+            .iter()
+            .filter(|figures| !figures.bpf_ns_per_packet.is_empty())
+            .collect();
+        if with_bpf.is_empty() {
+            return;
+        }
+        *out += "\nBPF run time, ns per delivered packet (per program run in brackets; \
+                 BPF_ENABLE_STATS over each window)\n";
+        let _ = write!(out, "{:<14}", "");
+        for (_, title) in UDP {
+            let _ = write!(out, " {title:>20}");
+        }
+        *out += "\n";
+        let median = |map: &std::collections::BTreeMap<String, Figure>, key: &str| {
+            map.get(key).map(|figure| figure.median)
+        };
+        for figures in &with_bpf {
+            let _ = write!(out, "{:<14}", figures.system);
+            for (key, _) in UDP {
+                let cell = match (
+                    median(&figures.bpf_ns_per_packet, key),
+                    median(&figures.bpf_ns_per_run, key),
+                ) {
+                    (Some(packet), Some(run)) => format!("{packet:.0} ({run:.0})"),
+                    _ => "-".to_owned(),
+                };
+                let _ = write!(out, " {cell:>20}");
+            }
+            *out += "\n";
+        }
+        let find = |name: &str| with_bpf.iter().find(|figures| figures.system == name);
+        if let (Some(xlb), Some(limit)) = (find("xlb"), find("limit")) {
+            let _ = write!(out, "{:<14}", "xlb - limit");
+            for (key, _) in UDP {
+                let cell = median(&xlb.bpf_ns_per_packet, key)
+                    .zip(median(&limit.bpf_ns_per_packet, key))
+                    .map_or_else(|| "-".to_owned(), |(x, l)| format!("{:+.0}", x - l));
+                let _ = write!(out, " {cell:>20}");
+            }
+            *out += "\n";
         }
     }
 
