@@ -126,6 +126,23 @@ const _: () = assert!(core::mem::size_of::<LimitTarget>() == 16);
 
 pub const LIMIT_TARGETS_MAX: u32 = 8;
 
+/// `LIMIT_NAT[i]`: the addresses `xlb_limit_nat` writes for target `i`, as
+/// xlb's NodePort path with masquerade would: the backend's address and
+/// port, the node's address on the backend link as the source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LimitNat {
+    pub backend_addr_be: u32,
+    pub node_addr_be: u32,
+    pub backend_port_be: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<LimitNat>() == 12);
+
+/// Entries of `xlb_limit_lru`'s table: room for the 60k-flow test's tuples
+/// and a new-flow flood's last second at the lab's rates.
+pub const LIMIT_LRU_ENTRIES: u32 = 1 << 20;
+
 /// `LIMIT_CONFIG` indices.
 pub const LIMIT_CFG_TARGETS: u32 = 0;
 pub const LIMIT_CFG_PORT: u32 = 1;
@@ -155,4 +172,6 @@ mod user {
     unsafe impl aya::Pod for super::GenConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::LimitTarget {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::LimitNat {}
 }

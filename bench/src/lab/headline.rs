@@ -77,7 +77,7 @@ fn measure_headline(
             }
         }
         // No NAT, no state: the ceiling only forwards the flood.
-        Measurement::Tcp | Measurement::Latency if bench.system == System::Limit => {}
+        Measurement::Tcp | Measurement::Latency if bench.system.is_yardstick() => {}
         Measurement::Tcp => {
             let (rate, failed) = traffic::tcp_connect_rate(
                 &bench.lab,
@@ -207,10 +207,16 @@ fn record(bench: Bench, samples: Samples, figures: &mut SystemFigures) -> bool {
             .bpf_ns_per_run
             .insert(metric.to_owned(), Figure::of(per_run));
     }
-    if bench.system == System::Limit {
+    let what = match bench.system {
+        System::Limit => Some("no NAT and no state"),
+        System::LimitNat => Some("the limit plus stateless NAT, no state"),
+        System::LimitLru => Some("the limit plus one LRU insert per packet, no NAT"),
+        _ => None,
+    };
+    if let Some(what) = what {
         figures
             .notes
-            .push("no NAT and no state: TCP and latency do not apply".into());
+            .push(format!("{what}: TCP and latency do not apply"));
     }
     if samples.tcp_failed > 0 {
         figures.notes.push(format!(

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 pub use process::unblock_signals;
-use progs::{Flows, Generator, Limit, Sink};
+use progs::{Flows, Generator, Limit, LimitKind, Sink};
 use report::Report;
 use services::{BenchConfig, FLOOD_NODE_PORT, FLOOD_TARGET_PORT, TCP_NODE_PORT};
 use topology::BenchLab;
@@ -48,6 +48,10 @@ use topology::BenchLab;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum System {
     Limit,
+    /// The limit plus stateless NAT (a yardstick: named `limit-nat`).
+    LimitNat,
+    /// The limit plus one LRU insert per packet (`limit-lru`).
+    LimitLru,
     Xlb,
     Iptables,
     Nftables,
@@ -55,17 +59,27 @@ pub enum System {
 }
 
 impl System {
-    pub const ALL: [System; 5] = [
+    pub const ALL: [System; 7] = [
         System::Limit,
+        System::LimitNat,
+        System::LimitLru,
         System::Xlb,
         System::Iptables,
         System::Nftables,
         System::Nginx,
     ];
 
+    /// The limit and its yardsticks: UDP forwarding only (no TCP service,
+    /// no replies).
+    pub fn is_yardstick(self) -> bool {
+        matches!(self, System::Limit | System::LimitNat | System::LimitLru)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             System::Limit => "limit",
+            System::LimitNat => "limit-nat",
+            System::LimitLru => "limit-lru",
             System::Xlb => "xlb",
             System::Iptables => "iptables",
             System::Nftables => "nftables",
@@ -232,7 +246,7 @@ fn check_tools(systems: &[System]) -> anyhow::Result<()> {
             System::Iptables => needed.push(("iptables-restore", "iptables")),
             System::Nftables => needed.push(("nft", "nftables")),
             System::Nginx => needed.push(("nginx", "nginx-light libnginx-mod-stream")),
-            System::Limit | System::Xlb => {}
+            System::Limit | System::LimitNat | System::LimitLru | System::Xlb => {}
         }
     }
     needed.push(("iptables-restore", "iptables"));
@@ -281,7 +295,15 @@ fn configure(
 ) -> anyhow::Result<(Running, f64)> {
     let start = Instant::now();
     let running = match system {
-        System::Limit => Running::Limit(Limit::attach(lab, FLOOD_NODE_PORT)?),
+        System::Limit => Running::Limit(Limit::attach(lab, FLOOD_NODE_PORT, LimitKind::Redirect)?),
+        System::LimitNat => Running::Limit(Limit::attach(
+            lab,
+            FLOOD_NODE_PORT,
+            LimitKind::Nat {
+                target_port: FLOOD_TARGET_PORT,
+            },
+        )?),
+        System::LimitLru => Running::Limit(Limit::attach(lab, FLOOD_NODE_PORT, LimitKind::Lru)?),
         System::Xlb => Running::Xlb(agent::Agent::start(lab, &config.xlb_yaml())?),
         System::Iptables => {
             let path = lab.dir().join("iptables.rules");

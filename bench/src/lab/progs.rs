@@ -2,7 +2,6 @@
 //! traffic generator, the backends' counting sink, and the MAC-rewrite-and-
 //! redirect ceiling. Map layouts and frame arithmetic are bench-ebpf's.
 
-#[cfg(test)]
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use aya::{
 #[cfg(test)]
 use xlb_bench_ebpf::{FRAME_LEN, template::UDP_PAYLOAD};
 use xlb_bench_ebpf::{
-    GenConfig, LimitTarget,
+    GenConfig, LimitNat, LimitTarget,
     template::{Segment, Sources, Template},
 };
 
@@ -146,12 +145,33 @@ pub struct Limit {
     _ebpf: Ebpf,
 }
 
+/// Which program of the limit object runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitKind {
+    /// The ceiling: MACs and a redirect.
+    Redirect,
+    /// The ceiling plus stateless NAT towards `target_port`.
+    Nat { target_port: u16 },
+    /// The ceiling plus one LRU insert per packet.
+    Lru,
+}
+
+impl LimitKind {
+    pub fn program(self) -> &'static str {
+        match self {
+            LimitKind::Redirect => "xlb_limit",
+            LimitKind::Nat { .. } => "xlb_limit_nat",
+            LimitKind::Lru => "xlb_limit_lru",
+        }
+    }
+}
+
 impl Limit {
-    pub fn attach(lab: &BenchLab, port: u16) -> anyhow::Result<Limit> {
+    pub fn attach(lab: &BenchLab, port: u16, kind: LimitKind) -> anyhow::Result<Limit> {
         let mut ebpf = EbpfLoader::new()
             .load(crate::LIMIT_OBJECT)
             .context("loading the limit object")?;
-        load_program(&mut ebpf, "xlb_limit")?;
+        load_program(&mut ebpf, kind.program())?;
         // Ifindexes are the node namespace's (LAB-NOTES 3).
         let targets = lab.node.run(|| -> anyhow::Result<Vec<LimitTarget>> {
             (1..=lab.backends.len() as u8)
@@ -181,10 +201,26 @@ impl Limit {
             config.set(0, targets.len() as u32, 0)?;
             config.set(1, u32::from(port), 0)?;
         }
-        let program = program(&mut ebpf, "xlb_limit")?;
+        if let LimitKind::Nat { target_port } = kind {
+            let mut nat: Array<_, LimitNat> = Array::try_from(
+                ebpf.map_mut("LIMIT_NAT")
+                    .ok_or_else(|| anyhow!("LIMIT_NAT missing"))?,
+            )?;
+            for index in 1..=lab.backends.len() as u8 {
+                let entry = LimitNat {
+                    backend_addr_be: u32::from(Ipv4Addr::new(198, 18, index, 2)).to_be(),
+                    node_addr_be: u32::from(Ipv4Addr::new(198, 18, index, 1)).to_be(),
+                    backend_port_be: target_port.to_be(),
+                    _pad: 0,
+                };
+                nat.set(u32::from(index) - 1, entry, 0)?;
+            }
+        }
+        let name = kind.program();
+        let program = program(&mut ebpf, name)?;
         lab.node
             .run(|| program.attach(NODE_GEN_IF, XdpMode::Driver).map(drop))?
-            .context("attaching xlb_limit to the node")?;
+            .with_context(|| format!("attaching {name} to the node"))?;
         Ok(Limit { _ebpf: ebpf })
     }
 }
@@ -412,6 +448,63 @@ mod tests {
         assert_eq!(udp.destination_port(), 31_000);
         assert_eq!(udp.payload(), UDP_PAYLOAD);
         (Ipv4Addr::from(header.source), udp.source_port())
+    }
+
+    /// The NAT yardstick writes what xlb's masquerade path would, with
+    /// checksums an independent parser accepts (a frame the backend's
+    /// stack would drop would make it a cheaper yardstick than it is).
+    #[test]
+    fn the_nat_yardstick_rewrites_with_valid_checksums() -> anyhow::Result<()> {
+        xlb_tests::require_root()?;
+        let mut ebpf = EbpfLoader::new().load(crate::LIMIT_OBJECT)?;
+        load_program(&mut ebpf, "xlb_limit_nat")?;
+        let mut config: Array<_, u32> =
+            Array::try_from(ebpf.map_mut("LIMIT_CONFIG").context("LIMIT_CONFIG")?)?;
+        config.set(0, 1, 0)?;
+        config.set(1, 31_000, 0)?;
+        let mut targets: Array<_, LimitTarget> =
+            Array::try_from(ebpf.map_mut("LIMIT_TARGETS").context("LIMIT_TARGETS")?)?;
+        let target = LimitTarget {
+            ifindex: 1,
+            src_mac: [2, 0, 0, 0, 1, 1],
+            dst_mac: [2, 0, 0, 0, 1, 2],
+        };
+        targets.set(0, target, 0)?;
+        let mut nat: Array<_, LimitNat> =
+            Array::try_from(ebpf.map_mut("LIMIT_NAT").context("LIMIT_NAT")?)?;
+        let backend = Ipv4Addr::new(198, 18, 1, 2);
+        let node = Ipv4Addr::new(198, 18, 1, 1);
+        let entry = LimitNat {
+            backend_addr_be: u32::from(backend).to_be(),
+            node_addr_be: u32::from(node).to_be(),
+            backend_port_be: 8_080u16.to_be(),
+            _pad: 0,
+        };
+        nat.set(0, entry, 0)?;
+        let program = program(&mut ebpf, "xlb_limit_nat")?;
+        let cfg = gen_config(31_000, Flows::New);
+        for seq in [0, 1, 77_777, 123_456] {
+            let ((verdict, out), _) =
+                xlb_tests::testrun::test_run(program, &frame_for(&cfg, seq), 1, 1);
+            assert_eq!(verdict, 4, "XDP_REDIRECT");
+            let packet = SlicedPacket::from_ethernet(&out).expect("parses");
+            let Some(NetSlice::Ipv4(ip)) = packet.net else {
+                panic!("not IPv4");
+            };
+            let header = ip.header().to_header();
+            assert_eq!(header.header_checksum, header.calc_header_checksum());
+            assert_eq!(
+                (header.source, header.destination),
+                (node.octets(), backend.octets())
+            );
+            let Some(TransportSlice::Udp(udp)) = packet.transport else {
+                panic!("not UDP");
+            };
+            let expected = udp.to_header().calc_checksum_ipv4(&header, udp.payload())?;
+            assert_eq!(udp.checksum(), expected, "UDP checksum of seq {seq}");
+            assert_eq!(udp.destination_port(), 8_080);
+        }
+        Ok(())
     }
 
     #[test]

@@ -34,6 +34,8 @@ impl RunTimeStats {
 pub fn programs_of(system: System) -> &'static [&'static str] {
     match system {
         System::Limit => &["xlb_limit"],
+        System::LimitNat => &["xlb_limit_nat"],
+        System::LimitLru => &["xlb_limit_lru"],
         System::Xlb => &["xlb", "xlb_tc_uplink", "xlb_tc_pod"],
         _ => &[],
     }
