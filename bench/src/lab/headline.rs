@@ -21,7 +21,8 @@ const MANY_FLOWS: u32 = 60_000;
 #[derive(Default)]
 struct Samples {
     metrics: BTreeMap<&'static str, Vec<f64>>,
-    offered: Vec<f64>,
+    /// UDP tests (metric -> per repeat): frames/s the generator offered.
+    offered: BTreeMap<&'static str, Vec<f64>>,
     /// Established tests (metric -> per repeat): flows the system created
     /// during the window, where it says.
     new_flows: BTreeMap<&'static str, Vec<u64>>,
@@ -68,7 +69,11 @@ fn measure_headline(
                 .entry(metric)
                 .or_default()
                 .push(window.delivered_pps);
-            samples.offered.push(window.offered_pps);
+            samples
+                .offered
+                .entry(metric)
+                .or_default()
+                .push(window.offered_pps);
             if let (Flows::Cycle(_), Some(created)) = (flows, window.new_flows) {
                 samples.new_flows.entry(metric).or_default().push(created);
             }
@@ -155,8 +160,10 @@ pub(super) fn run(
 }
 
 /// Measurement by measurement, system by system: a ratio compares figures
-/// taken seconds apart, whatever else the machine is doing. A system that
-/// fails leaves the run (its error in `figures`).
+/// taken seconds apart, whatever else the machine is doing. The systems'
+/// order rotates with each repeat, so none is always measured first (right
+/// after another system's flood) or last. A system that fails leaves the
+/// run (its error in `figures`).
 fn measure_all(
     benches: &mut [Option<(Bench, Samples)>],
     figures: &mut [SystemFigures],
@@ -165,7 +172,10 @@ fn measure_all(
     let mut failed = false;
     for repeat in 0..plan.repeats {
         for measurement in HEADLINE {
-            for (slot, entry) in benches.iter_mut().enumerate() {
+            let count = benches.len();
+            for turn in 0..count {
+                let slot = (turn + repeat as usize) % count;
+                let entry = &mut benches[slot];
                 let Some((bench, samples)) = entry else {
                     continue;
                 };
@@ -190,13 +200,23 @@ fn measure_all(
 /// One system's samples into its figures; stops the system. Whether an
 /// established window saw too many new flows.
 fn record(bench: Bench, samples: Samples, figures: &mut SystemFigures) -> bool {
-    let failed = check_new_flows(&samples.new_flows, &samples.metrics, figures);
+    let mut failed = check_new_flows(&samples.new_flows, &samples.metrics, figures);
+    if bench.system == System::Limit {
+        failed |= check_limit(&samples.metrics, figures);
+    }
     for (metric, values) in samples.metrics {
         figures
             .metrics
             .insert(metric.to_owned(), Figure::of(values));
     }
-    figures.offered_pps = Some(Figure::of(samples.offered));
+    figures.offered_pps = Some(Figure::of(
+        samples.offered.values().flatten().copied().collect(),
+    ));
+    for (metric, offered) in samples.offered {
+        figures
+            .offered_pps_by_test
+            .insert(metric.to_owned(), Figure::of(offered));
+    }
     for (metric, times) in samples.bpf {
         let per_packet = times.iter().map(|time| time.ns_per_delivered).collect();
         let per_run = times.iter().map(|time| time.ns_per_run).collect();
@@ -236,6 +256,69 @@ fn record(bench: Bench, samples: Samples, figures: &mut SystemFigures) -> bool {
         figures.notes.push(format!("agent counters: {counters}"));
     }
     failed
+}
+
+/// The limit is stateless: its three UDP tests forward the same frames the
+/// same way, so their medians may differ only by noise. Notes their spread
+/// beside the noise (each test's own range over its repeats, the largest);
+/// with 3 repeats or more, a spread above the noise fails the run: the
+/// machine changed under the bench, and no ratio to the limit holds.
+fn check_limit(pps: &BTreeMap<&'static str, Vec<f64>>, figures: &mut SystemFigures) -> bool {
+    let tests: Vec<(&str, &Vec<f64>)> = HEADLINE
+        .iter()
+        .filter_map(|measurement| match measurement {
+            Measurement::Udp(key, _) => pps.get(key).map(|samples| (*key, samples)),
+            _ => None,
+        })
+        .collect();
+    let medians: Vec<f64> = tests
+        .iter()
+        .map(|(_, samples)| Figure::of((*samples).clone()).median)
+        .collect();
+    let (Some(low), Some(high)) = (
+        medians.iter().copied().reduce(f64::min),
+        medians.iter().copied().reduce(f64::max),
+    ) else {
+        return false;
+    };
+    let spread = (high - low) / high.max(1.0);
+    let noise = tests
+        .iter()
+        .map(|(_, samples)| {
+            let low = samples.iter().copied().fold(f64::INFINITY, f64::min);
+            let high = samples.iter().copied().fold(0.0, f64::max);
+            (high - low) / high.max(1.0)
+        })
+        .fold(0.0, f64::max);
+    let repeats = tests
+        .iter()
+        .map(|(_, samples)| samples.len())
+        .min()
+        .unwrap_or(0);
+    let judged = repeats >= 3;
+    let disagree = judged && spread > noise;
+    let list: Vec<String> = tests
+        .iter()
+        .zip(&medians)
+        .map(|((key, _), median)| format!("{key} {:.0}k", median / 1e3))
+        .collect();
+    let verdict = if disagree {
+        "MORE than the noise: the machine changed during the run, ratios to the limit do not hold"
+    } else if judged {
+        "within the noise"
+    } else {
+        "not judged: fewer than 3 repeats"
+    };
+    let note = format!(
+        "the stateless limit's UDP tests: {}; spread {:.1}%, noise (largest range over repeats) \
+         {:.1}%: {verdict}",
+        list.join(", "),
+        spread * 100.0,
+        noise * 100.0
+    );
+    eprintln!("xlb-bench: limit: {note}");
+    figures.notes.push(note);
+    disagree
 }
 
 /// Records the flows created during established windows in `figures` and

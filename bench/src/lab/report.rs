@@ -48,6 +48,8 @@ pub struct SystemFigures {
     pub metrics: BTreeMap<String, Figure>,
     /// Frames/s the generator offered (all UDP windows).
     pub offered_pps: Option<Figure>,
+    /// The same per UDP test (metric key -> figure).
+    pub offered_pps_by_test: BTreeMap<String, Figure>,
     /// Seconds to configure the system (rules load, agent start).
     pub setup_s: Option<f64>,
     pub rss_mib: Option<f64>,
@@ -72,6 +74,7 @@ impl SystemFigures {
             system: system.to_owned(),
             metrics: BTreeMap::new(),
             offered_pps: None,
+            offered_pps_by_test: BTreeMap::new(),
             setup_s: None,
             rss_mib: None,
             new_flows_per_window: BTreeMap::new(),
