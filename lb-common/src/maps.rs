@@ -214,6 +214,11 @@ declare_maps! {
     /// (kernel/peers.rs) and keeps it current; a pod not in it is reached
     /// through `bpf_redirect_neigh` as before.
     PEERS = "XLB_PEERS": Hash<u32, Peer>, PEERS_MAX, Fixed, No, Private;
+    /// Ports the datapath may have business with (frontend ports, backend
+    /// target ports, ports of live flows): a TCP/UDP packet with neither
+    /// port listed passes before any hash lookup. Pinned and shared with
+    /// `xlb explain`, so its simulation filters as the datapath does.
+    PORTS = "XLB_PORTS": Array<u32, u64>, PORTS_WORDS, Fixed, Alone, Shared;
 }
 
 /// Where a program of the object runs.
@@ -321,6 +326,19 @@ pub const REDIRECT_OK_MAX: u32 = 256;
 pub const SOCK_REVNAT_MAX: u32 = 1 << 18;
 /// Pods on one node (Kubernetes' default limit is 110).
 pub const PEERS_MAX: u32 = 4_096;
+/// `XLB_PORTS`: one bit per port (1024 words), then `PORTS_ON`.
+pub const PORTS_WORDS: u32 = 1024 + 1;
+/// `XLB_PORTS[PORTS_ON]` is non-zero once the agent has written the whole
+/// bitmap: until then (a fresh map, an agent that predates it) the
+/// datapath does not filter. It lives in the bitmap's own map, not in
+/// `XLB_CONFIG`, so a recreated bitmap can never be vouched for by an
+/// adopted config.
+pub const PORTS_ON: u32 = 1024;
+
+/// The `XLB_PORTS` word holding `port`'s bit, and the bit.
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1 << (port & 63))
+}
 
 #[cfg(test)]
 mod tests {

@@ -90,6 +90,10 @@ pub static XLB_BACKEND_PATHS: PerCpuArray<Paths> =
 pub static XLB_PEERS: HashMap<u32, Peer> =
     HashMap::with_max_entries(decl::PEERS.max_entries, decl::PEERS.flags);
 
+#[map]
+pub static XLB_PORTS: Array<u64> =
+    Array::with_max_entries(decl::PORTS.max_entries, decl::PORTS.flags);
+
 /// Which hook carried a forwarded packet, for `XLB_BACKEND_PATHS`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Path {
