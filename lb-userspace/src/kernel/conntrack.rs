@@ -15,6 +15,7 @@ use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
 use lb_common::{Flow, FlowKey, GlobalConfig};
 
 use super::maps::{MapIoError, OpenError};
+use crate::reconcile::PortSet;
 use super::sys;
 
 /// What one pass did.
@@ -55,6 +56,21 @@ impl FlowTable {
             deleted: first.deleted + second.deleted,
             wrapped: first.wrapped && second.wrapped,
         })
+    }
+}
+
+impl FlowTable {
+    /// Every port of every key in both tables (`None` if a walk kept being
+    /// restarted by deletions and did not finish): what the port filter
+    /// must keep listed. Keys only, one syscall each.
+    pub fn ports_in_use(&self) -> Result<Option<PortSet>, MapIoError> {
+        let mut ports = PortSet::default();
+        for table in [&self.established, &self.half_open] {
+            if !table.add_ports(&mut ports)? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(ports))
     }
 }
 
@@ -163,6 +179,23 @@ impl Table {
         });
         expired.dedup_by_key(|(key, _)| *key);
         Ok((pass, expired, resume))
+    }
+
+    /// Adds the ports of every key to `ports`; false if the walk did not
+    /// reach the end within a few times the table's size (a deleted cursor
+    /// restarts it from the first key).
+    fn add_ports(&self, ports: &mut PortSet) -> Result<bool, MapIoError> {
+        let size = self.flows.map().info().map_or(1 << 20, |info| info.max_entries());
+        let mut cursor = None;
+        for _ in 0..4 * u64::from(size) {
+            let Some(key) = self.next_key(cursor.as_ref())? else {
+                return Ok(true);
+            };
+            ports.insert(u16::from_be(key.src_port_be));
+            ports.insert(u16::from_be(key.dst_port_be));
+            cursor = Some(key);
+        }
+        Ok(false)
     }
 
     /// Deletes `expired` entries that are still as the walk saw them;

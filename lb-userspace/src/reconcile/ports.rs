@@ -5,7 +5,7 @@
 //! (reply tuples' sources). A reconcile only adds ports; one whose service
 //! is gone leaves only once a scan of the conntrack tables finds no flow on
 //! it ([`prune`]), so an established flow of a removed service is handled
-//! as it was without the filter.
+//! as it was without the filter (replies from a removed backend included).
 
 use std::fmt;
 
@@ -77,6 +77,14 @@ impl PortSet {
             .any(|(mine, theirs)| mine & !theirs != 0)
     }
 
+    /// The ports the written maps need listed: every service entry's
+    /// frontend port and every active backend's port.
+    pub fn in_maps(applied: &Applied) -> Self {
+        let frontends = applied.services.keys().map(|frontend| frontend.port);
+        let backends = applied.backends.values().map(|backend| backend.address.port);
+        frontends.chain(backends).collect()
+    }
+
     /// The ports `desired` needs listed: its frontends' and its backends'.
     pub fn wanted(desired: &Desired) -> Self {
         let mut set = Self::default();
@@ -104,30 +112,29 @@ pub(super) fn grow(applied: &Applied, desired: &Desired, ops: &mut Vec<MapOp>) {
 }
 
 /// After a scan of the conntrack tables found flows on `in_use` (every
-/// port of every key): the ops that unlist ports neither the desired state
-/// (`wanted`, see [`PortSet::wanted`]) nor a flow needs. Ports only: the
-/// filter is already on, or stays off.
-pub fn prune(applied: &Applied, wanted: &PortSet, in_use: &PortSet) -> Vec<MapOp> {
-    let mut target = PortSet::default();
-    for index in 0..PORT_WORDS {
-        let keep = wanted.word(index) | in_use.word(index);
-        target.set_word(index, applied.ports.word(index) & keep);
-    }
+/// port of every key): the ops that unlist ports that neither a flow nor
+/// what the maps hold (services' frontends, active backends; see
+/// [`PortSet::in_maps`]) needs. Ports only: the filter's flag stays as is.
+pub fn prune(applied: &Applied, in_use: &PortSet) -> Vec<MapOp> {
+    let needed = PortSet::in_maps(applied);
     let mut ops = Vec::new();
     for index in 0..PORT_WORDS {
-        if target.word(index) != applied.ports.word(index) {
+        let listed = applied.ports.word(index);
+        let kept = listed & (needed.word(index) | in_use.word(index));
+        if kept != listed {
             ops.push(MapOp::WritePorts {
                 word: index as u16,
-                bits: target.word(index),
+                bits: kept,
             });
         }
     }
     ops
 }
 
-/// Whether some listed port is not `wanted` (a scan may unlist it).
-pub fn lingering(applied: &Applied, wanted: &PortSet) -> bool {
-    applied.ports.exceeds(wanted)
+/// Whether some listed port is needed by nothing the maps hold (a scan of
+/// the conntrack tables may unlist it).
+pub fn lingering(applied: &Applied) -> bool {
+    applied.ports.exceeds(&PortSet::in_maps(applied))
 }
 
 fn write(applied: &Applied, target: &PortSet, ops: &mut Vec<MapOp>) {
