@@ -66,7 +66,11 @@ impl Agent {
             return;
         }
         match reconcile::apply(&mut self.maps, &mut self.applied, &ops) {
-            Ok(()) => debug!("port filter: {} word(s) rewritten, unused ports unlisted", ops.len()),
+            Ok(()) => info!(
+                "port filter: ports of removed services unlisted, no flow uses them ({} word(s) \
+                 rewritten)",
+                ops.len()
+            ),
             Err(error) => warn!("port filter: {}", error_chain(&error)),
         }
     }

@@ -81,7 +81,10 @@ impl PortSet {
     /// frontend port and every active backend's port.
     pub fn in_maps(applied: &Applied) -> Self {
         let frontends = applied.services.keys().map(|frontend| frontend.port);
-        let backends = applied.backends.values().map(|backend| backend.address.port);
+        let backends = applied
+            .backends
+            .values()
+            .map(|backend| backend.address.port);
         frontends.chain(backends).collect()
     }
 

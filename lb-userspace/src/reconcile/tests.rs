@@ -1329,7 +1329,10 @@ fn a_removed_port_stays_listed_until_no_flow_uses_it() {
         panic!("{error}");
     }
     assert!(!lab.maps.ports.contains(30001));
-    assert!(lab.maps.ports.contains(30002), "a port in use by a service is never unlisted");
+    assert!(
+        lab.maps.ports.contains(30002),
+        "a port in use by a service is never unlisted"
+    );
     assert!(!ports_lingering(&lab.applied));
     assert_eq!(lab.plan(&only_b), []);
 }
