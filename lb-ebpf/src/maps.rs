@@ -79,8 +79,8 @@ pub static XLB_ICMP_LIMIT: LruHashMap<u32, IcmpLimit> =
     LruHashMap::with_max_entries(decl::ICMP_LIMIT.max_entries, decl::ICMP_LIMIT.flags);
 
 #[map]
-pub static XLB_REDIRECT_OK: HashMap<u32, u32> =
-    HashMap::with_max_entries(decl::REDIRECT_OK.max_entries, decl::REDIRECT_OK.flags);
+pub static XLB_REDIRECT_OK: Array<u32> =
+    Array::with_max_entries(decl::REDIRECT_OK.max_entries, decl::REDIRECT_OK.flags);
 
 #[map]
 pub static XLB_BACKEND_PATHS: PerCpuArray<Paths> =

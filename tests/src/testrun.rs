@@ -347,10 +347,10 @@ impl Datapath {
             .insert(backend_if, be(NODE_B), 0)
             .expect("iface addr");
         // The agent attaches XDP to both: XDP may redirect into them.
-        let mut redirect_ok: HashMap<_, u32, u32> =
-            HashMap::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
+        let mut redirect_ok: Array<_, u32> =
+            Array::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
         for ifindex in [client_if, backend_if] {
-            redirect_ok.insert(ifindex, 0, 0).expect("redirect ok");
+            redirect_ok.set(ifindex, 1, 0).expect("redirect ok");
         }
     }
 
@@ -412,9 +412,9 @@ impl Datapath {
     /// does not run on (a pod's veth, a bridge, a tunnel): frames for it are
     /// handed to tc. `write_base_state` puts it back.
     pub fn forbid_redirect(&mut self, ifindex: u32) {
-        let mut redirect_ok: HashMap<_, u32, u32> =
-            HashMap::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
-        redirect_ok.remove(&ifindex).expect("ifindex was allowed");
+        let mut redirect_ok: Array<_, u32> =
+            Array::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
+        redirect_ok.set(ifindex, 0, 0).expect("ifindex was allowed");
     }
 
     /// Makes `addr` a local pod behind the veth `peer.ifindex`
