@@ -142,7 +142,7 @@ fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<R
     });
     // The port filter on, as the agent writes it (an older object without
     // it is measured as it is).
-    dp.filter_ports(&xlb_tests::testrun::BASE_PORTS);
+    dp.filter_ports(Some(&xlb_tests::testrun::BASE_PORTS));
     let mut yardsticks = EbpfLoader::new()
         .load(crate::BASELINE_OBJECT)
         .context("loading the baseline object")?;

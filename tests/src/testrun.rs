@@ -66,19 +66,9 @@ pub const AFFINITY_NODE_PORT: u16 = 30993;
 pub const LOCAL_NODE_PORT: u16 = 30992;
 pub const RANGED_SERVICE_ID: u32 = 7;
 /// What the agent lists in `XLB_PORTS` for the base state: every frontend
-/// port and every backend's target port.
+/// port (30991-30999) and every backend's target port.
 pub const BASE_PORTS: [u16; 11] = [
-    TCP_NODE_PORT,
-    UDP_NODE_PORT,
-    EMPTY_NODE_PORT,
-    UNRESOLVED_NODE_PORT,
-    EMPTY_TCP_NODE_PORT,
-    LOCAL_EMPTY_NODE_PORT,
-    RANGED_NODE_PORT,
-    AFFINITY_NODE_PORT,
-    LOCAL_NODE_PORT,
-    TCP_TARGET_PORT,
-    UDP_TARGET_PORT,
+    30991, 30992, 30993, 30994, 30995, 30996, 30997, 30998, 30999, 3333, 4444,
 ];
 pub const TCP_TARGET_PORT: u16 = 3333;
 pub const UDP_TARGET_PORT: u16 = 4444;
@@ -354,33 +344,25 @@ impl Datapath {
         }
     }
 
-    /// Turns the port filter (`XLB_PORTS`) on with exactly `ports` listed,
-    /// as the agent writes it: the words, then the flag. Returns false
-    /// (and writes nothing) for an object without the map (an older build
-    /// measured side by side).
-    pub fn filter_ports(&mut self, ports: &[u16]) -> bool {
+    /// Turns the port filter (`XLB_PORTS`) on with exactly `ports` listed
+    /// (the words, then the flag, as the agent writes it), or off with
+    /// `None`. False for an object without the map (an older build).
+    pub fn filter_ports(&mut self, ports: Option<&[u16]>) -> bool {
         let Some(map) = self.bpf.map_mut(names::PORTS) else {
             return false;
         };
         let mut words: Array<_, u64> = Array::try_from(map).expect("ports map");
         let mut bits = vec![0u64; names::PORTS_ON as usize];
-        for &port in ports {
+        for &port in ports.unwrap_or_default() {
             let (word, bit) = names::port_bit(port);
             bits[word as usize] |= bit;
         }
-        for (index, word) in bits.iter().enumerate() {
+        for (index, word) in bits.iter().enumerate().filter(|_| ports.is_some()) {
             words.set(index as u32, word, 0).expect("ports word");
         }
-        words.set(names::PORTS_ON, 1, 0).expect("ports flag");
+        let on = u64::from(ports.is_some());
+        words.set(names::PORTS_ON, on, 0).expect("ports flag");
         true
-    }
-
-    /// Turns the port filter off (the flag only, as a fresh map has it).
-    pub fn unfilter_ports(&mut self) {
-        if let Some(map) = self.bpf.map_mut(names::PORTS) {
-            let mut words: Array<_, u64> = Array::try_from(map).expect("ports map");
-            words.set(names::PORTS_ON, 0, 0).expect("ports flag");
-        }
     }
 
     /// Removes a backend the way the agent does: first every selection slot

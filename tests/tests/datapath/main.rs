@@ -64,7 +64,7 @@ fn hex(frame: &[u8]) -> String {
 fn reset(dp: &mut Datapath) {
     dp.clear_flows();
     dp.clear_peers();
-    dp.unfilter_ports();
+    dp.filter_ports(None);
     dp.write_base_state();
 }
 
@@ -86,7 +86,10 @@ fn run_table(filter: bool) {
         for row in table::rows() {
             reset(dp);
             if filter {
-                assert!(dp.filter_ports(&BASE_PORTS), "the object has no XLB_PORTS");
+                assert!(
+                    dp.filter_ports(Some(&BASE_PORTS)),
+                    "the object has no XLB_PORTS"
+                );
             }
             let case = (row.case)(dp);
             match check(dp, row.verdict, row.reason, case) {

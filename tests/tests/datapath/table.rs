@@ -1362,7 +1362,7 @@ pub fn rows() -> Vec<Row> {
             verdict: XDP_PASS,
             reason: Reason::PassNotService,
             case: |dp| {
-                assert!(dp.filter_ports(&BASE_PORTS));
+                assert!(dp.filter_ports(Some(&BASE_PORTS)));
                 unchanged(dp, Spec::from_client(40_401, 5353, L4::Udp).build())
             },
         },
@@ -1376,7 +1376,7 @@ pub fn rows() -> Vec<Row> {
                     .into_iter()
                     .filter(|&port| port != UDP_NODE_PORT && port != UDP_TARGET_PORT)
                     .collect();
-                assert!(dp.filter_ports(&tcp_only));
+                assert!(dp.filter_ports(Some(&tcp_only)));
                 unchanged(dp, udp(40_402).build())
             },
         },
@@ -1385,7 +1385,7 @@ pub fn rows() -> Vec<Row> {
             verdict: XDP_REDIRECT,
             reason: Reason::FwdNewFlow,
             case: |dp| {
-                assert!(dp.filter_ports(&BASE_PORTS));
+                assert!(dp.filter_ports(Some(&BASE_PORTS)));
                 forward_case(dp, udp(40_403))
             },
         },
@@ -1395,7 +1395,7 @@ pub fn rows() -> Vec<Row> {
             verdict: XDP_REDIRECT,
             reason: Reason::FwdReply,
             case: |dp| {
-                assert!(dp.filter_ports(&BASE_PORTS));
+                assert!(dp.filter_ports(Some(&BASE_PORTS)));
                 let client = udp(40_404);
                 let at_backend = send_from_client(dp, &client);
                 reply_case(dp, &client, &at_backend, L4::Udp)
