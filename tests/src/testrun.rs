@@ -337,10 +337,19 @@ impl Datapath {
             .insert(backend_if, be(NODE_B), 0)
             .expect("iface addr");
         // The agent attaches XDP to both: XDP may redirect into them.
-        let mut redirect_ok: Array<_, u32> =
-            Array::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
         for ifindex in [client_if, backend_if] {
-            redirect_ok.set(ifindex, 1, 0).expect("redirect ok");
+            self.set_redirect_ok(ifindex, true);
+        }
+    }
+
+    /// Sets `ifindex`'s `XLB_REDIRECT_OK` slot (an older object's: a hash).
+    fn set_redirect_ok(&mut self, ifindex: u32, ok: bool) {
+        let map = self.map_mut(names::REDIRECT_OK);
+        if let Ok(mut array) = Array::<_, u32>::try_from(&mut *map) {
+            array.set(ifindex, u32::from(ok), 0).expect("redirect ok");
+        } else if let Ok(mut hash) = HashMap::<_, u32, u32>::try_from(map) {
+            let _ = hash.remove(&ifindex);
+            let _ = ok && hash.insert(ifindex, 0, 0).is_ok();
         }
     }
 
@@ -352,13 +361,13 @@ impl Datapath {
             return false;
         };
         let mut words: Array<_, u64> = Array::try_from(map).expect("ports map");
-        let mut bits = vec![0u64; names::PORTS_ON as usize];
-        for &port in ports.unwrap_or_default() {
-            let (word, bit) = names::port_bit(port);
-            bits[word as usize] |= bit;
-        }
-        for (index, word) in bits.iter().enumerate().filter(|_| ports.is_some()) {
-            words.set(index as u32, word, 0).expect("ports word");
+        for index in (0..names::PORTS_ON).filter(|_| ports.is_some()) {
+            let listed = ports
+                .unwrap_or_default()
+                .iter()
+                .map(|&p| names::port_bit(p));
+            let bits = listed.fold(0, |bits, (word, bit)| bits | bit * u64::from(word == index));
+            words.set(index, bits, 0).expect("ports word");
         }
         let on = u64::from(ports.is_some());
         words.set(names::PORTS_ON, on, 0).expect("ports flag");
@@ -394,9 +403,7 @@ impl Datapath {
     /// does not run on (a pod's veth, a bridge, a tunnel): frames for it are
     /// handed to tc. `write_base_state` puts it back.
     pub fn forbid_redirect(&mut self, ifindex: u32) {
-        let mut redirect_ok: Array<_, u32> =
-            Array::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
-        redirect_ok.set(ifindex, 0, 0).expect("ifindex was allowed");
+        self.set_redirect_ok(ifindex, false);
     }
 
     /// Makes `addr` a local pod behind the veth `peer.ifindex`
