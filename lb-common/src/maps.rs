@@ -219,9 +219,11 @@ declare_maps! {
     PEERS = "XLB_PEERS": Hash<u32, Peer>, PEERS_MAX, Fixed, No, Private;
     /// Ports the datapath may have business with (frontend ports, backend
     /// target ports, ports of live flows): a TCP/UDP packet with neither
-    /// port listed passes before any hash lookup. Pinned and shared with
-    /// `xlb explain`, so its simulation filters as the datapath does.
-    PORTS = "XLB_PORTS": Array<u32, u64>, PORTS_WORDS, Fixed, Alone, Shared;
+    /// port listed passes before any hash lookup. Part of the configuration
+    /// group (its bits cover the services and backends written there) and
+    /// shared with `xlb explain`, so its simulation filters as the datapath
+    /// does.
+    PORTS = "XLB_PORTS": Array<u32, u64>, PORTS_WORDS, Fixed, Config, Shared;
 }
 
 /// Where a program of the object runs.

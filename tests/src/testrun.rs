@@ -366,7 +366,9 @@ impl Datapath {
                 .unwrap_or_default()
                 .iter()
                 .map(|&p| names::port_bit(p));
-            let bits = listed.fold(0, |bits, (word, bit)| bits | bit * u64::from(word == index));
+            let bits = listed.fold(0, |bits, (word, bit)| {
+                bits | (bit * u64::from(word == index))
+            });
             words.set(index, bits, 0).expect("ports word");
         }
         let on = u64::from(ports.is_some());

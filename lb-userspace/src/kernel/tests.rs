@@ -422,7 +422,7 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
         panic!("prepare_map_pins failed");
     };
     assert!(!check.adopted);
-    assert_eq!(check.recreated.len(), 8, "{:?}", check.recreated);
+    assert_eq!(check.recreated.len(), 9, "{:?}", check.recreated);
     assert!(
         check
             .recreated
@@ -435,8 +435,8 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
     assert!(pins.map("XLB_STATS").exists(), "counters are kept");
     assert_eq!(
         pins.remove_all().map_err(|e| e.to_string()),
-        Ok((vec![], vec![], 9)),
-        "the counter maps (reasons, services, backends, paths), XLB_FRAGS, XLB_ICMP_LIMIT, XLB_FLOWS_NEW (conntrack is kept), the socket reverse map and the port filter were left"
+        Ok((vec![], vec![], 8)),
+        "the counter maps (reasons, services, backends, paths), XLB_FRAGS, XLB_ICMP_LIMIT, XLB_FLOWS_NEW (conntrack is kept) and the socket reverse map were left"
     );
 }
 
