@@ -2,9 +2,9 @@
 //! (swept in bounded passes) and connected UDP sockets still talking to a
 //! removed backend.
 
-use log::{debug, info, warn};
-
 use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
 
 use super::{Agent, GC_BUDGET};
 use crate::error_chain;
