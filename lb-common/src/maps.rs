@@ -195,13 +195,16 @@ declare_maps! {
     /// `LruHashMap<u32 /* client addr_be */, IcmpLimit>`: rate limit of the
     /// "fragmentation needed" answers xlb sends.
     ICMP_LIMIT = "XLB_ICMP_LIMIT": LruHash<u32, IcmpLimit>, ICMP_LIMIT_MAX, Fixed, Alone, Private;
-    /// `HashMap<u32 /* ifindex */, u32 /* flags, 0 */>`: egress interfaces XDP
-    /// may redirect into (those xlb's XDP program runs on: NICs, whose peer takes
+    /// `Array<u32>` by ifindex, non-zero where XDP may redirect into the
+    /// interface (those xlb's XDP program runs on: NICs, whose peer takes
     /// XDP frames). Frames for any other next hop (a pod's veth, a bridge, a
-    /// tunnel) are handed to the tc program instead. Not pinned: each agent
-    /// fills it with the interfaces it attaches to, so none is left from a
-    /// previous configuration.
-    REDIRECT_OK = "XLB_REDIRECT_OK": Hash<u32, u32>, REDIRECT_OK_MAX, Fixed, No, Private;
+    /// tunnel) are handed to the tc program instead. An array, not a hash:
+    /// every forwarded packet asks, and the verifier inlines an array
+    /// lookup (a hash lookup cost ~10 ns a packet). An interface whose
+    /// ifindex is past its end is never redirected into (its frames take
+    /// the tc hand-off). Not pinned: each agent fills it with the interfaces
+    /// it attaches to, so none is left from a previous configuration.
+    REDIRECT_OK = "XLB_REDIRECT_OK": Array<u32, u32>, REDIRECT_OK_MAX, Fixed, No, Private;
     /// `PerCpuArray<Paths>` indexed by backend id: which hook carried its packets.
     BACKEND_PATHS = "XLB_BACKEND_PATHS": PerCpuArray<u32, Paths>, BACKENDS_MAX, Fixed, Alone, Private;
     /// `LruHashMap<SockRevNatKey, SockRevNat>`: for socket-level balancing, the
@@ -214,6 +217,13 @@ declare_maps! {
     /// (kernel/peers.rs) and keeps it current; a pod not in it is reached
     /// through `bpf_redirect_neigh` as before.
     PEERS = "XLB_PEERS": Hash<u32, Peer>, PEERS_MAX, Fixed, No, Private;
+    /// Ports the datapath may have business with (frontend ports, backend
+    /// target ports, ports of live flows): a TCP/UDP packet with neither
+    /// port listed passes before any hash lookup. Part of the configuration
+    /// group (its bits cover the services and backends written there) and
+    /// shared with `xlb explain`, so its simulation filters as the datapath
+    /// does.
+    PORTS = "XLB_PORTS": Array<u32, u64>, PORTS_WORDS, Fixed, Config, Shared;
 }
 
 /// Where a program of the object runs.
@@ -317,10 +327,23 @@ pub const AFFINITY_MAX: u32 = 1 << 18;
 pub const SOURCE_RANGES_MAX: u32 = 16_384;
 pub const FRAGS_MAX: u32 = 16_384;
 pub const ICMP_LIMIT_MAX: u32 = 16_384;
-pub const REDIRECT_OK_MAX: u32 = 256;
+pub const REDIRECT_OK_MAX: u32 = 65_536;
 pub const SOCK_REVNAT_MAX: u32 = 1 << 18;
 /// Pods on one node (Kubernetes' default limit is 110).
 pub const PEERS_MAX: u32 = 4_096;
+/// `XLB_PORTS`: one bit per port (1024 words), then `PORTS_ON`.
+pub const PORTS_WORDS: u32 = 1024 + 1;
+/// `XLB_PORTS[PORTS_ON]` is non-zero once the agent has written the whole
+/// bitmap: until then (a fresh map, an agent that predates it) the
+/// datapath does not filter. It lives in the bitmap's own map, not in
+/// `XLB_CONFIG`, so a recreated bitmap can never be vouched for by an
+/// adopted config.
+pub const PORTS_ON: u32 = 1024;
+
+/// The `XLB_PORTS` word holding `port`'s bit, and the bit.
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port >> 6) as u32, 1 << (port & 63))
+}
 
 #[cfg(test)]
 mod tests {

@@ -42,7 +42,7 @@ pub struct NextHop {
 /// Whether XDP may redirect into `ifindex` (see `XLB_REDIRECT_OK`).
 #[inline(always)]
 pub fn redirect_ok(ifindex: u32) -> bool {
-    XLB_REDIRECT_OK.get_ptr(ifindex).is_some()
+    matches!(XLB_REDIRECT_OK.get(ifindex), Some(&ok) if ok != 0)
 }
 
 /// Looks up the route to `dst_addr_be` as the kernel would forward a packet

@@ -4,10 +4,33 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
     NodeAddr, Service, ServiceKey, SourceRange,
+    maps::{PORTS_ON, port_bit},
     service::{ADDR_ANY_NODE, SERVICE_F_SOURCE_RANGES},
 };
 
-use crate::maps::{XLB_NODE_ADDRS, XLB_SERVICES, XLB_SOURCE_RANGES};
+use crate::maps::{XLB_NODE_ADDRS, XLB_PORTS, XLB_SERVICES, XLB_SOURCE_RANGES};
+
+/// Whether a packet between these ports cannot be xlb's (`XLB_PORTS`, once
+/// the agent has written it): every flow's original tuple has a frontend
+/// port as destination and its reply tuple a backend's port as source, and
+/// every service key a frontend port, so with neither port listed no lookup
+/// can find anything. Array lookups only (the verifier inlines them).
+#[inline(always)]
+pub fn not_ours(src_port_be: u16, dst_port_be: u16) -> bool {
+    match XLB_PORTS.get(PORTS_ON) {
+        Some(&on) if on != 0 => !listed(dst_port_be) && !listed(src_port_be),
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn listed(port_be: u16) -> bool {
+    let (word, bit) = port_bit(u16::from_be(port_be));
+    match XLB_PORTS.get(word) {
+        Some(&bits) => bits & bit != 0,
+        None => true,
+    }
+}
 
 /// The service for (destination address, port, protocol): an exact frontend
 /// first (LoadBalancer / external IPs), then a NodePort on a node address.

@@ -119,6 +119,13 @@ mod prog {
         }
     }
 
+    #[inline(always)]
+    fn clock() -> u64 {
+        // SAFETY: no preconditions. The coarse clock (tick resolution) is
+        // plenty for idle timeouts and costs a fraction of the precise one.
+        unsafe { bpf_ktime_get_coarse_ns() }
+    }
+
     /// `known_flow_path`'s answer for a packet of no live flow.
     const NO_FLOW: u64 = u64::MAX;
     /// `open_flow_path`'s answer once the new flow is recorded.
@@ -129,16 +136,21 @@ mod prog {
         if let Err(reason) = config() {
             return pack(Err(reason));
         }
-        // SAFETY: no preconditions. The coarse clock (tick resolution) is
-        // plenty for idle timeouts and costs a fraction of the precise one.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
         let packet = match parse::parse(ctx) {
             Ok(packet) => packet,
             // ICMP errors and later fragments of flows are related packets.
-            Err(Reason::PassNotTcpUdp) => return icmp_path(ctx, now),
-            Err(Reason::PassFragment) => return frag_path(ctx, now),
+            Err(Reason::PassNotTcpUdp) => return icmp_path(ctx, clock()),
+            Err(Reason::PassFragment) => return frag_path(ctx, clock()),
             Err(reason) => return pack(Err(reason)),
         };
+        // Most of a node's traffic is not xlb's: it leaves here, before the
+        // clock and any hash lookup. A first fragment goes on (its ports are
+        // remembered for the fragments that follow).
+        let (src_port_be, dst_port_be) = packet.l4.ports_be();
+        if !packet.ip.first_fragment() && lookup::not_ours(src_port_be, dst_port_be) {
+            return pack(Err(Reason::PassNotService));
+        }
+        let now = clock();
         let known = known_flow_path(ctx, &packet, now);
         if known != NO_FLOW {
             return known;

@@ -79,8 +79,8 @@ pub static XLB_ICMP_LIMIT: LruHashMap<u32, IcmpLimit> =
     LruHashMap::with_max_entries(decl::ICMP_LIMIT.max_entries, decl::ICMP_LIMIT.flags);
 
 #[map]
-pub static XLB_REDIRECT_OK: HashMap<u32, u32> =
-    HashMap::with_max_entries(decl::REDIRECT_OK.max_entries, decl::REDIRECT_OK.flags);
+pub static XLB_REDIRECT_OK: Array<u32> =
+    Array::with_max_entries(decl::REDIRECT_OK.max_entries, decl::REDIRECT_OK.flags);
 
 #[map]
 pub static XLB_BACKEND_PATHS: PerCpuArray<Paths> =
@@ -89,6 +89,10 @@ pub static XLB_BACKEND_PATHS: PerCpuArray<Paths> =
 #[map]
 pub static XLB_PEERS: HashMap<u32, Peer> =
     HashMap::with_max_entries(decl::PEERS.max_entries, decl::PEERS.flags);
+
+#[map]
+pub static XLB_PORTS: Array<u64> =
+    Array::with_max_entries(decl::PORTS.max_entries, decl::PORTS.flags);
 
 /// Which hook carried a forwarded packet, for `XLB_BACKEND_PATHS`.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -65,6 +65,11 @@ pub const AFFINITY_NODE_PORT: u16 = 30993;
 /// UDP backends 1,2 with externalTrafficPolicy=Local: no masquerade.
 pub const LOCAL_NODE_PORT: u16 = 30992;
 pub const RANGED_SERVICE_ID: u32 = 7;
+/// What the agent lists in `XLB_PORTS` for the base state: every frontend
+/// port (30991-30999) and every backend's target port.
+pub const BASE_PORTS: [u16; 11] = [
+    30991, 30992, 30993, 30994, 30995, 30996, 30997, 30998, 30999, 3333, 4444,
+];
 pub const TCP_TARGET_PORT: u16 = 3333;
 pub const UDP_TARGET_PORT: u16 = 4444;
 pub const SNAT_MIN: u16 = 61_000;
@@ -332,11 +337,43 @@ impl Datapath {
             .insert(backend_if, be(NODE_B), 0)
             .expect("iface addr");
         // The agent attaches XDP to both: XDP may redirect into them.
-        let mut redirect_ok: HashMap<_, u32, u32> =
-            HashMap::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
         for ifindex in [client_if, backend_if] {
-            redirect_ok.insert(ifindex, 0, 0).expect("redirect ok");
+            self.set_redirect_ok(ifindex, true);
         }
+    }
+
+    /// Sets `ifindex`'s `XLB_REDIRECT_OK` slot (an older object's: a hash).
+    fn set_redirect_ok(&mut self, ifindex: u32, ok: bool) {
+        let map = self.map_mut(names::REDIRECT_OK);
+        if let Ok(mut array) = Array::<_, u32>::try_from(&mut *map) {
+            array.set(ifindex, u32::from(ok), 0).expect("redirect ok");
+        } else if let Ok(mut hash) = HashMap::<_, u32, u32>::try_from(map) {
+            let _ = hash.remove(&ifindex);
+            let _ = ok && hash.insert(ifindex, 0, 0).is_ok();
+        }
+    }
+
+    /// Turns the port filter (`XLB_PORTS`) on with exactly `ports` listed
+    /// (the words, then the flag, as the agent writes it), or off with
+    /// `None`. False for an object without the map (an older build).
+    pub fn filter_ports(&mut self, ports: Option<&[u16]>) -> bool {
+        let Some(map) = self.bpf.map_mut(names::PORTS) else {
+            return false;
+        };
+        let mut words: Array<_, u64> = Array::try_from(map).expect("ports map");
+        for index in (0..names::PORTS_ON).filter(|_| ports.is_some()) {
+            let listed = ports
+                .unwrap_or_default()
+                .iter()
+                .map(|&p| names::port_bit(p));
+            let bits = listed.fold(0, |bits, (word, bit)| {
+                bits | (bit * u64::from(word == index))
+            });
+            words.set(index, bits, 0).expect("ports word");
+        }
+        let on = u64::from(ports.is_some());
+        words.set(names::PORTS_ON, on, 0).expect("ports flag");
+        true
     }
 
     /// Removes a backend the way the agent does: first every selection slot
@@ -368,9 +405,7 @@ impl Datapath {
     /// does not run on (a pod's veth, a bridge, a tunnel): frames for it are
     /// handed to tc. `write_base_state` puts it back.
     pub fn forbid_redirect(&mut self, ifindex: u32) {
-        let mut redirect_ok: HashMap<_, u32, u32> =
-            HashMap::try_from(self.map_mut(names::REDIRECT_OK)).expect("redirect-ok map");
-        redirect_ok.remove(&ifindex).expect("ifindex was allowed");
+        self.set_redirect_ok(ifindex, false);
     }
 
     /// Makes `addr` a local pod behind the veth `peer.ifindex`

@@ -2,7 +2,9 @@
 //! reported and the agent keeps serving the last good one.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use xlb_tests::agent::RELOAD_TIMEOUT;
 use xlb_tests::client::{tcp_who_echo, udp_socket, udp_who};
@@ -157,5 +159,63 @@ fn broken_reload_keeps_serving_the_last_good_config() -> anyhow::Result<()> {
         udp_backends_seen(&lab, udp_echo_service(), 32)?,
         set(&["backend-1"])
     );
+    Ok(())
+}
+
+/// Sends `line` on `stream` and reads its echo.
+fn echo_line(stream: &mut TcpStream, line: &str) -> anyhow::Result<()> {
+    stream.write_all(line.as_bytes())?;
+    let mut echoed = vec![0u8; line.len()];
+    stream.read_exact(&mut echoed)?;
+    anyhow::ensure!(echoed == line.as_bytes(), "echo {echoed:?} for {line:?}");
+    Ok(())
+}
+
+/// A TCP stream whose service is removed while it runs goes on as it did
+/// before the port filter: its backend still serves another service, so
+/// its segments still find their flow, also after the agent's conntrack
+/// walk (which must keep the removed NodePort listed while the flow lives).
+/// A new connection to the removed NodePort is not balanced.
+#[test]
+fn a_stream_of_a_removed_service_runs_on_while_its_backend_serves() -> anyhow::Result<()> {
+    let lab = Lab::new(2)?;
+    let twin = "\n  - name: tcp-twin\n    protocol: TCP\n    nodePort: 30997\n    targetPort: 3333\n    backends:\n      - address: 198.18.1.2\n";
+    let one = ["198.18.1.2"];
+    let config = lab.write_file("xlb.yaml", &lab.config_yaml(&services(&one, &one, twin)))?;
+    let mut agent = Agent::start(&lab, &config)?;
+    let mut stream = lab.client.run(|| -> anyhow::Result<TcpStream> {
+        let mut stream = TcpStream::connect_timeout(&tcp_echo_service(), RELOAD_TIMEOUT)?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.write_all(b"WHO\n")?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut who = String::new();
+        reader.read_line(&mut who)?;
+        anyhow::ensure!(who.contains("backend-1"), "{who}");
+        Ok(stream)
+    })??;
+    echo_line(&mut stream, "before the removal\n")?;
+
+    // Only udp-echo and the twin are left: tcp-echo's NodePort is gone.
+    let without = format!(
+        "  - name: udp-echo\n    protocol: UDP\n    nodePort: 30998\n    targetPort: 4444\n    backends:\n      - address: 198.18.1.2\n{twin}"
+    );
+    lab.write_file("xlb.yaml", &lab.config_yaml(&without))?;
+    agent.reload_and_wait()?;
+    // Past two GC periods (5 s): the agent walked the conntrack keys.
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut sent = 0;
+    while Instant::now() < until {
+        echo_line(&mut stream, &format!("after the removal, line {sent}\n"))?;
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let fresh = lab.client.run(|| {
+        xlb_tests::client::tcp_who_echo_timeout(tcp_echo_service(), b"new", Duration::from_secs(2))
+    })?;
+    anyhow::ensure!(
+        fresh.is_err(),
+        "a new connection to the removed NodePort was served"
+    );
+    assert!(agent.is_running());
     Ok(())
 }

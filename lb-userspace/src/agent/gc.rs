@@ -2,6 +2,8 @@
 //! (swept in bounded passes) and connected UDP sockets still talking to a
 //! removed backend.
 
+use std::time::{Duration, Instant};
+
 use log::{debug, info, warn};
 
 use super::{Agent, GC_BUDGET};
@@ -9,6 +11,10 @@ use crate::error_chain;
 use crate::kernel::host;
 use crate::kernel::maps::global_config;
 use crate::model::Protocol;
+use crate::reconcile;
+
+/// How often, at most, the conntrack keys are walked to unlist ports.
+const PORT_SCAN_PERIOD: Duration = Duration::from_secs(30);
 
 impl Agent {
     pub(super) fn collect_garbage(&mut self) {
@@ -27,6 +33,45 @@ impl Agent {
             ),
             Ok(_) => {}
             Err(error) => warn!("conntrack sweep failed: {}", error_chain(&error)),
+        }
+        self.unlist_unused_ports();
+    }
+
+    /// Ports listed in the port filter for services or backends that are
+    /// gone are unlisted once no flow uses them: a full walk of the
+    /// conntrack keys, at most once per `PORT_SCAN_PERIOD` and only while
+    /// such ports exist. No reconcile runs meanwhile (one task), so a flow
+    /// created during the walk is on a port the maps still need.
+    fn unlist_unused_ports(&mut self) {
+        if self.pending || !reconcile::ports_lingering(&self.applied) {
+            return;
+        }
+        if self
+            .ports_scanned
+            .is_some_and(|last| last.elapsed() < PORT_SCAN_PERIOD)
+        {
+            return;
+        }
+        self.ports_scanned = Some(Instant::now());
+        let in_use = match self.flows.ports_in_use() {
+            Ok(Some(in_use)) => in_use,
+            Ok(None) => return,
+            Err(error) => {
+                warn!("conntrack port scan failed: {}", error_chain(&error));
+                return;
+            }
+        };
+        let ops = reconcile::prune_ports(&self.applied, &in_use);
+        if ops.is_empty() {
+            return;
+        }
+        match reconcile::apply(&mut self.maps, &mut self.applied, &ops) {
+            Ok(()) => info!(
+                "port filter: ports of removed services unlisted, no flow uses them ({} word(s) \
+                 rewritten)",
+                ops.len()
+            ),
+            Err(error) => warn!("port filter: {}", error_chain(&error)),
         }
     }
 

@@ -181,6 +181,8 @@ struct Agent {
     /// Where XDP and the tc hand-off are attached, and why.
     uplinks: Vec<Uplink>,
     flows: FlowTable,
+    /// When the conntrack keys were last walked for the port filter.
+    ports_scanned: Option<std::time::Instant>,
     observe: Observe,
     /// Where services come from when not from the config file.
     services: Option<ClusterSource>,
@@ -379,6 +381,7 @@ impl Agent {
             datapath,
             uplinks: Vec::new(),
             flows,
+            ports_scanned: None,
             observe,
             services: start.services,
             hash_seed: load.hash_seed,

@@ -16,6 +16,7 @@ use lb_common::{Flow, FlowKey, GlobalConfig};
 
 use super::maps::{MapIoError, OpenError};
 use super::sys;
+use crate::reconcile::PortSet;
 
 /// What one pass did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -55,6 +56,21 @@ impl FlowTable {
             deleted: first.deleted + second.deleted,
             wrapped: first.wrapped && second.wrapped,
         })
+    }
+}
+
+impl FlowTable {
+    /// Every port of every key in both tables (`None` if a walk kept being
+    /// restarted by deletions and did not finish): what the port filter
+    /// must keep listed. Keys only, one syscall each.
+    pub fn ports_in_use(&self) -> Result<Option<PortSet>, MapIoError> {
+        let mut ports = PortSet::default();
+        for table in [&self.established, &self.half_open] {
+            if !table.add_ports(&mut ports)? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(ports))
     }
 }
 
@@ -163,6 +179,27 @@ impl Table {
         });
         expired.dedup_by_key(|(key, _)| *key);
         Ok((pass, expired, resume))
+    }
+
+    /// Adds the ports of every key to `ports`; false if the walk did not
+    /// reach the end within a few times the table's size (a deleted cursor
+    /// restarts it from the first key).
+    fn add_ports(&self, ports: &mut PortSet) -> Result<bool, MapIoError> {
+        let size = self
+            .flows
+            .map()
+            .info()
+            .map_or(1 << 20, |info| info.max_entries());
+        let mut cursor = None;
+        for _ in 0..4 * u64::from(size) {
+            let Some(key) = self.next_key(cursor.as_ref())? else {
+                return Ok(true);
+            };
+            ports.insert(u16::from_be(key.src_port_be));
+            ports.insert(u16::from_be(key.dst_port_be));
+            cursor = Some(key);
+        }
+        Ok(false)
     }
 
     /// Deletes `expired` entries that are still as the walk saw them;
@@ -329,5 +366,24 @@ mod tests {
         let deleted = table.established.delete(&expired);
         assert_eq!(deleted.map_err(|e| error_chain(&e)), Ok(2));
         assert_eq!(count(&table), 2, "the re-created flow is still there");
+    }
+
+    #[test]
+    fn the_port_walk_sees_every_port_of_every_key() {
+        let Some(mut table) = table() else {
+            return;
+        };
+        assert_eq!(
+            table.ports_in_use().ok().flatten(),
+            Some(PortSet::default())
+        );
+        insert_flow(&mut table, 1_000, NOW, Some(NOW));
+        let Ok(Some(ports)) = table.ports_in_use() else {
+            panic!("the walk did not finish");
+        };
+        // The original key's ports, then the reply key's: backend port 53
+        // and the masquerade port.
+        let seen: Vec<u16> = ports.iter().collect();
+        assert_eq!(seen, [53, 1_000, 30053, 62_000]);
     }
 }

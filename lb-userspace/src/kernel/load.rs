@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use aya::maps::{Array, Map, MapData};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::maps::Sizing;
 
@@ -66,7 +66,7 @@ impl Datapath {
             .take_map(name)
             .ok_or(OpenError::Missing { name })
             .and_then(|map| {
-                BpfHashMap::try_from(map).map_err(|source| OpenError::Kind { name, source })
+                Array::try_from(map).map_err(|source| OpenError::Kind { name, source })
             })?;
         let maps = KernelMaps::open(&mut ebpf)?;
         let flows = FlowTable::open(&mut ebpf)?;

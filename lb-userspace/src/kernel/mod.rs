@@ -30,7 +30,7 @@ mod xdp;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, MapData};
 use aya::programs::ProgramError;
 use aya::{Ebpf, EbpfError};
 use lb_common::maps::{MapDecl, Sizing};
@@ -192,7 +192,7 @@ pub struct Datapath {
     /// tc programs; tcx links are pinned when the maps are.
     tc: Vec<tc::TcAttachment>,
     /// `XLB_REDIRECT_OK`: the interfaces XDP runs on.
-    redirect_ok: BpfHashMap<MapData, u32, u32>,
+    redirect_ok: Array<MapData, u32>,
     pins: Option<PinDir>,
     /// The socket hooks, when attached to a cgroup (`--cgroup`).
     sockets: Option<SocketHooks>,

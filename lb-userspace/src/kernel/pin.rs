@@ -402,7 +402,7 @@ mod tests {
     #[test]
     fn every_pinned_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
-        assert_eq!(specs.len(), 17);
+        assert_eq!(specs.len(), 18);
         for name in config_maps() {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }

@@ -422,7 +422,7 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
         panic!("prepare_map_pins failed");
     };
     assert!(!check.adopted);
-    assert_eq!(check.recreated.len(), 8, "{:?}", check.recreated);
+    assert_eq!(check.recreated.len(), 9, "{:?}", check.recreated);
     assert!(
         check
             .recreated

@@ -48,8 +48,12 @@ impl Datapath {
             let Some(ifindex) = host::ifindex(interface) else {
                 continue;
             };
+            if ifindex >= self.redirect_ok.len() {
+                // Past the array: its frames take the tc hand-off.
+                continue;
+            }
             self.redirect_ok
-                .insert(ifindex, 0, 0)
+                .set(ifindex, 1, 0)
                 .map_err(|source| KernelError::RedirectMap {
                     map: lb_common::maps::REDIRECT_OK,
                     interface: interface.clone(),
@@ -159,7 +163,7 @@ impl Datapath {
             return Ok(());
         };
         if let Some(ifindex) = host::ifindex(interface) {
-            let _ = self.redirect_ok.remove(&ifindex);
+            let _ = self.redirect_ok.set(ifindex, 0, 0);
         }
         self.detach_tc(interface, TcRole::Uplink);
         let attachment = self.attached.remove(index);

@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 
 use super::desired::Desired;
 use super::ops::{ActiveBackend, Frontend, MapOp, ServiceEntry, Settings, SourceRangeKey};
+use super::ports::PortSet;
 use crate::model::{BackendAddr, Protocol};
 
 /// A service entry as last written.
@@ -40,6 +41,10 @@ pub struct Applied {
     pub next_backend_id: u32,
     /// Cleared backend ids, in the order they were freed.
     pub freed_backend_ids: std::collections::VecDeque<u32>,
+    /// `XLB_PORTS`' bitmap as written.
+    pub ports: PortSet,
+    /// `XLB_PORTS[PORTS_ON]` is set.
+    pub port_filter: bool,
 }
 
 impl Applied {
@@ -132,6 +137,8 @@ impl Applied {
                 }
             }
             MapOp::WriteSettings(settings) => self.settings = Some(*settings),
+            MapOp::WritePorts { word, bits } => self.ports.set_word(usize::from(*word), *bits),
+            MapOp::PortFilterOn => self.port_filter = true,
         }
     }
 

@@ -10,7 +10,8 @@
 //! entries, then deletions in reverse (services, then backends, which the
 //! datapath re-balances flows away from on their next packet, and source
 //! ranges no entry checks any more, then addresses), and the global settings
-//! with the ready flag last.
+//! with the ready flag last. Ports join the port filter first and leave it
+//! only after a conntrack scan (`ports`).
 //! One file per part: `ops` (the map vocabulary), `desired` (what the
 //! maps should hold), `applied` (what they hold), `plan` (the diff),
 //! `writer` (`MapWriter` and `apply`), `maglev` and `regions` (tables and
@@ -21,6 +22,7 @@ mod desired;
 pub mod maglev;
 mod ops;
 mod plan;
+mod ports;
 mod regions;
 mod writer;
 
@@ -28,6 +30,7 @@ pub use applied::{Applied, AppliedService};
 pub use desired::{Desired, DesiredService, NodeFacts, RefusedFrontend};
 pub use ops::{ActiveBackend, Frontend, MapOp, RunKind, ServiceEntry, Settings, SourceRangeKey};
 pub use plan::{Capacity, Fitted, PlanError, diff, diff_fitting};
+pub use ports::{PortSet, lingering as ports_lingering, prune as prune_ports};
 pub use writer::{ApplyError, MapWriter, apply, apply_taking};
 
 #[cfg(test)]

@@ -168,13 +168,23 @@ pub enum MapOp {
     },
     /// `XLB_CONFIG[0]`, with the ready flag set.
     WriteSettings(Settings),
+    /// `XLB_PORTS[word]`: ports `64 * word ..` listed in the port filter.
+    WritePorts {
+        word: u16,
+        bits: u64,
+    },
+    /// `XLB_PORTS[PORTS_ON]`: the bitmap is written, the datapath filters.
+    PortFilterOn,
 }
 
 impl MapOp {
     /// Rank in the safe order; `diff` emits ops sorted by it.
     pub(super) const fn phase(&self) -> u8 {
         match self {
-            MapOp::AddNodeAddress(_) | MapOp::SetInterfaceAddress { .. } => 0,
+            MapOp::AddNodeAddress(_)
+            | MapOp::SetInterfaceAddress { .. }
+            | MapOp::WritePorts { .. }
+            | MapOp::PortFilterOn => 0,
             MapOp::WriteBackend { .. } => 1,
             MapOp::WriteTable { .. } | MapOp::AddSourceRange(_) => 2,
             MapOp::WriteService { .. } => 3,
@@ -246,6 +256,14 @@ impl fmt::Display for MapOp {
             ),
             MapOp::RemoveService { frontend } => write!(f, "remove service {frontend}"),
             MapOp::WriteSettings(_) => write!(f, "global settings (ready)"),
+            MapOp::WritePorts { word, bits } => write!(
+                f,
+                "port filter: {} port(s) of {}..{} listed",
+                bits.count_ones(),
+                u32::from(*word) * 64,
+                u32::from(*word) * 64 + 63
+            ),
+            MapOp::PortFilterOn => write!(f, "port filter on"),
         }
     }
 }

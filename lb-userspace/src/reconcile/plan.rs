@@ -69,6 +69,7 @@ pub fn diff(
     addresses(applied, desired, capacity, &mut ops)?;
     let backend_ids = backends(applied, desired, capacity, &mut ops)?;
     services(applied, desired, capacity, &backend_ids, &mut ops)?;
+    super::ports::grow(applied, desired, &mut ops);
     if applied.settings != Some(desired.settings) {
         ops.push(MapOp::WriteSettings(desired.settings));
     }

@@ -84,6 +84,8 @@ struct FakeMaps {
     node_addresses: BTreeSet<Ipv4Addr>,
     interface_addresses: BTreeMap<u32, Ipv4Addr>,
     settings: Option<Settings>,
+    ports: PortSet,
+    port_filter: bool,
     /// Fail the op with this 0-based index (counted over the fake's life).
     fail_at: Option<usize>,
     ops_seen: usize,
@@ -99,6 +101,8 @@ impl FakeMaps {
             node_addresses: BTreeSet::new(),
             interface_addresses: BTreeMap::new(),
             settings: None,
+            ports: PortSet::default(),
+            port_filter: false,
             fail_at: None,
             ops_seen: 0,
         }
@@ -121,6 +125,17 @@ impl FakeMaps {
             let ranged = entry.flags & SERVICE_F_SOURCE_RANGES != 0;
             if ranged && !self.source_ranges.iter().any(|r| r.service_id == entry.id) {
                 return Err(format!("{frontend} checks sources but has no range"));
+            }
+            if self.port_filter && !self.ports.contains(frontend.port) {
+                return Err(format!("{frontend} is not listed in the port filter"));
+            }
+        }
+        for backend in self.backends.values() {
+            if self.port_filter && !self.ports.contains(backend.address.port) {
+                return Err(format!(
+                    "backend {} is not listed in the port filter",
+                    backend.address
+                ));
             }
         }
         Ok(())
@@ -201,6 +216,8 @@ impl MapWriter for FakeMaps {
                 self.services.remove(frontend);
             }
             MapOp::WriteSettings(settings) => self.settings = Some(*settings),
+            MapOp::WritePorts { word, bits } => self.ports.set_word(usize::from(*word), *bits),
+            MapOp::PortFilterOn => self.port_filter = true,
         }
         self.check().map_err(broken)
     }
@@ -290,6 +307,10 @@ fn first_apply_writes_everything_in_safe_order_and_ready_last() {
             "add",
             "masquerade",
             "masquerade",
+            // The port filter: the frontend's and the backends' words, then on.
+            "port",
+            "port",
+            "port",
             "backend",
             "backend",
             "selection",
@@ -297,6 +318,7 @@ fn first_apply_writes_everything_in_safe_order_and_ready_last() {
             "global"
         ]
     );
+    assert!(matches!(ops[5], MapOp::PortFilterOn));
     assert!(matches!(ops.last(), Some(MapOp::WriteSettings(_))));
     assert_eq!(lab.maps.node_addresses.len(), 1);
     assert_eq!(lab.maps.interface_addresses.len(), 2);
@@ -424,7 +446,10 @@ fn node_port_change_keeps_id_and_table() {
     lab.reconcile(&state(vec![service("web", 30080, vec![backend(2, 1)])]));
     let before = lab.maps.services[&tcp(30080)];
     let ops = lab.reconcile(&state(vec![service("web", 30090, vec![backend(2, 1)])]));
-    assert_eq!(phases(&ops), [3, 4], "{ops:#?}");
+    // The new port is listed first; the old one stays listed (a scan of
+    // the conntrack tables unlists it).
+    assert_eq!(phases(&ops), [0, 3, 4], "{ops:#?}");
+    assert!(lab.maps.ports.contains(30080) && lab.maps.ports.contains(30090));
     assert_eq!(lab.maps.services[&tcp(30090)], before);
     assert!(!lab.maps.services.contains_key(&tcp(30080)));
 }
@@ -1296,4 +1321,31 @@ fn freed_backend_ids_are_reused_last_and_oldest_first() {
     assert_eq!(lab.backend_id(65), Some(first));
     lab.reconcile(&state(vec![service("web", 30080, vec![backend(66, 1)])]));
     assert_eq!(lab.backend_id(66), Some(second));
+}
+
+#[test]
+fn a_removed_port_stays_listed_until_no_flow_uses_it() {
+    let mut lab = Harness::new();
+    let both = state(vec![
+        service("a", 30001, vec![backend(2, 1)]),
+        service("b", 30002, vec![backend(3, 1)]),
+    ]);
+    lab.reconcile(&both);
+    let only_b = state(vec![service("b", 30002, vec![backend(3, 1)])]);
+    lab.reconcile(&only_b);
+    assert!(lab.maps.ports.contains(30001), "a reconcile never unlists");
+    assert!(ports_lingering(&lab.applied));
+    let in_use: PortSet = [30001].into_iter().collect();
+    assert_eq!(prune_ports(&lab.applied, &in_use), []);
+    let ops = prune_ports(&lab.applied, &PortSet::default());
+    if let Err(error) = apply(&mut lab.maps, &mut lab.applied, &ops) {
+        panic!("{error}");
+    }
+    assert!(!lab.maps.ports.contains(30001));
+    assert!(
+        lab.maps.ports.contains(30002),
+        "a port in use by a service is never unlisted"
+    );
+    assert!(!ports_lingering(&lab.applied));
+    assert_eq!(lab.plan(&only_b), []);
 }

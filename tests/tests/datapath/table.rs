@@ -1357,6 +1357,50 @@ pub fn rows() -> Vec<Row> {
                 case
             },
         },
+        Row {
+            name: "port filter on: UDP to a port nobody listed passes before any lookup",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotService,
+            case: |dp| {
+                assert!(dp.filter_ports(Some(&BASE_PORTS)));
+                unchanged(dp, Spec::from_client(40_401, 5353, L4::Udp).build())
+            },
+        },
+        Row {
+            name: "port filter on: a flow whose ports are both unlisted is not even looked up",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotService,
+            case: |dp| {
+                send_from_client(dp, &udp(40_402));
+                let tcp_only: Vec<u16> = BASE_PORTS
+                    .into_iter()
+                    .filter(|&port| port != UDP_NODE_PORT && port != UDP_TARGET_PORT)
+                    .collect();
+                assert!(dp.filter_ports(Some(&tcp_only)));
+                unchanged(dp, udp(40_402).build())
+            },
+        },
+        Row {
+            name: "port filter on: a service port is balanced as before",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                assert!(dp.filter_ports(Some(&BASE_PORTS)));
+                forward_case(dp, udp(40_403))
+            },
+        },
+        Row {
+            name: "port filter on: a reply to an unlisted masquerade port is still reverse-NATed \
+                   (its source, the backend's port, is listed)",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdReply,
+            case: |dp| {
+                assert!(dp.filter_ports(Some(&BASE_PORTS)));
+                let client = udp(40_404);
+                let at_backend = send_from_client(dp, &client);
+                reply_case(dp, &client, &at_backend, L4::Udp)
+            },
+        },
     ]
 }
 

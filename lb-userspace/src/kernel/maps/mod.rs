@@ -74,6 +74,8 @@ pub struct KernelMaps {
     /// Zeroed when a backend id is freed, so the next backend given that id
     /// does not inherit its counters.
     backend_stats: PerCpuArray<MapData, Traffic>,
+    /// The port filter's bitmap, then its flag (`PORTS_ON`).
+    ports: Array<MapData, u64>,
     /// `XLB_SELECT` can be written through a mapping (see `write_mapped`);
     /// false after the first failure.
     pub(super) select_mappable: bool,
@@ -93,6 +95,7 @@ impl KernelMaps {
             affinity: typed(ebpf, names::AFFINITY)?,
             service_stats: typed(ebpf, names::SERVICE_STATS)?,
             backend_stats: typed(ebpf, names::BACKEND_STATS)?,
+            ports: typed(ebpf, names::PORTS)?,
             select_mappable: true,
         })
     }

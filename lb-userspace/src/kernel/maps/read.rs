@@ -147,7 +147,23 @@ impl KernelMaps {
         applied.settings = (config.flags & CONFIG_F_READY != 0).then(|| settings_of(&config));
         applied.next_service_id = applied.next_service_id.max(self.first_unused_service_id()?);
         applied.next_backend_id = applied.backends.keys().max().map_or(1, |id| id + 1);
+        self.read_ports(&mut applied)?;
         Ok(applied)
+    }
+
+    /// The port filter as a previous agent left it (a fresh map: all zero,
+    /// off).
+    fn read_ports(&self, applied: &mut Applied) -> Result<(), MapIoError> {
+        for index in 0..names::PORTS_ON {
+            let bits = self.ports.get(&index, 0).map_err(io(names::PORTS))?;
+            applied.ports.set_word(index as usize, bits);
+        }
+        let on = self
+            .ports
+            .get(&names::PORTS_ON, 0)
+            .map_err(io(names::PORTS))?;
+        applied.port_filter = on != 0;
+        Ok(())
     }
 
     /// The lowest service id above every id the datapath still remembers:

@@ -229,6 +229,14 @@ impl MapWriter for KernelMaps {
                 .config
                 .set(0, global_config(settings), 0)
                 .map_err(io(names::CONFIG)),
+            MapOp::WritePorts { word, bits } => self
+                .ports
+                .set(u32::from(*word), *bits, 0)
+                .map_err(io(names::PORTS)),
+            MapOp::PortFilterOn => self
+                .ports
+                .set(names::PORTS_ON, 1, 0)
+                .map_err(io(names::PORTS)),
         }
     }
 }
