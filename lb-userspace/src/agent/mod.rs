@@ -337,6 +337,7 @@ pub async fn run(options: RunOptions) -> Result<(), AgentError> {
     let load = Load::datapath(&options, sizes, pins.as_ref(), hash_seed, &mut observe)?;
     let mut agent = Agent::new(options, start, load, sizes, observe);
     let mut outcome = agent.start().await;
+    generations::release_free_heap();
     if outcome.is_ok() {
         outcome = agent.serve().await;
     }

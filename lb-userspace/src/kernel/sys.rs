@@ -153,6 +153,25 @@ pub fn remove_memlock_limit() -> io::Result<()> {
     Ok(())
 }
 
+/// Hands the heap's free pages back to the kernel (glibc's
+/// `malloc_trim(0)`). A big apply frees far more than it keeps (the
+/// parse's events, the plan's ops, the previous generation), in chunks
+/// between live ones that glibc would otherwise keep resident for good;
+/// trimming releases the free pages inside the heap too, not only its top.
+/// Returns whether any memory was released. Does nothing on other libcs.
+pub fn release_free_heap() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: malloc_trim only walks the allocator's own free lists,
+        // under its locks; any thread may call it at any time.
+        unsafe { libc::malloc_trim(0) != 0 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        false
+    }
+}
+
 /// Whether the effective user is root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
