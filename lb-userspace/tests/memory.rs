@@ -54,7 +54,11 @@ fn mb(bytes: usize) -> f64 {
 fn step(name: &str) {
     let live = LIVE.load(Ordering::Relaxed);
     let peak = PEAK.swap(live, Ordering::Relaxed);
-    println!("{name:<28} live {:>7.1} MB  peak {:>7.1} MB", mb(live), mb(peak));
+    println!(
+        "{name:<28} live {:>7.1} MB  peak {:>7.1} MB",
+        mb(live),
+        mb(peak)
+    );
 }
 
 /// The scale bench's config: 10 backends a service, 65,536 pod addresses.

@@ -152,7 +152,10 @@ mod tests {
     use crate::source::yaml::{self, Overrides};
 
     /// A service's entry, before its frontends are added.
-    fn service_info(service: &model::Service, backend_ids: &BTreeMap<BackendAddr, u32>) -> ServiceInfo {
+    fn service_info(
+        service: &model::Service,
+        backend_ids: &BTreeMap<BackendAddr, u32>,
+    ) -> ServiceInfo {
         ServiceInfo {
             namespace: service.namespace.clone(),
             name: service.name.clone(),
@@ -322,7 +325,10 @@ services:
         assert_eq!(dns.backends[0].id, heavy.id);
         assert_eq!(catalog.backends[&heavy.id].services.len(), 3);
         let web = &catalog.services[catalog.services_matching("web").iter().next().unwrap()];
-        assert_eq!((web.frontends.len(), web.frontends[1].kind.as_str()), (2, "External"));
+        assert_eq!(
+            (web.frontends.len(), web.frontends[1].kind.as_str()),
+            (2, "External")
+        );
         assert!(catalog.services_matching("other/dns").is_empty());
 
         let json = serde_json::to_string(&catalog).unwrap();

@@ -416,7 +416,8 @@ mod tests {
             assert_eq!(status.interfaces[0].why, "config node.interfaces");
             assert_eq!(status.interfaces[0].ifindex, 1);
             assert!(status.last_reload.as_ref().is_some_and(|r| r.ok));
-            let catalog: catalog::Catalog = rundir::read_json(&run_dir, CATALOG_FILE).unwrap().unwrap();
+            let catalog: catalog::Catalog =
+                rundir::read_json(&run_dir, CATALOG_FILE).unwrap().unwrap();
             assert_eq!(catalog.generation, 1);
 
             let error = std::io::Error::other("bad field");

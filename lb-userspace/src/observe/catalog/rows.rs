@@ -91,7 +91,9 @@ impl CatalogRows {
         backend_ids.sort_unstable();
         let id_of = |backend: &model::Backend| {
             let address = BackendAddr::from(backend);
-            let at = backend_ids.binary_search_by_key(&address, |&(a, _)| a).ok()?;
+            let at = backend_ids
+                .binary_search_by_key(&address, |&(a, _)| a)
+                .ok()?;
             Some(backend_ids[at].1)
         };
         let mut by_name: Vec<(&str, &str, &model::Service)> = state
