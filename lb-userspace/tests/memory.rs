@@ -118,3 +118,106 @@ fn heap_of_a_big_apply() {
     drop(config);
     step("config dropped");
 }
+
+/// The scale bench's cluster: a NodePort Service and an EndpointSlice of
+/// 10 ready endpoints each.
+fn big_cluster(services: usize) -> xlb::source::kube::ClusterSnapshot {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+    let meta = |name: String| ObjectMeta {
+        name: Some(name),
+        namespace: Some(String::from("bench")),
+        ..ObjectMeta::default()
+    };
+    let mut snapshot = xlb::source::kube::ClusterSnapshot::default();
+    for index in 0..services {
+        let name = format!("svc-{index}");
+        let port = 8_000 + (index * 10 / 65_536) as i32;
+        snapshot.insert_service(Service {
+            metadata: meta(name.clone()),
+            spec: Some(ServiceSpec {
+                type_: Some(String::from("NodePort")),
+                ports: Some(vec![ServicePort {
+                    protocol: Some(String::from("UDP")),
+                    port: 80,
+                    target_port: Some(IntOrString::Int(port)),
+                    node_port: Some(20_000 + index as i32),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        });
+        let mut metadata = meta(format!("{name}-{index}"));
+        metadata.labels = Some(BTreeMap::from([(
+            String::from("kubernetes.io/service-name"),
+            name,
+        )]));
+        let endpoints = (0..10)
+            .map(|backend| {
+                let n = index * 10 + backend;
+                let address = u32::from_be_bytes([198, 19, 0, 0]) + (n % 65_536) as u32;
+                Endpoint {
+                    addresses: vec![std::net::Ipv4Addr::from(address).to_string()],
+                    ..Endpoint::default()
+                }
+            })
+            .collect();
+        snapshot.insert_endpoint_slice(EndpointSlice {
+            metadata,
+            address_type: String::from("IPv4"),
+            endpoints,
+            ports: Some(vec![EndpointPort {
+                name: Some(String::new()),
+                port: Some(port),
+                protocol: Some(String::from("UDP")),
+                ..EndpointPort::default()
+            }]),
+        });
+    }
+    snapshot
+}
+
+#[test]
+#[ignore = "a measurement: run it by name with --nocapture"]
+fn heap_of_a_big_cluster() {
+    step("start");
+    let snapshot = big_cluster(10_000);
+    step("cluster objects");
+    let base = yaml::parse(
+        "node.yaml",
+        "node:\n  interfaces: [lo]\n  addresses: [198.18.0.1]\nselection:\n  tableSize: 251\n",
+        &Overrides::default(),
+    )
+    .expect("valid")
+    .state;
+    let node = xlb::source::kube::NodeInfo::new(Some(String::from("bench-node")), None);
+    let state = xlb::source::kube::desired_state(&snapshot, &node, &base);
+    step("translated");
+    let desired = Desired::new(&state, &NodeFacts::default());
+    let capacity = Capacity {
+        select_slots: 251 * 20_002,
+        ..Capacity::default()
+    };
+    let mut applied = Applied::default();
+    let mut ops = reconcile::diff(&applied, &desired, &capacity).expect("fits");
+    for op in &mut ops {
+        applied.record_taking(op);
+    }
+    drop(ops);
+    drop(desired);
+    step("recorded (ops dropped)");
+    let catalog = CatalogRows::build(2, &state, &applied);
+    step("catalog");
+    drop((catalog, applied));
+    step("catalog, applied dropped");
+    drop(state);
+    step("state dropped");
+    drop(snapshot);
+    step("objects dropped");
+}

@@ -75,13 +75,13 @@ impl BackendRow {
 
 /// The entries `ends[index - 1]..ends[index]` of a shared array.
 fn span(index: usize, end: impl Fn(usize) -> u32) -> Range<usize> {
-    let start = index.checked_sub(1).map_or(0, |previous| end(previous));
+    let start = index.checked_sub(1).map_or(0, &end);
     start as usize..end(index) as usize
 }
 
 impl CatalogRows {
-    /// What `applied` holds for `state` at `generation` (as
-    /// `Catalog::build` describes it).
+    /// What `applied` holds for `state` at `generation` (each field as
+    /// `Catalog` describes it).
     pub fn build(generation: u64, state: &DesiredState, applied: &Applied) -> CatalogRows {
         let mut backend_ids: Vec<(BackendAddr, u32)> = applied
             .backends
@@ -96,36 +96,7 @@ impl CatalogRows {
                 .ok()?;
             Some(backend_ids[at].1)
         };
-        let mut by_name: Vec<(&str, &str, &model::Service)> = state
-            .services
-            .iter()
-            .map(|service| (service.namespace.as_str(), service.name.as_str(), service))
-            .collect();
-        by_name.sort_unstable_by_key(|&(namespace, name, _)| (namespace, name));
-        let service_named = |qualified: &str| {
-            let (namespace, name) = qualified.split_once('/')?;
-            let at = by_name
-                .binary_search_by_key(&(namespace, name), |&(n, m, _)| (n, m))
-                .ok()?;
-            Some(by_name[at].2)
-        };
-        // Each frontend with its service, by service id (frontends in
-        // `applied` order within one id, as the catalog lists them).
-        let mut claimed: Vec<(u32, FrontendRow, &model::Service)> = applied
-            .services
-            .iter()
-            .filter_map(|(frontend, entry)| {
-                // Unnamed: written by an older config, about to be removed.
-                let service = service_named(&entry.name)?;
-                let row = FrontendRow {
-                    address: frontend.address,
-                    protocol: frontend.protocol,
-                    port: frontend.port,
-                };
-                Some((entry.entry.id, row, service))
-            })
-            .collect();
-        claimed.sort_by_key(|&(id, ..)| id);
+        let claimed = claimed_frontends(state, applied);
 
         let mut rows = CatalogRows {
             generation,
@@ -162,6 +133,15 @@ impl CatalogRows {
             });
         }
         drop(claimed);
+        rows.add_backends(uses);
+        rows.shrink();
+        rows
+    }
+
+    /// The backend rows, from each (backend id, service id, the backend as
+    /// that service has it) in service id order.
+    fn add_backends(&mut self, mut uses: Vec<(u32, u32, &model::Backend)>) {
+        let rows = self;
         // By backend; within one, by service id (a stable sort keeps them
         // in the order they were visited).
         uses.sort_by_key(|&(backend_id, ..)| backend_id);
@@ -188,8 +168,6 @@ impl CatalogRows {
             }
             row.services_end = u32::try_from(rows.backend_services.len()).unwrap_or(u32::MAX);
         }
-        rows.shrink();
-        rows
     }
 
     /// Exactly as long as the rows (the build pushes without knowing how
@@ -252,6 +230,47 @@ impl CatalogRows {
             .and_then(serde_json::from_value)
             .unwrap_or_default()
     }
+}
+
+/// Each frontend `applied` holds with the desired service that has it, by
+/// service id (in `applied` order within one id, as the catalog lists
+/// them). Entries no desired service names (written by an older config,
+/// about to be removed) are left out.
+fn claimed_frontends<'a>(
+    state: &'a DesiredState,
+    applied: &Applied,
+) -> Vec<(u32, FrontendRow, &'a model::Service)> {
+    let mut by_name: Vec<(&str, &str, &model::Service)> = state
+        .services
+        .iter()
+        .map(|service| (service.namespace.as_str(), service.name.as_str(), service))
+        .collect();
+    by_name.sort_unstable_by_key(|&(namespace, name, _)| (namespace, name));
+    let service_named = |qualified: &str| {
+        let (namespace, name) = qualified.split_once('/')?;
+        let at = by_name
+            .binary_search_by_key(&(namespace, name), |&(n, m, _)| (n, m))
+            .ok()?;
+        Some(by_name[at].2)
+    };
+    // Each frontend with its service, by service id (frontends in
+    // `applied` order within one id, as the catalog lists them).
+    let mut claimed: Vec<(u32, FrontendRow, &model::Service)> = applied
+        .services
+        .iter()
+        .filter_map(|(frontend, entry)| {
+            // Unnamed: written by an older config, about to be removed.
+            let service = service_named(&entry.name)?;
+            let row = FrontendRow {
+                address: frontend.address,
+                protocol: frontend.protocol,
+                port: frontend.port,
+            };
+            Some((entry.entry.id, row, service))
+        })
+        .collect();
+    claimed.sort_by_key(|&(id, ..)| id);
+    claimed
 }
 
 /// Serializes a value as its `Display` text (protocols, policies).
