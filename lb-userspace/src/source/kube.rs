@@ -31,7 +31,7 @@ pub use super::cluster::{
     EndpointAddress, EndpointObject, ServiceObject, ServicePortSpec, ServiceSpec, SliceObject,
     SlicePort,
 };
-pub use source::{ClusterSource, NODE_NAME_ENV, SourceError, SourceOptions, next_change};
+pub use source::{Begun, ClusterSource, NODE_NAME_ENV, SourceError, SourceOptions, next_change};
 pub use watch::{ClusterView, Watch, WatchError, client, connect};
 
 pub use super::cluster::{
