@@ -172,6 +172,25 @@ pub fn release_free_heap() -> bool {
     }
 }
 
+/// Makes every thread allocate from glibc's one main heap
+/// (`mallopt(M_ARENA_MAX, 1)`); call it before any thread starts. Each
+/// thread that allocates otherwise gets an arena of its own, and what a
+/// big apply or the first cluster list leaves live in several of them
+/// keeps more pages resident (measured at 10,000 Services from the
+/// Kubernetes source: 64 MiB resident and a 78 MiB peak with arenas per
+/// thread, 61 and 67 with one). The agent's few threads rarely allocate
+/// at the same time. Does nothing on other libcs.
+pub fn one_heap_arena() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX
+        // takes effect for threads that have no arena yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 /// Whether the effective user is root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
