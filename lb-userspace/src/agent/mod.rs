@@ -4,7 +4,8 @@
 //! datapath's counters and detach, or leave the pinned datapath running
 //! (`--keep-attached`).
 //!
-//! One file per concern: `config` (host checks on a config), `generations`
+//! One file per concern: `config` (host checks on a config), `early`
+//! (loading the datapath while a cluster source lists), `generations`
 //! (each config a generation: plan, write, roll back, resync),
 //! `interfaces` (where the datapath is attached), `gc` (conntrack sweep,
 //! sockets of removed backends), `ready` (the ready file), `shutdown` (exit

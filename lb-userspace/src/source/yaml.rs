@@ -1,8 +1,9 @@
 //! The YAML config file -> `DesiredState`, with every error located
 //! (`file:line:column: field.path: problem; fix`).
 //!
-//! Two passes: serde_yaml deserializes into the permissive shapes of `raw`
-//! (wide integers, strings for addresses) and locates syntax, type and
+//! Two passes: serde-saphyr (streaming; serde_yaml for what it declines,
+//! see `read_raw`) deserializes into the permissive shapes of `raw` (wide
+//! integers, strings for addresses), serde_yaml locating syntax, type and
 //! unknown-field errors; then `build` assembles the state, asking `check`
 //! for each value (which locates its findings with the field-path index
 //! from `locate`) and the model for what belongs to which service.
