@@ -200,6 +200,7 @@ fn serve(options: RunOptions) -> ExitCode {
     // (map writes, conntrack sweeps); /healthz, /readyz, /metrics
     // and the health-check ports are tasks on the worker thread, so
     // they answer while it does.
+    xlb::kernel::sys::one_heap_arena();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("xlb-serve")

@@ -20,6 +20,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(2);
 /// If set, a directory the agent's log is copied to when it stops.
 pub const LOGS_ENV: &str = "XLB_BENCH_LOGS";
+/// If set, the agent's `RUST_LOG` (default `info`), e.g.
+/// `info,xlb::timing=debug` for where each apply's time goes.
+pub const LOG_FILTER_ENV: &str = "XLB_BENCH_RUST_LOG";
 
 /// The agent binary: `$XLB_BIN` (set by `cargo xtask bench`), else `xlb`
 /// next to this executable.
@@ -80,7 +83,10 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
-            .env("RUST_LOG", "info");
+            .env(
+                "RUST_LOG",
+                std::env::var(LOG_FILTER_ENV).unwrap_or_else(|_| String::from("info")),
+            );
         super::unblock_signals(&mut command);
         let child = ChildGuard::spawn(&mut command)?;
         let mut agent = Agent {

@@ -115,8 +115,13 @@ pub(super) fn foreign_node_addresses(
 /// Load-time map sizes for a config: room for every service's table twice
 /// (double buffering) plus slack, never below the defaults.
 pub(super) fn map_sizes(state: &DesiredState) -> MapSizes {
+    map_sizes_for(state, state.services.len())
+}
+
+/// [`map_sizes`] for `services` services with `state`'s settings.
+pub(super) fn map_sizes_for(state: &DesiredState, services: usize) -> MapSizes {
     let defaults = MapSizes::default();
-    let services = u64::try_from(state.services.len()).unwrap_or(u64::MAX);
+    let services = u64::try_from(services).unwrap_or(u64::MAX);
     let wanted = u64::from(state.table_size).saturating_mul(services.saturating_mul(2) + 2);
     MapSizes {
         flows: state.conntrack.max_flows,

@@ -4,7 +4,8 @@
 //! datapath's counters and detach, or leave the pinned datapath running
 //! (`--keep-attached`).
 //!
-//! One file per concern: `config` (host checks on a config), `generations`
+//! One file per concern: `config` (host checks on a config), `early`
+//! (loading the datapath while a cluster source lists), `generations`
 //! (each config a generation: plan, write, roll back, resync),
 //! `interfaces` (where the datapath is attached), `gc` (conntrack sweep,
 //! sockets of removed backends), `ready` (the ready file), `shutdown` (exit
@@ -12,6 +13,7 @@
 //! config file's watcher is the file source's (`source::file`).
 
 mod config;
+mod early;
 mod gc;
 mod generations;
 mod interfaces;
@@ -36,9 +38,9 @@ use crate::model::DesiredState;
 use crate::observe::{self, Observe, ObserveError, Steps};
 use crate::reconcile::{Applied, ApplyError, Capacity, PlanError, RefusedFrontend};
 use crate::source::file::{ConfigFile, POLL};
-use crate::source::kube::{ClusterSource, SourceError, SourceOptions, next_change};
+use crate::source::kube::{Begun, ClusterSource, SourceError, SourceOptions, next_change};
 use crate::source::yaml::{ConfigError, LoadedConfig, Overrides};
-use config::{check_interfaces, foreign_node_addresses, map_sizes, warnings};
+use config::{check_interfaces, foreign_node_addresses, warnings};
 use interfaces::{choose_uplinks, next_link_event};
 use laps::Laps;
 use shutdown::{bpffs_display, pin_dir};
@@ -223,15 +225,41 @@ struct Start {
     services: Option<ClusterSource>,
 }
 
-impl Start {
+/// The config file read and the cluster source begun (connected, its
+/// first list under way).
+struct Opening {
+    file: ConfigFile,
+    config: LoadedConfig,
+    services: Option<Begun>,
+}
+
+impl Opening {
     async fn read(options: &RunOptions) -> Result<Self, AgentError> {
         let overrides = Overrides {
             interfaces: options.interfaces.clone(),
         };
-        let (file, mut config) = ConfigFile::open(&options.config, overrides)?;
+        let (file, config) = ConfigFile::open(&options.config, overrides)?;
         check_interfaces(&config)?;
-        let mut services = match options.services.clone() {
-            Some(source) => Some(ClusterSource::start(source).await?),
+        let services = match options.services.clone() {
+            Some(source) => Some(ClusterSource::begin(source).await?),
+            None => None,
+        };
+        Ok(Self {
+            file,
+            config,
+            services,
+        })
+    }
+
+    /// Waits for the cluster source's first complete view.
+    async fn complete(self) -> Start {
+        let Opening {
+            file,
+            mut config,
+            services,
+        } = self;
+        let mut services = match services {
+            Some(begun) => Some(begun.complete().await),
             None => None,
         };
         let mut base = DesiredState::default();
@@ -242,12 +270,12 @@ impl Start {
         for warning in warnings(&config) {
             warn!("{warning}");
         }
-        Ok(Self {
+        Start {
             file,
             config,
             base,
             services,
-        })
+        }
     }
 }
 
@@ -268,12 +296,23 @@ impl Load {
         hash_seed: (u64, kernel::seed::SeedOrigin),
         observe: &mut Observe,
     ) -> Result<Self, AgentError> {
-        let mut loaded = Datapath::load_with(
+        let loaded = Datapath::load_with(
             sizes,
             pins,
             options.observe.datapath_debug,
             &observe::datapath::OBSERVED,
         )?;
+        Self::loaded(loaded, sizes, pins, hash_seed, observe)
+    }
+
+    /// What the agent makes of a datapath loaded with `sizes`.
+    fn loaded(
+        mut loaded: Loaded,
+        sizes: MapSizes,
+        pins: Option<&PinDir>,
+        hash_seed: (u64, kernel::seed::SeedOrigin),
+        observe: &mut Observe,
+    ) -> Result<Self, AgentError> {
         if let Some(logger) = loaded.logger.take() {
             kernel::spawn_log_reader(logger);
         }
@@ -310,7 +349,7 @@ impl Load {
 fn start_observe(
     options: &RunOptions,
     pins: Option<&PinDir>,
-    services: Option<&ClusterSource>,
+    services: Option<&Begun>,
 ) -> Result<Observe, AgentError> {
     let bpffs = pins.map_or_else(
         || {
@@ -331,14 +370,15 @@ fn start_observe(
 /// `xlb run`. Returns when told to stop; an error means nothing is left
 /// attached.
 pub async fn run(options: RunOptions) -> Result<(), AgentError> {
-    let start = Start::read(&options).await?;
+    let opening = Opening::read(&options).await?;
     let hash_seed = kernel::seed::load(options.hash_seed_file.as_deref())?;
     let pins = pin_dir(options.bpffs.as_deref())?;
-    let mut observe = start_observe(&options, pins.as_ref(), start.services.as_ref())?;
-    let sizes = map_sizes(&start.config.state);
-    let load = Load::datapath(&options, sizes, pins.as_ref(), hash_seed, &mut observe)?;
+    let mut observe = start_observe(&options, pins.as_ref(), opening.services.as_ref())?;
+    let (start, sizes, load) =
+        early::open_and_load(&options, opening, pins.as_ref(), hash_seed, &mut observe).await?;
     let mut agent = Agent::new(options, start, load, sizes, observe);
     let mut outcome = agent.start().await;
+    generations::release_free_heap();
     if outcome.is_ok() {
         outcome = agent.serve().await;
     }

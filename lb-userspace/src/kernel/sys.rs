@@ -153,6 +153,44 @@ pub fn remove_memlock_limit() -> io::Result<()> {
     Ok(())
 }
 
+/// Hands the heap's free pages back to the kernel (glibc's
+/// `malloc_trim(0)`). A big apply frees far more than it keeps (the
+/// parse's events, the plan's ops, the previous generation), in chunks
+/// between live ones that glibc would otherwise keep resident for good;
+/// trimming releases the free pages inside the heap too, not only its top.
+/// Returns whether any memory was released. Does nothing on other libcs.
+pub fn release_free_heap() -> bool {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: malloc_trim only walks the allocator's own free lists,
+        // under its locks; any thread may call it at any time.
+        unsafe { libc::malloc_trim(0) != 0 }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    {
+        false
+    }
+}
+
+/// Makes every thread allocate from glibc's one main heap
+/// (`mallopt(M_ARENA_MAX, 1)`); call it before any thread starts. Each
+/// thread that allocates otherwise gets an arena of its own, and what a
+/// big apply or the first cluster list leaves live in several of them
+/// keeps more pages resident (measured at 10,000 Services from the
+/// Kubernetes source: 64 MiB resident and a 78 MiB peak with arenas per
+/// thread, 61 and 67 with one). The agent's few threads rarely allocate
+/// at the same time. Does nothing on other libcs.
+pub fn one_heap_arena() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only sets an allocator parameter; M_ARENA_MAX
+        // takes effect for threads that have no arena yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 /// Whether the effective user is root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -1,7 +1,12 @@
 //! `catalog.json`: what the datapath's numeric ids mean. The counters and
 //! conntrack entries carry service and backend ids; this says which
 //! namespace/name, frontends, address, weight and state each id stands for.
-//! Built from the applied config and the reconciler's mirror of the maps.
+//! Built from the applied config and the reconciler's mirror of the maps
+//! (`rows`: the compact form the agent keeps and writes).
+
+mod rows;
+
+pub use rows::{BackendRow, CatalogRows, ServiceRow};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -9,8 +14,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{self, BackendAddr, DesiredState};
-use crate::reconcile::Applied;
+use crate::model;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
@@ -127,32 +131,56 @@ pub fn backend_state(backend: &model::Backend) -> BackendState {
     }
 }
 
-/// A service's entry, before its frontends are added.
-fn service_info(service: &model::Service, backend_ids: &BTreeMap<BackendAddr, u32>) -> ServiceInfo {
-    ServiceInfo {
-        namespace: service.namespace.clone(),
-        name: service.name.clone(),
-        protocol: service.protocol.to_string(),
-        frontends: Vec::new(),
-        external_traffic_policy: service.external_traffic_policy.to_string(),
-        health_check_node_port: service.health_check_node_port,
-        backends: service
-            .backends
+impl Catalog {
+    /// Ids of the services `query` (`name` or `namespace/name`) names.
+    pub fn services_matching(&self, query: &str) -> BTreeSet<u32> {
+        self.services
             .iter()
-            .filter_map(|backend| {
-                Some(ServiceBackend {
-                    id: *backend_ids.get(&BackendAddr::from(backend))?,
-                    weight: backend.weight,
-                    state: backend_state(backend),
-                })
-            })
-            .collect(),
+            .filter(|(_, service)| service.matches(query))
+            .map(|(&id, _)| id)
+            .collect()
     }
 }
 
-impl Catalog {
-    /// The catalog of what `applied` holds for `state` at `generation`.
-    pub fn build(generation: u64, state: &DesiredState, applied: &Applied) -> Catalog {
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::{BackendAddr, DesiredState};
+    use crate::reconcile::{self, Applied, Capacity, Desired, NodeFacts};
+    use crate::source::yaml::{self, Overrides};
+
+    /// A service's entry, before its frontends are added.
+    fn service_info(
+        service: &model::Service,
+        backend_ids: &BTreeMap<BackendAddr, u32>,
+    ) -> ServiceInfo {
+        ServiceInfo {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+            protocol: service.protocol.to_string(),
+            frontends: Vec::new(),
+            external_traffic_policy: service.external_traffic_policy.to_string(),
+            health_check_node_port: service.health_check_node_port,
+            backends: service
+                .backends
+                .iter()
+                .filter_map(|backend| {
+                    Some(ServiceBackend {
+                        id: *backend_ids.get(&BackendAddr::from(backend))?,
+                        weight: backend.weight,
+                        state: backend_state(backend),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// The catalog of what `applied` holds for `state` at `generation`,
+    /// built straight into the maps (as the agent did before it kept
+    /// rows): what `CatalogRows` must serialize to.
+    fn reference(generation: u64, state: &DesiredState, applied: &Applied) -> Catalog {
         let node_addresses: Vec<Ipv4Addr> = applied.node_addresses.iter().copied().collect();
         let backend_ids: BTreeMap<BackendAddr, u32> = applied
             .backends
@@ -220,22 +248,6 @@ impl Catalog {
         }
     }
 
-    /// Ids of the services `query` (`name` or `namespace/name`) names.
-    pub fn services_matching(&self, query: &str) -> BTreeSet<u32> {
-        self.services
-            .iter()
-            .filter(|(_, service)| service.matches(query))
-            .map(|(&id, _)| id)
-            .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::reconcile::{self, Capacity, Desired, NodeFacts};
-    use crate::source::yaml::{self, Overrides};
-
     const CONFIG: &str = r#"
 node:
   interfaces: [lo]
@@ -256,6 +268,17 @@ services:
     targetPort: 3333
     backends:
       - address: 198.18.1.2
+  - name: web
+    protocol: TCP
+    port: 80
+    frontends: [198.18.200.10, 198.18.200.11]
+    targetPort: 8080
+    externalTrafficPolicy: Local
+    backends:
+      - address: 198.18.3.2
+      - address: 198.18.1.2
+        port: 3333
+        weight: 3
 "#;
 
     fn applied_demo() -> (DesiredState, Applied) {
@@ -273,10 +296,11 @@ services:
     #[test]
     fn ids_resolve_to_names_frontends_and_backends() {
         let (state, applied) = applied_demo();
-        let catalog = Catalog::build(4, &state, &applied);
+        let catalog = CatalogRows::build(4, &state, &applied).to_catalog();
+        assert_eq!(catalog, reference(4, &state, &applied));
         assert_eq!(catalog.generation, 4);
         assert_eq!(catalog.node_addresses, [Ipv4Addr::new(198, 18, 0, 1)]);
-        assert_eq!(catalog.services.len(), 2);
+        assert_eq!(catalog.services.len(), 3);
         let tcp = catalog.services_matching("default/tcp-echo");
         let &tcp_id = tcp.iter().next().unwrap();
         let tcp = &catalog.services[&tcp_id];
@@ -299,7 +323,12 @@ services:
         assert_eq!(dns, catalog.services_matching("kube-system/dns"));
         let dns = &catalog.services[dns.iter().next().unwrap()];
         assert_eq!(dns.backends[0].id, heavy.id);
-        assert_eq!(catalog.backends[&heavy.id].services.len(), 2);
+        assert_eq!(catalog.backends[&heavy.id].services.len(), 3);
+        let web = &catalog.services[catalog.services_matching("web").iter().next().unwrap()];
+        assert_eq!(
+            (web.frontends.len(), web.frontends[1].kind.as_str()),
+            (2, "External")
+        );
         assert!(catalog.services_matching("other/dns").is_empty());
 
         let json = serde_json::to_string(&catalog).unwrap();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use super::catalog::Catalog;
+use super::catalog::CatalogRows;
 use super::datapath::DatapathMaps;
 use super::metrics::{AgentMetrics, Histogram, Outcomes};
 use super::rundir::Status;
@@ -14,7 +14,7 @@ use super::steps::Steps;
 /// Everything the agent reported, guarded by one lock.
 pub(super) struct Facts {
     pub(super) status: Status,
-    pub(super) catalog: Arc<Catalog>,
+    pub(super) catalog: Arc<CatalogRows>,
     pub(super) reloads: Outcomes,
     pub(super) reconciles: Outcomes,
     pub(super) reconcile_ops: u64,
@@ -104,7 +104,7 @@ impl Shared {
         Shared {
             facts: Mutex::new(Facts {
                 status,
-                catalog: Arc::new(Catalog::default()),
+                catalog: Arc::new(CatalogRows::default()),
                 reloads: Outcomes::default(),
                 reconciles: Outcomes::default(),
                 reconcile_ops: 0,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use lb_common::Traffic;
 use lb_common::reason::Verdict;
 
-use super::catalog::Catalog;
+use super::catalog::CatalogRows;
 use super::datapath::{DatapathError, DatapathMaps};
 use exposition::{Exposition, Samples};
 
@@ -120,7 +120,7 @@ impl Outcomes {
 /// One scrape's text.
 pub fn render(
     agent: &AgentMetrics,
-    catalog: &Catalog,
+    catalog: &CatalogRows,
     maps: Option<&DatapathMaps>,
 ) -> Result<String, DatapathError> {
     let mut out = Exposition::default();
@@ -305,7 +305,7 @@ fn outcome_samples(outcomes: Outcomes) -> Vec<Samples> {
 
 fn render_datapath(
     out: &mut Exposition,
-    catalog: &Catalog,
+    catalog: &CatalogRows,
     maps: &DatapathMaps,
 ) -> Result<(), DatapathError> {
     let verdicts: Vec<Samples> = maps
@@ -331,12 +331,12 @@ fn render_datapath(
     out.gauge(
         "xlb_services",
         "Services in the applied config.",
-        &[(vec![], catalog.services.len() as f64)],
+        &[(vec![], catalog.services().len() as f64)],
     );
     out.gauge(
         "xlb_backends",
         "Distinct backends (address:port) in the applied config.",
-        &[(vec![], catalog.backends.len() as f64)],
+        &[(vec![], catalog.backends().len() as f64)],
     );
     render_conntrack(out, maps);
     Ok(())
@@ -345,17 +345,17 @@ fn render_datapath(
 /// Traffic per service.
 fn render_services(
     out: &mut Exposition,
-    catalog: &Catalog,
+    catalog: &CatalogRows,
     maps: &DatapathMaps,
 ) -> Result<(), DatapathError> {
     let mut traffic = TrafficSamples::default();
-    for (&id, service) in &catalog.services {
+    for service in catalog.services() {
         let labels = vec![
-            ("namespace", service.namespace.clone()),
-            ("service", service.name.clone()),
-            ("protocol", service.protocol.clone()),
+            ("namespace", service.namespace.to_string()),
+            ("service", service.name.to_string()),
+            ("protocol", service.protocol.to_string()),
         ];
-        traffic.push(&labels, &maps.service_traffic(id)?);
+        traffic.push(&labels, &maps.service_traffic(service.id)?);
     }
     out.counter(
         "xlb_service_packets_total",
@@ -373,26 +373,27 @@ fn render_services(
 /// Traffic per backend, and each backend's state and weight per service.
 fn render_backends(
     out: &mut Exposition,
-    catalog: &Catalog,
+    catalog: &CatalogRows,
     maps: &DatapathMaps,
 ) -> Result<(), DatapathError> {
     let mut traffic = TrafficSamples::default();
     let mut info = Vec::new();
     let mut weights = Vec::new();
-    for (&id, backend) in &catalog.backends {
+    for backend in catalog.backends() {
+        let id = backend.id;
         let endpoint = backend.endpoint();
         traffic.push(&[("backend", endpoint.clone())], &maps.backend_traffic(id)?);
-        for &service_id in &backend.services {
-            let Some(service) = catalog.services.get(&service_id) else {
+        for &service_id in catalog.services_of(backend) {
+            let Some(service) = catalog.service(service_id) else {
                 continue;
             };
-            let Some(usage) = service.backends.iter().find(|b| b.id == id) else {
+            let Some(usage) = catalog.backends_of(service).iter().find(|b| b.id == id) else {
                 continue;
             };
             let service_labels = vec![
                 ("backend", endpoint.clone()),
-                ("namespace", service.namespace.clone()),
-                ("service", service.name.clone()),
+                ("namespace", service.namespace.to_string()),
+                ("service", service.name.to_string()),
             ];
             let mut with_state = service_labels.clone();
             with_state.push(("state", usage.state.to_string()));
@@ -553,7 +554,7 @@ mod tests {
 
     #[test]
     fn agent_families_are_well_formed() {
-        let text = render(&agent(), &Catalog::default(), None).unwrap();
+        let text = render(&agent(), &CatalogRows::default(), None).unwrap();
         check_exposition(&text);
         for expected in [
             "xlb_build_info{version=\"0.1.0\"} 1\n",

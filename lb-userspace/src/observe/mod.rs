@@ -30,7 +30,7 @@ use crate::kernel::Attached;
 use crate::kernel::host;
 use crate::model::DesiredState;
 use crate::reconcile::Applied;
-use catalog::Catalog;
+use catalog::CatalogRows;
 use datapath::DatapathMaps;
 use facts::Shared;
 use health::HealthServers;
@@ -250,7 +250,7 @@ impl Observe {
     /// Config `generation` is completely written (first apply, reload,
     /// resync): rewrite the catalog and status, follow health checks.
     fn applied(&mut self, generation: u64, state: &DesiredState, applied: &Applied) {
-        let catalog = Arc::new(Catalog::build(generation, state, applied));
+        let catalog = Arc::new(CatalogRows::build(generation, state, applied));
         {
             let mut facts = self.shared.facts();
             if !facts.applied_once || facts.status.generation != generation {
@@ -416,7 +416,8 @@ mod tests {
             assert_eq!(status.interfaces[0].why, "config node.interfaces");
             assert_eq!(status.interfaces[0].ifindex, 1);
             assert!(status.last_reload.as_ref().is_some_and(|r| r.ok));
-            let catalog: Catalog = rundir::read_json(&run_dir, CATALOG_FILE).unwrap().unwrap();
+            let catalog: catalog::Catalog =
+                rundir::read_json(&run_dir, CATALOG_FILE).unwrap().unwrap();
             assert_eq!(catalog.generation, 1);
 
             let error = std::io::Error::other("bad field");

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use super::desired::Desired;
 use super::ops::{ActiveBackend, Frontend, MapOp, ServiceEntry, Settings, SourceRangeKey};
 use super::ports::PortSet;
+use super::slots::TableSlots;
 use crate::model::{BackendAddr, Protocol};
 
 /// A service entry as last written.
@@ -26,7 +27,7 @@ pub struct Applied {
     /// Active backends by id.
     pub backends: BTreeMap<u32, ActiveBackend>,
     /// Written selection regions by offset (some may be unreferenced).
-    pub tables: BTreeMap<u32, Vec<u32>>,
+    pub tables: BTreeMap<u32, TableSlots>,
     pub source_ranges: BTreeSet<SourceRangeKey>,
     pub node_addresses: BTreeSet<Ipv4Addr>,
     pub interface_addresses: BTreeMap<u32, Ipv4Addr>,
@@ -48,20 +49,20 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// [`Applied::record`], moving a written selection table's slots from
-    /// `op` into the mirror rather than copying them (10,000 tables of 251
-    /// slots are 10 MB): `op` keeps an empty table.
+    /// [`Applied::record`], taking a written selection table's slots from
+    /// `op` rather than copying them (10,000 tables of 251 slots are 10 MB,
+    /// freed as the mirror records them): `op` keeps an empty table.
     pub fn record_taking(&mut self, op: &mut MapOp) {
         match op {
             MapOp::WriteTable {
                 offset,
                 backend_ids,
-            } => self.record_table(*offset, std::mem::take(backend_ids)),
+            } => self.record_table(*offset, &std::mem::take(backend_ids)),
             op => self.record(op),
         }
     }
 
-    fn record_table(&mut self, offset: u32, backend_ids: Vec<u32>) {
+    fn record_table(&mut self, offset: u32, backend_ids: &[u32]) {
         // Written regions never overlap: those the new one covers are the
         // last one starting before it and the ones starting inside it.
         let start = u64::from(offset);
@@ -77,7 +78,7 @@ impl Applied {
         for other in covered {
             self.tables.remove(&other);
         }
-        self.tables.insert(offset, backend_ids);
+        self.tables.insert(offset, TableSlots::new(backend_ids));
     }
 
     /// Updates the mirror after `op` succeeded in the kernel.
@@ -107,7 +108,7 @@ impl Applied {
             MapOp::WriteTable {
                 offset,
                 backend_ids,
-            } => self.record_table(*offset, backend_ids.clone()),
+            } => self.record_table(*offset, backend_ids),
             MapOp::AddSourceRange(range) => {
                 self.source_ranges.insert(*range);
             }
@@ -157,7 +158,7 @@ impl Applied {
                 .values()
                 .filter(|service| service.entry.id == service_id)
                 .filter_map(|service| self.table_of(&service.entry))
-                .flatten()
+                .flat_map(TableSlots::backend_ids)
                 .any(|id| {
                     self.backends
                         .get(id)
@@ -183,15 +184,22 @@ impl Applied {
         }
     }
 
-    /// The table a service entry currently points at.
-    pub(super) fn table_of(&self, entry: &ServiceEntry) -> Option<&[u32]> {
-        if entry.table_size == 0 {
-            return Some(&[]);
-        }
+    /// The table a service entry currently points at (`None` for an
+    /// entry without one, or whose table is not what it says).
+    fn table_of(&self, entry: &ServiceEntry) -> Option<&TableSlots> {
         self.tables
             .get(&entry.table_offset)
-            .filter(|table| table.len() == entry.table_size as usize)
-            .map(Vec::as_slice)
+            .filter(|table| entry.table_size > 0 && table.len() == entry.table_size as usize)
+    }
+
+    /// Whether a service entry points at a table holding exactly
+    /// `backend_ids` (an entry without a table holds none).
+    pub(super) fn table_holds(&self, entry: &ServiceEntry, backend_ids: &[u32]) -> bool {
+        if entry.table_size == 0 {
+            return backend_ids.is_empty();
+        }
+        self.table_of(entry)
+            .is_some_and(|table| table.holds(backend_ids))
     }
 
     /// After adopting maps a previous agent wrote (which hold no names),

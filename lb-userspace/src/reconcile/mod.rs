@@ -15,7 +15,7 @@
 //! One file per part: `ops` (the map vocabulary), `desired` (what the
 //! maps should hold), `applied` (what they hold), `plan` (the diff),
 //! `writer` (`MapWriter` and `apply`), `maglev` and `regions` (tables and
-//! where they go).
+//! where they go), `slots` (a written table as the mirror keeps it).
 
 mod applied;
 mod desired;
@@ -24,6 +24,7 @@ mod ops;
 mod plan;
 mod ports;
 mod regions;
+mod slots;
 mod writer;
 
 pub use applied::{Applied, AppliedService};
@@ -31,6 +32,7 @@ pub use desired::{Desired, DesiredService, NodeFacts, RefusedFrontend};
 pub use ops::{ActiveBackend, Frontend, MapOp, RunKind, ServiceEntry, Settings, SourceRangeKey};
 pub use plan::{Capacity, Fitted, PlanError, diff, diff_fitting};
 pub use ports::{PortSet, lingering as ports_lingering, prune as prune_ports};
+pub use slots::TableSlots;
 pub use writer::{ApplyError, MapWriter, apply, apply_taking};
 
 #[cfg(test)]

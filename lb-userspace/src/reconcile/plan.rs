@@ -473,7 +473,7 @@ impl<'a> ServicePlanner<'a> {
             .into_iter()
             .flatten()
             .copied()
-            .find(|entry| self.applied.table_of(entry) == Some(table.as_slice()));
+            .find(|entry| self.applied.table_holds(entry, &table));
         if let Some(entry) = reusable {
             return Ok((entry.table_offset, entry.table_size));
         }

@@ -26,13 +26,14 @@ pub type ObjectKey = (String, String);
 
 /// The Kubernetes objects a node's load balancing depends on, as far as it
 /// depends on them ([`ServiceObject`], [`SliceObject`]: converted on
-/// arrival, the full objects are not kept). Objects are shared (`Arc`):
-/// the watch keeps them and each view it publishes holds the same ones, so
-/// a big cluster is in memory once, not once per copy.
+/// arrival, the full objects are not kept). Objects and the maps of them
+/// are shared (`Arc`): the watch keeps them and the view it publishes holds
+/// the same maps (the watch copies a map only when it changes one the view
+/// still holds), so a big cluster is in memory once, not once per copy.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterSnapshot {
-    pub services: BTreeMap<ObjectKey, Arc<ServiceObject>>,
-    pub endpoint_slices: BTreeMap<ObjectKey, Arc<SliceObject>>,
+    pub services: Arc<BTreeMap<ObjectKey, Arc<ServiceObject>>>,
+    pub endpoint_slices: Arc<BTreeMap<ObjectKey, Arc<SliceObject>>>,
 }
 
 impl ClusterSnapshot {
@@ -40,12 +41,12 @@ impl ClusterSnapshot {
     /// `default`, as kubectl would put it).
     pub fn insert_service(&mut self, service: Service) {
         let key = key_of(&service.metadata);
-        self.services.insert(key, Arc::new(service.into()));
+        Arc::make_mut(&mut self.services).insert(key, Arc::new(service.into()));
     }
 
     pub fn insert_endpoint_slice(&mut self, slice: EndpointSlice) {
         let key = key_of(&slice.metadata);
-        self.endpoint_slices.insert(key, Arc::new(slice.into()));
+        Arc::make_mut(&mut self.endpoint_slices).insert(key, Arc::new(slice.into()));
     }
 }
 

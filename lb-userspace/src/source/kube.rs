@@ -33,7 +33,7 @@ pub use super::cluster::{
     SlicePort,
 };
 pub use events::{Finding, REPORTING_CONTROLLER, Why};
-pub use source::{ClusterSource, NODE_NAME_ENV, SourceError, SourceOptions, next_change};
+pub use source::{Begun, ClusterSource, NODE_NAME_ENV, SourceError, SourceOptions, next_change};
 pub use watch::{ClusterView, Watch, WatchError, client, connect};
 
 pub use super::cluster::{
@@ -296,7 +296,7 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
     let mut notes = Vec::new();
     let mut slices_by_service: BTreeMap<ObjectKey, Vec<(&ObjectKey, &SliceObject)>> =
         BTreeMap::new();
-    for (key, slice) in &snapshot.endpoint_slices {
+    for (key, slice) in snapshot.endpoint_slices.iter() {
         let object = format!("EndpointSlice {}/{}", key.0, key.1);
         let Some(service) = &slice.service_name else {
             notes.push(Note {
@@ -324,7 +324,7 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
     }
     // Most services have one port.
     let mut ports = Vec::with_capacity(snapshot.services.len());
-    for (key, service) in &snapshot.services {
+    for (key, service) in snapshot.services.iter() {
         let object = format!("Service {}/{}", key.0, key.1);
         let Some(spec) = &service.spec else {
             notes.push(Note {

@@ -1,8 +1,9 @@
 //! The YAML config file -> `DesiredState`, with every error located
 //! (`file:line:column: field.path: problem; fix`).
 //!
-//! Two passes: serde_yaml deserializes into the permissive shapes of `raw`
-//! (wide integers, strings for addresses) and locates syntax, type and
+//! Two passes: serde-saphyr (streaming; serde_yaml for what it declines,
+//! see `read_raw`) deserializes into the permissive shapes of `raw` (wide
+//! integers, strings for addresses), serde_yaml locating syntax, type and
 //! unknown-field errors; then `build` assembles the state, asking `check`
 //! for each value (which locates its findings with the field-path index
 //! from `locate`) and the model for what belongs to which service.
@@ -124,9 +125,7 @@ pub fn parse(origin: &str, text: &str, overrides: &Overrides) -> Result<LoadedCo
             problems: vec![Problem::alias(origin, position)],
         });
     }
-    let raw: RawConfig = serde_yaml::from_str(text).map_err(|error| ConfigError::Invalid {
-        problems: vec![serde_problem(origin, &error)],
-    })?;
+    let raw = read_raw(origin, text)?;
     let located = Located {
         text,
         outside: &locations,
@@ -157,6 +156,37 @@ pub fn parse(origin: &str, text: &str, overrides: &Overrides) -> Result<LoadedCo
         }),
         _ => Err(ConfigError::Invalid { problems }),
     }
+}
+
+/// The config as written. serde-saphyr streams it (serde_yaml holds every
+/// event of the document first: 100 MB for the 5 MB of 10,000 services),
+/// told to be at least as strict as serde_yaml: no unquoted number or
+/// boolean where a string belongs, only `true`/`false` for booleans, no
+/// duplicate keys. Whatever it does not accept, serde_yaml reads as before,
+/// so a config's errors keep their wording and positions, and what
+/// serde_yaml accepts is never refused.
+fn read_raw(origin: &str, text: &str) -> Result<RawConfig, ConfigError> {
+    if let Some(raw) = streamed(text) {
+        return Ok(raw);
+    }
+    serde_yaml::from_str(text).map_err(|error| ConfigError::Invalid {
+        problems: vec![serde_problem(origin, &error)],
+    })
+}
+
+/// `text` read by serde-saphyr, if it accepts it (see `read_raw`).
+fn streamed(text: &str) -> Option<RawConfig> {
+    let mut options = serde_saphyr::Options::default();
+    options.no_schema = true;
+    options.strict_booleans = true;
+    options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
+    // Its default budget stops at 250,000 nodes (a quarter of 10,000
+    // services); aliases are refused before this, and the depth limit stays.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = usize::MAX;
+    budget.max_nodes = usize::MAX;
+    options.budget = Some(budget);
+    serde_saphyr::from_str_with_options(text, options).ok()
 }
 
 /// Whether `text` has anything but blank lines, comments and `---`.

@@ -119,7 +119,7 @@ impl KernelMaps {
         for (offset, size) in regions {
             applied
                 .tables
-                .insert(offset, self.select_slots(offset, size)?);
+                .insert(offset, self.select_slots(offset, size)?.into());
         }
         for (id, backend) in self.backends.iter().enumerate() {
             let backend = backend.map_err(io(names::BACKENDS))?;

@@ -89,10 +89,69 @@ enum Feed {
     Manifests(Option<ManifestWatch>),
 }
 
+/// A source that is connected (or has read its manifests) but may not have
+/// its first complete view yet: [`Begun::complete`] waits for it. The agent
+/// loads the datapath meanwhile.
+#[derive(Debug)]
+pub struct Begun {
+    first: First,
+    /// How many Services the API said it has when asked for one of them,
+    /// to size the datapath before the whole list is in (`None`: unknown).
+    pub services_hint: Option<usize>,
+}
+
+#[derive(Debug)]
+enum First {
+    Api {
+        watch: Watch,
+        description: String,
+        events: ServiceEvents,
+    },
+    Ready(ClusterSource),
+}
+
+impl Begun {
+    /// Where the services come from, for logs.
+    pub fn description(&self) -> &str {
+        match &self.first {
+            First::Api { description, .. } => description,
+            First::Ready(source) => source.description(),
+        }
+    }
+
+    /// Waits for the first complete view.
+    pub async fn complete(self) -> ClusterSource {
+        match self.first {
+            First::Api {
+                mut watch,
+                description,
+                events,
+            } => {
+                let view = watch.next().await;
+                ClusterSource {
+                    feed: Feed::Api(watch),
+                    view,
+                    logged: BTreeSet::new(),
+                    found: BTreeSet::new(),
+                    events: Some(events),
+                    description,
+                }
+            }
+            First::Ready(source) => source,
+        }
+    }
+}
+
 impl ClusterSource {
     /// Connects (or reads the manifests) and waits for the first complete
     /// view: until then the agent has nothing to serve.
     pub async fn start(options: SourceOptions) -> Result<ClusterSource, SourceError> {
+        Ok(Self::begin(options).await?.complete().await)
+    }
+
+    /// Connects and starts the watch (or reads the manifests), without
+    /// waiting for the first complete view.
+    pub async fn begin(options: SourceOptions) -> Result<Begun, SourceError> {
         match options {
             SourceOptions::Kubernetes {
                 kubeconfig,
@@ -115,16 +174,16 @@ impl ClusterSource {
                     "node {node_name}: waiting for a complete list of Services, EndpointSlices and \
                      this Node from {description}"
                 );
+                let services_hint = count_services(&client).await;
                 let events = ServiceEvents::new(client.clone(), &node_name);
-                let mut watch = Watch::start(client, node_name);
-                let view = watch.next().await;
-                Ok(ClusterSource {
-                    feed: Feed::Api(watch),
-                    view,
-                    logged: BTreeSet::new(),
-                    found: BTreeSet::new(),
-                    events: Some(events),
-                    description,
+                let watch = Watch::start(client, node_name);
+                Ok(Begun {
+                    first: First::Api {
+                        watch,
+                        description,
+                        events,
+                    },
+                    services_hint,
                 })
             }
             SourceOptions::Manifests { path, node_name } => {
@@ -147,13 +206,17 @@ impl ClusterSource {
                     Some(watch) => format!("manifests {}", watch.path.display()),
                     None => String::from("manifests from standard input"),
                 };
-                Ok(ClusterSource {
-                    feed: Feed::Manifests(watch),
-                    view: Arc::new(ClusterView { snapshot, node }),
-                    logged: BTreeSet::new(),
-                    found: BTreeSet::new(),
-                    events: None,
-                    description,
+                let services_hint = Some(snapshot.services.len());
+                Ok(Begun {
+                    first: First::Ready(ClusterSource {
+                        feed: Feed::Manifests(watch),
+                        view: Arc::new(ClusterView { snapshot, node }),
+                        logged: BTreeSet::new(),
+                        found: BTreeSet::new(),
+                        events: None,
+                        description,
+                    }),
+                    services_hint,
                 })
             }
         }
@@ -236,6 +299,30 @@ impl ClusterSource {
             }
         }
     }
+}
+
+/// How many Services the API has, from a list of one (its
+/// `remainingItemCount`): cheap, and known long before the whole list is
+/// read. `None` when the API does not say (or the request fails: the watch
+/// reports that).
+async fn count_services(client: &kube::Client) -> Option<usize> {
+    let api = kube::Api::<k8s_openapi::api::core::v1::Service>::all(client.clone());
+    let page = api
+        .list(&kube::api::ListParams::default().limit(1))
+        .await
+        .ok()?;
+    let remaining = page.metadata.remaining_item_count.unwrap_or(0);
+    let listed = page.items.len();
+    if remaining == 0
+        && page
+            .metadata
+            .continue_
+            .as_deref()
+            .is_some_and(|c| !c.is_empty())
+    {
+        return None; // More to come, but not said how many.
+    }
+    Some(listed + usize::try_from(remaining).unwrap_or(0))
 }
 
 /// [`ClusterSource::changed`] of `source`, or never when there is none: one

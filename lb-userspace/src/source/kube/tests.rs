@@ -784,12 +784,10 @@ fn translation_is_deterministic() {
     let forwards = tcp_echo();
     let mut backwards = ClusterSnapshot::default();
     for (key, slice) in forwards.endpoint_slices.iter().rev() {
-        backwards
-            .endpoint_slices
-            .insert(key.clone(), Arc::clone(slice));
+        Arc::make_mut(&mut backwards.endpoint_slices).insert(key.clone(), Arc::clone(slice));
     }
     for (key, service) in forwards.services.iter().rev() {
-        backwards.services.insert(key.clone(), Arc::clone(service));
+        Arc::make_mut(&mut backwards.services).insert(key.clone(), Arc::clone(service));
     }
     assert_eq!(
         desired_state(&forwards, &node(), &base()),

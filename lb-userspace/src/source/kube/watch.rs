@@ -175,8 +175,8 @@ async fn run(
         }
         let view = ClusterView {
             snapshot: ClusterSnapshot {
-                services: services.objects.clone(),
-                endpoint_slices: slices.objects.clone(),
+                services: Arc::clone(&services.objects),
+                endpoint_slices: Arc::clone(&slices.objects),
             },
             node: NodeInfo::new(
                 Some(node_name.clone()),
@@ -231,8 +231,8 @@ struct Watched<K: Kept> {
     config: watcher::Config,
     events: Events<K>,
     /// The objects as of the last complete list plus later events, shared
-    /// with the views published.
-    objects: BTreeMap<ObjectKey, Arc<K::Object>>,
+    /// with the views published (copied on the first change after one is).
+    objects: Arc<BTreeMap<ObjectKey, Arc<K::Object>>>,
     /// A relist in progress; replaces `objects` when complete.
     listing: Option<BTreeMap<ObjectKey, Arc<K::Object>>>,
     /// Listed completely at least once.
@@ -248,7 +248,7 @@ impl<K: Kept> Watched<K> {
             api,
             config,
             events,
-            objects: BTreeMap::new(),
+            objects: Arc::default(),
             listing: None,
             synced: false,
             failing: false,
@@ -318,15 +318,20 @@ impl<K: Kept> Watched<K> {
                     );
                 }
                 self.synced = true;
-                self.objects = listed;
+                self.objects = Arc::new(listed);
                 true
             }
             Event::Apply(object) => {
                 let key = key_of(object.meta());
-                self.objects.insert(key, Arc::new(object.keep()));
+                Arc::make_mut(&mut self.objects).insert(key, Arc::new(object.keep()));
                 true
             }
-            Event::Delete(object) => self.objects.remove(&key_of(object.meta())).is_some(),
+            Event::Delete(object) => {
+                let key = key_of(object.meta());
+                // Not a copy of the map for an object it does not have.
+                self.objects.contains_key(&key)
+                    && Arc::make_mut(&mut self.objects).remove(&key).is_some()
+            }
         }
     }
 

@@ -967,3 +967,58 @@ fn a_cluster_ip_belongs_to_one_service() {
         "{all:#?}"
     );
 }
+
+/// serde-saphyr reads a config (`streamed`) only where it reads it as
+/// serde_yaml does; anything else falls back to serde_yaml.
+#[test]
+fn streamed_reading_agrees_with_serde_yaml() {
+    let examples = ["../config/example.yaml", "../config/demo.yaml"].map(|path| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+        std::fs::read_to_string(path).unwrap_or_default()
+    });
+    let scalars = [
+        "ready: yes",
+        "ready: True",
+        "ready: ~",
+        "port: 0x50",
+        "port: 0o120",
+        "port: 0120",
+        "port: 80.0",
+        "port: 1_000",
+        "port: \"80\"",
+        "port: !!str 80",
+        "address: 10",
+        "address: 1e3",
+        "address: true",
+        "address: null",
+        "address: '198.18.1.2'",
+        "name: pod-b\n        name: pod-c",
+        "weight: -1",
+        "weight: 99999999999999999999999",
+        "local: false",
+    ];
+    let mut texts: Vec<String> = examples.to_vec();
+    texts.push(GOOD.to_owned());
+    for scalar in scalars {
+        texts.push(GOOD.replace("weight: 3", scalar));
+    }
+    texts.push(format!("---\n{GOOD}"));
+    texts.push(format!("{GOOD}---\nnode: {{}}\n"));
+    texts.push(String::from("node: {interfaces: [eth0]}\nservices: [{name: a, nodePort: 30000, backends: [{address: 198.18.1.2}]}]\n"));
+    texts.push(String::from("node:\n\tinterfaces: [eth0]\n"));
+    for text in &texts {
+        let Some(streamed) = streamed(text) else {
+            continue;
+        };
+        let classic = serde_yaml::from_str::<RawConfig>(text).map(|raw| format!("{raw:?}"));
+        assert_eq!(
+            Ok(format!("{streamed:?}")),
+            classic.map_err(|e| e.to_string()),
+            "{text}"
+        );
+    }
+    assert!(
+        streamed(&texts[0]).is_some(),
+        "the example is read streamed"
+    );
+}

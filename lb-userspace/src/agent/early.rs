@@ -1,0 +1,128 @@
+//! Start-up from a cluster source: the datapath is loaded (its XDP program
+//! verified, about a second) while the source lists the cluster (about as
+//! long for 10,000 Services), not after. Its size is guessed from how many
+//! Services the API says it has; a cluster that turns out bigger than the
+//! guess has the datapath loaded again at its size, as without the guess.
+
+use log::{info, warn};
+
+use super::config::{map_sizes, map_sizes_for};
+use super::{AgentError, Load, Opening, RunOptions, Start};
+use crate::kernel::{Datapath, Loaded, MapSizes, PinDir, pin, seed::SeedOrigin};
+use crate::observe::{self, Observe};
+
+/// Room the guess leaves for Services with more than one port (each port
+/// is a service of its own) and those created while the agent starts.
+const GUESS_HEADROOM: usize = 4;
+
+/// The config to start with and the datapath loaded for it.
+pub(super) async fn open_and_load(
+    options: &RunOptions,
+    opening: Opening,
+    pins: Option<&PinDir>,
+    hash_seed: (u64, SeedOrigin),
+    observe: &mut Observe,
+) -> Result<(Start, MapSizes, Load), AgentError> {
+    let early = guess(&opening, pins).map(|guessed| {
+        let pins = pins.cloned();
+        let debug = options.observe.datapath_debug;
+        let task = tokio::task::spawn_blocking(move || {
+            Datapath::load_with(guessed, pins.as_ref(), debug, &observe::datapath::OBSERVED)
+        });
+        (guessed, task)
+    });
+    let start = opening.complete().await;
+    let sizes = map_sizes(&start.config.state);
+    if let Some((guessed, task)) = early {
+        match task.await {
+            Ok(loaded) if fits(&guessed, &sizes) => {
+                let load = Load::loaded(loaded?, guessed, pins, hash_seed, observe)?;
+                return Ok((start, guessed, load));
+            }
+            Ok(loaded) => {
+                info!(
+                    "the cluster needs {} selection slots, more than the {} guessed: loading the \
+                     datapath again",
+                    sizes.select_slots, guessed.select_slots
+                );
+                discard(loaded, &guessed, pins);
+            }
+            Err(error) => warn!("loading the datapath early failed ({error}); loading it now"),
+        }
+    }
+    let load = Load::datapath(options, sizes, pins, hash_seed, observe)?;
+    Ok((start, sizes, load))
+}
+
+/// The sizes to load the datapath with before the cluster is listed, if
+/// that is safe: only from a cluster source, and only when nothing is
+/// pinned yet (a guess different from the final size must not decide
+/// whether a previous agent's pinned maps are adopted).
+fn guess(opening: &Opening, pins: Option<&PinDir>) -> Option<MapSizes> {
+    let begun = opening.services.as_ref()?;
+    let state = &opening.config.state;
+    let fresh = pins.is_none_or(|pins| {
+        pin::map_specs(&map_sizes(state))
+            .iter()
+            .all(|spec| !pins.map(spec.name).exists())
+    });
+    if !fresh {
+        return None;
+    }
+    let services = begun.services_hint.unwrap_or(0);
+    Some(map_sizes_for(state, services + services / GUESS_HEADROOM))
+}
+
+/// Whether a datapath loaded with `loaded` sizes serves a config that
+/// wants `wanted`.
+fn fits(loaded: &MapSizes, wanted: &MapSizes) -> bool {
+    loaded.flows == wanted.flows
+        && loaded.backends == wanted.backends
+        && loaded.select_slots >= wanted.select_slots
+}
+
+/// Drops a datapath loaded too small, and the pins its load made (so the
+/// next load does not report them as a previous agent's that do not fit).
+fn discard(
+    loaded: Result<Loaded, crate::kernel::KernelError>,
+    sizes: &MapSizes,
+    pins: Option<&PinDir>,
+) {
+    drop(loaded);
+    let Some(pins) = pins else {
+        return;
+    };
+    for spec in pin::map_specs(sizes) {
+        let path = pins.map(spec.name);
+        if let Err(error) = std::fs::remove_file(&path)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("cannot remove {}: {error}", path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guess_fits_a_config_that_wants_no_more() {
+        let guessed = MapSizes {
+            select_slots: 6_000_000,
+            ..MapSizes::default()
+        };
+        let smaller = MapSizes {
+            select_slots: 5_000_000,
+            ..MapSizes::default()
+        };
+        assert!(fits(&guessed, &smaller));
+        assert!(fits(&guessed, &guessed));
+        assert!(!fits(&smaller, &guessed), "too few selection slots");
+        let other_flows = MapSizes {
+            flows: guessed.flows / 2,
+            ..smaller
+        };
+        assert!(!fits(&guessed, &other_flows), "conntrack is sized exactly");
+    }
+}
