@@ -24,7 +24,8 @@ pub struct Applied {
     pub services: BTreeMap<Frontend, AppliedService>,
     /// Active backends by id.
     pub backends: BTreeMap<u32, ActiveBackend>,
-    /// Written selection regions by offset (some may be unreferenced).
+    /// Written selection tables by index in `XLB_SELECT` (after a failed
+    /// apply, some may be unreferenced: the next plan removes them).
     pub tables: BTreeMap<u32, Vec<u32>>,
     pub source_ranges: BTreeSet<SourceRangeKey>,
     pub node_addresses: BTreeSet<Ipv4Addr>,
@@ -44,35 +45,15 @@ pub struct Applied {
 
 impl Applied {
     /// [`Applied::record`], moving a written selection table's slots from
-    /// `op` into the mirror rather than copying them (10,000 tables of 251
-    /// slots are 10 MB): `op` keeps an empty table.
+    /// `op` into the mirror rather than copying them (10,000 tables of
+    /// 16381 slots are 655 MB): `op` keeps an empty table.
     pub fn record_taking(&mut self, op: &mut MapOp) {
         match op {
-            MapOp::WriteTable {
-                offset,
-                backend_ids,
-            } => self.record_table(*offset, std::mem::take(backend_ids)),
+            MapOp::WriteTable { table, backend_ids } => {
+                self.tables.insert(*table, std::mem::take(backend_ids));
+            }
             op => self.record(op),
         }
-    }
-
-    fn record_table(&mut self, offset: u32, backend_ids: Vec<u32>) {
-        // Written regions never overlap: those the new one covers are the
-        // last one starting before it and the ones starting inside it.
-        let start = u64::from(offset);
-        let end = start + backend_ids.len() as u64;
-        let covered: Vec<u32> = self
-            .tables
-            .range(..=u32::try_from(end.saturating_sub(1)).unwrap_or(u32::MAX))
-            .rev()
-            .take_while(|&(&other, table)| u64::from(other) + table.len() as u64 > start)
-            .filter(|&(&other, _)| u64::from(other) < end)
-            .map(|(&other, _)| other)
-            .collect();
-        for other in covered {
-            self.tables.remove(&other);
-        }
-        self.tables.insert(offset, backend_ids);
     }
 
     /// Updates the mirror after `op` succeeded in the kernel.
@@ -99,10 +80,12 @@ impl Applied {
                     self.freed_backend_ids.push_back(*id);
                 }
             }
-            MapOp::WriteTable {
-                offset,
-                backend_ids,
-            } => self.record_table(*offset, backend_ids.clone()),
+            MapOp::WriteTable { table, backend_ids } => {
+                self.tables.insert(*table, backend_ids.clone());
+            }
+            MapOp::RemoveTable { table } => {
+                self.tables.remove(table);
+            }
             MapOp::AddSourceRange(range) => {
                 self.source_ranges.insert(*range);
             }
@@ -114,7 +97,7 @@ impl Applied {
                 name,
                 entry,
             } => {
-                let old = self.services.insert(
+                self.services.insert(
                     *frontend,
                     AppliedService {
                         name: name.clone(),
@@ -122,14 +105,9 @@ impl Applied {
                     },
                 );
                 self.next_service_id = self.next_service_id.max(entry.id.saturating_add(1));
-                if let Some(old) = old {
-                    self.forget_unreferenced(old.entry.table_offset);
-                }
             }
             MapOp::RemoveService { frontend } => {
-                if let Some(old) = self.services.remove(frontend) {
-                    self.forget_unreferenced(old.entry.table_offset);
-                }
+                self.services.remove(frontend);
             }
             MapOp::WriteSettings(settings) => self.settings = Some(*settings),
         }
@@ -166,23 +144,13 @@ impl Applied {
             .map(|(frontend, _)| frontend.protocol)
     }
 
-    fn forget_unreferenced(&mut self, offset: u32) {
-        let referenced = self
-            .services
-            .values()
-            .any(|service| service.entry.table_size > 0 && service.entry.table_offset == offset);
-        if !referenced {
-            self.tables.remove(&offset);
-        }
-    }
-
     /// The table a service entry currently points at.
     pub(super) fn table_of(&self, entry: &ServiceEntry) -> Option<&[u32]> {
         if entry.table_size == 0 {
             return Some(&[]);
         }
         self.tables
-            .get(&entry.table_offset)
+            .get(&entry.table_id)
             .filter(|table| table.len() == entry.table_size as usize)
             .map(Vec::as_slice)
     }

@@ -5,23 +5,22 @@
 //! the model's rule) and the Maglev table builder.
 //!
 //! Safe order (a packet never sees a service whose table or backends are not
-//! written yet): node addresses, backends, selection tables (always into a
-//! free region: double buffering) and newly allowed source ranges, service
+//! written yet): node addresses, backends, selection tables (a new table
+//! swapped whole into the service's index of `XLB_SELECT`, or into a free
+//! index when its size changes) and newly allowed source ranges, service
 //! entries, then deletions in reverse (services, then backends, which the
-//! datapath re-balances flows away from on their next packet, and source
-//! ranges no entry checks any more, then addresses), and the global settings
-//! with the ready flag last.
+//! datapath re-balances flows away from on their next packet, tables and
+//! source ranges no entry uses any more, then addresses), and the global
+//! settings with the ready flag last.
 //! One file per part: `ops` (the map vocabulary), `desired` (what the
 //! maps should hold), `applied` (what they hold), `plan` (the diff),
-//! `writer` (`MapWriter` and `apply`), `maglev` and `regions` (tables and
-//! where they go).
+//! `writer` (`MapWriter` and `apply`), `maglev` (the tables).
 
 mod applied;
 mod desired;
 pub mod maglev;
 mod ops;
 mod plan;
-mod regions;
 mod writer;
 
 pub use applied::{Applied, AppliedService};

@@ -96,7 +96,7 @@ impl KernelMaps {
             };
             let entry = ServiceEntry {
                 id: value.id,
-                table_offset: value.table_offset,
+                table_id: value.table_id,
                 table_size: value.table_size,
                 flags: value.flags,
                 affinity_timeout_s: value.affinity_timeout_s,
@@ -110,16 +110,16 @@ impl KernelMaps {
                 },
             );
         }
-        let regions: BTreeSet<(u32, u32)> = applied
+        let tables: BTreeSet<u32> = applied
             .services
             .values()
             .filter(|service| service.entry.table_size > 0)
-            .map(|service| (service.entry.table_offset, service.entry.table_size))
+            .map(|service| service.entry.table_id)
             .collect();
-        for (offset, size) in regions {
-            applied
-                .tables
-                .insert(offset, self.select_slots(offset, size)?);
+        for table in tables {
+            if let Some(slots) = self.select_slots(table)? {
+                applied.tables.insert(table, slots);
+            }
         }
         for (id, backend) in self.backends.iter().enumerate() {
             let backend = backend.map_err(io(names::BACKENDS))?;
@@ -174,10 +174,22 @@ impl KernelMaps {
         Ok(next)
     }
 
-    /// `XLB_SELECT[offset..offset + len]`.
-    pub fn select_slots(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapIoError> {
-        (offset..offset.saturating_add(len))
-            .map(|slot| self.select.get(&slot, 0).map_err(io(names::SELECT)))
-            .collect()
+    /// The slots of the table at `XLB_SELECT[table]`, if there is one.
+    pub fn select_slots(&self, table: u32) -> Result<Option<Vec<u32>>, MapIoError> {
+        let slots = match self.select_tables().get(&table, 0) {
+            Ok(slots) => slots,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(error) => {
+                return Err(MapIoError {
+                    map: names::SELECT,
+                    source: error,
+                });
+            }
+        };
+        slots
+            .iter()
+            .map(|slot| slot.map_err(io(names::SELECT)))
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Some)
     }
 }
