@@ -41,7 +41,7 @@ const SELECT_WARN_BYTES: u64 = 256 << 20;
 
 /// Kernel memory of one selection slot: array maps store each value in 8
 /// bytes, a `u32` too.
-pub const SELECT_SLOT_BYTES: u64 = 8;
+const SELECT_SLOT_BYTES: u64 = 8;
 
 /// A warning when the selection tables need a lot of memory: one table per
 /// service (`XLB_SELECT`) of `selection.tableSize` slots.

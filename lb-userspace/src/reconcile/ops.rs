@@ -191,10 +191,11 @@ impl MapOp {
 }
 
 /// Ops the kernel layer may write together (see `MapWriter::apply_run`).
+/// Selection tables are not among them: each is a map of its own, made,
+/// filled and swapped in alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunKind {
     Backends,
-    Tables,
     Services,
 }
 
@@ -203,7 +204,6 @@ impl MapOp {
     pub const fn run_kind(&self) -> Option<RunKind> {
         match self {
             MapOp::WriteBackend { .. } => Some(RunKind::Backends),
-            MapOp::WriteTable { .. } => Some(RunKind::Tables),
             MapOp::WriteService { .. } => Some(RunKind::Services),
             _ => None,
         }
