@@ -228,9 +228,6 @@ impl Datapath {
             (BACKEND_2_ID, BACKEND_2),
             (BACKEND_UNRESOLVED_ID, BACKEND_UNRESOLVED),
         ];
-        // Tables 0 (TCP), 1 (UDP), 2 (none: the empty services) and 3
-        // (the unresolved backend).
-        let mut slots = vec![vec![0u32; TABLE_SIZE as usize]; 4];
         let mut table = self.backends();
         for (id, addr) in backends {
             table
@@ -240,15 +237,17 @@ impl Datapath {
                 .set(id + 10, backend(addr, UDP_TARGET_PORT), 0)
                 .expect("backend");
         }
-        for slot in 0..TABLE_SIZE as usize {
-            let pick = if slot % 2 == 0 { 0 } else { 1 };
-            slots[0][slot] = [BACKEND_1_ID, BACKEND_2_ID][pick];
-            slots[1][slot] = [BACKEND_1_ID + 10, BACKEND_2_ID + 10][pick];
-            slots[3][slot] = BACKEND_UNRESOLVED_ID;
-        }
-        for table in [0, 1, 3] {
-            self.set_table(table, &slots[table as usize]);
-        }
+        // Tables 0 (TCP) and 1 (UDP) alternate the two backends, table 3
+        // holds the unresolved one; the empty services name table 2, which
+        // is never written.
+        let alternate = |first: u32, second: u32| -> Vec<u32> {
+            (0..TABLE_SIZE)
+                .map(|slot| if slot % 2 == 0 { first } else { second })
+                .collect()
+        };
+        self.set_table(0, &alternate(BACKEND_1_ID, BACKEND_2_ID));
+        self.set_table(1, &alternate(BACKEND_1_ID + 10, BACKEND_2_ID + 10));
+        self.set_table(3, &alternate(BACKEND_UNRESOLVED_ID, BACKEND_UNRESOLVED_ID));
     }
 
     /// `XLB_SELECT[table]` = a new table holding `ids`, as the agent writes
