@@ -25,7 +25,9 @@ pub struct Applied {
     /// Active backends by id.
     pub backends: BTreeMap<u32, ActiveBackend>,
     /// Written selection tables by index in `XLB_SELECT` (after a failed
-    /// apply, some may be unreferenced: the next plan removes them).
+    /// apply, some may be unreferenced: the next plan removes them). Empty
+    /// after adopting pinned maps (their tables are not read back): the
+    /// first plan rewrites each in place.
     pub tables: BTreeMap<u32, Vec<u32>>,
     pub source_ranges: BTreeSet<SourceRangeKey>,
     pub node_addresses: BTreeSet<Ipv4Addr>,
@@ -122,18 +124,21 @@ impl Applied {
             .backends
             .values()
             .any(|active| active.address == backend && active.terminating);
+        let in_table = |table: &[u32]| {
+            table.iter().any(|id| {
+                self.backends
+                    .get(id)
+                    .is_some_and(|active| active.address == backend)
+            })
+        };
         terminating
             || self
                 .services
                 .values()
                 .filter(|service| service.entry.id == service_id)
-                .filter_map(|service| self.table_of(&service.entry))
-                .flatten()
-                .any(|id| {
-                    self.backends
-                        .get(id)
-                        .is_some_and(|active| active.address == backend)
-                })
+                // A table adopted and not yet rewritten: nothing is known
+                // to be gone.
+                .any(|service| self.table_of(&service.entry).is_none_or(in_table))
     }
 
     /// The protocol of service `service_id`, while it exists.

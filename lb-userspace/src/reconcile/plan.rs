@@ -306,7 +306,7 @@ fn services(
     for service in &desired.services {
         planner.plan(service, ops)?;
     }
-    planner.tables.remove_unkept(applied, ops);
+    planner.tables.remove_unkept(ops);
     let wanted_ranges = planner.wanted_ranges;
     check_fits(
         lb_common::maps::SOURCE_RANGES,
@@ -490,7 +490,10 @@ impl<'a> ServicePlanner<'a> {
 /// an entry still points at until a later op moves it), and the tables no
 /// planned entry keeps are removed after the entries stop pointing at them.
 struct TableIds {
-    /// Indexes holding a table or named by an applied entry.
+    /// Indexes holding a table or named by an applied entry (adopted
+    /// entries' tables are not in the mirror).
+    applied: BTreeSet<u32>,
+    /// `applied` and the indexes given out by this plan.
     taken: BTreeSet<u32>,
     /// Indexes the planned entries point at.
     kept: BTreeSet<u32>,
@@ -506,8 +509,10 @@ impl TableIds {
             .values()
             .filter(|service| service.entry.table_size > 0)
             .map(|service| service.entry.table_id);
+        let applied: BTreeSet<u32> = applied.tables.keys().copied().chain(referenced).collect();
         Self {
-            taken: applied.tables.keys().copied().chain(referenced).collect(),
+            taken: applied.clone(),
+            applied,
             kept: BTreeSet::new(),
             capacity,
             lowest: 0,
@@ -534,11 +539,9 @@ impl TableIds {
     }
 
     /// `RemoveTable` for every applied table no planned entry keeps.
-    fn remove_unkept(&self, applied: &Applied, ops: &mut Vec<MapOp>) {
-        for &table in applied.tables.keys() {
-            if !self.kept.contains(&table) {
-                ops.push(MapOp::RemoveTable { table });
-            }
+    fn remove_unkept(&self, ops: &mut Vec<MapOp>) {
+        for &table in self.applied.difference(&self.kept) {
+            ops.push(MapOp::RemoveTable { table });
         }
     }
 }

@@ -1060,10 +1060,11 @@ fn source_ranges_must_fit() {
     );
 }
 
-/// An agent restarted on pinned maps adopts them: what it reads back plus
-/// the names of the services that own the frontends plans nothing new.
+/// An agent restarted on pinned maps adopts them: what it reads back (no
+/// tables: those are opened by id) plus the names of the services that own
+/// the frontends plans only each table anew, in place, with the same slots.
 #[test]
-fn adopted_maps_keep_ids_tables_and_need_no_ops() {
+fn adopted_maps_keep_ids_and_tables_and_rewrite_tables_in_place() {
     let mut lab = Harness::new();
     let mut web = service("web", 30080, vec![backend(2, 1), backend(3, 2)]);
     web.port = 80;
@@ -1076,6 +1077,7 @@ fn adopted_maps_keep_ids_tables_and_need_no_ops() {
     for service in adopted.services.values_mut() {
         service.name.clear();
     }
+    adopted.tables.clear();
     // A frontend no desired service claims stays unnamed and goes.
     adopted.services.insert(
         tcp(30999),
@@ -1086,13 +1088,41 @@ fn adopted_maps_keep_ids_tables_and_need_no_ops() {
     );
     adopted.adopt_names(&Desired::new(&desired, &node()));
     let ops = diff(&adopted, &Desired::new(&desired, &node()), &capacity());
+    let Ok(ops) = ops else { panic!("{ops:?}") };
+    let mut rewritten = BTreeMap::new();
+    for op in &ops[..2] {
+        let MapOp::WriteTable { table, backend_ids } = op else {
+            panic!("{ops:#?}")
+        };
+        rewritten.insert(*table, backend_ids.clone());
+    }
+    assert_eq!(rewritten, lab.maps.select, "same indexes, same slots");
     assert_eq!(
-        ops,
-        Ok(vec![MapOp::RemoveService {
+        ops[2..],
+        [MapOp::RemoveService {
             frontend: tcp(30999)
-        }])
+        }]
     );
     assert_eq!(adopted.services[&exact(10)].name, "default/web");
+    // Before that plan is applied, no socket's backend counts as gone.
+    let kept = BackendAddr::from(&backend(3, 1));
+    assert!(adopted.socket_keeps_backend(entry(&lab, tcp(30080)).id, kept));
+    // An adopted service that goes takes its (unread) table with it.
+    let ops = diff(
+        &adopted,
+        &Desired::new(&state(vec![]), &node()),
+        &capacity(),
+    );
+    let Ok(ops) = ops else { panic!("{ops:?}") };
+    let removed: BTreeSet<u32> = ops
+        .iter()
+        .filter_map(|op| match op {
+            MapOp::RemoveTable { table } => Some(*table),
+            _ => None,
+        })
+        .collect();
+    let tables: BTreeSet<u32> = lab.maps.select.keys().copied().collect();
+    assert_eq!(removed, tables);
 }
 
 #[test]

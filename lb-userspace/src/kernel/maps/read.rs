@@ -110,17 +110,11 @@ impl KernelMaps {
                 },
             );
         }
-        let tables: BTreeSet<u32> = applied
-            .services
-            .values()
-            .filter(|service| service.entry.table_size > 0)
-            .map(|service| service.entry.table_id)
-            .collect();
-        for table in tables {
-            if let Some(slots) = self.select_slots(table)? {
-                applied.tables.insert(table, slots);
-            }
-        }
+        // The tables themselves are not read back: `XLB_SELECT` gives map
+        // ids, and opening a map by id needs CAP_SYS_ADMIN, which the agent
+        // does without. The first plan swaps each table in place (same
+        // index, same size, so no entry changes; the same backends give
+        // the same slots), which established flows never look at.
         for (id, backend) in self.backends.iter().enumerate() {
             let backend = backend.map_err(io(names::BACKENDS))?;
             if backend.flags & BACKEND_F_ACTIVE == 0 {
@@ -174,7 +168,9 @@ impl KernelMaps {
         Ok(next)
     }
 
-    /// The slots of the table at `XLB_SELECT[table]`, if there is one.
+    /// The slots of the table at `XLB_SELECT[table]`, if there is one
+    /// (for tests and debugging: it opens the table by id, which needs
+    /// CAP_SYS_ADMIN).
     pub fn select_slots(&self, table: u32) -> Result<Option<Vec<u32>>, MapIoError> {
         let slots = match self.select_tables().get(&table, 0) {
             Ok(slots) => slots,
