@@ -17,6 +17,32 @@ pub struct AppliedService {
     pub entry: ServiceEntry,
 }
 
+/// What the mirror keeps of a written selection table: enough to tell
+/// whether a planned table is the same and which backends it names, not
+/// its slots (10,000 tables of 16381 slots would be 655 MB).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSummary {
+    pub slots: u32,
+    /// A 64-bit hash of the slots in order.
+    pub digest: u64,
+    pub backend_ids: BTreeSet<u32>,
+}
+
+impl TableSummary {
+    pub fn of(slots: &[u32]) -> Self {
+        use std::hash::{Hash as _, Hasher as _};
+        // SipHash with fixed keys: the same slots give the same digest in
+        // every plan of this agent's life.
+        let mut hasher = std::hash::DefaultHasher::new();
+        slots.hash(&mut hasher);
+        Self {
+            slots: u32::try_from(slots.len()).unwrap_or(u32::MAX),
+            digest: hasher.finish(),
+            backend_ids: slots.iter().copied().collect(),
+        }
+    }
+}
+
 /// Mirror of what xlb has written into the maps, updated op by op, so that a
 /// failed apply leaves it exactly as true as the maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -28,7 +54,7 @@ pub struct Applied {
     /// apply, some may be unreferenced: the next plan removes them). Empty
     /// after adopting pinned maps (their tables are not read back): the
     /// first plan rewrites each in place.
-    pub tables: BTreeMap<u32, Vec<u32>>,
+    pub tables: BTreeMap<u32, TableSummary>,
     pub source_ranges: BTreeSet<SourceRangeKey>,
     pub node_addresses: BTreeSet<Ipv4Addr>,
     pub interface_addresses: BTreeMap<u32, Ipv4Addr>,
@@ -46,15 +72,13 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// [`Applied::record`], moving a written selection table's slots from
-    /// `op` into the mirror rather than copying them (10,000 tables of
-    /// 16381 slots are 655 MB): `op` keeps an empty table.
+    /// [`Applied::record`], dropping a written selection table's slots
+    /// from `op` once the mirror has its summary (10,000 tables of 16381
+    /// slots are 655 MB): `op` keeps an empty table.
     pub fn record_taking(&mut self, op: &mut MapOp) {
-        match op {
-            MapOp::WriteTable { table, backend_ids } => {
-                self.tables.insert(*table, std::mem::take(backend_ids));
-            }
-            op => self.record(op),
+        self.record(op);
+        if let MapOp::WriteTable { backend_ids, .. } = op {
+            *backend_ids = Vec::new();
         }
     }
 
@@ -83,7 +107,7 @@ impl Applied {
                 }
             }
             MapOp::WriteTable { table, backend_ids } => {
-                self.tables.insert(*table, backend_ids.clone());
+                self.tables.insert(*table, TableSummary::of(backend_ids));
             }
             MapOp::RemoveTable { table } => {
                 self.tables.remove(table);
@@ -124,8 +148,8 @@ impl Applied {
             .backends
             .values()
             .any(|active| active.address == backend && active.terminating);
-        let in_table = |table: &[u32]| {
-            table.iter().any(|id| {
+        let in_table = |table: &TableSummary| {
+            table.backend_ids.iter().any(|id| {
                 self.backends
                     .get(id)
                     .is_some_and(|active| active.address == backend)
@@ -138,6 +162,7 @@ impl Applied {
                 .filter(|service| service.entry.id == service_id)
                 // A table adopted and not yet rewritten: nothing is known
                 // to be gone.
+                .filter(|service| service.entry.table_size > 0)
                 .any(|service| self.table_of(&service.entry).is_none_or(in_table))
     }
 
@@ -149,15 +174,12 @@ impl Applied {
             .map(|(frontend, _)| frontend.protocol)
     }
 
-    /// The table a service entry currently points at.
-    pub(super) fn table_of(&self, entry: &ServiceEntry) -> Option<&[u32]> {
-        if entry.table_size == 0 {
-            return Some(&[]);
-        }
+    /// The table a service entry with a table (`table_size` > 0) currently
+    /// points at, as far as the mirror knows it.
+    pub(super) fn table_of(&self, entry: &ServiceEntry) -> Option<&TableSummary> {
         self.tables
             .get(&entry.table_id)
-            .filter(|table| table.len() == entry.table_size as usize)
-            .map(Vec::as_slice)
+            .filter(|table| table.slots == entry.table_size)
     }
 
     /// After adopting maps a previous agent wrote (which hold no names),

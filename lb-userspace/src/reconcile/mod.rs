@@ -23,7 +23,7 @@ mod ops;
 mod plan;
 mod writer;
 
-pub use applied::{Applied, AppliedService};
+pub use applied::{Applied, AppliedService, TableSummary};
 pub use desired::{Desired, DesiredService, NodeFacts, RefusedFrontend};
 pub use ops::{ActiveBackend, Frontend, MapOp, RunKind, ServiceEntry, Settings, SourceRangeKey};
 pub use plan::{Capacity, Fitted, PlanError, diff, diff_fitting};

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::applied::Applied;
+use super::applied::{Applied, TableSummary};
 use super::desired::{Desired, DesiredService};
 use super::maglev::{MaglevBackend, identity, maglev_table};
 use super::ops::{ActiveBackend, Frontend, MapOp, ServiceEntry, SourceRangeKey};
@@ -464,9 +464,10 @@ impl<'a> ServicePlanner<'a> {
             return Ok((0, 0));
         }
         let table_size = table.len() as u32;
+        let summary = TableSummary::of(&table);
         let reusable = current
             .iter()
-            .find(|entry| self.applied.table_of(entry) == Some(table.as_slice()));
+            .find(|entry| self.applied.table_of(entry) == Some(&summary));
         if let Some(entry) = reusable {
             self.tables.keep(entry.table_id);
             return Ok((entry.table_id, entry.table_size));
