@@ -200,7 +200,11 @@ fn maps_read_back_as_written() {
     assert!(empty.services.is_empty() && empty.backends.is_empty());
     for table in [web.table_id, dns.table_id] {
         let slots = maps.select_slots(table).map_err(|e| error_chain(&e));
-        assert_eq!(slots, Ok(None), "table {table} is freed");
+        assert_eq!(
+            slots,
+            Ok(Some(vec![0])),
+            "table {table} is freed (a shared one-slot placeholder)"
+        );
     }
     assert_eq!(
         empty.node_addresses.into_iter().collect::<Vec<_>>(),
@@ -316,6 +320,44 @@ fn runs_are_written_whole_and_fail_where_they_fail() {
         panic!("a table past the end was written")
     };
     assert_eq!(error.0, 1);
+}
+
+/// The kernel takes a run of tables into `XLB_SELECT` with one batch
+/// update (it waits for an RCU grace period once per call on a map of
+/// maps, not once per table), and each reads back as written.
+#[test]
+fn tables_are_swapped_in_by_one_batch_call() {
+    let Some(mut loaded) = load() else { return };
+    let maps = &mut loaded.maps;
+    let tables: Vec<(u32, Vec<u32>)> = (0..40)
+        .map(|table| {
+            (
+                table * 3,
+                (0..251).map(|slot| 1 + (table + slot) % 7).collect(),
+            )
+        })
+        .collect();
+    let swapped = maps
+        .swap_tables_in_one_call(&tables)
+        .map_err(|e| error_chain(&e));
+    assert_eq!(swapped, Ok(()));
+    for (table, ids) in &tables {
+        let read = maps.select_slots(*table).map_err(|e| error_chain(&e));
+        assert_eq!(read, Ok(Some(ids.clone())), "table {table}");
+    }
+    // A run of removals frees them (pointing each index at one shared
+    // one-slot table).
+    let removals: Vec<MapOp> = tables
+        .iter()
+        .map(|(table, _)| MapOp::RemoveTable { table: *table })
+        .collect();
+    let removed =
+        reconcile::MapWriter::apply_run(maps, &removals).map_err(|(_, e)| error_chain(&e));
+    assert_eq!(removed, Ok(()));
+    for (table, _) in &tables {
+        let read = maps.select_slots(*table).map_err(|e| error_chain(&e));
+        assert_eq!(read, Ok(Some(vec![0])), "table {table}");
+    }
 }
 
 #[test]

@@ -191,11 +191,14 @@ impl MapOp {
 }
 
 /// Ops the kernel layer may write together (see `MapWriter::apply_run`).
-/// Selection tables are not among them: each is a map of its own, made,
-/// filled and swapped in alone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunKind {
     Backends,
+    /// Each table is a map of its own, made and filled alone; they are
+    /// swapped into `XLB_SELECT` together.
+    Tables,
+    /// Emptied together.
+    TableRemovals,
     Services,
 }
 
@@ -204,6 +207,8 @@ impl MapOp {
     pub const fn run_kind(&self) -> Option<RunKind> {
         match self {
             MapOp::WriteBackend { .. } => Some(RunKind::Backends),
+            MapOp::WriteTable { .. } => Some(RunKind::Tables),
+            MapOp::RemoveTable { .. } => Some(RunKind::TableRemovals),
             MapOp::WriteService { .. } => Some(RunKind::Services),
             _ => None,
         }
