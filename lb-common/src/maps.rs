@@ -29,12 +29,20 @@ pub enum MapKind {
     PerCpuArray = 6,
     LruHash = 9,
     LpmTrie = 11,
+    /// Values are other maps (file descriptors in, map ids out).
+    ArrayOfMaps = 12,
 }
 
 /// `BPF_F_NO_PREALLOC`: the kernel requires it of LPM tries.
 pub const BPF_F_NO_PREALLOC: u32 = 1;
-/// `BPF_F_MMAPABLE`: an array the agent may mmap (`XLB_SELECT`).
+/// `BPF_F_MMAPABLE`: an array the agent may mmap (`XLB_SELECT`'s tables).
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// `BPF_F_INNER_MAP`: an inner map's size is not part of its outer map's
+/// template (kernel >= 5.10), so each service's table has its own size.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `map_flags` of every table in `XLB_SELECT` (and of its template, which
+/// the kernel compares them with): any size, written through a mapping.
+pub const SELECT_TABLE_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 
 impl MapKind {
     /// The map's `map_flags`, which follow from its kind.
@@ -65,9 +73,6 @@ pub enum Sizing {
     Flows,
     /// Set at load time to the backend ids the agent allows.
     Backends,
-    /// Set at load time to the selection slots the config needs; a larger
-    /// pinned map is kept (a smaller config keeps the map, and its tables).
-    SelectSlots,
 }
 
 /// How the map's pin on a bpffs (`DIR/maps/NAME`) is treated across agent
@@ -75,7 +80,7 @@ pub enum Sizing {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pin {
     /// Part of the configuration. Its entries refer to the other
-    /// configuration maps' (service entries to table regions, slots and
+    /// configuration maps' (service entries to their tables, slots and
     /// affinity records to backend ids), so the group is adopted whole or
     /// recreated whole: never a fresh `XLB_SELECT` under adopted services.
     Config,
@@ -156,11 +161,15 @@ declare_maps! {
     /// Row: `CONST = "NAME": Kind<Key, Value>, max entries, sizing, pin,
     /// explain[, flags: extra map_flags]`.
     SERVICES = "XLB_SERVICES": Hash<ServiceKey, Service>, SERVICES_MAX, Fixed, Config, Shared;
-    /// `Array<u32>`: backend selection slots (backend ids), one region per service
-    /// at `Service::table_offset .. + table_size`.
-    /// Memory-mappable: the agent writes a big config's millions of slots
-    /// through a mapping instead of one map update each.
-    SELECT = "XLB_SELECT": Array<u32, u32>, SELECT_MAX, SelectSlots, Config, Shared, flags: BPF_F_MMAPABLE;
+    /// `ArrayOfMaps` indexed by `Service::table_id`: each service's Maglev
+    /// table, an `Array<u32>` of `Service::table_size` backend ids
+    /// ([`SELECT_TABLE_FLAGS`]). The agent replaces a table by creating
+    /// and filling a new one, then swapping it into its index with one
+    /// update, which packets see atomically (as Cilium's per-service
+    /// Maglev maps): no double buffering, no regions of one big array.
+    /// Pinned with the configuration; the tables live as long as it
+    /// points at them.
+    SELECT = "XLB_SELECT": ArrayOfMaps<u32, u32>, TABLES_MAX, Fixed, Config, Shared;
     /// `Array<Backend>`: backends by id. Id 0 is never used.
     BACKENDS = "XLB_BACKENDS": Array<u32, Backend>, BACKENDS_MAX, Backends, Config, Shared;
     /// `Array<BackendHop>`: the datapath's next-hop cache per backend id. Not
@@ -314,7 +323,10 @@ pub fn kernel_name(name: &str) -> &str {
 pub const SERVICES_MAX: u32 = 65_536;
 /// Service ids are below this (the per-service counters are an array).
 pub const SERVICE_IDS_MAX: u32 = 65_536;
-pub const SELECT_MAX: u32 = 1 << 22;
+/// Selection tables: at most one per service entry, so never more than
+/// `SERVICES_MAX` live at once (a table's index is reused once no entry
+/// points at it).
+pub const TABLES_MAX: u32 = SERVICES_MAX;
 pub const BACKENDS_MAX: u32 = 131_072;
 pub const FLOWS_MAX: u32 = 1 << 20;
 /// 16,384 half-open flows: at most about half of one backend's default

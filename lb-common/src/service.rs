@@ -36,9 +36,9 @@ pub const SERVICE_F_SOURCE_RANGES: u32 = 1 << 3;
 pub struct Service {
     /// Agent-assigned id, stable while the service exists.
     pub id: u32,
-    /// First slot of this service's region in `XLB_SELECT`.
-    pub table_offset: u32,
-    /// Slots in the region; 0 means "no backends".
+    /// Index of this service's table in `XLB_SELECT`.
+    pub table_id: u32,
+    /// Slots in the table; 0 means "no backends".
     pub table_size: u32,
     /// `SERVICE_F_*`.
     pub flags: u32,

@@ -3,24 +3,30 @@
 //! opens exactly these (a kernel test checks the object against it).
 
 use aya_ebpf::{
-    macros::map,
+    btf_maps::{self, ArrayOfMaps},
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
     IcmpLimit, NodeAddr, Paths, Peer, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
-    Traffic, maps::decl,
+    Traffic,
+    maps::{SELECT_TABLE_FLAGS, decl},
 };
 
 #[map]
 pub static XLB_SERVICES: HashMap<ServiceKey, Service> =
     HashMap::with_max_entries(decl::SERVICES.max_entries, decl::SERVICES.flags);
 
-/// Memory-mappable (its declaration's flags): the agent writes a big
-/// config's millions of slots through a mapping.
-#[map]
-pub static XLB_SELECT: Array<u32> =
-    Array::with_max_entries(decl::SELECT.max_entries, decl::SELECT.flags);
+/// A selection table: `XLB_SELECT`'s inner-map template. Its size is a
+/// placeholder (`BPF_F_INNER_MAP`: every table has its own).
+pub type SelectTable = btf_maps::Array<u32, 1, { SELECT_TABLE_FLAGS as usize }>;
+
+/// Per-service selection tables (aya declares maps of maps only as BTF
+/// maps; the agent opens it by name like the others).
+#[btf_map]
+pub static XLB_SELECT: ArrayOfMaps<SelectTable, { decl::SELECT.max_entries as usize }> =
+    ArrayOfMaps::new();
 
 #[map]
 pub static XLB_BACKENDS: Array<Backend> =

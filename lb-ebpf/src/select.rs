@@ -16,8 +16,11 @@ pub fn backend_for(service: &Service, hash: u32) -> Option<(u32, Backend)> {
     if service.table_size == 0 {
         return None;
     }
-    let slot = service.table_offset.wrapping_add(hash % service.table_size);
-    let id = *XLB_SELECT.get(slot)?;
+    // Two lookups: the service's table, then its slot. A table and the
+    // entries pointing at it change size together only by moving to a new
+    // `table_id` (the agent never resizes a table in place), so the slot is
+    // always inside the table this lookup finds.
+    let id = *XLB_SELECT.get_value(service.table_id, &(hash % service.table_size))?;
     let backend = *XLB_BACKENDS.get(id)?;
     if backend.flags & BACKEND_F_ACTIVE == 0 {
         return None;

@@ -96,10 +96,7 @@ fn heap_of_a_big_apply() {
     step("parsed (text dropped)");
     let desired = Desired::new(&config.state, &NodeFacts::default());
     step("desired");
-    let capacity = Capacity {
-        select_slots: 251 * 20_002,
-        ..Capacity::default()
-    };
+    let capacity = Capacity::default();
     let mut applied = Applied::default();
     let mut ops = reconcile::diff(&applied, &desired, &capacity).expect("fits");
     step("planned");
@@ -200,10 +197,7 @@ fn heap_of_a_big_cluster() {
     let state = xlb::source::kube::desired_state(&snapshot, &node, &base);
     step("translated");
     let desired = Desired::new(&state, &NodeFacts::default());
-    let capacity = Capacity {
-        select_slots: 251 * 20_002,
-        ..Capacity::default()
-    };
+    let capacity = Capacity::default();
     let mut applied = Applied::default();
     let mut ops = reconcile::diff(&applied, &desired, &capacity).expect("fits");
     for op in &mut ops {

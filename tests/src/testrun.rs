@@ -12,7 +12,7 @@ use crate::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, MapData, PerCpuArray,
+        Array, ArrayOfMaps, HashMap, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{TestRun as _, Xdp},
@@ -233,7 +233,6 @@ impl Datapath {
             (BACKEND_2_ID, BACKEND_2),
             (BACKEND_UNRESOLVED_ID, BACKEND_UNRESOLVED),
         ];
-        let mut slots = vec![0u32; 4 * TABLE_SIZE as usize];
         let mut table = self.backends();
         for (id, addr) in backends {
             table
@@ -243,36 +242,57 @@ impl Datapath {
                 .set(id + 10, backend(addr, UDP_TARGET_PORT), 0)
                 .expect("backend");
         }
-        for slot in 0..TABLE_SIZE as usize {
-            let pick = if slot % 2 == 0 { 0 } else { 1 };
-            slots[slot] = [BACKEND_1_ID, BACKEND_2_ID][pick];
-            slots[TABLE_SIZE as usize + slot] = [BACKEND_1_ID + 10, BACKEND_2_ID + 10][pick];
-            slots[3 * TABLE_SIZE as usize + slot] = BACKEND_UNRESOLVED_ID;
-        }
-        let mut select: Array<_, u32> =
-            Array::try_from(self.map_mut(names::SELECT)).expect("select map");
-        for (index, id) in slots.iter().enumerate() {
-            select.set(index as u32, id, 0).expect("slot");
-        }
+        // Tables 0 (TCP) and 1 (UDP) alternate the two backends, table 3
+        // holds the unresolved one; the empty services name table 2, which
+        // is never written.
+        let alternate = |first: u32, second: u32| -> Vec<u32> {
+            (0..TABLE_SIZE)
+                .map(|slot| if slot % 2 == 0 { first } else { second })
+                .collect()
+        };
+        self.set_table(0, &alternate(BACKEND_1_ID, BACKEND_2_ID));
+        self.set_table(1, &alternate(BACKEND_1_ID + 10, BACKEND_2_ID + 10));
+        self.set_table(3, &alternate(BACKEND_UNRESOLVED_ID, BACKEND_UNRESOLVED_ID));
     }
 
-    /// The NodePort services, each naming its region of the selection
-    /// table.
+    /// `XLB_SELECT[table]` = a new table holding `ids`, as the agent writes
+    /// one.
+    pub fn set_table(&mut self, table: u32, ids: &[u32]) {
+        let len = u32::try_from(ids.len()).expect("table size");
+        let mut new: Array<MapData, u32> =
+            Array::create(len, names::SELECT_TABLE_FLAGS).expect("create a table");
+        for (slot, id) in ids.iter().enumerate() {
+            new.set(slot as u32, id, 0).expect("slot");
+        }
+        let mut select: ArrayOfMaps<_, Array<MapData, u32>> =
+            ArrayOfMaps::try_from(self.map_mut(names::SELECT)).expect("select map");
+        select.set(table, &new, 0).expect("swap the table in");
+    }
+
+    /// The slots of `XLB_SELECT[table]`.
+    pub fn table(&mut self, table: u32) -> Vec<u32> {
+        let select: ArrayOfMaps<_, Array<MapData, u32>> =
+            ArrayOfMaps::try_from(self.map_mut(names::SELECT)).expect("select map");
+        let slots = select.get(&table, 0).expect("table");
+        slots.iter().map(|slot| slot.expect("slot")).collect()
+    }
+
+    /// The NodePort services, each naming its selection table.
     fn write_base_services(&mut self) {
         let mut services = self.services();
         let masq = SERVICE_F_MASQUERADE;
         let table = TABLE_SIZE;
-        for (id, port, proto, offset, size, flags) in [
+        for (id, port, proto, table_id, size, flags) in [
             (1, TCP_NODE_PORT, IPPROTO_TCP, 0, table, masq),
-            (2, UDP_NODE_PORT, IPPROTO_UDP, table, table, masq),
-            (3, EMPTY_NODE_PORT, IPPROTO_UDP, 2 * table, 0, masq),
-            (4, UNRESOLVED_NODE_PORT, IPPROTO_TCP, 3 * table, table, masq),
-            (5, EMPTY_TCP_NODE_PORT, IPPROTO_TCP, 2 * table, 0, masq),
+            (2, UDP_NODE_PORT, IPPROTO_UDP, 1, table, masq),
+            (3, EMPTY_NODE_PORT, IPPROTO_UDP, 2, 0, masq),
+            (4, UNRESOLVED_NODE_PORT, IPPROTO_TCP, 3, table, masq),
+            (5, EMPTY_TCP_NODE_PORT, IPPROTO_TCP, 2, 0, masq),
             (
                 6,
                 LOCAL_EMPTY_NODE_PORT,
                 IPPROTO_UDP,
-                2 * table,
+                2,
                 0,
                 SERVICE_F_DROP_IF_EMPTY,
             ),
@@ -280,7 +300,7 @@ impl Datapath {
                 RANGED_SERVICE_ID,
                 RANGED_NODE_PORT,
                 IPPROTO_UDP,
-                table,
+                1,
                 table,
                 masq | SERVICE_F_SOURCE_RANGES,
             ),
@@ -288,11 +308,11 @@ impl Datapath {
                 8,
                 AFFINITY_NODE_PORT,
                 IPPROTO_UDP,
-                table,
+                1,
                 table,
                 masq | SERVICE_F_AFFINITY,
             ),
-            (9, LOCAL_NODE_PORT, IPPROTO_UDP, table, table, 0),
+            (9, LOCAL_NODE_PORT, IPPROTO_UDP, 1, table, 0),
         ] {
             let key = ServiceKey {
                 addr_be: ADDR_ANY_NODE,
@@ -302,7 +322,7 @@ impl Datapath {
             };
             let service = Service {
                 id,
-                table_offset: offset,
+                table_id,
                 table_size: size,
                 flags,
                 affinity_timeout_s: 10_800,
@@ -380,12 +400,13 @@ impl Datapath {
     /// that named it names `survivor` instead, then the backend is marked
     /// inactive.
     pub fn remove_backend(&mut self, id: u32, survivor: u32) {
-        let mut select: Array<_, u32> =
-            Array::try_from(self.map_mut(names::SELECT)).expect("select map");
-        for slot in 0..4 * TABLE_SIZE {
-            if select.get(&slot, 0).expect("slot") == id {
-                select.set(slot, survivor, 0).expect("slot");
-            }
+        for table in [0, 1, 3] {
+            let slots: Vec<u32> = self
+                .table(table)
+                .into_iter()
+                .map(|slot| if slot == id { survivor } else { slot })
+                .collect();
+            self.set_table(table, &slots);
         }
         let mut table = self.backends();
         let mut entry = table.get(&id, 0).expect("backend");

@@ -116,11 +116,11 @@ pub struct Options {
     /// --quick); `--sweep 0` skips it.
     #[arg(long, value_delimiter = ',')]
     pub sweep: Vec<usize>,
-    /// `selection.tableSize` for xlb in the sweep (a prime). 10,000
-    /// Services x the default 1021 slots do not fit the selection array, so
-    /// the sweep uses a smaller table at every point.
-    #[arg(long, default_value_t = 251)]
-    pub sweep_table_size: u32,
+    /// `selection.tableSize` for xlb in the sweep (a prime; default: xlb's
+    /// own, 16381 slots). Each Service has its own table, so 10,000 of the
+    /// default size fit (1.3 GB of kernel memory at 8 bytes a slot).
+    #[arg(long)]
+    pub sweep_table_size: Option<u32>,
     /// Distinct pod addresses the sweep's filler backends use (at most
     /// 65536, the default; ports tell backends apart). A small number shows
     /// which part of the agent's apply time is per address.
@@ -225,7 +225,7 @@ pub fn run(options: &Options) -> anyhow::Result<(Report, bool)> {
             udp_timeout_s,
             ..BenchConfig::sweep_with_pod_ips(
                 services,
-                Some(options.sweep_table_size),
+                options.sweep_table_size,
                 options.filler_pod_ips,
             )
         };

@@ -178,7 +178,8 @@ pub struct Report {
     pub window_s: f64,
     pub duration_s: f64,
     pub agent_binary: String,
-    pub sweep_table_size: u32,
+    /// `selection.tableSize` of xlb in the sweep (None: xlb's default).
+    pub sweep_table_size: Option<u32>,
     /// Idle timeout of unanswered UDP flows in every system (None: defaults).
     pub udp_timeout_s: Option<u32>,
     pub systems: Vec<SystemFigures>,
@@ -210,7 +211,7 @@ impl Report {
         quick: bool,
         repeats: u32,
         window: Duration,
-        sweep_table_size: u32,
+        sweep_table_size: Option<u32>,
         udp_timeout_s: Option<u32>,
     ) -> Report {
         Report {
@@ -256,9 +257,11 @@ impl Report {
         self.duration_s = elapsed.as_secs_f64();
         self.load_average_end = load_average();
         if self.sweep.iter().any(|point| point.services > 1) {
+            let size = self
+                .sweep_table_size
+                .map_or_else(|| String::from("its default"), |size| size.to_string());
             self.notes.push(format!(
-                "sweep: xlb runs with selection.tableSize {} at every point (10,000 Services x the default 1021 slots, double-buffered, would need 20.4M slots in XLB_SELECT); each Service has 10 backends, the measured one is last",
-                self.sweep_table_size
+                "sweep: xlb runs with selection.tableSize {size} at every point (one table per Service); each Service has 10 backends, the measured one is last"
             ));
         }
         if let Some(xlb) = self.system("xlb").cloned() {
@@ -305,7 +308,7 @@ mod tests {
     fn medians_and_ratios() {
         assert_eq!(Figure::of(vec![3.0, 1.0, 2.0]).median, 2.0);
         assert_eq!(Figure::of(vec![4.0, 1.0, 2.0, 3.0]).median, 2.5);
-        let mut report = Report::new(true, 1, Duration::from_secs(1), 251, Some(1));
+        let mut report = Report::new(true, 1, Duration::from_secs(1), Some(251), Some(1));
         for (name, pps) in [("xlb", 2.0e6), ("limit", 2.5e6), ("iptables", 0.25e6)] {
             let mut figures = SystemFigures::new(name);
             figures

@@ -36,21 +36,28 @@ pub(super) fn warnings(config: &LoadedConfig) -> Vec<String> {
     warnings
 }
 
-/// `XLB_SELECT` above this many bytes deserves a word.
+/// Selection tables above this many bytes in all deserve a word.
 const SELECT_WARN_BYTES: u64 = 256 << 20;
 
-/// A warning when the selection tables need a lot of memory: every
-/// service's table twice (double buffering) at `selection.tableSize`.
+/// Kernel memory of one selection slot: array maps store each value in 8
+/// bytes, a `u32` too.
+const SELECT_SLOT_BYTES: u64 = 8;
+
+/// A warning when the selection tables need a lot of memory: one table per
+/// service (`XLB_SELECT`) of `selection.tableSize` slots.
 fn select_memory_warning(config: &LoadedConfig) -> Option<String> {
     let state = &config.state;
-    let bytes = u64::from(map_sizes(state).select_slots) * 4;
+    let services = u64::try_from(state.services.len()).unwrap_or(u64::MAX);
+    let bytes = services
+        .saturating_mul(u64::from(state.table_size))
+        .saturating_mul(SELECT_SLOT_BYTES);
     if bytes <= SELECT_WARN_BYTES {
         return None;
     }
     let problem = config.problem(
         "selection.tableSize",
         format!(
-            "{} services at {} slots, double-buffered, make XLB_SELECT {} MiB",
+            "{} services at {} slots make their selection tables {} MiB",
             state.services.len(),
             state.table_size,
             bytes >> 20
@@ -112,23 +119,12 @@ pub(super) fn foreign_node_addresses(
         .collect()
 }
 
-/// Load-time map sizes for a config: room for every service's table twice
-/// (double buffering) plus slack, never below the defaults.
+/// Load-time map sizes for a config (the selection tables need none: each
+/// service's table is made at its size when written).
 pub(super) fn map_sizes(state: &DesiredState) -> MapSizes {
-    map_sizes_for(state, state.services.len())
-}
-
-/// [`map_sizes`] for `services` services with `state`'s settings.
-pub(super) fn map_sizes_for(state: &DesiredState, services: usize) -> MapSizes {
-    let defaults = MapSizes::default();
-    let services = u64::try_from(services).unwrap_or(u64::MAX);
-    let wanted = u64::from(state.table_size).saturating_mul(services.saturating_mul(2) + 2);
     MapSizes {
         flows: state.conntrack.max_flows,
-        select_slots: u32::try_from(wanted)
-            .unwrap_or(u32::MAX)
-            .max(defaults.select_slots),
-        ..defaults
+        ..MapSizes::default()
     }
 }
 
@@ -184,7 +180,7 @@ mod tests {
     }
 
     #[test]
-    fn select_map_grows_with_services() {
+    fn map_sizes_do_not_grow_with_services() {
         let mut state = config("node:\n  interfaces: [lo]\n").state;
         assert_eq!(map_sizes(&state), MapSizes::default());
         state.table_size = 65_537;
@@ -197,7 +193,7 @@ mod tests {
                 ..crate::model::Service::default()
             })
             .collect();
-        assert_eq!(map_sizes(&state).select_slots, 65_537 * 82);
+        assert_eq!(map_sizes(&state), MapSizes::default());
     }
 
     #[test]
@@ -211,7 +207,7 @@ mod tests {
             })
             .collect();
         let loaded = config(&format!("node:\n  interfaces: [lo]\nservices:\n{services}"));
-        // 300 services: 2 x 300 + 2 tables of 16381 slots, 37 MiB: fine.
+        // 300 services: 300 tables of 16381 slots of 8 bytes, 37 MiB: fine.
         assert_eq!(select_memory_warning(&loaded), None);
         let big: String = (0..3000)
             .map(|index| {
@@ -225,8 +221,8 @@ mod tests {
         let warning = select_memory_warning(&loaded).unwrap_or_default();
         assert!(
             warning.starts_with(
-                "t.yaml:1:1: selection.tableSize: 3000 services at 16381 slots, double-buffered, \
-                 make XLB_SELECT 375 MiB; a smaller prime (4093 or 1021)"
+                "t.yaml:1:1: selection.tableSize: 3000 services at 16381 slots make their \
+                 selection tables 374 MiB; a smaller prime (4093 or 1021)"
             ),
             "{warning}"
         );

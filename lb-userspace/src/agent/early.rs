@@ -1,19 +1,16 @@
 //! Start-up from a cluster source: the datapath is loaded (its XDP program
 //! verified, about a second) while the source lists the cluster (about as
-//! long for 10,000 Services), not after. Its size is guessed from how many
-//! Services the API says it has; a cluster that turns out bigger than the
-//! guess has the datapath loaded again at its size, as without the guess.
+//! long for 10,000 Services), not after. Its maps' sizes come from the
+//! config file alone (each Service's selection table is made at its own
+//! size when written), so the early load is the load; only a config file
+//! changed meanwhile has it loaded again.
 
 use log::{info, warn};
 
-use super::config::{map_sizes, map_sizes_for};
+use super::config::map_sizes;
 use super::{AgentError, Load, Opening, RunOptions, Start};
 use crate::kernel::{Datapath, Loaded, MapSizes, PinDir, pin, seed::SeedOrigin};
 use crate::observe::{self, Observe};
-
-/// Room the guess leaves for Services with more than one port (each port
-/// is a service of its own) and those created while the agent starts.
-const GUESS_HEADROOM: usize = 4;
 
 /// The config to start with and the datapath loaded for it.
 pub(super) async fn open_and_load(
@@ -41,9 +38,8 @@ pub(super) async fn open_and_load(
             }
             Ok(loaded) => {
                 info!(
-                    "the cluster needs {} selection slots, more than the {} guessed: loading the \
-                     datapath again",
-                    sizes.select_slots, guessed.select_slots
+                    "the config now wants other map sizes ({sizes:?}, loaded {guessed:?}): \
+                     loading the datapath again"
                 );
                 discard(loaded, &guessed, pins);
             }
@@ -56,10 +52,10 @@ pub(super) async fn open_and_load(
 
 /// The sizes to load the datapath with before the cluster is listed, if
 /// that is safe: only from a cluster source, and only when nothing is
-/// pinned yet (a guess different from the final size must not decide
-/// whether a previous agent's pinned maps are adopted).
+/// pinned yet (a load that might be redone must not decide whether a
+/// previous agent's pinned maps are adopted).
 fn guess(opening: &Opening, pins: Option<&PinDir>) -> Option<MapSizes> {
-    let begun = opening.services.as_ref()?;
+    opening.services.as_ref()?;
     let state = &opening.config.state;
     let fresh = pins.is_none_or(|pins| {
         pin::map_specs(&map_sizes(state))
@@ -69,16 +65,13 @@ fn guess(opening: &Opening, pins: Option<&PinDir>) -> Option<MapSizes> {
     if !fresh {
         return None;
     }
-    let services = begun.services_hint.unwrap_or(0);
-    Some(map_sizes_for(state, services + services / GUESS_HEADROOM))
+    Some(map_sizes(state))
 }
 
 /// Whether a datapath loaded with `loaded` sizes serves a config that
 /// wants `wanted`.
 fn fits(loaded: &MapSizes, wanted: &MapSizes) -> bool {
-    loaded.flows == wanted.flows
-        && loaded.backends == wanted.backends
-        && loaded.select_slots >= wanted.select_slots
+    loaded == wanted
 }
 
 /// Drops a datapath loaded too small, and the pins its load made (so the
@@ -107,22 +100,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_guess_fits_a_config_that_wants_no_more() {
-        let guessed = MapSizes {
-            select_slots: 6_000_000,
-            ..MapSizes::default()
-        };
-        let smaller = MapSizes {
-            select_slots: 5_000_000,
-            ..MapSizes::default()
-        };
-        assert!(fits(&guessed, &smaller));
-        assert!(fits(&guessed, &guessed));
-        assert!(!fits(&smaller, &guessed), "too few selection slots");
+    fn only_the_sizes_loaded_fit() {
+        let loaded = MapSizes::default();
+        assert!(fits(&loaded, &loaded));
         let other_flows = MapSizes {
-            flows: guessed.flows / 2,
-            ..smaller
+            flows: loaded.flows / 2,
+            ..loaded
         };
-        assert!(!fits(&guessed, &other_flows), "conntrack is sized exactly");
+        assert!(!fits(&loaded, &other_flows), "conntrack is sized exactly");
     }
 }

@@ -122,8 +122,8 @@ pub struct Maglev {
     /// The slot in the service's table (hash mod table size).
     pub slot: u32,
     pub table_size: u32,
-    /// Index of that slot in XLB_SELECT.
-    pub select_index: u32,
+    /// The service's table: its index in XLB_SELECT.
+    pub table_id: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -313,7 +313,7 @@ fn maglev(key: &FlowKey, simulated: &Simulated) -> Option<Maglev> {
                 hash,
                 slot,
                 table_size: service.table_size,
-                select_index: service.table_offset.wrapping_add(slot),
+                table_id: service.table_id,
             }
         })
 }

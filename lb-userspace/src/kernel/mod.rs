@@ -53,7 +53,6 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub struct MapSizes {
     pub flows: u32,
     pub backends: u32,
-    pub select_slots: u32,
 }
 
 impl Default for MapSizes {
@@ -61,7 +60,6 @@ impl Default for MapSizes {
         Self {
             flows: lb_common::maps::FLOWS_MAX,
             backends: lb_common::maps::BACKENDS_MAX,
-            select_slots: lb_common::maps::SELECT_MAX,
         }
     }
 }
@@ -73,7 +71,6 @@ impl MapSizes {
             Sizing::Fixed => map.max_entries,
             Sizing::Flows => self.flows,
             Sizing::Backends => self.backends,
-            Sizing::SelectSlots => self.select_slots,
         }
     }
 }
@@ -247,7 +244,6 @@ pub fn is_root() -> bool {
 pub(crate) const TEST_SIZES: MapSizes = MapSizes {
     flows: 4096,
     backends: 64,
-    select_slots: 1021 * 8,
 };
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{MapInfo, MapType};
-use lb_common::maps::{MAPS, MapDecl, MapKind, Pin, Sizing};
+use lb_common::maps::{MAPS, MapDecl, MapKind, Pin};
 
 use super::MapSizes;
 use super::sys::fs_magic;
@@ -242,9 +242,6 @@ pub struct MapSpec {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
-    /// A larger pinned map is fine too (`XLB_SELECT`: a config that needs
-    /// fewer slots than a previous one keeps the map, and its tables).
-    pub or_larger: bool,
 }
 
 impl MapSpec {
@@ -264,15 +261,9 @@ impl MapSpec {
             ));
         }
         let entries = info.max_entries();
-        let fits = if self.or_larger {
-            entries >= self.max_entries
-        } else {
-            entries == self.max_entries
-        };
-        if !fits {
+        if entries != self.max_entries {
             return Some(format!(
-                "max_entries {entries}, expected {}{}",
-                if self.or_larger { "at least " } else { "" },
+                "max_entries {entries}, expected {}",
                 self.max_entries
             ));
         }
@@ -288,6 +279,7 @@ pub fn map_type(kind: MapKind) -> MapType {
         MapKind::PerCpuArray => MapType::PerCpuArray,
         MapKind::LruHash => MapType::LruHash,
         MapKind::LpmTrie => MapType::LpmTrie,
+        MapKind::ArrayOfMaps => MapType::ArrayOfMaps,
     }
 }
 
@@ -300,7 +292,6 @@ impl MapSpec {
             key_size: map.key_size,
             value_size: map.value_size,
             max_entries: sizes.max_entries(map),
-            or_larger: map.sizing == Sizing::SelectSlots,
         }
     }
 }
@@ -409,7 +400,7 @@ mod tests {
         let unpinned = [names::BACKEND_HOPS, names::REDIRECT_OK];
         assert!(specs.iter().all(|spec| !unpinned.contains(&spec.name)));
         let select = specs.iter().find(|spec| spec.name == names::SELECT);
-        assert!(select.is_some_and(|spec| spec.or_larger));
+        assert!(select.is_some_and(|spec| spec.kind == MapType::ArrayOfMaps));
     }
 
     #[test]

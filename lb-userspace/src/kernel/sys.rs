@@ -9,6 +9,8 @@ use std::path::Path;
 
 use aya::Pod;
 
+/// `BPF_MAP_DELETE_ELEM` from `enum bpf_cmd` (linux/bpf.h).
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 /// `BPF_MAP_GET_NEXT_KEY` from `enum bpf_cmd` (linux/bpf.h).
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 
@@ -59,6 +61,34 @@ pub fn bpf_map_get_next_key<K: Pod + Default>(
         return Ok(None);
     }
     Err(error)
+}
+
+/// Deletes `key` from the map `map`, whose keys must be `K`s (aya has no
+/// delete for maps of maps). A key already absent is an error (ENOENT).
+pub fn bpf_map_delete_elem<K: Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    let attr = ElemAttr {
+        map_fd: u32::try_from(map.as_raw_fd()).unwrap_or(u32::MAX),
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        next_key: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid BPF_MAP_DELETE_ELEM attribute: the fd is an
+    // open map whose key size is size_of::<K>() (the caller's typed map
+    // checked it) and `key` points to a live K the kernel only reads.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            std::ptr::from_ref(&attr),
+            std::mem::size_of::<ElemAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Every IPv4 address of every interface (getifaddrs), in the kernel's

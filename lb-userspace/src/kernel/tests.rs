@@ -12,7 +12,7 @@ use aya::EbpfLoader;
 use super::load::map_data;
 use super::*;
 use crate::error_chain;
-use crate::reconcile::{self, Applied, Desired, MapOp, NodeFacts, TableSlots};
+use crate::reconcile::{self, Applied, Desired, MapOp, NodeFacts};
 use crate::source::yaml::{self, Overrides};
 
 fn load() -> Option<Loaded> {
@@ -83,7 +83,7 @@ fn maps_read_back_as_written() {
     let maps = &mut loaded.maps;
     let capacity = maps.capacity();
     assert_eq!(capacity.backends, TEST_SIZES.backends);
-    assert_eq!(capacity.select_slots, TEST_SIZES.select_slots);
+    assert_eq!(capacity.tables, lb_common::maps::TABLES_MAX);
     let snapshot = maps.snapshot().map_err(|e| error_chain(&e));
     assert_eq!(
         snapshot,
@@ -129,15 +129,14 @@ fn maps_read_back_as_written() {
     assert_eq!(web.flags & SERVICE_F_MASQUERADE, SERVICE_F_MASQUERADE);
     assert_ne!(web.id, dns.id);
     let slots = maps
-        .select_slots(web.table_offset, web.table_size)
+        .select_slots(web.table_id)
+        .ok()
+        .flatten()
         .unwrap_or_default();
     assert_eq!(slots.len(), 1021);
     assert_eq!(
-        Some(slots.clone()),
-        applied
-            .tables
-            .get(&web.table_offset)
-            .map(TableSlots::to_vec)
+        Some(&reconcile::TableSummary::of(&slots)),
+        applied.tables.get(&web.table_id)
     );
     let heavy = slots.iter().filter(|&&id| id == slots[0]).count();
     assert!(
@@ -146,15 +145,23 @@ fn maps_read_back_as_written() {
     );
 
     // What the maps hold reads back as the mirror that wrote them (how a
-    // restarted agent adopts pinned maps), once names are matched.
+    // restarted agent adopts pinned maps), once names are matched, but for
+    // the tables (opened by id: not read back).
     let adopted = maps.read_applied().map_err(|e| error_chain(&e));
     let Ok(mut adopted) = adopted else {
         panic!("{adopted:?}")
     };
     adopted.adopt_names(&desired(CONFIG));
-    assert_eq!(adopted, applied);
+    assert_eq!(
+        adopted,
+        Applied {
+            tables: Default::default(),
+            ..applied.clone()
+        }
+    );
 
-    // A change flips to a new region and clears the dropped backend.
+    // A change swaps a new table of the same size into the same index (the
+    // entry is not rewritten) and clears the dropped backend.
     let ops = reconcile(
         maps,
         &mut applied,
@@ -170,10 +177,13 @@ fn maps_read_back_as_written() {
     assert_eq!(after.backends.len(), 2);
     let web_after = after.services[&(Ipv4Addr::UNSPECIFIED, 6, 30080)];
     assert_eq!(web_after.id, web.id);
-    assert_ne!(web_after.table_offset, web.table_offset);
+    assert_eq!(web_after, web);
     let slots = maps
-        .select_slots(web_after.table_offset, web_after.table_size)
+        .select_slots(web_after.table_id)
+        .ok()
+        .flatten()
         .unwrap_or_default();
+    assert_eq!(slots.len(), 1021);
     assert!(slots.iter().all(|id| after.backends.contains_key(id)));
 
     // Removing everything empties the maps again (config stays ready).
@@ -188,6 +198,14 @@ fn maps_read_back_as_written() {
         panic!("snapshot")
     };
     assert!(empty.services.is_empty() && empty.backends.is_empty());
+    for table in [web.table_id, dns.table_id] {
+        let slots = maps.select_slots(table).map_err(|e| error_chain(&e));
+        assert_eq!(
+            slots,
+            Ok(Some(vec![0])),
+            "table {table} is freed (a shared one-slot placeholder)"
+        );
+    }
     assert_eq!(
         empty.node_addresses.into_iter().collect::<Vec<_>>(),
         [Ipv4Addr::new(198, 18, 0, 2)]
@@ -222,9 +240,9 @@ fn deleting_what_is_already_gone_is_fine() {
     assert!(reconcile::MapWriter::apply(maps, &op).is_err());
 }
 
-/// Runs of one kind are written together (tables through a mapping of
-/// `XLB_SELECT`, backends and services with batch calls) and read back as
-/// written; a run that fails part way reports the ops written before.
+/// Runs of one kind are written together (backends and services with
+/// batch calls; tables one by one, each through a mapping) and read back
+/// as written; a run that fails part way reports the ops written before.
 #[test]
 fn runs_are_written_whole_and_fail_where_they_fail() {
     use crate::model::BackendAddr;
@@ -241,39 +259,38 @@ fn runs_are_written_whole_and_fail_where_they_fail() {
             terminating: id == 2,
         },
     };
-    let table = |offset: u32, len: u32| MapOp::WriteTable {
-        offset,
-        backend_ids: (0..len).map(|slot| 1 + (offset + slot) % 3).collect(),
+    let table = |table: u32, len: u32| MapOp::WriteTable {
+        table,
+        backend_ids: (0..len).map(|slot| 1 + (table + slot) % 3).collect(),
     };
-    let service = |port: u16, offset: u32| MapOp::WriteService {
+    let service = |port: u16, table: u32| MapOp::WriteService {
         frontend: Frontend::node_port(crate::model::Protocol::Tcp, port),
         name: format!("svc-{port}"),
         entry: ServiceEntry {
             id: u32::from(port),
-            table_offset: offset,
+            table_id: table,
             table_size: 1021,
             flags: SERVICE_F_MASQUERADE,
             affinity_timeout_s: 0,
         },
     };
     let mut ops = vec![backend(1), backend(2), backend(3)];
-    ops.extend((0..8).map(|index| table(index * 1021, 1021)));
-    ops.extend((0..8).map(|index| service(30000 + index as u16, index * 1021)));
+    ops.extend((0..8).map(|index| table(index, 1021)));
+    ops.extend((0..8).map(|index| service(30000 + index as u16, index)));
     let mut applied = Applied::default();
     let applied_result = reconcile::apply(maps, &mut applied, &ops).map_err(|e| error_chain(&e));
     assert_eq!(applied_result, Ok(()));
-    assert!(maps.select_mappable, "XLB_SELECT is not BPF_F_MMAPABLE");
     for index in 0..8 {
-        let Ok(slots) = maps.select_slots(index * 1021, 1021) else {
-            panic!("read XLB_SELECT")
+        let Ok(Some(slots)) = maps.select_slots(index) else {
+            panic!("read XLB_SELECT[{index}]")
         };
-        let MapOp::WriteTable { backend_ids, .. } = table(index * 1021, 1021) else {
+        let MapOp::WriteTable { backend_ids, .. } = table(index, 1021) else {
             unreachable!()
         };
         assert_eq!(slots, backend_ids, "table {index}");
         assert_eq!(
-            applied.tables.get(&(index * 1021)).map(TableSlots::to_vec),
-            Some(backend_ids)
+            applied.tables.get(&index),
+            Some(&reconcile::TableSummary::of(&backend_ids))
         );
     }
     let snapshot = match maps.snapshot() {
@@ -298,11 +315,49 @@ fn runs_are_written_whole_and_fail_where_they_fail() {
     assert_eq!(error.index, 3);
     assert_eq!(applied.backends.len(), 5);
     // A table past the end: the first is written, the second is not.
-    let ops = [table(0, 10), table(TEST_SIZES.select_slots - 5, 10)];
+    let ops = [table(0, 10), table(lb_common::maps::TABLES_MAX, 10)];
     let Err(error) = maps.apply_run(&ops) else {
         panic!("a table past the end was written")
     };
     assert_eq!(error.0, 1);
+}
+
+/// The kernel takes a run of tables into `XLB_SELECT` with one batch
+/// update (it waits for an RCU grace period once per call on a map of
+/// maps, not once per table), and each reads back as written.
+#[test]
+fn tables_are_swapped_in_by_one_batch_call() {
+    let Some(mut loaded) = load() else { return };
+    let maps = &mut loaded.maps;
+    let tables: Vec<(u32, Vec<u32>)> = (0..40)
+        .map(|table| {
+            (
+                table * 3,
+                (0..251).map(|slot| 1 + (table + slot) % 7).collect(),
+            )
+        })
+        .collect();
+    let swapped = maps
+        .swap_tables_in_one_call(&tables)
+        .map_err(|e| error_chain(&e));
+    assert_eq!(swapped, Ok(()));
+    for (table, ids) in &tables {
+        let read = maps.select_slots(*table).map_err(|e| error_chain(&e));
+        assert_eq!(read, Ok(Some(ids.clone())), "table {table}");
+    }
+    // A run of removals frees them (pointing each index at one shared
+    // one-slot table).
+    let removals: Vec<MapOp> = tables
+        .iter()
+        .map(|(table, _)| MapOp::RemoveTable { table: *table })
+        .collect();
+    let removed =
+        reconcile::MapWriter::apply_run(maps, &removals).map_err(|(_, e)| error_chain(&e));
+    assert_eq!(removed, Ok(()));
+    for (table, _) in &tables {
+        let read = maps.select_slots(*table).map_err(|e| error_chain(&e));
+        assert_eq!(read, Ok(Some(vec![0])), "table {table}");
+    }
 }
 
 #[test]
@@ -394,20 +449,34 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
     };
     adopted.adopt_names(&desired(CONFIG));
     assert_eq!(
-        adopted, applied,
-        "the second agent sees what the first wrote"
+        adopted,
+        Applied {
+            tables: Default::default(),
+            ..applied.clone()
+        },
+        "the second agent sees what the first wrote (tables aside)"
     );
+    // Its first plan swaps each table in place with the same slots and
+    // rewrites no entry: new flows choose as before the restart.
+    let mut second = second;
+    let ops = reconcile(&mut second.maps, &mut adopted, &desired(CONFIG));
+    assert!(
+        ops.iter().all(|op| matches!(op, MapOp::WriteTable { .. })),
+        "{ops:#?}"
+    );
+    assert_eq!(adopted, applied);
+    for (table, summary) in &applied.tables {
+        let read = second
+            .maps
+            .select_slots(*table)
+            .map_err(|e| error_chain(&e))
+            .map(|slots| slots.as_deref().map(reconcile::TableSummary::of));
+        assert_eq!(read, Ok(Some(summary.clone())), "table {table}");
+    }
     drop(second);
 
-    // A smaller XLB_SELECT is fine (the pin is larger); another flow table
-    // size is not, and neither is a larger XLB_SELECT, which takes the
-    // configuration maps with it.
-    let smaller = MapSizes {
-        select_slots: TEST_SIZES.select_slots / 2,
-        ..TEST_SIZES
-    };
-    let check = pin::prepare_map_pins(&pins, &smaller).map_err(|e| e.to_string());
-    assert_eq!(check.map(|c| c.adopted), Ok(true));
+    // Another flow table size is recreated alone; another backend table
+    // size takes the configuration maps with it.
     let other_flows = MapSizes {
         flows: TEST_SIZES.flows * 2,
         ..TEST_SIZES
@@ -424,7 +493,7 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
     assert_eq!(recreated, ["XLB_FLOWS"]);
     assert!(!pins.map("XLB_FLOWS").exists());
     let larger = MapSizes {
-        select_slots: TEST_SIZES.select_slots * 2,
+        backends: TEST_SIZES.backends * 2,
         ..TEST_SIZES
     };
     let Ok(check) = pin::prepare_map_pins(&pins, &larger) else {
@@ -436,7 +505,7 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
         check
             .recreated
             .iter()
-            .any(|(name, why)| name == "XLB_SELECT" && why.contains("expected at least")),
+            .any(|(name, why)| name == "XLB_BACKENDS" && why.contains("expected")),
         "{:?}",
         check.recreated
     );

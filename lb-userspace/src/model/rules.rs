@@ -15,8 +15,8 @@ use super::{Backend, Protocol, Service, TrafficPolicy};
 /// are honoured to within about 1%.
 pub const MIN_TABLE_SIZE: u32 = 7;
 pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
-/// Largest accepted table size: a prime that leaves room in `XLB_SELECT`
-/// (default capacity) for double-buffering a few services.
+/// Largest accepted table size: a prime just under 2^20 slots (8 MiB of
+/// kernel memory for each service's table).
 pub const MAX_TABLE_SIZE: u32 = 1_048_573;
 
 /// Whether `n` is prime (table sizes are small enough for trial division).

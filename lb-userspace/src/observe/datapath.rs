@@ -517,7 +517,6 @@ mod tests {
         let mut ebpf = aya::EbpfLoader::new()
             .map_max_entries(names::FLOWS, 2048)
             .map_max_entries(names::BACKENDS, 64)
-            .map_max_entries(names::SELECT, 1021 * 8)
             .load(crate::DATAPATH_OBJECT)
             .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
         let program: &mut aya::programs::Xdp = ebpf

@@ -7,7 +7,6 @@ use std::net::Ipv4Addr;
 use super::desired::Desired;
 use super::ops::{ActiveBackend, Frontend, MapOp, ServiceEntry, Settings, SourceRangeKey};
 use super::ports::PortSet;
-use super::slots::TableSlots;
 use crate::model::{BackendAddr, Protocol};
 
 /// A service entry as last written.
@@ -19,6 +18,32 @@ pub struct AppliedService {
     pub entry: ServiceEntry,
 }
 
+/// What the mirror keeps of a written selection table: enough to tell
+/// whether a planned table is the same and which backends it names, not
+/// its slots (10,000 tables of 16381 slots would be 655 MB).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSummary {
+    pub slots: u32,
+    /// A 64-bit hash of the slots in order.
+    pub digest: u64,
+    pub backend_ids: BTreeSet<u32>,
+}
+
+impl TableSummary {
+    pub fn of(slots: &[u32]) -> Self {
+        use std::hash::{Hash as _, Hasher as _};
+        // SipHash with fixed keys: the same slots give the same digest in
+        // every plan of this agent's life.
+        let mut hasher = std::hash::DefaultHasher::new();
+        slots.hash(&mut hasher);
+        Self {
+            slots: u32::try_from(slots.len()).unwrap_or(u32::MAX),
+            digest: hasher.finish(),
+            backend_ids: slots.iter().copied().collect(),
+        }
+    }
+}
+
 /// Mirror of what xlb has written into the maps, updated op by op, so that a
 /// failed apply leaves it exactly as true as the maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -26,8 +51,11 @@ pub struct Applied {
     pub services: BTreeMap<Frontend, AppliedService>,
     /// Active backends by id.
     pub backends: BTreeMap<u32, ActiveBackend>,
-    /// Written selection regions by offset (some may be unreferenced).
-    pub tables: BTreeMap<u32, TableSlots>,
+    /// Written selection tables by index in `XLB_SELECT` (after a failed
+    /// apply, some may be unreferenced: the next plan removes them). Empty
+    /// after adopting pinned maps (their tables are not read back): the
+    /// first plan rewrites each in place.
+    pub tables: BTreeMap<u32, TableSummary>,
     pub source_ranges: BTreeSet<SourceRangeKey>,
     pub node_addresses: BTreeSet<Ipv4Addr>,
     pub interface_addresses: BTreeMap<u32, Ipv4Addr>,
@@ -49,36 +77,14 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// [`Applied::record`], taking a written selection table's slots from
-    /// `op` rather than copying them (10,000 tables of 251 slots are 10 MB,
-    /// freed as the mirror records them): `op` keeps an empty table.
+    /// [`Applied::record`], dropping a written selection table's slots
+    /// from `op` once the mirror has its summary (10,000 tables of 16381
+    /// slots are 655 MB): `op` keeps an empty table.
     pub fn record_taking(&mut self, op: &mut MapOp) {
-        match op {
-            MapOp::WriteTable {
-                offset,
-                backend_ids,
-            } => self.record_table(*offset, &std::mem::take(backend_ids)),
-            op => self.record(op),
+        self.record(op);
+        if let MapOp::WriteTable { backend_ids, .. } = op {
+            *backend_ids = Vec::new();
         }
-    }
-
-    fn record_table(&mut self, offset: u32, backend_ids: &[u32]) {
-        // Written regions never overlap: those the new one covers are the
-        // last one starting before it and the ones starting inside it.
-        let start = u64::from(offset);
-        let end = start + backend_ids.len() as u64;
-        let covered: Vec<u32> = self
-            .tables
-            .range(..=u32::try_from(end.saturating_sub(1)).unwrap_or(u32::MAX))
-            .rev()
-            .take_while(|&(&other, table)| u64::from(other) + table.len() as u64 > start)
-            .filter(|&(&other, _)| u64::from(other) < end)
-            .map(|(&other, _)| other)
-            .collect();
-        for other in covered {
-            self.tables.remove(&other);
-        }
-        self.tables.insert(offset, TableSlots::new(backend_ids));
     }
 
     /// Updates the mirror after `op` succeeded in the kernel.
@@ -105,10 +111,12 @@ impl Applied {
                     self.freed_backend_ids.push_back(*id);
                 }
             }
-            MapOp::WriteTable {
-                offset,
-                backend_ids,
-            } => self.record_table(*offset, backend_ids),
+            MapOp::WriteTable { table, backend_ids } => {
+                self.tables.insert(*table, TableSummary::of(backend_ids));
+            }
+            MapOp::RemoveTable { table } => {
+                self.tables.remove(table);
+            }
             MapOp::AddSourceRange(range) => {
                 self.source_ranges.insert(*range);
             }
@@ -120,7 +128,7 @@ impl Applied {
                 name,
                 entry,
             } => {
-                let old = self.services.insert(
+                self.services.insert(
                     *frontend,
                     AppliedService {
                         name: name.clone(),
@@ -128,14 +136,9 @@ impl Applied {
                     },
                 );
                 self.next_service_id = self.next_service_id.max(entry.id.saturating_add(1));
-                if let Some(old) = old {
-                    self.forget_unreferenced(old.entry.table_offset);
-                }
             }
             MapOp::RemoveService { frontend } => {
-                if let Some(old) = self.services.remove(frontend) {
-                    self.forget_unreferenced(old.entry.table_offset);
-                }
+                self.services.remove(frontend);
             }
             MapOp::WriteSettings(settings) => self.settings = Some(*settings),
             MapOp::WritePorts { word, bits } => self.ports.set_word(usize::from(*word), *bits),
@@ -152,18 +155,22 @@ impl Applied {
             .backends
             .values()
             .any(|active| active.address == backend && active.terminating);
+        let in_table = |table: &TableSummary| {
+            table.backend_ids.iter().any(|id| {
+                self.backends
+                    .get(id)
+                    .is_some_and(|active| active.address == backend)
+            })
+        };
         terminating
             || self
                 .services
                 .values()
                 .filter(|service| service.entry.id == service_id)
-                .filter_map(|service| self.table_of(&service.entry))
-                .flat_map(TableSlots::backend_ids)
-                .any(|id| {
-                    self.backends
-                        .get(id)
-                        .is_some_and(|active| active.address == backend)
-                })
+                // A table adopted and not yet rewritten: nothing is known
+                // to be gone.
+                .filter(|service| service.entry.table_size > 0)
+                .any(|service| self.table_of(&service.entry).is_none_or(in_table))
     }
 
     /// The protocol of service `service_id`, while it exists.
@@ -174,32 +181,12 @@ impl Applied {
             .map(|(frontend, _)| frontend.protocol)
     }
 
-    fn forget_unreferenced(&mut self, offset: u32) {
-        let referenced = self
-            .services
-            .values()
-            .any(|service| service.entry.table_size > 0 && service.entry.table_offset == offset);
-        if !referenced {
-            self.tables.remove(&offset);
-        }
-    }
-
-    /// The table a service entry currently points at (`None` for an
-    /// entry without one, or whose table is not what it says).
-    fn table_of(&self, entry: &ServiceEntry) -> Option<&TableSlots> {
+    /// The table a service entry with a table (`table_size` > 0) currently
+    /// points at, as far as the mirror knows it.
+    pub(super) fn table_of(&self, entry: &ServiceEntry) -> Option<&TableSummary> {
         self.tables
-            .get(&entry.table_offset)
-            .filter(|table| entry.table_size > 0 && table.len() == entry.table_size as usize)
-    }
-
-    /// Whether a service entry points at a table holding exactly
-    /// `backend_ids` (an entry without a table holds none).
-    pub(super) fn table_holds(&self, entry: &ServiceEntry, backend_ids: &[u32]) -> bool {
-        if entry.table_size == 0 {
-            return backend_ids.is_empty();
-        }
-        self.table_of(entry)
-            .is_some_and(|table| table.holds(backend_ids))
+            .get(&entry.table_id)
+            .filter(|table| table.slots == entry.table_size)
     }
 
     /// After adopting maps a previous agent wrote (which hold no names),

@@ -50,9 +50,10 @@ impl fmt::Display for Frontend {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceEntry {
     pub id: u32,
-    /// First slot of the service's region in `XLB_SELECT`.
-    pub table_offset: u32,
-    /// Slots in the region; 0 means the service has no backend for new flows.
+    /// Index of the service's table in `XLB_SELECT` (meaningless while
+    /// `table_size` is 0).
+    pub table_id: u32,
+    /// Slots in the table; 0 means the service has no backend for new flows.
     pub table_size: u32,
     /// `lb_common::service::SERVICE_F_*`.
     pub flags: u32,
@@ -147,10 +148,16 @@ pub enum MapOp {
     ClearBackend {
         id: u32,
     },
-    /// `XLB_SELECT[offset..offset + backend_ids.len()]`.
+    /// `XLB_SELECT[table]` = a new table holding `backend_ids`, swapped in
+    /// whole: packets see the old table or the new one, never a mix.
     WriteTable {
-        offset: u32,
+        table: u32,
         backend_ids: Vec<u32>,
+    },
+    /// `XLB_SELECT[table]` emptied (its table freed), once no service entry
+    /// points at it.
+    RemoveTable {
+        table: u32,
     },
     /// `XLB_SOURCE_RANGES`: allow a prefix (written before the service entry
     /// that turns the check on).
@@ -189,7 +196,9 @@ impl MapOp {
             MapOp::WriteTable { .. } | MapOp::AddSourceRange(_) => 2,
             MapOp::WriteService { .. } => 3,
             MapOp::RemoveService { .. } => 4,
-            MapOp::ClearBackend { .. } | MapOp::RemoveSourceRange(_) => 5,
+            MapOp::ClearBackend { .. }
+            | MapOp::RemoveSourceRange(_)
+            | MapOp::RemoveTable { .. } => 5,
             MapOp::RemoveNodeAddress(_) | MapOp::RemoveInterfaceAddress { .. } => 6,
             MapOp::WriteSettings(_) => 7,
         }
@@ -200,7 +209,11 @@ impl MapOp {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunKind {
     Backends,
+    /// Each table is a map of its own, made and filled alone; they are
+    /// swapped into `XLB_SELECT` together.
     Tables,
+    /// Emptied together.
+    TableRemovals,
     Services,
 }
 
@@ -210,6 +223,7 @@ impl MapOp {
         match self {
             MapOp::WriteBackend { .. } => Some(RunKind::Backends),
             MapOp::WriteTable { .. } => Some(RunKind::Tables),
+            MapOp::RemoveTable { .. } => Some(RunKind::TableRemovals),
             MapOp::WriteService { .. } => Some(RunKind::Services),
             _ => None,
         }
@@ -235,14 +249,10 @@ impl fmt::Display for MapOp {
                 Ok(())
             }
             MapOp::ClearBackend { id } => write!(f, "backend {id} cleared"),
-            MapOp::WriteTable {
-                offset,
-                backend_ids,
-            } => write!(
-                f,
-                "selection table at {offset}..{}",
-                *offset as usize + backend_ids.len()
-            ),
+            MapOp::WriteTable { table, backend_ids } => {
+                write!(f, "selection table {table} ({} slots)", backend_ids.len())
+            }
+            MapOp::RemoveTable { table } => write!(f, "selection table {table} removed"),
             MapOp::AddSourceRange(range) => write!(f, "allow {range}"),
             MapOp::RemoveSourceRange(range) => write!(f, "disallow {range}"),
             MapOp::WriteService {
@@ -251,8 +261,8 @@ impl fmt::Display for MapOp {
                 entry,
             } => write!(
                 f,
-                "service {name} ({frontend}) id {} -> table {}+{} flags {:#x}",
-                entry.id, entry.table_offset, entry.table_size, entry.flags
+                "service {name} ({frontend}) id {} -> table {} ({} slots) flags {:#x}",
+                entry.id, entry.table_id, entry.table_size, entry.flags
             ),
             MapOp::RemoveService { frontend } => write!(f, "remove service {frontend}"),
             MapOp::WriteSettings(_) => write!(f, "global settings (ready)"),

@@ -1,15 +1,13 @@
 //! The planner: the ops that take the maps from the applied record to the
-//! desired state, in safe order, or why they cannot (a map is full, no free
-//! region for a table); and the largest part that fits, for a cluster's
-//! services.
+//! desired state, in safe order, or why they cannot (a map is full); and
+//! the largest part that fits, for a cluster's services.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::applied::Applied;
+use super::applied::{Applied, TableSummary};
 use super::desired::{Desired, DesiredService};
 use super::maglev::{MaglevBackend, identity, maglev_table};
 use super::ops::{ActiveBackend, Frontend, MapOp, ServiceEntry, SourceRangeKey};
-use super::regions::Regions;
 use crate::model::BackendAddr;
 
 /// Sizes of the maps the plan must fit in.
@@ -17,7 +15,8 @@ use crate::model::BackendAddr;
 pub struct Capacity {
     pub services: u32,
     pub backends: u32,
-    pub select_slots: u32,
+    /// Indexes of `XLB_SELECT`: tables at once.
+    pub tables: u32,
     pub node_addresses: u32,
     pub interface_addresses: u32,
     pub source_ranges: u32,
@@ -29,7 +28,7 @@ impl Default for Capacity {
         Self {
             services: maps::SERVICES_MAX,
             backends: maps::BACKENDS_MAX,
-            select_slots: maps::SELECT_MAX,
+            tables: maps::TABLES_MAX,
             node_addresses: maps::NODE_ADDRS_MAX,
             interface_addresses: maps::IFACE_ADDRS_MAX,
             source_ranges: maps::SOURCE_RANGES_MAX,
@@ -46,14 +45,6 @@ pub enum PlanError {
     Full {
         map: &'static str,
         needed: usize,
-        capacity: u32,
-    },
-    #[error(
-        "XLB_SELECT has no free region of {slots} slots for {service} (capacity {capacity}); lower selection.tableSize, or restart xlb to size the map for the new config"
-    )]
-    NoRegion {
-        service: String,
-        slots: usize,
         capacity: u32,
     },
 }
@@ -316,6 +307,7 @@ fn services(
     for service in &desired.services {
         planner.plan(service, ops)?;
     }
+    planner.tables.remove_unkept(ops);
     let wanted_ranges = planner.wanted_ranges;
     check_fits(
         lb_common::maps::SOURCE_RANGES,
@@ -349,14 +341,13 @@ fn services(
 /// What [`services`] carries from one desired service to the next.
 struct ServicePlanner<'a> {
     applied: &'a Applied,
-    capacity: &'a Capacity,
     backend_ids: &'a BTreeMap<BackendAddr, u32>,
     table_size: u32,
     ids_by_name: BTreeMap<&'a str, u32>,
     /// Every entry written under each name, in frontend order.
     entries_by_name: BTreeMap<&'a str, Vec<ServiceEntry>>,
     next_id: u32,
-    regions: Regions,
+    tables: TableIds,
     wanted_ranges: BTreeSet<SourceRangeKey>,
     /// A frontend two services claim (sources validate this; a bug must not
     /// make every plan rewrite it) belongs to the first.
@@ -383,22 +374,14 @@ impl<'a> ServicePlanner<'a> {
                 .or_default()
                 .push(current.entry);
         }
-        let regions = Regions::new(
-            capacity.select_slots,
-            applied
-                .services
-                .values()
-                .map(|service| (service.entry.table_offset, service.entry.table_size)),
-        );
         Self {
             applied,
-            capacity,
             backend_ids,
             table_size,
             ids_by_name,
             entries_by_name,
             next_id: applied.next_service_id.max(1),
-            regions,
+            tables: TableIds::new(applied, capacity.tables),
             wanted_ranges: BTreeSet::new(),
             claimed: BTreeSet::new(),
         }
@@ -425,11 +408,11 @@ impl<'a> ServicePlanner<'a> {
                 id
             }
         };
-        let (table_offset, table_size) = self.table(service, ops)?;
+        let (table_id, table_size) = self.table(service, ops)?;
         for (frontend, flags) in frontends {
             let entry = ServiceEntry {
                 id,
-                table_offset,
+                table_id,
                 table_size,
                 flags,
                 affinity_timeout_s: service.affinity_timeout_s,
@@ -459,40 +442,109 @@ impl<'a> ServicePlanner<'a> {
         Ok(())
     }
 
-    /// `(offset, size)` of `service`'s table: the region it already has if
-    /// that holds exactly the new table, else a free region written anew.
+    /// `(table_id, table_size)` of `service`'s table: the one it already
+    /// has if that holds exactly the new table; else a new table swapped
+    /// into the same index when the size is the same (entries need not
+    /// change), or into a free index when it differs (the entries move to
+    /// it, so no packet pairs a table with another table's size).
     fn table(
         &mut self,
         service: &DesiredService,
         ops: &mut Vec<MapOp>,
     ) -> Result<(u32, u32), PlanError> {
         let table = table_for(service, self.backend_ids, self.table_size);
-        let reusable = self
+        let current: Vec<ServiceEntry> = self
             .entries_by_name
             .get(service.name.as_str())
             .into_iter()
             .flatten()
             .copied()
-            .find(|entry| self.applied.table_holds(entry, &table));
-        if let Some(entry) = reusable {
-            return Ok((entry.table_offset, entry.table_size));
-        }
+            .filter(|entry| entry.table_size > 0)
+            .collect();
         if table.is_empty() {
             return Ok((0, 0));
         }
-        let Some(offset) = self.regions.allocate(table.len() as u32) else {
-            return Err(PlanError::NoRegion {
-                service: service.name.clone(),
-                slots: table.len(),
-                capacity: self.capacity.select_slots,
-            });
-        };
         let table_size = table.len() as u32;
+        let summary = TableSummary::of(&table);
+        let reusable = current
+            .iter()
+            .find(|entry| self.applied.table_of(entry) == Some(&summary));
+        if let Some(entry) = reusable {
+            self.tables.keep(entry.table_id);
+            return Ok((entry.table_id, entry.table_size));
+        }
+        let same_size = current.iter().find(|entry| entry.table_size == table_size);
+        let table_id = match same_size {
+            Some(entry) => entry.table_id,
+            None => self.tables.take()?,
+        };
+        self.tables.keep(table_id);
         ops.push(MapOp::WriteTable {
-            offset,
+            table: table_id,
             backend_ids: table,
         });
-        Ok((offset, table_size))
+        Ok((table_id, table_size))
+    }
+}
+
+/// Indexes of `XLB_SELECT` for [`ServicePlanner::table`]: a new table goes
+/// to the lowest index nothing in the applied record uses (so never to one
+/// an entry still points at until a later op moves it), and the tables no
+/// planned entry keeps are removed after the entries stop pointing at them.
+struct TableIds {
+    /// Indexes holding a table or named by an applied entry (adopted
+    /// entries' tables are not in the mirror).
+    applied: BTreeSet<u32>,
+    /// `applied` and the indexes given out by this plan.
+    taken: BTreeSet<u32>,
+    /// Indexes the planned entries point at.
+    kept: BTreeSet<u32>,
+    capacity: u32,
+    /// Where the search for a free index goes on.
+    lowest: u32,
+}
+
+impl TableIds {
+    fn new(applied: &Applied, capacity: u32) -> Self {
+        let referenced = applied
+            .services
+            .values()
+            .filter(|service| service.entry.table_size > 0)
+            .map(|service| service.entry.table_id);
+        let applied: BTreeSet<u32> = applied.tables.keys().copied().chain(referenced).collect();
+        Self {
+            taken: applied.clone(),
+            applied,
+            kept: BTreeSet::new(),
+            capacity,
+            lowest: 0,
+        }
+    }
+
+    fn keep(&mut self, table_id: u32) {
+        self.kept.insert(table_id);
+    }
+
+    fn take(&mut self) -> Result<u32, PlanError> {
+        while self.taken.contains(&self.lowest) {
+            self.lowest += 1;
+        }
+        if self.lowest >= self.capacity {
+            return Err(PlanError::Full {
+                map: lb_common::maps::SELECT,
+                needed: self.taken.len() + 1,
+                capacity: self.capacity,
+            });
+        }
+        self.taken.insert(self.lowest);
+        Ok(self.lowest)
+    }
+
+    /// `RemoveTable` for every applied table no planned entry keeps.
+    fn remove_unkept(&self, ops: &mut Vec<MapOp>) {
+        for &table in self.applied.difference(&self.kept) {
+            ops.push(MapOp::RemoveTable { table });
+        }
     }
 }
 

@@ -60,7 +60,7 @@ fn node() -> NodeFacts {
 
 fn capacity() -> Capacity {
     Capacity {
-        select_slots: TABLE * 8,
+        tables: 8,
         backends: 64,
         ..Capacity::default()
     }
@@ -78,7 +78,8 @@ enum FakeError {
 /// packet could not observe a half-written state.
 struct FakeMaps {
     services: HashMap<Frontend, ServiceEntry>,
-    select: Vec<u32>,
+    /// `XLB_SELECT`: tables by index.
+    select: BTreeMap<u32, Vec<u32>>,
     backends: HashMap<u32, ActiveBackend>,
     source_ranges: BTreeSet<SourceRangeKey>,
     node_addresses: BTreeSet<Ipv4Addr>,
@@ -95,7 +96,7 @@ impl FakeMaps {
     fn new() -> Self {
         Self {
             services: HashMap::new(),
-            select: vec![0; capacity().select_slots as usize],
+            select: BTreeMap::new(),
             backends: HashMap::new(),
             source_ranges: BTreeSet::new(),
             node_addresses: BTreeSet::new(),
@@ -109,14 +110,25 @@ impl FakeMaps {
     }
 
     fn region(&self, entry: &ServiceEntry) -> &[u32] {
-        let start = entry.table_offset as usize;
-        &self.select[start..start + entry.table_size as usize]
+        if entry.table_size == 0 {
+            return &[];
+        }
+        self.select.get(&entry.table_id).map_or(&[], Vec::as_slice)
     }
 
-    /// What a packet may rely on: every service's region holds only active
-    /// backends, and a service that checks sources has its ranges written.
+    /// What a packet may rely on: every service's table is there, of the
+    /// size its entry says (so no slot lookup misses), and holds only
+    /// active backends; a service that checks sources has its ranges
+    /// written.
     fn check(&self) -> Result<(), String> {
         for (frontend, entry) in &self.services {
+            let size = self.region(entry).len();
+            if size != entry.table_size as usize {
+                return Err(format!(
+                    "{frontend} expects {} slots in table {}, which has {size}",
+                    entry.table_size, entry.table_id
+                ));
+            }
             for &id in self.region(entry) {
                 if !self.backends.contains_key(&id) {
                     return Err(format!("{frontend} selects inactive backend {id}"));
@@ -186,20 +198,13 @@ impl MapWriter for FakeMaps {
             MapOp::ClearBackend { id } => {
                 self.backends.remove(id);
             }
-            MapOp::WriteTable {
-                offset,
-                backend_ids,
-            } => {
-                let start = *offset as usize;
-                let end = start + backend_ids.len();
-                for (frontend, entry) in &self.services {
-                    let live = entry.table_offset as usize
-                        ..(entry.table_offset + entry.table_size) as usize;
-                    if live.start < end && start < live.end {
-                        return Err(broken(format!("overwrites the live table of {frontend}")));
-                    }
-                }
-                self.select[start..end].copy_from_slice(backend_ids);
+            MapOp::WriteTable { table, backend_ids } => {
+                // Swapped in whole: `check` says whether live entries can
+                // take it.
+                self.select.insert(*table, backend_ids.clone());
+            }
+            MapOp::RemoveTable { table } => {
+                self.select.remove(table);
             }
             MapOp::AddSourceRange(range) => {
                 self.source_ranges.insert(*range);
@@ -344,10 +349,9 @@ fn unchanged_config_means_zero_ops() {
 }
 
 #[test]
-fn adding_a_backend_double_buffers_the_table() {
+fn adding_a_backend_swaps_the_table_in_place() {
     let mut lab = Harness::new();
     lab.reconcile(&state(vec![service("web", 30080, vec![backend(2, 1)])]));
-    let id = lab.id_of("web");
     let kept = lab.backend_id(2);
     let old = lab.maps.services[&tcp(30080)];
 
@@ -356,21 +360,52 @@ fn adding_a_backend_double_buffers_the_table() {
         30080,
         vec![backend(2, 1), backend(3, 1)],
     )]));
-    assert_eq!(phases(&ops), [1, 2, 3], "{ops:#?}");
-    let MapOp::WriteTable { offset, .. } = &ops[1] else {
+    assert_eq!(phases(&ops), [1, 2], "{ops:#?}");
+    let MapOp::WriteTable { table, .. } = &ops[1] else {
         panic!("{ops:#?}");
     };
-    assert_ne!(
-        *offset, old.table_offset,
-        "the new table goes to a free region"
+    assert_eq!(*table, old.table_id, "same size: swapped into its index");
+    assert_eq!(
+        lab.maps.services[&tcp(30080)],
+        old,
+        "the entry is not rewritten"
     );
-    let new = lab.maps.services[&tcp(30080)];
-    assert_eq!((new.id, new.table_offset), (id, *offset));
     assert_eq!(lab.backend_id(2), kept, "the staying backend keeps its id");
+    assert_eq!(lab.applied.tables.len(), 1);
+}
+
+#[test]
+fn a_new_table_size_moves_to_a_free_index_and_frees_the_old() {
+    let mut lab = Harness::new();
+    let web = || service("web", 30080, vec![backend(2, 1), backend(3, 1)]);
+    lab.reconcile(&state(vec![
+        web(),
+        service("api", 30081, vec![backend(4, 1)]),
+    ]));
+    let old = lab.maps.services[&tcp(30080)];
+    let resized = DesiredState {
+        table_size: 7,
+        ..state(vec![web()])
+    };
+    let ops = lab.reconcile(&resized);
+    let new = lab.maps.services[&tcp(30080)];
+    assert_eq!((new.id, new.table_size), (old.id, 7));
+    assert_ne!(new.table_id, old.table_id, "{ops:#?}");
     assert!(
-        !lab.applied.tables.contains_key(&old.table_offset),
-        "the old region is free after the flip"
+        ops.contains(&MapOp::RemoveTable {
+            table: old.table_id
+        }),
+        "{ops:#?}"
     );
+    let kept: Vec<u32> = lab.maps.select.keys().copied().collect();
+    assert_eq!(kept, [new.table_id], "api's table is freed too");
+    // The lowest freed index (web's first, 0) is taken by the next new table.
+    lab.reconcile(&DesiredState {
+        table_size: 7,
+        ..state(vec![web(), service("api", 30081, vec![backend(4, 1)])])
+    });
+    assert_eq!(old.table_id, 0);
+    assert_eq!(lab.maps.services[&tcp(30081)].table_id, 0);
 }
 
 #[test]
@@ -384,7 +419,7 @@ fn removing_a_backend_clears_it_after_the_flip() {
     let gone = lab.backend_id(3);
     let kept = lab.backend_id(2);
     let ops = lab.reconcile(&state(vec![service("web", 30080, vec![backend(2, 1)])]));
-    assert_eq!(phases(&ops), [2, 3, 5], "{ops:#?}");
+    assert_eq!(phases(&ops), [2, 5], "{ops:#?}");
     assert_eq!(
         ops.last(),
         gone.map(|id| MapOp::ClearBackend { id }).as_ref()
@@ -412,6 +447,7 @@ fn removing_a_service_deletes_entry_then_its_own_backends() {
             MapOp::ClearBackend {
                 id: only_web.unwrap_or_default()
             },
+            MapOp::RemoveTable { table: 0 },
         ]
     );
     assert!(
@@ -471,7 +507,6 @@ fn weights_three_to_one_share_slots_75_25() {
         &Capacity::default(),
     );
     let Ok(ops) = ops else { panic!("{ops:?}") };
-    lab.maps.select = vec![0; 1021 * 2];
     if let Err(error) = apply(&mut lab.maps, &mut lab.applied, &ops) {
         panic!("{error}");
     }
@@ -585,13 +620,13 @@ fn settings_change_is_one_op() {
 }
 
 #[test]
-fn two_regions_are_enough_to_double_buffer_one_service() {
+fn one_index_is_enough_for_one_service() {
     let mut lab = Harness::new();
     let capacity = Capacity {
-        select_slots: TABLE * 2,
+        tables: 1,
         ..capacity()
     };
-    let mut offsets = Vec::new();
+    let mut tables = Vec::new();
     for round in 0..4u8 {
         let desired = state(vec![service(
             "web",
@@ -603,9 +638,9 @@ fn two_regions_are_enough_to_double_buffer_one_service() {
         if let Err(error) = apply(&mut lab.maps, &mut lab.applied, &ops) {
             panic!("{error}");
         }
-        offsets.push(lab.maps.services[&tcp(30080)].table_offset);
+        tables.push(lab.maps.services[&tcp(30080)].table_id);
     }
-    assert_eq!(offsets, [0, TABLE, 0, TABLE]);
+    assert_eq!(tables, [0, 0, 0, 0]);
 }
 
 #[test]
@@ -616,15 +651,15 @@ fn plans_that_do_not_fit_are_refused() {
         service("b", 30002, vec![backend(2, 1)]),
     ]);
     let small = Capacity {
-        select_slots: TABLE,
+        tables: 1,
         ..capacity()
     };
     assert_eq!(
         diff(&applied, &Desired::new(&desired, &node()), &small),
-        Err(PlanError::NoRegion {
-            service: String::from("default/b"),
-            slots: TABLE as usize,
-            capacity: TABLE
+        Err(PlanError::Full {
+            map: "XLB_SELECT",
+            needed: 2,
+            capacity: 1
         })
     );
     let few_backends = Capacity {
@@ -738,11 +773,7 @@ fn tables_are_maglev_and_removal_keeps_other_slots() {
         table_size: 1021,
         ..state(vec![service("web", 30080, five.clone())])
     };
-    let capacity = Capacity {
-        select_slots: 1021 * 4,
-        ..capacity()
-    };
-    lab.maps.select = vec![0; 1021 * 4];
+    let capacity = capacity();
     let plan = |lab: &Harness, desired: &DesiredState| match diff(
         &lab.applied,
         &Desired::new(desired, &node()),
@@ -1040,7 +1071,7 @@ fn source_ranges_guard_frontends_and_are_written_first() {
     web.source_ranges = vec![(Ipv4Addr::new(198, 19, 0, 0), 16)];
     lab.reconcile(&state(vec![web]));
     let ops = lab.reconcile(&state(vec![]));
-    assert_eq!(phases(&ops), [4, 5, 5], "{ops:#?}");
+    assert_eq!(phases(&ops), [4, 5, 5, 5], "{ops:#?}");
     assert!(lab.applied.source_ranges.is_empty());
 }
 
@@ -1067,10 +1098,11 @@ fn source_ranges_must_fit() {
     );
 }
 
-/// An agent restarted on pinned maps adopts them: what it reads back plus
-/// the names of the services that own the frontends plans nothing new.
+/// An agent restarted on pinned maps adopts them: what it reads back (no
+/// tables: those are opened by id) plus the names of the services that own
+/// the frontends plans only each table anew, in place, with the same slots.
 #[test]
-fn adopted_maps_keep_ids_tables_and_need_no_ops() {
+fn adopted_maps_keep_ids_and_tables_and_rewrite_tables_in_place() {
     let mut lab = Harness::new();
     let mut web = service("web", 30080, vec![backend(2, 1), backend(3, 2)]);
     web.port = 80;
@@ -1083,6 +1115,7 @@ fn adopted_maps_keep_ids_tables_and_need_no_ops() {
     for service in adopted.services.values_mut() {
         service.name.clear();
     }
+    adopted.tables.clear();
     // A frontend no desired service claims stays unnamed and goes.
     adopted.services.insert(
         tcp(30999),
@@ -1093,13 +1126,41 @@ fn adopted_maps_keep_ids_tables_and_need_no_ops() {
     );
     adopted.adopt_names(&Desired::new(&desired, &node()));
     let ops = diff(&adopted, &Desired::new(&desired, &node()), &capacity());
+    let Ok(ops) = ops else { panic!("{ops:?}") };
+    let mut rewritten = BTreeMap::new();
+    for op in &ops[..2] {
+        let MapOp::WriteTable { table, backend_ids } = op else {
+            panic!("{ops:#?}")
+        };
+        rewritten.insert(*table, backend_ids.clone());
+    }
+    assert_eq!(rewritten, lab.maps.select, "same indexes, same slots");
     assert_eq!(
-        ops,
-        Ok(vec![MapOp::RemoveService {
+        ops[2..],
+        [MapOp::RemoveService {
             frontend: tcp(30999)
-        }])
+        }]
     );
     assert_eq!(adopted.services[&exact(10)].name, "default/web");
+    // Before that plan is applied, no socket's backend counts as gone.
+    let kept = BackendAddr::from(&backend(3, 1));
+    assert!(adopted.socket_keeps_backend(entry(&lab, tcp(30080)).id, kept));
+    // An adopted service that goes takes its (unread) table with it.
+    let ops = diff(
+        &adopted,
+        &Desired::new(&state(vec![]), &node()),
+        &capacity(),
+    );
+    let Ok(ops) = ops else { panic!("{ops:?}") };
+    let removed: BTreeSet<u32> = ops
+        .iter()
+        .filter_map(|op| match op {
+            MapOp::RemoveTable { table } => Some(*table),
+            _ => None,
+        })
+        .collect();
+    let tables: BTreeSet<u32> = lab.maps.select.keys().copied().collect();
+    assert_eq!(removed, tables);
 }
 
 #[test]

@@ -109,8 +109,8 @@ impl Explanation {
             line(
                 "maglev",
                 format!(
-                    "hash {:#010x}: slot {} of {} (XLB_SELECT[{}])",
-                    maglev.hash, maglev.slot, maglev.table_size, maglev.select_index
+                    "hash {:#010x}: slot {} of {} (XLB_SELECT[{}][{}])",
+                    maglev.hash, maglev.slot, maglev.table_size, maglev.table_id, maglev.slot
                 ),
             );
         }

@@ -49,7 +49,7 @@ pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
 pub fn service_value(entry: &ServiceEntry) -> Service {
     Service {
         id: entry.id,
-        table_offset: entry.table_offset,
+        table_id: entry.table_id,
         table_size: entry.table_size,
         flags: entry.flags,
         affinity_timeout_s: entry.affinity_timeout_s,

@@ -9,7 +9,9 @@ mod write;
 
 use aya::Ebpf;
 use aya::maps::lpm_trie::LpmTrie;
-use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{
+    Array, ArrayOfMaps, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
+};
 use lb_common::maps as names;
 use lb_common::{
     Affinity, AffinityKey, Backend, GlobalConfig, NodeAddr, Service, ServiceKey, SourceRange,
@@ -62,7 +64,9 @@ where
 /// The control-plane maps, written only through `MapWriter::apply`.
 pub struct KernelMaps {
     services: HashMap<MapData, ServiceKey, Service>,
-    select: Array<MapData, u32>,
+    /// `XLB_SELECT`, an `ArrayOfMaps` (aya types it per use: see
+    /// `select_tables`).
+    select: Map,
     backends: Array<MapData, Backend>,
     node_addresses: HashMap<MapData, u32, NodeAddr>,
     interface_addresses: HashMap<MapData, u32, u32>,
@@ -76,9 +80,6 @@ pub struct KernelMaps {
     backend_stats: PerCpuArray<MapData, Traffic>,
     /// The port filter's bitmap, then its flag (`PORTS_ON`).
     ports: Array<MapData, u64>,
-    /// `XLB_SELECT` can be written through a mapping (see `write_mapped`);
-    /// false after the first failure.
-    pub(super) select_mappable: bool,
 }
 
 impl KernelMaps {
@@ -86,7 +87,7 @@ impl KernelMaps {
     pub fn open(ebpf: &mut Ebpf) -> Result<Self, OpenError> {
         Ok(Self {
             services: typed(ebpf, names::SERVICES)?,
-            select: typed(ebpf, names::SELECT)?,
+            select: select_map(ebpf)?,
             backends: typed(ebpf, names::BACKENDS)?,
             node_addresses: typed(ebpf, names::NODE_ADDRS)?,
             interface_addresses: typed(ebpf, names::IFACE_ADDRS)?,
@@ -96,8 +97,31 @@ impl KernelMaps {
             service_stats: typed(ebpf, names::SERVICE_STATS)?,
             backend_stats: typed(ebpf, names::BACKEND_STATS)?,
             ports: typed(ebpf, names::PORTS)?,
-            select_mappable: true,
         })
+    }
+
+    /// `XLB_SELECT` as aya's `ArrayOfMaps` of selection tables.
+    pub(super) fn select_tables(&self) -> ArrayOfMaps<&MapData, Array<MapData, u32>> {
+        match ArrayOfMaps::try_from(&self.select) {
+            Ok(tables) => tables,
+            Err(_) => unreachable!("select_map checked the kind"),
+        }
+    }
+
+    /// [`Self::select_tables`], to update.
+    pub(super) fn select_tables_mut(&mut self) -> ArrayOfMaps<&mut MapData, Array<MapData, u32>> {
+        match ArrayOfMaps::try_from(&mut self.select) {
+            Ok(tables) => tables,
+            Err(_) => unreachable!("select_map checked the kind"),
+        }
+    }
+
+    /// `XLB_SELECT`'s own map (for its fd).
+    pub(super) fn select_data(&self) -> &MapData {
+        match &self.select {
+            Map::ArrayOfMaps(data) => data,
+            _ => unreachable!("select_map checked the kind"),
+        }
     }
 
     /// Zeroes `XLB_BACKEND_STATS[id]` on every CPU.
@@ -122,7 +146,7 @@ impl KernelMaps {
         Capacity {
             services: max_entries(self.services.map(), defaults.services),
             backends: self.backends.len(),
-            select_slots: self.select.len(),
+            tables: self.select_tables().len(),
             node_addresses: max_entries(self.node_addresses.map(), defaults.node_addresses),
             interface_addresses: max_entries(
                 self.interface_addresses.map(),
@@ -131,6 +155,15 @@ impl KernelMaps {
             source_ranges: max_entries(self.source_ranges.map(), defaults.source_ranges),
         }
     }
+}
+
+/// `XLB_SELECT`, checked to be an `ArrayOfMaps` of `u32` arrays.
+fn select_map(ebpf: &mut Ebpf) -> Result<Map, OpenError> {
+    let name = names::SELECT;
+    let map = take(ebpf, name)?;
+    ArrayOfMaps::<&MapData, Array<MapData, u32>>::try_from(&map)
+        .map_err(|source| OpenError::Kind { name, source })?;
+    Ok(map)
 }
 
 fn io(map: &'static str) -> impl FnOnce(MapError) -> MapIoError {

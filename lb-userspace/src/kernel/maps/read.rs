@@ -96,7 +96,7 @@ impl KernelMaps {
             };
             let entry = ServiceEntry {
                 id: value.id,
-                table_offset: value.table_offset,
+                table_id: value.table_id,
                 table_size: value.table_size,
                 flags: value.flags,
                 affinity_timeout_s: value.affinity_timeout_s,
@@ -110,17 +110,11 @@ impl KernelMaps {
                 },
             );
         }
-        let regions: BTreeSet<(u32, u32)> = applied
-            .services
-            .values()
-            .filter(|service| service.entry.table_size > 0)
-            .map(|service| (service.entry.table_offset, service.entry.table_size))
-            .collect();
-        for (offset, size) in regions {
-            applied
-                .tables
-                .insert(offset, self.select_slots(offset, size)?.into());
-        }
+        // The tables themselves are not read back: `XLB_SELECT` gives map
+        // ids, and opening a map by id needs CAP_SYS_ADMIN, which the agent
+        // does without. The first plan swaps each table in place (same
+        // index, same size, so no entry changes; the same backends give
+        // the same slots), which established flows never look at.
         for (id, backend) in self.backends.iter().enumerate() {
             let backend = backend.map_err(io(names::BACKENDS))?;
             if backend.flags & BACKEND_F_ACTIVE == 0 {
@@ -190,10 +184,24 @@ impl KernelMaps {
         Ok(next)
     }
 
-    /// `XLB_SELECT[offset..offset + len]`.
-    pub fn select_slots(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapIoError> {
-        (offset..offset.saturating_add(len))
-            .map(|slot| self.select.get(&slot, 0).map_err(io(names::SELECT)))
-            .collect()
+    /// The slots of the table at `XLB_SELECT[table]`, if there is one
+    /// (for tests and debugging: it opens the table by id, which needs
+    /// CAP_SYS_ADMIN).
+    pub fn select_slots(&self, table: u32) -> Result<Option<Vec<u32>>, MapIoError> {
+        let slots = match self.select_tables().get(&table, 0) {
+            Ok(slots) => slots,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(error) => {
+                return Err(MapIoError {
+                    map: names::SELECT,
+                    source: error,
+                });
+            }
+        };
+        slots
+            .iter()
+            .map(|slot| slot.map_err(io(names::SELECT)))
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Some)
     }
 }

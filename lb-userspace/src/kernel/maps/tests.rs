@@ -88,7 +88,7 @@ fn service_entries_carry_flags_and_affinity() {
     use lb_common::service::{SERVICE_F_AFFINITY, SERVICE_F_MASQUERADE};
     let value = service_value(&ServiceEntry {
         id: 3,
-        table_offset: 1021,
+        table_id: 1021,
         table_size: 1021,
         flags: SERVICE_F_MASQUERADE | SERVICE_F_AFFINITY,
         affinity_timeout_s: 600,
@@ -97,7 +97,7 @@ fn service_entries_carry_flags_and_affinity() {
     assert_eq!(
         (
             value.id,
-            value.table_offset,
+            value.table_id,
             value.table_size,
             value.affinity_timeout_s
         ),

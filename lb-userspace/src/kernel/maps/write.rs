@@ -1,5 +1,6 @@
 //! Writing the reconciler's `MapOp`s: one op at a time, or a run of one
-//! kind with one batch call (`XLB_SELECT` through a shared mapping).
+//! kind with one batch call; selection tables made whole, filled through a
+//! shared mapping and swapped into `XLB_SELECT`.
 
 use aya::Pod;
 use aya::maps::{Array, IterableMap as _, MapData, MapError};
@@ -12,11 +13,6 @@ use super::convert::{
 use super::{KernelMaps, MapIoError, absent_ok, io};
 use crate::kernel::sys;
 use crate::reconcile::{MapOp, MapWriter, RunKind};
-
-/// Slots of one `XLB_SELECT` batch call: bounds the buffers (8 bytes a
-/// slot) while keeping calls few (a 10,000-Service config has millions of
-/// slots).
-const SELECT_BATCH_SLOTS: usize = 64 * 1024;
 
 /// Writes `keys[i] = values[i]` in order with one `BPF_MAP_UPDATE_BATCH`
 /// call (BPF_ANY). On failure, returns how many pairs were written first.
@@ -45,42 +41,40 @@ fn update_batch<K: Pod, V: Pod>(
     })
 }
 
-/// `XLB_SELECT`'s slots are `u32`s stored 8 bytes apart (array maps round
-/// values up to 8 bytes), from the start of the mapping.
-const SELECT_SLOT_BYTES: usize = 8;
-/// The most of `XLB_SELECT` mapped at once: pages of the mapping count in
-/// the agent's resident memory while it is mapped.
-const SELECT_WINDOW_BYTES: usize = 4 << 20;
+/// Tables swapped into `XLB_SELECT` by one batch call. The kernel waits
+/// for an RCU grace period (milliseconds) after each update of a map of
+/// maps, so that no program still runs with the old table when the call
+/// returns; since Linux 6.7 once per batch call rather than per element:
+/// 10,000 tables one by one took 145 s. Bounded by the descriptors held
+/// open meanwhile (one per new table).
+const TABLES_PER_BATCH: usize = 256;
 
-/// Writes `XLB_SELECT[slots[i]] = ids[i]` through a temporary shared
-/// mapping of the pages they fall in (the map is `BPF_F_MMAPABLE`): no
-/// syscall per slot. `Some(false)`, having written nothing, if a slot is
-/// out of range or the slots span more than `SELECT_WINDOW_BYTES`; `None`
-/// if the map cannot be mapped (a pinned map made without the flag).
-fn write_mapped(select: &Array<MapData, u32>, slots: &[u32], ids: &[u32]) -> Option<bool> {
+/// A table's slots are `u32`s stored 8 bytes apart (array maps round
+/// values up to 8 bytes), from the start of the mapping.
+const SLOT_BYTES: usize = 8;
+
+/// A new selection table holding `ids` (`SELECT_TABLE_FLAGS`: it is not
+/// in `XLB_SELECT` yet, so no packet reads it while it is filled). Filled
+/// through a shared mapping, no syscall per slot; with one batch update if
+/// it cannot be mapped.
+fn new_table(ids: &[u32]) -> Result<Array<MapData, u32>, MapIoError> {
     use std::os::fd::AsFd as _;
-    use std::sync::atomic::{Ordering, fence};
-    let (Some(&first), Some(&last)) = (slots.iter().min(), slots.iter().max()) else {
-        return Some(true);
-    };
-    if last >= select.len() || slots.len() != ids.len() {
-        return Some(false);
+    let len = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+    let table =
+        Array::<MapData, u32>::create(len, names::SELECT_TABLE_FLAGS).map_err(io(names::SELECT))?;
+    let length = (ids.len() * SLOT_BYTES).div_ceil(sys::page_size()) * sys::page_size();
+    match sys::SharedMapping::new(table.map().fd().as_fd(), 0, length) {
+        Ok(mapping) => {
+            for (slot, &id) in ids.iter().enumerate() {
+                mapping.store_u32(slot * SLOT_BYTES, id);
+            }
+        }
+        Err(_) => {
+            let slots: Vec<u32> = (0..len).collect();
+            update_batch(table.map(), names::SELECT, &slots, ids).map_err(|(_, error)| error)?;
+        }
     }
-    let page = sys::page_size();
-    let start = first as usize * SELECT_SLOT_BYTES / page * page;
-    let end = (last as usize + 1) * SELECT_SLOT_BYTES;
-    let map_end = (select.len() as usize * SELECT_SLOT_BYTES).div_ceil(page) * page;
-    let length = (end.div_ceil(page) * page).min(map_end) - start;
-    if length > SELECT_WINDOW_BYTES {
-        return Some(false);
-    }
-    let mapping = sys::SharedMapping::new(select.map().fd().as_fd(), start, length).ok()?;
-    for (&slot, &id) in slots.iter().zip(ids) {
-        mapping.store_u32(slot as usize * SELECT_SLOT_BYTES - start, id);
-    }
-    // The service entries that point at these slots are written after.
-    fence(Ordering::Release);
-    Some(true)
+    Ok(table)
 }
 
 impl KernelMaps {
@@ -110,52 +104,106 @@ impl KernelMaps {
         update_batch(self.services.map(), names::SERVICES, &keys, &values)
     }
 
-    /// A run of `WriteTable`s, in batches of about `SELECT_BATCH_SLOTS`
-    /// slots. On failure, the tables written completely are counted.
+    /// `XLB_SELECT[table] = ids`: a new table, filled, then swapped in
+    /// with one update (the kernel swaps the pointer: a packet's lookup
+    /// finds the old table or the new one). The old table is freed when the
+    /// last program run that found it ends.
+    fn write_table(&mut self, table: u32, ids: &[u32]) -> Result<(), MapIoError> {
+        let new = new_table(ids)?;
+        // Its slots were stored through the mapping; the swap publishes them.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.select_tables_mut()
+            .set(table, &new, 0)
+            .map_err(io(names::SELECT))
+    }
+
+    /// A run of `WriteTable`s: each made and filled, then swapped in
+    /// `TABLES_PER_BATCH` at a time with one batch update (one by one
+    /// where the kernel has no batch update for maps of maps). On failure,
+    /// the tables swapped in before are counted.
     fn write_tables(&mut self, ops: &[MapOp]) -> Result<(), (usize, MapIoError)> {
-        let mut slots: Vec<u32> = Vec::with_capacity(SELECT_BATCH_SLOTS);
-        let mut ids: Vec<u32> = Vec::with_capacity(SELECT_BATCH_SLOTS);
-        // Ops before `first` are written; `ends[i]` is where op `first + i`
-        // ends in the pending buffers.
-        let mut first = 0;
-        let mut ends: Vec<usize> = Vec::new();
-        for (index, op) in ops.iter().enumerate() {
-            if let MapOp::WriteTable {
-                offset,
-                backend_ids,
-            } = op
-            {
-                slots.extend((*offset..).take(backend_ids.len()));
-                ids.extend_from_slice(backend_ids);
-            }
-            ends.push(slots.len());
-            if slots.len() >= SELECT_BATCH_SLOTS || index + 1 == ops.len() {
-                let mapped = self.select_mappable
-                    && match write_mapped(&self.select, &slots, &ids) {
-                        Some(written) => written,
-                        None => {
-                            // Pinned by an agent that made it without
-                            // BPF_F_MMAPABLE: batch calls from now on.
-                            self.select_mappable = false;
-                            false
-                        }
-                    };
-                let written = if mapped {
-                    Ok(())
-                } else {
-                    update_batch(self.select.map(), names::SELECT, &slots, &ids)
-                };
-                if let Err((written, error)) = written {
-                    let complete = ends.iter().take_while(|&&end| end <= written).count();
-                    return Err((first + complete, error));
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let mut written = 0;
+        for chunk in ops.chunks(TABLES_PER_BATCH) {
+            let mut keys = Vec::with_capacity(chunk.len());
+            let mut tables = Vec::with_capacity(chunk.len());
+            for op in chunk {
+                if let MapOp::WriteTable { table, backend_ids } = op {
+                    keys.push(*table);
+                    tables.push(new_table(backend_ids).map_err(|error| (written, error))?);
                 }
-                first = index + 1;
-                slots.clear();
-                ids.clear();
-                ends.clear();
             }
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+            let fds: Vec<u32> = tables
+                .iter()
+                .map(|table| u32::try_from(table.map().fd().as_fd().as_raw_fd()).unwrap_or(0))
+                .collect();
+            match update_batch(self.select_data(), names::SELECT, &keys, &fds) {
+                Ok(()) => {}
+                Err((0, _)) => {
+                    for (index, (&key, table)) in keys.iter().zip(&tables).enumerate() {
+                        self.select_tables_mut()
+                            .set(key, table, 0)
+                            .map_err(|error| {
+                                (
+                                    written + index,
+                                    MapIoError {
+                                        map: names::SELECT,
+                                        source: error,
+                                    },
+                                )
+                            })?;
+                    }
+                }
+                Err((done, error)) => return Err((written + done, error)),
+            }
+            written += chunk.len();
         }
         Ok(())
+    }
+}
+
+impl KernelMaps {
+    /// `XLB_SELECT[table]` emptied; already empty is fine.
+    fn remove_table(&mut self, table: u32) -> Result<(), MapIoError> {
+        use std::os::fd::AsFd as _;
+        let removed = sys::bpf_map_delete_elem(self.select_data().fd().as_fd(), &table);
+        absent_ok(removed.map_err(|io_error| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_delete_elem",
+                io_error,
+            })
+        }))
+        .map_err(io(names::SELECT))
+    }
+
+    /// A run of `RemoveTable`s. Maps of maps have no batch delete (6.18:
+    /// ENOTSUPP), and each single delete waits for an RCU grace period, so
+    /// the indexes are instead pointed at one shared one-slot table with
+    /// one batch update: their tables are freed all the same, and no entry
+    /// points at those indexes. One by one where that fails.
+    fn remove_tables(&mut self, ops: &[MapOp]) -> Result<(), (usize, MapIoError)> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let keys: Vec<u32> = ops
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::RemoveTable { table } => Some(*table),
+                _ => None,
+            })
+            .collect();
+        let placeholder = new_table(&[0]).map_err(|error| (0, error))?;
+        let fd = u32::try_from(placeholder.map().fd().as_fd().as_raw_fd()).unwrap_or(0);
+        let fds = vec![fd; keys.len()];
+        match update_batch(self.select_data(), names::SELECT, &keys, &fds) {
+            Ok(()) => Ok(()),
+            Err((0, _)) => {
+                for (index, &table) in keys.iter().enumerate() {
+                    self.remove_table(table).map_err(|error| (index, error))?;
+                }
+                Ok(())
+            }
+            Err(failed) => Err(failed),
+        }
     }
 }
 
@@ -167,8 +215,9 @@ impl MapWriter for KernelMaps {
         let one_kind = ops.iter().all(|op| op.run_kind() == kind);
         match kind {
             Some(RunKind::Backends) if one_kind => self.write_backends(ops),
-            Some(RunKind::Tables) if one_kind => self.write_tables(ops),
             Some(RunKind::Services) if one_kind => self.write_services(ops),
+            Some(RunKind::Tables) if one_kind => self.write_tables(ops),
+            Some(RunKind::TableRemovals) if one_kind => self.remove_tables(ops),
             _ => {
                 for (index, op) in ops.iter().enumerate() {
                     self.apply(op).map_err(|error| (index, error))?;
@@ -213,9 +262,8 @@ impl MapWriter for KernelMaps {
                     .map_err(io(names::BACKENDS))?;
                 self.zero_backend_counters(*id)
             }
-            MapOp::WriteTable { .. } => self
-                .write_tables(std::slice::from_ref(op))
-                .map_err(|(_, error)| error),
+            MapOp::WriteTable { table, backend_ids } => self.write_table(*table, backend_ids),
+            MapOp::RemoveTable { table } => self.remove_table(*table),
             MapOp::WriteService {
                 frontend, entry, ..
             } => self
@@ -238,5 +286,27 @@ impl MapWriter for KernelMaps {
                 .set(names::PORTS_ON, 1, 0)
                 .map_err(io(names::PORTS)),
         }
+    }
+}
+
+#[cfg(test)]
+impl KernelMaps {
+    /// Swaps `tables` into `XLB_SELECT` with one batch update, with no
+    /// fallback (kernel tests check the kernel takes it).
+    pub(crate) fn swap_tables_in_one_call(
+        &mut self,
+        tables: &[(u32, Vec<u32>)],
+    ) -> Result<(), MapIoError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let keys: Vec<u32> = tables.iter().map(|(table, _)| *table).collect();
+        let new: Vec<Array<MapData, u32>> = tables
+            .iter()
+            .map(|(_, ids)| new_table(ids))
+            .collect::<Result<_, _>>()?;
+        let fds: Vec<u32> = new
+            .iter()
+            .map(|table| u32::try_from(table.map().fd().as_fd().as_raw_fd()).unwrap_or(0))
+            .collect();
+        update_batch(self.select_data(), names::SELECT, &keys, &fds).map_err(|(_, error)| error)
     }
 }

@@ -95,9 +95,6 @@ enum Feed {
 #[derive(Debug)]
 pub struct Begun {
     first: First,
-    /// How many Services the API said it has when asked for one of them,
-    /// to size the datapath before the whole list is in (`None`: unknown).
-    pub services_hint: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -174,7 +171,6 @@ impl ClusterSource {
                     "node {node_name}: waiting for a complete list of Services, EndpointSlices and \
                      this Node from {description}"
                 );
-                let services_hint = count_services(&client).await;
                 let events = ServiceEvents::new(client.clone(), &node_name);
                 let watch = Watch::start(client, node_name);
                 Ok(Begun {
@@ -183,7 +179,6 @@ impl ClusterSource {
                         description,
                         events,
                     },
-                    services_hint,
                 })
             }
             SourceOptions::Manifests { path, node_name } => {
@@ -206,7 +201,6 @@ impl ClusterSource {
                     Some(watch) => format!("manifests {}", watch.path.display()),
                     None => String::from("manifests from standard input"),
                 };
-                let services_hint = Some(snapshot.services.len());
                 Ok(Begun {
                     first: First::Ready(ClusterSource {
                         feed: Feed::Manifests(watch),
@@ -216,7 +210,6 @@ impl ClusterSource {
                         events: None,
                         description,
                     }),
-                    services_hint,
                 })
             }
         }
@@ -299,30 +292,6 @@ impl ClusterSource {
             }
         }
     }
-}
-
-/// How many Services the API has, from a list of one (its
-/// `remainingItemCount`): cheap, and known long before the whole list is
-/// read. `None` when the API does not say (or the request fails: the watch
-/// reports that).
-async fn count_services(client: &kube::Client) -> Option<usize> {
-    let api = kube::Api::<k8s_openapi::api::core::v1::Service>::all(client.clone());
-    let page = api
-        .list(&kube::api::ListParams::default().limit(1))
-        .await
-        .ok()?;
-    let remaining = page.metadata.remaining_item_count.unwrap_or(0);
-    let listed = page.items.len();
-    if remaining == 0
-        && page
-            .metadata
-            .continue_
-            .as_deref()
-            .is_some_and(|c| !c.is_empty())
-    {
-        return None; // More to come, but not said how many.
-    }
-    Some(listed + usize::try_from(remaining).unwrap_or(0))
 }
 
 /// [`ClusterSource::changed`] of `source`, or never when there is none: one
