@@ -306,8 +306,24 @@ impl Flooded {
         self.during[reason as usize] - self.before[reason as usize]
     }
 
-    fn rate(&self) -> f64 {
-        self.frames as f64 / self.time.as_secs_f64()
+    /// One line on the flood (`what`: its frames' kind) and the streams.
+    fn summary(&self, what: &str) -> String {
+        format!(
+            "flood: {} {what} sent in {:?} ({:.0}/s); new flows {}, masquerade exhausted {}, flow \
+             insert failed {}, no neighbour (answers to silent sources) {}; TCP stream {} round \
+             trips; UDP {}/{} echoed (the backends' sockets dropped {})",
+            self.frames,
+            self.time,
+            self.frames as f64 / self.time.as_secs_f64(),
+            self.grew(Reason::FwdNewFlow),
+            self.grew(Reason::DropSnatExhausted),
+            self.grew(Reason::DropFlowInsert),
+            self.grew(Reason::DropNoNeighbour),
+            self.tcp_rounds,
+            self.udp_echoed,
+            self.udp_sent,
+            self.backend_drops,
+        )
     }
 }
 
@@ -452,21 +468,7 @@ fn syn_flood_spares_established_flows_and_new_clients() -> anyhow::Result<()> {
     let conntrack = format!("  tcpSynTimeoutSeconds: {SYN_TIMEOUT_S}\n");
     with_flood_lab(&conntrack, |lab, gen_ns, bpffs, agent| {
         let flooded = flood_with_streams(lab, gen_ns, bpffs, syn_flood_config())?;
-        println!(
-            "flood: {} SYNs sent in {:?} ({:.0}/s); new flows {}, SYN-ACKs to silent sources \
-             dropped {}, masquerade exhausted {}, flow insert failed {}; TCP stream {} round \
-             trips; UDP {}/{} echoed",
-            flooded.frames,
-            flooded.time,
-            flooded.rate(),
-            flooded.grew(Reason::FwdNewFlow),
-            flooded.grew(Reason::DropNoNeighbour),
-            flooded.grew(Reason::DropSnatExhausted),
-            flooded.grew(Reason::DropFlowInsert),
-            flooded.tcp_rounds,
-            flooded.udp_echoed,
-            flooded.udp_sent,
-        );
+        println!("{}", flooded.summary("SYNs"));
         ensure!(
             flooded.udp_echoed == flooded.udp_sent,
             "the UDP stream lost {} of {} datagrams during the flood",
@@ -580,21 +582,7 @@ fn udp_flood_spares_established_flows_and_new_clients() -> anyhow::Result<()> {
     let conntrack = format!("  udpUnassuredTimeoutSeconds: {UNASSURED_TIMEOUT_S}\n");
     with_flood_lab(&conntrack, |lab, gen_ns, bpffs, agent| {
         let flooded = flood_with_streams(lab, gen_ns, bpffs, udp_flood_config())?;
-        println!(
-            "flood: {} datagrams sent in {:?} ({:.0}/s); new flows {}, masquerade exhausted {}, \
-             flow insert failed {}; TCP stream {} round trips; UDP {}/{} echoed (backends' \
-             sockets dropped {})",
-            flooded.frames,
-            flooded.time,
-            flooded.rate(),
-            flooded.grew(Reason::FwdNewFlow),
-            flooded.grew(Reason::DropSnatExhausted),
-            flooded.grew(Reason::DropFlowInsert),
-            flooded.tcp_rounds,
-            flooded.udp_echoed,
-            flooded.udp_sent,
-            flooded.backend_drops,
-        );
+        println!("{}", flooded.summary("datagrams"));
         // The flood reaches the backends' echo servers too, whose sockets
         // overflow: a datagram of the stream lost there is the backend's,
         // not xlb's. xlb's part is that the stream's flow stayed the same

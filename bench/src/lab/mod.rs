@@ -399,7 +399,7 @@ impl Bench {
             .map(|datapath| move || agent::new_flows(datapath));
         let programs = &self.programs;
         let bpf = (!programs.is_empty()).then_some(move || programs.snapshot());
-        self.generator.measure_with(
+        self.generator.measure(
             FLOOD_NODE_PORT,
             flows,
             plan.warmup,

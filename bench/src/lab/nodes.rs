@@ -454,6 +454,7 @@ impl PathBench {
                 CountAt::Node2 => at_node2.count(),
             },
             None,
+            None,
         );
         self.at_node2.arm(false)?;
         let window = window?;

@@ -319,23 +319,10 @@ impl Generator {
 
     /// Send `flows` to `dst_port` as fast as the generator goes; after
     /// `warmup`, count what `delivered` (and `new_flows`, if given) report
-    /// over `window`.
-    pub fn measure(
-        &mut self,
-        dst_port: u16,
-        flows: Flows,
-        warmup: Duration,
-        window: Duration,
-        delivered: &dyn Fn() -> anyhow::Result<u64>,
-        new_flows: Option<&dyn Fn() -> anyhow::Result<u64>>,
-    ) -> anyhow::Result<Window> {
-        self.measure_with(dst_port, flows, warmup, window, delivered, new_flows, None)
-    }
-
-    /// [`Generator::measure`], and the system's BPF run time over the
-    /// window from `bpf` (summed `(run_time_ns, run_cnt)` snapshots).
+    /// over `window`, and the system's BPF run time from `bpf` (summed
+    /// `(run_time_ns, run_cnt)` snapshots), if given.
     #[allow(clippy::too_many_arguments)]
-    pub fn measure_with(
+    pub fn measure(
         &mut self,
         dst_port: u16,
         flows: Flows,
