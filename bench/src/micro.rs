@@ -130,19 +130,24 @@ pub fn run(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<R
     with_namespace(move || measure(object, rounds, packets))
 }
 
-fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<Report> {
+/// The datapath as the micro bench measures it: the base state, the whole
+/// port space for masquerade (so the new-flow paths measure allocation, not
+/// exhaustion of the default 4.5k-port range), and the port filter on, as
+/// the agent writes it (an older object without it is measured as it is).
+fn prepared_datapath(object: &'static [u8]) -> Datapath {
     let mut dp = Datapath::load(object);
     dp.write_base_state();
-    // The whole port space for masquerade, so the new-flow paths measure
-    // allocation, not exhaustion of the default 4.5k-port range.
     dp.set_config(lb_common::GlobalConfig {
         snat_port_min: 1024,
         snat_port_max: 65_535,
         ..Datapath::base_config()
     });
-    // The port filter on, as the agent writes it (an older object without
-    // it is measured as it is).
     dp.filter_ports(Some(&xlb_tests::testrun::BASE_PORTS));
+    dp
+}
+
+fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<Report> {
+    let mut dp = prepared_datapath(object);
     let mut yardsticks = EbpfLoader::new()
         .load(crate::BASELINE_OBJECT)
         .context("loading the baseline object")?;
@@ -180,9 +185,26 @@ fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<R
             per_path[index].push(ns);
         }
     }
-    let floor_ns = median(&mut floor);
-    let baseline_ns = median(&mut baseline);
-    let baseline_iqr_ns = iqr(&mut baseline);
+    Ok(report(
+        rounds,
+        packets,
+        &mut floor,
+        &mut baseline,
+        &mut per_path,
+    ))
+}
+
+/// The figures of a run: medians and spreads of the rounds' samples.
+fn report(
+    rounds: u32,
+    packets: u32,
+    floor: &mut [f64],
+    baseline: &mut [f64],
+    per_path: &mut [Vec<f64>],
+) -> Report {
+    let floor_ns = median(floor);
+    let baseline_ns = median(baseline);
+    let baseline_iqr_ns = iqr(baseline);
     let paths = PATHS
         .iter()
         .zip(per_path.iter_mut())
@@ -201,7 +223,7 @@ fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<R
             }
         })
         .collect();
-    Ok(Report {
+    Report {
         machine: crate::machine::describe(),
         rounds,
         packets_per_round: packets,
@@ -209,7 +231,7 @@ fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<R
         baseline_ns,
         baseline_iqr_ns,
         paths,
-    })
+    }
 }
 
 /// A distinct client tuple per (round, index), so "new flow" frames really
