@@ -10,7 +10,7 @@ mod rules;
 
 pub use rules::{
     BackendAddr, Claim, DEFAULT_TABLE_SIZE, DesiredBackend, MAX_TABLE_SIZE, MIN_TABLE_SIZE, Owners,
-    backends_for, desired_backends, is_prime, network_of,
+    auto_table_size, backends_for, desired_backends, is_prime, network_of,
 };
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours, as
@@ -37,8 +37,12 @@ pub struct DesiredState {
     /// Source ports used when masquerading new flows.
     pub masquerade_ports: RangeInclusive<u16>,
     pub conntrack: Conntrack,
-    /// Slots per service in the selection table.
+    /// Slots per service in the selection table: exactly this many when
+    /// `table_size_auto` is false (`selection.tableSize` given), else at
+    /// most this many (`rules::auto_table_size`).
     pub table_size: u32,
+    /// Size each service's table by its backends (the default).
+    pub table_size_auto: bool,
     /// Node addresses that services may use as load-balancer IPs or
     /// externalIPs (`node.allowedFrontendAddresses`). A frontend on any
     /// other address of the node is refused: it would take over the node's
@@ -56,6 +60,7 @@ impl Default for DesiredState {
             masquerade_ports: DEFAULT_MASQUERADE_PORTS,
             conntrack: Conntrack::default(),
             table_size: DEFAULT_TABLE_SIZE,
+            table_size_auto: true,
             allowed_frontend_addresses: Vec::new(),
             services: Vec::new(),
         }

@@ -37,10 +37,10 @@ pub struct Options {
     /// Services to apply (10 backends each).
     #[arg(long, default_value_t = 10_000)]
     pub services: usize,
-    /// `selection.tableSize`: issue 10's apply-time goal is measured at
-    /// this size (the default, 16381, fits too since each Service has its
-    /// own table, but builds 65 times the slots).
-    #[arg(long, default_value_t = 251)]
+    /// `selection.tableSize` (0, the default: left out, so each Service's
+    /// table is sized by its backends as xlb does by default: 1021 slots
+    /// for the bench's 10 backends).
+    #[arg(long, default_value_t = 0)]
     pub table_size: u32,
     /// Seconds an apply may take before the run fails.
     #[arg(long, default_value_t = 300)]
@@ -51,6 +51,13 @@ pub struct Options {
     /// Also write the figures as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+}
+
+impl Options {
+    /// `selection.tableSize` to write, if any.
+    fn table(&self) -> Option<u32> {
+        (self.table_size > 0).then_some(self.table_size)
+    }
 }
 
 /// One measured apply.
@@ -170,8 +177,8 @@ impl Prober {
 
 /// The sweep's node settings with no service (the Kubernetes source gives
 /// them).
-fn node_only_yaml(table_size: u32) -> String {
-    let yaml = BenchConfig::sweep_with_pod_ips(1, Some(table_size), FILLER_POD_IPS).xlb_yaml();
+fn node_only_yaml(table_size: Option<u32>) -> String {
+    let yaml = BenchConfig::sweep_with_pod_ips(1, table_size, FILLER_POD_IPS).xlb_yaml();
     let head = yaml.split("services:\n").next().unwrap_or_default();
     format!("{head}services: []\n")
 }
@@ -179,7 +186,7 @@ fn node_only_yaml(table_size: u32) -> String {
 /// Config file: a one-Service agent, then the big config by SIGHUP.
 fn by_sighup(options: &Options) -> anyhow::Result<Figures> {
     let lab = BenchLab::build()?;
-    let table = Some(options.table_size);
+    let table = options.table();
     let small = BenchConfig::sweep_with_pod_ips(1, table, FILLER_POD_IPS);
     let big = BenchConfig::sweep_with_pod_ips(options.services, table, FILLER_POD_IPS);
     let mut agent = Agent::start(&lab, &small.xlb_yaml())?;
@@ -236,7 +243,7 @@ fn from_kubernetes(options: &Options) -> anyhow::Result<Figures> {
     let started = Instant::now();
     let agent = Agent::start_with(
         &lab,
-        &node_only_yaml(options.table_size),
+        &node_only_yaml(options.table()),
         &[
             "--kubernetes",
             "--kubeconfig",

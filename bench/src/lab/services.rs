@@ -77,7 +77,8 @@ impl Service {
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
     pub services: Vec<Service>,
-    /// `selection.tableSize` for xlb (None: the default, 1021).
+    /// `selection.tableSize` for xlb (None: left out, xlb's default: each
+    /// table sized by its backends).
     pub table_size: Option<u32>,
     /// Idle timeout of unanswered UDP flows, in xlb's conntrack and the
     /// kernel's (None: each system's default, 60 s and 30 s).

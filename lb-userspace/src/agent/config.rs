@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use crate::kernel::{MapSizes, host};
-use crate::model::DesiredState;
+use crate::model::{DesiredState, auto_table_size};
 use crate::source::yaml::{self, ConfigError, LoadedConfig, Overrides};
 
 /// `xlb check`: validates only. Returns the line to print on success.
@@ -44,25 +44,41 @@ const SELECT_WARN_BYTES: u64 = 256 << 20;
 const SELECT_SLOT_BYTES: u64 = 8;
 
 /// A warning when the selection tables need a lot of memory: one table per
-/// service (`XLB_SELECT`) of `selection.tableSize` slots.
+/// service (`XLB_SELECT`) of `selection.tableSize` slots, or of the size its
+/// backends give it when that is left out.
 fn select_memory_warning(config: &LoadedConfig) -> Option<String> {
     let state = &config.state;
-    let services = u64::try_from(state.services.len()).unwrap_or(u64::MAX);
-    let bytes = services
-        .saturating_mul(u64::from(state.table_size))
-        .saturating_mul(SELECT_SLOT_BYTES);
+    let slots: u64 = state
+        .services
+        .iter()
+        .map(|service| {
+            if !state.table_size_auto {
+                return u64::from(state.table_size);
+            }
+            let selectable = service.backends.iter().filter(|b| b.weight > 0);
+            let weights = selectable.clone().map(|b| u64::from(b.weight)).sum();
+            u64::from(auto_table_size(
+                selectable.count(),
+                weights,
+                state.table_size,
+            ))
+        })
+        .sum();
+    let bytes = slots.saturating_mul(SELECT_SLOT_BYTES);
     if bytes <= SELECT_WARN_BYTES {
         return None;
     }
     let problem = config.problem(
         "selection.tableSize",
         format!(
-            "{} services at {} slots make their selection tables {} MiB",
+            "{} services' selection tables ({slots} slots) take {} MiB of kernel memory",
             state.services.len(),
-            state.table_size,
             bytes >> 20
         ),
-        String::from("a smaller prime (4093 or 1021) saves memory at the cost of coarser weights"),
+        String::from(
+            "leave selection.tableSize out (each table sized by its backends), or a smaller \
+             prime (4093 or 1021) at the cost of coarser weights",
+        ),
     );
     Some(problem.to_string())
 }
@@ -206,7 +222,10 @@ mod tests {
                 )
             })
             .collect();
-        let loaded = config(&format!("node:\n  interfaces: [lo]\nservices:\n{services}"));
+        let fixed = "selection:\n  tableSize: 16381\n";
+        let loaded = config(&format!(
+            "node:\n  interfaces: [lo]\n{fixed}services:\n{services}"
+        ));
         // 300 services: 300 tables of 16381 slots of 8 bytes, 37 MiB: fine.
         assert_eq!(select_memory_warning(&loaded), None);
         let big: String = (0..3000)
@@ -217,12 +236,17 @@ mod tests {
                 )
             })
             .collect();
-        let loaded = config(&format!("node:\n  interfaces: [lo]\nservices:\n{big}"));
+        let auto = config(&format!("node:\n  interfaces: [lo]\nservices:\n{big}"));
+        // Sized by their backends (none): 3000 tables of 251 slots, 6 MiB.
+        assert_eq!(select_memory_warning(&auto), None);
+        let loaded = config(&format!(
+            "node:\n  interfaces: [lo]\n{fixed}services:\n{big}"
+        ));
         let warning = select_memory_warning(&loaded).unwrap_or_default();
         assert!(
             warning.starts_with(
-                "t.yaml:1:1: selection.tableSize: 3000 services at 16381 slots make their \
-                 selection tables 374 MiB; a smaller prime (4093 or 1021)"
+                "t.yaml:4:14: selection.tableSize: 3000 services' selection tables (49143000 \
+                 slots) take 374 MiB of kernel memory; leave selection.tableSize out"
             ),
             "{warning}"
         );

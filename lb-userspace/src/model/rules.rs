@@ -19,6 +19,29 @@ pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
 /// kernel memory for each service's table).
 pub const MAX_TABLE_SIZE: u32 = 1_048_573;
 
+/// Slots an automatically sized table gives each selectable backend, at
+/// least: Maglev spreads flows to within about 1% of the weights with 100.
+pub const SLOTS_PER_BACKEND: u64 = 100;
+/// The sizes an automatically sized table takes: primes, each about twice
+/// the last, so a service's table changes size only when its backends
+/// double or halve.
+pub const AUTO_TABLE_SIZES: [u32; 9] = [251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521];
+
+/// The slots of an automatically sized table (`selection.tableSize` left
+/// out) for `backends` selectable backends whose weights sum to `weights`:
+/// the smallest of [`AUTO_TABLE_SIZES`] with `SLOTS_PER_BACKEND` slots per
+/// backend and one per unit of weight, never more than `max` (the default
+/// size). Every node computes it from the same backends, so all agree.
+pub fn auto_table_size(backends: usize, weights: u64, max: u32) -> u32 {
+    let backends = u64::try_from(backends).unwrap_or(u64::MAX);
+    let wanted = backends.saturating_mul(SLOTS_PER_BACKEND).max(weights);
+    AUTO_TABLE_SIZES
+        .iter()
+        .copied()
+        .find(|&size| u64::from(size) >= wanted && size <= max)
+        .unwrap_or(max)
+}
+
 /// Whether `n` is prime (table sizes are small enough for trial division).
 pub fn is_prime(n: u32) -> bool {
     if n < 2 {
@@ -215,6 +238,23 @@ mod tests {
         assert!(!is_prime(1) && !is_prime(1024) && !is_prime(16_383) && !is_prime(0));
         assert!(is_prime(DEFAULT_TABLE_SIZE) && is_prime(MAX_TABLE_SIZE));
         assert!(is_prime(MIN_TABLE_SIZE));
+        assert!(AUTO_TABLE_SIZES.iter().all(|&size| is_prime(size)));
+        assert!(AUTO_TABLE_SIZES.contains(&DEFAULT_TABLE_SIZE));
+    }
+
+    #[test]
+    fn automatic_tables_give_each_backend_about_a_hundred_slots() {
+        let max = DEFAULT_TABLE_SIZE;
+        assert_eq!(auto_table_size(0, 0, max), 251);
+        assert_eq!(auto_table_size(1, 1, max), 251);
+        assert_eq!(auto_table_size(3, 3, max), 509);
+        assert_eq!(auto_table_size(10, 10, max), 1021);
+        assert_eq!(auto_table_size(11, 11, max), 2039);
+        assert_eq!(auto_table_size(100, 100, max), 16_381);
+        // Never past the most a table may have.
+        assert_eq!(auto_table_size(1_000, 1_000, max), max);
+        // Each unit of weight gets a slot at least.
+        assert_eq!(auto_table_size(2, 3_000, max), 4093);
     }
 
     #[test]

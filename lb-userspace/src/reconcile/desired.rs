@@ -35,7 +35,9 @@ pub struct Desired {
     pub node_addresses: BTreeSet<Ipv4Addr>,
     pub interface_addresses: BTreeMap<u32, Ipv4Addr>,
     pub settings: Settings,
+    /// Slots of each table, or at most this many when `table_size_auto`.
     pub table_size: u32,
+    pub table_size_auto: bool,
     /// Frontends left out because they are addresses of this node.
     pub refused: Vec<RefusedFrontend>,
 }
@@ -216,6 +218,7 @@ impl Desired {
             interface_addresses: self.interface_addresses.clone(),
             settings: self.settings,
             table_size: self.table_size,
+            table_size_auto: self.table_size_auto,
             refused: Vec::new(),
         }
     }
@@ -241,6 +244,7 @@ impl Desired {
             interface_addresses: node.interface_addresses.clone(),
             settings: Settings::from_state(state),
             table_size: state.table_size,
+            table_size_auto: state.table_size_auto,
             refused,
         }
     }

@@ -8,7 +8,7 @@ use super::applied::{Applied, TableSummary};
 use super::desired::{Desired, DesiredService};
 use super::maglev::{MaglevBackend, identity, maglev_table};
 use super::ops::{ActiveBackend, Frontend, MapOp, ServiceEntry, SourceRangeKey};
-use crate::model::BackendAddr;
+use crate::model::{BackendAddr, auto_table_size};
 
 /// Sizes of the maps the plan must fit in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -303,7 +303,11 @@ fn services(
         desired.services.iter().map(|s| s.frontends.len()).sum(),
         capacity.services,
     )?;
-    let mut planner = ServicePlanner::new(applied, capacity, backend_ids, desired.table_size);
+    let sizing = TableSizing {
+        size: desired.table_size,
+        auto: desired.table_size_auto,
+    };
+    let mut planner = ServicePlanner::new(applied, capacity, backend_ids, sizing);
     for service in &desired.services {
         planner.plan(service, ops)?;
     }
@@ -342,7 +346,7 @@ fn services(
 struct ServicePlanner<'a> {
     applied: &'a Applied,
     backend_ids: &'a BTreeMap<BackendAddr, u32>,
-    table_size: u32,
+    table_sizing: TableSizing,
     ids_by_name: BTreeMap<&'a str, u32>,
     /// Every entry written under each name, in frontend order.
     entries_by_name: BTreeMap<&'a str, Vec<ServiceEntry>>,
@@ -359,7 +363,7 @@ impl<'a> ServicePlanner<'a> {
         applied: &'a Applied,
         capacity: &'a Capacity,
         backend_ids: &'a BTreeMap<BackendAddr, u32>,
-        table_size: u32,
+        table_sizing: TableSizing,
     ) -> Self {
         let ids_by_name = applied
             .services
@@ -377,7 +381,7 @@ impl<'a> ServicePlanner<'a> {
         Self {
             applied,
             backend_ids,
-            table_size,
+            table_sizing,
             ids_by_name,
             entries_by_name,
             next_id: applied.next_service_id.max(1),
@@ -452,7 +456,7 @@ impl<'a> ServicePlanner<'a> {
         service: &DesiredService,
         ops: &mut Vec<MapOp>,
     ) -> Result<(u32, u32), PlanError> {
-        let table = table_for(service, self.backend_ids, self.table_size);
+        let table = table_for(service, self.backend_ids, self.table_sizing);
         let current: Vec<ServiceEntry> = self
             .entries_by_name
             .get(service.name.as_str())
@@ -548,11 +552,19 @@ impl TableIds {
     }
 }
 
+/// How big a service's table is: `size` slots, or with `auto` sized by
+/// its backends up to `size` (`model::auto_table_size`).
+#[derive(Clone, Copy, Debug)]
+struct TableSizing {
+    size: u32,
+    auto: bool,
+}
+
 /// The Maglev table of a service's selectable backends.
 fn table_for(
     service: &DesiredService,
     backend_ids: &BTreeMap<BackendAddr, u32>,
-    size: u32,
+    sizing: TableSizing,
 ) -> Vec<u32> {
     let weighted: Vec<MaglevBackend> = service
         .backends
@@ -566,5 +578,14 @@ fn table_for(
             })
         })
         .collect();
+    let size = if sizing.auto {
+        let weights = weighted
+            .iter()
+            .map(|backend| u64::from(backend.weight))
+            .sum();
+        auto_table_size(weighted.len(), weights, sizing.size)
+    } else {
+        sizing.size
+    };
     maglev_table(&weighted, size)
 }

@@ -39,6 +39,7 @@ fn state(services: Vec<Service>) -> DesiredState {
         masquerade_ports: DEFAULT_MASQUERADE_PORTS,
         conntrack: Conntrack::default(),
         table_size: TABLE,
+        table_size_auto: false,
         services,
         ..DesiredState::default()
     }
@@ -513,6 +514,38 @@ fn weights_three_to_one_share_slots_75_25() {
     let shares: Vec<usize> = lab.maps.shares(tcp(30080)).into_values().collect();
     assert_eq!(shares.iter().sum::<usize>(), 1021);
     assert!((756..=776).contains(&shares[0]), "{shares:?}");
+}
+
+/// Without `selection.tableSize` each table is sized by its backends: a
+/// service of 2 gets 251 slots, one of 20 gets 2039; the entries say so.
+#[test]
+fn automatic_table_sizes_follow_each_services_backends() {
+    let mut lab = Harness::new();
+    let desired = DesiredState {
+        table_size: crate::model::DEFAULT_TABLE_SIZE,
+        table_size_auto: true,
+        ..state(vec![
+            service(
+                "small",
+                30080,
+                (2..4).map(|last| backend(last, 1)).collect(),
+            ),
+            service(
+                "wide",
+                30081,
+                (10..30).map(|last| backend(last, 1)).collect(),
+            ),
+        ])
+    };
+    lab.reconcile(&desired);
+    assert_eq!(lab.maps.services[&tcp(30080)].table_size, 251);
+    assert_eq!(lab.maps.services[&tcp(30081)].table_size, 2039);
+    let shares: Vec<usize> = lab.maps.shares(tcp(30081)).into_values().collect();
+    assert_eq!(shares.len(), 20);
+    assert!(
+        shares.iter().all(|share| (97..=107).contains(share)),
+        "{shares:?}"
+    );
 }
 
 #[test]

@@ -60,7 +60,9 @@ impl<'a> Builder<'a> {
             None => Some(DEFAULT_MASQUERADE_PORTS),
         };
         let conntrack = check.conntrack(raw.conntrack.unwrap_or_default());
-        let table_size = check.table_size(raw.selection.and_then(|s| s.table_size));
+        let raw_table_size = raw.selection.and_then(|s| s.table_size);
+        let table_size_auto = raw_table_size.is_none();
+        let table_size = check.table_size(raw_table_size);
         let services = self.services(raw.services, table_size.unwrap_or(DEFAULT_TABLE_SIZE));
         if services.is_empty() && self.check.problems.is_empty() {
             self.check.warn(
@@ -76,6 +78,7 @@ impl<'a> Builder<'a> {
                 masquerade_ports,
                 conntrack,
                 table_size,
+                table_size_auto,
                 allowed_frontend_addresses,
                 services,
             }),

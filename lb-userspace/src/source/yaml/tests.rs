@@ -77,6 +77,10 @@ fn good_config_becomes_desired_state() {
     assert_eq!(state.node_addresses, None);
     assert_eq!(state.masquerade_ports, DEFAULT_MASQUERADE_PORTS);
     assert_eq!(state.table_size, DEFAULT_TABLE_SIZE);
+    assert!(
+        state.table_size_auto,
+        "no selection.tableSize: tables sized by backends"
+    );
     assert_eq!(state.conntrack, Conntrack::default());
     assert_eq!(state.services.len(), 1);
     let web = &state.services[0];
@@ -158,6 +162,10 @@ services:
         }
     );
     assert_eq!(state.table_size, 4093);
+    assert!(
+        !state.table_size_auto,
+        "selection.tableSize given: every table that size"
+    );
     assert_eq!(state.services[0].namespace, "kube-system");
     assert_eq!(state.services[0].protocol, Protocol::Udp);
     assert_eq!(state.services[0].backends[0].weight, 0);
