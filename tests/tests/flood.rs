@@ -285,7 +285,8 @@ struct Flooded {
     udp_flow_kept: bool,
 }
 
-/// The UDP stream's conntrack entry (client -> udp-echo).
+/// The UDP stream's conntrack entry (client -> udp-echo), looked up by
+/// its key (after a flood the table holds over 100,000 entries).
 fn stream_flow(bpffs: &Bpffs, client_port: u16) -> anyhow::Result<Option<Flow>> {
     let key = FlowKey {
         src_addr_be: u32::from(CLIENT_ADDR).to_be(),
@@ -295,10 +296,13 @@ fn stream_flow(bpffs: &Bpffs, client_port: u16) -> anyhow::Result<Option<Flow>> 
         proto: lb_common::IPPROTO_UDP,
         _pad: [0; 3],
     };
-    Ok(entries(bpffs, lb_common::maps::FLOWS)?
-        .into_iter()
-        .find(|(entry_key, _)| *entry_key == key)
-        .map(|(_, flow)| flow))
+    let data = MapData::from_pin(bpffs.path().join("maps").join(lb_common::maps::FLOWS))?;
+    let map: HashMap<_, FlowKey, Flow> = HashMap::try_from(Map::from_map_data(data)?)?;
+    match map.get(&key, 0) {
+        Ok(flow) => Ok(Some(flow)),
+        Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+        Err(error) => Err(error.into()),
+    }
 }
 
 impl Flooded {

@@ -31,6 +31,14 @@ pub(super) fn release_free_heap() {
     );
 }
 
+/// Why a cluster's service was skipped, for the log and its Event.
+fn does_not_fit(why: Option<&PlanError>) -> String {
+    match why {
+        Some(why) => format!("it does not fit the datapath's maps: {why}"),
+        None => String::from("it does not fit the datapath's maps"),
+    }
+}
+
 impl Agent {
     /// Plans and applies the current config against the node as it is now.
     /// Returns the number of ops written.
@@ -116,9 +124,9 @@ impl Agent {
         if skipped == self.skipped {
             return;
         }
+        let reason = does_not_fit(why);
         for name in skipped.iter().filter(|name| !self.skipped.contains(name)) {
-            let why = why.map_or_else(String::new, |why| format!(": {why}"));
-            warn!("service {name} skipped: it does not fit the datapath's maps{why}");
+            warn!("service {name} skipped: {reason}");
         }
         self.observe.services_skipped(&skipped);
         self.skipped = skipped;
@@ -138,12 +146,10 @@ impl Agent {
         let refused = refused.iter().filter_map(|refused| {
             Finding::for_service(&refused.service, Why::FrontendRefused, refused.to_string())
         });
-        let why = why.map_or_else(String::new, |why| format!(": {why}"));
-        let skipped = skipped.iter().filter_map(|name| {
-            let message =
-                format!("not served on this node: it does not fit the datapath's maps{why}");
-            Finding::for_service(name, Why::DoesNotFit, message)
-        });
+        let message = format!("not served on this node: {}", does_not_fit(why));
+        let skipped = skipped
+            .iter()
+            .filter_map(|name| Finding::for_service(name, Why::DoesNotFit, message.clone()));
         source.publish_findings(refused.chain(skipped));
     }
 

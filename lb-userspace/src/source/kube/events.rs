@@ -93,7 +93,6 @@ impl Finding {
 }
 
 /// Posts Events for new findings.
-#[derive(Clone)]
 pub struct ServiceEvents {
     recorder: Recorder,
     /// The findings of the last generation: those are not posted again.
