@@ -183,6 +183,33 @@ pub fn remove_memlock_limit() -> io::Result<()> {
     Ok(())
 }
 
+/// Raises RLIMIT_NOFILE's soft limit to its hard limit (as Go programs do
+/// at start) and returns the soft limit now in force. Table swaps hold a
+/// descriptor per new table until one batch call publishes them
+/// (`kernel::maps::write`): more descriptors mean fewer calls, each of
+/// which waits for an RCU grace period.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes to a valid rlimit struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1024;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads a valid rlimit struct that outlives the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = limit.rlim_max;
+        }
+    }
+    limit.rlim_cur
+}
+
 /// Hands the heap's free pages back to the kernel (glibc's
 /// `malloc_trim(0)`). A big apply frees far more than it keeps (the
 /// parse's events, the plan's ops, the previous generation), in chunks

@@ -1,7 +1,7 @@
 //! Map I/O against the real datapath object. These load BPF, so they need
 //! root; elsewhere they return early with a note.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use lb_common::Reason;
@@ -12,6 +12,7 @@ use aya::EbpfLoader;
 use super::load::map_data;
 use super::*;
 use crate::error_chain;
+use crate::reconcile::maglev::{MaglevBackend, TableRecipe};
 use crate::reconcile::{self, Applied, Desired, MapOp, NodeFacts};
 use crate::source::yaml::{self, Overrides};
 
@@ -64,6 +65,16 @@ services:
       - address: 198.18.1.2
 ";
 
+/// The recipes of the tables `ops` write, by index.
+fn recipes(ops: &[MapOp]) -> BTreeMap<u32, TableRecipe> {
+    ops.iter()
+        .filter_map(|op| match op {
+            MapOp::WriteTable { table, recipe } => Some((*table, recipe.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 fn reconcile(maps: &mut KernelMaps, applied: &mut Applied, desired: &Desired) -> Vec<MapOp> {
     let ops = match reconcile::diff(applied, desired, &maps.capacity()) {
         Ok(ops) => ops,
@@ -92,7 +103,7 @@ fn maps_read_back_as_written() {
     );
 
     let mut applied = Applied::default();
-    reconcile(maps, &mut applied, &desired(CONFIG));
+    let recipes = recipes(&reconcile(maps, &mut applied, &desired(CONFIG)));
     let Ok(snapshot) = maps.snapshot() else {
         panic!("snapshot")
     };
@@ -134,8 +145,10 @@ fn maps_read_back_as_written() {
         .flatten()
         .unwrap_or_default();
     assert_eq!(slots.len(), 1021);
+    let recipe = &recipes[&web.table_id];
+    assert_eq!(slots, recipe.build(), "the slots its recipe builds");
     assert_eq!(
-        Some(&reconcile::TableSummary::of(&slots)),
+        Some(&reconcile::TableSummary::of(recipe)),
         applied.tables.get(&web.table_id)
     );
     let heavy = slots.iter().filter(|&&id| id == slots[0]).count();
@@ -259,9 +272,18 @@ fn runs_are_written_whole_and_fail_where_they_fail() {
             terminating: id == 2,
         },
     };
-    let table = |table: u32, len: u32| MapOp::WriteTable {
+    let table = |table: u32, size: u32| MapOp::WriteTable {
         table,
-        backend_ids: (0..len).map(|slot| 1 + (table + slot) % 3).collect(),
+        recipe: TableRecipe::new(
+            size,
+            (1..=3)
+                .map(|id| MaglevBackend {
+                    id,
+                    weight: id,
+                    identity: u64::from(table << 8 | id),
+                })
+                .collect(),
+        ),
     };
     let service = |port: u16, table: u32| MapOp::WriteService {
         frontend: Frontend::node_port(crate::model::Protocol::Tcp, port),
@@ -284,13 +306,13 @@ fn runs_are_written_whole_and_fail_where_they_fail() {
         let Ok(Some(slots)) = maps.select_slots(index) else {
             panic!("read XLB_SELECT[{index}]")
         };
-        let MapOp::WriteTable { backend_ids, .. } = table(index, 1021) else {
+        let MapOp::WriteTable { recipe, .. } = table(index, 1021) else {
             unreachable!()
         };
-        assert_eq!(slots, backend_ids, "table {index}");
+        assert_eq!(slots, recipe.build(), "table {index}");
         assert_eq!(
             applied.tables.get(&index),
-            Some(&reconcile::TableSummary::of(&backend_ids))
+            Some(&reconcile::TableSummary::of(&recipe))
         );
     }
     let snapshot = match maps.snapshot() {
@@ -315,7 +337,7 @@ fn runs_are_written_whole_and_fail_where_they_fail() {
     assert_eq!(error.index, 3);
     assert_eq!(applied.backends.len(), 5);
     // A table past the end: the first is written, the second is not.
-    let ops = [table(0, 10), table(lb_common::maps::TABLES_MAX, 10)];
+    let ops = [table(0, 11), table(lb_common::maps::TABLES_MAX, 11)];
     let Err(error) = maps.apply_run(&ops) else {
         panic!("a table past the end was written")
     };
@@ -427,6 +449,11 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
     let mut first = first;
     let mut applied = Applied::default();
     reconcile(&mut first.maps, &mut applied, &desired(CONFIG));
+    let first_slots: BTreeMap<u32, Option<Vec<u32>>> = applied
+        .tables
+        .keys()
+        .map(|&table| (table, first.maps.select_slots(table).ok().flatten()))
+        .collect();
     drop(first);
 
     let check = pin::prepare_map_pins(&pins, &TEST_SIZES).map_err(|e| e.to_string());
@@ -465,13 +492,13 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
         "{ops:#?}"
     );
     assert_eq!(adopted, applied);
-    for (table, summary) in &applied.tables {
+    for (table, slots) in &first_slots {
+        assert!(slots.is_some(), "table {table} was written");
         let read = second
             .maps
             .select_slots(*table)
-            .map_err(|e| error_chain(&e))
-            .map(|slots| slots.as_deref().map(reconcile::TableSummary::of));
-        assert_eq!(read, Ok(Some(summary.clone())), "table {table}");
+            .map_err(|e| error_chain(&e));
+        assert_eq!(read.as_ref(), Ok(slots), "table {table}");
     }
     drop(second);
 

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use super::desired::Desired;
+use super::maglev::TableRecipe;
 use super::ops::{ActiveBackend, Frontend, MapOp, ServiceEntry, Settings, SourceRangeKey};
 use super::ports::PortSet;
 use crate::model::{BackendAddr, Protocol};
@@ -24,22 +25,19 @@ pub struct AppliedService {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableSummary {
     pub slots: u32,
-    /// A 64-bit hash of the slots in order.
+    /// [`TableRecipe::digest`] of what built it.
     pub digest: u64,
+    /// The backends it was built from (each has weight; one whose weight is
+    /// tiny beside the others' may have got no slot in a fixed-size table).
     pub backend_ids: BTreeSet<u32>,
 }
 
 impl TableSummary {
-    pub fn of(slots: &[u32]) -> Self {
-        use std::hash::{Hash as _, Hasher as _};
-        // SipHash with fixed keys: the same slots give the same digest in
-        // every plan of this agent's life.
-        let mut hasher = std::hash::DefaultHasher::new();
-        slots.hash(&mut hasher);
+    pub fn of(recipe: &TableRecipe) -> Self {
         Self {
-            slots: u32::try_from(slots.len()).unwrap_or(u32::MAX),
-            digest: hasher.finish(),
-            backend_ids: slots.iter().copied().collect(),
+            slots: recipe.size,
+            digest: recipe.digest(),
+            backend_ids: recipe.backends.iter().map(|backend| backend.id).collect(),
         }
     }
 }
@@ -77,13 +75,12 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// [`Applied::record`], dropping a written selection table's slots
-    /// from `op` once the mirror has its summary (10,000 tables of 16381
-    /// slots are 655 MB): `op` keeps an empty table.
+    /// [`Applied::record`], dropping a written selection table's recipe
+    /// from `op` once the mirror has its summary: `op` keeps an empty one.
     pub fn record_taking(&mut self, op: &mut MapOp) {
         self.record(op);
-        if let MapOp::WriteTable { backend_ids, .. } = op {
-            *backend_ids = Vec::new();
+        if let MapOp::WriteTable { recipe, .. } = op {
+            *recipe = TableRecipe::default();
         }
     }
 
@@ -111,8 +108,8 @@ impl Applied {
                     self.freed_backend_ids.push_back(*id);
                 }
             }
-            MapOp::WriteTable { table, backend_ids } => {
-                self.tables.insert(*table, TableSummary::of(backend_ids));
+            MapOp::WriteTable { table, recipe } => {
+                self.tables.insert(*table, TableSummary::of(recipe));
             }
             MapOp::RemoveTable { table } => {
                 self.tables.remove(table);

@@ -22,16 +22,78 @@ pub struct MaglevBackend {
     pub identity: u64,
 }
 
+/// A selection table as what builds it: its size and its backends. A plan
+/// carries this (16 bytes a backend) rather than the slots (4 bytes each,
+/// 4 KB to 64 KB a table: 10,000 tables were the biggest part of a big
+/// apply's memory); the kernel layer builds the slots as it fills the
+/// kernel's table, a few at a time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableRecipe {
+    /// Slots; prime.
+    pub size: u32,
+    /// The backends with weight, in the service's order.
+    pub backends: Vec<MaglevBackend>,
+}
+
+impl TableRecipe {
+    /// `backends` of weight 0 are left out (they take no slot).
+    pub fn new(size: u32, mut backends: Vec<MaglevBackend>) -> Self {
+        backends.retain(|backend| backend.weight > 0);
+        Self { size, backends }
+    }
+
+    /// Whether the table would have no slot: no backend has weight.
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty() || self.size == 0
+    }
+
+    /// The slots.
+    pub fn build(&self) -> Vec<u32> {
+        let mut slots = Vec::new();
+        self.build_into(&mut slots);
+        slots
+    }
+
+    /// The slots, into `slots` (its allocation is reused).
+    pub fn build_into(&self, slots: &mut Vec<u32>) {
+        maglev_table_into(&self.backends, self.size, slots);
+    }
+
+    /// A 64-bit hash of the recipe: equal recipes build equal tables.
+    /// SipHash with fixed keys, so the same recipe has the same digest in
+    /// every plan of an agent's life.
+    pub fn digest(&self) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.size.hash(&mut hasher);
+        for backend in &self.backends {
+            (backend.id, backend.weight, backend.identity).hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+}
+
 /// Builds a `size`-slot table. Returns an empty table when no backend has
 /// weight (the service has no backend). `size` must be prime.
 pub fn maglev_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
+    let mut slots = Vec::new();
+    maglev_table_into(backends, size, &mut slots);
+    slots
+}
+
+/// [`maglev_table`] into `slots`, whose allocation is reused.
+fn maglev_table_into(backends: &[MaglevBackend], size: u32, slots: &mut Vec<u32>) {
+    slots.clear();
     let live: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
     if live.is_empty() || size == 0 {
-        return Vec::new();
+        return;
     }
     let size_u64 = u64::from(size);
-    // (next preference index, offset, skip) per backend.
-    let mut cursors: Vec<(u64, u64, u64)> = live
+    // (next preferred slot, skip) per backend: the preference order is
+    // `offset, offset + skip, offset + 2 * skip, ...` modulo `size`, walked
+    // by adding `skip` (no division per probe: the builder spends most of
+    // its time here, and a big apply builds thousands of tables).
+    let mut cursors: Vec<(u32, u32)> = live
         .iter()
         .map(|backend| {
             let offset = mix(backend.identity ^ 0x6d61_676c_6576_3031) % size_u64;
@@ -40,38 +102,51 @@ pub fn maglev_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
             } else {
                 1
             };
-            (0, offset, skip)
+            // Both are below `size`, a u32.
+            (offset as u32, skip as u32)
         })
         .collect();
     let max_weight = u64::from(live.iter().map(|b| b.weight).max().unwrap_or(1));
     let mut credit = vec![0u64; live.len()];
     const EMPTY: u32 = u32::MAX;
-    let mut slots = vec![EMPTY; size as usize];
+    slots.resize(size as usize, EMPTY);
     let mut filled = 0u32;
     while filled < size {
         for (index, backend) in live.iter().enumerate() {
             credit[index] += u64::from(backend.weight);
             while credit[index] >= max_weight && filled < size {
                 credit[index] -= max_weight;
-                let (next, offset, skip) = &mut cursors[index];
-                // The permutation visits every slot once, so a free one is
-                // found within `size` steps.
-                loop {
-                    let slot = ((*offset + *next * *skip) % size_u64) as usize;
-                    *next += 1;
+                let (next, skip) = &mut cursors[index];
+                // With a prime size the permutation visits every slot once,
+                // so a free one is found within `size` steps; past that
+                // (a size that is not prime) the first free slot is taken
+                // rather than walking forever.
+                let mut steps = 0;
+                let slot = loop {
+                    let slot = *next as usize;
+                    // `next + skip < 2 * size <= 2^33`: computed in u64.
+                    let advanced = u64::from(*next) + u64::from(*skip);
+                    *next = if advanced >= size_u64 {
+                        (advanced - size_u64) as u32
+                    } else {
+                        advanced as u32
+                    };
                     if slots[slot] == EMPTY {
-                        slots[slot] = backend.id;
-                        filled += 1;
-                        break;
+                        break slot;
                     }
-                }
+                    steps += 1;
+                    if steps >= size {
+                        break slots.iter().position(|&id| id == EMPTY).unwrap_or(slot);
+                    }
+                };
+                slots[slot] = backend.id;
+                filled += 1;
             }
             if filled == size {
                 break;
             }
         }
     }
-    slots
 }
 
 /// The identity of a backend for `MaglevBackend::identity`.
@@ -194,5 +269,73 @@ mod tests {
     fn single_backend_owns_the_table() {
         let table = maglev_table(&backends(1), MIN_TABLE_SIZE);
         assert_eq!(table, vec![1; MIN_TABLE_SIZE as usize]);
+    }
+
+    /// The builder as the paper writes it, a division per probe
+    /// (`(offset + j * skip) % size`): nodes and agent versions must build
+    /// the same tables, so the walk by addition may not change a slot.
+    fn textbook_table(backends: &[MaglevBackend], size: u32) -> Vec<u32> {
+        let live: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+        let m = u64::from(size);
+        let mut cursors: Vec<(u64, u64, u64)> = live
+            .iter()
+            .map(|b| {
+                let offset = mix(b.identity ^ 0x6d61_676c_6576_3031) % m;
+                let skip = mix(b.identity ^ 0x736b_6970_7365_6564) % (m - 1) + 1;
+                (0, offset, skip)
+            })
+            .collect();
+        let max_weight = u64::from(live.iter().map(|b| b.weight).max().unwrap_or(1));
+        let mut credit = vec![0u64; live.len()];
+        let mut slots = vec![u32::MAX; size as usize];
+        let mut filled = 0;
+        while filled < size {
+            for (index, backend) in live.iter().enumerate() {
+                credit[index] += u64::from(backend.weight);
+                while credit[index] >= max_weight && filled < size {
+                    credit[index] -= max_weight;
+                    let (next, offset, skip) = &mut cursors[index];
+                    loop {
+                        let slot = ((*offset + *next * *skip) % m) as usize;
+                        *next += 1;
+                        if slots[slot] == u32::MAX {
+                            slots[slot] = backend.id;
+                            filled += 1;
+                            break;
+                        }
+                    }
+                }
+                if filled == size {
+                    break;
+                }
+            }
+        }
+        slots
+    }
+
+    #[test]
+    fn a_size_that_is_not_prime_still_fills_every_slot() {
+        // 12 backends' skips share factors with 1000: permutations repeat.
+        let table = maglev_table(&backends(12), 1000);
+        assert_eq!(table.len(), 1000);
+        assert!(!table.contains(&u32::MAX));
+    }
+
+    #[test]
+    fn walking_by_addition_builds_the_textbook_tables() {
+        for size in [251, 1021, 16381, 65521] {
+            for count in [1, 2, 3, 10, 97] {
+                let mut list = backends(count);
+                for (i, backend) in list.iter_mut().enumerate() {
+                    backend.weight = 1 + (i as u32 * 7) % 5;
+                    backend.identity ^= u64::from(size) << 40;
+                }
+                assert_eq!(
+                    maglev_table(&list, size),
+                    textbook_table(&list, size),
+                    "{count} backends, {size} slots"
+                );
+            }
+        }
     }
 }

@@ -6,6 +6,7 @@
 use std::fmt;
 use std::net::Ipv4Addr;
 
+use super::maglev::TableRecipe;
 use crate::model::{BackendAddr, DesiredState, Protocol};
 
 /// A frontend: the key of `XLB_SERVICES`. A NodePort (`address: None`)
@@ -148,11 +149,11 @@ pub enum MapOp {
     ClearBackend {
         id: u32,
     },
-    /// `XLB_SELECT[table]` = a new table holding `backend_ids`, swapped in
+    /// `XLB_SELECT[table]` = a new table built from `recipe`, swapped in
     /// whole: packets see the old table or the new one, never a mix.
     WriteTable {
         table: u32,
-        backend_ids: Vec<u32>,
+        recipe: TableRecipe,
     },
     /// `XLB_SELECT[table]` emptied (its table freed), once no service entry
     /// points at it.
@@ -249,8 +250,8 @@ impl fmt::Display for MapOp {
                 Ok(())
             }
             MapOp::ClearBackend { id } => write!(f, "backend {id} cleared"),
-            MapOp::WriteTable { table, backend_ids } => {
-                write!(f, "selection table {table} ({} slots)", backend_ids.len())
+            MapOp::WriteTable { table, recipe } => {
+                write!(f, "selection table {table} ({} slots)", recipe.size)
             }
             MapOp::RemoveTable { table } => write!(f, "selection table {table} removed"),
             MapOp::AddSourceRange(range) => write!(f, "allow {range}"),

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::applied::{Applied, TableSummary};
 use super::desired::{Desired, DesiredService};
-use super::maglev::{MaglevBackend, identity, maglev_table};
+use super::maglev::{MaglevBackend, TableRecipe, identity};
 use super::ops::{ActiveBackend, Frontend, MapOp, ServiceEntry, SourceRangeKey};
 use crate::model::{BackendAddr, auto_table_size};
 
@@ -456,7 +456,7 @@ impl<'a> ServicePlanner<'a> {
         service: &DesiredService,
         ops: &mut Vec<MapOp>,
     ) -> Result<(u32, u32), PlanError> {
-        let table = table_for(service, self.backend_ids, self.table_sizing);
+        let recipe = table_for(service, self.backend_ids, self.table_sizing);
         let current: Vec<ServiceEntry> = self
             .entries_by_name
             .get(service.name.as_str())
@@ -465,11 +465,11 @@ impl<'a> ServicePlanner<'a> {
             .copied()
             .filter(|entry| entry.table_size > 0)
             .collect();
-        if table.is_empty() {
+        if recipe.is_empty() {
             return Ok((0, 0));
         }
-        let table_size = table.len() as u32;
-        let summary = TableSummary::of(&table);
+        let table_size = recipe.size;
+        let summary = TableSummary::of(&recipe);
         let reusable = current
             .iter()
             .find(|entry| self.applied.table_of(entry) == Some(&summary));
@@ -485,7 +485,7 @@ impl<'a> ServicePlanner<'a> {
         self.tables.keep(table_id);
         ops.push(MapOp::WriteTable {
             table: table_id,
-            backend_ids: table,
+            recipe,
         });
         Ok((table_id, table_size))
     }
@@ -560,12 +560,12 @@ struct TableSizing {
     auto: bool,
 }
 
-/// The Maglev table of a service's selectable backends.
+/// The recipe of the Maglev table of a service's selectable backends.
 fn table_for(
     service: &DesiredService,
     backend_ids: &BTreeMap<BackendAddr, u32>,
     sizing: TableSizing,
-) -> Vec<u32> {
+) -> TableRecipe {
     let weighted: Vec<MaglevBackend> = service
         .backends
         .iter()
@@ -587,5 +587,5 @@ fn table_for(
     } else {
         sizing.size
     };
-    maglev_table(&weighted, size)
+    TableRecipe::new(size, weighted)
 }

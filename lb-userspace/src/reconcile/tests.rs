@@ -199,10 +199,10 @@ impl MapWriter for FakeMaps {
             MapOp::ClearBackend { id } => {
                 self.backends.remove(id);
             }
-            MapOp::WriteTable { table, backend_ids } => {
+            MapOp::WriteTable { table, recipe } => {
                 // Swapped in whole: `check` says whether live entries can
                 // take it.
-                self.select.insert(*table, backend_ids.clone());
+                self.select.insert(*table, recipe.build());
             }
             MapOp::RemoveTable { table } => {
                 self.select.remove(table);
@@ -1162,10 +1162,10 @@ fn adopted_maps_keep_ids_and_tables_and_rewrite_tables_in_place() {
     let Ok(ops) = ops else { panic!("{ops:?}") };
     let mut rewritten = BTreeMap::new();
     for op in &ops[..2] {
-        let MapOp::WriteTable { table, backend_ids } = op else {
+        let MapOp::WriteTable { table, recipe } = op else {
             panic!("{ops:#?}")
         };
-        rewritten.insert(*table, backend_ids.clone());
+        rewritten.insert(*table, recipe.build());
     }
     assert_eq!(rewritten, lab.maps.select, "same indexes, same slots");
     assert_eq!(

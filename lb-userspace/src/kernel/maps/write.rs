@@ -12,6 +12,7 @@ use super::convert::{
 };
 use super::{KernelMaps, MapIoError, absent_ok, io};
 use crate::kernel::sys;
+use crate::reconcile::maglev::TableRecipe;
 use crate::reconcile::{MapOp, MapWriter, RunKind};
 
 /// Writes `keys[i] = values[i]` in order with one `BPF_MAP_UPDATE_BATCH`
@@ -41,13 +42,36 @@ fn update_batch<K: Pod, V: Pod>(
     })
 }
 
-/// Tables swapped into `XLB_SELECT` by one batch call. The kernel waits
-/// for an RCU grace period (milliseconds) after each update of a map of
-/// maps, so that no program still runs with the old table when the call
-/// returns; since Linux 6.7 once per batch call rather than per element:
-/// 10,000 tables one by one took 145 s. Bounded by the descriptors held
-/// open meanwhile (one per new table).
-const TABLES_PER_BATCH: usize = 256;
+/// Tables swapped into `XLB_SELECT` by one batch call, at most. The kernel
+/// waits for an RCU grace period (about 12 ms here) after each update of a
+/// map of maps, so that no program still runs with the old table when the
+/// call returns; since Linux 6.7 once per batch call rather than per
+/// element: 10,000 tables one by one took 145 s, by 256 a call 0.49 s.
+/// Bounded by the descriptors held open meanwhile (one per new table, see
+/// [`tables_per_batch`]) and the memory of the tables made but not yet
+/// swapped in.
+const TABLES_PER_BATCH_MAX: usize = 4096;
+
+/// Slot bytes of the tables of one batch, at most: the new tables of a
+/// batch live beside the ones they replace until the swap.
+const BATCH_SLOT_BYTES_MAX: usize = 64 << 20;
+
+/// Descriptors left for everything but the tables of one batch (maps,
+/// programs, sockets, the API client's connections).
+const DESCRIPTORS_KEPT: u64 = 512;
+
+/// How many tables one batch call swaps in: as many as RLIMIT_NOFILE
+/// leaves room for (raised to its hard limit once), up to
+/// [`TABLES_PER_BATCH_MAX`]; 64 at least.
+fn tables_per_batch() -> usize {
+    static BATCH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BATCH.get_or_init(|| {
+        let room = sys::raise_open_files_limit().saturating_sub(DESCRIPTORS_KEPT);
+        usize::try_from(room)
+            .unwrap_or(usize::MAX)
+            .clamp(64, TABLES_PER_BATCH_MAX)
+    })
+}
 
 /// A table's slots are `u32`s stored 8 bytes apart (array maps round
 /// values up to 8 bytes), from the start of the mapping.
@@ -75,6 +99,102 @@ fn new_table(ids: &[u32]) -> Result<Array<MapData, u32>, MapIoError> {
         }
     }
     Ok(table)
+}
+
+/// A run of `WriteTable`s cut into batches: [`tables_per_batch`] tables
+/// and [`BATCH_SLOT_BYTES_MAX`] bytes of slots each, at most (one table
+/// at least).
+struct TableBatches<'a> {
+    ops: &'a [MapOp],
+    tables: usize,
+}
+
+impl<'a> TableBatches<'a> {
+    fn new(ops: &'a [MapOp]) -> Self {
+        Self {
+            ops,
+            tables: tables_per_batch(),
+        }
+    }
+}
+
+impl<'a> Iterator for TableBatches<'a> {
+    type Item = &'a [MapOp];
+
+    fn next(&mut self) -> Option<&'a [MapOp]> {
+        if self.ops.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut len = 0;
+        for op in self.ops.iter().take(self.tables) {
+            let slots = match op {
+                MapOp::WriteTable { recipe, .. } => recipe.size as usize,
+                _ => 0,
+            };
+            bytes += slots * SLOT_BYTES;
+            if len > 0 && bytes > BATCH_SLOT_BYTES_MAX {
+                break;
+            }
+            len += 1;
+        }
+        let (batch, rest) = self.ops.split_at(len);
+        self.ops = rest;
+        Some(batch)
+    }
+}
+
+/// A new selection table built from `recipe`, its slots built in
+/// `scratch` (whose allocation is reused) and stored as by [`new_table`].
+fn built_table(
+    recipe: &TableRecipe,
+    scratch: &mut Vec<u32>,
+) -> Result<Array<MapData, u32>, MapIoError> {
+    recipe.build_into(scratch);
+    new_table(scratch)
+}
+
+/// A selection table made and filled, and the index it goes to.
+type MadeTable = (u32, Array<MapData, u32>);
+
+/// Tables below which [`built_tables`] starts no thread.
+const TABLES_PER_THREAD_MIN: usize = 64;
+
+/// The tables of a batch of `WriteTable`s, in order, each built and made
+/// by one of up to `available_parallelism` threads (building the slots is
+/// most of an apply's work for thousands of tables).
+fn built_tables(ops: &[MapOp]) -> Result<Vec<MadeTable>, MapIoError> {
+    let build = |ops: &[MapOp]| {
+        let mut scratch = Vec::new();
+        ops.iter()
+            .filter_map(|op| match op {
+                MapOp::WriteTable { table, recipe } => Some((*table, recipe)),
+                _ => None,
+            })
+            .map(|(table, recipe)| Ok((table, built_table(recipe, &mut scratch)?)))
+            .collect::<Result<Vec<_>, MapIoError>>()
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(ops.len() / TABLES_PER_THREAD_MIN)
+        .max(1);
+    if threads == 1 {
+        return build(ops);
+    }
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = ops
+            .chunks(ops.len().div_ceil(threads))
+            .map(|part| scope.spawn(move || build(part)))
+            .collect();
+        let mut tables = Vec::with_capacity(ops.len());
+        for part in parts {
+            match part.join() {
+                Ok(built) => tables.extend(built?),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        Ok(tables)
+    })
 }
 
 impl KernelMaps {
@@ -108,8 +228,8 @@ impl KernelMaps {
     /// with one update (the kernel swaps the pointer: a packet's lookup
     /// finds the old table or the new one). The old table is freed when the
     /// last program run that found it ends.
-    fn write_table(&mut self, table: u32, ids: &[u32]) -> Result<(), MapIoError> {
-        let new = new_table(ids)?;
+    fn write_table(&mut self, table: u32, recipe: &TableRecipe) -> Result<(), MapIoError> {
+        let new = built_table(recipe, &mut Vec::new())?;
         // Its slots were stored through the mapping; the swap publishes them.
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         self.select_tables_mut()
@@ -118,21 +238,17 @@ impl KernelMaps {
     }
 
     /// A run of `WriteTable`s: each made and filled, then swapped in
-    /// `TABLES_PER_BATCH` at a time with one batch update (one by one
+    /// [`tables_per_batch`] at a time with one batch update (one by one
     /// where the kernel has no batch update for maps of maps). On failure,
     /// the tables swapped in before are counted.
     fn write_tables(&mut self, ops: &[MapOp]) -> Result<(), (usize, MapIoError)> {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         let mut written = 0;
-        for chunk in ops.chunks(TABLES_PER_BATCH) {
-            let mut keys = Vec::with_capacity(chunk.len());
-            let mut tables = Vec::with_capacity(chunk.len());
-            for op in chunk {
-                if let MapOp::WriteTable { table, backend_ids } = op {
-                    keys.push(*table);
-                    tables.push(new_table(backend_ids).map_err(|error| (written, error))?);
-                }
-            }
+        for chunk in TableBatches::new(ops) {
+            let (keys, tables): (Vec<u32>, Vec<_>) = built_tables(chunk)
+                .map_err(|error| (written, error))?
+                .into_iter()
+                .unzip();
             std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
             let fds: Vec<u32> = tables
                 .iter()
@@ -262,7 +378,7 @@ impl MapWriter for KernelMaps {
                     .map_err(io(names::BACKENDS))?;
                 self.zero_backend_counters(*id)
             }
-            MapOp::WriteTable { table, backend_ids } => self.write_table(*table, backend_ids),
+            MapOp::WriteTable { table, recipe } => self.write_table(*table, recipe),
             MapOp::RemoveTable { table } => self.remove_table(*table),
             MapOp::WriteService {
                 frontend, entry, ..
