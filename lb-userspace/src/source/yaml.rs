@@ -2,7 +2,7 @@
 //! (`file:line:column: field.path: problem; fix`).
 //!
 //! Two passes: serde-saphyr (streaming; serde_yaml for what it declines,
-//! see `read_raw`) deserializes into the permissive shapes of `raw` (wide
+//! see `streamed`) deserializes into the permissive shapes of `raw` (wide
 //! integers, strings for addresses), serde_yaml locating syntax, type and
 //! unknown-field errors; then `build` assembles the state, asking `check`
 //! for each value (which locates its findings with the field-path index
@@ -119,13 +119,27 @@ pub fn parse(origin: &str, text: &str, overrides: &Overrides) -> Result<LoadedCo
             )],
         });
     }
-    let mut locations = Locations::index_skipping(text, Some(SERVICES));
+    // The position index (which also finds aliases) and the streaming
+    // read are two passes over the whole text, about as long each: on
+    // two threads. The streaming read refuses aliases itself, so a
+    // document of them costs it nothing either.
+    let (mut locations, streamed) = std::thread::scope(|scope| {
+        let indexing = scope.spawn(|| Locations::index_skipping(text, Some(SERVICES)));
+        let streamed = streamed(text);
+        match indexing.join() {
+            Ok(locations) => (locations, streamed),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    });
     if let Some(position) = locations.first_alias() {
         return Err(ConfigError::Invalid {
             problems: vec![Problem::alias(origin, position)],
         });
     }
-    let raw = read_raw(origin, text)?;
+    let raw = match streamed {
+        Some(raw) => raw,
+        None => read_classic(origin, text)?,
+    };
     let located = Located {
         text,
         outside: &locations,
@@ -158,33 +172,34 @@ pub fn parse(origin: &str, text: &str, overrides: &Overrides) -> Result<LoadedCo
     }
 }
 
-/// The config as written. serde-saphyr streams it (serde_yaml holds every
-/// event of the document first: 100 MB for the 5 MB of 10,000 services),
-/// told to be at least as strict as serde_yaml: no unquoted number or
-/// boolean where a string belongs, only `true`/`false` for booleans, no
-/// duplicate keys. Whatever it does not accept, serde_yaml reads as before,
-/// so a config's errors keep their wording and positions, and what
-/// serde_yaml accepts is never refused.
-fn read_raw(origin: &str, text: &str) -> Result<RawConfig, ConfigError> {
-    if let Some(raw) = streamed(text) {
-        return Ok(raw);
-    }
+/// The config as written, read by serde_yaml where serde-saphyr declined
+/// it (see [`streamed`]).
+fn read_classic(origin: &str, text: &str) -> Result<RawConfig, ConfigError> {
     serde_yaml::from_str(text).map_err(|error| ConfigError::Invalid {
         problems: vec![serde_problem(origin, &error)],
     })
 }
 
-/// `text` read by serde-saphyr, if it accepts it (see `read_raw`).
+/// The config as written, if serde-saphyr accepts it. It streams the text
+/// (serde_yaml holds every event of the document first: 100 MB for the
+/// 5 MB of 10,000 services), told to be at least as strict as serde_yaml:
+/// no unquoted number or boolean where a string belongs, only
+/// `true`/`false` for booleans, no duplicate keys, no alias (the position
+/// index reports those). Whatever it does not accept, serde_yaml reads as
+/// before ([`read_classic`]), so a config's errors keep their wording and
+/// positions, and what serde_yaml accepts is never refused.
 fn streamed(text: &str) -> Option<RawConfig> {
     let mut options = serde_saphyr::Options::default();
     options.no_schema = true;
     options.strict_booleans = true;
     options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
     // Its default budget stops at 250,000 nodes (a quarter of 10,000
-    // services); aliases are refused before this, and the depth limit stays.
+    // services); the depth limit stays, and the first alias stops it (it
+    // reads while the index looks for aliases, so it must not expand any).
     let mut budget = serde_saphyr::Budget::default();
     budget.max_events = usize::MAX;
     budget.max_nodes = usize::MAX;
+    budget.max_aliases = 0;
     options.budget = Some(budget);
     serde_saphyr::from_str_with_options(text, options).ok()
 }
