@@ -73,6 +73,9 @@ pub enum Sizing {
     Flows,
     /// Set at load time to the backend ids the agent allows.
     Backends,
+    /// Set at load time to the frontends (and selection tables) the agent
+    /// allows.
+    Services,
 }
 
 /// How the map's pin on a bpffs (`DIR/maps/NAME`) is treated across agent
@@ -160,7 +163,7 @@ declare_maps! {
     ///
     /// Row: `CONST = "NAME": Kind<Key, Value>, max entries, sizing, pin,
     /// explain[, flags: extra map_flags]`.
-    SERVICES = "XLB_SERVICES": Hash<ServiceKey, Service>, SERVICES_MAX, Fixed, Config, Shared;
+    SERVICES = "XLB_SERVICES": Hash<ServiceKey, Service>, SERVICES_MAX, Services, Config, Shared;
     /// `ArrayOfMaps` indexed by `Service::table_id`: each service's Maglev
     /// table, an `Array<u32>` of `Service::table_size` backend ids
     /// ([`SELECT_TABLE_FLAGS`]). The agent replaces a table by creating
@@ -169,12 +172,12 @@ declare_maps! {
     /// Maglev maps): no double buffering, no regions of one big array.
     /// Pinned with the configuration; the tables live as long as it
     /// points at them.
-    SELECT = "XLB_SELECT": ArrayOfMaps<u32, u32>, TABLES_MAX, Fixed, Config, Shared;
+    SELECT = "XLB_SELECT": ArrayOfMaps<u32, u32>, TABLES_MAX, Services, Config, Shared;
     /// `Array<Backend>`: backends by id. Id 0 is never used.
     BACKENDS = "XLB_BACKENDS": Array<u32, Backend>, BACKENDS_MAX, Backends, Config, Shared;
     /// `Array<BackendHop>`: the datapath's next-hop cache per backend id. Not
     /// pinned: a new datapath refills it with one FIB lookup per backend.
-    BACKEND_HOPS = "XLB_BACKEND_HOPS": Array<u32, BackendHop>, BACKENDS_MAX, Fixed, No, Private;
+    BACKEND_HOPS = "XLB_BACKEND_HOPS": Array<u32, BackendHop>, BACKENDS_MAX, Backends, No, Private;
     /// `LruHashMap<FlowKey, Flow>`: conntrack, two entries per flow.
     FLOWS = "XLB_FLOWS": LruHash<FlowKey, Flow>, FLOWS_MAX, Flows, Alone, Seeded;
     /// `LruHashMap<FlowKey, Flow>`: half-open TCP flows (SYN seen, client's ACK
@@ -197,7 +200,7 @@ declare_maps! {
     /// `PerCpuArray<Traffic>` indexed by `Service::id`: forwarded traffic.
     SERVICE_STATS = "XLB_SERVICE_STATS": PerCpuArray<u32, Traffic>, SERVICE_IDS_MAX, Fixed, Alone, Private;
     /// `PerCpuArray<Traffic>` indexed by backend id: forwarded traffic.
-    BACKEND_STATS = "XLB_BACKEND_STATS": PerCpuArray<u32, Traffic>, BACKENDS_MAX, Fixed, Alone, Private;
+    BACKEND_STATS = "XLB_BACKEND_STATS": PerCpuArray<u32, Traffic>, BACKENDS_MAX, Backends, Alone, Private;
     /// `LruHashMap<FragKey, FragPorts>`: first fragments' ports, for the
     /// datagram's later fragments.
     FRAGS = "XLB_FRAGS": LruHash<FragKey, FragPorts>, FRAGS_MAX, Fixed, Alone, Private;
@@ -215,7 +218,7 @@ declare_maps! {
     /// it attaches to, so none is left from a previous configuration.
     REDIRECT_OK = "XLB_REDIRECT_OK": Array<u32, u32>, REDIRECT_OK_MAX, Fixed, No, Private;
     /// `PerCpuArray<Paths>` indexed by backend id: which hook carried its packets.
-    BACKEND_PATHS = "XLB_BACKEND_PATHS": PerCpuArray<u32, Paths>, BACKENDS_MAX, Fixed, Alone, Private;
+    BACKEND_PATHS = "XLB_BACKEND_PATHS": PerCpuArray<u32, Paths>, BACKENDS_MAX, Backends, Alone, Private;
     /// `LruHashMap<SockRevNatKey, SockRevNat>`: for socket-level balancing, the
     /// service address a socket asked for, by (socket cookie, backend), so
     /// recvmsg() and getpeername() show the service rather than the backend.
@@ -320,6 +323,8 @@ pub fn kernel_name(name: &str) -> &str {
     &name[..name.len().min(KERNEL_NAME_LEN)]
 }
 
+/// Frontends (and selection tables) at load, unless `--map-capacity` or
+/// a growth says more (`Sizing::Services`).
 pub const SERVICES_MAX: u32 = 65_536;
 /// Service ids are below this (the per-service counters are an array).
 pub const SERVICE_IDS_MAX: u32 = 65_536;
@@ -327,6 +332,8 @@ pub const SERVICE_IDS_MAX: u32 = 65_536;
 /// `SERVICES_MAX` live at once (a table's index is reused once no entry
 /// points at it).
 pub const TABLES_MAX: u32 = SERVICES_MAX;
+/// Backend ids at load, unless `--map-capacity` or a growth says more
+/// (`Sizing::Backends`).
 pub const BACKENDS_MAX: u32 = 131_072;
 pub const FLOWS_MAX: u32 = 1 << 20;
 /// 16,384 half-open flows: at most about half of one backend's default

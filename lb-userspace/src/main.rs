@@ -75,6 +75,12 @@ enum Command {
         /// random secret (mode 0600) if missing [default: random per run].
         #[arg(long, value_name = "FILE")]
         hash_seed_file: Option<PathBuf>,
+        /// Frontends and backend ids the service maps start with. With
+        /// pinned maps (a bpffs) they grow when the services need more:
+        /// xlb starts itself again in place, keeping flows [default:
+        /// 65536,131072].
+        #[arg(long, value_name = "FRONTENDS,BACKENDS")]
+        map_capacity: Option<xlb::agent::MapCapacity>,
         #[command(flatten)]
         observe: observe::Flags,
     },
@@ -127,6 +133,7 @@ fn main() -> ExitCode {
             manifests,
             cgroup,
             hash_seed_file,
+            map_capacity,
             observe,
         } => {
             let options = RunOptions {
@@ -139,6 +146,7 @@ fn main() -> ExitCode {
                 keep_attached,
                 cgroup,
                 hash_seed_file,
+                map_capacity: map_capacity.unwrap_or_default(),
                 services: if kubernetes {
                     Some(SourceOptions::Kubernetes {
                         kubeconfig,

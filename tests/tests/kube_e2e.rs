@@ -6,6 +6,10 @@
 //! `--manifests FILE`. Needs root (namespaces, XDP) and `cargo xtask test`'s
 //! XLB_BIN / XLB_ECHO_BIN.
 
+#[path = "semantics/stream.rs"]
+#[allow(dead_code)]
+mod stream;
+
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener};
 use std::time::Duration;
@@ -19,7 +23,7 @@ use xlb_tests::lab::{
     ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, TCP_ECHO_NODE_PORT, UDP_ECHO_NODE_PORT,
     tcp_echo_service, udp_echo_service,
 };
-use xlb_tests::{Agent, Lab, XLB_BIN_ENV, bin_from_env, poll_until};
+use xlb_tests::{Agent, Bpffs, Lab, XLB_BIN_ENV, bin_from_env, poll_until};
 
 const NODE: &str = "lab-node";
 /// How long the datapath may take to follow one API change.
@@ -280,6 +284,113 @@ fn manifests_drive_a_node_without_a_cluster() -> anyhow::Result<()> {
         6,
         &names(&["backend-1"]),
     )?;
+    agent.stop_cleanly()?;
+    Ok(())
+}
+
+/// From the Kubernetes API too, maps too small for the cluster's Services
+/// grow: the agent starts again in place with larger ones (no Service is
+/// left out for long), a connection made before keeps its backend, and
+/// the new Services answer.
+#[test]
+fn maps_grow_for_a_cluster_that_outgrows_them() -> anyhow::Result<()> {
+    let lab = Lab::new(2)?;
+    let bpffs = Bpffs::mount(&lab)?;
+    let listener = lab
+        .node
+        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))??;
+    let server = ApiServer::start_on(listener)?;
+    server.apply(&node(NODE, NODE_ADDR));
+    let kubeconfig = lab.dir().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig)?;
+    let config = lab.write_file("node.yaml", &lab.config_yaml("  []\n"))?;
+    let (kubeconfig_arg, dir) = (kubeconfig.display().to_string(), bpffs.arg());
+    let (pod_1, pod_2) = addresses(&lab);
+    let both = [EndpointState::ready(pod_1), EndpointState::ready(pod_2)];
+    server.apply(&node_port_service(
+        "default",
+        "tcp-echo",
+        "TCP",
+        3333,
+        ECHO_TCP_PORT,
+        TCP_ECHO_NODE_PORT,
+    ));
+    server.apply(&echo_slice("TCP", &both));
+    // One frontend and two backends (ids 1 and 2): full.
+    let agent = Agent::start_with(
+        &bin_from_env(XLB_BIN_ENV)?,
+        &lab,
+        &config,
+        &[
+            "--kubernetes",
+            "--kubeconfig",
+            &kubeconfig_arg,
+            "--node-name",
+            NODE,
+            "--bpffs",
+            &dir,
+            "--map-capacity",
+            "2,3",
+        ],
+    )?;
+    let follow = Follow {
+        lab: &lab,
+        agent: &agent,
+    };
+    let all = names(&["backend-1", "backend-2"]);
+    follow.tcp("TCP to reach both pods", 12, &all)?;
+    let target = std::net::SocketAddr::from((NODE_ADDR, TCP_ECHO_NODE_PORT));
+    let mut connection = stream::Connection::open(&lab.client, target)?;
+    connection.exchange()?;
+
+    // Three more UDP Services (two more backends): four frontends, four
+    // backends (to 8,8 when the watch brings them at once; in two steps
+    // otherwise).
+    let since = agent.log().len();
+    server.apply(&node_port_service(
+        "default",
+        "udp-echo",
+        "UDP",
+        4444,
+        ECHO_UDP_PORT,
+        UDP_ECHO_NODE_PORT,
+    ));
+    server.apply(&echo_slice("UDP", &both));
+    for index in 0..2 {
+        let name = format!("more-{index}");
+        server.apply(&node_port_service(
+            "default",
+            &name,
+            "UDP",
+            4444,
+            ECHO_UDP_PORT,
+            30970 + index,
+        ));
+        server.apply(&endpoint_slice(
+            "default",
+            &format!("{name}-1"),
+            &name,
+            "UDP",
+            ECHO_UDP_PORT,
+            &both,
+        ));
+    }
+    let grew = agent.wait_for_log(since, "growing the maps from 2,3 to", FOLLOW)?;
+    agent.wait_for_log(since, "configuration maps recreated at", FOLLOW)?;
+    println!("{grew}");
+    follow.udp("UDP to reach both pods after the maps grew", 12, &all)?;
+    for port in [30970, 30971] {
+        let target = std::net::SocketAddr::from((NODE_ADDR, port));
+        lab.client
+            .run(|| udp_socket().and_then(|socket| udp_who(&socket, target)))??;
+    }
+    connection.exchange()?;
+    let log = agent.log();
+    let after = log.get(since..).unwrap_or_default();
+    assert!(
+        !after.contains("does not fit the datapath's maps"),
+        "no Service should stay skipped:\n{after}"
+    );
     agent.stop_cleanly()?;
     Ok(())
 }

@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
+use xlb_tests::agent::RELOAD_TIMEOUT;
 use xlb_tests::lab::{NODE_ADDR, NODE_CLIENT_IF};
 use xlb_tests::{Agent, Bpffs, Lab, XLB_BIN_ENV, bin_from_env};
 
@@ -257,5 +258,87 @@ fn bpffs_given_explicitly_must_be_a_bpffs() -> anyhow::Result<()> {
     // (inside `ip netns exec` /sys/fs/bpf is no bpffs).
     let agent = Agent::start(&lab, &config)?;
     assert!(agent.log().contains("running unpinned"), "{}", agent.log());
+    Ok(())
+}
+
+/// `services(0)` and `extra` more UDP services, each with a weight-0
+/// backend of its own (written, given an id, never chosen).
+fn grown_services(extra: u16) -> String {
+    let mut text = services(0);
+    for index in 0..extra {
+        let port = OTHER_PORT + 1 + index;
+        let idle = 20 + index;
+        text.push_str(&format!(
+            "\n  - name: more-{index}\n    protocol: UDP\n    nodePort: {port}\n    targetPort: 4444\n    backends:\n\
+             \x20     - address: 198.18.1.2\n      - address: 198.18.2.2\n\
+             \x20     - address: 198.18.1.{idle}\n        weight: 0\n"
+        ));
+    }
+    text
+}
+
+/// A config that needs more frontends and backend ids than the maps have:
+/// the agent starts itself again in place with larger maps (same pid), the
+/// pinned datapath forwards meanwhile, the new maps give every backend and
+/// service the id the old ones did, and established connections keep
+/// their backends.
+#[test]
+fn full_maps_grow_in_place_and_flows_keep_their_backends() -> anyhow::Result<()> {
+    let lab = Lab::new(2)?;
+    let bpffs = Bpffs::mount(&lab)?;
+    let dir = bpffs.arg();
+    let config = lab.write_file("xlb.yaml", &lab.config_yaml(&services(0)))?;
+    // 3 frontends and 4 backends (ids 1-4): full.
+    let args = ["--bpffs", dir.as_str(), "--map-capacity", "4,5"];
+    let mut agent = start(&lab, &config, &args)?;
+    let mut connections = (0..8)
+        .map(|_| Connection::open(&lab.client, node_port(TCP_PORT)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    exchange_all(&mut connections, "after connecting")?;
+    let drops = SocketDrops::start(&[&lab.client, &lab.backends[0].netns, &lab.backends[1].netns]);
+    let stream = Stream::start(&lab.client, node_port(UDP_PORT))?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    // 7 frontends and 8 backends.
+    lab.write_file("xlb.yaml", &lab.config_yaml(&grown_services(4)))?;
+    let since = agent.log().len();
+    agent.reload()?;
+    let grew = agent.wait_for_log(since, "growing the maps from 4,5 to", RELOAD_TIMEOUT)?;
+    let applied = agent.wait_for_log(since, "applied config generation 1 (", RELOAD_TIMEOUT)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let report = stream.finish()?;
+    let drops = drops.since_start();
+    let log = agent.log();
+    let after = log.get(since..).unwrap_or_default();
+    println!("{grew}\n{applied}\nUDP stream across the growth: {report}; socket drops {drops}");
+    ensure!(agent.is_running(), "the agent exited:\n{after}");
+    ensure!(grew.contains("to 8,16"), "{grew}");
+    ensure!(
+        after.contains(
+            "configuration maps recreated at 8 frontends and 16 backend ids: the first plan \
+             keeps the ids of 4 backends and 3 frontends"
+        ),
+        "{after}"
+    );
+    ensure!(
+        !after.contains("does not fit the datapath's maps"),
+        "{after}"
+    );
+    exchange_all(&mut connections, "after the maps grew")?;
+    ensure!(
+        report.lost_beyond(drops) == 0,
+        "{report}; {drops} socket drops"
+    );
+    // Every new service answers, from a live backend.
+    for index in 0..4 {
+        let target = node_port(OTHER_PORT + 1 + index);
+        let (who, _) = lab.client.run(|| {
+            let socket = xlb_tests::client::udp_socket()?;
+            xlb_tests::client::udp_who(&socket, target)
+        })??;
+        ensure!(who.name.starts_with("backend-"), "{target}: {}", who.name);
+    }
+    let exit = agent.stop_cleanly()?;
+    ensure!(!exit.log.contains("panicked"), "{}", exit.log);
     Ok(())
 }

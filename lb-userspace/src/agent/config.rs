@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use super::grow::MapCapacity;
 use crate::kernel::{MapSizes, host};
 use crate::model::{DesiredState, auto_table_size};
 use crate::source::yaml::{self, ConfigError, LoadedConfig, Overrides};
@@ -137,10 +138,11 @@ pub(super) fn foreign_node_addresses(
 
 /// Load-time map sizes for a config (the selection tables need none: each
 /// service's table is made at its size when written).
-pub(super) fn map_sizes(state: &DesiredState) -> MapSizes {
+pub(super) fn map_sizes(state: &DesiredState, capacity: MapCapacity) -> MapSizes {
     MapSizes {
         flows: state.conntrack.max_flows,
-        ..MapSizes::default()
+        backends: capacity.backends,
+        services: capacity.frontends,
     }
 }
 
@@ -198,7 +200,10 @@ mod tests {
     #[test]
     fn map_sizes_do_not_grow_with_services() {
         let mut state = config("node:\n  interfaces: [lo]\n").state;
-        assert_eq!(map_sizes(&state), MapSizes::default());
+        assert_eq!(
+            map_sizes(&state, MapCapacity::default()),
+            MapSizes::default()
+        );
         state.table_size = 65_537;
         state.services = (0..40)
             .map(|index| crate::model::Service {
@@ -209,7 +214,10 @@ mod tests {
                 ..crate::model::Service::default()
             })
             .collect();
-        assert_eq!(map_sizes(&state), MapSizes::default());
+        assert_eq!(
+            map_sizes(&state, MapCapacity::default()),
+            MapSizes::default()
+        );
     }
 
     #[test]

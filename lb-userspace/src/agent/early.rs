@@ -8,6 +8,7 @@
 use log::{info, warn};
 
 use super::config::map_sizes;
+use super::grow::MapCapacity;
 use super::{AgentError, Load, Opening, RunOptions, Start};
 use crate::kernel::{Datapath, Loaded, MapSizes, PinDir, pin, seed::SeedOrigin};
 use crate::observe::{self, Observe};
@@ -20,7 +21,7 @@ pub(super) async fn open_and_load(
     hash_seed: (u64, SeedOrigin),
     observe: &mut Observe,
 ) -> Result<(Start, MapSizes, Load), AgentError> {
-    let early = guess(&opening, pins).map(|guessed| {
+    let early = guess(&opening, pins, options.map_capacity).map(|guessed| {
         let pins = pins.cloned();
         let debug = options.observe.datapath_debug;
         let task = tokio::task::spawn_blocking(move || {
@@ -29,7 +30,7 @@ pub(super) async fn open_and_load(
         (guessed, task)
     });
     let start = opening.complete().await;
-    let sizes = map_sizes(&start.config.state);
+    let sizes = map_sizes(&start.config.state, options.map_capacity);
     if let Some((guessed, task)) = early {
         match task.await {
             Ok(loaded) if fits(&guessed, &sizes) => {
@@ -54,18 +55,18 @@ pub(super) async fn open_and_load(
 /// that is safe: only from a cluster source, and only when nothing is
 /// pinned yet (a load that might be redone must not decide whether a
 /// previous agent's pinned maps are adopted).
-fn guess(opening: &Opening, pins: Option<&PinDir>) -> Option<MapSizes> {
+fn guess(opening: &Opening, pins: Option<&PinDir>, capacity: MapCapacity) -> Option<MapSizes> {
     opening.services.as_ref()?;
     let state = &opening.config.state;
     let fresh = pins.is_none_or(|pins| {
-        pin::map_specs(&map_sizes(state))
+        pin::map_specs(&map_sizes(state, capacity))
             .iter()
             .all(|spec| !pins.map(spec.name).exists())
     });
     if !fresh {
         return None;
     }
-    Some(map_sizes(state))
+    Some(map_sizes(state, capacity))
 }
 
 /// Whether a datapath loaded with `loaded` sizes serves a config that

@@ -10,6 +10,7 @@ use std::time::Instant;
 use log::{debug, error, info, warn};
 
 use super::config::{check_interfaces, foreign_node_addresses, warnings};
+use super::grow;
 use super::interfaces::{DEFAULT_MASQUERADE_IFINDEX, choose_uplinks, default_masquerade_address};
 use super::laps::Laps;
 use super::{Agent, AgentError, RESYNC};
@@ -80,15 +81,25 @@ impl Agent {
         // A file config that does not fit is the operator's to fix: it is
         // rejected whole. A cluster's Services are not: those that fit are
         // applied, the others skipped and reported.
+        // Either way, full maps grow when they can (the agent starts
+        // again in place, see `grow`).
         let mut ops = if self.services.is_some() {
             let fitted = reconcile::diff_fitting(&self.applied, &desired, &self.capacity)
                 .map_err(|source| AgentError::Plan { source })?;
+            if let Some(why) = &fitted.why {
+                self.grow_if_full(why, &desired)?;
+            }
             self.tell_owners(&desired.refused, &fitted.skipped, fitted.why.as_ref());
             self.report_skipped(fitted.skipped, fitted.why.as_ref());
             fitted.ops
         } else {
-            reconcile::diff(&self.applied, &desired, &self.capacity)
-                .map_err(|source| AgentError::Plan { source })?
+            match reconcile::diff(&self.applied, &desired, &self.capacity) {
+                Ok(ops) => ops,
+                Err(source) => {
+                    self.grow_if_full(&source, &desired)?;
+                    return Err(AgentError::Plan { source });
+                }
+            }
         };
         self.laps.lap("plan");
         // Next hops are made managed neighbours on the neighbour thread
@@ -114,8 +125,22 @@ impl Agent {
                 source: Box::new(source),
             }
         })?;
+        // Ids kept from maps made smaller are given where they go by now.
+        self.applied.kept = reconcile::KeptIds::default();
         self.move_socket_clients();
         Ok(ops.len())
+    }
+
+    /// When `why` says a map is full and the maps can grow, starts the
+    /// agent again with larger ones; returns only if that fails.
+    fn grow_if_full(&self, why: &PlanError, desired: &Desired) -> Result<(), AgentError> {
+        let pinned = self.datapath.pins().is_some();
+        match grow::growth(why, &self.sizes, pinned, &self.applied, desired) {
+            Some(capacity) => Err(AgentError::Grow {
+                source: grow::restart_with(capacity, &self.sizes),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Logs the services that changed from fitting to skipped, and counts

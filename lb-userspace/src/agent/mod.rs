@@ -16,6 +16,7 @@ mod config;
 mod early;
 mod gc;
 mod generations;
+mod grow;
 mod interfaces;
 mod laps;
 mod ready;
@@ -46,6 +47,7 @@ use laps::Laps;
 use shutdown::{bpffs_display, pin_dir};
 
 pub use config::check;
+pub use grow::MapCapacity;
 pub use shutdown::detach;
 
 /// How often node addresses are re-read and an unfinished apply retried.
@@ -89,6 +91,9 @@ pub struct RunOptions {
     /// `--hash-seed-file`: the flow hash's secret, shared by every node
     /// (created if missing); `None`: random for this run.
     pub hash_seed_file: Option<PathBuf>,
+    /// `--map-capacity`: frontends and backend ids the maps start with
+    /// (they grow when a config needs more; see `grow`).
+    pub map_capacity: MapCapacity,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +108,11 @@ pub enum AgentError {
     Source(#[from] SourceError),
     #[error("cannot read the node's IPv4 addresses")]
     Host {
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start xlb again with larger maps")]
+    Grow {
         #[source]
         source: io::Error,
     },
@@ -316,7 +326,7 @@ impl Load {
         if let Some(logger) = loaded.logger.take() {
             kernel::spawn_log_reader(logger);
         }
-        let applied = if loaded.adopted {
+        let (applied, kept_seed) = if loaded.adopted {
             let applied = loaded
                 .maps
                 .read_applied()
@@ -327,13 +337,27 @@ impl Load {
                 applied.services.len(),
                 applied.backends.len()
             );
-            applied
+            (applied, None)
+        } else if let Some(kept) = loaded.kept.take() {
+            info!(
+                "configuration maps recreated at {} frontends and {} backend ids: the first plan \
+                 keeps the ids of {} backends and {} frontends, conntrack kept",
+                sizes.services,
+                sizes.backends,
+                kept.ids.backends.len(),
+                kept.ids.services.len()
+            );
+            (kept.ids.into_applied(), kept.hash_seed)
         } else {
-            Applied::default()
+            (Applied::default(), None)
         };
         let hash_seed = choose_hash_seed(
             hash_seed,
-            applied.settings.as_ref().map(|settings| settings.hash_seed),
+            applied
+                .settings
+                .as_ref()
+                .map(|settings| settings.hash_seed)
+                .or(kept_seed),
         );
         observe.datapath_loaded(sizes.flows, std::mem::take(&mut loaded.observed));
         Ok(Self {
@@ -369,10 +393,11 @@ fn start_observe(
 
 /// `xlb run`. Returns when told to stop; an error means nothing is left
 /// attached.
-pub async fn run(options: RunOptions) -> Result<(), AgentError> {
+pub async fn run(mut options: RunOptions) -> Result<(), AgentError> {
     let opening = Opening::read(&options).await?;
     let hash_seed = kernel::seed::load(options.hash_seed_file.as_deref())?;
     let pins = pin_dir(options.bpffs.as_deref())?;
+    options.map_capacity = options.map_capacity.at_least_grown(pins.as_ref());
     let mut observe = start_observe(&options, pins.as_ref(), opening.services.as_ref())?;
     let (start, sizes, load) =
         early::open_and_load(&options, opening, pins.as_ref(), hash_seed, &mut observe).await?;

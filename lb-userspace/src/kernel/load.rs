@@ -10,6 +10,7 @@ use aya::maps::{Array, Map, MapData};
 use aya::{Ebpf, EbpfLoader};
 use lb_common::maps::Sizing;
 
+use super::kept;
 use super::tc::tc_program;
 use super::xdp::xdp_program;
 use super::{
@@ -45,9 +46,9 @@ impl Datapath {
         observed: &[&'static str],
     ) -> Result<Loaded, KernelError> {
         raise_memlock_limit();
-        let (map_paths, adopted) = match pins {
+        let (map_paths, adopted, kept) = match pins {
             Some(pins) => pinned_maps(pins, &sizes)?,
-            None => (Vec::new(), false),
+            None => (Vec::new(), false, None),
         };
         let mut ebpf = load_object(&sizes, &map_paths, debug)?;
         let logger = if debug {
@@ -83,6 +84,7 @@ impl Datapath {
             flows,
             logger,
             adopted,
+            kept,
             observed,
         })
     }
@@ -91,22 +93,34 @@ impl Datapath {
 /// Each map's name and pin path.
 type MapPins = Vec<(&'static str, PathBuf)>;
 
-/// Where each map is pinned under `pins`, and whether the configuration
-/// maps a previous agent pinned are reused. Pinned maps that do not fit
-/// this datapath are removed (recreated by the load), with a warning.
-fn pinned_maps(pins: &PinDir, sizes: &MapSizes) -> Result<(MapPins, bool), KernelError> {
+/// Where each map is pinned under `pins`, whether the configuration maps
+/// a previous agent pinned are reused, and if they are recreated at other
+/// sizes, the ids they gave. Pinned maps that do not fit this datapath are
+/// removed (recreated by the load), with a warning.
+fn pinned_maps(
+    pins: &PinDir,
+    sizes: &MapSizes,
+) -> Result<(MapPins, bool, Option<kept::Kept>), KernelError> {
+    let kept = kept::resized(pins, sizes)
+        .then(|| kept::pinned_ids(pins))
+        .flatten();
     let check = pin::prepare_map_pins(pins, sizes)?;
+    let kept = kept.filter(|_| !check.adopted);
     for (name, why) in &check.recreated {
-        log::warn!(
-            "pinned map {name} does not fit this datapath ({why}): recreated{}",
-            consequence(name)
-        );
+        let consequence = match &kept {
+            Some(_) if is_config_map(name) => {
+                "; the configuration is written anew with the same backend and service ids, \
+                 so flows keep their backends"
+            }
+            _ => consequence(name),
+        };
+        log::warn!("pinned map {name} does not fit this datapath ({why}): recreated{consequence}");
     }
     let paths = pin::map_specs(sizes)
         .iter()
         .map(|spec| (spec.name, pins.map(spec.name)))
         .collect();
-    Ok((paths, check.adopted))
+    Ok((paths, check.adopted, kept))
 }
 
 /// The object with its load-time map sizes, its maps pinned at
@@ -145,12 +159,20 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), KernelError> {
 }
 
 /// What recreating a pinned map costs, for the warning.
+/// Whether `name` is one of the configuration group's maps.
+fn is_config_map(name: &str) -> bool {
+    lb_common::maps::MAPS
+        .iter()
+        .any(|map| map.name == name && map.pin == lb_common::maps::Pin::Config)
+}
+
 fn consequence(name: &str) -> &'static str {
     match name {
         lb_common::maps::FLOWS | lb_common::maps::FLOWS_NEW => "; existing flows are forgotten",
         lb_common::maps::STATS
         | lb_common::maps::SERVICE_STATS
-        | lb_common::maps::BACKEND_STATS => "; its counters restart from zero",
+        | lb_common::maps::BACKEND_STATS
+        | lb_common::maps::BACKEND_PATHS => "; its counters restart from zero",
         _ => "; the configuration is written anew and flows are re-balanced",
     }
 }

@@ -11,6 +11,7 @@
 pub mod conntrack;
 pub mod explain;
 pub mod host;
+pub mod kept;
 mod links;
 pub mod linkwatch;
 mod load;
@@ -52,7 +53,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub flows: u32,
+    /// Backend ids (`XLB_BACKENDS` and the arrays indexed like it).
     pub backends: u32,
+    /// Frontends (`XLB_SERVICES`) and selection tables (`XLB_SELECT`).
+    pub services: u32,
 }
 
 impl Default for MapSizes {
@@ -60,6 +64,7 @@ impl Default for MapSizes {
         Self {
             flows: lb_common::maps::FLOWS_MAX,
             backends: lb_common::maps::BACKENDS_MAX,
+            services: lb_common::maps::SERVICES_MAX,
         }
     }
 }
@@ -71,6 +76,7 @@ impl MapSizes {
             Sizing::Fixed => map.max_entries,
             Sizing::Flows => self.flows,
             Sizing::Backends => self.backends,
+            Sizing::Services => self.services,
         }
     }
 }
@@ -206,6 +212,9 @@ pub struct Loaded {
     /// The configuration maps were pinned by a previous agent and are
     /// reused: `KernelMaps::read_applied` tells what they hold.
     pub adopted: bool,
+    /// The configuration maps were pinned at other sizes and recreated:
+    /// the ids they gave, for the first plan to keep.
+    pub kept: Option<kept::Kept>,
     /// Duplicates of the maps `Datapath::load_with` was asked for (the
     /// reader's, for /metrics and the exit log), by name.
     pub observed: BTreeMap<&'static str, MapData>,
@@ -244,6 +253,7 @@ pub fn is_root() -> bool {
 pub(crate) const TEST_SIZES: MapSizes = MapSizes {
     flows: 4096,
     backends: 64,
+    services: 128,
 };
 
 #[cfg(test)]

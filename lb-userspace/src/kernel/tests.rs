@@ -94,7 +94,8 @@ fn maps_read_back_as_written() {
     let maps = &mut loaded.maps;
     let capacity = maps.capacity();
     assert_eq!(capacity.backends, TEST_SIZES.backends);
-    assert_eq!(capacity.tables, lb_common::maps::TABLES_MAX);
+    assert_eq!(capacity.tables, TEST_SIZES.services);
+    assert_eq!(capacity.services, TEST_SIZES.services);
     let snapshot = maps.snapshot().map_err(|e| error_chain(&e));
     assert_eq!(
         snapshot,
@@ -523,11 +524,36 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
         backends: TEST_SIZES.backends * 2,
         ..TEST_SIZES
     };
+    // Before the maps are made anew at the larger size, the ids they gave
+    // are read for the first plan to keep (the maps grew).
+    assert!(kept::resized(&pins, &larger));
+    assert!(!kept::resized(&pins, &TEST_SIZES));
+    assert_eq!(
+        kept::pinned_capacity(&pins),
+        Some((TEST_SIZES.services, TEST_SIZES.backends))
+    );
+    let kept = kept::pinned_ids(&pins).unwrap_or_default();
+    let backends: BTreeMap<_, _> = applied
+        .backends
+        .iter()
+        .map(|(&id, active)| (active.address, id))
+        .collect();
+    let services: BTreeMap<_, _> = applied
+        .services
+        .iter()
+        .map(|(&frontend, service)| (frontend, service.entry.id))
+        .collect();
+    assert_eq!(kept.ids.backends, backends);
+    assert_eq!(kept.ids.services, services);
+    assert_eq!(
+        kept.hash_seed,
+        applied.settings.map(|settings| settings.hash_seed)
+    );
     let Ok(check) = pin::prepare_map_pins(&pins, &larger) else {
         panic!("prepare_map_pins failed");
     };
     assert!(!check.adopted);
-    assert_eq!(check.recreated.len(), 9, "{:?}", check.recreated);
+    assert_eq!(check.recreated.len(), 11, "{:?}", check.recreated);
     assert!(
         check
             .recreated
@@ -540,8 +566,8 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
     assert!(pins.map("XLB_STATS").exists(), "counters are kept");
     assert_eq!(
         pins.remove_all().map_err(|e| e.to_string()),
-        Ok((vec![], vec![], 8)),
-        "the counter maps (reasons, services, backends, paths), XLB_FRAGS, XLB_ICMP_LIMIT, XLB_FLOWS_NEW (conntrack is kept) and the socket reverse map were left"
+        Ok((vec![], vec![], 6)),
+        "the counter maps of reasons and services, XLB_FRAGS, XLB_ICMP_LIMIT, XLB_FLOWS_NEW (conntrack is kept) and the socket reverse map were left (the per-backend ones are sized like XLB_BACKENDS)"
     );
 }
 

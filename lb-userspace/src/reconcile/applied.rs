@@ -42,6 +42,33 @@ impl TableSummary {
     }
 }
 
+/// Ids a previous agent gave backends and frontends in configuration maps
+/// that this agent could not adopt because it made them at other sizes
+/// (the maps grew): the plan gives the same backends and services the same
+/// ids again, so flows (which name their backend by id and check its
+/// address) and session affinity records keep working, and the same
+/// recipes build the same tables.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeptIds {
+    pub backends: BTreeMap<BackendAddr, u32>,
+    /// By frontend: service names are not in the maps.
+    pub services: BTreeMap<Frontend, u32>,
+}
+
+impl KeptIds {
+    /// An empty mirror (of maps just made) whose plans reuse `self`'s ids.
+    pub fn into_applied(self) -> Applied {
+        let next_backend_id = self.backends.values().max().map_or(1, |id| id + 1);
+        let next_service_id = self.services.values().max().map_or(1, |id| id + 1);
+        Applied {
+            next_backend_id,
+            next_service_id,
+            kept: self,
+            ..Applied::default()
+        }
+    }
+}
+
 /// Mirror of what xlb has written into the maps, updated op by op, so that a
 /// failed apply leaves it exactly as true as the maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -72,6 +99,9 @@ pub struct Applied {
     pub ports: PortSet,
     /// `XLB_PORTS[PORTS_ON]` is set.
     pub port_filter: bool,
+    /// Ids to give backends and services the mirror does not have yet (see
+    /// [`KeptIds`]); emptied once a plan has been applied in full.
+    pub kept: KeptIds,
 }
 
 impl Applied {

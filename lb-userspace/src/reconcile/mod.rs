@@ -26,7 +26,7 @@ mod plan;
 mod ports;
 mod writer;
 
-pub use applied::{Applied, AppliedService, TableSummary};
+pub use applied::{Applied, AppliedService, KeptIds, TableSummary};
 pub use desired::{Desired, DesiredService, NodeFacts, RefusedFrontend};
 pub use ops::{ActiveBackend, Frontend, MapOp, RunKind, ServiceEntry, Settings, SourceRangeKey};
 pub use plan::{Capacity, Fitted, PlanError, diff, diff_fitting};

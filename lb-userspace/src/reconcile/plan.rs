@@ -216,7 +216,10 @@ fn backends(
         if ids.contains_key(address) {
             continue;
         }
-        let id = free.take()?;
+        let id = match applied.kept.backends.get(address) {
+            Some(&id) if free.take_kept(id) => id,
+            _ => free.take()?,
+        };
         ids.insert(*address, id);
         ops.push(MapOp::WriteBackend {
             id,
@@ -237,6 +240,8 @@ fn backends(
 /// `XLB_BACKENDS` ids for new backends, in the order [`backends`] says.
 struct FreeIds<'a> {
     taken: BTreeSet<u32>,
+    /// Kept ids given out (see `KeptIds`).
+    kept_used: BTreeSet<u32>,
     capacity: u32,
     /// The next id never used before.
     fresh: u32,
@@ -247,13 +252,22 @@ struct FreeIds<'a> {
 
 impl<'a> FreeIds<'a> {
     fn new(applied: &'a Applied, capacity: u32) -> Self {
+        // Kept ids are not given to other backends.
+        let kept = applied.kept.backends.values();
         Self {
-            taken: applied.backends.keys().copied().collect(),
+            taken: applied.backends.keys().chain(kept).copied().collect(),
+            kept_used: BTreeSet::new(),
             capacity,
             fresh: applied.next_backend_id.max(1),
             freed: applied.freed_backend_ids.iter(),
             lowest: 1,
         }
+    }
+
+    /// Whether kept id `id` (reserved in `taken`) may be used: it is in
+    /// range and no other backend took it.
+    fn take_kept(&mut self, id: u32) -> bool {
+        id != 0 && id < self.capacity && self.kept_used.insert(id)
     }
 
     fn take(&mut self) -> Result<u32, PlanError> {
@@ -348,6 +362,8 @@ struct ServicePlanner<'a> {
     backend_ids: &'a BTreeMap<BackendAddr, u32>,
     table_sizing: TableSizing,
     ids_by_name: BTreeMap<&'a str, u32>,
+    /// Kept service ids given out (see `KeptIds`).
+    kept_used: BTreeSet<u32>,
     /// Every entry written under each name, in frontend order.
     entries_by_name: BTreeMap<&'a str, Vec<ServiceEntry>>,
     next_id: u32,
@@ -383,6 +399,7 @@ impl<'a> ServicePlanner<'a> {
             backend_ids,
             table_sizing,
             ids_by_name,
+            kept_used: BTreeSet::new(),
             entries_by_name,
             next_id: applied.next_service_id.max(1),
             tables: TableIds::new(applied, capacity.tables),
@@ -404,9 +421,13 @@ impl<'a> ServicePlanner<'a> {
             // Nothing can reach it: no table, no id.
             return Ok(());
         }
-        let id = match self.ids_by_name.get(service.name.as_str()) {
-            Some(&id) => id,
-            None => {
+        let kept = frontends
+            .iter()
+            .find_map(|(frontend, _)| self.applied.kept.services.get(frontend))
+            .filter(|&&id| self.kept_used.insert(id));
+        let id = match (self.ids_by_name.get(service.name.as_str()), kept) {
+            (Some(&id), _) | (None, Some(&id)) => id,
+            (None, None) => {
                 let id = self.next_id;
                 self.next_id += 1;
                 id

@@ -1443,3 +1443,58 @@ fn a_removed_port_stays_listed_until_no_flow_uses_it() {
     assert!(!ports_lingering(&lab.applied));
     assert_eq!(lab.plan(&only_b), []);
 }
+
+/// Maps made anew at other sizes (they grew) give each backend and service
+/// the id the old maps gave it: flows name their backend by id, and the
+/// same recipes build the same tables.
+#[test]
+fn kept_ids_go_to_the_same_backends_and_services() {
+    let config = state(vec![
+        service("a", 30001, vec![backend(2, 1), backend(3, 1)]),
+        service("b", 30002, vec![backend(4, 1)]),
+    ]);
+    let mut old = Harness::new();
+    // A service and a backend that came and went: the ids are not those
+    // a fresh plan would give.
+    old.reconcile(&state(vec![service("x", 30009, vec![backend(9, 1)])]));
+    old.reconcile(&config);
+    let kept = KeptIds {
+        backends: old
+            .applied
+            .backends
+            .iter()
+            .map(|(&id, active)| (active.address, id))
+            .collect(),
+        services: old
+            .applied
+            .services
+            .iter()
+            .map(|(&frontend, service)| (frontend, service.entry.id))
+            .collect(),
+    };
+    let mut new = Harness {
+        maps: FakeMaps::new(),
+        applied: kept.clone().into_applied(),
+    };
+    new.reconcile(&config);
+    assert_eq!(new.applied.backends, old.applied.backends);
+    for (name, port) in [("a", 30001), ("b", 30002)] {
+        assert_eq!(new.id_of(name), old.id_of(name), "{name}");
+        let table =
+            |lab: &Harness| lab.maps.select[&lab.maps.services[&tcp(port)].table_id].clone();
+        assert_eq!(table(&new), table(&old), "{name}'s slots");
+    }
+    // What is new gets ids no kept entry has.
+    let mut grown = config.clone();
+    grown
+        .services
+        .push(service("c", 30003, vec![backend(5, 1)]));
+    new.reconcile(&grown);
+    let c = new.id_of("c");
+    assert!(kept.services.values().all(|&id| id != c), "service id {c}");
+    let five = new.backend_id(5).unwrap_or_default();
+    assert!(
+        five != 0 && kept.backends.values().all(|&id| id != five),
+        "backend id {five}"
+    );
+}
