@@ -115,11 +115,10 @@ fn addresses(lab: &Lab) -> (Ipv4Addr, Ipv4Addr) {
     (lab.backends[0].addr, lab.backends[1].addr)
 }
 
-#[test]
-fn services_created_through_the_api_are_reachable() -> anyhow::Result<()> {
-    let lab = Lab::new(2)?;
-    // The server listens where the agent (in the node namespace) can reach
-    // it: on the node namespace's loopback.
+/// A test API server listening where the agent (in the node namespace)
+/// can reach it, on the node namespace's loopback, with this node's Node;
+/// its kubeconfig and a node config without services.
+fn cluster(lab: &Lab) -> anyhow::Result<(ApiServer, String, std::path::PathBuf)> {
     let listener = lab
         .node
         .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))??;
@@ -128,19 +127,61 @@ fn services_created_through_the_api_are_reachable() -> anyhow::Result<()> {
     let kubeconfig = lab.dir().join("kubeconfig");
     server.write_kubeconfig(&kubeconfig)?;
     let config = lab.write_file("node.yaml", &lab.config_yaml("  []\n"))?;
-    let kubeconfig_arg = kubeconfig.display().to_string();
-    let agent = Agent::start_with(
+    Ok((server, kubeconfig.display().to_string(), config))
+}
+
+/// The agent with `--kubernetes` against `kubeconfig`, and `more` args.
+fn kube_agent<'lab>(
+    lab: &'lab Lab,
+    config: &std::path::Path,
+    kubeconfig: &str,
+    more: &[&str],
+) -> anyhow::Result<Agent<'lab>> {
+    let mut args = vec![
+        "--kubernetes",
+        "--kubeconfig",
+        kubeconfig,
+        "--node-name",
+        NODE,
+    ];
+    args.extend_from_slice(more);
+    Ok(Agent::start_with(
         &bin_from_env(XLB_BIN_ENV)?,
-        &lab,
-        &config,
-        &[
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig_arg,
-            "--node-name",
-            NODE,
-        ],
-    )?;
+        lab,
+        config,
+        &args,
+    )?)
+}
+
+/// The lab's `tcp-echo` or `udp-echo` Service with its EndpointSlice.
+fn apply_echo(server: &ApiServer, protocol: &str, endpoints: &[EndpointState]) {
+    let service = match protocol {
+        "TCP" => node_port_service(
+            "default",
+            "tcp-echo",
+            "TCP",
+            3333,
+            ECHO_TCP_PORT,
+            TCP_ECHO_NODE_PORT,
+        ),
+        _ => node_port_service(
+            "default",
+            "udp-echo",
+            "UDP",
+            4444,
+            ECHO_UDP_PORT,
+            UDP_ECHO_NODE_PORT,
+        ),
+    };
+    server.apply(&service);
+    server.apply(&echo_slice(protocol, endpoints));
+}
+
+#[test]
+fn services_created_through_the_api_are_reachable() -> anyhow::Result<()> {
+    let lab = Lab::new(2)?;
+    let (server, kubeconfig, config) = cluster(&lab)?;
+    let agent = kube_agent(&lab, &config, &kubeconfig, &[])?;
     let (pod_1, pod_2) = addresses(&lab);
     let follow = Follow {
         lab: &lab,
@@ -149,24 +190,8 @@ fn services_created_through_the_api_are_reachable() -> anyhow::Result<()> {
 
     // Create: both services, both pods.
     let both = [EndpointState::ready(pod_1), EndpointState::ready(pod_2)];
-    server.apply(&node_port_service(
-        "default",
-        "tcp-echo",
-        "TCP",
-        3333,
-        ECHO_TCP_PORT,
-        TCP_ECHO_NODE_PORT,
-    ));
-    server.apply(&echo_slice("TCP", &both));
-    server.apply(&node_port_service(
-        "default",
-        "udp-echo",
-        "UDP",
-        4444,
-        ECHO_UDP_PORT,
-        UDP_ECHO_NODE_PORT,
-    ));
-    server.apply(&echo_slice("UDP", &both));
+    apply_echo(&server, "TCP", &both);
+    apply_echo(&server, "UDP", &both);
     let all = names(&["backend-1", "backend-2"]);
     follow.tcp("TCP to reach both pods", 12, &all)?;
     follow.udp("UDP to reach both pods", 12, &all)?;
@@ -296,43 +321,14 @@ fn manifests_drive_a_node_without_a_cluster() -> anyhow::Result<()> {
 fn maps_grow_for_a_cluster_that_outgrows_them() -> anyhow::Result<()> {
     let lab = Lab::new(2)?;
     let bpffs = Bpffs::mount(&lab)?;
-    let listener = lab
-        .node
-        .run(|| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))??;
-    let server = ApiServer::start_on(listener)?;
-    server.apply(&node(NODE, NODE_ADDR));
-    let kubeconfig = lab.dir().join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig)?;
-    let config = lab.write_file("node.yaml", &lab.config_yaml("  []\n"))?;
-    let (kubeconfig_arg, dir) = (kubeconfig.display().to_string(), bpffs.arg());
+    let (server, kubeconfig, config) = cluster(&lab)?;
     let (pod_1, pod_2) = addresses(&lab);
     let both = [EndpointState::ready(pod_1), EndpointState::ready(pod_2)];
-    server.apply(&node_port_service(
-        "default",
-        "tcp-echo",
-        "TCP",
-        3333,
-        ECHO_TCP_PORT,
-        TCP_ECHO_NODE_PORT,
-    ));
-    server.apply(&echo_slice("TCP", &both));
+    apply_echo(&server, "TCP", &both);
     // One frontend and two backends (ids 1 and 2): full.
-    let agent = Agent::start_with(
-        &bin_from_env(XLB_BIN_ENV)?,
-        &lab,
-        &config,
-        &[
-            "--kubernetes",
-            "--kubeconfig",
-            &kubeconfig_arg,
-            "--node-name",
-            NODE,
-            "--bpffs",
-            &dir,
-            "--map-capacity",
-            "2,3",
-        ],
-    )?;
+    let dir = bpffs.arg();
+    let more = ["--bpffs", dir.as_str(), "--map-capacity", "2,3"];
+    let agent = kube_agent(&lab, &config, &kubeconfig, &more)?;
     let follow = Follow {
         lab: &lab,
         agent: &agent,
@@ -347,15 +343,7 @@ fn maps_grow_for_a_cluster_that_outgrows_them() -> anyhow::Result<()> {
     // backends (to 8,8 when the watch brings them at once; in two steps
     // otherwise).
     let since = agent.log().len();
-    server.apply(&node_port_service(
-        "default",
-        "udp-echo",
-        "UDP",
-        4444,
-        ECHO_UDP_PORT,
-        UDP_ECHO_NODE_PORT,
-    ));
-    server.apply(&echo_slice("UDP", &both));
+    apply_echo(&server, "UDP", &both);
     for index in 0..2 {
         let name = format!("more-{index}");
         server.apply(&node_port_service(
