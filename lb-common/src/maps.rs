@@ -15,9 +15,9 @@ use core::mem::size_of;
 
 use crate::reason::REASON_COUNT;
 use crate::{
-    Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
-    IcmpLimit, NodeAddr, Paths, Peer, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
-    Traffic,
+    Addr6, Affinity, AffinityKey, Backend, Backend6, BackendHop, BackendHop6, Flow, Flow6, FlowKey,
+    FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit, NodeAddr, Paths, Peer, Service,
+    ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey, SourceRange, SourceRange6, Traffic,
 };
 
 /// How the kernel stores a map: `enum bpf_map_type`'s value.
@@ -233,6 +233,35 @@ declare_maps! {
     /// shared with `xlb explain`, so its simulation filters as the datapath
     /// does.
     PORTS = "XLB_PORTS": Array<u32, u64>, PORTS_WORDS, Fixed, Config, Shared;
+
+    // IPv6: the address-keyed maps again, one shape for both families
+    // (`lb_common::family`). Backend ids, `XLB_SELECT`, the counters and
+    // `XLB_PORTS` are shared: an IPv6 service's table holds ids of
+    // `XLB_BACKENDS6`. Kernel names keep 15 characters, hence the short
+    // ones.
+
+    /// `HashMap<ServiceKey6, Service>`: IPv6 frontends (NodePorts: address ::).
+    SERVICES6 = "XLB_SERVICES6": Hash<ServiceKey6, Service>, SERVICES_MAX, Fixed, Config, Shared;
+    /// `Array<Backend6>`: IPv6 backends by id (the ids IPv6 services' tables
+    /// hold; the same id is unused in `XLB_BACKENDS`).
+    BACKENDS6 = "XLB_BACKENDS6": Array<u32, Backend6>, BACKENDS_MAX, Backends, Config, Shared;
+    /// `Array<BackendHop6>`: `XLB_BACKEND_HOPS` for IPv6 backends.
+    BACKEND_HOPS6 = "XLB_HOPS6": Array<u32, BackendHop6>, BACKENDS_MAX, Fixed, No, Private;
+    /// `LruHashMap<FlowKey6, Flow6>`: IPv6 conntrack, two entries per flow,
+    /// sized with `XLB_FLOWS`. Seeded in `xlb explain` with nothing yet (its
+    /// simulation is IPv4's): only made small there.
+    FLOWS6 = "XLB_FLOWS6": LruHash<FlowKey6, Flow6>, FLOWS_MAX, Flows, Alone, Seeded;
+    /// `LruHashMap<FlowKey6, Flow6>`: half-open IPv6 TCP flows.
+    FLOWS_NEW6 = "XLB_FLOWS_NEW6": LruHash<FlowKey6, Flow6>, FLOWS_NEW_MAX, Fixed, Alone, Seeded;
+    /// `HashMap<Addr6, NodeAddr>`: IPv6 addresses that NodePorts answer on.
+    NODE_ADDRS6 = "XLB_NODE_ADDRS6": Hash<Addr6, NodeAddr>, NODE_ADDRS_MAX, Fixed, Config, Shared;
+    /// `HashMap<u32 /* ifindex */, Addr6>`: IPv6 masquerade source address
+    /// per egress interface (key 0: the default).
+    IFACE_ADDRS6 = "XLB_IFADDRS6": Hash<u32, Addr6>, IFACE_ADDRS_MAX, Fixed, Config, Shared;
+    /// `LpmTrie<SourceRange6, u32>`: loadBalancerSourceRanges of IPv6 sources.
+    SOURCE_RANGES6 = "XLB_RANGES6": LpmTrie<SourceRange6, u32>, SOURCE_RANGES_MAX, Fixed, Config, Shared;
+    /// `HashMap<Addr6, Peer>`: local pods by IPv6 address (as `XLB_PEERS`).
+    PEERS6 = "XLB_PEERS6": Hash<Addr6, Peer>, PEERS_MAX, Fixed, No, Private;
 }
 
 /// Where a program of the object runs.

@@ -8,9 +8,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
-    IcmpLimit, NodeAddr, Paths, Peer, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
-    Traffic,
+    Addr6, Affinity, AffinityKey, Backend, Backend6, BackendHop, BackendHop6, Flow, Flow6, FlowKey,
+    FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit, NodeAddr, Paths, Peer, Service,
+    ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey, SourceRange, SourceRange6, Traffic,
     maps::{SELECT_TABLE_FLAGS, decl},
 };
 
@@ -99,6 +99,42 @@ pub static XLB_PEERS: HashMap<u32, Peer> =
 #[map]
 pub static XLB_PORTS: Array<u64> =
     Array::with_max_entries(decl::PORTS.max_entries, decl::PORTS.flags);
+
+#[map]
+pub static XLB_SERVICES6: HashMap<ServiceKey6, Service> =
+    HashMap::with_max_entries(decl::SERVICES6.max_entries, decl::SERVICES6.flags);
+
+#[map]
+pub static XLB_BACKENDS6: Array<Backend6> =
+    Array::with_max_entries(decl::BACKENDS6.max_entries, decl::BACKENDS6.flags);
+
+#[map]
+pub static XLB_HOPS6: Array<BackendHop6> =
+    Array::with_max_entries(decl::BACKEND_HOPS6.max_entries, decl::BACKEND_HOPS6.flags);
+
+#[map]
+pub static XLB_FLOWS6: LruHashMap<FlowKey6, Flow6> =
+    LruHashMap::with_max_entries(decl::FLOWS6.max_entries, decl::FLOWS6.flags);
+
+#[map]
+pub static XLB_FLOWS_NEW6: LruHashMap<FlowKey6, Flow6> =
+    LruHashMap::with_max_entries(decl::FLOWS_NEW6.max_entries, decl::FLOWS_NEW6.flags);
+
+#[map]
+pub static XLB_NODE_ADDRS6: HashMap<Addr6, NodeAddr> =
+    HashMap::with_max_entries(decl::NODE_ADDRS6.max_entries, decl::NODE_ADDRS6.flags);
+
+#[map]
+pub static XLB_IFADDRS6: HashMap<u32, Addr6> =
+    HashMap::with_max_entries(decl::IFACE_ADDRS6.max_entries, decl::IFACE_ADDRS6.flags);
+
+#[map]
+pub static XLB_RANGES6: LpmTrie<SourceRange6, u32> =
+    LpmTrie::with_max_entries(decl::SOURCE_RANGES6.max_entries, decl::SOURCE_RANGES6.flags);
+
+#[map]
+pub static XLB_PEERS6: HashMap<Addr6, Peer> =
+    HashMap::with_max_entries(decl::PEERS6.max_entries, decl::PEERS6.flags);
 
 /// Which hook carried a forwarded packet, for `XLB_BACKEND_PATHS`.
 #[derive(Clone, Copy, PartialEq, Eq)]

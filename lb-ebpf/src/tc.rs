@@ -23,7 +23,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Reason,
+    Reason, V4,
     flow::FLOW_DIR_REPLY,
     path::{HANDOFF_NEIGH, HANDOFF_PEER, Handoff},
     reason::Verdict,
@@ -102,7 +102,7 @@ pub fn xlb_tc_uplink(ctx: TcContext) -> i32 {
 fn redirect_by_fib(ctx: &TcContext, src: u32, dst: u32, proto: u8) -> i32 {
     // SAFETY: `skb` is this run's context.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    match fib::next_hop(ctx.skb.skb.cast(), ingress, src, dst, proto, 0, true) {
+    match fib::next_hop::<V4>(ctx.skb.skb.cast(), ingress, src, dst, proto, 0, true) {
         // SAFETY: plain helper call; the kernel resolves the neighbour.
         Ok(hop) => unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) as i32 },
         Err(_) => TC_ACT_SHOT as i32,
@@ -157,7 +157,7 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, Reason> {
     // as it came, not half translated.
     // SAFETY: `skb` is this run's context.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    let hop = fib::next_hop(
+    let hop = fib::next_hop::<V4>(
         ctx.skb.skb.cast(),
         ingress,
         flow.new_src_addr_be,

@@ -393,11 +393,17 @@ mod tests {
     #[test]
     fn every_pinned_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
-        assert_eq!(specs.len(), 18);
+        // 18 for IPv4 and the shared ones, 7 more for IPv6.
+        assert_eq!(specs.len(), 25);
         for name in config_maps() {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }
-        let unpinned = [names::BACKEND_HOPS, names::REDIRECT_OK];
+        let unpinned = [
+            names::BACKEND_HOPS,
+            names::REDIRECT_OK,
+            names::BACKEND_HOPS6,
+            names::PEERS6,
+        ];
         assert!(specs.iter().all(|spec| !unpinned.contains(&spec.name)));
         let select = specs.iter().find(|spec| spec.name == names::SELECT);
         assert!(select.is_some_and(|spec| spec.kind == MapType::ArrayOfMaps));

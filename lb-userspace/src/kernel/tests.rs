@@ -490,8 +490,9 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
         .iter()
         .map(|(name, _)| name.as_str())
         .collect();
-    assert_eq!(recreated, ["XLB_FLOWS"]);
+    assert_eq!(recreated, ["XLB_FLOWS", "XLB_FLOWS6"]);
     assert!(!pins.map("XLB_FLOWS").exists());
+    assert!(!pins.map("XLB_FLOWS6").exists());
     let larger = MapSizes {
         backends: TEST_SIZES.backends * 2,
         ..TEST_SIZES
@@ -500,7 +501,8 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
         panic!("prepare_map_pins failed");
     };
     assert!(!check.adopted);
-    assert_eq!(check.recreated.len(), 9, "{:?}", check.recreated);
+    // 9 configuration maps for IPv4 and the shared ones, 5 for IPv6.
+    assert_eq!(check.recreated.len(), 14, "{:?}", check.recreated);
     assert!(
         check
             .recreated
@@ -513,8 +515,8 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
     assert!(pins.map("XLB_STATS").exists(), "counters are kept");
     assert_eq!(
         pins.remove_all().map_err(|e| e.to_string()),
-        Ok((vec![], vec![], 8)),
-        "the counter maps (reasons, services, backends, paths), XLB_FRAGS, XLB_ICMP_LIMIT, XLB_FLOWS_NEW (conntrack is kept) and the socket reverse map were left"
+        Ok((vec![], vec![], 9)),
+        "the counter maps (reasons, services, backends, paths), XLB_FRAGS, XLB_ICMP_LIMIT, XLB_FLOWS_NEW and XLB_FLOWS_NEW6 (conntrack is kept) and the socket reverse map were left"
     );
 }
 

@@ -488,3 +488,19 @@ fn an_unassured_udp_flow_yields_its_masquerade_port() {
         println!("one port: an idle unassured flow yields it, an assured one keeps it");
     });
 }
+
+/// Prints the size of the loaded `xlb` program as the verifier left it
+/// (xlated) and as JITed, for comparing builds (the IPv4 path must not grow
+/// with IPv6 support).
+#[test]
+fn program_size() {
+    with_datapath(xlb::DATAPATH_OBJECT, |dp| {
+        let info = dp.program().info().expect("program info");
+        let xlated = info.size_translated().unwrap_or(0) / 8;
+        println!(
+            "xlb: {xlated} xlated instructions, {} bytes JITed",
+            info.size_jitted()
+        );
+        assert!(xlated > 0);
+    });
+}

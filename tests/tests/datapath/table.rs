@@ -809,9 +809,9 @@ pub fn rows() -> Vec<Row> {
             case: |dp| unchanged(dp, arp_request()),
         },
         Row {
-            name: "IPv6 passes",
+            name: "IPv6 UDP to no service passes",
             verdict: XDP_PASS,
-            reason: Reason::PassNotIpv4,
+            reason: Reason::PassNotService,
             case: |dp| unchanged(dp, ipv6_udp()),
         },
         Row {
