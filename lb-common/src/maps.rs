@@ -26,6 +26,8 @@ use crate::{
 pub enum MapKind {
     Hash = 1,
     Array = 2,
+    /// Programs, for tail calls.
+    ProgArray = 3,
     PerCpuArray = 6,
     LruHash = 9,
     LpmTrie = 11,
@@ -262,13 +264,32 @@ declare_maps! {
     SOURCE_RANGES6 = "XLB_RANGES6": LpmTrie<SourceRange6, u32>, SOURCE_RANGES_MAX, Fixed, Config, Shared;
     /// `HashMap<Addr6, Peer>`: local pods by IPv6 address (as `XLB_PEERS`).
     PEERS6 = "XLB_PEERS6": Hash<Addr6, Peer>, PEERS_MAX, Fixed, No, Private;
+    /// `ProgramArray`: `[PROGS6_IPV6]` is `xlb6`, which `xlb` tail-calls for
+    /// IPv6 frames, so each family's pipeline is verified on its own budget
+    /// (one program holding both exceeds the verifier's million
+    /// instructions). The agent fills it as it loads; while it is empty
+    /// (`xlb explain`, an agent gone) IPv6 frames pass as `pass_not_ipv4`.
+    PROGS6 = "XLB_PROGS6": ProgArray<u32, u32>, 1, Fixed, No, Private;
+    /// `PerCpuArray<[u64; 32]>` of one: `xlb6`'s scratch space. Word 0:
+    /// the offset of the L4 header after the extension headers, put there
+    /// and read back so the verifier knows it only by its bounds (else each
+    /// way through the walk leaves it a different range, and the verifier
+    /// walks the whole pipeline again for each). Words 1..16: a new flow
+    /// between its stages, 16..32: its entry as it is built (too big for
+    /// the 512-byte stack beside them).
+    SCRATCH6 = "XLB_SCRATCH6": PerCpuArray<u32, [u64; 32]>, 1, Fixed, No, Private;
 }
+
+/// `XLB_PROGS6` index of `xlb6`.
+pub const PROGS6_IPV6: u32 = 0;
 
 /// Where a program of the object runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     /// XDP on the uplinks.
     Xdp,
+    /// An XDP program `xlb` tail-calls (`XLB_PROGS6`): loaded, never attached.
+    XdpTail,
     /// tc ingress (a tcx link, or a clsact filter on older kernels).
     TcIngress,
     /// A cgroup v2 socket hook (`cgroup/<hook>` section), by its hook name.
@@ -283,7 +304,7 @@ pub struct ProgramDecl {
 }
 
 /// Every program of the datapath.
-pub const PROGRAMS: [ProgramDecl; 7] = [
+pub const PROGRAMS: [ProgramDecl; 8] = [
     ProgramDecl {
         name: "xlb",
         hook: Hook::Xdp,
@@ -316,6 +337,11 @@ pub const PROGRAMS: [ProgramDecl; 7] = [
         name: "xlb_getpeer4",
         hook: Hook::CgroupSockAddr("getpeername4"),
     },
+    // IPv6 frames, tail-called from `xlb` through `XLB_PROGS6`.
+    ProgramDecl {
+        name: "xlb6",
+        hook: Hook::XdpTail,
+    },
 ];
 
 /// Name of the XDP program in the object file.
@@ -324,6 +350,8 @@ pub const PROGRAM: &str = PROGRAMS[0].name;
 pub const PROGRAM_TC_UPLINK: &str = PROGRAMS[1].name;
 /// tc ingress program for pods' host-side veths and tunnel devices.
 pub const PROGRAM_TC_POD: &str = PROGRAMS[2].name;
+/// The IPv6 XDP program (`XLB_PROGS6`).
+pub const PROGRAM6: &str = PROGRAMS[7].name;
 
 /// The cgroup socket hooks, as (program name, hook).
 pub const SOCK_PROGRAMS: [(&str, &str); 4] = [

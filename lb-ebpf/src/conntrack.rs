@@ -22,6 +22,7 @@ use lb_common::{
 use crate::{
     family::Ip,
     fib::NextHop,
+    maps::{SCRATCH_PEER_KEY, scratch},
     parse::{Frame, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, tcp_numbers},
 };
 
@@ -116,6 +117,20 @@ fn live<F: Ip>(
 /// Whether `entry` (under `key`) still has its peer in `table`, pointing back.
 #[inline(always)]
 fn paired<F: Ip>(table: &Table<F>, key: &FlowKeyOf<F>, entry: &FlowOf<F>) -> bool {
+    if F::OUTLINE {
+        // IPv6: the peer's key in scratch space, off the frame at the end
+        // of the longest call chain.
+        let Some(peer_key) = scratch::<FlowKeyOf<F>>(SCRATCH_PEER_KEY) else {
+            return false;
+        };
+        // SAFETY: this CPU's scratch slot, sized for a key.
+        let peer = unsafe {
+            *peer_key = FlowKeyOf::peer_of(entry, key.proto);
+            table.get_ptr(&*peer_key)
+        };
+        // SAFETY: plain-integer map value.
+        return peer.is_some_and(|peer| FlowOf::is_peer(unsafe { &*peer }, key));
+    }
     match table.get_ptr(FlowKeyOf::peer_of(entry, key.proto)) {
         // SAFETY: plain-integer map value.
         Some(peer) => FlowOf::is_peer(unsafe { &*peer }, key),
@@ -313,12 +328,22 @@ pub struct NewFlow<F: Ip> {
     pub service_id: u32,
     pub backend_id: u32,
     pub backend: BackendOf<F>,
-    /// Masquerade source address, or `None` to keep the client's address
-    /// (externalTrafficPolicy=Local).
-    pub masquerade_addr_be: Option<F::Addr>,
+    /// Masquerade source address, or all zeros to keep the client's
+    /// address (externalTrafficPolicy=Local). Not an `Option`: a `None`'s
+    /// payload is undefined, and copying it (IPv6 keeps a `NewFlow` in
+    /// scratch space) reads registers the verifier knows were never set.
+    pub masquerade_addr_be: F::Addr,
     pub syn: bool,
     /// Where the FIB sends the client's packets (cached in the entry).
     pub hop: NextHop,
+}
+
+impl<F: Ip> NewFlow<F> {
+    /// Whether the flow's source is the masquerade address.
+    #[inline(always)]
+    pub fn masquerades(&self) -> bool {
+        self.masquerade_addr_be != F::Addr::default()
+    }
 }
 
 /// Records a new flow (both entries); `segment` is its first packet's.
@@ -334,9 +359,10 @@ pub fn create<F: Ip>(
 ) -> Result<(), Reason> {
     let tcp = key.proto == IPPROTO_TCP;
     let table = if tcp { F::flows_new() } else { F::flows() };
-    let (src_addr_be, src_port_be) = match new.masquerade_addr_be {
-        Some(addr) => (addr, 0),
-        None => (key.src_addr_be, key.src_port_be),
+    let (src_addr_be, src_port_be) = if new.masquerades() {
+        (new.masquerade_addr_be, 0)
+    } else {
+        (key.src_addr_be, key.src_port_be)
     };
     // The tuple the backend's replies carry (with masquerade, its port is
     // chosen below).
@@ -362,18 +388,6 @@ pub fn create<F: Ip>(
         return Err(Reason::DropFlowInsert);
     }
     Ok(())
-}
-
-/// `create` as a BPF function of its own (`Ip::OUTLINE`).
-#[inline(never)]
-pub fn create_outlined<F: Ip>(
-    key: &FlowKeyOf<F>,
-    new: &NewFlow<F>,
-    segment: &Segment,
-    cfg: &GlobalConfig,
-    now: u64,
-) -> Result<(), Reason> {
-    create(key, new, segment, cfg, now)
 }
 
 /// The REPLY entry of a new flow on `key`: the backend's replies are
@@ -417,7 +431,7 @@ fn insert_reply<F: Ip>(
     cfg: &GlobalConfig,
     now: u64,
 ) -> Result<(), Reason> {
-    if new.masquerade_addr_be.is_some() {
+    if new.masquerades() {
         return take_port(key, reply_key, reply, cfg, now);
     }
     if !free_or_reclaimed(table, reply_key, key, cfg, now) {

@@ -13,7 +13,7 @@ use aya_log_ebpf::debug;
 use lb_common::{
     BackendHopOf, BackendOf, FlowKeyOf, FlowOf, NodeAddr, Peer, Reason, Service, ServiceKeyOf,
     SourceRangeOf, V4, V6,
-    family::{Family, addr6, octets6},
+    family::{Family, octets6},
 };
 use lb_ebpf::csum::CsumDelta;
 
@@ -226,10 +226,15 @@ impl Ip for V6 {
 
     #[inline(always)]
     fn addrs(ip: &Ipv6) -> (Self::Addr, Self::Addr) {
-        // SAFETY: the parser checked the IPv6 header is inside the packet;
-        // the addresses are read as byte arrays (align 1).
-        let (src, dst) = unsafe { ((*ip.hdr).src_addr, (*ip.hdr).dst_addr) };
-        (addr6(src), addr6(dst))
+        // SAFETY: the parser checked the IPv6 header is inside the packet.
+        // Copied as they are (an `Addr6` holds the bytes in wire order),
+        // unaligned: converting byte by byte spills every byte to the stack.
+        unsafe {
+            (
+                core::ptr::read_unaligned(core::ptr::addr_of!((*ip.hdr).src_addr).cast()),
+                core::ptr::read_unaligned(core::ptr::addr_of!((*ip.hdr).dst_addr).cast()),
+            )
+        }
     }
     #[inline(always)]
     fn hop_limit(ip: &Ipv6) -> u8 {

@@ -34,7 +34,7 @@ const IFACE_ADDR_DEFAULT: u32 = 0;
 pub const HOP_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Where a packet goes next.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct NextHop {
     pub ifindex: u32,
     pub src_mac: [u8; 6],
@@ -119,9 +119,77 @@ fn lookup<F: Ip>(
 /// The next hop to backend `id` and the masquerade address to use there
 /// (0 if the egress interface has no address), from the per-backend cache
 /// when it is fresh, else from the FIB (and cached). Source-based policy
-/// routing is followed only at each re-check, not per client.
+/// routing is followed only at each re-check, not per client. For IPv6
+/// (`Ip::OUTLINE`) a BPF function of its own.
 #[inline(always)]
 pub fn hop_to_backend<F: Ip>(
+    ctx: &XdpContext,
+    id: u32,
+    backend: &BackendOf<F>,
+    src_addr_be: F::Addr,
+    proto: u8,
+    tot_len: u16,
+    now: u64,
+) -> Result<(NextHop, F::Addr), Reason> {
+    if !F::OUTLINE {
+        return cached_hop_to_backend::<F>(ctx, id, backend, src_addr_be, proto, tot_len, now);
+    }
+    let query = HopQuery {
+        id,
+        backend,
+        src_addr_be,
+        proto,
+        tot_len,
+        now,
+    };
+    let mut found = (NextHop::default(), F::Addr::default());
+    match hop_to_backend_outlined(ctx, &query, &mut found) {
+        HOP_FOUND => Ok(found),
+        reason => Err(Reason::from_index(reason).unwrap_or(Reason::PassFibFailed)),
+    }
+}
+
+/// `hop_to_backend`'s arguments, passed to its outlined form by reference
+/// (a BPF function takes five registers).
+struct HopQuery<'a, F: Ip> {
+    id: u32,
+    backend: &'a BackendOf<F>,
+    src_addr_be: F::Addr,
+    proto: u8,
+    tot_len: u16,
+    now: u64,
+}
+
+/// `hop_to_backend_outlined`'s answer when it wrote the hop.
+const HOP_FOUND: u32 = u32::MAX;
+
+/// The next hop into `found`, or the reason there is none.
+#[inline(never)]
+fn hop_to_backend_outlined<F: Ip>(
+    ctx: &XdpContext,
+    query: &HopQuery<F>,
+    found: &mut (NextHop, F::Addr),
+) -> u32 {
+    let q = query;
+    match cached_hop_to_backend::<F>(
+        ctx,
+        q.id,
+        q.backend,
+        q.src_addr_be,
+        q.proto,
+        q.tot_len,
+        q.now,
+    ) {
+        Ok(hop) => {
+            *found = hop;
+            HOP_FOUND
+        }
+        Err(reason) => reason as u32,
+    }
+}
+
+#[inline(always)]
+fn cached_hop_to_backend<F: Ip>(
     ctx: &XdpContext,
     id: u32,
     backend: &BackendOf<F>,

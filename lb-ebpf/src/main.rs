@@ -12,6 +12,8 @@ mod family;
 #[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
+mod flat;
+#[cfg(target_arch = "bpf")]
 mod frag;
 #[cfg(target_arch = "bpf")]
 mod icmp;
@@ -47,15 +49,17 @@ mod prog {
         FlowKeyOf, FlowOf, GlobalConfig, IPPROTO_TCP, Reason,
         flow::FLOW_DIR_REPLY,
         hash::flow_hash,
+        maps::PROGS6_IPV6,
         reason::Verdict,
         service::{CONFIG_F_READY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE},
     };
+    use network_types::eth::{EthHdr, EtherType};
 
     use crate::{
         conntrack::{self, NewFlow, Segment},
-        family::Ip,
+        family::{Ip, Verdict as Answer},
         fib, frag, icmp, lookup,
-        maps::{XLB_CONFIG, count, count_path, count_traffic},
+        maps::{XLB_CONFIG, XLB_PROGS6, count, count_path, count_traffic, forget},
         nat,
         parse::{self, IpHeader, Packet, TCP_ACK, TCP_SYN},
         select,
@@ -98,7 +102,7 @@ mod prog {
     /// A path's outcome in one register (a BPF function returns one):
     /// the XDP action in the high half, the reason in the low half.
     #[inline(always)]
-    fn pack(result: Result<(u32, Reason), Reason>) -> u64 {
+    pub(crate) fn pack(result: Result<(u32, Reason), Reason>) -> u64 {
         let (action, reason) = match result {
             Ok(done) => done,
             Err(reason) => (action_for(reason), reason),
@@ -107,7 +111,7 @@ mod prog {
     }
 
     #[inline(always)]
-    fn unpack(packed: u64) -> (u32, Reason) {
+    pub(crate) fn unpack(packed: u64) -> (u32, Reason) {
         let reason = Reason::from_index(packed as u32).unwrap_or(Reason::PassMalformed);
         ((packed >> 32) as u32, reason)
     }
@@ -115,7 +119,7 @@ mod prog {
     /// The configuration the agent wrote, by reference into its map (never
     /// copied onto the stack).
     #[inline(always)]
-    fn config() -> Result<&'static GlobalConfig, Reason> {
+    pub(crate) fn config() -> Result<&'static GlobalConfig, Reason> {
         match XLB_CONFIG.get(0) {
             Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => Ok(cfg),
             _ => Err(Reason::PassNotReady),
@@ -130,9 +134,9 @@ mod prog {
     }
 
     /// `known_flow_path`'s answer for a packet of no live flow.
-    const NO_FLOW: u64 = u64::MAX;
+    pub(crate) const NO_FLOW: u64 = u64::MAX;
     /// `open_flow_path`'s answer once the new flow is recorded.
-    const OPENED: u64 = u64::MAX - 1;
+    pub(crate) const OPENED: u64 = u64::MAX - 1;
 
     #[inline(always)]
     fn dispatch(ctx: &XdpContext) -> u64 {
@@ -144,24 +148,49 @@ mod prog {
             // ICMP errors and later fragments of flows are related packets.
             Err(Reason::PassNotTcpUdp) => return icmp_path(ctx, clock()),
             Err(Reason::PassFragment) => return frag_path(ctx, clock()),
-            Err(Reason::PassNotIpv4) => return ipv6_path(ctx),
+            Err(Reason::PassNotIpv4) => return to_ipv6(ctx),
             Err(reason) => return pack(Err(reason)),
         };
         balance(ctx, &packet)
     }
 
-    /// IPv6 TCP/UDP is balanced only once the verifier takes the IPv6
-    /// instance of the pipeline within its budget (work in progress);
-    /// until then it is parsed, counted and passed.
-    const BALANCE_IPV6: bool = false;
-
-    /// IPv6 frames, through the same pipeline; frames of neither family
-    /// leave here as `pass_not_ipv4`.
+    /// IPv6 frames go to `xlb6` (a tail call: it does not return);
+    /// frames of neither family, or IPv6 while `XLB_PROGS6` is empty, are
+    /// `pass_not_ipv4`.
     #[inline(always)]
-    fn ipv6_path(ctx: &XdpContext) -> u64 {
-        match parse::parse6(ctx) {
-            Ok(packet) if BALANCE_IPV6 => balance(ctx, &packet),
-            Ok(_) => pack(Err(Reason::PassNotService)),
+    fn to_ipv6(ctx: &XdpContext) -> u64 {
+        let ipv6 = match parse::ptr_at::<EthHdr, _>(ctx, 0) {
+            // SAFETY: ptr_at checked the header is inside the packet.
+            Ok(eth) => unsafe { (*eth).ether_type == EtherType::Ipv6 as u16 },
+            Err(_) => false,
+        };
+        if ipv6 {
+            // SAFETY: `ctx` is this program's context; on success the call
+            // does not return.
+            let _ = unsafe { XLB_PROGS6.tail_call(ctx, PROGS6_IPV6) };
+        }
+        pack(Err(Reason::PassNotIpv4))
+    }
+
+    /// IPv6's entry point (`XLB_PROGS6`), the same pipeline as IPv4's in
+    /// its IPv6 instance.
+    #[xdp]
+    pub fn xlb6(ctx: XdpContext) -> u32 {
+        let (action, reason) = unpack(dispatch6(&ctx));
+        count(reason);
+        if debug_logs() {
+            debug!(&ctx, "ipv6 verdict {} action {}", reason as u32, action);
+        }
+        action
+    }
+
+    #[inline(always)]
+    fn dispatch6(ctx: &XdpContext) -> u64 {
+        if let Err(reason) = config() {
+            return pack(Err(reason));
+        }
+        match parse::parse6(ctx, forget) {
+            Ok(packet) => balance(ctx, &packet),
             Err(reason) => pack(Err(reason)),
         }
     }
@@ -177,6 +206,9 @@ mod prog {
             return pack(Err(Reason::PassNotService));
         }
         let now = clock();
+        if F::OUTLINE {
+            return crate::flat::balance(ctx, packet, now);
+        }
         let known = known_flow_path(ctx, packet, now);
         if known != NO_FLOW {
             return known;
@@ -204,16 +236,37 @@ mod prog {
         let Some(entry) = conntrack::lookup(&key, cfg, now) else {
             return NO_FLOW;
         };
+        let Some((entry, recheck, reason)) = follow(ctx, packet, &key, entry, cfg, now) else {
+            return NO_FLOW;
+        };
+        // SAFETY: valid map value pointer for this run.
+        let flow = unsafe { &*entry };
+        pack(forward(ctx, packet, entry, flow, recheck, reason))
+    }
+
+    /// What a live flow's packet does to it: `None` if it starts a new
+    /// flow instead, else the entry to forward it by (a flow just confirmed
+    /// has moved to `XLB_FLOWS`: only this entry may be used from here on),
+    /// whether its next hop is due for a re-check, and the reason.
+    #[inline(always)]
+    pub(crate) fn follow<F: Ip>(
+        ctx: &XdpContext,
+        packet: &Packet<F>,
+        key: &FlowKeyOf<F>,
+        entry: *mut FlowOf<F>,
+        cfg: &GlobalConfig,
+        now: u64,
+    ) -> Option<(*mut FlowOf<F>, bool, Reason)> {
         // SAFETY: valid map value pointer for this run.
         let flow = unsafe { &*entry };
         let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let reply = flow.direction == FLOW_DIR_REPLY;
         let restart = syn && conntrack::is_closed(flow);
         if !reply && (restart || !select::backend_still_serves(flow)) {
-            return NO_FLOW;
+            return None;
         }
         let segment = Segment::of(ctx, packet);
-        let tracked = conntrack::track(entry, &key, &segment, cfg, now);
+        let tracked = conntrack::track(entry, key, &segment, cfg, now);
         let reason = if tracked.rst_ignored {
             Reason::FwdRstOutsideWindow
         } else if reply {
@@ -221,26 +274,18 @@ mod prog {
         } else {
             Reason::FwdEstablished
         };
-        // A flow just confirmed has moved to XLB_FLOWS: only the entry
-        // track() returns may be used from here on.
-        let entry = tracked.entry;
-        if F::OUTLINE {
-            return forward_outlined(ctx, packet, entry, pack_forward(tracked.recheck, reason));
-        }
-        // SAFETY: valid map value pointer for this run.
-        let flow = unsafe { &*entry };
-        pack(forward(ctx, packet, entry, flow, tracked.recheck, reason))
+        Some((tracked.entry, tracked.recheck, reason))
     }
 
     /// `forward`'s `recheck` and `reason` in one register.
     #[inline(always)]
-    fn pack_forward(recheck: bool, reason: Reason) -> u64 {
+    pub(crate) fn pack_forward(recheck: bool, reason: Reason) -> u64 {
         (u64::from(recheck) << 32) | reason as u64
     }
 
     /// `forward` as a BPF function of its own (`Ip::OUTLINE`).
     #[inline(never)]
-    fn forward_outlined<F: Ip>(
+    pub(crate) fn forward_outlined<F: Ip>(
         ctx: &XdpContext,
         packet: &Packet<F>,
         entry: *mut FlowOf<F>,
@@ -289,10 +334,6 @@ mod prog {
         let Some(entry) = conntrack::created(&key) else {
             return pack(Err(Reason::DropFlowInsert));
         };
-        if F::OUTLINE {
-            let no_recheck = pack_forward(false, Reason::FwdNewFlow);
-            return forward_outlined(ctx, packet, entry, no_recheck);
-        }
         // SAFETY: valid map value pointer for this run.
         let flow = unsafe { &*entry };
         pack(forward(ctx, packet, entry, flow, false, Reason::FwdNewFlow))
@@ -308,7 +349,27 @@ mod prog {
         cfg: &GlobalConfig,
         syn: bool,
         now: u64,
-    ) -> Result<(), Result<(u32, Reason), Reason>> {
+    ) -> Result<(), Answer> {
+        let new = select_new_flow(ctx, packet, key, cfg, syn, now)?;
+        let segment = Segment::of(ctx, packet);
+        conntrack::create(key, &new, &segment, cfg, now).map_err(Err)?;
+        if debug_logs() {
+            F::log_new_flow(ctx, key, new.backend_id, &new.backend);
+        }
+        Ok(())
+    }
+
+    /// Service, backend, masquerade address and next hop of a new flow;
+    /// `Err` carries the packet's verdict.
+    #[inline(always)]
+    pub(crate) fn select_new_flow<F: Ip>(
+        ctx: &XdpContext,
+        packet: &Packet<F>,
+        key: &FlowKeyOf<F>,
+        cfg: &GlobalConfig,
+        syn: bool,
+        now: u64,
+    ) -> Result<NewFlow<F>, Answer> {
         let service = lookup::service_for::<F>(key.dst_addr_be, key.dst_port_be, key.proto)
             .ok_or(Err(Reason::PassNotService))?;
         if !lookup::source_allowed::<F>(&service, key.src_addr_be) {
@@ -338,31 +399,21 @@ mod prog {
         )
         .map_err(Err)?;
         let masquerade_addr_be = if service.flags & SERVICE_F_MASQUERADE == 0 {
-            None
+            F::Addr::default()
         } else if masquerade_addr != F::Addr::default() {
-            Some(masquerade_addr)
+            masquerade_addr
         } else {
             // No address on the way to the backend: nothing to masquerade as.
             return Err(Err(Reason::PassFibFailed));
         };
-        let new = NewFlow {
+        Ok(NewFlow {
             service_id: service.id,
             backend_id,
             backend,
             masquerade_addr_be,
             syn,
             hop,
-        };
-        let segment = Segment::of(ctx, packet);
-        if F::OUTLINE {
-            conntrack::create_outlined(key, &new, &segment, cfg, now).map_err(Err)?;
-        } else {
-            conntrack::create(key, &new, &segment, cfg, now).map_err(Err)?;
-        }
-        if debug_logs() {
-            F::log_new_flow(ctx, key, backend_id, &new.backend);
-        }
-        Ok(())
+        })
     }
 
     /// Sends a packet of a known flow on, rewritten as the flow says, to the

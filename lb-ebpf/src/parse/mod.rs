@@ -121,14 +121,15 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, Reason> {
 
 /// Parses Ethernet, IPv6 (extension headers walked) and the TCP/UDP header
 /// of a frame; anything but an untagged IPv6 frame is `pass_not_ipv4`.
+/// `forget`: see `parse_ipv6`.
 #[inline(always)]
-pub fn parse6<C: Frame>(ctx: &C) -> Result<Packet<V6>, Reason> {
+pub fn parse6<C: Frame>(ctx: &C, forget: fn(u64) -> u64) -> Result<Packet<V6>, Reason> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: ptr_at checked that the whole header is inside the packet.
     if unsafe { (*eth).ether_type } != EtherType::Ipv6 as u16 {
         return Err(Reason::PassNotIpv4);
     }
-    let ip = parse_ipv6(ctx, EthHdr::LEN)?;
+    let ip = parse_ipv6(ctx, EthHdr::LEN, forget)?;
     let l4 = parse_l4(ctx, &ip)?;
     Ok(Packet { eth, ip, l4 })
 }

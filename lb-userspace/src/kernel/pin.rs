@@ -276,6 +276,7 @@ pub fn map_type(kind: MapKind) -> MapType {
     match kind {
         MapKind::Hash => MapType::Hash,
         MapKind::Array => MapType::Array,
+        MapKind::ProgArray => MapType::ProgramArray,
         MapKind::PerCpuArray => MapType::PerCpuArray,
         MapKind::LruHash => MapType::LruHash,
         MapKind::LpmTrie => MapType::LpmTrie,
@@ -403,6 +404,7 @@ mod tests {
             names::REDIRECT_OK,
             names::BACKEND_HOPS6,
             names::PEERS6,
+            names::PROGS6,
         ];
         assert!(specs.iter().all(|spec| !unpinned.contains(&spec.name)));
         let select = specs.iter().find(|spec| spec.name == names::SELECT);

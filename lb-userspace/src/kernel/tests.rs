@@ -592,7 +592,7 @@ fn the_object_is_what_lb_common_declares() {
             panic!("the object's program {name} is not declared in lb_common::maps");
         };
         let kind_fits = match declared.hook {
-            Hook::Xdp => matches!(program, Program::Xdp(_)),
+            Hook::Xdp | Hook::XdpTail => matches!(program, Program::Xdp(_)),
             Hook::TcIngress => matches!(program, Program::SchedClassifier(_)),
             Hook::CgroupSockAddr(_) => matches!(program, Program::CgroupSockAddr(_)),
         };

@@ -3,7 +3,9 @@
 //! Needs root (loads BPF, creates a network namespace).
 
 mod sweep;
+mod sweep6;
 mod table;
+mod table6;
 
 use lb_common::Reason;
 use table::{Case, Expect};
@@ -83,7 +85,7 @@ fn fixture_table_with_port_filter() {
 fn run_table(filter: bool) {
     with_datapath(xlb::DATAPATH_OBJECT, |dp| {
         let mut failures = Vec::new();
-        for row in table::rows() {
+        for row in table::rows().into_iter().chain(table6::rows()) {
             reset(dp);
             if filter {
                 assert!(
@@ -108,7 +110,10 @@ fn run_table(filter: bool) {
 fn truncated_frames_pass_untouched() {
     with_datapath(xlb::DATAPATH_OBJECT, |dp| {
         let mut failures = Vec::new();
-        for (name, frame) in table::truncations() {
+        for (name, frame) in table::truncations()
+            .into_iter()
+            .chain(table6::truncations())
+        {
             reset(dp);
             let case = Case {
                 input: frame,
@@ -489,18 +494,20 @@ fn an_unassured_udp_flow_yields_its_masquerade_port() {
     });
 }
 
-/// Prints the size of the loaded `xlb` program as the verifier left it
-/// (xlated) and as JITed, for comparing builds (the IPv4 path must not grow
-/// with IPv6 support).
+/// Prints the size of the loaded `xlb` program (IPv4, and the hand-off of
+/// IPv6 frames) and of `xlb6` as the verifier left them (xlated) and as
+/// JITed, for comparing builds.
 #[test]
 fn program_size() {
     with_datapath(xlb::DATAPATH_OBJECT, |dp| {
-        let info = dp.program().info().expect("program info");
-        let xlated = info.size_translated().unwrap_or(0) / 8;
-        println!(
-            "xlb: {xlated} xlated instructions, {} bytes JITed",
-            info.size_jitted()
-        );
-        assert!(xlated > 0);
+        for name in [lb_common::maps::PROGRAM, lb_common::maps::PROGRAM6] {
+            let info = dp.program_named(name).info().expect("program info");
+            let xlated = info.size_translated().unwrap_or(0) / 8;
+            println!(
+                "{name}: {xlated} xlated instructions, {} bytes JITed",
+                info.size_jitted()
+            );
+            assert!(xlated > 0);
+        }
     });
 }
