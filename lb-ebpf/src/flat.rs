@@ -55,6 +55,9 @@ pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
     if created != OPENED {
         return created;
     }
+    if debug_logs() {
+        log_stage(ctx, key);
+    }
     match conntrack::created(key) {
         Some(entry) => {
             let no_recheck = pack_forward(false, Reason::FwdNewFlow);
@@ -134,8 +137,17 @@ fn create_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>,
     if let Err(reason) = conntrack::create(key, new, &segment, cfg, now) {
         return pack(Err(reason));
     }
-    if debug_logs() {
+    OPENED
+}
+
+/// `--datapath-debug`'s line about the new flow in the scratch space: a
+/// stage of its own, as the log's record does not fit beside the others.
+#[inline(never)]
+fn log_stage<F: Ip>(ctx: &XdpContext, key: &FlowKeyOf<F>) {
+    if let Some(slot) = scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW) {
+        // SAFETY: this CPU's scratch slot, written by `select_stage` in
+        // this run.
+        let new = unsafe { &*slot };
         F::log_new_flow(ctx, key, new.backend_id, &new.backend);
     }
-    OPENED
 }
