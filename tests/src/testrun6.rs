@@ -117,6 +117,21 @@ impl Datapath {
             .expect("an XDP program")
     }
 
+    /// The kernel's `memlock` of map `name` (its memory, bytes), from the
+    /// map fd's fdinfo.
+    pub fn map_memlock(&mut self, name: &str) -> Option<u64> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = match self.map_mut(name) {
+            aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data) => {
+                data.fd().as_fd().as_raw_fd()
+            }
+            _ => return None,
+        };
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        let line = info.lines().find(|line| line.starts_with("memlock:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
     pub fn flows6(&mut self) -> HashMap<&mut MapData, FlowKey6, Flow6> {
         HashMap::try_from(self.map_mut(names::FLOWS6)).expect("flows6 map")
     }
@@ -133,8 +148,17 @@ impl Datapath {
             .or_else(|| self.new_flows6().get(key, 0).ok())
     }
 
+    /// Whether the object has the IPv6 maps (an older build, as the bench's
+    /// `--object` may load, has not).
+    pub fn has_ipv6(&self) -> bool {
+        self.bpf().map(names::FLOWS6).is_some()
+    }
+
     /// Deletes every IPv6 conntrack entry.
     pub fn clear_flows6(&mut self) {
+        if !self.has_ipv6() {
+            return;
+        }
         for name in [names::FLOWS6, names::FLOWS_NEW6] {
             let mut flows: HashMap<_, FlowKey6, Flow6> =
                 HashMap::try_from(self.map_mut(name)).expect("flows6 map");
@@ -150,6 +174,9 @@ impl Datapath {
     /// 1,2:4444 without masquerade. NodePorts answer on `NODE6`;
     /// masquerade addresses are each veth's own.
     pub fn write_base_state6(&mut self) {
+        if !self.has_ipv6() {
+            return;
+        }
         let mut backends: Array<_, Backend6> =
             Array::try_from(self.map_mut(names::BACKENDS6)).expect("backends6 map");
         for (id, addr) in [(BACKEND6_1_ID, BACKEND6_1), (BACKEND6_2_ID, BACKEND6_2)] {

@@ -509,5 +509,19 @@ fn program_size() {
             );
             assert!(xlated > 0);
         }
+        for name in [
+            lb_common::maps::FLOWS,
+            lb_common::maps::FLOWS6,
+            lb_common::maps::FLOWS_NEW,
+            lb_common::maps::FLOWS_NEW6,
+        ] {
+            let decl = lb_common::maps::MAPS.iter().find(|map| map.name == name);
+            let entries = decl.map_or(0, |map| u64::from(map.max_entries));
+            let memlock = dp.map_memlock(name).unwrap_or(0);
+            println!(
+                "{name}: {entries} entries, {memlock} bytes, {} bytes an entry",
+                memlock / entries.max(1)
+            );
+        }
     });
 }
