@@ -6,17 +6,13 @@
 //! datagram; until then it ages out fast and yields its masquerade port
 //! once idle (`FLOW_S_ASSURED`).
 
-use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    maps::LruHashMap,
-};
+use aya_ebpf::{bindings::BPF_ANY, maps::LruHashMap};
 use lb_common::{
     BackendOf, FlowKeyOf, FlowOf, GlobalConfig, IPPROTO_TCP, Reason,
     flow::{
         FLOW_DIR_ORIGINAL, FLOW_DIR_REPLY, FLOW_S_ASSURED, FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL,
         FLOW_S_FIN_REPLY, FLOW_S_RST, FLOW_S_SEEN_REPLY, FLOW_S_SYN, REFRESH_NS,
     },
-    hash::flow_hash,
 };
 
 use crate::{
@@ -24,19 +20,11 @@ use crate::{
     fib::NextHop,
     maps::{SCRATCH_PEER_KEY, scratch},
     parse::{Frame, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, tcp_numbers},
+    snat,
 };
 
 /// A conntrack table of family `F`.
 type Table<F> = LruHashMap<FlowKeyOf<F>, FlowOf<F>>;
-
-/// Masquerade ports tried per new flow before giving up: with the range
-/// half full, 16 tries fail once in 65,536 new flows.
-const SNAT_PORT_TRIES: u32 = 16;
-/// IPv6 (`Ip::OUTLINE`): each try is a BPF function the verifier walks
-/// again; 8 tries fail once in 256 new flows with the range half full.
-const SNAT_PORT_TRIES_OUTLINED: u32 = 8;
-/// `-EEXIST` from a map update with BPF_NOEXIST: the key is taken.
-const EEXIST: i32 = -17;
 
 /// What conntrack needs from a packet's TCP header (all 0 for UDP).
 #[derive(Clone, Copy)]
@@ -432,7 +420,7 @@ fn insert_reply<F: Ip>(
     now: u64,
 ) -> Result<(), Reason> {
     if new.masquerades() {
-        return take_port(key, reply_key, reply, cfg, now);
+        return snat::take_port(key, reply_key, reply, cfg, now);
     }
     if !free_or_reclaimed(table, reply_key, key, cfg, now) {
         return Err(Reason::DropFlowInsert);
@@ -477,113 +465,6 @@ pub fn created<F: Ip>(key: &FlowKeyOf<F>) -> Option<*mut FlowOf<F>> {
     }
 }
 
-/// Takes a masquerade source port for `original`: inserts `reply` under the
-/// tuple the backend's replies will carry with BPF_NOEXIST, so two CPUs can
-/// never give two clients the same reply tuple; on EEXIST, another port.
-#[inline(always)]
-fn take_port<F: Ip>(
-    key: &FlowKeyOf<F>,
-    reply_key: &mut FlowKeyOf<F>,
-    reply: &FlowOf<F>,
-    cfg: &GlobalConfig,
-    now: u64,
-) -> Result<(), Reason> {
-    let (min, max) = (u32::from(cfg.snat_port_min), u32::from(cfg.snat_port_max));
-    let span = if max >= min { max - min + 1 } else { 1 };
-    let start = flow_hash(key, cfg.hash_key().derived(0x9e37_79b9));
-    let tries = if F::OUTLINE {
-        SNAT_PORT_TRIES_OUTLINED
-    } else {
-        SNAT_PORT_TRIES
-    };
-    for attempt in 0..tries {
-        // Each try lands on a pseudo-random port of its own: with one fixed
-        // stride for every flow, taken ports line up in runs (linear
-        // probing's clustering) and a flood exhausts far more often than
-        // the range's fill says (0.3% of a SYN flood's flows, measured).
-        let mixed = (start ^ attempt.wrapping_mul(0x9e37_79b9)).wrapping_mul(0x85eb_ca6b);
-        let offset = (mixed ^ (mixed >> 15)) % span;
-        let port_be = ((min + offset) as u16).to_be();
-        reply_key.dst_port_be = port_be;
-        let tried = if F::OUTLINE {
-            unpack_try(try_port_outlined(key, reply_key, reply, cfg, now))
-        } else {
-            try_port(key, reply_key, reply, cfg, now)
-        };
-        match tried {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(reason) => return Err(reason),
-        }
-    }
-    Err(Reason::DropSnatExhausted)
-}
-
-/// One try of `take_port` at the port in `reply_key`: `Ok(true)` once the
-/// reply entry is in under it, `Ok(false)` when the port is taken.
-#[inline(always)]
-fn try_port<F: Ip>(
-    key: &FlowKeyOf<F>,
-    reply_key: &FlowKeyOf<F>,
-    reply: &FlowOf<F>,
-    cfg: &GlobalConfig,
-    now: u64,
-) -> Result<bool, Reason> {
-    let (flows, flows_new) = (F::flows(), F::flows_new());
-    if !free_or_reclaimed(flows, reply_key, key, cfg, now) {
-        return Ok(false);
-    }
-    if key.proto == IPPROTO_TCP {
-        if !free_or_reclaimed(flows_new, reply_key, key, cfg, now) {
-            return Ok(false);
-        }
-        match flows_new.insert(reply_key, reply, u64::from(BPF_NOEXIST)) {
-            Ok(()) => {}
-            Err(EEXIST) => return Ok(false),
-            Err(_) => return Err(Reason::DropFlowInsert),
-        }
-        // A flow confirmed meanwhile on another CPU may have moved this
-        // tuple to XLB_FLOWS between the check and the insert.
-        if flows.get_ptr(reply_key).is_some() {
-            let _ = flows_new.remove(reply_key);
-            return Ok(false);
-        }
-        return Ok(true);
-    }
-    match flows.insert(reply_key, reply, u64::from(BPF_NOEXIST)) {
-        Ok(()) => Ok(true),
-        Err(EEXIST) => Ok(false),
-        Err(_) => Err(Reason::DropFlowInsert),
-    }
-}
-
-/// `try_port` as a BPF function of its own (`Ip::OUTLINE`), verified once
-/// per try rather than with every path of the tries before it: 0 taken,
-/// 1 free, else 2 and the reason.
-#[inline(never)]
-fn try_port_outlined<F: Ip>(
-    key: &FlowKeyOf<F>,
-    reply_key: &FlowKeyOf<F>,
-    reply: &FlowOf<F>,
-    cfg: &GlobalConfig,
-    now: u64,
-) -> u64 {
-    match try_port(key, reply_key, reply, cfg, now) {
-        Ok(false) => 0,
-        Ok(true) => 1,
-        Err(reason) => 2 | (reason as u64) << 8,
-    }
-}
-
-#[inline(always)]
-fn unpack_try(packed: u64) -> Result<bool, Reason> {
-    match packed {
-        0 => Ok(false),
-        1 => Ok(true),
-        _ => Err(Reason::from_index((packed >> 8) as u32).unwrap_or(Reason::DropFlowInsert)),
-    }
-}
-
 /// Whether the reply tuple `reply_key` can be taken for the client `key`:
 /// nobody has it, or its holder is this very client tuple, past its timeout,
 /// or (idle for a refresh period at least) half a flow whose other half was
@@ -591,7 +472,7 @@ fn unpack_try(packed: u64) -> Result<bool, Reason> {
 // Not inlined: a subprogram of its own keeps the port loop within the
 // 512-byte stack.
 #[inline(never)]
-fn free_or_reclaimed<F: Ip>(
+pub(crate) fn free_or_reclaimed<F: Ip>(
     table: &Table<F>,
     reply_key: &FlowKeyOf<F>,
     key: &FlowKeyOf<F>,

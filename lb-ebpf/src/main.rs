@@ -34,6 +34,8 @@ mod related;
 #[cfg(target_arch = "bpf")]
 mod select;
 #[cfg(target_arch = "bpf")]
+mod snat;
+#[cfg(target_arch = "bpf")]
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod tc;
