@@ -451,6 +451,7 @@ impl Datapath {
         for key in keys {
             peers.remove(&key).expect("peer");
         }
+        self.clear_peers6();
     }
 
     /// Deletes every conntrack, affinity, fragment and ICMP rate-limit

@@ -12,7 +12,7 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    Addr6, Backend6, Flow6, FlowKey6, NodeAddr, Service, ServiceKey6,
+    Addr6, Backend6, Flow6, FlowKey6, NodeAddr, Peer, Service, ServiceKey6,
     family::addr6,
     maps as names,
     service::{BACKEND_F_ACTIVE, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE},
@@ -146,6 +146,26 @@ impl Datapath {
             .get(key, 0)
             .ok()
             .or_else(|| self.new_flows6().get(key, 0).ok())
+    }
+
+    /// Makes `addr` a local pod behind the veth `peer.ifindex`
+    /// (`XLB_PEERS6`); `clear_peers` forgets every one.
+    pub fn set_peer6(&mut self, addr: Ipv6Addr, peer: Peer) {
+        let mut peers: HashMap<_, Addr6, Peer> =
+            HashMap::try_from(self.map_mut(names::PEERS6)).expect("peers6 map");
+        peers.insert(be6(addr), peer, 0).expect("peer6");
+    }
+
+    pub(crate) fn clear_peers6(&mut self) {
+        if !self.has_ipv6() {
+            return;
+        }
+        let mut peers: HashMap<_, Addr6, Peer> =
+            HashMap::try_from(self.map_mut(names::PEERS6)).expect("peers6 map");
+        let keys: Vec<Addr6> = peers.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = peers.remove(&key);
+        }
     }
 
     /// Whether the object has the IPv6 maps (an older build, as the bench's

@@ -4,7 +4,11 @@
 //! headers, NDP. Expected frames are built from scratch with etherparse
 //! (`packets6`), never with datapath code.
 
-use lb_common::{FlowKey6, Reason, flow::FLOW_S_CONFIRMED};
+use lb_common::{
+    FlowKey6, Peer, Reason,
+    flow::FLOW_S_CONFIRMED,
+    path::{HANDOFF_NEIGH, HANDOFF_PEER, Handoff},
+};
 use std::net::Ipv6Addr;
 
 use xlb_tests::{
@@ -119,6 +123,21 @@ fn reply_case(dp: &mut Datapath, client: &Spec6, at_backend: &Spec6, l4: L4) -> 
     }
 }
 
+/// What a new flow to a backend reached through tc leaves as: rewritten
+/// like `to_backend6`, MACs as they came, the hand-off over its first 8
+/// bytes (tc writes real MACs).
+fn handed_over6(dp: &mut Datapath, spec: &Spec6, hand_off: Handoff) -> Vec<u8> {
+    let mut out = to_backend6(dp, spec, true);
+    out[..12].copy_from_slice(&spec.build()[..12]);
+    out[..3].copy_from_slice(&hand_off.mark);
+    out[3] = hand_off.kind;
+    out[4..8].copy_from_slice(&hand_off.ifindex.to_ne_bytes());
+    out
+}
+
+/// A local pod's veth in the `XLB_PEERS6` row (any index: tc is not run).
+const PEER_VETH: u32 = 4243;
+
 fn with_exts(mut spec: Spec6, exts: Vec<Ext>) -> Spec6 {
     spec.exts = exts;
     spec
@@ -213,6 +232,45 @@ fn flow_rows() -> Vec<Row> {
                 Case {
                     after: confirmed(key),
                     ..forward_case(dp, ack, true)
+                }
+            },
+        },
+        Row {
+            name: "IPv6 new flow to a backend behind an interface XDP does not run on: \
+                   handed to tc (neigh)",
+            verdict: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                dp.forbid_redirect(dp.backend_ifindex);
+                let spec = udp6(41_020);
+                let hand_off = Handoff::new(HANDOFF_NEIGH, dp.backend_ifindex);
+                Case {
+                    expect: Expect::Frame(Box::new(move |dp| handed_over6(dp, &spec, hand_off))),
+                    ..forward_case(dp, udp6(41_020), true)
+                }
+            },
+        },
+        Row {
+            name: "IPv6 new flow to a local pod (XLB_PEERS6, FIB agrees): handed to tc \
+                   for bpf_redirect_peer",
+            verdict: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                dp.forbid_redirect(dp.backend_ifindex);
+                for backend in [BACKEND6_1, BACKEND6_2] {
+                    let peer = Peer {
+                        ifindex: PEER_VETH,
+                        route_ifindex: dp.backend_ifindex,
+                        dst_mac: [0x0a, 0x58, 0, 0, 0, 0x42],
+                        src_mac: [0x0a, 0x58, 0, 0, 0, 0x01],
+                    };
+                    dp.set_peer6(backend, peer);
+                }
+                let spec = tcp6(41_021, SYN);
+                let hand_off = Handoff::new(HANDOFF_PEER, PEER_VETH);
+                Case {
+                    expect: Expect::Frame(Box::new(move |dp| handed_over6(dp, &spec, hand_off))),
+                    ..forward_case(dp, tcp6(41_021, SYN), true)
                 }
             },
         },
