@@ -147,6 +147,38 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_hash_depends_on_every_address_word() {
+        let key = crate::FlowKey6 {
+            src_addr_be: [1, 2, 3, 4],
+            dst_addr_be: [5, 6, 7, 8],
+            src_port_be: 1234,
+            dst_port_be: 30999,
+            proto: crate::IPPROTO_UDP,
+            _pad: [0; 3],
+        };
+        let secret = HashKey::new(1, 9);
+        let base = flow_hash(&key, secret);
+        for word in 0..4 {
+            let mut src = key;
+            src.src_addr_be[word] ^= 1;
+            assert_ne!(base, flow_hash(&src, secret), "source word {word}");
+            let mut dst = key;
+            dst.dst_addr_be[word] ^= 1;
+            assert_ne!(base, flow_hash(&dst, secret), "destination word {word}");
+        }
+        // An IPv4 tuple and an IPv6 one with the same words hash apart.
+        let v4 = FlowKey {
+            src_addr_be: 1,
+            dst_addr_be: 5,
+            src_port_be: 1234,
+            dst_port_be: 30999,
+            proto: crate::IPPROTO_UDP,
+            _pad: [0; 3],
+        };
+        assert_ne!(flow_hash(&v4, secret), base);
+    }
+
+    #[test]
     fn source_ports_spread_evenly() {
         let mut buckets = [0u32; 4];
         for port in 0..40_000u16 {
