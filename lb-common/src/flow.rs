@@ -8,27 +8,35 @@
 //! SYNs never get that far) can only evict other unconfirmed flows, never an
 //! established one. UDP flows go straight to `XLB_FLOWS`.
 
-use crate::assert_size;
+use crate::{
+    assert_size,
+    family::{Family, V4, V6},
+};
 
-/// A 5-tuple exactly as it appears in a packet.
+/// A 5-tuple exactly as it appears in a packet, of either family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src_addr_be: u32,
-    pub dst_addr_be: u32,
+pub struct FlowKeyOf<F: Family> {
+    pub src_addr_be: F::Addr,
+    pub dst_addr_be: F::Addr,
     pub src_port_be: u16,
     pub dst_port_be: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
+/// `XLB_FLOWS`' key.
+pub type FlowKey = FlowKeyOf<V4>;
+/// `XLB_FLOWS6`' key.
+pub type FlowKey6 = FlowKeyOf<V6>;
 assert_size!(FlowKey, 16);
+assert_size!(FlowKey6, 40);
 
-impl FlowKey {
+impl<F: Family> FlowKeyOf<F> {
     /// The key of the opposite direction's entry, given this entry's rewrite.
     /// Packets matching `self` leave as `flow.new_*`; the peer sees them
     /// reversed.
     #[inline(always)]
-    pub const fn peer_of(flow: &Flow, proto: u8) -> Self {
+    pub const fn peer_of(flow: &FlowOf<F>, proto: u8) -> Self {
         Self {
             src_addr_be: flow.new_dst_addr_be,
             dst_addr_be: flow.new_src_addr_be,
@@ -75,9 +83,9 @@ pub const REFRESH_NS: u64 = 1_000_000_000;
 /// One conntrack entry: what to rewrite packets matching its key to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Flow {
-    pub new_src_addr_be: u32,
-    pub new_dst_addr_be: u32,
+pub struct FlowOf<F: Family> {
+    pub new_src_addr_be: F::Addr,
+    pub new_dst_addr_be: F::Addr,
     pub new_src_port_be: u16,
     pub new_dst_port_be: u16,
     /// Backend the flow was sent to (id in `XLB_BACKENDS`).
@@ -109,9 +117,14 @@ pub struct Flow {
     /// between the receiver's `ack` and the sender's `seq_end`.
     pub ack: u32,
 }
+/// `XLB_FLOWS`' value.
+pub type Flow = FlowOf<V4>;
+/// `XLB_FLOWS6`' value.
+pub type Flow6 = FlowOf<V6>;
 assert_size!(Flow, 64);
+assert_size!(Flow6, 88);
 
-impl Flow {
+impl<F: Family> FlowOf<F> {
     /// Idle timeout of this entry, in seconds, under `cfg`.
     #[inline(always)]
     pub const fn timeout_s(&self, proto: u8, cfg: &crate::GlobalConfig) -> u32 {
@@ -183,7 +196,7 @@ impl Flow {
     /// Whether `other` is this entry's peer: the entry the opposite
     /// direction's packets find, pointing back at `key` (this entry's key).
     #[inline(always)]
-    pub const fn is_peer(other: &Flow, key: &FlowKey) -> bool {
+    pub fn is_peer(other: &FlowOf<F>, key: &FlowKeyOf<F>) -> bool {
         other.new_src_addr_be == key.dst_addr_be
             && other.new_dst_addr_be == key.src_addr_be
             && other.new_src_port_be == key.dst_port_be
@@ -219,9 +232,9 @@ mod pod {
     // SAFETY: #[repr(C)], Copy, integers only, no implicit padding (asserted).
     unsafe impl aya::Pod for super::Traffic {}
     // SAFETY: #[repr(C)], Copy, integers only, no implicit padding (asserted).
-    unsafe impl aya::Pod for super::FlowKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl<F: crate::Family> aya::Pod for super::FlowKeyOf<F> {}
+    // SAFETY: as above, for both families (sizes asserted for each).
+    unsafe impl<F: crate::Family> aya::Pod for super::FlowOf<F> {}
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! secret choose the same backend for a tuple, and nobody without it can
 //! pick tuples that all land on one backend or one masquerade port.
 
-use crate::FlowKey;
+use crate::{FlowKeyOf, family::Family};
 
 /// The flow hash's secret (`GlobalConfig::hash_seed`, `hash_seed_hi`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -61,16 +61,20 @@ impl State {
 }
 
 /// HalfSipHash-1-3 of a flow's 5-tuple (fields as stored, i.e. network
-/// byte order) under `key`.
+/// byte order) under `key`: each address word, the ports, the protocol.
 #[inline(always)]
-pub const fn flow_hash(flow: &FlowKey, key: HashKey) -> u32 {
+pub fn flow_hash<F: Family>(flow: &FlowKeyOf<F>, key: HashKey) -> u32 {
     let mut state = State([key.lo, key.hi, 0x6c79_6765 ^ key.lo, 0x7465_6462 ^ key.hi]);
-    state = state.absorb(flow.src_addr_be);
-    state = state.absorb(flow.dst_addr_be);
+    for word in 0..F::WORDS {
+        state = state.absorb(F::word(&flow.src_addr_be, word));
+    }
+    for word in 0..F::WORDS {
+        state = state.absorb(F::word(&flow.dst_addr_be, word));
+    }
     state = state.absorb((flow.src_port_be as u32) << 16 | flow.dst_port_be as u32);
     state = state.absorb(flow.proto as u32);
-    // Four words: 16 bytes.
-    let length = 16u32 << 24;
+    // 2 * WORDS + 2 words: 16 bytes for IPv4, 40 for IPv6.
+    let length = (((2 * F::WORDS + 2) * 4) as u32) << 24;
     state.0[3] ^= length;
     state = state.round();
     state.0[0] ^= length;
@@ -82,6 +86,7 @@ pub const fn flow_hash(flow: &FlowKey, key: HashKey) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::FlowKey;
 
     #[test]
     fn hash_depends_on_every_field_and_seed() {
@@ -139,6 +144,38 @@ mod tests {
         );
         assert_ne!(base, flow_hash(&FlowKey { proto: 17, ..key }, k1));
         assert_eq!(base, flow_hash(&key, k1), "deterministic");
+    }
+
+    #[test]
+    fn ipv6_hash_depends_on_every_address_word() {
+        let key = crate::FlowKey6 {
+            src_addr_be: [1, 2, 3, 4],
+            dst_addr_be: [5, 6, 7, 8],
+            src_port_be: 1234,
+            dst_port_be: 30999,
+            proto: crate::IPPROTO_UDP,
+            _pad: [0; 3],
+        };
+        let secret = HashKey::new(1, 9);
+        let base = flow_hash(&key, secret);
+        for word in 0..4 {
+            let mut src = key;
+            src.src_addr_be[word] ^= 1;
+            assert_ne!(base, flow_hash(&src, secret), "source word {word}");
+            let mut dst = key;
+            dst.dst_addr_be[word] ^= 1;
+            assert_ne!(base, flow_hash(&dst, secret), "destination word {word}");
+        }
+        // An IPv4 tuple and an IPv6 one with the same words hash apart.
+        let v4 = FlowKey {
+            src_addr_be: 1,
+            dst_addr_be: 5,
+            src_port_be: 1234,
+            dst_port_be: 30999,
+            proto: crate::IPPROTO_UDP,
+            _pad: [0; 3],
+        };
+        assert_ne!(flow_hash(&v4, secret), base);
     }
 
     #[test]

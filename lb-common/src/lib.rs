@@ -7,6 +7,7 @@
 //! it without swapping. Everything else is host order.
 #![no_std]
 
+pub mod family;
 pub mod flow;
 pub mod frag;
 pub mod hash;
@@ -16,13 +17,15 @@ pub mod reason;
 pub mod service;
 pub mod sock;
 
-pub use flow::{Flow, FlowKey, Traffic};
+pub use family::{Addr6, Family, V4, V6};
+pub use flow::{Flow, Flow6, FlowKey, FlowKey6, FlowKeyOf, FlowOf, Traffic};
 pub use frag::{FragKey, FragPorts, IcmpLimit};
 pub use path::{Handoff, Paths, Peer};
 pub use reason::Reason;
 pub use service::{
-    Affinity, AffinityKey, Backend, BackendHop, GlobalConfig, NodeAddr, Service, ServiceKey,
-    SourceRange,
+    Affinity, AffinityKey, Backend, Backend6, BackendHop, BackendHop6, BackendHopOf, BackendOf,
+    GlobalConfig, NodeAddr, Service, ServiceKey, ServiceKey6, ServiceKeyOf, SourceRange,
+    SourceRange6, SourceRangeOf,
 };
 pub use sock::{SockRevNat, SockRevNatKey};
 
@@ -30,6 +33,7 @@ pub use sock::{SockRevNat, SockRevNatKey};
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Compile-time size check for a shared type: the datapath and the agent must
 /// agree on every byte, and hidden padding is a bug on one of the two sides.

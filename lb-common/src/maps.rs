@@ -15,9 +15,9 @@ use core::mem::size_of;
 
 use crate::reason::REASON_COUNT;
 use crate::{
-    Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
-    IcmpLimit, NodeAddr, Paths, Peer, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
-    Traffic,
+    Addr6, Affinity, AffinityKey, Backend, Backend6, BackendHop, BackendHop6, Flow, Flow6, FlowKey,
+    FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit, NodeAddr, Paths, Peer, Service,
+    ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey, SourceRange, SourceRange6, Traffic,
 };
 
 /// How the kernel stores a map: `enum bpf_map_type`'s value.
@@ -26,6 +26,8 @@ use crate::{
 pub enum MapKind {
     Hash = 1,
     Array = 2,
+    /// Programs, for tail calls.
+    ProgArray = 3,
     PerCpuArray = 6,
     LruHash = 9,
     LpmTrie = 11,
@@ -236,13 +238,63 @@ declare_maps! {
     /// shared with `xlb explain`, so its simulation filters as the datapath
     /// does.
     PORTS = "XLB_PORTS": Array<u32, u64>, PORTS_WORDS, Fixed, Config, Shared;
+
+    // IPv6: the address-keyed maps again, one shape for both families
+    // (`lb_common::family`). Backend ids, `XLB_SELECT`, the counters and
+    // `XLB_PORTS` are shared: an IPv6 service's table holds ids of
+    // `XLB_BACKENDS6`. Kernel names keep 15 characters, hence the short
+    // ones.
+
+    /// `HashMap<ServiceKey6, Service>`: IPv6 frontends (NodePorts: address ::).
+    SERVICES6 = "XLB_SERVICES6": Hash<ServiceKey6, Service>, SERVICES_MAX, Services, Config, Shared;
+    /// `Array<Backend6>`: IPv6 backends by id (the ids IPv6 services' tables
+    /// hold; the same id is unused in `XLB_BACKENDS`).
+    BACKENDS6 = "XLB_BACKENDS6": Array<u32, Backend6>, BACKENDS_MAX, Backends, Config, Shared;
+    /// `Array<BackendHop6>`: `XLB_BACKEND_HOPS` for IPv6 backends.
+    BACKEND_HOPS6 = "XLB_HOPS6": Array<u32, BackendHop6>, BACKENDS_MAX, Backends, No, Private;
+    /// `LruHashMap<FlowKey6, Flow6>`: IPv6 conntrack, two entries per flow.
+    /// [`FLOWS6_MAX`] entries while the agent writes no IPv6 service (a
+    /// preallocated table sized with `XLB_FLOWS` would cost every node
+    /// 192 MiB). Seeded in `xlb explain` with nothing yet (its simulation
+    /// is IPv4's): only made small there.
+    FLOWS6 = "XLB_FLOWS6": LruHash<FlowKey6, Flow6>, FLOWS6_MAX, Fixed, Alone, Seeded;
+    /// `LruHashMap<FlowKey6, Flow6>`: half-open IPv6 TCP flows.
+    FLOWS_NEW6 = "XLB_FLOWS_NEW6": LruHash<FlowKey6, Flow6>, FLOWS_NEW_MAX, Fixed, Alone, Seeded;
+    /// `HashMap<Addr6, NodeAddr>`: IPv6 addresses that NodePorts answer on.
+    NODE_ADDRS6 = "XLB_NODE_ADDRS6": Hash<Addr6, NodeAddr>, NODE_ADDRS_MAX, Fixed, Config, Shared;
+    /// `HashMap<u32 /* ifindex */, Addr6>`: IPv6 masquerade source address
+    /// per egress interface (key 0: the default).
+    IFACE_ADDRS6 = "XLB_IFADDRS6": Hash<u32, Addr6>, IFACE_ADDRS_MAX, Fixed, Config, Shared;
+    /// `LpmTrie<SourceRange6, u32>`: loadBalancerSourceRanges of IPv6 sources.
+    SOURCE_RANGES6 = "XLB_RANGES6": LpmTrie<SourceRange6, u32>, SOURCE_RANGES_MAX, Fixed, Config, Shared;
+    /// `HashMap<Addr6, Peer>`: local pods by IPv6 address (as `XLB_PEERS`).
+    PEERS6 = "XLB_PEERS6": Hash<Addr6, Peer>, PEERS_MAX, Fixed, No, Private;
+    /// `ProgramArray`: `[PROGS6_IPV6]` is `xlb6`, which `xlb` tail-calls for
+    /// IPv6 frames, so each family's pipeline is verified on its own budget
+    /// (one program holding both exceeds the verifier's million
+    /// instructions). The agent fills it as it loads; while it is empty
+    /// (`xlb explain`, an agent gone) IPv6 frames pass as `pass_not_ipv4`.
+    PROGS6 = "XLB_PROGS6": ProgArray<u32, u32>, 1, Fixed, No, Private;
+    /// `PerCpuArray<[u64; 32]>` of one: `xlb6`'s scratch space. Word 0:
+    /// the offset of the L4 header after the extension headers, put there
+    /// and read back so the verifier knows it only by its bounds (else each
+    /// way through the walk leaves it a different range, and the verifier
+    /// walks the whole pipeline again for each). Words 1..16: a new flow
+    /// between its stages, 16..32: its entry as it is built (too big for
+    /// the 512-byte stack beside them).
+    SCRATCH6 = "XLB_SCRATCH6": PerCpuArray<u32, [u64; 32]>, 1, Fixed, No, Private;
 }
+
+/// `XLB_PROGS6` index of `xlb6`.
+pub const PROGS6_IPV6: u32 = 0;
 
 /// Where a program of the object runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     /// XDP on the uplinks.
     Xdp,
+    /// An XDP program `xlb` tail-calls (`XLB_PROGS6`): loaded, never attached.
+    XdpTail,
     /// tc ingress (a tcx link, or a clsact filter on older kernels).
     TcIngress,
     /// A cgroup v2 socket hook (`cgroup/<hook>` section), by its hook name.
@@ -257,7 +309,7 @@ pub struct ProgramDecl {
 }
 
 /// Every program of the datapath.
-pub const PROGRAMS: [ProgramDecl; 7] = [
+pub const PROGRAMS: [ProgramDecl; 8] = [
     ProgramDecl {
         name: "xlb",
         hook: Hook::Xdp,
@@ -290,6 +342,11 @@ pub const PROGRAMS: [ProgramDecl; 7] = [
         name: "xlb_getpeer4",
         hook: Hook::CgroupSockAddr("getpeername4"),
     },
+    // IPv6 frames, tail-called from `xlb` through `XLB_PROGS6`.
+    ProgramDecl {
+        name: "xlb6",
+        hook: Hook::XdpTail,
+    },
 ];
 
 /// Name of the XDP program in the object file.
@@ -298,6 +355,8 @@ pub const PROGRAM: &str = PROGRAMS[0].name;
 pub const PROGRAM_TC_UPLINK: &str = PROGRAMS[1].name;
 /// tc ingress program for pods' host-side veths and tunnel devices.
 pub const PROGRAM_TC_POD: &str = PROGRAMS[2].name;
+/// The IPv6 XDP program (`XLB_PROGS6`).
+pub const PROGRAM6: &str = PROGRAMS[7].name;
 
 /// The cgroup socket hooks, as (program name, hook).
 pub const SOCK_PROGRAMS: [(&str, &str); 4] = [
@@ -336,6 +395,8 @@ pub const TABLES_MAX: u32 = SERVICES_MAX;
 /// (`Sizing::Backends`).
 pub const BACKENDS_MAX: u32 = 131_072;
 pub const FLOWS_MAX: u32 = 1 << 20;
+/// `XLB_FLOWS6` until the agent serves IPv6 services (3 MiB).
+pub const FLOWS6_MAX: u32 = 1 << 14;
 /// 16,384 half-open flows: at most about half of one backend's default
 /// masquerade port range (28,976 ports), so even a flood aimed at a
 /// one-backend service leaves 32 port probes a free port (0.57^32 < 1e-7).

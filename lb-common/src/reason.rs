@@ -54,7 +54,7 @@ reasons! {
     FwdEstablished = 1, "fwd_established", Forward, "client-to-backend packet of a known flow";
     FwdReply = 2, "fwd_reply", Forward, "backend-to-client packet of a known flow, reverse NAT applied";
     PassNotReady = 3, "pass_not_ready", Pass, "the agent has not finished writing the configuration yet";
-    PassNotIpv4 = 4, "pass_not_ipv4", Pass, "not an untagged IPv4 frame (ARP, IPv6, VLAN, ...)";
+    PassNotIpv4 = 4, "pass_not_ipv4", Pass, "neither an untagged IPv4 nor IPv6 frame (ARP, VLAN, ...)";
     PassMalformed = 5, "pass_malformed", Pass, "truncated or inconsistent headers; left for the kernel to judge";
     PassFragment = 6, "pass_fragment", Pass, "fragment of an ICMP message; xlb does not reassemble";
     PassNotTcpUdp = 7, "pass_not_tcp_udp", Pass, "neither TCP nor UDP (ICMP, ...)";
@@ -82,6 +82,9 @@ reasons! {
     DropTcHandoff = 29, "drop_tc_handoff", Drop, "a frame from the wire whose destination MAC carries the marker xlb's XDP uses to hand frames to its tc program (02:78:6c:62:..): forged, dropped";
     DropTcRewrite = 30, "drop_tc_rewrite", Drop, "a kernel checksum or store helper failed part-way through a rewrite at tc; the packet is dropped rather than sent half-rewritten";
     FwdRstOutsideWindow = 31, "fwd_rst_outside_window", Forward, "TCP RST whose sequence number is outside the flow's window: forwarded for the endpoint to judge, the flow stays open";
+    PassIpv6Fragment = 32, "pass_ipv6_fragment", Pass, "IPv6 packet with a fragment header: xlb does not follow IPv6 fragments yet, left to the kernel";
+    PassIpv6ExtHeaders = 33, "pass_ipv6_ext_headers", Pass, "IPv6 packet whose extension headers xlb does not walk (more than 6, a routing header with segments left): left to the kernel";
+    PassIpv6NoBackend = 34, "pass_ipv6_no_backend", Pass, "IPv6 packet to a service with no endpoints: left to the kernel, which answers it (TCP RST, ICMPv6 port unreachable) as no socket listens there";
 }
 
 /// Number of counters in `XLB_STATS`.

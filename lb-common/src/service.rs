@@ -1,22 +1,31 @@
 //! Frontend, backend and global-settings map types (written by the agent's
 //! reconciler only, read by the datapath per packet).
 
-use crate::assert_size;
+use crate::{
+    assert_size,
+    family::{Family, V4, V6},
+};
 
 /// `ServiceKey::addr_be` for a NodePort: it answers on every node address
 /// (`XLB_NODE_ADDRS`) rather than on one address.
 pub const ADDR_ANY_NODE: u32 = 0;
 
-/// A frontend: (address, port, protocol).
+/// A frontend: (address, port, protocol). A NodePort's address is all
+/// zeros in either family (`ADDR_ANY_NODE` for IPv4).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ServiceKey {
-    pub addr_be: u32,
+pub struct ServiceKeyOf<F: Family> {
+    pub addr_be: F::Addr,
     pub port_be: u16,
     pub proto: u8,
     pub _pad: u8,
 }
+/// `XLB_SERVICES`' key.
+pub type ServiceKey = ServiceKeyOf<V4>;
+/// `XLB_SERVICES6`' key.
+pub type ServiceKey6 = ServiceKeyOf<V6>;
 assert_size!(ServiceKey, 8);
+assert_size!(ServiceKey6, 20);
 
 /// New flows go through masquerade (externalTrafficPolicy=Cluster).
 pub const SERVICE_F_MASQUERADE: u32 = 1 << 0;
@@ -55,17 +64,22 @@ pub const BACKEND_F_ACTIVE: u32 = 1 << 0;
 /// longer sends new flows to it.
 pub const BACKEND_F_TERMINATING: u32 = 1 << 1;
 
-/// A backend (pod IP and target port), indexed by id in `XLB_BACKENDS`.
+/// A backend (pod IP and target port), indexed by id in `XLB_BACKENDS`
+/// (`XLB_BACKENDS6` for an IPv6 service's: one id space, so a selection
+/// table and the per-backend counters serve both families).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backend {
-    pub addr_be: u32,
+pub struct BackendOf<F: Family> {
+    pub addr_be: F::Addr,
     pub port_be: u16,
     pub _pad: u16,
     /// `BACKEND_F_*`.
     pub flags: u32,
 }
+pub type Backend = BackendOf<V4>;
+pub type Backend6 = BackendOf<V6>;
 assert_size!(Backend, 12);
+assert_size!(Backend6, 24);
 
 /// `XLB_BACKEND_HOPS[backend id]`: the datapath's own cache of how a backend
 /// is reached, so new flows to a warm backend skip the FIB lookup. Valid
@@ -73,18 +87,21 @@ assert_size!(Backend, 12);
 /// `checked_ns`; the agent never writes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BackendHop {
-    pub addr_be: u32,
+pub struct BackendHopOf<F: Family> {
+    pub addr_be: F::Addr,
     /// 0: nothing cached.
     pub ifindex: u32,
     /// The egress interface's address (`XLB_IFACE_ADDRS`), 0 if it has none.
-    pub masquerade_addr_be: u32,
+    pub masquerade_addr_be: F::Addr,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
     /// `bpf_ktime_get_coarse_ns()` of the FIB lookup.
     pub checked_ns: u64,
 }
+pub type BackendHop = BackendHopOf<V4>;
+pub type BackendHop6 = BackendHopOf<V6>;
 assert_size!(BackendHop, 32);
+assert_size!(BackendHop6, 56);
 
 /// `XLB_AFFINITY` key: one client of one service.
 #[repr(C)]
@@ -116,11 +133,16 @@ assert_size!(Affinity, 24);
 /// of `32 + n` means "this service, sources in addr/n".
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SourceRange {
+pub struct SourceRangeOf<F: Family> {
     pub service_id: u32,
-    pub addr_be: u32,
+    pub addr_be: F::Addr,
 }
+pub type SourceRange = SourceRangeOf<V4>;
+/// `XLB_SOURCE_RANGES6`: an LPM prefix length of `32 + n` means "this
+/// service, sources in addr/n" as for IPv4.
+pub type SourceRange6 = SourceRangeOf<V6>;
 assert_size!(SourceRange, 8);
+assert_size!(SourceRange6, 20);
 
 /// Value of `XLB_NODE_ADDRS` (reserved for per-address flags).
 #[repr(C)]
@@ -193,21 +215,21 @@ impl Default for GlobalConfig {
 mod pod {
     // SAFETY: all these are #[repr(C)], Copy, made only of integers, and have no
     // implicit padding (sizes asserted above), so every bit pattern is valid.
-    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl<F: crate::Family> aya::Pod for super::ServiceKeyOf<F> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Service {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above, for both families (sizes asserted for each).
+    unsafe impl<F: crate::Family> aya::Pod for super::BackendOf<F> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NodeAddr {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::BackendHop {}
+    unsafe impl<F: crate::Family> aya::Pod for super::BackendHopOf<F> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Affinity {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::SourceRange {}
+    unsafe impl<F: crate::Family> aya::Pod for super::SourceRangeOf<F> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GlobalConfig {}
 }

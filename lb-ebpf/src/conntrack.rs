@@ -6,30 +6,25 @@
 //! datagram; until then it ages out fast and yields its masquerade port
 //! once idle (`FLOW_S_ASSURED`).
 
-use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    maps::LruHashMap,
-};
+use aya_ebpf::{bindings::BPF_ANY, maps::LruHashMap};
 use lb_common::{
-    Backend, Flow, FlowKey, GlobalConfig, IPPROTO_TCP, Reason,
+    BackendOf, FlowKeyOf, FlowOf, GlobalConfig, IPPROTO_TCP, Reason,
     flow::{
         FLOW_DIR_ORIGINAL, FLOW_DIR_REPLY, FLOW_S_ASSURED, FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL,
         FLOW_S_FIN_REPLY, FLOW_S_RST, FLOW_S_SEEN_REPLY, FLOW_S_SYN, REFRESH_NS,
     },
-    hash::flow_hash,
 };
 
 use crate::{
+    family::Ip,
     fib::NextHop,
-    maps::{XLB_FLOWS, XLB_FLOWS_NEW},
+    maps::{SCRATCH_PEER_KEY, scratch},
     parse::{Frame, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, tcp_numbers},
+    snat,
 };
 
-/// Masquerade ports tried per new flow before giving up: with the range
-/// half full, 16 tries fail once in 65,536 new flows.
-const SNAT_PORT_TRIES: u32 = 16;
-/// `-EEXIST` from a map update with BPF_NOEXIST: the key is taken.
-const EEXIST: i32 = -17;
+/// A conntrack table of family `F`.
+type Table<F> = LruHashMap<FlowKeyOf<F>, FlowOf<F>>;
 
 /// What conntrack needs from a packet's TCP header (all 0 for UDP).
 #[derive(Clone, Copy)]
@@ -43,7 +38,7 @@ pub struct Segment {
 
 impl Segment {
     #[inline(always)]
-    pub fn of<C: Frame>(ctx: &C, packet: &Packet) -> Self {
+    pub fn of<C: Frame, F: Ip>(ctx: &C, packet: &Packet<F>) -> Self {
         let flags = packet.l4.tcp_flags;
         let (seq, ack, payload) = tcp_numbers(ctx, &packet.ip);
         let len = payload + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
@@ -58,11 +53,11 @@ impl Segment {
 
 /// The table an entry lives in (see `FLOW_S_CONFIRMED`).
 #[inline(always)]
-fn table_of(flow: &Flow) -> &'static LruHashMap<FlowKey, Flow> {
+fn table_of<F: Ip>(flow: &FlowOf<F>) -> &'static Table<F> {
     if flow.state & FLOW_S_CONFIRMED != 0 {
-        &XLB_FLOWS
+        F::flows()
     } else {
-        &XLB_FLOWS_NEW
+        F::flows_new()
     }
 }
 
@@ -76,23 +71,23 @@ fn seq_after(a: u32, b: u32) -> bool {
 /// once per refresh period) still paired with its peer. A stale entry is
 /// deleted on sight.
 #[inline(always)]
-pub fn lookup(key: &FlowKey, cfg: &GlobalConfig, now: u64) -> Option<*mut Flow> {
-    if let Some(flow) = live(&XLB_FLOWS, key, cfg, now) {
+pub fn lookup<F: Ip>(key: &FlowKeyOf<F>, cfg: &GlobalConfig, now: u64) -> Option<*mut FlowOf<F>> {
+    if let Some(flow) = live(F::flows(), key, cfg, now) {
         return Some(flow);
     }
     if key.proto != IPPROTO_TCP {
         return None;
     }
-    live(&XLB_FLOWS_NEW, key, cfg, now)
+    live(F::flows_new(), key, cfg, now)
 }
 
 #[inline(always)]
-fn live(
-    table: &LruHashMap<FlowKey, Flow>,
-    key: &FlowKey,
+fn live<F: Ip>(
+    table: &Table<F>,
+    key: &FlowKeyOf<F>,
     cfg: &GlobalConfig,
     now: u64,
-) -> Option<*mut Flow> {
+) -> Option<*mut FlowOf<F>> {
     let flow = table.get_ptr_mut(key)?;
     // SAFETY: LRU values are plain integers; a concurrent update at worst
     // gives a stale timestamp.
@@ -109,10 +104,24 @@ fn live(
 
 /// Whether `entry` (under `key`) still has its peer in `table`, pointing back.
 #[inline(always)]
-fn paired(table: &LruHashMap<FlowKey, Flow>, key: &FlowKey, entry: &Flow) -> bool {
-    match table.get_ptr(FlowKey::peer_of(entry, key.proto)) {
+fn paired<F: Ip>(table: &Table<F>, key: &FlowKeyOf<F>, entry: &FlowOf<F>) -> bool {
+    if F::OUTLINE {
+        // IPv6: the peer's key in scratch space, off the frame at the end
+        // of the longest call chain.
+        let Some(peer_key) = scratch::<FlowKeyOf<F>>(SCRATCH_PEER_KEY) else {
+            return false;
+        };
+        // SAFETY: this CPU's scratch slot, sized for a key.
+        let peer = unsafe {
+            *peer_key = FlowKeyOf::peer_of(entry, key.proto);
+            table.get_ptr(&*peer_key)
+        };
         // SAFETY: plain-integer map value.
-        Some(peer) => Flow::is_peer(unsafe { &*peer }, key),
+        return peer.is_some_and(|peer| FlowOf::is_peer(unsafe { &*peer }, key));
+    }
+    match table.get_ptr(FlowKeyOf::peer_of(entry, key.proto)) {
+        // SAFETY: plain-integer map value.
+        Some(peer) => FlowOf::is_peer(unsafe { &*peer }, key),
         None => false,
     }
 }
@@ -120,14 +129,14 @@ fn paired(table: &LruHashMap<FlowKey, Flow>, key: &FlowKey, entry: &Flow) -> boo
 /// Whether a TCP flow has finished (RST, or FIN both ways), so a new SYN on
 /// the same tuple starts a new flow instead of following the old one.
 #[inline(always)]
-pub fn is_closed(flow: &Flow) -> bool {
+pub fn is_closed<F: Ip>(flow: &FlowOf<F>) -> bool {
     flow.closed()
 }
 
 /// What `track` did.
-pub struct Tracked {
+pub struct Tracked<F: Ip> {
     /// The entry to use from now on (a confirmed flow moved tables).
-    pub entry: *mut Flow,
+    pub entry: *mut FlowOf<F>,
     /// The entry's cached next hop is due for a re-check.
     pub recheck: bool,
     /// A RST outside the flow's window: forwarded, but the flow stays open.
@@ -139,20 +148,20 @@ pub struct Tracked {
 /// this packet's state change, as `lookup` judged expiry), and moves a TCP
 /// flow whose client just acknowledged the backend's SYN-ACK to `XLB_FLOWS`.
 #[inline(always)]
-pub fn track(
-    flow: *mut Flow,
-    key: &FlowKey,
+pub fn track<F: Ip>(
+    flow: *mut FlowOf<F>,
+    key: &FlowKeyOf<F>,
     segment: &Segment,
     cfg: &GlobalConfig,
     now: u64,
-) -> Tracked {
+) -> Tracked<F> {
     // SAFETY: `flow` came from a map lookup and stays valid during this run.
     let entry = unsafe { &mut *flow };
     let reply = entry.direction == FLOW_DIR_REPLY;
     let confirmed = entry.state & FLOW_S_CONFIRMED != 0;
     let due = entry.refresh_due(key.proto, cfg, now);
     let table = table_of(entry);
-    let peer_key = FlowKey::peer_of(entry, key.proto);
+    let peer_key = FlowKeyOf::peer_of(entry, key.proto);
     let mut add = if reply { FLOW_S_SEEN_REPLY } else { 0 };
     let mut rst_ignored = false;
     let mut confirm = false;
@@ -218,7 +227,7 @@ pub fn track(
 /// sent (any value while the handshake is under way: retransmissions carry
 /// the same numbers).
 #[inline(always)]
-fn remember_numbers(entry: &mut Flow, segment: &Segment, confirmed: bool) {
+fn remember_numbers<F: Ip>(entry: &mut FlowOf<F>, segment: &Segment, confirmed: bool) {
     let end = segment.seq.wrapping_add(segment.len);
     if !confirmed || seq_after(end, entry.seq_end) {
         entry.seq_end = end;
@@ -234,10 +243,10 @@ fn remember_numbers(entry: &mut Flow, segment: &Segment, confirmed: bool) {
 /// number, or the acknowledgement it answers), and where a blind guess
 /// almost never does.
 #[inline(always)]
-fn rst_in_window(
-    table: &LruHashMap<FlowKey, Flow>,
-    peer_key: &FlowKey,
-    entry: &Flow,
+fn rst_in_window<F: Ip>(
+    table: &Table<F>,
+    peer_key: &FlowKeyOf<F>,
+    entry: &FlowOf<F>,
     seq: u32,
 ) -> bool {
     let Some(peer) = table.get_ptr(peer_key) else {
@@ -254,19 +263,18 @@ fn rst_in_window(
 /// the stack); the old pointers must not be used afterwards (deleted
 /// elements are recycled).
 #[inline(always)]
-fn promote(
-    key: &FlowKey,
-    entry: &mut Flow,
-    peer_key: &FlowKey,
-    peer: &mut Flow,
-) -> Option<*mut Flow> {
+fn promote<F: Ip>(
+    key: &FlowKeyOf<F>,
+    entry: &mut FlowOf<F>,
+    peer_key: &FlowKeyOf<F>,
+    peer: &mut FlowOf<F>,
+) -> Option<*mut FlowOf<F>> {
     entry.state |= FLOW_S_CONFIRMED;
     peer.state |= FLOW_S_CONFIRMED;
-    let mut moved = XLB_FLOWS
-        .insert(peer_key, &*peer, u64::from(BPF_ANY))
-        .is_ok();
-    if moved && XLB_FLOWS.insert(key, &*entry, u64::from(BPF_ANY)).is_err() {
-        let _ = XLB_FLOWS.remove(peer_key);
+    let flows = F::flows();
+    let mut moved = flows.insert(peer_key, &*peer, u64::from(BPF_ANY)).is_ok();
+    if moved && flows.insert(key, &*entry, u64::from(BPF_ANY)).is_err() {
+        let _ = flows.remove(peer_key);
         moved = false;
     }
     if !moved {
@@ -275,14 +283,14 @@ fn promote(
         peer.state &= !FLOW_S_CONFIRMED;
         return None;
     }
-    let _ = XLB_FLOWS_NEW.remove(key);
-    let _ = XLB_FLOWS_NEW.remove(peer_key);
-    XLB_FLOWS.get_ptr_mut(key)
+    let _ = F::flows_new().remove(key);
+    let _ = F::flows_new().remove(peer_key);
+    flows.get_ptr_mut(key)
 }
 
 /// Caches the FIB's answer in the entry `flow` points to.
 #[inline(always)]
-pub fn remember_hop(flow: *mut Flow, hop: &NextHop) {
+pub fn remember_hop<F: Ip>(flow: *mut FlowOf<F>, hop: &NextHop) {
     // SAFETY: `flow` came from a map lookup and stays valid during this run.
     let entry = unsafe { &mut *flow };
     entry.hop_ifindex = hop.ifindex;
@@ -292,7 +300,7 @@ pub fn remember_hop(flow: *mut Flow, hop: &NextHop) {
 
 /// The entry's cached next hop, if it has one.
 #[inline(always)]
-pub fn cached_hop(flow: &Flow) -> Option<NextHop> {
+pub fn cached_hop<F: Ip>(flow: &FlowOf<F>) -> Option<NextHop> {
     if flow.hop_ifindex == 0 {
         return None;
     }
@@ -304,38 +312,49 @@ pub fn cached_hop(flow: &Flow) -> Option<NextHop> {
 }
 
 /// What a new flow needs besides the packet's own tuple.
-pub struct NewFlow {
+pub struct NewFlow<F: Ip> {
     pub service_id: u32,
     pub backend_id: u32,
-    pub backend: Backend,
-    /// Masquerade source address, or `None` to keep the client's address
-    /// (externalTrafficPolicy=Local).
-    pub masquerade_addr_be: Option<u32>,
+    pub backend: BackendOf<F>,
+    /// Masquerade source address, or all zeros to keep the client's
+    /// address (externalTrafficPolicy=Local). Not an `Option`: a `None`'s
+    /// payload is undefined, and copying it (IPv6 keeps a `NewFlow` in
+    /// scratch space) reads registers the verifier knows were never set.
+    pub masquerade_addr_be: F::Addr,
     pub syn: bool,
     /// Where the FIB sends the client's packets (cached in the entry).
     pub hop: NextHop,
+}
+
+impl<F: Ip> NewFlow<F> {
+    /// Whether the flow's source is the masquerade address.
+    #[inline(always)]
+    pub fn masquerades(&self) -> bool {
+        self.masquerade_addr_be != F::Addr::default()
+    }
 }
 
 /// Records a new flow (both entries); `segment` is its first packet's.
 /// TCP flows start half-open in `XLB_FLOWS_NEW`; UDP flows go to
 /// `XLB_FLOWS`. `created` finds the ORIGINAL entry afterwards.
 #[inline(always)]
-pub fn create(
-    key: &FlowKey,
-    new: &NewFlow,
+pub fn create<F: Ip>(
+    key: &FlowKeyOf<F>,
+    new: &NewFlow<F>,
     segment: &Segment,
     cfg: &GlobalConfig,
     now: u64,
 ) -> Result<(), Reason> {
     let tcp = key.proto == IPPROTO_TCP;
-    let table: &LruHashMap<FlowKey, Flow> = if tcp { &XLB_FLOWS_NEW } else { &XLB_FLOWS };
-    let (src_addr_be, src_port_be) = match new.masquerade_addr_be {
-        Some(addr) => (addr, 0),
-        None => (key.src_addr_be, key.src_port_be),
+    let table = if tcp { F::flows_new() } else { F::flows() };
+    let (src_addr_be, src_port_be) = if new.masquerades() {
+        (new.masquerade_addr_be, 0)
+    } else {
+        (key.src_addr_be, key.src_port_be)
     };
     // The tuple the backend's replies carry (with masquerade, its port is
     // chosen below).
-    let mut reply_key = FlowKey {
+    let mut reply_key = FlowKeyOf::<F> {
         src_addr_be: new.backend.addr_be,
         dst_addr_be: src_addr_be,
         src_port_be: new.backend.port_be,
@@ -350,7 +369,7 @@ pub fn create(
     into_original(&mut entry, new, src_addr_be, &reply_key, segment);
     if tcp {
         // A closed or expired flow on this tuple must not shadow the new one.
-        let _ = XLB_FLOWS.remove(key);
+        let _ = F::flows().remove(key);
     }
     if table.insert(key, &entry, u64::from(BPF_ANY)).is_err() {
         let _ = table.remove(&reply_key);
@@ -362,12 +381,12 @@ pub fn create(
 /// The REPLY entry of a new flow on `key`: the backend's replies are
 /// rewritten back to the client's tuple. TCP starts unconfirmed.
 #[inline(always)]
-fn reply_entry(key: &FlowKey, new: &NewFlow, now: u64) -> Flow {
+fn reply_entry<F: Ip>(key: &FlowKeyOf<F>, new: &NewFlow<F>, now: u64) -> FlowOf<F> {
     let mut state = if new.syn { FLOW_S_SYN } else { 0 };
     if key.proto != IPPROTO_TCP {
         state |= FLOW_S_CONFIRMED;
     }
-    Flow {
+    FlowOf {
         new_src_addr_be: key.dst_addr_be,
         new_dst_addr_be: key.src_addr_be,
         new_src_port_be: key.dst_port_be,
@@ -391,17 +410,17 @@ fn reply_entry(key: &FlowKey, new: &NewFlow, now: u64) -> Flow {
 /// takes the masquerade port. A reply can only follow the forwarded
 /// packet, which leaves after both entries exist.
 #[inline(always)]
-fn insert_reply(
-    table: &LruHashMap<FlowKey, Flow>,
-    key: &FlowKey,
-    reply_key: &mut FlowKey,
-    reply: &Flow,
-    new: &NewFlow,
+fn insert_reply<F: Ip>(
+    table: &Table<F>,
+    key: &FlowKeyOf<F>,
+    reply_key: &mut FlowKeyOf<F>,
+    reply: &FlowOf<F>,
+    new: &NewFlow<F>,
     cfg: &GlobalConfig,
     now: u64,
 ) -> Result<(), Reason> {
-    if new.masquerade_addr_be.is_some() {
-        return take_port(key, reply_key, reply, cfg, now);
+    if new.masquerades() {
+        return snat::take_port(key, reply_key, reply, cfg, now);
     }
     if !free_or_reclaimed(table, reply_key, key, cfg, now) {
         return Err(Reason::DropFlowInsert);
@@ -414,11 +433,11 @@ fn insert_reply(
 /// Rewrites the reply entry in place into the ORIGINAL one: the client's
 /// packets go to the backend from `src_addr_be` and the reply tuple's port.
 #[inline(always)]
-fn into_original(
-    entry: &mut Flow,
-    new: &NewFlow,
-    src_addr_be: u32,
-    reply_key: &FlowKey,
+fn into_original<F: Ip>(
+    entry: &mut FlowOf<F>,
+    new: &NewFlow<F>,
+    src_addr_be: F::Addr,
+    reply_key: &FlowKeyOf<F>,
     segment: &Segment,
 ) {
     entry.new_src_addr_be = src_addr_be;
@@ -438,65 +457,12 @@ fn into_original(
 /// The ORIGINAL entry `create` just recorded for `key` (gone only if the
 /// LRU evicted it already).
 #[inline(always)]
-pub fn created(key: &FlowKey) -> Option<*mut Flow> {
+pub fn created<F: Ip>(key: &FlowKeyOf<F>) -> Option<*mut FlowOf<F>> {
     if key.proto == IPPROTO_TCP {
-        XLB_FLOWS_NEW.get_ptr_mut(key)
+        F::flows_new().get_ptr_mut(key)
     } else {
-        XLB_FLOWS.get_ptr_mut(key)
+        F::flows().get_ptr_mut(key)
     }
-}
-
-/// Takes a masquerade source port for `original`: inserts `reply` under the
-/// tuple the backend's replies will carry with BPF_NOEXIST, so two CPUs can
-/// never give two clients the same reply tuple; on EEXIST, another port.
-#[inline(always)]
-fn take_port(
-    key: &FlowKey,
-    reply_key: &mut FlowKey,
-    reply: &Flow,
-    cfg: &GlobalConfig,
-    now: u64,
-) -> Result<(), Reason> {
-    let tcp = key.proto == IPPROTO_TCP;
-    let (min, max) = (u32::from(cfg.snat_port_min), u32::from(cfg.snat_port_max));
-    let span = if max >= min { max - min + 1 } else { 1 };
-    let start = flow_hash(key, cfg.hash_key().derived(0x9e37_79b9));
-    for attempt in 0..SNAT_PORT_TRIES {
-        // Each try lands on a pseudo-random port of its own: with one fixed
-        // stride for every flow, taken ports line up in runs (linear
-        // probing's clustering) and a flood exhausts far more often than
-        // the range's fill says (0.3% of a SYN flood's flows, measured).
-        let mixed = (start ^ attempt.wrapping_mul(0x9e37_79b9)).wrapping_mul(0x85eb_ca6b);
-        let offset = (mixed ^ (mixed >> 15)) % span;
-        let port_be = ((min + offset) as u16).to_be();
-        reply_key.dst_port_be = port_be;
-        if !free_or_reclaimed(&XLB_FLOWS, &*reply_key, key, cfg, now) {
-            continue;
-        }
-        if tcp {
-            if !free_or_reclaimed(&XLB_FLOWS_NEW, &*reply_key, key, cfg, now) {
-                continue;
-            }
-            match XLB_FLOWS_NEW.insert(&*reply_key, reply, u64::from(BPF_NOEXIST)) {
-                Ok(()) => {}
-                Err(EEXIST) => continue,
-                Err(_) => return Err(Reason::DropFlowInsert),
-            }
-            // A flow confirmed meanwhile on another CPU may have moved this
-            // tuple to XLB_FLOWS between the check and the insert.
-            if XLB_FLOWS.get_ptr(&*reply_key).is_some() {
-                let _ = XLB_FLOWS_NEW.remove(&*reply_key);
-                continue;
-            }
-            return Ok(());
-        }
-        match XLB_FLOWS.insert(&*reply_key, reply, u64::from(BPF_NOEXIST)) {
-            Ok(()) => return Ok(()),
-            Err(EEXIST) => {}
-            Err(_) => return Err(Reason::DropFlowInsert),
-        }
-    }
-    Err(Reason::DropSnatExhausted)
 }
 
 /// Whether the reply tuple `reply_key` can be taken for the client `key`:
@@ -506,10 +472,10 @@ fn take_port(
 // Not inlined: a subprogram of its own keeps the port loop within the
 // 512-byte stack.
 #[inline(never)]
-fn free_or_reclaimed(
-    table: &LruHashMap<FlowKey, Flow>,
-    reply_key: &FlowKey,
-    key: &FlowKey,
+pub(crate) fn free_or_reclaimed<F: Ip>(
+    table: &Table<F>,
+    reply_key: &FlowKeyOf<F>,
+    key: &FlowKeyOf<F>,
     cfg: &GlobalConfig,
     now: u64,
 ) -> bool {
@@ -526,7 +492,7 @@ fn free_or_reclaimed(
     // A UDP flow of one datagram, idle since: a spoofed source's, or a
     // query answered long ago. Its port serves a new flow better.
     let unassured = key.proto != IPPROTO_TCP && taken.state & FLOW_S_ASSURED == 0;
-    let reclaim = Flow::is_peer(taken, key)
+    let reclaim = FlowOf::is_peer(taken, key)
         || taken.expired(key.proto, cfg, now)
         || (settled && (unassured || !paired(table, reply_key, taken)));
     if reclaim {

@@ -16,23 +16,25 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, BackendHop, Reason,
+    BackendHopOf, BackendOf, Reason,
     path::{HANDOFF_NEIGH, HANDOFF_PEER, Handoff},
 };
 use network_types::eth::EthHdr;
 
-use crate::maps::{Path, XLB_BACKEND_HOPS, XLB_IFACE_ADDRS, XLB_PEERS, XLB_REDIRECT_OK};
+use crate::{
+    family::Ip,
+    maps::{Path, XLB_REDIRECT_OK},
+};
 
 /// Masquerade address for egress interfaces without one of their own (a
 /// routed CNI's pod veths): `XLB_IFACE_ADDRS` under this key.
 const IFACE_ADDR_DEFAULT: u32 = 0;
 
-const AF_INET: u8 = 2;
 /// How long a cached next hop is trusted before the FIB is asked again.
 pub const HOP_REFRESH_NS: u64 = 1_000_000_000;
 
 /// Where a packet goes next.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct NextHop {
     pub ifindex: u32,
     pub src_mac: [u8; 6],
@@ -51,11 +53,11 @@ pub fn redirect_ok(ifindex: u32) -> bool {
 /// aware). An unresolved neighbour is fine when tc sends (`from_tc`, or a next
 /// hop XDP hands to tc): `bpf_redirect_neigh` resolves it; XDP cannot.
 #[inline(always)]
-pub fn next_hop(
+pub fn next_hop<F: Ip>(
     ctx: *mut c_void,
     ingress_ifindex: u32,
-    src_addr_be: u32,
-    dst_addr_be: u32,
+    src_addr_be: F::Addr,
+    dst_addr_be: F::Addr,
     proto: u8,
     tot_len: u16,
     from_tc: bool,
@@ -63,11 +65,11 @@ pub fn next_hop(
     // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     let addrs = (src_addr_be, dst_addr_be);
-    let mut ret = lookup(ctx, ingress_ifindex, &mut params, addrs, proto, tot_len);
+    let mut ret = lookup::<F>(ctx, ingress_ifindex, &mut params, addrs, proto, tot_len);
     if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED && tot_len != 0 {
         // The route's MTU is smaller than the packet: find the hop anyway,
         // and let xlb's own check (mtu.rs) answer as a router does.
-        ret = lookup(ctx, ingress_ifindex, &mut params, addrs, proto, 0);
+        ret = lookup::<F>(ctx, ingress_ifindex, &mut params, addrs, proto, 0);
     }
     match ret {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
@@ -87,22 +89,20 @@ pub fn next_hop(
 
 /// One FIB lookup; `tot_len` 0 skips its MTU check.
 #[inline(always)]
-fn lookup(
+fn lookup<F: Ip>(
     ctx: *mut c_void,
     ingress_ifindex: u32,
     params: &mut bpf_fib_lookup,
-    (src_addr_be, dst_addr_be): (u32, u32),
+    (src_addr_be, dst_addr_be): (F::Addr, F::Addr),
     proto: u8,
     tot_len: u16,
 ) -> u32 {
     // SAFETY: as above; outputs of an earlier lookup (some share unions
     // with inputs) must not leak into this one.
     *params = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
+    F::fib_addrs(params, &src_addr_be, &dst_addr_be);
     params.l4_protocol = proto;
     params.__bindgen_anon_1.tot_len = tot_len;
-    params.__bindgen_anon_3.ipv4_src = src_addr_be;
-    params.__bindgen_anon_4.ipv4_dst = dst_addr_be;
     params.ifindex = ingress_ifindex;
     // SAFETY: the helper writes only into `params`, whose size we pass.
     let ret = unsafe {
@@ -119,18 +119,86 @@ fn lookup(
 /// The next hop to backend `id` and the masquerade address to use there
 /// (0 if the egress interface has no address), from the per-backend cache
 /// when it is fresh, else from the FIB (and cached). Source-based policy
-/// routing is followed only at each re-check, not per client.
+/// routing is followed only at each re-check, not per client. For IPv6
+/// (`Ip::OUTLINE`) a BPF function of its own.
 #[inline(always)]
-pub fn hop_to_backend(
+pub fn hop_to_backend<F: Ip>(
     ctx: &XdpContext,
     id: u32,
-    backend: &Backend,
-    src_addr_be: u32,
+    backend: &BackendOf<F>,
+    src_addr_be: F::Addr,
     proto: u8,
     tot_len: u16,
     now: u64,
-) -> Result<(NextHop, u32), Reason> {
-    let cache = XLB_BACKEND_HOPS.get_ptr_mut(id);
+) -> Result<(NextHop, F::Addr), Reason> {
+    if !F::OUTLINE {
+        return cached_hop_to_backend::<F>(ctx, id, backend, src_addr_be, proto, tot_len, now);
+    }
+    let query = HopQuery {
+        id,
+        backend,
+        src_addr_be,
+        proto,
+        tot_len,
+        now,
+    };
+    let mut found = (NextHop::default(), F::Addr::default());
+    match hop_to_backend_outlined(ctx, &query, &mut found) {
+        HOP_FOUND => Ok(found),
+        reason => Err(Reason::from_index(reason).unwrap_or(Reason::PassFibFailed)),
+    }
+}
+
+/// `hop_to_backend`'s arguments, passed to its outlined form by reference
+/// (a BPF function takes five registers).
+struct HopQuery<'a, F: Ip> {
+    id: u32,
+    backend: &'a BackendOf<F>,
+    src_addr_be: F::Addr,
+    proto: u8,
+    tot_len: u16,
+    now: u64,
+}
+
+/// `hop_to_backend_outlined`'s answer when it wrote the hop.
+const HOP_FOUND: u32 = u32::MAX;
+
+/// The next hop into `found`, or the reason there is none.
+#[inline(never)]
+fn hop_to_backend_outlined<F: Ip>(
+    ctx: &XdpContext,
+    query: &HopQuery<F>,
+    found: &mut (NextHop, F::Addr),
+) -> u32 {
+    let q = query;
+    match cached_hop_to_backend::<F>(
+        ctx,
+        q.id,
+        q.backend,
+        q.src_addr_be,
+        q.proto,
+        q.tot_len,
+        q.now,
+    ) {
+        Ok(hop) => {
+            *found = hop;
+            HOP_FOUND
+        }
+        Err(reason) => reason as u32,
+    }
+}
+
+#[inline(always)]
+fn cached_hop_to_backend<F: Ip>(
+    ctx: &XdpContext,
+    id: u32,
+    backend: &BackendOf<F>,
+    src_addr_be: F::Addr,
+    proto: u8,
+    tot_len: u16,
+    now: u64,
+) -> Result<(NextHop, F::Addr), Reason> {
+    let cache = F::backend_hops().get_ptr_mut(id);
     if let Some(cached) = cache {
         // SAFETY: array slot pointer, valid for this run; plain integers.
         let cached = unsafe { &*cached };
@@ -146,7 +214,7 @@ pub fn hop_to_backend(
             return Ok((hop, cached.masquerade_addr_be));
         }
     }
-    let hop = next_hop(
+    let hop = next_hop::<F>(
         ctx.ctx.cast(),
         ctx.ingress_ifindex() as u32,
         src_addr_be,
@@ -155,19 +223,20 @@ pub fn hop_to_backend(
         tot_len,
         false,
     )?;
-    let masquerade_addr_be = match XLB_IFACE_ADDRS
+    let iface_addrs = F::iface_addrs();
+    let masquerade_addr_be = match iface_addrs
         .get_ptr(hop.ifindex)
-        .or_else(|| XLB_IFACE_ADDRS.get_ptr(IFACE_ADDR_DEFAULT))
+        .or_else(|| iface_addrs.get_ptr(IFACE_ADDR_DEFAULT))
     {
         // SAFETY: plain-integer map value.
         Some(addr) => unsafe { *addr },
-        None => 0,
+        None => F::Addr::default(),
     };
     if let Some(cached) = cache {
         // SAFETY: as above; a racing writer on another CPU writes the same
         // kind of answer.
         unsafe {
-            *cached = BackendHop {
+            *cached = BackendHopOf {
                 addr_be: backend.addr_be,
                 ifindex: hop.ifindex,
                 masquerade_addr_be,
@@ -187,15 +256,15 @@ pub fn hop_to_backend(
 /// when the destination is a local pod the agent knows and the FIB still
 /// routes it there, else `bpf_redirect_neigh`.
 #[inline(always)]
-pub fn send(
+pub fn send<F: Ip>(
     ctx: &XdpContext,
     eth: *mut EthHdr,
     hop: &NextHop,
-    dst_addr_be: u32,
+    dst_addr_be: F::Addr,
 ) -> Result<(u32, Path), Reason> {
     let ingress = hop.ifindex == ctx.ingress_ifindex() as u32;
     if !ingress && !redirect_ok(hop.ifindex) {
-        let (kind, ifindex, path) = match XLB_PEERS.get_ptr(dst_addr_be) {
+        let (kind, ifindex, path) = match F::peers().get_ptr(dst_addr_be) {
             // SAFETY: map value pointer, valid for this run; plain integers.
             Some(peer) if unsafe { (*peer).route_ifindex } == hop.ifindex => {
                 // SAFETY: as above.

@@ -10,7 +10,8 @@
 
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use lb_common::{
-    FlowKey, FragKey, FragPorts, GlobalConfig, Reason, flow::FLOW_DIR_REPLY, frag::FRAG_TIMEOUT_NS,
+    FlowKey, FragKey, FragPorts, GlobalConfig, Reason, V4, flow::FLOW_DIR_REPLY,
+    frag::FRAG_TIMEOUT_NS,
 };
 use network_types::eth::EthHdr;
 
@@ -94,7 +95,7 @@ pub fn follow(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32, Re
     let to_client = flow.direction == FLOW_DIR_REPLY;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(flow.service_id, flow.backend_id, to_client, frame_len);
-    let (action, path) = fib::send(ctx, eth, &hop, flow.new_dst_addr_be)?;
+    let (action, path) = fib::send::<V4>(ctx, eth, &hop, flow.new_dst_addr_be)?;
     count_path(flow.backend_id, to_client, path);
     Ok((action, Reason::FwdFragment))
 }

@@ -12,7 +12,7 @@
 //! packet as the far end sent it.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FlowKey, GlobalConfig, IPPROTO_ICMP, Reason, flow::FLOW_DIR_REPLY};
+use lb_common::{FlowKey, GlobalConfig, IPPROTO_ICMP, Reason, V4, flow::FLOW_DIR_REPLY};
 
 use crate::{
     conntrack, fib,
@@ -50,7 +50,7 @@ pub fn translate(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32,
     } else {
         Reason::FwdIcmpToBackend
     };
-    let (action, path) = fib::send(ctx, error.eth, &hop, flow.new_dst_addr_be)?;
+    let (action, path) = fib::send::<V4>(ctx, error.eth, &hop, flow.new_dst_addr_be)?;
     count_path(flow.backend_id, to_client, path);
     Ok((action, reason))
 }

@@ -3,12 +3,12 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use lb_common::{
-    NodeAddr, Service, ServiceKey, SourceRange,
+    NodeAddr, Service, ServiceKeyOf, SourceRangeOf,
     maps::{PORTS_ON, port_bit},
-    service::{ADDR_ANY_NODE, SERVICE_F_SOURCE_RANGES},
+    service::SERVICE_F_SOURCE_RANGES,
 };
 
-use crate::maps::{XLB_NODE_ADDRS, XLB_PORTS, XLB_SERVICES, XLB_SOURCE_RANGES};
+use crate::{family::Ip, maps::XLB_PORTS};
 
 /// Whether a packet between these ports cannot be xlb's (`XLB_PORTS`, once
 /// the agent has written it): every flow's original tuple has a frontend
@@ -33,28 +33,29 @@ fn listed(port_be: u16) -> bool {
 }
 
 /// The service for (destination address, port, protocol): an exact frontend
-/// first (LoadBalancer / external IPs), then a NodePort on a node address.
+/// first (LoadBalancer / external IPs), then a NodePort on a node address
+/// (service key address all zeros: `ADDR_ANY_NODE` for IPv4).
 #[inline(always)]
-pub fn service_for(dst_addr_be: u32, dst_port_be: u16, proto: u8) -> Option<Service> {
-    let key = ServiceKey {
+pub fn service_for<F: Ip>(dst_addr_be: F::Addr, dst_port_be: u16, proto: u8) -> Option<Service> {
+    let key = ServiceKeyOf::<F> {
         addr_be: dst_addr_be,
         port_be: dst_port_be,
         proto,
         _pad: 0,
     };
-    if let Some(service) = XLB_SERVICES.get_ptr(key) {
+    if let Some(service) = F::services().get_ptr(key) {
         // SAFETY: map values are plain integers; a torn read picks a valid service.
         return Some(unsafe { *service });
     }
-    XLB_NODE_ADDRS
+    F::node_addrs()
         .get_ptr(dst_addr_be)
         .map(|_: *const NodeAddr| ())?;
-    let node_port = ServiceKey {
-        addr_be: ADDR_ANY_NODE,
+    let node_port = ServiceKeyOf::<F> {
+        addr_be: F::Addr::default(),
         ..key
     };
     // SAFETY: as above.
-    XLB_SERVICES
+    F::services()
         .get_ptr(node_port)
         .map(|service| unsafe { *service })
 }
@@ -62,16 +63,17 @@ pub fn service_for(dst_addr_be: u32, dst_port_be: u16, proto: u8) -> Option<Serv
 /// loadBalancerSourceRanges: with the flag set, only sources inside one of
 /// the service's prefixes may open flows.
 #[inline(always)]
-pub fn source_allowed(service: &Service, src_addr_be: u32) -> bool {
+pub fn source_allowed<F: Ip>(service: &Service, src_addr_be: F::Addr) -> bool {
     if service.flags & SERVICE_F_SOURCE_RANGES == 0 {
         return true;
     }
+    // The whole key: the service id's 32 bits and every address bit.
     let key = Key::new(
-        64,
-        SourceRange {
+        32 + 32 * F::WORDS as u32,
+        SourceRangeOf::<F> {
             service_id: service.id,
             addr_be: src_addr_be,
         },
     );
-    XLB_SOURCE_RANGES.get(&key).is_some()
+    F::source_ranges().get(&key).is_some()
 }

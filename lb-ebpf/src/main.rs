@@ -8,7 +8,11 @@ mod answer;
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
+mod family;
+#[cfg(target_arch = "bpf")]
 mod fib;
+#[cfg(target_arch = "bpf")]
+mod flat;
 #[cfg(target_arch = "bpf")]
 mod frag;
 #[cfg(target_arch = "bpf")]
@@ -30,6 +34,8 @@ mod related;
 #[cfg(target_arch = "bpf")]
 mod select;
 #[cfg(target_arch = "bpf")]
+mod snat;
+#[cfg(target_arch = "bpf")]
 mod sock;
 #[cfg(target_arch = "bpf")]
 mod tc;
@@ -42,20 +48,23 @@ mod prog {
     };
     use aya_log_ebpf::debug;
     use lb_common::{
-        Flow, FlowKey, GlobalConfig, IPPROTO_TCP, Reason,
+        FlowKeyOf, FlowOf, GlobalConfig, IPPROTO_TCP, Reason,
         flow::FLOW_DIR_REPLY,
         hash::flow_hash,
+        maps::PROGS6_IPV6,
         reason::Verdict,
         service::{CONFIG_F_READY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE},
     };
+    use network_types::eth::{EthHdr, EtherType};
 
     use crate::{
         conntrack::{self, NewFlow, Segment},
+        family::{Ip, Verdict as Answer},
         fib, frag, icmp, lookup,
-        maps::{XLB_CONFIG, count, count_path, count_traffic},
-        mtu, nat,
-        parse::{self, Packet, TCP_ACK, TCP_SYN},
-        reject, select,
+        maps::{XLB_CONFIG, XLB_PROGS6, count, count_path, count_traffic, forget},
+        nat,
+        parse::{self, IpHeader, Packet, TCP_ACK, TCP_SYN},
+        select,
     };
 
     /// 1 when the agent runs with `--datapath-debug` (set at load with
@@ -65,7 +74,7 @@ mod prog {
     static XLB_DEBUG: Global<u32> = Global::new(0);
 
     #[inline(always)]
-    fn debug_logs() -> bool {
+    pub(crate) fn debug_logs() -> bool {
         XLB_DEBUG.load() != 0
     }
 
@@ -95,7 +104,7 @@ mod prog {
     /// A path's outcome in one register (a BPF function returns one):
     /// the XDP action in the high half, the reason in the low half.
     #[inline(always)]
-    fn pack(result: Result<(u32, Reason), Reason>) -> u64 {
+    pub(crate) fn pack(result: Result<(u32, Reason), Reason>) -> u64 {
         let (action, reason) = match result {
             Ok(done) => done,
             Err(reason) => (action_for(reason), reason),
@@ -104,7 +113,7 @@ mod prog {
     }
 
     #[inline(always)]
-    fn unpack(packed: u64) -> (u32, Reason) {
+    pub(crate) fn unpack(packed: u64) -> (u32, Reason) {
         let reason = Reason::from_index(packed as u32).unwrap_or(Reason::PassMalformed);
         ((packed >> 32) as u32, reason)
     }
@@ -112,7 +121,7 @@ mod prog {
     /// The configuration the agent wrote, by reference into its map (never
     /// copied onto the stack).
     #[inline(always)]
-    fn config() -> Result<&'static GlobalConfig, Reason> {
+    pub(crate) fn config() -> Result<&'static GlobalConfig, Reason> {
         match XLB_CONFIG.get(0) {
             Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => Ok(cfg),
             _ => Err(Reason::PassNotReady),
@@ -127,9 +136,9 @@ mod prog {
     }
 
     /// `known_flow_path`'s answer for a packet of no live flow.
-    const NO_FLOW: u64 = u64::MAX;
+    pub(crate) const NO_FLOW: u64 = u64::MAX;
     /// `open_flow_path`'s answer once the new flow is recorded.
-    const OPENED: u64 = u64::MAX - 1;
+    pub(crate) const OPENED: u64 = u64::MAX - 1;
 
     #[inline(always)]
     fn dispatch(ctx: &XdpContext) -> u64 {
@@ -141,8 +150,56 @@ mod prog {
             // ICMP errors and later fragments of flows are related packets.
             Err(Reason::PassNotTcpUdp) => return icmp_path(ctx, clock()),
             Err(Reason::PassFragment) => return frag_path(ctx, clock()),
+            Err(Reason::PassNotIpv4) => return to_ipv6(ctx),
             Err(reason) => return pack(Err(reason)),
         };
+        balance(ctx, &packet)
+    }
+
+    /// IPv6 frames go to `xlb6` (a tail call: it does not return);
+    /// frames of neither family, or IPv6 while `XLB_PROGS6` is empty, are
+    /// `pass_not_ipv4`.
+    #[inline(always)]
+    fn to_ipv6(ctx: &XdpContext) -> u64 {
+        let ipv6 = match parse::ptr_at::<EthHdr, _>(ctx, 0) {
+            // SAFETY: ptr_at checked the header is inside the packet.
+            Ok(eth) => unsafe { (*eth).ether_type == EtherType::Ipv6 as u16 },
+            Err(_) => false,
+        };
+        if ipv6 {
+            // SAFETY: `ctx` is this program's context; on success the call
+            // does not return.
+            let _ = unsafe { XLB_PROGS6.tail_call(ctx, PROGS6_IPV6) };
+        }
+        pack(Err(Reason::PassNotIpv4))
+    }
+
+    /// IPv6's entry point (`XLB_PROGS6`), the same pipeline as IPv4's in
+    /// its IPv6 instance.
+    #[xdp]
+    pub fn xlb6(ctx: XdpContext) -> u32 {
+        let (action, reason) = unpack(dispatch6(&ctx));
+        count(reason);
+        if debug_logs() {
+            debug!(&ctx, "ipv6 verdict {} action {}", reason as u32, action);
+        }
+        action
+    }
+
+    #[inline(always)]
+    fn dispatch6(ctx: &XdpContext) -> u64 {
+        if let Err(reason) = config() {
+            return pack(Err(reason));
+        }
+        match parse::parse6(ctx, forget) {
+            Ok(packet) => balance(ctx, &packet),
+            Err(reason) => pack(Err(reason)),
+        }
+    }
+
+    /// A TCP/UDP packet of either family: its flow, or a new one.
+    #[inline(always)]
+    fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>) -> u64 {
         // Most of a node's traffic is not xlb's: it leaves here, before the
         // clock and any hash lookup. A first fragment goes on (its ports are
         // remembered for the fragments that follow).
@@ -151,43 +208,67 @@ mod prog {
             return pack(Err(Reason::PassNotService));
         }
         let now = clock();
-        let known = known_flow_path(ctx, &packet, now);
+        if F::OUTLINE {
+            return crate::flat::balance(ctx, packet, now);
+        }
+        let known = known_flow_path(ctx, packet, now);
         if known != NO_FLOW {
             return known;
         }
-        let opened = open_flow_path(ctx, &packet, now);
+        let opened = open_flow_path(ctx, packet, now);
         if opened != OPENED {
             return opened;
         }
-        new_flow_send_path(ctx, &packet)
+        new_flow_send_path(ctx, packet)
     }
 
     /// A packet of a live flow goes on as the flow says; otherwise
     /// `NO_FLOW` (also for a closed flow's tuple reused by a new SYN, or a
     /// flow whose backend is gone: those choose again, as a new flow).
     #[inline(never)]
-    fn known_flow_path(ctx: &XdpContext, packet: &Packet, now: u64) -> u64 {
+    fn known_flow_path<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
         let cfg = match config() {
             Ok(cfg) => cfg,
             Err(reason) => return pack(Err(reason)),
         };
         let key = flow_key(packet);
         if packet.ip.first_fragment() {
-            frag::remember(packet, &key, now);
+            F::remember_fragment(packet, &key, now);
         }
         let Some(entry) = conntrack::lookup(&key, cfg, now) else {
             return NO_FLOW;
         };
+        let Some((entry, recheck, reason)) = follow(ctx, packet, &key, entry, cfg, now) else {
+            return NO_FLOW;
+        };
+        // SAFETY: valid map value pointer for this run.
+        let flow = unsafe { &*entry };
+        pack(forward(ctx, packet, entry, flow, recheck, reason))
+    }
+
+    /// What a live flow's packet does to it: `None` if it starts a new
+    /// flow instead, else the entry to forward it by (a flow just confirmed
+    /// has moved to `XLB_FLOWS`: only this entry may be used from here on),
+    /// whether its next hop is due for a re-check, and the reason.
+    #[inline(always)]
+    pub(crate) fn follow<F: Ip>(
+        ctx: &XdpContext,
+        packet: &Packet<F>,
+        key: &FlowKeyOf<F>,
+        entry: *mut FlowOf<F>,
+        cfg: &GlobalConfig,
+        now: u64,
+    ) -> Option<(*mut FlowOf<F>, bool, Reason)> {
         // SAFETY: valid map value pointer for this run.
         let flow = unsafe { &*entry };
         let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let reply = flow.direction == FLOW_DIR_REPLY;
         let restart = syn && conntrack::is_closed(flow);
         if !reply && (restart || !select::backend_still_serves(flow)) {
-            return NO_FLOW;
+            return None;
         }
         let segment = Segment::of(ctx, packet);
-        let tracked = conntrack::track(entry, &key, &segment, cfg, now);
+        let tracked = conntrack::track(entry, key, &segment, cfg, now);
         let reason = if tracked.rst_ignored {
             Reason::FwdRstOutsideWindow
         } else if reply {
@@ -195,12 +276,27 @@ mod prog {
         } else {
             Reason::FwdEstablished
         };
-        // A flow just confirmed has moved to XLB_FLOWS: only the entry
-        // track() returns may be used from here on.
-        let entry = tracked.entry;
+        Some((tracked.entry, tracked.recheck, reason))
+    }
+
+    /// `forward`'s `recheck` and `reason` in one register.
+    #[inline(always)]
+    pub(crate) fn pack_forward(recheck: bool, reason: Reason) -> u64 {
+        (u64::from(recheck) << 32) | reason as u64
+    }
+
+    /// `forward` as a BPF function of its own (`Ip::OUTLINE`).
+    #[inline(never)]
+    pub(crate) fn forward_outlined<F: Ip>(
+        ctx: &XdpContext,
+        packet: &Packet<F>,
+        entry: *mut FlowOf<F>,
+        recheck_reason: u64,
+    ) -> u64 {
+        let (recheck, reason) = unpack(recheck_reason);
         // SAFETY: valid map value pointer for this run.
         let flow = unsafe { &*entry };
-        pack(forward(ctx, packet, entry, flow, tracked.recheck, reason))
+        pack(forward(ctx, packet, entry, flow, recheck != 0, reason))
     }
 
     #[inline(never)]
@@ -219,7 +315,7 @@ mod prog {
     /// function of its own so that the MTU check's frame is not stacked on
     /// this one's.
     #[inline(never)]
-    fn open_flow_path(ctx: &XdpContext, packet: &Packet, now: u64) -> u64 {
+    fn open_flow_path<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
         let key = flow_key(packet);
         let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let opened = match config() {
@@ -235,7 +331,7 @@ mod prog {
     /// The first packet of a flow, part two: sent as the entry just
     /// recorded says, to the next hop cached in it.
     #[inline(never)]
-    fn new_flow_send_path(ctx: &XdpContext, packet: &Packet) -> u64 {
+    fn new_flow_send_path<F: Ip>(ctx: &XdpContext, packet: &Packet<F>) -> u64 {
         let key = flow_key(packet);
         let Some(entry) = conntrack::created(&key) else {
             return pack(Err(Reason::DropFlowInsert));
@@ -248,17 +344,37 @@ mod prog {
     /// Service, backend, masquerade address and next hop of a new flow,
     /// recorded in conntrack; `Err` carries the packet's verdict.
     #[inline(always)]
-    fn open_flow(
+    fn open_flow<F: Ip>(
         ctx: &XdpContext,
-        packet: &Packet,
-        key: &FlowKey,
+        packet: &Packet<F>,
+        key: &FlowKeyOf<F>,
         cfg: &GlobalConfig,
         syn: bool,
         now: u64,
-    ) -> Result<(), Result<(u32, Reason), Reason>> {
-        let service = lookup::service_for(key.dst_addr_be, key.dst_port_be, key.proto)
+    ) -> Result<(), Answer> {
+        let new = select_new_flow(ctx, packet, key, cfg, syn, now)?;
+        let segment = Segment::of(ctx, packet);
+        conntrack::create(key, &new, &segment, cfg, now).map_err(Err)?;
+        if debug_logs() {
+            F::log_new_flow(ctx, key, new.backend_id, &new.backend);
+        }
+        Ok(())
+    }
+
+    /// Service, backend, masquerade address and next hop of a new flow;
+    /// `Err` carries the packet's verdict.
+    #[inline(always)]
+    pub(crate) fn select_new_flow<F: Ip>(
+        ctx: &XdpContext,
+        packet: &Packet<F>,
+        key: &FlowKeyOf<F>,
+        cfg: &GlobalConfig,
+        syn: bool,
+        now: u64,
+    ) -> Result<NewFlow<F>, Answer> {
+        let service = lookup::service_for::<F>(key.dst_addr_be, key.dst_port_be, key.proto)
             .ok_or(Err(Reason::PassNotService))?;
-        if !lookup::source_allowed(&service, key.src_addr_be) {
+        if !lookup::source_allowed::<F>(&service, key.src_addr_be) {
             return Err(Err(Reason::DropSourceRange));
         }
         if key.proto == IPPROTO_TCP && !syn {
@@ -266,67 +382,50 @@ mod prog {
         }
         let hash = flow_hash(key, cfg.hash_key());
         let Some((backend_id, backend)) =
-            select::backend_for_client(&service, key.src_addr_be, hash, now)
+            F::backend_for_client(&service, &key.src_addr_be, hash, now)
         else {
             if service.flags & SERVICE_F_DROP_IF_EMPTY != 0 {
                 return Err(Err(Reason::DropNoBackend));
             }
-            return Err(reject::reject(ctx, packet));
+            return Err(F::reject(ctx, packet));
         };
         check_ttl(packet).map_err(Err)?;
-        let (hop, masquerade_addr) = fib::hop_to_backend(
+        let (hop, masquerade_addr) = fib::hop_to_backend::<F>(
             ctx,
             backend_id,
             &backend,
             key.src_addr_be,
             key.proto,
-            tot_len(packet),
+            F::ip_len(&packet.ip),
             now,
         )
         .map_err(Err)?;
         let masquerade_addr_be = if service.flags & SERVICE_F_MASQUERADE == 0 {
-            None
-        } else if masquerade_addr != 0 {
-            Some(masquerade_addr)
+            F::Addr::default()
+        } else if masquerade_addr != F::Addr::default() {
+            masquerade_addr
         } else {
             // No address on the way to the backend: nothing to masquerade as.
             return Err(Err(Reason::PassFibFailed));
         };
-        let new = NewFlow {
+        Ok(NewFlow {
             service_id: service.id,
             backend_id,
             backend,
             masquerade_addr_be,
             syn,
             hop,
-        };
-        let segment = Segment::of(ctx, packet);
-        conntrack::create(key, &new, &segment, cfg, now).map_err(Err)?;
-        if debug_logs() {
-            debug!(
-                ctx,
-                "new flow proto {} {:i}:{} -> {:i}:{} to backend {} {:i}:{}",
-                key.proto,
-                u32::from_be(key.src_addr_be),
-                u16::from_be(key.src_port_be),
-                u32::from_be(key.dst_addr_be),
-                u16::from_be(key.dst_port_be),
-                backend_id,
-                u32::from_be(new.backend.addr_be),
-                u16::from_be(new.backend.port_be)
-            );
-        }
-        Ok(())
+        })
     }
 
     /// Sends a packet of a known flow on, rewritten as the flow says, to the
     /// next hop cached in its entry (asking the FIB when it is due).
     #[inline(always)]
-    fn forward(
+    fn forward<F: Ip>(
         ctx: &XdpContext,
-        packet: &Packet,
-        entry: *mut Flow,
-        flow: &Flow,
+        packet: &Packet<F>,
+        entry: *mut FlowOf<F>,
+        flow: &FlowOf<F>,
         recheck: bool,
         reason: Reason,
     ) -> Result<(u32, Reason), Reason> {
@@ -334,51 +433,49 @@ mod prog {
         let hop = match conntrack::cached_hop(flow) {
             Some(hop) if !recheck => hop,
             _ => {
-                let hop = fib::next_hop(
+                let hop = fib::next_hop::<F>(
                     ctx.ctx.cast(),
                     ctx.ingress_ifindex() as u32,
                     flow.new_src_addr_be,
                     flow.new_dst_addr_be,
-                    packet.ip.proto,
-                    tot_len(packet),
+                    packet.ip.proto(),
+                    F::ip_len(&packet.ip),
                     false,
                 )?;
                 conntrack::remember_hop(entry, &hop);
                 hop
             }
         };
-        if let Err(verdict) = mtu::check(ctx, packet, &hop) {
+        if let Err(verdict) = F::check_mtu(ctx, packet, &hop) {
             return verdict;
         }
         nat::rewrite(packet, flow);
         let to_client = flow.direction == FLOW_DIR_REPLY;
         count_traffic(flow.service_id, flow.backend_id, to_client, frame_len(ctx));
-        let (action, path) = fib::send(ctx, packet.eth, &hop, flow.new_dst_addr_be)?;
+        let (action, path) = fib::send::<F>(ctx, packet.eth, &hop, flow.new_dst_addr_be)?;
         count_path(flow.backend_id, to_client, path);
         Ok((action, reason))
     }
 
     #[inline(always)]
-    pub(crate) fn flow_key(packet: &Packet) -> FlowKey {
+    pub(crate) fn flow_key<F: Ip>(packet: &Packet<F>) -> FlowKeyOf<F> {
         let (src_port_be, dst_port_be) = packet.l4.ports_be();
-        // SAFETY: the parser checked the IPv4 header is inside the packet.
-        let (src, dst) = unsafe { ((*packet.ip.hdr).src_addr, (*packet.ip.hdr).dst_addr) };
-        FlowKey {
-            src_addr_be: u32::from_ne_bytes(src),
-            dst_addr_be: u32::from_ne_bytes(dst),
+        let (src_addr_be, dst_addr_be) = F::addrs(&packet.ip);
+        FlowKeyOf {
+            src_addr_be,
+            dst_addr_be,
             src_port_be,
             dst_port_be,
-            proto: packet.ip.proto,
+            proto: packet.ip.proto(),
             _pad: [0; 3],
         }
     }
 
-    /// We forward like a router: a packet that would leave with TTL 0 is
-    /// dropped here rather than sent.
+    /// We forward like a router: a packet that would leave with TTL (hop
+    /// limit) 0 is dropped here rather than sent.
     #[inline(always)]
-    pub(crate) fn check_ttl(packet: &Packet) -> Result<(), Reason> {
-        // SAFETY: the parser checked the IPv4 header is inside the packet.
-        if unsafe { (*packet.ip.hdr).ttl } <= 1 {
+    pub(crate) fn check_ttl<F: Ip>(packet: &Packet<F>) -> Result<(), Reason> {
+        if F::hop_limit(&packet.ip) <= 1 {
             return Err(Reason::DropTtlExpired);
         }
         Ok(())
@@ -387,12 +484,6 @@ mod prog {
     #[inline(always)]
     fn frame_len(ctx: &XdpContext) -> u64 {
         (ctx.data_end() - ctx.data()) as u64
-    }
-
-    #[inline(always)]
-    fn tot_len(packet: &Packet) -> u16 {
-        // SAFETY: the parser checked the IPv4 header is inside the packet.
-        u16::from_be_bytes(unsafe { (*packet.ip.hdr).tot_len })
     }
 
     #[cfg(not(test))]

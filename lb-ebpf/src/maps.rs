@@ -5,12 +5,12 @@
 use aya_ebpf::{
     btf_maps::{self, ArrayOfMaps},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, BackendHop, Flow, FlowKey, FragKey, FragPorts, GlobalConfig,
-    IcmpLimit, NodeAddr, Paths, Peer, Service, ServiceKey, SockRevNat, SockRevNatKey, SourceRange,
-    Traffic,
+    Addr6, Affinity, AffinityKey, Backend, Backend6, BackendHop, BackendHop6, Flow, Flow6, FlowKey,
+    FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit, NodeAddr, Paths, Peer, Service,
+    ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey, SourceRange, SourceRange6, Traffic,
     maps::{SELECT_TABLE_FLAGS, decl},
 };
 
@@ -99,6 +99,87 @@ pub static XLB_PEERS: HashMap<u32, Peer> =
 #[map]
 pub static XLB_PORTS: Array<u64> =
     Array::with_max_entries(decl::PORTS.max_entries, decl::PORTS.flags);
+
+#[map]
+pub static XLB_SERVICES6: HashMap<ServiceKey6, Service> =
+    HashMap::with_max_entries(decl::SERVICES6.max_entries, decl::SERVICES6.flags);
+
+#[map]
+pub static XLB_BACKENDS6: Array<Backend6> =
+    Array::with_max_entries(decl::BACKENDS6.max_entries, decl::BACKENDS6.flags);
+
+#[map]
+pub static XLB_HOPS6: Array<BackendHop6> =
+    Array::with_max_entries(decl::BACKEND_HOPS6.max_entries, decl::BACKEND_HOPS6.flags);
+
+#[map]
+pub static XLB_FLOWS6: LruHashMap<FlowKey6, Flow6> =
+    LruHashMap::with_max_entries(decl::FLOWS6.max_entries, decl::FLOWS6.flags);
+
+#[map]
+pub static XLB_FLOWS_NEW6: LruHashMap<FlowKey6, Flow6> =
+    LruHashMap::with_max_entries(decl::FLOWS_NEW6.max_entries, decl::FLOWS_NEW6.flags);
+
+#[map]
+pub static XLB_NODE_ADDRS6: HashMap<Addr6, NodeAddr> =
+    HashMap::with_max_entries(decl::NODE_ADDRS6.max_entries, decl::NODE_ADDRS6.flags);
+
+#[map]
+pub static XLB_IFADDRS6: HashMap<u32, Addr6> =
+    HashMap::with_max_entries(decl::IFACE_ADDRS6.max_entries, decl::IFACE_ADDRS6.flags);
+
+#[map]
+pub static XLB_RANGES6: LpmTrie<SourceRange6, u32> =
+    LpmTrie::with_max_entries(decl::SOURCE_RANGES6.max_entries, decl::SOURCE_RANGES6.flags);
+
+#[map]
+pub static XLB_PEERS6: HashMap<Addr6, Peer> =
+    HashMap::with_max_entries(decl::PEERS6.max_entries, decl::PEERS6.flags);
+
+#[map]
+pub static XLB_SCRATCH6: PerCpuArray<[u64; 32]> =
+    PerCpuArray::with_max_entries(decl::SCRATCH6.max_entries, decl::SCRATCH6.flags);
+
+/// `value` as the verifier will know it afterwards: only by the bounds the
+/// caller checks (`XLB_SCRATCH6` word 0). `u64::MAX` if the slot is missing.
+#[inline(always)]
+pub fn forget(value: u64) -> u64 {
+    match XLB_SCRATCH6.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run;
+        // volatile so the compiler does not reuse the value it stored.
+        Some(slot) => unsafe {
+            let word = slot.cast::<u64>();
+            core::ptr::write_volatile(word, value);
+            core::ptr::read_volatile(word)
+        },
+        None => u64::MAX,
+    }
+}
+
+/// `XLB_SCRATCH6` words 1..16: a new flow between its stages.
+pub const SCRATCH_NEW_FLOW: usize = 1;
+/// Words 16..21: the packet's flow key.
+pub const SCRATCH_KEY: usize = 16;
+/// Words 21..26: the key of an entry's peer, while it is looked up.
+pub const SCRATCH_PEER_KEY: usize = 21;
+
+/// This CPU's scratch space for a `T` from `XLB_SCRATCH6` word `word`
+/// (one of the `SCRATCH_*`): at most 40 bytes from word 16 on, 120 from
+/// word 1, 8-aligned.
+#[inline(always)]
+pub fn scratch<T>(word: usize) -> Option<*mut T> {
+    const { assert!(core::mem::size_of::<T>() <= 120 && core::mem::align_of::<T>() <= 8) };
+    if word >= SCRATCH_KEY && core::mem::size_of::<T>() > 40 {
+        return None;
+    }
+    let slot = XLB_SCRATCH6.get_ptr_mut(0)?;
+    // SAFETY: checked above: the `T` ends inside the 256-byte slot.
+    Some(unsafe { slot.cast::<u64>().add(word.min(SCRATCH_PEER_KEY)).cast() })
+}
+
+#[map]
+pub static XLB_PROGS6: ProgramArray =
+    ProgramArray::with_max_entries(decl::PROGS6.max_entries, decl::PROGS6.flags);
 
 /// Which hook carried a forwarded packet, for `XLB_BACKEND_PATHS`.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -113,6 +113,26 @@ fn check_frame(ctx: &XdpContext, ifindex: u32) -> Result<(), Verdict> {
 /// What the caller returns instead of forwarding.
 pub type Verdict = Result<(u32, Reason), Reason>;
 
+/// Every IPv6 link carries 1280-byte packets (RFC 8200).
+const IPV6_ALWAYS_FITS: u16 = 1280;
+
+/// `check` for an IPv6 packet of `ip_len` bytes: one that does not fit is
+/// dropped and counted (`drop_too_big`). IPv6 routers never fragment; the
+/// answer a router owes, ICMPv6 packet too big, is not built yet.
+#[inline(always)]
+pub fn check6(ctx: &XdpContext, ip_len: u16, hop: &NextHop) -> Result<(), Verdict> {
+    if ip_len <= IPV6_ALWAYS_FITS {
+        return Ok(());
+    }
+    let mut mtu: u32 = 0;
+    // SAFETY: plain helper call; it reads the frame length and writes `mtu`.
+    let ret = unsafe { bpf_check_mtu(ctx.ctx.cast(), hop.ifindex, &mut mtu, 0, 0) };
+    if ret == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED) {
+        return Err(Err(Reason::DropTooBig));
+    }
+    Ok(())
+}
+
 /// Token bucket per client address: `ICMP_LIMIT_BURST` answers per
 /// `ICMP_LIMIT_INTERVAL_NS`.
 #[inline(always)]

@@ -5,11 +5,17 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{Flow, IPPROTO_UDP, Reason};
+use lb_common::{Addr6, Flow, FlowOf, IPPROTO_UDP, Reason};
 use lb_ebpf::csum::CsumDelta;
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
-use crate::parse::{IcmpError, Packet};
+use crate::{
+    family::Ip,
+    parse::{IcmpError, IpHeader, Packet},
+};
 
 /// Offsets in an IPv4 header of the fields rewritten here.
 const IP_TTL: usize = 8;
@@ -20,11 +26,12 @@ const IP_DST: usize = 16;
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
 
-/// Rewrites the packet to `flow`'s tuple and decrements the TTL, updating the
-/// IPv4 and L4 checksums incrementally. The caller checked TTL > 1.
+/// Rewrites the packet to `flow`'s tuple and decrements the TTL (hop
+/// limit), updating the IPv4 and L4 checksums incrementally. The caller
+/// checked TTL > 1.
 #[inline(always)]
-pub fn rewrite(packet: &Packet, flow: &Flow) {
-    let addrs = rewrite_ip(packet.ip.hdr, flow.new_src_addr_be, flow.new_dst_addr_be);
+pub fn rewrite<F: Ip>(packet: &Packet<F>, flow: &FlowOf<F>) {
+    let addrs = F::rewrite_ip(&packet.ip, flow.new_src_addr_be, flow.new_dst_addr_be);
     let l4 = &packet.l4;
     // SAFETY: the parser checked that the L4 ports and checksum lie inside
     // the packet; they are byte arrays (align 1).
@@ -39,7 +46,7 @@ pub fn rewrite(packet: &Packet, flow: &Flow) {
             .replace16(old_sport, flow.new_src_port_be)
             .replace16(old_dport, flow.new_dst_port_be);
         let old_check = u16::from_ne_bytes(*l4.check);
-        let new_check = if packet.ip.proto == IPPROTO_UDP {
+        let new_check = if packet.ip.proto() == IPPROTO_UDP {
             l4_delta.apply_udp(old_check)
         } else {
             l4_delta.apply(old_check)
@@ -136,6 +143,33 @@ pub fn rewrite_ip(ip: *mut Ipv4Hdr, src_be: u32, dst_be: u32) -> CsumDelta {
             .replace16(old_ttl_proto, new_ttl_proto)
             .apply(u16::from_ne_bytes((*ip).check));
         (*ip).check = check.to_ne_bytes();
+        addrs
+    }
+}
+
+/// Rewrites only the IPv6 header to (`src`, `dst`) and decrements the hop
+/// limit (IPv6 has no header checksum). Returns the address change as a
+/// checksum delta, for the L4 pseudo-header. The caller checked the hop
+/// limit is above 1. A BPF function of its own: its 32 bytes of address
+/// words would not fit the forwarding path's frame.
+#[inline(never)]
+pub fn rewrite_ipv6(ip: *mut Ipv6Hdr, src: &Addr6, dst: &Addr6) -> CsumDelta {
+    // SAFETY: the parser checked that the IPv6 header lies inside the
+    // packet; the addresses are byte arrays (align 1), read and written
+    // a word at a time in memory order.
+    unsafe {
+        (*ip).hop_limit -= 1;
+        let src_words = (*ip).src_addr.as_mut_ptr().cast::<[u8; 4]>();
+        let dst_words = (*ip).dst_addr.as_mut_ptr().cast::<[u8; 4]>();
+        let mut addrs = CsumDelta::new();
+        for word in 0..4 {
+            let old = u32::from_ne_bytes(*src_words.add(word));
+            addrs = addrs.replace32(old, src[word]);
+            *src_words.add(word) = src[word].to_ne_bytes();
+            let old = u32::from_ne_bytes(*dst_words.add(word));
+            addrs = addrs.replace32(old, dst[word]);
+            *dst_words.add(word) = dst[word].to_ne_bytes();
+        }
         addrs
     }
 }

@@ -3,7 +3,7 @@
 //! packets go: the entry's cached next hop, or the FIB's answer.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Flow, Reason};
+use lb_common::{Flow, Reason, V4};
 
 use crate::{
     conntrack,
@@ -23,7 +23,7 @@ pub fn hop_for(
     if let Some(hop) = conntrack::cached_hop(flow) {
         return Ok(hop);
     }
-    let hop = fib::next_hop(
+    let hop = fib::next_hop::<V4>(
         ctx.ctx.cast(),
         ctx.ingress_ifindex() as u32,
         flow.new_src_addr_be,

@@ -4,15 +4,19 @@
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    Affinity, AffinityKey, Backend, Flow, Service,
+    Affinity, AffinityKey, Backend, BackendOf, FlowOf, Service,
     service::{BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, SERVICE_F_AFFINITY},
 };
 
-use crate::maps::{XLB_AFFINITY, XLB_BACKENDS, XLB_SELECT};
+use crate::{
+    family::Ip,
+    maps::{XLB_AFFINITY, XLB_BACKENDS, XLB_SELECT},
+};
 
 /// The backend for a new flow with hash `hash`, if the service has one.
+/// The table's ids index the service's family's backends.
 #[inline(always)]
-pub fn backend_for(service: &Service, hash: u32) -> Option<(u32, Backend)> {
+pub fn backend_for<F: Ip>(service: &Service, hash: u32) -> Option<(u32, BackendOf<F>)> {
     if service.table_size == 0 {
         return None;
     }
@@ -21,7 +25,7 @@ pub fn backend_for(service: &Service, hash: u32) -> Option<(u32, Backend)> {
     // `table_id` (the agent never resizes a table in place), so the slot is
     // always inside the table this lookup finds.
     let id = *XLB_SELECT.get_value(service.table_id, &(hash % service.table_size))?;
-    let backend = *XLB_BACKENDS.get(id)?;
+    let backend = *F::backends().get(id)?;
     if backend.flags & BACKEND_F_ACTIVE == 0 {
         return None;
     }
@@ -39,7 +43,7 @@ pub fn backend_for_client(
     now: u64,
 ) -> Option<(u32, Backend)> {
     if service.flags & SERVICE_F_AFFINITY == 0 {
-        return backend_for(service, hash);
+        return backend_for::<lb_common::V4>(service, hash);
     }
     let key = AffinityKey {
         service_id: service.id,
@@ -61,7 +65,7 @@ pub fn backend_for_client(
             }
         }
     }
-    let (id, backend) = backend_for(service, hash)?;
+    let (id, backend) = backend_for::<lb_common::V4>(service, hash)?;
     let affinity = Affinity {
         backend_id: id,
         backend_addr_be: backend.addr_be,
@@ -78,8 +82,8 @@ pub fn backend_for_client(
 /// packets never go to a removed backend or one whose id was reused.
 /// Terminating backends keep their flows.
 #[inline(always)]
-pub fn backend_still_serves(flow: &Flow) -> bool {
-    match XLB_BACKENDS.get(flow.backend_id) {
+pub fn backend_still_serves<F: Ip>(flow: &FlowOf<F>) -> bool {
+    match F::backends().get(flow.backend_id) {
         Some(backend) => {
             backend.flags & BACKEND_F_ACTIVE != 0
                 && backend.addr_be == flow.new_dst_addr_be

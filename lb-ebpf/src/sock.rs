@@ -14,7 +14,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    FlowKey, Reason, Service, SockRevNat, SockRevNatKey,
+    FlowKey, Reason, Service, SockRevNat, SockRevNatKey, V4,
     hash::flow_hash,
     service::{CONFIG_F_READY, SERVICE_F_SOURCE_RANGES},
     sock::{AFFINITY_SOCKET_CLIENT, netns_client},
@@ -90,7 +90,7 @@ fn translate(ctx: &SockAddrContext) -> Result<bool, Reason> {
     if u32::from_be(dst_addr_be) >> 24 == 127 {
         return Ok(false);
     }
-    let Some(service) = lookup::service_for(dst_addr_be, dst_port_be, proto) else {
+    let Some(service) = lookup::service_for::<V4>(dst_addr_be, dst_port_be, proto) else {
         return Ok(false);
     };
     // loadBalancerSourceRanges need the client's address, which connect()

@@ -23,17 +23,20 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Reason,
+    Addr6, Reason, V4, V6,
     flow::FLOW_DIR_REPLY,
     path::{HANDOFF_NEIGH, HANDOFF_PEER, Handoff},
     reason::Verdict,
     service::CONFIG_F_READY,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 use crate::{
     conntrack, fib,
-    maps::{Path, XLB_CONFIG, XLB_PEERS, count, count_path, count_traffic},
+    maps::{Path, XLB_CONFIG, XLB_PEERS, XLB_PEERS6, count, count_path, count_traffic},
     nat,
     parse::{self, Packet},
     prog::{check_ttl, flow_key},
@@ -64,6 +67,10 @@ pub fn xlb_tc_uplink(ctx: TcContext) -> i32 {
             // SAFETY: plain helper call; a null `params` makes the kernel
             // look up the route and neighbour itself (and write both MACs).
             unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
+        }
+        // SAFETY: checked above: the Ethernet header is in the packet.
+        HANDOFF_PEER if unsafe { (*eth).ether_type } == EtherType::Ipv6 as u16 => {
+            peer6(&ctx, ifindex)
         }
         HANDOFF_PEER => {
             // SAFETY: checked above: the IPv4 header's addresses are in the
@@ -96,13 +103,57 @@ pub fn xlb_tc_uplink(ctx: TcContext) -> i32 {
     }
 }
 
+/// `HANDOFF_PEER` for an IPv6 frame: into the pod `XLB_PEERS6` names for
+/// its destination, or (the pod left the table) to the FIB's next hop.
+#[inline(never)]
+fn peer6(ctx: &TcContext, ifindex: u32) -> i32 {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + EthHdr::LEN + Ipv6Hdr::LEN > end {
+        return TC_ACT_SHOT as i32;
+    }
+    let eth = start as *mut EthHdr;
+    let ip = (start + EthHdr::LEN) as *const Ipv6Hdr;
+    // SAFETY: checked above: the IPv6 header is in the packet; the
+    // addresses are copied as they are (wire order, as `Addr6` holds them).
+    let (src, dst, next): (Addr6, Addr6, u8) = unsafe {
+        (
+            core::ptr::read_unaligned(core::ptr::addr_of!((*ip).src_addr).cast()),
+            core::ptr::read_unaligned(core::ptr::addr_of!((*ip).dst_addr).cast()),
+            (*ip).next_hdr,
+        )
+    };
+    // SAFETY: plain-integer map value, read at once.
+    let peer = match unsafe { XLB_PEERS6.get(&dst) }.copied() {
+        Some(peer) if peer.ifindex == ifindex => peer,
+        _ => {
+            // SAFETY: `skb` is this run's context.
+            let ingress = unsafe { (*ctx.skb.skb).ifindex };
+            let skb = ctx.skb.skb.cast();
+            return match fib::next_hop::<V6>(skb, ingress, src, dst, next, 0, true) {
+                // SAFETY: plain helper call; the kernel resolves the neighbour.
+                Ok(hop) => unsafe {
+                    bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) as i32
+                },
+                Err(_) => TC_ACT_SHOT as i32,
+            };
+        }
+    };
+    // SAFETY: as above; addressed to the pod, from its gateway.
+    unsafe {
+        (*eth).dst_addr = peer.dst_mac;
+        (*eth).src_addr = peer.src_mac;
+    }
+    // SAFETY: plain helper call, as for IPv4.
+    unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
+}
+
 /// Sends a rewritten frame to the FIB's next hop for `dst`, as
 /// `bpf_redirect_neigh` does for any hand-off.
 #[inline(never)]
 fn redirect_by_fib(ctx: &TcContext, src: u32, dst: u32, proto: u8) -> i32 {
     // SAFETY: `skb` is this run's context.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    match fib::next_hop(ctx.skb.skb.cast(), ingress, src, dst, proto, 0, true) {
+    match fib::next_hop::<V4>(ctx.skb.skb.cast(), ingress, src, dst, proto, 0, true) {
         // SAFETY: plain helper call; the kernel resolves the neighbour.
         Ok(hop) => unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) as i32 },
         Err(_) => TC_ACT_SHOT as i32,
@@ -157,7 +208,7 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, Reason> {
     // as it came, not half translated.
     // SAFETY: `skb` is this run's context.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    let hop = fib::next_hop(
+    let hop = fib::next_hop::<V4>(
         ctx.skb.skb.cast(),
         ingress,
         flow.new_src_addr_be,

@@ -27,10 +27,14 @@ pub mod netns;
 pub mod node_lab;
 #[cfg(feature = "datapath")]
 pub mod packets;
+#[cfg(feature = "datapath")]
+pub mod packets6;
 pub mod process;
 mod scratch;
 #[cfg(feature = "datapath")]
 pub mod testrun;
+#[cfg(feature = "datapath")]
+pub mod testrun6;
 pub mod wait;
 mod xdp_pass;
 

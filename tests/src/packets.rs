@@ -190,7 +190,7 @@ impl Spec {
 pub fn check_checksums(frame: &[u8]) -> Result<(), String> {
     let headers = PacketHeaders::from_ethernet_slice(frame).map_err(|e| e.to_string())?;
     let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
-        return Err("not IPv4".into());
+        return crate::packets6::check_checksums6(frame);
     };
     if ip.header_checksum != ip.calc_header_checksum() {
         return Err(format!(

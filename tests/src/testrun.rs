@@ -149,6 +149,7 @@ pub fn with_namespace<T: Send>(body: impl FnOnce() -> T + Send) -> T {
         ns.neighbour(addr, mac, dev).expect("neighbour");
     }
     ns.sysctl("net/ipv4/ip_forward", "1").expect("forwarding");
+    crate::testrun6::configure_namespace(&ns);
     ns.run(body).expect("run in namespace")
 }
 
@@ -169,6 +170,7 @@ impl Datapath {
             .try_into()
             .expect("an XDP program");
         program.load().expect("verifier accepts the program");
+        crate::testrun6::load_ipv6(&mut bpf);
         Datapath {
             bpf,
             client_ifindex: ifindex("xc"),
@@ -176,7 +178,11 @@ impl Datapath {
         }
     }
 
-    fn map_mut(&mut self, name: &str) -> &mut aya::maps::Map {
+    pub(crate) fn bpf(&self) -> &Ebpf {
+        &self.bpf
+    }
+
+    pub(crate) fn map_mut(&mut self, name: &str) -> &mut aya::maps::Map {
         self.bpf
             .map_mut(name)
             .unwrap_or_else(|| panic!("map {name}"))
@@ -222,6 +228,7 @@ impl Datapath {
         self.write_base_backends();
         self.write_base_services();
         self.write_base_addresses();
+        self.write_base_state6();
         self.set_config(Self::base_config());
     }
 
@@ -444,6 +451,7 @@ impl Datapath {
         for key in keys {
             peers.remove(&key).expect("peer");
         }
+        self.clear_peers6();
     }
 
     /// Deletes every conntrack, affinity, fragment and ICMP rate-limit
@@ -469,6 +477,7 @@ impl Datapath {
         for key in keys {
             let _ = frags.remove(&key);
         }
+        self.clear_flows6();
         let mut limits: HashMap<_, u32, lb_common::IcmpLimit> =
             HashMap::try_from(self.map_mut(names::ICMP_LIMIT)).expect("ICMP limit map");
         let keys: Vec<_> = limits.keys().filter_map(Result::ok).collect();

@@ -4,7 +4,7 @@ use super::Frame;
 use lb_common::{IPPROTO_TCP, Reason};
 use network_types::{tcp::TcpHdr, udp::UdpHdr};
 
-use super::{Ipv4, ptr_at};
+use super::{IpHeader, ptr_at};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -37,11 +37,12 @@ impl L4 {
 }
 
 #[inline(always)]
-pub fn parse_l4<C: Frame>(ctx: &C, ip: &Ipv4) -> Result<L4, Reason> {
-    let offset = ip.l4_offset;
+pub fn parse_l4<C: Frame, H: IpHeader>(ctx: &C, ip: &H) -> Result<L4, Reason> {
+    let offset = ip.l4_offset();
+    let l4_len = ip.l4_len();
     // A header in the frame's trailing bytes but past the IPv4 total length
     // is not part of this packet.
-    if ip.proto == IPPROTO_TCP {
+    if ip.proto() == IPPROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, offset)?;
         // SAFETY: ptr_at checked the 20-byte header is inside the packet.
         let (doff_flags, flags) = unsafe {
@@ -49,7 +50,7 @@ pub fn parse_l4<C: Frame>(ctx: &C, ip: &Ipv4) -> Result<L4, Reason> {
             (*raw.add(12), *raw.add(TCP_FLAGS_OFFSET))
         };
         let header_len = usize::from(doff_flags >> 4) * 4;
-        if header_len < TcpHdr::LEN || header_len > ip.l4_len {
+        if header_len < TcpHdr::LEN || header_len > l4_len {
             return Err(Reason::PassMalformed);
         }
         Ok(L4 {
@@ -63,8 +64,8 @@ pub fn parse_l4<C: Frame>(ctx: &C, ip: &Ipv4) -> Result<L4, Reason> {
         // SAFETY: ptr_at checked the 8-byte header is inside the packet.
         let len = unsafe { u16::from_be_bytes((*udp).len) };
         // A first fragment carries the whole datagram's length.
-        let whole = ip.first_fragment() || usize::from(len) <= ip.l4_len;
-        if usize::from(len) < UdpHdr::LEN || ip.l4_len < UdpHdr::LEN || !whole {
+        let whole = ip.first_fragment() || usize::from(len) <= l4_len;
+        if usize::from(len) < UdpHdr::LEN || l4_len < UdpHdr::LEN || !whole {
             return Err(Reason::PassMalformed);
         }
         Ok(L4 {
@@ -80,11 +81,11 @@ pub fn parse_l4<C: Frame>(ctx: &C, ip: &Ipv4) -> Result<L4, Reason> {
 /// its payload length, read again from the header `parse_l4` checked (so
 /// the parsed `Packet` stays small on the entry's stack); all 0 for UDP.
 #[inline(always)]
-pub fn tcp_numbers<C: Frame>(ctx: &C, ip: &Ipv4) -> (u32, u32, u32) {
-    if ip.proto != IPPROTO_TCP {
+pub fn tcp_numbers<C: Frame, H: IpHeader>(ctx: &C, ip: &H) -> (u32, u32, u32) {
+    if ip.proto() != IPPROTO_TCP {
         return (0, 0, 0);
     }
-    let Ok(tcp) = ptr_at::<[u8; 13], C>(ctx, ip.l4_offset) else {
+    let Ok(tcp) = ptr_at::<[u8; 13], C>(ctx, ip.l4_offset()) else {
         return (0, 0, 0);
     };
     // SAFETY: ptr_at checked the 13 bytes are inside the packet.
@@ -92,5 +93,5 @@ pub fn tcp_numbers<C: Frame>(ctx: &C, ip: &Ipv4) -> (u32, u32, u32) {
     let seq = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
     let ack = u32::from_be_bytes([raw[8], raw[9], raw[10], raw[11]]);
     let header_len = usize::from(raw[12] >> 4) * 4;
-    (seq, ack, ip.l4_len.saturating_sub(header_len) as u32)
+    (seq, ack, ip.l4_len().saturating_sub(header_len) as u32)
 }

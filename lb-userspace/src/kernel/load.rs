@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::os::fd::AsFd as _;
 use std::path::PathBuf;
 
-use aya::maps::{Array, Map, MapData};
+use aya::maps::{Array, Map, MapData, ProgramArray};
+use aya::programs::Xdp;
 use aya::{Ebpf, EbpfLoader};
 use lb_common::maps::Sizing;
 
@@ -142,11 +143,13 @@ fn load_object(sizes: &MapSizes, map_paths: &MapPins, debug: bool) -> Result<Ebp
         .map_err(|source| KernelError::Load { source })
 }
 
-/// Loads (verifies) the XDP program and both tc programs.
+/// Loads (verifies) the XDP programs (`xlb`, and `xlb6` into the array
+/// `xlb` tail-calls for IPv6) and both tc programs.
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), KernelError> {
     xdp_program(ebpf)?
         .load()
         .map_err(|source| KernelError::Verify { source })?;
+    load_ipv6(ebpf)?;
     for role in [TcRole::Uplink, TcRole::Pod] {
         tc_program(ebpf, role)?
             .load()
@@ -156,6 +159,32 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), KernelError> {
             })?;
     }
     Ok(())
+}
+
+/// Loads `xlb6` and puts it in `XLB_PROGS6`. The array is not pinned: while
+/// no agent runs (`--keep-attached`) it is empty, and IPv6 frames pass.
+fn load_ipv6(ebpf: &mut Ebpf) -> Result<(), KernelError> {
+    let name = lb_common::maps::PROGRAM6;
+    let not_xdp = |name, source| KernelError::NotXdp { name, source };
+    let program: &mut Xdp = super::program(ebpf, name, not_xdp)?;
+    let verify = |source| KernelError::Verify { source };
+    program.load().map_err(verify)?;
+    let fd = program.fd().map_err(verify)?.try_clone();
+    let fd = fd.map_err(|error| verify(error.into()))?;
+    let map = lb_common::maps::PROGS6;
+    let mut progs = ebpf
+        .map_mut(map)
+        .ok_or(OpenError::Missing { name: map })
+        .and_then(|found| {
+            ProgramArray::try_from(found).map_err(|source| OpenError::Kind { name: map, source })
+        })?;
+    progs
+        .set(lb_common::maps::PROGS6_IPV6, &fd, 0)
+        .map_err(|source| KernelError::RedirectMap {
+            map,
+            interface: name.to_owned(),
+            source: Box::new(source),
+        })
 }
 
 /// What recreating a pinned map costs, for the warning.
@@ -249,7 +278,8 @@ pub(super) fn map_data(map: &Map) -> Option<&MapData> {
         | Map::ArrayOfMaps(data)
         | Map::HashOfMaps(data)
         | Map::RingBuf(data)
-        | Map::PerfEventArray(data) => Some(data),
+        | Map::PerfEventArray(data)
+        | Map::ProgramArray(data) => Some(data),
         _ => None,
     }
 }

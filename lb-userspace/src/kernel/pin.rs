@@ -276,6 +276,7 @@ pub fn map_type(kind: MapKind) -> MapType {
     match kind {
         MapKind::Hash => MapType::Hash,
         MapKind::Array => MapType::Array,
+        MapKind::ProgArray => MapType::ProgramArray,
         MapKind::PerCpuArray => MapType::PerCpuArray,
         MapKind::LruHash => MapType::LruHash,
         MapKind::LpmTrie => MapType::LpmTrie,
@@ -393,11 +394,18 @@ mod tests {
     #[test]
     fn every_pinned_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
-        assert_eq!(specs.len(), 18);
+        // 18 for IPv4 and the shared ones, 7 more for IPv6.
+        assert_eq!(specs.len(), 25);
         for name in config_maps() {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }
-        let unpinned = [names::BACKEND_HOPS, names::REDIRECT_OK];
+        let unpinned = [
+            names::BACKEND_HOPS,
+            names::REDIRECT_OK,
+            names::BACKEND_HOPS6,
+            names::PEERS6,
+            names::PROGS6,
+        ];
         assert!(specs.iter().all(|spec| !unpinned.contains(&spec.name)));
         let select = specs.iter().find(|spec| spec.name == names::SELECT);
         assert!(select.is_some_and(|spec| spec.kind == MapType::ArrayOfMaps));

@@ -518,8 +518,9 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
         .iter()
         .map(|(name, _)| name.as_str())
         .collect();
-    assert_eq!(recreated, ["XLB_FLOWS"]);
+    assert_eq!(recreated, ["XLB_FLOWS"], "XLB_FLOWS6 has a size of its own");
     assert!(!pins.map("XLB_FLOWS").exists());
+    assert!(pins.map("XLB_FLOWS6").exists());
     let larger = MapSizes {
         backends: TEST_SIZES.backends * 2,
         ..TEST_SIZES
@@ -553,7 +554,9 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
         panic!("prepare_map_pins failed");
     };
     assert!(!check.adopted);
-    assert_eq!(check.recreated.len(), 11, "{:?}", check.recreated);
+    // 9 configuration maps for IPv4 and the shared ones, 5 for IPv6, and
+    // the per-backend counters (sized like XLB_BACKENDS).
+    assert_eq!(check.recreated.len(), 16, "{:?}", check.recreated);
     assert!(
         check
             .recreated
@@ -566,8 +569,8 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
     assert!(pins.map("XLB_STATS").exists(), "counters are kept");
     assert_eq!(
         pins.remove_all().map_err(|e| e.to_string()),
-        Ok((vec![], vec![], 6)),
-        "the counter maps of reasons and services, XLB_FRAGS, XLB_ICMP_LIMIT, XLB_FLOWS_NEW (conntrack is kept) and the socket reverse map were left (the per-backend ones are sized like XLB_BACKENDS)"
+        Ok((vec![], vec![], 8)),
+        "the counter maps of reasons and services, XLB_FRAGS, XLB_ICMP_LIMIT, XLB_FLOWS_NEW, XLB_FLOWS6 and XLB_FLOWS_NEW6 (conntrack is kept) and the socket reverse map were left (the per-backend counters are sized like XLB_BACKENDS)"
     );
 }
 
@@ -643,7 +646,7 @@ fn the_object_is_what_lb_common_declares() {
             panic!("the object's program {name} is not declared in lb_common::maps");
         };
         let kind_fits = match declared.hook {
-            Hook::Xdp => matches!(program, Program::Xdp(_)),
+            Hook::Xdp | Hook::XdpTail => matches!(program, Program::Xdp(_)),
             Hook::TcIngress => matches!(program, Program::SchedClassifier(_)),
             Hook::CgroupSockAddr(_) => matches!(program, Program::CgroupSockAddr(_)),
         };

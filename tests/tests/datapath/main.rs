@@ -3,7 +3,9 @@
 //! Needs root (loads BPF, creates a network namespace).
 
 mod sweep;
+mod sweep6;
 mod table;
+mod table6;
 
 use lb_common::Reason;
 use table::{Case, Expect};
@@ -83,7 +85,7 @@ fn fixture_table_with_port_filter() {
 fn run_table(filter: bool) {
     with_datapath(xlb::DATAPATH_OBJECT, |dp| {
         let mut failures = Vec::new();
-        for row in table::rows() {
+        for row in table::rows().into_iter().chain(table6::rows()) {
             reset(dp);
             if filter {
                 assert!(
@@ -108,7 +110,10 @@ fn run_table(filter: bool) {
 fn truncated_frames_pass_untouched() {
     with_datapath(xlb::DATAPATH_OBJECT, |dp| {
         let mut failures = Vec::new();
-        for (name, frame) in table::truncations() {
+        for (name, frame) in table::truncations()
+            .into_iter()
+            .chain(table6::truncations())
+        {
             reset(dp);
             let case = Case {
                 input: frame,
@@ -486,5 +491,37 @@ fn an_unassured_udp_flow_yields_its_masquerade_port() {
         assert_eq!(verdict, XDP_REDIRECT);
         assert_eq!(counted(dp, Reason::FwdEstablished) - before, 1);
         println!("one port: an idle unassured flow yields it, an assured one keeps it");
+    });
+}
+
+/// Prints the size of the loaded `xlb` program (IPv4, and the hand-off of
+/// IPv6 frames) and of `xlb6` as the verifier left them (xlated) and as
+/// JITed, for comparing builds.
+#[test]
+fn program_size() {
+    with_datapath(xlb::DATAPATH_OBJECT, |dp| {
+        for name in [lb_common::maps::PROGRAM, lb_common::maps::PROGRAM6] {
+            let info = dp.program_named(name).info().expect("program info");
+            let xlated = info.size_translated().unwrap_or(0) / 8;
+            println!(
+                "{name}: {xlated} xlated instructions, {} bytes JITed",
+                info.size_jitted()
+            );
+            assert!(xlated > 0);
+        }
+        for name in [
+            lb_common::maps::FLOWS,
+            lb_common::maps::FLOWS6,
+            lb_common::maps::FLOWS_NEW,
+            lb_common::maps::FLOWS_NEW6,
+        ] {
+            let decl = lb_common::maps::MAPS.iter().find(|map| map.name == name);
+            let entries = decl.map_or(0, |map| u64::from(map.max_entries));
+            let memlock = dp.map_memlock(name).unwrap_or(0);
+            println!(
+                "{name}: {entries} entries, {memlock} bytes, {} bytes an entry",
+                memlock / entries.max(1)
+            );
+        }
     });
 }

@@ -27,7 +27,7 @@ impl Rng {
         self.next() % n
     }
 
-    fn byte(&mut self) -> u8 {
+    pub fn byte(&mut self) -> u8 {
         self.next() as u8
     }
 }
@@ -135,9 +135,14 @@ pub fn sweep(dp: &mut Datapath, seed: u64, count: u64) -> Result<(), String> {
     let mut rng = Rng::new(seed);
     let mut replies: Vec<Vec<u8>> = Vec::new();
     let mut related: Vec<(Vec<u8>, u32)> = Vec::new();
+    let mut replies6: Vec<Vec<u8>> = Vec::new();
     let before: u64 = dp.stats().iter().sum();
     for index in 0..count {
-        let (input, ifindex) = frame(&mut rng, dp, &replies, &mut related);
+        let (input, ifindex) = if rng.below(4) == 0 {
+            crate::sweep6::frame(&mut rng, dp, &replies6)
+        } else {
+            frame(&mut rng, dp, &replies, &mut related)
+        };
         let (verdict, output) = dp.run(&input, ifindex);
         let fail = |what: String| {
             format!(
@@ -146,6 +151,14 @@ pub fn sweep(dp: &mut Datapath, seed: u64, count: u64) -> Result<(), String> {
                 hex(&output)
             )
         };
+        if crate::sweep6::is_ipv6(&input) {
+            let reply =
+                crate::sweep6::check(dp, verdict, &input, &output, ifindex).map_err(fail)?;
+            if let Some(reply) = reply.filter(|_| replies6.len() < 256) {
+                replies6.push(reply);
+            }
+            continue;
+        }
         match verdict {
             XDP_PASS => {
                 if output != input {

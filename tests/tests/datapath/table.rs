@@ -809,12 +809,6 @@ pub fn rows() -> Vec<Row> {
             case: |dp| unchanged(dp, arp_request()),
         },
         Row {
-            name: "IPv6 passes",
-            verdict: XDP_PASS,
-            reason: Reason::PassNotIpv4,
-            case: |dp| unchanged(dp, ipv6_udp()),
-        },
-        Row {
             name: "a frame from the wire carrying the tc hand-off marker is dropped",
             verdict: XDP_DROP,
             reason: Reason::DropTcHandoff,

@@ -1,0 +1,153 @@
+//! IPv6's pipeline (`Ip::OUTLINE`), the same stages as IPv4's but flat:
+//! each stage is a BPF function called from the entry, never from another
+//! stage, and a new flow waits between its stages in `XLB_SCRATCH6`. The
+//! verifier allows 512 bytes of stack for a whole call chain, and IPv6's
+//! keys and entries make a stage's frame several hundred bytes; nested as
+//! IPv4's stages are, they would not fit.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FlowKeyOf, FlowOf, Reason};
+
+use crate::{
+    conntrack::{self, NewFlow, Segment},
+    family::Ip,
+    maps::{SCRATCH_KEY, SCRATCH_NEW_FLOW, scratch},
+    parse::{Packet, TCP_ACK, TCP_SYN},
+    prog::{
+        NO_FLOW, OPENED, config, debug_logs, flow_key, follow, forward_outlined, pack,
+        pack_forward, select_new_flow,
+    },
+};
+
+/// Set in `track_stage`'s answer: forward by the entry it wrote, with the
+/// `pack_forward` bits below it.
+const FORWARD: u64 = 1 << 62;
+/// `lookup_stage`'s answer when it wrote a live entry.
+const FOUND: u64 = 1;
+
+/// A TCP/UDP packet: its flow, or a new one.
+#[inline(always)]
+pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
+    let Some(key) = scratch::<FlowKeyOf<F>>(SCRATCH_KEY) else {
+        return pack(Err(Reason::PassNotReady));
+    };
+    // SAFETY: this CPU's scratch slot, sized for a key; the stages only
+    // read it.
+    let key = unsafe {
+        *key = flow_key(packet);
+        &*key
+    };
+    let mut entry: *mut FlowOf<F> = core::ptr::null_mut();
+    if lookup_stage(key, now, &mut entry) == FOUND {
+        let known = track_stage(ctx, packet, key, now, &mut entry);
+        if known & FORWARD != 0 {
+            return forward_outlined(ctx, packet, entry, known & !FORWARD);
+        }
+        if known != NO_FLOW {
+            return known;
+        }
+    }
+    let selected = select_stage(ctx, packet, key, now);
+    if selected != OPENED {
+        return selected;
+    }
+    let created = create_stage(ctx, packet, key, now);
+    if created != OPENED {
+        return created;
+    }
+    if debug_logs() {
+        log_stage(ctx, key);
+    }
+    match conntrack::created(key) {
+        Some(entry) => {
+            let no_recheck = pack_forward(false, Reason::FwdNewFlow);
+            forward_outlined(ctx, packet, entry, no_recheck)
+        }
+        None => pack(Err(Reason::DropFlowInsert)),
+    }
+}
+
+/// The live entry of `key` into `entry`: `FOUND`, or 0.
+#[inline(never)]
+fn lookup_stage<F: Ip>(key: &FlowKeyOf<F>, now: u64, entry: &mut *mut FlowOf<F>) -> u64 {
+    let Ok(cfg) = config() else {
+        return 0;
+    };
+    match conntrack::lookup(key, cfg, now) {
+        Some(found) => {
+            *entry = found;
+            FOUND
+        }
+        None => 0,
+    }
+}
+
+/// What the packet does to its flow (`follow`): `FORWARD` with the entry
+/// to forward by written to `entry`, or `NO_FLOW` (a new flow instead).
+#[inline(never)]
+fn track_stage<F: Ip>(
+    ctx: &XdpContext,
+    packet: &Packet<F>,
+    key: &FlowKeyOf<F>,
+    now: u64,
+    entry: &mut *mut FlowOf<F>,
+) -> u64 {
+    let cfg = match config() {
+        Ok(cfg) => cfg,
+        Err(reason) => return pack(Err(reason)),
+    };
+    match follow(ctx, packet, key, *entry, cfg, now) {
+        Some((tracked, recheck, reason)) => {
+            *entry = tracked;
+            FORWARD | pack_forward(recheck, reason)
+        }
+        None => NO_FLOW,
+    }
+}
+
+/// Service, backend and next hop of a new flow, into the scratch space:
+/// `OPENED`, or the packet's verdict.
+#[inline(never)]
+fn select_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
+    let (Ok(cfg), Some(slot)) = (config(), scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW)) else {
+        return pack(Err(Reason::PassNotReady));
+    };
+    let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    match select_new_flow(ctx, packet, key, cfg, syn, now) {
+        Ok(new) => {
+            // SAFETY: this CPU's scratch slot, sized for a `NewFlow`.
+            unsafe { *slot = new };
+            OPENED
+        }
+        Err(verdict) => pack(verdict),
+    }
+}
+
+/// Records the new flow `select_stage` left in the scratch space:
+/// `OPENED`, or the packet's verdict.
+#[inline(never)]
+fn create_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
+    let (Ok(cfg), Some(slot)) = (config(), scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW)) else {
+        return pack(Err(Reason::PassNotReady));
+    };
+    // SAFETY: this CPU's scratch slot, written by `select_stage` in this
+    // run (nothing else runs on this CPU in between).
+    let new = unsafe { &*slot };
+    let segment = Segment::of(ctx, packet);
+    if let Err(reason) = conntrack::create(key, new, &segment, cfg, now) {
+        return pack(Err(reason));
+    }
+    OPENED
+}
+
+/// `--datapath-debug`'s line about the new flow in the scratch space: a
+/// stage of its own, as the log's record does not fit beside the others.
+#[inline(never)]
+fn log_stage<F: Ip>(ctx: &XdpContext, key: &FlowKeyOf<F>) {
+    if let Some(slot) = scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW) {
+        // SAFETY: this CPU's scratch slot, written by `select_stage` in
+        // this run.
+        let new = unsafe { &*slot };
+        F::log_new_flow(ctx, key, new.backend_id, &new.backend);
+    }
+}

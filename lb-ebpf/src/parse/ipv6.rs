@@ -1,0 +1,137 @@
+//! IPv6: the fixed header, then a bounded walk of the extension headers a
+//! TCP or UDP packet may carry before its L4 header (hop-by-hop options,
+//! routing, destination options), as far as `EXT_HEADERS_MAX` of them.
+//! A fragment header ends the walk (`pass_ipv6_fragment`: xlb does not
+//! follow IPv6 fragments yet); so does a routing header with segments left
+//! (the destination address is not the packet's final one), and a chain
+//! out of RFC 8200's order (hop-by-hop options other than first, a second
+//! routing header, destination options twice on one side of the routing
+//! header): the kernel, which takes any order, gets those.
+
+use super::{Frame, IpHeader, ptr_at};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason};
+use network_types::ip::Ipv6Hdr;
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+/// Extension headers walked before giving up (`pass_ipv6_ext_headers`):
+/// RFC 8200's recommended order has at most hop-by-hop, destination
+/// options, routing, fragment and destination options again.
+pub const EXT_HEADERS_MAX: usize = 6;
+/// Bytes of an extension header read to walk past it: next header, length
+/// in 8-byte units beyond the first 8, and for a routing header its type
+/// and segments left.
+const EXT_PEEK: usize = 4;
+/// A fragment header's whole length.
+const FRAGMENT_LEN: usize = 8;
+/// The furthest an L4 header can be: the fixed header and
+/// `EXT_HEADERS_MAX` extension headers of at most 2048 bytes.
+const L4_OFFSET_MAX: usize = 0x4000;
+
+pub struct Ipv6 {
+    pub hdr: *mut Ipv6Hdr,
+    /// Offset of the L4 header from the start of the frame.
+    pub l4_offset: usize,
+    /// Bytes of L4 header and payload the payload length declares, after
+    /// the extension headers.
+    pub l4_len: usize,
+    pub proto: u8,
+}
+
+impl IpHeader for Ipv6 {
+    #[inline(always)]
+    fn l4_offset(&self) -> usize {
+        self.l4_offset
+    }
+    #[inline(always)]
+    fn l4_len(&self) -> usize {
+        self.l4_len
+    }
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+    #[inline(always)]
+    fn first_fragment(&self) -> bool {
+        false
+    }
+}
+
+/// The bit of `seen` an extension header `next` takes: destination options
+/// before and after the routing header are counted apart.
+#[inline(always)]
+fn seen_bit(next: u8, seen: u8) -> u8 {
+    const ROUTING: u8 = 1 << 1;
+    match next {
+        NEXTHDR_ROUTING => ROUTING,
+        NEXTHDR_DEST if seen & ROUTING != 0 => 1 << 3,
+        NEXTHDR_DEST => 1 << 2,
+        _ => 1 << 0,
+    }
+}
+
+/// A TCP or UDP packet's IPv6 header and extension headers. `forget`
+/// hides the L4 offset from the verifier but for its bounds (see
+/// `XLB_SCRATCH6`), so every way through the walk leaves the same state.
+#[inline(always)]
+pub fn parse_ipv6<C: Frame>(
+    ctx: &C,
+    offset: usize,
+    forget: fn(u64) -> u64,
+) -> Result<Ipv6, Reason> {
+    let hdr: *mut Ipv6Hdr = ptr_at(ctx, offset)?;
+    // SAFETY: ptr_at checked that the fixed 40-byte header is inside the packet.
+    let (version, payload_len, mut next) = unsafe {
+        (
+            (*hdr).vcf[0] >> 4,
+            usize::from(u16::from_be_bytes((*hdr).payload_len)),
+            (*hdr).next_hdr,
+        )
+    };
+    let end = offset + Ipv6Hdr::LEN + payload_len;
+    if version != 6 || end > ctx.packet_len() {
+        return Err(Reason::PassMalformed);
+    }
+    let mut at = offset + Ipv6Hdr::LEN;
+    let mut seen = 0u8;
+    for index in 0..EXT_HEADERS_MAX {
+        if next == NEXTHDR_FRAGMENT {
+            let _: *const [u8; FRAGMENT_LEN] = ptr_at(ctx, at)?;
+            return Err(Reason::PassIpv6Fragment);
+        }
+        if next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST {
+            break;
+        }
+        let ext: *const [u8; EXT_PEEK] = ptr_at(ctx, at)?;
+        // SAFETY: ptr_at checked the 4 bytes are inside the packet.
+        let ext = unsafe { *ext };
+        let kind = seen_bit(next, seen);
+        if (next == NEXTHDR_HOP && index != 0)
+            || seen & kind != 0
+            || (next == NEXTHDR_ROUTING && ext[3] != 0)
+        {
+            return Err(Reason::PassIpv6ExtHeaders);
+        }
+        seen |= kind;
+        next = ext[0];
+        at += (usize::from(ext[1]) + 1) * 8;
+    }
+    let at = forget(at as u64) as usize;
+    if at > L4_OFFSET_MAX || at > end {
+        return Err(Reason::PassMalformed);
+    }
+    match next {
+        IPPROTO_TCP | IPPROTO_UDP => Ok(Ipv6 {
+            hdr,
+            l4_offset: at,
+            l4_len: end - at,
+            proto: next,
+        }),
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => {
+            Err(Reason::PassIpv6ExtHeaders)
+        }
+        _ => Err(Reason::PassNotTcpUdp),
+    }
+}

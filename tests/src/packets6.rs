@@ -1,0 +1,278 @@
+//! IPv6 frames built and checked with etherparse (which shares no code
+//! with the datapath): TCP/UDP with any chain of extension headers, their
+//! L4 checksums computed from scratch over the IPv6 pseudo-header.
+
+use std::net::Ipv6Addr;
+
+use etherparse::{
+    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv6FlowLabel, Ipv6FragmentHeader,
+    Ipv6Header, Ipv6RawExtHeader, NetHeaders, PacketHeaders, TcpHeader, TransportHeader, UdpHeader,
+};
+
+use crate::{
+    packets::{ACK, FIN, L4, PSH, RST, SYN},
+    testrun::*,
+    testrun6::*,
+};
+
+/// An IPv6 extension header, in the order the frame carries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ext {
+    /// Hop-by-hop options (padding only), `len` 8-byte units after the first.
+    HopByHop(u8),
+    /// Destination options (padding only).
+    DestOpts(u8),
+    /// A routing header (type 0 layout) with this many segments left.
+    Routing(u8),
+    /// A fragment header: offset (8-byte units), more fragments, id.
+    Fragment(u16, bool, u32),
+}
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+
+impl Ext {
+    fn number(&self) -> u8 {
+        match self {
+            Ext::HopByHop(_) => NEXTHDR_HOP,
+            Ext::DestOpts(_) => NEXTHDR_DEST,
+            Ext::Routing(_) => NEXTHDR_ROUTING,
+            Ext::Fragment(..) => NEXTHDR_FRAGMENT,
+        }
+    }
+
+    fn bytes(&self, next: u8) -> Vec<u8> {
+        let options = |units: u8| {
+            // PadN filling the header: 6 bytes, then 8 per unit.
+            let len = 6 + 8 * usize::from(units);
+            let mut payload = vec![0u8; len];
+            payload[0] = 1;
+            payload[1] = (len - 2) as u8;
+            payload
+        };
+        let raw = |payload: &[u8]| {
+            Ipv6RawExtHeader::new_raw(IpNumber(next), payload)
+                .expect("extension header")
+                .to_bytes()
+                .to_vec()
+        };
+        match *self {
+            Ext::HopByHop(units) | Ext::DestOpts(units) => raw(&options(units)),
+            Ext::Routing(segments_left) => raw(&[0, segments_left, 0, 0, 0, 0]),
+            Ext::Fragment(offset, more, id) => {
+                let offset = IpFragOffset::try_new(offset).expect("offset");
+                Ipv6FragmentHeader::new(IpNumber(next), offset, more, id)
+                    .to_bytes()
+                    .to_vec()
+            }
+        }
+    }
+}
+
+/// One IPv6 TCP/UDP frame, field by field.
+#[derive(Clone, Debug)]
+pub struct Spec6 {
+    pub eth_src: [u8; 6],
+    pub eth_dst: [u8; 6],
+    pub src: Ipv6Addr,
+    pub dst: Ipv6Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub l4: L4,
+    pub hop_limit: u8,
+    pub exts: Vec<Ext>,
+    pub payload: Vec<u8>,
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+}
+
+impl Spec6 {
+    /// A client -> IPv6 NodePort frame as it arrives at the node.
+    pub fn from_client(sport: u16, dport: u16, l4: L4) -> Spec6 {
+        Spec6 {
+            eth_src: CLIENT_MAC,
+            eth_dst: NODE_MAC,
+            src: CLIENT6,
+            dst: NODE6,
+            sport,
+            dport,
+            l4,
+            hop_limit: 64,
+            exts: Vec::new(),
+            payload: b"hello xlb6".to_vec(),
+            tcp_seq: 1000,
+            tcp_ack: 2000,
+        }
+    }
+
+    pub fn proto(&self) -> u8 {
+        match self.l4 {
+            L4::Udp => IPPROTO_UDP,
+            L4::Tcp(_) => IPPROTO_TCP,
+        }
+    }
+
+    pub fn key(&self) -> lb_common::FlowKey6 {
+        key6(self.src, self.sport, self.dst, self.dport, self.proto())
+    }
+
+    fn tcp(&self, flags: u8) -> TcpHeader {
+        let mut tcp = TcpHeader::new(self.sport, self.dport, self.tcp_seq, 64_240);
+        tcp.fin = flags & FIN != 0;
+        tcp.syn = flags & SYN != 0;
+        tcp.rst = flags & RST != 0;
+        tcp.psh = flags & PSH != 0;
+        tcp.ack = flags & ACK != 0;
+        if tcp.ack {
+            tcp.acknowledgment_number = self.tcp_ack;
+        }
+        tcp
+    }
+
+    pub fn build(&self) -> Vec<u8> {
+        let mut exts = Vec::new();
+        for (index, ext) in self.exts.iter().enumerate() {
+            let next = self.exts.get(index + 1).map_or(self.proto(), Ext::number);
+            exts.extend(ext.bytes(next));
+        }
+        let mut ip = Ipv6Header {
+            traffic_class: 0,
+            flow_label: Ipv6FlowLabel::ZERO,
+            payload_length: 0,
+            next_header: IpNumber(self.exts.first().map_or(self.proto(), Ext::number)),
+            hop_limit: self.hop_limit,
+            source: self.src.octets(),
+            destination: self.dst.octets(),
+        };
+        let l4 = match self.l4 {
+            L4::Udp => UdpHeader::with_ipv6_checksum(self.sport, self.dport, &ip, &self.payload)
+                .expect("udp")
+                .to_bytes()
+                .to_vec(),
+            L4::Tcp(flags) => {
+                let mut tcp = self.tcp(flags);
+                tcp.checksum = tcp
+                    .calc_checksum_ipv6(&ip, &self.payload)
+                    .expect("tcp checksum");
+                tcp.to_bytes().to_vec()
+            }
+        };
+        ip.payload_length = (exts.len() + l4.len() + self.payload.len()) as u16;
+        let eth = Ethernet2Header {
+            source: self.eth_src,
+            destination: self.eth_dst,
+            ether_type: EtherType::IPV6,
+        };
+        let mut frame = Vec::new();
+        eth.write(&mut frame).expect("eth");
+        ip.write(&mut frame).expect("ipv6");
+        frame.extend(exts);
+        frame.extend(l4);
+        frame.extend_from_slice(&self.payload);
+        frame
+    }
+
+    /// The same frame after the node forwarded it: new MACs and tuple, hop
+    /// limit one lower, checksum recomputed from scratch.
+    pub fn forwarded(
+        &self,
+        eth: ([u8; 6], [u8; 6]),
+        (src, sport): (Ipv6Addr, u16),
+        (dst, dport): (Ipv6Addr, u16),
+    ) -> Spec6 {
+        Spec6 {
+            eth_src: eth.0,
+            eth_dst: eth.1,
+            src,
+            dst,
+            sport,
+            dport,
+            hop_limit: self.hop_limit - 1,
+            ..self.clone()
+        }
+    }
+
+    /// What the backend sends back for this frame, addressed as the backend
+    /// saw it (`self` is the forwarded frame).
+    pub fn reply(&self, l4: L4, payload: &[u8]) -> Spec6 {
+        Spec6 {
+            eth_src: self.eth_dst,
+            eth_dst: self.eth_src,
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            l4,
+            hop_limit: 64,
+            exts: Vec::new(),
+            payload: payload.to_vec(),
+            ..self.clone()
+        }
+    }
+}
+
+/// Checks the TCP/UDP checksum of an IPv6 frame by recomputing it
+/// (`packets::check_checksums` sends IPv6 frames here).
+pub fn check_checksums6(frame: &[u8]) -> Result<(), String> {
+    let headers = PacketHeaders::from_ethernet_slice(frame).map_err(|e| e.to_string())?;
+    let Some(NetHeaders::Ipv6(ip, _)) = &headers.net else {
+        return Err("neither IPv4 nor IPv6".into());
+    };
+    let payload = headers.payload.slice();
+    let (found, want) = match &headers.transport {
+        Some(TransportHeader::Udp(udp)) => (udp.checksum, udp.calc_checksum_ipv6(ip, payload)),
+        Some(TransportHeader::Tcp(tcp)) => (tcp.checksum, tcp.calc_checksum_ipv6(ip, payload)),
+        _ => return Err("not TCP/UDP".into()),
+    };
+    let want = want.map_err(|e| e.to_string())?;
+    if found != want {
+        return Err(format!("L4 checksum {found:#06x}, expected {want:#06x}"));
+    }
+    Ok(())
+}
+
+/// The (src, sport, dst, dport) of an IPv6 TCP/UDP frame.
+pub fn tuple_of6(frame: &[u8]) -> Option<(Ipv6Addr, u16, Ipv6Addr, u16)> {
+    let headers = PacketHeaders::from_ethernet_slice(frame).ok()?;
+    let Some(NetHeaders::Ipv6(ip, _)) = &headers.net else {
+        return None;
+    };
+    let (sport, dport) = match &headers.transport {
+        Some(TransportHeader::Udp(udp)) => (udp.source_port, udp.destination_port),
+        Some(TransportHeader::Tcp(tcp)) => (tcp.source_port, tcp.destination_port),
+        _ => return None,
+    };
+    Some((ip.source.into(), sport, ip.destination.into(), dport))
+}
+
+/// An ICMPv6 neighbour solicitation from the client for `NODE6`.
+pub fn neighbour_solicitation() -> Vec<u8> {
+    let mut frame = Vec::new();
+    let target = NODE6.octets();
+    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, [0x33, 0x33, 0xff, 0, 0, 1])
+        .ipv6(CLIENT6.octets(), solicited_node(NODE6).octets(), 255)
+        .icmpv6(etherparse::Icmpv6Type::Unknown {
+            type_u8: 135,
+            code_u8: 0,
+            bytes5to8: [0; 4],
+        })
+        .write(&mut frame, &target)
+        .expect("neighbour solicitation");
+    frame
+}
+
+fn solicited_node(addr: Ipv6Addr) -> Ipv6Addr {
+    let o = addr.octets();
+    Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(o[13]),
+        u16::from_be_bytes([o[14], o[15]]),
+    )
+}

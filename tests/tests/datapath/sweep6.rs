@@ -1,0 +1,171 @@
+//! The malformed-packet sweep's IPv6 part: IPv6 frames towards the IPv6
+//! NodePorts with random chains of extension headers, replies from the
+//! backends, NDP, then maybe mutated or cut short; and the invariants an
+//! IPv6 frame's verdict must keep.
+
+use xlb_tests::{
+    packets::{ACK, FIN, L4, PSH, RST, SYN, check_checksums},
+    packets6::*,
+    testrun::*,
+    testrun6::*,
+};
+
+use crate::sweep::Rng;
+
+/// Whether `frame` is an (untagged) IPv6 frame: its verdict is checked here.
+pub fn is_ipv6(frame: &[u8]) -> bool {
+    frame.len() >= 14 && frame[12..14] == [0x86, 0xdd]
+}
+
+/// An IPv6 frame to send and the interface it arrives on.
+pub fn frame(rng: &mut Rng, dp: &Datapath, replies: &[Vec<u8>]) -> (Vec<u8>, u32) {
+    let sport = 1024 + rng.below(60_000) as u16;
+    let mut ifindex = dp.client_ifindex;
+    let mut frame = match rng.below(8) {
+        0..=2 => with_random_exts(rng, Spec6::from_client(sport, UDP_NODE_PORT, L4::Udp)),
+        3..=4 => {
+            let flags = [SYN, SYN, ACK, ACK | PSH, FIN | ACK, RST][rng.below(6) as usize];
+            let spec = Spec6::from_client(sport, TCP_NODE_PORT, L4::Tcp(flags));
+            with_random_exts(rng, spec)
+        }
+        5 if !replies.is_empty() => {
+            ifindex = dp.backend_ifindex;
+            replies[rng.below(replies.len() as u64) as usize].clone()
+        }
+        6 => neighbour_solicitation(),
+        _ => {
+            let port = [
+                EMPTY_NODE_PORT,
+                LOCAL_EMPTY_NODE_PORT,
+                LOCAL_NODE_PORT,
+                30_000,
+            ];
+            let port = port[rng.below(4) as usize];
+            let mut spec = Spec6::from_client(sport, port, L4::Udp);
+            spec.payload = (0..rng.below(64)).map(|_| rng.byte()).collect();
+            spec.build()
+        }
+    };
+    match rng.below(4) {
+        0 => {}
+        1 => {
+            for _ in 0..1 + rng.below(6) {
+                let at = rng.below(frame.len() as u64) as usize;
+                frame[at] = rng.byte();
+            }
+        }
+        2 => {
+            // The bytes the IPv6 parser decides on: version, payload
+            // length, next header, hop limit, the first extension header's
+            // next header, length and segments left.
+            let fields = [14usize, 18, 19, 20, 21, 54, 55, 57];
+            let at = fields[rng.below(fields.len() as u64) as usize];
+            if at < frame.len() {
+                frame[at] = rng.byte();
+            }
+        }
+        _ => {
+            let len = 14 + rng.below(frame.len() as u64 - 13) as usize;
+            frame.truncate(len);
+        }
+    }
+    (frame, ifindex)
+}
+
+fn with_random_exts(rng: &mut Rng, mut spec: Spec6) -> Vec<u8> {
+    for _ in 0..rng.below(4) {
+        let ext = match rng.below(5) {
+            0 => Ext::HopByHop(rng.below(3) as u8),
+            1 => Ext::DestOpts(rng.below(3) as u8),
+            2 => Ext::Routing(0),
+            3 => Ext::Routing(1 + rng.below(3) as u8),
+            _ => Ext::Fragment(rng.below(4) as u16, rng.below(2) == 0, rng.next() as u32),
+        };
+        spec.exts.push(ext);
+    }
+    spec.build()
+}
+
+/// Checks an IPv6 frame's verdict; returns the backend's reply to a frame
+/// forwarded to it, for later frames.
+pub fn check(
+    dp: &mut Datapath,
+    verdict: u32,
+    input: &[u8],
+    output: &[u8],
+    ifindex: u32,
+) -> Result<Option<Vec<u8>>, String> {
+    match verdict {
+        XDP_PASS if output != input => Err("XDP_PASS but the frame was modified".into()),
+        XDP_PASS | XDP_DROP => Ok(None),
+        XDP_TX | XDP_REDIRECT => {
+            check_forwarded(dp, input, output)?;
+            Ok((ifindex == dp.client_ifindex)
+                .then(|| reply_to(output))
+                .flatten())
+        }
+        other => Err(format!("verdict {other} for an IPv6 frame")),
+    }
+}
+
+/// A forwarded IPv6 frame must be a valid TCP/UDP packet of the same
+/// length, hop limit one lower, its tuple exactly the rewrite conntrack
+/// holds for the input's tuple, and its checksum correct if the input's was.
+fn check_forwarded(dp: &mut Datapath, input: &[u8], output: &[u8]) -> Result<(), String> {
+    let (src, sport, dst, dport) =
+        tuple_of6(input).ok_or("forwarded an IPv6 frame etherparse rejects")?;
+    let out_tuple = tuple_of6(output).ok_or("forwarded output does not parse")?;
+    if output.len() != input.len() {
+        return Err(format!("length {} -> {}", input.len(), output.len()));
+    }
+    let proto = if out_tuple_is_udp(input) {
+        IPPROTO_UDP
+    } else {
+        IPPROTO_TCP
+    };
+    let flow = dp
+        .flow6(&key6(src, sport, dst, dport, proto))
+        .ok_or("forwarded without a conntrack entry")?;
+    let addr = |addr| std::net::Ipv6Addr::from(lb_common::family::octets6(addr));
+    let want = (
+        addr(flow.new_src_addr_be),
+        u16::from_be(flow.new_src_port_be),
+        addr(flow.new_dst_addr_be),
+        u16::from_be(flow.new_dst_port_be),
+    );
+    if out_tuple != want {
+        return Err(format!(
+            "rewritten to {out_tuple:?}, conntrack says {want:?}"
+        ));
+    }
+    if output[21] + 1 != input[21] {
+        return Err("hop limit not decremented by one".into());
+    }
+    if check_checksums(input).is_ok() {
+        check_checksums(output)?;
+    }
+    Ok(())
+}
+
+fn out_tuple_is_udp(frame: &[u8]) -> bool {
+    matches!(
+        etherparse::PacketHeaders::from_ethernet_slice(frame).map(|h| h.transport),
+        Ok(Some(etherparse::TransportHeader::Udp(_)))
+    )
+}
+
+/// The backend's answer to a frame forwarded to it.
+fn reply_to(at_backend: &[u8]) -> Option<Vec<u8>> {
+    let (src, sport, dst, dport) = tuple_of6(at_backend)?;
+    let l4 = if out_tuple_is_udp(at_backend) {
+        L4::Udp
+    } else {
+        L4::Tcp(SYN | ACK)
+    };
+    let mut spec = Spec6::from_client(dport, sport, l4);
+    spec.eth_src = at_backend[0..6].try_into().ok()?;
+    spec.eth_dst = NODE_B_MAC;
+    spec.src = dst;
+    spec.dst = src;
+    Some(spec.build())
+}

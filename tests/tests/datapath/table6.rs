@@ -1,0 +1,506 @@
+//! The fixture table's IPv6 rows: new flows, established flows and replies
+//! over UDP and TCP through the IPv6 NodePorts, each extension header xlb
+//! walks, the ones it leaves to the kernel, truncated and inconsistent
+//! headers, NDP. Expected frames are built from scratch with etherparse
+//! (`packets6`), never with datapath code.
+
+use lb_common::{
+    FlowKey6, Peer, Reason,
+    flow::FLOW_S_CONFIRMED,
+    path::{HANDOFF_NEIGH, HANDOFF_PEER, Handoff},
+};
+use std::net::Ipv6Addr;
+
+use xlb_tests::{
+    packets::{ACK, L4, SYN},
+    packets6::*,
+    testrun::*,
+    testrun6::*,
+};
+
+use crate::table::{Case, Expect, Row};
+
+fn unchanged(dp: &Datapath, frame: Vec<u8>) -> Case {
+    Case {
+        input: frame,
+        ifindex: dp.client_ifindex,
+        expect: Expect::Unchanged,
+        after: None,
+    }
+}
+
+fn udp6(sport: u16) -> Spec6 {
+    Spec6::from_client(sport, UDP_NODE_PORT, L4::Udp)
+}
+
+fn tcp6(sport: u16, flags: u8) -> Spec6 {
+    Spec6::from_client(sport, TCP_NODE_PORT, L4::Tcp(flags))
+}
+
+fn backend6_mac(addr: Ipv6Addr) -> [u8; 6] {
+    match addr {
+        BACKEND6_1 => BACKEND_1_MAC,
+        BACKEND6_2 => BACKEND_2_MAC,
+        other => panic!("{other} is not an IPv6 backend of the base state"),
+    }
+}
+
+fn target_port(spec: &Spec6) -> u16 {
+    match spec.l4 {
+        L4::Udp => UDP_TARGET_PORT,
+        L4::Tcp(_) => TCP_TARGET_PORT,
+    }
+}
+
+/// The frame `spec` becomes on its way to the backend conntrack recorded
+/// for it: from `masquerade` (the backend-side node address and a port in
+/// range, or with `None` the client's own address and port).
+fn to_backend6(dp: &mut Datapath, spec: &Spec6, masquerade: bool) -> Vec<u8> {
+    let flow = dp
+        .flow6(&spec.key())
+        .expect("conntrack has the client's flow");
+    let backend = Ipv6Addr::from(lb_common::family::octets6(flow.new_dst_addr_be));
+    let sport = u16::from_be(flow.new_src_port_be);
+    let src = if masquerade {
+        assert!(
+            (SNAT_MIN..=SNAT_MAX).contains(&sport),
+            "masquerade port {sport} outside {SNAT_MIN}-{SNAT_MAX}"
+        );
+        (NODE6_B, sport)
+    } else {
+        assert_eq!(sport, spec.sport, "no masquerade keeps the client's port");
+        (spec.src, spec.sport)
+    };
+    let eth = (NODE_B_MAC, backend6_mac(backend));
+    spec.forwarded(eth, src, (backend, target_port(spec)))
+        .build()
+}
+
+fn forward_case(dp: &Datapath, spec: Spec6, masquerade: bool) -> Case {
+    Case {
+        input: spec.build(),
+        ifindex: dp.client_ifindex,
+        expect: Expect::Frame(Box::new(move |dp| to_backend6(dp, &spec, masquerade))),
+        after: None,
+    }
+}
+
+/// Sends `spec` from the client; returns the frame as the backend got it.
+fn send_from_client6(dp: &mut Datapath, spec: &Spec6) -> Spec6 {
+    let (verdict, out) = dp.run(&spec.build(), dp.client_ifindex);
+    assert_eq!(
+        verdict, XDP_REDIRECT,
+        "setup frame {spec:?} was not forwarded"
+    );
+    let (src, sport, dst, dport) = tuple_of6(&out).expect("forwarded frame parses");
+    Spec6 {
+        eth_src: NODE_B_MAC,
+        eth_dst: backend6_mac(dst),
+        src,
+        sport,
+        dst,
+        dport,
+        hop_limit: spec.hop_limit - 1,
+        exts: Vec::new(),
+        ..spec.clone()
+    }
+}
+
+/// The backend's reply to `at_backend`, expected to reach the client from
+/// `NODE6`:NodePort.
+fn reply_case(dp: &mut Datapath, client: &Spec6, at_backend: &Spec6, l4: L4) -> Case {
+    let reply = at_backend.reply(l4, b"echo6");
+    let to_client = reply.forwarded(
+        (NODE_MAC, CLIENT_MAC),
+        (NODE6, client.dport),
+        (CLIENT6, client.sport),
+    );
+    Case {
+        input: reply.build(),
+        ifindex: dp.backend_ifindex,
+        expect: Expect::Frame(Box::new(move |_| to_client.build())),
+        after: None,
+    }
+}
+
+/// What a new flow to a backend reached through tc leaves as: rewritten
+/// like `to_backend6`, MACs as they came, the hand-off over its first 8
+/// bytes (tc writes real MACs).
+fn handed_over6(dp: &mut Datapath, spec: &Spec6, hand_off: Handoff) -> Vec<u8> {
+    let mut out = to_backend6(dp, spec, true);
+    out[..12].copy_from_slice(&spec.build()[..12]);
+    out[..3].copy_from_slice(&hand_off.mark);
+    out[3] = hand_off.kind;
+    out[4..8].copy_from_slice(&hand_off.ifindex.to_ne_bytes());
+    out
+}
+
+/// A local pod's veth in the `XLB_PEERS6` row (any index: tc is not run).
+const PEER_VETH: u32 = 4243;
+
+fn with_exts(mut spec: Spec6, exts: Vec<Ext>) -> Spec6 {
+    spec.exts = exts;
+    spec
+}
+
+/// Both entries of `key`'s flow are confirmed (in `XLB_FLOWS6`).
+fn confirmed(key: FlowKey6) -> Option<crate::table::AfterCheck> {
+    Some(Box::new(move |dp: &mut Datapath| {
+        let flow = dp.flows6().get(&key, 0).expect("established entry");
+        assert_ne!(flow.state & FLOW_S_CONFIRMED, 0);
+        let peer = FlowKey6::peer_of(&flow, key.proto);
+        assert!(dp.flows6().get(&peer, 0).is_ok(), "reply entry confirmed");
+    }))
+}
+
+pub fn rows() -> Vec<Row> {
+    let mut rows = flow_rows();
+    rows.extend(header_rows());
+    rows
+}
+
+fn flow_rows() -> Vec<Row> {
+    vec![
+        Row {
+            name: "IPv6 UDP new flow to the NodePort: DNAT + masquerade",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| forward_case(dp, udp6(41_000), true),
+        },
+        Row {
+            name: "IPv6 TCP SYN opens a half-open flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let spec = tcp6(41_001, SYN);
+                let key = spec.key();
+                Case {
+                    after: Some(Box::new(move |dp: &mut Datapath| {
+                        assert!(dp.new_flows6().get(&key, 0).is_ok(), "half-open");
+                        assert!(dp.flows6().get(&key, 0).is_err(), "not established");
+                    })),
+                    ..forward_case(dp, spec, true)
+                }
+            },
+        },
+        Row {
+            name: "IPv6 UDP established: same backend and port",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                let spec = udp6(41_002);
+                send_from_client6(dp, &spec);
+                forward_case(dp, spec, true)
+            },
+        },
+        Row {
+            name: "IPv6 UDP reply: reverse NAT to NODE6:NodePort",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdReply,
+            case: |dp| {
+                let client = udp6(41_003);
+                let at_backend = send_from_client6(dp, &client);
+                reply_case(dp, &client, &at_backend, L4::Udp)
+            },
+        },
+        Row {
+            name: "IPv6 TCP SYN-ACK from the backend goes back to the client",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdReply,
+            case: |dp| {
+                let mut client = tcp6(41_004, SYN);
+                client.payload.clear();
+                let at_backend = send_from_client6(dp, &client);
+                reply_case(dp, &client, &at_backend, L4::Tcp(SYN | ACK))
+            },
+        },
+        Row {
+            name: "IPv6 TCP client ACK of the SYN-ACK confirms the flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                let mut client = tcp6(41_005, SYN);
+                client.payload.clear();
+                let at_backend = send_from_client6(dp, &client);
+                let mut synack = at_backend.reply(L4::Tcp(SYN | ACK), b"");
+                (synack.tcp_seq, synack.tcp_ack) = (5_000, 1_001);
+                let (verdict, _) = dp.run(&synack.build(), dp.backend_ifindex);
+                assert_eq!(verdict, XDP_REDIRECT, "SYN-ACK not forwarded");
+                let mut ack = tcp6(41_005, ACK);
+                (ack.tcp_seq, ack.tcp_ack) = (1_001, 5_001);
+                let key = ack.key();
+                Case {
+                    after: confirmed(key),
+                    ..forward_case(dp, ack, true)
+                }
+            },
+        },
+        Row {
+            name: "IPv6 new flow to a backend behind an interface XDP does not run on: \
+                   handed to tc (neigh)",
+            verdict: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                dp.forbid_redirect(dp.backend_ifindex);
+                let spec = udp6(41_020);
+                let hand_off = Handoff::new(HANDOFF_NEIGH, dp.backend_ifindex);
+                Case {
+                    expect: Expect::Frame(Box::new(move |dp| handed_over6(dp, &spec, hand_off))),
+                    ..forward_case(dp, udp6(41_020), true)
+                }
+            },
+        },
+        Row {
+            name: "IPv6 new flow to a local pod (XLB_PEERS6, FIB agrees): handed to tc \
+                   for bpf_redirect_peer",
+            verdict: XDP_PASS,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                dp.forbid_redirect(dp.backend_ifindex);
+                for backend in [BACKEND6_1, BACKEND6_2] {
+                    let peer = Peer {
+                        ifindex: PEER_VETH,
+                        route_ifindex: dp.backend_ifindex,
+                        dst_mac: [0x0a, 0x58, 0, 0, 0, 0x42],
+                        src_mac: [0x0a, 0x58, 0, 0, 0, 0x01],
+                    };
+                    dp.set_peer6(backend, peer);
+                }
+                let spec = tcp6(41_021, SYN);
+                let hand_off = Handoff::new(HANDOFF_PEER, PEER_VETH);
+                Case {
+                    expect: Expect::Frame(Box::new(move |dp| handed_over6(dp, &spec, hand_off))),
+                    ..forward_case(dp, tcp6(41_021, SYN), true)
+                }
+            },
+        },
+        Row {
+            name: "IPv6 TCP segment without SYN and no flow passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassTcpNoFlow,
+            case: |dp| unchanged(dp, tcp6(41_006, ACK).build()),
+        },
+        Row {
+            name: "IPv6 UDP without masquerade keeps the client's address",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let spec = Spec6::from_client(41_007, LOCAL_NODE_PORT, L4::Udp);
+                forward_case(dp, spec, false)
+            },
+        },
+        Row {
+            name: "IPv6 to a port with no service passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotService,
+            case: |dp| unchanged(dp, Spec6::from_client(41_008, 30_000, L4::Udp).build()),
+        },
+        Row {
+            name: "IPv6 to another address passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotService,
+            case: |dp| {
+                let mut spec = udp6(41_009);
+                spec.dst = Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 9);
+                unchanged(dp, spec.build())
+            },
+        },
+        Row {
+            name: "IPv6 UDP to a service with no backends: the kernel answers",
+            verdict: XDP_PASS,
+            reason: Reason::PassIpv6NoBackend,
+            case: |dp| {
+                let spec = Spec6::from_client(41_010, EMPTY_NODE_PORT, L4::Udp);
+                unchanged(dp, spec.build())
+            },
+        },
+        Row {
+            name: "IPv6 SYN to a service with no backends: the kernel answers",
+            verdict: XDP_PASS,
+            reason: Reason::PassIpv6NoBackend,
+            case: |dp| {
+                let spec = Spec6::from_client(41_011, EMPTY_TCP_NODE_PORT, L4::Tcp(SYN));
+                unchanged(dp, spec.build())
+            },
+        },
+        Row {
+            name: "IPv6 externalTrafficPolicy=Local with no local backend drops",
+            verdict: XDP_DROP,
+            reason: Reason::DropNoBackend,
+            case: |dp| {
+                let spec = Spec6::from_client(41_012, LOCAL_EMPTY_NODE_PORT, L4::Udp);
+                Case {
+                    expect: Expect::Dropped,
+                    ..unchanged(dp, spec.build())
+                }
+            },
+        },
+        Row {
+            name: "IPv6 hop limit 1 is dropped, not forwarded",
+            verdict: XDP_DROP,
+            reason: Reason::DropTtlExpired,
+            case: |dp| {
+                let mut spec = udp6(41_013);
+                spec.hop_limit = 1;
+                Case {
+                    expect: Expect::Dropped,
+                    ..unchanged(dp, spec.build())
+                }
+            },
+        },
+    ]
+}
+
+fn header_rows() -> Vec<Row> {
+    vec![
+        Row {
+            name: "IPv6 hop-by-hop options are walked; the frame keeps them",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| forward_case(dp, with_exts(udp6(41_100), vec![Ext::HopByHop(0)]), true),
+        },
+        Row {
+            name: "IPv6 destination options (16 bytes) are walked",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                forward_case(
+                    dp,
+                    with_exts(tcp6(41_101, SYN), vec![Ext::DestOpts(1)]),
+                    true,
+                )
+            },
+        },
+        Row {
+            name: "IPv6 routing header with no segments left is walked",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| forward_case(dp, with_exts(udp6(41_102), vec![Ext::Routing(0)]), true),
+        },
+        Row {
+            name: "IPv6 hop-by-hop, destination options, routing, destination options",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let exts = vec![
+                    Ext::HopByHop(0),
+                    Ext::DestOpts(0),
+                    Ext::Routing(0),
+                    Ext::DestOpts(2),
+                ];
+                forward_case(dp, with_exts(udp6(41_103), exts), true)
+            },
+        },
+        Row {
+            name: "IPv6 routing header with segments left passes (not the final destination)",
+            verdict: XDP_PASS,
+            reason: Reason::PassIpv6ExtHeaders,
+            case: |dp| unchanged(dp, with_exts(udp6(41_104), vec![Ext::Routing(1)]).build()),
+        },
+        Row {
+            name: "IPv6 a second routing header passes (out of order)",
+            verdict: XDP_PASS,
+            reason: Reason::PassIpv6ExtHeaders,
+            case: |dp| {
+                let exts = vec![Ext::Routing(0), Ext::Routing(0)];
+                unchanged(dp, with_exts(udp6(41_105), exts).build())
+            },
+        },
+        Row {
+            name: "IPv6 hop-by-hop options other than first pass (out of order)",
+            verdict: XDP_PASS,
+            reason: Reason::PassIpv6ExtHeaders,
+            case: |dp| {
+                let exts = vec![Ext::DestOpts(0), Ext::HopByHop(0)];
+                unchanged(dp, with_exts(udp6(41_111), exts).build())
+            },
+        },
+        Row {
+            name: "IPv6 destination options twice before the L4 header pass (out of order)",
+            verdict: XDP_PASS,
+            reason: Reason::PassIpv6ExtHeaders,
+            case: |dp| {
+                let exts = vec![Ext::DestOpts(0), Ext::DestOpts(0)];
+                unchanged(dp, with_exts(udp6(41_112), exts).build())
+            },
+        },
+        Row {
+            name: "IPv6 first fragment passes (IPv6 fragments are not followed yet)",
+            verdict: XDP_PASS,
+            reason: Reason::PassIpv6Fragment,
+            case: |dp| {
+                let exts = vec![Ext::Fragment(0, true, 0x1234_5678)];
+                unchanged(dp, with_exts(udp6(41_106), exts).build())
+            },
+        },
+        Row {
+            name: "IPv6 later fragment behind hop-by-hop options passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassIpv6Fragment,
+            case: |dp| {
+                let exts = vec![Ext::HopByHop(0), Ext::Fragment(4, false, 0x1234_5678)];
+                unchanged(dp, with_exts(udp6(41_107), exts).build())
+            },
+        },
+        Row {
+            name: "IPv6 NDP neighbour solicitation passes untouched",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotTcpUdp,
+            case: |dp| unchanged(dp, neighbour_solicitation()),
+        },
+        Row {
+            name: "IPv6 payload length beyond the frame passes as malformed",
+            verdict: XDP_PASS,
+            reason: Reason::PassMalformed,
+            case: |dp| {
+                let mut frame = udp6(41_108).build();
+                frame[18..20].copy_from_slice(&2000u16.to_be_bytes());
+                unchanged(dp, frame)
+            },
+        },
+        Row {
+            name: "IPv6 extension header longer than the payload passes as malformed",
+            verdict: XDP_PASS,
+            reason: Reason::PassMalformed,
+            case: |dp| {
+                let mut frame = with_exts(udp6(41_109), vec![Ext::DestOpts(0)]).build();
+                // The header claims 8 + 8 * 200 bytes.
+                frame[54 + 1] = 200;
+                unchanged(dp, frame)
+            },
+        },
+        Row {
+            name: "IPv6 version field other than 6 passes as malformed",
+            verdict: XDP_PASS,
+            reason: Reason::PassMalformed,
+            case: |dp| {
+                let mut frame = udp6(41_110).build();
+                frame[14] = 0x40;
+                unchanged(dp, frame)
+            },
+        },
+    ]
+}
+
+/// Every prefix of valid IPv6 UDP and TCP frames, with and without
+/// extension headers, that cuts a header or the payload short.
+pub fn truncations() -> Vec<(String, Vec<u8>)> {
+    let mut frames = Vec::new();
+    for (what, frame) in [
+        ("IPv6 UDP", udp6(41_200).build()),
+        ("IPv6 TCP SYN", tcp6(41_201, SYN).build()),
+        (
+            "IPv6 UDP behind hop-by-hop and routing",
+            with_exts(udp6(41_202), vec![Ext::HopByHop(1), Ext::Routing(0)]).build(),
+        ),
+        (
+            "IPv6 UDP first fragment",
+            with_exts(udp6(41_203), vec![Ext::Fragment(0, true, 7)]).build(),
+        ),
+    ] {
+        for len in 14..frame.len() {
+            frames.push((format!("{what} cut to {len} bytes"), frame[..len].to_vec()));
+        }
+    }
+    frames
+}
