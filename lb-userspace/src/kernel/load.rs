@@ -12,8 +12,6 @@ use aya::{Ebpf, EbpfLoader};
 use lb_common::maps::Sizing;
 
 use super::kept;
-use super::tc::tc_program;
-use super::xdp::xdp_program;
 use super::{
     Datapath, FlowTable, KernelError, KernelMaps, Loaded, MapSizes, OBJECT, OpenError, PinDir,
     TcRole, pin, sys,
@@ -144,31 +142,73 @@ fn load_object(sizes: &MapSizes, map_paths: &MapPins, debug: bool) -> Result<Ebp
 }
 
 /// Loads (verifies) the XDP programs (`xlb`, and `xlb6` into the array
-/// `xlb` tail-calls for IPv6) and both tc programs.
+/// `xlb` tail-calls for IPv6) and both tc programs. The kernel verifies
+/// one program per `BPF_PROG_LOAD`, on the caller's CPU: `xlb6` is
+/// verified on a thread of its own while `xlb` and the tc programs are
+/// (together most of the datapath's load time, which a cluster start waits
+/// for).
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), KernelError> {
-    xdp_program(ebpf)?
-        .load()
-        .map_err(|source| KernelError::Verify { source })?;
-    load_ipv6(ebpf)?;
-    for role in [TcRole::Uplink, TcRole::Pod] {
-        tc_program(ebpf, role)?
-            .load()
-            .map_err(|source| KernelError::VerifyTc {
-                name: role.program(),
-                source,
-            })?;
+    let ipv6 = lb_common::maps::PROGRAM6;
+    let names = [
+        lb_common::maps::PROGRAM,
+        TcRole::Uplink.program(),
+        TcRole::Pod.program(),
+    ];
+    let mut xlb6 = None;
+    let mut others = Vec::new();
+    for (name, program) in ebpf.programs_mut() {
+        if name == ipv6 {
+            xlb6 = Some(program);
+        } else if let Some(&name) = names.iter().find(|&&wanted| wanted == name) {
+            others.push((name, program));
+        }
     }
-    Ok(())
+    if let Some(&name) = names
+        .iter()
+        .find(|&&name| !others.iter().any(|(found, _)| *found == name))
+    {
+        return Err(KernelError::MissingProgram { name });
+    }
+    let xlb6 = xlb6.ok_or(KernelError::MissingProgram { name: ipv6 })?;
+    std::thread::scope(|scope| {
+        let ipv6_load = scope.spawn(move || load_one(ipv6, xlb6));
+        let loaded = others
+            .into_iter()
+            .try_for_each(|(name, program)| load_one(name, program));
+        let ipv6_loaded = match ipv6_load.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        loaded.and(ipv6_loaded)
+    })?;
+    register_ipv6(ebpf)
 }
 
-/// Loads `xlb6` and puts it in `XLB_PROGS6`. The array is not pinned: while
+/// Loads XDP program or tc program `name`, the object's `program`.
+fn load_one(name: &'static str, program: &mut aya::programs::Program) -> Result<(), KernelError> {
+    if name == lb_common::maps::PROGRAM || name == lb_common::maps::PROGRAM6 {
+        let program: &mut Xdp = program
+            .try_into()
+            .map_err(|source| KernelError::NotXdp { name, source })?;
+        return program
+            .load()
+            .map_err(|source| KernelError::Verify { source });
+    }
+    let program: &mut aya::programs::SchedClassifier = program
+        .try_into()
+        .map_err(|source| KernelError::NotTc { name, source })?;
+    program
+        .load()
+        .map_err(|source| KernelError::VerifyTc { name, source })
+}
+
+/// Puts the loaded `xlb6` in `XLB_PROGS6`. The array is not pinned: while
 /// no agent runs (`--keep-attached`) it is empty, and IPv6 frames pass.
-fn load_ipv6(ebpf: &mut Ebpf) -> Result<(), KernelError> {
+fn register_ipv6(ebpf: &mut Ebpf) -> Result<(), KernelError> {
     let name = lb_common::maps::PROGRAM6;
     let not_xdp = |name, source| KernelError::NotXdp { name, source };
     let program: &mut Xdp = super::program(ebpf, name, not_xdp)?;
     let verify = |source| KernelError::Verify { source };
-    program.load().map_err(verify)?;
     let fd = program.fd().map_err(verify)?.try_clone();
     let fd = fd.map_err(|error| verify(error.into()))?;
     let map = lb_common::maps::PROGS6;
@@ -187,7 +227,6 @@ fn load_ipv6(ebpf: &mut Ebpf) -> Result<(), KernelError> {
         })
 }
 
-/// What recreating a pinned map costs, for the warning.
 /// Whether `name` is one of the configuration group's maps.
 fn is_config_map(name: &str) -> bool {
     lb_common::maps::MAPS
@@ -195,6 +234,7 @@ fn is_config_map(name: &str) -> bool {
         .any(|map| map.name == name && map.pin == lb_common::maps::Pin::Config)
 }
 
+/// What recreating a pinned map costs, for the warning.
 fn consequence(name: &str) -> &'static str {
     match name {
         lb_common::maps::FLOWS | lb_common::maps::FLOWS_NEW => "; existing flows are forgotten",
