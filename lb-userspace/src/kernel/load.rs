@@ -184,8 +184,21 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), KernelError> {
     register_ipv6(ebpf)
 }
 
-/// Loads XDP program or tc program `name`, the object's `program`.
+/// Loads XDP program or tc program `name`, the object's `program`, and
+/// logs how long the kernel took (`xlb::timing`).
 fn load_one(name: &'static str, program: &mut aya::programs::Program) -> Result<(), KernelError> {
+    let started = std::time::Instant::now();
+    let loaded = verify_one(name, program);
+    log::debug!(
+        target: "xlb::timing",
+        "{name} loaded (verified) in {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    loaded
+}
+
+/// [`load_one`] without the timing.
+fn verify_one(name: &'static str, program: &mut aya::programs::Program) -> Result<(), KernelError> {
     if name == lb_common::maps::PROGRAM || name == lb_common::maps::PROGRAM6 {
         let program: &mut Xdp = program
             .try_into()
