@@ -15,7 +15,7 @@ use super::interfaces::{DEFAULT_MASQUERADE_IFINDEX, choose_uplinks, default_masq
 use super::laps::Laps;
 use super::{Agent, AgentError, RESYNC};
 use crate::error_chain;
-use crate::kernel::{host, sys};
+use crate::kernel::{self, host, sys};
 use crate::reconcile::{self, Desired, PlanError, RefusedFrontend};
 use crate::source::kube::{Finding, Why};
 use crate::source::yaml::LoadedConfig;
@@ -126,7 +126,10 @@ impl Agent {
             }
         })?;
         // Ids kept from maps made smaller are given where they go by now.
-        self.applied.kept = reconcile::KeptIds::default();
+        if self.applied.kept != reconcile::KeptIds::default() {
+            self.applied.kept = reconcile::KeptIds::default();
+            kernel::kept::remove_file(self.observe.run_dir());
+        }
         self.move_socket_clients();
         Ok(ops.len())
     }
@@ -134,13 +137,18 @@ impl Agent {
     /// When `why` says a map is full and the maps can grow, starts the
     /// agent again with larger ones; returns only if that fails.
     fn grow_if_full(&self, why: &PlanError, desired: &Desired) -> Result<(), AgentError> {
-        let pinned = self.datapath.pins().is_some();
-        match grow::growth(why, &self.sizes, pinned, &self.applied, desired) {
-            Some(capacity) => Err(AgentError::Grow {
-                source: grow::restart_with(capacity, &self.sizes),
-            }),
-            None => Ok(()),
+        let pins = self.datapath.pins();
+        let Some(capacity) = grow::growth(why, &self.sizes, pins.is_some(), &self.applied, desired)
+        else {
+            return Ok(());
+        };
+        let kept = grow::ids_in_use(&self.applied, self.hash_seed);
+        if let Err(source) = kernel::kept::write_file(self.observe.run_dir(), &kept) {
+            return Err(AgentError::Grow { source });
         }
+        Err(AgentError::Grow {
+            source: grow::restart_with(capacity, &self.sizes),
+        })
     }
 
     /// Logs the services that changed from fitting to skipped, and counts

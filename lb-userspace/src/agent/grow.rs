@@ -180,6 +180,24 @@ pub(super) fn growth(
     grown
 }
 
+/// The ids the running datapath's flows may name, for the next agent to
+/// keep: those written (the mirror) and those not written yet that this
+/// agent itself kept from the maps before (it may grow again before its
+/// first apply), and the flow hash's secret.
+pub(super) fn ids_in_use(applied: &Applied, hash_seed: u64) -> kept::Kept {
+    let mut ids = applied.kept.clone();
+    for (&id, active) in &applied.backends {
+        ids.backends.insert(active.address, id);
+    }
+    for (&frontend, service) in &applied.services {
+        ids.services.insert(frontend, service.entry.id);
+    }
+    kept::Kept {
+        ids,
+        hash_seed: Some(hash_seed),
+    }
+}
+
 /// Starts this agent again in place with `capacity` (see the module
 /// docs). Returns only if that fails.
 pub(super) fn restart_with(capacity: MapCapacity, sizes: &MapSizes) -> std::io::Error {

@@ -338,7 +338,12 @@ impl Load {
                 applied.backends.len()
             );
             (applied, None)
-        } else if let Some(kept) = loaded.kept.take() {
+        } else if let Some(kept) = kernel::kept::read_file(observe.run_dir())
+            .filter(|_| loaded.kept.is_some())
+            .or_else(|| loaded.kept.take())
+        {
+            // An agent that grew the maps left the ids its datapath runs
+            // with (see `kernel::kept`); else the recreated maps held them.
             info!(
                 "configuration maps recreated at {} frontends and {} backend ids: the first plan \
                  keeps the ids of {} backends and {} frontends, conntrack kept",

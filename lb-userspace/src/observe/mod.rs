@@ -221,6 +221,11 @@ impl Observe {
         self.write_status_or_warn();
     }
 
+    /// The run directory (`--run-dir`).
+    pub fn run_dir(&self) -> &std::path::Path {
+        &self.run_dir
+    }
+
     /// A reconcile pass for config `generation` ended after `duration`:
     /// `ops` map operations written, or `None` if it failed. After a pass
     /// that changed something (or completed a new generation), the catalog
