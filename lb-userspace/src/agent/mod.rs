@@ -337,6 +337,8 @@ impl Load {
                 applied.services.len(),
                 applied.backends.len()
             );
+            // Ids a growing agent left are for maps made anew, not these.
+            kernel::kept::remove_file(observe.run_dir());
             (applied, None)
         } else if let Some(kept) = kernel::kept::read_file(observe.run_dir())
             .filter(|_| loaded.kept.is_some())
