@@ -237,17 +237,22 @@ pub fn check_checksums(frame: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// The (source, destination) ports of a TCP or UDP frame, either family.
+pub fn ports_of(headers: &PacketHeaders) -> Option<(u16, u16)> {
+    match &headers.transport {
+        Some(TransportHeader::Udp(udp)) => Some((udp.source_port, udp.destination_port)),
+        Some(TransportHeader::Tcp(tcp)) => Some((tcp.source_port, tcp.destination_port)),
+        _ => None,
+    }
+}
+
 /// The (src, sport, dst, dport) of an IPv4 TCP/UDP frame.
 pub fn tuple_of(frame: &[u8]) -> Option<(Ipv4Addr, u16, Ipv4Addr, u16)> {
     let headers = PacketHeaders::from_ethernet_slice(frame).ok()?;
     let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
         return None;
     };
-    let (sport, dport) = match &headers.transport {
-        Some(TransportHeader::Udp(udp)) => (udp.source_port, udp.destination_port),
-        Some(TransportHeader::Tcp(tcp)) => (tcp.source_port, tcp.destination_port),
-        _ => return None,
-    };
+    let (sport, dport) = ports_of(&headers)?;
     Some((
         Ipv4Addr::from(ip.source),
         sport,

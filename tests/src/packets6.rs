@@ -239,11 +239,7 @@ pub fn tuple_of6(frame: &[u8]) -> Option<(Ipv6Addr, u16, Ipv6Addr, u16)> {
     let Some(NetHeaders::Ipv6(ip, _)) = &headers.net else {
         return None;
     };
-    let (sport, dport) = match &headers.transport {
-        Some(TransportHeader::Udp(udp)) => (udp.source_port, udp.destination_port),
-        Some(TransportHeader::Tcp(tcp)) => (tcp.source_port, tcp.destination_port),
-        _ => return None,
-    };
+    let (sport, dport) = crate::packets::ports_of(&headers)?;
     Some((ip.source.into(), sport, ip.destination.into(), dport))
 }
 

@@ -98,6 +98,15 @@ fn frame(
             spec.build()
         }
     };
+    // The header bytes the IPv4 parser decides on.
+    mutate(rng, &mut frame, &[12, 13, 14, 16, 17, 20, 21, 22, 23, 46]);
+    (frame, ifindex)
+}
+
+/// Leaves `frame` as it is, or rewrites random bytes, or one of the
+/// `decisive` header bytes, or cuts it short (after the Ethernet header),
+/// each a quarter of the time.
+pub fn mutate(rng: &mut Rng, frame: &mut Vec<u8>, decisive: &[usize]) {
     match rng.below(4) {
         0 => {}
         1 => {
@@ -107,9 +116,7 @@ fn frame(
             }
         }
         2 => {
-            // Mutate the header bytes the parser decides on.
-            let fields = [12usize, 13, 14, 16, 17, 20, 21, 22, 23, 46];
-            let at = fields[rng.below(fields.len() as u64) as usize];
+            let at = decisive[rng.below(decisive.len() as u64) as usize];
             if at < frame.len() {
                 frame[at] = rng.byte();
             }
@@ -119,7 +126,6 @@ fn frame(
             frame.truncate(len);
         }
     }
-    (frame, ifindex)
 }
 
 fn hex(frame: &[u8]) -> String {

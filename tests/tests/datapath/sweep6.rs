@@ -10,7 +10,7 @@ use xlb_tests::{
     testrun6::*,
 };
 
-use crate::sweep::Rng;
+use crate::sweep::{Rng, mutate};
 
 /// Whether `frame` is an (untagged) IPv6 frame: its verdict is checked here.
 pub fn is_ipv6(frame: &[u8]) -> bool {
@@ -46,29 +46,10 @@ pub fn frame(rng: &mut Rng, dp: &Datapath, replies: &[Vec<u8>]) -> (Vec<u8>, u32
             spec.build()
         }
     };
-    match rng.below(4) {
-        0 => {}
-        1 => {
-            for _ in 0..1 + rng.below(6) {
-                let at = rng.below(frame.len() as u64) as usize;
-                frame[at] = rng.byte();
-            }
-        }
-        2 => {
-            // The bytes the IPv6 parser decides on: version, payload
-            // length, next header, hop limit, the first extension header's
-            // next header, length and segments left.
-            let fields = [14usize, 18, 19, 20, 21, 54, 55, 57];
-            let at = fields[rng.below(fields.len() as u64) as usize];
-            if at < frame.len() {
-                frame[at] = rng.byte();
-            }
-        }
-        _ => {
-            let len = 14 + rng.below(frame.len() as u64 - 13) as usize;
-            frame.truncate(len);
-        }
-    }
+    // The bytes the IPv6 parser decides on: version, payload length, next
+    // header, hop limit, the first extension header's next header, length
+    // and segments left.
+    mutate(rng, &mut frame, &[14, 18, 19, 20, 21, 54, 55, 57]);
     (frame, ifindex)
 }
 
