@@ -98,10 +98,10 @@ fn heap_of_a_big_apply() {
     step("desired");
     let capacity = Capacity::default();
     let mut applied = Applied::default();
-    let mut ops = reconcile::diff(&applied, &desired, &capacity).expect("fits");
+    let ops = reconcile::diff(&applied, &desired, &capacity).expect("fits");
     step("planned");
-    for op in &mut ops {
-        applied.record_taking(op);
+    for op in &ops {
+        applied.record(op);
     }
     drop(ops);
     drop(desired);
@@ -199,9 +199,9 @@ fn heap_of_a_big_cluster() {
     let desired = Desired::new(&state, &NodeFacts::default());
     let capacity = Capacity::default();
     let mut applied = Applied::default();
-    let mut ops = reconcile::diff(&applied, &desired, &capacity).expect("fits");
-    for op in &mut ops {
-        applied.record_taking(op);
+    let ops = reconcile::diff(&applied, &desired, &capacity).expect("fits");
+    for op in &ops {
+        applied.record(op);
     }
     drop(ops);
     drop(desired);

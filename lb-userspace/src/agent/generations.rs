@@ -83,7 +83,7 @@ impl Agent {
         // applied, the others skipped and reported.
         // Either way, full maps grow when they can (the agent starts
         // again in place, see `grow`).
-        let mut ops = if self.services.is_some() {
+        let ops = if self.services.is_some() {
             let fitted = reconcile::diff_fitting(&self.applied, &desired, &self.capacity)
                 .map_err(|source| AgentError::Plan { source })?;
             if let Some(why) = &fitted.why {
@@ -120,7 +120,7 @@ impl Agent {
         for op in &ops {
             debug!("map op: {op}");
         }
-        reconcile::apply_taking(&mut self.maps, &mut self.applied, &mut ops).map_err(|source| {
+        reconcile::apply(&mut self.maps, &mut self.applied, &ops).map_err(|source| {
             AgentError::Apply {
                 source: Box::new(source),
             }

@@ -105,15 +105,6 @@ pub struct Applied {
 }
 
 impl Applied {
-    /// [`Applied::record`], dropping a written selection table's recipe
-    /// from `op` once the mirror has its summary: `op` keeps an empty one.
-    pub fn record_taking(&mut self, op: &mut MapOp) {
-        self.record(op);
-        if let MapOp::WriteTable { recipe, .. } = op {
-            *recipe = TableRecipe::default();
-        }
-    }
-
     /// Updates the mirror after `op` succeeded in the kernel.
     pub fn record(&mut self, op: &MapOp) {
         match op {

@@ -26,8 +26,8 @@ pub struct MaglevBackend {
 /// carries this (16 bytes a backend) rather than the slots (4 bytes each,
 /// 4 KB to 64 KB a table: 10,000 tables were the biggest part of a big
 /// apply's memory); the kernel layer builds the slots as it fills the
-/// kernel's table, a few at a time.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// kernel's table.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableRecipe {
     /// Slots; prime.
     pub size: u32,

@@ -31,7 +31,7 @@ pub use desired::{Desired, DesiredService, NodeFacts, RefusedFrontend};
 pub use ops::{ActiveBackend, Frontend, MapOp, RunKind, ServiceEntry, Settings, SourceRangeKey};
 pub use plan::{Capacity, Fitted, PlanError, diff, diff_fitting};
 pub use ports::{PortSet, lingering as ports_lingering, prune as prune_ports};
-pub use writer::{ApplyError, MapWriter, apply, apply_taking};
+pub use writer::{ApplyError, MapWriter, apply};
 
 #[cfg(test)]
 mod tests;

@@ -43,16 +43,6 @@ pub fn apply<W: MapWriter>(
     applied: &mut Applied,
     ops: &[MapOp],
 ) -> Result<(), ApplyError<W::Error>> {
-    apply_taking(writer, applied, &mut ops.to_vec())
-}
-
-/// [`apply`], moving written selection tables into `applied` (see
-/// [`Applied::record_taking`]): ops that were applied keep empty tables.
-pub fn apply_taking<W: MapWriter>(
-    writer: &mut W,
-    applied: &mut Applied,
-    ops: &mut [MapOp],
-) -> Result<(), ApplyError<W::Error>> {
     let mut start = 0;
     while start < ops.len() {
         let kind = ops[start].run_kind();
@@ -73,8 +63,8 @@ pub fn apply_taking<W: MapWriter>(
             Ok(()) => len,
             Err((written, _)) => (*written).min(len),
         };
-        for op in &mut ops[start..start + written] {
-            applied.record_taking(op);
+        for op in &ops[start..start + written] {
+            applied.record(op);
         }
         if let Err((_, source)) = outcome {
             let index = start + written;
