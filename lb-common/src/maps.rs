@@ -71,8 +71,11 @@ impl MapKind {
 pub enum Sizing {
     /// Compiled in: `MapDecl::max_entries`.
     Fixed,
-    /// Set at load time from `--max-flows` (default `max_entries`).
+    /// Set at load time from `conntrack.maxFlows` (default `max_entries`).
     Flows,
+    /// `conntrack.maxFlows` when the node serves IPv6 (it lists or has an
+    /// IPv6 address), else `max_entries`.
+    Flows6,
     /// Set at load time to the backend ids the agent allows.
     Backends,
     /// Set at load time to the frontends (and selection tables) the agent
@@ -253,11 +256,12 @@ declare_maps! {
     /// `Array<BackendHop6>`: `XLB_BACKEND_HOPS` for IPv6 backends.
     BACKEND_HOPS6 = "XLB_HOPS6": Array<u32, BackendHop6>, BACKENDS_MAX, Backends, No, Private;
     /// `LruHashMap<FlowKey6, Flow6>`: IPv6 conntrack, two entries per flow.
-    /// [`FLOWS6_MAX`] entries while the agent writes no IPv6 service (a
-    /// preallocated table sized with `XLB_FLOWS` would cost every node
-    /// 192 MiB). Seeded in `xlb explain` with nothing yet (its simulation
-    /// is IPv4's): only made small there.
-    FLOWS6 = "XLB_FLOWS6": LruHash<FlowKey6, Flow6>, FLOWS6_MAX, Fixed, Alone, Seeded;
+    /// As large as `XLB_FLOWS` on a node with IPv6 addresses,
+    /// [`FLOWS6_MAX`] entries on one without (a preallocated table sized
+    /// with `XLB_FLOWS` would cost every IPv4-only node 192 MiB). Seeded in
+    /// `xlb explain` with nothing yet (its simulation is IPv4's): only made
+    /// small there.
+    FLOWS6 = "XLB_FLOWS6": LruHash<FlowKey6, Flow6>, FLOWS6_MAX, Flows6, Alone, Seeded;
     /// `LruHashMap<FlowKey6, Flow6>`: half-open IPv6 TCP flows.
     FLOWS_NEW6 = "XLB_FLOWS_NEW6": LruHash<FlowKey6, Flow6>, FLOWS_NEW_MAX, Fixed, Alone, Seeded;
     /// `HashMap<Addr6, NodeAddr>`: IPv6 addresses that NodePorts answer on.
@@ -395,7 +399,7 @@ pub const TABLES_MAX: u32 = SERVICES_MAX;
 /// (`Sizing::Backends`).
 pub const BACKENDS_MAX: u32 = 131_072;
 pub const FLOWS_MAX: u32 = 1 << 20;
-/// `XLB_FLOWS6` until the agent serves IPv6 services (3 MiB).
+/// `XLB_FLOWS6` on a node without IPv6 addresses (3 MiB).
 pub const FLOWS6_MAX: u32 = 1 << 14;
 /// 16,384 half-open flows: at most about half of one backend's default
 /// masquerade port range (28,976 ports), so even a flood aimed at a

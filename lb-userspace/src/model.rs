@@ -3,14 +3,14 @@
 //! kernel layer turns it into lb-common map entries.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 mod rules;
 
 pub use rules::{
-    BackendAddr, Claim, DEFAULT_TABLE_SIZE, DesiredBackend, MAX_TABLE_SIZE, MIN_TABLE_SIZE, Owners,
-    auto_table_size, backends_for, desired_backends, is_prime, network_of,
+    BackendAddr, Claim, DEFAULT_TABLE_SIZE, DesiredBackend, IpFamily, MAX_TABLE_SIZE,
+    MIN_TABLE_SIZE, Owners, auto_table_size, backends_for, desired_backends, is_prime, network_of,
 };
 
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours, as
@@ -31,9 +31,10 @@ pub const DEFAULT_MASQUERADE_PORTS: RangeInclusive<u16> = 1_024..=29_999;
 pub struct DesiredState {
     /// Interfaces to attach the XDP program to.
     pub interfaces: Vec<String>,
-    /// Addresses NodePorts answer on; `None` means every IPv4 address of the
-    /// node except loopback (resolved by the agent on each reconcile).
-    pub node_addresses: Option<Vec<Ipv4Addr>>,
+    /// Addresses NodePorts answer on, of either family; `None` means every
+    /// address of the node except loopback and IPv6 link-local ones
+    /// (resolved by the agent on each reconcile).
+    pub node_addresses: Option<Vec<IpAddr>>,
     /// Source ports used when masquerading new flows.
     pub masquerade_ports: RangeInclusive<u16>,
     pub conntrack: Conntrack,
@@ -47,7 +48,7 @@ pub struct DesiredState {
     /// externalIPs (`node.allowedFrontendAddresses`). A frontend on any
     /// other address of the node is refused: it would take over the node's
     /// own ports on that address (the CVE-2020-8554 class of hijack).
-    pub allowed_frontend_addresses: Vec<Ipv4Addr>,
+    pub allowed_frontend_addresses: Vec<IpAddr>,
     pub services: Vec<Service>,
 }
 
@@ -70,7 +71,7 @@ impl Default for DesiredState {
 impl DesiredState {
     /// Number of distinct backends (address, port) over all services.
     pub fn backend_count(&self) -> usize {
-        let mut all: Vec<(Ipv4Addr, u16)> = self
+        let mut all: Vec<(IpAddr, u16)> = self
             .services
             .iter()
             .flat_map(|service| service.backends.iter().map(|b| (b.address, b.port)))
@@ -190,14 +191,19 @@ pub struct Service {
     pub node_port: u16,
     /// The service port: what `frontends` answer on.
     pub port: u16,
+    /// `ipFamilies`: the families the service is served in (see
+    /// [`Service::families`]). Its NodePort answers on the node's
+    /// addresses of each; each family's clients go to that family's
+    /// backends.
+    pub ip_families: Vec<IpFamily>,
     /// Load-balancer ingress IPs and external IPs, answered on `port` (an
     /// exact frontend wins over a NodePort on the same address and port).
-    pub frontends: Vec<Ipv4Addr>,
-    /// `clusterIP`/`clusterIPs` (IPv4), answered on `port`: by the socket
-    /// hooks for clients on this node, and by XDP for packets that arrive
+    pub frontends: Vec<IpAddr>,
+    /// `clusterIP`/`clusterIPs`, answered on `port`: by the socket hooks
+    /// for clients on this node (IPv4), and by XDP for packets that arrive
     /// addressed to them (masqueraded, as kube-proxy does for sources
     /// outside the cluster).
-    pub cluster_ips: Vec<Ipv4Addr>,
+    pub cluster_ips: Vec<IpAddr>,
     pub external_traffic_policy: TrafficPolicy,
     /// `internalTrafficPolicy`: which backends the ClusterIPs use (Local:
     /// only this node's; with none, new flows are refused).
@@ -208,7 +214,7 @@ pub struct Service {
     /// loadBalancerSourceRanges: (network address, prefix length). Empty
     /// means every source. They restrict the `frontends`; a service without
     /// frontends has them applied to its NodePort instead.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    pub source_ranges: Vec<(IpAddr, u8)>,
     /// For externalTrafficPolicy=Local load balancers: the port a health
     /// checker asks whether this node has local backends. Carried for the
     /// health server; the datapath does not use it.
@@ -221,13 +227,35 @@ impl Service {
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The families the service is served in: `ip_families` when given,
+    /// else those of its backends, frontends and ClusterIPs, IPv4 when it
+    /// has no address at all. Sorted, IPv4 first.
+    pub fn families(&self) -> Vec<IpFamily> {
+        let mut families: Vec<IpFamily> = if self.ip_families.is_empty() {
+            let addresses = self.backends.iter().map(|backend| backend.address);
+            addresses
+                .chain(self.frontends.iter().copied())
+                .chain(self.cluster_ips.iter().copied())
+                .map(IpFamily::of)
+                .collect()
+        } else {
+            self.ip_families.clone()
+        };
+        if families.is_empty() {
+            families.push(IpFamily::V4);
+        }
+        families.sort_unstable();
+        families.dedup();
+        families
+    }
 }
 
 /// One backend (endpoint) of a service, with its resolved port and its
 /// EndpointSlice conditions.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backend {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     /// Share of new flows relative to the service's other backends; 0 drains.
     pub weight: u32,
@@ -248,7 +276,7 @@ impl Default for Backend {
     /// `0.0.0.0:0`, weight 1, ready and serving, not terminating, not local.
     fn default() -> Self {
         Self {
-            address: Ipv4Addr::UNSPECIFIED,
+            address: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             port: 0,
             weight: 1,
             name: None,

@@ -145,7 +145,7 @@ fn backends(state: &DesiredState, node_port: u16) -> Option<Vec<(Ipv4Addr, u16)>
         desired_backends(service)
             .into_iter()
             .filter(|backend| backend.selectable)
-            .map(|backend| (backend.address.address, backend.address.port))
+            .map(|backend| (ipv4(backend.address.address), backend.address.port))
             .collect(),
     )
 }
@@ -160,7 +160,7 @@ fn state_follows_services_and_slices() -> anyhow::Result<()> {
         })
         .await?;
         assert_eq!(state.services, []);
-        assert_eq!(state.node_addresses, Some(vec![NODE_ADDR]));
+        assert_eq!(state.node_addresses, Some(vec![NODE_ADDR.into()]));
         assert_eq!(state.interfaces, ["xlb-c"], "the base's settings are kept");
 
         cluster.tcp_echo(&[EndpointState::ready(POD_1), EndpointState::ready(POD_2)]);
@@ -534,7 +534,7 @@ fn only_this_node_is_watched() -> anyhow::Result<()> {
             view.node,
             NodeInfo {
                 name: Some(NODE.to_owned()),
-                addresses: vec![NODE_ADDR],
+                addresses: vec![NODE_ADDR.into()],
             }
         );
         let node_watches = cluster
@@ -573,7 +573,7 @@ fn cluster_source_gives_the_agent_whole_states() -> anyhow::Result<()> {
         })
         .await?;
         let mut base = base();
-        base.node_addresses = Some(vec![Ipv4Addr::new(198, 18, 0, 7)]);
+        base.node_addresses = Some(vec![Ipv4Addr::new(198, 18, 0, 7).into()]);
         let state = source.desired(&base);
         assert_eq!(backends(&state, 30999), Some(vec![(POD_1, 3333)]));
         assert_eq!(
@@ -644,4 +644,12 @@ fn a_rejected_config_does_not_become_the_base() -> anyhow::Result<()> {
         assert_eq!(source.desired(&applied).interfaces, applied.interfaces);
         Ok(())
     })
+}
+
+/// `address`, which these IPv4 clusters' backends all are.
+fn ipv4(address: std::net::IpAddr) -> Ipv4Addr {
+    match address {
+        std::net::IpAddr::V4(address) => address,
+        std::net::IpAddr::V6(address) => panic!("an IPv6 backend {address} in an IPv4 cluster"),
+    }
 }

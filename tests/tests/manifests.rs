@@ -169,7 +169,7 @@ fn a_kustomize_stream_becomes_services() {
                 desired_backends(service)
                     .into_iter()
                     .filter(|backend| backend.selectable)
-                    .map(|backend| (backend.address.address, backend.address.port))
+                    .map(|backend| (ipv4(backend.address.address), backend.address.port))
                     .collect(),
             )
         })
@@ -448,4 +448,12 @@ fn directories_are_read_in_name_order() -> anyhow::Result<()> {
         "{error:?}"
     );
     Ok(())
+}
+
+/// `address`, which these IPv4 clusters' backends all are.
+fn ipv4(address: std::net::IpAddr) -> Ipv4Addr {
+    match address {
+        std::net::IpAddr::V4(address) => address,
+        std::net::IpAddr::V6(address) => panic!("an IPv6 backend {address} in an IPv4 cluster"),
+    }
 }

@@ -3,7 +3,7 @@
 //! this node's, its tables fit in memory; and the map sizes it loads with.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 
 use super::grow::MapCapacity;
@@ -115,7 +115,7 @@ pub(super) fn check_interfaces(config: &LoadedConfig) -> Result<(), ConfigError>
 /// them only arrives if something routes it here).
 pub(super) fn foreign_node_addresses(
     config: &LoadedConfig,
-    local: &BTreeSet<Ipv4Addr>,
+    local: &BTreeSet<IpAddr>,
 ) -> Vec<String> {
     let Some(listed) = &config.state.node_addresses else {
         return Vec::new();
@@ -139,10 +139,28 @@ pub(super) fn foreign_node_addresses(
 /// Load-time map sizes for a config (the selection tables need none: each
 /// service's table is made at its size when written).
 pub(super) fn map_sizes(state: &DesiredState, capacity: MapCapacity) -> MapSizes {
+    let flows6 = if serves_ipv6(state) {
+        state.conntrack.max_flows
+    } else {
+        lb_common::maps::FLOWS6_MAX.min(state.conntrack.max_flows)
+    };
     MapSizes {
         flows: state.conntrack.max_flows,
+        flows6,
         backends: capacity.backends,
         services: capacity.frontends,
+    }
+}
+
+/// Whether the node may serve IPv6: `node.addresses` lists an IPv6
+/// address, or, listing none, the node has one (loopback and link-local
+/// aside). Its IPv6 flow table is as large as the IPv4 one then.
+fn serves_ipv6(state: &DesiredState) -> bool {
+    match &state.node_addresses {
+        Some(listed) => listed.iter().any(IpAddr::is_ipv6),
+        None => crate::kernel::host::addresses().is_ok_and(|addresses| {
+            (addresses.iter()).any(|entry| entry.address.is_ipv6() && !entry.address.is_loopback())
+        }),
     }
 }
 
@@ -187,7 +205,7 @@ mod tests {
     #[test]
     fn foreign_node_address_warning() {
         let loaded = config("node:\n  interfaces: [lo]\n  addresses: [198.18.0.1, 198.18.0.2]\n");
-        let local: BTreeSet<Ipv4Addr> = [Ipv4Addr::new(198, 18, 0, 1)].into_iter().collect();
+        let local: BTreeSet<IpAddr> = [IpAddr::from([198, 18, 0, 1])].into_iter().collect();
         assert_eq!(
             foreign_node_addresses(&loaded, &local),
             [
@@ -199,7 +217,7 @@ mod tests {
 
     #[test]
     fn map_sizes_do_not_grow_with_services() {
-        let mut state = config("node:\n  interfaces: [lo]\n").state;
+        let mut state = config("node:\n  interfaces: [lo]\n  addresses: [198.18.0.1]\n").state;
         assert_eq!(
             map_sizes(&state, MapCapacity::default()),
             MapSizes::default()
@@ -218,6 +236,18 @@ mod tests {
             map_sizes(&state, MapCapacity::default()),
             MapSizes::default()
         );
+    }
+
+    #[test]
+    fn the_ipv6_flow_table_is_full_size_where_the_node_serves_ipv6() {
+        let mut state = config("node:\n  interfaces: [lo]\n  addresses: [198.18.0.1]\n").state;
+        let small = map_sizes(&state, MapCapacity::default());
+        assert_eq!(small.flows6, lb_common::maps::FLOWS6_MAX);
+        state.node_addresses = Some(vec![IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1])]);
+        let full = map_sizes(&state, MapCapacity::default());
+        assert_eq!(full.flows6, state.conntrack.max_flows);
+        state.conntrack.max_flows = 1000;
+        assert_eq!(map_sizes(&state, MapCapacity::default()).flows6, 1000);
     }
 
     #[test]

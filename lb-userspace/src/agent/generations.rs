@@ -16,6 +16,7 @@ use super::laps::Laps;
 use super::{Agent, AgentError, RESYNC};
 use crate::error_chain;
 use crate::kernel::{self, host, sys};
+use crate::model::IpFamily;
 use crate::reconcile::{self, Desired, PlanError, RefusedFrontend};
 use crate::source::kube::{Finding, Why};
 use crate::source::yaml::LoadedConfig;
@@ -61,11 +62,12 @@ impl Agent {
 
     fn plan_and_apply(&mut self) -> Result<usize, AgentError> {
         let mut facts = host::node_facts().map_err(|source| AgentError::Host { source })?;
-        if let Some(address) = default_masquerade_address(&self.config.state, &self.uplinks, &facts)
-        {
-            facts
-                .interface_addresses
-                .insert(DEFAULT_MASQUERADE_IFINDEX, address);
+        for family in [IpFamily::V4, IpFamily::V6] {
+            let state = &self.config.state;
+            if let Some(address) = default_masquerade_address(state, &self.uplinks, &facts, family)
+            {
+                (facts.interface_addresses).insert((DEFAULT_MASQUERADE_IFINDEX, family), address);
+            }
         }
         let mut desired = Desired::new(&self.config.state, &facts);
         desired.settings.hash_seed = self.hash_seed;
@@ -105,12 +107,17 @@ impl Agent {
         // Next hops are made managed neighbours on the neighbour thread
         // (only new or failed backends cost iproute2 work); the kernel
         // resolves them in the background either way, so nothing here waits.
+        // IPv6 next hops are left to the kernel's own resolution.
         let backends: BTreeSet<Ipv4Addr> = self
             .config
             .state
             .services
             .iter()
-            .flat_map(|service| service.backends.iter().map(|backend| backend.address))
+            .flat_map(|service| service.backends.iter())
+            .filter_map(|backend| match backend.address {
+                std::net::IpAddr::V4(address) => Some(address),
+                std::net::IpAddr::V6(_) => None,
+            })
             .collect();
         self.neighbours.ensure(backends);
         self.laps.lap("neighbours");

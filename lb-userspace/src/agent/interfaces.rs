@@ -3,7 +3,7 @@
 //! the pod/tunnel tc program on every veth and tunnel, the socket hooks on
 //! a cgroup; and the node's primary address for masquerading.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use log::{error, info, warn};
 
@@ -14,33 +14,34 @@ use crate::kernel::{
     linkwatch::LinkWatch,
     uplinks::{self, Uplink},
 };
-use crate::model::DesiredState;
+use crate::model::{DesiredState, IpFamily};
 use crate::reconcile::NodeFacts;
 
 /// `XLB_IFACE_ADDRS` key of the masquerade address for egress interfaces
 /// without an address of their own (the datapath's fallback).
 pub(super) const DEFAULT_MASQUERADE_IFINDEX: u32 = 0;
 
-/// The node's primary address, used to masquerade towards pods behind
-/// address-less interfaces (a routed CNI's veths, as Calico makes them):
-/// the first listed node address this node has, else the first address of
-/// the first uplink.
+/// The node's primary address of `family`, used to masquerade towards pods
+/// behind address-less interfaces (a routed CNI's veths, as Calico makes
+/// them): the first listed node address of the family this node has, else
+/// the first address of the family of the first uplink that has one.
 pub(super) fn default_masquerade_address(
     state: &DesiredState,
     uplinks: &[Uplink],
     facts: &NodeFacts,
-) -> Option<Ipv4Addr> {
+    family: IpFamily,
+) -> Option<IpAddr> {
     if let Some(listed) = &state.node_addresses
-        && let Some(address) = listed
-            .iter()
-            .find(|address| facts.local_addresses.contains(address))
+        && let Some(address) = listed.iter().find(|address| {
+            IpFamily::of(**address) == family && facts.local_addresses.contains(address)
+        })
     {
         return Some(*address);
     }
     uplinks
         .iter()
         .filter_map(|uplink| host::ifindex(&uplink.name))
-        .find_map(|ifindex| facts.interface_addresses.get(&ifindex).copied())
+        .find_map(|ifindex| facts.interface_addresses.get(&(ifindex, family)).copied())
 }
 
 /// The uplinks for `state`: the configured interfaces (`--iface` or
@@ -66,7 +67,7 @@ pub(super) fn choose_uplinks(
             })
             .collect());
     }
-    let addresses = host::ipv4_addresses().map_err(|source| AgentError::Host { source })?;
+    let addresses = host::addresses().map_err(|source| AgentError::Host { source })?;
     let default_routes = uplinks::default_route_devices().unwrap_or_else(|error| {
         warn!("cannot read the default routes (/proc/net/route): {error}");
         Vec::new()

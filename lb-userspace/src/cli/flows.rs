@@ -375,7 +375,7 @@ mod tests {
         catalog.backends.insert(
             1,
             BackendInfo {
-                address: Ipv4Addr::new(198, 18, 1, 2),
+                address: Ipv4Addr::new(198, 18, 1, 2).into(),
                 port: 3333,
                 weight: 1,
                 state: BackendState::Ready,

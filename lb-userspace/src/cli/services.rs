@@ -2,7 +2,7 @@
 //! state and the packets and bytes the datapath forwarded for each.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use lb_common::Traffic;
 use serde::Serialize;
@@ -35,7 +35,7 @@ pub struct ServiceReport {
 
 #[derive(Debug, Serialize)]
 pub struct FrontendReport {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub protocol: String,
     pub port: u16,
     /// `NodePort`.
@@ -45,7 +45,7 @@ pub struct FrontendReport {
 #[derive(Debug, Serialize)]
 pub struct BackendReport {
     pub id: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     pub state: BackendState,
@@ -231,9 +231,9 @@ mod tests {
     use crate::observe::catalog::{BackendInfo, FrontendInfo, ServiceBackend, ServiceInfo};
 
     fn catalog() -> Catalog {
-        let node = Ipv4Addr::new(198, 18, 0, 1);
+        let node = IpAddr::from([198, 18, 0, 1]);
         let backend = |last: u8| BackendInfo {
-            address: Ipv4Addr::new(198, 18, last, 2),
+            address: IpAddr::from([198, 18, last, 2]),
             port: 3333,
             weight: 1,
             state: BackendState::Ready,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use lb_common::maps as names;
@@ -98,7 +98,7 @@ pub struct MasqueradeAddress {
     pub ifindex: u32,
     /// The interface's name, if this namespace has it.
     pub interface: Option<String>,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
 }
 
 pub fn report(session: &Session) -> Result<StatusReport, CliError> {
@@ -131,10 +131,14 @@ pub fn report(session: &Session) -> Result<StatusReport, CliError> {
         masquerade: Masquerade {
             ports: status.map(|s| s.masquerade_ports),
             addresses: status
-                .map(|s| &s.masquerade_addresses)
                 .into_iter()
-                .flatten()
-                .map(|(&ifindex, &address)| MasqueradeAddress {
+                .flat_map(|s| {
+                    let v4 = s.masquerade_addresses.iter();
+                    let v4 = v4.map(|(&ifindex, &address)| (ifindex, IpAddr::V4(address)));
+                    let v6 = s.masquerade_addresses6.iter();
+                    v4.chain(v6.map(|(&ifindex, &address)| (ifindex, IpAddr::V6(address))))
+                })
+                .map(|(ifindex, address)| MasqueradeAddress {
                     ifindex,
                     interface: interface_names.get(&ifindex).cloned(),
                     address,

@@ -3,25 +3,31 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 use super::sys;
+use crate::model::IpFamily;
 use crate::reconcile::NodeFacts;
 
-/// One IPv4 address of one interface, in the kernel's order (an interface's
-/// primary address comes first).
+/// One address of one interface, in the kernel's order (an interface's
+/// primary IPv4 address comes first).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InterfaceAddress {
     pub interface: String,
     pub ifindex: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
 }
 
-/// Every IPv4 address on the node (in this network namespace).
-pub fn ipv4_addresses() -> io::Result<Vec<InterfaceAddress>> {
+/// Every IPv4 address and every IPv6 address but link-local ones on the
+/// node (in this network namespace). Link-local addresses never answer a
+/// NodePort and never masquerade: they mean nothing past their link.
+pub fn addresses() -> io::Result<Vec<InterfaceAddress>> {
     let mut found = Vec::new();
-    for (name, addr_be) in sys::ipv4_interface_addresses()? {
+    for (name, address, scope) in sys::interface_addresses()? {
+        if scope != 0 || is_link_local(address) {
+            continue;
+        }
         // Labelled aliases ("eth0:1") belong to the interface before the colon.
         let device = name.split(':').next().unwrap_or(&name).to_owned();
         let Some(ifindex) = ifindex(&device) else {
@@ -30,10 +36,18 @@ pub fn ipv4_addresses() -> io::Result<Vec<InterfaceAddress>> {
         found.push(InterfaceAddress {
             interface: device,
             ifindex,
-            address: Ipv4Addr::from(u32::from_be(addr_be)),
+            address,
         });
     }
     Ok(found)
+}
+
+/// fe80::/10.
+fn is_link_local(address: IpAddr) -> bool {
+    match address {
+        IpAddr::V4(_) => false,
+        IpAddr::V6(address) => address.segments()[0] & 0xffc0 == 0xfe80,
+    }
 }
 
 /// Index of interface `name`, if it exists.
@@ -48,11 +62,11 @@ pub fn interface_name(ifindex: u32) -> Option<String> {
 
 /// The node facts the reconciler needs, from the current addresses.
 pub fn node_facts() -> io::Result<NodeFacts> {
-    Ok(facts_from(&ipv4_addresses()?))
+    Ok(facts_from(&addresses()?))
 }
 
 fn facts_from(addresses: &[InterfaceAddress]) -> NodeFacts {
-    let local_addresses: BTreeSet<Ipv4Addr> = addresses
+    let local_addresses: BTreeSet<IpAddr> = addresses
         .iter()
         .map(|entry| entry.address)
         .filter(|address| !address.is_loopback())
@@ -60,7 +74,7 @@ fn facts_from(addresses: &[InterfaceAddress]) -> NodeFacts {
     let mut interface_addresses = BTreeMap::new();
     for entry in addresses {
         interface_addresses
-            .entry(entry.ifindex)
+            .entry((entry.ifindex, IpFamily::of(entry.address)))
             .or_insert(entry.address);
     }
     NodeFacts {
@@ -155,40 +169,59 @@ fn parse_port_range(text: &str) -> Option<RangeInclusive<u16>> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
     fn loopback_is_listed_and_indexed() {
-        let addresses = ipv4_addresses().map_err(|e| e.to_string());
+        let addresses = super::addresses().map_err(|e| e.to_string());
         let Ok(addresses) = addresses else {
             panic!("{addresses:?}");
         };
-        let lo = addresses.iter().find(|a| a.interface == "lo");
-        assert_eq!(lo.map(|a| a.address), Some(Ipv4Addr::LOCALHOST));
+        let lo = addresses
+            .iter()
+            .find(|a| a.interface == "lo" && a.address.is_ipv4());
+        assert_eq!(lo.map(|a| a.address), Some(Ipv4Addr::LOCALHOST.into()));
         assert_eq!(lo.map(|a| a.ifindex), ifindex("lo"));
         assert_eq!(ifindex("no-such-if0"), None);
     }
 
     #[test]
-    fn facts_keep_first_address_per_interface_and_drop_loopback() {
-        let entry = |interface: &str, ifindex, address| InterfaceAddress {
+    fn facts_keep_first_address_per_interface_and_family_and_drop_loopback() {
+        let entry = |interface: &str, ifindex, address: &str| InterfaceAddress {
             interface: interface.to_owned(),
             ifindex,
-            address,
+            address: address.parse().unwrap_or_else(|e| panic!("{address}: {e}")),
         };
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap_or_else(|e| panic!("{e}")) };
         let facts = facts_from(&[
-            entry("lo", 1, Ipv4Addr::LOCALHOST),
-            entry("eth0", 2, Ipv4Addr::new(198, 18, 0, 1)),
-            entry("eth0", 2, Ipv4Addr::new(198, 18, 0, 2)),
+            entry("lo", 1, "127.0.0.1"),
+            entry("lo", 1, "::1"),
+            entry("eth0", 2, "198.18.0.1"),
+            entry("eth0", 2, "2001:db8::1"),
+            entry("eth0", 2, "198.18.0.2"),
+            entry("eth0", 2, "2001:db8::2"),
         ]);
         assert_eq!(
             facts.local_addresses.into_iter().collect::<Vec<_>>(),
-            [Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 2)]
+            [
+                ip("198.18.0.1"),
+                ip("198.18.0.2"),
+                ip("2001:db8::1"),
+                ip("2001:db8::2")
+            ]
         );
         assert_eq!(
             facts.interface_addresses.into_iter().collect::<Vec<_>>(),
-            [(1, Ipv4Addr::LOCALHOST), (2, Ipv4Addr::new(198, 18, 0, 1))]
+            [
+                ((1, IpFamily::V4), ip("127.0.0.1")),
+                ((1, IpFamily::V6), ip("::1")),
+                ((2, IpFamily::V4), ip("198.18.0.1")),
+                ((2, IpFamily::V6), ip("2001:db8::1")),
+            ]
         );
+        assert!(is_link_local(ip("fe80::1")) && !is_link_local(ip("2001:db8::1")));
     }
 
     #[test]

@@ -7,17 +7,17 @@
 //! the datapath still runs with the ids of the maps before.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 
+use aya::Pod;
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo};
 use lb_common::maps as names;
-use lb_common::service::BACKEND_F_ACTIVE;
-use lb_common::{Backend, GlobalConfig, Service, ServiceKey};
+use lb_common::{BackendOf, GlobalConfig, Service, ServiceKeyOf, V4, V6};
 
-use super::maps::{frontend_of, settings_of};
+use super::maps::{MapFamily, active_backend, frontend_of, settings_of};
 use super::{MapSizes, PinDir};
-use crate::model::{BackendAddr, Protocol};
+use crate::model::{BackendAddr, IpFamily, Protocol};
 use crate::reconcile::{Frontend, KeptIds};
 
 /// The file, in the run directory, of the ids an agent that grew its maps
@@ -58,29 +58,13 @@ pub fn pinned_capacity(pins: &PinDir) -> Option<(u32, u32)> {
 /// are not there or not readable as this version's maps.
 pub fn pinned_ids(pins: &PinDir) -> Option<Kept> {
     let open = |name: &str| MapData::from_pin(pins.map(name)).ok();
-    let backends: Array<MapData, Backend> =
-        Array::try_from(Map::Array(open(names::BACKENDS)?)).ok()?;
-    let services: HashMap<MapData, ServiceKey, Service> =
-        HashMap::try_from(Map::HashMap(open(names::SERVICES)?)).ok()?;
     let config: Array<MapData, GlobalConfig> =
         Array::try_from(Map::Array(open(names::CONFIG)?)).ok()?;
     let mut kept = KeptIds::default();
-    for (id, backend) in backends.iter().enumerate() {
-        let backend = backend.ok()?;
-        if backend.flags & BACKEND_F_ACTIVE == 0 {
-            continue;
-        }
-        let address = BackendAddr {
-            address: Ipv4Addr::from(backend.addr_be.to_ne_bytes()),
-            port: u16::from_be(backend.port_be),
-        };
-        kept.backends.insert(address, u32::try_from(id).ok()?);
-    }
-    for entry in services.iter() {
-        let (key, value) = entry.ok()?;
-        if let Some(frontend) = frontend_of(&key) {
-            kept.services.insert(frontend, value.id);
-        }
+    pinned_family_ids::<V4>(pins, names::BACKENDS, names::SERVICES, &mut kept)?;
+    // Pins of an agent from before IPv6 have no IPv6 maps: nothing to keep.
+    if MapInfo::from_pin(pins.map(names::SERVICES6)).is_ok() {
+        pinned_family_ids::<V6>(pins, names::BACKENDS6, names::SERVICES6, &mut kept)?;
     }
     let seed = config
         .get(&0, 0)
@@ -93,6 +77,36 @@ pub fn pinned_ids(pins: &PinDir) -> Option<Kept> {
     })
 }
 
+/// [`pinned_ids`] of one family's backends and services maps.
+fn pinned_family_ids<F: MapFamily>(
+    pins: &PinDir,
+    backends: &str,
+    services: &str,
+    kept: &mut KeptIds,
+) -> Option<()>
+where
+    F::Addr: Pod,
+{
+    let open = |name: &str| MapData::from_pin(pins.map(name)).ok();
+    let backends: Array<MapData, BackendOf<F>> =
+        Array::try_from(Map::Array(open(backends)?)).ok()?;
+    let services: HashMap<MapData, ServiceKeyOf<F>, Service> =
+        HashMap::try_from(Map::HashMap(open(services)?)).ok()?;
+    for (id, backend) in backends.iter().enumerate() {
+        if let Some(active) = active_backend(&backend.ok()?) {
+            kept.backends
+                .insert(active.address, u32::try_from(id).ok()?);
+        }
+    }
+    for entry in services.iter() {
+        let (key, value) = entry.ok()?;
+        if let Some(frontend) = frontend_of(&key) {
+            kept.services.insert(frontend, value.id);
+        }
+    }
+    Some(())
+}
+
 /// Writes `kept` to [`KEPT_FILE`] in `dir` (one line per id).
 pub fn write_file(dir: &Path, kept: &Kept) -> std::io::Result<()> {
     let mut text = String::new();
@@ -103,9 +117,11 @@ pub fn write_file(dir: &Path, kept: &Kept) -> std::io::Result<()> {
         let _ = writeln!(text, "backend {} {} {id}", backend.address, backend.port);
     }
     for (frontend, id) in &kept.ids.services {
-        let address = frontend
-            .address
-            .map_or_else(|| String::from("-"), |a| a.to_string());
+        let address = match (frontend.address, frontend.family) {
+            (Some(address), _) => address.to_string(),
+            (None, IpFamily::V4) => String::from("-"),
+            (None, IpFamily::V6) => String::from("-6"),
+        };
         let _ = writeln!(
             text,
             "service {} {address} {} {id}",
@@ -135,10 +151,12 @@ pub fn read_file(dir: &Path) -> Option<Kept> {
             }
             ["service", protocol, address, port, id] => {
                 let address = match *address {
-                    "-" => Some(None),
-                    text => text.parse::<Ipv4Addr>().ok().map(Some),
+                    "-" => Some((IpFamily::V4, None)),
+                    "-6" => Some((IpFamily::V6, None)),
+                    text => (text.parse::<IpAddr>().ok())
+                        .map(|address| (IpFamily::of(address), Some(address))),
                 };
-                if let (Some(protocol), Some(address), Ok(port), Ok(id)) = (
+                if let (Some(protocol), Some((family, address)), Ok(port), Ok(id)) = (
                     Protocol::from_name(protocol),
                     address,
                     port.parse(),
@@ -146,6 +164,7 @@ pub fn read_file(dir: &Path) -> Option<Kept> {
                 ) {
                     let frontend = Frontend {
                         protocol,
+                        family,
                         address,
                         port,
                     };
@@ -165,6 +184,8 @@ pub fn remove_file(dir: &Path) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -175,18 +196,27 @@ mod tests {
             hash_seed: Some(0x0123_4567_89ab_cdef),
             ..Kept::default()
         };
-        let backend = BackendAddr {
-            address: Ipv4Addr::new(198, 18, 1, 2),
+        let backend = |address: &str| BackendAddr {
+            address: address.parse().unwrap_or_else(|e| panic!("{e}")),
             port: 8080,
         };
-        kept.ids.backends.insert(backend, 7);
+        kept.ids.backends.insert(backend("198.18.1.2"), 7);
+        kept.ids.backends.insert(backend("2001:db8:1::2"), 8);
         kept.ids
             .services
             .insert(Frontend::node_port(Protocol::Udp, 30053), 3);
         kept.ids.services.insert(
+            Frontend::node_port_in(IpFamily::V6, Protocol::Udp, 30053),
+            5,
+        );
+        kept.ids.services.insert(
             Frontend::exact(Protocol::Tcp, Ipv4Addr::new(198, 18, 0, 9), 443),
             4,
         );
+        let v6: IpAddr = "2001:db8::9".parse().unwrap_or_else(|e| panic!("{e}"));
+        kept.ids
+            .services
+            .insert(Frontend::exact(Protocol::Tcp, v6, 443), 6);
         assert_eq!(read_file(&dir), None, "nothing written yet");
         let written = write_file(&dir, &kept).map_err(|e| e.to_string());
         assert_eq!(written, Ok(()));

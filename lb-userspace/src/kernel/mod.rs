@@ -53,6 +53,8 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub flows: u32,
+    /// `XLB_FLOWS6` (`Sizing::Flows6`).
+    pub flows6: u32,
     /// Backend ids (`XLB_BACKENDS` and the arrays indexed like it).
     pub backends: u32,
     /// Frontends (`XLB_SERVICES`) and selection tables (`XLB_SELECT`).
@@ -63,6 +65,7 @@ impl Default for MapSizes {
     fn default() -> Self {
         Self {
             flows: lb_common::maps::FLOWS_MAX,
+            flows6: lb_common::maps::FLOWS6_MAX,
             backends: lb_common::maps::BACKENDS_MAX,
             services: lb_common::maps::SERVICES_MAX,
         }
@@ -75,6 +78,7 @@ impl MapSizes {
         match map.sizing {
             Sizing::Fixed => map.max_entries,
             Sizing::Flows => self.flows,
+            Sizing::Flows6 => self.flows6,
             Sizing::Backends => self.backends,
             Sizing::Services => self.services,
         }
@@ -252,6 +256,7 @@ pub fn is_root() -> bool {
 #[cfg(test)]
 pub(crate) const TEST_SIZES: MapSizes = MapSizes {
     flows: 4096,
+    flows6: 1024,
     backends: 64,
     services: 128,
 };

@@ -75,7 +75,7 @@ impl Datapath {
             .filter_map(Result::ok)
             .filter(|(key, record)| {
                 let backend = crate::model::BackendAddr {
-                    address: std::net::Ipv4Addr::from(u32::from_be(key.backend_addr_be)),
+                    address: std::net::Ipv4Addr::from(u32::from_be(key.backend_addr_be)).into(),
                     port: u16::from_be(key.backend_port_be),
                 };
                 !keeps(record.service_id, backend)

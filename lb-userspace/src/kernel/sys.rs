@@ -91,10 +91,10 @@ pub fn bpf_map_delete_elem<K: Pod>(map: BorrowedFd<'_>, key: &K) -> io::Result<(
     }
 }
 
-/// Every IPv4 address of every interface (getifaddrs), in the kernel's
-/// order: the interface's name as listed (labels such as `eth0:1` kept) and
-/// the address as on the wire.
-pub fn ipv4_interface_addresses() -> io::Result<Vec<(String, u32)>> {
+/// Every IPv4 and IPv6 address of every interface, with the interface's
+/// name, in the kernel's order. IPv6 addresses carry their scope id (non-zero
+/// for link-local ones).
+pub fn interface_addresses() -> io::Result<Vec<(String, std::net::IpAddr, u32)>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs writes a pointer to a list it allocates into `head`;
     // we pass a valid out-pointer and free the list below.
@@ -112,21 +112,29 @@ pub fn ipv4_interface_addresses() -> io::Result<Vec<(String, u32)>> {
             continue;
         }
         // SAFETY: ifa_addr is non-null and points to a sockaddr owned by the list.
-        let family = unsafe { (*entry.ifa_addr).sa_family };
-        if i32::from(family) != libc::AF_INET {
+        let family = i32::from(unsafe { (*entry.ifa_addr).sa_family });
+        let (address, scope) = if family == libc::AF_INET {
+            // SAFETY: the family is AF_INET, so the sockaddr is a sockaddr_in.
+            let addr_be = unsafe {
+                (*entry.ifa_addr.cast::<libc::sockaddr_in>())
+                    .sin_addr
+                    .s_addr
+            };
+            let address = std::net::Ipv4Addr::from(addr_be.to_ne_bytes());
+            (std::net::IpAddr::V4(address), 0)
+        } else if family == libc::AF_INET6 {
+            // SAFETY: the family is AF_INET6, so the sockaddr is a sockaddr_in6.
+            let sin6 = unsafe { *entry.ifa_addr.cast::<libc::sockaddr_in6>() };
+            let address = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            (std::net::IpAddr::V6(address), sin6.sin6_scope_id)
+        } else {
             continue;
-        }
-        // SAFETY: the family is AF_INET, so the sockaddr is a sockaddr_in.
-        let addr_be = unsafe {
-            (*entry.ifa_addr.cast::<libc::sockaddr_in>())
-                .sin_addr
-                .s_addr
         };
         // SAFETY: ifa_name is a non-null NUL-terminated string owned by the list.
         let name = unsafe { CStr::from_ptr(entry.ifa_name) }
             .to_string_lossy()
             .into_owned();
-        found.push((name, addr_be));
+        found.push((name, address, scope));
     }
     // SAFETY: `head` came from a successful getifaddrs and is freed once;
     // nothing borrowed from it outlives this point (names were copied).

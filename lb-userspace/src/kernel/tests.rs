@@ -2,7 +2,7 @@
 //! root; elsewhere they return early with a note.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::Reason;
 use lb_common::service::{BACKEND_F_ACTIVE, CONFIG_F_READY, SERVICE_F_MASQUERADE};
@@ -12,8 +12,9 @@ use aya::EbpfLoader;
 use super::load::map_data;
 use super::*;
 use crate::error_chain;
+use crate::model::{IpFamily, Protocol};
 use crate::reconcile::maglev::{MaglevBackend, TableRecipe};
-use crate::reconcile::{self, Applied, Desired, MapOp, NodeFacts};
+use crate::reconcile::{self, Applied, Desired, Frontend, MapOp, NodeFacts};
 use crate::source::yaml::{self, Overrides};
 
 fn load() -> Option<Loaded> {
@@ -36,7 +37,9 @@ fn desired(text: &str) -> Desired {
     };
     let facts = NodeFacts {
         local_addresses: BTreeSet::new(),
-        interface_addresses: [(1, Ipv4Addr::new(198, 18, 0, 1))].into_iter().collect(),
+        interface_addresses: [((1, IpFamily::V4), IpAddr::from([198, 18, 0, 1]))]
+            .into_iter()
+            .collect(),
     };
     Desired::new(&config.state, &facts)
 }
@@ -116,11 +119,11 @@ fn maps_read_back_as_written() {
     assert_eq!(config.udp_timeout_s, 33);
     assert_eq!(
         snapshot.node_addresses.into_iter().collect::<Vec<_>>(),
-        [Ipv4Addr::new(198, 18, 0, 1)]
+        [IpAddr::from([198, 18, 0, 1])]
     );
     assert_eq!(
         snapshot.interface_addresses.into_iter().collect::<Vec<_>>(),
-        [(1, Ipv4Addr::new(198, 18, 0, 1))]
+        [((1, IpFamily::V4), IpAddr::from([198, 18, 0, 1]))]
     );
 
     // Backends: wire byte order, active, ids as in the mirror.
@@ -128,16 +131,16 @@ fn maps_read_back_as_written() {
     for (id, backend) in &applied.backends {
         let written = snapshot.backends[id];
         assert_eq!(
-            written.addr_be.to_ne_bytes(),
-            backend.address.address.octets()
+            IpAddr::from(written.addr_be.to_ne_bytes()),
+            backend.address.address
         );
         assert_eq!(u16::from_be(written.port_be), backend.address.port);
         assert_eq!(written.flags, BACKEND_F_ACTIVE);
     }
 
     // Services: keyed by (proto, port), pointing at fully written tables.
-    let web = snapshot.services[&(Ipv4Addr::UNSPECIFIED, 6, 30080)];
-    let dns = snapshot.services[&(Ipv4Addr::UNSPECIFIED, 17, 30053)];
+    let web = snapshot.services[&Frontend::node_port(Protocol::Tcp, 30080)];
+    let dns = snapshot.services[&Frontend::node_port(Protocol::Udp, 30053)];
     assert_eq!(web.flags & SERVICE_F_MASQUERADE, SERVICE_F_MASQUERADE);
     assert_ne!(web.id, dns.id);
     let slots = maps
@@ -189,7 +192,7 @@ fn maps_read_back_as_written() {
         panic!("snapshot")
     };
     assert_eq!(after.backends.len(), 2);
-    let web_after = after.services[&(Ipv4Addr::UNSPECIFIED, 6, 30080)];
+    let web_after = after.services[&Frontend::node_port(Protocol::Tcp, 30080)];
     assert_eq!(web_after.id, web.id);
     assert_eq!(web_after, web);
     let slots = maps
@@ -226,6 +229,141 @@ fn maps_read_back_as_written() {
     );
 }
 
+const DUAL_STACK: &str = "
+node:
+  interfaces: [lo]
+  addresses: [198.18.0.1, 2001:db8::1]
+selection:
+  tableSize: 251
+services:
+  - name: web
+    nodePort: 30080
+    port: 80
+    targetPort: 8080
+    frontends: [2001:db8:ff::10]
+    loadBalancerSourceRanges: [2001:db8:77::/48, 198.18.77.0/24]
+    backends:
+      - address: 198.18.1.2
+      - address: 2001:db8:1::2
+      - address: 2001:db8:2::2
+";
+
+/// A dual-stack service's IPv6 half lands in the IPv6 maps (frontends,
+/// backends, node addresses, source ranges) and reads back into the same
+/// mirror, so an agent that adopts the pins plans nothing.
+#[test]
+fn ipv6_entries_go_to_the_ipv6_maps_and_read_back() {
+    let Some(mut loaded) = load() else { return };
+    let maps = &mut loaded.maps;
+    let mut applied = Applied::default();
+    let mut dual = desired(DUAL_STACK);
+    let ip = |text: &str| -> IpAddr { text.parse().unwrap_or_else(|e| panic!("{e}")) };
+    (dual.interface_addresses).insert((1, IpFamily::V6), ip("2001:db8::1"));
+    reconcile(maps, &mut applied, &dual);
+    let snapshot = maps
+        .snapshot()
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    let v4_port = snapshot.services[&Frontend::node_port(Protocol::Tcp, 30080)];
+    let v6_port = snapshot.services[&Frontend::node_port_in(IpFamily::V6, Protocol::Tcp, 30080)];
+    let v6_exact = snapshot.services[&Frontend::exact(Protocol::Tcp, ip("2001:db8:ff::10"), 80)];
+    assert_ne!(v4_port.id, v6_port.id, "each family has its own table");
+    assert_eq!(v6_port.table_id, v6_exact.table_id);
+    let ids = |table: u32| -> BTreeSet<u32> {
+        let slots = maps.select_slots(table).ok().flatten();
+        slots.unwrap_or_default().into_iter().collect()
+    };
+    let v6_backends: BTreeSet<IpAddr> = ids(v6_port.table_id)
+        .iter()
+        .map(|id| snapshot.active_backends[id].address.address)
+        .collect();
+    assert_eq!(
+        v6_backends,
+        [ip("2001:db8:1::2"), ip("2001:db8:2::2")]
+            .into_iter()
+            .collect()
+    );
+    let v4_backends: Vec<IpAddr> = ids(v4_port.table_id)
+        .iter()
+        .map(|id| snapshot.active_backends[id].address.address)
+        .collect();
+    assert_eq!(v4_backends, [IpAddr::from([198, 18, 1, 2])]);
+    assert_eq!(snapshot.backends.len(), 1, "only one IPv4 entry");
+    assert!(snapshot.node_addresses.contains(&ip("2001:db8::1")));
+    assert_eq!(
+        snapshot.interface_addresses.get(&(1, IpFamily::V6)),
+        Some(&ip("2001:db8::1"))
+    );
+    let ranges: BTreeSet<(u32, IpAddr, u8)> = (snapshot.source_ranges.iter())
+        .map(|range| (range.service_id, range.network, range.prefix_len))
+        .collect();
+    assert!(
+        ranges.contains(&(v6_exact.id, ip("2001:db8:77::"), 48)),
+        "{ranges:?}"
+    );
+    // The IPv4 half has no frontend of its own, so its NodePort is guarded.
+    assert!(
+        ranges.contains(&(v4_port.id, ip("198.18.77.0"), 24)),
+        "{ranges:?}"
+    );
+
+    // Adoption reads both families back into the same mirror.
+    let mut read = maps
+        .read_applied()
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    read.adopt_names(&dual);
+    assert_eq!(read.backends, applied.backends);
+    assert_eq!(read.node_addresses, applied.node_addresses);
+    assert_eq!(read.interface_addresses, applied.interface_addresses);
+    assert_eq!(read.source_ranges, applied.source_ranges);
+    assert_eq!(
+        read.services.keys().collect::<Vec<_>>(),
+        applied.services.keys().collect::<Vec<_>>()
+    );
+
+    // Leaving IPv6 out clears the IPv6 half only.
+    let ipv4_only = DUAL_STACK
+        .replace(", 2001:db8::1]", "]")
+        .replace("    frontends: [2001:db8:ff::10]\n", "")
+        .replace("2001:db8:77::/48, ", "")
+        .replace(
+            "      - address: 2001:db8:1::2\n      - address: 2001:db8:2::2\n",
+            "",
+        );
+    let ops = reconcile(maps, &mut applied, &desired(&ipv4_only));
+    assert!(
+        ops.iter().any(|op| matches!(
+            op,
+            MapOp::ClearBackend {
+                family: IpFamily::V6,
+                ..
+            }
+        )),
+        "{ops:?}"
+    );
+    let after = maps
+        .snapshot()
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert!(
+        after
+            .services
+            .keys()
+            .all(|frontend| frontend.family == IpFamily::V4)
+    );
+    assert!(
+        after
+            .active_backends
+            .values()
+            .all(|b| b.address.address.is_ipv4())
+    );
+    assert!(after.node_addresses.iter().all(IpAddr::is_ipv4));
+    assert!(
+        after
+            .source_ranges
+            .iter()
+            .all(|range| range.network.is_ipv4())
+    );
+}
+
 #[test]
 fn deleting_what_is_already_gone_is_fine() {
     let Some(mut loaded) = load() else { return };
@@ -233,9 +371,15 @@ fn deleting_what_is_already_gone_is_fine() {
     let frontend = reconcile::Frontend::node_port(crate::model::Protocol::Tcp, 1);
     for op in [
         MapOp::RemoveService { frontend },
-        MapOp::RemoveNodeAddress(Ipv4Addr::new(198, 18, 0, 1)),
-        MapOp::RemoveInterfaceAddress { ifindex: 77 },
-        MapOp::ClearBackend { id: 5 },
+        MapOp::RemoveNodeAddress(IpAddr::from([198, 18, 0, 1])),
+        MapOp::RemoveInterfaceAddress {
+            ifindex: 77,
+            family: IpFamily::V4,
+        },
+        MapOp::ClearBackend {
+            id: 5,
+            family: IpFamily::V4,
+        },
     ] {
         let result = reconcile::MapWriter::apply(maps, &op).map_err(|e| error_chain(&e));
         assert_eq!(result, Ok(()), "{op}");
@@ -245,7 +389,7 @@ fn deleting_what_is_already_gone_is_fine() {
         id: TEST_SIZES.backends,
         backend: reconcile::ActiveBackend {
             address: crate::model::BackendAddr {
-                address: Ipv4Addr::new(198, 18, 1, 1),
+                address: IpAddr::from([198, 18, 1, 1]),
                 port: 1,
             },
             terminating: false,
@@ -267,7 +411,7 @@ fn runs_are_written_whole_and_fail_where_they_fail() {
         id,
         backend: ActiveBackend {
             address: BackendAddr {
-                address: Ipv4Addr::new(198, 18, 1, u8::try_from(id).unwrap_or(0)),
+                address: IpAddr::from([198, 18, 1, u8::try_from(id).unwrap_or(0)]),
                 port: 80,
             },
             terminating: id == 2,

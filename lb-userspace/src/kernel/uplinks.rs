@@ -5,7 +5,7 @@
 //! the host says, so it is tested without a kernel.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::host::InterfaceAddress;
 
@@ -25,7 +25,7 @@ pub const WHY_DEFAULT_ROUTE: &str = "default route";
 /// holding one of `node_addresses`, then the devices of `default_routes`,
 /// each once, with every reason it has.
 pub fn detect(
-    node_addresses: &[Ipv4Addr],
+    node_addresses: &[IpAddr],
     addresses: &[InterfaceAddress],
     default_routes: &[String],
 ) -> Vec<Uplink> {
@@ -89,13 +89,15 @@ fn parse_default_routes(text: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     fn entry(interface: &str, ifindex: u32, address: [u8; 4]) -> InterfaceAddress {
         InterfaceAddress {
             interface: interface.to_owned(),
             ifindex,
-            address: Ipv4Addr::from(address),
+            address: Ipv4Addr::from(address).into(),
         }
     }
 
@@ -120,7 +122,7 @@ mod tests {
     #[test]
     fn the_device_holding_the_node_address_and_the_default_route() {
         let uplinks = detect(
-            &[Ipv4Addr::new(198, 18, 0, 1)],
+            &[Ipv4Addr::new(198, 18, 0, 1).into()],
             &node(),
             &[String::from("xlb-up")],
         );
@@ -143,7 +145,10 @@ mod tests {
         let mut addresses = node();
         addresses.push(entry("eth1", 5, [198, 18, 99, 1]));
         let uplinks = detect(
-            &[Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 9)],
+            &[
+                Ipv4Addr::new(198, 18, 0, 1).into(),
+                Ipv4Addr::new(198, 18, 0, 9).into(),
+            ],
             &addresses,
             &[String::from("eth1")],
         );
@@ -162,9 +167,9 @@ mod tests {
         addresses.push(entry("xlb-up", 2, [198, 18, 0, 5]));
         let uplinks = detect(
             &[
-                Ipv4Addr::LOCALHOST,
-                Ipv4Addr::new(198, 18, 0, 1),
-                Ipv4Addr::new(198, 18, 0, 5),
+                Ipv4Addr::LOCALHOST.into(),
+                Ipv4Addr::new(198, 18, 0, 1).into(),
+                Ipv4Addr::new(198, 18, 0, 5).into(),
             ],
             &addresses,
             &[String::from("lo"), String::from("xlb-up")],

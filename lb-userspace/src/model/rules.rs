@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::{Backend, Protocol, Service, TrafficPolicy};
 
@@ -57,20 +57,75 @@ pub fn is_prime(n: u32) -> bool {
     true
 }
 
-/// `address/prefix_len` with the host bits cleared.
-pub fn network_of(address: Ipv4Addr, prefix_len: u8) -> Ipv4Addr {
-    let mask = match prefix_len {
-        0 => 0,
-        len => u32::MAX << (32 - u32::from(len.min(32))),
-    };
-    Ipv4Addr::from(u32::from(address) & mask)
+/// An address family: `ipFamilies`' `IPv4` and `IPv6`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    #[default]
+    V4,
+    V6,
+}
+
+impl IpFamily {
+    pub const fn of(address: IpAddr) -> Self {
+        match address {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// `IPv4` or `IPv6`, spelt as in a Service's `ipFamilies`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "IPv4" => Some(IpFamily::V4),
+            "IPv6" => Some(IpFamily::V6),
+            _ => None,
+        }
+    }
+
+    /// Bits in an address of the family.
+    pub const fn bits(self) -> u8 {
+        match self {
+            IpFamily::V4 => 32,
+            IpFamily::V6 => 128,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
+/// `address/prefix_len` with the host bits cleared (a length past the
+/// family's bits means the whole address).
+pub fn network_of(address: IpAddr, prefix_len: u8) -> IpAddr {
+    match address {
+        IpAddr::V4(address) => {
+            let mask = match prefix_len {
+                0 => 0,
+                len => u32::MAX << (32 - u32::from(len.min(32))),
+            };
+            IpAddr::V4(Ipv4Addr::from(u32::from(address) & mask))
+        }
+        IpAddr::V6(address) => {
+            let mask = match prefix_len {
+                0 => 0,
+                len => u128::MAX << (128 - u32::from(len.min(128))),
+            };
+            IpAddr::V6(Ipv6Addr::from(u128::from(address) & mask))
+        }
+    }
 }
 
 /// A backend's identity, as `XLB_BACKENDS` keys it: where to send, not how
 /// much.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BackendAddr {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
 }
 
@@ -85,7 +140,7 @@ impl From<&Backend> for BackendAddr {
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.address, self.port)
+        write!(f, "{}", std::net::SocketAddr::new(self.address, self.port))
     }
 }
 
@@ -150,7 +205,7 @@ pub enum Claim {
     /// A load-balancer IP, an external IP or a ClusterIP on the service port.
     Address {
         protocol: Protocol,
-        address: Ipv4Addr,
+        address: IpAddr,
         port: u16,
     },
 }
@@ -163,12 +218,50 @@ impl fmt::Display for Claim {
                 protocol,
                 address,
                 port,
-            } => write!(f, "{protocol} {address}:{port}"),
+            } => write!(
+                f,
+                "{protocol} {}",
+                std::net::SocketAddr::new(*address, *port)
+            ),
         }
     }
 }
 
 impl Service {
+    /// The service as one family sees it: its backends, frontends,
+    /// ClusterIPs and source ranges of `family` only (borrowed when it has
+    /// no address of another family).
+    pub fn of_family(&self, family: IpFamily) -> std::borrow::Cow<'_, Service> {
+        let mine = |address: &IpAddr| IpFamily::of(*address) == family;
+        let single = self.backends.iter().all(|backend| mine(&backend.address))
+            && self.frontends.iter().all(mine)
+            && self.cluster_ips.iter().all(mine)
+            && self.source_ranges.iter().all(|(address, _)| mine(address));
+        if single {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let backends = self
+            .backends
+            .iter()
+            .filter(|backend| mine(&backend.address))
+            .cloned()
+            .collect();
+        let view = Service {
+            backends: Vec::new(),
+            frontends: self.frontends.iter().copied().filter(mine).collect(),
+            cluster_ips: self.cluster_ips.iter().copied().filter(mine).collect(),
+            source_ranges: (self.source_ranges.iter())
+                .filter(|(address, _)| mine(address))
+                .copied()
+                .collect(),
+            ip_families: vec![family],
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            ..*self
+        };
+        std::borrow::Cow::Owned(Service { backends, ..view })
+    }
+
     /// Everything this service answers on: its NodePort, then its frontends
     /// and ClusterIPs on the service port.
     pub fn claims(&self) -> Vec<Claim> {
@@ -259,10 +352,17 @@ mod tests {
 
     #[test]
     fn networks_clear_host_bits() {
-        let address = Ipv4Addr::new(198, 18, 7, 9);
-        assert_eq!(network_of(address, 24), Ipv4Addr::new(198, 18, 7, 0));
-        assert_eq!(network_of(address, 0), Ipv4Addr::UNSPECIFIED);
+        let ip = |text: &str| -> IpAddr { text.parse().unwrap_or_else(|e| panic!("{e}")) };
+        let address = ip("198.18.7.9");
+        assert_eq!(network_of(address, 24), ip("198.18.7.0"));
+        assert_eq!(network_of(address, 0), ip("0.0.0.0"));
         assert_eq!(network_of(address, 32), address);
+        let address = ip("2001:db8:7:9::1");
+        assert_eq!(network_of(address, 64), ip("2001:db8:7:9::"));
+        assert_eq!(network_of(address, 36), ip("2001:db8::"));
+        assert_eq!(network_of(address, 0), ip("::"));
+        assert_eq!(network_of(address, 128), address);
+        assert_eq!(network_of(address, 200), address);
     }
 
     #[test]
@@ -270,7 +370,7 @@ mod tests {
         let web = Service {
             node_port: 30080,
             port: 80,
-            frontends: vec![Ipv4Addr::new(198, 18, 0, 10)],
+            frontends: vec![IpAddr::from([198, 18, 0, 10])],
             ..Service::default()
         };
         let claims = web.claims();

@@ -10,7 +10,7 @@ pub use rows::{BackendRow, CatalogRows, ServiceRow};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +21,7 @@ pub struct Catalog {
     /// The config generation this describes.
     pub generation: u64,
     /// Addresses NodePorts answer on.
-    pub node_addresses: Vec<Ipv4Addr>,
+    pub node_addresses: Vec<IpAddr>,
     /// By service id (`Flow::service_id`, index in `XLB_SERVICE_STATS`).
     pub services: BTreeMap<u32, ServiceInfo>,
     /// By backend id (`Flow::backend_id`, index in `XLB_BACKEND_STATS`).
@@ -65,7 +65,7 @@ pub struct FrontendInfo {
     pub protocol: String,
     pub port: u16,
     /// The addresses it answers on (for a NodePort: every node address).
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
 }
 
 /// One of a service's backends, as that service uses it.
@@ -79,7 +79,7 @@ pub struct ServiceBackend {
 /// A backend (address and port) and the services that send to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendInfo {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     /// As its first service weighs it (see `ServiceBackend` for each).
     pub weight: u32,
@@ -181,7 +181,7 @@ mod tests {
     /// built straight into the maps (as the agent did before it kept
     /// rows): what `CatalogRows` must serialize to.
     fn reference(generation: u64, state: &DesiredState, applied: &Applied) -> Catalog {
-        let node_addresses: Vec<Ipv4Addr> = applied.node_addresses.iter().copied().collect();
+        let node_addresses: Vec<IpAddr> = applied.node_addresses.iter().copied().collect();
         let backend_ids: BTreeMap<BackendAddr, u32> = applied
             .backends
             .iter()
@@ -299,7 +299,7 @@ services:
         let catalog = CatalogRows::build(4, &state, &applied).to_catalog();
         assert_eq!(catalog, reference(4, &state, &applied));
         assert_eq!(catalog.generation, 4);
-        assert_eq!(catalog.node_addresses, [Ipv4Addr::new(198, 18, 0, 1)]);
+        assert_eq!(catalog.node_addresses, [IpAddr::from([198, 18, 0, 1])]);
         assert_eq!(catalog.services.len(), 3);
         let tcp = catalog.services_matching("default/tcp-echo");
         let &tcp_id = tcp.iter().next().unwrap();
@@ -316,7 +316,7 @@ services:
         let heavy = tcp.backends.iter().find(|b| b.weight == 2).unwrap();
         assert_eq!(
             catalog.backends[&heavy.id].address,
-            Ipv4Addr::new(198, 18, 1, 2)
+            IpAddr::from([198, 18, 1, 2])
         );
         // The same address and port in two services is one backend id.
         let dns = catalog.services_matching("dns");

@@ -60,7 +60,7 @@ pub fn wanted(state: &DesiredState) -> Vec<HealthCheck> {
         let Some(port) = service.health_check_node_port.filter(|&port| port != 0) else {
             continue;
         };
-        let local: BTreeSet<Ipv4Addr> = service
+        let local: BTreeSet<std::net::IpAddr> = service
             .backends
             .iter()
             .filter(|backend| backend.is_local && backend.ready)

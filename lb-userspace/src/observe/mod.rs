@@ -273,7 +273,18 @@ impl Observe {
                 first: *state.masquerade_ports.start(),
                 last: *state.masquerade_ports.end(),
             };
-            facts.status.masquerade_addresses = applied.interface_addresses.clone();
+            facts.status.masquerade_addresses.clear();
+            facts.status.masquerade_addresses6.clear();
+            for (&(ifindex, _), &address) in &applied.interface_addresses {
+                match address {
+                    std::net::IpAddr::V4(address) => {
+                        facts.status.masquerade_addresses.insert(ifindex, address);
+                    }
+                    std::net::IpAddr::V6(address) => {
+                        facts.status.masquerade_addresses6.insert(ifindex, address);
+                    }
+                }
+            }
             facts.catalog = Arc::clone(&catalog);
         }
         self.update_ready();

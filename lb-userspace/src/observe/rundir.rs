@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Write as _};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,9 @@ pub struct Status {
     pub masquerade_ports: PortRange,
     /// Masquerade source address per egress interface, by ifindex.
     pub masquerade_addresses: BTreeMap<u32, Ipv4Addr>,
+    /// The same for IPv6 (absent without IPv6 addresses).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub masquerade_addresses6: BTreeMap<u32, Ipv6Addr>,
     /// Where /metrics, /healthz and /readyz answer.
     pub metrics_addr: Option<String>,
     pub datapath_debug: bool,

@@ -2,13 +2,13 @@
 //! updated op by op, read back from pinned maps after a restart.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::desired::Desired;
 use super::maglev::TableRecipe;
 use super::ops::{ActiveBackend, Frontend, MapOp, ServiceEntry, Settings, SourceRangeKey};
 use super::ports::PortSet;
-use crate::model::{BackendAddr, Protocol};
+use crate::model::{BackendAddr, IpFamily, Protocol};
 
 /// A service entry as last written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,8 +82,9 @@ pub struct Applied {
     /// first plan rewrites each in place.
     pub tables: BTreeMap<u32, TableSummary>,
     pub source_ranges: BTreeSet<SourceRangeKey>,
-    pub node_addresses: BTreeSet<Ipv4Addr>,
-    pub interface_addresses: BTreeMap<u32, Ipv4Addr>,
+    pub node_addresses: BTreeSet<IpAddr>,
+    /// Masquerade addresses by (ifindex, family).
+    pub interface_addresses: BTreeMap<(u32, IpFamily), IpAddr>,
     pub settings: Option<Settings>,
     /// Service ids are never reused within one agent's life, so a flow's
     /// `service_id` cannot come to mean another service.
@@ -115,16 +116,16 @@ impl Applied {
                 self.node_addresses.remove(address);
             }
             MapOp::SetInterfaceAddress { ifindex, address } => {
-                self.interface_addresses.insert(*ifindex, *address);
+                (self.interface_addresses).insert((*ifindex, IpFamily::of(*address)), *address);
             }
-            MapOp::RemoveInterfaceAddress { ifindex } => {
-                self.interface_addresses.remove(ifindex);
+            MapOp::RemoveInterfaceAddress { ifindex, family } => {
+                self.interface_addresses.remove(&(*ifindex, *family));
             }
             MapOp::WriteBackend { id, backend } => {
                 self.backends.insert(*id, *backend);
                 self.next_backend_id = self.next_backend_id.max(id.saturating_add(1));
             }
-            MapOp::ClearBackend { id } => {
+            MapOp::ClearBackend { id, .. } => {
                 if self.backends.remove(id).is_some() {
                     self.freed_backend_ids.push_back(*id);
                 }

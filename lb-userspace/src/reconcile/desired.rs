@@ -5,7 +5,7 @@
 //! rule (`model::backends_for`); the flags here say it to the datapath.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use lb_common::service::{
     SERVICE_F_AFFINITY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE, SERVICE_F_SOURCE_RANGES,
@@ -13,7 +13,7 @@ use lb_common::service::{
 
 use super::ops::{Frontend, Settings};
 use crate::model::{
-    DesiredBackend, DesiredState, Service, TrafficPolicy, backends_for, desired_backends,
+    DesiredBackend, DesiredState, IpFamily, Service, TrafficPolicy, backends_for, desired_backends,
     network_of,
 };
 
@@ -21,19 +21,20 @@ use crate::model::{
 /// reconcile by the kernel layer.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeFacts {
-    /// Every non-loopback IPv4 address of the node (used when the config
-    /// lists none).
-    pub local_addresses: BTreeSet<Ipv4Addr>,
-    /// Each interface's first IPv4 address, by ifindex.
-    pub interface_addresses: BTreeMap<u32, Ipv4Addr>,
+    /// Every address of the node but loopback and IPv6 link-local ones
+    /// (used when the config lists none).
+    pub local_addresses: BTreeSet<IpAddr>,
+    /// Each interface's first address of each family (IPv6: global
+    /// scope), by (ifindex, family).
+    pub interface_addresses: BTreeMap<(u32, IpFamily), IpAddr>,
 }
 
 /// What the datapath should see: the config plus the node facts it refers to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
     pub services: Vec<DesiredService>,
-    pub node_addresses: BTreeSet<Ipv4Addr>,
-    pub interface_addresses: BTreeMap<u32, Ipv4Addr>,
+    pub node_addresses: BTreeSet<IpAddr>,
+    pub interface_addresses: BTreeMap<(u32, IpFamily), IpAddr>,
     pub settings: Settings,
     /// Slots of each table, or at most this many when `table_size_auto`.
     pub table_size: u32,
@@ -48,7 +49,7 @@ pub struct Desired {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RefusedFrontend {
     pub service: String,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
 }
 
@@ -56,10 +57,13 @@ impl std::fmt::Display for RefusedFrontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "service {}: frontend {}:{} refused: {} is an address of this node, and a service \
+            "service {}: frontend {} refused: {} is an address of this node, and a service \
              there would take over the node's own port {}; list it in \
              node.allowedFrontendAddresses if that is intended",
-            self.service, self.address, self.port, self.address, self.port
+            self.service,
+            std::net::SocketAddr::new(self.address, self.port),
+            self.address,
+            self.port
         )
     }
 }
@@ -74,8 +78,9 @@ pub struct DesiredService {
     /// Backends to keep active, sorted by address so reordering the config
     /// changes nothing.
     pub backends: Vec<DesiredBackend>,
-    /// loadBalancerSourceRanges, host bits cleared, sorted, unique.
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// loadBalancerSourceRanges of the service's family, host bits
+    /// cleared, sorted, unique.
+    pub source_ranges: Vec<(IpAddr, u8)>,
 }
 
 impl DesiredService {
@@ -86,12 +91,40 @@ impl DesiredService {
     /// `hijacks(address)`: whether a load-balancer IP or externalIP on
     /// `address` would take over the node's own ports (such frontends go to
     /// `refused` instead).
+    ///
+    /// A service of both families has this for each: the IPv6 entries'
+    /// tables hold its IPv6 backends, under `namespace/name (IPv6)`.
     fn for_service(
         service: &Service,
-        hijacks: impl Fn(Ipv4Addr) -> bool,
+        hijacks: &impl Fn(IpAddr) -> bool,
         refused: &mut Vec<RefusedFrontend>,
     ) -> Vec<Self> {
-        let mut external = Self::external(service, hijacks, refused);
+        let families = service.families();
+        let dual = families.len() > 1;
+        let mut all = Vec::with_capacity(families.len());
+        for family in families {
+            let view = service.of_family(family);
+            let mut services = Self::for_family(&view, family, service, hijacks, refused);
+            if dual && family == IpFamily::V6 {
+                for desired in &mut services {
+                    desired.name.push_str(" (IPv6)");
+                }
+            }
+            all.extend(services);
+        }
+        all
+    }
+
+    /// [`Self::for_service`] for one family: `service` is the family's
+    /// view of `whole`.
+    fn for_family(
+        service: &Service,
+        family: IpFamily,
+        whole: &Service,
+        hijacks: &impl Fn(IpAddr) -> bool,
+        refused: &mut Vec<RefusedFrontend>,
+    ) -> Vec<Self> {
+        let mut external = Self::external(service, family, whole, hijacks, refused);
         let cluster: Vec<(Frontend, u32)> = service
             .cluster_ips
             .iter()
@@ -131,9 +164,13 @@ impl DesiredService {
         }
     }
 
+    /// `whole`'s source ranges guard every family's frontends: a family
+    /// none of them is of gets no source at all, never every source.
     fn external(
         service: &Service,
-        hijacks: impl Fn(Ipv4Addr) -> bool,
+        family: IpFamily,
+        whole: &Service,
+        hijacks: &impl Fn(IpAddr) -> bool,
         refused: &mut Vec<RefusedFrontend>,
     ) -> Self {
         let protocol = service.protocol;
@@ -146,10 +183,10 @@ impl DesiredService {
         if service.session_affinity_timeout.is_some() {
             flags |= SERVICE_F_AFFINITY;
         }
-        let mut source_ranges: Vec<(Ipv4Addr, u8)> = service
+        let mut source_ranges: Vec<(IpAddr, u8)> = service
             .source_ranges
             .iter()
-            .map(|&(address, len)| (network_of(address, len), len.min(32)))
+            .map(|&(address, len)| (network_of(address, len), len.min(family.bits())))
             .collect();
         source_ranges.sort_unstable();
         source_ranges.dedup();
@@ -168,7 +205,7 @@ impl DesiredService {
                 exact.push(Frontend::exact(protocol, address, service.port));
             }
         }
-        let ranged = if source_ranges.is_empty() {
+        let ranged = if whole.source_ranges.is_empty() {
             0
         } else {
             SERVICE_F_SOURCE_RANGES
@@ -177,7 +214,7 @@ impl DesiredService {
         if service.node_port != 0 {
             let guard = if exact.is_empty() { ranged } else { 0 };
             frontends.push((
-                Frontend::node_port(protocol, service.node_port),
+                Frontend::node_port_in(family, protocol, service.node_port),
                 flags | guard,
             ));
         }
@@ -228,7 +265,7 @@ impl Desired {
             Some(listed) => listed.iter().copied().collect(),
             None => node.local_addresses.clone(),
         };
-        let hijacks = |address: Ipv4Addr| {
+        let hijacks = |address: IpAddr| {
             (address.is_loopback() || node.local_addresses.contains(&address))
                 && !state.allowed_frontend_addresses.contains(&address)
         };
@@ -236,7 +273,7 @@ impl Desired {
         let services = state
             .services
             .iter()
-            .flat_map(|service| DesiredService::for_service(service, hijacks, &mut refused))
+            .flat_map(|service| DesiredService::for_service(service, &hijacks, &mut refused))
             .collect();
         Self {
             services,

@@ -149,9 +149,19 @@ fn maglev_table_into(backends: &[MaglevBackend], size: u32, slots: &mut Vec<u32>
     }
 }
 
-/// The identity of a backend for `MaglevBackend::identity`.
-pub fn identity(address: std::net::Ipv4Addr, port: u16) -> u64 {
-    (u64::from(u32::from(address)) << 16) | u64::from(port)
+/// The identity of a backend for `MaglevBackend::identity`: an IPv4
+/// backend's address and port side by side; an IPv6 backend's mixed down
+/// to 64 bits (the same on every node; a collision only makes two
+/// backends share a preference order).
+pub fn identity(address: std::net::IpAddr, port: u16) -> u64 {
+    match address {
+        std::net::IpAddr::V4(address) => (u64::from(u32::from(address)) << 16) | u64::from(port),
+        std::net::IpAddr::V6(address) => {
+            let bits = u128::from(address);
+            let high = mix((bits >> 64) as u64);
+            mix(high ^ bits as u64 ^ (u64::from(port) << 48)) | 1 << 63
+        }
+    }
 }
 
 /// SplitMix64's finalizer: a fixed, platform-independent 64-bit mix, so a
@@ -173,7 +183,7 @@ mod tests {
             .map(|i| MaglevBackend {
                 id: i + 1,
                 weight: 1,
-                identity: identity(Ipv4Addr::new(198, 18, 1, i as u8 + 2), 3333),
+                identity: identity(Ipv4Addr::new(198, 18, 1, i as u8 + 2).into(), 3333),
             })
             .collect()
     }

@@ -4,33 +4,45 @@
 //! the safe order.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::maglev::TableRecipe;
-use crate::model::{BackendAddr, DesiredState, Protocol};
+use crate::model::{BackendAddr, DesiredState, IpFamily, Protocol};
 
-/// A frontend: the key of `XLB_SERVICES`. A NodePort (`address: None`)
-/// answers on every node address; an exact frontend (load-balancer or
-/// external IP) on its own address only, and wins over a NodePort.
+/// A frontend: the key of `XLB_SERVICES` (IPv4) or `XLB_SERVICES6`
+/// (IPv6). A NodePort (`address: None`) answers on every node address of
+/// its family; an exact frontend (load-balancer or external IP) on its own
+/// address only, and wins over a NodePort.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
     pub protocol: Protocol,
-    pub address: Option<Ipv4Addr>,
+    /// `address`'s family, or the NodePort's.
+    pub family: IpFamily,
+    pub address: Option<IpAddr>,
     pub port: u16,
 }
 
 impl Frontend {
+    /// An IPv4 NodePort.
     pub const fn node_port(protocol: Protocol, port: u16) -> Self {
+        Self::node_port_in(IpFamily::V4, protocol, port)
+    }
+
+    /// A NodePort on the node's addresses of `family`.
+    pub const fn node_port_in(family: IpFamily, protocol: Protocol, port: u16) -> Self {
         Self {
             protocol,
+            family,
             address: None,
             port,
         }
     }
 
-    pub const fn exact(protocol: Protocol, address: Ipv4Addr, port: u16) -> Self {
+    pub fn exact(protocol: Protocol, address: impl Into<IpAddr>, port: u16) -> Self {
+        let address = address.into();
         Self {
             protocol,
+            family: IpFamily::of(address),
             address: Some(address),
             port,
         }
@@ -39,9 +51,15 @@ impl Frontend {
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.address {
-            None => write!(f, "{} {}", self.protocol, self.port),
-            Some(address) => write!(f, "{} {address}:{}", self.protocol, self.port),
+        match (self.address, self.family) {
+            (None, IpFamily::V4) => write!(f, "{} {}", self.protocol, self.port),
+            (None, IpFamily::V6) => write!(f, "{} {} (IPv6)", self.protocol, self.port),
+            (Some(address), _) => write!(
+                f,
+                "{} {}",
+                self.protocol,
+                std::net::SocketAddr::new(address, self.port)
+            ),
         }
     }
 }
@@ -77,7 +95,7 @@ pub struct ActiveBackend {
 pub struct SourceRangeKey {
     pub service_id: u32,
     /// Host bits are zero.
-    pub network: Ipv4Addr,
+    pub network: IpAddr,
     pub prefix_len: u8,
 }
 
@@ -128,26 +146,31 @@ impl Settings {
 /// One write or delete in one map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
-    /// `XLB_NODE_ADDRS`: NodePorts answer on `0`.
-    AddNodeAddress(Ipv4Addr),
-    RemoveNodeAddress(Ipv4Addr),
-    /// `XLB_IFACE_ADDRS`: masquerade with `address` when leaving `ifindex`.
+    /// `XLB_NODE_ADDRS` (or `XLB_NODE_ADDRS6`): NodePorts answer on `0`.
+    AddNodeAddress(IpAddr),
+    RemoveNodeAddress(IpAddr),
+    /// `XLB_IFACE_ADDRS` (or `XLB_IFADDRS6`): masquerade with `address`
+    /// when leaving `ifindex` towards an address of its family.
     SetInterfaceAddress {
         ifindex: u32,
-        address: Ipv4Addr,
+        address: IpAddr,
     },
     RemoveInterfaceAddress {
         ifindex: u32,
+        family: IpFamily,
     },
-    /// `XLB_BACKENDS[id]`, marked active (and terminating, if it is).
+    /// `XLB_BACKENDS[id]` (`XLB_BACKENDS6[id]` for an IPv6 backend),
+    /// marked active (and terminating, if it is).
     WriteBackend {
         id: u32,
         backend: ActiveBackend,
     },
-    /// `XLB_BACKENDS[id]` zeroed (inactive); arrays cannot delete. The
-    /// datapath re-balances the backend's flows on their next packet.
+    /// The backend's entry zeroed (inactive) in its family's array; arrays
+    /// cannot delete. The datapath re-balances the backend's flows on their
+    /// next packet.
     ClearBackend {
         id: u32,
+        family: IpFamily,
     },
     /// `XLB_SELECT[table]` = a new table built from `recipe`, swapped in
     /// whole: packets see the old table or the new one, never a mix.
@@ -239,8 +262,8 @@ impl fmt::Display for MapOp {
             MapOp::SetInterfaceAddress { ifindex, address } => {
                 write!(f, "masquerade as {address} on ifindex {ifindex}")
             }
-            MapOp::RemoveInterfaceAddress { ifindex } => {
-                write!(f, "forget the address of ifindex {ifindex}")
+            MapOp::RemoveInterfaceAddress { ifindex, family } => {
+                write!(f, "forget the {family} address of ifindex {ifindex}")
             }
             MapOp::WriteBackend { id, backend } => {
                 write!(f, "backend {id} = {}", backend.address)?;
@@ -249,7 +272,7 @@ impl fmt::Display for MapOp {
                 }
                 Ok(())
             }
-            MapOp::ClearBackend { id } => write!(f, "backend {id} cleared"),
+            MapOp::ClearBackend { id, family } => write!(f, "{family} backend {id} cleared"),
             MapOp::WriteTable { table, recipe } => {
                 write!(f, "selection table {table} ({} slots)", recipe.size)
             }

@@ -8,7 +8,7 @@ use super::applied::{Applied, TableSummary};
 use super::desired::{Desired, DesiredService};
 use super::maglev::{MaglevBackend, TableRecipe, identity};
 use super::ops::{ActiveBackend, Frontend, MapOp, ServiceEntry, SourceRangeKey};
-use crate::model::{BackendAddr, auto_table_size};
+use crate::model::{BackendAddr, IpFamily, auto_table_size};
 
 /// Sizes of the maps the plan must fit in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,14 +155,15 @@ fn addresses(
     for address in applied.node_addresses.difference(&desired.node_addresses) {
         ops.push(MapOp::RemoveNodeAddress(*address));
     }
-    for (&ifindex, &address) in &desired.interface_addresses {
-        if applied.interface_addresses.get(&ifindex) != Some(&address) {
+    for (&key, &address) in &desired.interface_addresses {
+        if applied.interface_addresses.get(&key) != Some(&address) {
+            let (ifindex, _) = key;
             ops.push(MapOp::SetInterfaceAddress { ifindex, address });
         }
     }
-    for ifindex in applied.interface_addresses.keys() {
-        if !desired.interface_addresses.contains_key(ifindex) {
-            ops.push(MapOp::RemoveInterfaceAddress { ifindex: *ifindex });
+    for &(ifindex, family) in applied.interface_addresses.keys() {
+        if !desired.interface_addresses.contains_key(&(ifindex, family)) {
+            ops.push(MapOp::RemoveInterfaceAddress { ifindex, family });
         }
     }
     Ok(())
@@ -231,7 +232,8 @@ fn backends(
     }
     for (&id, active) in &applied.backends {
         if !wanted.contains_key(&active.address) {
-            ops.push(MapOp::ClearBackend { id });
+            let family = IpFamily::of(active.address.address);
+            ops.push(MapOp::ClearBackend { id, family });
         }
     }
     Ok(ids)

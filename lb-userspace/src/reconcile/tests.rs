@@ -1,10 +1,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
 use crate::model::{
-    Backend, BackendAddr, Conntrack, DEFAULT_MASQUERADE_PORTS, DesiredState, Protocol, Service,
-    TrafficPolicy, desired_backends,
+    Backend, BackendAddr, Conntrack, DEFAULT_MASQUERADE_PORTS, DesiredState, IpFamily, Protocol,
+    Service, TrafficPolicy, desired_backends,
 };
 use lb_common::service::{
     SERVICE_F_AFFINITY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE, SERVICE_F_SOURCE_RANGES,
@@ -14,7 +14,7 @@ const TABLE: u32 = 11;
 
 fn backend(last: u8, weight: u32) -> Backend {
     Backend {
-        address: Ipv4Addr::new(198, 18, 1, last),
+        address: IpAddr::from([198, 18, 1, last]),
         port: 8080,
         weight,
         ..Backend::default()
@@ -35,7 +35,7 @@ fn service(name: &str, node_port: u16, backends: Vec<Backend>) -> Service {
 fn state(services: Vec<Service>) -> DesiredState {
     DesiredState {
         interfaces: vec![String::from("eth0")],
-        node_addresses: Some(vec![Ipv4Addr::new(198, 18, 0, 1)]),
+        node_addresses: Some(vec![IpAddr::from([198, 18, 0, 1])]),
         masquerade_ports: DEFAULT_MASQUERADE_PORTS,
         conntrack: Conntrack::default(),
         table_size: TABLE,
@@ -47,12 +47,12 @@ fn state(services: Vec<Service>) -> DesiredState {
 
 fn node() -> NodeFacts {
     NodeFacts {
-        local_addresses: [Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(198, 18, 0, 9)]
+        local_addresses: [IpAddr::from([198, 18, 0, 1]), IpAddr::from([198, 18, 0, 9])]
             .into_iter()
             .collect(),
         interface_addresses: [
-            (1, Ipv4Addr::new(127, 0, 0, 1)),
-            (2, Ipv4Addr::new(198, 18, 0, 1)),
+            ((1, IpFamily::V4), IpAddr::from([127, 0, 0, 1])),
+            ((2, IpFamily::V4), IpAddr::from([198, 18, 0, 1])),
         ]
         .into_iter()
         .collect(),
@@ -83,14 +83,18 @@ struct FakeMaps {
     select: BTreeMap<u32, Vec<u32>>,
     backends: HashMap<u32, ActiveBackend>,
     source_ranges: BTreeSet<SourceRangeKey>,
-    node_addresses: BTreeSet<Ipv4Addr>,
-    interface_addresses: BTreeMap<u32, Ipv4Addr>,
+    node_addresses: BTreeSet<IpAddr>,
+    interface_addresses: BTreeMap<(u32, IpFamily), IpAddr>,
     settings: Option<Settings>,
     ports: PortSet,
     port_filter: bool,
     /// Fail the op with this 0-based index (counted over the fake's life).
     fail_at: Option<usize>,
     ops_seen: usize,
+    /// Frontends the desired state guards with no range of their family
+    /// (a dual-stack service's ranges are all of the other): they check
+    /// sources and allow none.
+    rangeless: BTreeSet<Frontend>,
 }
 
 impl FakeMaps {
@@ -107,6 +111,7 @@ impl FakeMaps {
             port_filter: false,
             fail_at: None,
             ops_seen: 0,
+            rangeless: BTreeSet::new(),
         }
     }
 
@@ -136,7 +141,10 @@ impl FakeMaps {
                 }
             }
             let ranged = entry.flags & SERVICE_F_SOURCE_RANGES != 0;
-            if ranged && !self.source_ranges.iter().any(|r| r.service_id == entry.id) {
+            if ranged
+                && !self.rangeless.contains(frontend)
+                && !self.source_ranges.iter().any(|r| r.service_id == entry.id)
+            {
                 return Err(format!("{frontend} checks sources but has no range"));
             }
             if self.port_filter && !self.ports.contains(frontend.port) {
@@ -185,10 +193,10 @@ impl MapWriter for FakeMaps {
                 self.node_addresses.remove(address);
             }
             MapOp::SetInterfaceAddress { ifindex, address } => {
-                self.interface_addresses.insert(*ifindex, *address);
+                (self.interface_addresses).insert((*ifindex, IpFamily::of(*address)), *address);
             }
-            MapOp::RemoveInterfaceAddress { ifindex } => {
-                self.interface_addresses.remove(ifindex);
+            MapOp::RemoveInterfaceAddress { ifindex, family } => {
+                self.interface_addresses.remove(&(*ifindex, *family));
             }
             MapOp::WriteBackend { id, backend } => {
                 if *id == 0 {
@@ -196,7 +204,7 @@ impl MapWriter for FakeMaps {
                 }
                 self.backends.insert(*id, *backend);
             }
-            MapOp::ClearBackend { id } => {
+            MapOp::ClearBackend { id, .. } => {
                 self.backends.remove(id);
             }
             MapOp::WriteTable { table, recipe } => {
@@ -251,6 +259,13 @@ impl Harness {
 
     /// Plans and applies `state`; returns the ops.
     fn reconcile(&mut self, state: &DesiredState) -> Vec<MapOp> {
+        let desired = Desired::new(state, &node());
+        self.maps.rangeless = (desired.services.iter())
+            .filter(|service| service.source_ranges.is_empty())
+            .flat_map(|service| service.frontends.iter())
+            .filter(|(_, flags)| flags & SERVICE_F_SOURCE_RANGES != 0)
+            .map(|(frontend, _)| *frontend)
+            .collect();
         let ops = self.plan(state);
         if let Err(error) = apply(&mut self.maps, &mut self.applied, &ops) {
             panic!("{error}: {}", error.source);
@@ -423,7 +438,11 @@ fn removing_a_backend_clears_it_after_the_flip() {
     assert_eq!(phases(&ops), [2, 5], "{ops:#?}");
     assert_eq!(
         ops.last(),
-        gone.map(|id| MapOp::ClearBackend { id }).as_ref()
+        gone.map(|id| MapOp::ClearBackend {
+            id,
+            family: IpFamily::V4
+        })
+        .as_ref()
     );
     assert_eq!(lab.backend_id(2), kept);
     assert_eq!(lab.backend_id(3), None);
@@ -446,7 +465,8 @@ fn removing_a_service_deletes_entry_then_its_own_backends() {
                 frontend: tcp(30080)
             },
             MapOp::ClearBackend {
-                id: only_web.unwrap_or_default()
+                id: only_web.unwrap_or_default(),
+                family: IpFamily::V4,
             },
             MapOp::RemoveTable { table: 0 },
         ]
@@ -584,12 +604,12 @@ fn node_addresses_follow_config_or_node() {
     assert_eq!(lab.maps.node_addresses.len(), 1);
     desired.node_addresses = None;
     let ops = lab.reconcile(&desired);
-    assert_eq!(ops, [MapOp::AddNodeAddress(Ipv4Addr::new(198, 18, 0, 9))]);
-    desired.node_addresses = Some(vec![Ipv4Addr::new(198, 18, 0, 9)]);
+    assert_eq!(ops, [MapOp::AddNodeAddress(IpAddr::from([198, 18, 0, 9]))]);
+    desired.node_addresses = Some(vec![IpAddr::from([198, 18, 0, 9])]);
     let ops = lab.reconcile(&desired);
     assert_eq!(
         ops,
-        [MapOp::RemoveNodeAddress(Ipv4Addr::new(198, 18, 0, 1))]
+        [MapOp::RemoveNodeAddress(IpAddr::from([198, 18, 0, 1]))]
     );
 }
 
@@ -599,26 +619,30 @@ fn interface_address_changes() {
     let desired = state(vec![]);
     lab.reconcile(&desired);
     let mut facts = node();
+    let v4 = IpFamily::V4;
     facts
         .interface_addresses
-        .insert(2, Ipv4Addr::new(198, 18, 0, 7));
-    facts.interface_addresses.remove(&1);
+        .insert((2, v4), IpAddr::from([198, 18, 0, 7]));
+    facts.interface_addresses.remove(&(1, v4));
     facts
         .interface_addresses
-        .insert(5, Ipv4Addr::new(198, 18, 5, 1));
+        .insert((5, v4), IpAddr::from([198, 18, 5, 1]));
     let ops = diff(&lab.applied, &Desired::new(&desired, &facts), &capacity());
     assert_eq!(
         ops,
         Ok(vec![
             MapOp::SetInterfaceAddress {
                 ifindex: 2,
-                address: Ipv4Addr::new(198, 18, 0, 7)
+                address: IpAddr::from([198, 18, 0, 7])
             },
             MapOp::SetInterfaceAddress {
                 ifindex: 5,
-                address: Ipv4Addr::new(198, 18, 5, 1)
+                address: IpAddr::from([198, 18, 5, 1])
             },
-            MapOp::RemoveInterfaceAddress { ifindex: 1 },
+            MapOp::RemoveInterfaceAddress {
+                ifindex: 1,
+                family: v4
+            },
         ])
     );
 }
@@ -996,8 +1020,8 @@ fn shared_backend_is_terminating_only_if_every_service_says_so() {
     assert!(lab.maps.backends[&id].terminating);
 }
 
-fn frontend_ip(last: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, 200, last)
+fn frontend_ip(last: u8) -> IpAddr {
+    IpAddr::from([198, 18, 200, last])
 }
 
 fn exact(last: u8) -> Frontend {
@@ -1043,12 +1067,12 @@ fn source_ranges_guard_frontends_and_are_written_first() {
     let mut web = service("web", 30080, vec![backend(2, 1)]);
     web.port = 80;
     web.frontends = vec![frontend_ip(10)];
-    web.source_ranges = vec![(Ipv4Addr::new(198, 18, 0, 9), 24)];
+    web.source_ranges = vec![(IpAddr::from([198, 18, 0, 9]), 24)];
     let ops = lab.reconcile(&state(vec![web.clone()]));
     let id = lab.id_of("web");
     let range = |network: [u8; 4], prefix_len| SourceRangeKey {
         service_id: id,
-        network: Ipv4Addr::from(network),
+        network: IpAddr::from(network),
         prefix_len,
     };
     assert_eq!(
@@ -1076,7 +1100,7 @@ fn source_ranges_guard_frontends_and_are_written_first() {
 
     // Changing the ranges: the new one is added before, the old one removed
     // after (the fake checks a guarded entry never lacks ranges).
-    web.source_ranges = vec![(Ipv4Addr::new(198, 19, 0, 0), 16)];
+    web.source_ranges = vec![(IpAddr::from([198, 19, 0, 0]), 16)];
     let ops = lab.reconcile(&state(vec![web.clone()]));
     assert_eq!(
         ops,
@@ -1101,7 +1125,7 @@ fn source_ranges_guard_frontends_and_are_written_first() {
     assert!(lab.maps.source_ranges.is_empty());
 
     // A removed service's ranges go after its entry.
-    web.source_ranges = vec![(Ipv4Addr::new(198, 19, 0, 0), 16)];
+    web.source_ranges = vec![(IpAddr::from([198, 19, 0, 0]), 16)];
     lab.reconcile(&state(vec![web]));
     let ops = lab.reconcile(&state(vec![]));
     assert_eq!(phases(&ops), [4, 5, 5, 5], "{ops:#?}");
@@ -1111,7 +1135,9 @@ fn source_ranges_guard_frontends_and_are_written_first() {
 #[test]
 fn source_ranges_must_fit() {
     let mut web = service("web", 30080, vec![backend(2, 1)]);
-    web.source_ranges = (0..3).map(|i| (Ipv4Addr::new(198, 18, i, 0), 24)).collect();
+    web.source_ranges = (0..3)
+        .map(|i| (IpAddr::from([198, 18, i, 0]), 24))
+        .collect();
     let small = Capacity {
         source_ranges: 2,
         ..capacity()
@@ -1140,7 +1166,7 @@ fn adopted_maps_keep_ids_and_tables_and_rewrite_tables_in_place() {
     let mut web = service("web", 30080, vec![backend(2, 1), backend(3, 2)]);
     web.port = 80;
     web.frontends = vec![frontend_ip(10)];
-    web.source_ranges = vec![(Ipv4Addr::new(198, 18, 0, 0), 24)];
+    web.source_ranges = vec![(IpAddr::from([198, 18, 0, 0]), 24)];
     let desired = state(vec![web, service("api", 30081, vec![backend(2, 1)])]);
     lab.reconcile(&desired);
 
@@ -1213,11 +1239,11 @@ fn a_frontend_claimed_twice_belongs_to_the_first_service_and_converges() {
 /// unless the config allows that address.
 #[test]
 fn frontends_on_node_addresses_are_refused_unless_allowed() {
-    let node_ip = Ipv4Addr::new(198, 18, 0, 1);
-    let outside = Ipv4Addr::new(198, 18, 9, 9);
+    let node_ip = IpAddr::from([198, 18, 0, 1]);
+    let outside = IpAddr::from([198, 18, 9, 9]);
     let mut web = service("web", 30080, vec![backend(2, 1)]);
     web.port = 22;
-    web.frontends = vec![node_ip, outside, Ipv4Addr::LOCALHOST];
+    web.frontends = vec![node_ip, outside, IpAddr::from(Ipv4Addr::LOCALHOST)];
     let mut node = node();
     node.local_addresses.insert(node_ip);
     let desired = Desired::new(&state(vec![web.clone()]), &node);
@@ -1234,7 +1260,7 @@ fn frontends_on_node_addresses_are_refused_unless_allowed() {
             .iter()
             .map(|refused| refused.address)
             .collect::<Vec<_>>(),
-        [node_ip, Ipv4Addr::LOCALHOST]
+        [node_ip, IpAddr::from(Ipv4Addr::LOCALHOST)]
     );
     let message = desired.refused[0].to_string();
     assert!(message.contains("default/web"), "{message}");
@@ -1305,12 +1331,12 @@ fn what_does_not_fit_is_skipped_not_everything() {
 fn cluster_ips_share_the_table_when_both_policies_agree() {
     let mut web = service("web", 30080, vec![backend(1, 1), backend(2, 1)]);
     web.port = 80;
-    web.cluster_ips = vec![Ipv4Addr::new(198, 19, 0, 10)];
+    web.cluster_ips = vec![IpAddr::from([198, 19, 0, 10])];
     web.session_affinity_timeout = Some(60);
     let desired = Desired::new(&state(vec![web]), &node());
     assert_eq!(desired.services.len(), 1);
     let frontends = &desired.services[0].frontends;
-    let cluster = Frontend::exact(Protocol::Tcp, Ipv4Addr::new(198, 19, 0, 10), 80);
+    let cluster = Frontend::exact(Protocol::Tcp, IpAddr::from([198, 19, 0, 10]), 80);
     assert_eq!(
         frontends,
         &[
@@ -1329,7 +1355,7 @@ fn internal_traffic_policy_local_gives_cluster_ips_their_own_table() {
     local.is_local = true;
     let mut web = service("web", 30080, vec![local, backend(2, 1)]);
     web.port = 80;
-    web.cluster_ips = vec![Ipv4Addr::new(198, 19, 0, 10)];
+    web.cluster_ips = vec![IpAddr::from([198, 19, 0, 10])];
     web.internal_traffic_policy = TrafficPolicy::Local;
     let desired = Desired::new(&state(vec![web.clone()]), &node());
     let names: Vec<&str> = desired.services.iter().map(|s| s.name.as_str()).collect();
@@ -1338,17 +1364,17 @@ fn internal_traffic_policy_local_gives_cluster_ips_their_own_table() {
     assert_eq!(
         internal.frontends,
         [(
-            Frontend::exact(Protocol::Tcp, Ipv4Addr::new(198, 19, 0, 10), 80),
+            Frontend::exact(Protocol::Tcp, IpAddr::from([198, 19, 0, 10]), 80),
             SERVICE_F_MASQUERADE | SERVICE_F_DROP_IF_EMPTY
         )]
     );
-    let selectable: Vec<Ipv4Addr> = internal
+    let selectable: Vec<IpAddr> = internal
         .backends
         .iter()
         .filter(|b| b.selectable)
         .map(|b| b.address.address)
         .collect();
-    assert_eq!(selectable, [Ipv4Addr::new(198, 18, 1, 1)]);
+    assert_eq!(selectable, [IpAddr::from([198, 18, 1, 1])]);
     let ops = diff(&Applied::default(), &desired, &capacity()).expect("fits");
     let ids: BTreeSet<u32> = ops
         .iter()
@@ -1497,4 +1523,74 @@ fn kept_ids_go_to_the_same_backends_and_services() {
         five != 0 && kept.backends.values().all(|&id| id != five),
         "backend id {five}"
     );
+}
+
+#[test]
+fn a_dual_stack_service_has_a_table_per_family() {
+    let ip = |text: &str| -> IpAddr { text.parse().unwrap_or_else(|e| panic!("{e}")) };
+    let mut web = service("web", 30080, vec![backend(2, 1)]);
+    web.backends.push(Backend {
+        address: ip("2001:db8:1::2"),
+        port: 8080,
+        ..Backend::default()
+    });
+    web.port = 80;
+    web.frontends = vec![ip("2001:db8:ff::1")];
+    web.source_ranges = vec![(ip("198.18.77.0"), 24)];
+    let mut desired_state = state(vec![web]);
+    desired_state.node_addresses = Some(vec![ip("198.18.0.1"), ip("2001:db8::1")]);
+    let desired = Desired::new(&desired_state, &node());
+    let names: Vec<&str> = desired.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["default/web", "default/web (IPv6)"]);
+    let (v4, v6) = (&desired.services[0], &desired.services[1]);
+    let tcp = Protocol::Tcp;
+    assert_eq!(
+        v4.frontends,
+        [(
+            Frontend::node_port(tcp, 30080),
+            SERVICE_F_MASQUERADE | SERVICE_F_SOURCE_RANGES
+        )]
+    );
+    // The ranges are all IPv4: IPv6 sources may open no flow at all, never
+    // every source.
+    assert_eq!(
+        v6.frontends,
+        [
+            (
+                Frontend::node_port_in(IpFamily::V6, tcp, 30080),
+                SERVICE_F_MASQUERADE
+            ),
+            (
+                Frontend::exact(tcp, ip("2001:db8:ff::1"), 80),
+                SERVICE_F_MASQUERADE | SERVICE_F_SOURCE_RANGES
+            ),
+        ]
+    );
+    assert!(v6.source_ranges.is_empty());
+    let addresses = |s: &DesiredService| -> Vec<IpAddr> {
+        s.backends.iter().map(|b| b.address.address).collect()
+    };
+    assert_eq!(addresses(v4), [ip("198.18.1.2")]);
+    assert_eq!(addresses(v6), [ip("2001:db8:1::2")]);
+
+    let mut lab = Harness::new();
+    let ops = lab.reconcile(&desired_state);
+    assert!(
+        ops.contains(&MapOp::AddNodeAddress(ip("2001:db8::1"))),
+        "{ops:?}"
+    );
+    let v6_backend = ops.iter().find_map(|op| match op {
+        MapOp::WriteBackend { id, backend } if backend.address.address.is_ipv6() => Some(*id),
+        _ => None,
+    });
+    let v6_entry = lab
+        .applied
+        .services
+        .get(&Frontend::node_port_in(IpFamily::V6, tcp, 30080))
+        .map(|service| service.entry);
+    let v4_entry = lab.applied.services[&Frontend::node_port(tcp, 30080)].entry;
+    let v6_entry = v6_entry.unwrap_or_else(|| panic!("no IPv6 NodePort in {ops:?}"));
+    assert_ne!(v6_entry.id, v4_entry.id);
+    assert_ne!(v6_entry.table_id, v4_entry.table_id);
+    assert!(v6_backend.is_some());
 }

@@ -22,11 +22,13 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::{Backend, DesiredState, Owners, Protocol, Service, TrafficPolicy, network_of};
+use crate::model::{
+    Backend, DesiredState, IpFamily, Owners, Protocol, Service, TrafficPolicy, network_of,
+};
 
 pub use super::cluster::{
     EndpointAddress, EndpointObject, ServiceObject, ServicePortSpec, ServiceSpec, SliceObject,
@@ -44,7 +46,7 @@ pub use super::cluster::{
 /// One endpoint of a service port, as its EndpointSlice describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     /// `conditions.ready` (unset means ready).
     pub ready: bool,
@@ -72,16 +74,19 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
     /// `spec.externalIPs` and the load balancer's ingress IPs, served on
     /// `port`.
-    pub external_addresses: Vec<Ipv4Addr>,
-    /// `spec.clusterIPs` (or `spec.clusterIP`), IPv4 only, served on `port`.
-    pub cluster_ips: Vec<Ipv4Addr>,
+    pub external_addresses: Vec<IpAddr>,
+    /// `spec.clusterIPs` (or `spec.clusterIP`), served on `port`.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `spec.ipFamilies` (IPv4 when unset, as the API server defaults a
+    /// single-stack cluster).
+    pub ip_families: Vec<IpFamily>,
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
     /// `sessionAffinity: ClientIP`'s timeout, in seconds.
     pub session_affinity_timeout: Option<u32>,
-    /// `spec.loadBalancerSourceRanges` of a LoadBalancer service, IPv4 only:
+    /// `spec.loadBalancerSourceRanges` of a LoadBalancer service:
     /// (network address, prefix length).
-    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    pub source_ranges: Vec<(IpAddr, u8)>,
     /// `spec.healthCheckNodePort` of a Local LoadBalancer service.
     pub health_check_node_port: Option<u16>,
     /// Every endpoint for this port, sorted by (address, port), deduplicated.
@@ -178,7 +183,7 @@ pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredStat
     // Node addresses: the config's list wins (kube-proxy's
     // --nodeport-addresses); otherwise the Node's primary addresses, as
     // kube-proxy's nftables mode does by default; otherwise (no Node, or one
-    // without IPv4 addresses) every local address.
+    // without addresses) every local address.
     let node_addresses = base.node_addresses.clone().or_else(|| {
         if node.addresses.is_empty() {
             None
@@ -240,6 +245,7 @@ pub fn to_model(port: &ServicePort, notes: &mut Vec<Note>) -> Option<Service> {
         port: port.port,
         frontends: port.external_addresses.clone(),
         cluster_ips: port.cluster_ips.clone(),
+        ip_families: port.ip_families.clone(),
         external_traffic_policy: port.external_traffic_policy,
         internal_traffic_policy: port.internal_traffic_policy,
         session_affinity_timeout: port.session_affinity_timeout,
@@ -265,12 +271,12 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
             });
             continue;
         };
-        if slice.address_type != "IPv4" {
+        if IpFamily::from_name(&slice.address_type).is_none() {
             notes.push(Note {
                 level: NoteLevel::Debug,
                 object,
                 message: format!(
-                    "addressType {} is not served (IPv4 only); ignored",
+                    "addressType {} is not served (IPv4 and IPv6 are); ignored",
                     slice.address_type
                 ),
             });
@@ -325,6 +331,7 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
         let node_ports = matches!(service_type, "NodePort" | "LoadBalancer");
         let external_addresses = external_addresses(spec, &object, &mut notes);
         let cluster_ips = cluster_ips(spec, &object, &mut notes);
+        let ip_families = ip_families(spec, &object, &mut notes);
         if !node_ports && external_addresses.is_empty() && cluster_ips.is_empty() {
             notes.push(Note {
                 level: NoteLevel::Debug,
@@ -393,6 +400,7 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
                 node_port,
                 external_addresses: external_addresses.clone(),
                 cluster_ips: cluster_ips.clone(),
+                ip_families: ip_families.clone(),
                 external_traffic_policy,
                 internal_traffic_policy,
                 session_affinity_timeout,
@@ -405,13 +413,14 @@ pub fn service_ports(snapshot: &ClusterSnapshot, node: &NodeInfo) -> (Vec<Servic
     (ports, notes)
 }
 
-/// `10.0.0.0/8`-style ranges, IPv4 only, host bits cleared.
-fn source_ranges(listed: &[String], object: &str, notes: &mut Vec<Note>) -> Vec<(Ipv4Addr, u8)> {
+/// `10.0.0.0/8`- or `2001:db8::/32`-style ranges, host bits cleared.
+fn source_ranges(listed: &[String], object: &str, notes: &mut Vec<Note>) -> Vec<(IpAddr, u8)> {
     let mut ranges = Vec::new();
     for text in listed {
         let parsed = text.trim().split_once('/').and_then(|(address, length)| {
-            let address: Ipv4Addr = address.parse().ok()?;
-            let length: u8 = length.parse().ok().filter(|length| *length <= 32)?;
+            let address: IpAddr = address.parse().ok()?;
+            let bits = IpFamily::of(address).bits();
+            let length: u8 = length.parse().ok().filter(|length| *length <= bits)?;
             Some((network_of(address, length), length))
         });
         match parsed {
@@ -420,7 +429,7 @@ fn source_ranges(listed: &[String], object: &str, notes: &mut Vec<Note>) -> Vec<
             None => notes.push(Note {
                 level: NoteLevel::Debug,
                 object: object.to_owned(),
-                message: format!("loadBalancerSourceRange {text} is not an IPv4 CIDR; ignored"),
+                message: format!("loadBalancerSourceRange {text} is not a CIDR; ignored"),
             }),
         }
     }
@@ -431,21 +440,42 @@ fn positive_port(port: i32) -> Option<u16> {
     u16::try_from(port).ok().filter(|port| *port != 0)
 }
 
-/// `spec.clusterIPs` (falling back to `spec.clusterIP`), IPv4 only, without
-/// duplicates; an IPv6 family of a dual-stack service is left out.
-fn cluster_ips(spec: &ServiceSpec, object: &str, notes: &mut Vec<Note>) -> Vec<Ipv4Addr> {
+/// `spec.ipFamilies`: IPv4 when unset (an API server fills it in; objects
+/// from elsewhere may lack it), unknown names left out with a note.
+fn ip_families(spec: &ServiceSpec, object: &str, notes: &mut Vec<Note>) -> Vec<IpFamily> {
+    let mut families = Vec::new();
+    for name in &spec.ip_families {
+        match IpFamily::from_name(name) {
+            Some(family) if !families.contains(&family) => families.push(family),
+            Some(_) => {}
+            None => notes.push(Note {
+                level: NoteLevel::Warn,
+                object: object.to_owned(),
+                message: format!("ipFamilies lists {name:?}, neither IPv4 nor IPv6; ignored"),
+            }),
+        }
+    }
+    if families.is_empty() {
+        families.push(IpFamily::V4);
+    }
+    families
+}
+
+/// `spec.clusterIPs` (falling back to `spec.clusterIP`), without
+/// duplicates.
+fn cluster_ips(spec: &ServiceSpec, object: &str, notes: &mut Vec<Note>) -> Vec<IpAddr> {
     let mut addresses = Vec::new();
     for text in &spec.cluster_ips {
         if text.is_empty() || text == "None" {
             continue;
         }
-        match text.parse::<Ipv4Addr>() {
+        match text.parse::<IpAddr>() {
             Ok(address) if !addresses.contains(&address) => addresses.push(address),
             Ok(_) => {}
             Err(_) => notes.push(Note {
                 level: NoteLevel::Debug,
                 object: object.to_owned(),
-                message: format!("clusterIP {text} is not an IPv4 address; not served"),
+                message: format!("clusterIP {text} is not an IP address; not served"),
             }),
         }
     }
@@ -454,16 +484,16 @@ fn cluster_ips(spec: &ServiceSpec, object: &str, notes: &mut Vec<Note>) -> Vec<I
 
 /// `spec.externalIPs`, then the load balancer's ingress IPs (not those in
 /// `ipMode: Proxy`, whose load balancer does not send traffic to the
-/// service's IP), IPv4 only, without duplicates.
-fn external_addresses(spec: &ServiceSpec, object: &str, notes: &mut Vec<Note>) -> Vec<Ipv4Addr> {
+/// service's IP), without duplicates.
+fn external_addresses(spec: &ServiceSpec, object: &str, notes: &mut Vec<Note>) -> Vec<IpAddr> {
     let mut addresses = Vec::new();
-    let mut add = |text: &str, field: &str, notes: &mut Vec<Note>| match text.parse::<Ipv4Addr>() {
+    let mut add = |text: &str, field: &str, notes: &mut Vec<Note>| match text.parse::<IpAddr>() {
         Ok(address) if !addresses.contains(&address) => addresses.push(address),
         Ok(_) => {}
         Err(_) => notes.push(Note {
             level: NoteLevel::Debug,
             object: object.to_owned(),
-            message: format!("{field} {text} is not an IPv4 address; not served"),
+            message: format!("{field} {text} is not an IP address; not served"),
         }),
     };
     for ip in &spec.external_ips {
@@ -490,7 +520,7 @@ fn endpoints(
     node: &NodeInfo,
     notes: &mut Vec<Note>,
 ) -> Vec<Endpoint> {
-    let mut found: BTreeMap<(Ipv4Addr, u16), Endpoint> = BTreeMap::new();
+    let mut found: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
     let protocol = protocol.to_string();
     for (key, slice) in slices {
         let object = format!("EndpointSlice {}/{}", key.0, key.1);
@@ -530,13 +560,28 @@ fn endpoints(
         };
         for endpoint in &slice.endpoints {
             let address = match &endpoint.address {
-                EndpointAddress::V4(address) => *address,
+                EndpointAddress::Ip(address)
+                    if IpFamily::from_name(&slice.address_type) == Some(IpFamily::of(*address)) =>
+                {
+                    *address
+                }
                 EndpointAddress::Missing => continue,
+                EndpointAddress::Ip(address) => {
+                    notes.push(Note {
+                        level: NoteLevel::Warn,
+                        object: object.clone(),
+                        message: format!(
+                            "endpoint address {address} is not of the slice's addressType {}; skipped",
+                            slice.address_type
+                        ),
+                    });
+                    continue;
+                }
                 EndpointAddress::Other(text) => {
                     notes.push(Note {
                         level: NoteLevel::Warn,
                         object: object.clone(),
-                        message: format!("endpoint address {text} is not an IPv4 address; skipped"),
+                        message: format!("endpoint address {text} is not an IP address; skipped"),
                     });
                     continue;
                 }

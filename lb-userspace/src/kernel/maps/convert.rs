@@ -2,18 +2,18 @@
 //! sums, and the exit log's counter lines.
 
 use std::borrow::Borrow;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::Pod;
 use aya::maps::lpm_trie::Key as LpmKey;
 use aya::maps::{MapData, MapError, PerCpuArray};
 use lb_common::service::{ADDR_ANY_NODE, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, CONFIG_F_READY};
 use lb_common::{
-    Backend, GlobalConfig, IPPROTO_TCP, IPPROTO_UDP, Paths, Reason, Service, ServiceKey,
-    SourceRange,
+    BackendOf, Family, GlobalConfig, IPPROTO_TCP, IPPROTO_UDP, Paths, Reason, Service,
+    ServiceKeyOf, SourceRangeOf, V4, V6,
 };
 
-use crate::model::Protocol;
+use crate::model::{BackendAddr, IpFamily, Protocol};
 use crate::reconcile::{ActiveBackend, Frontend, ServiceEntry, Settings, SourceRangeKey};
 
 /// An address as the datapath stores it: the wire's bytes in a u32.
@@ -21,28 +21,83 @@ pub fn addr_be(address: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(address.octets())
 }
 
-pub fn service_key(frontend: &Frontend) -> ServiceKey {
-    ServiceKey {
-        addr_be: frontend.address.map_or(ADDR_ANY_NODE, addr_be),
-        port_be: frontend.port.to_be(),
-        proto: frontend.protocol.number(),
-        _pad: 0,
+/// A family's addresses as its maps hold them.
+pub trait MapFamily: Family
+where
+    Self::Addr: Pod,
+{
+    const FAMILY: IpFamily;
+    /// `address` as the maps hold it; `None` if it is of the other family.
+    fn to_map(address: IpAddr) -> Option<Self::Addr>;
+    fn from_map(address: &Self::Addr) -> IpAddr;
+}
+
+impl MapFamily for V4 {
+    const FAMILY: IpFamily = IpFamily::V4;
+    fn to_map(address: IpAddr) -> Option<u32> {
+        match address {
+            IpAddr::V4(address) => Some(addr_be(address)),
+            IpAddr::V6(_) => None,
+        }
+    }
+    fn from_map(address: &u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(address.to_ne_bytes()))
     }
 }
 
-/// The frontend of an `XLB_SERVICES` key, if its protocol is one xlb
+impl MapFamily for V6 {
+    const FAMILY: IpFamily = IpFamily::V6;
+    fn to_map(address: IpAddr) -> Option<lb_common::Addr6> {
+        match address {
+            IpAddr::V6(address) => Some(lb_common::family::addr6(address.octets())),
+            IpAddr::V4(_) => None,
+        }
+    }
+    fn from_map(address: &lb_common::Addr6) -> IpAddr {
+        IpAddr::V6(Ipv6Addr::from(lb_common::family::octets6(*address)))
+    }
+}
+
+// A NodePort's key holds the zero address in both families.
+const _: () = assert!(ADDR_ANY_NODE == 0);
+
+/// `frontend`'s key in its family's services map; `None` if `frontend`
+/// is of the other family.
+pub fn service_key<F: MapFamily>(frontend: &Frontend) -> Option<ServiceKeyOf<F>>
+where
+    F::Addr: Pod,
+{
+    if frontend.family != F::FAMILY {
+        return None;
+    }
+    let addr_be = match frontend.address {
+        None => F::Addr::default(),
+        Some(address) => F::to_map(address)?,
+    };
+    Some(ServiceKeyOf {
+        addr_be,
+        port_be: frontend.port.to_be(),
+        proto: frontend.protocol.number(),
+        _pad: 0,
+    })
+}
+
+/// The frontend of a services map key, if its protocol is one xlb
 /// balances.
-pub fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
+pub fn frontend_of<F: MapFamily>(key: &ServiceKeyOf<F>) -> Option<Frontend>
+where
+    F::Addr: Pod,
+{
     let protocol = match key.proto {
         IPPROTO_TCP => Protocol::Tcp,
         IPPROTO_UDP => Protocol::Udp,
         _ => return None,
     };
     let port = u16::from_be(key.port_be);
-    Some(if key.addr_be == ADDR_ANY_NODE {
-        Frontend::node_port(protocol, port)
+    Some(if key.addr_be == F::Addr::default() {
+        Frontend::node_port_in(F::FAMILY, protocol, port)
     } else {
-        Frontend::exact(protocol, Ipv4Addr::from(key.addr_be.to_ne_bytes()), port)
+        Frontend::exact(protocol, F::from_map(&key.addr_be), port)
     })
 }
 
@@ -57,38 +112,66 @@ pub fn service_value(entry: &ServiceEntry) -> Service {
     }
 }
 
-pub fn backend_value(backend: &ActiveBackend) -> Backend {
+/// `backend`'s entry in its family's backends array; `None` if it is of
+/// the other family.
+pub fn backend_value<F: MapFamily>(backend: &ActiveBackend) -> Option<BackendOf<F>>
+where
+    F::Addr: Pod,
+{
     let terminating = if backend.terminating {
         BACKEND_F_TERMINATING
     } else {
         0
     };
-    Backend {
-        addr_be: addr_be(backend.address.address),
+    Some(BackendOf {
+        addr_be: F::to_map(backend.address.address)?,
         port_be: backend.address.port.to_be(),
+        _pad: 0,
         flags: BACKEND_F_ACTIVE | terminating,
-        ..Backend::default()
-    }
+    })
 }
 
-/// An `XLB_SOURCE_RANGES` key: LPM prefix length 32 (the service id, in
-/// full) plus the source prefix.
-pub fn source_range_key(range: &SourceRangeKey) -> LpmKey<SourceRange> {
-    LpmKey::new(
-        32 + u32::from(range.prefix_len),
-        SourceRange {
-            service_id: range.service_id,
-            addr_be: addr_be(range.network),
+/// The active backend a backends array entry holds, if it is active.
+pub fn active_backend<F: MapFamily>(backend: &BackendOf<F>) -> Option<ActiveBackend>
+where
+    F::Addr: Pod,
+{
+    (backend.flags & BACKEND_F_ACTIVE != 0).then(|| ActiveBackend {
+        address: BackendAddr {
+            address: F::from_map(&backend.addr_be),
+            port: u16::from_be(backend.port_be),
         },
-    )
+        terminating: backend.flags & BACKEND_F_TERMINATING != 0,
+    })
 }
 
-pub(super) fn source_range_of(key: &LpmKey<SourceRange>) -> SourceRangeKey {
+/// A source ranges trie key: LPM prefix length 32 (the service id, in
+/// full) plus the source prefix; `None` if the range is of the other
+/// family.
+pub fn source_range_key<F: MapFamily>(range: &SourceRangeKey) -> Option<LpmKey<SourceRangeOf<F>>>
+where
+    F::Addr: Pod,
+{
+    Some(LpmKey::new(
+        32 + u32::from(range.prefix_len),
+        SourceRangeOf {
+            service_id: range.service_id,
+            addr_be: F::to_map(range.network)?,
+        },
+    ))
+}
+
+pub(super) fn source_range_of<F: MapFamily>(key: &LpmKey<SourceRangeOf<F>>) -> SourceRangeKey
+where
+    F::Addr: Pod,
+{
     let data = key.data();
     SourceRangeKey {
         service_id: data.service_id,
-        network: Ipv4Addr::from(data.addr_be.to_ne_bytes()),
-        prefix_len: u8::try_from(key.prefix_len().saturating_sub(32)).unwrap_or(32),
+        network: F::from_map(&data.addr_be),
+        prefix_len: u8::try_from(key.prefix_len().saturating_sub(32))
+            .unwrap_or(F::FAMILY.bits())
+            .min(F::FAMILY.bits()),
     }
 }
 

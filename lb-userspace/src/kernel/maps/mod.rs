@@ -14,15 +14,16 @@ use aya::maps::{
 };
 use lb_common::maps as names;
 use lb_common::{
-    Affinity, AffinityKey, Backend, GlobalConfig, NodeAddr, Service, ServiceKey, SourceRange,
-    Traffic,
+    Addr6, Affinity, AffinityKey, Backend, Backend6, GlobalConfig, NodeAddr, Service, ServiceKey,
+    ServiceKey6, SourceRange, SourceRange6, Traffic,
 };
 
 use crate::reconcile::Capacity;
 
 pub use convert::{
-    add_count, addr_be, backend_value, format_paths, format_stats, frontend_of, global_config,
-    per_cpu_sum, service_key, service_value, settings_of, source_range_key,
+    MapFamily, active_backend, add_count, addr_be, backend_value, format_paths, format_stats,
+    frontend_of, global_config, per_cpu_sum, service_key, service_value, settings_of,
+    source_range_key,
 };
 pub use read::Snapshot;
 
@@ -80,6 +81,12 @@ pub struct KernelMaps {
     backend_stats: PerCpuArray<MapData, Traffic>,
     /// The port filter's bitmap, then its flag (`PORTS_ON`).
     ports: Array<MapData, u64>,
+    /// The IPv6 twins of the address-keyed maps above.
+    services6: HashMap<MapData, ServiceKey6, Service>,
+    backends6: Array<MapData, Backend6>,
+    node_addresses6: HashMap<MapData, Addr6, NodeAddr>,
+    interface_addresses6: HashMap<MapData, u32, Addr6>,
+    source_ranges6: LpmTrie<MapData, SourceRange6, u32>,
 }
 
 impl KernelMaps {
@@ -97,6 +104,11 @@ impl KernelMaps {
             service_stats: typed(ebpf, names::SERVICE_STATS)?,
             backend_stats: typed(ebpf, names::BACKEND_STATS)?,
             ports: typed(ebpf, names::PORTS)?,
+            services6: typed(ebpf, names::SERVICES6)?,
+            backends6: typed(ebpf, names::BACKENDS6)?,
+            node_addresses6: typed(ebpf, names::NODE_ADDRS6)?,
+            interface_addresses6: typed(ebpf, names::IFACE_ADDRS6)?,
+            source_ranges6: typed(ebpf, names::SOURCE_RANGES6)?,
         })
     }
 

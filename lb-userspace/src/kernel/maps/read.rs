@@ -2,66 +2,128 @@
 //! debugging, and the applied record of maps a previous agent pinned.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
+use aya::Pod;
+use aya::maps::lpm_trie::LpmTrie;
+use aya::maps::{Array, HashMap, MapData};
 use lb_common::maps as names;
-use lb_common::service::{BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, CONFIG_F_READY};
-use lb_common::{Backend, GlobalConfig, Service, Traffic};
+use lb_common::service::CONFIG_F_READY;
+use lb_common::{Backend, BackendOf, GlobalConfig, Service, ServiceKeyOf, SourceRangeOf, Traffic};
 
-use super::convert::{frontend_of, settings_of, source_range_of};
+use super::convert::{MapFamily, active_backend, frontend_of, settings_of, source_range_of};
 use super::{KernelMaps, MapIoError, io};
-use crate::model::BackendAddr;
-use crate::reconcile::{ActiveBackend, Applied, AppliedService, ServiceEntry};
+use crate::model::IpFamily;
+use crate::reconcile::{Applied, AppliedService, Frontend, ServiceEntry, SourceRangeKey};
 
 /// What the control-plane maps hold, read back from the kernel (for tests
-/// and debugging).
+/// and debugging), both families'.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// By (address, protocol number, port); address 0.0.0.0 for NodePorts.
-    pub services: BTreeMap<(Ipv4Addr, u8, u16), Service>,
-    /// Backends whose flags are not zero, by id.
+    /// By frontend.
+    pub services: BTreeMap<Frontend, Service>,
+    /// IPv4 backends whose flags are not zero, by id.
     pub backends: BTreeMap<u32, Backend>,
-    pub node_addresses: BTreeSet<Ipv4Addr>,
-    pub interface_addresses: BTreeMap<u32, Ipv4Addr>,
-    /// `(service id, network, prefix length)`.
-    pub source_ranges: BTreeSet<(u32, Ipv4Addr, u8)>,
+    /// Active backends of either family, by id.
+    pub active_backends: BTreeMap<u32, crate::reconcile::ActiveBackend>,
+    pub node_addresses: BTreeSet<IpAddr>,
+    pub interface_addresses: BTreeMap<(u32, IpFamily), IpAddr>,
+    pub source_ranges: BTreeSet<SourceRangeKey>,
     pub config: Option<GlobalConfig>,
 }
 
-impl KernelMaps {
-    fn read_node_addresses(&self) -> Result<BTreeSet<Ipv4Addr>, MapIoError> {
-        self.node_addresses
-            .keys()
-            .map(|key| {
-                let key = key.map_err(io(names::NODE_ADDRS))?;
-                Ok(Ipv4Addr::from(key.to_ne_bytes()))
-            })
-            .collect()
+/// One family's address-keyed maps, read alike.
+struct FamilyMaps<'a, F: MapFamily>
+where
+    F::Addr: Pod,
+{
+    services: (&'static str, &'a HashMap<MapData, ServiceKeyOf<F>, Service>),
+    backends: (&'static str, &'a Array<MapData, BackendOf<F>>),
+    node_addresses: (
+        &'static str,
+        &'a HashMap<MapData, F::Addr, lb_common::NodeAddr>,
+    ),
+    interface_addresses: (&'static str, &'a HashMap<MapData, u32, F::Addr>),
+    source_ranges: (&'static str, &'a LpmTrie<MapData, SourceRangeOf<F>, u32>),
+}
+
+impl<F: MapFamily> FamilyMaps<'_, F>
+where
+    F::Addr: Pod,
+{
+    fn services(&self, out: &mut BTreeMap<Frontend, Service>) -> Result<(), MapIoError> {
+        let (name, map) = self.services;
+        for entry in map.iter() {
+            let (key, value) = entry.map_err(io(name))?;
+            if let Some(frontend) = frontend_of(&key) {
+                out.insert(frontend, value);
+            }
+        }
+        Ok(())
     }
 
-    fn read_interface_addresses(&self) -> Result<BTreeMap<u32, Ipv4Addr>, MapIoError> {
-        self.interface_addresses
-            .iter()
-            .map(|entry| {
-                let (ifindex, address) = entry.map_err(io(names::IFACE_ADDRS))?;
-                Ok((ifindex, Ipv4Addr::from(address.to_ne_bytes())))
-            })
-            .collect()
+    fn backends(
+        &self,
+        out: &mut BTreeMap<u32, crate::reconcile::ActiveBackend>,
+    ) -> Result<(), MapIoError> {
+        let (name, map) = self.backends;
+        for (id, backend) in map.iter().enumerate() {
+            if let Some(active) = active_backend(&backend.map_err(io(name))?) {
+                out.insert(u32::try_from(id).unwrap_or(u32::MAX), active);
+            }
+        }
+        Ok(())
+    }
+
+    fn addresses(&self, applied: &mut Applied) -> Result<(), MapIoError> {
+        let (name, map) = self.node_addresses;
+        for key in map.keys() {
+            applied
+                .node_addresses
+                .insert(F::from_map(&key.map_err(io(name))?));
+        }
+        let (name, map) = self.interface_addresses;
+        for entry in map.iter() {
+            let (ifindex, address) = entry.map_err(io(name))?;
+            applied
+                .interface_addresses
+                .insert((ifindex, F::FAMILY), F::from_map(&address));
+        }
+        let (name, map) = self.source_ranges;
+        for key in map.keys() {
+            applied
+                .source_ranges
+                .insert(source_range_of(&key.map_err(io(name))?));
+        }
+        Ok(())
+    }
+}
+
+impl KernelMaps {
+    fn v4(&self) -> FamilyMaps<'_, lb_common::V4> {
+        FamilyMaps {
+            services: (names::SERVICES, &self.services),
+            backends: (names::BACKENDS, &self.backends),
+            node_addresses: (names::NODE_ADDRS, &self.node_addresses),
+            interface_addresses: (names::IFACE_ADDRS, &self.interface_addresses),
+            source_ranges: (names::SOURCE_RANGES, &self.source_ranges),
+        }
+    }
+
+    fn v6(&self) -> FamilyMaps<'_, lb_common::V6> {
+        FamilyMaps {
+            services: (names::SERVICES6, &self.services6),
+            backends: (names::BACKENDS6, &self.backends6),
+            node_addresses: (names::NODE_ADDRS6, &self.node_addresses6),
+            interface_addresses: (names::IFACE_ADDRS6, &self.interface_addresses6),
+            source_ranges: (names::SOURCE_RANGES6, &self.source_ranges6),
+        }
     }
 
     pub fn snapshot(&self) -> Result<Snapshot, MapIoError> {
         let mut snapshot = Snapshot::default();
-        for entry in self.services.iter() {
-            let (key, value) = entry.map_err(io(names::SERVICES))?;
-            snapshot.services.insert(
-                (
-                    Ipv4Addr::from(key.addr_be.to_ne_bytes()),
-                    key.proto,
-                    u16::from_be(key.port_be),
-                ),
-                value,
-            );
-        }
+        self.v4().services(&mut snapshot.services)?;
+        self.v6().services(&mut snapshot.services)?;
         for (id, backend) in self.backends.iter().enumerate() {
             let backend = backend.map_err(io(names::BACKENDS))?;
             if backend.flags != 0 {
@@ -70,14 +132,14 @@ impl KernelMaps {
                     .insert(u32::try_from(id).unwrap_or(u32::MAX), backend);
             }
         }
-        snapshot.node_addresses = self.read_node_addresses()?;
-        snapshot.interface_addresses = self.read_interface_addresses()?;
-        for key in self.source_ranges.keys() {
-            let range = source_range_of(&key.map_err(io(names::SOURCE_RANGES))?);
-            snapshot
-                .source_ranges
-                .insert((range.service_id, range.network, range.prefix_len));
-        }
+        self.v4().backends(&mut snapshot.active_backends)?;
+        self.v6().backends(&mut snapshot.active_backends)?;
+        let mut addresses = Applied::default();
+        self.v4().addresses(&mut addresses)?;
+        self.v6().addresses(&mut addresses)?;
+        snapshot.node_addresses = addresses.node_addresses;
+        snapshot.interface_addresses = addresses.interface_addresses;
+        snapshot.source_ranges = addresses.source_ranges;
         let config = self.config.get(&0, 0).map_err(io(names::CONFIG))?;
         snapshot.config = (config.flags != 0).then_some(config);
         Ok(snapshot)
@@ -89,11 +151,10 @@ impl KernelMaps {
     /// `Applied::adopt_names`).
     pub fn read_applied(&self) -> Result<Applied, MapIoError> {
         let mut applied = Applied::default();
-        for entry in self.services.iter() {
-            let (key, value) = entry.map_err(io(names::SERVICES))?;
-            let Some(frontend) = frontend_of(&key) else {
-                continue;
-            };
+        let mut services = BTreeMap::new();
+        self.v4().services(&mut services)?;
+        self.v6().services(&mut services)?;
+        for (frontend, value) in services {
             let entry = ServiceEntry {
                 id: value.id,
                 table_id: value.table_id,
@@ -115,28 +176,10 @@ impl KernelMaps {
         // does without. The first plan swaps each table in place (same
         // index, same size, so no entry changes; the same backends give
         // the same slots), which established flows never look at.
-        for (id, backend) in self.backends.iter().enumerate() {
-            let backend = backend.map_err(io(names::BACKENDS))?;
-            if backend.flags & BACKEND_F_ACTIVE == 0 {
-                continue;
-            }
-            applied.backends.insert(
-                u32::try_from(id).unwrap_or(u32::MAX),
-                ActiveBackend {
-                    address: BackendAddr {
-                        address: Ipv4Addr::from(backend.addr_be.to_ne_bytes()),
-                        port: u16::from_be(backend.port_be),
-                    },
-                    terminating: backend.flags & BACKEND_F_TERMINATING != 0,
-                },
-            );
-        }
-        for key in self.source_ranges.keys() {
-            let key = key.map_err(io(names::SOURCE_RANGES))?;
-            applied.source_ranges.insert(source_range_of(&key));
-        }
-        applied.node_addresses = self.read_node_addresses()?;
-        applied.interface_addresses = self.read_interface_addresses()?;
+        self.v4().backends(&mut applied.backends)?;
+        self.v6().backends(&mut applied.backends)?;
+        self.v4().addresses(&mut applied)?;
+        self.v6().addresses(&mut applied)?;
         let config = self.config.get(&0, 0).map_err(io(names::CONFIG))?;
         applied.settings = (config.flags & CONFIG_F_READY != 0).then(|| settings_of(&config));
         applied.next_service_id = applied.next_service_id.max(self.first_unused_service_id()?);

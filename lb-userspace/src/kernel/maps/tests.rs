@@ -5,49 +5,98 @@ use lb_common::service::{ADDR_ANY_NODE, BACKEND_F_ACTIVE, BACKEND_F_TERMINATING,
 
 use super::convert::source_range_of;
 use super::*;
-use crate::model::{BackendAddr, Protocol};
+use lb_common::{V4, V6};
+
+use crate::model::{BackendAddr, IpFamily, Protocol};
 use crate::reconcile::{ActiveBackend, Frontend, ServiceEntry, Settings, SourceRangeKey};
+
+fn ip(text: &str) -> std::net::IpAddr {
+    text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
+}
 
 #[test]
 fn addresses_and_ports_keep_wire_byte_order() {
-    let key = service_key(&Frontend::node_port(Protocol::Udp, 30998));
+    let node_port = Frontend::node_port(Protocol::Udp, 30998);
+    let key = service_key::<V4>(&node_port).unwrap_or_else(|| panic!("an IPv4 key"));
     assert_eq!(key.port_be.to_ne_bytes(), 30998u16.to_be_bytes());
     assert_eq!(key.proto, 17);
     assert_eq!(key.addr_be, ADDR_ANY_NODE);
-    assert_eq!(
-        frontend_of(&key),
-        Some(Frontend::node_port(Protocol::Udp, 30998))
-    );
+    assert_eq!(frontend_of(&key), Some(node_port));
+    assert_eq!(service_key::<V6>(&node_port), None, "not an IPv6 key");
     let exact = Frontend::exact(Protocol::Tcp, Ipv4Addr::new(198, 18, 200, 10), 80);
-    let key = service_key(&exact);
+    let key = service_key::<V4>(&exact).unwrap_or_else(|| panic!("an IPv4 key"));
     assert_eq!(key.addr_be.to_ne_bytes(), [198, 18, 200, 10]);
     assert_eq!(frontend_of(&key), Some(exact));
     let mut backend = ActiveBackend {
         address: BackendAddr {
-            address: Ipv4Addr::new(198, 18, 1, 2),
+            address: ip("198.18.1.2"),
             port: 3333,
         },
         terminating: false,
     };
-    let value = backend_value(&backend);
+    let value = backend_value::<V4>(&backend).unwrap_or_else(|| panic!("an IPv4 backend"));
     assert_eq!(value.addr_be.to_ne_bytes(), [198, 18, 1, 2]);
     assert_eq!(value.port_be.to_ne_bytes(), 3333u16.to_be_bytes());
     assert_eq!(value.flags, BACKEND_F_ACTIVE);
+    assert_eq!(active_backend(&value), Some(backend));
     backend.terminating = true;
+    let value = backend_value::<V4>(&backend).map(|value| value.flags);
+    assert_eq!(value, Some(BACKEND_F_ACTIVE | BACKEND_F_TERMINATING));
+    assert_eq!(backend_value::<V6>(&backend), None);
+}
+
+#[test]
+fn ipv6_keys_hold_the_address_in_wire_order() {
+    let node_port = Frontend::node_port_in(IpFamily::V6, Protocol::Tcp, 30999);
+    let key = service_key::<V6>(&node_port).unwrap_or_else(|| panic!("an IPv6 key"));
+    assert_eq!(key.addr_be, [0; 4], "NodePorts are keyed by ::");
+    assert_eq!(key.port_be.to_ne_bytes(), 30999u16.to_be_bytes());
+    assert_eq!(frontend_of(&key), Some(node_port));
+    assert_eq!(service_key::<V4>(&node_port), None);
+    let exact = Frontend::exact(Protocol::Udp, ip("2001:db8::a"), 53);
+    let key = service_key::<V6>(&exact).unwrap_or_else(|| panic!("an IPv6 key"));
+    let octets = lb_common::family::octets6(key.addr_be);
+    assert_eq!(octets, ip_octets("2001:db8::a"));
+    assert_eq!(frontend_of(&key), Some(exact));
+    let backend = ActiveBackend {
+        address: BackendAddr {
+            address: ip("2001:db8:1::2"),
+            port: 3333,
+        },
+        terminating: false,
+    };
+    let value = backend_value::<V6>(&backend).unwrap_or_else(|| panic!("an IPv6 backend"));
     assert_eq!(
-        backend_value(&backend).flags,
-        BACKEND_F_ACTIVE | BACKEND_F_TERMINATING
+        lb_common::family::octets6(value.addr_be),
+        ip_octets("2001:db8:1::2")
     );
+    assert_eq!(active_backend(&value), Some(backend));
+    let range = SourceRangeKey {
+        service_id: 9,
+        network: ip("2001:db8:77::"),
+        prefix_len: 48,
+    };
+    let key = source_range_key::<V6>(&range).unwrap_or_else(|| panic!("an IPv6 range"));
+    assert_eq!(key.prefix_len(), 32 + 48);
+    assert_eq!(source_range_of(&key), range);
+    assert!(source_range_key::<V4>(&range).is_none());
+}
+
+fn ip_octets(text: &str) -> [u8; 16] {
+    match ip(text) {
+        std::net::IpAddr::V6(address) => address.octets(),
+        std::net::IpAddr::V4(_) => panic!("{text} is not IPv6"),
+    }
 }
 
 #[test]
 fn source_range_keys_match_the_datapath_lookup() {
     let range = SourceRangeKey {
         service_id: 7,
-        network: Ipv4Addr::new(198, 18, 0, 0),
+        network: ip("198.18.0.0"),
         prefix_len: 24,
     };
-    let key = source_range_key(&range);
+    let key = source_range_key::<V4>(&range).unwrap_or_else(|| panic!("an IPv4 range"));
     // The datapath looks up (64, {id, source}): 32 bits of id + 24 of prefix.
     assert_eq!(key.prefix_len(), 56);
     assert_eq!(key.data().service_id, 7);
@@ -132,7 +181,13 @@ fn clearing_a_backend_zeroes_its_counters() {
         panic!("per-CPU values")
     };
     assert!(maps.backend_stats.set(5, values, 0).is_ok());
-    assert!(maps.apply(&MapOp::ClearBackend { id: 5 }).is_ok());
+    assert!(
+        maps.apply(&MapOp::ClearBackend {
+            id: 5,
+            family: IpFamily::V4,
+        })
+        .is_ok()
+    );
     let Ok(after) = maps.backend_stats.get(&5, 0) else {
         panic!("read counters")
     };

@@ -5,15 +5,16 @@
 use aya::Pod;
 use aya::maps::{Array, IterableMap as _, MapData, MapError};
 use lb_common::maps as names;
-use lb_common::{Backend, NodeAddr, Service, ServiceKey};
+use lb_common::{Backend, Backend6, NodeAddr, V4, V6};
 
 use super::convert::{
-    addr_be, backend_value, global_config, service_key, service_value, source_range_key,
+    MapFamily, backend_value, global_config, service_key, service_value, source_range_key,
 };
 use super::{KernelMaps, MapIoError, absent_ok, io};
 use crate::kernel::sys;
+use crate::model::IpFamily;
 use crate::reconcile::maglev::TableRecipe;
-use crate::reconcile::{MapOp, MapWriter, RunKind};
+use crate::reconcile::{Frontend, MapOp, MapWriter, RunKind, SourceRangeKey};
 
 /// Writes `keys[i] = values[i]` in order with one `BPF_MAP_UPDATE_BATCH`
 /// call (BPF_ANY). On failure, returns how many pairs were written first.
@@ -172,31 +173,72 @@ fn built_tables(ops: &[MapOp]) -> Result<Vec<MadeTable>, MapIoError> {
         .collect()
 }
 
+/// The (key, value) pairs of a run's ops for family `F`'s map, in order,
+/// and where each sits in the run (to report how far a failed batch got).
+type FamilyRun<K, V> = (Vec<K>, Vec<V>, Vec<usize>);
+
+fn family_run<K, V>(ops: &[MapOp], pair: impl Fn(&MapOp) -> Option<(K, V)>) -> FamilyRun<K, V> {
+    let mut run = (Vec::new(), Vec::new(), Vec::new());
+    for (index, op) in ops.iter().enumerate() {
+        if let Some((key, value)) = pair(op) {
+            run.0.push(key);
+            run.1.push(value);
+            run.2.push(index);
+        }
+    }
+    run
+}
+
+/// Writes one family's share of a run with one batch call; a failure
+/// reports the ops of the run before the first pair not written (ops of
+/// the other family among them may not be written yet, so the caller
+/// writes the IPv4 share, then the IPv6 one, and reports the lower).
+fn update_family_batch<K: Pod, V: Pod>(
+    map: &MapData,
+    name: &'static str,
+    (keys, values, at): &FamilyRun<K, V>,
+) -> Result<(), (usize, MapIoError)> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    update_batch(map, name, keys, values).map_err(|(written, error)| (at[written], error))
+}
+
 impl KernelMaps {
-    /// A run of `WriteBackend`s as one batch.
+    /// A run of `WriteBackend`s as one batch per family.
     fn write_backends(&mut self, ops: &[MapOp]) -> Result<(), (usize, MapIoError)> {
-        let (ids, values): (Vec<u32>, Vec<Backend>) = ops
-            .iter()
-            .filter_map(|op| match op {
-                MapOp::WriteBackend { id, backend } => Some((*id, backend_value(backend))),
-                _ => None,
-            })
-            .unzip();
-        update_batch(self.backends.map(), names::BACKENDS, &ids, &values)
+        let pair = |op: &MapOp| match op {
+            MapOp::WriteBackend { id, backend } => Some((*id, *backend)),
+            _ => None,
+        };
+        let v4 = family_run(ops, |op| {
+            pair(op).and_then(|(id, backend)| Some((id, backend_value::<V4>(&backend)?)))
+        });
+        let v6 = family_run(ops, |op| {
+            pair(op).and_then(|(id, backend)| Some((id, backend_value::<V6>(&backend)?)))
+        });
+        update_family_batch(self.backends.map(), names::BACKENDS, &v4)?;
+        update_family_batch(self.backends6.map(), names::BACKENDS6, &v6)
+            .map_err(|(at, error)| (at.min(v4.2.len()), error))
     }
 
-    /// A run of `WriteService`s as one batch.
+    /// A run of `WriteService`s as one batch per family.
     fn write_services(&mut self, ops: &[MapOp]) -> Result<(), (usize, MapIoError)> {
-        let (keys, values): (Vec<ServiceKey>, Vec<Service>) = ops
-            .iter()
-            .filter_map(|op| match op {
-                MapOp::WriteService {
-                    frontend, entry, ..
-                } => Some((service_key(frontend), service_value(entry))),
-                _ => None,
-            })
-            .unzip();
-        update_batch(self.services.map(), names::SERVICES, &keys, &values)
+        let pair = |op: &MapOp| match op {
+            MapOp::WriteService {
+                frontend, entry, ..
+            } => Some((*frontend, service_value(entry))),
+            _ => None,
+        };
+        let v4 = family_run(ops, |op| {
+            pair(op).and_then(|(frontend, value)| Some((service_key::<V4>(&frontend)?, value)))
+        });
+        let v6 = family_run(ops, |op| {
+            pair(op).and_then(|(frontend, value)| Some((service_key::<V6>(&frontend)?, value)))
+        });
+        update_family_batch(self.services.map(), names::SERVICES, &v4)?;
+        update_family_batch(self.services6.map(), names::SERVICES6, &v6)
+            .map_err(|(at, error)| (at.min(v4.2.len()), error))
     }
 
     /// `XLB_SELECT[table] = ids`: a new table, filled, then swapped in
@@ -320,50 +362,38 @@ impl MapWriter for KernelMaps {
 
     fn apply(&mut self, op: &MapOp) -> Result<(), MapIoError> {
         match op {
-            MapOp::AddNodeAddress(address) => self
-                .node_addresses
-                .insert(addr_be(*address), NodeAddr { flags: 0 }, 0)
-                .map_err(io(names::NODE_ADDRS)),
-            MapOp::RemoveNodeAddress(address) => {
-                absent_ok(self.node_addresses.remove(&addr_be(*address)))
-                    .map_err(io(names::NODE_ADDRS))
+            MapOp::AddNodeAddress(address) => self.add_node_address(*address),
+            MapOp::RemoveNodeAddress(address) => self.remove_node_address(*address),
+            MapOp::SetInterfaceAddress { ifindex, address } => {
+                self.set_interface_address(*ifindex, *address)
             }
-            MapOp::SetInterfaceAddress { ifindex, address } => self
-                .interface_addresses
-                .insert(*ifindex, addr_be(*address), 0)
-                .map_err(io(names::IFACE_ADDRS)),
-            MapOp::RemoveInterfaceAddress { ifindex } => {
-                absent_ok(self.interface_addresses.remove(ifindex)).map_err(io(names::IFACE_ADDRS))
-            }
-            MapOp::WriteBackend { id, backend } => self
-                .backends
-                .set(*id, backend_value(backend), 0)
-                .map_err(io(names::BACKENDS)),
-            MapOp::AddSourceRange(range) => self
-                .source_ranges
-                .insert(&source_range_key(range), 1, 0)
-                .map_err(io(names::SOURCE_RANGES)),
-            MapOp::RemoveSourceRange(range) => {
-                absent_ok(self.source_ranges.remove(&source_range_key(range)))
-                    .map_err(io(names::SOURCE_RANGES))
-            }
-            MapOp::ClearBackend { id } => {
-                self.backends
-                    .set(*id, Backend::default(), 0)
-                    .map_err(io(names::BACKENDS))?;
+            MapOp::RemoveInterfaceAddress { ifindex, family } => match family {
+                IpFamily::V4 => absent_ok(self.interface_addresses.remove(ifindex))
+                    .map_err(io(names::IFACE_ADDRS)),
+                IpFamily::V6 => absent_ok(self.interface_addresses6.remove(ifindex))
+                    .map_err(io(names::IFACE_ADDRS6)),
+            },
+            MapOp::WriteBackend { .. } | MapOp::WriteService { .. } => self
+                .apply_run(std::slice::from_ref(op))
+                .map_err(|(_, error)| error),
+            MapOp::AddSourceRange(range) => self.add_source_range(range),
+            MapOp::RemoveSourceRange(range) => self.remove_source_range(range),
+            MapOp::ClearBackend { id, family } => {
+                match family {
+                    IpFamily::V4 => self
+                        .backends
+                        .set(*id, Backend::default(), 0)
+                        .map_err(io(names::BACKENDS))?,
+                    IpFamily::V6 => self
+                        .backends6
+                        .set(*id, Backend6::default(), 0)
+                        .map_err(io(names::BACKENDS6))?,
+                }
                 self.zero_backend_counters(*id)
             }
             MapOp::WriteTable { table, recipe } => self.write_table(*table, recipe),
             MapOp::RemoveTable { table } => self.remove_table(*table),
-            MapOp::WriteService {
-                frontend, entry, ..
-            } => self
-                .services
-                .insert(service_key(frontend), service_value(entry), 0)
-                .map_err(io(names::SERVICES)),
-            MapOp::RemoveService { frontend } => {
-                absent_ok(self.services.remove(&service_key(frontend))).map_err(io(names::SERVICES))
-            }
+            MapOp::RemoveService { frontend } => self.remove_service(frontend),
             MapOp::WriteSettings(settings) => self
                 .config
                 .set(0, global_config(settings), 0)
@@ -376,6 +406,74 @@ impl MapWriter for KernelMaps {
                 .ports
                 .set(names::PORTS_ON, 1, 0)
                 .map_err(io(names::PORTS)),
+        }
+    }
+}
+
+/// The writes of one entry that go to the IPv4 or the IPv6 map by the
+/// address's family.
+impl KernelMaps {
+    fn add_node_address(&mut self, address: std::net::IpAddr) -> Result<(), MapIoError> {
+        let flags = NodeAddr { flags: 0 };
+        if let Some(key) = V4::to_map(address) {
+            return (self.node_addresses.insert(key, flags, 0)).map_err(io(names::NODE_ADDRS));
+        }
+        let key = V6::to_map(address).unwrap_or_default();
+        (self.node_addresses6.insert(key, flags, 0)).map_err(io(names::NODE_ADDRS6))
+    }
+
+    fn remove_node_address(&mut self, address: std::net::IpAddr) -> Result<(), MapIoError> {
+        if let Some(key) = V4::to_map(address) {
+            return absent_ok(self.node_addresses.remove(&key)).map_err(io(names::NODE_ADDRS));
+        }
+        let key = V6::to_map(address).unwrap_or_default();
+        absent_ok(self.node_addresses6.remove(&key)).map_err(io(names::NODE_ADDRS6))
+    }
+
+    fn set_interface_address(
+        &mut self,
+        ifindex: u32,
+        address: std::net::IpAddr,
+    ) -> Result<(), MapIoError> {
+        if let Some(value) = V4::to_map(address) {
+            return (self.interface_addresses.insert(ifindex, value, 0))
+                .map_err(io(names::IFACE_ADDRS));
+        }
+        let value = V6::to_map(address).unwrap_or_default();
+        (self.interface_addresses6.insert(ifindex, value, 0)).map_err(io(names::IFACE_ADDRS6))
+    }
+
+    fn add_source_range(&mut self, range: &SourceRangeKey) -> Result<(), MapIoError> {
+        if let Some(key) = source_range_key::<V4>(range) {
+            return (self.source_ranges.insert(&key, 1, 0)).map_err(io(names::SOURCE_RANGES));
+        }
+        match source_range_key::<V6>(range) {
+            Some(key) => {
+                (self.source_ranges6.insert(&key, 1, 0)).map_err(io(names::SOURCE_RANGES6))
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn remove_source_range(&mut self, range: &SourceRangeKey) -> Result<(), MapIoError> {
+        if let Some(key) = source_range_key::<V4>(range) {
+            return absent_ok(self.source_ranges.remove(&key)).map_err(io(names::SOURCE_RANGES));
+        }
+        match source_range_key::<V6>(range) {
+            Some(key) => {
+                absent_ok(self.source_ranges6.remove(&key)).map_err(io(names::SOURCE_RANGES6))
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<(), MapIoError> {
+        if let Some(key) = service_key::<V4>(frontend) {
+            return absent_ok(self.services.remove(&key)).map_err(io(names::SERVICES));
+        }
+        match service_key::<V6>(frontend) {
+            Some(key) => absent_ok(self.services6.remove(&key)).map_err(io(names::SERVICES6)),
+            None => Ok(()),
         }
     }
 }

@@ -6,7 +6,7 @@
 //! per protocol, kind and policy, took 16 MB. Serialized, it is exactly the
 //! `Catalog` the CLI reads back.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::ops::Range;
 
 use serde::ser::{Serialize, Serializer};
@@ -19,7 +19,7 @@ use crate::reconcile::Applied;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CatalogRows {
     pub generation: u64,
-    pub node_addresses: Vec<Ipv4Addr>,
+    pub node_addresses: Vec<IpAddr>,
     /// By id.
     services: Vec<ServiceRow>,
     /// Each service's, in the order of `services`.
@@ -49,7 +49,7 @@ pub struct ServiceRow {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FrontendRow {
     /// `None`: a NodePort.
-    address: Option<Ipv4Addr>,
+    address: Option<IpAddr>,
     protocol: Protocol,
     port: u16,
 }
@@ -58,7 +58,7 @@ struct FrontendRow {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendRow {
     pub id: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
     pub state: BackendState,
@@ -288,7 +288,7 @@ struct FrontendView<'a> {
     kind: &'static str,
     protocol: Text<Protocol>,
     port: u16,
-    addresses: &'a [Ipv4Addr],
+    addresses: &'a [IpAddr],
 }
 
 /// `ServiceInfo`, borrowed.
@@ -306,7 +306,7 @@ struct ServiceView<'a> {
 /// `BackendInfo`, borrowed.
 #[derive(serde::Serialize)]
 struct BackendView<'a> {
-    address: Ipv4Addr,
+    address: IpAddr,
     port: u16,
     weight: u32,
     state: BackendState,
@@ -376,7 +376,7 @@ impl Serialize for Backends<'_> {
 #[derive(serde::Serialize)]
 struct CatalogView<'a> {
     generation: u64,
-    node_addresses: &'a [Ipv4Addr],
+    node_addresses: &'a [IpAddr],
     services: Services<'a>,
     backends: Backends<'a>,
 }

@@ -10,7 +10,7 @@
 //! is not IPv4, an unknown protocol or type), so the translation's findings
 //! are the same as on the full objects.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::api::discovery::v1::{Endpoint as KubeEndpoint, EndpointSlice};
@@ -43,6 +43,8 @@ pub struct ServiceSpec {
     pub cluster_ips: Vec<String>,
     /// `spec.externalIPs`, as written.
     pub external_ips: Vec<String>,
+    /// `spec.ipFamilies`, as written.
+    pub ip_families: Vec<String>,
     /// `status.loadBalancer.ingress[].ip` of ingresses not in `ipMode:
     /// Proxy` (whose load balancer does not send traffic to the IP).
     pub ingress_ips: Vec<String>,
@@ -110,9 +112,8 @@ pub struct EndpointObject {
 pub enum EndpointAddress {
     /// `addresses` is empty.
     Missing,
-    V4(Ipv4Addr),
-    /// Not an IPv4 address, as written (an IPv6 or FQDN slice's, or a
-    /// mistake).
+    Ip(IpAddr),
+    /// Not an IP address, as written (an FQDN slice's, or a mistake).
     Other(Box<str>),
 }
 
@@ -160,6 +161,7 @@ impl From<KubeService> for ServiceObject {
                 headless,
                 cluster_ips,
                 external_ips: spec.external_ips.unwrap_or_default(),
+                ip_families: spec.ip_families.unwrap_or_default(),
                 ingress_ips,
                 external_traffic_policy: policy(spec.external_traffic_policy.as_deref()),
                 internal_traffic_policy: policy(spec.internal_traffic_policy.as_deref()),
@@ -218,8 +220,8 @@ impl From<KubeEndpoint> for EndpointObject {
     fn from(endpoint: KubeEndpoint) -> Self {
         let address = match endpoint.addresses.into_iter().next() {
             None => EndpointAddress::Missing,
-            Some(text) => match text.parse::<Ipv4Addr>() {
-                Ok(address) => EndpointAddress::V4(address),
+            Some(text) => match text.parse::<IpAddr>() {
+                Ok(address) => EndpointAddress::Ip(address),
                 Err(_) => EndpointAddress::Other(text.into_boxed_str()),
             },
         };

@@ -1,7 +1,7 @@
 //! The translation, object by object: each test states the Kubernetes
 //! objects as JSON (as the API sends them) and the state xlb derives.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service as KubeService};
@@ -9,7 +9,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::model::{DEFAULT_AFFINITY_TIMEOUT_S, MAX_AFFINITY_TIMEOUT_S};
+use crate::model::{DEFAULT_AFFINITY_TIMEOUT_S, IpFamily, MAX_AFFINITY_TIMEOUT_S};
 const NODE: &str = "node-a";
 
 fn base() -> DesiredState {
@@ -87,7 +87,7 @@ fn snapshot(services: Vec<KubeService>, slices: Vec<EndpointSlice>) -> ClusterSn
     snapshot
 }
 
-fn ip(text: &str) -> Ipv4Addr {
+fn ip(text: &str) -> IpAddr {
     match text.parse() {
         Ok(ip) => ip,
         Err(error) => panic!("{text}: {error}"),
@@ -100,7 +100,7 @@ fn selectable(service: &Service) -> Vec<String> {
     crate::model::desired_backends(service)
         .into_iter()
         .filter(|backend| backend.selectable)
-        .map(|backend| format!("{}:{}", backend.address.address, backend.address.port))
+        .map(|backend| backend.address.to_string())
         .collect()
 }
 
@@ -386,7 +386,8 @@ fn cluster_ips_and_internal_traffic_policy_are_served() {
     let dns = &services[0];
     assert_eq!(dns.node_port, 0);
     assert_eq!(dns.port, 53);
-    assert_eq!(dns.cluster_ips, [ip("10.96.0.10")]);
+    assert_eq!(dns.cluster_ips, [ip("10.96.0.10"), ip("fd00::a")]);
+    assert_eq!(dns.ip_families, [IpFamily::V4, IpFamily::V6]);
     assert_eq!(dns.internal_traffic_policy, TrafficPolicy::Local);
     assert_eq!(dns.backends.len(), 1);
 }
@@ -428,7 +429,10 @@ fn load_balancer_services_serve_their_node_ports() {
     assert_eq!(lb.service, "lb");
     assert_eq!(lb.node_port, Some(30443));
     assert_eq!(lb.port, 443);
-    assert_eq!(lb.external_addresses, [ip("192.0.2.1"), ip("203.0.113.7")]);
+    assert_eq!(
+        lb.external_addresses,
+        [ip("192.0.2.1"), ip("2001:db8::1"), ip("203.0.113.7")]
+    );
     assert_eq!(ports[1].node_port, None);
 
     let translation = translate(&snapshot, &node(), &base());
@@ -439,7 +443,13 @@ fn load_balancer_services_serve_their_node_ports() {
     );
     let service = &translation.state.services[0];
     assert_eq!(service.port, 443);
-    assert_eq!(service.frontends, [ip("192.0.2.1"), ip("203.0.113.7")]);
+    assert_eq!(
+        service.frontends,
+        [ip("192.0.2.1"), ip("2001:db8::1"), ip("203.0.113.7")]
+    );
+    // Single-stack IPv4 (no ipFamilies): the IPv6 external IP is carried
+    // but not served, as kube-proxy's IPv6 proxier skips such a service.
+    assert_eq!(service.families(), [IpFamily::V4]);
 }
 
 #[test]
@@ -652,8 +662,10 @@ fn service_port_facts() {
 fn slices_are_matched_by_label_namespace_and_address_type() {
     let mut other_namespace = svc_slice("svc-x", json!([endpoint("10.0.0.9")]));
     other_namespace.metadata.namespace = Some(String::from("other"));
-    let mut ipv6 = svc_slice("svc-6", json!([endpoint("fd00::1")]));
+    let mut ipv6 = svc_slice("svc-6", json!([endpoint("fd00::1"), endpoint("10.0.0.6")]));
     ipv6.address_type = String::from("IPv6");
+    let mut fqdn = svc_slice("svc-f", json!([endpoint("10.0.0.5")]));
+    fqdn.address_type = String::from("FQDN");
     let mut unlabelled = svc_slice("svc-u", json!([endpoint("10.0.0.8")]));
     unlabelled.metadata.labels = None;
     let snapshot = snapshot(
@@ -668,10 +680,25 @@ fn slices_are_matched_by_label_namespace_and_address_type() {
             ),
             other_namespace,
             ipv6,
+            fqdn,
             unlabelled,
         ],
     );
-    assert_eq!(backends(&snapshot), ["10.0.0.1:8080"]);
+    // IPv6 slices serve the service's IPv6 family; an address of the other
+    // family in a slice is skipped, FQDN slices are not served.
+    assert_eq!(backends(&snapshot), ["10.0.0.1:8080", "[fd00::1]:8080"]);
+    let (_, notes) = service_ports(&snapshot, &node());
+    assert!(
+        notes.iter().any(|note| note.message
+            == "endpoint address 10.0.0.6 is not of the slice's addressType IPv6; skipped"),
+        "{notes:?}"
+    );
+    assert!(
+        notes
+            .iter()
+            .any(|note| note.message.contains("addressType FQDN")),
+        "{notes:?}"
+    );
 }
 
 #[test]
@@ -714,7 +741,11 @@ fn node_addresses() {
             {"type": "ExternalIP", "address": "203.0.113.1"},
         ]))),
     );
-    assert_eq!(info.addresses, [ip("198.18.0.1")], "InternalIPs");
+    assert_eq!(
+        info.addresses,
+        [ip("198.18.0.1"), ip("fd00::1")],
+        "InternalIPs of each family"
+    );
     let external_only = NodeInfo::new(
         Some(NODE.to_owned()),
         Some(&node(
@@ -875,7 +906,11 @@ fn load_balancer_extras() {
     assert_eq!(lb.name, "lb");
     assert_eq!(
         lb.source_ranges,
-        [(ip("10.1.0.0"), 16), (ip("192.0.2.0"), 24)]
+        [
+            (ip("10.1.0.0"), 16),
+            (ip("192.0.2.0"), 24),
+            (ip("2001:db8::"), 32)
+        ]
     );
     assert_eq!(lb.health_check_node_port, Some(32000));
     assert_eq!(

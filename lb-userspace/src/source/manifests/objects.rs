@@ -3,7 +3,7 @@
 //! (slices whose Service or port is missing).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -62,7 +62,7 @@ impl Checker {
                 self.problems.push(at.problem(
                     &format!("spec.externalIPs[{index}]"),
                     format!("\"{ip}\" is not an IP address"),
-                    "write an IPv4 address such as 192.0.2.10",
+                    "write an IP address such as 192.0.2.10 or 2001:db8::10",
                 ));
             }
         }
@@ -230,13 +230,13 @@ impl Checker {
             self.problems.push(at.problem(
                 "addressType",
                 format!("\"{address_type}\" is not an address type"),
-                "use IPv4 (xlb serves IPv4 only)",
+                "use IPv4 or IPv6",
             ));
-        } else if address_type != "IPv4" {
+        } else if address_type == "FQDN" {
             self.warnings.push(at.problem(
                 "addressType",
-                format!("{address_type} slices are not served (IPv4 only)"),
-                "use addressType: IPv4 with IPv4 addresses",
+                "FQDN slices are not served (IPv4 and IPv6 are)",
+                "use addressType: IPv4 or IPv6 with the pods' addresses",
             ));
         }
         for (index, port) in slice.ports.iter().flatten().enumerate() {
@@ -262,15 +262,23 @@ impl Checker {
                     "list the pod's address",
                 ));
             }
-            if address_type != "IPv4" {
-                continue;
-            }
+            let wanted = match address_type {
+                "IPv4" => IpAddr::is_ipv4,
+                "IPv6" => IpAddr::is_ipv6,
+                _ => continue,
+            };
             for (position, address) in endpoint.addresses.iter().enumerate() {
-                if address.parse::<Ipv4Addr>().is_err() {
+                if !address
+                    .parse::<IpAddr>()
+                    .is_ok_and(|address| wanted(&address))
+                {
                     self.problems.push(at.problem(
                         &format!("{field}[{position}]"),
-                        format!("\"{address}\" is not an IPv4 address"),
-                        "write the pod's IPv4 address, e.g. 10.244.1.7",
+                        format!("\"{address}\" is not an {address_type} address"),
+                        format!(
+                            "write the pod's {address_type} address, e.g. {}, or put it in a slice of its family",
+                            if address_type == "IPv4" { "10.244.1.7" } else { "fd00:10:244::7" }
+                        ),
                     ));
                 }
             }

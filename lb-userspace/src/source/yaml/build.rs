@@ -3,14 +3,14 @@
 //! the state. The state is `None` when any check found a problem.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::EXAMPLE;
 use super::check::Checker;
 use super::raw::{RawBackend, RawConfig, RawService};
 use crate::model::{
-    Backend, Claim, DEFAULT_MASQUERADE_PORTS, DEFAULT_TABLE_SIZE, DesiredState, Owners, Protocol,
-    Service, TrafficPolicy,
+    Backend, Claim, DEFAULT_MASQUERADE_PORTS, DEFAULT_TABLE_SIZE, DesiredState, IpFamily, Owners,
+    Protocol, Service, TrafficPolicy,
 };
 use crate::source::yaml::Overrides;
 
@@ -52,7 +52,7 @@ impl<'a> Builder<'a> {
             .iter()
             .enumerate()
             .filter_map(|(index, text)| {
-                check.ipv4(&format!("node.allowedFrontendAddresses[{index}]"), text)
+                check.ip(&format!("node.allowedFrontendAddresses[{index}]"), text)
             })
             .collect();
         let masquerade_ports = match raw.masquerade.and_then(|m| m.port_range) {
@@ -132,7 +132,7 @@ impl<'a> Builder<'a> {
         let cluster_ip = (raw.cluster_ip.as_deref())
             .and_then(|text| self.check.cluster_ip(&at, text, &frontends));
         if let (Some(protocol), Some(port)) = (protocol, port) {
-            let addresses: Vec<(String, Ipv4Addr)> = (frontends.iter())
+            let addresses: Vec<(String, IpAddr)> = (frontends.iter())
                 .map(|(position, address)| (format!("{at}.frontends[{position}]"), *address))
                 .chain(cluster_ip.map(|address| (format!("{at}.clusterIP"), address)))
                 .collect();
@@ -156,6 +156,19 @@ impl<'a> Builder<'a> {
         let health_check_node_port = self.health_check_node_port(&at, &raw, policy);
         let backends = self.backends(&at, &raw, table_size);
         self.warn_if_nothing_local(&at, policy, &backends);
+        let listed = (frontends
+            .iter()
+            .map(|(position, address)| (format!("{at}.frontends[{position}]"), *address)))
+        .chain(cluster_ip.map(|address| (format!("{at}.clusterIP"), address)))
+        .chain(
+            source_ranges
+                .iter()
+                .enumerate()
+                .map(|(index, (address, _))| {
+                    (format!("{at}.loadBalancerSourceRanges[{index}]"), *address)
+                }),
+        );
+        let ip_families = self.ip_families(&at, raw.ip_families.as_deref(), listed, &backends);
         Some(Service {
             name: raw.name,
             namespace,
@@ -164,6 +177,7 @@ impl<'a> Builder<'a> {
             port: port?,
             frontends: frontends.into_iter().map(|(_, a)| a).collect(),
             cluster_ips: cluster_ip.into_iter().collect(),
+            ip_families: ip_families?,
             external_traffic_policy: policy?,
             internal_traffic_policy: internal_policy?,
             session_affinity_timeout: affinity?,
@@ -252,7 +266,7 @@ impl<'a> Builder<'a> {
         index: usize,
         protocol: Protocol,
         port: u16,
-        addresses: Vec<(String, Ipv4Addr)>,
+        addresses: Vec<(String, IpAddr)>,
     ) {
         for (field, address) in addresses {
             let claim = Claim::Address {
@@ -296,6 +310,73 @@ impl<'a> Builder<'a> {
         Some(port)
     }
 
+    /// `{at}.ipFamilies`: each of `IPv4` and `IPv6` at most once; every
+    /// address in `listed` (field, address) of a listed family. Backends of
+    /// another family are only warned about: they get no traffic. Empty
+    /// when left out (the service's addresses say).
+    fn ip_families(
+        &mut self,
+        at: &str,
+        names: Option<&[String]>,
+        listed: impl Iterator<Item = (String, IpAddr)>,
+        backends: &[Backend],
+    ) -> Option<Vec<IpFamily>> {
+        let Some(names) = names else {
+            return Some(Vec::new());
+        };
+        let field = format!("{at}.ipFamilies");
+        let check = &mut self.check;
+        if names.is_empty() {
+            let fix = "list IPv4, IPv6 or both, or leave ipFamilies out";
+            check.fail(&field, "the list is empty", fix);
+            return None;
+        }
+        let mut families = Vec::new();
+        for (index, name) in names.iter().enumerate() {
+            match IpFamily::from_name(name) {
+                Some(family) if families.contains(&family) => {
+                    let fix = "list each family once";
+                    check.fail(
+                        &format!("{field}[{index}]"),
+                        format!("{name} is listed twice"),
+                        fix,
+                    );
+                }
+                Some(family) => families.push(family),
+                None => {
+                    let message = format!("\"{name}\" is not an IP family");
+                    check.fail(&format!("{field}[{index}]"), message, "use IPv4 or IPv6");
+                }
+            }
+        }
+        if families.len() != names.len() {
+            return None;
+        }
+        let mut ok = true;
+        for (field, address) in listed {
+            let family = IpFamily::of(address);
+            if !families.contains(&family) {
+                let message = format!("{address} is {family}, which {at}.ipFamilies does not list");
+                check.fail(&field, message, format!("add {family} to {at}.ipFamilies"));
+                ok = false;
+            }
+        }
+        for (index, backend) in backends.iter().enumerate() {
+            let family = IpFamily::of(backend.address);
+            if !families.contains(&family) {
+                check.warn(
+                    &format!("{at}.backends[{index}].address"),
+                    format!(
+                        "{} is {family}, which ipFamilies does not list: it gets no traffic",
+                        backend.address
+                    ),
+                    format!("add {family} to {at}.ipFamilies, or remove the backend"),
+                );
+            }
+        }
+        ok.then_some(families)
+    }
+
     fn warn_if_nothing_local(
         &mut self,
         at: &str,
@@ -321,7 +402,7 @@ impl<'a> Builder<'a> {
             .and_then(|port| self.check.port(&format!("{at}.targetPort"), port, ""));
         let target_port_ok = service.target_port.is_none() || target_port.is_some();
         let mut backends = Vec::new();
-        let mut seen: HashMap<(Ipv4Addr, u16), usize> = HashMap::new();
+        let mut seen: HashMap<(IpAddr, u16), usize> = HashMap::new();
         let count = service.backends.len();
         for (index, raw) in service.backends.iter().enumerate() {
             let target = Target {
@@ -358,7 +439,7 @@ impl<'a> Builder<'a> {
         target: &Target<'_>,
         index: usize,
         raw: &RawBackend,
-        seen: &mut HashMap<(Ipv4Addr, u16), usize>,
+        seen: &mut HashMap<(IpAddr, u16), usize>,
     ) -> Option<Backend> {
         let at = target.at;
         let field = format!("{at}.backends[{index}]");

@@ -5,7 +5,7 @@
 
 use std::cell::OnceCell;
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 use super::raw::{Int, RawAffinityConfig, RawBackend, RawConntrack};
@@ -84,14 +84,26 @@ impl Checker<'_> {
         self.warnings.push(problem);
     }
 
-    pub fn ipv4(&mut self, field: &str, text: &str) -> Option<Ipv4Addr> {
-        match text.trim().parse::<Ipv4Addr>() {
+    /// An IPv4 or IPv6 address. An IPv4-mapped IPv6 address
+    /// (`::ffff:198.18.1.2`) is refused: it would be an IPv6 address to the
+    /// datapath, which no IPv4 packet carries.
+    pub fn ip(&mut self, field: &str, text: &str) -> Option<IpAddr> {
+        match text.trim().parse::<IpAddr>() {
+            Ok(IpAddr::V6(address)) if address.to_ipv4_mapped().is_some() => {
+                let v4 = address.to_ipv4_mapped().map(|v4| v4.to_string());
+                self.fail(
+                    field,
+                    format!("\"{text}\" is an IPv4-mapped IPv6 address"),
+                    format!("write the IPv4 address itself: {}", v4.unwrap_or_default()),
+                );
+                None
+            }
             Ok(address) => Some(address),
             Err(_) => {
                 self.fail(
                     field,
-                    format!("\"{text}\" is not an IPv4 address"),
-                    "write it as four numbers 0-255, e.g. 198.18.1.2 (IPv6 is not supported yet)",
+                    format!("\"{text}\" is not an IP address"),
+                    "write an IPv4 address such as 198.18.1.2 or an IPv6 address such as 2001:db8::2",
                 );
                 None
             }
@@ -99,10 +111,15 @@ impl Checker<'_> {
     }
 
     /// Whether `address` at `field` is a unicast address usable in `role`
-    /// (`... cannot be a {role}` otherwise).
-    fn unicast(&mut self, field: &str, address: Ipv4Addr, role: &Role) -> bool {
+    /// (`... cannot be a {role}` otherwise). IPv6 link-local addresses mean
+    /// nothing past their link, so they are never usable.
+    fn unicast(&mut self, field: &str, address: IpAddr, role: &Role) -> bool {
+        let special = match address {
+            IpAddr::V4(address) => address.is_broadcast(),
+            IpAddr::V6(address) => address.segments()[0] & 0xffc0 == 0xfe80,
+        };
         let usable = !(address.is_unspecified()
-            || address.is_broadcast()
+            || special
             || address.is_multicast()
             || (address.is_loopback() && !role.loopback_ok));
         if !usable {
@@ -135,12 +152,12 @@ impl Checker<'_> {
     }
 
     /// `node.addresses`: unicast addresses, each once.
-    pub fn node_addresses(&mut self, listed: &[String]) -> Vec<Ipv4Addr> {
+    pub fn node_addresses(&mut self, listed: &[String]) -> Vec<IpAddr> {
         if listed.is_empty() {
             self.fail(
                 "node.addresses",
                 "the list is empty, so NodePorts would answer on no address",
-                "list the node's addresses, or leave node.addresses out to answer on every IPv4 address of the node",
+                "list the node's addresses, or leave node.addresses out to answer on every address of the node",
             );
         }
         let role = Role {
@@ -152,12 +169,12 @@ impl Checker<'_> {
         addresses.into_iter().map(|(_, address)| address).collect()
     }
 
-    /// `{at}.frontends`: unicast IPv4 addresses, each once; with their index.
-    pub fn frontends(&mut self, at: &str, listed: &[String]) -> Vec<(usize, Ipv4Addr)> {
+    /// `{at}.frontends`: unicast addresses, each once; with their index.
+    pub fn frontends(&mut self, at: &str, listed: &[String]) -> Vec<(usize, IpAddr)> {
         let role = Role {
             name: "frontend",
             loopback_ok: false,
-            fix: "use the load balancer's or the external unicast IPv4 address",
+            fix: "use the load balancer's or the external unicast address",
         };
         self.distinct_addresses(&format!("{at}.frontends"), listed, &role)
     }
@@ -169,12 +186,12 @@ impl Checker<'_> {
         list: &str,
         listed: &[String],
         role: &Role,
-    ) -> Vec<(usize, Ipv4Addr)> {
+    ) -> Vec<(usize, IpAddr)> {
         let mut addresses = Vec::new();
         let mut seen = HashMap::new();
         for (index, text) in listed.iter().enumerate() {
             let field = format!("{list}[{index}]");
-            let Some(address) = self.ipv4(&field, text) else {
+            let Some(address) = self.ip(&field, text) else {
                 continue;
             };
             if !self.unicast(&field, address, role) {
@@ -193,19 +210,19 @@ impl Checker<'_> {
         addresses
     }
 
-    /// `{at}.clusterIP`: a unicast IPv4 address that is not also a frontend.
+    /// `{at}.clusterIP`: a unicast address that is not also a frontend.
     pub fn cluster_ip(
         &mut self,
         at: &str,
         text: &str,
-        frontends: &[(usize, Ipv4Addr)],
-    ) -> Option<Ipv4Addr> {
+        frontends: &[(usize, IpAddr)],
+    ) -> Option<IpAddr> {
         let field = format!("{at}.clusterIP");
-        let address = self.ipv4(&field, text)?;
+        let address = self.ip(&field, text)?;
         let role = Role {
             name: "ClusterIP",
             loopback_ok: false,
-            fix: "use the Service's unicast IPv4 clusterIP (from the cluster's service CIDR)",
+            fix: "use the Service's unicast clusterIP (from the cluster's service CIDR)",
         };
         if !self.unicast(&field, address, &role) {
             return None;
@@ -221,14 +238,14 @@ impl Checker<'_> {
         Some(address)
     }
 
-    /// A backend's address: a unicast IPv4 address. A special one is
+    /// A backend's address: a unicast address. A special one is
     /// reported but still returned, so that duplicates are found too.
-    pub fn backend_address(&mut self, field: &str, text: &str) -> Option<Ipv4Addr> {
-        let address = self.ipv4(field, text)?;
+    pub fn backend_address(&mut self, field: &str, text: &str) -> Option<IpAddr> {
+        let address = self.ip(field, text)?;
         let role = Role {
             name: "backend",
             loopback_ok: false,
-            fix: "use the pod's unicast IPv4 address",
+            fix: "use the pod's unicast address",
         };
         self.unicast(field, address, &role);
         Some(address)
@@ -484,21 +501,23 @@ impl Checker<'_> {
         }
     }
 
-    /// `loadBalancerSourceRanges`: IPv4 CIDRs. Host bits are cleared, with
-    /// a warning (as Kubernetes, which parses them the same way).
-    pub fn source_ranges(&mut self, at: &str, listed: &[String]) -> Vec<(Ipv4Addr, u8)> {
-        const FIX: &str = "write an IPv4 network and its prefix length, e.g. 198.18.0.0/24 \
-                           (or 198.18.0.7/32 for one address)";
+    /// `loadBalancerSourceRanges`: IPv4 or IPv6 CIDRs. Host bits are
+    /// cleared, with a warning (as Kubernetes, which parses them the same
+    /// way).
+    pub fn source_ranges(&mut self, at: &str, listed: &[String]) -> Vec<(IpAddr, u8)> {
+        const FIX: &str = "write a network and its prefix length, e.g. 198.18.0.0/24 \
+                           or 2001:db8::/64 (198.18.0.7/32 for one address)";
         let mut ranges = Vec::new();
         for (index, text) in listed.iter().enumerate() {
             let field = format!("{at}.loadBalancerSourceRanges[{index}]");
             let parsed = text.trim().split_once('/').and_then(|(address, len)| {
-                let address = address.parse::<Ipv4Addr>().ok()?;
-                let len = len.parse::<u8>().ok().filter(|len| *len <= 32)?;
+                let address = address.parse::<IpAddr>().ok()?;
+                let bits = if address.is_ipv4() { 32 } else { 128 };
+                let len = len.parse::<u8>().ok().filter(|len| *len <= bits)?;
                 Some((address, len))
             });
             let Some((address, len)) = parsed else {
-                self.fail(&field, format!("\"{text}\" is not an IPv4 CIDR"), FIX);
+                self.fail(&field, format!("\"{text}\" is not a CIDR"), FIX);
                 continue;
             };
             let network = network_of(address, len);

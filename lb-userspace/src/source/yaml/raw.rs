@@ -64,6 +64,9 @@ pub struct RawService {
     pub frontends: Vec<String>,
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Option<String>,
+    /// `IPv4`, `IPv6` or both; left out: the families of the addresses.
+    #[serde(default)]
+    pub ip_families: Option<Vec<String>>,
     pub target_port: Option<Int>,
     pub external_traffic_policy: Option<String>,
     pub internal_traffic_policy: Option<String>,

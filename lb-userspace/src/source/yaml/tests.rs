@@ -1,9 +1,9 @@
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::*;
 use crate::model::{
-    Backend, Conntrack, DEFAULT_MASQUERADE_PORTS, DEFAULT_TABLE_SIZE, MAX_TABLE_SIZE, Protocol,
-    TrafficPolicy, is_prime,
+    Backend, Conntrack, DEFAULT_MASQUERADE_PORTS, DEFAULT_TABLE_SIZE, IpFamily, MAX_TABLE_SIZE,
+    Protocol, TrafficPolicy, is_prime,
 };
 
 const ORIGIN: &str = "config/x.yaml";
@@ -93,14 +93,14 @@ fn good_config_becomes_desired_state() {
         web.backends,
         [
             Backend {
-                address: Ipv4Addr::new(198, 18, 1, 2),
+                address: IpAddr::from([198, 18, 1, 2]),
                 port: 8080,
                 weight: 1,
                 name: None,
                 ..Backend::default()
             },
             Backend {
-                address: Ipv4Addr::new(198, 18, 2, 2),
+                address: IpAddr::from([198, 18, 2, 2]),
                 port: 9090,
                 weight: 3,
                 name: Some(String::from("pod-b")),
@@ -145,8 +145,8 @@ services:
     assert_eq!(
         state.node_addresses,
         Some(vec![
-            Ipv4Addr::new(198, 18, 0, 1),
-            Ipv4Addr::new(198, 18, 0, 2)
+            IpAddr::from([198, 18, 0, 1]),
+            IpAddr::from([198, 18, 0, 2])
         ])
     );
     assert_eq!(state.masquerade_ports, 62_000..=63_000);
@@ -209,8 +209,8 @@ fn error_in_second_service_names_its_index_and_line() {
     );
     assert_eq!(
         error(&text),
-        "config/x.yaml:19:18: services[1].backends[1].address: \"198.18.1.300\" is not an IPv4 \
-         address; write it as four numbers 0-255, e.g. 198.18.1.2 (IPv6 is not supported yet)"
+        "config/x.yaml:19:18: services[1].backends[1].address: \"198.18.1.300\" is not an IP \
+         address; write an IPv4 address such as 198.18.1.2 or an IPv6 address such as 2001:db8::2"
     );
 }
 
@@ -350,15 +350,109 @@ fn duplicate_backend() {
 
 #[test]
 fn special_backend_addresses() {
-    for address in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255"] {
+    let special = ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255"];
+    let special6 = ["'::'", "'::1'", "ff02::1", "fe80::2"];
+    for address in special.into_iter().chain(special6) {
         let text = GOOD.replace("198.18.2.2", address);
         assert_eq!(
             error(&text),
             format!(
-                "config/x.yaml:10:18: services[0].backends[1].address: {address} cannot be a \
-                 backend; use the pod's unicast IPv4 address"
+                "config/x.yaml:10:18: services[0].backends[1].address: {} cannot be a \
+                 backend; use the pod's unicast address",
+                address.trim_matches('\'')
             )
         );
+    }
+    let text = GOOD.replace("198.18.2.2", "'::ffff:198.18.2.2'");
+    assert_eq!(
+        error(&text),
+        "config/x.yaml:10:18: services[0].backends[1].address: \"::ffff:198.18.2.2\" is an \
+         IPv4-mapped IPv6 address; write the IPv4 address itself: 198.18.2.2"
+    );
+}
+
+#[test]
+fn dual_stack_services_take_both_families() {
+    let text = GOOD
+        .replace(
+            "  interfaces: [eth0]\n",
+            "  interfaces: [eth0]\n  addresses: [198.18.0.1, 2001:db8::1]\n",
+        )
+        .replace(
+            "      - address: 198.18.2.2\n",
+            "      - address: 2001:db8:2::2\n        port: 9090\n      - address: 198.18.2.2\n",
+        )
+        .replace(
+            "    targetPort: 8080\n",
+            "    targetPort: 8080\n    frontends: [2001:db8:ff::1]\n    \
+             loadBalancerSourceRanges: [2001:db8:77::/48, 198.18.77.0/24]\n    port: 80\n",
+        );
+    let config = parse_ok(&text);
+    let ip = |text: &str| -> std::net::IpAddr { text.parse().unwrap_or_else(|e| panic!("{e}")) };
+    assert_eq!(
+        config.state.node_addresses,
+        Some(vec![ip("198.18.0.1"), ip("2001:db8::1")])
+    );
+    let web = &config.state.services[0];
+    assert_eq!(web.frontends, [ip("2001:db8:ff::1")]);
+    assert_eq!(
+        web.source_ranges,
+        [(ip("2001:db8:77::"), 48), (ip("198.18.77.0"), 24)]
+    );
+    assert!(web.ip_families.is_empty(), "left out: the addresses say");
+    assert_eq!(web.families(), [IpFamily::V4, IpFamily::V6]);
+    let addresses: Vec<_> = web.backends.iter().map(|b| b.address).collect();
+    assert_eq!(
+        addresses,
+        [ip("198.18.1.2"), ip("2001:db8:2::2"), ip("198.18.2.2")]
+    );
+
+    // ipFamilies says which families; an address of another is an error,
+    // a backend of another a warning.
+    let listed = text.replace("    port: 80\n", "    port: 80\n    ipFamilies: [IPv4]\n");
+    assert_eq!(
+        errors(&listed),
+        [
+            "config/x.yaml:9:17: services[0].frontends[0]: 2001:db8:ff::1 is IPv6, which \
+             services[0].ipFamilies does not list; add IPv6 to services[0].ipFamilies",
+            "config/x.yaml:10:32: services[0].loadBalancerSourceRanges[0]: 2001:db8:77:: is \
+             IPv6, which services[0].ipFamilies does not list; add IPv6 to \
+             services[0].ipFamilies",
+        ]
+    );
+    let listed = listed
+        .replace("frontends: [2001:db8:ff::1]", "frontends: [198.18.200.1]")
+        .replace("2001:db8:77::/48, ", "");
+    let config = parse_ok(&listed);
+    assert_eq!(config.state.services[0].families(), [IpFamily::V4]);
+    let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "config/x.yaml:15:18: services[0].backends[1].address: 2001:db8:2::2 is IPv6, which \
+          ipFamilies does not list: it gets no traffic; add IPv6 to services[0].ipFamilies, or \
+          remove the backend"
+        ]
+    );
+    for (families, wanted) in [
+        (
+            "[]",
+            "config/x.yaml:12:17: services[0].ipFamilies: the list is empty; list IPv4, IPv6 or \
+             both, or leave ipFamilies out",
+        ),
+        (
+            "[IPv4, IPv4]",
+            "config/x.yaml:12:24: services[0].ipFamilies[1]: IPv4 is listed twice; list each \
+             family once",
+        ),
+        (
+            "[IPv5]",
+            "config/x.yaml:12:18: services[0].ipFamilies[0]: \"IPv5\" is not an IP family; use \
+             IPv4 or IPv6",
+        ),
+    ] {
+        let text = listed.replace("ipFamilies: [IPv4]", &format!("ipFamilies: {families}"));
+        assert_eq!(error(&text), wanted);
     }
 }
 
@@ -486,8 +580,8 @@ fn node_addresses() {
         [
             "config/x.yaml:5:7: node.addresses[1]: 198.18.0.1 is listed twice (also \
              node.addresses[0]); list each address once",
-            "config/x.yaml:6:7: node.addresses[2]: \"fe80::1\" is not an IPv4 address; write it \
-             as four numbers 0-255, e.g. 198.18.1.2 (IPv6 is not supported yet)",
+            "config/x.yaml:6:7: node.addresses[2]: fe80::1 cannot be a node address; use a \
+             unicast address assigned to this node",
         ]
     );
     let text = GOOD.replace(
@@ -647,8 +741,8 @@ fn kubernetes_service_fields() {
     assert_eq!(
         web.frontends,
         [
-            Ipv4Addr::new(198, 18, 200, 10),
-            Ipv4Addr::new(198, 18, 200, 11)
+            IpAddr::from([198, 18, 200, 10]),
+            IpAddr::from([198, 18, 200, 11])
         ]
     );
     assert_eq!(web.external_traffic_policy, TrafficPolicy::Local);
@@ -656,8 +750,8 @@ fn kubernetes_service_fields() {
     assert_eq!(
         web.source_ranges,
         [
-            (Ipv4Addr::new(198, 18, 0, 0), 24),
-            (Ipv4Addr::new(198, 19, 7, 7), 32)
+            (IpAddr::from([198, 18, 0, 0]), 24),
+            (IpAddr::from([198, 19, 7, 7]), 32)
         ]
     );
     assert_eq!(web.health_check_node_port, Some(32000));
@@ -723,9 +817,9 @@ fn bad_frontends() {
             "config/x.yaml:8:32: services[0].frontends[1]: 198.18.200.10 is listed twice (also \
              services[0].frontends[0]); list each address once",
             "config/x.yaml:8:47: services[0].frontends[2]: 224.0.0.9 cannot be a frontend; use \
-             the load balancer's or the external unicast IPv4 address",
-            "config/x.yaml:8:58: services[0].frontends[3]: \"nope\" is not an IPv4 address; write \
-             it as four numbers 0-255, e.g. 198.18.1.2 (IPv6 is not supported yet)",
+             the load balancer's or the external unicast address",
+            "config/x.yaml:8:58: services[0].frontends[3]: \"nope\" is not an IP address; write \
+             an IPv4 address such as 198.18.1.2 or an IPv6 address such as 2001:db8::2",
         ]
     );
     // The same address and port in two services.
@@ -820,20 +914,20 @@ fn source_ranges() {
         errors(&text),
         [
             "config/x.yaml:15:47: services[0].loadBalancerSourceRanges[1]: \"198.19.7.7/33\" is \
-             not an IPv4 CIDR; write an IPv4 network and its prefix length, e.g. 198.18.0.0/24 \
-             (or 198.18.0.7/32 for one address)",
+             not a CIDR; write a network and its prefix length, e.g. 198.18.0.0/24 or \
+             2001:db8::/64 (198.18.0.7/32 for one address)",
             "config/x.yaml:15:62: services[0].loadBalancerSourceRanges[2]: \"198.19.7.7\" is not \
-             an IPv4 CIDR; write an IPv4 network and its prefix length, e.g. 198.18.0.0/24 (or \
-             198.18.0.7/32 for one address)",
+             a CIDR; write a network and its prefix length, e.g. 198.18.0.0/24 or 2001:db8::/64 \
+             (198.18.0.7/32 for one address)",
             "config/x.yaml:15:74: services[0].loadBalancerSourceRanges[3]: \"10.0.0.0/x\" is not \
-             an IPv4 CIDR; write an IPv4 network and its prefix length, e.g. 198.18.0.0/24 (or \
-             198.18.0.7/32 for one address)",
+             a CIDR; write a network and its prefix length, e.g. 198.18.0.0/24 or 2001:db8::/64 \
+             (198.18.0.7/32 for one address)",
         ]
     );
     let config = parse_ok(&ISSUE4.replace("198.18.0.0/24", "198.18.0.9/24"));
     assert_eq!(
         config.state.services[0].source_ranges[0],
-        (Ipv4Addr::new(198, 18, 0, 0), 24)
+        (IpAddr::from([198, 18, 0, 0]), 24)
     );
     let warnings: Vec<String> = config.warnings.iter().map(ToString::to_string).collect();
     assert_eq!(
@@ -928,7 +1022,7 @@ fn cluster_ip_and_internal_traffic_policy() {
     let web = &config.state.services[0];
     assert_eq!(web.node_port, 0, "a ClusterIP alone is enough");
     assert_eq!(web.port, 80);
-    assert_eq!(web.cluster_ips, [Ipv4Addr::new(198, 19, 0, 10)]);
+    assert_eq!(web.cluster_ips, [IpAddr::from([198, 19, 0, 10])]);
     assert_eq!(web.internal_traffic_policy, TrafficPolicy::Local);
     assert_eq!(web.external_traffic_policy, TrafficPolicy::Cluster);
 }
