@@ -3,6 +3,7 @@
 //! a test can tell which backend served it and whether it was masqueraded.
 
 mod pktinfo;
+mod v6only;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -23,10 +24,12 @@ struct Args {
     /// Name reported in WHO answers (e.g. backend-1).
     #[arg(long)]
     name: String,
-    /// TCP address to listen on (repeatable), e.g. 0.0.0.0:3333.
+    /// TCP address to listen on (repeatable), e.g. 0.0.0.0:3333; an IPv6
+    /// one, e.g. [::]:3333, listens for IPv6 only.
     #[arg(long = "tcp", value_name = "ADDR:PORT")]
     tcp: Vec<SocketAddr>,
-    /// UDP address to listen on (repeatable), e.g. 0.0.0.0:4444.
+    /// UDP address to listen on (repeatable), e.g. 0.0.0.0:4444; an IPv6
+    /// one, e.g. [::]:4444, receives IPv6 only.
     #[arg(long = "udp", value_name = "ADDR:PORT")]
     udp: Vec<SocketAddr>,
 }
@@ -42,16 +45,16 @@ fn main() -> anyhow::Result<()> {
     // Bind everything before announcing, so "listening" means ready.
     let mut tcp = Vec::new();
     for addr in &args.tcp {
-        let listener =
-            TcpListener::bind(addr).with_context(|| format!("binding TCP listener on {addr}"))?;
+        let listener = v6only::tcp_listener(*addr)
+            .with_context(|| format!("binding TCP listener on {addr}"))?;
         tcp.push(listener);
     }
     let mut udp = Vec::new();
     for addr in &args.udp {
         let socket =
-            UdpSocket::bind(addr).with_context(|| format!("binding UDP socket on {addr}"))?;
+            v6only::udp_socket(*addr).with_context(|| format!("binding UDP socket on {addr}"))?;
         pktinfo::enable(&socket)
-            .with_context(|| format!("enabling IP_PKTINFO on UDP socket {addr}"))?;
+            .with_context(|| format!("enabling IP(V6)_PKTINFO on UDP socket {addr}"))?;
         udp.push(socket);
     }
 
@@ -104,7 +107,7 @@ fn serve_udp(name: &'static str, socket: UdpSocket) -> anyhow::Result<()> {
             Err(error) => return Err(error).context(format!("receiving on UDP {bound}")),
         };
         let datagram = &buf[..received.len];
-        // The address the client actually sent to (bound may be 0.0.0.0).
+        // The address the client actually sent to (bound may be 0.0.0.0 or ::).
         let local = SocketAddr::new(received.local_ip.unwrap_or(bound.ip()), bound.port());
         let sent = if is_udp_who(datagram) {
             socket.send_to(
@@ -246,6 +249,40 @@ mod tests {
         let mut reply = [0u8; 2];
         client.read_exact(&mut reply).unwrap();
         assert_eq!(&reply, b"hi");
+    }
+
+    #[test]
+    fn ipv4_and_ipv6_listen_side_by_side_on_one_port() {
+        let v4 = v6only::tcp_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let v6 = v6only::tcp_listener(format!("[::]:{port}").parse().unwrap()).unwrap();
+        assert_eq!(v6.local_addr().unwrap().port(), port);
+        let udp4 = v6only::udp_socket("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = udp4.local_addr().unwrap().port();
+        v6only::udp_socket(format!("[::]:{port}").parse().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn udp_who_over_ipv6_reports_destination_address() {
+        let server = v6only::udp_socket("[::]:0".parse().unwrap()).unwrap();
+        pktinfo::enable(&server).unwrap();
+        let port = server.local_addr().unwrap().port();
+        thread::spawn(move || serve_udp("u6", server));
+
+        let client = UdpSocket::bind("[::1]:0").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let target: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+        client.send_to(b"WHO", target).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(from, target);
+        let expected = format!(
+            "name=u6 local={target} peer={}\n",
+            client.local_addr().unwrap()
+        );
+        assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), expected);
     }
 
     #[test]

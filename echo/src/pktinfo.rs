@@ -1,33 +1,50 @@
-//! UDP receive with `IP_PKTINFO`: the one place `xlb-echo` talks to libc, so a
-//! socket bound to 0.0.0.0 can still report which address a datagram was
-//! sent to (after xlb's DNAT that is the backend's own address).
+//! UDP receive with `IP_PKTINFO` / `IPV6_PKTINFO`, so a socket bound to
+//! 0.0.0.0 or `::` can still report which address a datagram was sent to
+//! (after xlb's DNAT that is the backend's own address). With `v6only`, the
+//! only places `xlb-echo` talks to libc.
 
 use std::io;
 use std::mem;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
 
 /// One received datagram.
 pub struct Received {
     pub len: usize,
     pub peer: SocketAddr,
-    /// Destination address from `IP_PKTINFO`, when the kernel gave one.
+    /// Destination address from `IP_PKTINFO` or `IPV6_PKTINFO`, when the
+    /// kernel gave one.
     pub local_ip: Option<IpAddr>,
 }
 
-/// Ask the kernel to attach the destination address to every IPv4 datagram.
+/// Ask the kernel to attach the destination address to every datagram.
 pub fn enable(socket: &UdpSocket) -> io::Result<()> {
     if socket.local_addr()?.is_ipv6() {
-        return Ok(());
+        set_int(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_RECVPKTINFO,
+            1,
+        )
+    } else {
+        set_int(socket.as_raw_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
     }
-    let on: libc::c_int = 1;
-    // SAFETY: `on` outlives the call and the length passed is its size.
+}
+
+/// `setsockopt(fd, level, name, &value)` for an integer option.
+pub fn set_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: `value` outlives the call and the length passed is its size.
     let rc = unsafe {
         libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_PKTINFO,
-            (&on as *const libc::c_int).cast(),
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -66,17 +83,23 @@ pub fn recv(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<Received> {
 
     let mut local_ip = None;
     // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/NXTHDR stay within
-    // `msg_controllen`, and IP_PKTINFO data is an `in_pktinfo` (read
-    // unaligned because cmsg data alignment is not guaranteed to suffice).
+    // `msg_controllen`, and IP_PKTINFO data is an `in_pktinfo`,
+    // IPV6_PKTINFO data an `in6_pktinfo` (read unaligned because cmsg data
+    // alignment is not guaranteed to suffice).
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
         while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
+            let (level, kind) = ((*cmsg).cmsg_level, (*cmsg).cmsg_type);
+            if level == libc::IPPROTO_IP && kind == libc::IP_PKTINFO {
                 let info: libc::in_pktinfo =
                     std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in_pktinfo>());
                 local_ip = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
                     info.ipi_addr.s_addr,
                 ))));
+            } else if level == libc::IPPROTO_IPV6 && kind == libc::IPV6_PKTINFO {
+                let info: libc::in6_pktinfo =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in6_pktinfo>());
+                local_ip = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }

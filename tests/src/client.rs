@@ -2,7 +2,7 @@
 //! (create them inside the client namespace with [`crate::in_netns`]).
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
@@ -72,11 +72,28 @@ static NEXT_UDP_PORT: AtomicU16 = AtomicU16::new(UDP_SOURCE_PORTS.start);
 /// ephemeral port to the next one, which would join the old flow). Ports
 /// wrap after about 22,000 sockets. Call it inside the client namespace.
 pub fn udp_socket() -> anyhow::Result<UdpSocket> {
+    udp_socket_on(Ipv4Addr::UNSPECIFIED.into())
+}
+
+/// As [`udp_socket`], an IPv6 socket (bound to `::`).
+pub fn udp_socket6() -> anyhow::Result<UdpSocket> {
+    udp_socket_on(Ipv6Addr::UNSPECIFIED.into())
+}
+
+/// As [`udp_socket`], of the family of `target`.
+pub fn udp_socket_for(target: SocketAddr) -> anyhow::Result<UdpSocket> {
+    match target {
+        SocketAddr::V4(_) => udp_socket(),
+        SocketAddr::V6(_) => udp_socket6(),
+    }
+}
+
+fn udp_socket_on(ip: IpAddr) -> anyhow::Result<UdpSocket> {
     let span = UDP_SOURCE_PORTS.end - UDP_SOURCE_PORTS.start;
     for _ in 0..span {
         let offset = NEXT_UDP_PORT.fetch_add(1, Ordering::Relaxed) % span;
         let port = UDP_SOURCE_PORTS.start + offset;
-        match UdpSocket::bind(("0.0.0.0", port)) {
+        match UdpSocket::bind((ip, port)) {
             Ok(socket) => {
                 socket.set_read_timeout(Some(IO_TIMEOUT))?;
                 return Ok(socket);
@@ -229,6 +246,11 @@ mod tests {
 
     #[test]
     fn parses_who_line() {
+        let who: Who = "name=backend-1 local=[2001:db8:1::2]:3333 peer=[2001:db8:1::1]:40001\n"
+            .parse()
+            .unwrap();
+        assert_eq!(who.local, "[2001:db8:1::2]:3333".parse().unwrap());
+        assert_eq!(who.peer, "[2001:db8:1::1]:40001".parse().unwrap());
         let who: Who = "name=backend-2 local=198.18.2.2:4444 peer=198.18.2.1:40001\n"
             .parse()
             .unwrap();

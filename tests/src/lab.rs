@@ -1,15 +1,24 @@
 //! The lab topology of `config/demo.yaml`: a client, a node (where the agent
 //! attaches XDP) and N backend pods, each in its own network namespace and
-//! joined to the node by a veth pair.
+//! joined to the node by a veth pair. Every link is dual-stack (the IPv6
+//! addresses below; tests/config/demo-dual-stack.yaml uses them).
 //!
 //! ```text
-//!  client ns            node ns (xlb, ip_forward=1)          backend-N ns
-//!  eth0 198.18.0.2 ---- xlb-c  198.18.0.1
-//!                       xlb-bN 198.18.N.1 ------------------ eth0 198.18.N.2
-//!                                                            xlb-echo :3333/tcp :4444/udp
+//!  client ns              node ns (xlb, IPv4 and IPv6 forwarding)   backend-N ns
+//!  eth0 198.18.0.2 ------ xlb-c  198.18.0.1
+//!       2001:db8::2/64           2001:db8::1/64
+//!                         xlb-bN 198.18.N.1 ----------------------- eth0 198.18.N.2
+//!                                2001:db8:N::1/64                        2001:db8:N::2/64
+//!                                                                   xlb-echo :3333/tcp :4444/udp
+//!                                                                   (on 0.0.0.0 and [::])
 //! ```
+//!
+//! IPv6 is on only on these links, with no link-local addresses (so no
+//! router solicitations or DAD): the only IPv6 frames the node's XDP sees
+//! besides a test's own are neighbour discovery and the MLD reports of
+//! the addresses' solicited-node groups at setup.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -22,6 +31,13 @@ use crate::{ChildGuard, LabError, Netns, ScratchDir, XLB_ECHO_BIN_ENV, bin_from_
 pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The client's address.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The node's IPv6 address towards the client, 2001:db8::1; IPv6 NodePorts
+/// answer here.
+pub const NODE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// The client's IPv6 address, 2001:db8::2.
+pub const CLIENT_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+/// Prefix length of every IPv6 link in the lab.
+pub const PREFIX6: u8 = 64;
 /// The node's interface towards the client.
 pub const NODE_CLIENT_IF: &str = "xlb-c";
 /// Interface name inside the client and backend namespaces.
@@ -48,6 +64,26 @@ pub fn udp_echo_service() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(NODE_ADDR, UDP_ECHO_NODE_PORT))
 }
 
+/// `[2001:db8::1]:30999`, the TCP echo NodePort over IPv6.
+pub fn tcp_echo_service6() -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(NODE_ADDR6, TCP_ECHO_NODE_PORT, 0, 0))
+}
+
+/// `[2001:db8::1]:30998`, the UDP echo NodePort over IPv6.
+pub fn udp_echo_service6() -> SocketAddr {
+    SocketAddr::V6(SocketAddrV6::new(NODE_ADDR6, UDP_ECHO_NODE_PORT, 0, 0))
+}
+
+/// The pod address of backend `index` in the lab: 2001:db8:N::2.
+pub fn backend_addr6(index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, u16::from(index), 0, 0, 0, 0, 2)
+}
+
+/// The node's address on backend `index`'s link: 2001:db8:N::1.
+pub fn backend_node_addr6(index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, u16::from(index), 0, 0, 0, 0, 1)
+}
+
 /// A backend pod: its namespace and the echo server running in it.
 #[derive(Debug)]
 pub struct Backend {
@@ -64,6 +100,11 @@ pub struct Backend {
     /// The node's address on this backend's link, 198.18.N.1: what the
     /// backend sees as the peer of masqueraded traffic.
     pub node_addr: Ipv4Addr,
+    /// The pod's IPv6 address, 2001:db8:N::2.
+    pub addr6: Ipv6Addr,
+    /// The node's IPv6 address on this backend's link, 2001:db8:N::1: the
+    /// peer of masqueraded IPv6 traffic.
+    pub node_addr6: Ipv6Addr,
     /// The node's interface towards this backend, `xlb-bN`.
     pub node_if: String,
 }
@@ -106,8 +147,17 @@ impl Lab {
         let node = Netns::create(format!("{stem}-node"))?;
         let client = Netns::create(format!("{stem}-client"))?;
         node.sysctl("net/ipv4/ip_forward", "1")?;
+        // Also the default of the links made next (bpf_fib_lookup asks
+        // the ingress device).
+        node.sysctl("net/ipv6/conf/all/forwarding", "1")?;
 
-        let client_xdp_pass = link(&node, NODE_CLIENT_IF, NODE_ADDR, &client, CLIENT_ADDR, 0)?;
+        let addrs = LinkAddrs {
+            a: NODE_ADDR,
+            a6: NODE_ADDR6,
+            b: CLIENT_ADDR,
+            b6: CLIENT_ADDR6,
+        };
+        let client_xdp_pass = link(&node, NODE_CLIENT_IF, &client, addrs, 0)?;
 
         let mut lab = Lab {
             backends: Vec::with_capacity(backends),
@@ -133,16 +183,24 @@ impl Lab {
         let netns = Netns::create(format!("{stem}-b{index}"))?;
         let node_addr = Ipv4Addr::new(198, 18, index, 1);
         let addr = Ipv4Addr::new(198, 18, index, 2);
+        let (node_addr6, addr6) = (backend_node_addr6(index), backend_addr6(index));
         let node_if = format!("xlb-b{index}");
-        let xdp_pass = link(&self.node, &node_if, node_addr, &netns, addr, index)?;
+        let addrs = LinkAddrs {
+            a: node_addr,
+            a6: node_addr6,
+            b: addr,
+            b6: addr6,
+        };
+        let xdp_pass = link(&self.node, &node_if, &netns, addrs, index)?;
 
         let name = format!("backend-{index}");
-        let echo = self.start_echo(
-            &netns,
-            &name,
-            &[SocketAddr::from(([0, 0, 0, 0], ECHO_TCP_PORT))],
-            &[SocketAddr::from(([0, 0, 0, 0], ECHO_UDP_PORT))],
-        )?;
+        let both = |port| {
+            [
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+            ]
+        };
+        let echo = self.start_echo(&netns, &name, &both(ECHO_TCP_PORT), &both(ECHO_UDP_PORT))?;
         Ok(Backend {
             echo,
             _xdp_pass: xdp_pass,
@@ -151,6 +209,8 @@ impl Lab {
             name,
             addr,
             node_addr,
+            addr6,
+            node_addr6,
             node_if,
         })
     }
@@ -186,11 +246,28 @@ impl Lab {
     /// A config like config/demo.yaml for this lab, with the given
     /// `services:` YAML block (indented by two spaces per level).
     pub fn config_yaml(&self, services: &str) -> String {
+        self.config_yaml_with_addresses(&NODE_ADDR.to_string(), services)
+    }
+
+    /// As [`Lab::config_yaml`], with NodePorts on both of the node's
+    /// addresses towards the client: 198.18.0.1 and 2001:db8::1.
+    pub fn dual_stack_config_yaml(&self, services: &str) -> String {
+        self.config_yaml_with_addresses(&format!("{NODE_ADDR}, {NODE_ADDR6}"), services)
+    }
+
+    /// As [`Lab::config_yaml`], with NodePorts only on 2001:db8::1.
+    pub fn ipv6_config_yaml(&self, services: &str) -> String {
+        self.config_yaml_with_addresses(&NODE_ADDR6.to_string(), services)
+    }
+
+    /// The lab's config with `addresses` (a YAML flow list's items) as
+    /// `node.addresses`.
+    fn config_yaml_with_addresses(&self, addresses: &str, services: &str) -> String {
         let interfaces: Vec<&str> = std::iter::once(NODE_CLIENT_IF)
             .chain(self.backends.iter().map(|backend| backend.node_if.as_str()))
             .collect();
         format!(
-            "node:\n  interfaces: [{}]\n  addresses: [{NODE_ADDR}]\n\nservices:\n{services}",
+            "node:\n  interfaces: [{}]\n  addresses: [{addresses}]\n\nservices:\n{services}",
             interfaces.join(", ")
         )
     }
@@ -246,9 +323,19 @@ pub(crate) fn start_echo(
     })
 }
 
+/// The addresses of a link's two ends: `a` the node's, `b` the pod's.
+#[derive(Clone, Copy)]
+struct LinkAddrs {
+    a: Ipv4Addr,
+    a6: Ipv6Addr,
+    b: Ipv4Addr,
+    b6: Ipv6Addr,
+}
+
 /// A veth pair `a_if` (in `a`) <-> `eth0` (in `b`), created directly inside
-/// the namespaces so host names never collide, with addresses, static MACs,
-/// the node's static neighbour entry, and the pod end set up to behave like
+/// the namespaces so host names never collide, with addresses of both
+/// families, static MACs, the node's static neighbour entries, the pod's
+/// default routes via the node, and the pod end set up to behave like
 /// a real NIC towards the node's XDP program: GRO on and an `XDP_PASS`
 /// program (so frames the node sends with XDP_REDIRECT or XDP_TX are
 /// delivered), TX checksum offload off (so the pod sends complete
@@ -256,11 +343,16 @@ pub(crate) fn start_echo(
 fn link(
     a: &Netns,
     a_if: &str,
-    a_addr: Ipv4Addr,
     b: &Netns,
-    b_addr: Ipv4Addr,
+    addrs: LinkAddrs,
     index: u8,
 ) -> Result<XdpPass, LabError> {
+    let LinkAddrs {
+        a: a_addr,
+        a6,
+        b: b_addr,
+        b6,
+    } = addrs;
     let a_mac = format!("02:78:6c:00:{index:02x}:01");
     let b_mac = format!("02:78:6c:00:{index:02x}:02");
     let b_name = b.name();
@@ -269,14 +361,30 @@ fn link(
     ))?;
     a.ip_line(&format!("addr add {a_addr}/24 dev {a_if}"))?;
     b.ip_line(&format!("addr add {b_addr}/24 dev {POD_IF}"))?;
+    enable_ipv6(a, a_if, a6)?;
+    enable_ipv6(b, POD_IF, b6)?;
     a.ip_line(&format!("link set {a_if} up"))?;
     b.ip_line(&format!("link set {POD_IF} up"))?;
     b.ip_line(&format!("route add default via {a_addr}"))?;
+    b.ip_line(&format!("-6 route add default via {a6} dev {POD_IF}"))?;
     a.ip_line(&format!(
         "neigh replace {b_addr} lladdr {b_mac} dev {a_if} nud permanent"
     ))?;
+    a.ip_line(&format!(
+        "-6 neigh replace {b6} lladdr {b_mac} dev {a_if} nud permanent"
+    ))?;
     b.exec("ethtool", &["-K", POD_IF, "gro", "on", "tx", "off"])?;
     b.run(|| xdp_pass::attach(POD_IF))?
+}
+
+/// IPv6 on `ifname` (a namespace starts with it off, see [`Netns::create`]),
+/// without a link-local address, and `addr` on it without duplicate
+/// address detection (so it is usable at once).
+fn enable_ipv6(netns: &Netns, ifname: &str, addr: Ipv6Addr) -> Result<(), LabError> {
+    netns.ip_line(&format!("link set {ifname} addrgenmode none"))?;
+    netns.sysctl(&format!("net/ipv6/conf/{ifname}/disable_ipv6"), "0")?;
+    netns.ip_line(&format!("-6 addr add {addr}/{PREFIX6} dev {ifname} nodad"))?;
+    Ok(())
 }
 
 /// Sets up `ifname` in `netns` like a NIC or a router's port facing a node

@@ -8,8 +8,8 @@
 //!
 //! Everything here cleans up after itself on drop (also when a test panics),
 //! and the first lab a process builds removes leftovers of dead processes.
-//! All addresses come from 198.18.0.0/15 and live only inside namespaces the
-//! lab created.
+//! All addresses come from 198.18.0.0/15 and 2001:db8::/32 and live only
+//! inside namespaces the lab created.
 
 pub mod agent;
 #[cfg(feature = "apiserver")]
@@ -78,6 +78,24 @@ pub fn repo_root() -> &'static Path {
 /// `config/demo.yaml`, whose topology `Lab::new(2)` builds.
 pub fn demo_config() -> PathBuf {
     repo_root().join("config").join("demo.yaml")
+}
+
+/// tests/config/demo-dual-stack.yaml: `demo_config()` for the dual-stack
+/// lab, NodePorts on 198.18.0.1 and 2001:db8::1, each pod listed by both
+/// its addresses.
+pub fn dual_stack_config() -> PathBuf {
+    repo_root()
+        .join("tests")
+        .join("config")
+        .join("demo-dual-stack.yaml")
+}
+
+/// tests/config/demo-ipv6.yaml: `demo_config()` with IPv6 addresses only.
+pub fn ipv6_config() -> PathBuf {
+    repo_root()
+        .join("tests")
+        .join("config")
+        .join("demo-ipv6.yaml")
 }
 
 /// Network namespaces, veths and XDP need root; say so instead of failing

@@ -116,7 +116,8 @@ impl Netns {
 
     /// `ping` `addr` from inside this namespace: Ok if an echo reply came
     /// back within a few seconds.
-    pub fn ping(&self, addr: std::net::Ipv4Addr) -> Result<(), LabError> {
+    pub fn ping(&self, addr: impl Into<std::net::IpAddr>) -> Result<(), LabError> {
+        let addr = addr.into();
         // Up to 3 requests 0.2 s apart; ping exits 0 at the first reply.
         self.exec(
             "ping",

@@ -4,8 +4,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use xlb_tests::client::{pattern, tcp_who_echo, udp_socket, udp_who};
-use xlb_tests::lab::{CLIENT_ADDR, ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR};
+use xlb_tests::client::{pattern, tcp_who_echo, udp_socket, udp_socket6, udp_who};
+use xlb_tests::lab::{
+    CLIENT_ADDR, CLIENT_ADDR6, ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, NODE_ADDR6, backend_addr6,
+};
 use xlb_tests::{Lab, netns};
 
 #[test]
@@ -100,5 +102,64 @@ fn labs_are_separate_and_removed_on_drop() -> anyhow::Result<()> {
 
     // The other lab is untouched.
     second.client.ping(NODE_ADDR)?;
+    Ok(())
+}
+
+#[test]
+fn client_reaches_backends_over_ipv6_through_the_node() -> anyhow::Result<()> {
+    // The kernel alone routes IPv6 client -> node -> backend (no NAT): the
+    // backend's echo answers on its IPv6 address over TCP and UDP and sees
+    // the client's own IPv6 address.
+    let lab = Lab::new(2)?;
+    lab.client.ping(NODE_ADDR6)?;
+    for backend in &lab.backends {
+        assert_eq!(backend.addr6, backend_addr6(backend.index));
+        lab.client.ping(backend.addr6)?;
+        backend.netns.ping(CLIENT_ADDR6)?;
+        lab.node.ping(backend.addr6)?;
+
+        let tcp = SocketAddr::from((backend.addr6, ECHO_TCP_PORT));
+        let payload = pattern(100_000, u32::from(backend.index));
+        let who = lab.client.run(|| tcp_who_echo(tcp, &payload))??;
+        assert_eq!(who.name, backend.name);
+        assert_eq!(who.local, tcp);
+        assert_eq!(who.peer.ip(), CLIENT_ADDR6);
+
+        let udp = SocketAddr::from((backend.addr6, ECHO_UDP_PORT));
+        let (who, from) = lab.client.run(|| udp_who(&udp_socket6()?, udp))??;
+        assert_eq!(from, udp);
+        assert_eq!(who.name, backend.name);
+        assert_eq!(who.local, udp);
+        assert_eq!(who.peer.ip(), CLIENT_ADDR6);
+    }
+
+    // IPv4 to the same servers still reports IPv4 addresses (the IPv6
+    // listeners are IPv6-only, so nothing arrives as ::ffff:a.b.c.d).
+    let backend = &lab.backends[0];
+    let tcp = SocketAddr::from((backend.addr, ECHO_TCP_PORT));
+    let who = lab.client.run(|| tcp_who_echo(tcp, b"v4"))??;
+    assert_eq!(who.peer.ip(), CLIENT_ADDR);
+    Ok(())
+}
+
+#[test]
+fn node_forwards_ipv6_and_has_no_link_local_chatter() -> anyhow::Result<()> {
+    let lab = Lab::new(1)?;
+    let forwarding = lab.node.run(|| {
+        std::fs::read_to_string(format!(
+            "/proc/sys/net/ipv6/conf/{}/forwarding",
+            lab.backends[0].node_if
+        ))
+    })??;
+    assert_eq!(forwarding.trim(), "1");
+    for netns in [&lab.node, &lab.client, &lab.backends[0].netns] {
+        let addrs = netns.ip(&["-6", "addr", "show"])?;
+        assert!(
+            !addrs.contains("fe80:"),
+            "{}: a link-local address:\n{addrs}",
+            netns.name()
+        );
+        assert!(!addrs.contains("tentative"), "{}:\n{addrs}", netns.name());
+    }
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -68,7 +68,11 @@ impl Stream {
     /// Starts sending to `target` from a socket in `netns` (the client).
     pub fn start(netns: &Netns, target: SocketAddr) -> anyhow::Result<Stream> {
         let socket = netns.run(|| -> std::io::Result<UdpSocket> {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            let any: IpAddr = match target {
+                SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+                SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+            };
+            let socket = UdpSocket::bind((any, 0))?;
             grow_receive_buffer(&socket);
             socket.connect(target)?;
             socket.set_read_timeout(Some(Duration::from_millis(50)))?;
@@ -328,20 +332,30 @@ impl<'a> SocketDrops<'a> {
 }
 
 /// UDP datagrams the kernel of `netns` dropped for want of socket buffer
-/// (`RcvbufErrors` in /proc/net/snmp): loss of a starved receiver, not of
-/// the path in between.
+/// (`RcvbufErrors` in /proc/net/snmp, `Udp6RcvbufErrors` in
+/// /proc/net/snmp6): loss of a starved receiver, not of the path in between.
 fn socket_drops(netns: &Netns) -> u64 {
-    let Ok(snmp) = netns.exec("cat", &["/proc/net/snmp"]) else {
-        return 0;
-    };
-    let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
-    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
-        return 0;
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(name, _)| *name == "RcvbufErrors")
-        .and_then(|(_, value)| value.parse().ok())
-        .unwrap_or(0)
+    let ipv4 = netns
+        .exec("cat", &["/proc/net/snmp"])
+        .ok()
+        .and_then(|snmp| {
+            let mut udp = snmp.lines().filter(|line| line.starts_with("Udp:"));
+            let (names, values) = (udp.next()?, udp.next()?);
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(name, _)| *name == "RcvbufErrors")
+                .and_then(|(_, value)| value.parse().ok())
+        });
+    // One `name value` line each; absent where IPv6 is off.
+    let ipv6 = netns
+        .exec("cat", &["/proc/net/snmp6"])
+        .ok()
+        .and_then(|snmp6| {
+            snmp6.lines().find_map(|line| {
+                let (name, value) = line.split_once(char::is_whitespace)?;
+                (name == "Udp6RcvbufErrors").then(|| value.trim().parse().ok())?
+            })
+        });
+    ipv4.unwrap_or(0) + ipv6.unwrap_or(0)
 }
