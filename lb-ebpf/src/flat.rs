@@ -40,10 +40,11 @@ pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
     let mut entry: *mut FlowOf<F> = core::ptr::null_mut();
     if lookup_stage(key, now, &mut entry) == FOUND {
         let known = track_stage(ctx, packet, key, now, &mut entry);
-        if known & FORWARD != 0 {
-            return forward_outlined(ctx, packet, entry, known & !FORWARD);
-        }
+        // `NO_FLOW` (all ones) has the `FORWARD` bit too: it is asked first.
         if known != NO_FLOW {
+            if known & FORWARD != 0 {
+                return forward_outlined(ctx, packet, entry, known & !FORWARD);
+            }
             return known;
         }
     }

@@ -232,6 +232,22 @@ impl Datapath {
             .expect("iface addr6");
     }
 
+    /// Takes IPv6 backend `id` out (inactive, as the agent clears it) and
+    /// gives its slots to `survivor`.
+    pub fn remove_backend6(&mut self, id: u32, survivor: u32) {
+        for table in [TCP6_TABLE, UDP6_TABLE] {
+            let slots: Vec<u32> = self
+                .table(table)
+                .into_iter()
+                .map(|slot| if slot == id { survivor } else { slot })
+                .collect();
+            self.set_table(table, &slots);
+        }
+        let mut backends: Array<_, Backend6> =
+            Array::try_from(self.map_mut(names::BACKENDS6)).expect("backends6 map");
+        backends.set(id, Backend6::default(), 0).expect("backend6");
+    }
+
     fn write_services6(&mut self) {
         let mut services: HashMap<_, ServiceKey6, Service> =
             HashMap::try_from(self.map_mut(names::SERVICES6)).expect("services6 map");

@@ -1594,3 +1594,32 @@ fn a_dual_stack_service_has_a_table_per_family() {
     assert_ne!(v6_entry.table_id, v4_entry.table_id);
     assert!(v6_backend.is_some());
 }
+
+#[test]
+fn removing_an_ipv6_backend_rewrites_its_table_and_clears_it() {
+    let ip = |text: &str| -> IpAddr { text.parse().unwrap_or_else(|e| panic!("{e}")) };
+    let v6 = |address: &str| Backend {
+        address: ip(address),
+        port: 4444,
+        ..Backend::default()
+    };
+    let mut lab = Harness::new();
+    let both = vec![v6("2001:db8:1::2"), v6("2001:db8:2::2")];
+    lab.reconcile(&state(vec![service("stream", 30981, both)]));
+    let one = vec![v6("2001:db8:1::2")];
+    let ops = lab.reconcile(&state(vec![service("stream", 30981, one)]));
+    assert!(
+        ops.iter().any(|op| matches!(op, MapOp::WriteTable { .. })),
+        "{ops:?}"
+    );
+    assert!(
+        ops.iter().any(|op| matches!(
+            op,
+            MapOp::ClearBackend {
+                family: IpFamily::V6,
+                ..
+            }
+        )),
+        "{ops:?}"
+    );
+}

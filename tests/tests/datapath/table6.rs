@@ -12,7 +12,7 @@ use lb_common::{
 use std::net::Ipv6Addr;
 
 use xlb_tests::{
-    packets::{ACK, L4, SYN},
+    packets::{ACK, L4, RST, SYN},
     packets6::*,
     testrun::*,
     testrun6::*,
@@ -191,6 +191,38 @@ fn flow_rows() -> Vec<Row> {
                 let spec = udp6(41_002);
                 send_from_client6(dp, &spec);
                 forward_case(dp, spec, true)
+            },
+        },
+        Row {
+            name: "IPv6 removed backend: the flow's next datagram goes to a live backend",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let first = send_from_client6(dp, &udp6(41_020));
+                let (gone, survivor) = if first.dst == BACKEND6_1 {
+                    (BACKEND6_1_ID + 10, BACKEND6_2_ID + 10)
+                } else {
+                    (BACKEND6_2_ID + 10, BACKEND6_1_ID + 10)
+                };
+                dp.remove_backend6(gone, survivor);
+                let spec = udp6(41_020);
+                let key = spec.key();
+                let mut case = forward_case(dp, spec, true);
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow6(&key).expect("flow");
+                    assert_ne!(flow.new_dst_addr_be, be6(first.dst), "still the removed backend");
+                }));
+                case
+            },
+        },
+        Row {
+            name: "IPv6 SYN on a closed flow's tuple starts a new flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                send_from_client6(dp, &tcp6(41_021, SYN));
+                send_from_client6(dp, &tcp6(41_021, RST));
+                forward_case(dp, tcp6(41_021, SYN), true)
             },
         },
         Row {
