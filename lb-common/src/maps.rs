@@ -276,9 +276,12 @@ declare_maps! {
     /// `ProgramArray`: `[PROGS6_IPV6]` is `xlb6`, which `xlb` tail-calls for
     /// IPv6 frames, so each family's pipeline is verified on its own budget
     /// (one program holding both exceeds the verifier's million
-    /// instructions). The agent fills it as it loads; while it is empty
-    /// (`xlb explain`, an agent gone) IPv6 frames pass as `pass_not_ipv4`.
-    PROGS6 = "XLB_PROGS6": ProgArray<u32, u32>, 1, Fixed, No, Private;
+    /// instructions). The agent fills it as it loads. Pinned: the kernel
+    /// empties a program array when user space lets go of it, and the
+    /// datapath goes on without an agent (`--keep-attached`, a restart)
+    /// with IPv6 too; while it is empty (`xlb explain`) IPv6 frames pass as
+    /// `pass_not_ipv4`.
+    PROGS6 = "XLB_PROGS6": ProgArray<u32, u32>, 1, Fixed, Alone, Private;
     /// `PerCpuArray<[u64; 32]>` of one: `xlb6`'s scratch space. Word 0:
     /// the offset of the L4 header after the extension headers, put there
     /// and read back so the verifier knows it only by its bounds (else each

@@ -215,8 +215,8 @@ fn verify_one(name: &'static str, program: &mut aya::programs::Program) -> Resul
         .map_err(|source| KernelError::VerifyTc { name, source })
 }
 
-/// Puts the loaded `xlb6` in `XLB_PROGS6`. The array is not pinned: while
-/// no agent runs (`--keep-attached`) it is empty, and IPv6 frames pass.
+/// Puts the loaded `xlb6` in `XLB_PROGS6` (pinned, so it stays filled
+/// while no agent runs).
 fn register_ipv6(ebpf: &mut Ebpf) -> Result<(), KernelError> {
     let name = lb_common::maps::PROGRAM6;
     let not_xdp = |name, source| KernelError::NotXdp { name, source };

@@ -394,8 +394,8 @@ mod tests {
     #[test]
     fn every_pinned_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
-        // 18 for IPv4 and the shared ones, 7 more for IPv6.
-        assert_eq!(specs.len(), 25);
+        // 18 for IPv4 and the shared ones, 8 more for IPv6.
+        assert_eq!(specs.len(), 26);
         for name in config_maps() {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }
@@ -404,7 +404,6 @@ mod tests {
             names::REDIRECT_OK,
             names::BACKEND_HOPS6,
             names::PEERS6,
-            names::PROGS6,
         ];
         assert!(specs.iter().all(|spec| !unpinned.contains(&spec.name)));
         let select = specs.iter().find(|spec| spec.name == names::SELECT);
