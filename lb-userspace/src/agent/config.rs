@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::grow::MapCapacity;
 use crate::kernel::{MapSizes, host};
-use crate::model::{DesiredState, auto_table_size};
+use crate::model::{DesiredState, IpFamily, auto_table_size};
 use crate::source::yaml::{self, ConfigError, LoadedConfig, Overrides};
 
 /// `xlb check`: validates only. Returns the line to print on success.
@@ -136,6 +136,51 @@ pub(super) fn foreign_node_addresses(
         .collect()
 }
 
+/// What `config` deserves on a node with `local` addresses: listed node
+/// addresses it does not have, families without a node address.
+pub(super) fn node_address_warnings(
+    config: &LoadedConfig,
+    local: &BTreeSet<IpAddr>,
+) -> Vec<String> {
+    let mut warnings = foreign_node_addresses(config, local);
+    warnings.extend(families_without_node_address(config, local));
+    warnings
+}
+
+/// Families a service with a NodePort is served in that the node has no
+/// address of, when `node.addresses` is left out (the file's check warns
+/// about a list without the family): its clients of that family reach the
+/// NodePort nowhere.
+pub(super) fn families_without_node_address(
+    config: &LoadedConfig,
+    local: &BTreeSet<IpAddr>,
+) -> Vec<String> {
+    if config.state.node_addresses.is_some() {
+        return Vec::new();
+    }
+    let has = |family: IpFamily| local.iter().any(|address| IpFamily::of(*address) == family);
+    let mut warnings = Vec::new();
+    for service in &config.state.services {
+        if service.node_port == 0 {
+            continue;
+        }
+        for family in service
+            .families()
+            .into_iter()
+            .filter(|family| !has(*family))
+        {
+            warnings.push(format!(
+                "{}: service {}: {family} clients cannot reach nodePort {}: the node has no \
+                 {family} address; give the node one, or list its addresses in node.addresses",
+                config.origin(),
+                service.qualified_name(),
+                service.node_port
+            ));
+        }
+    }
+    warnings
+}
+
 /// Load-time map sizes for a config (the selection tables need none: each
 /// service's table is made at its size when written).
 pub(super) fn map_sizes(state: &DesiredState, capacity: MapCapacity) -> MapSizes {
@@ -199,6 +244,26 @@ mod tests {
                 "--iface xlb-nope0: no interface \"xlb-nope0\" on this node; check `ip link`, or \
                  the network namespace xlb runs in"
             ))
+        );
+    }
+
+    #[test]
+    fn a_family_without_node_address_is_warned_about() {
+        let text = "node:\n  interfaces: [lo]\nservices:\n  - name: web\n    nodePort: 30080\n    targetPort: 80\n    backends:\n      - address: 198.18.1.2\n      - address: 2001:db8:1::2\n";
+        let loaded = config(text);
+        let local: BTreeSet<IpAddr> = [IpAddr::from([198, 18, 0, 1])].into_iter().collect();
+        assert_eq!(
+            node_address_warnings(&loaded, &local),
+            [
+                "t.yaml: service default/web: IPv6 clients cannot reach nodePort 30080: the node \
+              has no IPv6 address; give the node one, or list its addresses in node.addresses"
+            ]
+        );
+        let v6 = "2001:db8::1".parse().ok();
+        let local6 = local.iter().copied().chain(v6);
+        assert_eq!(
+            node_address_warnings(&loaded, &local6.collect()),
+            Vec::<String>::new()
         );
     }
 

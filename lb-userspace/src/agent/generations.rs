@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use log::{debug, error, info, warn};
 
-use super::config::{check_interfaces, foreign_node_addresses, warnings};
+use super::config::{check_interfaces, node_address_warnings, warnings};
 use super::grow;
 use super::interfaces::{DEFAULT_MASQUERADE_IFINDEX, choose_uplinks, default_masquerade_address};
 use super::laps::Laps;
@@ -246,7 +246,7 @@ impl Agent {
             warn!("{warning}");
         }
         if let Ok(facts) = host::node_facts() {
-            for warning in foreign_node_addresses(config, &facts.local_addresses) {
+            for warning in node_address_warnings(config, &facts.local_addresses) {
                 warn!("{warning}");
             }
         }

@@ -41,7 +41,7 @@ use crate::reconcile::{Applied, ApplyError, Capacity, PlanError, RefusedFrontend
 use crate::source::file::{ConfigFile, POLL};
 use crate::source::kube::{Begun, ClusterSource, SourceError, SourceOptions, next_change};
 use crate::source::yaml::{ConfigError, LoadedConfig, Overrides};
-use config::{check_interfaces, foreign_node_addresses, warnings};
+use config::{check_interfaces, node_address_warnings, warnings};
 use interfaces::{choose_uplinks, next_link_event};
 use laps::Laps;
 use shutdown::{bpffs_display, pin_dir};
@@ -466,7 +466,7 @@ impl Agent {
         let local = host::node_facts()
             .map_err(|source| AgentError::Host { source })?
             .local_addresses;
-        for warning in foreign_node_addresses(&self.config, &local) {
+        for warning in node_address_warnings(&self.config, &local) {
             warn!("{warning}");
         }
         self.laps.start();

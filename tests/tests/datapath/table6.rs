@@ -210,7 +210,11 @@ fn flow_rows() -> Vec<Row> {
                 let mut case = forward_case(dp, spec, true);
                 case.after = Some(Box::new(move |dp: &mut Datapath| {
                     let flow = dp.flow6(&key).expect("flow");
-                    assert_ne!(flow.new_dst_addr_be, be6(first.dst), "still the removed backend");
+                    assert_ne!(
+                        flow.new_dst_addr_be,
+                        be6(first.dst),
+                        "still the removed backend"
+                    );
                 }));
                 case
             },

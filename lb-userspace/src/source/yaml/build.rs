@@ -64,6 +64,9 @@ impl<'a> Builder<'a> {
         let table_size_auto = raw_table_size.is_none();
         let table_size = check.table_size(raw_table_size);
         let services = self.services(raw.services, table_size.unwrap_or(DEFAULT_TABLE_SIZE));
+        if let Some(listed) = &node_addresses {
+            self.warn_families_without_node_address(listed, &services);
+        }
         if services.is_empty() && self.check.problems.is_empty() {
             self.check.warn(
                 "services",
@@ -85,6 +88,35 @@ impl<'a> Builder<'a> {
             _ => None,
         };
         (state, interface_fields)
+    }
+
+    /// A service with a NodePort served in a family `node.addresses` lists
+    /// no address of: its clients of that family reach it nowhere.
+    fn warn_families_without_node_address(&mut self, listed: &[IpAddr], services: &[Service]) {
+        let has = |family: IpFamily| {
+            listed
+                .iter()
+                .any(|address| IpFamily::of(*address) == family)
+        };
+        for (index, service) in services.iter().enumerate() {
+            if service.node_port == 0 {
+                continue;
+            }
+            for family in service
+                .families()
+                .into_iter()
+                .filter(|family| !has(*family))
+            {
+                self.check.warn(
+                    &format!("services[{index}].nodePort"),
+                    format!(
+                        "{family} clients cannot reach nodePort {}: node.addresses lists no {family} address",
+                        service.node_port
+                    ),
+                    format!("add the node's {family} address to node.addresses"),
+                );
+            }
+        }
     }
 
     fn interfaces(

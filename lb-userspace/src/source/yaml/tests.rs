@@ -434,6 +434,15 @@ fn dual_stack_services_take_both_families() {
           remove the backend"
         ]
     );
+    let v4_node = parse_ok(&text.replace(", 2001:db8::1]", "]"));
+    let warnings: Vec<String> = v4_node.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "config/x.yaml:7:15: services[0].nodePort: IPv6 clients cannot reach nodePort 30080: \
+          node.addresses lists no IPv6 address; add the node's IPv6 address to node.addresses"
+        ]
+    );
     for (families, wanted) in [
         (
             "[]",
