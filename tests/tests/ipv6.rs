@@ -962,3 +962,70 @@ fn dual_stack_flows_survive_an_agent_restart() -> anyhow::Result<()> {
     second.stop_cleanly()?;
     Ok(())
 }
+
+// ---- not_owned.rs and no_endpoints.rs twins ----
+
+#[test]
+fn ipv6_node_servers_ping_and_routing_still_work() -> anyhow::Result<()> {
+    let lab = Lab::new(2)?;
+    let node_tcp = SocketAddr::from((NODE_ADDR6, 8080));
+    let node_udp = SocketAddr::from((NODE_ADDR6, 8081));
+    let _node_server = lab.start_echo(&lab.node, "node", &[node_tcp], &[node_udp])?;
+    let _agent = Agent::start(&lab, &dual_stack_config())?;
+
+    lab.client.ping(NODE_ADDR6)?;
+    let backend = &lab.backends[0];
+    let direct = SocketAddr::from((backend.addr6, ECHO_TCP_PORT));
+    lab.client.run(|| -> anyhow::Result<()> {
+        // A TCP server on the node's own IPv6 address, a port xlb does not own.
+        let who = tcp_who_echo(node_tcp, &[7u8; 100_000])?;
+        assert_eq!(who.name, "node");
+        assert_eq!(who.local, node_tcp);
+        assert_eq!(who.peer.ip(), CLIENT_ADDR6, "not masqueraded");
+
+        let (who, from) = udp_who(&udp_socket6()?, node_udp)?;
+        assert_eq!(from, node_udp);
+        assert_eq!(who.name, "node");
+        assert_eq!(who.peer.ip(), CLIENT_ADDR6);
+
+        // A pod's own IPv6 address, routed by the node's kernel without NAT.
+        let who = tcp_who_echo(direct, b"routed, not balanced")?;
+        assert_eq!(who.name, "backend-1");
+        assert_eq!(who.peer.ip(), CLIENT_ADDR6);
+
+        // And the NodePort still balances alongside all that.
+        let who = tcp_who_echo(tcp_echo_service6(), b"balanced")?;
+        assert_nat(&lab, &who, tcp_echo_service6(), ECHO_TCP_PORT);
+        Ok(())
+    })??;
+    Ok(())
+}
+
+#[test]
+fn ipv6_clients_of_a_service_without_endpoints_are_refused() -> anyhow::Result<()> {
+    // Whichever family the agent gives a service with no backends, an IPv6
+    // client is refused at once (by the node's kernel: xlb leaves IPv6
+    // rejections to it).
+    let lab = Lab::new(1)?;
+    let services = "  - name: tcp-empty\n    protocol: TCP\n    nodePort: 30990\n    targetPort: 3333\n    backends: []\n\
+                    \n  - name: udp-empty\n    protocol: UDP\n    nodePort: 30991\n    targetPort: 4444\n    backends: []\n";
+    let config = lab.write_file("xlb.yaml", &lab.dual_stack_config_yaml(services))?;
+    let _agent = Agent::start(&lab, &config)?;
+
+    let (tcp, udp) = lab.client.run(|| -> anyhow::Result<_> {
+        let tcp = TcpStream::connect_timeout(&node_port6(30990), IO_TIMEOUT).map(drop);
+        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(IO_TIMEOUT))?;
+        socket.connect(node_port6(30991))?;
+        socket.send(b"anyone?")?;
+        let udp = socket.recv(&mut [0u8; 64]).map(drop);
+        Ok((tcp, udp))
+    })??;
+    for (protocol, result) in [("TCP", tcp), ("UDP", udp)] {
+        assert!(
+            matches!(&result, Err(error) if error.kind() == ErrorKind::ConnectionRefused),
+            "{protocol}: {result:?}, expected connection refused"
+        );
+    }
+    Ok(())
+}
