@@ -194,13 +194,8 @@ impl Lab {
         let xdp_pass = link(&self.node, &node_if, &netns, addrs, index)?;
 
         let name = format!("backend-{index}");
-        let both = |port| {
-            [
-                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-                SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
-            ]
-        };
-        let echo = self.start_echo(&netns, &name, &both(ECHO_TCP_PORT), &both(ECHO_UDP_PORT))?;
+        let (tcp, udp) = (both_families(ECHO_TCP_PORT), both_families(ECHO_UDP_PORT));
+        let echo = self.start_echo(&netns, &name, &tcp, &udp)?;
         Ok(Backend {
             echo,
             _xdp_pass: xdp_pass,
@@ -271,6 +266,14 @@ impl Lab {
             interfaces.join(", ")
         )
     }
+}
+
+/// `0.0.0.0:port` and `[::]:port`: where a pod's echo server listens.
+pub(crate) fn both_families(port: u16) -> [SocketAddr; 2] {
+    [
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+    ]
 }
 
 /// Start `xlb-echo --name NAME --tcp ... --udp ...` inside `netns`, its output
@@ -361,8 +364,8 @@ fn link(
     ))?;
     a.ip_line(&format!("addr add {a_addr}/24 dev {a_if}"))?;
     b.ip_line(&format!("addr add {b_addr}/24 dev {POD_IF}"))?;
-    enable_ipv6(a, a_if, a6)?;
-    enable_ipv6(b, POD_IF, b6)?;
+    enable_ipv6(a, a_if, a6, PREFIX6)?;
+    enable_ipv6(b, POD_IF, b6, PREFIX6)?;
     a.ip_line(&format!("link set {a_if} up"))?;
     b.ip_line(&format!("link set {POD_IF} up"))?;
     b.ip_line(&format!("route add default via {a_addr}"))?;
@@ -378,12 +381,35 @@ fn link(
 }
 
 /// IPv6 on `ifname` (a namespace starts with it off, see [`Netns::create`]),
-/// without a link-local address, and `addr` on it without duplicate
-/// address detection (so it is usable at once).
-fn enable_ipv6(netns: &Netns, ifname: &str, addr: Ipv6Addr) -> Result<(), LabError> {
+/// without a generated link-local address, and `addr/prefix` on it without
+/// duplicate address detection (so it is usable at once). Without a
+/// link-local address the kernel sends no neighbour solicitation for
+/// traffic it forwards out of `ifname`: the lab's node has static entries.
+pub(crate) fn enable_ipv6(
+    netns: &Netns,
+    ifname: &str,
+    addr: Ipv6Addr,
+    prefix: u8,
+) -> Result<(), LabError> {
     netns.ip_line(&format!("link set {ifname} addrgenmode none"))?;
+    add_ipv6(netns, ifname, addr, prefix)
+}
+
+/// As [`enable_ipv6`], with the kernel's link-local address as on a real
+/// node (no duplicate address detection for it either).
+pub(crate) fn enable_ipv6_with_link_local(
+    netns: &Netns,
+    ifname: &str,
+    addr: Ipv6Addr,
+    prefix: u8,
+) -> Result<(), LabError> {
+    netns.sysctl(&format!("net/ipv6/conf/{ifname}/accept_dad"), "0")?;
+    add_ipv6(netns, ifname, addr, prefix)
+}
+
+fn add_ipv6(netns: &Netns, ifname: &str, addr: Ipv6Addr, prefix: u8) -> Result<(), LabError> {
     netns.sysctl(&format!("net/ipv6/conf/{ifname}/disable_ipv6"), "0")?;
-    netns.ip_line(&format!("-6 addr add {addr}/{PREFIX6} dev {ifname} nodad"))?;
+    netns.ip_line(&format!("-6 addr add {addr}/{prefix} dev {ifname} nodad"))?;
     Ok(())
 }
 

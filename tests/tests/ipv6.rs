@@ -25,6 +25,7 @@ use xlb_tests::lab::{
     CLIENT_ADDR6, ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, NODE_ADDR6, POD_IF, PREFIX6,
     backend_addr6, tcp_echo_service, tcp_echo_service6, udp_echo_service, udp_echo_service6,
 };
+use xlb_tests::node_lab::{self, NodeLab, PodKind};
 use xlb_tests::{Agent, Bpffs, Lab, XLB_BIN_ENV, bin_from_env, dual_stack_config, ipv6_config};
 
 use stream::{Connection, SocketDrops, Stream, counter};
@@ -960,5 +961,144 @@ fn dual_stack_flows_survive_an_agent_restart() -> anyhow::Result<()> {
     );
     drop(connections);
     second.stop_cleanly()?;
+    Ok(())
+}
+
+// ---- not_owned.rs and no_endpoints.rs twins ----
+
+#[test]
+fn ipv6_node_servers_ping_and_routing_still_work() -> anyhow::Result<()> {
+    let lab = Lab::new(2)?;
+    let node_tcp = SocketAddr::from((NODE_ADDR6, 8080));
+    let node_udp = SocketAddr::from((NODE_ADDR6, 8081));
+    let _node_server = lab.start_echo(&lab.node, "node", &[node_tcp], &[node_udp])?;
+    let _agent = Agent::start(&lab, &dual_stack_config())?;
+
+    lab.client.ping(NODE_ADDR6)?;
+    let backend = &lab.backends[0];
+    let direct = SocketAddr::from((backend.addr6, ECHO_TCP_PORT));
+    lab.client.run(|| -> anyhow::Result<()> {
+        // A TCP server on the node's own IPv6 address, a port xlb does not own.
+        let who = tcp_who_echo(node_tcp, &[7u8; 100_000])?;
+        assert_eq!(who.name, "node");
+        assert_eq!(who.local, node_tcp);
+        assert_eq!(who.peer.ip(), CLIENT_ADDR6, "not masqueraded");
+
+        let (who, from) = udp_who(&udp_socket6()?, node_udp)?;
+        assert_eq!(from, node_udp);
+        assert_eq!(who.name, "node");
+        assert_eq!(who.peer.ip(), CLIENT_ADDR6);
+
+        // A pod's own IPv6 address, routed by the node's kernel without NAT.
+        let who = tcp_who_echo(direct, b"routed, not balanced")?;
+        assert_eq!(who.name, "backend-1");
+        assert_eq!(who.peer.ip(), CLIENT_ADDR6);
+
+        // And the NodePort still balances alongside all that.
+        let who = tcp_who_echo(tcp_echo_service6(), b"balanced")?;
+        assert_nat(&lab, &who, tcp_echo_service6(), ECHO_TCP_PORT);
+        Ok(())
+    })??;
+    Ok(())
+}
+
+#[test]
+fn ipv6_clients_of_a_service_without_endpoints_are_refused() -> anyhow::Result<()> {
+    // Whichever family the agent gives a service with no backends, an IPv6
+    // client is refused at once (by the node's kernel: xlb leaves IPv6
+    // rejections to it).
+    let lab = Lab::new(1)?;
+    let services = "  - name: tcp-empty\n    protocol: TCP\n    nodePort: 30990\n    targetPort: 3333\n    backends: []\n\
+                    \n  - name: udp-empty\n    protocol: UDP\n    nodePort: 30991\n    targetPort: 4444\n    backends: []\n";
+    let config = lab.write_file("xlb.yaml", &lab.dual_stack_config_yaml(services))?;
+    let _agent = Agent::start(&lab, &config)?;
+
+    let (tcp, udp) = lab.client.run(|| -> anyhow::Result<_> {
+        let tcp = TcpStream::connect_timeout(&node_port6(30990), IO_TIMEOUT).map(drop);
+        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(IO_TIMEOUT))?;
+        socket.connect(node_port6(30991))?;
+        socket.send(b"anyone?")?;
+        let udp = socket.recv(&mut [0u8; 64]).map(drop);
+        Ok((tcp, udp))
+    })??;
+    for (protocol, result) in [("TCP", tcp), ("UDP", udp)] {
+        assert!(
+            matches!(&result, Err(error) if error.kind() == ErrorKind::ConnectionRefused),
+            "{protocol}: {result:?}, expected connection refused"
+        );
+    }
+    Ok(())
+}
+
+// ---- the real-node lab (tests/src/node_lab.rs) ----
+
+#[test]
+fn ipv6_node_port_reaches_every_kind_of_pod_of_a_dual_stack_service() -> anyhow::Result<()> {
+    // Each pod listed by both its addresses. IPv6 clients reach each kind
+    // of pod on its IPv6 address, masqueraded as the node's IPv6 address
+    // towards it: cni0's, the overlay's, or the uplink's where the egress
+    // device has link-local addresses only (the routed CNI's veth, node2
+    // reached through the uplink). IPv4 goes on beside it.
+    let lab = NodeLab::new()?;
+    for kind in PodKind::ALL {
+        let pod = lab.pod(kind);
+        let services = lab.dual_stack_echo_services(&[pod], false);
+        let config = lab.write_file("xlb.yaml", &lab.dual_stack_config_yaml(&services))?;
+        let agent = Agent::start(&lab, &config)?;
+        let checks = [
+            (
+                node_lab::udp_service6(),
+                node_lab::tcp_service6(),
+                IpAddr::from(pod.addr6),
+            ),
+            (
+                node_lab::udp_service(),
+                node_lab::tcp_service(),
+                IpAddr::from(pod.addr),
+            ),
+        ];
+        for (udp, tcp, pod_addr) in checks {
+            let masquerade = if pod_addr.is_ipv6() {
+                IpAddr::from(pod.masquerade_addr6())
+            } else {
+                IpAddr::from(pod.masquerade_addr())
+            };
+            let (udp_who_line, tcp_who_line) = lab.client.run(|| -> anyhow::Result<_> {
+                let socket = udp_socket_for(udp)?;
+                let (who, from) = udp_who(&socket, udp)?;
+                ensure!(from == udp, "UDP reply from {from}, not the NodePort {udp}");
+                // Sizes that fit every path (the overlay's MTU is 1450).
+                for (seed, len) in [1usize, 100, 1000, 1400].into_iter().enumerate() {
+                    let payload = pattern(len, seed as u32);
+                    let (reply, from) = udp_exchange(&socket, udp, &payload)?;
+                    ensure!(from == udp && reply == payload, "UDP echo of {len} bytes");
+                }
+                Ok((who, tcp_who_echo(tcp, &pattern(300 * 1024, 1))?))
+            })??;
+            for (who, port) in [(udp_who_line, ECHO_UDP_PORT), (tcp_who_line, ECHO_TCP_PORT)] {
+                ensure!(
+                    who.name == pod.name
+                        && who.local == SocketAddr::new(pod_addr, port)
+                        && who.peer.ip() == masquerade,
+                    "{}: {who:?}, expected local {pod_addr}:{port}, peer {masquerade}\n{}",
+                    pod.name,
+                    agent.log()
+                );
+            }
+        }
+        agent.stop_cleanly()?;
+    }
+    let counters = lab.client.exec(
+        "nstat",
+        &["-a", "-s", "-z", "TcpInCsumErrors", "Udp6InCsumErrors"],
+    )?;
+    ensure!(
+        counters
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(1))
+            .all(|count| count == "0"),
+        "the client saw checksum errors:\n{counters}"
+    );
     Ok(())
 }

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use xlb_tests::client::{pattern, tcp_who_echo, udp_exchange, udp_socket, udp_who};
+use xlb_tests::client::{pattern, tcp_who_echo, udp_exchange, udp_socket, udp_socket6, udp_who};
 use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT};
 use xlb_tests::node_lab::{
-    CLIENT_ADDR, NODE_ADDR, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF, csum_errors, tcp_service,
-    udp_service,
+    CLIENT_ADDR, NODE_ADDR, NODE_ADDR6, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF, csum_errors,
+    tcp_service, udp_service,
 };
 
 use xlb_tests::{Agent, Bpffs, Who, XLB_BIN_ENV, bin_from_env};
@@ -709,6 +709,33 @@ fn node_lab_pods_are_at_kernel_defaults() -> anyhow::Result<()> {
         }
         let link = pod.netns.ip(&["-d", "link", "show", "eth0"])?;
         ensure!(!link.contains("xdp"), "{}: eth0 has XDP: {link}", pod.name);
+    }
+    Ok(())
+}
+
+#[test]
+fn node_reaches_every_kind_of_pod_over_ipv6() -> anyhow::Result<()> {
+    // The kernel alone, no agent: the dual-stack plumbing of every CNI
+    // (bridge, routed with fe80::1, node2 routed and over VXLAN) carries
+    // IPv6 both ways, and the client reaches the node's IPv6 address.
+    let lab = NodeLab::new()?;
+    lab.client.ping(NODE_ADDR6)?;
+    for pod in &lab.pods {
+        let tcp = SocketAddr::from((pod.addr6, ECHO_TCP_PORT));
+        let who = lab
+            .node
+            .run(|| tcp_who_echo(tcp, &pattern(20_000, 6)))?
+            .with_context(|| format!("TCP to {}", pod.name))?;
+        ensure!(who.name == pod.name && who.local == tcp, "{who:?}");
+        let udp = SocketAddr::from((pod.addr6, ECHO_UDP_PORT));
+        let (who, from) = lab
+            .node
+            .run(|| udp_who(&udp_socket6()?, udp))?
+            .with_context(|| format!("UDP to {}", pod.name))?;
+        ensure!(
+            from == udp && who.name == pod.name && who.local == udp,
+            "{who:?}"
+        );
     }
     Ok(())
 }
