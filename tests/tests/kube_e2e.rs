@@ -11,17 +11,19 @@
 mod stream;
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use xlb_tests::apiserver::ApiServer;
-use xlb_tests::apiserver::objects::{EndpointState, endpoint_slice, node, node_port_service};
-use xlb_tests::client::{tcp_who_echo_timeout, udp_socket, udp_who};
+use xlb_tests::apiserver::objects::{
+    EndpointState, dual_stack, dual_stack_node, endpoint_slice, node, node_port_service,
+};
+use xlb_tests::client::{tcp_who_echo_timeout, udp_socket_for, udp_who};
 use xlb_tests::lab::{
-    ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, TCP_ECHO_NODE_PORT, UDP_ECHO_NODE_PORT,
-    tcp_echo_service, udp_echo_service,
+    ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, NODE_ADDR6, NODE_CLIENT_IF, TCP_ECHO_NODE_PORT,
+    UDP_ECHO_NODE_PORT, tcp_echo_service, tcp_echo_service6, udp_echo_service, udp_echo_service6,
 };
 use xlb_tests::{Agent, Bpffs, Lab, XLB_BIN_ENV, bin_from_env, poll_until};
 
@@ -34,7 +36,10 @@ const ATTEMPT: Duration = Duration::from_millis(500);
 /// The backend names that answered `tries` new TCP connections (failures
 /// are skipped).
 fn tcp_backends(lab: &Lab, tries: usize) -> BTreeSet<String> {
-    let service = tcp_echo_service();
+    tcp_backends_at(lab, tcp_echo_service(), tries)
+}
+
+fn tcp_backends_at(lab: &Lab, service: SocketAddr, tries: usize) -> BTreeSet<String> {
     lab.client
         .run(|| {
             (0..tries)
@@ -46,12 +51,15 @@ fn tcp_backends(lab: &Lab, tries: usize) -> BTreeSet<String> {
 }
 
 fn udp_backends(lab: &Lab, tries: usize) -> BTreeSet<String> {
-    let service = udp_echo_service();
+    udp_backends_at(lab, udp_echo_service(), tries)
+}
+
+fn udp_backends_at(lab: &Lab, service: SocketAddr, tries: usize) -> BTreeSet<String> {
     lab.client
         .run(|| {
             (0..tries)
                 .filter_map(|_| {
-                    let socket = udp_socket().ok()?;
+                    let socket = udp_socket_for(service).ok()?;
                     socket.set_read_timeout(Some(ATTEMPT)).ok()?;
                     udp_who(&socket, service).ok().map(|(who, _)| who.name)
                 })
@@ -78,6 +86,26 @@ impl Follow<'_> {
 
     fn udp(&self, what: &str, tries: usize, wanted: &BTreeSet<String>) -> anyhow::Result<()> {
         self.until(what, |lab| udp_backends(lab, tries), wanted)
+    }
+
+    /// New TCP connections and UDP flows to `tcp` and `udp` (of one family)
+    /// reach exactly `wanted`.
+    fn both(
+        &self,
+        what: &str,
+        (tcp, udp): (SocketAddr, SocketAddr),
+        wanted: &BTreeSet<String>,
+    ) -> anyhow::Result<()> {
+        self.until(
+            &format!("TCP {what}"),
+            |lab| tcp_backends_at(lab, tcp, 12),
+            wanted,
+        )?;
+        self.until(
+            &format!("UDP {what}"),
+            |lab| udp_backends_at(lab, udp, 12),
+            wanted,
+        )
     }
 
     fn until(
@@ -369,9 +397,9 @@ fn maps_grow_for_a_cluster_that_outgrows_them() -> anyhow::Result<()> {
     println!("{first}\n{second}");
     follow.udp("UDP to reach both pods after the maps grew", 12, &all)?;
     for port in [30970, 30971] {
-        let target = std::net::SocketAddr::from((NODE_ADDR, port));
+        let target = SocketAddr::from((NODE_ADDR, port));
         lab.client
-            .run(|| udp_socket().and_then(|socket| udp_who(&socket, target)))??;
+            .run(|| udp_socket_for(target).and_then(|socket| udp_who(&socket, target)))??;
     }
     connection.exchange()?;
     poll_until("the second agent to apply", FOLLOW, || {
@@ -391,6 +419,105 @@ fn maps_grow_for_a_cluster_that_outgrows_them() -> anyhow::Result<()> {
             println!("{line}");
         }
     }
+    agent.stop_cleanly()?;
+    Ok(())
+}
+
+/// A dual-stack Service (`ipFamilies: [IPv4, IPv6]`) with an EndpointSlice
+/// of each address type, on a Node with an InternalIP of each family and no
+/// `node.addresses`: IPv4 and IPv6 clients reach the same pods through the
+/// NodePort on the Node's addresses, each family's slice changes its
+/// family's flows only, and a Service made single-stack stops answering
+/// IPv6.
+#[test]
+fn dual_stack_services_from_the_api_serve_both_families() -> anyhow::Result<()> {
+    let lab = Lab::new(2)?;
+    let (server, kubeconfig, _) = cluster(&lab)?;
+    server.apply(&dual_stack_node(
+        NODE,
+        &[IpAddr::from(NODE_ADDR), IpAddr::from(NODE_ADDR6)],
+    ));
+    let interfaces: Vec<&str> = std::iter::once(NODE_CLIENT_IF)
+        .chain(lab.backends.iter().map(|backend| backend.node_if.as_str()))
+        .collect();
+    let text = format!(
+        "node:\n  interfaces: [{}]\nservices: []\n",
+        interfaces.join(", ")
+    );
+    let config = lab.write_file("node-dual.yaml", &text)?;
+    let agent = kube_agent(&lab, &config, &kubeconfig, &[])?;
+    let follow = Follow {
+        lab: &lab,
+        agent: &agent,
+    };
+    let pods6 = [lab.backends[0].addr6, lab.backends[1].addr6];
+    let (pod_1, pod_2) = addresses(&lab);
+    let v4 = (tcp_echo_service(), udp_echo_service());
+    let v6 = (tcp_echo_service6(), udp_echo_service6());
+    let slice6 = |protocol: &str, endpoints: &[EndpointState]| {
+        let (service, port) = match protocol {
+            "TCP" => ("tcp-echo", ECHO_TCP_PORT),
+            _ => ("udp-echo", ECHO_UDP_PORT),
+        };
+        let name = format!("{service}-v6");
+        endpoint_slice("default", &name, service, protocol, port, endpoints)
+    };
+    let all6 = [
+        EndpointState::ready(pods6[0]),
+        EndpointState::ready(pods6[1]),
+    ];
+    for (protocol, service, port, node_port) in [
+        ("TCP", "tcp-echo", ECHO_TCP_PORT, TCP_ECHO_NODE_PORT),
+        ("UDP", "udp-echo", ECHO_UDP_PORT, UDP_ECHO_NODE_PORT),
+    ] {
+        let listed_port = if protocol == "TCP" { 3333 } else { 4444 };
+        server.apply(&dual_stack(node_port_service(
+            "default",
+            service,
+            protocol,
+            listed_port,
+            port,
+            node_port,
+        )));
+        let both = [EndpointState::ready(pod_1), EndpointState::ready(pod_2)];
+        server.apply(&echo_slice(protocol, &both));
+        server.apply(&slice6(protocol, &all6));
+    }
+    let all = names(&["backend-1", "backend-2"]);
+    follow.both("IPv4 clients to reach both pods", v4, &all)?;
+    follow.both("IPv6 clients to reach both pods", v6, &all)?;
+
+    // The IPv6 slice drains backend-2: IPv6 flows follow, IPv4 ones not.
+    for protocol in ["TCP", "UDP"] {
+        server.apply(&slice6(protocol, &[EndpointState::ready(pods6[0])]));
+    }
+    follow.both(
+        "IPv6 clients to reach backend-1 only",
+        v6,
+        &names(&["backend-1"]),
+    )?;
+    follow.both("IPv4 clients to go on reaching both pods", v4, &all)?;
+
+    // Single-stack IPv4 again: IPv6 clients reach nothing, IPv4 ones go on.
+    server.apply(&node_port_service(
+        "default",
+        "tcp-echo",
+        "TCP",
+        3333,
+        ECHO_TCP_PORT,
+        TCP_ECHO_NODE_PORT,
+    ));
+    follow.until(
+        "IPv6 TCP clients to reach nothing",
+        |lab| tcp_backends_at(lab, tcp_echo_service6(), 4),
+        &BTreeSet::new(),
+    )?;
+    follow.tcp("IPv4 TCP clients to reach both pods", 12, &all)?;
+    follow.until(
+        "IPv6 UDP clients to go on reaching backend-1",
+        |lab| udp_backends_at(lab, udp_echo_service6(), 12),
+        &names(&["backend-1"]),
+    )?;
     agent.stop_cleanly()?;
     Ok(())
 }

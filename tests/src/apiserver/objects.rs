@@ -1,7 +1,7 @@
 //! Small builders for the objects tests put into the test API server.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{
     Node, NodeAddress, NodeStatus, ObjectReference, Service, ServicePort, ServiceSpec,
@@ -49,7 +49,7 @@ pub fn node_port_service(
 /// An endpoint's conditions and where it runs.
 #[derive(Clone, Debug)]
 pub struct EndpointState {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -60,9 +60,9 @@ pub struct EndpointState {
 
 impl EndpointState {
     /// A ready, serving endpoint.
-    pub fn ready(address: Ipv4Addr) -> Self {
+    pub fn ready(address: impl Into<IpAddr>) -> Self {
         Self {
-            address,
+            address: address.into(),
             ready: true,
             serving: true,
             terminating: false,
@@ -73,7 +73,7 @@ impl EndpointState {
 
     /// A pod shutting down that still serves: not ready, serving,
     /// terminating.
-    pub fn terminating(address: Ipv4Addr) -> Self {
+    pub fn terminating(address: impl Into<IpAddr>) -> Self {
         Self {
             ready: false,
             terminating: true,
@@ -110,7 +110,8 @@ impl EndpointState {
     }
 }
 
-/// An IPv4 EndpointSlice of `service` with one unnamed port.
+/// An EndpointSlice of `service` with one unnamed port, of the address
+/// type of its first endpoint (IPv4 when it has none).
 pub fn endpoint_slice(
     namespace: &str,
     name: &str,
@@ -132,7 +133,10 @@ pub fn endpoint_slice(
     ]));
     EndpointSlice {
         metadata,
-        address_type: String::from("IPv4"),
+        address_type: String::from(match endpoints.first() {
+            Some(endpoint) if endpoint.address.is_ipv6() => "IPv6",
+            _ => "IPv4",
+        }),
         endpoints: endpoints.iter().map(EndpointState::endpoint).collect(),
         ports: Some(vec![EndpointPort {
             name: Some(String::new()),
@@ -144,22 +148,36 @@ pub fn endpoint_slice(
 }
 
 /// A Node with one InternalIP.
-pub fn node(name: &str, internal_ip: Ipv4Addr) -> Node {
+pub fn node(name: &str, internal_ip: impl Into<IpAddr>) -> Node {
+    dual_stack_node(name, &[internal_ip.into()])
+}
+
+/// A Node with an InternalIP of each of `internal_ips`.
+pub fn dual_stack_node(name: &str, internal_ips: &[IpAddr]) -> Node {
+    let internal = internal_ips.iter().map(|address| NodeAddress {
+        type_: String::from("InternalIP"),
+        address: address.to_string(),
+    });
+    let hostname = NodeAddress {
+        type_: String::from("Hostname"),
+        address: name.to_owned(),
+    };
     Node {
         metadata: meta(None, name),
         spec: None,
         status: Some(NodeStatus {
-            addresses: Some(vec![
-                NodeAddress {
-                    type_: String::from("InternalIP"),
-                    address: internal_ip.to_string(),
-                },
-                NodeAddress {
-                    type_: String::from("Hostname"),
-                    address: name.to_owned(),
-                },
-            ]),
+            addresses: Some(internal.chain([hostname]).collect()),
             ..NodeStatus::default()
         }),
     }
+}
+
+/// `service` made dual-stack (`ipFamilies: [IPv4, IPv6]`, `ipFamilyPolicy:
+/// RequireDualStack`), as the API server leaves it.
+pub fn dual_stack(mut service: Service) -> Service {
+    if let Some(spec) = service.spec.as_mut() {
+        spec.ip_families = Some(vec![String::from("IPv4"), String::from("IPv6")]);
+        spec.ip_family_policy = Some(String::from("RequireDualStack"));
+    }
+    service
 }
