@@ -8,9 +8,12 @@
 
 pub mod template;
 
-/// Bytes of every generated frame: Ethernet + IPv4 + UDP + 18 bytes payload,
-/// or Ethernet + IPv4 + TCP + 6 bytes of Ethernet padding.
+/// Bytes of every generated IPv4 frame: Ethernet + IPv4 + UDP + 18 bytes
+/// payload, or Ethernet + IPv4 + TCP + 6 bytes of Ethernet padding.
 pub const FRAME_LEN: usize = 60;
+/// Bytes of every generated IPv6 frame: Ethernet + IPv6 + UDP + 2 bytes
+/// payload (the whole template).
+pub const FRAME6_LEN: usize = 64;
 
 /// `GEN_CONFIG[0]`: what to send. Host order unless named `_be`.
 #[repr(C)]
@@ -40,7 +43,10 @@ pub struct GenConfig {
     /// The generator's wire (in its own namespace): each frame is cloned
     /// out of this interface.
     pub ifindex: u32,
-    pub _pad: u32,
+    /// 0: an IPv4 frame (`FRAME_LEN`, the offsets below); 1: an IPv6 UDP
+    /// frame (`FRAME6_LEN`, the `..6_AT` offsets; the low 32 bits of the
+    /// source address vary, there is no IP checksum).
+    pub ipv6: u32,
 }
 const _: () = assert!(core::mem::size_of::<GenConfig>() == 96);
 
@@ -60,15 +66,33 @@ pub const SRC_ADDR_AT: usize = 26;
 pub const SRC_PORT_AT: usize = 34;
 pub const UDP_CSUM_AT: usize = 40;
 pub const TCP_CSUM_AT: usize = 50;
+/// The IPv6 frame's: the source address's last four bytes, the source
+/// port, the UDP checksum.
+pub const SRC_ADDR6_AT: usize = 34;
+pub const SRC_PORT6_AT: usize = 54;
+pub const UDP_CSUM6_AT: usize = 60;
 
 impl GenConfig {
     /// Where the template's L4 checksum is.
     #[inline(always)]
     pub fn l4_csum_at(&self) -> usize {
-        if self.tcp != 0 {
+        if self.ipv6 != 0 {
+            UDP_CSUM6_AT
+        } else if self.tcp != 0 {
             TCP_CSUM_AT
         } else {
             UDP_CSUM_AT
+        }
+    }
+
+    /// Where the varying part of the source address and the source port
+    /// are, and the frame's length.
+    #[inline(always)]
+    pub fn layout(&self) -> (usize, usize, usize) {
+        if self.ipv6 != 0 {
+            (SRC_ADDR6_AT, SRC_PORT6_AT, FRAME6_LEN)
+        } else {
+            (SRC_ADDR_AT, SRC_PORT_AT, FRAME_LEN)
         }
     }
 
@@ -105,6 +129,23 @@ pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16
+}
+
+/// Whether a frame's first bytes are a benchmark datagram's headers: an
+/// untagged IPv4 frame without options or an IPv6 frame without extension
+/// headers, carrying UDP; its destination port if so. `head` holds at
+/// least the first 58 bytes (an IPv4 frame's first 38 are enough).
+#[inline(always)]
+pub fn udp_dst_port(head: &[u8; 58]) -> Option<u16> {
+    match [head[12], head[13]] {
+        [0x08, 0x00] if head[14] == 0x45 && head[23] == 17 => {
+            Some(u16::from_be_bytes([head[36], head[37]]))
+        }
+        [0x86, 0xdd] if head[14] >> 4 == 6 && head[20] == 17 => {
+            Some(u16::from_be_bytes([head[56], head[57]]))
+        }
+        _ => None,
+    }
 }
 
 /// `SINK_CONFIG[i]`: UDP destination ports (host order) the sink counts and

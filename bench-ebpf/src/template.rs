@@ -3,7 +3,7 @@
 //! source port and checksums left 0, and the checksum sums of everything
 //! else, which `GenConfig::fields` finishes per frame.
 
-use crate::{FRAME_LEN, GenConfig};
+use crate::{FRAME_LEN, FRAME6_LEN, GenConfig};
 
 /// The UDP template's payload.
 pub const UDP_PAYLOAD: &[u8; 18] = b"xlb-bench-payload!";
@@ -94,7 +94,7 @@ impl Template {
             port_span: sources.port_span,
             tcp: u32::from(proto == IPPROTO_TCP),
             ifindex: 0,
-            _pad: 0,
+            ipv6: 0,
         }
     }
 
@@ -113,6 +113,72 @@ impl Template {
     }
 }
 
+/// The IPv6 UDP template's payload.
+pub const UDP6_PAYLOAD: &[u8; 2] = b"x6";
+const IPV6_LEN: usize = 40;
+const L4_AT6: usize = ETH_LEN + IPV6_LEN;
+
+/// An IPv6 UDP datagram to `dst_addr`:`dst_port`; the generator varies the
+/// source port and the last 32 bits of the source address (`Sources`'
+/// `addr_base` and on), the first 96 are `src_prefix`.
+#[derive(Clone, Copy, Debug)]
+pub struct Template6 {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src_prefix: [u8; 12],
+    pub dst_addr: [u8; 16],
+    pub dst_port: u16,
+}
+
+impl Template6 {
+    /// The generator's configuration for this template and `sources`.
+    pub fn config(&self, sources: Sources) -> GenConfig {
+        let l4_len = UDP_LEN + UDP6_PAYLOAD.len();
+        let mut frame = [0u8; 64];
+        frame[0..6].copy_from_slice(&self.dst_mac);
+        frame[6..12].copy_from_slice(&self.src_mac);
+        frame[12..14].copy_from_slice(&[0x86, 0xdd]);
+        let ip = &mut frame[ETH_LEN..L4_AT6];
+        ip[0] = 0x60;
+        ip[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        ip[6] = IPPROTO_UDP;
+        ip[7] = 64; // hop limit
+        ip[8..20].copy_from_slice(&self.src_prefix);
+        ip[24..40].copy_from_slice(&self.dst_addr);
+        let l4 = &mut frame[L4_AT6..L4_AT6 + l4_len];
+        l4[2..4].copy_from_slice(&self.dst_port.to_be_bytes());
+        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        l4[UDP_LEN..].copy_from_slice(UDP6_PAYLOAD);
+        // Pseudo-header (source prefix, destination, length, next header)
+        // + datagram; the source address's last 32 bits and the port are
+        // added per frame.
+        let udp_csum_base = word_sum(&self.src_prefix)
+            + word_sum(&self.dst_addr)
+            + l4_len as u32
+            + u32::from(IPPROTO_UDP)
+            + word_sum(&frame[L4_AT6..L4_AT6 + l4_len]);
+        let mut words = [0u64; 8];
+        for (word, chunk) in words.iter_mut().zip(frame.chunks_exact(8)) {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(chunk);
+            *word = u64::from_ne_bytes(bytes);
+        }
+        GenConfig {
+            frame: words,
+            src_addr_base: sources.addr_base,
+            flows: sources.flows,
+            ip_csum_base: 0,
+            udp_csum_base,
+            src_port_base: sources.port_base,
+            port_span: sources.port_span,
+            tcp: 0,
+            ifindex: 0,
+            ipv6: 1,
+        }
+    }
+}
+
+const _: () = assert!(L4_AT6 + UDP_LEN + UDP6_PAYLOAD.len() == FRAME6_LEN);
 const _: () = assert!(L4_AT + UDP_LEN + UDP_PAYLOAD.len() == FRAME_LEN);
 const _: () = assert!(L4_AT + TCP_LEN <= FRAME_LEN);
 

@@ -29,7 +29,10 @@ mod prog {
         programs::{TcContext, XdpContext},
     };
 
-    use xlb_bench_ebpf::{FRAME_LEN, GenConfig, IP_CSUM_AT, SINK_PORTS, SRC_ADDR_AT, SRC_PORT_AT};
+    use xlb_bench_ebpf::{
+        FRAME_LEN, FRAME6_LEN, GenConfig, IP_CSUM_AT, SINK_PORTS, SRC_ADDR_AT, SRC_ADDR6_AT,
+        SRC_PORT_AT, SRC_PORT6_AT, TCP_CSUM_AT, UDP_CSUM_AT, UDP_CSUM6_AT, udp_dst_port,
+    };
 
     #[map]
     static GEN_CONFIG: Array<GenConfig> = Array::with_max_entries(1, 0);
@@ -47,9 +50,6 @@ mod prog {
     #[classifier]
     pub fn xlb_trafficgen(ctx: TcContext) -> i32 {
         let start = ctx.data();
-        if start + FRAME_LEN > ctx.data_end() {
-            return TC_ACT_SHOT;
-        }
         let (Some(cfg), Some(sent)) = (GEN_CONFIG.get_ptr(0), GEN_SENT.get_ptr_mut(0)) else {
             return TC_ACT_SHOT;
         };
@@ -60,21 +60,54 @@ mod prog {
             (&*cfg, seq)
         };
         let fields = cfg.fields(seq);
-
-        let frame = start as *mut u8;
-        // SAFETY: the first FRAME_LEN bytes are inside the frame (checked
-        // above); the template holds 64 bytes, of which 60 are copied.
-        unsafe {
-            let words = frame as *mut u64;
-            for index in 0..7 {
-                words.add(index).write_unaligned(cfg.frame[index]);
+        // The test skb holds the frame's own length: FRAME_LEN for IPv4,
+        // FRAME6_LEN for IPv6, each checked on its own path.
+        if cfg.ipv6 != 0 {
+            if start + FRAME6_LEN > ctx.data_end() {
+                return TC_ACT_SHOT;
             }
-            (frame.add(56) as *mut u32).write_unaligned(cfg.frame[7] as u32);
-            (frame.add(IP_CSUM_AT) as *mut [u8; 2]).write_unaligned(fields.ip_csum.to_be_bytes());
-            (frame.add(SRC_ADDR_AT) as *mut [u8; 4]).write_unaligned(fields.src_addr.to_be_bytes());
-            (frame.add(SRC_PORT_AT) as *mut [u8; 2]).write_unaligned(fields.src_port.to_be_bytes());
-            (frame.add(cfg.l4_csum_at()) as *mut [u8; 2])
-                .write_unaligned(fields.udp_csum.to_be_bytes());
+            let frame = start as *mut u8;
+            // SAFETY: the template's 8 words and the fields (offsets below
+            // FRAME6_LEN - 2) are inside the frame (checked above).
+            unsafe {
+                let words = frame as *mut u64;
+                for index in 0..8 {
+                    words.add(index).write_unaligned(cfg.frame[index]);
+                }
+                (frame.add(SRC_ADDR6_AT) as *mut [u8; 4])
+                    .write_unaligned(fields.src_addr.to_be_bytes());
+                (frame.add(SRC_PORT6_AT) as *mut [u8; 2])
+                    .write_unaligned(fields.src_port.to_be_bytes());
+                (frame.add(UDP_CSUM6_AT) as *mut [u8; 2])
+                    .write_unaligned(fields.udp_csum.to_be_bytes());
+            }
+        } else {
+            if start + FRAME_LEN > ctx.data_end() {
+                return TC_ACT_SHOT;
+            }
+            let frame = start as *mut u8;
+            // SAFETY: the first FRAME_LEN bytes are inside the frame
+            // (checked above); the template holds 64 bytes, of which 60 are
+            // copied, and the fields lie below FRAME_LEN - 2.
+            unsafe {
+                let words = frame as *mut u64;
+                for index in 0..7 {
+                    words.add(index).write_unaligned(cfg.frame[index]);
+                }
+                (frame.add(56) as *mut u32).write_unaligned(cfg.frame[7] as u32);
+                (frame.add(IP_CSUM_AT) as *mut [u8; 2])
+                    .write_unaligned(fields.ip_csum.to_be_bytes());
+                (frame.add(SRC_ADDR_AT) as *mut [u8; 4])
+                    .write_unaligned(fields.src_addr.to_be_bytes());
+                (frame.add(SRC_PORT_AT) as *mut [u8; 2])
+                    .write_unaligned(fields.src_port.to_be_bytes());
+                let at = if cfg.tcp != 0 {
+                    TCP_CSUM_AT
+                } else {
+                    UDP_CSUM_AT
+                };
+                (frame.add(at) as *mut [u8; 2]).write_unaligned(fields.udp_csum.to_be_bytes());
+            }
         }
         // SAFETY: plain helper call on this run's skb; it transmits a clone.
         let sent = unsafe { bpf_clone_redirect(ctx.skb.skb, cfg.ifindex, 0) };
@@ -84,21 +117,14 @@ mod prog {
     #[xdp]
     pub fn xlb_bench_sink(ctx: XdpContext) -> u32 {
         let start = ctx.data();
-        // Ethernet + option-less IPv4 + UDP header.
-        if start + 42 > ctx.data_end() {
+        // An IPv4 datagram's port ends at byte 38, an IPv6 one's at 58; a
+        // 58-byte read covers both (benchmark frames are longer).
+        if start + 58 > ctx.data_end() {
             return xdp_action::XDP_PASS;
         }
-        let frame = start as *const u8;
-        // SAFETY: the 42 bytes read below are inside the frame.
-        let (ether_type, version_ihl, proto, dst_port) = unsafe {
-            (
-                (frame.add(12) as *const [u8; 2]).read_unaligned(),
-                *frame.add(14),
-                *frame.add(23),
-                u16::from_be_bytes((frame.add(36) as *const [u8; 2]).read_unaligned()),
-            )
-        };
-        if count_ours(ether_type, version_ihl, proto, dst_port) {
+        // SAFETY: the 58 bytes read are inside the frame.
+        let head = unsafe { (start as *const [u8; 58]).read_unaligned() };
+        if count_ours(udp_dst_port(&head)) {
             xdp_action::XDP_DROP
         } else {
             xdp_action::XDP_PASS
@@ -107,13 +133,21 @@ mod prog {
 
     #[classifier]
     pub fn xlb_bench_tc_sink(ctx: TcContext) -> i32 {
-        // Ethernet + option-less IPv4 + UDP destination port, copied out of
-        // the skb (its linear part may be shorter).
-        let Ok(head) = ctx.load::<[u8; 38]>(0) else {
-            return TC_ACT_OK;
+        // The headers copied out of the skb (its linear part may be
+        // shorter); an IPv4 frame shorter than 58 bytes is read by its
+        // first 38.
+        let head = match ctx.load::<[u8; 58]>(0) {
+            Ok(head) => head,
+            Err(_) => match ctx.load::<[u8; 38]>(0) {
+                Ok(short) => {
+                    let mut head = [0u8; 58];
+                    head[..38].copy_from_slice(&short);
+                    head
+                }
+                Err(_) => return TC_ACT_OK,
+            },
         };
-        let dst_port = u16::from_be_bytes([head[36], head[37]]);
-        if count_ours([head[12], head[13]], head[14], head[23], dst_port) {
+        if count_ours(udp_dst_port(&head)) {
             TC_ACT_SHOT
         } else {
             TC_ACT_OK
@@ -123,10 +157,10 @@ mod prog {
     /// Whether the frame is a benchmark datagram (UDP to a `SINK_CONFIG`
     /// port); counts it if so.
     #[inline(always)]
-    fn count_ours(ether_type: [u8; 2], version_ihl: u8, proto: u8, dst_port: u16) -> bool {
-        if ether_type != [0x08, 0x00] || version_ihl != 0x45 || proto != 17 {
+    fn count_ours(dst_port: Option<u16>) -> bool {
+        let Some(dst_port) = dst_port else {
             return false;
-        }
+        };
         let mut ours = false;
         for index in 0..SINK_PORTS {
             if let Some(port) = SINK_CONFIG.get(index)

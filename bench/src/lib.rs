@@ -38,9 +38,19 @@ pub fn load_trafficgen() -> anyhow::Result<aya::Ebpf> {
 /// wire. Call it from a thread inside the generator's namespace (the
 /// ifindex is looked up there).
 pub fn send_generated(program: &aya::programs::SchedClassifier, repeat: u32) -> anyhow::Result<()> {
+    send_generated_of(program, repeat, xlb_bench_ebpf::FRAME_LEN)
+}
+
+/// [`send_generated`] for frames of `len` bytes (`FRAME6_LEN` for the IPv6
+/// template).
+pub fn send_generated_of(
+    program: &aya::programs::SchedClassifier,
+    repeat: u32,
+    len: usize,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
     use aya::programs::TestRun as _;
-    let frame = [0u8; xlb_bench_ebpf::FRAME_LEN];
+    let frame = vec![0u8; len];
     program
         .test_run(aya::TestRunOptions {
             data_in: Some(&frame),

@@ -385,7 +385,7 @@ fn link(
 /// duplicate address detection (so it is usable at once). Without a
 /// link-local address the kernel sends no neighbour solicitation for
 /// traffic it forwards out of `ifname`: the lab's node has static entries.
-pub(crate) fn enable_ipv6(
+pub fn enable_ipv6(
     netns: &Netns,
     ifname: &str,
     addr: Ipv6Addr,

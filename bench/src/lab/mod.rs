@@ -20,6 +20,7 @@
 mod agent;
 mod cluster_ip;
 mod headline;
+mod ipv6;
 mod kubeproxy;
 mod nginx;
 mod nodes;
@@ -144,6 +145,10 @@ pub struct Options {
     /// routed and over VXLAN, for xlb and iptables).
     #[arg(long)]
     pub no_node_paths: bool,
+    /// Skip the IPv6 part (the flood in both families on dual-stack labs,
+    /// xlb and ip(6)tables).
+    #[arg(long)]
+    pub no_ipv6: bool,
     /// Seconds the agent may take to apply a sweep config.
     #[arg(long, default_value_t = 900)]
     pub apply_timeout: u64,
@@ -213,6 +218,11 @@ pub fn run(options: &Options) -> anyhow::Result<(Report, bool)> {
         }
         report.cluster_ip = Some(figures);
     }
+    if !options.no_ipv6 && systems.contains(&System::Xlb) {
+        let (rows, ipv6_failed) = ipv6::run(&systems, plan, udp_timeout_s);
+        report.ipv6 = rows;
+        failed |= ipv6_failed;
+    }
     let path_systems = nodes::systems(&systems);
     if !options.no_node_paths && !path_systems.is_empty() {
         let (rows, notes, paths_failed) = nodes::run(&path_systems, plan, udp_timeout_s);
@@ -243,7 +253,10 @@ fn check_tools(systems: &[System]) -> anyhow::Result<()> {
     let mut needed = vec![("ip", "iproute2"), ("ethtool", "ethtool")];
     for system in systems {
         match system {
-            System::Iptables => needed.push(("iptables-restore", "iptables")),
+            System::Iptables => {
+                needed.push(("iptables-restore", "iptables"));
+                needed.push(("ip6tables-restore", "iptables"));
+            }
             System::Nftables => needed.push(("nft", "nftables")),
             System::Nginx => needed.push(("nginx", "nginx-light libnginx-mod-stream")),
             System::Limit | System::LimitNat | System::LimitLru | System::Xlb => {}

@@ -332,9 +332,26 @@ impl Generator {
         new_flows: Option<&dyn Fn() -> anyhow::Result<u64>>,
         bpf: Option<&dyn Fn() -> anyhow::Result<(u64, u64)>>,
     ) -> anyhow::Result<Window> {
+        let cfg = gen_config(dst_port, flows);
+        let timing = (warmup, window);
+        self.measure_frames(cfg, flows, timing, delivered, new_flows, bpf)
+    }
+
+    /// [`Generator::measure`] of the frames `cfg` describes (an IPv4 or
+    /// IPv6 template), `flows` as `cfg` cycles them.
+    pub fn measure_frames(
+        &mut self,
+        cfg: GenConfig,
+        flows: Flows,
+        (warmup, window): (Duration, Duration),
+        delivered: &dyn Fn() -> anyhow::Result<u64>,
+        new_flows: Option<&dyn Fn() -> anyhow::Result<u64>>,
+        bpf: Option<&dyn Fn() -> anyhow::Result<(u64, u64)>>,
+    ) -> anyhow::Result<Window> {
+        let frame_len = cfg.layout().2;
         self.set_config(GenConfig {
             ifindex: self.ifindex,
-            ..gen_config(dst_port, flows)
+            ..cfg
         })?;
         let stop = AtomicBool::new(false);
         let handle = topology::open_ns(&self.ns)?;
@@ -350,7 +367,7 @@ impl Generator {
                 topology::enter(&handle, &ns)?;
                 pin_thread(0, 0);
                 while !stop.load(Ordering::Relaxed) {
-                    xlb_bench::send_generated(program, REPEAT)?;
+                    xlb_bench::send_generated_of(program, REPEAT, frame_len)?;
                 }
                 Ok(())
             });

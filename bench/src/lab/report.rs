@@ -191,6 +191,8 @@ pub struct Report {
     /// Uplink to pods as CNIs leave them, xlb and iptables side by side.
     pub node_paths: Vec<NodePath>,
     pub node_path_notes: Vec<String>,
+    /// The flood in both families on dual-stack labs (xlb, ip(6)tables).
+    pub ipv6: Vec<super::ipv6::FamilyFigures>,
     pub goals: Vec<Goal>,
     pub notes: Vec<String>,
 }
@@ -232,6 +234,7 @@ impl Report {
             sweep: Vec::new(),
             cluster_ip: None,
             node_paths: Vec::new(),
+            ipv6: Vec::new(),
             node_path_notes: Vec::new(),
             goals: Vec::new(),
             notes: vec![

@@ -31,7 +31,27 @@ impl Report {
             });
         }
         goals.extend(self.cost_goals(&xlb_points));
+        goals.extend(self.ipv6_goals());
         goals
+    }
+
+    /// xlb's IPv6 within 10% of its IPv4 on the same lab (issue 14).
+    fn ipv6_goals(&self) -> Vec<Goal> {
+        let Some(xlb) = self.ipv6.iter().find(|row| row.system == "xlb") else {
+            return Vec::new();
+        };
+        ["udp_pps_1_flow", "udp_pps_60k_flows", "new_flows_per_s"]
+            .into_iter()
+            .map(|metric| {
+                let v4 = xlb.ipv4.get(metric).map(|figure| figure.median);
+                let v6 = xlb.ipv6.get(metric).map(|figure| figure.median);
+                let ratio = v4
+                    .zip(v6)
+                    .filter(|(v4, _)| *v4 > 0.0)
+                    .map(|(v4, v6)| v6 / v4);
+                at_least(format!("xlb IPv6 >= 0.9x its IPv4 ({metric})"), ratio, 0.9)
+            })
+            .collect()
     }
 
     /// xlb against the ceiling and against kube-proxy's iptables.

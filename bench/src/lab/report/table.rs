@@ -50,6 +50,9 @@ impl Report {
             out += &crate::lab::cluster_ip::table(cluster_ip);
         }
         self.node_path_table(&mut out);
+        if !self.ipv6.is_empty() {
+            out += &crate::lab::ipv6::table(&self.ipv6);
+        }
         self.goal_table(&mut out);
         out
     }
