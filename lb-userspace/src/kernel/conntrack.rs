@@ -1,5 +1,6 @@
-//! Conntrack garbage collection: walks `XLB_FLOWS` and `XLB_FLOWS_NEW` a
-//! bounded number of entries per pass, resuming where the last pass stopped,
+//! Conntrack garbage collection: walks `XLB_FLOWS` and `XLB_FLOWS_NEW`, and
+//! their IPv6 twins `XLB_FLOWS6` and `XLB_FLOWS_NEW6`, a bounded number of
+//! entries per pass, resuming where the last pass stopped,
 //! and deletes flows past their timeout. The LRU maps would evict them
 //! eventually; GC keeps masquerade ports and memory free before it has to.
 //!
@@ -12,7 +13,7 @@ use std::os::fd::AsFd as _;
 
 use aya::Ebpf;
 use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
-use lb_common::{Flow, FlowKey, GlobalConfig};
+use lb_common::{Family, FlowKeyOf, FlowOf, GlobalConfig, V4, V6};
 
 use super::maps::{MapIoError, OpenError};
 use super::sys;
@@ -28,17 +29,22 @@ pub struct GcPass {
     pub wrapped: bool,
 }
 
-/// Both conntrack tables.
+/// The conntrack tables of both families.
 pub struct FlowTable {
-    established: Table,
-    half_open: Table,
+    established: Table<V4>,
+    half_open: Table<V4>,
+    established6: Table<V6>,
+    half_open6: Table<V6>,
 }
 
 impl FlowTable {
     pub fn open(ebpf: &mut Ebpf) -> Result<Self, OpenError> {
+        use lb_common::maps::{FLOWS, FLOWS_NEW, FLOWS_NEW6, FLOWS6};
         Ok(Self {
-            established: Table::open(ebpf, lb_common::maps::FLOWS)?,
-            half_open: Table::open(ebpf, lb_common::maps::FLOWS_NEW)?,
+            established: Table::open(ebpf, FLOWS)?,
+            half_open: Table::open(ebpf, FLOWS_NEW)?,
+            established6: Table::open(ebpf, FLOWS6)?,
+            half_open6: Table::open(ebpf, FLOWS_NEW6)?,
         })
     }
 
@@ -49,40 +55,46 @@ impl FlowTable {
         now_ns: u64,
         budget: usize,
     ) -> Result<GcPass, MapIoError> {
-        let first = self.established.collect_garbage(config, now_ns, budget)?;
-        let second = self.half_open.collect_garbage(config, now_ns, budget)?;
+        let passes = [
+            self.established.collect_garbage(config, now_ns, budget)?,
+            self.half_open.collect_garbage(config, now_ns, budget)?,
+            self.established6.collect_garbage(config, now_ns, budget)?,
+            self.half_open6.collect_garbage(config, now_ns, budget)?,
+        ];
         Ok(GcPass {
-            scanned: first.scanned + second.scanned,
-            deleted: first.deleted + second.deleted,
-            wrapped: first.wrapped && second.wrapped,
+            scanned: passes.iter().map(|pass| pass.scanned).sum(),
+            deleted: passes.iter().map(|pass| pass.deleted).sum(),
+            wrapped: passes.iter().all(|pass| pass.wrapped),
         })
     }
 }
 
 impl FlowTable {
-    /// Every port of every key in both tables (`None` if a walk kept being
+    /// Every port of every key in every table (`None` if a walk kept being
     /// restarted by deletions and did not finish): what the port filter
     /// must keep listed. Keys only, one syscall each.
     pub fn ports_in_use(&self) -> Result<Option<PortSet>, MapIoError> {
         let mut ports = PortSet::default();
-        for table in [&self.established, &self.half_open] {
-            if !table.add_ports(&mut ports)? {
-                return Ok(None);
-            }
-        }
-        Ok(Some(ports))
+        let finished = self.established.add_ports(&mut ports)?
+            && self.half_open.add_ports(&mut ports)?
+            && self.established6.add_ports(&mut ports)?
+            && self.half_open6.add_ports(&mut ports)?;
+        Ok(finished.then_some(ports))
     }
 }
 
 /// One conntrack map and where its walk stands.
-struct Table {
+struct Table<F: Family> {
     name: &'static str,
-    flows: HashMap<MapData, FlowKey, Flow>,
+    flows: HashMap<MapData, FlowKeyOf<F>, FlowOf<F>>,
     /// Last key visited; the next pass continues after it.
-    cursor: Option<FlowKey>,
+    cursor: Option<FlowKeyOf<F>>,
 }
 
-impl Table {
+/// Entries a walk found expired, as it saw them.
+type Expired<F> = Vec<(FlowKeyOf<F>, FlowOf<F>)>;
+
+impl<F: Family> Table<F> {
     fn open(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, OpenError> {
         let map = ebpf.take_map(name).ok_or(OpenError::Missing { name })?;
         let flows = HashMap::try_from(map).map_err(|source| OpenError::Kind { name, source })?;
@@ -96,7 +108,7 @@ impl Table {
     /// The key after `key` (or the first key), via the raw syscall: aya's
     /// iterator cannot start from a given key, and restarting from the first
     /// key every pass would never reach the tail of a large table.
-    fn next_key(&self, key: Option<&FlowKey>) -> Result<Option<FlowKey>, MapIoError> {
+    fn next_key(&self, key: Option<&FlowKeyOf<F>>) -> Result<Option<FlowKeyOf<F>>, MapIoError> {
         sys::bpf_map_get_next_key(self.flows.map().fd().as_fd(), key).map_err(|io_error| {
             MapIoError {
                 map: self.name,
@@ -123,17 +135,16 @@ impl Table {
     }
 
     /// The walk of one pass: what it saw, the expired entries as it saw
-    /// them (sorted, unique), and where the next pass resumes.
-    #[allow(clippy::type_complexity)]
+    /// them (each once), and where the next pass resumes.
     fn walk(
         &mut self,
         config: &GlobalConfig,
         now_ns: u64,
         budget: usize,
-    ) -> Result<(GcPass, Vec<(FlowKey, Flow)>, Option<FlowKey>), MapIoError> {
+    ) -> Result<(GcPass, Expired<F>, Option<FlowKeyOf<F>>), MapIoError> {
         let mut pass = GcPass::default();
         // Each key with the entry as the walk saw it.
-        let mut expired: Vec<(FlowKey, Flow)> = Vec::new();
+        let mut expired: Expired<F> = Vec::new();
         let mut cursor = self.cursor;
         // Where the next pass resumes: the last key visited that survives.
         let mut resume = self.cursor;
@@ -156,7 +167,7 @@ impl Table {
             }
             // A flow is idle only if both directions are: replies alone keep
             // a one-way-from-backend flow alive and vice versa.
-            let peer = FlowKey::peer_of(&flow, key.proto);
+            let peer = FlowKeyOf::peer_of(&flow, key.proto);
             match self.flows.get(&peer, 0) {
                 Ok(peer_flow) if !peer_flow.expired(peer.proto, config, now_ns) => {
                     resume = Some(key);
@@ -167,17 +178,10 @@ impl Table {
             }
             expired.push((key, flow));
         }
-        // Delete after walking so the walk's cursor stays a live key.
-        expired.sort_unstable_by_key(|(key, _)| {
-            (
-                key.src_addr_be,
-                key.dst_addr_be,
-                key.src_port_be,
-                key.dst_port_be,
-                key.proto,
-            )
-        });
-        expired.dedup_by_key(|(key, _)| *key);
+        // Delete after walking so the walk's cursor stays a live key; a
+        // flow's two entries may both have been seen.
+        let mut seen = std::collections::HashSet::with_capacity(expired.len());
+        expired.retain(|(key, _)| seen.insert(*key));
         Ok((pass, expired, resume))
     }
 
@@ -204,7 +208,7 @@ impl Table {
 
     /// Deletes `expired` entries that are still as the walk saw them;
     /// returns how many went.
-    fn delete(&mut self, expired: &[(FlowKey, Flow)]) -> Result<usize, MapIoError> {
+    fn delete(&mut self, expired: &[(FlowKeyOf<F>, FlowOf<F>)]) -> Result<usize, MapIoError> {
         let mut deleted = 0;
         for (key, seen) in expired {
             // Re-read just before deleting: a flow refreshed or re-created
@@ -234,6 +238,7 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use lb_common::flow::{FLOW_DIR_ORIGINAL, FLOW_DIR_REPLY, FLOW_S_SEEN_REPLY};
+    use lb_common::{Flow, Flow6, FlowKey, FlowKey6};
 
     use super::*;
     use crate::error_chain;
@@ -385,5 +390,51 @@ mod tests {
         // and the masquerade port.
         let seen: Vec<u16> = ports.iter().collect();
         assert_eq!(seen, [53, 1_000, 30053, 62_000]);
+    }
+
+    /// IPv6 flows are collected and their ports kept listed, as IPv4's.
+    #[test]
+    fn ipv6_flows_are_collected_and_their_ports_counted() {
+        let Some(mut table) = table() else { return };
+        let config = GlobalConfig {
+            udp_timeout_s: 60,
+            ..GlobalConfig::DEFAULT
+        };
+        let addr = |last: u16| -> lb_common::Addr6 {
+            let address = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last);
+            lb_common::family::addr6(address.octets())
+        };
+        let old = NOW - 61 * SECOND;
+        for (port, seen) in [(40_001u16, old), (40_002, NOW)] {
+            let key = FlowKey6 {
+                src_addr_be: addr(2),
+                dst_addr_be: addr(1),
+                src_port_be: port.to_be(),
+                dst_port_be: 30053u16.to_be(),
+                proto: lb_common::IPPROTO_UDP,
+                _pad: [0; 3],
+            };
+            let flow = Flow6 {
+                new_src_addr_be: addr(1),
+                new_dst_addr_be: addr(0x12),
+                new_src_port_be: port.to_be(),
+                new_dst_port_be: 53u16.to_be(),
+                direction: FLOW_DIR_ORIGINAL,
+                last_seen_ns: seen,
+                ..Flow6::default()
+            };
+            let inserted = table.established6.flows.insert(key, flow, 0);
+            assert!(inserted.is_ok(), "{inserted:?}");
+        }
+        let ports = table.ports_in_use().map_err(|e| error_chain(&e));
+        let ports = ports.ok().flatten().unwrap_or_else(|| panic!("no ports"));
+        assert!(ports.contains(40_001) && ports.contains(40_002) && ports.contains(30053));
+        let pass = table.collect_garbage(&config, NOW, 100);
+        assert_eq!(pass.map(|pass| pass.deleted).ok(), Some(1), "the idle one");
+        let left: Vec<u16> = (table.established6.flows.keys())
+            .filter_map(Result::ok)
+            .map(|key| u16::from_be(key.src_port_be))
+            .collect();
+        assert_eq!(left, [40_002]);
     }
 }
