@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
-use xlb_tests::client::{pattern, tcp_who_echo, udp_exchange, udp_socket};
+use xlb_tests::client::{pattern, tcp_who_echo, udp_exchange, udp_socket, udp_socket6};
 use xlb_tests::lab::{
-    CLIENT_ADDR, ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, TCP_ECHO_NODE_PORT, UDP_ECHO_NODE_PORT,
-    tcp_echo_service, udp_echo_service,
+    CLIENT_ADDR, CLIENT_ADDR6, ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, TCP_ECHO_NODE_PORT,
+    UDP_ECHO_NODE_PORT, tcp_echo_service, udp_echo_service, udp_echo_service6,
 };
 use xlb_tests::{Agent, Bpffs, Lab, XLB_BIN_ENV, bin_from_env, poll_until};
 
@@ -598,5 +598,84 @@ fn datapath_debug_logs_reach_the_agent_log() -> anyhow::Result<()> {
         Duration::from_secs(10),
     )?;
     assert!(line.contains("DEBUG"), "{line}");
+    Ok(())
+}
+
+/// IPv6 flows are listed with their own tuples and filtered by IPv6
+/// endpoints; a dual-stack service's IPv6 half is a service of its own
+/// (`(IPv6)`) in `xlb services`, and /metrics counts IPv6 conntrack.
+#[test]
+fn ipv6_flows_services_and_metrics_are_reported() -> anyhow::Result<()> {
+    let lab = Lab::new(2)?;
+    let backends: String = lab
+        .backends
+        .iter()
+        .map(|backend| {
+            format!(
+                "      - address: {}\n      - address: {}\n",
+                backend.addr, backend.addr6
+            )
+        })
+        .collect();
+    let services = format!(
+        "  - name: udp-echo\n    protocol: UDP\n    nodePort: {UDP_ECHO_NODE_PORT}\n    targetPort: {ECHO_UDP_PORT}\n    backends:\n{backends}"
+    );
+    let config = format!(
+        "{}conntrack:\n  udpTimeoutSeconds: 600\n",
+        lab.dual_stack_config_yaml(&services)
+    );
+    let config = lab.write_file("xlb.yaml", &config)?;
+    let operated = Operated::start(&lab, &config)?;
+    let client = lab.client.run(|| -> anyhow::Result<SocketAddr> {
+        let socket = udp_socket6()?;
+        for index in 0..3 {
+            let payload = pattern(32, index);
+            let (reply, from) = udp_exchange(&socket, udp_echo_service6(), &payload)?;
+            ensure!(
+                reply == payload && from == udp_echo_service6(),
+                "echo from {from}"
+            );
+        }
+        Ok(socket.local_addr()?)
+    })??;
+    let client = SocketAddr::new(CLIENT_ADDR6.into(), client.port());
+
+    let flows = operated.cli(&["flows", "--src", &CLIENT_ADDR6.to_string()])?;
+    let [flow] = flows["flows"].as_array().context("flows")?.as_slice() else {
+        bail!("expected one IPv6 flow: {flows:#}");
+    };
+    assert_eq!(flow["original"]["source"], client.to_string());
+    assert_eq!(
+        flow["original"]["destination"],
+        udp_echo_service6().to_string()
+    );
+    assert_eq!(flow["state"], "assured");
+    assert_eq!(flow["service"]["name"], "default/udp-echo (IPv6)");
+    let backend: SocketAddr = flow["translated"]["destination"]
+        .as_str()
+        .context("translated destination")?
+        .parse()?;
+    let pod = lab
+        .backends
+        .iter()
+        .find(|b| std::net::IpAddr::from(b.addr6) == backend.ip())
+        .with_context(|| format!("flow to unknown backend {backend}"))?;
+    let masquerade: SocketAddr = flow["translated"]["source"]
+        .as_str()
+        .context("translated source")?
+        .parse()?;
+    assert_eq!(masquerade.ip(), std::net::IpAddr::from(pod.node_addr6));
+    let by_backend = operated.cli(&["flows", "--backend", &backend.to_string()])?;
+    assert_eq!(u64_at(&by_backend, "/matched")?, 1, "{by_backend:#}");
+
+    let services = operated.cli(&["services"])?;
+    service(&services, "udp-echo (IPv6)")?;
+    service(&services, "udp-echo")?;
+    let (_, metrics) = http_get(&lab, METRICS, "/metrics")?;
+    assert_eq!(
+        sample(&metrics, "xlb_conntrack6_entries")?,
+        2.0,
+        "{metrics}"
+    );
     Ok(())
 }

@@ -2,14 +2,14 @@
 //! client sent, the tuple after DNAT and masquerade, the service and
 //! backend, how old and how idle it is, and its state.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use lb_common::flow::{
     FLOW_S_ASSURED, FLOW_S_CONFIRMED, FLOW_S_FIN_ORIGINAL, FLOW_S_FIN_REPLY, FLOW_S_RST,
     FLOW_S_SEEN_REPLY,
 };
-use lb_common::{Flow, FlowKey, GlobalConfig, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{GlobalConfig, IPPROTO_TCP, IPPROTO_UDP};
 use serde::Serialize;
 
 use super::table::{self, Align, Table};
@@ -57,8 +57,8 @@ pub struct FlowReport {
 
 #[derive(Debug, Serialize)]
 pub struct Tuple {
-    pub source: SocketAddrV4,
-    pub destination: SocketAddrV4,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
 }
 
 /// An id and what the catalog calls it (`null` if it does not know it).
@@ -105,7 +105,7 @@ pub const STATES: [&str; 10] = [
 /// An address with an optional port, as `--backend` and `--src` take them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: Option<u16>,
 }
 
@@ -113,25 +113,28 @@ impl std::str::FromStr for Endpoint {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        if let Ok(socket) = text.parse::<SocketAddrV4>() {
+        if let Ok(socket) = text.parse::<SocketAddr>() {
             return Ok(Endpoint {
-                address: *socket.ip(),
+                address: socket.ip(),
                 port: Some(socket.port()),
             });
         }
-        text.parse::<Ipv4Addr>()
+        text.parse::<IpAddr>()
             .map(|address| Endpoint {
                 address,
                 port: None,
             })
-            .map_err(|_| format!("{text:?} is neither ADDRESS nor ADDRESS:PORT (IPv4)"))
+            .map_err(|_| {
+                format!(
+                    "{text:?} is neither ADDRESS nor ADDRESS:PORT (198.18.1.2:3333, [2001:db8::2]:3333)"
+                )
+            })
     }
 }
 
 impl Endpoint {
-    fn matches(&self, addr_be: u32, port_be: u16) -> bool {
-        Ipv4Addr::from(addr_be.to_ne_bytes()) == self.address
-            && self.port.is_none_or(|port| port == u16::from_be(port_be))
+    fn matches(&self, socket: SocketAddr) -> bool {
+        socket.ip() == self.address && self.port.is_none_or(|port| port == socket.port())
     }
 }
 
@@ -154,24 +157,20 @@ pub fn report(session: &Session, filter: &Filter, limit: usize) -> Result<FlowsR
     let now = host::monotonic_ns();
     let walk = session
         .maps
-        .flows(limit, Instant::now() + WALK_BUDGET, |key, flow| {
+        .flows(limit, Instant::now() + WALK_BUDGET, |entry| {
             wanted
                 .as_ref()
-                .is_none_or(|ids| ids.contains(&flow.service_id))
-                && filter
-                    .backend
-                    .is_none_or(|b| b.matches(flow.new_dst_addr_be, flow.new_dst_port_be))
-                && filter
-                    .source
-                    .is_none_or(|s| s.matches(key.src_addr_be, key.src_port_be))
+                .is_none_or(|ids| ids.contains(&entry.service_id))
+                && filter.backend.is_none_or(|b| b.matches(entry.translated.1))
+                && filter.source.is_none_or(|s| s.matches(entry.original.0))
                 && filter.state.as_deref().is_none_or(|state| {
                     if state == "expired" {
                         // The ORIGINAL entry's idle time: a lower bound on
                         // the flow's (its reply may be more recent); the
                         // report below says per flow.
-                        flow.expired(key.proto, &config, now)
+                        entry.expired(&config, now)
                     } else {
-                        state_name(key, flow) == state
+                        state_name(entry.proto, entry.state) == state
                     }
                 })
         });
@@ -197,47 +196,36 @@ fn describe(
     config: &GlobalConfig,
     now_ns: u64,
 ) -> FlowReport {
-    let FlowEntry {
-        key,
-        flow,
-        last_seen_ns,
-    } = *entry;
     let seconds = |since: u64| now_ns.saturating_sub(since) / 1_000_000_000;
-    let expired = Flow {
-        last_seen_ns,
-        ..flow
-    }
-    .expired(key.proto, config, now_ns);
     FlowReport {
-        protocol: protocol_name(key.proto),
+        protocol: protocol_name(entry.proto),
         original: Tuple {
-            source: endpoint(key.src_addr_be, key.src_port_be),
-            destination: endpoint(key.dst_addr_be, key.dst_port_be),
+            source: entry.original.0,
+            destination: entry.original.1,
         },
         translated: Tuple {
-            source: endpoint(flow.new_src_addr_be, flow.new_src_port_be),
-            destination: endpoint(flow.new_dst_addr_be, flow.new_dst_port_be),
+            source: entry.translated.0,
+            destination: entry.translated.1,
         },
         service: Named {
-            id: flow.service_id,
+            id: entry.service_id,
             name: catalog
                 .services
-                .get(&flow.service_id)
+                .get(&entry.service_id)
                 .map(|s| s.qualified_name()),
         },
         backend: Named {
-            id: flow.backend_id,
-            name: catalog.backends.get(&flow.backend_id).map(|b| b.endpoint()),
+            id: entry.backend_id,
+            name: catalog
+                .backends
+                .get(&entry.backend_id)
+                .map(|b| b.endpoint()),
         },
-        age_seconds: seconds(flow.created_ns),
-        idle_seconds: seconds(last_seen_ns),
-        state: state_name(&key, &flow),
-        expired,
+        age_seconds: seconds(entry.created_ns),
+        idle_seconds: seconds(entry.last_seen_ns),
+        state: state_name(entry.proto, entry.state),
+        expired: entry.expired(config, now_ns),
     }
-}
-
-fn endpoint(addr_be: u32, port_be: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(addr_be.to_ne_bytes()), u16::from_be(port_be))
 }
 
 fn protocol_name(proto: u8) -> &'static str {
@@ -248,9 +236,8 @@ fn protocol_name(proto: u8) -> &'static str {
     }
 }
 
-fn state_name(key: &FlowKey, flow: &Flow) -> &'static str {
-    let state = flow.state;
-    if key.proto != IPPROTO_TCP {
+fn state_name(proto: u8, state: u8) -> &'static str {
+    if proto != IPPROTO_TCP {
         return if state & FLOW_S_ASSURED != 0 {
             "assured"
         } else if state & FLOW_S_SEEN_REPLY != 0 {
@@ -339,32 +326,19 @@ mod tests {
 
     const SECOND: u64 = 1_000_000_000;
 
-    fn be(octets: [u8; 4]) -> u32 {
-        u32::from_ne_bytes(octets)
+    fn socket(text: &str) -> SocketAddr {
+        text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
     }
 
     fn entry(proto: u8, state: u8) -> FlowEntry {
         FlowEntry {
-            key: FlowKey {
-                src_addr_be: be([198, 18, 0, 2]),
-                dst_addr_be: be([198, 18, 0, 1]),
-                src_port_be: 40000u16.to_be(),
-                dst_port_be: 30999u16.to_be(),
-                proto,
-                _pad: [0; 3],
-            },
-            flow: Flow {
-                new_src_addr_be: be([198, 18, 1, 1]),
-                new_dst_addr_be: be([198, 18, 1, 2]),
-                new_src_port_be: 61234u16.to_be(),
-                new_dst_port_be: 3333u16.to_be(),
-                backend_id: 1,
-                service_id: 7,
-                state,
-                created_ns: 100 * SECOND,
-                last_seen_ns: 150 * SECOND,
-                ..Flow::default()
-            },
+            proto,
+            original: (socket("198.18.0.2:40000"), socket("198.18.0.1:30999")),
+            translated: (socket("198.18.1.1:61234"), socket("198.18.1.2:3333")),
+            backend_id: 1,
+            service_id: 7,
+            state,
+            created_ns: 100 * SECOND,
             last_seen_ns: 160 * SECOND,
         }
     }
@@ -375,7 +349,7 @@ mod tests {
         catalog.backends.insert(
             1,
             BackendInfo {
-                address: Ipv4Addr::new(198, 18, 1, 2).into(),
+                address: IpAddr::from([198, 18, 1, 2]),
                 port: 3333,
                 weight: 1,
                 state: BackendState::Ready,
@@ -421,17 +395,22 @@ mod tests {
     #[test]
     fn endpoints_take_an_optional_port() {
         let with_port: Endpoint = "198.18.1.2:3333".parse().unwrap();
-        assert!(with_port.matches(be([198, 18, 1, 2]), 3333u16.to_be()));
-        assert!(!with_port.matches(be([198, 18, 1, 2]), 3334u16.to_be()));
+        assert!(with_port.matches(socket("198.18.1.2:3333")));
+        assert!(!with_port.matches(socket("198.18.1.2:3334")));
         let any_port: Endpoint = "198.18.1.2".parse().unwrap();
-        assert!(any_port.matches(be([198, 18, 1, 2]), 1u16.to_be()));
-        assert!(!any_port.matches(be([198, 18, 1, 3]), 1u16.to_be()));
+        assert!(any_port.matches(socket("198.18.1.2:1")));
+        assert!(!any_port.matches(socket("198.18.1.3:1")));
+        let v6: Endpoint = "[2001:db8:1::2]:3333".parse().unwrap();
+        assert!(v6.matches(socket("[2001:db8:1::2]:3333")));
+        assert!(!v6.matches(socket("198.18.1.2:3333")));
+        let v6_any: Endpoint = "2001:db8:1::2".parse().unwrap();
+        assert!(v6_any.matches(socket("[2001:db8:1::2]:9")));
         assert!("backend-1".parse::<Endpoint>().is_err());
     }
 
     #[test]
     fn tcp_states() {
-        let name = |state| state_name(&entry(IPPROTO_TCP, 0).key, &entry(IPPROTO_TCP, state).flow);
+        let name = |state| state_name(IPPROTO_TCP, state);
         assert_eq!(name(0), "syn_sent");
         assert_eq!(name(FLOW_S_SEEN_REPLY), "syn_received");
         assert_eq!(name(FLOW_S_SEEN_REPLY | FLOW_S_CONFIRMED), "established");
@@ -445,7 +424,7 @@ mod tests {
 
     #[test]
     fn udp_states() {
-        let name = |state| state_name(&entry(IPPROTO_UDP, 0).key, &entry(IPPROTO_UDP, state).flow);
+        let name = |state| state_name(IPPROTO_UDP, state);
         assert_eq!(name(FLOW_S_CONFIRMED), "unreplied");
         assert_eq!(name(FLOW_S_CONFIRMED | FLOW_S_SEEN_REPLY), "replied");
         assert_eq!(name(FLOW_S_CONFIRMED | FLOW_S_ASSURED), "assured");

@@ -3,20 +3,25 @@
 //! own map file descriptors (its /metrics and its exit log, which must not
 //! depend on where or whether the maps are pinned). Never writes a map.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::loaded_programs;
+use lb_common::Traffic;
 use lb_common::maps::{self as names, kernel_name};
 use lb_common::{
-    Affinity, AffinityKey, Flow, FlowKey, GlobalConfig, Paths, Reason, Service, ServiceKey,
+    Affinity, AffinityKey, Flow, Flow6, FlowKey, FlowKey6, GlobalConfig, Paths, Reason, Service,
+    ServiceKey,
 };
-use lb_common::{Traffic, flow::FLOW_DIR_ORIGINAL};
 
 use crate::kernel::maps::{add_count, per_cpu_sum};
+
+mod flows;
+
+pub use flows::{FlowEntry, FlowWalk};
 
 // The pin layout (`BPFFS/maps/<NAME>`, `BPFFS/links/<ifname>`) is the
 // kernel layer's; this module only reads it.
@@ -64,6 +69,11 @@ pub struct DatapathMaps {
     /// `XLB_FLOWS_NEW` (half-open TCP flows); `None` for a datapath older
     /// than that table.
     half_open: Option<HashMap<MapData, FlowKey, Flow>>,
+    /// `XLB_FLOWS6` and `XLB_FLOWS_NEW6`; `None` for a datapath without
+    /// IPv6, or read through `xlb`'s own maps (`of_program`: they are
+    /// `xlb6`'s).
+    flows6: Option<HashMap<MapData, FlowKey6, Flow6>>,
+    half_open6: Option<HashMap<MapData, FlowKey6, Flow6>>,
     services: HashMap<MapData, ServiceKey, Service>,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
     config: Array<MapData, GlobalConfig>,
@@ -79,38 +89,22 @@ pub struct Count {
     pub complete: bool,
 }
 
-/// One flow (its ORIGINAL entry, the client's direction).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowEntry {
-    pub key: FlowKey,
-    pub flow: Flow,
-    /// Last packet in either direction (the REPLY entry's, if later).
-    pub last_seen_ns: u64,
-}
-
-/// What one conntrack walk found.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FlowWalk {
-    /// Flows kept by the filter, up to the limit, in walk order.
-    pub flows: Vec<FlowEntry>,
-    /// Flows the filter kept, including those past the limit.
-    pub matched: u64,
-    /// Entries visited (two per flow).
-    pub entries: u64,
-    pub complete: bool,
-}
-
-const READ_NAMES: [&str; 9] = [
+const READ_NAMES: [&str; 11] = [
     names::STATS,
     names::SERVICE_STATS,
     names::BACKEND_STATS,
     names::BACKEND_PATHS,
     names::FLOWS,
     names::FLOWS_NEW,
+    names::FLOWS6,
+    names::FLOWS_NEW6,
     names::SERVICES,
     names::AFFINITY,
     names::CONFIG,
 ];
+
+/// Of `READ_NAMES`, those a datapath may lack (an older version's pins).
+const OPTIONAL_NAMES: [&str; 3] = [names::FLOWS_NEW, names::FLOWS6, names::FLOWS_NEW6];
 
 /// Maps only measured (capacity), not read.
 const MEASURED_NAMES: [&str; 1] = [names::BACKENDS];
@@ -141,6 +135,9 @@ impl DatapathMaps {
         let mut found = BTreeMap::new();
         for name in READ_NAMES {
             let path = dir.join(name);
+            if OPTIONAL_NAMES.contains(&name) && !path.exists() {
+                continue;
+            }
             let data = MapData::from_pin(&path).map_err(|source| DatapathError::OpenPin {
                 hint: permission_hint(&source),
                 path,
@@ -236,6 +233,14 @@ impl DatapathMaps {
                 Ok(map) => Some(typed(names::FLOWS_NEW, map)?),
                 Err(_) => None,
             },
+            flows6: match take(names::FLOWS6) {
+                Ok(map) => Some(typed(names::FLOWS6, map)?),
+                Err(_) => None,
+            },
+            half_open6: match take(names::FLOWS_NEW6) {
+                Ok(map) => Some(typed(names::FLOWS_NEW6, map)?),
+                Err(_) => None,
+            },
             services: typed(names::SERVICES, take(names::SERVICES)?)?,
             affinity: typed(names::AFFINITY, take(names::AFFINITY)?)?,
             config: typed(names::CONFIG, take(names::CONFIG)?)?,
@@ -302,6 +307,21 @@ impl DatapathMaps {
         }
     }
 
+    /// Entries in `XLB_FLOWS6` and in `XLB_FLOWS_NEW6` (two per flow);
+    /// `None` without IPv6 tables.
+    pub fn count_flows6(&self, deadline: Instant) -> Option<(Count, Count)> {
+        let flows = self.flows6.as_ref()?;
+        let established = count_keys(flows.keys(), self.capacity(names::FLOWS6), deadline);
+        let half_open = match &self.half_open6 {
+            Some(map) => count_keys(map.keys(), self.capacity(names::FLOWS_NEW6), deadline),
+            None => Count {
+                entries: 0,
+                complete: true,
+            },
+        };
+        Some((established, half_open))
+    }
+
     /// Entries in `XLB_SERVICES`.
     pub fn count_services(&self, deadline: Instant) -> Count {
         count_keys(
@@ -318,60 +338,6 @@ impl DatapathMaps {
             self.capacity(names::AFFINITY),
             deadline,
         )
-    }
-
-    /// Walks conntrack until `deadline`, keeping up to `limit` flows for
-    /// which `keep` holds. Each flow is reported once, by its ORIGINAL
-    /// entry, with the later of its two entries' last-seen times.
-    pub fn flows(
-        &self,
-        limit: usize,
-        deadline: Instant,
-        mut keep: impl FnMut(&FlowKey, &Flow) -> bool,
-    ) -> FlowWalk {
-        let mut walk = FlowWalk {
-            complete: true,
-            ..FlowWalk::default()
-        };
-        // A deleted cursor key restarts the kernel's walk from the first key:
-        // remember what was seen so no flow is reported twice.
-        let mut seen: HashSet<FlowKey> = HashSet::new();
-        let tables = [
-            Some((&self.flows, names::FLOWS)),
-            self.half_open.as_ref().map(|map| (map, names::FLOWS_NEW)),
-        ];
-        for (table, name) in tables.into_iter().flatten() {
-            let cap = u64::from(self.capacity(name));
-            for (visited, key) in (0u64..).zip(table.keys()) {
-                if Instant::now() >= deadline || visited >= cap.saturating_mul(2) {
-                    walk.complete = false;
-                    break;
-                }
-                let Ok(key) = key else { break };
-                walk.entries += 1;
-                if !seen.insert(key) {
-                    continue;
-                }
-                let Ok(flow) = table.get(&key, 0) else {
-                    continue; // Closed, evicted or confirmed meanwhile.
-                };
-                if flow.direction != FLOW_DIR_ORIGINAL || !keep(&key, &flow) {
-                    continue;
-                }
-                walk.matched += 1;
-                if walk.flows.len() >= limit {
-                    continue;
-                }
-                let peer = FlowKey::peer_of(&flow, key.proto);
-                let reply_seen = table.get(&peer, 0).map_or(0, |reply| reply.last_seen_ns);
-                walk.flows.push(FlowEntry {
-                    key,
-                    flow,
-                    last_seen_ns: flow.last_seen_ns.max(reply_seen),
-                });
-            }
-        }
-        walk
     }
 }
 

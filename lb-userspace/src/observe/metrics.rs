@@ -438,6 +438,18 @@ fn render_conntrack(out: &mut Exposition, maps: &DatapathMaps) {
         "Entries in the half-open TCP table XLB_FLOWS_NEW (SYN seen, the client's ACK of the SYN-ACK not yet; a flow takes two; a SYN flood shows here).",
         &[(vec![], half_open.entries as f64)],
     );
+    if let Some((established, half_open)) = maps.count_flows6(Instant::now() + COUNT_BUDGET) {
+        out.gauge(
+            "xlb_conntrack6_entries",
+            "Entries in the IPv6 conntrack table XLB_FLOWS6 (a flow takes two; a lower bound if counting ran out of time).",
+            &[(vec![], established.entries as f64)],
+        );
+        out.gauge(
+            "xlb_conntrack6_half_open_entries",
+            "Entries in the IPv6 half-open TCP table XLB_FLOWS_NEW6.",
+            &[(vec![], half_open.entries as f64)],
+        );
+    }
 }
 
 /// Packets and bytes by direction, one sample each per labelled thing.
