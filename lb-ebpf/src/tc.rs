@@ -35,11 +35,11 @@ use network_types::{
 };
 
 use crate::{
-    conntrack, fib,
+    conntrack,
     family::Ip,
+    fib,
     maps::{
-        Path, SCRATCH_KEY, XLB_PEERS, XLB_PEERS6, count, count_path, count_traffic, forget,
-        scratch,
+        Path, SCRATCH_KEY, XLB_PEERS, XLB_PEERS6, count, count_path, count_traffic, forget, scratch,
     },
     nat,
     parse::{self, IpHeader, Packet},

@@ -133,18 +133,26 @@ impl PeerWatch {
             }
         };
         let written = &mut self.written;
-        sync_family(datapath, lb_common::maps::PEERS, &found, written, |address| {
-            match address {
+        sync_family(
+            datapath,
+            lb_common::maps::PEERS,
+            &found,
+            written,
+            |address| match address {
                 IpAddr::V4(address) => Some(u32::from_ne_bytes(address.octets())),
                 IpAddr::V6(_) => None,
-            }
-        });
-        sync_family(datapath, lb_common::maps::PEERS6, &found, written, |address| {
-            match address {
+            },
+        );
+        sync_family(
+            datapath,
+            lb_common::maps::PEERS6,
+            &found,
+            written,
+            |address| match address {
                 IpAddr::V6(address) => Some(addr6(address.octets())),
                 IpAddr::V4(_) => None,
-            }
-        });
+            },
+        );
     }
 }
 
