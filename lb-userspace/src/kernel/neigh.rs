@@ -199,7 +199,18 @@ fn resolve(backends: &[IpAddr]) -> Result<Vec<(IpAddr, Outcome)>, NeighbourError
             },
         }
     }
-    let hops: Vec<(NextHop, Vec<IpAddr>)> = hops.into_iter().collect();
+    // A static (permanent) entry is resolved for good already; replacing
+    // it with a managed one would drop its address where the kernel cannot
+    // resolve one (no link-local address for IPv6's solicitations).
+    let permanent = permanent_neighbours();
+    let (kept, hops): (Vec<_>, Vec<_>) = hops
+        .into_iter()
+        .partition(|(hop, _)| permanent.contains(&(hop.address, hop.device.clone())));
+    for (hop, users) in kept {
+        for backend in users {
+            outcomes.push((backend, Ok(Some(hop.clone()))));
+        }
+    }
     if hops.is_empty() {
         return Ok(outcomes);
     }
@@ -280,6 +291,25 @@ fn routes_by_destination(stdout: &str) -> HashMap<IpAddr, RouteJson> {
         .filter_map(Result::ok)
         .filter_map(|routes| routes.into_iter().next())
         .filter_map(|route| Some((route.dst.as_deref()?.parse().ok()?, route)))
+        .collect()
+}
+
+/// The permanent neighbour entries, as (address, device); none if `ip`
+/// cannot list them.
+fn permanent_neighbours() -> BTreeSet<(IpAddr, String)> {
+    #[derive(Deserialize)]
+    struct NeighbourJson {
+        dst: String,
+        dev: Option<String>,
+    }
+    let listed = run_with_input("ip", &["-j", "neigh", "show", "nud", "permanent"], "");
+    let Ok((stdout, _)) = listed else {
+        return BTreeSet::new();
+    };
+    serde_json::from_str::<Vec<NeighbourJson>>(&stdout)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|entry| Some((entry.dst.parse().ok()?, entry.dev?)))
         .collect()
 }
 
@@ -426,6 +456,17 @@ mod tests {
         ip(&["link", "set", "va", "up"]);
         ip(&["link", "set", "vb", "up"]);
         ip(&[
+            "neigh",
+            "add",
+            "198.18.5.9",
+            "lladdr",
+            "02:00:00:00:00:09",
+            "dev",
+            "va",
+            "nud",
+            "permanent",
+        ]);
+        ip(&[
             "route",
             "add",
             "198.19.0.0/16",
@@ -446,6 +487,7 @@ mod tests {
                 Ipv4Addr::new(198, 19, 1, 1),
                 Ipv4Addr::new(198, 19, 2, 2),
                 Ipv4Addr::new(198, 18, 5, 1),
+                Ipv4Addr::new(198, 18, 5, 9),
             ]
             .map(IpAddr::from)
             .into();
@@ -461,10 +503,15 @@ mod tests {
             panic!("thread panicked")
         };
         assert!(warnings.is_empty(), "{warnings:?}");
-        assert_eq!(done, 4, "every backend handled (one is local)");
+        assert_eq!(done, 5, "every backend handled (one is local)");
         let table = String::from_utf8_lossy(&table.expect("ip neigh").stdout).into_owned();
         assert!(table.contains("198.18.5.7 dev va managed"), "{table}");
         assert!(table.contains("198.18.5.254 dev va managed"), "{table}");
+        // A static entry stays as it is.
+        assert!(
+            table.contains("198.18.5.9 dev va lladdr 02:00:00:00:00:09 PERMANENT"),
+            "{table}"
+        );
         assert_eq!(
             table.matches("198.18.5.254").count(),
             1,
