@@ -14,8 +14,8 @@ use xlb_tests::client::{
 };
 use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT};
 use xlb_tests::node_lab::{
-    CLIENT_ADDR, NODE_ADDR, NODE_ADDR6, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF, csum_errors,
-    tcp_service, tcp_service6, udp_service, udp_service6,
+    CLIENT_ADDR, CLIENT_ADDR6, NODE_ADDR, NODE_ADDR6, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF,
+    csum_errors, tcp_service, tcp_service6, udp_service, udp_service6,
 };
 
 use xlb_tests::{Agent, Bpffs, Who, XLB_BIN_ENV, bin_from_env};
@@ -484,6 +484,53 @@ fn external_traffic_policy_local_keeps_the_client_address() -> anyhow::Result<()
     ensure!(reached.len() == 2, "both local pods serve: {reached:?}");
     let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
     ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
+    Ok(())
+}
+
+/// `external_traffic_policy_local_keeps_the_client_address` for IPv6
+/// clients of dual-stack services: only this node's pods serve, and they
+/// see the client's own IPv6 address.
+#[test]
+fn ipv6_external_traffic_policy_local_keeps_the_client_address() -> anyhow::Result<()> {
+    let lab = NodeLab::new()?;
+    let pods: Vec<&Pod> = lab.pods.iter().collect();
+    let config = lab.write_file(
+        "xlb.yaml",
+        &lab.dual_stack_config_yaml(&lab.dual_stack_echo_services(&pods, true)),
+    )?;
+    let agent = Agent::start(&lab, &config)?;
+    for pod in pods.iter().filter(|pod| pod.kind.is_local()) {
+        agent.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
+    }
+    let (udp, tcp) = Family::V6.services();
+    let client = IpAddr::from(CLIENT_ADDR6);
+    let reached = lab
+        .client
+        .run(|| -> anyhow::Result<BTreeMap<String, usize>> {
+            let mut reached = BTreeMap::new();
+            for _ in 0..40 {
+                let socket = udp_socket6()?;
+                let (who, from) = udp_who(&socket, udp)?;
+                ensure!(from == udp, "UDP reply from {from}");
+                ensure!(who.peer.ip() == client, "UDP {who:?}");
+                *reached.entry(who.name).or_insert(0) += 1;
+            }
+            for connection in 0..20u32 {
+                let who = tcp_who_echo(tcp, &pattern(5000, connection))?;
+                ensure!(who.peer.ip() == client, "TCP {who:?}");
+                *reached.entry(who.name).or_insert(0) += 1;
+            }
+            Ok(reached)
+        })?;
+    let reached = with_log(&agent, reached)?;
+    for name in reached.keys() {
+        let pod = lab.pod_named(name).context("unknown pod")?;
+        ensure!(pod.kind.is_local(), "ETP Local reached {name}: {reached:?}");
+    }
+    ensure!(reached.len() == 2, "both local pods serve: {reached:?}");
+    let (tcp_errors, _) = lab.client_csum_errors()?;
+    let udp6_errors = udp6_csum_errors(&lab.client)?;
+    ensure!((tcp_errors, udp6_errors) == (0, 0), "checksum errors");
     Ok(())
 }
 
