@@ -22,19 +22,21 @@ const TC_ACT_REDIRECT: i32 = 7;
 /// The kernel's own business.
 const TC_ACT_OK: i32 = 0;
 
-/// A tc row: the frame the pod sends, the action, the counter it adds (if
-/// any) and the frame tc leaves (`None`: unchanged).
+/// The frame a pod sends and the frame tc leaves (`None`: unchanged).
+type Frames = (Vec<u8>, Option<Vec<u8>>);
+
+/// A tc row: the frames, the action and the counter it adds (if any).
 struct TcRow {
     name: &'static str,
     action: i32,
     reason: Option<Reason>,
-    case: fn(&mut Datapath) -> (Vec<u8>, Option<Vec<u8>>),
+    case: fn(&mut Datapath) -> Frames,
 }
 
 /// The IPv4 client `sport` sends `l4` through the NodePort (XDP); the
 /// backend answers it with `answer`: (its reply, the reply as the client
 /// must get it, MACs as they came).
-fn reply4(dp: &mut Datapath, sport: u16, l4: L4, answer: L4) -> (Vec<u8>, Option<Vec<u8>>) {
+fn reply4(dp: &mut Datapath, sport: u16, l4: L4, answer: L4) -> Frames {
     let node_port = match l4 {
         L4::Udp => UDP_NODE_PORT,
         L4::Tcp(_) => TCP_NODE_PORT,
@@ -51,13 +53,7 @@ fn reply4(dp: &mut Datapath, sport: u16, l4: L4, answer: L4) -> (Vec<u8>, Option
 
 /// As `reply4`, for an IPv6 client; `exts` are the reply's extension
 /// headers (tc finds the L4 header after them).
-fn reply6(
-    dp: &mut Datapath,
-    sport: u16,
-    l4: L4,
-    answer: L4,
-    exts: Vec<Ext>,
-) -> (Vec<u8>, Option<Vec<u8>>) {
+fn reply6(dp: &mut Datapath, sport: u16, l4: L4, answer: L4, exts: Vec<Ext>) -> Frames {
     let node_port = match l4 {
         L4::Udp => UDP_NODE_PORT,
         L4::Tcp(_) => TCP_NODE_PORT,
