@@ -7,7 +7,7 @@
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     maps::{Array, HashMap, LpmTrie, LruHashMap},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use lb_common::{
@@ -20,7 +20,8 @@ use lb_ebpf::csum::CsumDelta;
 use crate::{
     fib::NextHop,
     maps::*,
-    mtu, nat,
+    mtu,
+    nat::{self, L4Check},
     parse::{IpHeader, Ipv4, Ipv6, Packet},
     reject, select,
 };
@@ -57,6 +58,15 @@ pub trait Ip: Family {
     /// the IPv4 header checksum; returns the address change as a delta for
     /// the L4 pseudo-header. The caller checked the TTL is above 1.
     fn rewrite_ip(ip: &Self::Header, src: Self::Addr, dst: Self::Addr) -> CsumDelta;
+    /// `rewrite_ip` for an skb at tc (`nat::rewrite_skb`): through the
+    /// kernel's checksum helpers, the pseudo-header's in `check`.
+    fn rewrite_ip_skb(
+        ctx: &TcContext,
+        ip: &Self::Header,
+        check: L4Check,
+        src: &Self::Addr,
+        dst: &Self::Addr,
+    ) -> Result<(), Reason>;
     /// Sets the family and addresses of a FIB lookup.
     fn fib_addrs(params: &mut bpf_fib_lookup, src: &Self::Addr, dst: &Self::Addr);
 
@@ -137,6 +147,16 @@ impl Ip for V4 {
     #[inline(always)]
     fn rewrite_ip(ip: &Ipv4, src: u32, dst: u32) -> CsumDelta {
         nat::rewrite_ip(ip.hdr, src, dst)
+    }
+    #[inline(always)]
+    fn rewrite_ip_skb(
+        ctx: &TcContext,
+        ip: &Ipv4,
+        check: L4Check,
+        src: &u32,
+        dst: &u32,
+    ) -> Result<(), Reason> {
+        nat::rewrite_ipv4_skb(ctx, ip, check, *src, *dst)
     }
     #[inline(always)]
     fn fib_addrs(params: &mut bpf_fib_lookup, src: &u32, dst: &u32) {
@@ -250,6 +270,16 @@ impl Ip for V6 {
     #[inline(always)]
     fn rewrite_ip(ip: &Ipv6, src: Self::Addr, dst: Self::Addr) -> CsumDelta {
         nat::rewrite_ipv6(ip.hdr, &src, &dst)
+    }
+    #[inline(always)]
+    fn rewrite_ip_skb(
+        ctx: &TcContext,
+        ip: &Ipv6,
+        check: L4Check,
+        src: &Self::Addr,
+        dst: &Self::Addr,
+    ) -> Result<(), Reason> {
+        nat::rewrite_ipv6_skb(ctx, ip, check, src, dst)
     }
     #[inline(always)]
     fn fib_addrs(params: &mut bpf_fib_lookup, src: &Self::Addr, dst: &Self::Addr) {

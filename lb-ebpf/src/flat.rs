@@ -47,6 +47,11 @@ pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
             }
             return known;
         }
+        // The way on is a new flow's, as for a packet of no entry: with the
+        // entry pointer gone from the frame the verifier sees one state
+        // here, not two (and verifies the new-flow stages once).
+        // SAFETY: a plain store to a local.
+        unsafe { core::ptr::write_volatile(&mut entry, core::ptr::null_mut()) };
     }
     let selected = select_stage(ctx, packet, key, now);
     if selected != OPENED {

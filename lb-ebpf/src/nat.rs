@@ -14,7 +14,7 @@ use network_types::{
 
 use crate::{
     family::Ip,
-    parse::{IcmpError, IpHeader, Packet},
+    parse::{IcmpError, IpHeader, Ipv4, Ipv6, Packet},
 };
 
 /// Offsets in an IPv4 header of the fields rewritten here.
@@ -22,6 +22,10 @@ const IP_TTL: usize = 8;
 const IP_CHECK: usize = 10;
 const IP_SRC: usize = 12;
 const IP_DST: usize = 16;
+/// Offsets in an IPv6 header of the fields rewritten here.
+const IP6_HOP_LIMIT: usize = 7;
+const IP6_SRC: usize = 8;
+const IP6_DST: usize = 24;
 /// Offset of the checksum in a TCP and a UDP header.
 const TCP_CHECK: usize = 16;
 const UDP_CHECK: usize = 6;
@@ -55,6 +59,14 @@ pub fn rewrite<F: Ip>(packet: &Packet<F>, flow: &FlowOf<F>) {
     }
 }
 
+/// Where a tc rewrite updates the L4 checksum: its offset, and
+/// `BPF_F_MARK_MANGLED_0` for UDP (a zero UDP checksum stays zero).
+#[derive(Clone, Copy)]
+pub struct L4Check {
+    pub offset: usize,
+    pub mangled: u64,
+}
+
 /// `rewrite` for an skb at tc. The skb may be CHECKSUM_PARTIAL (every packet
 /// a pod sends: only the pseudo-header sum is in the L4 checksum field, the
 /// NIC or the stack finishes it), CHECKSUM_COMPLETE or already verified, and
@@ -65,42 +77,74 @@ pub fn rewrite<F: Ip>(packet: &Packet<F>, flow: &FlowOf<F>) {
 /// yet). Fields are then written with `bpf_skb_store_bytes` by offset: the
 /// helpers invalidate packet pointers. The caller checked TTL > 1.
 #[inline(always)]
-pub fn rewrite_skb(ctx: &TcContext, packet: &Packet, flow: &Flow) -> Result<(), Reason> {
-    let ip = packet.ip.hdr;
+pub fn rewrite_skb<F: Ip>(
+    ctx: &TcContext,
+    packet: &Packet<F>,
+    flow: &FlowOf<F>,
+) -> Result<(), Reason> {
+    // Read before any helper runs: they invalidate packet pointers.
+    let (old_sport, old_dport) = packet.l4.ports_be();
+    let l4_offset = packet.ip.l4_offset();
+    let check = if packet.ip.proto() == IPPROTO_UDP {
+        L4Check {
+            offset: l4_offset + UDP_CHECK,
+            mangled: u64::from(BPF_F_MARK_MANGLED_0),
+        }
+    } else {
+        L4Check {
+            offset: l4_offset + TCP_CHECK,
+            mangled: 0,
+        }
+    };
+    F::rewrite_ip_skb(
+        ctx,
+        &packet.ip,
+        check,
+        &flow.new_src_addr_be,
+        &flow.new_dst_addr_be,
+    )?;
+    let (new_sport, new_dport) = (flow.new_src_port_be, flow.new_dst_port_be);
+    let failed = |_| Reason::DropTcRewrite;
+    let port = check.mangled | 2;
+    ctx.l4_csum_replace(check.offset, old_sport.into(), new_sport.into(), port)
+        .map_err(failed)?;
+    ctx.l4_csum_replace(check.offset, old_dport.into(), new_dport.into(), port)
+        .map_err(failed)?;
+    let ports = [new_sport.to_ne_bytes(), new_dport.to_ne_bytes()];
+    ctx.store(l4_offset, &ports, 0).map_err(failed)?;
+    Ok(())
+}
+
+/// `rewrite_skb`'s IPv4 header: addresses (in the L4 pseudo-header sum
+/// too), TTL, header checksum.
+#[inline(always)]
+pub fn rewrite_ipv4_skb(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    check: L4Check,
+    new_src: u32,
+    new_dst: u32,
+) -> Result<(), Reason> {
     let ip_at = EthHdr::LEN;
-    // SAFETY: the parser checked that the IPv4 header and the L4 ports lie
-    // inside the packet; nothing has moved it yet.
-    let (old_src, old_dst, ttl, proto, (old_sport, old_dport)) = unsafe {
+    // SAFETY: the parser checked that the IPv4 header lies inside the
+    // packet; nothing has moved it yet.
+    let (old_src, old_dst, ttl, proto) = unsafe {
+        let hdr = ip.hdr;
         (
-            u32::from_ne_bytes((*ip).src_addr),
-            u32::from_ne_bytes((*ip).dst_addr),
-            (*ip).ttl,
-            (*ip).proto,
-            packet.l4.ports_be(),
+            u32::from_ne_bytes((*hdr).src_addr),
+            u32::from_ne_bytes((*hdr).dst_addr),
+            (*hdr).ttl,
+            (*hdr).proto,
         )
     };
     let old_ttl_proto = u16::from_ne_bytes([ttl, proto]);
     let new_ttl_proto = u16::from_ne_bytes([ttl - 1, proto]);
-    let (l4_check, mangled) = if proto == IPPROTO_UDP {
-        (
-            packet.ip.l4_offset + UDP_CHECK,
-            u64::from(BPF_F_MARK_MANGLED_0),
-        )
-    } else {
-        (packet.ip.l4_offset + TCP_CHECK, 0)
-    };
     let failed = |_| Reason::DropTcRewrite;
     let ip_check = ip_at + IP_CHECK;
-    let (new_src, new_dst) = (flow.new_src_addr_be, flow.new_dst_addr_be);
-    let (new_sport, new_dport) = (flow.new_src_port_be, flow.new_dst_port_be);
-    let addr = u64::from(BPF_F_PSEUDO_HDR) | mangled | 4;
-    ctx.l4_csum_replace(l4_check, old_src.into(), new_src.into(), addr)
+    let addr = u64::from(BPF_F_PSEUDO_HDR) | check.mangled | 4;
+    ctx.l4_csum_replace(check.offset, old_src.into(), new_src.into(), addr)
         .map_err(failed)?;
-    ctx.l4_csum_replace(l4_check, old_dst.into(), new_dst.into(), addr)
-        .map_err(failed)?;
-    ctx.l4_csum_replace(l4_check, old_sport.into(), new_sport.into(), mangled | 2)
-        .map_err(failed)?;
-    ctx.l4_csum_replace(l4_check, old_dport.into(), new_dport.into(), mangled | 2)
+    ctx.l4_csum_replace(check.offset, old_dst.into(), new_dst.into(), addr)
         .map_err(failed)?;
     ctx.l3_csum_replace(ip_check, old_src.into(), new_src.into(), 4)
         .map_err(failed)?;
@@ -113,8 +157,52 @@ pub fn rewrite_skb(ctx: &TcContext, packet: &Packet, flow: &Flow) -> Result<(), 
         .map_err(failed)?;
     ctx.store(ip_at + IP_DST, &new_dst.to_ne_bytes(), 0)
         .map_err(failed)?;
-    let ports = [new_sport.to_ne_bytes(), new_dport.to_ne_bytes()];
-    ctx.store(packet.ip.l4_offset, &ports, 0).map_err(failed)?;
+    Ok(())
+}
+
+/// `rewrite_skb`'s IPv6 header: addresses (in the L4 pseudo-header sum,
+/// a 32-bit word at a time) and hop limit; IPv6 has no header checksum.
+#[inline(always)]
+pub fn rewrite_ipv6_skb(
+    ctx: &TcContext,
+    ip: &Ipv6,
+    check: L4Check,
+    new_src: &Addr6,
+    new_dst: &Addr6,
+) -> Result<(), Reason> {
+    let ip_at = EthHdr::LEN;
+    // SAFETY: the parser checked that the IPv6 header lies inside the
+    // packet; nothing has moved it yet. Addresses are copied in wire order.
+    let (old_src, old_dst, hop_limit): (Addr6, Addr6, u8) = unsafe {
+        let hdr = ip.hdr;
+        (
+            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).src_addr).cast()),
+            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).dst_addr).cast()),
+            (*hdr).hop_limit,
+        )
+    };
+    let failed = |_| Reason::DropTcRewrite;
+    let addr = u64::from(BPF_F_PSEUDO_HDR) | check.mangled | 4;
+    for word in 0..4 {
+        ctx.l4_csum_replace(
+            check.offset,
+            old_src[word].into(),
+            new_src[word].into(),
+            addr,
+        )
+        .map_err(failed)?;
+        ctx.l4_csum_replace(
+            check.offset,
+            old_dst[word].into(),
+            new_dst[word].into(),
+            addr,
+        )
+        .map_err(failed)?;
+    }
+    ctx.store(ip_at + IP6_HOP_LIMIT, &(hop_limit - 1), 0)
+        .map_err(failed)?;
+    ctx.store(ip_at + IP6_SRC, new_src, 0).map_err(failed)?;
+    ctx.store(ip_at + IP6_DST, new_dst, 0).map_err(failed)?;
     Ok(())
 }
 

@@ -11,7 +11,8 @@
 //!   the stack instead would get it dropped as a martian (its source is the
 //!   node's).
 //! - `xlb_tc_pod` (tc ingress on pods' host-side veths and tunnel devices):
-//!   reverse NAT for backend replies that never cross an XDP interface.
+//!   reverse NAT for backend replies that never cross an XDP interface,
+//!   IPv4 and IPv6 (one generic path, compiled per family).
 //!   These are skbs, often CHECKSUM_PARTIAL, so the rewrite uses the kernel's
 //!   checksum helpers (`nat::rewrite_skb`). Parse, conntrack and FIB are the
 //!   XDP program's own.
@@ -23,11 +24,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    Addr6, Reason, V4, V6,
+    Addr6, FlowKeyOf, FlowOf, Reason, V4, V6,
     flow::FLOW_DIR_REPLY,
     path::{HANDOFF_NEIGH, HANDOFF_PEER, Handoff},
     reason::Verdict,
-    service::CONFIG_F_READY,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -35,15 +35,20 @@ use network_types::{
 };
 
 use crate::{
-    conntrack, fib,
-    maps::{Path, XLB_CONFIG, XLB_PEERS, XLB_PEERS6, count, count_path, count_traffic},
+    conntrack,
+    family::Ip,
+    fib,
+    maps::{
+        Path, SCRATCH_KEY, XLB_PEERS, XLB_PEERS6, count, count_path, count_traffic, forget, scratch,
+    },
     nat,
-    parse::{self, Packet},
-    prog::{check_ttl, flow_key},
+    parse::{self, IpHeader, Packet},
+    prog::{check_ttl, config, flow_key},
 };
 
 /// Bytes pulled into the skb's linear area when the headers are not there:
-/// Ethernet, IPv4 and TCP with options at their longest.
+/// Ethernet, IPv4 and TCP with options at their longest (more than
+/// Ethernet, IPv6's fixed header and TCP's longest).
 const HEADERS_MAX: u32 = 14 + 60 + 60;
 
 #[classifier]
@@ -162,7 +167,27 @@ fn redirect_by_fib(ctx: &TcContext, src: u32, dst: u32, proto: u8) -> i32 {
 
 #[classifier]
 pub fn xlb_tc_pod(ctx: TcContext) -> i32 {
-    match try_tc_pod(&ctx) {
+    let result = match parse_skb(&ctx, parse::parse) {
+        Ok(packet) => reverse_nat::<V4>(&ctx, &packet),
+        Err(Reason::PassNotIpv4) => return tc_pod6(&ctx),
+        Err(reason) => Err(reason),
+    };
+    action_for(result)
+}
+
+/// `xlb_tc_pod` for an IPv6 packet: a BPF function of its own, so that
+/// IPv6's keys and headers are not on the IPv4 path's frame.
+#[inline(never)]
+fn tc_pod6(ctx: &TcContext) -> i32 {
+    let result = parse_skb(ctx, |ctx| parse::parse6(ctx, forget))
+        .and_then(|packet| reverse_nat::<V6>(ctx, &packet));
+    action_for(result)
+}
+
+/// The tc action for a packet's outcome; drops are counted.
+#[inline(always)]
+fn action_for(result: Result<i32, Reason>) -> i32 {
+    match result {
         Ok(action) => action,
         Err(reason) if reason.verdict() == Verdict::Drop => {
             count(reason);
@@ -174,53 +199,50 @@ pub fn xlb_tc_pod(ctx: TcContext) -> i32 {
     }
 }
 
-/// Parses the skb's headers, first pulling them into its linear area if
-/// they are not all there yet.
+/// Parses the skb's headers with `parse`, first pulling them into its
+/// linear area if they are not all there yet.
 #[inline(always)]
-fn parse_skb(ctx: &TcContext) -> Result<Packet, Reason> {
-    if let Ok(packet) = parse::parse(ctx) {
-        return Ok(packet);
+fn parse_skb<F: Ip>(
+    ctx: &TcContext,
+    parse: impl Fn(&TcContext) -> Result<Packet<F>, Reason>,
+) -> Result<Packet<F>, Reason> {
+    match parse(ctx) {
+        Ok(packet) => return Ok(packet),
+        // Headers in the linear area, and not a packet for xlb.
+        Err(Reason::PassNotIpv4) => return Err(Reason::PassNotIpv4),
+        Err(_) => {}
     }
     let len = ctx.len().min(HEADERS_MAX);
     ctx.pull_data(len).map_err(|_| Reason::PassMalformed)?;
-    parse::parse(ctx)
+    parse(ctx)
 }
 
+/// Reverse NAT of a backend's reply (the flow's `FLOW_DIR_REPLY` entry),
+/// sent on to the FIB's next hop towards the client. Each stage is a BPF
+/// function of its own and the flow key waits in scratch space, as in
+/// `flat.rs`: IPv6's keys, entries and FIB query do not fit one 512-byte
+/// frame together.
 #[inline(always)]
-fn try_tc_pod(ctx: &TcContext) -> Result<i32, Reason> {
-    let cfg = match XLB_CONFIG.get(0) {
-        Some(cfg) if cfg.flags & CONFIG_F_READY != 0 => cfg,
-        _ => return Err(Reason::PassNotReady),
-    };
-    let packet = parse_skb(ctx)?;
-    let key = flow_key(&packet);
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let entry = conntrack::lookup(&key, cfg, now).ok_or(Reason::PassNotService)?;
+fn reverse_nat<F: Ip>(ctx: &TcContext, packet: &Packet<F>) -> Result<i32, Reason> {
+    let entry = lookup_stage(packet);
+    if entry.is_null() {
+        return Err(Reason::PassNotService);
+    }
+    check_ttl(packet)?;
     // SAFETY: valid map value pointer for this run; used in place, not
     // copied (a reply never moves its flow between tables).
     let flow = unsafe { &*entry };
-    if flow.direction != FLOW_DIR_REPLY {
-        return Err(Reason::PassNotService);
-    }
-    check_ttl(&packet)?;
     // The route first: a reply that cannot be sent on must reach the stack
     // as it came, not half translated.
-    // SAFETY: `skb` is this run's context.
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    let hop = fib::next_hop::<V4>(
-        ctx.skb.skb.cast(),
-        ingress,
-        flow.new_src_addr_be,
-        flow.new_dst_addr_be,
-        key.proto,
-        0,
-        true,
-    )?;
-    let segment = conntrack::Segment::of(ctx, &packet);
-    let tracked = conntrack::track(entry, &key, &segment, cfg, now);
-    nat::rewrite_skb(ctx, &packet, flow)?;
-    count(if tracked.rst_ignored {
+    let ifindex = hop_stage(ctx, flow, packet.ip.proto());
+    if ifindex == 0 {
+        return Err(Reason::PassFibFailed);
+    }
+    let tracked = track_stage(ctx, packet, entry);
+    if !rewrite_stage(ctx, packet, flow) {
+        return Err(Reason::DropTcRewrite);
+    }
+    count(if tracked {
         Reason::FwdRstOutsideWindow
     } else {
         Reason::FwdReply
@@ -228,5 +250,64 @@ fn try_tc_pod(ctx: &TcContext) -> Result<i32, Reason> {
     count_traffic(flow.service_id, flow.backend_id, true, u64::from(ctx.len()));
     count_path(flow.backend_id, true, Path::Tc);
     // SAFETY: plain helper call; the kernel resolves the neighbour.
-    Ok(unsafe { bpf_redirect_neigh(hop.ifindex, core::ptr::null_mut(), 0, 0) as i32 })
+    Ok(unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 })
+}
+
+/// The packet's live reply entry (its key left in scratch space for
+/// `track_stage`), or null: no flow, or not a reply.
+#[inline(never)]
+fn lookup_stage<F: Ip>(packet: &Packet<F>) -> *mut FlowOf<F> {
+    let (Ok(cfg), Some(key)) = (config(), scratch::<FlowKeyOf<F>>(SCRATCH_KEY)) else {
+        return core::ptr::null_mut();
+    };
+    // SAFETY: this CPU's scratch slot, sized for a key.
+    let key = unsafe {
+        *key = flow_key(packet);
+        &*key
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    match conntrack::lookup(key, cfg, now) {
+        // SAFETY: valid map value pointer for this run.
+        Some(entry) if unsafe { (*entry).direction } == FLOW_DIR_REPLY => entry,
+        _ => core::ptr::null_mut(),
+    }
+}
+
+/// The interface of the FIB's next hop towards `flow`'s client, or 0.
+#[inline(never)]
+fn hop_stage<F: Ip>(ctx: &TcContext, flow: &FlowOf<F>, proto: u8) -> u32 {
+    // SAFETY: `skb` is this run's context.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    let hop = fib::next_hop::<F>(
+        ctx.skb.skb.cast(),
+        ingress,
+        flow.new_src_addr_be,
+        flow.new_dst_addr_be,
+        proto,
+        0,
+        true,
+    );
+    hop.map_or(0, |hop| hop.ifindex)
+}
+
+/// What the reply does to its flow (`conntrack::track`, the key from
+/// `lookup_stage`): whether it is a RST outside the window.
+#[inline(never)]
+fn track_stage<F: Ip>(ctx: &TcContext, packet: &Packet<F>, entry: *mut FlowOf<F>) -> bool {
+    let (Ok(cfg), Some(key)) = (config(), scratch::<FlowKeyOf<F>>(SCRATCH_KEY)) else {
+        return false;
+    };
+    // SAFETY: this CPU's scratch slot, written by `lookup_stage` in this run.
+    let key = unsafe { &*key };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let segment = conntrack::Segment::of(ctx, packet);
+    conntrack::track(entry, key, &segment, cfg, now).rst_ignored
+}
+
+/// `nat::rewrite_skb`: whether it succeeded.
+#[inline(never)]
+fn rewrite_stage<F: Ip>(ctx: &TcContext, packet: &Packet<F>, flow: &FlowOf<F>) -> bool {
+    nat::rewrite_skb(ctx, packet, flow).is_ok()
 }

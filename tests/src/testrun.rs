@@ -182,6 +182,42 @@ impl Datapath {
         &self.bpf
     }
 
+    /// Runs `xlb_tc_pod` (loaded on first use, sharing the maps) once on
+    /// `frame` as an skb arriving on `ifindex`: (tc action, output frame).
+    /// The skb is not CHECKSUM_PARTIAL (a test run cannot make one): its
+    /// L4 checksum is complete, and must stay right through the rewrite.
+    pub fn run_tc_pod(&mut self, frame: &[u8], ifindex: u32) -> (i32, Vec<u8>) {
+        use aya::programs::SchedClassifier;
+        let program: &mut SchedClassifier = self
+            .bpf
+            .program_mut("xlb_tc_pod")
+            .expect("xlb_tc_pod")
+            .try_into()
+            .expect("a tc program");
+        if program.fd().is_err() {
+            program.load().expect("verifier accepts xlb_tc_pod");
+        }
+        // struct __sk_buff: `ifindex` (offset 40) names the device the skb
+        // arrives on; every other field the kernel takes stays 0.
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let TestRunResult {
+            return_value,
+            data_size_out,
+            ..
+        } = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN of xlb_tc_pod");
+        out.truncate(data_size_out as usize);
+        (return_value as i32, out)
+    }
+
     pub(crate) fn map_mut(&mut self, name: &str) -> &mut aya::maps::Map {
         self.bpf
             .map_mut(name)

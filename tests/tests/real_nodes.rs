@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use xlb_tests::client::{pattern, tcp_who_echo, udp_exchange, udp_socket, udp_socket6, udp_who};
+use xlb_tests::client::{
+    pattern, tcp_who_echo, udp_exchange, udp_socket, udp_socket_for, udp_socket6, udp_who,
+};
 use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT};
 use xlb_tests::node_lab::{
-    CLIENT_ADDR, NODE_ADDR, NODE_ADDR6, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF, csum_errors,
-    tcp_service, udp_service,
+    CLIENT_ADDR, CLIENT_ADDR6, NODE_ADDR, NODE_ADDR6, NodeLab, Pod, PodKind, UPLINK_IF, VXLAN_IF,
+    csum_errors, tcp_service, tcp_service6, udp_service, udp_service6,
 };
 
 use xlb_tests::{Agent, Bpffs, Who, XLB_BIN_ENV, bin_from_env};
@@ -45,9 +47,49 @@ const WAIT: Duration = Duration::from_secs(10);
 /// One UDP flow and one TCP connection to `pod` through the NodePorts,
 /// checked end to end.
 fn exchange_with(lab: &NodeLab, pod: &Pod) -> anyhow::Result<()> {
-    let (udp, tcp) = (udp_service(), tcp_service());
+    exchange_in(lab, pod, Family::V4)
+}
+
+/// Which of a pod's addresses a check is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The UDP and TCP NodePorts of this family.
+    fn services(self) -> (SocketAddr, SocketAddr) {
+        match self {
+            Family::V4 => (udp_service(), tcp_service()),
+            Family::V6 => (udp_service6(), tcp_service6()),
+        }
+    }
+
+    /// The pod's address of this family.
+    fn addr(self, pod: &Pod) -> IpAddr {
+        match self {
+            Family::V4 => pod.addr.into(),
+            Family::V6 => pod.addr6.into(),
+        }
+    }
+
+    /// The address the pod sees a masqueraded client as.
+    fn masquerade_addr(self, pod: &Pod) -> IpAddr {
+        match self {
+            Family::V4 => masquerade_addr(pod),
+            Family::V6 => pod.masquerade_addr6().into(),
+        }
+    }
+}
+
+/// `exchange_with` through the NodePorts of `family` (the pod by its
+/// address of that family).
+fn exchange_in(lab: &NodeLab, pod: &Pod, family: Family) -> anyhow::Result<()> {
+    let (udp, tcp) = family.services();
+    let (pod_addr, masquerade) = (family.addr(pod), family.masquerade_addr(pod));
     lab.client.run(|| -> anyhow::Result<()> {
-        let socket = udp_socket()?;
+        let socket = udp_socket_for(udp)?;
         let (who, from) = udp_who(&socket, udp).context(format!("UDP WHO via {}", pod.name))?;
         ensure!(from == udp, "UDP reply from {from}, not the NodePort {udp}");
         ensure!(
@@ -55,13 +97,12 @@ fn exchange_with(lab: &NodeLab, pod: &Pod) -> anyhow::Result<()> {
             "UDP reached {who:?}, not {}",
             pod.name
         );
-        ensure!(who.local == SocketAddr::from((pod.addr, ECHO_UDP_PORT)));
+        ensure!(who.local == SocketAddr::new(pod_addr, ECHO_UDP_PORT));
         ensure!(
-            who.peer.ip() == masquerade_addr(pod),
-            "{}: masqueraded as {}, expected {}",
+            who.peer.ip() == masquerade,
+            "{}: masqueraded as {}, expected {masquerade}",
             pod.name,
             who.peer.ip(),
-            masquerade_addr(pod)
         );
         // Sizes that fit every path (the overlay's MTU is 1450).
         for (seed, len) in [1usize, 100, 1000, 1400].into_iter().enumerate() {
@@ -79,8 +120,8 @@ fn exchange_with(lab: &NodeLab, pod: &Pod) -> anyhow::Result<()> {
                 "TCP reached {who:?}, not {}",
                 pod.name
             );
-            ensure!(who.local == SocketAddr::from((pod.addr, ECHO_TCP_PORT)));
-            ensure!(who.peer.ip() == masquerade_addr(pod));
+            ensure!(who.local == SocketAddr::new(pod_addr, ECHO_TCP_PORT));
+            ensure!(who.peer.ip() == masquerade);
         }
         Ok(())
     })?
@@ -88,7 +129,12 @@ fn exchange_with(lab: &NodeLab, pod: &Pod) -> anyhow::Result<()> {
 
 /// The `paths:` line the agent logs at exit for `pod`'s backend.
 fn paths_line<'a>(log: &'a str, pod: &Pod, port: u16) -> Option<&'a str> {
-    let needle = format!("backend {}:{port} paths: ", pod.addr);
+    paths_line_of(log, pod.addr.into(), port)
+}
+
+/// The `paths:` line the agent logs at exit for the backend `addr`:`port`.
+fn paths_line_of(log: &str, addr: IpAddr, port: u16) -> Option<&str> {
+    let needle = format!("backend {addr}:{port} paths: ");
     log.lines()
         .find_map(|line| line.split_once(&needle).map(|(_, rest)| rest))
 }
@@ -119,10 +165,17 @@ fn ensure_no_csum_errors(pod: &Pod) -> anyhow::Result<()> {
 
 /// Waits until the agent logs that it reaches `pod` with bpf_redirect_peer.
 fn wait_peer(agent: &Agent<'_, NodeLab>, since: usize, pod: &Pod) -> anyhow::Result<()> {
-    let known = format!(
-        "local pod {}: bpf_redirect_peer via {}",
-        pod.addr, pod.host_if
-    );
+    wait_peer_at(agent, since, pod, pod.addr.into())
+}
+
+/// As `wait_peer`, for the pod's address `addr` (of either family).
+fn wait_peer_at(
+    agent: &Agent<'_, NodeLab>,
+    since: usize,
+    pod: &Pod,
+    addr: IpAddr,
+) -> anyhow::Result<()> {
+    let known = format!("local pod {addr}: bpf_redirect_peer via {}", pod.host_if);
     agent.wait_for_log(since, &known, WAIT)?;
     Ok(())
 }
@@ -233,6 +286,86 @@ fn node_port_reaches_every_kind_of_pod_with_good_checksums() -> anyhow::Result<(
         ensure_no_csum_errors(pod)?;
     }
     Ok(())
+}
+
+/// `node_port_reaches_every_kind_of_pod_with_good_checksums` for IPv6
+/// clients of dual-stack services (each pod listed by both addresses, the
+/// node's IPv4 and IPv6 uplink addresses listed): DNAT to the pod's IPv6
+/// address, masquerade as the node's IPv6 address towards it, replies from
+/// [NODE6]:NodePort through the same hooks as IPv4's (pods' replies are
+/// CHECKSUM_PARTIAL skbs reverse-NATed by tc), and no checksum error
+/// anywhere. IPv4 clients are served beside them.
+#[test]
+fn ipv6_node_port_reaches_every_kind_of_pod_with_good_checksums() -> anyhow::Result<()> {
+    let lab = NodeLab::new()?;
+    for kind in PodKind::ALL {
+        let pod = lab.pod(kind);
+        let config = lab.write_file(
+            "xlb.yaml",
+            &lab.dual_stack_config_yaml(&lab.dual_stack_echo_services(&[pod], false)),
+        )?;
+        let agent = Agent::start(&lab, &config)?;
+        if kind.is_local() {
+            agent.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
+        }
+        agent.wait_for_log(0, "xlb-vx: tcx ingress", WAIT)?;
+        with_log(&agent, exchange_in(&lab, pod, Family::V6))?;
+        if kind.is_local() {
+            // Once the agent knows the pod's IPv6 address
+            // (`XLB_PEERS6`), through bpf_redirect_peer.
+            wait_peer_at(&agent, 0, pod, pod.addr6.into())?;
+            with_log(&agent, exchange_in(&lab, pod, Family::V6))?;
+        }
+        with_log(&agent, exchange_in(&lab, pod, Family::V4))?;
+        let exit = agent.stop_cleanly()?;
+        for port in [ECHO_UDP_PORT, ECHO_TCP_PORT] {
+            let line = paths_line_of(&exit.log, pod.addr6.into(), port)
+                .with_context(|| format!("no IPv6 paths line for {}\n{}", pod.name, exit.log))?;
+            let (to_backend, to_client) = match kind {
+                PodKind::Node2Routed => ("xdp", "xdp"),
+                PodKind::Bridge | PodKind::Routed => ("peer", "tc"),
+                PodKind::Node2Vxlan => ("tc", "tc"),
+            };
+            ensure!(
+                path_count(line, "to-backend", to_backend) > 0
+                    && path_count(line, "to-client", to_client) > 0,
+                "{} over IPv6: expected to-backend via {to_backend}, to-client via \
+                 {to_client}: {line}",
+                pod.name
+            );
+            eprintln!("{} [{}]:{port} paths: {line}", pod.name, pod.addr6);
+        }
+    }
+    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
+    let udp6_errors = udp6_csum_errors(&lab.client)?;
+    ensure!(
+        (tcp_errors, udp_errors, udp6_errors) == (0, 0, 0),
+        "the client saw checksum errors: TcpInCsumErrors={tcp_errors} \
+         UdpInCsumErrors={udp_errors} Udp6InCsumErrors={udp6_errors}"
+    );
+    for pod in &lab.pods {
+        ensure_no_csum_errors(pod)?;
+        let errors = udp6_csum_errors(&pod.netns)?;
+        ensure!(
+            errors == 0,
+            "{} saw {errors} UDP/IPv6 checksum errors",
+            pod.name
+        );
+    }
+    Ok(())
+}
+
+/// A namespace's `Udp6InCsumErrors` (`nstat`; TCP's counter covers both
+/// families).
+fn udp6_csum_errors(netns: &xlb_tests::Netns) -> anyhow::Result<u64> {
+    let out = netns.exec("nstat", &["-a", "-s", "-z", "Udp6InCsumErrors"])?;
+    Ok(out
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next() == Some("Udp6InCsumErrors")).then(|| fields.next()?.parse().ok())?
+        })
+        .unwrap_or(0))
 }
 
 /// No `node.interfaces`, no `--iface`: the agent finds the uplink (the
@@ -351,6 +484,53 @@ fn external_traffic_policy_local_keeps_the_client_address() -> anyhow::Result<()
     ensure!(reached.len() == 2, "both local pods serve: {reached:?}");
     let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
     ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
+    Ok(())
+}
+
+/// `external_traffic_policy_local_keeps_the_client_address` for IPv6
+/// clients of dual-stack services: only this node's pods serve, and they
+/// see the client's own IPv6 address.
+#[test]
+fn ipv6_external_traffic_policy_local_keeps_the_client_address() -> anyhow::Result<()> {
+    let lab = NodeLab::new()?;
+    let pods: Vec<&Pod> = lab.pods.iter().collect();
+    let config = lab.write_file(
+        "xlb.yaml",
+        &lab.dual_stack_config_yaml(&lab.dual_stack_echo_services(&pods, true)),
+    )?;
+    let agent = Agent::start(&lab, &config)?;
+    for pod in pods.iter().filter(|pod| pod.kind.is_local()) {
+        agent.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
+    }
+    let (udp, tcp) = Family::V6.services();
+    let client = IpAddr::from(CLIENT_ADDR6);
+    let reached = lab
+        .client
+        .run(|| -> anyhow::Result<BTreeMap<String, usize>> {
+            let mut reached = BTreeMap::new();
+            for _ in 0..40 {
+                let socket = udp_socket6()?;
+                let (who, from) = udp_who(&socket, udp)?;
+                ensure!(from == udp, "UDP reply from {from}");
+                ensure!(who.peer.ip() == client, "UDP {who:?}");
+                *reached.entry(who.name).or_insert(0) += 1;
+            }
+            for connection in 0..20u32 {
+                let who = tcp_who_echo(tcp, &pattern(5000, connection))?;
+                ensure!(who.peer.ip() == client, "TCP {who:?}");
+                *reached.entry(who.name).or_insert(0) += 1;
+            }
+            Ok(reached)
+        })?;
+    let reached = with_log(&agent, reached)?;
+    for name in reached.keys() {
+        let pod = lab.pod_named(name).context("unknown pod")?;
+        ensure!(pod.kind.is_local(), "ETP Local reached {name}: {reached:?}");
+    }
+    ensure!(reached.len() == 2, "both local pods serve: {reached:?}");
+    let (tcp_errors, _) = lab.client_csum_errors()?;
+    let udp6_errors = udp6_csum_errors(&lab.client)?;
+    ensure!((tcp_errors, udp6_errors) == (0, 0), "checksum errors");
     Ok(())
 }
 

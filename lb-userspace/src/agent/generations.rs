@@ -4,7 +4,7 @@
 //! is retried by the resync until it is complete.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Instant;
 
 use log::{debug, error, info, warn};
@@ -107,17 +107,13 @@ impl Agent {
         // Next hops are made managed neighbours on the neighbour thread
         // (only new or failed backends cost iproute2 work); the kernel
         // resolves them in the background either way, so nothing here waits.
-        // IPv6 next hops are left to the kernel's own resolution.
-        let backends: BTreeSet<Ipv4Addr> = self
+        let backends: BTreeSet<IpAddr> = self
             .config
             .state
             .services
             .iter()
             .flat_map(|service| service.backends.iter())
-            .filter_map(|backend| match backend.address {
-                std::net::IpAddr::V4(address) => Some(address),
-                std::net::IpAddr::V6(_) => None,
-            })
+            .map(|backend| backend.address)
             .collect();
         self.neighbours.ensure(backends);
         self.laps.lap("neighbours");

@@ -1,5 +1,5 @@
 //! Managed neighbours: the kernel keeps the next hop of every backend
-//! resolved, so the datapath's FIB lookup finds a MAC address instead of
+//! (IPv4 and IPv6) resolved, so the datapath's FIB lookup finds a MAC address instead of
 //! dropping with `drop_no_neighbour`. Done with iproute2 (`ip route get`,
 //! `ip neigh replace ... managed`), which every node has, in batch mode: one
 //! `ip` for all new backends' routes and one for their distinct next hops,
@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver, Sender};
 
@@ -38,7 +38,7 @@ pub enum NeighbourError {
 /// Where packets to a backend go next.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NextHop {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub device: String,
 }
 
@@ -46,17 +46,17 @@ pub struct NextHop {
 /// reconcile runs iproute2 only for new ones.
 #[derive(Debug, Default)]
 pub struct Neighbours {
-    done: BTreeSet<Ipv4Addr>,
+    done: BTreeSet<IpAddr>,
     /// Backends whose failure was already reported (retried quietly).
-    failed: BTreeSet<Ipv4Addr>,
+    failed: BTreeSet<IpAddr>,
 }
 
 impl Neighbours {
     /// Makes the next hop of every backend in `backends` a managed
     /// neighbour. Failures come back as warnings, and are retried next time.
-    pub fn ensure(&mut self, backends: &BTreeSet<Ipv4Addr>) -> Vec<String> {
+    pub fn ensure(&mut self, backends: &BTreeSet<IpAddr>) -> Vec<String> {
         let mut warnings = Vec::new();
-        let new: Vec<Ipv4Addr> = backends.difference(&self.done).copied().collect();
+        let new: Vec<IpAddr> = backends.difference(&self.done).copied().collect();
         for chunk in new.chunks(CHUNK) {
             match resolve(chunk) {
                 Ok(outcomes) => {
@@ -77,7 +77,7 @@ impl Neighbours {
         warnings
     }
 
-    fn record(&mut self, backend: Ipv4Addr, outcome: Outcome, warnings: &mut Vec<String>) {
+    fn record(&mut self, backend: IpAddr, outcome: Outcome, warnings: &mut Vec<String>) {
         match outcome {
             Ok(Some(hop)) => {
                 log::debug!(
@@ -117,7 +117,7 @@ impl Neighbours {
 /// What the agent asks of the neighbour thread.
 enum Request {
     /// Make these backends' next hops managed neighbours.
-    Ensure(BTreeSet<Ipv4Addr>),
+    Ensure(BTreeSet<IpAddr>),
     /// Redo every backend on the next `Ensure` (routes may have moved).
     Forget,
 }
@@ -144,7 +144,7 @@ impl NeighbourWorker {
     }
 
     /// Queues `backends` (the whole current set); returns at once.
-    pub fn ensure(&self, backends: BTreeSet<Ipv4Addr>) {
+    pub fn ensure(&self, backends: BTreeSet<IpAddr>) {
         let _ = self.requests.send(Request::Ensure(backends));
     }
 
@@ -181,7 +181,7 @@ type Outcome = Result<Option<NextHop>, String>;
 /// Finds every backend's next hop (one `ip -batch` of `route get`s) and
 /// makes each distinct one a managed neighbour (one `ip -batch` of `neigh
 /// replace`s). Per-backend outcomes; `Err` only if `ip` cannot run at all.
-fn resolve(backends: &[Ipv4Addr]) -> Result<Vec<(Ipv4Addr, Outcome)>, NeighbourError> {
+fn resolve(backends: &[IpAddr]) -> Result<Vec<(IpAddr, Outcome)>, NeighbourError> {
     let lookups: String = backends
         .iter()
         .map(|backend| format!("route get {backend}\n"))
@@ -189,7 +189,7 @@ fn resolve(backends: &[Ipv4Addr]) -> Result<Vec<(Ipv4Addr, Outcome)>, NeighbourE
     let (stdout, _) = batch(&["-force", "-j", "-batch", "-"], &lookups)?;
     let routes = routes_by_destination(&stdout);
     let mut outcomes = Vec::with_capacity(backends.len());
-    let mut hops: BTreeMap<NextHop, Vec<Ipv4Addr>> = BTreeMap::new();
+    let mut hops: BTreeMap<NextHop, Vec<IpAddr>> = BTreeMap::new();
     for &backend in backends {
         match routes.get(&backend) {
             None => outcomes.push((backend, Err(String::from("ip route get found no route")))),
@@ -199,7 +199,18 @@ fn resolve(backends: &[Ipv4Addr]) -> Result<Vec<(Ipv4Addr, Outcome)>, NeighbourE
             },
         }
     }
-    let hops: Vec<(NextHop, Vec<Ipv4Addr>)> = hops.into_iter().collect();
+    // A static (permanent) entry is resolved for good already; replacing
+    // it with a managed one would drop its address where the kernel cannot
+    // resolve one (no link-local address for IPv6's solicitations).
+    let permanent = permanent_neighbours();
+    let (kept, hops): (Vec<_>, Vec<_>) = hops
+        .into_iter()
+        .partition(|(hop, _)| permanent.contains(&(hop.address, hop.device.clone())));
+    for (hop, users) in kept {
+        for backend in users {
+            outcomes.push((backend, Ok(Some(hop.clone()))));
+        }
+    }
     if hops.is_empty() {
         return Ok(outcomes);
     }
@@ -274,12 +285,31 @@ fn run_with_input(
 
 /// `ip -j -batch` prints one JSON array per successful `route get`; each
 /// route names its destination.
-fn routes_by_destination(stdout: &str) -> HashMap<Ipv4Addr, RouteJson> {
+fn routes_by_destination(stdout: &str) -> HashMap<IpAddr, RouteJson> {
     serde_json::Deserializer::from_str(stdout)
         .into_iter::<Vec<RouteJson>>()
         .filter_map(Result::ok)
         .filter_map(|routes| routes.into_iter().next())
         .filter_map(|route| Some((route.dst.as_deref()?.parse().ok()?, route)))
+        .collect()
+}
+
+/// The permanent neighbour entries, as (address, device); none if `ip`
+/// cannot list them.
+fn permanent_neighbours() -> BTreeSet<(IpAddr, String)> {
+    #[derive(Deserialize)]
+    struct NeighbourJson {
+        dst: String,
+        dev: Option<String>,
+    }
+    let listed = run_with_input("ip", &["-j", "neigh", "show", "nud", "permanent"], "");
+    let Ok((stdout, _)) = listed else {
+        return BTreeSet::new();
+    };
+    serde_json::from_str::<Vec<NeighbourJson>>(&stdout)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|entry| Some((entry.dst.parse().ok()?, entry.dev?)))
         .collect()
 }
 
@@ -303,7 +333,7 @@ struct RouteJson {
 
 /// Parses `ip -j route get BACKEND` (one command's output).
 #[cfg(test)]
-fn next_hop(backend: Ipv4Addr, json: &str) -> Result<Option<NextHop>, NeighbourError> {
+fn next_hop(backend: IpAddr, json: &str) -> Result<Option<NextHop>, NeighbourError> {
     let routes: Vec<RouteJson> =
         serde_json::from_str(json).map_err(|e| output_error(backend, e.to_string()))?;
     let Some(route) = routes.first() else {
@@ -312,7 +342,7 @@ fn next_hop(backend: Ipv4Addr, json: &str) -> Result<Option<NextHop>, NeighbourE
     hop_of(backend, route)
 }
 
-fn output_error(backend: Ipv4Addr, reason: String) -> NeighbourError {
+fn output_error(backend: IpAddr, reason: String) -> NeighbourError {
     NeighbourError::Output {
         command: format!("ip -j route get {backend}"),
         reason,
@@ -321,7 +351,7 @@ fn output_error(backend: Ipv4Addr, reason: String) -> NeighbourError {
 
 /// A backend's next hop from its route: the gateway if there is one, else
 /// the backend itself on the route's device; `None` for local addresses.
-fn hop_of(backend: Ipv4Addr, route: &RouteJson) -> Result<Option<NextHop>, NeighbourError> {
+fn hop_of(backend: IpAddr, route: &RouteJson) -> Result<Option<NextHop>, NeighbourError> {
     if matches!(
         route.kind.as_deref(),
         Some("local" | "blackhole" | "unreachable" | "prohibit")
@@ -334,7 +364,7 @@ fn hop_of(backend: Ipv4Addr, route: &RouteJson) -> Result<Option<NextHop>, Neigh
     let address = match &route.gateway {
         Some(gateway) => gateway
             .parse()
-            .map_err(|_| output_error(backend, format!("gateway {gateway} is not IPv4")))?,
+            .map_err(|_| output_error(backend, format!("gateway {gateway} is not an address")))?,
         None => backend,
     };
     Ok(Some(NextHop { address, device }))
@@ -344,7 +374,9 @@ fn hop_of(backend: Ipv4Addr, route: &RouteJson) -> Result<Option<NextHop>, Neigh
 mod tests {
     use super::*;
 
-    const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+    use std::net::Ipv4Addr;
+
+    const BACKEND: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 1, 2));
 
     fn hop(json: &str) -> Option<NextHop> {
         match next_hop(BACKEND, json) {
@@ -371,7 +403,7 @@ mod tests {
         assert_eq!(
             hop(json),
             Some(NextHop {
-                address: Ipv4Addr::new(198, 18, 0, 254),
+                address: IpAddr::from([198, 18, 0, 254]),
                 device: String::from("eth0")
             })
         );
@@ -389,11 +421,11 @@ mod tests {
                       [{\"dst\":\"198.19.3.4\",\"gateway\":\"198.18.5.254\",\"dev\":\"va\"}]\n";
         let routes = routes_by_destination(stdout);
         assert_eq!(routes.len(), 2);
-        let routed = Ipv4Addr::new(198, 19, 3, 4);
+        let routed = IpAddr::from([198, 19, 3, 4]);
         let hop = routes.get(&routed).map(|route| hop_of(routed, route));
         assert!(matches!(
             hop,
-            Some(Ok(Some(NextHop { address, .. }))) if address == Ipv4Addr::new(198, 18, 5, 254)
+            Some(Ok(Some(NextHop { address, .. }))) if address == IpAddr::from([198, 18, 5, 254])
         ));
         let stderr = "RTNETLINK answers: Network is unreachable\nCommand failed -:2\n\
                       Cannot find device \"x\"\nCommand failed -:5\n";
@@ -424,6 +456,17 @@ mod tests {
         ip(&["link", "set", "va", "up"]);
         ip(&["link", "set", "vb", "up"]);
         ip(&[
+            "neigh",
+            "add",
+            "198.18.5.9",
+            "lladdr",
+            "02:00:00:00:00:09",
+            "dev",
+            "va",
+            "nud",
+            "permanent",
+        ]);
+        ip(&[
             "route",
             "add",
             "198.19.0.0/16",
@@ -439,12 +482,14 @@ mod tests {
             // Only this thread changes namespace.
             crate::kernel::sys::setns_net(file.as_fd()).expect("setns");
             let mut neighbours = Neighbours::default();
-            let backends: BTreeSet<Ipv4Addr> = [
+            let backends: BTreeSet<IpAddr> = [
                 Ipv4Addr::new(198, 18, 5, 7),
                 Ipv4Addr::new(198, 19, 1, 1),
                 Ipv4Addr::new(198, 19, 2, 2),
                 Ipv4Addr::new(198, 18, 5, 1),
+                Ipv4Addr::new(198, 18, 5, 9),
             ]
+            .map(IpAddr::from)
             .into();
             let warnings = neighbours.ensure(&backends);
             (warnings, neighbours.done.len())
@@ -458,10 +503,15 @@ mod tests {
             panic!("thread panicked")
         };
         assert!(warnings.is_empty(), "{warnings:?}");
-        assert_eq!(done, 4, "every backend handled (one is local)");
+        assert_eq!(done, 5, "every backend handled (one is local)");
         let table = String::from_utf8_lossy(&table.expect("ip neigh").stdout).into_owned();
         assert!(table.contains("198.18.5.7 dev va managed"), "{table}");
         assert!(table.contains("198.18.5.254 dev va managed"), "{table}");
+        // A static entry stays as it is.
+        assert!(
+            table.contains("198.18.5.9 dev va lladdr 02:00:00:00:00:09 PERMANENT"),
+            "{table}"
+        );
         assert_eq!(
             table.matches("198.18.5.254").count(),
             1,
@@ -487,7 +537,7 @@ mod tests {
             let _ = tx.send(busy);
         });
         // Loopback addresses are local: no iproute2 change is made.
-        worker.ensure(BTreeSet::from([Ipv4Addr::LOCALHOST]));
+        worker.ensure(BTreeSet::from([IpAddr::from(Ipv4Addr::LOCALHOST)]));
         let timeout = std::time::Duration::from_secs(30);
         assert_eq!(rx.recv_timeout(timeout), Ok(true));
         assert_eq!(rx.recv_timeout(timeout), Ok(false));

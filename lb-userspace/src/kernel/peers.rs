@@ -1,4 +1,5 @@
-//! Local pods for `bpf_redirect_peer` (`XLB_PEERS`): for each address of a
+//! Local pods for `bpf_redirect_peer` (`XLB_PEERS`, `XLB_PEERS6`): for each
+//! address (IPv4 or IPv6) of a
 //! pod on this node, the host side of its veth and the MACs its frames need,
 //! so XDP on the uplink hands its frames to tc for a redirect straight into
 //! the pod's namespace (README "Hooks").
@@ -16,11 +17,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use lb_common::Peer;
+use lb_common::{Peer, family::addr6};
 use serde::Deserialize;
 use tokio::time::{Instant, sleep_until};
 
@@ -57,11 +58,12 @@ impl LocalPod {
     }
 }
 
-/// Keeps `XLB_PEERS` equal to the local pods the host's tables show.
+/// Keeps `XLB_PEERS` and `XLB_PEERS6` equal to the local pods the host's
+/// tables show.
 pub struct PeerWatch {
     watch: Option<LinkWatch>,
-    /// What the map holds.
-    written: BTreeMap<Ipv4Addr, LocalPod>,
+    /// What the maps hold.
+    written: BTreeMap<IpAddr, LocalPod>,
     /// An event was seen (or nothing was read yet) and not acted on.
     pending: bool,
     next_read: Instant,
@@ -117,7 +119,8 @@ impl PeerWatch {
     }
 
     /// Reads the host's tables and writes the differences into `XLB_PEERS`
-    /// of `datapath` (the veths it runs XDP on are uplinks, not pods).
+    /// and `XLB_PEERS6` of `datapath` (the veths it runs XDP on are
+    /// uplinks, not pods).
     pub fn sync(&mut self, datapath: &mut Datapath) {
         self.pending = false;
         self.next_read = Instant::now() + MIN_GAP;
@@ -129,56 +132,88 @@ impl PeerWatch {
                 return;
             }
         };
-        let Some(map) = datapath.ebpf.map_mut(lb_common::maps::PEERS) else {
+        let written = &mut self.written;
+        sync_family(
+            datapath,
+            lb_common::maps::PEERS,
+            &found,
+            written,
+            |address| match address {
+                IpAddr::V4(address) => Some(u32::from_ne_bytes(address.octets())),
+                IpAddr::V6(_) => None,
+            },
+        );
+        sync_family(
+            datapath,
+            lb_common::maps::PEERS6,
+            &found,
+            written,
+            |address| match address {
+                IpAddr::V6(address) => Some(addr6(address.octets())),
+                IpAddr::V4(_) => None,
+            },
+        );
+    }
+}
+
+/// `PeerWatch::sync` for the map `name`, which holds the addresses `key`
+/// turns into its keys (the others are the other family's).
+fn sync_family<K: aya::Pod>(
+    datapath: &mut Datapath,
+    name: &str,
+    found: &BTreeMap<IpAddr, (LocalPod, String)>,
+    written: &mut BTreeMap<IpAddr, LocalPod>,
+    key: impl Fn(&IpAddr) -> Option<K>,
+) {
+    let Some(map) = datapath.ebpf.map_mut(name) else {
+        return;
+    };
+    let mut map: BpfHashMap<&mut MapData, K, Peer> = match BpfHashMap::try_from(map) {
+        Ok(map) => map,
+        Err(error) => {
+            log::warn!("{name}: {error}");
             return;
-        };
-        let mut map: BpfHashMap<&mut MapData, u32, Peer> = match BpfHashMap::try_from(map) {
-            Ok(map) => map,
-            Err(error) => {
-                log::warn!("{}: {error}", lb_common::maps::PEERS);
-                return;
-            }
-        };
-        let key = |address: &Ipv4Addr| u32::from_ne_bytes(address.octets());
-        for (address, (pod, how)) in &found {
-            if self.written.get(address) == Some(pod) {
-                continue;
-            }
-            match map.insert(key(address), pod.entry(), 0) {
-                Ok(()) => {
-                    log::info!("local pod {address}: bpf_redirect_peer via {how}");
-                    self.written.insert(*address, *pod);
-                }
-                Err(error) => log::warn!(
-                    "local pod {address}: cannot add it to {} ({error}); its packets go \
-                     through bpf_redirect_neigh",
-                    lb_common::maps::PEERS
-                ),
-            }
         }
-        let gone: Vec<Ipv4Addr> = self
-            .written
-            .keys()
-            .filter(|address| !found.contains_key(address))
-            .copied()
-            .collect();
-        for address in gone {
-            match map.remove(&key(&address)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
-                    log::info!("local pod {address}: gone from this node's tables");
-                    self.written.remove(&address);
-                }
-                Err(error) => log::warn!("local pod {address}: cannot remove it: {error}"),
+    };
+    for (address, (pod, how)) in found {
+        let Some(map_key) = key(address) else {
+            continue;
+        };
+        if written.get(address) == Some(pod) {
+            continue;
+        }
+        match map.insert(map_key, pod.entry(), 0) {
+            Ok(()) => {
+                log::info!("local pod {address}: bpf_redirect_peer via {how}");
+                written.insert(*address, *pod);
             }
+            Err(error) => log::warn!(
+                "local pod {address}: cannot add it to {name} ({error}); its packets go \
+                 through bpf_redirect_neigh"
+            ),
+        }
+    }
+    let gone: Vec<(IpAddr, K)> = written
+        .keys()
+        .filter(|address| !found.contains_key(address))
+        .filter_map(|address| Some((*address, key(address)?)))
+        .collect();
+    for (address, map_key) in gone {
+        match map.remove(&map_key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                log::info!("local pod {address}: gone from this node's tables");
+                written.remove(&address);
+            }
+            Err(error) => log::warn!("local pod {address}: cannot remove it: {error}"),
         }
     }
 }
 
 /// The local pods, with how each was found (for the log), from the host's
-/// links, IPv4 neighbours and bridge FDB.
-fn local_pods(uplinks: &BTreeSet<String>) -> io::Result<BTreeMap<Ipv4Addr, (LocalPod, String)>> {
+/// links, IPv4 and IPv6 neighbours and bridge FDB.
+fn local_pods(uplinks: &BTreeSet<String>) -> io::Result<BTreeMap<IpAddr, (LocalPod, String)>> {
     let links = run(&["ip", "-json", "-details", "link", "show"])?;
-    let neighbours = run(&["ip", "-4", "-json", "neigh", "show"])?;
+    let neighbours = run(&["ip", "-json", "neigh", "show"])?;
     let fdb = run(&["bridge", "-json", "fdb", "show"])?;
     pods_from(&links, &neighbours, &fdb, uplinks).map_err(io::Error::other)
 }
@@ -247,7 +282,7 @@ fn pods_from(
     neighbours: &[u8],
     fdb: &[u8],
     uplinks: &BTreeSet<String>,
-) -> Result<BTreeMap<Ipv4Addr, (LocalPod, String)>, serde_json::Error> {
+) -> Result<BTreeMap<IpAddr, (LocalPod, String)>, serde_json::Error> {
     let links: Vec<RawLink> = serde_json::from_slice(links)?;
     let neighbours: Vec<RawNeighbour> = serde_json::from_slice(neighbours)?;
     let fdb: Vec<RawFdb> = serde_json::from_slice(fdb)?;
@@ -278,11 +313,17 @@ fn pods_from(
             continue;
         }
         let (Ok(address), Some(pod_mac)) = (
-            neighbour.dst.parse::<Ipv4Addr>(),
+            neighbour.dst.parse::<IpAddr>(),
             neighbour.lladdr.as_deref().and_then(mac),
         ) else {
             continue;
         };
+        // A pod's link-local address is no backend's.
+        if let IpAddr::V6(v6) = address
+            && v6.is_unicast_link_local()
+        {
+            continue;
+        }
         let Some(device) = by_name.get(neighbour.dev.as_str()) else {
             continue;
         };
@@ -333,7 +374,10 @@ mod tests {
         {"dst":"198.18.11.2","dev":"xlb-vr0","lladdr":"0a:00:00:00:11:02","state":["DELAY"]},
         {"dst":"198.18.11.3","dev":"xlb-vr0","state":["FAILED"]},
         {"dst":"198.18.0.2","dev":"xlb-up","lladdr":"0a:00:00:00:00:02","state":["REACHABLE"]},
-        {"dst":"198.18.12.2","dev":"local-a","lladdr":"0a:00:00:00:12:02","state":["REACHABLE"]}
+        {"dst":"198.18.12.2","dev":"local-a","lladdr":"0a:00:00:00:12:02","state":["REACHABLE"]},
+        {"dst":"2001:db8:10::2","dev":"cni0","lladdr":"0a:00:00:00:10:02","state":["REACHABLE"]},
+        {"dst":"2001:db8:11::2","dev":"xlb-vr0","lladdr":"0a:00:00:00:11:02","state":["STALE"]},
+        {"dst":"fe80::800:ff:fe00:1102","dev":"xlb-vr0","lladdr":"0a:00:00:00:11:02","state":["STALE"]}
     ]"#;
     const FDB: &[u8] = br#"[
         {"mac":"33:33:00:00:00:01","ifname":"cni0","flags":["self"],"state":"permanent"},
@@ -345,39 +389,41 @@ mod tests {
     fn bridge_and_routed_pods_from_the_tables() {
         let uplinks = BTreeSet::from([String::from("xlb-up")]);
         let pods = pods_from(LINKS, NEIGHBOURS, FDB, &uplinks).map_err(|e| e.to_string());
-        let pods: Vec<(Ipv4Addr, LocalPod, String)> = pods
+        let pods: Vec<(IpAddr, LocalPod, String)> = pods
             .unwrap_or_default()
             .into_iter()
             .map(|(address, (pod, how))| (address, pod, how))
             .collect();
+        let bridge = LocalPod {
+            veth: 4,
+            route: 3,
+            pod_mac: [0x0a, 0, 0, 0, 0x10, 0x02],
+            gateway_mac: [2, 0, 0, 0, 0, 3],
+        };
+        let routed = LocalPod {
+            veth: 5,
+            route: 5,
+            pod_mac: [0x0a, 0, 0, 0, 0x11, 0x02],
+            gateway_mac: [0xee; 6],
+        };
+        let (bridge_how, routed_how) = (
+            String::from("xlb-vb0 (port of cni0)"),
+            String::from("xlb-vr0 (routed)"),
+        );
+        let ip = |text: &str| text.parse::<IpAddr>().expect("an address");
         assert_eq!(
             pods,
             [
-                (
-                    Ipv4Addr::new(198, 18, 10, 2),
-                    LocalPod {
-                        veth: 4,
-                        route: 3,
-                        pod_mac: [0x0a, 0, 0, 0, 0x10, 0x02],
-                        gateway_mac: [2, 0, 0, 0, 0, 3],
-                    },
-                    String::from("xlb-vb0 (port of cni0)")
-                ),
-                (
-                    Ipv4Addr::new(198, 18, 11, 2),
-                    LocalPod {
-                        veth: 5,
-                        route: 5,
-                        pod_mac: [0x0a, 0, 0, 0, 0x11, 0x02],
-                        gateway_mac: [0xee; 6],
-                    },
-                    String::from("xlb-vr0 (routed)")
-                ),
+                (ip("198.18.10.2"), bridge, bridge_how.clone()),
+                (ip("198.18.11.2"), routed, routed_how.clone()),
+                (ip("2001:db8:10::2"), bridge, bridge_how),
+                (ip("2001:db8:11::2"), routed, routed_how),
             ]
         );
         // Left out: a bridge neighbour without a learned port (10.3), an
         // unresolved neighbour (11.3), the uplink's (0.2), a veth whose
-        // other end is in this namespace (12.2).
+        // other end is in this namespace (12.2), a pod's link-local
+        // address (fe80::).
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod sweep;
 mod sweep6;
 mod table;
 mod table6;
+mod tc;
 
 use lb_common::Reason;
 use table::{Case, Expect};

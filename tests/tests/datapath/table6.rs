@@ -86,7 +86,7 @@ fn forward_case(dp: &Datapath, spec: Spec6, masquerade: bool) -> Case {
 }
 
 /// Sends `spec` from the client; returns the frame as the backend got it.
-fn send_from_client6(dp: &mut Datapath, spec: &Spec6) -> Spec6 {
+pub fn send_from_client6(dp: &mut Datapath, spec: &Spec6) -> Spec6 {
     let (verdict, out) = dp.run(&spec.build(), dp.client_ifindex);
     assert_eq!(
         verdict, XDP_REDIRECT,
