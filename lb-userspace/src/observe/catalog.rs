@@ -47,12 +47,18 @@ impl ServiceInfo {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    /// Whether `query` (`name` or `namespace/name`) names this service.
+    /// Whether `query` (`name` or `namespace/name`) names this service: a
+    /// Service's name names its tables of its own too (`name (IPv6)`,
+    /// `name (cluster IP)`), unless the query names one of those.
     pub fn matches(&self, query: &str) -> bool {
-        match query.split_once('/') {
-            Some((namespace, name)) => namespace == self.namespace && name == self.name,
-            None => query == self.name,
-        }
+        let (namespace, name) = match query.split_once('/') {
+            Some((namespace, name)) => (Some(namespace), name),
+            None => (None, query),
+        };
+        let own = self.name == name
+            || (self.name.strip_prefix(name))
+                .is_some_and(|rest| rest == " (IPv6)" || rest.starts_with(" (cluster IP)"));
+        own && namespace.is_none_or(|namespace| namespace == self.namespace)
     }
 }
 
@@ -335,5 +341,31 @@ services:
         let back: Catalog = serde_json::from_str(&json).unwrap();
         assert_eq!(back, catalog);
         assert!(json.contains("\"state\":\"ready\""), "{json}");
+    }
+
+    #[test]
+    fn a_services_name_matches_its_own_tables_too() {
+        let named = |name: &str| ServiceInfo {
+            namespace: String::from("default"),
+            name: name.to_owned(),
+            protocol: String::from("UDP"),
+            frontends: Vec::new(),
+            external_traffic_policy: String::from("Cluster"),
+            health_check_node_port: None,
+            backends: Vec::new(),
+        };
+        for name in [
+            "dns",
+            "dns (IPv6)",
+            "dns (cluster IP)",
+            "dns (cluster IP) (IPv6)",
+        ] {
+            assert!(named(name).matches("dns"), "{name}");
+            assert!(named(name).matches("default/dns"), "{name}");
+            assert!(!named(name).matches("kube-system/dns"), "{name}");
+        }
+        assert!(named("dns (IPv6)").matches("dns (IPv6)"));
+        assert!(!named("dns").matches("dns (IPv6)"));
+        assert!(!named("dns-cache").matches("dns"));
     }
 }

@@ -12,7 +12,7 @@ use std::ops::Range;
 use serde::ser::{Serialize, Serializer};
 
 use super::{BackendState, Catalog, ServiceBackend, backend_state};
-use crate::model::{self, BackendAddr, DesiredState, Protocol, TrafficPolicy};
+use crate::model::{self, BackendAddr, DesiredState, IpFamily, Protocol, TrafficPolicy};
 use crate::reconcile::Applied;
 
 /// What the datapath's ids mean, for the agent's own use.
@@ -48,8 +48,9 @@ pub struct ServiceRow {
 /// Where a service answers: its own address, or every node address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct FrontendRow {
-    /// `None`: a NodePort.
+    /// `None`: a NodePort (on the node's addresses of `family`).
     address: Option<IpAddr>,
+    family: IpFamily,
     protocol: Protocol,
     port: u16,
 }
@@ -105,12 +106,17 @@ impl CatalogRows {
         };
         // (backend id, service id, the backend as that service has it).
         let mut uses: Vec<(u32, u32, &model::Backend)> = Vec::new();
-        for (index, &(id, frontend, service)) in claimed.iter().enumerate() {
+        for (index, &(id, frontend, service, name)) in claimed.iter().enumerate() {
             rows.frontends.push(frontend);
             if claimed.get(index + 1).is_some_and(|&(next, ..)| next == id) {
                 continue; // More frontends of this service follow.
             }
-            for backend in &service.backends {
+            // A dual-stack service's halves each have the backends of their
+            // family.
+            let family = frontend.family;
+            let of_family =
+                (service.backends.iter()).filter(|backend| IpFamily::of(backend.address) == family);
+            for backend in of_family {
                 let Some(backend_id) = id_of(backend) else {
                     continue;
                 };
@@ -124,7 +130,7 @@ impl CatalogRows {
             rows.services.push(ServiceRow {
                 id,
                 namespace: service.namespace.as_str().into(),
-                name: service.name.as_str().into(),
+                name: name.into(),
                 protocol: service.protocol,
                 external_traffic_policy: service.external_traffic_policy,
                 health_check_node_port: service.health_check_node_port,
@@ -208,6 +214,15 @@ impl CatalogRows {
         &self.service_backends[span(index, |i| self.services[i].backends_end)]
     }
 
+    /// The node addresses of `family` (IPv4 sort before IPv6).
+    fn node_addresses_of(&self, family: IpFamily) -> &[IpAddr] {
+        let first_v6 = self.node_addresses.partition_point(IpAddr::is_ipv4);
+        match family {
+            IpFamily::V4 => &self.node_addresses[..first_v6],
+            IpFamily::V6 => &self.node_addresses[first_v6..],
+        }
+    }
+
     fn frontends_of(&self, service: &ServiceRow) -> &[FrontendRow] {
         let index = self.service_index(service);
         &self.frontends[span(index, |i| self.services[i].frontends_end)]
@@ -236,37 +251,43 @@ impl CatalogRows {
 /// service id (in `applied` order within one id, as the catalog lists
 /// them). Entries no desired service names (written by an older config,
 /// about to be removed) are left out.
+///
+/// Each comes with the name the entry has: the service's, or with the
+/// suffix of a table of its own (` (cluster IP)`, ` (IPv6)`).
 fn claimed_frontends<'a>(
     state: &'a DesiredState,
-    applied: &Applied,
-) -> Vec<(u32, FrontendRow, &'a model::Service)> {
+    applied: &'a Applied,
+) -> Vec<(u32, FrontendRow, &'a model::Service, &'a str)> {
     let mut by_name: Vec<(&str, &str, &model::Service)> = state
         .services
         .iter()
         .map(|service| (service.namespace.as_str(), service.name.as_str(), service))
         .collect();
     by_name.sort_unstable_by_key(|&(namespace, name, _)| (namespace, name));
-    let service_named = |qualified: &str| {
-        let (namespace, name) = qualified.split_once('/')?;
+    let service_named = |qualified: &'a str| {
+        let (namespace, shown) = qualified.split_once('/')?;
+        let name = shown.strip_suffix(" (IPv6)").unwrap_or(shown);
+        let name = name.strip_suffix(" (cluster IP)").unwrap_or(name);
         let at = by_name
             .binary_search_by_key(&(namespace, name), |&(n, m, _)| (n, m))
             .ok()?;
-        Some(by_name[at].2)
+        Some((by_name[at].2, shown))
     };
     // Each frontend with its service, by service id (frontends in
     // `applied` order within one id, as the catalog lists them).
-    let mut claimed: Vec<(u32, FrontendRow, &model::Service)> = applied
+    let mut claimed: Vec<(u32, FrontendRow, &model::Service, &str)> = applied
         .services
         .iter()
         .filter_map(|(frontend, entry)| {
             // Unnamed: written by an older config, about to be removed.
-            let service = service_named(&entry.name)?;
+            let (service, shown) = service_named(&entry.name)?;
             let row = FrontendRow {
                 address: frontend.address,
+                family: frontend.family,
                 protocol: frontend.protocol,
                 port: frontend.port,
             };
-            Some((entry.entry.id, row, service))
+            Some((entry.entry.id, row, service, shown))
         })
         .collect();
     claimed.sort_by_key(|&(id, ..)| id);
@@ -334,7 +355,7 @@ impl Serialize for Services<'_> {
                     port: frontend.port,
                     addresses: match &frontend.address {
                         Some(address) => std::slice::from_ref(address),
-                        None => &rows.node_addresses,
+                        None => rows.node_addresses_of(frontend.family),
                     },
                 })
                 .collect();
