@@ -94,6 +94,10 @@ struct Table<F: Family> {
 /// Entries a walk found expired, as it saw them.
 type Expired<F> = Vec<(FlowKeyOf<F>, FlowOf<F>)>;
 
+/// What one pass's walk saw, the expired entries, and where the next pass
+/// resumes.
+type Walked<F> = (GcPass, Expired<F>, Option<FlowKeyOf<F>>);
+
 impl<F: Family> Table<F> {
     fn open(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, OpenError> {
         let map = ebpf.take_map(name).ok_or(OpenError::Missing { name })?;
@@ -141,7 +145,7 @@ impl<F: Family> Table<F> {
         config: &GlobalConfig,
         now_ns: u64,
         budget: usize,
-    ) -> Result<(GcPass, Expired<F>, Option<FlowKeyOf<F>>), MapIoError> {
+    ) -> Result<Walked<F>, MapIoError> {
         let mut pass = GcPass::default();
         // Each key with the entry as the walk saw it.
         let mut expired: Expired<F> = Vec::new();
