@@ -191,6 +191,9 @@ pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredStat
             Some(node.addresses.clone())
         }
     });
+    if let Some(listed) = &node_addresses {
+        note_families_without_node_address(listed, &services, &mut notes);
+    }
     Translation {
         state: DesiredState {
             node_addresses,
@@ -198,6 +201,40 @@ pub fn translate(snapshot: &ClusterSnapshot, node: &NodeInfo, base: &DesiredStat
             ..base.clone()
         },
         notes,
+    }
+}
+
+/// A Service with a NodePort in a family the node addresses (the config's
+/// list, or the Node's InternalIPs) have none of: its clients of that
+/// family reach the NodePort nowhere (the Node lacks an InternalIP of the
+/// family, or `node.addresses` leaves it out).
+fn note_families_without_node_address(
+    listed: &[IpAddr],
+    services: &[Service],
+    notes: &mut Vec<Note>,
+) {
+    let has = |family: IpFamily| {
+        listed
+            .iter()
+            .any(|address| IpFamily::of(*address) == family)
+    };
+    for service in services.iter().filter(|service| service.node_port != 0) {
+        for family in service
+            .families()
+            .into_iter()
+            .filter(|family| !has(*family))
+        {
+            let name = service.name.split(':').next().unwrap_or(&service.name);
+            notes.push(Note {
+                level: NoteLevel::Warn,
+                object: format!("Service {}/{name}", service.namespace),
+                message: format!(
+                    "{family} clients cannot reach nodePort {}: this node has no {family} \
+                     address to answer on (the Node's InternalIPs, or node.addresses)",
+                    service.node_port
+                ),
+            });
+        }
     }
 }
 

@@ -952,3 +952,47 @@ fn duplicate_frontend_addresses_keep_the_first_service() {
         translation.notes
     );
 }
+
+/// A dual-stack NodePort Service on a Node with only an IPv4 InternalIP
+/// answers IPv6 nowhere: the translation says so.
+#[test]
+fn a_family_the_node_has_no_address_of_is_noted() {
+    let snapshot = snapshot(
+        vec![service(
+            "web",
+            json!({
+                "type": "NodePort",
+                "ipFamilies": ["IPv4", "IPv6"],
+                "ports": [{"port": 80, "nodePort": 30080}],
+            }),
+        )],
+        Vec::new(),
+    );
+    let node = NodeInfo {
+        name: Some(NODE.to_owned()),
+        addresses: vec![ip("198.18.0.1")],
+    };
+    let translation = translate(&snapshot, &node, &base());
+    let warned: Vec<String> = (translation.notes.iter())
+        .filter(|note| note.level == NoteLevel::Warn)
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        warned,
+        [
+            "Service default/web: IPv6 clients cannot reach nodePort 30080: this node has no IPv6 \
+          address to answer on (the Node's InternalIPs, or node.addresses)"
+        ]
+    );
+    let node = NodeInfo {
+        addresses: vec![ip("198.18.0.1"), ip("2001:db8::1")],
+        ..node
+    };
+    let translation = translate(&snapshot, &node, &base());
+    assert!(
+        translation
+            .notes
+            .iter()
+            .all(|note| note.level == NoteLevel::Debug)
+    );
+}
