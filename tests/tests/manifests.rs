@@ -340,7 +340,21 @@ endpoints:
              kubernetes.io/service-name label, so it belongs to no service; add the label \
              kubernetes.io/service-name: <the Service's name>",
             "app.yaml:8:17: document 1 (EndpointSlice default/web-1): endpoints[0].addresses[0]: \
-             \"10.0.0.300\" is not an IPv4 address; write the pod's IPv4 address, e.g. 10.244.1.7",
+             \"10.0.0.300\" is not an IPv4 address; write the pod's IPv4 address, e.g. 10.244.1.7, \
+             or put it in a slice of its family",
+        ]
+    );
+
+    // An IPv6 slice takes IPv6 addresses only.
+    let ipv6 = unlabelled
+        .replace("addressType: IPv4", "addressType: IPv6")
+        .replace("[10.0.0.300]", "['fd00::3', 10.0.0.3]");
+    assert_eq!(
+        messages(&ipv6)[1..],
+        [
+            "app.yaml:8:28: document 1 (EndpointSlice default/web-1): endpoints[0].addresses[1]: \
+             \"10.0.0.3\" is not an IPv6 address; write the pod's IPv6 address, e.g. \
+             fd00:10:244::7, or put it in a slice of its family"
         ]
     );
 
