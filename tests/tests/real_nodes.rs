@@ -746,6 +746,7 @@ fn local_pods_through_bpf_redirect_peer(family: Family) -> anyhow::Result<()> {
     let agent = Agent::start(&lab, &config)?;
     for pod in pods {
         agent.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
+        wait_peer_at(&agent, 0, pod, family.addr(pod))?;
     }
     let (udp, tcp) = family.services();
     let names: Vec<&str> = pods.iter().map(|pod| pod.name.as_str()).collect();
@@ -761,11 +762,6 @@ fn local_pods_through_bpf_redirect_peer(family: Family) -> anyhow::Result<()> {
             Ok(())
         })?,
     )?;
-    // (The node resolves an IPv6 pod's neighbour on the first packet to
-    // it: the agent finds it then.)
-    for pod in pods {
-        wait_peer_at(&agent, 0, pod, family.addr(pod))?;
-    }
 
     let stream = Stream::to(udp);
     let outcome = std::thread::scope(|scope| -> anyhow::Result<()> {
@@ -810,8 +806,9 @@ fn local_pods_through_bpf_redirect_peer(family: Family) -> anyhow::Result<()> {
                 .with_context(|| format!("no paths line for {}\n{}", pod.name, exit.log))?;
             ensure!(
                 path_count(line, "to-backend", "peer") > 0,
-                "{}: no packet through bpf_redirect_peer: {line}",
-                pod.name
+                "{}: no packet through bpf_redirect_peer: {line}\n--- agent log ---\n{}",
+                pod.name,
+                exit.log
             );
         }
         ensure_no_csum_errors(pod)?;
