@@ -29,10 +29,21 @@ fn start<'lab>(
     pods: &[&Pod],
     etp_local: bool,
 ) -> anyhow::Result<Agent<'lab, NodeLab>> {
-    let config = lab.write_file(
-        "xlb.yaml",
-        &lab.config_yaml(&lab.echo_services(pods, etp_local)),
-    )?;
+    start_in(lab, pods, etp_local, Family::V4)
+}
+
+/// As `start`, the services of `family` (see `Family::config_yaml`).
+fn start_in<'lab>(
+    lab: &'lab NodeLab,
+    pods: &[&Pod],
+    etp_local: bool,
+    family: Family,
+) -> anyhow::Result<Agent<'lab, NodeLab>> {
+    let services = match family {
+        Family::V4 => lab.echo_services(pods, etp_local),
+        Family::V6 => lab.dual_stack_echo_services(pods, etp_local),
+    };
+    let config = lab.write_file("xlb.yaml", &family.config_yaml(lab, &services))?;
     let agent = Agent::start(lab, &config)?;
     // The pods' veths and the tunnel get their tc program within a second.
     for pod in pods.iter().filter(|pod| pod.kind.is_local()) {
@@ -79,6 +90,42 @@ impl Family {
         match self {
             Family::V4 => masquerade_addr(pod),
             Family::V6 => pod.masquerade_addr6().into(),
+        }
+    }
+
+    /// The node's address the NodePorts of this family answer on.
+    fn node_addr(self) -> IpAddr {
+        match self {
+            Family::V4 => NODE_ADDR.into(),
+            Family::V6 => NODE_ADDR6.into(),
+        }
+    }
+
+    /// `v4` or `v6`, parsed.
+    fn pick(self, v4: &str, v6: &str) -> IpAddr {
+        match self {
+            Family::V4 => v4,
+            Family::V6 => v6,
+        }
+        .parse()
+        .expect("an IP address")
+    }
+
+    /// The echo services with `pods` as backends: IPv4 only, or dual-stack
+    /// for V6 (each pod by both its addresses).
+    fn echo_services(self, lab: &NodeLab, pods: &[&Pod]) -> String {
+        match self {
+            Family::V4 => lab.echo_services(pods, false),
+            Family::V6 => lab.dual_stack_echo_services(pods, false),
+        }
+    }
+
+    /// A config for `services`: NodePorts on the node's IPv4 address, or
+    /// on both of its addresses for V6.
+    fn config_yaml(self, lab: &NodeLab, services: &str) -> String {
+        match self {
+            Family::V4 => lab.config_yaml(services),
+            Family::V6 => lab.dual_stack_config_yaml(services),
         }
     }
 }
@@ -153,12 +200,26 @@ fn with_log<T>(agent: &Agent<'_, NodeLab>, result: anyhow::Result<T>) -> anyhow:
     result.map_err(|error| anyhow::anyhow!("{error:#}\n--- agent log ---\n{}", agent.log()))
 }
 
+/// The pod counted no TCP, UDP or UDP/IPv6 checksum error.
 fn ensure_no_csum_errors(pod: &Pod) -> anyhow::Result<()> {
     let errors = csum_errors(&pod.netns)?;
+    let udp6_errors = udp6_csum_errors(&pod.netns)?;
     ensure!(
-        errors == (0, 0),
-        "{} saw checksum errors: {errors:?}",
+        errors == (0, 0) && udp6_errors == 0,
+        "{} saw checksum errors: {errors:?}, Udp6InCsumErrors={udp6_errors}",
         pod.name
+    );
+    Ok(())
+}
+
+/// The client counted no TCP, UDP or UDP/IPv6 checksum error.
+fn ensure_client_no_csum_errors(lab: &NodeLab) -> anyhow::Result<()> {
+    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
+    let udp6_errors = udp6_csum_errors(&lab.client)?;
+    ensure!(
+        (tcp_errors, udp_errors, udp6_errors) == (0, 0, 0),
+        "the client saw checksum errors: TcpInCsumErrors={tcp_errors} \
+         UdpInCsumErrors={udp_errors} Udp6InCsumErrors={udp6_errors}"
     );
     Ok(())
 }
@@ -188,22 +249,25 @@ fn first_datagram(
     pod: &Pod,
 ) -> anyhow::Result<(Who, SocketAddr)> {
     lab.client
-        .run(|| udp_who(&udp_socket()?, target))?
+        .run(|| udp_who(&udp_socket_for(target)?, target))?
         .with_context(|| format!("the first datagram to the new pod {}", pod.name))
 }
 
-/// A stream of UDP datagrams from the client to the UDP NodePort, every
+/// A stream of UDP datagrams from the client to a UDP NodePort, every
 /// 5 ms until `stop`, counted as answered or lost; a new socket (a new
 /// flow) each time when `fresh_flows`.
 struct Stream {
+    target: SocketAddr,
     stop: AtomicBool,
     answered: AtomicU64,
     lost: AtomicU64,
 }
 
 impl Stream {
-    fn new() -> Stream {
+    /// A stream to `target`.
+    fn to(target: SocketAddr) -> Stream {
         Stream {
+            target,
             stop: AtomicBool::new(false),
             answered: AtomicU64::new(0),
             lost: AtomicU64::new(0),
@@ -212,16 +276,16 @@ impl Stream {
 
     fn run(&self, lab: &NodeLab, fresh_flows: bool) -> anyhow::Result<()> {
         lab.client.run(|| -> anyhow::Result<()> {
-            let mut socket = udp_socket()?;
+            let mut socket = udp_socket_for(self.target)?;
             let mut seq = 0u32;
             while !self.stop.load(Ordering::Relaxed) {
                 if fresh_flows {
-                    socket = udp_socket()?;
+                    socket = udp_socket_for(self.target)?;
                 }
                 socket.set_read_timeout(Some(Duration::from_millis(500)))?;
                 seq += 1;
                 let payload = pattern(64, seq);
-                match udp_exchange(&socket, udp_service(), &payload) {
+                match udp_exchange(&socket, self.target, &payload) {
                     Ok((reply, _)) if reply == payload => &self.answered,
                     _ => &self.lost,
                 }
@@ -536,12 +600,28 @@ fn ipv6_external_traffic_policy_local_keeps_the_client_address() -> anyhow::Resu
 
 #[test]
 fn thousand_flows_over_bridge_and_vxlan_while_pods_come_and_go() -> anyhow::Result<()> {
+    thousand_flows_while_pods_come_and_go(Family::V4)
+}
+
+/// The same over IPv6, to dual-stack services: the pods that come and go
+/// have IPv6 addresses too, and the flows to the pods that stay are not
+/// disturbed.
+#[test]
+fn ipv6_thousand_flows_over_bridge_and_vxlan_while_pods_come_and_go() -> anyhow::Result<()> {
+    thousand_flows_while_pods_come_and_go(Family::V6)
+}
+
+/// 1000 UDP flows and 1000 TCP connections (4 threads) through the
+/// NodePorts of `family` to a bridge pod and a VXLAN pod, while a pod
+/// appears and goes on each CNI of this node: every request answered, both
+/// pods serve, no checksum error.
+fn thousand_flows_while_pods_come_and_go(family: Family) -> anyhow::Result<()> {
     const FLOWS: usize = 1000;
     const THREADS: usize = 4;
     let lab = NodeLab::new()?;
     let pods = [lab.pod(PodKind::Bridge), lab.pod(PodKind::Node2Vxlan)];
-    let agent = start(&lab, &pods, false)?;
-    let (udp, tcp) = (udp_service(), tcp_service());
+    let agent = start_in(&lab, &pods, false, family)?;
+    let (udp, tcp) = family.services();
 
     let outcome = std::thread::scope(|scope| -> anyhow::Result<BTreeMap<String, usize>> {
         let traffic = scope.spawn(|| {
@@ -554,7 +634,7 @@ fn thousand_flows_over_bridge_and_vxlan_while_pods_come_and_go() -> anyhow::Resu
                                 inner.spawn(move || -> anyhow::Result<Vec<String>> {
                                     let mut names = Vec::new();
                                     for flow in (worker..FLOWS).step_by(THREADS) {
-                                        let socket = udp_socket()?;
+                                        let socket = udp_socket_for(udp)?;
                                         let (who, from) = udp_who(&socket, udp)
                                             .context(format!("UDP flow {flow}"))?;
                                         ensure!(from == udp);
@@ -604,8 +684,7 @@ fn thousand_flows_over_bridge_and_vxlan_while_pods_come_and_go() -> anyhow::Resu
             pod.name
         );
     }
-    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
-    ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
+    ensure_client_no_csum_errors(&lab)?;
     // The agent noticed the churn in its status too.
     ensure!(agent.log().contains("xlb-vb2: gone"));
     Ok(())
@@ -619,46 +698,72 @@ fn thousand_flows_over_bridge_and_vxlan_while_pods_come_and_go() -> anyhow::Resu
 /// stay loses nothing. Checksums are right on both ends.
 #[test]
 fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
+    local_pods_through_bpf_redirect_peer(Family::V4)
+}
+
+/// The same over IPv6, to dual-stack services: the agent finds the pods'
+/// IPv6 neighbours (`XLB_PEERS6`), new pods are served from their first
+/// datagram, and their entries go with them.
+#[test]
+fn ipv6_local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
+    local_pods_through_bpf_redirect_peer(Family::V6)
+}
+
+/// `local_pods_are_reached_through_bpf_redirect_peer` through the NodePorts
+/// of `family`, the pods by their addresses of that family.
+fn local_pods_through_bpf_redirect_peer(family: Family) -> anyhow::Result<()> {
     let lab = NodeLab::new()?;
     let pods = [lab.pod(PodKind::Bridge), lab.pod(PodKind::Routed)];
+    // (kind, index, its address as the lab will give it, its UDP NodePort;
+    // TCP's is 10 below)
     let new_pods = [
-        (PodKind::Bridge, 2, [198, 18, 10, 3], 30990),
-        (PodKind::Routed, 2, [198, 18, 11, 3], 30991),
+        (
+            PodKind::Bridge,
+            2,
+            family.pick("198.18.10.3", "2001:db8:10::3"),
+            30990,
+        ),
+        (
+            PodKind::Routed,
+            2,
+            family.pick("198.18.11.3", "2001:db8:11::3"),
+            30991,
+        ),
     ];
-    let mut services = lab.echo_services(&pods, false);
+    let mut services = family.echo_services(&lab, &pods);
     for (kind, index, addr, node_port) in new_pods {
         for (protocol, offset, target) in [("UDP", 0, ECHO_UDP_PORT), ("TCP", 10, ECHO_TCP_PORT)] {
             services.push_str(&format!(
                 "  - name: new-{}-{index}-{}\n    protocol: {protocol}\n    \
-                 nodePort: {}\n    targetPort: {target}\n    backends:\n      - address: {}\n",
+                 nodePort: {}\n    targetPort: {target}\n    backends:\n      - address: {addr}\n",
                 kind.label(),
                 protocol.to_lowercase(),
                 node_port - offset,
-                std::net::Ipv4Addr::from(addr)
             ));
         }
     }
-    let config = lab.write_file("xlb.yaml", &lab.config_yaml(&services))?;
+    let config = lab.write_file("xlb.yaml", &family.config_yaml(&lab, &services))?;
     let agent = Agent::start(&lab, &config)?;
     for pod in pods {
         agent.wait_for_log(0, &format!("{}: tcx ingress", pod.host_if), WAIT)?;
-        wait_peer(&agent, 0, pod)?;
+        wait_peer_at(&agent, 0, pod, family.addr(pod))?;
     }
+    let (udp, tcp) = family.services();
     let names: Vec<&str> = pods.iter().map(|pod| pod.name.as_str()).collect();
     with_log(
         &agent,
         lab.client.run(|| -> anyhow::Result<()> {
             for flow in 0..20u32 {
-                let (who, from) = udp_who(&udp_socket()?, udp_service())?;
-                ensure!(from == udp_service() && names.contains(&who.name.as_str()));
-                let who = tcp_who_echo(tcp_service(), &pattern(30_000, flow))?;
+                let (who, from) = udp_who(&udp_socket_for(udp)?, udp)?;
+                ensure!(from == udp && names.contains(&who.name.as_str()));
+                let who = tcp_who_echo(tcp, &pattern(30_000, flow))?;
                 ensure!(names.contains(&who.name.as_str()), "{who:?}");
             }
             Ok(())
         })?,
     )?;
 
-    let stream = Stream::new();
+    let stream = Stream::to(udp);
     let outcome = std::thread::scope(|scope| -> anyhow::Result<()> {
         // A new flow each time: both pods, both paths' choices.
         let streaming = scope.spawn(|| stream.run(&lab, true));
@@ -666,15 +771,15 @@ fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
             for (kind, index, addr, node_port) in new_pods {
                 let since = agent.log().len();
                 let pod = lab.add_pod(kind, index)?;
-                ensure!(pod.addr == std::net::Ipv4Addr::from(addr), "{pod:?}");
-                let udp = SocketAddr::from((NODE_ADDR, node_port));
-                let tcp = SocketAddr::from((NODE_ADDR, node_port - 10));
+                ensure!(family.addr(&pod) == addr, "{pod:?}");
+                let udp = SocketAddr::new(family.node_addr(), node_port);
+                let tcp = SocketAddr::new(family.node_addr(), node_port - 10);
                 let first = first_datagram(&lab, udp, &pod)?;
                 ensure!(first.0.name == pod.name, "{first:?}");
-                wait_peer(&agent, since, &pod)?;
+                wait_peer_at(&agent, since, &pod, addr)?;
                 for round in 0..5u32 {
                     lab.client.run(|| -> anyhow::Result<()> {
-                        let (who, _) = udp_who(&udp_socket()?, udp)?;
+                        let (who, _) = udp_who(&udp_socket_for(udp)?, udp)?;
                         ensure!(who.name == pod.name, "{who:?}");
                         let who = tcp_who_echo(tcp, &pattern(20_000, round))?;
                         ensure!(who.name == pod.name, "{who:?}");
@@ -684,11 +789,7 @@ fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
                 ensure_no_csum_errors(&pod)?;
                 let since = agent.log().len();
                 drop(pod);
-                agent.wait_for_log(
-                    since,
-                    &format!("local pod {}: gone", std::net::Ipv4Addr::from(addr)),
-                    WAIT,
-                )?;
+                agent.wait_for_log(since, &format!("local pod {addr}: gone"), WAIT)?;
             }
             Ok(())
         })();
@@ -701,19 +802,18 @@ fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
     let exit = agent.stop_cleanly()?;
     for pod in pods {
         for port in [ECHO_UDP_PORT, ECHO_TCP_PORT] {
-            let line = paths_line(&exit.log, pod, port)
+            let line = paths_line_of(&exit.log, family.addr(pod), port)
                 .with_context(|| format!("no paths line for {}\n{}", pod.name, exit.log))?;
             ensure!(
                 path_count(line, "to-backend", "peer") > 0,
-                "{}: no packet through bpf_redirect_peer: {line}",
-                pod.name
+                "{}: no packet through bpf_redirect_peer: {line}\n--- agent log ---\n{}",
+                pod.name,
+                exit.log
             );
         }
         ensure_no_csum_errors(pod)?;
     }
-    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
-    ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
-    Ok(())
+    ensure_client_no_csum_errors(&lab)
 }
 
 /// A pod made while traffic runs is served at once: the rtnetlink link
@@ -724,37 +824,69 @@ fn local_pods_are_reached_through_bpf_redirect_peer() -> anyhow::Result<()> {
 /// loses nothing meanwhile.
 #[test]
 fn a_new_pod_is_served_at_once() -> anyhow::Result<()> {
+    a_new_pod_is_served_at_once_in(Family::V4)
+}
+
+/// The same over IPv6, to dual-stack services: the new pods' first IPv6
+/// replies are reverse-NATed too.
+#[test]
+fn ipv6_a_new_pod_is_served_at_once() -> anyhow::Result<()> {
+    a_new_pod_is_served_at_once_in(Family::V6)
+}
+
+/// `a_new_pod_is_served_at_once` through the NodePorts of `family`, the new
+/// pods by their addresses of that family.
+fn a_new_pod_is_served_at_once_in(family: Family) -> anyhow::Result<()> {
     let lab = NodeLab::new()?;
     let first = lab.pod(PodKind::Bridge);
     // (kind, index, its address as the lab will give it, its NodePort)
     let new_pods = [
-        (PodKind::Bridge, 2, [198, 18, 10, 3], 30990),
-        (PodKind::Routed, 2, [198, 18, 11, 3], 30991),
-        (PodKind::Bridge, 3, [198, 18, 10, 4], 30992),
-        (PodKind::Routed, 3, [198, 18, 11, 4], 30993),
+        (
+            PodKind::Bridge,
+            2,
+            family.pick("198.18.10.3", "2001:db8:10::3"),
+            30990,
+        ),
+        (
+            PodKind::Routed,
+            2,
+            family.pick("198.18.11.3", "2001:db8:11::3"),
+            30991,
+        ),
+        (
+            PodKind::Bridge,
+            3,
+            family.pick("198.18.10.4", "2001:db8:10::4"),
+            30992,
+        ),
+        (
+            PodKind::Routed,
+            3,
+            family.pick("198.18.11.4", "2001:db8:11::4"),
+            30993,
+        ),
     ];
-    let mut services = lab.echo_services(&[first], false);
+    let mut services = family.echo_services(&lab, &[first]);
     for (kind, index, addr, node_port) in new_pods {
         services.push_str(&format!(
             "  - name: new-{}-{index}\n    protocol: UDP\n    nodePort: {node_port}\n    \
-             targetPort: {ECHO_UDP_PORT}\n    backends:\n      - address: {}\n",
+             targetPort: {ECHO_UDP_PORT}\n    backends:\n      - address: {addr}\n",
             kind.label(),
-            std::net::Ipv4Addr::from(addr)
         ));
     }
-    let config = lab.write_file("xlb.yaml", &lab.config_yaml(&services))?;
+    let config = lab.write_file("xlb.yaml", &family.config_yaml(&lab, &services))?;
     let agent = Agent::start(&lab, &config)?;
     agent.wait_for_log(0, &format!("{}: tcx ingress", first.host_if), WAIT)?;
 
-    let stream = Stream::new();
+    let stream = Stream::to(family.services().0);
     let outcome = std::thread::scope(|scope| -> anyhow::Result<Vec<Pod>> {
         let streaming = scope.spawn(|| stream.run(&lab, false));
         let made = (|| -> anyhow::Result<Vec<Pod>> {
             let mut made = Vec::new();
             for (kind, index, addr, node_port) in new_pods {
                 let pod = lab.add_pod(kind, index)?;
-                ensure!(pod.addr == std::net::Ipv4Addr::from(addr), "{pod:?}");
-                let target = SocketAddr::from((NODE_ADDR, node_port));
+                ensure!(family.addr(&pod) == addr, "{pod:?}");
+                let target = SocketAddr::new(family.node_addr(), node_port);
                 let (who, from) = first_datagram(&lab, target, &pod)?;
                 ensure!(from == target, "reply from {from}, not {target}");
                 ensure!(who.name == pod.name, "{who:?} answered for {}", pod.name);
@@ -769,9 +901,7 @@ fn a_new_pod_is_served_at_once() -> anyhow::Result<()> {
     let made = with_log(&agent, outcome)?;
     stream.ensure_lossless(&first.name)?;
     drop(made);
-    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
-    ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
-    Ok(())
+    ensure_client_no_csum_errors(&lab)
 }
 
 /// `--keep-attached` keeps pods behind tc served while no agent runs: the
@@ -779,14 +909,25 @@ fn a_new_pod_is_served_at_once() -> anyhow::Result<()> {
 /// links, the next agent adopts them, and a plain stop removes them.
 #[test]
 fn pods_behind_tc_are_served_across_an_agent_restart() -> anyhow::Result<()> {
+    pods_behind_tc_across_an_agent_restart(Family::V4)
+}
+
+/// The same over IPv6, to dual-stack services: the pinned datapath keeps
+/// IPv6 flows and serves new ones while no agent runs.
+#[test]
+fn ipv6_pods_behind_tc_are_served_across_an_agent_restart() -> anyhow::Result<()> {
+    pods_behind_tc_across_an_agent_restart(Family::V6)
+}
+
+/// `pods_behind_tc_are_served_across_an_agent_restart` through the
+/// NodePorts of `family`.
+fn pods_behind_tc_across_an_agent_restart(family: Family) -> anyhow::Result<()> {
     let lab = NodeLab::new()?;
     let bpffs = Bpffs::mount(&lab)?;
     let dir = bpffs.arg();
     let pod = lab.pod(PodKind::Bridge);
-    let config = lab.write_file(
-        "xlb.yaml",
-        &lab.config_yaml(&lab.echo_services(&[pod], false)),
-    )?;
+    let services = family.echo_services(&lab, &[pod]);
+    let config = lab.write_file("xlb.yaml", &family.config_yaml(&lab, &services))?;
     let bin = bin_from_env(XLB_BIN_ENV)?;
     let run_dir = lab.dir().join("restart-run").display().to_string();
     let agent = Agent::start_with(
@@ -822,9 +963,9 @@ fn pods_behind_tc_are_served_across_an_agent_restart() -> anyhow::Result<()> {
             "no tc pin {expected}: {tc_pins:?}"
         );
     }
-    let udp = udp_service();
+    let (udp, tcp) = family.services();
     let (flow, who) = lab.client.run(|| -> anyhow::Result<_> {
-        let socket = udp_socket()?;
+        let socket = udp_socket_for(udp)?;
         let (who, _) = udp_who(&socket, udp)?;
         Ok((socket, who))
     })??;
@@ -844,9 +985,9 @@ fn pods_behind_tc_are_served_across_an_agent_restart() -> anyhow::Result<()> {
             .run(|| -> anyhow::Result<()> {
                 let (who, from) = udp_who(&flow, udp).context("the flow")?;
                 ensure!(from == udp && who.name == pod.name, "{who:?} from {from}");
-                let (who, _) = udp_who(&udp_socket()?, udp).context("a new UDP flow")?;
+                let (who, _) = udp_who(&udp_socket_for(udp)?, udp).context("a new UDP flow")?;
                 ensure!(who.name == pod.name, "{who:?}");
-                let who = tcp_who_echo(tcp_service(), &pattern(20_000, 7)).context("TCP")?;
+                let who = tcp_who_echo(tcp, &pattern(20_000, 7)).context("TCP")?;
                 ensure!(who.name == pod.name, "{who:?}");
                 Ok(())
             })?
@@ -870,9 +1011,7 @@ fn pods_behind_tc_are_served_across_an_agent_restart() -> anyhow::Result<()> {
         bpffs.pins("tc"),
         bpffs.pins("links")
     );
-    let (tcp_errors, udp_errors) = lab.client_csum_errors()?;
-    ensure!((tcp_errors, udp_errors) == (0, 0), "checksum errors");
-    Ok(())
+    ensure_client_no_csum_errors(&lab)
 }
 
 #[test]

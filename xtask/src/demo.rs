@@ -3,18 +3,23 @@
 //! and on a second node reached routed and over VXLAN. UDP and TCP are sent
 //! from the client through both NodePorts; the demo tallies which pod
 //! answered, whether every reply looked right, and which path each pod's
-//! packets took (XDP redirect, or tc where XDP cannot deliver).
+//! packets took (XDP redirect, or tc where XDP cannot deliver). The services
+//! are dual-stack: the same rounds then go to the node's IPv6 address.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use lb_common::Reason;
-use xlb_tests::client::{pattern, tcp_who_echo_timeout, udp_socket, udp_who};
+use xlb_tests::client::{pattern, tcp_who_echo_timeout, udp_socket_for, udp_who};
 use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT};
-use xlb_tests::node_lab::{NodeLab, UPLINK_IF, tcp_service, udp_service};
+use xlb_tests::netns::Netns;
+use xlb_tests::node_lab::{
+    CLIENT_ADDR6, NODE_ADDR6, NodeLab, Pod, UPLINK_IF, tcp_service, tcp_service6, udp_service,
+    udp_service6,
+};
 use xlb_tests::{Agent, Who};
 
 use crate::{build, setup, signals};
@@ -38,35 +43,27 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let lab = NodeLab::with_echo_bin(&echo)?;
     print_lab(&lab);
     let pods: Vec<_> = lab.pods.iter().collect();
+    // Dual-stack: every pod by both its addresses, the NodePorts on both of
+    // the node's.
     let config = lab.write_file(
         "xlb.yaml",
-        &lab.config_yaml(&lab.echo_services(&pods, false)),
+        &lab.dual_stack_config_yaml(&lab.dual_stack_echo_services(&pods, false)),
     )?;
 
     let agent = start_agent(&lab, &xlb, &config)?;
 
-    let udp = send_udp(&lab)?;
     // (Each round stops early once interrupted; the agent and the lab are
     // then still stopped and removed below.)
-    udp.print(&format!(
-        "UDP {}: {UDP_FLOWS} WHO datagrams, each from its own source port",
-        udp_service()
-    ));
-    let tcp = send_tcp(&lab)?;
-    tcp.print(&format!(
-        "TCP {}: {TCP_CONNECTIONS} connections, WHO + {} KiB echoed each",
-        tcp_service(),
-        TCP_PAYLOAD / 1024
-    ));
-    let checksum_errors = lab.client_csum_errors()?;
+    let v4 = send_family(&lab, Family::V4)?;
+    let v6 = send_family(&lab, Family::V6)?;
+    let checksums = Checksums::read(&lab)?;
 
     let exit = agent.stop()?;
     print_counters(&exit.log);
-    print_paths(&lab, &exit.log);
-    println!(
-        "demo: client checksum errors (nstat): TcpInCsumErrors={} UdpInCsumErrors={}",
-        checksum_errors.0, checksum_errors.1
-    );
+    print_paths(&lab, &exit.log, Family::V4);
+    checksums.print_v4();
+    print_paths(&lab, &exit.log, Family::V6);
+    checksums.print_v6();
     if !exit.status.success() {
         println!(
             "demo: note: the agent exited with {} on SIGTERM",
@@ -81,7 +78,151 @@ pub fn run() -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(130));
     }
 
-    Ok(verdict(&udp, &tcp, checksum_errors, pod_count))
+    Ok(verdict(&[v4, v6], &checksums, pod_count))
+}
+
+/// Which of the node's addresses a round goes to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The UDP and TCP NodePorts of this family.
+    fn services(self) -> (SocketAddr, SocketAddr) {
+        match self {
+            Family::V4 => (udp_service(), tcp_service()),
+            Family::V6 => (udp_service6(), tcp_service6()),
+        }
+    }
+
+    /// The pod's address of this family.
+    fn addr(self, pod: &Pod) -> IpAddr {
+        match self {
+            Family::V4 => pod.addr.into(),
+            Family::V6 => pod.addr6.into(),
+        }
+    }
+
+    /// The address the pod sees a masqueraded client as.
+    fn masquerade_addr(self, pod: &Pod) -> IpAddr {
+        match self {
+            Family::V4 => pod.masquerade_addr().into(),
+            Family::V6 => pod.masquerade_addr6().into(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+/// The UDP and TCP rounds to one family's NodePorts, each printed as it ends.
+fn send_family(lab: &NodeLab, family: Family) -> anyhow::Result<[Tally; 2]> {
+    let (udp_target, tcp_target) = family.services();
+    let udp = send_udp(lab, family)?;
+    udp.print(&format!(
+        "UDP {udp_target}: {UDP_FLOWS} WHO datagrams, each from its own source port"
+    ));
+    let tcp = send_tcp(lab, family)?;
+    tcp.print(&format!(
+        "TCP {tcp_target}: {TCP_CONNECTIONS} connections, WHO + {} KiB echoed each",
+        TCP_PAYLOAD / 1024
+    ));
+    Ok([udp, tcp])
+}
+
+/// The checksum error counters (`nstat`) of the client and of all pods.
+struct Checksums {
+    /// The client's (TcpInCsumErrors, UdpInCsumErrors).
+    client_v4: (u64, u64),
+    /// The client's IPv6-only counters (TCP's counts both families).
+    client_v6: Vec<(&'static str, u64)>,
+    /// Every counter, summed over the pods.
+    pods: Vec<(&'static str, u64)>,
+}
+
+/// The IPv6 checksum counters besides TcpInCsumErrors (which counts both
+/// families).
+const CSUM6_COUNTERS: [&str; 2] = ["Udp6InCsumErrors", "Icmp6InCsumErrors"];
+
+impl Checksums {
+    fn read(lab: &NodeLab) -> anyhow::Result<Checksums> {
+        let client_v4 = lab.client_csum_errors()?;
+        let client_v6 = nstat(&lab.client, &CSUM6_COUNTERS)?;
+        let names = ["TcpInCsumErrors", "UdpInCsumErrors", "Udp6InCsumErrors"];
+        let mut pods: Vec<(&'static str, u64)> = names.iter().map(|name| (*name, 0)).collect();
+        for pod in &lab.pods {
+            for (sum, (_, count)) in pods.iter_mut().zip(nstat(&pod.netns, &names)?) {
+                sum.1 += count;
+            }
+        }
+        Ok(Checksums {
+            client_v4,
+            client_v6,
+            pods,
+        })
+    }
+
+    fn print_v4(&self) {
+        println!(
+            "demo: client checksum errors (nstat): TcpInCsumErrors={} UdpInCsumErrors={}",
+            self.client_v4.0, self.client_v4.1
+        );
+    }
+
+    fn print_v6(&self) {
+        println!(
+            "demo: client checksum errors over IPv6 (nstat; TcpInCsumErrors above counts both families): {}",
+            counters(&self.client_v6)
+        );
+        println!(
+            "demo: pods' checksum errors (nstat, all pods): {}",
+            counters(&self.pods)
+        );
+    }
+
+    fn all_zero(&self) -> bool {
+        self.client_v4 == (0, 0)
+            && self
+                .client_v6
+                .iter()
+                .chain(&self.pods)
+                .all(|(_, count)| *count == 0)
+    }
+}
+
+/// `name=N name=N ...`.
+fn counters(counters: &[(&str, u64)]) -> String {
+    counters
+        .iter()
+        .map(|(name, count)| format!("{name}={count}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `nstat`'s absolute values of `names` in `netns` (0 where it has none).
+fn nstat(netns: &Netns, names: &[&'static str]) -> anyhow::Result<Vec<(&'static str, u64)>> {
+    let mut args = vec!["-a", "-s", "-z"];
+    args.extend_from_slice(names);
+    let out = netns.exec("nstat", &args)?;
+    Ok(names
+        .iter()
+        .map(|name| {
+            let count = out
+                .lines()
+                .find_map(|line| {
+                    let mut fields = line.split_whitespace();
+                    (fields.next() == Some(*name)).then(|| fields.next()?.parse().ok())?
+                })
+                .unwrap_or(0);
+            (*name, count)
+        })
+        .collect())
 }
 
 /// Runs the agent on the lab's node and waits for its tc programs; prints
@@ -117,31 +258,32 @@ fn start_agent<'lab>(
     Ok(agent)
 }
 
-/// OK when every request was answered, every pod served both protocols and
-/// the client counted no checksum errors; else what went wrong.
-fn verdict(udp: &Tally, tcp: &Tally, checksum_errors: (u64, u64), pod_count: usize) -> ExitCode {
+/// OK when every request was answered, every pod served both protocols in
+/// both families and nobody counted a checksum error; else what went wrong.
+fn verdict(rounds: &[[Tally; 2]; 2], checksums: &Checksums, pod_count: usize) -> ExitCode {
     let mut problems = Vec::new();
-    for (protocol, tally) in [("UDP", udp), ("TCP", tcp)] {
-        if !tally.failures.is_empty() {
-            problems.push(format!(
-                "{protocol}: {} of {} requests failed",
-                tally.failures.len(),
-                tally.sent
-            ));
-        }
-        let used = tally.per_backend.len();
-        if used < pod_count {
-            problems.push(format!(
-                "{protocol}: only {used} of {pod_count} pods answered"
-            ));
+    for (family, [udp, tcp]) in [Family::V4, Family::V6].into_iter().zip(rounds) {
+        for (protocol, tally) in [("UDP", udp), ("TCP", tcp)] {
+            let round = format!("{protocol} over {}", family.name());
+            if !tally.failures.is_empty() {
+                problems.push(format!(
+                    "{round}: {} of {} requests failed",
+                    tally.failures.len(),
+                    tally.sent
+                ));
+            }
+            let used = tally.per_backend.len();
+            if used < pod_count {
+                problems.push(format!("{round}: only {used} of {pod_count} pods answered"));
+            }
         }
     }
-    if checksum_errors != (0, 0) {
-        problems.push(String::from("the client counted checksum errors"));
+    if !checksums.all_zero() {
+        problems.push(String::from("checksum errors were counted"));
     }
     if problems.is_empty() {
         println!(
-            "demo: OK: every pod served UDP and TCP, every reply came from the NodePort with a good checksum, and every pod saw the node"
+            "demo: OK: every pod served UDP and TCP over IPv4 and IPv6, every reply came from the NodePort with a good checksum, and every pod saw the node"
         );
         ExitCode::SUCCESS
     } else {
@@ -171,17 +313,31 @@ fn print_lab(lab: &NodeLab) {
             pod.host_if,
         );
     }
+    let pods6: Vec<String> = lab
+        .pods
+        .iter()
+        .map(|pod| format!("{} {}", pod.name, pod.addr6))
+        .collect();
+    println!(
+        "  and IPv6 on every network: client {CLIENT_ADDR6}/64, node {NODE_ADDR6}/64 ({UPLINK_IF}), pods {}",
+        pods6.join(", ")
+    );
 }
 
-/// Per pod, the paths its packets took, from the agent's exit log
+/// Per pod, the paths its packets took to and from its address of `family`,
+/// from the agent's exit log
 /// (`backend ADDR:PORT paths: to-backend xdp=N tc=N peer=N to-client xdp=N tc=N`).
-fn print_paths(lab: &NodeLab, log: &str) {
-    println!(
-        "demo: path per backend (packets; xdp = XDP_TX/XDP_REDIRECT, tc = rewritten in XDP and sent by tc's bpf_redirect_neigh, or reverse-NATed at tc, peer = rewritten in XDP and sent into the local pod by tc's bpf_redirect_peer):"
-    );
+fn print_paths(lab: &NodeLab, log: &str, family: Family) {
+    if family == Family::V4 {
+        println!(
+            "demo: path per backend (packets; xdp = XDP_TX/XDP_REDIRECT, tc = rewritten in XDP and sent by tc's bpf_redirect_neigh, or reverse-NATed at tc, peer = rewritten in XDP and sent into the local pod by tc's bpf_redirect_peer):"
+        );
+    } else {
+        println!("demo: path per backend over IPv6 (packets, as above):");
+    }
     for pod in &lab.pods {
         for (protocol, port) in [("UDP", ECHO_UDP_PORT), ("TCP", ECHO_TCP_PORT)] {
-            let needle = format!("backend {}:{port} paths: ", pod.addr);
+            let needle = format!("backend {}:{port} paths: ", family.addr(pod));
             let paths = log
                 .lines()
                 .find_map(|line| line.split_once(&needle).map(|(_, rest)| rest.to_owned()))
@@ -208,15 +364,15 @@ struct Tally {
 
 impl Tally {
     /// Count `who` (answered via `from`) against what the lab expects.
-    fn record(&mut self, lab: &NodeLab, who: &Who, source_ok: bool, target_port: u16) {
+    fn record(&mut self, lab: &NodeLab, family: Family, who: &Who, source_ok: bool, port: u16) {
         self.failed_in_a_row = 0;
         *self.per_backend.entry(who.name.clone()).or_default() += 1;
         if source_ok {
             self.right_source += 1;
         }
         let natted = lab.pod_named(&who.name).is_some_and(|pod| {
-            who.peer.ip() == pod.masquerade_addr()
-                && who.local == SocketAddr::from((pod.addr, target_port))
+            who.peer.ip() == family.masquerade_addr(pod)
+                && who.local == SocketAddr::new(family.addr(pod), port)
         });
         if natted {
             self.natted += 1;
@@ -261,20 +417,20 @@ impl Tally {
     }
 }
 
-fn send_udp(lab: &NodeLab) -> anyhow::Result<Tally> {
-    let service = udp_service();
-    send_round(lab, UDP_FLOWS, ECHO_UDP_PORT, |_| {
+fn send_udp(lab: &NodeLab, family: Family) -> anyhow::Result<Tally> {
+    let (service, _) = family.services();
+    send_round(lab, family, UDP_FLOWS, ECHO_UDP_PORT, |_| {
         // A source port of its own (never reused): a new flow each.
-        let socket = udp_socket()?;
+        let socket = udp_socket_for(service)?;
         socket.set_read_timeout(Some(TIMEOUT))?;
         let (who, from) = udp_who(&socket, service)?;
         Ok((who, from == service))
     })
 }
 
-fn send_tcp(lab: &NodeLab) -> anyhow::Result<Tally> {
-    let service = tcp_service();
-    send_round(lab, TCP_CONNECTIONS, ECHO_TCP_PORT, |connection| {
+fn send_tcp(lab: &NodeLab, family: Family) -> anyhow::Result<Tally> {
+    let (_, service) = family.services();
+    send_round(lab, family, TCP_CONNECTIONS, ECHO_TCP_PORT, |connection| {
         let payload = pattern(TCP_PAYLOAD, connection as u32);
         let who = tcp_who_echo_timeout(service, &payload, TIMEOUT)?;
         // A TCP reply from any other address would not have completed the
@@ -288,6 +444,7 @@ fn send_tcp(lab: &NodeLab) -> anyhow::Result<Tally> {
 /// interrupted or after GIVE_UP_AFTER failures in a row.
 fn send_round(
     lab: &NodeLab,
+    family: Family,
     count: usize,
     target_port: u16,
     request: impl Fn(usize) -> anyhow::Result<(Who, bool)> + Sync,
@@ -300,7 +457,7 @@ fn send_round(
             }
             tally.sent += 1;
             match request(attempt) {
-                Ok((who, source_ok)) => tally.record(lab, &who, source_ok, target_port),
+                Ok((who, source_ok)) => tally.record(lab, family, &who, source_ok, target_port),
                 Err(error) => {
                     if tally.fail(error) {
                         break;
