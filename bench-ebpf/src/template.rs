@@ -78,12 +78,7 @@ impl Template {
             + u32::from(proto)
             + l4_len as u32
             + word_sum(&frame[L4_AT..L4_AT + l4_len]);
-        let mut words = [0u64; 8];
-        for (word, chunk) in words.iter_mut().zip(frame.chunks_exact(8)) {
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(chunk);
-            *word = u64::from_ne_bytes(bytes);
-        }
+        let words = words_of(&frame);
         GenConfig {
             frame: words,
             src_addr_base: sources.addr_base,
@@ -157,12 +152,7 @@ impl Template6 {
             + l4_len as u32
             + u32::from(IPPROTO_UDP)
             + word_sum(&frame[L4_AT6..L4_AT6 + l4_len]);
-        let mut words = [0u64; 8];
-        for (word, chunk) in words.iter_mut().zip(frame.chunks_exact(8)) {
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(chunk);
-            *word = u64::from_ne_bytes(bytes);
-        }
+        let words = words_of(&frame);
         GenConfig {
             frame: words,
             src_addr_base: sources.addr_base,
@@ -181,6 +171,17 @@ impl Template6 {
 const _: () = assert!(L4_AT6 + UDP_LEN + UDP6_PAYLOAD.len() == FRAME6_LEN);
 const _: () = assert!(L4_AT + UDP_LEN + UDP_PAYLOAD.len() == FRAME_LEN);
 const _: () = assert!(L4_AT + TCP_LEN <= FRAME_LEN);
+
+/// The frame as `GenConfig::frame` holds it: 8-byte words in memory order.
+fn words_of(frame: &[u8; 64]) -> [u64; 8] {
+    let mut words = [0u64; 8];
+    for (word, chunk) in words.iter_mut().zip(frame.chunks_exact(8)) {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(chunk);
+        *word = u64::from_ne_bytes(bytes);
+    }
+    words
+}
 
 /// Sum of big-endian 16-bit words (even length), unfolded.
 fn word_sum(bytes: &[u8]) -> u32 {
