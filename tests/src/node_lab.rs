@@ -289,11 +289,11 @@ impl NodeLab {
         Ok(())
     }
 
-    /// The node's CNIs: the bridge (pods attach as they are added) and the
-    /// route to node2's routed pod network.
+    /// The node's CNIs: the bridge (pods attach as they are added; a fixed
+    /// MAC, which a new pod's port cannot change) and node2's pod route.
     fn node_cni(&self) -> Result<(), LabError> {
-        let node = &self.node;
-        node.ip_line(&format!("link add {CNI_BRIDGE} type bridge"))?;
+        let (node, mac) = (&self.node, "02:c0:00:00:0a:01");
+        node.ip_line(&format!("link add {CNI_BRIDGE} address {mac} type bridge"))?;
         node.ip_line(&format!("addr add 198.18.10.1/24 dev {CNI_BRIDGE}"))?;
         let gateway6 = gateway6(PodKind::Bridge);
         enable_ipv6(node, CNI_BRIDGE, gateway6, PREFIX6)?;
