@@ -11,11 +11,11 @@ use lb_common::{FlowKeyOf, FlowOf, Reason};
 use crate::{
     conntrack::{self, NewFlow, Segment},
     family::Ip,
-    maps::{SCRATCH_KEY, SCRATCH_NEW_FLOW, scratch},
+    maps::{SCRATCH_CHOSEN, SCRATCH_KEY, SCRATCH_NEW_FLOW, scratch},
     parse::{Packet, TCP_ACK, TCP_SYN},
     prog::{
-        NO_FLOW, OPENED, config, debug_logs, flow_key, follow, forward_outlined, pack,
-        pack_forward, select_new_flow,
+        Chosen, NO_FLOW, OPENED, choose_backend, config, debug_logs, flow_key, follow,
+        forward_outlined, pack, pack_forward, route_new_flow,
     },
 };
 
@@ -48,9 +48,13 @@ pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
             return known;
         }
     }
-    let selected = select_stage(ctx, packet, key, now);
-    if selected != OPENED {
-        return selected;
+    let chosen = choose_stage(ctx, packet, key, now);
+    if chosen != OPENED {
+        return chosen;
+    }
+    let routed = route_stage(ctx, packet, key, now);
+    if routed != OPENED {
+        return routed;
     }
     let created = create_stage(ctx, packet, key, now);
     if created != OPENED {
@@ -106,17 +110,42 @@ fn track_stage<F: Ip>(
     }
 }
 
-/// Service, backend and next hop of a new flow, into the scratch space:
-/// `OPENED`, or the packet's verdict.
+/// Service and backend of a new flow, into the scratch space: `OPENED`,
+/// or the packet's verdict.
 #[inline(never)]
-fn select_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
-    let (Ok(cfg), Some(slot)) = (config(), scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW)) else {
+fn choose_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
+    let (Ok(cfg), Some(slot)) = (config(), scratch::<Chosen<F>>(SCRATCH_CHOSEN)) else {
         return pack(Err(Reason::PassNotReady));
     };
     let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    match select_new_flow(ctx, packet, key, cfg, syn, now) {
+    match choose_backend(ctx, packet, key, cfg, syn, now) {
+        Ok(chosen) => {
+            // SAFETY: this CPU's scratch slot, sized for a `Chosen`.
+            unsafe { *slot = chosen };
+            OPENED
+        }
+        Err(verdict) => pack(verdict),
+    }
+}
+
+/// Masquerade address and next hop of the new flow `choose_stage` left in
+/// the scratch space, into the scratch space as the flow to record:
+/// `OPENED`, or the packet's verdict. A stage of its own: the FIB lookup's
+/// frame does not fit beside backend selection's (session affinity).
+#[inline(never)]
+fn route_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
+    let (Some(chosen), Some(slot)) = (
+        scratch::<Chosen<F>>(SCRATCH_CHOSEN),
+        scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW),
+    ) else {
+        return pack(Err(Reason::PassNotReady));
+    };
+    // SAFETY: this CPU's scratch slot, written by `choose_stage` in this
+    // run (nothing else runs on this CPU in between).
+    match route_new_flow(ctx, packet, key, unsafe { &*chosen }, now) {
         Ok(new) => {
-            // SAFETY: this CPU's scratch slot, sized for a `NewFlow`.
+            // SAFETY: this CPU's scratch slot, sized for a `NewFlow`; apart
+            // from the `Chosen` one.
             unsafe { *slot = new };
             OPENED
         }
@@ -124,14 +153,14 @@ fn select_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>,
     }
 }
 
-/// Records the new flow `select_stage` left in the scratch space:
+/// Records the new flow `route_stage` left in the scratch space:
 /// `OPENED`, or the packet's verdict.
 #[inline(never)]
 fn create_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
     let (Ok(cfg), Some(slot)) = (config(), scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW)) else {
         return pack(Err(Reason::PassNotReady));
     };
-    // SAFETY: this CPU's scratch slot, written by `select_stage` in this
+    // SAFETY: this CPU's scratch slot, written by `route_stage` in this
     // run (nothing else runs on this CPU in between).
     let new = unsafe { &*slot };
     let segment = Segment::of(ctx, packet);
@@ -146,7 +175,7 @@ fn create_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>,
 #[inline(never)]
 fn log_stage<F: Ip>(ctx: &XdpContext, key: &FlowKeyOf<F>) {
     if let Some(slot) = scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW) {
-        // SAFETY: this CPU's scratch slot, written by `select_stage` in
+        // SAFETY: this CPU's scratch slot, written by `route_stage` in
         // this run.
         let new = unsafe { &*slot };
         F::log_new_flow(ctx, key, new.backend_id, &new.backend);

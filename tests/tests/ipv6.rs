@@ -3,7 +3,7 @@
 //! datapath does the same, and dual-stack services (one service, each pod
 //! listed by both its addresses) serving clients of both families at once.
 //! Where IPv6 differs: a service without endpoints is refused by the node's
-//! kernel (`pass_ipv6_no_backend`), and sessionAffinity is not there yet.
+//! kernel (`pass_ipv6_no_backend`).
 //!
 //! NodePorts answer on 2001:db8::1; masquerade is the node's IPv6 address
 //! on the backend's link (2001:db8:N::1), as 198.18.N.1 is for IPv4.
@@ -574,7 +574,6 @@ fn removing_one_of_four_ipv6_backends_moves_about_a_quarter_of_flows() -> anyhow
 }
 
 #[test]
-#[ignore = "sessionAffinity for IPv6 clients needs XLB_AFFINITY6 (lb-ebpf/src/family.rs)"]
 fn client_ip_affinity6_sends_every_flow_of_a_client_to_one_backend() -> anyhow::Result<()> {
     let lab = Lab::new(3)?;
     let all: String = (1..=3).map(|index| backend6(index, &[])).collect();

@@ -698,9 +698,9 @@ fn pinned_maps_are_adopted_and_misfits_recreated() {
         panic!("prepare_map_pins failed");
     };
     assert!(!check.adopted);
-    // 9 configuration maps for IPv4 and the shared ones, 5 for IPv6, and
+    // 9 configuration maps for IPv4 and the shared ones, 6 for IPv6, and
     // the per-backend counters (sized like XLB_BACKENDS).
-    assert_eq!(check.recreated.len(), 16, "{:?}", check.recreated);
+    assert_eq!(check.recreated.len(), 17, "{:?}", check.recreated);
     assert!(
         check
             .recreated

@@ -155,8 +155,107 @@ fn confirmed(key: FlowKey6) -> Option<crate::table::AfterCheck> {
 
 pub fn rows() -> Vec<Row> {
     let mut rows = flow_rows();
+    rows.extend(affinity_rows());
     rows.extend(header_rows());
     rows
+}
+
+fn affine6(sport: u16) -> Spec6 {
+    Spec6::from_client(sport, AFFINITY_NODE_PORT, L4::Udp)
+}
+
+/// The UDP backend id at `addr` and the other one's.
+fn udp_ids6(addr: Ipv6Addr) -> (u32, u32) {
+    if addr == BACKEND6_1 {
+        (BACKEND6_1_ID + 10, BACKEND6_2_ID + 10)
+    } else {
+        (BACKEND6_2_ID + 10, BACKEND6_1_ID + 10)
+    }
+}
+
+fn affinity_rows() -> Vec<Row> {
+    vec![
+        Row {
+            name: "IPv6 sessionAffinity ClientIP: a client's new flows all go to one backend",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let first = send_from_client6(dp, &affine6(41_600));
+                for sport in 41_601..41_608 {
+                    let next = send_from_client6(dp, &affine6(sport));
+                    assert_eq!(
+                        next.dst, first.dst,
+                        "flow from port {sport} left the affine backend"
+                    );
+                }
+                let key = lb_common::AffinityKey6 {
+                    service_id: AFFINITY6_SERVICE_ID,
+                    client_addr_be: be6(CLIENT6),
+                };
+                let record = dp.affinity6().get(&key, 0).expect("affinity record");
+                assert_eq!(record.backend_addr_be, be6(first.dst));
+                assert_eq!(u16::from_be(record.backend_port_be), UDP_TARGET_PORT);
+                forward_case(dp, affine6(41_608), true)
+            },
+        },
+        Row {
+            name: "IPv6 sessionAffinity: an expired record is not followed",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let first = send_from_client6(dp, &affine6(41_610));
+                let (affine, other) = udp_ids6(first.dst);
+                // The affine backend leaves the table but stays active: a
+                // live record still leads to it...
+                dp.retable6(affine, other);
+                let again = send_from_client6(dp, &affine6(41_611));
+                assert_eq!(again.dst, first.dst, "a live record was not followed");
+                // ...one older than the timeout does not.
+                let key = lb_common::AffinityKey6 {
+                    service_id: AFFINITY6_SERVICE_ID,
+                    client_addr_be: be6(CLIENT6),
+                };
+                let mut record = dp.affinity6().get(&key, 0).expect("affinity record");
+                let timeout_ns = u64::from(AFFINITY6_TIMEOUT_S + 1) * 1_000_000_000;
+                record.last_seen_ns = monotonic_ns() - timeout_ns;
+                dp.affinity6().insert(key, record, 0).expect("aged record");
+                let spec = affine6(41_612);
+                let flow_key = spec.key();
+                let mut case = forward_case(dp, spec, true);
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow6(&flow_key).expect("flow");
+                    assert_ne!(
+                        flow.new_dst_addr_be,
+                        be6(first.dst),
+                        "followed an expired record"
+                    );
+                    let record = dp.affinity6().get(&key, 0).expect("new record");
+                    assert_eq!(record.backend_addr_be, flow.new_dst_addr_be);
+                }));
+                case
+            },
+        },
+        Row {
+            name: "IPv6 sessionAffinity: a terminating backend keeps its flow but gets no new one",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                let first_spec = affine6(41_620);
+                let first = send_from_client6(dp, &first_spec);
+                let (gone, survivor) = udp_ids6(first.dst);
+                // The agent takes a terminating endpoint out of the table
+                // and flags it; it stays active for its flows.
+                dp.retable6(gone, survivor);
+                dp.set_terminating6(gone);
+                let fresh = send_from_client6(dp, &affine6(41_621));
+                assert_ne!(
+                    fresh.dst, first.dst,
+                    "new flow went to the terminating backend"
+                );
+                forward_case(dp, first_spec, true)
+            },
+        },
+    ]
 }
 
 fn flow_rows() -> Vec<Row> {
