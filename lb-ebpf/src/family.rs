@@ -1,6 +1,6 @@
 //! What the pipeline needs to know of an address family: its maps, how to
 //! read and rewrite its IP header, and the few things IPv6 does not do yet
-//! (answers built in XDP, fragments). Parsing, lookup,
+//! (fragments, packet too big). Parsing, lookup,
 //! selection, conntrack, NAT and next hops are written once, generic over
 //! [`Ip`], and compiled once per family.
 
@@ -256,8 +256,8 @@ impl Ip for V6 {
         mtu::check6(ctx, Self::ip_len(&packet.ip), hop)
     }
     #[inline(always)]
-    fn reject(_ctx: &XdpContext, _packet: &Packet<Self>) -> Verdict {
-        Err(Reason::PassIpv6NoBackend)
+    fn reject(ctx: &XdpContext, packet: &Packet<Self>) -> Verdict {
+        reject::reject6(ctx, packet)
     }
     #[inline(always)]
     fn remember_fragment(_packet: &Packet<Self>, _key: &FlowKeyOf<Self>, _now: u64) {}

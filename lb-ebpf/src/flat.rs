@@ -24,6 +24,9 @@ use crate::{
 const FORWARD: u64 = 1 << 62;
 /// `lookup_stage`'s answer when it wrote a live entry.
 const FOUND: u64 = 1;
+/// `choose_stage`'s answer for a service with no backend whose packets
+/// are rejected: `reject_stage` answers.
+const REJECT: u64 = u64::MAX - 2;
 
 /// A TCP/UDP packet: its flow, or a new one.
 #[inline(always)]
@@ -48,7 +51,10 @@ pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
             return known;
         }
     }
-    let chosen = choose_stage(ctx, packet, key, now);
+    let chosen = choose_stage(packet, key, now);
+    if chosen == REJECT {
+        return reject_stage(ctx, packet);
+    }
     if chosen != OPENED {
         return chosen;
     }
@@ -113,19 +119,28 @@ fn track_stage<F: Ip>(
 /// Service and backend of a new flow, into the scratch space: `OPENED`,
 /// or the packet's verdict.
 #[inline(never)]
-fn choose_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
+fn choose_stage<F: Ip>(packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
     let (Ok(cfg), Some(slot)) = (config(), scratch::<Chosen<F>>(SCRATCH_CHOSEN)) else {
         return pack(Err(Reason::PassNotReady));
     };
     let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    match choose_backend(ctx, packet, key, cfg, syn, now) {
-        Ok(chosen) => {
+    match choose_backend(key, cfg, syn, now) {
+        Ok(Some(chosen)) => {
             // SAFETY: this CPU's scratch slot, sized for a `Chosen`.
             unsafe { *slot = chosen };
             OPENED
         }
+        Ok(None) => REJECT,
         Err(verdict) => pack(verdict),
     }
+}
+
+/// The answer to a new flow's packet to a service with no backend (ICMPv6
+/// port unreachable, TCP RST), built over the frame: a stage of its own,
+/// as the headers it builds do not fit beside backend selection's frame.
+#[inline(never)]
+fn reject_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>) -> u64 {
+    pack(F::reject(ctx, packet))
 }
 
 /// Masquerade address and next hop of the new flow `choose_stage` left in

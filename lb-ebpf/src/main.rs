@@ -6,6 +6,8 @@
 #[cfg(target_arch = "bpf")]
 mod answer;
 #[cfg(target_arch = "bpf")]
+mod answer6;
+#[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod family;
@@ -372,7 +374,9 @@ mod prog {
         syn: bool,
         now: u64,
     ) -> Result<NewFlow<F>, Answer> {
-        let chosen = choose_backend(ctx, packet, key, cfg, syn, now)?;
+        let Some(chosen) = choose_backend(key, cfg, syn, now)? else {
+            return Err(F::reject(ctx, packet));
+        };
         route_new_flow(ctx, packet, key, &chosen, now)
     }
 
@@ -387,16 +391,15 @@ mod prog {
     }
 
     /// Service and backend of a new flow (`select_new_flow`'s first half);
-    /// `Err` carries the packet's verdict.
+    /// `None` for a service with no backend whose packets are rejected
+    /// (`Ip::reject`), `Err` carries the packet's verdict.
     #[inline(always)]
     pub(crate) fn choose_backend<F: Ip>(
-        ctx: &XdpContext,
-        packet: &Packet<F>,
         key: &FlowKeyOf<F>,
         cfg: &GlobalConfig,
         syn: bool,
         now: u64,
-    ) -> Result<Chosen<F>, Answer> {
+    ) -> Result<Option<Chosen<F>>, Answer> {
         let service = lookup::service_for::<F>(key.dst_addr_be, key.dst_port_be, key.proto)
             .ok_or(Err(Reason::PassNotService))?;
         if !lookup::source_allowed::<F>(&service, key.src_addr_be) {
@@ -412,15 +415,15 @@ mod prog {
             if service.flags & SERVICE_F_DROP_IF_EMPTY != 0 {
                 return Err(Err(Reason::DropNoBackend));
             }
-            return Err(F::reject(ctx, packet));
+            return Ok(None);
         };
-        Ok(Chosen {
+        Ok(Some(Chosen {
             service_id: service.id,
             backend_id,
             backend,
             syn,
             masquerade: service.flags & SERVICE_F_MASQUERADE != 0,
-        })
+        }))
     }
 
     /// Masquerade address and next hop of a new flow to the backend

@@ -29,6 +29,15 @@ fn unchanged(dp: &Datapath, frame: Vec<u8>) -> Case {
     }
 }
 
+fn exact(dp: &Datapath, frame: Vec<u8>, want: Vec<u8>) -> Case {
+    Case {
+        input: frame,
+        ifindex: dp.client_ifindex,
+        expect: Expect::Frame(Box::new(move |_| want)),
+        after: None,
+    }
+}
+
 fn udp6(sport: u16) -> Spec6 {
     Spec6::from_client(sport, UDP_NODE_PORT, L4::Udp)
 }
@@ -441,21 +450,56 @@ fn flow_rows() -> Vec<Row> {
             },
         },
         Row {
-            name: "IPv6 UDP to a service with no backends: the kernel answers",
-            verdict: XDP_PASS,
-            reason: Reason::PassIpv6NoBackend,
+            name: "IPv6 UDP to a service with no endpoints: ICMPv6 port unreachable sent back",
+            verdict: XDP_TX,
+            reason: Reason::RejectPortUnreachable,
             case: |dp| {
                 let spec = Spec6::from_client(41_010, EMPTY_NODE_PORT, L4::Udp);
-                unchanged(dp, spec.build())
+                exact(dp, spec.build(), port_unreachable6_for(&spec))
             },
         },
         Row {
-            name: "IPv6 SYN to a service with no backends: the kernel answers",
-            verdict: XDP_PASS,
-            reason: Reason::PassIpv6NoBackend,
+            name: "IPv6 port unreachable for a 1400-byte datagram quotes what fits 1280 bytes",
+            verdict: XDP_TX,
+            reason: Reason::RejectPortUnreachable,
+            case: |dp| {
+                let mut spec = Spec6::from_client(41_013, EMPTY_NODE_PORT, L4::Udp);
+                spec.payload = (0..1_400).map(|byte| (byte % 251) as u8).collect();
+                let want = port_unreachable6_for(&spec);
+                assert_eq!(want.len(), 14 + 1_280, "the error is 1280 bytes");
+                exact(dp, spec.build(), want)
+            },
+        },
+        Row {
+            name: "IPv6 port unreachable quotes an odd-length datagram and its extension headers",
+            verdict: XDP_TX,
+            reason: Reason::RejectPortUnreachable,
+            case: |dp| {
+                let mut spec = Spec6::from_client(41_014, EMPTY_NODE_PORT, L4::Udp);
+                spec.exts = vec![Ext::HopByHop(1), Ext::DestOpts(0)];
+                spec.payload = b"odd length!".to_vec();
+                exact(dp, spec.build(), port_unreachable6_for(&spec))
+            },
+        },
+        Row {
+            name: "IPv6 SYN to a service with no endpoints: RST sent back",
+            verdict: XDP_TX,
+            reason: Reason::RejectTcpReset,
             case: |dp| {
                 let spec = Spec6::from_client(41_011, EMPTY_TCP_NODE_PORT, L4::Tcp(SYN));
-                unchanged(dp, spec.build())
+                exact(dp, spec.build(), reset6_for(&spec))
+            },
+        },
+        Row {
+            name: "IPv6 SYN behind destination options to a service with no endpoints: RST \
+                   without them",
+            verdict: XDP_TX,
+            reason: Reason::RejectTcpReset,
+            case: |dp| {
+                let mut spec = Spec6::from_client(41_015, EMPTY_TCP_NODE_PORT, L4::Tcp(SYN));
+                spec.exts = vec![Ext::DestOpts(1)];
+                spec.payload.clear();
+                exact(dp, spec.build(), reset6_for(&spec))
             },
         },
         Row {
