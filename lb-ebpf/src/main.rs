@@ -183,9 +183,17 @@ mod prog {
         let (action, reason) = unpack(dispatch6(&ctx));
         count(reason);
         if debug_logs() {
-            debug!(&ctx, "ipv6 verdict {} action {}", reason as u32, action);
+            log_verdict6(&ctx, reason as u32, action);
         }
         action
+    }
+
+    /// `--datapath-debug`'s line about an IPv6 packet's verdict: a BPF
+    /// function of its own, walked by the verifier once for every way to
+    /// it rather than inline after each.
+    #[inline(never)]
+    fn log_verdict6(ctx: &XdpContext, reason: u32, action: u32) {
+        debug!(ctx, "ipv6 verdict {} action {}", reason, action);
     }
 
     #[inline(always)]
