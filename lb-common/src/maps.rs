@@ -270,6 +270,9 @@ declare_maps! {
     /// `HashMap<u32 /* ifindex */, Addr6>`: IPv6 masquerade source address
     /// per egress interface (key 0: the default).
     IFACE_ADDRS6 = "XLB_IFADDRS6": Hash<u32, Addr6>, IFACE_ADDRS_MAX, Fixed, Config, Shared;
+    /// `LruHashMap<Addr6 /* client */, IcmpLimit>`: rate limit of the
+    /// ICMPv6 "packet too big" answers xlb sends (as `XLB_ICMP_LIMIT`).
+    ICMP_LIMIT6 = "XLB_ICMP_LIMIT6": LruHash<Addr6, IcmpLimit>, ICMP_LIMIT_MAX, Fixed, Alone, Private;
     /// `LruHashMap<AffinityKey6, Affinity6>`: sessionAffinity=ClientIP state
     /// of IPv6 clients.
     AFFINITY6 = "XLB_AFFINITY6": LruHash<AffinityKey6, Affinity6>, AFFINITY_MAX, Fixed, Config, Seeded;

@@ -74,7 +74,7 @@ reasons! {
     PassIcmpNoFlow = 21, "pass_icmp_no_flow", Pass, "ICMP error quoting no flow of xlb's (or not TCP/UDP, or a later fragment): left to the kernel";
     FwdFragment = 22, "fwd_fragment", Forward, "later fragment of a balanced datagram: follows its first fragment's flow";
     PassFragmentUnknown = 23, "pass_fragment_unknown", Pass, "later fragment whose first fragment was not seen (out of order, or not a flow's): left to the kernel";
-    RejectFragNeeded = 24, "reject_frag_needed", Reject, "DF packet larger than the next hop's MTU: ICMP fragmentation needed sent to the client";
+    RejectFragNeeded = 24, "reject_frag_needed", Reject, "DF packet (any IPv6 packet) larger than the next hop's MTU: ICMP fragmentation needed (ICMPv6 packet too big) sent to its sender";
     DropIcmpRateLimited = 25, "drop_icmp_rate_limited", Drop, "DF packet larger than the next hop's MTU; this source's ICMP answers are rate-limited";
     DropTooBig = 26, "drop_too_big", Drop, "packet without DF larger than the next hop's MTU (XDP cannot fragment)";
     FwdSocket = 27, "fwd_socket", Forward, "connect() or sendmsg() to a service rewritten to a backend by the socket hooks (counts calls, not packets)";

@@ -12,6 +12,7 @@ use crate::{
     conntrack::{self, NewFlow, Segment},
     family::Ip,
     maps::{SCRATCH_CHOSEN, SCRATCH_KEY, SCRATCH_NEW_FLOW, scratch},
+    mtu,
     parse::{Packet, TCP_ACK, TCP_SYN},
     prog::{
         Chosen, NO_FLOW, OPENED, choose_backend, config, debug_logs, flow_key, follow,
@@ -46,7 +47,7 @@ pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
         // `NO_FLOW` (all ones) has the `FORWARD` bit too: it is asked first.
         if known != NO_FLOW {
             if known & FORWARD != 0 {
-                return forward_outlined(ctx, packet, entry, known & !FORWARD);
+                return sent(ctx, forward_outlined(ctx, packet, entry, known & !FORWARD));
             }
             return known;
         }
@@ -72,10 +73,27 @@ pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
     match conntrack::created(key) {
         Some(entry) => {
             let no_recheck = pack_forward(false, Reason::FwdNewFlow);
-            forward_outlined(ctx, packet, entry, no_recheck)
+            sent(ctx, forward_outlined(ctx, packet, entry, no_recheck))
         }
         None => pack(Err(Reason::DropFlowInsert)),
     }
+}
+
+/// `forwarded`, the answer of `forward_outlined`, unless the packet did not
+/// fit its next hop (`mtu::check6`): then `too_big_stage`'s.
+#[inline(always)]
+fn sent(ctx: &XdpContext, forwarded: u64) -> u64 {
+    if forwarded == pack(Err(Reason::RejectFragNeeded)) {
+        return too_big_stage(ctx);
+    }
+    forwarded
+}
+
+/// ICMPv6 packet too big for a packet over its next hop's MTU: a stage of
+/// its own (the answer's headers do not fit beside forwarding's frame).
+#[inline(never)]
+fn too_big_stage(ctx: &XdpContext) -> u64 {
+    pack(mtu::too_big6(ctx))
 }
 
 /// The live entry of `key` into `entry`: `FOUND`, or 0.

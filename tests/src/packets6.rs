@@ -262,6 +262,22 @@ pub fn port_unreachable6_for(datagram: &Spec6) -> Vec<u8> {
     out
 }
 
+/// What the node sends back for `packet`, which does not fit the next
+/// hop's `mtu`: ICMPv6 packet too big from the address it was sent to,
+/// quoting it as `port_unreachable6_for` does.
+pub fn packet_too_big6_for(packet: &Spec6, mtu: u32) -> Vec<u8> {
+    let frame = packet.build();
+    let ip = &frame[Ethernet2Header::LEN..];
+    let quoted = &ip[..ip.len().min(QUOTE6_MAX)];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(packet.eth_dst, packet.eth_src)
+        .ipv6(packet.dst.octets(), packet.src.octets(), 64)
+        .icmpv6(Icmpv6Type::PacketTooBig { mtu })
+        .write(&mut out, quoted)
+        .expect("icmpv6");
+    out
+}
+
 /// What the node sends back for an IPv6 SYN to a service with no
 /// endpoints: RST|ACK, seq 0, ack = SYN's seq + 1 + payload, no
 /// extension headers.

@@ -182,7 +182,7 @@ impl Datapath {
         self.bpf().map(names::FLOWS6).is_some()
     }
 
-    /// Deletes every IPv6 conntrack and affinity entry.
+    /// Deletes every IPv6 conntrack, affinity and ICMP rate-limit entry.
     pub fn clear_flows6(&mut self) {
         if !self.has_ipv6() {
             return;
@@ -193,6 +193,14 @@ impl Datapath {
             let keys: Vec<FlowKey6> = flows.keys().filter_map(Result::ok).collect();
             for key in keys {
                 let _ = flows.remove(&key);
+            }
+        }
+        if self.bpf().map(names::ICMP_LIMIT6).is_some() {
+            let mut limits: HashMap<_, Addr6, lb_common::IcmpLimit> =
+                HashMap::try_from(self.map_mut(names::ICMP_LIMIT6)).expect("ICMP limit6 map");
+            let keys: Vec<Addr6> = limits.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = limits.remove(&key);
             }
         }
         if self.bpf().map(names::AFFINITY6).is_some() {

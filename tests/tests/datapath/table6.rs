@@ -12,7 +12,7 @@ use lb_common::{
 use std::net::Ipv6Addr;
 
 use xlb_tests::{
-    packets::{ACK, L4, RST, SYN},
+    packets::{ACK, L4, PSH, RST, SYN},
     packets6::*,
     testrun::*,
     testrun6::*,
@@ -165,6 +165,7 @@ fn confirmed(key: FlowKey6) -> Option<crate::table::AfterCheck> {
 pub fn rows() -> Vec<Row> {
     let mut rows = flow_rows();
     rows.extend(affinity_rows());
+    rows.extend(too_big_rows());
     rows.extend(header_rows());
     rows
 }
@@ -180,6 +181,62 @@ fn udp_ids6(addr: Ipv6Addr) -> (u32, u32) {
     } else {
         (BACKEND6_2_ID + 10, BACKEND6_1_ID + 10)
     }
+}
+
+/// `spec` (1400 bytes of payload) from the client, with the backend link
+/// at MTU 1400: packet too big with that MTU goes back.
+fn too_big_case6(dp: &mut Datapath, spec: Spec6) -> Case {
+    crate::table::set_backend_mtu(1400);
+    let want = packet_too_big6_for(&spec, 1400);
+    assert_eq!(want.len(), 14 + 1_280, "the error is 1280 bytes");
+    Case {
+        input: spec.build(),
+        ifindex: dp.client_ifindex,
+        expect: Expect::Frame(Box::new(move |_| want)),
+        after: Some(Box::new(|_| crate::table::set_backend_mtu(1500))),
+    }
+}
+
+fn too_big_rows() -> Vec<Row> {
+    vec![
+        Row {
+            name: "IPv6 datagram larger than the backend link's MTU: packet too big with that MTU",
+            verdict: XDP_TX,
+            reason: Reason::RejectFragNeeded,
+            case: |dp| {
+                let mut spec = udp6(41_700);
+                spec.payload = (0..1_400).map(|byte| (byte % 253) as u8).collect();
+                too_big_case6(dp, spec)
+            },
+        },
+        Row {
+            name: "IPv6 segment of an established flow too big: packet too big",
+            verdict: XDP_TX,
+            reason: Reason::RejectFragNeeded,
+            case: |dp| {
+                send_from_client6(dp, &tcp6(41_701, SYN));
+                let mut spec = tcp6(41_701, ACK | PSH);
+                spec.payload = vec![9; 1_400];
+                too_big_case6(dp, spec)
+            },
+        },
+        Row {
+            name: "IPv6 packet too big answers are rate-limited per client",
+            verdict: XDP_DROP,
+            reason: Reason::DropIcmpRateLimited,
+            case: |dp| {
+                let mut spec = udp6(41_702);
+                spec.payload = vec![9; 1_400];
+                let mut case = too_big_case6(dp, spec);
+                for _ in 0..lb_common::frag::ICMP_LIMIT_BURST {
+                    let (verdict, _) = dp.run(&case.input, dp.client_ifindex);
+                    assert_eq!(verdict, XDP_TX, "an answer within the burst");
+                }
+                case.expect = Expect::Dropped;
+                case
+            },
+        },
+    ]
 }
 
 fn affinity_rows() -> Vec<Row> {
