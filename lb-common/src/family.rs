@@ -21,6 +21,10 @@ pub trait Family: Copy + Clone + Default + Debug + PartialEq + Eq + Hash + 'stat
     const WORDS: usize;
     /// `AF_INET` or `AF_INET6`.
     const AF: u8;
+    /// Explicit padding that brings a `u32` followed by an address to a
+    /// multiple of 8 bytes (none for IPv4, 4 bytes for IPv6), so a shape
+    /// with a `u64` after them has no hidden padding in either family.
+    type Pad8: Copy + Clone + Default + Debug + PartialEq + Eq + Hash + 'static;
     /// Word `index` (below `WORDS`) of `addr`, in memory order.
     fn word(addr: &Self::Addr, index: usize) -> u32;
 }
@@ -37,6 +41,7 @@ impl Family for V4 {
     type Addr = u32;
     const WORDS: usize = 1;
     const AF: u8 = 2;
+    type Pad8 = [u32; 0];
     #[inline(always)]
     fn word(addr: &u32, _index: usize) -> u32 {
         *addr
@@ -47,6 +52,7 @@ impl Family for V6 {
     type Addr = Addr6;
     const WORDS: usize = 4;
     const AF: u8 = 10;
+    type Pad8 = [u32; 1];
     #[inline(always)]
     fn word(addr: &Addr6, index: usize) -> u32 {
         addr[index]

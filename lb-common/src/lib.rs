@@ -23,9 +23,9 @@ pub use frag::{FragKey, FragPorts, IcmpLimit};
 pub use path::{Handoff, Paths, Peer};
 pub use reason::Reason;
 pub use service::{
-    Affinity, AffinityKey, Backend, Backend6, BackendHop, BackendHop6, BackendHopOf, BackendOf,
-    GlobalConfig, NodeAddr, Service, ServiceKey, ServiceKey6, ServiceKeyOf, SourceRange,
-    SourceRange6, SourceRangeOf,
+    Affinity, Affinity6, AffinityKey, AffinityKey6, AffinityKeyOf, AffinityOf, Backend, Backend6,
+    BackendHop, BackendHop6, BackendHopOf, BackendOf, GlobalConfig, NodeAddr, Service, ServiceKey,
+    ServiceKey6, ServiceKeyOf, SourceRange, SourceRange6, SourceRangeOf,
 };
 pub use sock::{SockRevNat, SockRevNatKey};
 

@@ -15,9 +15,10 @@ use core::mem::size_of;
 
 use crate::reason::REASON_COUNT;
 use crate::{
-    Addr6, Affinity, AffinityKey, Backend, Backend6, BackendHop, BackendHop6, Flow, Flow6, FlowKey,
-    FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit, NodeAddr, Paths, Peer, Service,
-    ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey, SourceRange, SourceRange6, Traffic,
+    Addr6, Affinity, Affinity6, AffinityKey, AffinityKey6, Backend, Backend6, BackendHop,
+    BackendHop6, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit,
+    NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey,
+    SourceRange, SourceRange6, Traffic,
 };
 
 /// How the kernel stores a map: `enum bpf_map_type`'s value.
@@ -269,6 +270,12 @@ declare_maps! {
     /// `HashMap<u32 /* ifindex */, Addr6>`: IPv6 masquerade source address
     /// per egress interface (key 0: the default).
     IFACE_ADDRS6 = "XLB_IFADDRS6": Hash<u32, Addr6>, IFACE_ADDRS_MAX, Fixed, Config, Shared;
+    /// `LruHashMap<Addr6 /* client */, IcmpLimit>`: rate limit of the
+    /// ICMPv6 "packet too big" answers xlb sends (as `XLB_ICMP_LIMIT`).
+    ICMP_LIMIT6 = "XLB_ICMP_LIMIT6": LruHash<Addr6, IcmpLimit>, ICMP_LIMIT_MAX, Fixed, Alone, Private;
+    /// `LruHashMap<AffinityKey6, Affinity6>`: sessionAffinity=ClientIP state
+    /// of IPv6 clients.
+    AFFINITY6 = "XLB_AFFINITY6": LruHash<AffinityKey6, Affinity6>, AFFINITY_MAX, Fixed, Config, Seeded;
     /// `LpmTrie<SourceRange6, u32>`: loadBalancerSourceRanges of IPv6 sources.
     SOURCE_RANGES6 = "XLB_RANGES6": LpmTrie<SourceRange6, u32>, SOURCE_RANGES_MAX, Fixed, Config, Shared;
     /// `HashMap<Addr6, Peer>`: local pods by IPv6 address (as `XLB_PEERS`).

@@ -66,7 +66,7 @@ reasons! {
     DropSnatExhausted = 13, "drop_snat_exhausted", Drop, "no free masquerade port for this backend";
     DropTtlExpired = 14, "drop_ttl_expired", Drop, "TTL would reach zero when forwarded";
     DropFlowInsert = 15, "drop_flow_insert", Drop, "the conntrack entry could not be written";
-    RejectPortUnreachable = 16, "reject_port_unreachable", Reject, "UDP to a service with no endpoints: ICMP port unreachable sent back";
+    RejectPortUnreachable = 16, "reject_port_unreachable", Reject, "UDP to a service with no endpoints: ICMP (ICMPv6) port unreachable sent back";
     RejectTcpReset = 17, "reject_tcp_reset", Reject, "SYN to a service with no endpoints: TCP RST sent back";
     DropSourceRange = 18, "drop_source_range", Drop, "source address outside the service's loadBalancerSourceRanges";
     FwdIcmpToClient = 19, "fwd_icmp_to_client", Forward, "ICMP error (unreachable, frag needed, time exceeded) about a packet sent to a backend: translated and sent to the client";
@@ -74,7 +74,7 @@ reasons! {
     PassIcmpNoFlow = 21, "pass_icmp_no_flow", Pass, "ICMP error quoting no flow of xlb's (or not TCP/UDP, or a later fragment): left to the kernel";
     FwdFragment = 22, "fwd_fragment", Forward, "later fragment of a balanced datagram: follows its first fragment's flow";
     PassFragmentUnknown = 23, "pass_fragment_unknown", Pass, "later fragment whose first fragment was not seen (out of order, or not a flow's): left to the kernel";
-    RejectFragNeeded = 24, "reject_frag_needed", Reject, "DF packet larger than the next hop's MTU: ICMP fragmentation needed sent to the client";
+    RejectFragNeeded = 24, "reject_frag_needed", Reject, "DF packet (any IPv6 packet) larger than the next hop's MTU: ICMP fragmentation needed (ICMPv6 packet too big) sent to its sender";
     DropIcmpRateLimited = 25, "drop_icmp_rate_limited", Drop, "DF packet larger than the next hop's MTU; this source's ICMP answers are rate-limited";
     DropTooBig = 26, "drop_too_big", Drop, "packet without DF larger than the next hop's MTU (XDP cannot fragment)";
     FwdSocket = 27, "fwd_socket", Forward, "connect() or sendmsg() to a service rewritten to a backend by the socket hooks (counts calls, not packets)";
@@ -84,7 +84,7 @@ reasons! {
     FwdRstOutsideWindow = 31, "fwd_rst_outside_window", Forward, "TCP RST whose sequence number is outside the flow's window: forwarded for the endpoint to judge, the flow stays open";
     PassIpv6Fragment = 32, "pass_ipv6_fragment", Pass, "IPv6 packet with a fragment header: xlb does not follow IPv6 fragments yet, left to the kernel";
     PassIpv6ExtHeaders = 33, "pass_ipv6_ext_headers", Pass, "IPv6 packet whose extension headers xlb does not walk (more than 6, a routing header with segments left): left to the kernel";
-    PassIpv6NoBackend = 34, "pass_ipv6_no_backend", Pass, "IPv6 packet to a service with no endpoints: left to the kernel, which answers it (TCP RST, ICMPv6 port unreachable) as no socket listens there";
+    PassIpv6NoBackend = 34, "pass_ipv6_no_backend", Pass, "IPv6 packet to a service with no endpoints left to the kernel to answer, by datapaths before xlb answered IPv6 itself (reject_port_unreachable, reject_tcp_reset); no longer counted, kept so the counters keep their numbers";
 }
 
 /// Number of counters in `XLB_STATS`.

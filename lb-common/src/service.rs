@@ -103,30 +103,38 @@ pub type BackendHop6 = BackendHopOf<V6>;
 assert_size!(BackendHop, 32);
 assert_size!(BackendHop6, 56);
 
-/// `XLB_AFFINITY` key: one client of one service.
+/// `XLB_AFFINITY` (`XLB_AFFINITY6`) key: one client of one service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct AffinityKey {
+pub struct AffinityKeyOf<F: Family> {
     pub service_id: u32,
-    pub client_addr_be: u32,
+    pub client_addr_be: F::Addr,
 }
+pub type AffinityKey = AffinityKeyOf<V4>;
+pub type AffinityKey6 = AffinityKeyOf<V6>;
 assert_size!(AffinityKey, 8);
+assert_size!(AffinityKey6, 20);
 
-/// `XLB_AFFINITY` value: where the client's last new flow went. The
-/// backend's address and port are kept too: a record is followed only while
-/// `XLB_BACKENDS[backend_id]` is still that endpoint, never a pod that got
-/// the id later.
+/// `XLB_AFFINITY` (`XLB_AFFINITY6`) value: where the client's last new
+/// flow went. The backend's address and port are kept too: a record is
+/// followed only while `XLB_BACKENDS[backend_id]` is still that endpoint,
+/// never a pod that got the id later.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Affinity {
+pub struct AffinityOf<F: Family> {
     pub backend_id: u32,
-    pub backend_addr_be: u32,
+    pub backend_addr_be: F::Addr,
+    /// Nothing for IPv4 (its layout is the one the pinned map always had).
+    pub _pad_addr: F::Pad8,
     /// `bpf_ktime_get_coarse_ns()` of the client's last new flow.
     pub last_seen_ns: u64,
     pub backend_port_be: u16,
     pub _pad: [u8; 6],
 }
+pub type Affinity = AffinityOf<V4>;
+pub type Affinity6 = AffinityOf<V6>;
 assert_size!(Affinity, 24);
+assert_size!(Affinity6, 40);
 
 /// `XLB_SOURCE_RANGES` key data (after the LPM prefix length): the service
 /// id, matched in full, then the source address prefix. An LPM prefix length
@@ -225,9 +233,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl<F: crate::Family> aya::Pod for super::BackendHopOf<F> {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::AffinityKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::Affinity {}
+    unsafe impl<F: crate::Family> aya::Pod for super::AffinityKeyOf<F> {}
+    // SAFETY: as above, for both families (sizes asserted for each).
+    unsafe impl<F: crate::Family> aya::Pod for super::AffinityOf<F> {}
     // SAFETY: as above.
     unsafe impl<F: crate::Family> aya::Pod for super::SourceRangeOf<F> {}
     // SAFETY: as above.

@@ -80,6 +80,28 @@ pub const fn pseudo_header(src_be: u32, dst_be: u32, proto: u8, l4_len: u16) -> 
         + u16::from_ne_bytes(l4_len.to_be_bytes()) as u32
 }
 
+/// Partial sum of an IPv6 pseudo-header (RFC 8200 8.1): both addresses,
+/// the upper-layer length and the next header.
+#[inline(always)]
+pub fn pseudo_header6(src: &[u8; 16], dst: &[u8; 16], proto: u8, l4_len: u16) -> u32 {
+    let mut sum =
+        u16::from_ne_bytes([0, proto]) as u32 + u16::from_ne_bytes(l4_len.to_be_bytes()) as u32;
+    let mut at = 0;
+    while at < 16 {
+        sum += u16::from_ne_bytes([src[at], src[at + 1]]) as u32;
+        sum += u16::from_ne_bytes([dst[at], dst[at + 1]]) as u32;
+        at += 2;
+    }
+    fold(sum) as u32
+}
+
+/// One's-complement sum of two partial sums, folded to 16 bits (a seed for
+/// `checksum`).
+#[inline(always)]
+pub const fn add(a: u32, b: u32) -> u32 {
+    fold((a & 0xffff) + (a >> 16) + (b & 0xffff) + (b >> 16)) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +180,22 @@ mod tests {
         let delta = CsumDelta::new().replace32(1, 2);
         assert_eq!(delta.apply_udp(0), 0);
         assert_ne!(delta.apply_udp(0x1234), 0);
+    }
+
+    #[test]
+    fn ipv6_pseudo_header_sums_its_40_bytes() {
+        let src = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let dst = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&src);
+        bytes.extend_from_slice(&dst);
+        bytes.extend_from_slice(&1_300u32.to_be_bytes());
+        bytes.extend_from_slice(&[0, 0, 0, 58]);
+        let seed = pseudo_header6(&src, &dst, 58, 1_300);
+        assert_eq!(!fold(seed), full(&bytes));
+        assert_eq!(
+            add(0xffff_0001, 0x0001_ffff),
+            add(add(0xffff, 1), add(1, 0xffff))
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! What the pipeline needs to know of an address family: its maps, how to
 //! read and rewrite its IP header, and the few things IPv6 does not do yet
-//! (answers built in XDP, session affinity, fragments). Parsing, lookup,
+//! (fragments, packet too big). Parsing, lookup,
 //! selection, conntrack, NAT and next hops are written once, generic over
 //! [`Ip`], and compiled once per family.
 
@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    BackendHopOf, BackendOf, FlowKeyOf, FlowOf, NodeAddr, Peer, Reason, Service, ServiceKeyOf,
-    SourceRangeOf, V4, V6,
+    AffinityKeyOf, AffinityOf, BackendHopOf, BackendOf, FlowKeyOf, FlowOf, NodeAddr, Peer, Reason,
+    Service, ServiceKeyOf, SourceRangeOf, V4, V6,
     family::{Family, octets6},
 };
 use lb_ebpf::csum::CsumDelta;
@@ -23,7 +23,7 @@ use crate::{
     mtu,
     nat::{self, L4Check},
     parse::{IpHeader, Ipv4, Ipv6, Packet},
-    reject, select,
+    reject,
 };
 
 /// What the caller returns instead of forwarding.
@@ -46,6 +46,7 @@ pub trait Ip: Family {
     fn iface_addrs() -> &'static HashMap<u32, Self::Addr>;
     fn source_ranges() -> &'static LpmTrie<SourceRangeOf<Self>, u32>;
     fn peers() -> &'static HashMap<Self::Addr, Peer>;
+    fn affinity() -> &'static LruHashMap<AffinityKeyOf<Self>, AffinityOf<Self>>;
 
     /// (source, destination) address of the packet.
     fn addrs(ip: &Self::Header) -> (Self::Addr, Self::Addr);
@@ -74,13 +75,6 @@ pub trait Ip: Family {
     fn check_mtu(ctx: &XdpContext, packet: &Packet<Self>, hop: &NextHop) -> Result<(), Verdict>;
     /// A service with no backend: the answer to its packet.
     fn reject(ctx: &XdpContext, packet: &Packet<Self>) -> Verdict;
-    /// The backend for a new flow (session affinity where the family has it).
-    fn backend_for_client(
-        service: &Service,
-        client: &Self::Addr,
-        hash: u32,
-        now: u64,
-    ) -> Option<(u32, BackendOf<Self>)>;
     /// Records a first fragment's ports for the datagram's later ones.
     fn remember_fragment(packet: &Packet<Self>, key: &FlowKeyOf<Self>, now: u64);
     /// `--datapath-debug`'s line about a new flow.
@@ -127,6 +121,10 @@ impl Ip for V4 {
     fn peers() -> &'static HashMap<u32, Peer> {
         &XLB_PEERS
     }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKeyOf<Self>, AffinityOf<Self>> {
+        &XLB_AFFINITY
+    }
 
     #[inline(always)]
     fn addrs(ip: &Ipv4) -> (u32, u32) {
@@ -172,15 +170,6 @@ impl Ip for V4 {
     #[inline(always)]
     fn reject(ctx: &XdpContext, packet: &Packet<Self>) -> Verdict {
         reject::reject(ctx, packet)
-    }
-    #[inline(always)]
-    fn backend_for_client(
-        service: &Service,
-        client: &u32,
-        hash: u32,
-        now: u64,
-    ) -> Option<(u32, BackendOf<Self>)> {
-        select::backend_for_client(service, *client, hash, now)
     }
     #[inline(always)]
     fn remember_fragment(packet: &Packet<Self>, key: &FlowKeyOf<Self>, now: u64) {
@@ -243,6 +232,10 @@ impl Ip for V6 {
     fn peers() -> &'static HashMap<Self::Addr, Peer> {
         &XLB_PEERS6
     }
+    #[inline(always)]
+    fn affinity() -> &'static LruHashMap<AffinityKeyOf<Self>, AffinityOf<Self>> {
+        &XLB_AFFINITY6
+    }
 
     #[inline(always)]
     fn addrs(ip: &Ipv6) -> (Self::Addr, Self::Addr) {
@@ -293,18 +286,8 @@ impl Ip for V6 {
         mtu::check6(ctx, Self::ip_len(&packet.ip), hop)
     }
     #[inline(always)]
-    fn reject(_ctx: &XdpContext, _packet: &Packet<Self>) -> Verdict {
-        Err(Reason::PassIpv6NoBackend)
-    }
-    #[inline(always)]
-    fn backend_for_client(
-        service: &Service,
-        _client: &Self::Addr,
-        hash: u32,
-        _now: u64,
-    ) -> Option<(u32, BackendOf<Self>)> {
-        // sessionAffinity for IPv6 clients needs `XLB_AFFINITY6`: not yet.
-        select::backend_for::<Self>(service, hash)
+    fn reject(ctx: &XdpContext, packet: &Packet<Self>) -> Verdict {
+        reject::reject6(ctx, packet)
     }
     #[inline(always)]
     fn remember_fragment(_packet: &Packet<Self>, _key: &FlowKeyOf<Self>, _now: u64) {}

@@ -11,11 +11,12 @@ use lb_common::{FlowKeyOf, FlowOf, Reason};
 use crate::{
     conntrack::{self, NewFlow, Segment},
     family::Ip,
-    maps::{SCRATCH_KEY, SCRATCH_NEW_FLOW, scratch},
+    maps::{SCRATCH_CHOSEN, SCRATCH_KEY, SCRATCH_NEW_FLOW, scratch},
+    mtu,
     parse::{Packet, TCP_ACK, TCP_SYN},
     prog::{
-        NO_FLOW, OPENED, config, debug_logs, flow_key, follow, forward_outlined, pack,
-        pack_forward, select_new_flow,
+        Chosen, NO_FLOW, OPENED, choose_backend, config, debug_logs, flow_key, follow,
+        forward_outlined, pack, pack_forward, route_new_flow,
     },
 };
 
@@ -24,6 +25,9 @@ use crate::{
 const FORWARD: u64 = 1 << 62;
 /// `lookup_stage`'s answer when it wrote a live entry.
 const FOUND: u64 = 1;
+/// `choose_stage`'s answer for a service with no backend whose packets
+/// are rejected: `reject_stage` answers.
+const REJECT: u64 = u64::MAX - 2;
 
 /// A TCP/UDP packet: its flow, or a new one.
 #[inline(always)]
@@ -43,7 +47,7 @@ pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
         // `NO_FLOW` (all ones) has the `FORWARD` bit too: it is asked first.
         if known != NO_FLOW {
             if known & FORWARD != 0 {
-                return forward_outlined(ctx, packet, entry, known & !FORWARD);
+                return sent(ctx, forward_outlined(ctx, packet, entry, known & !FORWARD));
             }
             return known;
         }
@@ -53,9 +57,16 @@ pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
         // SAFETY: a plain store to a local.
         unsafe { core::ptr::write_volatile(&mut entry, core::ptr::null_mut()) };
     }
-    let selected = select_stage(ctx, packet, key, now);
-    if selected != OPENED {
-        return selected;
+    let chosen = choose_stage(packet, key, now);
+    if chosen == REJECT {
+        return reject_stage(ctx, packet);
+    }
+    if chosen != OPENED {
+        return chosen;
+    }
+    let routed = route_stage(ctx, packet, key, now);
+    if routed != OPENED {
+        return routed;
     }
     let created = create_stage(ctx, packet, key, now);
     if created != OPENED {
@@ -67,10 +78,27 @@ pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
     match conntrack::created(key) {
         Some(entry) => {
             let no_recheck = pack_forward(false, Reason::FwdNewFlow);
-            forward_outlined(ctx, packet, entry, no_recheck)
+            sent(ctx, forward_outlined(ctx, packet, entry, no_recheck))
         }
         None => pack(Err(Reason::DropFlowInsert)),
     }
+}
+
+/// `forwarded`, the answer of `forward_outlined`, unless the packet did not
+/// fit its next hop (`mtu::check6`): then `too_big_stage`'s.
+#[inline(always)]
+fn sent(ctx: &XdpContext, forwarded: u64) -> u64 {
+    if forwarded == pack(Err(Reason::RejectFragNeeded)) {
+        return too_big_stage(ctx);
+    }
+    forwarded
+}
+
+/// ICMPv6 packet too big for a packet over its next hop's MTU: a stage of
+/// its own (the answer's headers do not fit beside forwarding's frame).
+#[inline(never)]
+fn too_big_stage(ctx: &XdpContext) -> u64 {
+    pack(mtu::too_big6(ctx))
 }
 
 /// The live entry of `key` into `entry`: `FOUND`, or 0.
@@ -111,17 +139,51 @@ fn track_stage<F: Ip>(
     }
 }
 
-/// Service, backend and next hop of a new flow, into the scratch space:
-/// `OPENED`, or the packet's verdict.
+/// Service and backend of a new flow, into the scratch space: `OPENED`,
+/// or the packet's verdict.
 #[inline(never)]
-fn select_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
-    let (Ok(cfg), Some(slot)) = (config(), scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW)) else {
+fn choose_stage<F: Ip>(packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
+    let (Ok(cfg), Some(slot)) = (config(), scratch::<Chosen<F>>(SCRATCH_CHOSEN)) else {
         return pack(Err(Reason::PassNotReady));
     };
     let syn = packet.l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    match select_new_flow(ctx, packet, key, cfg, syn, now) {
+    match choose_backend(key, cfg, syn, now) {
+        Ok(Some(chosen)) => {
+            // SAFETY: this CPU's scratch slot, sized for a `Chosen`.
+            unsafe { *slot = chosen };
+            OPENED
+        }
+        Ok(None) => REJECT,
+        Err(verdict) => pack(verdict),
+    }
+}
+
+/// The answer to a new flow's packet to a service with no backend (ICMPv6
+/// port unreachable, TCP RST), built over the frame: a stage of its own,
+/// as the headers it builds do not fit beside backend selection's frame.
+#[inline(never)]
+fn reject_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>) -> u64 {
+    pack(F::reject(ctx, packet))
+}
+
+/// Masquerade address and next hop of the new flow `choose_stage` left in
+/// the scratch space, into the scratch space as the flow to record:
+/// `OPENED`, or the packet's verdict. A stage of its own: the FIB lookup's
+/// frame does not fit beside backend selection's (session affinity).
+#[inline(never)]
+fn route_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
+    let (Some(chosen), Some(slot)) = (
+        scratch::<Chosen<F>>(SCRATCH_CHOSEN),
+        scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW),
+    ) else {
+        return pack(Err(Reason::PassNotReady));
+    };
+    // SAFETY: this CPU's scratch slot, written by `choose_stage` in this
+    // run (nothing else runs on this CPU in between).
+    match route_new_flow(ctx, packet, key, unsafe { &*chosen }, now) {
         Ok(new) => {
-            // SAFETY: this CPU's scratch slot, sized for a `NewFlow`.
+            // SAFETY: this CPU's scratch slot, sized for a `NewFlow`; apart
+            // from the `Chosen` one.
             unsafe { *slot = new };
             OPENED
         }
@@ -129,14 +191,14 @@ fn select_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>,
     }
 }
 
-/// Records the new flow `select_stage` left in the scratch space:
+/// Records the new flow `route_stage` left in the scratch space:
 /// `OPENED`, or the packet's verdict.
 #[inline(never)]
 fn create_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>, now: u64) -> u64 {
     let (Ok(cfg), Some(slot)) = (config(), scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW)) else {
         return pack(Err(Reason::PassNotReady));
     };
-    // SAFETY: this CPU's scratch slot, written by `select_stage` in this
+    // SAFETY: this CPU's scratch slot, written by `route_stage` in this
     // run (nothing else runs on this CPU in between).
     let new = unsafe { &*slot };
     let segment = Segment::of(ctx, packet);
@@ -151,7 +213,7 @@ fn create_stage<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, key: &FlowKeyOf<F>,
 #[inline(never)]
 fn log_stage<F: Ip>(ctx: &XdpContext, key: &FlowKeyOf<F>) {
     if let Some(slot) = scratch::<NewFlow<F>>(SCRATCH_NEW_FLOW) {
-        // SAFETY: this CPU's scratch slot, written by `select_stage` in
+        // SAFETY: this CPU's scratch slot, written by `route_stage` in
         // this run.
         let new = unsafe { &*slot };
         F::log_new_flow(ctx, key, new.backend_id, &new.backend);

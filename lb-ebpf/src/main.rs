@@ -6,6 +6,8 @@
 #[cfg(target_arch = "bpf")]
 mod answer;
 #[cfg(target_arch = "bpf")]
+mod answer6;
+#[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod family;
@@ -48,7 +50,7 @@ mod prog {
     };
     use aya_log_ebpf::debug;
     use lb_common::{
-        FlowKeyOf, FlowOf, GlobalConfig, IPPROTO_TCP, Reason,
+        BackendOf, FlowKeyOf, FlowOf, GlobalConfig, IPPROTO_TCP, Reason,
         flow::FLOW_DIR_REPLY,
         hash::flow_hash,
         maps::PROGS6_IPV6,
@@ -181,9 +183,17 @@ mod prog {
         let (action, reason) = unpack(dispatch6(&ctx));
         count(reason);
         if debug_logs() {
-            debug!(&ctx, "ipv6 verdict {} action {}", reason as u32, action);
+            log_verdict6(&ctx, reason as u32, action);
         }
         action
+    }
+
+    /// `--datapath-debug`'s line about an IPv6 packet's verdict: a BPF
+    /// function of its own, walked by the verifier once for every way to
+    /// it rather than inline after each.
+    #[inline(never)]
+    fn log_verdict6(ctx: &XdpContext, reason: u32, action: u32) {
+        debug!(ctx, "ipv6 verdict {} action {}", reason, action);
     }
 
     #[inline(always)]
@@ -372,6 +382,32 @@ mod prog {
         syn: bool,
         now: u64,
     ) -> Result<NewFlow<F>, Answer> {
+        let Some(chosen) = choose_backend(key, cfg, syn, now)? else {
+            return Err(F::reject(ctx, packet));
+        };
+        route_new_flow(ctx, packet, key, &chosen, now)
+    }
+
+    /// A new flow's service and backend, before its next hop is known.
+    pub(crate) struct Chosen<F: Ip> {
+        pub service_id: u32,
+        pub backend_id: u32,
+        pub backend: BackendOf<F>,
+        pub syn: bool,
+        /// The service masquerades (`SERVICE_F_MASQUERADE`).
+        pub masquerade: bool,
+    }
+
+    /// Service and backend of a new flow (`select_new_flow`'s first half);
+    /// `None` for a service with no backend whose packets are rejected
+    /// (`Ip::reject`), `Err` carries the packet's verdict.
+    #[inline(always)]
+    pub(crate) fn choose_backend<F: Ip>(
+        key: &FlowKeyOf<F>,
+        cfg: &GlobalConfig,
+        syn: bool,
+        now: u64,
+    ) -> Result<Option<Chosen<F>>, Answer> {
         let service = lookup::service_for::<F>(key.dst_addr_be, key.dst_port_be, key.proto)
             .ok_or(Err(Reason::PassNotService))?;
         if !lookup::source_allowed::<F>(&service, key.src_addr_be) {
@@ -382,25 +418,45 @@ mod prog {
         }
         let hash = flow_hash(key, cfg.hash_key());
         let Some((backend_id, backend)) =
-            F::backend_for_client(&service, &key.src_addr_be, hash, now)
+            select::backend_for_client::<F>(&service, &key.src_addr_be, hash, now)
         else {
             if service.flags & SERVICE_F_DROP_IF_EMPTY != 0 {
                 return Err(Err(Reason::DropNoBackend));
             }
-            return Err(F::reject(ctx, packet));
+            return Ok(None);
         };
+        Ok(Some(Chosen {
+            service_id: service.id,
+            backend_id,
+            backend,
+            syn,
+            masquerade: service.flags & SERVICE_F_MASQUERADE != 0,
+        }))
+    }
+
+    /// Masquerade address and next hop of a new flow to the backend
+    /// `chosen` names (`select_new_flow`'s second half); `Err` carries the
+    /// packet's verdict.
+    #[inline(always)]
+    pub(crate) fn route_new_flow<F: Ip>(
+        ctx: &XdpContext,
+        packet: &Packet<F>,
+        key: &FlowKeyOf<F>,
+        chosen: &Chosen<F>,
+        now: u64,
+    ) -> Result<NewFlow<F>, Answer> {
         check_ttl(packet).map_err(Err)?;
         let (hop, masquerade_addr) = fib::hop_to_backend::<F>(
             ctx,
-            backend_id,
-            &backend,
+            chosen.backend_id,
+            &chosen.backend,
             key.src_addr_be,
             key.proto,
             F::ip_len(&packet.ip),
             now,
         )
         .map_err(Err)?;
-        let masquerade_addr_be = if service.flags & SERVICE_F_MASQUERADE == 0 {
+        let masquerade_addr_be = if !chosen.masquerade {
             F::Addr::default()
         } else if masquerade_addr != F::Addr::default() {
             masquerade_addr
@@ -409,11 +465,11 @@ mod prog {
             return Err(Err(Reason::PassFibFailed));
         };
         Ok(NewFlow {
-            service_id: service.id,
-            backend_id,
-            backend,
+            service_id: chosen.service_id,
+            backend_id: chosen.backend_id,
+            backend: chosen.backend,
             masquerade_addr_be,
-            syn,
+            syn: chosen.syn,
             hop,
         })
     }

@@ -8,9 +8,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    Addr6, Affinity, AffinityKey, Backend, Backend6, BackendHop, BackendHop6, Flow, Flow6, FlowKey,
-    FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit, NodeAddr, Paths, Peer, Service,
-    ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey, SourceRange, SourceRange6, Traffic,
+    Addr6, Affinity, Affinity6, AffinityKey, AffinityKey6, Backend, Backend6, BackendHop,
+    BackendHop6, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit,
+    NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey,
+    SourceRange, SourceRange6, Traffic,
     maps::{SELECT_TABLE_FLAGS, decl},
 };
 
@@ -129,6 +130,14 @@ pub static XLB_IFADDRS6: HashMap<u32, Addr6> =
     HashMap::with_max_entries(decl::IFACE_ADDRS6.max_entries, decl::IFACE_ADDRS6.flags);
 
 #[map]
+pub static XLB_ICMP_LIMIT6: LruHashMap<Addr6, IcmpLimit> =
+    LruHashMap::with_max_entries(decl::ICMP_LIMIT6.max_entries, decl::ICMP_LIMIT6.flags);
+
+#[map]
+pub static XLB_AFFINITY6: LruHashMap<AffinityKey6, Affinity6> =
+    LruHashMap::with_max_entries(decl::AFFINITY6.max_entries, decl::AFFINITY6.flags);
+
+#[map]
 pub static XLB_RANGES6: LpmTrie<SourceRange6, u32> =
     LpmTrie::with_max_entries(decl::SOURCE_RANGES6.max_entries, decl::SOURCE_RANGES6.flags);
 
@@ -162,10 +171,15 @@ pub const SCRATCH_NEW_FLOW: usize = 1;
 pub const SCRATCH_KEY: usize = 16;
 /// Words 21..26: the key of an entry's peer, while it is looked up.
 pub const SCRATCH_PEER_KEY: usize = 21;
+/// Words 21..26 again: a new flow's service and backend between its
+/// stages (a new flow's stages look no peer up).
+pub const SCRATCH_CHOSEN: usize = 21;
+/// Word 26: the MTU a packet did not fit, for the packet-too-big stage.
+pub const SCRATCH_MTU: usize = 26;
 
 /// This CPU's scratch space for a `T` from `XLB_SCRATCH6` word `word`
-/// (one of the `SCRATCH_*`): at most 40 bytes from word 16 on, 120 from
-/// word 1, 8-aligned.
+/// (one of the `SCRATCH_*`): at most 40 bytes from word 16 on (up to
+/// word 26), 120 from word 1, 8-aligned.
 #[inline(always)]
 pub fn scratch<T>(word: usize) -> Option<*mut T> {
     const { assert!(core::mem::size_of::<T>() <= 120 && core::mem::align_of::<T>() <= 8) };
@@ -174,7 +188,7 @@ pub fn scratch<T>(word: usize) -> Option<*mut T> {
     }
     let slot = XLB_SCRATCH6.get_ptr_mut(0)?;
     // SAFETY: checked above: the `T` ends inside the 256-byte slot.
-    Some(unsafe { slot.cast::<u64>().add(word.min(SCRATCH_PEER_KEY)).cast() })
+    Some(unsafe { slot.cast::<u64>().add(word.min(SCRATCH_MTU)).cast() })
 }
 
 #[map]

@@ -1,7 +1,8 @@
 //! xlb's own MTU check, as a router's: a packet of a flow that does not fit
 //! the egress device of its next hop is answered with ICMP "fragmentation
-//! needed" carrying that MTU when it has DF set (rate-limited per client
-//! address), and dropped and counted when it has not: XDP cannot fragment,
+//! needed" carrying that MTU when it has DF set (ICMPv6 "packet too big"
+//! for any IPv6 packet; rate-limited per client address), and dropped and
+//! counted when it has not: XDP cannot fragment,
 //! and the kernel refuses to forward a packet whose source is one of its
 //! own addresses (masquerade, reverse NAT), so handing it over would only
 //! get it delivered locally to a NodePort nobody listens on.
@@ -9,18 +10,24 @@
 use aya_ebpf::{
     bindings::{BPF_ANY, bpf_check_mtu_ret::BPF_MTU_CHK_RET_FRAG_NEEDED, xdp_action},
     helpers::{bpf_check_mtu, bpf_ktime_get_coarse_ns},
+    maps::LruHashMap,
     programs::XdpContext,
 };
 use lb_common::{
     IcmpLimit, Reason,
+    family::addr6,
     frag::{ICMP_LIMIT_BURST, ICMP_LIMIT_INTERVAL_NS},
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 use crate::{
     answer::{self, ICMP_HEADERS, Sender},
+    answer6::{ICMP6_HEADERS, QUOTE6_MAX, Sender6, sum_frame},
     fib::NextHop,
-    maps::XLB_ICMP_LIMIT,
+    maps::{SCRATCH_MTU, XLB_ICMP_LIMIT, XLB_ICMP_LIMIT6, scratch},
     parse::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IP_DF, Packet, ptr_at},
 };
 
@@ -103,7 +110,7 @@ fn check_frame(ctx: &XdpContext, ifindex: u32) -> Result<(), Verdict> {
     }
     // SAFETY: no preconditions (only packets that do not fit get here).
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if !answer_allowed(client, now) {
+    if !answer_allowed(&XLB_ICMP_LIMIT, &client, now) {
         return Err(Err(Reason::DropIcmpRateLimited));
     }
     let l4_offset = EthHdr::LEN + usize::from(vihl & 0x0f) * 4;
@@ -116,9 +123,10 @@ pub type Verdict = Result<(u32, Reason), Reason>;
 /// Every IPv6 link carries 1280-byte packets (RFC 8200).
 const IPV6_ALWAYS_FITS: u16 = 1280;
 
-/// `check` for an IPv6 packet of `ip_len` bytes: one that does not fit is
-/// dropped and counted (`drop_too_big`). IPv6 routers never fragment; the
-/// answer a router owes, ICMPv6 packet too big, is not built yet.
+/// `check` for an IPv6 packet of `ip_len` bytes: one that does not fit
+/// (IPv6 routers never fragment) is owed ICMPv6 packet too big, which the
+/// flat pipeline sends in a stage of its own (`too_big6`): `Err` with
+/// `Err(RejectFragNeeded)` says so, the MTU left in the scratch space.
 #[inline(always)]
 pub fn check6(ctx: &XdpContext, ip_len: u16, hop: &NextHop) -> Result<(), Verdict> {
     if ip_len <= IPV6_ALWAYS_FITS {
@@ -127,17 +135,54 @@ pub fn check6(ctx: &XdpContext, ip_len: u16, hop: &NextHop) -> Result<(), Verdic
     let mut mtu: u32 = 0;
     // SAFETY: plain helper call; it reads the frame length and writes `mtu`.
     let ret = unsafe { bpf_check_mtu(ctx.ctx.cast(), hop.ifindex, &mut mtu, 0, 0) };
-    if ret == i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED) {
-        return Err(Err(Reason::DropTooBig));
+    if ret != i64::from(BPF_MTU_CHK_RET_FRAG_NEEDED) {
+        return Ok(());
     }
-    Ok(())
+    let Some(slot) = scratch::<u64>(SCRATCH_MTU) else {
+        return Err(Err(Reason::DropTooBig));
+    };
+    // SAFETY: this CPU's scratch word, read back by `too_big6` in this run.
+    unsafe { *slot = u64::from(mtu) };
+    Err(Err(Reason::RejectFragNeeded))
 }
 
-/// Token bucket per client address: `ICMP_LIMIT_BURST` answers per
-/// `ICMP_LIMIT_INTERVAL_NS`.
+/// ICMPv6 packet too big (type 2, code 0; RFC 4443 3.2).
+const PACKET_TOO_BIG: [u8; 2] = [2, 0];
+
+/// Turns the IPv6 frame `check6` found too big into ICMPv6 packet too big
+/// with the MTU it left, from the address the sender wrote to, quoting the
+/// packet as far as the error stays within 1280 bytes (the packet is
+/// longer, so that is `QUOTE6_MAX` bytes), rate-limited per sender as
+/// IPv4's answers are.
 #[inline(always)]
-fn answer_allowed(client_be: u32, now: u64) -> bool {
-    if let Some(limit) = XLB_ICMP_LIMIT.get_ptr_mut(client_be) {
+pub fn too_big6(ctx: &XdpContext) -> Verdict {
+    let mtu = match scratch::<u64>(SCRATCH_MTU) {
+        // SAFETY: this CPU's scratch word, written by `check6` in this run.
+        Some(slot) => (unsafe { *slot }) as u32,
+        None => return Err(Reason::DropTooBig),
+    };
+    let ip: *const Ipv6Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: ptr_at checked the header is inside the frame; unaligned.
+    let client: [u8; 16] = unsafe { core::ptr::addr_of!((*ip).src_addr).read_unaligned() };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if !answer_allowed(&XLB_ICMP_LIMIT6, &addr6(client), now) {
+        return Err(Reason::DropIcmpRateLimited);
+    }
+    let sender = Sender6::of(ctx)?;
+    let quote_sum = sum_frame(ctx, EthHdr::LEN, QUOTE6_MAX)?;
+    answer::grow_head(ctx, ICMP6_HEADERS - EthHdr::LEN, Reason::DropTooBig)?;
+    answer::truncate(ctx, ICMP6_HEADERS + QUOTE6_MAX, Reason::DropTooBig)?;
+    let headers = sender.icmp_error(PACKET_TOO_BIG, mtu.to_be_bytes(), QUOTE6_MAX, quote_sum);
+    answer::write(ctx, headers)?;
+    Ok((xdp_action::XDP_TX, Reason::RejectFragNeeded))
+}
+
+/// Token bucket per client address in `limits`: `ICMP_LIMIT_BURST`
+/// answers per `ICMP_LIMIT_INTERVAL_NS`.
+#[inline(always)]
+fn answer_allowed<K>(limits: &LruHashMap<K, IcmpLimit>, client: &K, now: u64) -> bool {
+    if let Some(limit) = limits.get_ptr_mut(client) {
         // SAFETY: valid LRU value pointer for this run; plain integers (a
         // racing CPU at worst lets one answer more through).
         let limit = unsafe { &mut *limit };
@@ -154,7 +199,7 @@ fn answer_allowed(client_be: u32, now: u64) -> bool {
         _pad: 0,
         refilled_ns: now,
     };
-    let _ = XLB_ICMP_LIMIT.insert(client_be, fresh, u64::from(BPF_ANY));
+    let _ = limits.insert(client, &fresh, u64::from(BPF_ANY));
     true
 }
 

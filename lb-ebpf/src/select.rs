@@ -4,14 +4,11 @@
 
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
-    Affinity, AffinityKey, Backend, BackendOf, FlowOf, Service,
+    AffinityKeyOf, AffinityOf, BackendOf, FlowOf, Service,
     service::{BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, SERVICE_F_AFFINITY},
 };
 
-use crate::{
-    family::Ip,
-    maps::{XLB_AFFINITY, XLB_BACKENDS, XLB_SELECT},
-};
+use crate::{family::Ip, maps::XLB_SELECT};
 
 /// The backend for a new flow with hash `hash`, if the service has one.
 /// The table's ids index the service's family's backends.
@@ -32,29 +29,29 @@ pub fn backend_for<F: Ip>(service: &Service, hash: u32) -> Option<(u32, BackendO
     Some((id, backend))
 }
 
-/// The backend for a new flow from `client_addr_be`: with ClientIP affinity,
-/// the one the client's last flow went to while that is recent and the
-/// backend still takes new flows; otherwise `backend_for`, remembered.
+/// The backend for a new flow from `client`: with ClientIP affinity, the
+/// one the client's last flow went to while that is recent and the backend
+/// still takes new flows; otherwise `backend_for`, remembered.
 #[inline(always)]
-pub fn backend_for_client(
+pub fn backend_for_client<F: Ip>(
     service: &Service,
-    client_addr_be: u32,
+    client: &F::Addr,
     hash: u32,
     now: u64,
-) -> Option<(u32, Backend)> {
+) -> Option<(u32, BackendOf<F>)> {
     if service.flags & SERVICE_F_AFFINITY == 0 {
-        return backend_for::<lb_common::V4>(service, hash);
+        return backend_for::<F>(service, hash);
     }
-    let key = AffinityKey {
+    let key = AffinityKeyOf::<F> {
         service_id: service.id,
-        client_addr_be,
+        client_addr_be: *client,
     };
-    if let Some(entry) = XLB_AFFINITY.get_ptr_mut(key) {
+    if let Some(entry) = F::affinity().get_ptr_mut(&key) {
         // SAFETY: valid LRU value pointer for this run; plain integers.
         let entry = unsafe { &mut *entry };
         let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
         if now.saturating_sub(entry.last_seen_ns) <= timeout_ns {
-            if let Some(backend) = XLB_BACKENDS.get(entry.backend_id) {
+            if let Some(backend) = F::backends().get(entry.backend_id) {
                 let usable = BACKEND_F_ACTIVE | BACKEND_F_TERMINATING;
                 let same = backend.addr_be == entry.backend_addr_be
                     && backend.port_be == entry.backend_port_be;
@@ -65,16 +62,17 @@ pub fn backend_for_client(
             }
         }
     }
-    let (id, backend) = backend_for::<lb_common::V4>(service, hash)?;
-    let affinity = Affinity {
+    let (id, backend) = backend_for::<F>(service, hash)?;
+    let affinity = AffinityOf::<F> {
         backend_id: id,
         backend_addr_be: backend.addr_be,
+        _pad_addr: Default::default(),
         last_seen_ns: now,
         backend_port_be: backend.port_be,
         _pad: [0; 6],
     };
     // Losing the record only costs the client its stickiness once.
-    let _ = XLB_AFFINITY.insert(key, affinity, u64::from(BPF_ANY));
+    let _ = F::affinity().insert(&key, &affinity, u64::from(BPF_ANY));
     Some((id, backend))
 }
 

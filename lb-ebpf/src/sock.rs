@@ -128,7 +128,7 @@ fn translate(ctx: &SockAddrContext) -> Result<bool, Reason> {
         ..service
     };
     let (_, backend) =
-        select::backend_for_client(&socket_client, netns_client(netns_cookie), hash, now)
+        select::backend_for_client::<V4>(&socket_client, &netns_client(netns_cookie), hash, now)
             .ok_or(Reason::RejectSocketNoBackend)?;
     let reverse = SockRevNatKey {
         socket_cookie,

@@ -5,8 +5,9 @@
 use std::net::Ipv6Addr;
 
 use etherparse::{
-    EtherType, Ethernet2Header, IpFragOffset, IpNumber, Ipv6FlowLabel, Ipv6FragmentHeader,
-    Ipv6Header, Ipv6RawExtHeader, NetHeaders, PacketHeaders, TcpHeader, TransportHeader, UdpHeader,
+    EtherType, Ethernet2Header, Icmpv6Type, IpFragOffset, IpNumber, Ipv6FlowLabel,
+    Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, NetHeaders, PacketBuilder, PacketHeaders,
+    TcpHeader, TransportHeader, UdpHeader, icmpv6::DestUnreachableCode,
 };
 
 use crate::{
@@ -224,13 +225,73 @@ pub fn check_checksums6(frame: &[u8]) -> Result<(), String> {
     let (found, want) = match &headers.transport {
         Some(TransportHeader::Udp(udp)) => (udp.checksum, udp.calc_checksum_ipv6(ip, payload)),
         Some(TransportHeader::Tcp(tcp)) => (tcp.checksum, tcp.calc_checksum_ipv6(ip, payload)),
-        _ => return Err("not TCP/UDP".into()),
+        Some(TransportHeader::Icmpv6(icmp)) => (
+            icmp.checksum,
+            icmp.icmp_type
+                .calc_checksum(ip.source, ip.destination, payload),
+        ),
+        _ => return Err("not TCP/UDP/ICMPv6".into()),
     };
     let want = want.map_err(|e| e.to_string())?;
     if found != want {
         return Err(format!("L4 checksum {found:#06x}, expected {want:#06x}"));
     }
     Ok(())
+}
+
+/// The most of a packet an ICMPv6 error quotes (RFC 4443 2.4 (c): the
+/// error stays within the minimum MTU of 1280 bytes).
+pub const QUOTE6_MAX: usize = 1280 - 40 - 8;
+
+/// What the node sends back for `datagram` to an IPv6 service with no
+/// endpoints: ICMPv6 port unreachable from the address it was sent to,
+/// quoting the datagram from its IPv6 header on, at most `QUOTE6_MAX`
+/// bytes; built by etherparse, checksum included.
+pub fn port_unreachable6_for(datagram: &Spec6) -> Vec<u8> {
+    let frame = datagram.build();
+    let packet = &frame[Ethernet2Header::LEN..];
+    let quoted = &packet[..packet.len().min(QUOTE6_MAX)];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(datagram.eth_dst, datagram.eth_src)
+        .ipv6(datagram.dst.octets(), datagram.src.octets(), 64)
+        .icmpv6(Icmpv6Type::DestinationUnreachable(
+            DestUnreachableCode::Port,
+        ))
+        .write(&mut out, quoted)
+        .expect("icmpv6");
+    out
+}
+
+/// What the node sends back for `packet`, which does not fit the next
+/// hop's `mtu`: ICMPv6 packet too big from the address it was sent to,
+/// quoting it as `port_unreachable6_for` does.
+pub fn packet_too_big6_for(packet: &Spec6, mtu: u32) -> Vec<u8> {
+    let frame = packet.build();
+    let ip = &frame[Ethernet2Header::LEN..];
+    let quoted = &ip[..ip.len().min(QUOTE6_MAX)];
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(packet.eth_dst, packet.eth_src)
+        .ipv6(packet.dst.octets(), packet.src.octets(), 64)
+        .icmpv6(Icmpv6Type::PacketTooBig { mtu })
+        .write(&mut out, quoted)
+        .expect("icmpv6");
+    out
+}
+
+/// What the node sends back for an IPv6 SYN to a service with no
+/// endpoints: RST|ACK, seq 0, ack = SYN's seq + 1 + payload, no
+/// extension headers.
+pub fn reset6_for(syn: &Spec6) -> Vec<u8> {
+    let mut out = Vec::new();
+    let ack = syn.tcp_seq + 1 + syn.payload.len() as u32;
+    PacketBuilder::ethernet2(syn.eth_dst, syn.eth_src)
+        .ipv6(syn.dst.octets(), syn.src.octets(), 64)
+        .tcp(syn.dport, syn.sport, 0, 0)
+        .rst()
+        .ack(ack)
+        .write(&mut out, &[])
+        .expect("rst");
+    out
 }
 
 /// The (src, sport, dst, dport) of an IPv6 TCP/UDP frame.

@@ -12,10 +12,14 @@ use aya::{
     programs::Xdp,
 };
 use lb_common::{
-    Addr6, Backend6, Flow6, FlowKey6, NodeAddr, Peer, Service, ServiceKey6,
+    Addr6, Affinity6, AffinityKey6, Backend6, Flow6, FlowKey6, NodeAddr, Peer, Service,
+    ServiceKey6,
     family::addr6,
     maps as names,
-    service::{BACKEND_F_ACTIVE, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE},
+    service::{
+        BACKEND_F_ACTIVE, BACKEND_F_TERMINATING, SERVICE_F_AFFINITY, SERVICE_F_DROP_IF_EMPTY,
+        SERVICE_F_MASQUERADE,
+    },
 };
 
 use crate::{Netns, netns::mac_str, testrun::*};
@@ -37,6 +41,10 @@ const UDP_OFFSET: u32 = 10;
 const TCP6_TABLE: u32 = 4;
 const UDP6_TABLE: u32 = 5;
 const TABLE_SIZE: u32 = 7;
+/// Service id of the IPv6 sessionAffinity NodePort (`AFFINITY_NODE_PORT`).
+pub const AFFINITY6_SERVICE_ID: u32 = 27;
+/// Its sessionAffinity timeout, seconds.
+pub const AFFINITY6_TIMEOUT_S: u32 = 60;
 
 pub fn be6(addr: Ipv6Addr) -> Addr6 {
     addr6(addr.octets())
@@ -174,7 +182,7 @@ impl Datapath {
         self.bpf().map(names::FLOWS6).is_some()
     }
 
-    /// Deletes every IPv6 conntrack entry.
+    /// Deletes every IPv6 conntrack, affinity and ICMP rate-limit entry.
     pub fn clear_flows6(&mut self) {
         if !self.has_ipv6() {
             return;
@@ -187,11 +195,31 @@ impl Datapath {
                 let _ = flows.remove(&key);
             }
         }
+        if self.bpf().map(names::ICMP_LIMIT6).is_some() {
+            let mut limits: HashMap<_, Addr6, lb_common::IcmpLimit> =
+                HashMap::try_from(self.map_mut(names::ICMP_LIMIT6)).expect("ICMP limit6 map");
+            let keys: Vec<Addr6> = limits.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = limits.remove(&key);
+            }
+        }
+        if self.bpf().map(names::AFFINITY6).is_some() {
+            let mut affinity = self.affinity6();
+            let keys: Vec<AffinityKey6> = affinity.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = affinity.remove(&key);
+            }
+        }
+    }
+
+    pub fn affinity6(&mut self) -> HashMap<&mut MapData, AffinityKey6, Affinity6> {
+        HashMap::try_from(self.map_mut(names::AFFINITY6)).expect("affinity6 map")
     }
 
     /// tcp 30999 -> backends 1,2 (IPv6):3333; udp 30998 -> 1,2:4444;
     /// udp 30997 -> no backends; udp 30995 -> none, dropped; udp 30992 ->
-    /// 1,2:4444 without masquerade. NodePorts answer on `NODE6`;
+    /// 1,2:4444 without masquerade; udp 30993 -> 1,2:4444 with
+    /// sessionAffinity ClientIP. NodePorts answer on `NODE6`;
     /// masquerade addresses are each veth's own.
     pub fn write_base_state6(&mut self) {
         if !self.has_ipv6() {
@@ -235,6 +263,15 @@ impl Datapath {
     /// Takes IPv6 backend `id` out (inactive, as the agent clears it) and
     /// gives its slots to `survivor`.
     pub fn remove_backend6(&mut self, id: u32, survivor: u32) {
+        self.retable6(id, survivor);
+        let mut backends: Array<_, Backend6> =
+            Array::try_from(self.map_mut(names::BACKENDS6)).expect("backends6 map");
+        backends.set(id, Backend6::default(), 0).expect("backend6");
+    }
+
+    /// Gives IPv6 backend `id`'s selection slots to `survivor`; `id` stays
+    /// active (for its flows, and for affinity records naming it).
+    pub fn retable6(&mut self, id: u32, survivor: u32) {
         for table in [TCP6_TABLE, UDP6_TABLE] {
             let slots: Vec<u32> = self
                 .table(table)
@@ -243,9 +280,16 @@ impl Datapath {
                 .collect();
             self.set_table(table, &slots);
         }
+    }
+
+    /// Marks IPv6 backend `id` terminating (it keeps its flows, affinity
+    /// skips it).
+    pub fn set_terminating6(&mut self, id: u32) {
         let mut backends: Array<_, Backend6> =
             Array::try_from(self.map_mut(names::BACKENDS6)).expect("backends6 map");
-        backends.set(id, Backend6::default(), 0).expect("backend6");
+        let mut entry = backends.get(&id, 0).expect("backend6");
+        entry.flags |= BACKEND_F_TERMINATING;
+        backends.set(id, entry, 0).expect("backend6");
     }
 
     fn write_services6(&mut self) {
@@ -253,6 +297,7 @@ impl Datapath {
             HashMap::try_from(self.map_mut(names::SERVICES6)).expect("services6 map");
         let masq = SERVICE_F_MASQUERADE;
         let size = TABLE_SIZE;
+        let affinity = masq | SERVICE_F_AFFINITY;
         for (id, port, proto, table_id, table_size, flags) in [
             (21, TCP_NODE_PORT, IPPROTO_TCP, TCP6_TABLE, size, masq),
             (22, UDP_NODE_PORT, IPPROTO_UDP, UDP6_TABLE, size, masq),
@@ -267,6 +312,14 @@ impl Datapath {
             ),
             (25, LOCAL_NODE_PORT, IPPROTO_UDP, UDP6_TABLE, size, 0),
             (26, EMPTY_TCP_NODE_PORT, IPPROTO_TCP, 2, 0, masq),
+            (
+                AFFINITY6_SERVICE_ID,
+                AFFINITY_NODE_PORT,
+                IPPROTO_UDP,
+                UDP6_TABLE,
+                size,
+                affinity,
+            ),
         ] {
             let key = ServiceKey6 {
                 addr_be: [0; 4],
@@ -279,7 +332,7 @@ impl Datapath {
                 table_id,
                 table_size,
                 flags,
-                affinity_timeout_s: 0,
+                affinity_timeout_s: AFFINITY6_TIMEOUT_S,
                 _pad: 0,
             };
             services.insert(key, service, 0).expect("service6");

@@ -2,8 +2,8 @@
 //! tcp.rs and of semantics.rs, reload.rs and restart.rs where the IPv6
 //! datapath does the same, and dual-stack services (one service, each pod
 //! listed by both its addresses) serving clients of both families at once.
-//! Where IPv6 differs: a service without endpoints is refused by the node's
-//! kernel (`pass_ipv6_no_backend`), and sessionAffinity is not there yet.
+//! A service without endpoints is refused as for IPv4, by xlb itself
+//! (ICMPv6 port unreachable, TCP RST).
 //!
 //! NodePorts answer on 2001:db8::1; masquerade is the node's IPv6 address
 //! on the backend's link (2001:db8:N::1), as 198.18.N.1 is for IPv4.
@@ -574,7 +574,6 @@ fn removing_one_of_four_ipv6_backends_moves_about_a_quarter_of_flows() -> anyhow
 }
 
 #[test]
-#[ignore = "sessionAffinity for IPv6 clients needs XLB_AFFINITY6 (lb-ebpf/src/family.rs)"]
 fn client_ip_affinity6_sends_every_flow_of_a_client_to_one_backend() -> anyhow::Result<()> {
     let lab = Lab::new(3)?;
     let all: String = (1..=3).map(|index| backend6(index, &[])).collect();
@@ -647,8 +646,7 @@ fn terminating_endpoints6_keep_their_flows_and_no_endpoints_are_refused() -> any
     kept.exchange()?;
     assert_eq!(names(&new_udp), ["backend-3"]);
 
-    // No endpoint at all: new flows are refused at once. xlb answers IPv6
-    // rejections through the node's kernel (which has no such socket).
+    // No endpoint at all: new flows are refused at once, by xlb.
     write(&(gone(1) + &gone(2) + &gone(3)))?;
     agent.reload_and_wait()?;
     let (tcp_result, tcp_took, udp_result) = lab.client.run(|| -> anyhow::Result<_> {
@@ -676,8 +674,12 @@ fn terminating_endpoints6_keep_their_flows_and_no_endpoints_are_refused() -> any
         "{udp_result:?}"
     );
     let exit = agent.stop()?;
-    assert!(
-        counter(&exit.log, "pass_ipv6_no_backend") >= 2,
+    for name in ["reject_tcp_reset", "reject_port_unreachable"] {
+        assert!(counter(&exit.log, name) >= 1, "{name}: {}", exit.log);
+    }
+    assert_eq!(
+        counter(&exit.log, "pass_ipv6_no_backend"),
+        0,
         "{}",
         exit.log
     );
@@ -1005,29 +1007,57 @@ fn ipv6_node_servers_ping_and_routing_still_work() -> anyhow::Result<()> {
 #[test]
 fn ipv6_clients_of_a_service_without_endpoints_are_refused() -> anyhow::Result<()> {
     // Whichever family the agent gives a service with no backends, an IPv6
-    // client is refused at once (by the node's kernel: xlb leaves IPv6
-    // rejections to it).
+    // client is refused at once: by the node's kernel where the service is
+    // IPv4 only (a service with no addresses), by xlb where it is served
+    // over IPv6 too (`ipFamilies`): a RST, and an ICMPv6 port unreachable
+    // the client's kernel takes (checksum and quote right), also for a
+    // datagram whose quote is cut at 1280 bytes.
     let lab = Lab::new(1)?;
-    let services = "  - name: tcp-empty\n    protocol: TCP\n    nodePort: 30990\n    targetPort: 3333\n    backends: []\n\
-                    \n  - name: udp-empty\n    protocol: UDP\n    nodePort: 30991\n    targetPort: 4444\n    backends: []\n";
-    let config = lab.write_file("xlb.yaml", &lab.dual_stack_config_yaml(services))?;
-    let _agent = Agent::start(&lab, &config)?;
+    let empty = |name: &str, protocol: &str, port: u16, families: &str| {
+        format!(
+            "  - name: {name}\n    protocol: {protocol}\n    nodePort: {port}\n    \
+             targetPort: 3333\n{families}    backends: []\n"
+        )
+    };
+    let dual = "    ipFamilies: [IPv4, IPv6]\n";
+    let services = empty("tcp-empty", "TCP", 30990, dual)
+        + &empty("udp-empty", "UDP", 30991, dual)
+        + &empty("tcp-empty4", "TCP", 30992, "");
+    let config = lab.write_file("xlb.yaml", &lab.dual_stack_config_yaml(&services))?;
+    let agent = Agent::start(&lab, &config)?;
 
-    let (tcp, udp) = lab.client.run(|| -> anyhow::Result<_> {
+    let (tcp, udp, large, tcp4) = lab.client.run(|| -> anyhow::Result<_> {
         let tcp = TcpStream::connect_timeout(&node_port6(30990), IO_TIMEOUT).map(drop);
-        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
-        socket.set_read_timeout(Some(IO_TIMEOUT))?;
-        socket.connect(node_port6(30991))?;
-        socket.send(b"anyone?")?;
-        let udp = socket.recv(&mut [0u8; 64]).map(drop);
-        Ok((tcp, udp))
+        let tcp4 = TcpStream::connect_timeout(&node_port6(30992), IO_TIMEOUT).map(drop);
+        let refused = |payload: &[u8]| -> anyhow::Result<std::io::Result<()>> {
+            let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+            socket.set_read_timeout(Some(IO_TIMEOUT))?;
+            socket.connect(node_port6(30991))?;
+            socket.send(payload)?;
+            Ok(socket.recv(&mut [0u8; 64]).map(drop))
+        };
+        Ok((tcp, refused(b"anyone?")?, refused(&[7u8; 1400])?, tcp4))
     })??;
-    for (protocol, result) in [("TCP", tcp), ("UDP", udp)] {
+    let results = [
+        ("TCP", tcp),
+        ("UDP", udp),
+        ("UDP, 1400 bytes", large),
+        ("TCP to an IPv4-only service", tcp4),
+    ];
+    for (what, result) in results {
         assert!(
             matches!(&result, Err(error) if error.kind() == ErrorKind::ConnectionRefused),
-            "{protocol}: {result:?}, expected connection refused"
+            "{what}: {result:?}, expected connection refused"
         );
     }
+    let exit = agent.stop()?;
+    assert_eq!(counter(&exit.log, "reject_tcp_reset"), 1, "{}", exit.log);
+    assert_eq!(
+        counter(&exit.log, "reject_port_unreachable"),
+        2,
+        "{}",
+        exit.log
+    );
     Ok(())
 }
 

@@ -505,8 +505,10 @@ fn program_size() {
             let info = dp.program_named(name).info().expect("program info");
             let xlated = info.size_translated().unwrap_or(0) / 8;
             println!(
-                "{name}: {xlated} xlated instructions, {} bytes JITed",
-                info.size_jitted()
+                "{name}: {xlated} xlated instructions, {} bytes JITed, {} instructions \
+                 processed by the verifier",
+                info.size_jitted(),
+                info.verified_instruction_count().unwrap_or(0)
             );
             assert!(xlated > 0);
         }
@@ -525,4 +527,34 @@ fn program_size() {
             );
         }
     });
+}
+
+/// The programs as `--datapath-debug` loads them (the logging branches
+/// kept) stay within the verifier's million instructions; prints how many
+/// it processed.
+#[test]
+fn datapath_debug_variant_loads() {
+    let mut bpf = aya::EbpfLoader::new()
+        .override_global("XLB_DEBUG", &1u32, true)
+        .load(xlb::DATAPATH_OBJECT)
+        .expect("load the object");
+    for name in [lb_common::maps::PROGRAM, lb_common::maps::PROGRAM6] {
+        let program: &mut aya::programs::Xdp = bpf
+            .program_mut(name)
+            .expect("program")
+            .try_into()
+            .expect("an XDP program");
+        if let Err(error) = program.load() {
+            let log = format!("{error:?}");
+            panic!(
+                "{name} with debug logs: {}",
+                &log[log.len().saturating_sub(600)..]
+            );
+        }
+        let info = program.info().expect("program info");
+        println!(
+            "{name} with debug logs: {} instructions processed by the verifier",
+            info.verified_instruction_count().unwrap_or(0)
+        );
+    }
 }

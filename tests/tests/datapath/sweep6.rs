@@ -79,6 +79,7 @@ pub fn check(
     match verdict {
         XDP_PASS if output != input => Err("XDP_PASS but the frame was modified".into()),
         XDP_PASS | XDP_DROP => Ok(None),
+        XDP_TX if is_answer(input, output) => check_rejected(input, output).map(|()| None),
         XDP_TX | XDP_REDIRECT => {
             check_forwarded(dp, input, output)?;
             Ok((ifindex == dp.client_ifindex)
@@ -126,6 +127,46 @@ fn check_forwarded(dp: &mut Datapath, input: &[u8], output: &[u8]) -> Result<(),
         check_checksums(output)?;
     }
     Ok(())
+}
+
+/// Whether `output` goes back to `input`'s sender (a rejection) rather
+/// than on (a forwarded frame).
+fn is_answer(input: &[u8], output: &[u8]) -> bool {
+    output.len() >= 54 && input.len() >= 54 && output[38..54] == input[22..38]
+}
+
+/// A rejection is ICMPv6 port unreachable quoting the input from its IPv6
+/// header on (as much as fits 1280 bytes) or a RST|ACK, from the address
+/// the input went to, back to its sender, checksum correct.
+fn check_rejected(input: &[u8], output: &[u8]) -> Result<(), String> {
+    use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
+    let headers = PacketHeaders::from_ethernet_slice(output).map_err(|e| e.to_string())?;
+    let Some(NetHeaders::Ipv6(ip, _)) = &headers.net else {
+        return Err("rejection is not IPv6".into());
+    };
+    if ip.source[..] != input[38..54] || output[0..6] != input[6..12] {
+        return Err("rejection not from the address and to the MAC of the sender".into());
+    }
+    check_checksums(output)?;
+    let payload = headers.payload.slice();
+    match &headers.transport {
+        Some(TransportHeader::Icmpv6(icmp)) => {
+            let port_unreachable = etherparse::Icmpv6Type::DestinationUnreachable(
+                etherparse::icmpv6::DestUnreachableCode::Port,
+            );
+            if icmp.icmp_type != port_unreachable {
+                return Err(format!("ICMPv6 {:?}", icmp.icmp_type));
+            }
+            let ip_len = 40 + usize::from(u16::from_be_bytes([input[18], input[19]]));
+            if payload.len() != ip_len.min(QUOTE6_MAX) || payload != &input[14..14 + payload.len()]
+            {
+                return Err("ICMPv6 does not quote the datagram as RFC 4443 says".into());
+            }
+            Ok(())
+        }
+        Some(TransportHeader::Tcp(tcp)) if tcp.rst && tcp.ack && payload.is_empty() => Ok(()),
+        _ => Err("rejection neither port unreachable nor RST|ACK".into()),
+    }
 }
 
 fn out_tuple_is_udp(frame: &[u8]) -> bool {

@@ -1400,7 +1400,7 @@ pub fn rows() -> Vec<Row> {
 
 /// Sets the MTU of the fixture's backend-side link (restored to 1500 by
 /// the case's `after`, and by `reset_mtu` for the next row).
-fn set_backend_mtu(mtu: u32) {
+pub(crate) fn set_backend_mtu(mtu: u32) {
     let status = std::process::Command::new("ip")
         .args(["link", "set", "xb", "mtu", &mtu.to_string()])
         .status()

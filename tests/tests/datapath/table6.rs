@@ -12,7 +12,7 @@ use lb_common::{
 use std::net::Ipv6Addr;
 
 use xlb_tests::{
-    packets::{ACK, L4, RST, SYN},
+    packets::{ACK, L4, PSH, RST, SYN},
     packets6::*,
     testrun::*,
     testrun6::*,
@@ -25,6 +25,15 @@ fn unchanged(dp: &Datapath, frame: Vec<u8>) -> Case {
         input: frame,
         ifindex: dp.client_ifindex,
         expect: Expect::Unchanged,
+        after: None,
+    }
+}
+
+fn exact(dp: &Datapath, frame: Vec<u8>, want: Vec<u8>) -> Case {
+    Case {
+        input: frame,
+        ifindex: dp.client_ifindex,
+        expect: Expect::Frame(Box::new(move |_| want)),
         after: None,
     }
 }
@@ -155,8 +164,164 @@ fn confirmed(key: FlowKey6) -> Option<crate::table::AfterCheck> {
 
 pub fn rows() -> Vec<Row> {
     let mut rows = flow_rows();
+    rows.extend(affinity_rows());
+    rows.extend(too_big_rows());
     rows.extend(header_rows());
     rows
+}
+
+fn affine6(sport: u16) -> Spec6 {
+    Spec6::from_client(sport, AFFINITY_NODE_PORT, L4::Udp)
+}
+
+/// The UDP backend id at `addr` and the other one's.
+fn udp_ids6(addr: Ipv6Addr) -> (u32, u32) {
+    if addr == BACKEND6_1 {
+        (BACKEND6_1_ID + 10, BACKEND6_2_ID + 10)
+    } else {
+        (BACKEND6_2_ID + 10, BACKEND6_1_ID + 10)
+    }
+}
+
+/// `spec` (1400 bytes of payload) from the client, with the backend link
+/// at MTU 1400: packet too big with that MTU goes back.
+fn too_big_case6(dp: &mut Datapath, spec: Spec6) -> Case {
+    crate::table::set_backend_mtu(1400);
+    let want = packet_too_big6_for(&spec, 1400);
+    assert_eq!(want.len(), 14 + 1_280, "the error is 1280 bytes");
+    Case {
+        input: spec.build(),
+        ifindex: dp.client_ifindex,
+        expect: Expect::Frame(Box::new(move |_| want)),
+        after: Some(Box::new(|_| crate::table::set_backend_mtu(1500))),
+    }
+}
+
+fn too_big_rows() -> Vec<Row> {
+    vec![
+        Row {
+            name: "IPv6 datagram larger than the backend link's MTU: packet too big with that MTU",
+            verdict: XDP_TX,
+            reason: Reason::RejectFragNeeded,
+            case: |dp| {
+                let mut spec = udp6(41_700);
+                spec.payload = (0..1_400).map(|byte| (byte % 253) as u8).collect();
+                too_big_case6(dp, spec)
+            },
+        },
+        Row {
+            name: "IPv6 segment of an established flow too big: packet too big",
+            verdict: XDP_TX,
+            reason: Reason::RejectFragNeeded,
+            case: |dp| {
+                send_from_client6(dp, &tcp6(41_701, SYN));
+                let mut spec = tcp6(41_701, ACK | PSH);
+                spec.payload = vec![9; 1_400];
+                too_big_case6(dp, spec)
+            },
+        },
+        Row {
+            name: "IPv6 packet too big answers are rate-limited per client",
+            verdict: XDP_DROP,
+            reason: Reason::DropIcmpRateLimited,
+            case: |dp| {
+                let mut spec = udp6(41_702);
+                spec.payload = vec![9; 1_400];
+                let mut case = too_big_case6(dp, spec);
+                for _ in 0..lb_common::frag::ICMP_LIMIT_BURST {
+                    let (verdict, _) = dp.run(&case.input, dp.client_ifindex);
+                    assert_eq!(verdict, XDP_TX, "an answer within the burst");
+                }
+                case.expect = Expect::Dropped;
+                case
+            },
+        },
+    ]
+}
+
+fn affinity_rows() -> Vec<Row> {
+    vec![
+        Row {
+            name: "IPv6 sessionAffinity ClientIP: a client's new flows all go to one backend",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let first = send_from_client6(dp, &affine6(41_600));
+                for sport in 41_601..41_608 {
+                    let next = send_from_client6(dp, &affine6(sport));
+                    assert_eq!(
+                        next.dst, first.dst,
+                        "flow from port {sport} left the affine backend"
+                    );
+                }
+                let key = lb_common::AffinityKey6 {
+                    service_id: AFFINITY6_SERVICE_ID,
+                    client_addr_be: be6(CLIENT6),
+                };
+                let record = dp.affinity6().get(&key, 0).expect("affinity record");
+                assert_eq!(record.backend_addr_be, be6(first.dst));
+                assert_eq!(u16::from_be(record.backend_port_be), UDP_TARGET_PORT);
+                forward_case(dp, affine6(41_608), true)
+            },
+        },
+        Row {
+            name: "IPv6 sessionAffinity: an expired record is not followed",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let first = send_from_client6(dp, &affine6(41_610));
+                let (affine, other) = udp_ids6(first.dst);
+                // The affine backend leaves the table but stays active: a
+                // live record still leads to it...
+                dp.retable6(affine, other);
+                let again = send_from_client6(dp, &affine6(41_611));
+                assert_eq!(again.dst, first.dst, "a live record was not followed");
+                // ...one older than the timeout does not.
+                let key = lb_common::AffinityKey6 {
+                    service_id: AFFINITY6_SERVICE_ID,
+                    client_addr_be: be6(CLIENT6),
+                };
+                let mut record = dp.affinity6().get(&key, 0).expect("affinity record");
+                let timeout_ns = u64::from(AFFINITY6_TIMEOUT_S + 1) * 1_000_000_000;
+                record.last_seen_ns = monotonic_ns() - timeout_ns;
+                dp.affinity6().insert(key, record, 0).expect("aged record");
+                let spec = affine6(41_612);
+                let flow_key = spec.key();
+                let mut case = forward_case(dp, spec, true);
+                case.after = Some(Box::new(move |dp: &mut Datapath| {
+                    let flow = dp.flow6(&flow_key).expect("flow");
+                    assert_ne!(
+                        flow.new_dst_addr_be,
+                        be6(first.dst),
+                        "followed an expired record"
+                    );
+                    let record = dp.affinity6().get(&key, 0).expect("new record");
+                    assert_eq!(record.backend_addr_be, flow.new_dst_addr_be);
+                }));
+                case
+            },
+        },
+        Row {
+            name: "IPv6 sessionAffinity: a terminating backend keeps its flow but gets no new one",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdEstablished,
+            case: |dp| {
+                let first_spec = affine6(41_620);
+                let first = send_from_client6(dp, &first_spec);
+                let (gone, survivor) = udp_ids6(first.dst);
+                // The agent takes a terminating endpoint out of the table
+                // and flags it; it stays active for its flows.
+                dp.retable6(gone, survivor);
+                dp.set_terminating6(gone);
+                let fresh = send_from_client6(dp, &affine6(41_621));
+                assert_ne!(
+                    fresh.dst, first.dst,
+                    "new flow went to the terminating backend"
+                );
+                forward_case(dp, first_spec, true)
+            },
+        },
+    ]
 }
 
 fn flow_rows() -> Vec<Row> {
@@ -342,21 +507,56 @@ fn flow_rows() -> Vec<Row> {
             },
         },
         Row {
-            name: "IPv6 UDP to a service with no backends: the kernel answers",
-            verdict: XDP_PASS,
-            reason: Reason::PassIpv6NoBackend,
+            name: "IPv6 UDP to a service with no endpoints: ICMPv6 port unreachable sent back",
+            verdict: XDP_TX,
+            reason: Reason::RejectPortUnreachable,
             case: |dp| {
                 let spec = Spec6::from_client(41_010, EMPTY_NODE_PORT, L4::Udp);
-                unchanged(dp, spec.build())
+                exact(dp, spec.build(), port_unreachable6_for(&spec))
             },
         },
         Row {
-            name: "IPv6 SYN to a service with no backends: the kernel answers",
-            verdict: XDP_PASS,
-            reason: Reason::PassIpv6NoBackend,
+            name: "IPv6 port unreachable for a 1400-byte datagram quotes what fits 1280 bytes",
+            verdict: XDP_TX,
+            reason: Reason::RejectPortUnreachable,
+            case: |dp| {
+                let mut spec = Spec6::from_client(41_013, EMPTY_NODE_PORT, L4::Udp);
+                spec.payload = (0..1_400).map(|byte| (byte % 251) as u8).collect();
+                let want = port_unreachable6_for(&spec);
+                assert_eq!(want.len(), 14 + 1_280, "the error is 1280 bytes");
+                exact(dp, spec.build(), want)
+            },
+        },
+        Row {
+            name: "IPv6 port unreachable quotes an odd-length datagram and its extension headers",
+            verdict: XDP_TX,
+            reason: Reason::RejectPortUnreachable,
+            case: |dp| {
+                let mut spec = Spec6::from_client(41_014, EMPTY_NODE_PORT, L4::Udp);
+                spec.exts = vec![Ext::HopByHop(1), Ext::DestOpts(0)];
+                spec.payload = b"odd length!".to_vec();
+                exact(dp, spec.build(), port_unreachable6_for(&spec))
+            },
+        },
+        Row {
+            name: "IPv6 SYN to a service with no endpoints: RST sent back",
+            verdict: XDP_TX,
+            reason: Reason::RejectTcpReset,
             case: |dp| {
                 let spec = Spec6::from_client(41_011, EMPTY_TCP_NODE_PORT, L4::Tcp(SYN));
-                unchanged(dp, spec.build())
+                exact(dp, spec.build(), reset6_for(&spec))
+            },
+        },
+        Row {
+            name: "IPv6 SYN behind destination options to a service with no endpoints: RST \
+                   without them",
+            verdict: XDP_TX,
+            reason: Reason::RejectTcpReset,
+            case: |dp| {
+                let mut spec = Spec6::from_client(41_015, EMPTY_TCP_NODE_PORT, L4::Tcp(SYN));
+                spec.exts = vec![Ext::DestOpts(1)];
+                spec.payload.clear();
+                exact(dp, spec.build(), reset6_for(&spec))
             },
         },
         Row {

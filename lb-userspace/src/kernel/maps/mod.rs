@@ -14,8 +14,8 @@ use aya::maps::{
 };
 use lb_common::maps as names;
 use lb_common::{
-    Addr6, Affinity, AffinityKey, Backend, Backend6, GlobalConfig, NodeAddr, Service, ServiceKey,
-    ServiceKey6, SourceRange, SourceRange6, Traffic,
+    Addr6, Affinity, Affinity6, AffinityKey, AffinityKey6, Backend, Backend6, GlobalConfig,
+    NodeAddr, Service, ServiceKey, ServiceKey6, SourceRange, SourceRange6, Traffic,
 };
 
 use crate::reconcile::Capacity;
@@ -75,6 +75,8 @@ pub struct KernelMaps {
     config: Array<MapData, GlobalConfig>,
     /// Read only, when adopting: the service ids still in use there.
     affinity: HashMap<MapData, AffinityKey, Affinity>,
+    /// As `affinity`, IPv6 clients' records.
+    affinity6: HashMap<MapData, AffinityKey6, Affinity6>,
     service_stats: PerCpuArray<MapData, Traffic>,
     /// Zeroed when a backend id is freed, so the next backend given that id
     /// does not inherit its counters.
@@ -101,6 +103,7 @@ impl KernelMaps {
             source_ranges: typed(ebpf, names::SOURCE_RANGES)?,
             config: typed(ebpf, names::CONFIG)?,
             affinity: typed(ebpf, names::AFFINITY)?,
+            affinity6: typed(ebpf, names::AFFINITY6)?,
             service_stats: typed(ebpf, names::SERVICE_STATS)?,
             backend_stats: typed(ebpf, names::BACKEND_STATS)?,
             ports: typed(ebpf, names::PORTS)?,

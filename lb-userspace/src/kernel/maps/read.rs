@@ -204,14 +204,18 @@ impl KernelMaps {
     }
 
     /// The lowest service id above every id the datapath still remembers:
-    /// in session affinity records and in the per-service counters. New
-    /// services get ids from here, so that a service removed before a
-    /// restart cannot lend its affinity records (which name backends) or
-    /// its counters to a new one.
+    /// in session affinity records (of both families) and in the
+    /// per-service counters. New services get ids from here, so that a
+    /// service removed before a restart cannot lend its affinity records
+    /// (which name backends) or its counters to a new one.
     pub(super) fn first_unused_service_id(&self) -> Result<u32, MapIoError> {
         let mut next = 0u32;
         for key in self.affinity.keys() {
             let key = key.map_err(io(names::AFFINITY))?;
+            next = next.max(key.service_id.saturating_add(1));
+        }
+        for key in self.affinity6.keys() {
+            let key = key.map_err(io(names::AFFINITY6))?;
             next = next.max(key.service_id.saturating_add(1));
         }
         for id in (next..self.service_stats.len()).rev() {

@@ -206,6 +206,13 @@ fn adopted_ids_stay_above_remembered_ones() {
     };
     assert!(maps.affinity.insert(key, Affinity::default(), 0).is_ok());
     assert_eq!(maps.first_unused_service_id().ok(), Some(41));
+    let key6 = lb_common::AffinityKey6 {
+        service_id: 45,
+        client_addr_be: [1, 0, 0, 1],
+    };
+    let record6 = lb_common::Affinity6::default();
+    assert!(maps.affinity6.insert(key6, record6, 0).is_ok());
+    assert_eq!(maps.first_unused_service_id().ok(), Some(46));
     let cpus = aya::util::nr_cpus().map_or(1, |cpus| cpus);
     let mut counted = vec![Traffic::default(); cpus];
     counted[0].to_backend_packets = 1;
