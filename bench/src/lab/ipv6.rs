@@ -174,10 +174,11 @@ fn xlb_yaml(config: &BenchConfig) -> String {
     yaml.replacen(&flood, &pods, 1)
 }
 
-/// kube-proxy's ip6tables rules for the flood service (its IPv6 proxier's
-/// nat chains: NodePort -> masquerade mark -> one endpoint chain per pod,
-/// picked at random -> DNAT), as `ip6tables-restore` reads them.
-fn ip6tables_restore() -> String {
+/// kube-proxy's ip6tables rules for the flood service, as its IPv6
+/// proxier writes them: the filter table's fixed chains (as IPv4's), and
+/// the nat chains (NodePort -> masquerade mark -> one endpoint chain per
+/// pod, picked at random -> DNAT), as `ip6tables-restore` reads them.
+pub(super) fn ip6tables_restore() -> String {
     let pods = flood_pods6();
     let svc = "KUBE-SVC-BENCHFLOOD6";
     let ext = "KUBE-EXT-BENCHFLOOD6";
@@ -205,8 +206,9 @@ fn ip6tables_restore() -> String {
             "-A {sep} -s {pod}/128 -j KUBE-MARK-MASQ\n-A {sep} -m udp -p udp -j DNAT --to-destination [{pod}]:{FLOOD_TARGET_PORT}"
         );
     }
+    let filter = super::kubeproxy::filter_table6();
     format!(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
+        "{filter}*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
          :KUBE-MARK-MASQ - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-POSTROUTING - [0:0]\n:KUBE-SERVICES - [0:0]\n\
          {chains}\
          -A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n-A POSTROUTING -j KUBE-POSTROUTING\n\

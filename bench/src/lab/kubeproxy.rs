@@ -80,6 +80,16 @@ pub fn iptables_restore_for_cluster(config: &BenchConfig, cluster_cidr: &str) ->
 /// chains (no per-service rule in this bench: no firewall, no health
 /// check).
 fn filter_table() -> String {
+    filter_table_of(false)
+}
+
+/// [`filter_table`] as kube-proxy's IPv6 proxier writes it for
+/// `ip6tables-restore`: the same chains, without the IPv4 localnet rule.
+pub(super) fn filter_table6() -> String {
+    filter_table_of(true)
+}
+
+fn filter_table_of(ipv6: bool) -> String {
     let mut filter = String::from("*filter\n");
     for chain in ["INPUT", "FORWARD", "OUTPUT"] {
         let _ = writeln!(filter, ":{chain} ACCEPT [0:0]");
@@ -106,7 +116,11 @@ fn filter_table() -> String {
         "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes load balancer firewall\" -j KUBE-PROXY-FIREWALL\n",
         "-A OUTPUT -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
         "-A OUTPUT -j KUBE-FIREWALL\n",
-        "-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n",
+    );
+    if !ipv6 {
+        filter += "-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment \"block incoming localnet connections\" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP\n";
+    }
+    filter += concat!(
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP\n",
         "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding rules\" -m mark --mark 0x4000/0x4000 -j ACCEPT\n",
         "-A KUBE-FORWARD -m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n",
@@ -467,6 +481,12 @@ mod load_tests {
     fn iptables_rules_load() {
         let text = iptables_restore(&BenchConfig::sweep(50, None));
         check("rules", &text, "iptables-restore", &["--test"]);
+    }
+
+    #[test]
+    fn ip6tables_rules_load() {
+        let text = super::super::ipv6::ip6tables_restore();
+        check("rules6", &text, "ip6tables-restore", &["--test"]);
     }
 
     #[test]
