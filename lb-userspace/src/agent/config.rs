@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::grow::MapCapacity;
 use crate::kernel::{MapSizes, host};
-use crate::model::{DesiredState, IpFamily, auto_table_size};
+use crate::model::{DesiredState, auto_table_size};
 use crate::source::yaml::{self, ConfigError, LoadedConfig, Overrides};
 
 /// `xlb check`: validates only. Returns the line to print on success.
@@ -158,17 +158,10 @@ pub(super) fn families_without_node_address(
     if config.state.node_addresses.is_some() {
         return Vec::new();
     }
-    let has = |family: IpFamily| local.iter().any(|address| IpFamily::of(*address) == family);
+    let local: Vec<IpAddr> = local.iter().copied().collect();
     let mut warnings = Vec::new();
     for service in &config.state.services {
-        if service.node_port == 0 {
-            continue;
-        }
-        for family in service
-            .families()
-            .into_iter()
-            .filter(|family| !has(*family))
-        {
+        for family in service.node_port_families_without(&local) {
             warnings.push(format!(
                 "{}: service {}: {family} clients cannot reach nodePort {}: the node has no \
                  {family} address; give the node one, or list its addresses in node.addresses",

@@ -262,6 +262,22 @@ impl Service {
         std::borrow::Cow::Owned(Service { backends, ..view })
     }
 
+    /// The families this service's NodePort is served in that none of
+    /// `node_addresses` is of: its clients of those reach it nowhere. Empty
+    /// for a service without a NodePort.
+    pub fn node_port_families_without(&self, node_addresses: &[IpAddr]) -> Vec<IpFamily> {
+        if self.node_port == 0 {
+            return Vec::new();
+        }
+        let has = |family: IpFamily| {
+            (node_addresses.iter()).any(|address| IpFamily::of(*address) == family)
+        };
+        self.families()
+            .into_iter()
+            .filter(|family| !has(*family))
+            .collect()
+    }
+
     /// Everything this service answers on: its NodePort, then its frontends
     /// and ClusterIPs on the service port.
     pub fn claims(&self) -> Vec<Claim> {

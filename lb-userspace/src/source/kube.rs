@@ -213,17 +213,8 @@ fn note_families_without_node_address(
     services: &[Service],
     notes: &mut Vec<Note>,
 ) {
-    let has = |family: IpFamily| {
-        listed
-            .iter()
-            .any(|address| IpFamily::of(*address) == family)
-    };
-    for service in services.iter().filter(|service| service.node_port != 0) {
-        for family in service
-            .families()
-            .into_iter()
-            .filter(|family| !has(*family))
-        {
+    for service in services {
+        for family in service.node_port_families_without(listed) {
             let name = service.name.split(':').next().unwrap_or(&service.name);
             notes.push(Note {
                 level: NoteLevel::Warn,

@@ -93,20 +93,8 @@ impl<'a> Builder<'a> {
     /// A service with a NodePort served in a family `node.addresses` lists
     /// no address of: its clients of that family reach it nowhere.
     fn warn_families_without_node_address(&mut self, listed: &[IpAddr], services: &[Service]) {
-        let has = |family: IpFamily| {
-            listed
-                .iter()
-                .any(|address| IpFamily::of(*address) == family)
-        };
         for (index, service) in services.iter().enumerate() {
-            if service.node_port == 0 {
-                continue;
-            }
-            for family in service
-                .families()
-                .into_iter()
-                .filter(|family| !has(*family))
-            {
+            for family in service.node_port_families_without(listed) {
                 self.check.warn(
                     &format!("services[{index}].nodePort"),
                     format!(
