@@ -1,14 +1,15 @@
-//! `xlb explain` against the real datapath: for 1,000 random client tuples
-//! it predicts the backend (and the verdict) without touching the live
-//! conntrack; then a real datagram or connection from each tuple goes
-//! through the running agent's XDP program, and the backend that answers
-//! must be the predicted one. Asked again afterwards, explain must find
-//! each tuple's live flow and say the same backend.
+//! `xlb explain` against the real datapath: for 1,000 random IPv4 client
+//! tuples and 300 IPv6 ones (dual-stack services) it predicts the backend
+//! (and the verdict) without touching the live conntrack; then a real
+//! datagram or connection from each tuple goes through the running agent's
+//! XDP program, and the backend that answers must be the predicted one.
+//! Asked again afterwards, explain must find each tuple's live flow and say
+//! the same backend.
 //!
 //! Measured figures are printed (`-- --nocapture`).
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
@@ -17,17 +18,21 @@ use xlb::kernel::explain::Simulator;
 use xlb::observe::catalog::Catalog;
 use xlb::observe::datapath::DatapathMaps;
 use xlb_tests::client::{IO_TIMEOUT, Who, udp_who};
-use xlb_tests::lab::{CLIENT_ADDR, NODE_ADDR, NODE_CLIENT_IF};
+use xlb_tests::lab::{CLIENT_ADDR, CLIENT_ADDR6, NODE_ADDR, NODE_ADDR6, NODE_CLIENT_IF};
 use xlb_tests::{Agent, Bpffs, Lab, XLB_BIN_ENV, bin_from_env};
 
 const UDP_PORT: u16 = 30980;
 const TCP_PORT: u16 = 30981;
 const TUPLES: usize = 1000;
-/// Of which TCP connections (slower: a handshake each).
-const TCP_TUPLES: usize = 100;
+/// IPv6 tuples, after the IPv4 ones.
+const TUPLES6: usize = 300;
+/// One tuple in this many is a TCP connection (slower: a handshake each).
+const TCP_EVERY: usize = 10;
 
+/// Both services dual-stack: each pod by its IPv4 and its IPv6 address.
 fn services() -> String {
-    let both = "      - address: 198.18.1.2\n      - address: 198.18.2.2\n        weight: 2\n";
+    let both = "      - address: 198.18.1.2\n      - address: 198.18.2.2\n        weight: 2\n      \
+                - address: 2001:db8:1::2\n      - address: 2001:db8:2::2\n        weight: 2\n";
     format!(
         "  - name: udp-echo\n    protocol: UDP\n    nodePort: {UDP_PORT}\n    targetPort: 4444\n    backends:\n{both}\
          \n  - name: tcp-echo\n    protocol: TCP\n    nodePort: {TCP_PORT}\n    targetPort: 3333\n    backends:\n{both}"
@@ -93,7 +98,7 @@ fn send_all(lab: &Lab, questions: &[Question]) -> anyhow::Result<(Vec<Who>, Vec<
                     Protocol::Udp => {
                         let socket = UdpSocket::bind(question.source)?;
                         socket.set_read_timeout(Some(IO_TIMEOUT))?;
-                        whos.push(udp_who(&socket, SocketAddr::V4(question.destination))?.0);
+                        whos.push(udp_who(&socket, question.destination)?.0);
                     }
                     Protocol::Tcp => {
                         let (who, stream) = tcp_who_from(question.source, question.destination)?;
@@ -108,7 +113,7 @@ fn send_all(lab: &Lab, questions: &[Question]) -> anyhow::Result<(Vec<Who>, Vec<
 
 /// A TCP connection from exactly `source` (bound before connecting, which
 /// std cannot do: hence libc here).
-fn tcp_who_from(source: SocketAddrV4, target: SocketAddrV4) -> anyhow::Result<(Who, TcpStream)> {
+fn tcp_who_from(source: SocketAddr, target: SocketAddr) -> anyhow::Result<(Who, TcpStream)> {
     use std::io::{BufRead as _, BufReader, Write as _};
     use std::os::fd::{FromRawFd as _, IntoRawFd as _};
     let socket = socket_bound_to(source)?;
@@ -122,10 +127,15 @@ fn tcp_who_from(source: SocketAddrV4, target: SocketAddrV4) -> anyhow::Result<(W
     Ok((line.trim().parse()?, stream))
 }
 
-fn socket_bound_to(source: SocketAddrV4) -> anyhow::Result<std::os::fd::OwnedFd> {
+fn socket_bound_to(source: SocketAddr) -> anyhow::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd as _;
+    let family = if source.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: socket(2) with constant arguments; the fd is checked and owned.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
     // SAFETY: fd was just created and is owned here.
     let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
@@ -140,15 +150,9 @@ fn socket_bound_to(source: SocketAddrV4) -> anyhow::Result<std::os::fd::OwnedFd>
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    let address = sockaddr(source);
-    // SAFETY: `address` is a valid sockaddr_in of the size given.
-    let rc = unsafe {
-        libc::bind(
-            fd,
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
+    let (address, length) = sockaddr(source);
+    // SAFETY: `address` holds a valid sockaddr of the length given.
+    let rc = unsafe { libc::bind(fd, (&raw const address).cast(), length) };
     ensure!(
         rc == 0,
         "bind {source}: {}",
@@ -157,28 +161,47 @@ fn socket_bound_to(source: SocketAddrV4) -> anyhow::Result<std::os::fd::OwnedFd>
     Ok(owned)
 }
 
-fn sockaddr(address: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: address.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(address.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    }
+/// `address` as a sockaddr_in or sockaddr_in6, and its length.
+fn sockaddr(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all zeroes is a valid sockaddr_storage.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let length = match address {
+        SocketAddr::V4(address) => {
+            let v4 = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: address.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(address.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in and aligned for it.
+            unsafe { std::ptr::write((&raw mut storage).cast(), v4) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(address) => {
+            let v6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: address.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: address.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_storage is larger than sockaddr_in6 and aligned for it.
+            unsafe { std::ptr::write((&raw mut storage).cast(), v6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, length as libc::socklen_t)
 }
 
-fn connect(stream: &TcpStream, target: SocketAddrV4) -> anyhow::Result<()> {
+fn connect(stream: &TcpStream, target: SocketAddr) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd as _;
-    let address = sockaddr(target);
-    // SAFETY: a valid socket fd and sockaddr_in of the size given.
-    let rc = unsafe {
-        libc::connect(
-            stream.as_raw_fd(),
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
+    let (address, length) = sockaddr(target);
+    // SAFETY: a valid socket fd and a sockaddr of the length given.
+    let rc = unsafe { libc::connect(stream.as_raw_fd(), (&raw const address).cast(), length) };
     ensure!(
         rc == 0,
         "connect {target}: {}",
@@ -188,10 +211,10 @@ fn connect(stream: &TcpStream, target: SocketAddrV4) -> anyhow::Result<()> {
 }
 
 #[test]
-fn explain_agrees_with_the_datapath_on_1000_random_tuples() -> anyhow::Result<()> {
+fn explain_agrees_with_the_datapath_on_random_tuples_of_both_families() -> anyhow::Result<()> {
     let lab = Lab::new(2)?;
     let bpffs = Bpffs::mount(&lab)?;
-    let config = lab.write_file("xlb.yaml", &lab.config_yaml(&services()))?;
+    let config = lab.write_file("xlb.yaml", &lab.dual_stack_config_yaml(&services()))?;
     let run_dir = lab.dir().join("run");
     let run_dir_arg = run_dir.display().to_string();
     let agent = Agent::start_with(
@@ -211,26 +234,29 @@ fn explain_agrees_with_the_datapath_on_1000_random_tuples() -> anyhow::Result<()
     let mut random = Random(seed);
     // Distinct source ports from the client, in a range the kernel never
     // hands out itself (below 32768).
-    let mut ports = std::collections::BTreeSet::new();
-    while ports.len() < TUPLES {
-        ports.insert(10_000 + (random.next() % 22_000) as u16);
-    }
-    let questions: Vec<Question> = ports
-        .into_iter()
-        .enumerate()
-        .map(|(index, port)| {
-            let (protocol, node_port) = if index % (TUPLES / TCP_TUPLES) == 0 {
+    let mut questions = Vec::new();
+    for (client, node, count) in [
+        (IpAddr::from(CLIENT_ADDR), IpAddr::from(NODE_ADDR), TUPLES),
+        (CLIENT_ADDR6.into(), NODE_ADDR6.into(), TUPLES6),
+    ] {
+        let mut ports = std::collections::BTreeSet::new();
+        while ports.len() < count {
+            ports.insert(10_000 + (random.next() % 22_000) as u16);
+        }
+        questions.extend(ports.into_iter().enumerate().map(|(index, port)| {
+            let (protocol, node_port) = if index % TCP_EVERY == 0 {
                 (Protocol::Tcp, TCP_PORT)
             } else {
                 (Protocol::Udp, UDP_PORT)
             };
             Question {
                 protocol,
-                source: SocketAddrV4::new(CLIENT_ADDR, port),
-                destination: SocketAddrV4::new(NODE_ADDR, node_port),
+                source: SocketAddr::new(client, port),
+                destination: SocketAddr::new(node, node_port),
             }
-        })
-        .collect();
+        }));
+    }
+    let all = questions.len();
 
     // Predictions, before any of these tuples has a flow.
     let before = flow_entries(&lab, bpffs.path())?;
@@ -241,7 +267,7 @@ fn explain_agrees_with_the_datapath_on_1000_random_tuples() -> anyhow::Result<()
         flow_entries(&lab, bpffs.path())? == before,
         "explain wrote the live conntrack"
     );
-    let mut by_backend: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by_backend: BTreeMap<IpAddr, usize> = BTreeMap::new();
     for (question, explanation) in questions.iter().zip(&predicted) {
         ensure!(
             explanation.verdict.reason == "fwd_new_flow",
@@ -252,15 +278,18 @@ fn explain_agrees_with_the_datapath_on_1000_random_tuples() -> anyhow::Result<()
             .backend
             .as_ref()
             .with_context(|| format!("{question:?}: no backend"))?;
-        *by_backend
-            .entry(backend.address.ip().to_string())
-            .or_default() += 1;
+        *by_backend.entry(backend.address.ip()).or_default() += 1;
+        ensure!(
+            backend.address.is_ipv4() == question.source.is_ipv4(),
+            "{question:?}: a backend of the other family: {}",
+            serde_json::to_string(explanation)?
+        );
         ensure!(explanation.maglev.is_some() && explanation.masquerade.is_some());
     }
     println!(
-        "{TUPLES} tuples explained in {:.2} s ({:.2} ms each); predicted spread {by_backend:?}",
+        "{all} tuples ({TUPLES6} IPv6) explained in {:.2} s ({:.2} ms each); predicted spread {by_backend:?}",
         took.as_secs_f64(),
-        took.as_secs_f64() * 1000.0 / TUPLES as f64
+        took.as_secs_f64() * 1000.0 / all as f64
     );
 
     // The real packets.
@@ -269,14 +298,14 @@ fn explain_agrees_with_the_datapath_on_1000_random_tuples() -> anyhow::Result<()
     for ((question, explanation), who) in questions.iter().zip(&predicted).zip(&answers) {
         let predicted = explanation.backend.as_ref().map(|b| b.address);
         ensure!(
-            predicted.map(SocketAddr::V4) == Some(who.local),
+            predicted == Some(who.local),
             "{question:?}: explain said {predicted:?}, {} answered at {} (seed {seed:#x})",
             who.name,
             who.local
         );
         agree += 1;
     }
-    println!("{agree}/{TUPLES} real packets reached the predicted backend");
+    println!("{agree}/{all} real packets reached the predicted backend");
 
     // Asked again, each tuple has its live flow, to the same backend.
     let again = explain_all(&lab, bpffs.path(), &catalog, &questions)?;
@@ -320,6 +349,32 @@ fn explain_agrees_with_the_datapath_on_1000_random_tuples() -> anyhow::Result<()
     ensure!(
         output.status.success() && text.contains("fwd_new_flow"),
         "{text}"
+    );
+    let output = lab
+        .node
+        .command(bin_from_env(XLB_BIN_ENV)?)
+        .args(["explain", "udp", "[2001:db8::2]:23456"])
+        .arg(format!("[{NODE_ADDR6}]:{UDP_PORT}"))
+        .args(["--bpffs", &bpffs.arg(), "--run-dir", &run_dir_arg])
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    println!("xlb explain udp [2001:db8::2]:23456 [{NODE_ADDR6}]:{UDP_PORT}:\n{text}");
+    ensure!(
+        output.status.success() && text.contains("fwd_new_flow") && text.contains("(IPv6)"),
+        "{text}"
+    );
+    // Mixed families are refused with the fix.
+    let output = lab
+        .node
+        .command(bin_from_env(XLB_BIN_ENV)?)
+        .args(["explain", "udp", "[2001:db8::2]:23456"])
+        .arg(format!("{NODE_ADDR}:{UDP_PORT}"))
+        .args(["--bpffs", &bpffs.arg(), "--run-dir", &run_dir_arg])
+        .output()?;
+    let error = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        !output.status.success() && error.contains("different address families"),
+        "{error}"
     );
     drop(agent);
     Ok(())

@@ -5,20 +5,21 @@
 //! a built packet (`kernel::explain`), against the live configuration,
 //! without writing a live map.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 
+use aya::Pod;
 use lb_common::flow::FLOW_DIR_REPLY;
 use lb_common::hash::flow_hash;
 use lb_common::service::SERVICE_F_AFFINITY;
-use lb_common::{Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{FlowKeyOf, FlowOf, IPPROTO_TCP, IPPROTO_UDP, V4, V6};
 use serde::Serialize;
 
 mod frame;
 mod render;
 
 use super::{CliError, Session};
-use crate::kernel::explain::{ExplainError, Simulated, Simulator};
+use crate::kernel::explain::{ExplainError, ExplainFamily, Simulated, Simulator};
 use crate::kernel::host;
 use crate::observe::catalog::Catalog;
 use crate::observe::metrics::verdict_name;
@@ -40,32 +41,37 @@ impl Protocol {
     }
 }
 
-/// One packet to explain.
+/// One packet to explain: both addresses of one family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Question {
     pub protocol: Protocol,
-    pub source: SocketAddrV4,
-    pub destination: SocketAddrV4,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
 }
 
 impl Question {
-    pub fn key(&self) -> FlowKey {
-        FlowKey {
-            src_addr_be: u32::from_ne_bytes(self.source.ip().octets()),
-            dst_addr_be: u32::from_ne_bytes(self.destination.ip().octets()),
+    /// The packet's 5-tuple as family `F`'s maps hold it; `None` if an
+    /// address is of the other family.
+    pub fn key<F: ExplainFamily>(&self) -> Option<FlowKeyOf<F>>
+    where
+        F::Addr: Pod,
+    {
+        Some(FlowKeyOf::<F> {
+            src_addr_be: F::to_map(self.source.ip())?,
+            dst_addr_be: F::to_map(self.destination.ip())?,
             src_port_be: self.source.port().to_be(),
             dst_port_be: self.destination.port().to_be(),
             proto: self.protocol.number(),
             _pad: [0; 3],
-        }
+        })
     }
 }
 
 #[derive(Debug, Serialize)]
 pub struct Explanation {
     pub protocol: &'static str,
-    pub source: SocketAddrV4,
-    pub destination: SocketAddrV4,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
     /// Where the packet is taken to arrive, and the TCP flags it carried.
     pub interface: String,
     pub ifindex: u32,
@@ -77,7 +83,7 @@ pub struct Explanation {
     pub backend: Option<Chosen>,
     pub maglev: Option<Maglev>,
     pub affinity: Option<AffinityUse>,
-    pub masquerade: Option<SocketAddrV4>,
+    pub masquerade: Option<SocketAddr>,
     pub next_hop: Option<NextHop>,
     /// The packet as it would leave (forwarded or rejected).
     pub output: Option<Tuple>,
@@ -110,7 +116,7 @@ pub struct ExistingFlow {
 #[derive(Debug, Serialize)]
 pub struct Chosen {
     pub id: u32,
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
     pub name: Option<String>,
     /// `maglev`, `affinity` or `existing flow`.
     pub by: &'static str,
@@ -143,8 +149,8 @@ pub struct NextHop {
 
 #[derive(Debug, Serialize)]
 pub struct Tuple {
-    pub source: SocketAddrV4,
-    pub destination: SocketAddrV4,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
 }
 
 /// Explains `question`, arriving on `iface` (default: the interface this
@@ -165,9 +171,29 @@ pub fn explain(
     question: &Question,
     iface: Option<&str>,
 ) -> Result<Explanation, CliError> {
+    match (question.source.ip(), question.destination.ip()) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => explain_in::<V4>(simulator, catalog, question, iface),
+        (IpAddr::V6(_), IpAddr::V6(_)) => explain_in::<V6>(simulator, catalog, question, iface),
+        (source_addr, destination) => Err(CliError::Explain(ExplainError::Families {
+            source_addr,
+            destination,
+        })),
+    }
+}
+
+/// [`explain`] for a question of family `F`.
+fn explain_in<F: ExplainFamily>(
+    simulator: &mut Simulator,
+    catalog: &Catalog,
+    question: &Question,
+    iface: Option<&str>,
+) -> Result<Explanation, CliError>
+where
+    F::Addr: Pod,
+{
     let interface = match iface {
         Some(name) => name.to_owned(),
-        None => route_interface(*question.source.ip()).ok_or_else(|| {
+        None => route_interface(question.source.ip()).ok_or_else(|| {
             CliError::Explain(ExplainError::Interface {
                 detail: format!(
                     "this node has no route to {}; pass --iface IF",
@@ -181,15 +207,15 @@ pub fn explain(
             detail: format!("no interface {interface} here; pass --iface with one `ip link` lists"),
         })
     })?;
-    let key = question.key();
+    let Some(key) = question.key::<F>() else {
+        unreachable!("explain_in is called with the question's family")
+    };
     // A client's packet of a known flow carries ACK; a new one is a SYN.
-    let tcp_flags = (question.protocol == Protocol::Tcp).then(|| {
-        if simulator.live_flow(&key).is_some() {
-            TCP_ACK
-        } else {
-            TCP_SYN
-        }
-    });
+    let tcp_flags = match question.protocol {
+        Protocol::Tcp if simulator.live_flow(&key)?.is_some() => Some(TCP_ACK),
+        Protocol::Tcp => Some(TCP_SYN),
+        Protocol::Udp => None,
+    };
     let frame = build_frame(question, interface_mac(&interface), tcp_flags.unwrap_or(0));
     let simulated = simulator.run(&key, &frame, ifindex)?;
     Ok(describe(
@@ -197,15 +223,18 @@ pub fn explain(
     ))
 }
 
-fn describe(
+fn describe<F: ExplainFamily>(
     question: &Question,
-    key: &FlowKey,
+    key: &FlowKeyOf<F>,
     interface: String,
     ifindex: u32,
     tcp_flags: Option<u8>,
-    simulated: &Simulated,
+    simulated: &Simulated<F>,
     catalog: &Catalog,
-) -> Explanation {
+) -> Explanation
+where
+    F::Addr: Pod,
+{
     let reason = simulated.reason;
     let new_flow = reason == Some(lb_common::Reason::FwdNewFlow);
     let flow = simulated.flow.filter(|_| {
@@ -221,7 +250,7 @@ fn describe(
     let affinity = affinity_use(simulated, flow, new_flow);
     let masquerade = flow
         .filter(|flow| flow.direction != FLOW_DIR_REPLY && flow.new_src_addr_be != key.src_addr_be)
-        .map(|flow| endpoint(flow.new_src_addr_be, flow.new_src_port_be));
+        .map(|flow| endpoint::<F>(&flow.new_src_addr_be, flow.new_src_port_be));
     let output = output_tuple(&simulated.output).filter(|_| {
         reason.is_some_and(|r| {
             matches!(
@@ -259,7 +288,7 @@ fn describe(
                 "original"
             },
             backend_id: flow.backend_id,
-            translated: translated(&flow),
+            translated: translated::<F>(&flow),
         }),
         backend: flow.map(|flow| chosen(key, &flow, new_flow, affinity.as_ref(), catalog)),
         maglev: maglev(key, simulated).filter(|_| new_flow),
@@ -272,7 +301,7 @@ fn describe(
 }
 
 /// The reason the program counted, with its verdict and action.
-fn verdict(simulated: &Simulated) -> Verdict {
+fn verdict<F: lb_common::Family>(simulated: &Simulated<F>) -> Verdict {
     match simulated.reason {
         Some(reason) => Verdict {
             reason: reason.name(),
@@ -289,7 +318,10 @@ fn verdict(simulated: &Simulated) -> Verdict {
     }
 }
 
-fn service_match(simulated: &Simulated, catalog: &Catalog) -> Option<ServiceMatch> {
+fn service_match<F: lb_common::Family>(
+    simulated: &Simulated<F>,
+    catalog: &Catalog,
+) -> Option<ServiceMatch> {
     simulated.service.map(|service| ServiceMatch {
         id: service.id,
         name: catalog
@@ -302,7 +334,7 @@ fn service_match(simulated: &Simulated, catalog: &Catalog) -> Option<ServiceMatc
 }
 
 /// Where the tuple falls in its service's Maglev table.
-fn maglev(key: &FlowKey, simulated: &Simulated) -> Option<Maglev> {
+fn maglev<F: lb_common::Family>(key: &FlowKeyOf<F>, simulated: &Simulated<F>) -> Option<Maglev> {
     simulated
         .service
         .filter(|service| service.table_size > 0)
@@ -320,7 +352,11 @@ fn maglev(key: &FlowKey, simulated: &Simulated) -> Option<Maglev> {
 
 /// For a service with session affinity: the client's record, and whether
 /// the new `flow` followed it.
-fn affinity_use(simulated: &Simulated, flow: Option<Flow>, new_flow: bool) -> Option<AffinityUse> {
+fn affinity_use<F: lb_common::Family>(
+    simulated: &Simulated<F>,
+    flow: Option<FlowOf<F>>,
+    new_flow: bool,
+) -> Option<AffinityUse> {
     simulated
         .service
         .filter(|service| service.flags & SERVICE_F_AFFINITY != 0)
@@ -335,13 +371,16 @@ fn affinity_use(simulated: &Simulated, flow: Option<Flow>, new_flow: bool) -> Op
 }
 
 /// The backend of `flow`, and what chose it.
-fn chosen(
-    key: &FlowKey,
-    flow: &Flow,
+fn chosen<F: ExplainFamily>(
+    key: &FlowKeyOf<F>,
+    flow: &FlowOf<F>,
     new_flow: bool,
     affinity: Option<&AffinityUse>,
     catalog: &Catalog,
-) -> Chosen {
+) -> Chosen
+where
+    F::Addr: Pod,
+{
     let by = if !new_flow {
         "existing flow"
     } else if affinity.is_some_and(|a| a.used) {
@@ -352,9 +391,9 @@ fn chosen(
     let address = if flow.direction == FLOW_DIR_REPLY {
         // A reply's entry rewrites towards the client; its backend is
         // where it came from.
-        endpoint(key.src_addr_be, key.src_port_be)
+        endpoint::<F>(&key.src_addr_be, key.src_port_be)
     } else {
-        endpoint(flow.new_dst_addr_be, flow.new_dst_port_be)
+        endpoint::<F>(&flow.new_dst_addr_be, flow.new_dst_port_be)
     };
     Chosen {
         id: flow.backend_id,
@@ -365,7 +404,10 @@ fn chosen(
 }
 
 /// The hop the flow caches, else the one the program looked up.
-fn next_hop(flow: Option<Flow>, simulated: &Simulated) -> Option<NextHop> {
+fn next_hop<F: lb_common::Family>(
+    flow: Option<FlowOf<F>>,
+    simulated: &Simulated<F>,
+) -> Option<NextHop> {
     let (ifindex, src_mac, dst_mac) = match (flow, simulated.hop) {
         (Some(flow), _) if flow.hop_ifindex != 0 => {
             (flow.hop_ifindex, flow.hop_src_mac, flow.hop_dst_mac)
@@ -381,15 +423,21 @@ fn next_hop(flow: Option<Flow>, simulated: &Simulated) -> Option<NextHop> {
     })
 }
 
-fn translated(flow: &Flow) -> Tuple {
+fn translated<F: ExplainFamily>(flow: &FlowOf<F>) -> Tuple
+where
+    F::Addr: Pod,
+{
     Tuple {
-        source: endpoint(flow.new_src_addr_be, flow.new_src_port_be),
-        destination: endpoint(flow.new_dst_addr_be, flow.new_dst_port_be),
+        source: endpoint::<F>(&flow.new_src_addr_be, flow.new_src_port_be),
+        destination: endpoint::<F>(&flow.new_dst_addr_be, flow.new_dst_port_be),
     }
 }
 
-fn endpoint(addr_be: u32, port_be: u16) -> SocketAddrV4 {
-    SocketAddrV4::new(Ipv4Addr::from(addr_be.to_ne_bytes()), u16::from_be(port_be))
+fn endpoint<F: ExplainFamily>(addr_be: &F::Addr, port_be: u16) -> SocketAddr
+where
+    F::Addr: Pod,
+{
+    SocketAddr::new(F::from_map(addr_be), u16::from_be(port_be))
 }
 
 fn mac(bytes: &[u8; 6]) -> String {
@@ -413,7 +461,7 @@ fn action_name(action: u32) -> &'static str {
 
 /// The interface `ip route get ADDR` names: where this node's packets to
 /// (and so, symmetrically, from) that address go.
-fn route_interface(addr: Ipv4Addr) -> Option<String> {
+fn route_interface(addr: IpAddr) -> Option<String> {
     let output = Command::new("ip")
         .args(["-o", "route", "get"])
         .arg(addr.to_string())

@@ -86,12 +86,13 @@ pub enum Command {
         /// tcp (a SYN, or an ACK when the tuple has a flow) or udp.
         #[arg(value_enum)]
         protocol: explain::Protocol,
-        /// The client: ADDRESS:PORT.
+        /// The client: ADDRESS:PORT (an IPv6 one in brackets,
+        /// `[2001:db8::2]:40000`).
         #[arg(value_name = "SRC:PORT")]
-        source: std::net::SocketAddrV4,
-        /// The frontend: ADDRESS:PORT.
+        source: std::net::SocketAddr,
+        /// The frontend: ADDRESS:PORT, of the client's family.
         #[arg(value_name = "DST:PORT")]
-        destination: std::net::SocketAddrV4,
+        destination: std::net::SocketAddr,
         /// The interface the packet arrives on [default: the one this node
         /// routes SRC through].
         #[arg(long, value_name = "IF")]

@@ -18,21 +18,22 @@
 //! is read back as the answer. Nothing is written to a live map, and no
 //! frame is sent (a test run's XDP_TX/REDIRECT only sets the return value).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
 use aya::programs::{ProgramError, TestRun as _, Xdp};
-use aya::{Ebpf, EbpfError, EbpfLoader, TestRunOptions};
-use lb_common::maps::{self as names, Explain, MapDecl, Sizing};
-use lb_common::service::{ADDR_ANY_NODE, SERVICE_F_AFFINITY};
+use aya::{Ebpf, EbpfError, EbpfLoader, Pod, TestRunOptions};
+use lb_common::maps::{self as names, Explain, Hook, MapDecl, Sizing};
+use lb_common::service::SERVICE_F_AFFINITY;
 use lb_common::{
-    Affinity, AffinityKey, BackendHop, Flow, FlowKey, GlobalConfig, NodeAddr, Reason, Service,
-    ServiceKey,
+    AffinityKeyOf, AffinityOf, BackendHopOf, FlowKeyOf, FlowOf, GlobalConfig, NodeAddr, Reason,
+    Service, ServiceKeyOf, V4, V6,
 };
 
-use super::OBJECT;
-use super::maps::{add_count, per_cpu_sum};
+use super::maps::{MapFamily, add_count, per_cpu_sum};
 use super::pin::MAPS_DIR;
+use super::{KernelError, OBJECT};
 
 /// The maps the simulation takes from the live datapath as `how` says
 /// (`tests` checks the datapath's source never writes a shared one).
@@ -42,6 +43,37 @@ fn maps_shared_as(how: Explain) -> impl Iterator<Item = &'static MapDecl> {
 
 /// Private conntrack and affinity tables hold one tuple's entries.
 const PRIVATE_ENTRIES: u32 = 64;
+
+/// A family's maps the simulation reads or seeds, by name.
+pub trait ExplainFamily: MapFamily
+where
+    Self::Addr: Pod,
+{
+    const FLOWS: &'static str;
+    const FLOWS_NEW: &'static str;
+    const AFFINITY: &'static str;
+    const SERVICES: &'static str;
+    const NODE_ADDRS: &'static str;
+    const BACKEND_HOPS: &'static str;
+}
+
+impl ExplainFamily for V4 {
+    const FLOWS: &'static str = names::FLOWS;
+    const FLOWS_NEW: &'static str = names::FLOWS_NEW;
+    const AFFINITY: &'static str = names::AFFINITY;
+    const SERVICES: &'static str = names::SERVICES;
+    const NODE_ADDRS: &'static str = names::NODE_ADDRS;
+    const BACKEND_HOPS: &'static str = names::BACKEND_HOPS;
+}
+
+impl ExplainFamily for V6 {
+    const FLOWS: &'static str = names::FLOWS6;
+    const FLOWS_NEW: &'static str = names::FLOWS_NEW6;
+    const AFFINITY: &'static str = names::AFFINITY6;
+    const SERVICES: &'static str = names::SERVICES6;
+    const NODE_ADDRS: &'static str = names::NODE_ADDRS6;
+    const BACKEND_HOPS: &'static str = names::BACKEND_HOPS6;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExplainError {
@@ -67,6 +99,11 @@ pub enum ExplainError {
         #[source]
         source: ProgramError,
     },
+    #[error("the simulation's IPv6 program")]
+    Ipv6 {
+        #[source]
+        source: Box<KernelError>,
+    },
     #[error("the simulation's map {name}")]
     Map {
         name: &'static str,
@@ -75,6 +112,13 @@ pub enum ExplainError {
     },
     #[error("which interface the packet arrives on: {detail}")]
     Interface { detail: String },
+    #[error(
+        "SRC {source_addr} and DST {destination} are of different address families; give two IPv4 or two IPv6 addresses"
+    )]
+    Families {
+        source_addr: std::net::IpAddr,
+        destination: std::net::IpAddr,
+    },
     #[error("BPF_PROG_TEST_RUN failed")]
     TestRun {
         #[source]
@@ -86,9 +130,9 @@ fn map_error(name: &'static str) -> impl Fn(MapError) -> ExplainError {
     move |source| ExplainError::Map { name, source }
 }
 
-/// What one simulated packet did.
+/// What one simulated packet of family `F` did.
 #[derive(Clone, Debug)]
-pub struct Simulated {
+pub struct Simulated<F: lb_common::Family> {
     /// The XDP action the program returned.
     pub action: u32,
     /// The reason it counted (exactly one per packet).
@@ -96,16 +140,16 @@ pub struct Simulated {
     /// The frame as the program left it (rewritten when forwarded).
     pub output: Vec<u8>,
     /// The live conntrack entry of this tuple, if there is one.
-    pub live_flow: Option<Flow>,
+    pub live_flow: Option<FlowOf<F>>,
     /// The tuple's entry after the run (the live one, updated, or the one
     /// the program created).
-    pub flow: Option<Flow>,
+    pub flow: Option<FlowOf<F>>,
     /// The service the tuple's destination names, if any.
     pub service: Option<Service>,
     /// The client's live affinity record for that service.
-    pub live_affinity: Option<Affinity>,
+    pub live_affinity: Option<AffinityOf<F>>,
     /// The next hop the program resolved for a new flow's backend.
-    pub hop: Option<BackendHop>,
+    pub hop: Option<BackendHopOf<F>>,
     /// The datapath's settings (hash seed, masquerade ports, timeouts).
     pub config: GlobalConfig,
 }
@@ -113,10 +157,9 @@ pub struct Simulated {
 /// The datapath program loaded for simulations, with its private maps.
 pub struct Simulator {
     ebpf: Ebpf,
-    live_flows: HashMap<MapData, FlowKey, Flow>,
-    /// `XLB_FLOWS_NEW`: half-open TCP flows.
-    live_new_flows: HashMap<MapData, FlowKey, Flow>,
-    live_affinity: HashMap<MapData, AffinityKey, Affinity>,
+    /// The live conntrack (both tables) and affinity maps of both
+    /// families, opened from their pins: read, never written.
+    live: BTreeMap<&'static str, Map>,
 }
 
 impl Simulator {
@@ -133,19 +176,14 @@ impl Simulator {
                 });
             }
         }
-        let open = |name: &str| {
-            let path = dir.join(name);
-            MapData::from_pin(&path).map_err(|source| ExplainError::OpenPin { path, source })
-        };
-        let live_flows = aya::maps::Map::from_map_data(open(names::FLOWS)?)
-            .and_then(HashMap::try_from)
-            .map_err(map_error(names::FLOWS))?;
-        let live_new_flows = aya::maps::Map::from_map_data(open(names::FLOWS_NEW)?)
-            .and_then(HashMap::try_from)
-            .map_err(map_error(names::FLOWS_NEW))?;
-        let live_affinity = aya::maps::Map::from_map_data(open(names::AFFINITY)?)
-            .and_then(HashMap::try_from)
-            .map_err(map_error(names::AFFINITY))?;
+        let mut live = BTreeMap::new();
+        for map in maps_shared_as(Explain::Seeded) {
+            let path = dir.join(map.name);
+            let data = MapData::from_pin(&path)
+                .map_err(|source| ExplainError::OpenPin { path, source })?;
+            let map_of = Map::from_map_data(data).map_err(map_error(map.name))?;
+            live.insert(map.name, map_of);
+        }
         let mut loader = EbpfLoader::new();
         loader.override_global("XLB_DEBUG", &0u32, false);
         for map in maps_shared_as(Explain::Shared) {
@@ -168,52 +206,85 @@ impl Simulator {
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|source| ExplainError::Load { source })?;
-        let program = program(&mut ebpf)?;
-        program
+        // The programs `xlb` tail-calls, in the simulation's own program
+        // array, so an IPv6 frame takes the path a live one does.
+        for tail in names::PROGRAMS.iter().filter(|p| p.hook == Hook::XdpTail) {
+            xdp(&mut ebpf, tail.name)?
+                .load()
+                .map_err(|source| ExplainError::Verify { source })?;
+        }
+        super::load::register_ipv6(&mut ebpf).map_err(|source| ExplainError::Ipv6 {
+            source: Box::new(source),
+        })?;
+        xdp(&mut ebpf, names::PROGRAM)?
             .load()
             .map_err(|source| ExplainError::Verify { source })?;
-        Ok(Self {
-            ebpf,
-            live_flows,
-            live_new_flows,
-            live_affinity,
-        })
+        Ok(Self { ebpf, live })
+    }
+
+    /// The live map `name` (one of the seeded ones) as a hash map.
+    fn live_map<K: Pod, V: Pod>(
+        &self,
+        name: &'static str,
+    ) -> Result<HashMap<&MapData, K, V>, ExplainError> {
+        let map = self.live.get(name).ok_or(ExplainError::Map {
+            name,
+            source: MapError::InvalidName {
+                name: name.to_owned(),
+            },
+        })?;
+        HashMap::try_from(map).map_err(map_error(name))
     }
 
     /// The live conntrack entry of `key`, if any, and the table it is in.
-    fn live_entry(&self, key: &FlowKey) -> Option<(&'static str, Flow)> {
-        if let Ok(flow) = self.live_flows.get(key, 0) {
-            return Some((names::FLOWS, flow));
+    fn live_entry<F: ExplainFamily>(
+        &self,
+        key: &FlowKeyOf<F>,
+    ) -> Result<Option<(&'static str, FlowOf<F>)>, ExplainError>
+    where
+        F::Addr: Pod,
+    {
+        for table in [F::FLOWS, F::FLOWS_NEW] {
+            let flows = self.live_map::<FlowKeyOf<F>, FlowOf<F>>(table)?;
+            if let Ok(flow) = flows.get(key, 0) {
+                return Ok(Some((table, flow)));
+            }
         }
-        self.live_new_flows
-            .get(key, 0)
-            .ok()
-            .map(|flow| (names::FLOWS_NEW, flow))
+        Ok(None)
     }
 
     /// The live conntrack entry of `key`, if any (established or
     /// half-open).
-    pub fn live_flow(&self, key: &FlowKey) -> Option<Flow> {
-        self.live_entry(key).map(|(_, flow)| flow)
+    pub fn live_flow<F: ExplainFamily>(
+        &self,
+        key: &FlowKeyOf<F>,
+    ) -> Result<Option<FlowOf<F>>, ExplainError>
+    where
+        F::Addr: Pod,
+    {
+        Ok(self.live_entry(key)?.map(|(_, flow)| flow))
     }
 
     /// Runs `frame` (whose 5-tuple is `key`) through the program as if it
     /// arrived on `ifindex`.
-    pub fn run(
+    pub fn run<F: ExplainFamily>(
         &mut self,
-        key: &FlowKey,
+        key: &FlowKeyOf<F>,
         frame: &[u8],
         ifindex: u32,
-    ) -> Result<Simulated, ExplainError> {
+    ) -> Result<Simulated<F>, ExplainError>
+    where
+        F::Addr: Pod,
+    {
         let config = Array::<_, GlobalConfig>::try_from(self.map(names::CONFIG)?)
             .and_then(|config| config.get(&0, 0))
             .map_err(map_error(names::CONFIG))?;
-        let service = self.service_for(key)?;
+        let service = self.service_for::<F>(key)?;
         self.clear_private()?;
-        let (live_flow, live_affinity) = self.seed_private(key, service.as_ref())?;
+        let (live_flow, live_affinity) = self.seed_private::<F>(key, service.as_ref())?;
 
         let before = self.counts()?;
-        let (action, output) = test_run(program(&mut self.ebpf)?, frame, ifindex)?;
+        let (action, output) = test_run(xdp(&mut self.ebpf, names::PROGRAM)?, frame, ifindex)?;
         let after = self.counts()?;
         let reason = Reason::ALL
             .iter()
@@ -221,7 +292,7 @@ impl Simulator {
             .find(|(_, (before, after))| after > before)
             .map(|(reason, _)| *reason);
 
-        let (flow, hop) = self.flow_after(key, live_flow.is_some())?;
+        let (flow, hop) = self.flow_after::<F>(key, live_flow.is_some())?;
         Ok(Simulated {
             action,
             reason,
@@ -238,23 +309,27 @@ impl Simulator {
     /// Copies what the live datapath knows about this tuple and client (its
     /// flow, the flow's peer, the client's affinity record) into the private
     /// maps; returns the live flow and affinity record.
-    fn seed_private(
+    #[allow(clippy::type_complexity)]
+    fn seed_private<F: ExplainFamily>(
         &mut self,
-        key: &FlowKey,
+        key: &FlowKeyOf<F>,
         service: Option<&Service>,
-    ) -> Result<(Option<Flow>, Option<Affinity>), ExplainError> {
-        let live = self.live_entry(key);
+    ) -> Result<(Option<FlowOf<F>>, Option<AffinityOf<F>>), ExplainError>
+    where
+        F::Addr: Pod,
+    {
+        let live = self.live_entry(key)?;
         let live_flow = live.map(|(_, flow)| flow);
         let mut seed = Vec::new();
         if let Some((table, flow)) = live {
             seed.push((table, *key, flow));
-            let peer = FlowKey::peer_of(&flow, key.proto);
-            if let Some((table, reply)) = self.live_entry(&peer) {
+            let peer = FlowKeyOf::<F>::peer_of(&flow, key.proto);
+            if let Some((table, reply)) = self.live_entry(&peer)? {
                 seed.push((table, peer, reply));
             }
         }
         for (table, key, flow) in &seed {
-            HashMap::<_, FlowKey, Flow>::try_from(self.map(table)?)
+            HashMap::<_, FlowKeyOf<F>, FlowOf<F>>::try_from(self.map(table)?)
                 .and_then(|mut flows| flows.insert(key, flow, 0))
                 .map_err(map_error(table))?;
         }
@@ -262,36 +337,45 @@ impl Simulator {
         else {
             return Ok((live_flow, None));
         };
-        let affinity_key = AffinityKey {
+        let affinity_key = AffinityKeyOf::<F> {
             service_id: service.id,
             client_addr_be: key.src_addr_be,
         };
-        let live_affinity = self.live_affinity.get(&affinity_key, 0).ok();
+        let live_affinity = self
+            .live_map::<AffinityKeyOf<F>, AffinityOf<F>>(F::AFFINITY)?
+            .get(&affinity_key, 0)
+            .ok();
         if let Some(record) = live_affinity {
-            HashMap::<_, AffinityKey, Affinity>::try_from(self.map(names::AFFINITY)?)
+            HashMap::<_, AffinityKeyOf<F>, AffinityOf<F>>::try_from(self.map(F::AFFINITY)?)
                 .and_then(|mut affinity| affinity.insert(affinity_key, record, 0))
-                .map_err(map_error(names::AFFINITY))?;
+                .map_err(map_error(F::AFFINITY))?;
         }
         Ok((live_flow, live_affinity))
     }
 
     /// The tuple's entry after the run, and for a flow the run created
     /// (`was_live` false), the next hop it resolved for the backend.
-    fn flow_after(
+    #[allow(clippy::type_complexity)]
+    fn flow_after<F: ExplainFamily>(
         &mut self,
-        key: &FlowKey,
+        key: &FlowKeyOf<F>,
         was_live: bool,
-    ) -> Result<(Option<Flow>, Option<BackendHop>), ExplainError> {
+    ) -> Result<(Option<FlowOf<F>>, Option<BackendHopOf<F>>), ExplainError>
+    where
+        F::Addr: Pod,
+    {
         let mut flow = None;
-        for table in [names::FLOWS, names::FLOWS_NEW] {
-            flow = flow.or(HashMap::<_, FlowKey, Flow>::try_from(self.map(table)?)
-                .map_err(map_error(table))?
-                .get(key, 0)
-                .ok());
+        for table in [F::FLOWS, F::FLOWS_NEW] {
+            flow = flow.or(
+                HashMap::<_, FlowKeyOf<F>, FlowOf<F>>::try_from(self.map(table)?)
+                    .map_err(map_error(table))?
+                    .get(key, 0)
+                    .ok(),
+            );
         }
         let hop = match flow {
             Some(flow) if !was_live => {
-                Array::<_, BackendHop>::try_from(self.map(names::BACKEND_HOPS)?)
+                Array::<_, BackendHopOf<F>>::try_from(self.map(F::BACKEND_HOPS)?)
                     .and_then(|hops| hops.get(&flow.backend_id, 0))
                     .ok()
             }
@@ -300,7 +384,7 @@ impl Simulator {
         Ok((flow, hop))
     }
 
-    fn map(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, ExplainError> {
+    fn map(&mut self, name: &'static str) -> Result<&mut Map, ExplainError> {
         self.ebpf.map_mut(name).ok_or(ExplainError::Map {
             name,
             source: MapError::InvalidName {
@@ -311,48 +395,52 @@ impl Simulator {
 
     /// The service the datapath's lookup finds for the tuple's destination:
     /// the exact frontend, else a NodePort on a node address.
-    fn service_for(&mut self, key: &FlowKey) -> Result<Option<Service>, ExplainError> {
-        let exact = ServiceKey {
+    fn service_for<F: ExplainFamily>(
+        &mut self,
+        key: &FlowKeyOf<F>,
+    ) -> Result<Option<Service>, ExplainError>
+    where
+        F::Addr: Pod,
+    {
+        let exact = ServiceKeyOf::<F> {
             addr_be: key.dst_addr_be,
             port_be: key.dst_port_be,
             proto: key.proto,
             _pad: 0,
         };
-        let services = HashMap::<_, ServiceKey, Service>::try_from(self.map(names::SERVICES)?)
-            .map_err(map_error(names::SERVICES))?;
+        let services = HashMap::<_, ServiceKeyOf<F>, Service>::try_from(self.map(F::SERVICES)?)
+            .map_err(map_error(F::SERVICES))?;
         if let Ok(service) = services.get(&exact, 0) {
             return Ok(Some(service));
         }
-        let node_port = ServiceKey {
-            addr_be: ADDR_ANY_NODE,
+        let node_port = ServiceKeyOf::<F> {
+            // A NodePort's key holds the zero address in both families.
+            addr_be: F::Addr::default(),
             ..exact
         };
         let found = services.get(&node_port, 0).ok();
-        let is_node_addr = HashMap::<_, u32, NodeAddr>::try_from(self.map(names::NODE_ADDRS)?)
-            .map_err(map_error(names::NODE_ADDRS))?
+        let is_node_addr = HashMap::<_, F::Addr, NodeAddr>::try_from(self.map(F::NODE_ADDRS)?)
+            .map_err(map_error(F::NODE_ADDRS))?
             .get(&key.dst_addr_be, 0)
             .is_ok();
         Ok(found.filter(|_| is_node_addr))
     }
 
-    /// Empties the private conntrack and affinity tables.
+    /// Empties the private conntrack and affinity tables of both families.
     fn clear_private(&mut self) -> Result<(), ExplainError> {
-        for table in [names::FLOWS, names::FLOWS_NEW] {
-            let mut flows = HashMap::<_, FlowKey, Flow>::try_from(self.map(table)?)
-                .map_err(map_error(table))?;
-            let keys: Vec<FlowKey> = flows.keys().filter_map(Result::ok).collect();
-            for key in keys {
-                let _ = flows.remove(&key);
-            }
+        self.clear_family::<V4>()?;
+        self.clear_family::<V6>()
+    }
+
+    fn clear_family<F: ExplainFamily>(&mut self) -> Result<(), ExplainError>
+    where
+        F::Addr: Pod,
+    {
+        for table in [F::FLOWS, F::FLOWS_NEW] {
+            clear::<FlowKeyOf<F>, FlowOf<F>>(self.map(table)?).map_err(map_error(table))?;
         }
-        let mut affinity =
-            HashMap::<_, AffinityKey, Affinity>::try_from(self.map(names::AFFINITY)?)
-                .map_err(map_error(names::AFFINITY))?;
-        let keys: Vec<AffinityKey> = affinity.keys().filter_map(Result::ok).collect();
-        for key in keys {
-            let _ = affinity.remove(&key);
-        }
-        Ok(())
+        clear::<AffinityKeyOf<F>, AffinityOf<F>>(self.map(F::AFFINITY)?)
+            .map_err(map_error(F::AFFINITY))
     }
 
     /// The private per-reason counters, summed over CPUs.
@@ -368,8 +456,18 @@ impl Simulator {
     }
 }
 
-fn program(ebpf: &mut Ebpf) -> Result<&mut Xdp, ExplainError> {
-    let name = names::PROGRAM;
+/// Removes every entry of the hash map `map`.
+fn clear<K: Pod, V: Pod>(map: &mut Map) -> Result<(), MapError> {
+    let mut map = HashMap::<_, K, V>::try_from(map)?;
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        let _ = map.remove(&key);
+    }
+    Ok(())
+}
+
+/// The object's XDP program `name`.
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, ExplainError> {
     ebpf.program_mut(name)
         .ok_or(ExplainError::Verify {
             source: ProgramError::NotLoaded,

@@ -217,7 +217,7 @@ fn verify_one(name: &'static str, program: &mut aya::programs::Program) -> Resul
 
 /// Puts the loaded `xlb6` in `XLB_PROGS6` (pinned, so it stays filled
 /// while no agent runs).
-fn register_ipv6(ebpf: &mut Ebpf) -> Result<(), KernelError> {
+pub(super) fn register_ipv6(ebpf: &mut Ebpf) -> Result<(), KernelError> {
     let name = lb_common::maps::PROGRAM6;
     let not_xdp = |name, source| KernelError::NotXdp { name, source };
     let program: &mut Xdp = super::program(ebpf, name, not_xdp)?;

@@ -1,7 +1,7 @@
 //! The frame `xlb explain` hands the datapath (as a client would send it)
 //! and the tuple of the frame that comes out.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
@@ -10,72 +10,115 @@ use super::{Protocol, Question, Tuple};
 pub(super) const TCP_SYN: u8 = 0x02;
 pub(super) const TCP_ACK: u8 = 0x10;
 
-/// The addresses and ports of an IPv4 TCP/UDP frame.
+/// The addresses and ports of an IPv4 or IPv6 TCP/UDP frame (an IPv6 one
+/// without extension headers: the datapath adds none).
 pub(super) fn output_tuple(frame: &[u8]) -> Option<Tuple> {
     let ip = frame.get(14..)?;
-    if frame.get(12..14)? != [0x08, 0x00] || ip.first()? >> 4 != 4 {
-        return None;
-    }
-    let header_len = usize::from(ip[0] & 0x0f) * 4;
-    let addr = |at: usize| Some(Ipv4Addr::new(ip[at], ip[at + 1], ip[at + 2], ip[at + 3]));
-    let l4 = ip.get(header_len..header_len + 4)?;
+    let (source, destination, l4) = match (frame.get(12..14)?, ip.first()? >> 4) {
+        ([0x08, 0x00], 4) => {
+            let header_len = usize::from(ip[0] & 0x0f) * 4;
+            let addr = |at: usize| -> Option<IpAddr> {
+                let bytes: [u8; 4] = ip.get(at..at + 4)?.try_into().ok()?;
+                Some(Ipv4Addr::from(bytes).into())
+            };
+            (addr(12)?, addr(16)?, ip.get(header_len..header_len + 4)?)
+        }
+        ([0x86, 0xdd], 6) => {
+            if !matches!(*ip.get(6)?, IPPROTO_TCP | IPPROTO_UDP) {
+                return None;
+            }
+            let addr = |at: usize| -> Option<IpAddr> {
+                let bytes: [u8; 16] = ip.get(at..at + 16)?.try_into().ok()?;
+                Some(Ipv6Addr::from(bytes).into())
+            };
+            (addr(8)?, addr(24)?, ip.get(40..44)?)
+        }
+        _ => return None,
+    };
     let port = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
     Some(Tuple {
-        source: SocketAddrV4::new(addr(12)?, port(0)),
-        destination: SocketAddrV4::new(addr(16)?, port(2)),
+        source: SocketAddr::new(source, port(0)),
+        destination: SocketAddr::new(destination, port(2)),
     })
 }
 
-/// An Ethernet + IPv4 + TCP (no payload) or UDP (a short payload) frame
-/// with valid checksums, as a client would send it.
+/// An Ethernet + IPv4 or IPv6 + TCP (no payload) or UDP (a short payload)
+/// frame with valid checksums, as a client would send it; the family is
+/// the question's.
 pub(super) fn build_frame(question: &Question, dst_mac: [u8; 6], tcp_flags: u8) -> Vec<u8> {
-    const PAYLOAD: &[u8] = b"xlb explain\n";
-    let (l4_len, proto) = match question.protocol {
-        Protocol::Tcp => (20usize, IPPROTO_TCP),
-        Protocol::Udp => (8 + PAYLOAD.len(), IPPROTO_UDP),
-    };
-    let total = 20 + l4_len;
-    let mut frame = Vec::with_capacity(14 + total);
-    frame.extend_from_slice(&dst_mac);
-    frame.extend_from_slice(&[0x02, 0x78, 0x6c, 0xee, 0x00, 0x01]);
-    frame.extend_from_slice(&[0x08, 0x00]);
-    let src = question.source.ip().octets();
-    let dst = question.destination.ip().octets();
-    let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
-    ip[2..4].copy_from_slice(&u16::try_from(total).unwrap_or(u16::MAX).to_be_bytes());
-    ip.extend_from_slice(&src);
-    ip.extend_from_slice(&dst);
-    let ip_sum = checksum(&[&ip]);
-    ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
-    frame.extend_from_slice(&ip);
-
-    let mut l4 = Vec::with_capacity(l4_len);
-    l4.extend_from_slice(&question.source.port().to_be_bytes());
-    l4.extend_from_slice(&question.destination.port().to_be_bytes());
-    let sum_at = match question.protocol {
-        Protocol::Tcp => {
-            l4.extend_from_slice(&1u32.to_be_bytes()); // sequence
-            let ack = if tcp_flags & TCP_ACK != 0 { 1u32 } else { 0 };
-            l4.extend_from_slice(&ack.to_be_bytes());
-            l4.extend_from_slice(&[5 << 4, tcp_flags, 0xfa, 0xf0, 0, 0, 0, 0]);
-            16
+    let (l4, proto) = l4_segment(question, tcp_flags);
+    let length = u16::try_from(l4.len()).unwrap_or(u16::MAX);
+    let (ether_type, ip, pseudo) = match (question.source.ip(), question.destination.ip()) {
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut ip = vec![0x60, 0, 0, 0];
+            ip.extend_from_slice(&length.to_be_bytes());
+            ip.extend_from_slice(&[proto, 64]);
+            ip.extend_from_slice(&src.octets());
+            ip.extend_from_slice(&dst.octets());
+            let pseudo = [
+                &src.octets()[..],
+                &dst.octets()[..],
+                &u32::from(length).to_be_bytes()[..],
+                &[0, 0, 0, proto],
+            ]
+            .concat();
+            ([0x86, 0xdd], ip, pseudo)
         }
-        Protocol::Udp => {
-            l4.extend_from_slice(&u16::try_from(l4_len).unwrap_or(0).to_be_bytes());
-            l4.extend_from_slice(&[0, 0]);
-            l4.extend_from_slice(PAYLOAD);
-            6
+        (src, dst) => {
+            let octets = |addr: IpAddr| match addr {
+                IpAddr::V4(addr) => addr.octets(),
+                IpAddr::V6(_) => [0; 4],
+            };
+            let (src, dst) = (octets(src), octets(dst));
+            let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
+            ip[2..4].copy_from_slice(&(length.saturating_add(20)).to_be_bytes());
+            ip.extend_from_slice(&src);
+            ip.extend_from_slice(&dst);
+            let ip_sum = checksum(&[&ip]);
+            ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+            let pseudo = [&src[..], &dst[..], &[0, proto], &length.to_be_bytes()[..]].concat();
+            ([0x08, 0x00], ip, pseudo)
         }
     };
-    let length = u16::try_from(l4_len).unwrap_or(0).to_be_bytes();
-    let pseudo = [&src[..], &dst[..], &[0, proto], &length[..]].concat();
+    let mut l4 = l4;
+    let sum_at = if proto == IPPROTO_TCP { 16 } else { 6 };
     let mut sum = checksum(&[&pseudo, &l4]);
     if sum == 0 && proto == IPPROTO_UDP {
         sum = 0xffff;
     }
     l4[sum_at..sum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    let mut frame = Vec::with_capacity(14 + ip.len() + l4.len());
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&[0x02, 0x78, 0x6c, 0xee, 0x00, 0x01]);
+    frame.extend_from_slice(&ether_type);
+    frame.extend_from_slice(&ip);
     frame.extend_from_slice(&l4);
     frame
+}
+
+/// The TCP or UDP header (and UDP's payload), its checksum left zero, and
+/// its protocol number.
+fn l4_segment(question: &Question, tcp_flags: u8) -> (Vec<u8>, u8) {
+    const PAYLOAD: &[u8] = b"xlb explain\n";
+    let mut l4 = Vec::with_capacity(20);
+    l4.extend_from_slice(&question.source.port().to_be_bytes());
+    l4.extend_from_slice(&question.destination.port().to_be_bytes());
+    match question.protocol {
+        Protocol::Tcp => {
+            l4.extend_from_slice(&1u32.to_be_bytes()); // sequence
+            let ack = if tcp_flags & TCP_ACK != 0 { 1u32 } else { 0 };
+            l4.extend_from_slice(&ack.to_be_bytes());
+            l4.extend_from_slice(&[5 << 4, tcp_flags, 0xfa, 0xf0, 0, 0, 0, 0]);
+            (l4, IPPROTO_TCP)
+        }
+        Protocol::Udp => {
+            let length = u16::try_from(8 + PAYLOAD.len()).unwrap_or(0);
+            l4.extend_from_slice(&length.to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+            l4.extend_from_slice(PAYLOAD);
+            (l4, IPPROTO_UDP)
+        }
+    }
 }
 
 /// The Internet checksum of the concatenation of `parts` (each of even
@@ -131,5 +174,48 @@ mod tests {
         assert_eq!(tcp[34 + 13], TCP_SYN);
         let pseudo = [&tcp[26..34], &[0, IPPROTO_TCP], &20u16.to_be_bytes()[..]].concat();
         assert_eq!(checksum(&[&pseudo, &tcp[34..]]), 0);
+    }
+
+    #[test]
+    fn ipv6_frames_carry_valid_checksums() {
+        let question = Question {
+            protocol: Protocol::Udp,
+            source: "[2001:db8::2]:40000".parse().unwrap(),
+            destination: "[2001:db8::1]:30998".parse().unwrap(),
+        };
+        let frame = build_frame(&question, [2, 0, 0, 0, 0, 1], 0);
+        assert_eq!(&frame[12..14], &[0x86, 0xdd]);
+        assert_eq!(frame[14] >> 4, 6);
+        let udp = &frame[54..];
+        assert_eq!(u16::from_be_bytes([frame[18], frame[19]]), udp.len() as u16);
+        assert_eq!(frame[20], IPPROTO_UDP);
+        let pseudo = [
+            &frame[22..54],
+            &(udp.len() as u32).to_be_bytes()[..],
+            &[0, 0, 0, IPPROTO_UDP],
+        ]
+        .concat();
+        assert_eq!(checksum(&[&pseudo, udp]), 0);
+        let tuple = output_tuple(&frame).unwrap();
+        assert_eq!(tuple.source, question.source);
+        assert_eq!(tuple.destination, question.destination);
+
+        let tcp = build_frame(
+            &Question {
+                protocol: Protocol::Tcp,
+                ..question
+            },
+            [0; 6],
+            TCP_ACK,
+        );
+        assert_eq!(tcp.len(), 14 + 40 + 20);
+        assert_eq!(tcp[54 + 13], TCP_ACK);
+        let pseudo = [
+            &tcp[22..54],
+            &20u32.to_be_bytes()[..],
+            &[0, 0, 0, IPPROTO_TCP],
+        ]
+        .concat();
+        assert_eq!(checksum(&[&pseudo, &tcp[54..]]), 0);
     }
 }
