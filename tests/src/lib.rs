@@ -19,6 +19,8 @@ pub mod cgroup;
 pub mod client;
 mod cmd;
 mod error;
+pub mod family;
+pub mod flows;
 pub mod image;
 #[cfg(feature = "apiserver")]
 pub mod kustomize;
@@ -45,6 +47,7 @@ pub use bpffs::Bpffs;
 pub use cgroup::TestCgroup;
 pub use client::Who;
 pub use error::LabError;
+pub use family::Family;
 pub use lab::{Backend, Lab};
 pub use netns::{Netns, in_netns};
 pub use process::ChildGuard;

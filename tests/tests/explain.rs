@@ -323,57 +323,54 @@ fn explain_agrees_with_the_datapath_on_random_tuples_of_both_families() -> anyho
 
     drop(connections);
 
-    // The CLI, once: a port no service has.
-    let output = lab
-        .node
-        .command(bin_from_env(XLB_BIN_ENV)?)
-        .args(["explain", "udp", "198.18.0.2:12345", "198.18.0.1:31111"])
-        .args(["--bpffs", &bpffs.arg(), "--run-dir", &run_dir_arg, "--json"])
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    // The CLI: `xlb explain ARGS...` in the node's namespace.
+    let xlb = bin_from_env(XLB_BIN_ENV)?;
+    let cli = |args: &[&str]| -> anyhow::Result<(bool, String, String)> {
+        let output = lab
+            .node
+            .command(&xlb)
+            .arg("explain")
+            .args(args)
+            .args(["--bpffs", &bpffs.arg(), "--run-dir", &run_dir_arg])
+            .output()?;
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        Ok((
+            output.status.success(),
+            text(&output.stdout),
+            text(&output.stderr),
+        ))
+    };
+    // A port no service has.
+    let (ok, json, error) = cli(&["udp", "198.18.0.2:12345", "198.18.0.1:31111", "--json"])?;
+    ensure!(ok, "{error}");
+    let json: serde_json::Value = serde_json::from_str(&json)?;
     assert_eq!(json["verdict"]["reason"], "pass_not_service", "{json}");
-    let output = lab
-        .node
-        .command(bin_from_env(XLB_BIN_ENV)?)
-        .args(["explain", "tcp", "198.18.0.2:23456"])
-        .arg(format!("{NODE_ADDR}:{TCP_PORT}"))
-        .args(["--bpffs", &bpffs.arg(), "--run-dir", &run_dir_arg])
-        .output()?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    println!("xlb explain tcp 198.18.0.2:23456 {NODE_ADDR}:{TCP_PORT}:\n{text}");
-    ensure!(
-        output.status.success() && text.contains("fwd_new_flow"),
-        "{text}"
-    );
-    let output = lab
-        .node
-        .command(bin_from_env(XLB_BIN_ENV)?)
-        .args(["explain", "udp", "[2001:db8::2]:23456"])
-        .arg(format!("[{NODE_ADDR6}]:{UDP_PORT}"))
-        .args(["--bpffs", &bpffs.arg(), "--run-dir", &run_dir_arg])
-        .output()?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    println!("xlb explain udp [2001:db8::2]:23456 [{NODE_ADDR6}]:{UDP_PORT}:\n{text}");
-    ensure!(
-        output.status.success() && text.contains("fwd_new_flow") && text.contains("(IPv6)"),
-        "{text}"
-    );
+    for (protocol, source, destination, expect) in [
+        (
+            "tcp",
+            "198.18.0.2:23456",
+            format!("{NODE_ADDR}:{TCP_PORT}"),
+            "",
+        ),
+        (
+            "udp",
+            "[2001:db8::2]:23456",
+            format!("[{NODE_ADDR6}]:{UDP_PORT}"),
+            "(IPv6)",
+        ),
+    ] {
+        let (ok, text, error) = cli(&[protocol, source, &destination])?;
+        println!("xlb explain {protocol} {source} {destination}:\n{text}");
+        ensure!(
+            ok && text.contains("fwd_new_flow") && text.contains(expect),
+            "{text}{error}"
+        );
+    }
     // Mixed families are refused with the fix.
-    let output = lab
-        .node
-        .command(bin_from_env(XLB_BIN_ENV)?)
-        .args(["explain", "udp", "[2001:db8::2]:23456"])
-        .arg(format!("{NODE_ADDR}:{UDP_PORT}"))
-        .args(["--bpffs", &bpffs.arg(), "--run-dir", &run_dir_arg])
-        .output()?;
-    let error = String::from_utf8_lossy(&output.stderr);
+    let mixed = format!("{NODE_ADDR}:{UDP_PORT}");
+    let (ok, _, error) = cli(&["udp", "[2001:db8::2]:23456", &mixed])?;
     ensure!(
-        !output.status.success() && error.contains("different address families"),
+        !ok && error.contains("different address families"),
         "{error}"
     );
     drop(agent);

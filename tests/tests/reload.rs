@@ -1,4 +1,5 @@
-//! SIGHUP re-reads the config: traffic follows the new one; a broken one is
+//! SIGHUP re-reads the config: traffic follows the new one (in both
+//! families: `reload6_` over IPv6 on the dual-stack lab); a broken one is
 //! reported and the agent keeps serving the last good one.
 
 use std::collections::BTreeSet;
@@ -6,9 +7,10 @@ use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use xlb_tests::Family::{self, V4, V6};
 use xlb_tests::agent::RELOAD_TIMEOUT;
-use xlb_tests::client::{tcp_who_echo, udp_socket, udp_who};
-use xlb_tests::lab::{NODE_ADDR, tcp_echo_service, udp_echo_service};
+use xlb_tests::client::{tcp_who_echo, udp_socket_for, udp_who};
+use xlb_tests::lab::{tcp_echo_service, udp_echo_service};
 use xlb_tests::{Agent, Lab};
 
 /// `udp-echo` and `tcp-echo` on the demo NodePorts, with the given backends,
@@ -38,7 +40,7 @@ fn udp_backends_seen(
     lab.client.run(|| -> anyhow::Result<BTreeSet<String>> {
         let mut seen = BTreeSet::new();
         for _ in 0..flows {
-            let (who, from) = udp_who(&udp_socket()?, service)?;
+            let (who, from) = udp_who(&udp_socket_for(service)?, service)?;
             anyhow::ensure!(from == service, "reply from {from}, expected {service}");
             seen.insert(who.name);
         }
@@ -46,22 +48,27 @@ fn udp_backends_seen(
     })?
 }
 
-fn tcp_backends_seen(lab: &Lab, flows: usize) -> anyhow::Result<BTreeSet<String>> {
+/// Backends that answer `flows` new TCP connections to `service`.
+fn tcp_backends_seen(
+    lab: &Lab,
+    service: SocketAddr,
+    flows: usize,
+) -> anyhow::Result<BTreeSet<String>> {
     lab.client.run(|| -> anyhow::Result<BTreeSet<String>> {
         let mut seen = BTreeSet::new();
         for flow in 0..flows {
-            seen.insert(tcp_who_echo(tcp_echo_service(), format!("flow {flow}").as_bytes())?.name);
+            seen.insert(tcp_who_echo(service, format!("flow {flow}").as_bytes())?.name);
         }
         Ok(seen)
     })?
 }
 
-/// New UDP flows (64) and TCP connections (48) to the echo services reach
-/// both backends.
-fn assert_both_backends_serve(lab: &Lab) -> anyhow::Result<()> {
+/// New UDP flows (64) and TCP connections (48) to the echo services of
+/// `family` reach both backends.
+fn assert_both_backends_serve(lab: &Lab, family: Family) -> anyhow::Result<()> {
     let both = set(&["backend-1", "backend-2"]);
-    assert_eq!(udp_backends_seen(lab, udp_echo_service(), 64)?, both);
-    assert_eq!(tcp_backends_seen(lab, 48)?, both);
+    assert_eq!(udp_backends_seen(lab, family.udp_echo_service(), 64)?, both);
+    assert_eq!(tcp_backends_seen(lab, family.tcp_echo_service(), 48)?, both);
     Ok(())
 }
 
@@ -71,43 +78,55 @@ fn set(names: &[&str]) -> BTreeSet<String> {
 
 #[test]
 fn reload_adds_a_service_and_changes_backends() -> anyhow::Result<()> {
+    adds_a_service_and_changes_backends(V4)
+}
+
+#[test]
+fn reload6_adds_a_service_and_changes_backends() -> anyhow::Result<()> {
+    adds_a_service_and_changes_backends(V6)
+}
+
+fn adds_a_service_and_changes_backends(family: Family) -> anyhow::Result<()> {
     let lab = Lab::new(2)?;
+    let (one, two) = (
+        family.backend_addr(1).to_string(),
+        family.backend_addr(2).to_string(),
+    );
     let config = lab.write_file(
         "xlb.yaml",
-        &lab.config_yaml(&services(&["198.18.1.2"], &["198.18.1.2"], "")),
+        &family.config(&lab, &services(&[&one], &[&one], "")),
     )?;
     let mut agent = Agent::start(&lab, &config)?;
+    let (udp, tcp) = (family.udp_echo_service(), family.tcp_echo_service());
 
-    assert_eq!(
-        udp_backends_seen(&lab, udp_echo_service(), 32)?,
-        set(&["backend-1"])
-    );
-    assert_eq!(tcp_backends_seen(&lab, 16)?, set(&["backend-1"]));
+    assert_eq!(udp_backends_seen(&lab, udp, 32)?, set(&["backend-1"]));
+    assert_eq!(tcp_backends_seen(&lab, tcp, 16)?, set(&["backend-1"]));
 
     // New service on 30997 served only by backend-2; both services get
     // both backends.
-    let extra = "\n  - name: udp-extra\n    protocol: UDP\n    nodePort: 30997\n    targetPort: 4444\n    backends:\n      - address: 198.18.2.2\n";
-    let both = ["198.18.1.2", "198.18.2.2"];
-    lab.write_file("xlb.yaml", &lab.config_yaml(&services(&both, &both, extra)))?;
+    let extra = format!(
+        "\n  - name: udp-extra\n    protocol: UDP\n    nodePort: 30997\n    targetPort: 4444\n    backends:\n      - address: {two}\n"
+    );
+    let both = [one.as_str(), two.as_str()];
+    lab.write_file(
+        "xlb.yaml",
+        &family.config(&lab, &services(&both, &both, &extra)),
+    )?;
     agent.reload_and_wait()?;
 
-    let extra_service = SocketAddr::from((NODE_ADDR, 30997));
     assert_eq!(
-        udp_backends_seen(&lab, extra_service, 16)?,
+        udp_backends_seen(&lab, family.node_port(30997), 16)?,
         set(&["backend-2"])
     );
-    assert_both_backends_serve(&lab)?;
+    assert_both_backends_serve(&lab, family)?;
 
     // Remove backend-1 from udp-echo: new flows go only to backend-2.
     lab.write_file(
         "xlb.yaml",
-        &lab.config_yaml(&services(&["198.18.2.2"], &both, extra)),
+        &family.config(&lab, &services(&[&two], &both, &extra)),
     )?;
     agent.reload_and_wait()?;
-    assert_eq!(
-        udp_backends_seen(&lab, udp_echo_service(), 32)?,
-        set(&["backend-2"])
-    );
+    assert_eq!(udp_backends_seen(&lab, udp, 32)?, set(&["backend-2"]));
     assert!(agent.is_running());
     Ok(())
 }
@@ -147,7 +166,7 @@ fn broken_reload_keeps_serving_the_last_good_config() -> anyhow::Result<()> {
         generation,
         "a broken config was applied"
     );
-    assert_both_backends_serve(&lab)?;
+    assert_both_backends_serve(&lab, V4)?;
 
     // A fixed config is picked up again.
     lab.write_file(

@@ -1,17 +1,29 @@
-//! TCP through the `tcp-echo` NodePort (198.18.0.1:30999 -> backends:3333).
+//! TCP through the `tcp-echo` NodePort (198.18.0.1:30999 -> backends:3333),
+//! and over IPv6 on the dual-stack lab ([2001:db8::1]:30999, the `tcp6_`
+//! tests).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 
+use xlb_tests::Family::{self, V4, V6};
 use xlb_tests::client::{IO_TIMEOUT, pattern, tcp_who_echo};
-use xlb_tests::lab::{ECHO_TCP_PORT, tcp_echo_service};
-use xlb_tests::{Agent, Lab, demo_config};
+use xlb_tests::lab::ECHO_TCP_PORT;
+use xlb_tests::{Agent, Lab};
 
 #[test]
 fn tcp_round_trips_many_connections() -> anyhow::Result<()> {
+    round_trips(V4)
+}
+
+#[test]
+fn tcp6_round_trips_many_connections() -> anyhow::Result<()> {
+    round_trips(V6)
+}
+
+fn round_trips(family: Family) -> anyhow::Result<()> {
     let lab = Lab::new(2)?;
-    let _agent = Agent::start(&lab, &demo_config())?;
-    let service = tcp_echo_service();
+    let _agent = Agent::start(&lab, &family.demo_config())?;
+    let service = family.tcp_echo_service();
 
     lab.client.run(|| -> anyhow::Result<()> {
         for connection in 0..50u32 {
@@ -26,10 +38,11 @@ fn tcp_round_trips_many_connections() -> anyhow::Result<()> {
             let backend = lab
                 .backend_named(&who.name)
                 .unwrap_or_else(|| panic!("unknown backend in {who:?}"));
-            assert_eq!(who.local, SocketAddr::from((backend.addr, ECHO_TCP_PORT)));
+            let (pod, node) = family.pod_and_node(backend);
+            assert_eq!(who.local, SocketAddr::new(pod, ECHO_TCP_PORT));
             assert_eq!(
                 who.peer.ip(),
-                backend.node_addr,
+                node,
                 "masquerade: the backend sees the node's address on its link"
             );
         }
@@ -40,9 +53,18 @@ fn tcp_round_trips_many_connections() -> anyhow::Result<()> {
 
 #[test]
 fn tcp_concurrent_connections_and_half_close() -> anyhow::Result<()> {
+    concurrent_and_half_close(V4)
+}
+
+#[test]
+fn tcp6_concurrent_connections_and_half_close() -> anyhow::Result<()> {
+    concurrent_and_half_close(V6)
+}
+
+fn concurrent_and_half_close(family: Family) -> anyhow::Result<()> {
     let lab = Lab::new(2)?;
-    let _agent = Agent::start(&lab, &demo_config())?;
-    let service = tcp_echo_service();
+    let _agent = Agent::start(&lab, &family.demo_config())?;
+    let service = family.tcp_echo_service();
 
     lab.client.run(|| -> anyhow::Result<()> {
         // Several connections open at once, written in turns, then

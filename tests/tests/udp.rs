@@ -1,19 +1,31 @@
-//! UDP through the `udp-echo` NodePort (198.18.0.1:30998 -> backends:4444).
+//! UDP through the `udp-echo` NodePort (198.18.0.1:30998 -> backends:4444),
+//! and over IPv6 on the dual-stack lab ([2001:db8::1]:30998, the `udp6_`
+//! tests).
 
 use std::net::SocketAddr;
 
-use xlb_tests::client::{pattern, udp_exchange, udp_socket, udp_who};
-use xlb_tests::lab::{ECHO_UDP_PORT, udp_echo_service};
-use xlb_tests::{Agent, Lab, demo_config};
+use xlb_tests::Family::{self, V4, V6};
+use xlb_tests::client::{pattern, udp_exchange, udp_who};
+use xlb_tests::lab::ECHO_UDP_PORT;
+use xlb_tests::{Agent, Lab};
 
 #[test]
 fn udp_round_trip_with_dnat_and_masquerade() -> anyhow::Result<()> {
+    round_trip(V4)
+}
+
+#[test]
+fn udp6_round_trip_with_dnat_and_masquerade() -> anyhow::Result<()> {
+    round_trip(V6)
+}
+
+fn round_trip(family: Family) -> anyhow::Result<()> {
     let lab = Lab::new(2)?;
-    let agent = Agent::start(&lab, &demo_config())?;
-    let service = udp_echo_service();
+    let agent = Agent::start(&lab, &family.demo_config())?;
+    let service = family.udp_echo_service();
 
     lab.client.run(|| -> anyhow::Result<()> {
-        let socket = udp_socket()?;
+        let socket = family.udp_socket()?;
         let (who, from) = udp_who(&socket, service)?;
         assert_eq!(
             from, service,
@@ -22,20 +34,22 @@ fn udp_round_trip_with_dnat_and_masquerade() -> anyhow::Result<()> {
         let backend = lab
             .backend_named(&who.name)
             .unwrap_or_else(|| panic!("unknown backend in {who:?}"));
+        let (pod, node) = family.pod_and_node(backend);
         assert_eq!(
             who.local,
-            SocketAddr::from((backend.addr, ECHO_UDP_PORT)),
-            "DNAT to the backend's address and targetPort"
+            SocketAddr::new(pod, ECHO_UDP_PORT),
+            "DNAT to the backend's address of the client's family and targetPort"
         );
         assert_eq!(
             who.peer.ip(),
-            backend.node_addr,
+            node,
             "masquerade: the backend sees the node's address on its link"
         );
 
         // Payloads of several sizes (up to what fits one 1500-byte frame)
         // come back intact, from the NodePort.
-        for (seed, len) in [1usize, 64, 512, 1400, 1472].into_iter().enumerate() {
+        let sizes = [1usize, 64, 512, 1400, family.max_udp_payload()];
+        for (seed, len) in sizes.into_iter().enumerate() {
             let payload = pattern(len, seed as u32);
             let (reply, from) = udp_exchange(&socket, service, &payload)?;
             assert_eq!(from, service);
@@ -58,12 +72,21 @@ fn udp_round_trip_with_dnat_and_masquerade() -> anyhow::Result<()> {
 
 #[test]
 fn udp_flow_sticks_to_one_backend() -> anyhow::Result<()> {
+    flow_sticks(V4)
+}
+
+#[test]
+fn udp6_flow_sticks_to_one_backend() -> anyhow::Result<()> {
+    flow_sticks(V6)
+}
+
+fn flow_sticks(family: Family) -> anyhow::Result<()> {
     let lab = Lab::new(2)?;
-    let _agent = Agent::start(&lab, &demo_config())?;
-    let service = udp_echo_service();
+    let _agent = Agent::start(&lab, &family.demo_config())?;
+    let service = family.udp_echo_service();
 
     lab.client.run(|| -> anyhow::Result<()> {
-        let socket = udp_socket()?;
+        let socket = family.udp_socket()?;
         let (first, _) = udp_who(&socket, service)?;
         for round in 0..100 {
             let (who, from) = udp_who(&socket, service)?;
@@ -80,14 +103,23 @@ fn udp_flow_sticks_to_one_backend() -> anyhow::Result<()> {
 
 #[test]
 fn udp_flows_of_many_clients_all_answered_from_node_port() -> anyhow::Result<()> {
+    many_clients(V4)
+}
+
+#[test]
+fn udp6_flows_of_many_clients_all_answered_from_node_port() -> anyhow::Result<()> {
+    many_clients(V6)
+}
+
+fn many_clients(family: Family) -> anyhow::Result<()> {
     let lab = Lab::new(2)?;
-    let _agent = Agent::start(&lab, &demo_config())?;
-    let service = udp_echo_service();
+    let _agent = Agent::start(&lab, &family.demo_config())?;
+    let service = family.udp_echo_service();
 
     lab.client.run(|| -> anyhow::Result<()> {
         // Many sockets open at once: distinct flows interleaved.
         let sockets = (0..32)
-            .map(|_| udp_socket())
+            .map(|_| family.udp_socket())
             .collect::<anyhow::Result<Vec<_>>>()?;
         for round in 0..3 {
             for socket in &sockets {
