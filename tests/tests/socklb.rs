@@ -1032,3 +1032,63 @@ fn a_removed_ipv6_backend_moves_udp_clients_on_their_next_datagram() -> anyhow::
         Ok(())
     })
 }
+
+/// Connected UDP sockets whose backend was removed are destroyed over IPv6
+/// too, and so are dual-stack sockets connected to an IPv4 service through
+/// an IPv4-mapped address (recorded as IPv4); the others keep their
+/// backends.
+#[test]
+fn a_removed_backend_destroys_connected_ipv6_and_mapped_udp_clients() -> anyhow::Result<()> {
+    let lab = SockLab::new()?;
+    let mut agent = lab.start_agent(&[])?;
+    let targets = [udp_cluster_ip6(), v4_mapped(udp_cluster_ip())];
+    let mut sockets = Vec::new();
+    for target in targets {
+        for _ in 0..2 {
+            let opened = pod_udp_sockets(&lab, || {
+                let socket = udp_socket_for(target)?;
+                socket.connect(target)?;
+                let first = connected_who(&socket)?;
+                Ok((socket, first))
+            })?;
+            sockets.extend(
+                opened
+                    .into_iter()
+                    .map(|(socket, name)| (target, socket, name)),
+            );
+        }
+    }
+    let removed = sockets[0].2.clone();
+    lab.lab
+        .write_file("xlb.yaml", &config(&lab.lab, Some(&removed)))?;
+    agent.reload_and_wait()?;
+    let checked = (|| -> anyhow::Result<()> {
+        for target in targets {
+            let on_removed = sockets
+                .iter()
+                .filter(|(to, _, backend)| *to == target && *backend == removed)
+                .count();
+            ensure!(on_removed > 0, "no socket to {target} was on {removed}");
+        }
+        for (target, socket, backend) in &sockets {
+            if *backend == removed {
+                let sent = socket.send(b"WHO\n").map_err(|e| e.raw_os_error());
+                ensure!(
+                    sent == Err(Some(libc::EDESTADDRREQ)),
+                    "a socket connected to {target} on {removed} after the removal: send() \
+                     gave {sent:?}"
+                );
+            } else {
+                let who = connected_who(socket)?;
+                ensure!(
+                    who.name == *backend,
+                    "a socket connected to {target} on the kept {backend} moved to {}",
+                    who.name
+                );
+            }
+        }
+        Ok(())
+    })();
+    checked.map_err(|error| agent.failure(format!("{error:#}")))?;
+    Ok(())
+}
