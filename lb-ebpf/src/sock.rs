@@ -107,9 +107,8 @@ pub fn xlb_connect6(ctx: SockAddrContext) -> i32 {
     to_backend6(&ctx)
 }
 
-/// Also sees nothing IPv4-mapped: the kernel hands a dual-stack socket's
-/// datagram to an IPv4-mapped address to UDP over IPv4, whose sendmsg4
-/// hook balances it.
+/// A dual-stack socket's datagram to an IPv4-mapped address is handed to
+/// UDP over IPv4 before this hook runs, and balanced by sendmsg4.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn xlb_sendmsg6(ctx: SockAddrContext) -> i32 {
     to_backend6(&ctx)
