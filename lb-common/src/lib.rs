@@ -27,7 +27,9 @@ pub use service::{
     BackendHop, BackendHop6, BackendHopOf, BackendOf, GlobalConfig, NodeAddr, Service, ServiceKey,
     ServiceKey6, ServiceKeyOf, SourceRange, SourceRange6, SourceRangeOf,
 };
-pub use sock::{SockRevNat, SockRevNatKey};
+pub use sock::{
+    SockRevNat, SockRevNat6, SockRevNatKey, SockRevNatKey6, SockRevNatKeyOf, SockRevNatOf,
+};
 
 /// IP protocol numbers xlb balances.
 pub const IPPROTO_TCP: u8 = 6;

@@ -17,8 +17,8 @@ use crate::reason::REASON_COUNT;
 use crate::{
     Addr6, Affinity, Affinity6, AffinityKey, AffinityKey6, Backend, Backend6, BackendHop,
     BackendHop6, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit,
-    NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey,
-    SourceRange, SourceRange6, Traffic,
+    NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNat6,
+    SockRevNatKey, SockRevNatKey6, SourceRange, SourceRange6, Traffic,
 };
 
 /// How the kernel stores a map: `enum bpf_map_type`'s value.
@@ -280,6 +280,11 @@ declare_maps! {
     SOURCE_RANGES6 = "XLB_RANGES6": LpmTrie<SourceRange6, u32>, SOURCE_RANGES_MAX, Fixed, Config, Shared;
     /// `HashMap<Addr6, Peer>`: local pods by IPv6 address (as `XLB_PEERS`).
     PEERS6 = "XLB_PEERS6": Hash<Addr6, Peer>, PEERS_MAX, Fixed, No, Private;
+    /// `LruHashMap<SockRevNatKey6, SockRevNat6>`: `XLB_SOCK_REVNAT` for the
+    /// IPv6 socket hooks (connect6, sendmsg6, recvmsg6, getpeername6). An
+    /// IPv4 service reached through an IPv4-mapped address (`::ffff:a.b.c.d`)
+    /// is recorded in `XLB_SOCK_REVNAT`, as the IPv4 hooks record it.
+    SOCK_REVNAT6 = "XLB_SOCK_REV6": LruHash<SockRevNatKey6, SockRevNat6>, SOCK_REVNAT_MAX, Fixed, Alone, Private;
     /// `ProgramArray`: `[PROGS6_IPV6]` is `xlb6`, which `xlb` tail-calls for
     /// IPv6 frames, so each family's pipeline is verified on its own budget
     /// (one program holding both exceeds the verifier's million
@@ -323,7 +328,7 @@ pub struct ProgramDecl {
 }
 
 /// Every program of the datapath.
-pub const PROGRAMS: [ProgramDecl; 8] = [
+pub const PROGRAMS: [ProgramDecl; 12] = [
     ProgramDecl {
         name: "xlb",
         hook: Hook::Xdp,
@@ -361,6 +366,22 @@ pub const PROGRAMS: [ProgramDecl; 8] = [
         name: "xlb6",
         hook: Hook::XdpTail,
     },
+    ProgramDecl {
+        name: "xlb_connect6",
+        hook: Hook::CgroupSockAddr("connect6"),
+    },
+    ProgramDecl {
+        name: "xlb_sendmsg6",
+        hook: Hook::CgroupSockAddr("sendmsg6"),
+    },
+    ProgramDecl {
+        name: "xlb_recvmsg6",
+        hook: Hook::CgroupSockAddr("recvmsg6"),
+    },
+    ProgramDecl {
+        name: "xlb_getpeer6",
+        hook: Hook::CgroupSockAddr("getpeername6"),
+    },
 ];
 
 /// Name of the XDP program in the object file.
@@ -372,12 +393,17 @@ pub const PROGRAM_TC_POD: &str = PROGRAMS[2].name;
 /// The IPv6 XDP program (`XLB_PROGS6`).
 pub const PROGRAM6: &str = PROGRAMS[7].name;
 
-/// The cgroup socket hooks, as (program name, hook).
-pub const SOCK_PROGRAMS: [(&str, &str); 4] = [
+/// The cgroup socket hooks, as (program name, hook), in attach order: the
+/// IPv4 ones, then the IPv6 ones.
+pub const SOCK_PROGRAMS: [(&str, &str); 8] = [
     socket_hook(PROGRAMS[3]),
     socket_hook(PROGRAMS[4]),
     socket_hook(PROGRAMS[5]),
     socket_hook(PROGRAMS[6]),
+    socket_hook(PROGRAMS[8]),
+    socket_hook(PROGRAMS[9]),
+    socket_hook(PROGRAMS[10]),
+    socket_hook(PROGRAMS[11]),
 ];
 
 const fn socket_hook(program: ProgramDecl) -> (&'static str, &'static str) {
@@ -468,6 +494,29 @@ mod tests {
         assert_eq!(decl::FLOWS.name, FLOWS);
         assert_eq!(decl::STATS.max_entries, REASON_COUNT);
         assert!(MAPS.contains(&decl::SOCK_REVNAT));
+        assert_eq!(decl::SOCK_REVNAT6.key_size, 32);
+    }
+
+    #[test]
+    fn every_socket_hook_is_attached_once() {
+        for hook in [
+            "connect4",
+            "sendmsg4",
+            "recvmsg4",
+            "getpeername4",
+            "connect6",
+            "sendmsg6",
+            "recvmsg6",
+            "getpeername6",
+        ] {
+            let attached = SOCK_PROGRAMS.iter().filter(|(_, h)| *h == hook).count();
+            assert_eq!(attached, 1, "{hook}");
+        }
+        for program in PROGRAMS {
+            if let Hook::CgroupSockAddr(hook) = program.hook {
+                assert!(SOCK_PROGRAMS.contains(&(program.name, hook)), "{hook}");
+            }
+        }
     }
 
     #[test]

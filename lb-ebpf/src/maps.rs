@@ -10,8 +10,8 @@ use aya_ebpf::{
 use lb_common::{
     Addr6, Affinity, Affinity6, AffinityKey, AffinityKey6, Backend, Backend6, BackendHop,
     BackendHop6, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit,
-    NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey,
-    SourceRange, SourceRange6, Traffic,
+    NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNat6,
+    SockRevNatKey, SockRevNatKey6, SourceRange, SourceRange6, Traffic,
     maps::{SELECT_TABLE_FLAGS, decl},
 };
 
@@ -144,6 +144,11 @@ pub static XLB_RANGES6: LpmTrie<SourceRange6, u32> =
 #[map]
 pub static XLB_PEERS6: HashMap<Addr6, Peer> =
     HashMap::with_max_entries(decl::PEERS6.max_entries, decl::PEERS6.flags);
+
+/// The IPv6 socket hooks' reverse translation (see `sock.rs`).
+#[map]
+pub static XLB_SOCK_REV6: LruHashMap<SockRevNatKey6, SockRevNat6> =
+    LruHashMap::with_max_entries(decl::SOCK_REVNAT6.max_entries, decl::SOCK_REVNAT6.flags);
 
 #[map]
 pub static XLB_SCRATCH6: PerCpuArray<[u64; 32]> =

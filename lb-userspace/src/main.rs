@@ -63,7 +63,8 @@ enum Command {
         #[arg(long, value_name = "PATH|-")]
         manifests: Option<PathBuf>,
         /// Attach the socket hooks (connect4, sendmsg4, recvmsg4,
-        /// getpeername4) to this cgroup v2 directory: processes in it (the
+        /// getpeername4 and their IPv6 twins connect6, ...) to this cgroup
+        /// v2 directory: processes in it (the
         /// node's, pods') reach NodePorts, load-balancer, external and
         /// ClusterIPs, balanced at connect()/sendmsg(). On a node, the
         /// cgroup2 mount (/sys/fs/cgroup, or /sys/fs/cgroup/unified on

@@ -78,7 +78,7 @@ impl Agent {
     /// Connected UDP sockets the socket hooks balanced to a backend that is
     /// gone are destroyed (their next send or receive fails; a reconnect is
     /// balanced again), as Cilium's socket-LB does. Unconnected ones need
-    /// nothing: sendmsg4 balances each datagram.
+    /// nothing: sendmsg4 and sendmsg6 balance each datagram.
     pub(super) fn move_socket_clients(&mut self) {
         let applied = &self.applied;
         let stale = self

@@ -1,4 +1,5 @@
-//! The socket hooks (cgroup v2 connect4, sendmsg4, recvmsg4, getpeername4):
+//! The socket hooks (cgroup v2 connect4, sendmsg4, recvmsg4, getpeername4
+//! and their IPv6 twins connect6, sendmsg6, recvmsg6, getpeername6):
 //! loading them from the datapath object, attaching them to a cgroup v2
 //! directory (`--cgroup`), pinning their links next to the XDP links, and
 //! detaching them.

@@ -3,7 +3,10 @@
 //! socket-LB does, so that the application notices and reconnects (and the
 //! connect4 hook balances it again) instead of sending into a backend that
 //! is gone. Only sockets the socket hooks balanced are touched: a socket is
-//! destroyed only if its cookie and peer are a record of `XLB_SOCK_REVNAT`.
+//! destroyed only if its cookie and peer are a record of `XLB_SOCK_REVNAT`
+//! or `XLB_SOCK_REV6`. Both families' sockets are read; a dual-stack
+//! AF_INET6 socket connected to an IPv4-mapped backend is matched by the
+//! IPv4 address, as the hooks recorded it.
 //!
 //! sock_diag answers for the network namespace its netlink socket lives in.
 //! Pods' sockets live in theirs, so every network namespace of the node is
@@ -11,10 +14,10 @@
 //! container runtimes' CNI plugins bind-mount pods' namespaces) and every
 //! process's `/proc/PID/ns/net`; entering one takes CAP_SYS_ADMIN.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -35,8 +38,8 @@ const MSG_LEN: usize = 72;
 /// `struct inet_diag_sockid`: sport, dport, src[4], dst[4], if, cookie[2].
 const SOCKID_LEN: usize = 48;
 
-/// Sockets to destroy: socket cookie -> the backend it was balanced to.
-pub type Stale = BTreeMap<u64, SocketAddrV4>;
+/// Sockets to destroy: (socket cookie, the backend it was balanced to).
+pub type Stale = BTreeSet<(u64, SocketAddr)>;
 
 /// What one pass did.
 #[derive(Debug, Default)]
@@ -149,14 +152,20 @@ fn destroy_here(stale: &Stale) -> io::Result<(usize, Vec<String>)> {
     let netlink = diag_socket()?;
     let mut destroyed = 0;
     let mut failures = Vec::new();
-    for socket in dump_connected_udp(&netlink)? {
-        let Some(backend) = stale.get(&socket.cookie) else {
-            continue;
-        };
-        if socket.peer != *backend {
+    let mut sockets = dump_connected_udp(&netlink, libc::AF_INET as u8)?;
+    sockets.extend(dump_connected_udp(&netlink, libc::AF_INET6 as u8)?);
+    for socket in sockets {
+        if !stale.contains(&(socket.cookie, socket.peer)) {
             continue;
         }
-        match request(&netlink, SOCK_DESTROY, libc::NLM_F_ACK as u16, &socket.id) {
+        let destroy = diag_request(
+            SOCK_DESTROY,
+            libc::NLM_F_ACK as u16,
+            socket.family,
+            0,
+            &socket.id,
+        );
+        match request(&netlink, &destroy) {
             Ok(()) => {
                 log::debug!(
                     "destroyed the UDP socket {} -> {} (cookie {}): its backend was removed",
@@ -179,10 +188,13 @@ fn destroy_here(stale: &Stale) -> io::Result<(usize, Vec<String>)> {
 
 /// A connected UDP socket as sock_diag reports it.
 struct DiagSocket {
+    /// `AF_INET` or `AF_INET6`.
+    family: u8,
     /// `inet_diag_sockid` as the kernel gave it, to name it back.
     id: [u8; SOCKID_LEN],
-    local: SocketAddrV4,
-    peer: SocketAddrV4,
+    local: SocketAddr,
+    /// An IPv4-mapped peer as the IPv4 address it stands for.
+    peer: SocketAddr,
     cookie: u64,
 }
 
@@ -190,8 +202,9 @@ fn diag_socket() -> io::Result<OwnedFd> {
     sys::netlink_socket(libc::NETLINK_SOCK_DIAG, 0, false)
 }
 
-/// An `inet_diag_req_v2` for IPv4 UDP sockets in `states`, naming `id`.
-fn diag_request(kind: u16, flags: u16, states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
+/// An `inet_diag_req_v2` for UDP sockets of `family` in `states`, naming
+/// `id`.
+fn diag_request(kind: u16, flags: u16, family: u8, states: u32, id: &[u8; SOCKID_LEN]) -> Vec<u8> {
     let len = NLMSG_HDR_LEN + REQ_LEN;
     let mut message = Vec::with_capacity(len);
     message.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -199,7 +212,7 @@ fn diag_request(kind: u16, flags: u16, states: u32, id: &[u8; SOCKID_LEN]) -> Ve
     message.extend_from_slice(&(libc::NLM_F_REQUEST as u16 | flags).to_ne_bytes());
     message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    message.push(libc::AF_INET as u8);
+    message.push(family);
     message.push(libc::IPPROTO_UDP as u8);
     message.push(0); // extensions
     message.push(0);
@@ -218,8 +231,8 @@ fn receive(netlink: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Sends one request and waits for its acknowledgement.
-fn request(netlink: &OwnedFd, kind: u16, flags: u16, id: &[u8; SOCKID_LEN]) -> io::Result<()> {
-    send(netlink, &diag_request(kind, flags, 0, id))?;
+fn request(netlink: &OwnedFd, message: &[u8]) -> io::Result<()> {
+    send(netlink, message)?;
     let mut buffer = vec![0u8; 8192];
     let len = receive(netlink, &mut buffer)?;
     for (kind, payload) in messages(&buffer[..len]) {
@@ -230,14 +243,16 @@ fn request(netlink: &OwnedFd, kind: u16, flags: u16, id: &[u8; SOCKID_LEN]) -> i
     Ok(())
 }
 
-/// Every connected IPv4 UDP socket of the namespace.
-fn dump_connected_udp(netlink: &OwnedFd) -> io::Result<Vec<DiagSocket>> {
+/// Every connected UDP socket of `family` (`AF_INET`, `AF_INET6`) in the
+/// namespace.
+fn dump_connected_udp(netlink: &OwnedFd, family: u8) -> io::Result<Vec<DiagSocket>> {
     let flags = libc::NLM_F_DUMP as u16;
     send(
         netlink,
         &diag_request(
             SOCK_DIAG_BY_FAMILY,
             flags,
+            family,
             TCPF_ESTABLISHED,
             &[0; SOCKID_LEN],
         ),
@@ -256,7 +271,7 @@ fn dump_connected_udp(netlink: &OwnedFd) -> io::Result<Vec<DiagSocket>> {
                     netlink_error(payload)?;
                     return Ok(sockets);
                 }
-                SOCK_DIAG_BY_FAMILY => sockets.extend(diag_socket_of(payload)),
+                SOCK_DIAG_BY_FAMILY => sockets.extend(diag_socket_of(payload, family)),
                 _ => {}
             }
         }
@@ -291,17 +306,27 @@ fn netlink_error(payload: &[u8]) -> io::Result<()> {
     }
 }
 
-fn diag_socket_of(payload: &[u8]) -> Option<DiagSocket> {
+/// `inet_diag_sockid`: sport, dport, src[16], dst[16] (an IPv4 address in
+/// the first 4 bytes), if, cookie[2].
+fn diag_socket_of(payload: &[u8], family: u8) -> Option<DiagSocket> {
     if payload.len() < MSG_LEN {
         return None;
     }
     let id: [u8; SOCKID_LEN] = payload[4..4 + SOCKID_LEN].try_into().ok()?;
     let port = |at: usize| u16::from_be_bytes([id[at], id[at + 1]]);
-    let address = |at: usize| Ipv4Addr::new(id[at], id[at + 1], id[at + 2], id[at + 3]);
+    let address = |at: usize| -> Option<IpAddr> {
+        Some(match family {
+            family if family == libc::AF_INET as u8 => {
+                IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&id[at..at + 4]).ok()?))
+            }
+            _ => Ipv6Addr::from(<[u8; 16]>::try_from(&id[at..at + 16]).ok()?).to_canonical(),
+        })
+    };
     let word = |at: usize| u32::from_ne_bytes([id[at], id[at + 1], id[at + 2], id[at + 3]]);
     Some(DiagSocket {
-        local: SocketAddrV4::new(address(4), port(0)),
-        peer: SocketAddrV4::new(address(20), port(2)),
+        family,
+        local: SocketAddr::new(address(4)?, port(0)),
+        peer: SocketAddr::new(address(20)?, port(2)),
         cookie: u64::from(word(40)) | (u64::from(word(44)) << 32),
         id,
     })
@@ -314,9 +339,15 @@ mod tests {
 
     #[test]
     fn requests_have_the_kernel_layout() {
-        let message = diag_request(SOCK_DESTROY, 0, TCPF_ESTABLISHED, &[7; SOCKID_LEN]);
+        let message = diag_request(
+            SOCK_DESTROY,
+            0,
+            libc::AF_INET6 as u8,
+            TCPF_ESTABLISHED,
+            &[7; SOCKID_LEN],
+        );
         assert_eq!(message.len(), 72);
-        assert_eq!(&message[16..20], &[libc::AF_INET as u8, 17, 0, 0]);
+        assert_eq!(&message[16..20], &[libc::AF_INET6 as u8, 17, 0, 0]);
         assert_eq!(&message[24..], &[7; SOCKID_LEN]);
     }
 
@@ -336,29 +367,49 @@ mod tests {
     }
 
     /// Needs CAP_NET_ADMIN (sock_diag dumps work unprivileged; destroying
-    /// does not), so it only runs as root.
+    /// does not), so it only runs as root. IPv4, IPv6 (where the host has
+    /// ::1), and a dual-stack socket connected to an IPv4-mapped peer,
+    /// which is named by its IPv4 address as the hooks record it.
     #[test]
     fn a_connected_udp_socket_in_the_stale_set_is_destroyed() {
         if !crate::kernel::is_root() {
             return;
         }
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.connect(peer.local_addr().unwrap()).unwrap();
-        let std::net::SocketAddr::V4(peer_addr) = peer.local_addr().unwrap() else {
-            unreachable!()
-        };
+        destroys_connected("127.0.0.1:0", "127.0.0.1:0", |peer| peer);
+        if UdpSocket::bind("[::1]:0").is_ok() {
+            destroys_connected("[::1]:0", "[::1]:0", |peer| peer);
+        }
+        if UdpSocket::bind("[::]:0").is_ok() {
+            let mapped = |peer: SocketAddr| match peer {
+                SocketAddr::V4(v4) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+                v6 => v6,
+            };
+            destroys_connected("[::]:0", "127.0.0.1:0", mapped);
+        }
+    }
+
+    /// A socket on `local` connected to a peer on `peer` (named as
+    /// `connect_to` makes it) is destroyed by its cookie and the peer's
+    /// address, and only by those.
+    fn destroys_connected(local: &str, peer: &str, connect_to: fn(SocketAddr) -> SocketAddr) {
+        let socket = UdpSocket::bind(local).unwrap();
+        let peer = UdpSocket::bind(peer).unwrap();
+        let peer_addr = peer.local_addr().unwrap();
+        socket.connect(connect_to(peer_addr)).unwrap();
         let netlink = diag_socket().unwrap();
-        let found = dump_connected_udp(&netlink).unwrap();
+        let family = match socket.local_addr().unwrap() {
+            SocketAddr::V4(_) => libc::AF_INET as u8,
+            SocketAddr::V6(_) => libc::AF_INET6 as u8,
+        };
+        let found = dump_connected_udp(&netlink, family).unwrap();
+        let port = socket.local_addr().unwrap().port();
         let ours = found
             .iter()
-            .find(|found| {
-                Ok(std::net::SocketAddr::V4(found.local)) == socket.local_addr().map_err(drop)
-            })
+            .find(|found| found.local.port() == port)
             .expect("the dump lists the connected socket");
-        assert_eq!(ours.peer, peer_addr);
+        assert_eq!(ours.peer, peer_addr, "{local} -> {peer_addr}");
         // Another peer for the same cookie: left alone.
-        let other = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1);
+        let other = SocketAddr::new(peer_addr.ip(), 1);
         assert_eq!(
             destroy_here(&Stale::from([(ours.cookie, other)]))
                 .unwrap()
@@ -367,7 +418,8 @@ mod tests {
         );
         assert_eq!(
             destroy_here(&Stale::from([(ours.cookie, peer_addr)])).unwrap(),
-            (1, vec![])
+            (1, vec![]),
+            "{local} -> {peer_addr}"
         );
         assert!(
             socket.peer_addr().is_err(),
@@ -384,7 +436,7 @@ mod tests {
         );
         assert_eq!(errno(socket.recv(&mut [0; 4])), Err(Some(libc::EAGAIN)));
         // A reconnect works.
-        socket.connect(peer.local_addr().unwrap()).unwrap();
+        socket.connect(connect_to(peer_addr)).unwrap();
         assert_eq!(errno(socket.send(b"x")), Ok(1));
     }
 }

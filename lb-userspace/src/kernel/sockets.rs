@@ -1,12 +1,16 @@
 //! The socket hooks' side of the datapath: attached to a cgroup
 //! (`--cgroup`), left pinned or detached, and the records of the sockets
-//! they balanced (`XLB_SOCK_REVNAT`) for destroying those of removed
-//! backends.
+//! they balanced (`XLB_SOCK_REVNAT`, `XLB_SOCK_REV6`) for destroying those
+//! of removed backends.
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
+use lb_common::maps as names;
+use lb_common::{SockRevNatKeyOf, SockRevNatOf, V4, V6};
 
+use super::maps::MapFamily;
 use super::{Datapath, KernelError, OpenError, SocketHooks, sock, sock_destroy};
 
 impl Datapath {
@@ -55,44 +59,52 @@ impl Datapath {
     }
 
     /// The sockets the socket hooks balanced whose backend `keeps` says is
-    /// gone (`keeps(service_id, backend)`), from `XLB_SOCK_REVNAT`: their
-    /// records are deleted, and they are returned (cookie -> backend) for
-    /// `sock_destroy`. Empty without socket hooks.
+    /// gone (`keeps(service_id, backend)`), from `XLB_SOCK_REVNAT` and
+    /// `XLB_SOCK_REV6`: their records are deleted, and they are returned
+    /// (cookie, backend) for `sock_destroy`. Empty without socket hooks.
     pub fn take_stale_socket_records(
         &mut self,
         keeps: impl Fn(u32, crate::model::BackendAddr) -> bool,
     ) -> Result<sock_destroy::Stale, KernelError> {
-        use lb_common::{SockRevNat, SockRevNatKey};
         if self.sockets.is_none() {
             return Ok(sock_destroy::Stale::new());
         }
-        let name = lb_common::maps::SOCK_REVNAT;
+        let mut taken = self.take_stale_of::<V4>(names::SOCK_REVNAT, &keeps)?;
+        taken.append(&mut self.take_stale_of::<V6>(names::SOCK_REVNAT6, &keeps)?);
+        Ok(taken)
+    }
+
+    /// `take_stale_socket_records` for one family's records (`name`).
+    fn take_stale_of<F: MapFamily>(
+        &mut self,
+        name: &'static str,
+        keeps: &impl Fn(u32, crate::model::BackendAddr) -> bool,
+    ) -> Result<sock_destroy::Stale, KernelError>
+    where
+        F::Addr: aya::Pod,
+    {
         let map = self.ebpf.map_mut(name).ok_or(OpenError::Missing { name })?;
-        let mut records: BpfHashMap<&mut MapData, SockRevNatKey, SockRevNat> =
+        let mut records: BpfHashMap<&mut MapData, SockRevNatKeyOf<F>, SockRevNatOf<F>> =
             BpfHashMap::try_from(map).map_err(|source| OpenError::Kind { name, source })?;
-        let stale: Vec<SockRevNatKey> = records
+        let backend = |key: &SockRevNatKeyOf<F>| crate::model::BackendAddr {
+            address: F::from_map(&key.backend_addr_be),
+            port: u16::from_be(key.backend_port_be),
+        };
+        let stale: Vec<SockRevNatKeyOf<F>> = records
             .iter()
             .filter_map(Result::ok)
-            .filter(|(key, record)| {
-                let backend = crate::model::BackendAddr {
-                    address: std::net::Ipv4Addr::from(u32::from_be(key.backend_addr_be)).into(),
-                    port: u16::from_be(key.backend_port_be),
-                };
-                !keeps(record.service_id, backend)
-            })
+            .filter(|(key, record)| !keeps(record.service_id, backend(key)))
             .map(|(key, _)| key)
             .collect();
         let mut taken = sock_destroy::Stale::new();
         for key in stale {
             // Gone meanwhile (the LRU evicted it): nothing to do.
             let _ = records.remove(&key);
-            taken.insert(
+            let backend = backend(&key);
+            taken.insert((
                 key.socket_cookie,
-                std::net::SocketAddrV4::new(
-                    std::net::Ipv4Addr::from(u32::from_be(key.backend_addr_be)),
-                    u16::from_be(key.backend_port_be),
-                ),
-            );
+                SocketAddr::new(backend.address, backend.port),
+            ));
         }
         Ok(taken)
     }

@@ -279,7 +279,8 @@ fn render_attachments(out: &mut Exposition, agent: &AgentMetrics) {
         .collect();
     out.gauge(
         "xlb_socket_hook_attached",
-        "Socket hooks (connect4, sendmsg4, recvmsg4, getpeername4) attached, with their cgroup.",
+        "Socket hooks (connect4, sendmsg4, recvmsg4, getpeername4 and the IPv6 connect6, sendmsg6, \
+         recvmsg6, getpeername6) attached, with their cgroup.",
         &socket_hooks,
     );
     out.gauge(

@@ -9,6 +9,7 @@ use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Array, HashMap, MapData};
 use lb_common::maps as names;
 use lb_common::service::CONFIG_F_READY;
+use lb_common::sock::AFFINITY_SOCKET_CLIENT;
 use lb_common::{Backend, BackendOf, GlobalConfig, Service, ServiceKeyOf, SourceRangeOf, Traffic};
 
 use super::convert::{MapFamily, active_backend, frontend_of, settings_of, source_range_of};
@@ -207,16 +208,19 @@ impl KernelMaps {
     /// in session affinity records (of both families) and in the
     /// per-service counters. New services get ids from here, so that a
     /// service removed before a restart cannot lend its affinity records
-    /// (which name backends) or its counters to a new one.
+    /// (which name backends) or its counters to a new one. A socket-level
+    /// client's record carries `AFFINITY_SOCKET_CLIENT` on its service's
+    /// id, which is not part of the id.
     pub(super) fn first_unused_service_id(&self) -> Result<u32, MapIoError> {
+        let service = |id: u32| (id & !AFFINITY_SOCKET_CLIENT).saturating_add(1);
         let mut next = 0u32;
         for key in self.affinity.keys() {
             let key = key.map_err(io(names::AFFINITY))?;
-            next = next.max(key.service_id.saturating_add(1));
+            next = next.max(service(key.service_id));
         }
         for key in self.affinity6.keys() {
             let key = key.map_err(io(names::AFFINITY6))?;
-            next = next.max(key.service_id.saturating_add(1));
+            next = next.max(service(key.service_id));
         }
         for id in (next..self.service_stats.len()).rev() {
             let per_cpu = self

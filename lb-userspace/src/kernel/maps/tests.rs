@@ -213,6 +213,24 @@ fn adopted_ids_stay_above_remembered_ones() {
     let record6 = lb_common::Affinity6::default();
     assert!(maps.affinity6.insert(key6, record6, 0).is_ok());
     assert_eq!(maps.first_unused_service_id().ok(), Some(46));
+    // A socket-level client's record of service 47, of either family.
+    let socket_client = lb_common::sock::AFFINITY_SOCKET_CLIENT | 47;
+    let socket6 = lb_common::AffinityKey6 {
+        service_id: socket_client,
+        ..key6
+    };
+    assert!(maps.affinity6.insert(socket6, record6, 0).is_ok());
+    assert_eq!(maps.first_unused_service_id().ok(), Some(48));
+    let socket4 = AffinityKey {
+        service_id: socket_client + 1,
+        ..key
+    };
+    assert!(
+        maps.affinity
+            .insert(socket4, Affinity::default(), 0)
+            .is_ok()
+    );
+    assert_eq!(maps.first_unused_service_id().ok(), Some(49));
     let cpus = aya::util::nr_cpus().map_or(1, |cpus| cpus);
     let mut counted = vec![Traffic::default(); cpus];
     counted[0].to_backend_packets = 1;
