@@ -784,7 +784,7 @@ fn icmp6_to_client_case(
     let at_backend = send_from_client6(dp, &client);
     let from = from.unwrap_or(at_backend.dst);
     let quoted = quote6(&at_backend.build(), l4_bytes);
-    let input = backend_side_error(from, &at_backend, kind.clone(), &quoted);
+    let input = backend_side_error(from, &at_backend, kind, &quoted);
     let as_client_sent = Spec6 {
         src: client.src,
         sport: client.sport,
@@ -831,7 +831,7 @@ fn icmp6_to_backend_case(
         (CLIENT_MAC, NODE_MAC),
         (CLIENT6, NODE6),
         64,
-        kind.clone(),
+        kind,
         &quote6(&at_client.build(), l4_bytes),
     );
     let as_backend_sent = Spec6 {
