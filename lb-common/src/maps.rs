@@ -288,12 +288,15 @@ declare_maps! {
     /// `ProgramArray`: `[PROGS6_IPV6]` is `xlb6`, which `xlb` tail-calls for
     /// IPv6 frames, so each family's pipeline is verified on its own budget
     /// (one program holding both exceeds the verifier's million
-    /// instructions). The agent fills it as it loads. Pinned: the kernel
+    /// instructions); `[PROGS6_ICMP]` is `xlb6_icmp`, which `xlb6`
+    /// tail-calls for ICMPv6 (its stack has no room for the translation of
+    /// ICMPv6 errors); `[1]` is kept for IPv6 fragments. The agent fills it
+    /// as it loads. Pinned: the kernel
     /// empties a program array when user space lets go of it, and the
     /// datapath goes on without an agent (`--keep-attached`, a restart)
     /// with IPv6 too; while it is empty (`xlb explain`) IPv6 frames pass as
     /// `pass_not_ipv4`.
-    PROGS6 = "XLB_PROGS6": ProgArray<u32, u32>, 1, Fixed, Alone, Private;
+    PROGS6 = "XLB_PROGS6": ProgArray<u32, u32>, 3, Fixed, Alone, Private;
     /// `PerCpuArray<[u64; 32]>` of one: `xlb6`'s scratch space. Word 0:
     /// the offset of the L4 header after the extension headers, put there
     /// and read back so the verifier knows it only by its bounds (else each
@@ -306,6 +309,9 @@ declare_maps! {
 
 /// `XLB_PROGS6` index of `xlb6`.
 pub const PROGS6_IPV6: u32 = 0;
+/// `XLB_PROGS6` index of `xlb6_icmp`: ICMPv6, errors about flows
+/// translated.
+pub const PROGS6_ICMP: u32 = 2;
 
 /// Where a program of the object runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -328,7 +334,7 @@ pub struct ProgramDecl {
 }
 
 /// Every program of the datapath.
-pub const PROGRAMS: [ProgramDecl; 12] = [
+pub const PROGRAMS: [ProgramDecl; 13] = [
     ProgramDecl {
         name: "xlb",
         hook: Hook::Xdp,
@@ -382,6 +388,11 @@ pub const PROGRAMS: [ProgramDecl; 12] = [
         name: "xlb_getpeer6",
         hook: Hook::CgroupSockAddr("getpeername6"),
     },
+    // ICMPv6, tail-called from `xlb6` through `XLB_PROGS6`.
+    ProgramDecl {
+        name: "xlb6_icmp",
+        hook: Hook::XdpTail,
+    },
 ];
 
 /// Name of the XDP program in the object file.
@@ -392,6 +403,8 @@ pub const PROGRAM_TC_UPLINK: &str = PROGRAMS[1].name;
 pub const PROGRAM_TC_POD: &str = PROGRAMS[2].name;
 /// The IPv6 XDP program (`XLB_PROGS6`).
 pub const PROGRAM6: &str = PROGRAMS[7].name;
+/// The ICMPv6 XDP program (`XLB_PROGS6`).
+pub const PROGRAM6_ICMP: &str = PROGRAMS[12].name;
 
 /// The cgroup socket hooks, as (program name, hook), in attach order: the
 /// IPv4 ones, then the IPv6 ones.

@@ -57,7 +57,7 @@ reasons! {
     PassNotIpv4 = 4, "pass_not_ipv4", Pass, "neither an untagged IPv4 nor IPv6 frame (ARP, VLAN, ...)";
     PassMalformed = 5, "pass_malformed", Pass, "truncated or inconsistent headers; left for the kernel to judge";
     PassFragment = 6, "pass_fragment", Pass, "fragment of an ICMP message; xlb does not reassemble";
-    PassNotTcpUdp = 7, "pass_not_tcp_udp", Pass, "neither TCP nor UDP (ICMP, ...)";
+    PassNotTcpUdp = 7, "pass_not_tcp_udp", Pass, "neither TCP nor UDP (ICMP, ICMPv6 NDP and echo, ...)";
     PassNotService = 8, "pass_not_service", Pass, "no service on this address and port, and no flow";
     PassTcpNoFlow = 9, "pass_tcp_no_flow", Pass, "TCP segment other than SYN for a service with no flow; the kernel resets it";
     PassFibFailed = 10, "pass_fib_failed", Pass, "the kernel FIB has no usable route to the destination";
@@ -69,9 +69,9 @@ reasons! {
     RejectPortUnreachable = 16, "reject_port_unreachable", Reject, "UDP to a service with no endpoints: ICMP (ICMPv6) port unreachable sent back";
     RejectTcpReset = 17, "reject_tcp_reset", Reject, "SYN to a service with no endpoints: TCP RST sent back";
     DropSourceRange = 18, "drop_source_range", Drop, "source address outside the service's loadBalancerSourceRanges";
-    FwdIcmpToClient = 19, "fwd_icmp_to_client", Forward, "ICMP error (unreachable, frag needed, time exceeded) about a packet sent to a backend: translated and sent to the client";
-    FwdIcmpToBackend = 20, "fwd_icmp_to_backend", Forward, "ICMP error about a packet sent to a client: translated and sent to the backend";
-    PassIcmpNoFlow = 21, "pass_icmp_no_flow", Pass, "ICMP error quoting no flow of xlb's (or not TCP/UDP, or a later fragment): left to the kernel";
+    FwdIcmpToClient = 19, "fwd_icmp_to_client", Forward, "ICMP error (unreachable, frag needed, time exceeded) or ICMPv6 error (unreachable, packet too big, time exceeded, parameter problem) about a packet sent to a backend: translated and sent to the client";
+    FwdIcmpToBackend = 20, "fwd_icmp_to_backend", Forward, "ICMP (ICMPv6) error about a packet sent to a client: translated and sent to the backend";
+    PassIcmpNoFlow = 21, "pass_icmp_no_flow", Pass, "ICMP (ICMPv6) error quoting no flow of xlb's (or not TCP/UDP, or a later fragment, or IPv6 extension headers): left to the kernel";
     FwdFragment = 22, "fwd_fragment", Forward, "later fragment of a balanced datagram: follows its first fragment's flow";
     PassFragmentUnknown = 23, "pass_fragment_unknown", Pass, "later fragment whose first fragment was not seen (out of order, or not a flow's): left to the kernel";
     RejectFragNeeded = 24, "reject_frag_needed", Reject, "DF packet (any IPv6 packet) larger than the next hop's MTU: ICMP fragmentation needed (ICMPv6 packet too big) sent to its sender";

@@ -36,6 +36,13 @@ impl CsumDelta {
             .replace16((old >> 16) as u16, (new >> 16) as u16)
     }
 
+    /// Both differences: for a checksum covering the fields of each (an
+    /// ICMPv6 error's covers its quote and its outer addresses).
+    #[inline(always)]
+    pub const fn and(self, other: Self) -> Self {
+        Self(fold(self.0 + other.0) as u32)
+    }
+
     /// Applies the difference to a checksum field's current value.
     #[inline(always)]
     pub const fn apply(self, check: u16) -> u16 {
@@ -173,6 +180,18 @@ mod tests {
         header[10..12].copy_from_slice(&check.to_ne_bytes());
         assert_eq!(full(&header), 0);
         assert_eq!(checksum(&header, 0), 0);
+    }
+
+    #[test]
+    fn two_deltas_together_are_one_delta_of_both_changes() {
+        let one = CsumDelta::new().replace32(0xffff_0001, 0x1234_fffe);
+        let other = CsumDelta::new().replace16(0xfffe, 0x0001);
+        let both = CsumDelta::new()
+            .replace32(0xffff_0001, 0x1234_fffe)
+            .replace16(0xfffe, 0x0001);
+        for check in [0u16, 1, 0x8000, 0xfffe, 0xffff] {
+            assert_eq!(one.and(other).apply(check), both.apply(check));
+        }
     }
 
     #[test]

@@ -50,10 +50,10 @@ mod prog {
     };
     use aya_log_ebpf::debug;
     use lb_common::{
-        BackendOf, FlowKeyOf, FlowOf, GlobalConfig, IPPROTO_TCP, Reason,
+        BackendOf, FlowKeyOf, FlowOf, GlobalConfig, IPPROTO_TCP, Reason, V4,
         flow::FLOW_DIR_REPLY,
         hash::flow_hash,
-        maps::PROGS6_IPV6,
+        maps::{PROGS6_ICMP, PROGS6_IPV6},
         reason::Verdict,
         service::{CONFIG_F_READY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE},
     };
@@ -131,7 +131,7 @@ mod prog {
     }
 
     #[inline(always)]
-    fn clock() -> u64 {
+    pub(crate) fn clock() -> u64 {
         // SAFETY: no preconditions. The coarse clock (tick resolution) is
         // plenty for idle timeouts and costs a fraction of the precise one.
         unsafe { bpf_ktime_get_coarse_ns() }
@@ -203,8 +203,21 @@ mod prog {
         }
         match parse::parse6(ctx, forget) {
             Ok(packet) => balance(ctx, &packet),
+            Err(Reason::PassNotTcpUdp) => to_icmp6(ctx),
             Err(reason) => pack(Err(reason)),
         }
+    }
+
+    /// ICMPv6 (and any other upper layer but TCP and UDP) goes to
+    /// `xlb6_icmp` (a tail call: it does not return), which translates
+    /// errors about flows and passes the rest; while `XLB_PROGS6` has no
+    /// such program, it passes here as before, `pass_not_tcp_udp`.
+    #[inline(always)]
+    fn to_icmp6(ctx: &XdpContext) -> u64 {
+        // SAFETY: `ctx` is this program's context; on success the call
+        // does not return.
+        let _ = unsafe { XLB_PROGS6.tail_call(ctx, PROGS6_ICMP) };
+        pack(Err(Reason::PassNotTcpUdp))
     }
 
     /// A TCP/UDP packet of either family: its flow, or a new one.
@@ -311,7 +324,7 @@ mod prog {
 
     #[inline(never)]
     fn icmp_path(ctx: &XdpContext, now: u64) -> u64 {
-        pack(config().and_then(|cfg| icmp::translate(ctx, cfg, now)))
+        pack(config().and_then(|cfg| icmp::translate::<V4>(ctx, cfg, now)))
     }
 
     #[inline(never)]

@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use lb_common::{Addr6, Flow, FlowOf, IPPROTO_UDP, Reason};
+use lb_common::{Addr6, Flow, Flow6, FlowOf, IPPROTO_UDP, Reason};
 use lb_ebpf::csum::CsumDelta;
 use network_types::{
     eth::EthHdr,
@@ -14,7 +14,7 @@ use network_types::{
 
 use crate::{
     family::Ip,
-    parse::{IcmpError, IpHeader, Ipv4, Ipv6, Packet},
+    parse::{IcmpError, IcmpError6, IpHeader, Ipv4, Ipv6, Packet},
 };
 
 /// Offsets in an IPv4 header of the fields rewritten here.
@@ -312,4 +312,67 @@ pub fn rewrite_quoted(error: &IcmpError, flow: &Flow) {
         let icmp_check = error.icmp.cast::<u8>().add(2).cast::<[u8; 2]>();
         *icmp_check = icmp.apply(u16::from_ne_bytes(*icmp_check)).to_ne_bytes();
     }
+}
+
+/// Rewrites an ICMPv6 error as `flow` says: its outer IPv6 header (as
+/// `rewrite_ipv6`), the quoted packet (as `rewrite_quoted`; IPv6 has no
+/// header checksum) and the ICMPv6 checksum, which covers both: the quote's
+/// changed words, and the outer addresses through its pseudo-header.
+#[inline(always)]
+pub fn rewrite_icmp6_error(error: &IcmpError6, flow: &Flow6) {
+    let outer = rewrite_ipv6(error.ip, &flow.new_src_addr_be, &flow.new_dst_addr_be);
+    let inner = error.inner;
+    // SAFETY: parse_icmp6_error checked that the ICMPv6 header, the quoted
+    // IPv6 header, its ports and (when set) its L4 checksum are inside the
+    // packet; all are byte arrays (align 1).
+    unsafe {
+        let ports = *error.inner_ports;
+        let (old_sport, old_dport) = (u16::from_ne_bytes(ports[0]), u16::from_ne_bytes(ports[1]));
+        // The quoted packet travelled opposite to `flow`'s packets.
+        let (sport, dport) = (flow.new_dst_port_be, flow.new_src_port_be);
+        let src = core::ptr::addr_of_mut!((*inner).src_addr);
+        let dst = core::ptr::addr_of_mut!((*inner).dst_addr);
+        let addrs = replace_addr6(src, &flow.new_dst_addr_be, CsumDelta::new());
+        let addrs = replace_addr6(dst, &flow.new_src_addr_be, addrs);
+        *error.inner_ports = [sport.to_ne_bytes(), dport.to_ne_bytes()];
+        let l4 = addrs
+            .replace16(old_sport, sport)
+            .replace16(old_dport, dport);
+        let mut icmp = l4;
+        let check = error.inner_check;
+        if !check.is_null() {
+            let old_check = u16::from_ne_bytes(*check);
+            let new_check = if error.inner_proto == IPPROTO_UDP {
+                l4.apply_udp(old_check)
+            } else {
+                l4.apply(old_check)
+            };
+            *check = new_check.to_ne_bytes();
+            icmp = icmp.replace16(old_check, new_check);
+        }
+        let icmp_check = error.icmp.cast::<u8>().add(2).cast::<[u8; 2]>();
+        let new_icmp_check = icmp.and(outer).apply(u16::from_ne_bytes(*icmp_check));
+        *icmp_check = new_icmp_check.to_ne_bytes();
+    }
+}
+
+/// Writes `new` over the IPv6 address at `addr` a word at a time; returns
+/// `delta` with the change added. A BPF function of its own: inline, its
+/// bytes spill over the caller's frame.
+///
+/// # Safety
+/// `addr` points to 16 bytes inside the packet.
+#[inline(never)]
+unsafe fn replace_addr6(addr: *mut [u8; 16], new: &Addr6, delta: CsumDelta) -> CsumDelta {
+    let words = addr.cast::<[u8; 4]>();
+    let mut delta = delta;
+    for (word, new) in new.iter().enumerate() {
+        // SAFETY: the caller's 16 bytes hold four words.
+        unsafe {
+            let old = u32::from_ne_bytes(*words.add(word));
+            delta = delta.replace32(old, *new);
+            *words.add(word) = new.to_ne_bytes();
+        }
+    }
+    delta
 }

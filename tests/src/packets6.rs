@@ -333,3 +333,68 @@ fn solicited_node(addr: Ipv6Addr) -> Ipv6Addr {
         u16::from_be_bytes([o[14], o[15]]),
     )
 }
+
+/// The part of `frame` (an Ethernet frame) an ICMPv6 error quotes: its
+/// IPv6 header, then `l4_bytes` bytes of what follows (everything when
+/// `None`).
+pub fn quote6(frame: &[u8], l4_bytes: Option<usize>) -> Vec<u8> {
+    let ip = &frame[Ethernet2Header::LEN..];
+    let end = match l4_bytes {
+        Some(bytes) => (Ipv6Header::LEN + bytes).min(ip.len()),
+        None => ip.len(),
+    };
+    ip[..end].to_vec()
+}
+
+/// An ICMPv6 message of `kind` from `src` to `dst` quoting `quoted`, built
+/// by etherparse with its checksum computed from scratch over the IPv6
+/// pseudo-header.
+pub fn icmp6_error(
+    (eth_src, eth_dst): ([u8; 6], [u8; 6]),
+    (src, dst): (Ipv6Addr, Ipv6Addr),
+    hop_limit: u8,
+    kind: Icmpv6Type,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(eth_src, eth_dst)
+        .ipv6(src.octets(), dst.octets(), hop_limit)
+        .icmpv6(kind)
+        .write(&mut out, quoted)
+        .expect("icmpv6 error");
+    out
+}
+
+/// ICMPv6 packet too big with `mtu`.
+pub fn too_big6(mtu: u32) -> Icmpv6Type {
+    Icmpv6Type::PacketTooBig { mtu }
+}
+
+/// ICMPv6 destination unreachable, port unreachable.
+pub fn port_unreachable6() -> Icmpv6Type {
+    Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port)
+}
+
+/// ICMPv6 time exceeded, hop limit exceeded in transit.
+pub fn hop_limit_exceeded6() -> Icmpv6Type {
+    Icmpv6Type::TimeExceeded(etherparse::icmpv6::TimeExceededCode::HopLimitExceeded)
+}
+
+/// ICMPv6 parameter problem, erroneous header field at `pointer`.
+pub fn parameter_problem6(pointer: u32) -> Icmpv6Type {
+    Icmpv6Type::ParameterProblem(etherparse::icmpv6::ParameterProblemHeader {
+        code: etherparse::icmpv6::ParameterProblemCode::ErroneousHeaderField,
+        pointer,
+    })
+}
+
+/// An ICMPv6 echo request from the client to `NODE6`.
+pub fn echo_request6() -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, NODE_MAC)
+        .ipv6(CLIENT6.octets(), NODE6.octets(), 64)
+        .icmpv6_echo_request(7, 1)
+        .write(&mut frame, b"ping6")
+        .expect("echo request");
+    frame
+}

@@ -98,21 +98,27 @@ pub fn configure_namespace(ns: &Netns) {
         .expect("IPv6 forwarding");
 }
 
-/// Loads `xlb6` and puts it in `XLB_PROGS6`, as the agent does. An object
-/// without it (an older build) is left as it is.
+/// Loads `xlb6` and `xlb6_icmp` and puts them in `XLB_PROGS6`, as the
+/// agent does. A program the object does not have (an older build) is left
+/// out.
 pub fn load_ipv6(bpf: &mut Ebpf) {
-    let Some(program) = bpf.program_mut(names::PROGRAM6) else {
-        return;
-    };
-    let program: &mut Xdp = program.try_into().expect("xlb6 is an XDP program");
-    program.load().expect("verifier accepts xlb6");
-    let fd = program.fd().expect("xlb6 fd").try_clone().expect("fd");
-    let mut progs: ProgramArray<_> =
-        ProgramArray::try_from(bpf.map_mut(names::PROGS6).expect("XLB_PROGS6"))
-            .expect("prog array");
-    progs
-        .set(names::PROGS6_IPV6, &fd, 0)
-        .expect("xlb6 into XLB_PROGS6");
+    for (index, name) in [
+        (names::PROGS6_IPV6, names::PROGRAM6),
+        (names::PROGS6_ICMP, names::PROGRAM6_ICMP),
+    ] {
+        let Some(program) = bpf.program_mut(name) else {
+            continue;
+        };
+        let program: &mut Xdp = program.try_into().expect("an XDP program");
+        if let Err(error) = program.load() {
+            panic!("verifier rejects {name}: {error:?}");
+        }
+        let fd = program.fd().expect("program fd").try_clone().expect("fd");
+        let mut progs: ProgramArray<_> =
+            ProgramArray::try_from(bpf.map_mut(names::PROGS6).expect("XLB_PROGS6"))
+                .expect("prog array");
+        progs.set(index, &fd, 0).expect("program into XLB_PROGS6");
+    }
 }
 
 impl Datapath {

@@ -432,6 +432,208 @@ fn ipv6_clients_of_a_service_without_endpoints_are_refused() -> anyhow::Result<(
     Ok(())
 }
 
+// ---- icmp.rs twins: ICMPv6 errors about flows, translated ----
+
+/// A connected UDP socket takes only errors quoting its own tuple: a
+/// backend's port unreachable, translated by `xlb6_icmp`, must quote
+/// client -> NODE6:nodePort for the client to see ECONNREFUSED.
+#[test]
+fn closed_backend_port_refuses_an_ipv6_client_through_the_node_port() -> anyhow::Result<()> {
+    let lab = Lab::new(1)?;
+    let closed_port = ECHO_UDP_PORT + 1;
+    let services = format!(
+        "  - name: udp-closed6\n    protocol: UDP\n    nodePort: 30981\n    targetPort: {closed_port}\n    backends:\n      - address: {}\n",
+        lab.backends[0].addr6
+    );
+    let config = lab.write_file("closed6.yaml", &lab.ipv6_config_yaml(&services))?;
+    let agent = Agent::start(&lab, &config)?;
+
+    let result = lab.client.run(|| -> anyhow::Result<_> {
+        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        socket.set_read_timeout(Some(IO_TIMEOUT))?;
+        socket.connect(node_port6(30981))?;
+        socket.send(b"anyone?")?;
+        Ok(socket.recv(&mut [0u8; 64]).map(drop))
+    })??;
+    let exit = agent.stop()?;
+    assert!(
+        matches!(&result, Err(error) if error.kind() == ErrorKind::ConnectionRefused),
+        "{result:?}, expected connection refused\n{}",
+        exit.log
+    );
+    assert_eq!(
+        counter(&exit.log, "fwd_icmp_to_client"),
+        1,
+        "the backend's ICMPv6 port unreachable went through xlb once:\n{}",
+        exit.log
+    );
+    Ok(())
+}
+
+/// The IPv6 twin of icmp.rs's routed backend: two routers between the node
+/// and a backend, the link between them the narrow hop.
+///
+/// ```text
+///  client ns ---- node ns (xlb) ---- r1 ns ==MTU 1400== r2 ns ---- backend ns
+///                 2001:db8:10::1     2001:db8:10::2      2001:db8:12::1  2001:db8:12::2
+///                                    2001:db8:11::1      2001:db8:11::2
+/// ```
+struct RoutedBackend6 {
+    _echo: xlb_tests::ChildGuard,
+    _r1_port: xlb_tests::XdpPass,
+    backend: xlb_tests::Netns,
+    _r2: xlb_tests::Netns,
+    _r1: xlb_tests::Netns,
+}
+
+const NODE_ROUTER_IF: &str = "xlb-r";
+const ROUTED_BACKEND6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x12, 0, 0, 0, 0, 2);
+const NARROW_MTU: u32 = 1400;
+
+/// A veth pair from `a` to `b` with an IPv6 address on each end and the
+/// kernel's link-local addresses (the routers resolve each other by NDP).
+fn veth6(
+    (a, a_if, a_addr): (&xlb_tests::Netns, &str, &str),
+    (b, b_if, b_addr): (&xlb_tests::Netns, &str, &str),
+) {
+    a.ip_line(&format!(
+        "link add {a_if} type veth peer name {b_if} netns {}",
+        b.name()
+    ))
+    .expect("veth");
+    for (netns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+        for (key, value) in [("accept_dad", "0"), ("disable_ipv6", "0")] {
+            netns
+                .sysctl(&format!("net/ipv6/conf/{ifname}/{key}"), value)
+                .expect("sysctl");
+        }
+        netns
+            .ip_line(&format!("-6 addr add {addr}/64 dev {ifname} nodad"))
+            .expect("address");
+        netns.ip_line(&format!("link set {ifname} up")).expect("up");
+    }
+}
+
+fn routed_backend6(lab: &Lab) -> RoutedBackend6 {
+    use xlb_tests::Netns;
+    let stem = xlb_tests::netns::unique_stem();
+    let r1 = Netns::create(format!("{stem}-r1")).expect("r1");
+    let r2 = Netns::create(format!("{stem}-r2")).expect("r2");
+    let backend = Netns::create(format!("{stem}-rb")).expect("backend");
+    let node = &lab.node;
+    veth6(
+        (node, NODE_ROUTER_IF, "2001:db8:10::1"),
+        (&r1, "eth0", "2001:db8:10::2"),
+    );
+    veth6(
+        (&r1, "eth1", "2001:db8:11::1"),
+        (&r2, "eth0", "2001:db8:11::2"),
+    );
+    veth6(
+        (&r2, "eth1", "2001:db8:12::1"),
+        (&backend, POD_IF, "2001:db8:12::2"),
+    );
+    r1.ip_line(&format!("link set eth1 mtu {NARROW_MTU}"))
+        .expect("mtu");
+    r2.ip_line(&format!("link set eth0 mtu {NARROW_MTU}"))
+        .expect("mtu");
+    for router in [&r1, &r2] {
+        router
+            .sysctl("net/ipv6/conf/all/forwarding", "1")
+            .expect("forwarding");
+    }
+    for (netns, route) in [
+        (node, "2001:db8:12::/64 via 2001:db8:10::2"),
+        (&r1, "2001:db8:12::/64 via 2001:db8:11::2"),
+        (&r1, "default via 2001:db8:10::1"),
+        (&r2, "default via 2001:db8:11::1"),
+        (&backend, "default via 2001:db8:12::1"),
+    ] {
+        netns
+            .ip_line(&format!("-6 route add {route}"))
+            .expect("route");
+    }
+    let r1_port = xlb_tests::lab::nic_like(&r1, "eth0").expect("r1 port");
+    let echo = lab
+        .start_echo(
+            &backend,
+            "backend-routed6",
+            &[SocketAddr::from((Ipv6Addr::UNSPECIFIED, ECHO_TCP_PORT))],
+            &[SocketAddr::from((Ipv6Addr::UNSPECIFIED, ECHO_UDP_PORT))],
+        )
+        .expect("echo server behind the routers");
+    RoutedBackend6 {
+        _echo: echo,
+        _r1_port: r1_port,
+        backend,
+        _r2: r2,
+        _r1: r1,
+    }
+}
+
+/// 4 MiB up and echoed back through a hop of MTU 1400 behind the node: the
+/// upload needs r1's packet too big (sent to the node's masquerade
+/// address) translated to the client, whose route cache must then hold
+/// the path MTU; the download needs nothing from xlb (r2 tells the backend
+/// directly), and is checked all the same.
+#[test]
+fn tcp6_through_a_narrower_hop_learns_the_path_mtu() -> anyhow::Result<()> {
+    let lab = Lab::new(1)?;
+    let routed = routed_backend6(&lab);
+    let yaml = format!(
+        "node:\n  interfaces: [{}, {NODE_ROUTER_IF}]\n  addresses: [{NODE_ADDR6}]\n\n\
+         services:\n{}",
+        xlb_tests::lab::NODE_CLIENT_IF,
+        service(
+            "tcp-routed6",
+            "TCP",
+            30980,
+            "",
+            &item(&ROUTED_BACKEND6.to_string(), &[])
+        )
+    );
+    let config = lab.write_file("routed6.yaml", &yaml)?;
+    let agent = Agent::start(&lab, &config)?;
+
+    let payload = pattern(4 << 20, 12);
+    let started = Instant::now();
+    let who = lab.client.run(|| {
+        xlb_tests::client::tcp_who_echo_timeout(
+            node_port6(30980),
+            &payload,
+            Duration::from_secs(30),
+        )
+    })??;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        who.local,
+        SocketAddr::from((ROUTED_BACKEND6, ECHO_TCP_PORT))
+    );
+    let route = lab
+        .client
+        .exec("ip", &["-6", "route", "get", &NODE_ADDR6.to_string()])?;
+    let backend_route = routed
+        .backend
+        .exec("ip", &["-6", "route", "get", "2001:db8:10::1"])?;
+    let exit = agent.stop()?;
+    println!(
+        "IPv6: 4 MiB each way in {elapsed:?}; fwd_icmp_to_client={}\nclient: {route}backend: \
+         {backend_route}",
+        counter(&exit.log, "fwd_icmp_to_client")
+    );
+    assert!(
+        route.contains(&format!("mtu {NARROW_MTU}")),
+        "the client's route cache has no PMTU of {NARROW_MTU}: {route}\n{}",
+        exit.log
+    );
+    assert!(
+        counter(&exit.log, "fwd_icmp_to_client") >= 1,
+        "no translated ICMPv6 error counted:\n{}",
+        exit.log
+    );
+    Ok(())
+}
+
 // ---- the real-node lab (tests/src/node_lab.rs) ----
 
 #[test]

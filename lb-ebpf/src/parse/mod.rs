@@ -4,6 +4,7 @@
 
 mod eth;
 mod icmp;
+mod icmp6;
 mod ipv4;
 mod ipv6;
 mod l4;
@@ -11,6 +12,7 @@ pub mod sock_addr;
 
 pub use eth::parse_eth;
 pub use icmp::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IcmpError, parse_icmp_error};
+pub use icmp6::{IcmpError6, parse_icmp6_error};
 pub use ipv4::{IP_DF, Ipv4, parse_ipv4, parse_ipv4_header};
 pub use ipv6::{Ipv6, parse_ipv6};
 pub use l4::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_l4, tcp_numbers};

@@ -142,10 +142,11 @@ pub fn sweep(dp: &mut Datapath, seed: u64, count: u64) -> Result<(), String> {
     let mut replies: Vec<Vec<u8>> = Vec::new();
     let mut related: Vec<(Vec<u8>, u32)> = Vec::new();
     let mut replies6: Vec<Vec<u8>> = Vec::new();
+    let mut related6: Vec<(Vec<u8>, u32)> = Vec::new();
     let before: u64 = dp.stats().iter().sum();
     for index in 0..count {
         let (input, ifindex) = if rng.below(4) == 0 {
-            crate::sweep6::frame(&mut rng, dp, &replies6)
+            crate::sweep6::frame(&mut rng, dp, &replies6, &mut related6)
         } else {
             frame(&mut rng, dp, &replies, &mut related)
         };
@@ -162,6 +163,20 @@ pub fn sweep(dp: &mut Datapath, seed: u64, count: u64) -> Result<(), String> {
                 crate::sweep6::check(dp, verdict, &input, &output, ifindex).map_err(fail)?;
             if let Some(reply) = reply.filter(|_| replies6.len() < 256) {
                 replies6.push(reply);
+            }
+            if matches!(verdict, XDP_TX | XDP_REDIRECT) && related6.len() < 256 {
+                // The far side answers what the node sent on with an ICMPv6
+                // error, sent back the way it came (an error about a
+                // translated error too: never sent, RFC 4443 2.4 (e), must
+                // not confuse the datapath either).
+                let back = if ifindex == dp.client_ifindex {
+                    dp.backend_ifindex
+                } else {
+                    dp.client_ifindex
+                };
+                if let Some(error) = crate::sweep6::error_about(&mut rng, &output) {
+                    related6.push((error, back));
+                }
             }
             continue;
         }

@@ -1,7 +1,7 @@
 //! The malformed-packet sweep's IPv6 part: IPv6 frames towards the IPv6
 //! NodePorts with random chains of extension headers, replies from the
-//! backends, NDP, then maybe mutated or cut short; and the invariants an
-//! IPv6 frame's verdict must keep.
+//! backends, NDP, ICMPv6 errors about forwarded frames, then maybe mutated
+//! or cut short; and the invariants an IPv6 frame's verdict must keep.
 
 use xlb_tests::{
     packets::{ACK, FIN, L4, PSH, RST, SYN, check_checksums},
@@ -18,10 +18,20 @@ pub fn is_ipv6(frame: &[u8]) -> bool {
 }
 
 /// An IPv6 frame to send and the interface it arrives on.
-pub fn frame(rng: &mut Rng, dp: &Datapath, replies: &[Vec<u8>]) -> (Vec<u8>, u32) {
+pub fn frame(
+    rng: &mut Rng,
+    dp: &Datapath,
+    replies: &[Vec<u8>],
+    related: &mut Vec<(Vec<u8>, u32)>,
+) -> (Vec<u8>, u32) {
     let sport = 1024 + rng.below(60_000) as u16;
     let mut ifindex = dp.client_ifindex;
-    let mut frame = match rng.below(8) {
+    let mut frame = match rng.below(9) {
+        8 if !related.is_empty() => {
+            let (frame, on) = related.swap_remove(rng.below(related.len() as u64) as usize);
+            ifindex = on;
+            frame
+        }
         0..=2 => with_random_exts(rng, Spec6::from_client(sport, UDP_NODE_PORT, L4::Udp)),
         3..=4 => {
             let flags = [SYN, SYN, ACK, ACK | PSH, FIN | ACK, RST][rng.below(6) as usize];
@@ -48,8 +58,9 @@ pub fn frame(rng: &mut Rng, dp: &Datapath, replies: &[Vec<u8>]) -> (Vec<u8>, u32
     };
     // The bytes the IPv6 parser decides on: version, payload length, next
     // header, hop limit, the first extension header's next header, length
-    // and segments left.
-    mutate(rng, &mut frame, &[14, 18, 19, 20, 21, 54, 55, 57]);
+    // and segments left; for an ICMPv6 error its type, the quote's version
+    // and next header.
+    mutate(rng, &mut frame, &[14, 18, 19, 20, 21, 54, 55, 57, 62, 68]);
     (frame, ifindex)
 }
 
@@ -80,6 +91,9 @@ pub fn check(
         XDP_PASS if output != input => Err("XDP_PASS but the frame was modified".into()),
         XDP_PASS | XDP_DROP => Ok(None),
         XDP_TX if is_answer(input, output) => check_rejected(input, output).map(|()| None),
+        XDP_TX | XDP_REDIRECT if is_icmp6(input) => {
+            check_icmp6_translated(dp, input, output).map(|()| None)
+        }
         XDP_TX | XDP_REDIRECT => {
             check_forwarded(dp, input, output)?;
             Ok((ifindex == dp.client_ifindex)
@@ -190,4 +204,107 @@ fn reply_to(at_backend: &[u8]) -> Option<Vec<u8>> {
     spec.src = dst;
     spec.dst = src;
     Some(spec.build())
+}
+
+fn is_icmp6(frame: &[u8]) -> bool {
+    frame.len() > 20 && frame[20] == 58
+}
+
+/// An ICMPv6 error about `forwarded` (a frame the node sent on), from its
+/// destination back to its source: what the far side, or a router on the
+/// way, sends. `None` for a frame that is not IPv6.
+pub fn error_about(rng: &mut Rng, forwarded: &[u8]) -> Option<Vec<u8>> {
+    if !is_ipv6(forwarded) || forwarded.len() < 54 {
+        return None;
+    }
+    let kind = match rng.below(4) {
+        0 => too_big6(1_280 + rng.below(200) as u32),
+        1 => port_unreachable6(),
+        2 => hop_limit_exceeded6(),
+        _ => parameter_problem6(rng.below(40) as u32),
+    };
+    let l4_bytes = match rng.below(3) {
+        0 => Some(8),
+        1 => Some(rng.below(40) as usize),
+        _ => None,
+    };
+    let addr = |at: usize| {
+        let octets: [u8; 16] = forwarded[at..at + 16].try_into().ok()?;
+        Some(std::net::Ipv6Addr::from(octets))
+    };
+    let eth = (
+        forwarded[0..6].try_into().ok()?,
+        forwarded[6..12].try_into().ok()?,
+    );
+    Some(icmp6_error(
+        eth,
+        (addr(38)?, addr(22)?),
+        64,
+        kind,
+        &quote6(forwarded, l4_bytes),
+    ))
+}
+
+/// (src, sport, dst, dport, proto) of the packet an ICMPv6 error quotes.
+fn quoted_tuple6(frame: &[u8]) -> Option<(std::net::Ipv6Addr, u16, std::net::Ipv6Addr, u16, u8)> {
+    let quote = frame.get(62..62 + 48)?;
+    let addr = |at: usize| -> Option<std::net::Ipv6Addr> {
+        let octets: [u8; 16] = quote[at..at + 16].try_into().ok()?;
+        Some(octets.into())
+    };
+    let port = |at: usize| u16::from_be_bytes([quote[at], quote[at + 1]]);
+    Some((addr(8)?, port(40), addr(24)?, port(42), quote[6]))
+}
+
+/// A forwarded ICMPv6 error must quote a TCP/UDP packet of a flow, keep
+/// its length, go where the entry of the opposite direction sends, hop
+/// limit one lower, its quote rewritten to that entry's tuple reversed,
+/// and its checksum (over the new pseudo-header) correct if the input's
+/// was.
+fn check_icmp6_translated(dp: &mut Datapath, input: &[u8], output: &[u8]) -> Result<(), String> {
+    let (src, sport, dst, dport, proto) =
+        quoted_tuple6(input).ok_or("forwarded an ICMPv6 error whose quote is short")?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Err(format!(
+            "forwarded an ICMPv6 error quoting protocol {proto}"
+        ));
+    }
+    if output.len() != input.len() {
+        return Err(format!("length {} -> {}", input.len(), output.len()));
+    }
+    let flow = dp
+        .flow6(&key6(dst, dport, src, sport, proto))
+        .ok_or("forwarded an ICMPv6 error no flow entry matches")?;
+    let addr = |addr| std::net::Ipv6Addr::from(lb_common::family::octets6(addr));
+    let outer = |frame: &[u8]| tuple_at(frame, 22);
+    if outer(output) != Some((addr(flow.new_src_addr_be), addr(flow.new_dst_addr_be))) {
+        return Err("outer addresses are not the flow entry's rewrite".into());
+    }
+    let want = (
+        addr(flow.new_dst_addr_be),
+        u16::from_be(flow.new_dst_port_be),
+        addr(flow.new_src_addr_be),
+        u16::from_be(flow.new_src_port_be),
+        proto,
+    );
+    if quoted_tuple6(output) != Some(want) {
+        return Err(format!(
+            "quote rewritten to {:?}, flow says {want:?}",
+            quoted_tuple6(output)
+        ));
+    }
+    if output[21] + 1 != input[21] {
+        return Err("hop limit not decremented by one".into());
+    }
+    if check_checksums(input).is_ok() {
+        check_checksums(output)?;
+    }
+    Ok(())
+}
+
+/// The (source, destination) addresses of the IPv6 header at `at`.
+fn tuple_at(frame: &[u8], at: usize) -> Option<(std::net::Ipv6Addr, std::net::Ipv6Addr)> {
+    let src: [u8; 16] = frame.get(at..at + 16)?.try_into().ok()?;
+    let dst: [u8; 16] = frame.get(at + 16..at + 32)?.try_into().ok()?;
+    Some((src.into(), dst.into()))
 }

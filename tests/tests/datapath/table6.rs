@@ -4,6 +4,7 @@
 //! headers, NDP. Expected frames are built from scratch with etherparse
 //! (`packets6`), never with datapath code.
 
+use etherparse::Icmpv6Type;
 use lb_common::{
     FlowKey6, Peer, Reason,
     flow::FLOW_S_CONFIRMED,
@@ -167,6 +168,7 @@ pub fn rows() -> Vec<Row> {
     rows.extend(affinity_rows());
     rows.extend(too_big_rows());
     rows.extend(header_rows());
+    rows.extend(icmp_rows());
     rows
 }
 
@@ -733,10 +735,278 @@ pub fn truncations() -> Vec<(String, Vec<u8>)> {
             "IPv6 UDP first fragment",
             with_exts(udp6(41_203), vec![Ext::Fragment(0, true, 7)]).build(),
         ),
+        (
+            "ICMPv6 port unreachable quoting a datagram",
+            icmp6_error(
+                (CLIENT_MAC, NODE_MAC),
+                (CLIENT6, NODE6),
+                64,
+                port_unreachable6(),
+                &quote6(&udp6(41_204).build(), None),
+            ),
+        ),
     ] {
         for len in 14..frame.len() {
             frames.push((format!("{what} cut to {len} bytes"), frame[..len].to_vec()));
         }
     }
     frames
+}
+
+/// A router on the backend link (2001:db8:1::fe).
+const ROUTER6_B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0xfe);
+
+/// `from` (a router on the backend link, or the backend itself) answering
+/// `packet` (as it left the node) with `kind`, sent to the node's
+/// masquerade address.
+fn backend_side_error(from: Ipv6Addr, packet: &Spec6, kind: Icmpv6Type, quoted: &[u8]) -> Vec<u8> {
+    icmp6_error(
+        (packet.eth_dst, NODE_B_MAC),
+        (from, packet.src),
+        64,
+        kind,
+        quoted,
+    )
+}
+
+/// `client`'s flow is set up; `from` on the backend side answers the
+/// forwarded packet with `kind` quoting `l4_bytes` of it. The client must
+/// get it from `NODE6`, quoting its own packet as it sent it (with the hop
+/// limit it had when `from` saw it), ICMPv6 checksum over the new
+/// addresses.
+fn icmp6_to_client_case(
+    dp: &mut Datapath,
+    from: Option<Ipv6Addr>,
+    client: Spec6,
+    kind: Icmpv6Type,
+    l4_bytes: Option<usize>,
+) -> Case {
+    let at_backend = send_from_client6(dp, &client);
+    let from = from.unwrap_or(at_backend.dst);
+    let quoted = quote6(&at_backend.build(), l4_bytes);
+    let input = backend_side_error(from, &at_backend, kind, &quoted);
+    let as_client_sent = Spec6 {
+        src: client.src,
+        sport: client.sport,
+        dst: client.dst,
+        dport: client.dport,
+        ..at_backend.clone()
+    };
+    let want = icmp6_error(
+        (NODE_MAC, CLIENT_MAC),
+        (client.dst, client.src),
+        63,
+        kind,
+        &quote6(&as_client_sent.build(), l4_bytes),
+    );
+    Case {
+        input,
+        ifindex: dp.backend_ifindex,
+        expect: Expect::Frame(Box::new(move |_| want)),
+        after: None,
+    }
+}
+
+/// `client`'s flow is set up and the backend's reply reached the client,
+/// which answers it with `kind`. The backend must get it from the node's
+/// masquerade address, quoting its reply as it sent it.
+fn icmp6_to_backend_case(
+    dp: &mut Datapath,
+    client: Spec6,
+    kind: Icmpv6Type,
+    l4_bytes: Option<usize>,
+) -> Case {
+    let at_backend = send_from_client6(dp, &client);
+    let reply_l4 = match client.l4 {
+        L4::Udp => L4::Udp,
+        L4::Tcp(_) => L4::Tcp(SYN | ACK),
+    };
+    let reply = at_backend.reply(reply_l4, b"echo6");
+    let at_client = reply.forwarded(
+        (NODE_MAC, CLIENT_MAC),
+        (NODE6, client.dport),
+        (CLIENT6, client.sport),
+    );
+    let input = icmp6_error(
+        (CLIENT_MAC, NODE_MAC),
+        (CLIENT6, NODE6),
+        64,
+        kind,
+        &quote6(&at_client.build(), l4_bytes),
+    );
+    let as_backend_sent = Spec6 {
+        src: reply.src,
+        sport: reply.sport,
+        dst: reply.dst,
+        dport: reply.dport,
+        ..at_client.clone()
+    };
+    let want = icmp6_error(
+        (NODE_B_MAC, backend6_mac(reply.src)),
+        (reply.dst, reply.src),
+        63,
+        kind,
+        &quote6(&as_backend_sent.build(), l4_bytes),
+    );
+    Case {
+        input,
+        ifindex: dp.client_ifindex,
+        expect: Expect::Frame(Box::new(move |_| want)),
+        after: None,
+    }
+}
+
+/// An ICMPv6 error from the backend side that must pass untouched.
+fn backend_side_unchanged(dp: &Datapath, input: Vec<u8>) -> Case {
+    Case {
+        input,
+        ifindex: dp.backend_ifindex,
+        expect: Expect::Unchanged,
+        after: None,
+    }
+}
+
+fn icmp_rows() -> Vec<Row> {
+    let mut rows = icmp_to_client_rows();
+    rows.extend(icmp_other_rows());
+    rows
+}
+
+fn icmp_to_client_rows() -> Vec<Row> {
+    vec![
+        Row {
+            name: "IPv6 backend's port unreachable reaches the client from NODE6:NodePort",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| icmp6_to_client_case(dp, None, udp6(41_300), port_unreachable6(), None),
+        },
+        Row {
+            name: "IPv6 packet too big from a router behind the node about a client's \
+                   datagram reaches the client, quote as the client sent it",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| {
+                let mut client = udp6(41_301);
+                client.payload = vec![7; 1_300];
+                let from = Some(ROUTER6_B);
+                icmp6_to_client_case(dp, from, client, too_big6(1_280), Some(1_184))
+            },
+        },
+        Row {
+            name: "IPv6 packet too big quoting a whole TCP segment: quoted TCP checksum kept \
+                   consistent",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| {
+                let mut client = tcp6(41_302, SYN);
+                client.payload.clear();
+                let segment = tcp6(41_302, ACK | PSH);
+                send_from_client6(dp, &client);
+                icmp6_to_client_case(dp, Some(ROUTER6_B), segment, too_big6(1_400), None)
+            },
+        },
+        Row {
+            name: "IPv6 packet too big quoting 8 bytes of TCP (no checksum in the quote)",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| {
+                let client = tcp6(41_303, SYN);
+                icmp6_to_client_case(dp, Some(ROUTER6_B), client, too_big6(1_400), Some(8))
+            },
+        },
+        Row {
+            name: "IPv6 time exceeded behind the node reaches the client",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| {
+                let client = udp6(41_304);
+                icmp6_to_client_case(dp, Some(ROUTER6_B), client, hop_limit_exceeded6(), None)
+            },
+        },
+        Row {
+            name: "IPv6 parameter problem from the backend reaches the client",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToClient,
+            case: |dp| icmp6_to_client_case(dp, None, udp6(41_305), parameter_problem6(6), None),
+        },
+    ]
+}
+
+fn icmp_other_rows() -> Vec<Row> {
+    vec![
+        Row {
+            name: "IPv6 client's port unreachable about a reply reaches the backend, quote \
+                   translated",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToBackend,
+            case: |dp| icmp6_to_backend_case(dp, udp6(41_310), port_unreachable6(), None),
+        },
+        Row {
+            name: "IPv6 packet too big on the client side about a reply reaches the backend",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdIcmpToBackend,
+            case: |dp| icmp6_to_backend_case(dp, tcp6(41_311, SYN), too_big6(1_280), None),
+        },
+        Row {
+            name: "IPv6 ICMPv6 error with hop limit 1 is dropped, not forwarded with 0",
+            verdict: XDP_DROP,
+            reason: Reason::DropTtlExpired,
+            case: |dp| {
+                let client = udp6(41_312);
+                let mut case =
+                    icmp6_to_client_case(dp, Some(ROUTER6_B), client, too_big6(1_280), None);
+                case.input[14 + 7] = 1;
+                case.expect = Expect::Dropped;
+                case
+            },
+        },
+        Row {
+            name: "IPv6 truncated ICMPv6 error (quote shorter than IPv6 header + 8) passes as \
+                   malformed",
+            verdict: XDP_PASS,
+            reason: Reason::PassMalformed,
+            case: |dp| {
+                let at_backend = send_from_client6(dp, &udp6(41_313));
+                let quoted = quote6(&at_backend.build(), Some(4));
+                let input = backend_side_error(ROUTER6_B, &at_backend, too_big6(1_280), &quoted);
+                backend_side_unchanged(dp, input)
+            },
+        },
+        Row {
+            name: "IPv6 ICMPv6 error quoting no flow passes to the kernel",
+            verdict: XDP_PASS,
+            reason: Reason::PassIcmpNoFlow,
+            case: |dp| {
+                let mut stray = Spec6::from_client(61_000, UDP_TARGET_PORT, L4::Udp);
+                stray.src = NODE6_B;
+                stray.dst = BACKEND6_1;
+                stray.eth_dst = BACKEND_1_MAC;
+                let quoted = quote6(&stray.build(), None);
+                let input = backend_side_error(BACKEND6_1, &stray, port_unreachable6(), &quoted);
+                backend_side_unchanged(dp, input)
+            },
+        },
+        Row {
+            name: "IPv6 ICMPv6 error quoting an ICMPv6 packet passes to the kernel",
+            verdict: XDP_PASS,
+            reason: Reason::PassIcmpNoFlow,
+            case: |dp| {
+                let quoted = quote6(&echo_request6(), None);
+                let input = icmp6_error(
+                    (CLIENT_MAC, NODE_MAC),
+                    (CLIENT6, NODE6),
+                    64,
+                    port_unreachable6(),
+                    &quoted,
+                );
+                unchanged(dp, input)
+            },
+        },
+        Row {
+            name: "IPv6 ICMPv6 echo request passes untouched",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotTcpUdp,
+            case: |dp| unchanged(dp, echo_request6()),
+        },
+    ]
 }
