@@ -15,7 +15,7 @@ mod stream;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use xlb_tests::client::{
@@ -23,7 +23,7 @@ use xlb_tests::client::{
 };
 use xlb_tests::flows::{names, tcp_flows, udp_flows};
 use xlb_tests::lab::{
-    ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, NODE_ADDR6, backend_addr6, tcp_echo_service,
+    ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, NODE_ADDR6, POD_IF, backend_addr6, tcp_echo_service,
     tcp_echo_service6, udp_echo_service, udp_echo_service6,
 };
 use xlb_tests::node_lab::{self, NodeLab, PodKind};
