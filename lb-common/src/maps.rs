@@ -16,8 +16,8 @@ use core::mem::size_of;
 use crate::reason::REASON_COUNT;
 use crate::{
     Addr6, Affinity, Affinity6, AffinityKey, AffinityKey6, Backend, Backend6, BackendHop,
-    BackendHop6, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit,
-    NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey,
+    BackendHop6, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragKey6, FragPorts, GlobalConfig,
+    IcmpLimit, NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNatKey,
     SourceRange, SourceRange6, Traffic,
 };
 
@@ -278,17 +278,21 @@ declare_maps! {
     AFFINITY6 = "XLB_AFFINITY6": LruHash<AffinityKey6, Affinity6>, AFFINITY_MAX, Fixed, Config, Seeded;
     /// `LpmTrie<SourceRange6, u32>`: loadBalancerSourceRanges of IPv6 sources.
     SOURCE_RANGES6 = "XLB_RANGES6": LpmTrie<SourceRange6, u32>, SOURCE_RANGES_MAX, Fixed, Config, Shared;
+    /// `LruHashMap<FragKey6, FragPorts>`: IPv6 first fragments' ports, for
+    /// the datagram's later fragments (as `XLB_FRAGS`).
+    FRAGS6 = "XLB_FRAGS6": LruHash<FragKey6, FragPorts>, FRAGS_MAX, Fixed, Alone, Private;
     /// `HashMap<Addr6, Peer>`: local pods by IPv6 address (as `XLB_PEERS`).
     PEERS6 = "XLB_PEERS6": Hash<Addr6, Peer>, PEERS_MAX, Fixed, No, Private;
     /// `ProgramArray`: `[PROGS6_IPV6]` is `xlb6`, which `xlb` tail-calls for
-    /// IPv6 frames, so each family's pipeline is verified on its own budget
+    /// IPv6 frames, `[PROGS6_FRAG]` `xlb6_frag`, which `xlb6` tail-calls for
+    /// later fragments (`[2]` is kept for ICMPv6 errors), so each family's pipeline is verified on its own budget
     /// (one program holding both exceeds the verifier's million
     /// instructions). The agent fills it as it loads. Pinned: the kernel
     /// empties a program array when user space lets go of it, and the
     /// datapath goes on without an agent (`--keep-attached`, a restart)
     /// with IPv6 too; while it is empty (`xlb explain`) IPv6 frames pass as
     /// `pass_not_ipv4`.
-    PROGS6 = "XLB_PROGS6": ProgArray<u32, u32>, 1, Fixed, Alone, Private;
+    PROGS6 = "XLB_PROGS6": ProgArray<u32, u32>, 3, Fixed, Alone, Private;
     /// `PerCpuArray<[u64; 32]>` of one: `xlb6`'s scratch space. Word 0:
     /// the offset of the L4 header after the extension headers, put there
     /// and read back so the verifier knows it only by its bounds (else each
@@ -301,6 +305,9 @@ declare_maps! {
 
 /// `XLB_PROGS6` index of `xlb6`.
 pub const PROGS6_IPV6: u32 = 0;
+/// `XLB_PROGS6` index of `xlb6_frag`: IPv6 later fragments (no L4 header)
+/// on a stack of their own, as `xlb6`'s new-flow stages leave no room.
+pub const PROGS6_FRAG: u32 = 1;
 
 /// Where a program of the object runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -323,7 +330,7 @@ pub struct ProgramDecl {
 }
 
 /// Every program of the datapath.
-pub const PROGRAMS: [ProgramDecl; 8] = [
+pub const PROGRAMS: [ProgramDecl; 9] = [
     ProgramDecl {
         name: "xlb",
         hook: Hook::Xdp,
@@ -361,6 +368,11 @@ pub const PROGRAMS: [ProgramDecl; 8] = [
         name: "xlb6",
         hook: Hook::XdpTail,
     },
+    // IPv6 later fragments, tail-called from `xlb6` (`PROGS6_FRAG`).
+    ProgramDecl {
+        name: "xlb6_frag",
+        hook: Hook::XdpTail,
+    },
 ];
 
 /// Name of the XDP program in the object file.
@@ -371,6 +383,8 @@ pub const PROGRAM_TC_UPLINK: &str = PROGRAMS[1].name;
 pub const PROGRAM_TC_POD: &str = PROGRAMS[2].name;
 /// The IPv6 XDP program (`XLB_PROGS6`).
 pub const PROGRAM6: &str = PROGRAMS[7].name;
+/// The IPv6 later fragments' XDP program (`XLB_PROGS6[PROGS6_FRAG]`).
+pub const PROGRAM6_FRAG: &str = PROGRAMS[8].name;
 
 /// The cgroup socket hooks, as (program name, hook).
 pub const SOCK_PROGRAMS: [(&str, &str); 4] = [

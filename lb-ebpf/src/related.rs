@@ -3,27 +3,28 @@
 //! packets go: the entry's cached next hop, or the FIB's answer.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Flow, Reason, V4};
+use lb_common::{FlowOf, Reason};
 
 use crate::{
     conntrack,
+    family::Ip,
     fib::{self, NextHop},
 };
 
 /// The next hop for packets rewritten by `flow` (the entry `entry` points
 /// to), caching the FIB's answer in the entry when it had none.
 #[inline(always)]
-pub fn hop_for(
+pub fn hop_for<F: Ip>(
     ctx: &XdpContext,
-    entry: *mut Flow,
-    flow: &Flow,
+    entry: *mut FlowOf<F>,
+    flow: &FlowOf<F>,
     proto: u8,
     tot_len: u16,
 ) -> Result<NextHop, Reason> {
     if let Some(hop) = conntrack::cached_hop(flow) {
         return Ok(hop);
     }
-    let hop = fib::next_hop::<V4>(
+    let hop = fib::next_hop::<F>(
         ctx.ctx.cast(),
         ctx.ingress_ifindex() as u32,
         flow.new_src_addr_be,

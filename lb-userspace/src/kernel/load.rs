@@ -142,7 +142,8 @@ fn load_object(sizes: &MapSizes, map_paths: &MapPins, debug: bool) -> Result<Ebp
 }
 
 /// Loads (verifies) the XDP programs (`xlb`, and `xlb6` into the array
-/// `xlb` tail-calls for IPv6) and both tc programs. The kernel verifies
+/// `xlb` tail-calls for IPv6, with `xlb6_frag` which `xlb6` tail-calls
+/// for later fragments) and both tc programs. The kernel verifies
 /// one program per `BPF_PROG_LOAD`, on the caller's CPU: `xlb6` is
 /// verified on a thread of its own while `xlb` and the tc programs are
 /// (together most of the datapath's load time, which a cluster start waits
@@ -151,6 +152,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), KernelError> {
     let ipv6 = lb_common::maps::PROGRAM6;
     let names = [
         lb_common::maps::PROGRAM,
+        lb_common::maps::PROGRAM6_FRAG,
         TcRole::Uplink.program(),
         TcRole::Pod.program(),
     ];
@@ -199,7 +201,8 @@ fn load_one(name: &'static str, program: &mut aya::programs::Program) -> Result<
 
 /// [`load_one`] without the timing.
 fn verify_one(name: &'static str, program: &mut aya::programs::Program) -> Result<(), KernelError> {
-    if name == lb_common::maps::PROGRAM || name == lb_common::maps::PROGRAM6 {
+    use lb_common::maps::{PROGRAM, PROGRAM6, PROGRAM6_FRAG};
+    if name == PROGRAM || name == PROGRAM6 || name == PROGRAM6_FRAG {
         let program: &mut Xdp = program
             .try_into()
             .map_err(|source| KernelError::NotXdp { name, source })?;
@@ -215,10 +218,17 @@ fn verify_one(name: &'static str, program: &mut aya::programs::Program) -> Resul
         .map_err(|source| KernelError::VerifyTc { name, source })
 }
 
-/// Puts the loaded `xlb6` in `XLB_PROGS6` (pinned, so it stays filled
-/// while no agent runs).
+/// Puts the loaded `xlb6` and `xlb6_frag` in `XLB_PROGS6` (pinned, so it
+/// stays filled while no agent runs).
 fn register_ipv6(ebpf: &mut Ebpf) -> Result<(), KernelError> {
-    let name = lb_common::maps::PROGRAM6;
+    use lb_common::maps::{PROGRAM6, PROGRAM6_FRAG, PROGS6_FRAG, PROGS6_IPV6};
+    [(PROGS6_IPV6, PROGRAM6), (PROGS6_FRAG, PROGRAM6_FRAG)]
+        .into_iter()
+        .try_for_each(|(index, name)| register_tail(ebpf, index, name))
+}
+
+/// Puts the loaded XDP program `name` at `index` of `XLB_PROGS6`.
+fn register_tail(ebpf: &mut Ebpf, index: u32, name: &'static str) -> Result<(), KernelError> {
     let not_xdp = |name, source| KernelError::NotXdp { name, source };
     let program: &mut Xdp = super::program(ebpf, name, not_xdp)?;
     let verify = |source| KernelError::Verify { source };
@@ -232,7 +242,7 @@ fn register_ipv6(ebpf: &mut Ebpf) -> Result<(), KernelError> {
             ProgramArray::try_from(found).map_err(|source| OpenError::Kind { name: map, source })
         })?;
     progs
-        .set(lb_common::maps::PROGS6_IPV6, &fd, 0)
+        .set(index, &fd, 0)
         .map_err(|source| KernelError::RedirectMap {
             map,
             interface: name.to_owned(),

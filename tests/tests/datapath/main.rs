@@ -496,12 +496,16 @@ fn an_unassured_udp_flow_yields_its_masquerade_port() {
 }
 
 /// Prints the size of the loaded `xlb` program (IPv4, and the hand-off of
-/// IPv6 frames) and of `xlb6` as the verifier left them (xlated) and as
+/// IPv6 frames), of `xlb6` and of `xlb6_frag` as the verifier left them (xlated) and as
 /// JITed, for comparing builds.
 #[test]
 fn program_size() {
     with_datapath(xlb::DATAPATH_OBJECT, |dp| {
-        for name in [lb_common::maps::PROGRAM, lb_common::maps::PROGRAM6] {
+        for name in [
+            lb_common::maps::PROGRAM,
+            lb_common::maps::PROGRAM6,
+            lb_common::maps::PROGRAM6_FRAG,
+        ] {
             let info = dp.program_named(name).info().expect("program info");
             let xlated = info.size_translated().unwrap_or(0) / 8;
             println!(
@@ -538,7 +542,11 @@ fn datapath_debug_variant_loads() {
         .override_global("XLB_DEBUG", &1u32, true)
         .load(xlb::DATAPATH_OBJECT)
         .expect("load the object");
-    for name in [lb_common::maps::PROGRAM, lb_common::maps::PROGRAM6] {
+    for name in [
+        lb_common::maps::PROGRAM,
+        lb_common::maps::PROGRAM6,
+        lb_common::maps::PROGRAM6_FRAG,
+    ] {
         let program: &mut aya::programs::Xdp = bpf
             .program_mut(name)
             .expect("program")
