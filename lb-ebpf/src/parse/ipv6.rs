@@ -166,7 +166,11 @@ pub fn parse_ipv6<C: Frame>(
                 FRAGMENT
             };
             at += FRAGMENT_LEN;
-            continue;
+            // The L4 header next, or the kernel's: the walk ends here as it
+            // does at any L4 header, rather than going on with the
+            // fragmentable part's own headers (rare), each way of which
+            // the verifier would walk the pipeline from.
+            break;
         }
         if next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST {
             break;

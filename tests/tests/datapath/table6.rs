@@ -674,6 +674,15 @@ fn header_rows() -> Vec<Row> {
             },
         },
         Row {
+            name: "IPv6 first fragment with an extension header after its fragment header passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassIpv6ExtHeaders,
+            case: |dp| {
+                let exts = vec![Ext::Fragment(0, true, 0x1234_5678), Ext::DestOpts(0)];
+                unchanged(dp, with_exts(udp6(41_115), exts).build())
+            },
+        },
+        Row {
             name: "IPv6 truncated fragment header passes as malformed",
             verdict: XDP_PASS,
             reason: Reason::PassMalformed,
