@@ -1,8 +1,9 @@
 //! IPv6: the fixed header, then a bounded walk of the extension headers a
 //! TCP or UDP packet may carry before its L4 header (hop-by-hop options,
 //! routing, destination options, fragment), as far as `EXT_HEADERS_MAX` of
-//! them. A first fragment's walk goes on to its L4 header (it is balanced
-//! and its ports remembered); a later fragment's ends at its fragment
+//! them. A first fragment's L4 header must follow its fragment header (it
+//! is balanced and its ports remembered; another extension header there is
+//! `pass_ipv6_ext_headers`); a later fragment's walk ends at its fragment
 //! header (`PassFragment`: it has no L4 header, `xlb6_frag` follows it);
 //! an atomic fragment (offset 0, no more) is a whole datagram. The fragment
 //! header's identification and next header are left in `XLB_SCRATCH6`
