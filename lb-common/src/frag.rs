@@ -1,10 +1,12 @@
-//! Fragment tracking (`XLB_FRAGS`) and the per-source limit on the ICMP
+//! Fragment tracking (`XLB_FRAGS`, `XLB_FRAGS6`) and the per-source limit on the ICMP
 //! "fragmentation needed" answers xlb sends itself (`XLB_ICMP_LIMIT`).
 //!
 //! Only a datagram's first fragment carries its ports. The datapath balances
 //! it like a whole datagram and records its ports under (source, destination,
 //! IP id, protocol); later fragments find them there and follow the same
-//! flow, as Cilium's `ipv4_frag_datagrams` does.
+//! flow, as Cilium's `ipv4_frag_datagrams` does. IPv6's identification is
+//! the fragment header's, 32 bits wide: its datagrams have a key of their
+//! own ([`FragKey6`]) rather than a generic one.
 
 use crate::assert_size;
 
@@ -20,6 +22,21 @@ pub struct FragKey {
     pub _pad: u8,
 }
 assert_size!(FragKey, 12);
+
+/// One IPv6 datagram in flight: addresses, the fragment header's
+/// identification and next header.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey6 {
+    pub src_addr_be: crate::Addr6,
+    pub dst_addr_be: crate::Addr6,
+    /// The fragment header's identification, in memory order.
+    pub id_be: u32,
+    /// The upper-layer protocol (the fragment header's next header).
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+assert_size!(FragKey6, 40);
 
 /// The ports a datagram's first fragment carried.
 #[repr(C)]
@@ -59,6 +76,8 @@ pub const ICMP_LIMIT_INTERVAL_NS: u64 = 1_000_000_000;
 mod pod {
     // SAFETY: #[repr(C)], Copy, integers only, no implicit padding (asserted).
     unsafe impl aya::Pod for super::FragKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragKey6 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FragPorts {}
     // SAFETY: as above.

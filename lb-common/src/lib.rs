@@ -19,7 +19,7 @@ pub mod sock;
 
 pub use family::{Addr6, Family, V4, V6};
 pub use flow::{Flow, Flow6, FlowKey, FlowKey6, FlowKeyOf, FlowOf, Traffic};
-pub use frag::{FragKey, FragPorts, IcmpLimit};
+pub use frag::{FragKey, FragKey6, FragPorts, IcmpLimit};
 pub use path::{Handoff, Paths, Peer};
 pub use reason::Reason;
 pub use service::{

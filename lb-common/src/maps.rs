@@ -16,8 +16,8 @@ use core::mem::size_of;
 use crate::reason::REASON_COUNT;
 use crate::{
     Addr6, Affinity, Affinity6, AffinityKey, AffinityKey6, Backend, Backend6, BackendHop,
-    BackendHop6, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit,
-    NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNat6,
+    BackendHop6, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragKey6, FragPorts, GlobalConfig,
+    IcmpLimit, NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNat6,
     SockRevNatKey, SockRevNatKey6, SourceRange, SourceRange6, Traffic,
 };
 
@@ -278,6 +278,9 @@ declare_maps! {
     AFFINITY6 = "XLB_AFFINITY6": LruHash<AffinityKey6, Affinity6>, AFFINITY_MAX, Fixed, Config, Seeded;
     /// `LpmTrie<SourceRange6, u32>`: loadBalancerSourceRanges of IPv6 sources.
     SOURCE_RANGES6 = "XLB_RANGES6": LpmTrie<SourceRange6, u32>, SOURCE_RANGES_MAX, Fixed, Config, Shared;
+    /// `LruHashMap<FragKey6, FragPorts>`: IPv6 first fragments' ports, for
+    /// the datagram's later fragments (as `XLB_FRAGS`).
+    FRAGS6 = "XLB_FRAGS6": LruHash<FragKey6, FragPorts>, FRAGS_MAX, Fixed, Alone, Private;
     /// `HashMap<Addr6, Peer>`: local pods by IPv6 address (as `XLB_PEERS`).
     PEERS6 = "XLB_PEERS6": Hash<Addr6, Peer>, PEERS_MAX, Fixed, No, Private;
     /// `LruHashMap<SockRevNatKey6, SockRevNat6>`: `XLB_SOCK_REVNAT` for the
@@ -288,13 +291,13 @@ declare_maps! {
     /// `ProgramArray`: `[PROGS6_IPV6]` is `xlb6`, which `xlb` tail-calls for
     /// IPv6 frames, so each family's pipeline is verified on its own budget
     /// (one program holding both exceeds the verifier's million
-    /// instructions); `[PROGS6_ICMP]` is `xlb6_icmp`, which `xlb6`
-    /// tail-calls for ICMPv6 (its stack has no room for the translation of
-    /// ICMPv6 errors); `[1]` is kept for IPv6 fragments. The agent fills it
-    /// as it loads. Pinned: the kernel
+    /// instructions); `xlb6` tail-calls `[PROGS6_FRAG]`, `xlb6_frag`, for
+    /// later fragments and `[PROGS6_ICMP]`, `xlb6_icmp`, for ICMPv6 (its
+    /// stack has no room for either beside the new-flow stages). The agent
+    /// fills it as it loads. Pinned: the kernel
     /// empties a program array when user space lets go of it, and the
     /// datapath goes on without an agent (`--keep-attached`, a restart)
-    /// with IPv6 too; while it is empty (`xlb explain`) IPv6 frames pass as
+    /// with IPv6 too; while it is empty IPv6 frames pass as
     /// `pass_not_ipv4`.
     PROGS6 = "XLB_PROGS6": ProgArray<u32, u32>, 3, Fixed, Alone, Private;
     /// `PerCpuArray<[u64; 32]>` of one: `xlb6`'s scratch space. Word 0:
@@ -312,6 +315,9 @@ pub const PROGS6_IPV6: u32 = 0;
 /// `XLB_PROGS6` index of `xlb6_icmp`: ICMPv6, errors about flows
 /// translated.
 pub const PROGS6_ICMP: u32 = 2;
+/// `XLB_PROGS6` index of `xlb6_frag`: IPv6 later fragments (no L4 header)
+/// on a stack of their own, as `xlb6`'s new-flow stages leave no room.
+pub const PROGS6_FRAG: u32 = 1;
 
 /// Where a program of the object runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,7 +340,7 @@ pub struct ProgramDecl {
 }
 
 /// Every program of the datapath.
-pub const PROGRAMS: [ProgramDecl; 13] = [
+pub const PROGRAMS: [ProgramDecl; 14] = [
     ProgramDecl {
         name: "xlb",
         hook: Hook::Xdp,
@@ -393,6 +399,11 @@ pub const PROGRAMS: [ProgramDecl; 13] = [
         name: "xlb6_icmp",
         hook: Hook::XdpTail,
     },
+    // IPv6 later fragments, tail-called from `xlb6` (`PROGS6_FRAG`).
+    ProgramDecl {
+        name: "xlb6_frag",
+        hook: Hook::XdpTail,
+    },
 ];
 
 /// Name of the XDP program in the object file.
@@ -405,6 +416,8 @@ pub const PROGRAM_TC_POD: &str = PROGRAMS[2].name;
 pub const PROGRAM6: &str = PROGRAMS[7].name;
 /// The ICMPv6 XDP program (`XLB_PROGS6`).
 pub const PROGRAM6_ICMP: &str = PROGRAMS[12].name;
+/// The IPv6 later fragments' XDP program (`XLB_PROGS6[PROGS6_FRAG]`).
+pub const PROGRAM6_FRAG: &str = PROGRAMS[13].name;
 
 /// The cgroup socket hooks, as (program name, hook), in attach order: the
 /// IPv4 ones, then the IPv6 ones.

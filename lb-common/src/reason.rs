@@ -82,7 +82,7 @@ reasons! {
     DropTcHandoff = 29, "drop_tc_handoff", Drop, "a frame from the wire whose destination MAC carries the marker xlb's XDP uses to hand frames to its tc program (02:78:6c:62:..): forged, dropped";
     DropTcRewrite = 30, "drop_tc_rewrite", Drop, "a kernel checksum or store helper failed part-way through a rewrite at tc; the packet is dropped rather than sent half-rewritten";
     FwdRstOutsideWindow = 31, "fwd_rst_outside_window", Forward, "TCP RST whose sequence number is outside the flow's window: forwarded for the endpoint to judge, the flow stays open";
-    PassIpv6Fragment = 32, "pass_ipv6_fragment", Pass, "IPv6 packet with a fragment header: xlb does not follow IPv6 fragments yet, left to the kernel";
+    PassIpv6Fragment = 32, "pass_ipv6_fragment", Pass, "IPv6 later fragment while XLB_PROGS6 holds no fragment program (xlb explain): left to the kernel";
     PassIpv6ExtHeaders = 33, "pass_ipv6_ext_headers", Pass, "IPv6 packet whose extension headers xlb does not walk (more than 6, a routing header with segments left): left to the kernel";
     PassIpv6NoBackend = 34, "pass_ipv6_no_backend", Pass, "IPv6 packet to a service with no endpoints left to the kernel to answer, by datapaths before xlb answered IPv6 itself (reject_port_unreachable, reject_tcp_reset); no longer counted, kept so the counters keep their numbers";
 }

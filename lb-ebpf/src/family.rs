@@ -1,6 +1,6 @@
 //! What the pipeline needs to know of an address family: its maps, how to
-//! read and rewrite its IP header, and the few things IPv6 does not do yet
-//! (fragments, packet too big). Parsing, lookup,
+//! read and rewrite its IP header, its fragments, its packet-too-big
+//! answer. Parsing, lookup,
 //! selection, conntrack, NAT and next hops are written once, generic over
 //! [`Ip`], and compiled once per family.
 
@@ -290,7 +290,9 @@ impl Ip for V6 {
         reject::reject6(ctx, packet)
     }
     #[inline(always)]
-    fn remember_fragment(_packet: &Packet<Self>, _key: &FlowKeyOf<Self>, _now: u64) {}
+    fn remember_fragment(_packet: &Packet<Self>, key: &FlowKeyOf<Self>, now: u64) {
+        crate::frag::remember6(key, now);
+    }
     #[inline(always)]
     fn log_new_flow(ctx: &XdpContext, key: &FlowKeyOf<Self>, id: u32, backend: &BackendOf<Self>) {
         debug!(

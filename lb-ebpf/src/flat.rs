@@ -13,7 +13,7 @@ use crate::{
     family::Ip,
     maps::{SCRATCH_CHOSEN, SCRATCH_KEY, SCRATCH_NEW_FLOW, scratch},
     mtu,
-    parse::{Packet, TCP_ACK, TCP_SYN},
+    parse::{IpHeader as _, Packet, TCP_ACK, TCP_SYN},
     prog::{
         Chosen, NO_FLOW, OPENED, choose_backend, config, debug_logs, flow_key, follow,
         forward_outlined, pack, pack_forward, route_new_flow,
@@ -42,7 +42,7 @@ pub fn balance<F: Ip>(ctx: &XdpContext, packet: &Packet<F>, now: u64) -> u64 {
         &*key
     };
     let mut entry: *mut FlowOf<F> = core::ptr::null_mut();
-    if lookup_stage(key, now, &mut entry) == FOUND {
+    if lookup_stage(packet, key, now, &mut entry) == FOUND {
         let known = track_stage(ctx, packet, key, now, &mut entry);
         // `NO_FLOW` (all ones) has the `FORWARD` bit too: it is asked first.
         if known != NO_FLOW {
@@ -101,12 +101,24 @@ fn too_big_stage(ctx: &XdpContext) -> u64 {
     pack(mtu::too_big6(ctx))
 }
 
-/// The live entry of `key` into `entry`: `FOUND`, or 0.
+/// The live entry of `key` into `entry`: `FOUND`, or 0. A first
+/// fragment's ports are remembered here for the datagram's later fragments
+/// (`xlb6_frag`), as IPv4's known-flow path does: in a stage every packet
+/// takes, not behind a branch of the entry's, which would leave the
+/// verifier two states to walk the pipeline from.
 #[inline(never)]
-fn lookup_stage<F: Ip>(key: &FlowKeyOf<F>, now: u64, entry: &mut *mut FlowOf<F>) -> u64 {
+fn lookup_stage<F: Ip>(
+    packet: &Packet<F>,
+    key: &FlowKeyOf<F>,
+    now: u64,
+    entry: &mut *mut FlowOf<F>,
+) -> u64 {
     let Ok(cfg) = config() else {
         return 0;
     };
+    if packet.ip.first_fragment() {
+        F::remember_fragment(packet, key, now);
+    }
     match conntrack::lookup(key, cfg, now) {
         Some(found) => {
             *entry = found;

@@ -4,20 +4,25 @@
 //! the same flow entry, rewriting only their IPv4 header (the L4 checksum,
 //! in the first fragment, already accounts for the new addresses and ports).
 //!
+//! IPv6's are the same with the fragment header's 32-bit identification
+//! (`XLB_FRAGS6`): `xlb6` remembers a first fragment's ports, `xlb6_frag`
+//! (tail-called, on a stack of its own) follows the later ones, rewriting
+//! the addresses and hop limit only (IPv6 has no header checksum).
+//!
 //! A later fragment that arrives before its first one cannot be held (XDP
 //! cannot queue a frame): it is passed to the kernel and counted
 //! (`pass_fragment_unknown`); see the README.
 
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use lb_common::{
-    FlowKey, FragKey, FragPorts, GlobalConfig, Reason, V4, flow::FLOW_DIR_REPLY,
-    frag::FRAG_TIMEOUT_NS,
+    FlowKey, FlowKey6, FragKey, FragKey6, FragPorts, GlobalConfig, Reason, V4, V6,
+    flow::FLOW_DIR_REPLY, frag::FRAG_TIMEOUT_NS,
 };
-use network_types::eth::EthHdr;
+use network_types::{eth::EthHdr, ip::Ipv6Hdr};
 
 use crate::{
     conntrack, fib,
-    maps::{XLB_FRAGS, count_path, count_traffic},
+    maps::{XLB_FRAGS, XLB_FRAGS6, count_path, count_traffic, forget},
     nat,
     parse::{self, Packet},
     related,
@@ -90,12 +95,101 @@ pub fn follow(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32, Re
     // SAFETY: valid map value pointer for this run.
     let flow = unsafe { *entry };
     related::ttl_allows_forwarding(ttl)?;
-    let hop = related::hop_for(ctx, entry, &flow, ip.proto, tot_len)?;
+    let hop = related::hop_for::<V4>(ctx, entry, &flow, ip.proto, tot_len)?;
     nat::rewrite_ip(ip.hdr, flow.new_src_addr_be, flow.new_dst_addr_be);
     let to_client = flow.direction == FLOW_DIR_REPLY;
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
     count_traffic(flow.service_id, flow.backend_id, to_client, frame_len);
     let (action, path) = fib::send::<V4>(ctx, eth, &hop, flow.new_dst_addr_be)?;
+    count_path(flow.backend_id, to_client, path);
+    Ok((action, Reason::FwdFragment))
+}
+
+/// Records the ports of an IPv6 first fragment (`key` its flow's) under
+/// the identification the walk left (`parse::ipv6_fragment`).
+#[inline(always)]
+pub fn remember6(key: &FlowKey6, now: u64) {
+    let Some((id_be, _)) = parse::ipv6_fragment() else {
+        return;
+    };
+    let datagram = FragKey6 {
+        src_addr_be: key.src_addr_be,
+        dst_addr_be: key.dst_addr_be,
+        id_be,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let ports = FragPorts {
+        src_port_be: key.src_port_be,
+        dst_port_be: key.dst_port_be,
+        _pad: 0,
+        seen_ns: now,
+    };
+    // Losing the record costs the datagram (its later fragments pass).
+    let _ = XLB_FRAGS6.insert(&datagram, &ports, u64::from(BPF_ANY));
+}
+
+/// Forwards an IPv6 later fragment after its first one, rewritten as its
+/// flow's packets are: addresses and hop limit (the L4 checksum, in the
+/// first fragment, already accounts for the new addresses and ports); the
+/// fragment header stays.
+#[inline(always)]
+pub fn follow6(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32, Reason), Reason> {
+    // The walk again, from `xlb6_frag`'s own frame: `PassFragment` is the
+    // only way here with a later fragment's identification noted.
+    match parse::parse6(ctx, forget) {
+        Err(Reason::PassFragment) => {}
+        Err(reason) => return Err(reason),
+        Ok(_) => return Err(Reason::PassMalformed),
+    }
+    let (id_be, proto) = parse::ipv6_fragment().ok_or(Reason::PassNotReady)?;
+    let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
+    let hdr: *mut Ipv6Hdr = parse::ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: ptr_at checked the fixed header is inside the packet;
+    // addresses copied as they are (an `Addr6` holds wire order).
+    let (src, dst, hop_limit, payload_len) = unsafe {
+        (
+            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).src_addr).cast()),
+            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).dst_addr).cast()),
+            (*hdr).hop_limit,
+            u16::from_be_bytes((*hdr).payload_len),
+        )
+    };
+    let datagram = FragKey6 {
+        src_addr_be: src,
+        dst_addr_be: dst,
+        id_be,
+        proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: plain-integer LRU value; a racing update gives another
+    // datagram's valid ports at worst.
+    let ports = match XLB_FRAGS6.get_ptr(&datagram) {
+        Some(ports) => unsafe { *ports },
+        None => return Err(Reason::PassFragmentUnknown),
+    };
+    if now.saturating_sub(ports.seen_ns) > FRAG_TIMEOUT_NS {
+        return Err(Reason::PassFragmentUnknown);
+    }
+    let key = FlowKey6 {
+        src_addr_be: src,
+        dst_addr_be: dst,
+        src_port_be: ports.src_port_be,
+        dst_port_be: ports.dst_port_be,
+        proto,
+        _pad: [0; 3],
+    };
+    let entry = conntrack::lookup(&key, cfg, now).ok_or(Reason::PassFragmentUnknown)?;
+    // SAFETY: valid map value pointer for this run.
+    let flow = unsafe { &*entry };
+    related::ttl_allows_forwarding(hop_limit)?;
+    let ip_len = payload_len.saturating_add(Ipv6Hdr::LEN as u16);
+    let hop = related::hop_for::<V6>(ctx, entry, flow, proto, ip_len)?;
+    let _ = nat::rewrite_ipv6(hdr, &flow.new_src_addr_be, &flow.new_dst_addr_be);
+    let to_client = flow.direction == FLOW_DIR_REPLY;
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    count_traffic(flow.service_id, flow.backend_id, to_client, frame_len);
+    let (action, path) = fib::send::<V6>(ctx, eth, &hop, flow.new_dst_addr_be)?;
     count_path(flow.backend_id, to_client, path);
     Ok((action, Reason::FwdFragment))
 }

@@ -53,7 +53,7 @@ mod prog {
         BackendOf, FlowKeyOf, FlowOf, GlobalConfig, IPPROTO_TCP, Reason, V4,
         flow::FLOW_DIR_REPLY,
         hash::flow_hash,
-        maps::{PROGS6_ICMP, PROGS6_IPV6},
+        maps::{PROGS6_FRAG, PROGS6_ICMP, PROGS6_IPV6},
         reason::Verdict,
         service::{CONFIG_F_READY, SERVICE_F_DROP_IF_EMPTY, SERVICE_F_MASQUERADE},
     };
@@ -204,6 +204,7 @@ mod prog {
         match parse::parse6(ctx, forget) {
             Ok(packet) => balance(ctx, &packet),
             Err(Reason::PassNotTcpUdp) => to_icmp6(ctx),
+            Err(Reason::PassFragment) => to_fragments(ctx),
             Err(reason) => pack(Err(reason)),
         }
     }
@@ -218,6 +219,31 @@ mod prog {
         // does not return.
         let _ = unsafe { XLB_PROGS6.tail_call(ctx, PROGS6_ICMP) };
         pack(Err(Reason::PassNotTcpUdp))
+    }
+
+    /// A later fragment goes to `xlb6_frag` (a tail call: it does not
+    /// return), whose frame is its own: `xlb6`'s new-flow stages leave no
+    /// room for one more beside them. While `XLB_PROGS6` has no such
+    /// program (an older agent's array), it passes as `pass_ipv6_fragment`.
+    #[inline(always)]
+    fn to_fragments(ctx: &XdpContext) -> u64 {
+        // SAFETY: `ctx` is this program's context; on success the call
+        // does not return.
+        let _ = unsafe { XLB_PROGS6.tail_call(ctx, PROGS6_FRAG) };
+        pack(Err(Reason::PassIpv6Fragment))
+    }
+
+    /// IPv6 later fragments of balanced datagrams (`XLB_PROGS6`, from
+    /// `xlb6`): they follow their first fragment's flow (`frag::follow6`).
+    #[xdp]
+    pub fn xlb6_frag(ctx: XdpContext) -> u32 {
+        let verdict = config().and_then(|cfg| frag::follow6(&ctx, cfg, clock()));
+        let (action, reason) = unpack(pack(verdict));
+        count(reason);
+        if debug_logs() {
+            log_verdict6(&ctx, reason as u32, action);
+        }
+        action
     }
 
     /// A TCP/UDP packet of either family: its flow, or a new one.

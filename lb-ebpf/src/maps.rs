@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr6, Affinity, Affinity6, AffinityKey, AffinityKey6, Backend, Backend6, BackendHop,
-    BackendHop6, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragPorts, GlobalConfig, IcmpLimit,
-    NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNat6,
+    BackendHop6, Flow, Flow6, FlowKey, FlowKey6, FragKey, FragKey6, FragPorts, GlobalConfig,
+    IcmpLimit, NodeAddr, Paths, Peer, Service, ServiceKey, ServiceKey6, SockRevNat, SockRevNat6,
     SockRevNatKey, SockRevNatKey6, SourceRange, SourceRange6, Traffic,
     maps::{SELECT_TABLE_FLAGS, decl},
 };
@@ -142,6 +142,10 @@ pub static XLB_RANGES6: LpmTrie<SourceRange6, u32> =
     LpmTrie::with_max_entries(decl::SOURCE_RANGES6.max_entries, decl::SOURCE_RANGES6.flags);
 
 #[map]
+pub static XLB_FRAGS6: LruHashMap<FragKey6, FragPorts> =
+    LruHashMap::with_max_entries(decl::FRAGS6.max_entries, decl::FRAGS6.flags);
+
+#[map]
 pub static XLB_PEERS6: HashMap<Addr6, Peer> =
     HashMap::with_max_entries(decl::PEERS6.max_entries, decl::PEERS6.flags);
 
@@ -181,10 +185,12 @@ pub const SCRATCH_PEER_KEY: usize = 21;
 pub const SCRATCH_CHOSEN: usize = 21;
 /// Word 26: the MTU a packet did not fit, for the packet-too-big stage.
 pub const SCRATCH_MTU: usize = 26;
+/// Word 27: the fragment header the last IPv6 walk met (`parse::ipv6`).
+pub const SCRATCH_FRAGMENT: usize = 27;
 
 /// This CPU's scratch space for a `T` from `XLB_SCRATCH6` word `word`
 /// (one of the `SCRATCH_*`): at most 40 bytes from word 16 on (up to
-/// word 26), 120 from word 1, 8-aligned.
+/// word 27), 120 from word 1, 8-aligned.
 #[inline(always)]
 pub fn scratch<T>(word: usize) -> Option<*mut T> {
     const { assert!(core::mem::size_of::<T>() <= 120 && core::mem::align_of::<T>() <= 8) };
@@ -193,7 +199,7 @@ pub fn scratch<T>(word: usize) -> Option<*mut T> {
     }
     let slot = XLB_SCRATCH6.get_ptr_mut(0)?;
     // SAFETY: checked above: the `T` ends inside the 256-byte slot.
-    Some(unsafe { slot.cast::<u64>().add(word.min(SCRATCH_MTU)).cast() })
+    Some(unsafe { slot.cast::<u64>().add(word.min(SCRATCH_FRAGMENT)).cast() })
 }
 
 #[map]

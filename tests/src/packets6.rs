@@ -218,9 +218,14 @@ impl Spec6 {
 /// (`packets::check_checksums` sends IPv6 frames here).
 pub fn check_checksums6(frame: &[u8]) -> Result<(), String> {
     let headers = PacketHeaders::from_ethernet_slice(frame).map_err(|e| e.to_string())?;
-    let Some(NetHeaders::Ipv6(ip, _)) = &headers.net else {
+    let Some(NetHeaders::Ipv6(ip, exts)) = &headers.net else {
         return Err("neither IPv4 nor IPv6".into());
     };
+    if exts.is_fragmenting_payload() {
+        // A fragment's L4 checksum is the whole datagram's: the rows check
+        // fragments byte for byte against ones cut from a whole datagram.
+        return Ok(());
+    }
     let payload = headers.payload.slice();
     let (found, want) = match &headers.transport {
         Some(TransportHeader::Udp(udp)) => (udp.checksum, udp.calc_checksum_ipv6(ip, payload)),
@@ -294,14 +299,62 @@ pub fn reset6_for(syn: &Spec6) -> Vec<u8> {
     out
 }
 
-/// The (src, sport, dst, dport) of an IPv6 TCP/UDP frame.
+/// The (src, sport, dst, dport) of an IPv6 TCP/UDP frame, or of the first
+/// fragment of a TCP/UDP datagram (its L4 header read from the fragment).
 pub fn tuple_of6(frame: &[u8]) -> Option<(Ipv6Addr, u16, Ipv6Addr, u16)> {
     let headers = PacketHeaders::from_ethernet_slice(frame).ok()?;
-    let Some(NetHeaders::Ipv6(ip, _)) = &headers.net else {
+    let Some(NetHeaders::Ipv6(ip, exts)) = &headers.net else {
         return None;
     };
-    let (sport, dport) = crate::packets::ports_of(&headers)?;
+    let (sport, dport) = match (crate::packets::ports_of(&headers), &exts.fragment) {
+        (Some(ports), _) => ports,
+        (None, Some(fragment)) if fragment.fragment_offset.value() == 0 => {
+            let etherparse::PayloadSlice::Ip(payload) = &headers.payload else {
+                return None;
+            };
+            match payload.ip_number.0 {
+                IPPROTO_UDP => {
+                    let (udp, _) = UdpHeader::from_slice(payload.payload).ok()?;
+                    (udp.source_port, udp.destination_port)
+                }
+                IPPROTO_TCP => {
+                    let (tcp, _) = TcpHeader::from_slice(payload.payload).ok()?;
+                    (tcp.source_port, tcp.destination_port)
+                }
+                _ => return None,
+            }
+        }
+        (None, _) => return None,
+    };
     Some((ip.source.into(), sport, ip.destination.into(), dport))
+}
+
+/// The upper-layer protocol of an IPv6 frame: its L4 header's, or for a
+/// fragment the fragment header's next header.
+pub fn l4_proto6(frame: &[u8]) -> Option<u8> {
+    let headers = PacketHeaders::from_ethernet_slice(frame).ok()?;
+    match &headers.payload {
+        etherparse::PayloadSlice::Ip(payload) => Some(payload.ip_number.0),
+        etherparse::PayloadSlice::Udp(_) => Some(IPPROTO_UDP),
+        etherparse::PayloadSlice::Tcp(_) => Some(IPPROTO_TCP),
+        _ => None,
+    }
+}
+
+/// An IPv6 frame's fragment header: (offset in 8-byte units, more
+/// fragments, identification, next header).
+pub fn fragment6_of(frame: &[u8]) -> Option<(u16, bool, u32, u8)> {
+    let headers = PacketHeaders::from_ethernet_slice(frame).ok()?;
+    let Some(NetHeaders::Ipv6(_, exts)) = &headers.net else {
+        return None;
+    };
+    let fragment = exts.fragment.as_ref()?;
+    Some((
+        fragment.fragment_offset.value(),
+        fragment.more_fragments,
+        fragment.identification,
+        fragment.next_header.0,
+    ))
 }
 
 /// An ICMPv6 neighbour solicitation from the client for `NODE6`.
@@ -397,4 +450,46 @@ pub fn echo_request6() -> Vec<u8> {
         .write(&mut frame, b"ping6")
         .expect("echo request");
     frame
+}
+
+/// `spec` as the fragments a sender makes of it: its extension headers
+/// (the unfragmentable part) in each, then a fragment header with `id`,
+/// then the piece of the L4 header and payload between two of `cuts`
+/// (multiples of 8). Cut from the whole datagram etherparse built, so the
+/// first fragment's L4 checksum covers all of it.
+pub fn fragments6(spec: &Spec6, cuts: &[usize], id: u32) -> Vec<Vec<u8>> {
+    let whole = spec.build();
+    let ip_at = Ethernet2Header::LEN;
+    let (ip, _) = Ipv6Header::from_slice(&whole[ip_at..]).expect("whole datagram parses");
+    let exts_len: usize = spec.exts.iter().map(|ext| ext.bytes(0).len()).sum();
+    let l4 = &whole[ip_at + Ipv6Header::LEN + exts_len..];
+    let mut bounds = vec![0];
+    bounds.extend_from_slice(cuts);
+    bounds.push(l4.len());
+    bounds
+        .windows(2)
+        .map(|piece| {
+            let (start, end) = (piece[0], piece[1]);
+            assert_eq!(
+                start % 8,
+                0,
+                "fragment offset {start} is not a multiple of 8"
+            );
+            let mut chain = spec.exts.clone();
+            chain.push(Ext::Fragment((start / 8) as u16, end < l4.len(), id));
+            let mut exts = Vec::new();
+            for (index, ext) in chain.iter().enumerate() {
+                let next = chain.get(index + 1).map_or(spec.proto(), Ext::number);
+                exts.extend(ext.bytes(next));
+            }
+            let mut header = ip.clone();
+            header.next_header = IpNumber(chain[0].number());
+            header.payload_length = (exts.len() + end - start) as u16;
+            let mut frame = whole[..ip_at].to_vec();
+            header.write(&mut frame).expect("ipv6");
+            frame.extend(exts);
+            frame.extend_from_slice(&l4[start..end]);
+            frame
+        })
+        .collect()
 }

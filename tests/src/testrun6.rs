@@ -98,12 +98,13 @@ pub fn configure_namespace(ns: &Netns) {
         .expect("IPv6 forwarding");
 }
 
-/// Loads `xlb6` and `xlb6_icmp` and puts them in `XLB_PROGS6`, as the
-/// agent does. A program the object does not have (an older build) is left
-/// out.
+/// Loads `xlb6`, `xlb6_frag` and `xlb6_icmp` and puts them in
+/// `XLB_PROGS6`, as the agent does. A program the object does not have (an
+/// older build) is left out.
 pub fn load_ipv6(bpf: &mut Ebpf) {
     for (index, name) in [
         (names::PROGS6_IPV6, names::PROGRAM6),
+        (names::PROGS6_FRAG, names::PROGRAM6_FRAG),
         (names::PROGS6_ICMP, names::PROGRAM6_ICMP),
     ] {
         let Some(program) = bpf.program_mut(name) else {
@@ -111,13 +112,13 @@ pub fn load_ipv6(bpf: &mut Ebpf) {
         };
         let program: &mut Xdp = program.try_into().expect("an XDP program");
         if let Err(error) = program.load() {
-            panic!("verifier rejects {name}: {error:?}");
+            panic!("the verifier refuses {name}: {error:?}");
         }
         let fd = program.fd().expect("program fd").try_clone().expect("fd");
         let mut progs: ProgramArray<_> =
             ProgramArray::try_from(bpf.map_mut(names::PROGS6).expect("XLB_PROGS6"))
                 .expect("prog array");
-        progs.set(index, &fd, 0).expect("program into XLB_PROGS6");
+        progs.set(index, &fd, 0).expect("a program into XLB_PROGS6");
     }
 }
 
@@ -160,6 +161,31 @@ impl Datapath {
             .get(key, 0)
             .ok()
             .or_else(|| self.new_flows6().get(key, 0).ok())
+    }
+
+    /// The ports `XLB_FRAGS6` recorded for an IPv6 datagram's first
+    /// fragment (host order), if any.
+    pub fn frag6_ports(
+        &mut self,
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        id: u32,
+        proto: u8,
+    ) -> Option<(u16, u16)> {
+        let frags: HashMap<_, lb_common::FragKey6, lb_common::FragPorts> =
+            HashMap::try_from(self.map_mut(names::FRAGS6)).expect("frags6 map");
+        let key = lb_common::FragKey6 {
+            src_addr_be: be6(src),
+            dst_addr_be: be6(dst),
+            id_be: id.to_be(),
+            proto,
+            _pad: [0; 3],
+        };
+        let ports = frags.get(&key, 0).ok()?;
+        Some((
+            u16::from_be(ports.src_port_be),
+            u16::from_be(ports.dst_port_be),
+        ))
     }
 
     /// Makes `addr` a local pod behind the veth `peer.ifindex`

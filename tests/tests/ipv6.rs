@@ -102,6 +102,64 @@ fn udp_answer(target: SocketAddr, wait: Duration) -> Result<String, String> {
         .map_err(|e| format!("{e:#}"))
 }
 
+/// The twin of icmp.rs's fragments test: datagrams larger than the
+/// links' 1500-byte MTU, which the client's and the backends' stacks
+/// fragment (an IPv6 fragment carries 1448 bytes of the datagram), reach
+/// the backend whole and come back whole: each first fragment is balanced,
+/// the later ones follow it (`xlb6_frag`) both ways.
+#[test]
+fn fragmented_udp6_datagrams_arrive_whole_both_ways() -> anyhow::Result<()> {
+    let lab = Lab::new(2)?;
+    let agent = Agent::start(&lab, &dual_stack_config())?;
+    let service = udp_echo_service6();
+    const FLOWS: usize = 100;
+
+    let served = lab.client.run(|| -> anyhow::Result<Vec<String>> {
+        let mut served = Vec::new();
+        for flow in 0..FLOWS {
+            let socket = udp_socket_for(service)?;
+            for len in [3000usize, 9000] {
+                let payload = pattern(len, (flow * 2 + len) as u32);
+                let (reply, from) = udp_exchange(&socket, service, &payload)?;
+                ensure!(from == service, "reply from {from}");
+                ensure!(
+                    reply == payload,
+                    "flow {flow}: {len}-byte datagram came back as {} bytes",
+                    reply.len()
+                );
+            }
+            let (who, _) = udp_who(&socket, service)?;
+            served.push(who.name);
+        }
+        Ok(served)
+    })??;
+    let exit = agent.stop_cleanly()?;
+    let per_backend: Vec<usize> = lab
+        .backends
+        .iter()
+        .map(|backend| served.iter().filter(|name| **name == backend.name).count())
+        .collect();
+    println!(
+        "{FLOWS} IPv6 flows, 3000 + 9000 bytes each way: per backend {per_backend:?}; \
+         fwd_fragment={} pass_fragment_unknown={}",
+        counter(&exit.log, "fwd_fragment"),
+        counter(&exit.log, "pass_fragment_unknown")
+    );
+    assert!(
+        per_backend.iter().all(|&n| n > 0),
+        "both backends serve: {per_backend:?}"
+    );
+    // 3000 bytes (3008 with the UDP header): 3 fragments, 9000: 7; both
+    // ways; all but the first follow.
+    let later = (FLOWS * ((3 - 1) + (7 - 1)) * 2) as u64;
+    assert!(
+        counter(&exit.log, "fwd_fragment") >= later,
+        "expected at least {later} later fragments followed:\n{}",
+        exit.log
+    );
+    Ok(())
+}
+
 // ---- dual-stack services ----
 
 #[test]

@@ -117,7 +117,7 @@ fn tcp_connections_survive_reloads_and_an_agent_restart() -> anyhow::Result<()> 
     let pinned = ["--bpffs", dir.as_str(), "--keep-attached"];
     let mut agent = start(&lab, &config, &pinned)?;
     assert_eq!(bpffs.pins("links"), ["xlb-b1", "xlb-b2", NODE_CLIENT_IF]);
-    assert_eq!(bpffs.pins("maps").len(), 29, "{:?}", bpffs.pins("maps"));
+    assert_eq!(bpffs.pins("maps").len(), 30, "{:?}", bpffs.pins("maps"));
 
     let mut connections = (0..8)
         .map(|_| Connection::open(&lab.client, node_port(TCP_PORT)))
@@ -222,7 +222,7 @@ fn detach_removes_what_keep_attached_left() -> anyhow::Result<()> {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("XDP detached from xlb-b1, xlb-c; 29 maps unpinned"),
+        stdout.contains("XDP detached from xlb-b1, xlb-c; 30 maps unpinned"),
         "{stdout}"
     );
     assert!(!xdp_attached(&lab)?);

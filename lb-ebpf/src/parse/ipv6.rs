@@ -1,16 +1,25 @@
 //! IPv6: the fixed header, then a bounded walk of the extension headers a
 //! TCP or UDP packet may carry before its L4 header (hop-by-hop options,
-//! routing, destination options), as far as `EXT_HEADERS_MAX` of them.
-//! A fragment header ends the walk (`pass_ipv6_fragment`: xlb does not
-//! follow IPv6 fragments yet); so does a routing header with segments left
+//! routing, destination options, fragment), as far as `EXT_HEADERS_MAX` of
+//! them. A first fragment's L4 header must follow its fragment header (it
+//! is balanced and its ports remembered; another extension header there is
+//! `pass_ipv6_ext_headers`); a later fragment's walk ends at its fragment
+//! header (`PassFragment`: it has no L4 header, `xlb6_frag` follows it);
+//! an atomic fragment (offset 0, no more) is a whole datagram. The fragment
+//! header's identification and next header are left in `XLB_SCRATCH6`
+//! (`SCRATCH_FRAGMENT`) rather than carried through the walk and `xlb6`'s
+//! frame, which has no byte to spare. A routing header with segments left
 //! (the destination address is not the packet's final one), and a chain
 //! out of RFC 8200's order (hop-by-hop options other than first, a second
 //! routing header, destination options twice on one side of the routing
-//! header): the kernel, which takes any order, gets those.
+//! header, a second fragment header or one after the routing header's
+//! destination options): the kernel, which takes any order, gets those.
 
 use super::{Frame, IpHeader, ptr_at};
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason};
 use network_types::ip::Ipv6Hdr;
+
+use crate::maps::{SCRATCH_FRAGMENT, scratch};
 
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
@@ -38,6 +47,39 @@ pub struct Ipv6 {
     /// the extension headers.
     pub l4_len: usize,
     pub proto: u8,
+    /// 1 for the first fragment of a fragmented datagram (its
+    /// identification: [`fragment`]). Not a `bool`: its niche would hold
+    /// `Result<Packet, _>`'s tag, a union member at an offset the kernel's
+    /// BTF check refuses.
+    pub first_fragment: u8,
+}
+
+/// `seen_bit`'s bit of a fragment header.
+const FRAGMENT: u8 = 1 << 4;
+/// Set in `seen` beside `FRAGMENT` for a first fragment (more follow).
+const FIRST_FRAGMENT: u8 = 1 << 5;
+/// Destination options after the routing header (`seen_bit`).
+const DEST_LAST: u8 = 1 << 3;
+
+/// The fragment header the last walk on this CPU met: (identification in
+/// memory order, next header). Only meaningful after a walk that found one
+/// (a first fragment, or `PassFragment`).
+#[inline(always)]
+pub fn fragment() -> Option<(u32, u8)> {
+    let slot = scratch::<u64>(SCRATCH_FRAGMENT)?;
+    // SAFETY: this CPU's scratch word; nothing else runs on it meanwhile.
+    let note = unsafe { core::ptr::read_volatile(slot) };
+    Some((note as u32, (note >> 32) as u8))
+}
+
+/// Leaves a fragment header's identification and next header for
+/// [`fragment`].
+#[inline(always)]
+fn note_fragment(id_be: u32, next: u8) {
+    if let Some(slot) = scratch::<u64>(SCRATCH_FRAGMENT) {
+        // SAFETY: as in `fragment`.
+        unsafe { core::ptr::write_volatile(slot, u64::from(next) << 32 | u64::from(id_be)) };
+    }
 }
 
 impl IpHeader for Ipv6 {
@@ -55,7 +97,7 @@ impl IpHeader for Ipv6 {
     }
     #[inline(always)]
     fn first_fragment(&self) -> bool {
-        false
+        self.first_fragment != 0
     }
 }
 
@@ -66,8 +108,9 @@ fn seen_bit(next: u8, seen: u8) -> u8 {
     const ROUTING: u8 = 1 << 1;
     match next {
         NEXTHDR_ROUTING => ROUTING,
-        NEXTHDR_DEST if seen & ROUTING != 0 => 1 << 3,
+        NEXTHDR_DEST if seen & ROUTING != 0 => DEST_LAST,
         NEXTHDR_DEST => 1 << 2,
+        NEXTHDR_FRAGMENT => FRAGMENT,
         _ => 1 << 0,
     }
 }
@@ -98,8 +141,37 @@ pub fn parse_ipv6<C: Frame>(
     let mut seen = 0u8;
     for index in 0..EXT_HEADERS_MAX {
         if next == NEXTHDR_FRAGMENT {
-            let _: *const [u8; FRAGMENT_LEN] = ptr_at(ctx, at)?;
-            return Err(Reason::PassIpv6Fragment);
+            let header: *const [u8; FRAGMENT_LEN] = ptr_at(ctx, at)?;
+            // SAFETY: ptr_at checked the 8 bytes are inside the packet.
+            let header = unsafe { *header };
+            if seen & (FRAGMENT | DEST_LAST) != 0 {
+                return Err(Reason::PassIpv6ExtHeaders);
+            }
+            let offset = u16::from_be_bytes([header[2], header[3]]) >> 3;
+            let more = header[3] & 1 != 0;
+            let id_be = u32::from_ne_bytes([header[4], header[5], header[6], header[7]]);
+            next = header[0];
+            if offset != 0 || more {
+                note_fragment(id_be, next);
+            }
+            if offset != 0 {
+                // Payload only, no L4 header: `xlb6_frag`'s, if TCP or UDP.
+                return Err(match next {
+                    IPPROTO_TCP | IPPROTO_UDP => Reason::PassFragment,
+                    _ => Reason::PassNotTcpUdp,
+                });
+            }
+            seen |= if more {
+                FRAGMENT | FIRST_FRAGMENT
+            } else {
+                FRAGMENT
+            };
+            at += FRAGMENT_LEN;
+            // The L4 header next, or the kernel's: the walk ends here as it
+            // does at any L4 header, rather than going on with the
+            // fragmentable part's own headers (rare), each way of which
+            // the verifier would walk the pipeline from.
+            break;
         }
         if next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST {
             break;
@@ -128,6 +200,7 @@ pub fn parse_ipv6<C: Frame>(
             l4_offset: at,
             l4_len: end - at,
             proto: next,
+            first_fragment: u8::from(seen & FIRST_FRAGMENT != 0),
         }),
         NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_FRAGMENT => {
             Err(Reason::PassIpv6ExtHeaders)

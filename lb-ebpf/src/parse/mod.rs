@@ -14,7 +14,7 @@ pub use eth::parse_eth;
 pub use icmp::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IcmpError, parse_icmp_error};
 pub use icmp6::{IcmpError6, parse_icmp6_error};
 pub use ipv4::{IP_DF, Ipv4, parse_ipv4, parse_ipv4_header};
-pub use ipv6::{Ipv6, parse_ipv6};
+pub use ipv6::{Ipv6, fragment as ipv6_fragment, parse_ipv6};
 pub use l4::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_l4, tcp_numbers};
 
 use aya_ebpf::programs::{TcContext, XdpContext};
@@ -122,7 +122,8 @@ pub fn parse<C: Frame>(ctx: &C) -> Result<Packet, Reason> {
 }
 
 /// Parses Ethernet, IPv6 (extension headers walked) and the TCP/UDP header
-/// of a frame; anything but an untagged IPv6 frame is `pass_not_ipv4`.
+/// of a frame; anything but an untagged IPv6 frame is `pass_not_ipv4`, a
+/// later fragment of a TCP/UDP datagram `PassFragment`.
 /// `forget`: see `parse_ipv6`.
 #[inline(always)]
 pub fn parse6<C: Frame>(ctx: &C, forget: fn(u64) -> u64) -> Result<Packet<V6>, Reason> {

@@ -141,9 +141,9 @@ fn load_object(sizes: &MapSizes, map_paths: &MapPins, debug: bool) -> Result<Ebp
         .map_err(|source| KernelError::Load { source })
 }
 
-/// Loads (verifies) the XDP programs (`xlb`, and `xlb6` and `xlb6_icmp`
-/// into the array `xlb` and `xlb6` tail-call for IPv6 and ICMPv6) and both
-/// tc programs. The kernel verifies
+/// Loads (verifies) the XDP programs (`xlb`; `xlb6`, into the array `xlb`
+/// tail-calls for IPv6, with `xlb6_frag` and `xlb6_icmp`, which `xlb6`
+/// tail-calls for later fragments and ICMPv6) and both tc programs. The kernel verifies
 /// one program per `BPF_PROG_LOAD`, on the caller's CPU: `xlb6` is
 /// verified on a thread of its own while `xlb` and the tc programs are
 /// (together most of the datapath's load time, which a cluster start waits
@@ -152,6 +152,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), KernelError> {
     let ipv6 = lb_common::maps::PROGRAM6;
     let names = [
         lb_common::maps::PROGRAM,
+        lb_common::maps::PROGRAM6_FRAG,
         lb_common::maps::PROGRAM6_ICMP,
         TcRole::Uplink.program(),
         TcRole::Pod.program(),
@@ -201,12 +202,8 @@ fn load_one(name: &'static str, program: &mut aya::programs::Program) -> Result<
 
 /// [`load_one`] without the timing.
 fn verify_one(name: &'static str, program: &mut aya::programs::Program) -> Result<(), KernelError> {
-    let xdp = [
-        lb_common::maps::PROGRAM,
-        lb_common::maps::PROGRAM6,
-        lb_common::maps::PROGRAM6_ICMP,
-    ];
-    if xdp.contains(&name) {
+    use lb_common::maps::{PROGRAM, PROGRAM6, PROGRAM6_FRAG, PROGRAM6_ICMP};
+    if [PROGRAM, PROGRAM6, PROGRAM6_FRAG, PROGRAM6_ICMP].contains(&name) {
         let program: &mut Xdp = program
             .try_into()
             .map_err(|source| KernelError::NotXdp { name, source })?;
@@ -222,20 +219,28 @@ fn verify_one(name: &'static str, program: &mut aya::programs::Program) -> Resul
         .map_err(|source| KernelError::VerifyTc { name, source })
 }
 
-/// Puts the loaded `xlb6` and `xlb6_icmp` in `XLB_PROGS6` (pinned, so it
-/// stays filled while no agent runs).
+/// Puts the loaded `xlb6`, `xlb6_frag` and `xlb6_icmp` in `XLB_PROGS6`
+/// (pinned, so it stays filled while no agent runs).
 pub(super) fn register_ipv6(ebpf: &mut Ebpf) -> Result<(), KernelError> {
+    use lb_common::maps::{
+        PROGRAM6, PROGRAM6_FRAG, PROGRAM6_ICMP, PROGS6_FRAG, PROGS6_ICMP, PROGS6_IPV6,
+    };
+    [
+        (PROGS6_IPV6, PROGRAM6),
+        (PROGS6_FRAG, PROGRAM6_FRAG),
+        (PROGS6_ICMP, PROGRAM6_ICMP),
+    ]
+    .into_iter()
+    .try_for_each(|(index, name)| register_tail(ebpf, index, name))
+}
+
+/// Puts the loaded XDP program `name` at `index` of `XLB_PROGS6`.
+fn register_tail(ebpf: &mut Ebpf, index: u32, name: &'static str) -> Result<(), KernelError> {
+    let not_xdp = |name, source| KernelError::NotXdp { name, source };
+    let program: &mut Xdp = super::program(ebpf, name, not_xdp)?;
     let verify = |source| KernelError::Verify { source };
-    let mut fds = Vec::new();
-    for (index, name) in [
-        (lb_common::maps::PROGS6_IPV6, lb_common::maps::PROGRAM6),
-        (lb_common::maps::PROGS6_ICMP, lb_common::maps::PROGRAM6_ICMP),
-    ] {
-        let not_xdp = |name, source| KernelError::NotXdp { name, source };
-        let program: &mut Xdp = super::program(ebpf, name, not_xdp)?;
-        let fd = program.fd().map_err(verify)?.try_clone();
-        fds.push((index, name, fd.map_err(|error| verify(error.into()))?));
-    }
+    let fd = program.fd().map_err(verify)?.try_clone();
+    let fd = fd.map_err(|error| verify(error.into()))?;
     let map = lb_common::maps::PROGS6;
     let mut progs = ebpf
         .map_mut(map)
@@ -243,16 +248,13 @@ pub(super) fn register_ipv6(ebpf: &mut Ebpf) -> Result<(), KernelError> {
         .and_then(|found| {
             ProgramArray::try_from(found).map_err(|source| OpenError::Kind { name: map, source })
         })?;
-    for (index, name, fd) in fds {
-        progs
-            .set(index, &fd, 0)
-            .map_err(|source| KernelError::RedirectMap {
-                map,
-                interface: name.to_owned(),
-                source: Box::new(source),
-            })?;
-    }
-    Ok(())
+    progs
+        .set(index, &fd, 0)
+        .map_err(|source| KernelError::RedirectMap {
+            map,
+            interface: name.to_owned(),
+            source: Box::new(source),
+        })
 }
 
 /// Whether `name` is one of the configuration group's maps.

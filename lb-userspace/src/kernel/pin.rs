@@ -395,7 +395,7 @@ mod tests {
     fn every_pinned_map_has_a_spec_and_config_maps_are_among_them() {
         let specs = map_specs(&MapSizes::default());
         // 18 for IPv4 and the shared ones, 11 more for IPv6.
-        assert_eq!(specs.len(), 29);
+        assert_eq!(specs.len(), 30);
         for name in config_maps() {
             assert!(specs.iter().any(|spec| spec.name == name), "{name}");
         }

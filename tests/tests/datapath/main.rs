@@ -496,7 +496,7 @@ fn an_unassured_udp_flow_yields_its_masquerade_port() {
 }
 
 /// Prints the size of the loaded `xlb` program (IPv4, and the hand-off of
-/// IPv6 frames), of `xlb6` and of `xlb6_icmp` as the verifier left them (xlated) and as
+/// IPv6 frames), of `xlb6`, `xlb6_frag` and `xlb6_icmp` as the verifier left them (xlated) and as
 /// JITed, for comparing builds.
 #[test]
 fn program_size() {
@@ -504,6 +504,7 @@ fn program_size() {
         for name in [
             lb_common::maps::PROGRAM,
             lb_common::maps::PROGRAM6,
+            lb_common::maps::PROGRAM6_FRAG,
             lb_common::maps::PROGRAM6_ICMP,
         ] {
             let info = dp.program_named(name).info().expect("program info");
@@ -545,6 +546,7 @@ fn datapath_debug_variant_loads() {
     for name in [
         lb_common::maps::PROGRAM,
         lb_common::maps::PROGRAM6,
+        lb_common::maps::PROGRAM6_FRAG,
         lb_common::maps::PROGRAM6_ICMP,
     ] {
         let program: &mut aya::programs::Xdp = bpf

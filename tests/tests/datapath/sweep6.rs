@@ -108,17 +108,18 @@ pub fn check(
 /// length, hop limit one lower, its tuple exactly the rewrite conntrack
 /// holds for the input's tuple, and its checksum correct if the input's was.
 fn check_forwarded(dp: &mut Datapath, input: &[u8], output: &[u8]) -> Result<(), String> {
+    if let Some((offset, _, id, next)) = fragment6_of(input)
+        && offset != 0
+    {
+        return check_forwarded_fragment(dp, input, output, id, next);
+    }
     let (src, sport, dst, dport) =
         tuple_of6(input).ok_or("forwarded an IPv6 frame etherparse rejects")?;
     let out_tuple = tuple_of6(output).ok_or("forwarded output does not parse")?;
     if output.len() != input.len() {
         return Err(format!("length {} -> {}", input.len(), output.len()));
     }
-    let proto = if out_tuple_is_udp(input) {
-        IPPROTO_UDP
-    } else {
-        IPPROTO_TCP
-    };
+    let proto = l4_proto6(input).ok_or("forwarded a frame of no L4 protocol")?;
     let flow = dp
         .flow6(&key6(src, sport, dst, dport, proto))
         .ok_or("forwarded without a conntrack entry")?;
@@ -139,6 +140,42 @@ fn check_forwarded(dp: &mut Datapath, input: &[u8], output: &[u8]) -> Result<(),
     }
     if check_checksums(input).is_ok() {
         check_checksums(output)?;
+    }
+    Ok(())
+}
+
+/// A forwarded later fragment must be its datagram's first fragment's
+/// (`XLB_FRAGS6` holds its ports) and leave with the IPv6 header that
+/// flow's conntrack entry says, hop limit one lower, everything after the
+/// IPv6 header (fragment header and payload) as it came.
+fn check_forwarded_fragment(
+    dp: &mut Datapath,
+    input: &[u8],
+    output: &[u8],
+    id: u32,
+    proto: u8,
+) -> Result<(), String> {
+    let addr_at = |frame: &[u8], at: usize| {
+        let octets: [u8; 16] = frame[at..at + 16].try_into().expect("16 bytes");
+        std::net::Ipv6Addr::from(octets)
+    };
+    let (src, dst) = (addr_at(input, 22), addr_at(input, 38));
+    let (sport, dport) = dp
+        .frag6_ports(src, dst, id, proto)
+        .ok_or("forwarded a later fragment of no remembered first fragment")?;
+    let flow = dp
+        .flow6(&key6(src, sport, dst, dport, proto))
+        .ok_or("forwarded a later fragment without a conntrack entry")?;
+    let want = (
+        lb_common::family::octets6(flow.new_src_addr_be),
+        lb_common::family::octets6(flow.new_dst_addr_be),
+    );
+    let got = (addr_at(output, 22).octets(), addr_at(output, 38).octets());
+    if got != want || output.len() != input.len() || output[54..] != input[54..] {
+        return Err("later fragment not rewritten as its flow says".into());
+    }
+    if output[21] + 1 != input[21] {
+        return Err("hop limit not decremented by one".into());
     }
     Ok(())
 }
@@ -183,17 +220,10 @@ fn check_rejected(input: &[u8], output: &[u8]) -> Result<(), String> {
     }
 }
 
-fn out_tuple_is_udp(frame: &[u8]) -> bool {
-    matches!(
-        etherparse::PacketHeaders::from_ethernet_slice(frame).map(|h| h.transport),
-        Ok(Some(etherparse::TransportHeader::Udp(_)))
-    )
-}
-
 /// The backend's answer to a frame forwarded to it.
 fn reply_to(at_backend: &[u8]) -> Option<Vec<u8>> {
     let (src, sport, dst, dport) = tuple_of6(at_backend)?;
-    let l4 = if out_tuple_is_udp(at_backend) {
+    let l4 = if l4_proto6(at_backend) == Some(IPPROTO_UDP) {
         L4::Udp
     } else {
         L4::Tcp(SYN | ACK)

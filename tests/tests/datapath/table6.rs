@@ -169,6 +169,7 @@ pub fn rows() -> Vec<Row> {
     rows.extend(too_big_rows());
     rows.extend(header_rows());
     rows.extend(icmp_rows());
+    rows.extend(fragment_rows());
     rows
 }
 
@@ -663,21 +664,38 @@ fn header_rows() -> Vec<Row> {
             },
         },
         Row {
-            name: "IPv6 first fragment passes (IPv6 fragments are not followed yet)",
+            name: "IPv6 two fragment headers pass (out of order)",
             verdict: XDP_PASS,
-            reason: Reason::PassIpv6Fragment,
+            reason: Reason::PassIpv6ExtHeaders,
             case: |dp| {
-                let exts = vec![Ext::Fragment(0, true, 0x1234_5678)];
-                unchanged(dp, with_exts(udp6(41_106), exts).build())
+                let exts = vec![
+                    Ext::Fragment(0, true, 0x1234_5678),
+                    Ext::Fragment(0, true, 0x1234_5679),
+                ];
+                unchanged(dp, with_exts(udp6(41_113), exts).build())
             },
         },
         Row {
-            name: "IPv6 later fragment behind hop-by-hop options passes",
+            name: "IPv6 first fragment with an extension header after its fragment header passes",
             verdict: XDP_PASS,
-            reason: Reason::PassIpv6Fragment,
+            reason: Reason::PassIpv6ExtHeaders,
             case: |dp| {
-                let exts = vec![Ext::HopByHop(0), Ext::Fragment(4, false, 0x1234_5678)];
-                unchanged(dp, with_exts(udp6(41_107), exts).build())
+                let exts = vec![Ext::Fragment(0, true, 0x1234_5678), Ext::DestOpts(0)];
+                unchanged(dp, with_exts(udp6(41_115), exts).build())
+            },
+        },
+        Row {
+            name: "IPv6 truncated fragment header passes as malformed",
+            verdict: XDP_PASS,
+            reason: Reason::PassMalformed,
+            case: |dp| {
+                let exts = vec![Ext::Fragment(4, true, 0x1234_5678)];
+                let mut frame = with_exts(udp6(41_114), exts).build();
+                // The fixed header and half the fragment header; the
+                // payload length says as much.
+                frame.truncate(14 + 40 + 4);
+                frame[18..20].copy_from_slice(&4u16.to_be_bytes());
+                unchanged(dp, frame)
             },
         },
         Row {
@@ -1007,6 +1025,163 @@ fn icmp_other_rows() -> Vec<Row> {
             verdict: XDP_PASS,
             reason: Reason::PassNotTcpUdp,
             case: |dp| unchanged(dp, echo_request6()),
+        },
+    ]
+}
+
+/// Where the fragment rows cut their datagram's UDP header and payload:
+/// three fragments (offsets are 8-byte multiples).
+const FRAGMENT6_CUTS: [usize; 2] = [24, 48];
+
+/// A UDP datagram to the IPv6 NodePort long enough for `FRAGMENT6_CUTS`.
+fn big_udp6(sport: u16) -> Spec6 {
+    let mut spec = udp6(sport);
+    spec.payload = (0..64).collect();
+    spec
+}
+
+/// The fragment header's identification of the rows' datagrams.
+const FRAG_ID: u32 = 0x5eed_f00d;
+
+/// Fragment `index` of `spec` from the client, its earlier fragments sent
+/// first: it must leave as the same fragment of the datagram as the
+/// backend gets it whole (DNAT and masquerade; the IPv6 header rewritten,
+/// the extension and fragment headers kept, the L4 checksum the first
+/// fragment's of the whole).
+fn fragment6_case(dp: &mut Datapath, spec: Spec6, index: usize) -> Case {
+    let pieces = fragments6(&spec, &FRAGMENT6_CUTS, FRAG_ID);
+    for piece in &pieces[..index] {
+        let (verdict, _) = dp.run(piece, dp.client_ifindex);
+        assert_eq!(
+            verdict, XDP_REDIRECT,
+            "an earlier fragment was not forwarded"
+        );
+    }
+    let key = spec.key();
+    let after: Option<crate::table::AfterCheck> = Some(Box::new(move |dp: &mut Datapath| {
+        let ports = dp.frag6_ports(CLIENT6, NODE6, FRAG_ID, key.proto);
+        assert_eq!(
+            ports,
+            Some((u16::from_be(key.src_port_be), UDP_NODE_PORT)),
+            "the first fragment's ports are remembered"
+        );
+    }));
+    Case {
+        input: pieces[index].clone(),
+        ifindex: dp.client_ifindex,
+        expect: Expect::Frame(Box::new(move |dp: &mut Datapath| {
+            let flow = dp
+                .flow6(&spec.key())
+                .expect("conntrack has the datagram's flow");
+            let backend = Ipv6Addr::from(lb_common::family::octets6(flow.new_dst_addr_be));
+            let sport = u16::from_be(flow.new_src_port_be);
+            let eth = (NODE_B_MAC, backend6_mac(backend));
+            let forwarded = spec.forwarded(eth, (NODE6_B, sport), (backend, UDP_TARGET_PORT));
+            fragments6(&forwarded, &FRAGMENT6_CUTS, FRAG_ID)[index].clone()
+        })),
+        after,
+    }
+}
+
+fn fragment_rows() -> Vec<Row> {
+    vec![
+        Row {
+            name: "IPv6 first fragment of a UDP datagram is balanced like the datagram, its ports remembered",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| fragment6_case(dp, big_udp6(41_200), 0),
+        },
+        Row {
+            name: "IPv6 middle fragment follows its first fragment's flow (DNAT, masquerade, fragment header kept)",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdFragment,
+            case: |dp| fragment6_case(dp, big_udp6(41_201), 1),
+        },
+        Row {
+            name: "IPv6 last fragment follows its first fragment's flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdFragment,
+            case: |dp| fragment6_case(dp, big_udp6(41_202), 2),
+        },
+        Row {
+            name: "IPv6 later fragment behind hop-by-hop options follows its first fragment's flow",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdFragment,
+            case: |dp| {
+                let spec = with_exts(big_udp6(41_203), vec![Ext::HopByHop(0)]);
+                fragment6_case(dp, spec, 2)
+            },
+        },
+        Row {
+            name: "IPv6 later fragment of an unknown datagram (or before its first) passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassFragmentUnknown,
+            case: |dp| {
+                let pieces = fragments6(&big_udp6(41_204), &FRAGMENT6_CUTS, 0x0bad_f00d);
+                unchanged(dp, pieces[1].clone())
+            },
+        },
+        Row {
+            name: "IPv6 later fragment behind hop-by-hop options of an unknown datagram passes",
+            verdict: XDP_PASS,
+            reason: Reason::PassFragmentUnknown,
+            case: |dp| {
+                let spec = with_exts(big_udp6(41_205), vec![Ext::HopByHop(0)]);
+                let pieces = fragments6(&spec, &FRAGMENT6_CUTS, 0x0bad_f00e);
+                unchanged(dp, pieces[2].clone())
+            },
+        },
+        Row {
+            name: "IPv6 atomic fragment (offset 0, no more) is balanced as a whole datagram",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdNewFlow,
+            case: |dp| {
+                let spec = with_exts(udp6(41_206), vec![Ext::Fragment(0, false, 0x0a70_0001)]);
+                let case = forward_case(dp, spec.clone(), true);
+                Case {
+                    after: Some(Box::new(move |dp: &mut Datapath| {
+                        let ports = dp.frag6_ports(CLIENT6, NODE6, 0x0a70_0001, spec.proto());
+                        assert_eq!(ports, None, "an atomic fragment is no datagram's first");
+                    })),
+                    ..case
+                }
+            },
+        },
+        Row {
+            name: "IPv6 later fragment of a backend's reply follows the flow back to the client",
+            verdict: XDP_REDIRECT,
+            reason: Reason::FwdFragment,
+            case: |dp| {
+                let client = udp6(41_207);
+                let at_backend = send_from_client6(dp, &client);
+                let reply = at_backend.reply(L4::Udp, &[7u8; 64]);
+                let pieces = fragments6(&reply, &FRAGMENT6_CUTS, FRAG_ID);
+                let (verdict, _) = dp.run(&pieces[0], dp.backend_ifindex);
+                assert_eq!(verdict, XDP_REDIRECT, "first fragment of the reply");
+                let to_client = reply.forwarded(
+                    (NODE_MAC, CLIENT_MAC),
+                    (NODE6, client.dport),
+                    (CLIENT6, client.sport),
+                );
+                let want = fragments6(&to_client, &FRAGMENT6_CUTS, FRAG_ID)[2].clone();
+                Case {
+                    input: pieces[2].clone(),
+                    ifindex: dp.backend_ifindex,
+                    expect: Expect::Frame(Box::new(move |_| want)),
+                    after: None,
+                }
+            },
+        },
+        Row {
+            name: "IPv6 later fragment of an ICMPv6 message passes untouched",
+            verdict: XDP_PASS,
+            reason: Reason::PassNotTcpUdp,
+            case: |dp| {
+                let mut frame = fragments6(&big_udp6(41_208), &FRAGMENT6_CUTS, FRAG_ID)[1].clone();
+                // The fragment header's next header: ICMPv6.
+                frame[14 + 40] = 58;
+                unchanged(dp, frame)
+            },
         },
     ]
 }
