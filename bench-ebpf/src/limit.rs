@@ -1,7 +1,7 @@
 //! The lab benchmark's ceiling (`cargo xtask bench`): the least an XDP load
 //! balancer must do on this path. UDP to the benchmark port gets new MACs and
 //! is redirected to one of the backend links, chosen by source port; no NAT,
-//! no lookups, no state. Everything else is passed.
+//! no lookups, no state; in both families. Everything else is passed.
 //!
 //! Two yardsticks between the ceiling and xlb give each cost a name:
 //! `xlb_limit_nat` adds the stateless NAT rewrite (addresses, port,
@@ -44,27 +44,48 @@ mod prog {
 
     /// The limit's part of every program: a UDP frame to the benchmark port
     /// gets its target's MACs; returns the frame and the target's index,
-    /// or `None` for anything else (passed).
+    /// or `None` for anything else (passed). With `ipv6`, an IPv6 frame
+    /// without extension headers too (the family part's ceiling); the
+    /// yardsticks rewrite IPv4 headers and take IPv4 only.
     #[inline(always)]
-    fn forward(ctx: &XdpContext) -> Option<(*mut u8, u32)> {
+    fn forward(ctx: &XdpContext, ipv6: bool) -> Option<(*mut u8, u32)> {
         let start = ctx.data();
         if start + 42 > ctx.data_end() {
             return None;
         }
         let frame = start as *mut u8;
         // SAFETY: the 42 bytes read below are inside the frame.
-        let (ether_type, version_ihl, proto, src_port, dst_port) = unsafe {
+        let (ether_type, version_ihl, proto) = unsafe {
             (
                 (frame.add(12) as *const [u8; 2]).read_unaligned(),
                 *frame.add(14),
                 *frame.add(23),
-                u16::from_be_bytes((frame.add(34) as *const [u8; 2]).read_unaligned()),
-                u16::from_be_bytes((frame.add(36) as *const [u8; 2]).read_unaligned()),
             )
         };
-        if ether_type != [0x08, 0x00] || version_ihl != 0x45 || proto != 17 {
+        // Where the UDP ports are: after the 20-byte IPv4 header, or after
+        // the 40-byte IPv6 one (next header at byte 20).
+        let ports_at = if ether_type == [0x08, 0x00] && version_ihl == 0x45 && proto == 17 {
+            34
+        } else if ipv6
+            && ether_type == [0x86, 0xdd]
+            && start + 58 <= ctx.data_end()
+            // SAFETY: byte 20 is inside the 42 checked above.
+            && unsafe { *frame.add(20) } == 17
+        {
+            54
+        } else {
+            return None;
+        };
+        if start + ports_at + 4 > ctx.data_end() {
             return None;
         }
+        // SAFETY: the 4 bytes of ports are inside the frame (checked above).
+        let (src_port, dst_port) = unsafe {
+            (
+                u16::from_be_bytes((frame.add(ports_at) as *const [u8; 2]).read_unaligned()),
+                u16::from_be_bytes((frame.add(ports_at + 2) as *const [u8; 2]).read_unaligned()),
+            )
+        };
         let targets = LIMIT_CONFIG.get(LIMIT_CFG_TARGETS)?;
         let port = LIMIT_CONFIG.get(LIMIT_CFG_PORT)?;
         if *targets == 0 || *port != u32::from(dst_port) {
@@ -89,10 +110,10 @@ mod prog {
         }
     }
 
-    /// The ceiling: new MACs and a redirect, nothing else.
+    /// The ceiling: new MACs and a redirect, nothing else (IPv4 and IPv6).
     #[xdp]
     pub fn xlb_limit(ctx: XdpContext) -> u32 {
-        match forward(&ctx) {
+        match forward(&ctx, true) {
             Some((_, index)) => redirect(index),
             None => xdp_action::XDP_PASS,
         }
@@ -104,7 +125,7 @@ mod prog {
     /// state.
     #[xdp]
     pub fn xlb_limit_nat(ctx: XdpContext) -> u32 {
-        let Some((frame, index)) = forward(&ctx) else {
+        let Some((frame, index)) = forward(&ctx, false) else {
             return xdp_action::XDP_PASS;
         };
         let Some(nat) = LIMIT_NAT.get(index) else {
@@ -120,7 +141,7 @@ mod prog {
     /// key, BPF_ANY), the write a conntrack does for a new flow.
     #[xdp]
     pub fn xlb_limit_lru(ctx: XdpContext) -> u32 {
-        let Some((frame, index)) = forward(&ctx) else {
+        let Some((frame, index)) = forward(&ctx, false) else {
             return xdp_action::XDP_PASS;
         };
         // SAFETY: bytes 26..38 (addresses and ports) are inside the frame.

@@ -10,6 +10,8 @@
 //! noisy figures). Each path's spread over rounds (interquartile range of
 //! the per-round means) says how far its median can be trusted.
 
+mod ipv6;
+
 use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, anyhow};
@@ -60,6 +62,26 @@ const PATHS: &[PathSpec] = &[
         name: "not_ours_pass",
         what: "UDP to a port that is no service: passed untouched",
         goal: Some(1.1),
+    },
+    PathSpec {
+        name: "new_udp_flow6",
+        what: "new_udp_flow in IPv6: xlb's tail call to xlb6, the flat pipeline's stages",
+        goal: Some(3.0),
+    },
+    PathSpec {
+        name: "established_udp6",
+        what: "established_udp in IPv6 (through xlb and its tail call, as frames arrive)",
+        goal: Some(1.3),
+    },
+    PathSpec {
+        name: "established_udp6_xlb6",
+        what: "established_udp6 run on xlb6 itself: without the tail call",
+        goal: None,
+    },
+    PathSpec {
+        name: "reply_reverse_nat6",
+        what: "reply_reverse_nat in IPv6",
+        goal: Some(1.3),
     },
 ];
 
@@ -284,7 +306,11 @@ fn measure_path(dp: &mut Datapath, name: &str, round: u32, packets: u32) -> anyh
             vec![(reply.build(), dp.backend_ifindex)]
         }
         "not_ours_pass" => vec![(Spec::from_client(40_000, 5353, L4::Udp).build(), client_if)],
-        other => return Err(anyhow!("unknown path {other}")),
+        "established_udp6_xlb6" => {
+            let frame = ipv6::established_udp(dp, round)?;
+            return Ok(ipv6::direct_ns(dp, &frame, packets));
+        }
+        other => ipv6::frames(dp, other, round, packets)?,
     };
     let mut total = Duration::ZERO;
     for index in 0..packets as usize {

@@ -1,8 +1,11 @@
 //! IPv6 beside IPv4 (`xlb-bench lab`'s family part): the UDP flood through
-//! xlb and through kube-proxy's rules (iptables for IPv4, ip6tables for
-//! IPv6), each system on one dual-stack lab, both families measured on it
-//! in turn: 1 flow, 60k flows and new flows, so IPv6's cost over IPv4 is a
-//! ratio of figures taken seconds apart on the same lab.
+//! xlb, through kube-proxy's rules (iptables for IPv4, ip6tables for
+//! IPv6) and through the stateless limit, each system on one dual-stack
+//! lab, both families measured on it in turn: 1 flow, 60k flows and new
+//! flows, so IPv6's cost over IPv4 is a ratio of figures taken seconds
+//! apart on the same lab. IPv6 frames are 4 bytes longer on the wire and
+//! the generator and the veths move them too, so each family is also
+//! measured against the limit in its own family.
 //!
 //! ```text
 //!  gen ns                  node ns                       bN ns
@@ -20,14 +23,17 @@ use anyhow::Context as _;
 use xlb_bench_ebpf::GenConfig;
 use xlb_bench_ebpf::template::{Sources, Template6};
 
-use super::progs::{Flows, Generator, Sink, gen_config};
+use super::progs::{Flows, Generator, Sink, Window, gen_config};
 use super::report::Figure;
 use super::services::{BenchConfig, FLOOD_NODE_PORT, FLOOD_TARGET_PORT};
 use super::topology::{
     self, BACKEND_NAMESPACES, BenchLab, GEN_MAC, NODE_GEN_IF, NODE_GEN_MAC, POD_IF,
     PODS_PER_BACKEND,
 };
-use super::{Plan, Running, System, agent, configure, kernel_udp_timeout};
+use super::{Plan, Running, System, agent, configure, kernel_udp_timeout, runtime};
+
+mod table;
+pub use table::table;
 
 /// The node's IPv6 address on the generator link: the flood's NodePort.
 pub const NODE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
@@ -53,7 +59,7 @@ fn pod_addr6(index: u8, pod: u8) -> Ipv6Addr {
 }
 
 /// The measured families' tests, in order.
-const TESTS: [(&str, Flows); 3] = [
+pub(crate) const TESTS: [(&str, Flows); 3] = [
     ("udp_pps_1_flow", Flows::Cycle(1)),
     ("udp_pps_60k_flows", Flows::Cycle(MANY_FLOWS)),
     ("new_flows_per_s", Flows::New),
@@ -67,6 +73,11 @@ pub struct FamilyFigures {
     pub ipv4: BTreeMap<String, Figure>,
     /// test -> IPv6 packets/s delivered.
     pub ipv6: BTreeMap<String, Figure>,
+    /// test -> the system's BPF ns per delivered packet (IPv4, IPv6):
+    /// medians of the repeats, where it has programs.
+    pub bpf_ns: BTreeMap<String, (f64, f64)>,
+    /// test -> packets/s the generator offered (IPv4, IPv6): medians.
+    pub offered: BTreeMap<String, (f64, f64)>,
     pub error: Option<String>,
     pub notes: Vec<String>,
 }
@@ -228,6 +239,8 @@ struct DualBench {
     running: Running,
     generator: Generator,
     sink: Sink,
+    /// The system's BPF programs, for their run time per window.
+    programs: runtime::Programs,
     lab: BenchLab,
 }
 
@@ -237,8 +250,11 @@ impl DualBench {
         wire6(&lab).context("wiring IPv6")?;
         let sink = Sink::attach(&lab, [FLOOD_TARGET_PORT, FLOOD_NODE_PORT])?;
         let generator = Generator::load(&lab)?;
+        let newest = runtime::newest_id()?;
         let running = match system {
             System::Xlb => Running::Xlb(agent::Agent::start(&lab, &xlb_yaml(config))?),
+            // The limit forwards both families' frames alike.
+            System::Limit => configure(System::Limit, &lab, config)?.0,
             System::Iptables => {
                 let (running, _) = configure(System::Iptables, &lab, config)?;
                 let path = lab.dir().join("ip6tables.rules");
@@ -251,18 +267,21 @@ impl DualBench {
             }
             other => anyhow::bail!("{} has no IPv6 part", other.name()),
         };
+        let programs = runtime::Programs::loaded_since(newest, runtime::programs_of(system))?;
         Ok(DualBench {
             system,
             running,
             generator,
             sink,
+            programs,
             lab,
         })
     }
 
-    /// Delivered packets/s of `flows` in one family; for xlb, whether an
-    /// established window created flows (then it is not established).
-    fn udp(&mut self, ipv6: bool, flows: Flows, plan: Plan) -> anyhow::Result<(f64, Option<u64>)> {
+    /// One window of `flows` in one family: delivered packets/s, for xlb
+    /// the flows it created (an established window should create none),
+    /// the BPF run time.
+    fn udp(&mut self, ipv6: bool, flows: Flows, plan: Plan) -> anyhow::Result<Window> {
         let cfg = if ipv6 {
             gen_config6(FLOOD_NODE_PORT, flows)
         } else {
@@ -276,7 +295,9 @@ impl DualBench {
             .as_ref()
             .map(|datapath| move || agent::new_flows(datapath));
         let sink = &self.sink;
-        let window = self.generator.measure_frames(
+        let programs = &self.programs;
+        let bpf = (!programs.is_empty()).then_some(move || programs.snapshot());
+        self.generator.measure_frames(
             cfg,
             flows,
             (plan.warmup, plan.window),
@@ -284,13 +305,14 @@ impl DualBench {
             new_flows
                 .as_ref()
                 .map(|count| count as &dyn Fn() -> anyhow::Result<u64>),
-            None,
-        )?;
-        Ok((window.delivered_pps, window.new_flows))
+            bpf.as_ref()
+                .map(|snapshot| snapshot as &dyn Fn() -> anyhow::Result<(u64, u64)>),
+        )
     }
 }
 
-/// The IPv6 part: xlb and iptables/ip6tables (those of `systems`), each on
+/// The IPv6 part: xlb, iptables/ip6tables and the limit (those of
+/// `systems`), each on
 /// a dual-stack lab, every test in both families, the order of systems and
 /// families rotating with each repeat. Whether a measurement failed.
 pub(super) fn run(
@@ -307,7 +329,7 @@ pub(super) fn run(
     let mut figures = Vec::new();
     for &system in systems
         .iter()
-        .filter(|system| matches!(system, System::Xlb | System::Iptables))
+        .filter(|system| matches!(system, System::Xlb | System::Iptables | System::Limit))
     {
         eprintln!(
             "xlb-bench: setting up {} on a dual-stack lab ...",
@@ -334,13 +356,30 @@ pub(super) fn run(
     super::process::pin_node_napi_threads();
     let (samples, created) = measure_all(&mut benches, &mut figures, plan, &mut failed);
     for ((entry, samples), created) in figures.iter_mut().zip(samples).zip(created) {
-        for ((ipv6, test), values) in samples {
-            let map = if ipv6 {
+        for ((ipv6, test), windows) in &samples {
+            let map = if *ipv6 {
                 &mut entry.ipv6
             } else {
                 &mut entry.ipv4
             };
-            map.insert(test.to_owned(), Figure::of(values));
+            let delivered = windows.iter().map(|window| window.delivered_pps);
+            map.insert((*test).to_owned(), Figure::of(delivered.collect()));
+        }
+        for (test, _) in TESTS {
+            let both = |of: &dyn Fn(&Window) -> Option<f64>| {
+                let median = |ipv6: bool| {
+                    let values: Vec<f64> =
+                        samples.get(&(ipv6, test))?.iter().filter_map(of).collect();
+                    (!values.is_empty()).then(|| Figure::of(values).median)
+                };
+                median(false).zip(median(true))
+            };
+            if let Some(pair) = both(&|window| window.bpf.map(|bpf| bpf.ns_per_delivered)) {
+                entry.bpf_ns.insert(test.to_owned(), pair);
+            }
+            if let Some(pair) = both(&|window| Some(window.offered_pps)) {
+                entry.offered.insert(test.to_owned(), pair);
+            }
         }
         failed |= !created.is_empty();
         entry.notes.extend(created);
@@ -357,7 +396,7 @@ pub(super) fn run(
 }
 
 /// What each bench's repeats measured, by (IPv6, test).
-type Samples = BTreeMap<(bool, &'static str), Vec<f64>>;
+type Samples = BTreeMap<(bool, &'static str), Vec<Window>>;
 
 /// Every test in both families on every bench, `plan.repeats` times, the
 /// order of systems and of families rotating; a bench that fails leaves
@@ -392,9 +431,9 @@ fn measure_all(
                         plan.repeats
                     );
                     match bench.udp(ipv6, flows, plan) {
-                        Ok((pps, new)) => {
-                            samples[slot].entry((ipv6, test)).or_default().push(pps);
-                            if let (Flows::Cycle(count), Some(new)) = (flows, new)
+                        Ok(window) => {
+                            samples[slot].entry((ipv6, test)).or_default().push(window);
+                            if let (Flows::Cycle(count), Some(new)) = (flows, window.new_flows)
                                 && new > u64::from(count) / 100
                             {
                                 created[slot].push(format!(
@@ -423,75 +462,6 @@ fn family_name(system: System) -> &'static str {
     match system {
         System::Iptables => "ip(6)tables",
         other => other.name(),
-    }
-}
-
-/// The part as text: each system's figures by family and IPv6/IPv4, then
-/// xlb over ip(6)tables per family.
-pub fn table(figures: &[FamilyFigures]) -> String {
-    let mut out = String::from(
-        "\nIPv6 beside IPv4 (UDP to the flood NodePort, delivered packets/s; each system on one \
-         dual-stack lab, families measured in turn)\n",
-    );
-    let _ = writeln!(
-        out,
-        "{:<12} {:<18} {:>10} {:>10} {:>10}",
-        "system", "test", "IPv4", "IPv6", "IPv6/IPv4"
-    );
-    for entry in figures {
-        if let Some(error) = &entry.error {
-            let line = error.lines().next().unwrap_or_default();
-            let _ = writeln!(out, "{:<12} FAILED: {line}", entry.system);
-            continue;
-        }
-        for (test, _) in TESTS {
-            let v4 = entry.ipv4.get(test).map(|figure| figure.median);
-            let v6 = entry.ipv6.get(test).map(|figure| figure.median);
-            let cell = |value: Option<f64>| value.map_or_else(|| "-".to_owned(), mpps);
-            let ratio = v4
-                .zip(v6)
-                .filter(|(v4, _)| *v4 > 0.0)
-                .map_or_else(|| "-".to_owned(), |(v4, v6)| format!("{:.2}x", v6 / v4));
-            let _ = writeln!(
-                out,
-                "{:<12} {:<18} {:>10} {:>10} {:>10}",
-                entry.system,
-                test,
-                cell(v4),
-                cell(v6),
-                ratio
-            );
-        }
-    }
-    let xlb = figures.iter().find(|entry| entry.system == "xlb");
-    let rules = figures.iter().find(|entry| entry.system == "ip(6)tables");
-    if let (Some(xlb), Some(rules)) = (xlb, rules) {
-        for (test, _) in TESTS {
-            let ratio = |ours: &BTreeMap<String, Figure>, theirs: &BTreeMap<String, Figure>| {
-                let (ours, theirs) = (ours.get(test)?.median, theirs.get(test)?.median);
-                (theirs > 0.0).then(|| format!("{:.2}x", ours / theirs))
-            };
-            let _ = writeln!(
-                out,
-                "xlb / ip(6)tables {test}: IPv4 {}, IPv6 {}",
-                ratio(&xlb.ipv4, &rules.ipv4).unwrap_or_else(|| "-".to_owned()),
-                ratio(&xlb.ipv6, &rules.ipv6).unwrap_or_else(|| "-".to_owned())
-            );
-        }
-    }
-    for entry in figures {
-        for note in &entry.notes {
-            let _ = writeln!(out, "  {}: {note}", entry.system);
-        }
-    }
-    out
-}
-
-fn mpps(pps: f64) -> String {
-    if pps >= 1e6 {
-        format!("{:.2}M", pps / 1e6)
-    } else {
-        format!("{:.0}k", pps / 1e3)
     }
 }
 
@@ -552,6 +522,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Each lap of a cycle sends every flow once, and no two laps of the
+    /// first thousand start at the same flow (a run of drops at one place
+    /// of the cycle falls on other flows each lap).
+    #[test]
+    fn every_lap_sends_every_flow_once_from_another_start() {
+        use xlb_bench_ebpf::lap_flow;
+        for flows in [1u64, 2, 7, 60_000] {
+            for lap in [0u64, 1, 2, 999] {
+                let mut seen: Vec<u64> = (0..flows)
+                    .map(|i| lap_flow(lap * flows + i, flows))
+                    .collect();
+                seen.sort_unstable();
+                assert_eq!(
+                    seen,
+                    (0..flows).collect::<Vec<_>>(),
+                    "{flows} flows, lap {lap}"
+                );
+            }
+        }
+        let starts: std::collections::BTreeSet<u64> = (0..1_000)
+            .map(|lap| lap_flow(lap * 60_000, 60_000))
+            .collect();
+        assert_eq!(starts.len(), 1_000);
     }
 
     #[test]

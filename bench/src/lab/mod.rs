@@ -127,8 +127,10 @@ pub struct Options {
     /// which part of the agent's apply time is per address.
     #[arg(long, default_value_t = services::FILLER_POD_IPS)]
     pub filler_pod_ips: u32,
-    /// Idle timeout (s) of unanswered UDP flows in xlb and in the kernel's
-    /// conntrack. Short, so a new-flow flood reaches a steady state below
+    /// Idle timeout (s) of unanswered UDP flows in the kernel's conntrack,
+    /// and of flows of one datagram in xlb (its flows with a second one
+    /// keep its default, so a cycling test's flows outlive the gaps an
+    /// overdriven lab leaves between their packets). Short, so a new-flow flood reaches a steady state below
     /// every flow table's capacity and repeats see the same table; 0 keeps
     /// each system's default (60 s / 30 s: tables fill within seconds and
     /// the new-flow rate then depends on how full they are).

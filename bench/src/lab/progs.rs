@@ -516,7 +516,8 @@ mod tests {
         let cycle = gen_config(31_000, Flows::Cycle(60_000));
         for seq in [0, 1, 63_999, 64_000, 59_999, 60_000, 1_234_567] {
             let (addr, port) = check(&cycle, seq);
-            assert_eq!((addr, port), cycle_source((seq % 60_000) as u32));
+            let flow = xlb_bench_ebpf::lap_flow(seq, 60_000);
+            assert_eq!((addr, port), cycle_source(flow as u32));
         }
         let new = gen_config(31_000, Flows::New);
         let mut seen = std::collections::HashSet::new();

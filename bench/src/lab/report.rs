@@ -242,7 +242,7 @@ impl Report {
                 "every system runs on a fresh netns lab; figures are medians of the repeats".into(),
                 "absolute figures on a shared 2-core machine are noisy: read the ratios".into(),
                 match udp_timeout_s {
-                    Some(s) => format!("unanswered UDP flows time out after {s} s in xlb and in the kernel's conntrack (nginx: proxy_timeout 2 s), so new-flow floods reach a steady state below table capacity"),
+                    Some(s) => format!("unanswered UDP flows time out after {s} s in the kernel's conntrack and flows of one datagram in xlb (nginx: proxy_timeout 2 s), so new-flow floods reach a steady state below table capacity"),
                     None => "UDP flow timeouts are each system's default: flow tables fill during new-flow floods".into(),
                 },
             ],
