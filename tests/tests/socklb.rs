@@ -19,6 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream, 
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
+use xlb_tests::Family::{self, V4, V6};
 use xlb_tests::client::{
     IO_TIMEOUT, Who, pattern, tcp_who_echo, udp_socket, udp_socket_for, udp_who,
 };
@@ -89,6 +90,37 @@ fn tcp_node_port6() -> SocketAddr {
 
 fn udp_node_port6() -> SocketAddr {
     SocketAddr::from((NODE_ADDR6, UDP_ECHO_NODE_PORT))
+}
+
+/// The test services' frontends in one family.
+struct Frontends {
+    tcp_node_port: SocketAddr,
+    udp_node_port: SocketAddr,
+    tcp_cluster_ip: SocketAddr,
+    udp_cluster_ip: SocketAddr,
+    /// The ClusterIP of the service with session affinity.
+    sticky: SocketAddr,
+}
+
+impl Frontends {
+    fn of(family: Family) -> Self {
+        match family {
+            V4 => Self {
+                tcp_node_port: tcp_node_port(),
+                udp_node_port: udp_node_port(),
+                tcp_cluster_ip: tcp_cluster_ip(),
+                udp_cluster_ip: udp_cluster_ip(),
+                sticky: SocketAddr::from((STICKY_CLUSTER_IP, SERVICE_PORT)),
+            },
+            V6 => Self {
+                tcp_node_port: tcp_node_port6(),
+                udp_node_port: udp_node_port6(),
+                tcp_cluster_ip: tcp_cluster_ip6(),
+                udp_cluster_ip: udp_cluster_ip6(),
+                sticky: SocketAddr::from((STICKY_CLUSTER_IP6, SERVICE_PORT)),
+            },
+        }
+    }
 }
 
 /// `target` as a dual-stack AF_INET6 socket names it: `[::ffff:a.b.c.d]`.
@@ -367,22 +399,45 @@ fn pod_udp_sockets(
 
 #[test]
 fn host_processes_reach_node_ports_on_the_node_address() -> anyhow::Result<()> {
+    host_processes_reach_node_ports_and_cluster_ips(V4)
+}
+
+#[test]
+fn host_processes_reach_ipv6_node_ports_and_cluster_ips() -> anyhow::Result<()> {
+    host_processes_reach_node_ports_and_cluster_ips(V6)
+}
+
+fn host_processes_reach_node_ports_and_cluster_ips(family: Family) -> anyhow::Result<()> {
     let lab = SockLab::new()?;
     let agent = lab.start_agent(&[])?;
+    let service = Frontends::of(family);
     check_in(&agent, &lab.lab.node, || {
-        let (tcp, _) = tcp_spread(tcp_node_port())?;
-        ensure_every_backend(&lab.lab, &tcp, "TCP from the node to NODE:nodePort")?;
-        let (udp, _) = udp_spread(udp_node_port())?;
-        ensure_every_backend(&lab.lab, &udp, "UDP from the node to NODE:nodePort")?;
-        udp_connected(udp_node_port())?;
-        // The node's own ClusterIP clients too.
-        let who = tcp_who_echo(tcp_cluster_ip(), b"hello")?;
-        ensure!(all_backends(&lab.lab).contains(&who.name));
-        // 127.0.0.1:nodePort is not a NodePort (see the README).
-        let local = SocketAddr::from(([127, 0, 0, 1], TCP_ECHO_NODE_PORT));
+        for (target, what) in [
+            (service.tcp_node_port, "TCP from the node to NODE:nodePort"),
+            (service.tcp_cluster_ip, "TCP from the node to a ClusterIP"),
+        ] {
+            let (spread, _) = tcp_spread(target)?;
+            ensure_every_backend(&lab.lab, &spread, &format!("{what}{}", family.over()))?;
+        }
+        for (target, what) in [
+            (service.udp_node_port, "UDP from the node to NODE:nodePort"),
+            (service.udp_cluster_ip, "UDP from the node to a ClusterIP"),
+        ] {
+            let (spread, _) = udp_spread(target)?;
+            ensure_every_backend(&lab.lab, &spread, &format!("{what}{}", family.over()))?;
+        }
+        udp_connected(service.udp_node_port)?;
+        udp_connected(service.udp_cluster_ip)?;
+        // 127.0.0.1:nodePort and [::1]:nodePort are not NodePorts (see the
+        // README).
+        let loopback = match family {
+            V4 => IpAddr::from(Ipv4Addr::LOCALHOST),
+            V6 => IpAddr::from(Ipv6Addr::LOCALHOST),
+        };
+        let local = SocketAddr::new(loopback, TCP_ECHO_NODE_PORT);
         ensure!(
             TcpStream::connect_timeout(&local, IO_TIMEOUT).is_err(),
-            "127.0.0.1:{TCP_ECHO_NODE_PORT} answered"
+            "{local} answered"
         );
         Ok(())
     })
@@ -390,16 +445,26 @@ fn host_processes_reach_node_ports_on_the_node_address() -> anyhow::Result<()> {
 
 #[test]
 fn pods_reach_cluster_ips_and_node_ports_including_hairpin() -> anyhow::Result<()> {
+    pods_reach_cluster_ips_and_node_ports(V4)
+}
+
+#[test]
+fn pods_reach_ipv6_cluster_ips_and_node_ports_including_hairpin() -> anyhow::Result<()> {
+    pods_reach_cluster_ips_and_node_ports(V6)
+}
+
+fn pods_reach_cluster_ips_and_node_ports(family: Family) -> anyhow::Result<()> {
     let lab = SockLab::new()?;
     let agent = lab.start_agent(&[])?;
     let pod = &lab.lab.backends[0];
-    let pod_addr = IpAddr::from(pod.addr);
+    let (pod_addr, _) = family.pod_and_node(pod);
+    let service = Frontends::of(family);
     check_in(&agent, &pod.netns, || {
         // Every backend: this pod itself (hairpin to self), its neighbours
         // on this node, and the pod on another node.
         for (target, what) in [
-            (tcp_cluster_ip(), "TCP from a pod to a ClusterIP"),
-            (tcp_node_port(), "TCP from a pod to NODE:nodePort"),
+            (service.tcp_cluster_ip, "TCP from a pod to a ClusterIP"),
+            (service.tcp_node_port, "TCP from a pod to NODE:nodePort"),
         ] {
             let (spread, peers) = tcp_spread(target)?;
             ensure_every_backend(&lab.lab, &spread, what)?;
@@ -410,8 +475,8 @@ fn pods_reach_cluster_ips_and_node_ports_including_hairpin() -> anyhow::Result<(
             );
         }
         for (target, what) in [
-            (udp_cluster_ip(), "UDP from a pod to a ClusterIP"),
-            (udp_node_port(), "UDP from a pod to NODE:nodePort"),
+            (service.udp_cluster_ip, "UDP from a pod to a ClusterIP"),
+            (service.udp_node_port, "UDP from a pod to NODE:nodePort"),
         ] {
             let (spread, peers) = udp_spread(target)?;
             ensure_every_backend(&lab.lab, &spread, what)?;
@@ -420,22 +485,32 @@ fn pods_reach_cluster_ips_and_node_ports_including_hairpin() -> anyhow::Result<(
                 "{what}: backends saw clients {peers:?}, expected {pod_addr}"
             );
         }
-        udp_connected(udp_cluster_ip())?;
+        udp_connected(service.udp_cluster_ip)?;
         Ok(())
     })
 }
 
 #[test]
 fn session_affinity_holds_per_client() -> anyhow::Result<()> {
+    session_affinity(V4)
+}
+
+#[test]
+fn ipv6_session_affinity_holds_per_client() -> anyhow::Result<()> {
+    session_affinity(V6)
+}
+
+fn session_affinity(family: Family) -> anyhow::Result<()> {
     let lab = SockLab::new()?;
     let agent = lab.start_agent(&[])?;
-    let sticky = SocketAddr::V4(SocketAddrV4::new(STICKY_CLUSTER_IP, SERVICE_PORT));
+    let sticky = Frontends::of(family).sticky;
     for netns in [lab.pod(1), &lab.lab.node] {
         check_in(&agent, netns, || {
             let (spread, _) = tcp_spread(sticky)?;
             ensure!(
                 spread.len() == 1,
-                "sessionAffinity ClientIP: {} spread over {spread:?}",
+                "sessionAffinity ClientIP{}: {} spread over {spread:?}",
+                family.over(),
                 netns.name()
             );
             Ok(())
@@ -446,12 +521,21 @@ fn session_affinity_holds_per_client() -> anyhow::Result<()> {
 
 #[test]
 fn a_removed_backend_moves_udp_clients_on_their_next_datagram() -> anyhow::Result<()> {
+    a_removed_backend_moves_udp_clients(V4)
+}
+
+#[test]
+fn a_removed_ipv6_backend_moves_udp_clients_on_their_next_datagram() -> anyhow::Result<()> {
+    a_removed_backend_moves_udp_clients(V6)
+}
+
+fn a_removed_backend_moves_udp_clients(family: Family) -> anyhow::Result<()> {
     let lab = SockLab::new()?;
     let mut agent = lab.start_agent(&[])?;
-    let target = udp_cluster_ip();
+    let target = Frontends::of(family).udp_cluster_ip;
     // Sockets of a pod, each on its backend for several datagrams.
     let sockets = pod_udp_sockets(&lab, || {
-        let socket = udp_socket()?;
+        let socket = family.udp_socket()?;
         let (first, _) = udp_who(&socket, target)?;
         for _ in 0..3 {
             let (again, from) = udp_who(&socket, target)?;
@@ -785,90 +869,6 @@ fn status_metrics_keep_attached_and_detach() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn host_processes_reach_ipv6_node_ports_and_cluster_ips() -> anyhow::Result<()> {
-    let lab = SockLab::new()?;
-    let agent = lab.start_agent(&[])?;
-    check_in(&agent, &lab.lab.node, || {
-        for (target, what) in [
-            (tcp_node_port6(), "TCP from the node to [NODE6]:nodePort"),
-            (tcp_cluster_ip6(), "TCP from the node to an IPv6 ClusterIP"),
-        ] {
-            let (spread, _) = tcp_spread(target)?;
-            ensure_every_backend(&lab.lab, &spread, what)?;
-        }
-        for (target, what) in [
-            (udp_node_port6(), "UDP from the node to [NODE6]:nodePort"),
-            (udp_cluster_ip6(), "UDP from the node to an IPv6 ClusterIP"),
-        ] {
-            let (spread, _) = udp_spread(target)?;
-            ensure_every_backend(&lab.lab, &spread, what)?;
-        }
-        udp_connected(udp_node_port6())?;
-        udp_connected(udp_cluster_ip6())?;
-        // [::1]:nodePort is not a NodePort, as 127.0.0.1:nodePort.
-        let local = SocketAddr::from((Ipv6Addr::LOCALHOST, TCP_ECHO_NODE_PORT));
-        ensure!(
-            TcpStream::connect_timeout(&local, IO_TIMEOUT).is_err(),
-            "{local} answered"
-        );
-        Ok(())
-    })
-}
-
-#[test]
-fn pods_reach_ipv6_cluster_ips_and_node_ports_including_hairpin() -> anyhow::Result<()> {
-    let lab = SockLab::new()?;
-    let agent = lab.start_agent(&[])?;
-    let pod = &lab.lab.backends[0];
-    let pod_addr = IpAddr::from(pod.addr6);
-    check_in(&agent, &pod.netns, || {
-        for (target, what) in [
-            (tcp_cluster_ip6(), "TCP from a pod to an IPv6 ClusterIP"),
-            (tcp_node_port6(), "TCP from a pod to [NODE6]:nodePort"),
-        ] {
-            let (spread, peers) = tcp_spread(target)?;
-            ensure_every_backend(&lab.lab, &spread, what)?;
-            ensure!(
-                peers.iter().all(|peer| *peer == pod_addr),
-                "{what}: backends saw clients {peers:?}, expected the pod's own {pod_addr}"
-            );
-        }
-        for (target, what) in [
-            (udp_cluster_ip6(), "UDP from a pod to an IPv6 ClusterIP"),
-            (udp_node_port6(), "UDP from a pod to [NODE6]:nodePort"),
-        ] {
-            let (spread, peers) = udp_spread(target)?;
-            ensure_every_backend(&lab.lab, &spread, what)?;
-            ensure!(
-                peers.iter().all(|peer| *peer == pod_addr),
-                "{what}: backends saw clients {peers:?}, expected {pod_addr}"
-            );
-        }
-        udp_connected(udp_cluster_ip6())?;
-        Ok(())
-    })
-}
-
-#[test]
-fn ipv6_session_affinity_holds_per_client() -> anyhow::Result<()> {
-    let lab = SockLab::new()?;
-    let agent = lab.start_agent(&[])?;
-    let sticky = SocketAddr::from((STICKY_CLUSTER_IP6, SERVICE_PORT));
-    for netns in [lab.pod(1), &lab.lab.node] {
-        check_in(&agent, netns, || {
-            let (spread, _) = tcp_spread(sticky)?;
-            ensure!(
-                spread.len() == 1,
-                "sessionAffinity ClientIP over IPv6: {} spread over {spread:?}",
-                netns.name()
-            );
-            Ok(())
-        })?;
-    }
-    Ok(())
-}
-
 /// internalTrafficPolicy Local: only this node's ready endpoint takes new
 /// connections, never the terminating one nor those elsewhere.
 #[test]
@@ -999,36 +999,6 @@ fn dual_stack_sockets_reach_ipv4_services_through_mapped_addresses() -> anyhow::
         let sticky = v4_mapped(SocketAddr::from((STICKY_CLUSTER_IP, SERVICE_PORT)));
         let (spread, _) = tcp_spread(sticky)?;
         ensure!(spread.len() == 1, "affinity through {sticky}: {spread:?}");
-        Ok(())
-    })
-}
-
-#[test]
-fn a_removed_ipv6_backend_moves_udp_clients_on_their_next_datagram() -> anyhow::Result<()> {
-    let lab = SockLab::new()?;
-    let mut agent = lab.start_agent(&[])?;
-    let target = udp_cluster_ip6();
-    let sockets = pod_udp_sockets(&lab, || {
-        let socket = udp_socket_for(target)?;
-        let (first, from) = udp_who(&socket, target)?;
-        ensure!(from == target, "reply from {from}");
-        Ok((socket, first))
-    })?;
-    let removed = sockets[0].1.clone();
-    lab.lab
-        .write_file("xlb.yaml", &config(&lab.lab, Some(&removed)))?;
-    agent.reload_and_wait()?;
-    check_in(&agent, lab.pod(2), || {
-        for (socket, before) in &sockets {
-            let (now, from) = udp_who(socket, target)?;
-            ensure!(from == target, "reply from {from}");
-            if *before == removed {
-                ensure!(
-                    now.name != removed,
-                    "a socket on the removed {removed} still reaches it"
-                );
-            }
-        }
         Ok(())
     })
 }
