@@ -1,5 +1,7 @@
 //! ICMP errors, path MTU and fragments of balanced flows (issue 12), end
-//! to end with real sockets and real kernels on both sides.
+//! to end with real sockets and real kernels on both sides; the refused
+//! client and the fragments in both families (the IPv6 path MTU test, with
+//! its own routed backend, is in ipv6.rs).
 //!
 //! ```text
 //!  client ns ---- node ns (xlb) ---- r1 ns ==MTU 1400== r2 ns ---- backend ns
@@ -8,13 +10,14 @@
 //! ```
 
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use xlb_tests::Family::{self, V4, V6};
 use xlb_tests::client::{IO_TIMEOUT, pattern, tcp_who_echo_timeout, udp_exchange, udp_socket};
 use xlb_tests::lab::{ECHO_TCP_PORT, ECHO_UDP_PORT, NODE_ADDR, NODE_CLIENT_IF, POD_IF, nic_like};
 use xlb_tests::netns::unique_stem;
-use xlb_tests::{Agent, ChildGuard, Lab, Netns, XdpPass, demo_config};
+use xlb_tests::{Agent, ChildGuard, Lab, Netns, XdpPass};
 
 const ROUTED_TCP: u16 = 30_980;
 const ROUTED_UDP: u16 = 30_981;
@@ -173,21 +176,31 @@ fn tcp_through_a_narrower_hop_learns_the_path_mtu() -> anyhow::Result<()> {
 
 #[test]
 fn closed_backend_port_refuses_the_client_through_the_node_port() -> anyhow::Result<()> {
+    closed_backend_port_refuses_the_client(V4)
+}
+
+/// The backend's ICMPv6 port unreachable, translated by `xlb6_icmp`.
+#[test]
+fn closed_backend_port_refuses_an_ipv6_client_through_the_node_port() -> anyhow::Result<()> {
+    closed_backend_port_refuses_the_client(V6)
+}
+
+fn closed_backend_port_refuses_the_client(family: Family) -> anyhow::Result<()> {
     let lab = Lab::new(1)?;
     let closed_port = ECHO_UDP_PORT + 1;
+    let (pod, _) = family.pod_and_node(&lab.backends[0]);
     let services = format!(
-        "  - name: udp-closed\n    protocol: UDP\n    nodePort: {ROUTED_UDP}\n    targetPort: {closed_port}\n    backends:\n      - address: {}\n",
-        lab.backends[0].addr
+        "  - name: udp-closed\n    protocol: UDP\n    nodePort: {ROUTED_UDP}\n    targetPort: {closed_port}\n    backends:\n      - address: {pod}\n"
     );
-    let config = lab.write_file("closed.yaml", &lab.config_yaml(&services))?;
+    let config = lab.write_file("closed.yaml", &family.config(&lab, &services))?;
     let agent = Agent::start(&lab, &config)?;
 
     let result = lab.client.run(|| -> anyhow::Result<_> {
         // A connected socket accepts only errors quoting its own tuple:
         // ECONNREFUSED proves the quote says client -> NODE:nodePort.
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        let socket = family.udp_socket()?;
         socket.set_read_timeout(Some(IO_TIMEOUT))?;
-        socket.connect((NODE_ADDR, ROUTED_UDP))?;
+        socket.connect(family.node_port(ROUTED_UDP))?;
         socket.send(b"anyone?")?;
         Ok(socket.recv(&mut [0u8; 64]).map(drop))
     })??;
@@ -208,15 +221,27 @@ fn closed_backend_port_refuses_the_client_through_the_node_port() -> anyhow::Res
 
 #[test]
 fn fragmented_udp_datagrams_arrive_whole_both_ways() -> anyhow::Result<()> {
+    fragmented_udp_datagrams(V4, 200)
+}
+
+/// Over IPv6 the senders' stacks fragment too (a fragment carries 1448
+/// bytes of the datagram); later fragments follow in `xlb6_frag`.
+#[test]
+fn fragmented_udp6_datagrams_arrive_whole_both_ways() -> anyhow::Result<()> {
+    fragmented_udp_datagrams(V6, 100)
+}
+
+/// `flows` flows of a 3000- and a 9000-byte datagram each way, echoed
+/// byte for byte.
+fn fragmented_udp_datagrams(family: Family, flows: usize) -> anyhow::Result<()> {
     let lab = Lab::new(2)?;
-    let agent = Agent::start(&lab, &demo_config())?;
-    let service = xlb_tests::lab::udp_echo_service();
-    const FLOWS: usize = 200;
+    let agent = Agent::start(&lab, &family.demo_config())?;
+    let service = family.udp_echo_service();
 
     let served = lab.client.run(|| -> anyhow::Result<Vec<String>> {
         let mut served = Vec::new();
-        for flow in 0..FLOWS {
-            let socket = udp_socket()?;
+        for flow in 0..flows {
+            let socket = family.udp_socket()?;
             for len in [3000usize, 9000] {
                 // Plain echoes, checked byte for byte; WHO (below) says
                 // which backend the flow went to.
@@ -241,7 +266,8 @@ fn fragmented_udp_datagrams_arrive_whole_both_ways() -> anyhow::Result<()> {
         .map(|backend| served.iter().filter(|name| **name == backend.name).count())
         .collect();
     println!(
-        "{FLOWS} flows, 3000 + 9000 bytes each way: per backend {per_backend:?}; fwd_fragment={} pass_fragment_unknown={}",
+        "{flows} flows{}, 3000 + 9000 bytes each way: per backend {per_backend:?}; fwd_fragment={} pass_fragment_unknown={}",
+        family.over(),
         counter(&exit.log, "fwd_fragment"),
         counter(&exit.log, "pass_fragment_unknown")
     );
@@ -250,7 +276,7 @@ fn fragmented_udp_datagrams_arrive_whole_both_ways() -> anyhow::Result<()> {
         "both backends serve: {per_backend:?}"
     );
     // 3000 bytes: 3 fragments, 9000: 7; both ways; all but the first follow.
-    let later = (FLOWS * ((3 - 1) + (7 - 1)) * 2) as u64;
+    let later = (flows * ((3 - 1) + (7 - 1)) * 2) as u64;
     assert!(
         counter(&exit.log, "fwd_fragment") >= later,
         "expected at least {later} later fragments followed:\n{}",

@@ -102,64 +102,6 @@ fn udp_answer(target: SocketAddr, wait: Duration) -> Result<String, String> {
         .map_err(|e| format!("{e:#}"))
 }
 
-/// The twin of icmp.rs's fragments test: datagrams larger than the
-/// links' 1500-byte MTU, which the client's and the backends' stacks
-/// fragment (an IPv6 fragment carries 1448 bytes of the datagram), reach
-/// the backend whole and come back whole: each first fragment is balanced,
-/// the later ones follow it (`xlb6_frag`) both ways.
-#[test]
-fn fragmented_udp6_datagrams_arrive_whole_both_ways() -> anyhow::Result<()> {
-    let lab = Lab::new(2)?;
-    let agent = Agent::start(&lab, &dual_stack_config())?;
-    let service = udp_echo_service6();
-    const FLOWS: usize = 100;
-
-    let served = lab.client.run(|| -> anyhow::Result<Vec<String>> {
-        let mut served = Vec::new();
-        for flow in 0..FLOWS {
-            let socket = udp_socket_for(service)?;
-            for len in [3000usize, 9000] {
-                let payload = pattern(len, (flow * 2 + len) as u32);
-                let (reply, from) = udp_exchange(&socket, service, &payload)?;
-                ensure!(from == service, "reply from {from}");
-                ensure!(
-                    reply == payload,
-                    "flow {flow}: {len}-byte datagram came back as {} bytes",
-                    reply.len()
-                );
-            }
-            let (who, _) = udp_who(&socket, service)?;
-            served.push(who.name);
-        }
-        Ok(served)
-    })??;
-    let exit = agent.stop_cleanly()?;
-    let per_backend: Vec<usize> = lab
-        .backends
-        .iter()
-        .map(|backend| served.iter().filter(|name| **name == backend.name).count())
-        .collect();
-    println!(
-        "{FLOWS} IPv6 flows, 3000 + 9000 bytes each way: per backend {per_backend:?}; \
-         fwd_fragment={} pass_fragment_unknown={}",
-        counter(&exit.log, "fwd_fragment"),
-        counter(&exit.log, "pass_fragment_unknown")
-    );
-    assert!(
-        per_backend.iter().all(|&n| n > 0),
-        "both backends serve: {per_backend:?}"
-    );
-    // 3000 bytes (3008 with the UDP header): 3 fragments, 9000: 7; both
-    // ways; all but the first follow.
-    let later = (FLOWS * ((3 - 1) + (7 - 1)) * 2) as u64;
-    assert!(
-        counter(&exit.log, "fwd_fragment") >= later,
-        "expected at least {later} later fragments followed:\n{}",
-        exit.log
-    );
-    Ok(())
-}
-
 // ---- dual-stack services ----
 
 #[test]
@@ -491,42 +433,6 @@ fn ipv6_clients_of_a_service_without_endpoints_are_refused() -> anyhow::Result<(
 }
 
 // ---- icmp.rs twins: ICMPv6 errors about flows, translated ----
-
-/// A connected UDP socket takes only errors quoting its own tuple: a
-/// backend's port unreachable, translated by `xlb6_icmp`, must quote
-/// client -> NODE6:nodePort for the client to see ECONNREFUSED.
-#[test]
-fn closed_backend_port_refuses_an_ipv6_client_through_the_node_port() -> anyhow::Result<()> {
-    let lab = Lab::new(1)?;
-    let closed_port = ECHO_UDP_PORT + 1;
-    let services = format!(
-        "  - name: udp-closed6\n    protocol: UDP\n    nodePort: 30981\n    targetPort: {closed_port}\n    backends:\n      - address: {}\n",
-        lab.backends[0].addr6
-    );
-    let config = lab.write_file("closed6.yaml", &lab.ipv6_config_yaml(&services))?;
-    let agent = Agent::start(&lab, &config)?;
-
-    let result = lab.client.run(|| -> anyhow::Result<_> {
-        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
-        socket.set_read_timeout(Some(IO_TIMEOUT))?;
-        socket.connect(node_port6(30981))?;
-        socket.send(b"anyone?")?;
-        Ok(socket.recv(&mut [0u8; 64]).map(drop))
-    })??;
-    let exit = agent.stop()?;
-    assert!(
-        matches!(&result, Err(error) if error.kind() == ErrorKind::ConnectionRefused),
-        "{result:?}, expected connection refused\n{}",
-        exit.log
-    );
-    assert_eq!(
-        counter(&exit.log, "fwd_icmp_to_client"),
-        1,
-        "the backend's ICMPv6 port unreachable went through xlb once:\n{}",
-        exit.log
-    );
-    Ok(())
-}
 
 /// The IPv6 twin of icmp.rs's routed backend: two routers between the node
 /// and a backend, the link between them the narrow hop.
