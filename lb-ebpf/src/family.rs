@@ -240,14 +240,7 @@ impl Ip for V6 {
     #[inline(always)]
     fn addrs(ip: &Ipv6) -> (Self::Addr, Self::Addr) {
         // SAFETY: the parser checked the IPv6 header is inside the packet.
-        // Copied as they are (an `Addr6` holds the bytes in wire order),
-        // unaligned: converting byte by byte spills every byte to the stack.
-        unsafe {
-            (
-                core::ptr::read_unaligned(core::ptr::addr_of!((*ip.hdr).src_addr).cast()),
-                core::ptr::read_unaligned(core::ptr::addr_of!((*ip.hdr).dst_addr).cast()),
-            )
-        }
+        unsafe { crate::parse::addrs6(ip.hdr) }
     }
     #[inline(always)]
     fn hop_limit(ip: &Ipv6) -> u8 {

@@ -145,12 +145,10 @@ pub fn follow6(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32, R
     let (id_be, proto) = parse::ipv6_fragment().ok_or(Reason::PassNotReady)?;
     let eth: *mut EthHdr = parse::ptr_at(ctx, 0)?;
     let hdr: *mut Ipv6Hdr = parse::ptr_at(ctx, EthHdr::LEN)?;
-    // SAFETY: ptr_at checked the fixed header is inside the packet;
-    // addresses copied as they are (an `Addr6` holds wire order).
-    let (src, dst, hop_limit, payload_len) = unsafe {
+    // SAFETY: ptr_at checked the fixed header is inside the packet.
+    let ((src, dst), hop_limit, payload_len) = unsafe {
         (
-            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).src_addr).cast()),
-            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).dst_addr).cast()),
+            parse::addrs6(hdr),
             (*hdr).hop_limit,
             u16::from_be_bytes((*hdr).payload_len),
         )

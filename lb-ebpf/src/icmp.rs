@@ -158,15 +158,8 @@ impl IcmpFamily for V6 {
     #[inline(always)]
     fn quoted_peer_key(error: &IcmpError6) -> FlowKeyOf<V6> {
         // SAFETY: the parser checked the quoted IPv6 header and ports are
-        // inside the packet. Addresses are copied as they are (wire order),
-        // unaligned.
-        let (src, dst, ports) = unsafe {
-            (
-                core::ptr::read_unaligned(core::ptr::addr_of!((*error.inner).src_addr).cast()),
-                core::ptr::read_unaligned(core::ptr::addr_of!((*error.inner).dst_addr).cast()),
-                *error.inner_ports,
-            )
-        };
+        // inside the packet.
+        let ((src, dst), ports) = unsafe { (parse::addrs6(error.inner), *error.inner_ports) };
         FlowKeyOf {
             src_addr_be: dst,
             dst_addr_be: src,

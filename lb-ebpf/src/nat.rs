@@ -14,7 +14,10 @@ use network_types::{
 
 use crate::{
     family::Ip,
-    parse::{IcmpError, IcmpError6, IpHeader, Ipv4, Ipv6, Packet},
+    parse::{
+        IcmpError, IcmpError6, IpHeader, Ipv4, Ipv6, Packet, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
+        addrs6,
+    },
 };
 
 /// Offsets in an IPv4 header of the fields rewritten here.
@@ -26,9 +29,6 @@ const IP_DST: usize = 16;
 const IP6_HOP_LIMIT: usize = 7;
 const IP6_SRC: usize = 8;
 const IP6_DST: usize = 24;
-/// Offset of the checksum in a TCP and a UDP header.
-const TCP_CHECK: usize = 16;
-const UDP_CHECK: usize = 6;
 
 /// Rewrites the packet to `flow`'s tuple and decrements the TTL (hop
 /// limit), updating the IPv4 and L4 checksums incrementally. The caller
@@ -87,12 +87,12 @@ pub fn rewrite_skb<F: Ip>(
     let l4_offset = packet.ip.l4_offset();
     let check = if packet.ip.proto() == IPPROTO_UDP {
         L4Check {
-            offset: l4_offset + UDP_CHECK,
+            offset: l4_offset + UDP_CHECK_OFFSET,
             mangled: u64::from(BPF_F_MARK_MANGLED_0),
         }
     } else {
         L4Check {
-            offset: l4_offset + TCP_CHECK,
+            offset: l4_offset + TCP_CHECK_OFFSET,
             mangled: 0,
         }
     };
@@ -172,15 +172,8 @@ pub fn rewrite_ipv6_skb(
 ) -> Result<(), Reason> {
     let ip_at = EthHdr::LEN;
     // SAFETY: the parser checked that the IPv6 header lies inside the
-    // packet; nothing has moved it yet. Addresses are copied in wire order.
-    let (old_src, old_dst, hop_limit): (Addr6, Addr6, u8) = unsafe {
-        let hdr = ip.hdr;
-        (
-            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).src_addr).cast()),
-            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).dst_addr).cast()),
-            (*hdr).hop_limit,
-        )
-    };
+    // packet; nothing has moved it yet.
+    let ((old_src, old_dst), hop_limit) = unsafe { (addrs6(ip.hdr), (*ip.hdr).hop_limit) };
     let failed = |_| Reason::DropTcRewrite;
     let addr = u64::from(BPF_F_PSEUDO_HDR) | check.mangled | 4;
     for word in 0..4 {

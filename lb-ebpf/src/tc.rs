@@ -19,7 +19,7 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_redirect_neigh, bpf_redirect_peer},
     macros::classifier,
     programs::TcContext,
 };
@@ -43,7 +43,7 @@ use crate::{
     },
     nat,
     parse::{self, IpHeader, Packet},
-    prog::{check_ttl, config, flow_key},
+    prog::{check_ttl, clock, config, flow_key},
 };
 
 /// Bytes pulled into the skb's linear area when the headers are not there:
@@ -118,15 +118,8 @@ fn peer6(ctx: &TcContext, ifindex: u32) -> i32 {
     }
     let eth = start as *mut EthHdr;
     let ip = (start + EthHdr::LEN) as *const Ipv6Hdr;
-    // SAFETY: checked above: the IPv6 header is in the packet; the
-    // addresses are copied as they are (wire order, as `Addr6` holds them).
-    let (src, dst, next): (Addr6, Addr6, u8) = unsafe {
-        (
-            core::ptr::read_unaligned(core::ptr::addr_of!((*ip).src_addr).cast()),
-            core::ptr::read_unaligned(core::ptr::addr_of!((*ip).dst_addr).cast()),
-            (*ip).next_hdr,
-        )
-    };
+    // SAFETY: checked above: the IPv6 header is in the packet.
+    let ((src, dst), next): ((Addr6, Addr6), u8) = unsafe { (parse::addrs6(ip), (*ip).next_hdr) };
     // SAFETY: plain-integer map value, read at once.
     let peer = match unsafe { XLB_PEERS6.get(&dst) }.copied() {
         Some(peer) if peer.ifindex == ifindex => peer,
@@ -221,7 +214,8 @@ fn parse_skb<F: Ip>(
 /// sent on to the FIB's next hop towards the client. Each stage is a BPF
 /// function of its own and the flow key waits in scratch space, as in
 /// `flat.rs`: IPv6's keys, entries and FIB query do not fit one 512-byte
-/// frame together.
+/// frame together. The lookup and track stages each read the clock: a
+/// `now` kept across the stages takes the 8 bytes the call chain lacks.
 #[inline(always)]
 fn reverse_nat<F: Ip>(ctx: &TcContext, packet: &Packet<F>) -> Result<i32, Reason> {
     let entry = lookup_stage(packet);
@@ -265,9 +259,7 @@ fn lookup_stage<F: Ip>(packet: &Packet<F>) -> *mut FlowOf<F> {
         *key = flow_key(packet);
         &*key
     };
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    match conntrack::lookup(key, cfg, now) {
+    match conntrack::lookup(key, cfg, clock()) {
         // SAFETY: valid map value pointer for this run.
         Some(entry) if unsafe { (*entry).direction } == FLOW_DIR_REPLY => entry,
         _ => core::ptr::null_mut(),
@@ -300,10 +292,8 @@ fn track_stage<F: Ip>(ctx: &TcContext, packet: &Packet<F>, entry: *mut FlowOf<F>
     };
     // SAFETY: this CPU's scratch slot, written by `lookup_stage` in this run.
     let key = unsafe { &*key };
-    // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let segment = conntrack::Segment::of(ctx, packet);
-    conntrack::track(entry, key, &segment, cfg, now).rst_ignored
+    conntrack::track(entry, key, &segment, cfg, clock()).rst_ignored
 }
 
 /// `nat::rewrite_skb`: whether it succeeded.

@@ -6,6 +6,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
+use super::l4::{TCP_CHECK_OFFSET, UDP_CHECK_OFFSET};
 use super::{Ipv4, parse_eth, parse_ipv4_header, ptr_at};
 
 pub const ICMP_DEST_UNREACHABLE: u8 = 3;
@@ -16,11 +17,8 @@ pub const ICMP_FRAG_NEEDED: u8 = 4;
 /// next-hop MTU for fragmentation needed).
 pub const ICMP_HDR_LEN: usize = 8;
 /// The part of the quoted L4 header every error carries: both ports, and
-/// for UDP its checksum.
-const QUOTED_L4_LEN: usize = 8;
-/// Offsets of the checksum field in the TCP and UDP headers.
-const TCP_CHECK_OFFSET: usize = 16;
-const UDP_CHECK_OFFSET: usize = 6;
+/// for UDP its checksum (ICMPv6's errors quote the same).
+pub(super) const QUOTED_L4_LEN: usize = 8;
 
 /// An ICMP destination-unreachable or time-exceeded message quoting a TCP
 /// or UDP packet.

@@ -10,6 +10,8 @@ use network_types::{
     ip::Ipv6Hdr,
 };
 
+use super::icmp::{ICMP_HDR_LEN, QUOTED_L4_LEN};
+use super::l4::{TCP_CHECK_OFFSET, UDP_CHECK_OFFSET};
 use super::{Frame, ptr_at};
 
 /// ICMPv6 error types: destination unreachable, packet too big, time
@@ -17,22 +19,13 @@ use super::{Frame, ptr_at};
 /// and above.
 const ICMP6_ERROR_FIRST: u8 = 1;
 const ICMP6_ERROR_LAST: u8 = 4;
-/// The ICMPv6 header: type, code, checksum and 4 bytes (unused, the MTU or
-/// the pointer).
-const ICMP6_HDR_LEN: usize = 8;
-/// The part of the quoted L4 header every error carries: both ports, and
-/// for UDP its checksum.
-const QUOTED_L4_LEN: usize = 8;
-/// Offsets of the checksum field in the TCP and UDP headers.
-const TCP_CHECK_OFFSET: usize = 16;
-const UDP_CHECK_OFFSET: usize = 6;
 
 /// An ICMPv6 error quoting a TCP or UDP packet.
 pub struct IcmpError6 {
     pub eth: *mut EthHdr,
     pub ip: *mut Ipv6Hdr,
     /// The ICMPv6 header (checksum at bytes 2..4).
-    pub icmp: *mut [u8; ICMP6_HDR_LEN],
+    pub icmp: *mut [u8; ICMP_HDR_LEN],
     /// The quoted packet's IPv6 header.
     pub inner: *mut Ipv6Hdr,
     pub inner_proto: u8,
@@ -71,8 +64,8 @@ pub fn parse_icmp6_error(ctx: &XdpContext) -> Result<IcmpError6, Reason> {
     // Every pointer is checked against the frame before the lengths are
     // compared (see `parse_icmp_error`).
     let icmp_offset = EthHdr::LEN + Ipv6Hdr::LEN;
-    let icmp: *mut [u8; ICMP6_HDR_LEN] = ptr_at(ctx, icmp_offset)?;
-    if version != 6 || payload_len < ICMP6_HDR_LEN || icmp_offset + payload_len > ctx.packet_len() {
+    let icmp: *mut [u8; ICMP_HDR_LEN] = ptr_at(ctx, icmp_offset)?;
+    if version != 6 || payload_len < ICMP_HDR_LEN || icmp_offset + payload_len > ctx.packet_len() {
         return Err(Reason::PassMalformed);
     }
     // SAFETY: ptr_at checked the 8-byte header is inside the packet.
@@ -80,8 +73,8 @@ pub fn parse_icmp6_error(ctx: &XdpContext) -> Result<IcmpError6, Reason> {
     if !(ICMP6_ERROR_FIRST..=ICMP6_ERROR_LAST).contains(&kind) {
         return Err(Reason::PassNotTcpUdp);
     }
-    let inner_offset = icmp_offset + ICMP6_HDR_LEN;
-    let quoted_len = payload_len - ICMP6_HDR_LEN;
+    let inner_offset = icmp_offset + ICMP_HDR_LEN;
+    let quoted_len = payload_len - ICMP_HDR_LEN;
     let inner: *mut Ipv6Hdr = ptr_at(ctx, inner_offset)?;
     let l4_offset = inner_offset + Ipv6Hdr::LEN;
     let ports: *mut [u8; QUOTED_L4_LEN] = ptr_at(ctx, l4_offset)?;

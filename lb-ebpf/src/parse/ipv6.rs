@@ -16,7 +16,7 @@
 //! destination options): the kernel, which takes any order, gets those.
 
 use super::{Frame, IpHeader, ptr_at};
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Reason};
+use lb_common::{Addr6, IPPROTO_TCP, IPPROTO_UDP, Reason};
 use network_types::ip::Ipv6Hdr;
 
 use crate::maps::{SCRATCH_FRAGMENT, scratch};
@@ -60,6 +60,23 @@ const FRAGMENT: u8 = 1 << 4;
 const FIRST_FRAGMENT: u8 = 1 << 5;
 /// Destination options after the routing header (`seen_bit`).
 const DEST_LAST: u8 = 1 << 3;
+
+/// The source and destination address of the IPv6 header at `hdr`, copied
+/// as they are (an `Addr6` holds the bytes in wire order), unaligned:
+/// converting byte by byte spills every byte to the stack.
+///
+/// # Safety
+/// `hdr` points to a whole IPv6 header inside the packet.
+#[inline(always)]
+pub unsafe fn addrs6(hdr: *const Ipv6Hdr) -> (Addr6, Addr6) {
+    // SAFETY: the caller's header holds both 16-byte addresses.
+    unsafe {
+        (
+            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).src_addr).cast()),
+            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).dst_addr).cast()),
+        )
+    }
+}
 
 /// The fragment header the last walk on this CPU met: (identification in
 /// memory order, next header). Only meaningful after a walk that found one

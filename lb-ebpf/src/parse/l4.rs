@@ -14,8 +14,8 @@ pub const TCP_ACK: u8 = 0x10;
 /// Offset of the flags byte in a TCP header.
 const TCP_FLAGS_OFFSET: usize = 13;
 /// Offsets of the checksum field in the TCP and UDP headers.
-const TCP_CHECK_OFFSET: usize = 16;
-const UDP_CHECK_OFFSET: usize = 6;
+pub const TCP_CHECK_OFFSET: usize = 16;
+pub const UDP_CHECK_OFFSET: usize = 6;
 
 pub struct L4 {
     /// Source and destination port, as on the wire (both headers start so).

@@ -14,8 +14,11 @@ pub use eth::parse_eth;
 pub use icmp::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IcmpError, parse_icmp_error};
 pub use icmp6::{IcmpError6, parse_icmp6_error};
 pub use ipv4::{IP_DF, Ipv4, parse_ipv4, parse_ipv4_header};
-pub use ipv6::{Ipv6, fragment as ipv6_fragment, parse_ipv6};
-pub use l4::{L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse_l4, tcp_numbers};
+pub use ipv6::{Ipv6, addrs6, fragment as ipv6_fragment, parse_ipv6};
+pub use l4::{
+    L4, TCP_ACK, TCP_CHECK_OFFSET, TCP_FIN, TCP_RST, TCP_SYN, UDP_CHECK_OFFSET, parse_l4,
+    tcp_numbers,
+};
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 use lb_common::{Reason, V4, V6};
