@@ -12,6 +12,7 @@ use network_types::{
 };
 
 use crate::{
+    answer,
     maps::forget,
     parse::{TCP_ACK, TCP_RST, ptr_at},
 };
@@ -27,7 +28,7 @@ pub struct IcmpAnswer6 {
     ip: Ipv6Hdr,
     icmp: Icmpv6Hdr,
 }
-pub const ICMP6_HEADERS: usize = core::mem::size_of::<IcmpAnswer6>();
+const ICMP6_HEADERS: usize = core::mem::size_of::<IcmpAnswer6>();
 const _: () = assert!(ICMP6_HEADERS == EthHdr::LEN + Ipv6Hdr::LEN + Icmpv6Hdr::LEN);
 
 /// A TCP reset to an IPv6 client, the whole frame: no extension headers,
@@ -101,7 +102,7 @@ impl Sender6 {
     /// ICMPv6 error `kind` (type, code) with its 4 bytes of `rest`, quoting
     /// `quote_len` bytes whose one's-complement sum is `quote_sum`.
     #[inline(always)]
-    pub fn icmp_error(
+    fn icmp_error(
         &self,
         kind: [u8; 2],
         rest: [u8; 4],
@@ -159,12 +160,34 @@ impl Sender6 {
     }
 }
 
+/// Turns the IPv6 frame into ICMPv6 error `kind` (type, code) with its 4
+/// bytes of `rest`, back to its sender from the address it wrote to,
+/// quoting its first `quote_len` bytes from the IPv6 header on (at most
+/// [`QUOTE6_MAX`]: the error stays within 1280 bytes). The quote stays
+/// where it is; the new headers take the old Ethernet header's place and
+/// the bytes grown in front of it. `failed` if a helper refuses.
+#[inline(always)]
+pub fn icmp_error(
+    ctx: &XdpContext,
+    kind: [u8; 2],
+    rest: [u8; 4],
+    quote_len: usize,
+    failed: Reason,
+) -> Result<(), Reason> {
+    let quote_len = quote_len.min(QUOTE6_MAX);
+    let sender = Sender6::of(ctx)?;
+    let quote_sum = sum_frame(ctx, EthHdr::LEN, quote_len)?;
+    answer::grow_head(ctx, ICMP6_HEADERS - EthHdr::LEN, failed)?;
+    answer::truncate(ctx, ICMP6_HEADERS + quote_len, failed)?;
+    answer::write(ctx, sender.icmp_error(kind, rest, quote_len, quote_sum))
+}
+
 /// One's-complement sum of the `len` bytes (at most [`QUOTE6_MAX`]) at
 /// `offset` in the frame: what an ICMPv6 error's checksum adds for its
 /// quote. Summed by `bpf_csum_diff` in blocks of constant size (the
 /// binary digits of `len`), each checked to be inside the frame.
 #[inline(always)]
-pub fn sum_frame(ctx: &XdpContext, offset: usize, len: usize) -> Result<u32, Reason> {
+fn sum_frame(ctx: &XdpContext, offset: usize, len: usize) -> Result<u32, Reason> {
     let mut at = Block {
         offset,
         left: len.min(QUOTE6_MAX),

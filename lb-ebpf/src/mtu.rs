@@ -25,7 +25,7 @@ use network_types::{
 
 use crate::{
     answer::{self, ICMP_HEADERS, Sender},
-    answer6::{ICMP6_HEADERS, QUOTE6_MAX, Sender6, sum_frame},
+    answer6::{self, QUOTE6_MAX},
     fib::NextHop,
     maps::{SCRATCH_MTU, XLB_ICMP_LIMIT, XLB_ICMP_LIMIT6, scratch},
     parse::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IP_DF, Packet, ptr_at},
@@ -169,12 +169,8 @@ pub fn too_big6(ctx: &XdpContext) -> Verdict {
     if !answer_allowed(&XLB_ICMP_LIMIT6, &addr6(client), now) {
         return Err(Reason::DropIcmpRateLimited);
     }
-    let sender = Sender6::of(ctx)?;
-    let quote_sum = sum_frame(ctx, EthHdr::LEN, QUOTE6_MAX)?;
-    answer::grow_head(ctx, ICMP6_HEADERS - EthHdr::LEN, Reason::DropTooBig)?;
-    answer::truncate(ctx, ICMP6_HEADERS + QUOTE6_MAX, Reason::DropTooBig)?;
-    let headers = sender.icmp_error(PACKET_TOO_BIG, mtu.to_be_bytes(), QUOTE6_MAX, quote_sum);
-    answer::write(ctx, headers)?;
+    let rest = mtu.to_be_bytes();
+    answer6::icmp_error(ctx, PACKET_TOO_BIG, rest, QUOTE6_MAX, Reason::DropTooBig)?;
     Ok((xdp_action::XDP_TX, Reason::RejectFragNeeded))
 }
 

@@ -13,7 +13,7 @@ use network_types::{
 
 use crate::{
     answer::{self, ICMP_HEADERS, Sender, TCP_FRAME},
-    answer6::{ICMP6_HEADERS, QUOTE6_MAX, Sender6, TCP6_FRAME, sum_frame},
+    answer6::{self, Sender6, TCP6_FRAME},
     family::Ip,
     parse::{ICMP_DEST_UNREACHABLE, Packet, ptr_at},
 };
@@ -104,15 +104,14 @@ pub fn reject6(ctx: &XdpContext, packet: &Packet<V6>) -> Result<(u32, Reason), R
 /// within the minimum MTU.
 #[inline(always)]
 fn port_unreachable6(ctx: &XdpContext, ip_len: u16) -> Result<(u32, Reason), Reason> {
-    let sender = Sender6::of(ctx)?;
-    let quote_len = usize::from(ip_len).min(QUOTE6_MAX);
-    let quote_sum = sum_frame(ctx, EthHdr::LEN, quote_len)?;
-    // The quote stays where it is; the new headers take the old Ethernet
-    // header's place and the bytes grown in front of it.
-    answer::grow_head(ctx, ICMP6_HEADERS - EthHdr::LEN, Reason::DropNoBackend)?;
-    answer::truncate(ctx, ICMP6_HEADERS + quote_len, Reason::DropNoBackend)?;
-    let headers = sender.icmp_error(PORT_UNREACHABLE6, [0; 4], quote_len, quote_sum);
-    answer::write(ctx, headers)?;
+    let quote_len = usize::from(ip_len);
+    answer6::icmp_error(
+        ctx,
+        PORT_UNREACHABLE6,
+        [0; 4],
+        quote_len,
+        Reason::DropNoBackend,
+    )?;
     Ok((xdp_action::XDP_TX, Reason::RejectPortUnreachable))
 }
 
