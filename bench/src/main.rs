@@ -38,6 +38,10 @@ enum Command {
         /// agent (to compare a change side by side).
         #[arg(long, value_name = "FILE")]
         object: Option<PathBuf>,
+        /// Measure only this path (repeatable; default: every path), e.g.
+        /// `--path established_udp6` under `perf record`.
+        #[arg(long = "path", value_name = "NAME")]
+        paths: Vec<String>,
     },
     /// Packets/s, new flows/s, TCP connections/s and latency through xlb,
     /// kube-proxy (iptables and nftables modes), nginx stream and a trivial
@@ -59,6 +63,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
             rounds,
             packets,
             object,
+            paths,
         } => {
             let object: &'static [u8] = match object {
                 Some(path) => std::fs::read(&path)
@@ -66,7 +71,7 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
                     .leak(),
                 None => xlb::DATAPATH_OBJECT,
             };
-            let report = micro::run(object, rounds, packets)?;
+            let report = micro::run(object, rounds, packets, &paths)?;
             print!("{}", report.table());
             if let Some(path) = json {
                 let text = serde_json::to_string_pretty(&report)?;

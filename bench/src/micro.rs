@@ -145,11 +145,30 @@ impl Report {
     }
 }
 
-pub fn run(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<Report> {
+pub fn run(
+    object: &'static [u8],
+    rounds: u32,
+    packets: u32,
+    only: &[String],
+) -> anyhow::Result<Report> {
     if rounds == 0 || packets == 0 {
         return Err(anyhow!("--rounds and --packets must be at least 1"));
     }
-    with_namespace(move || measure(object, rounds, packets))
+    if let Some(unknown) = only
+        .iter()
+        .find(|name| !PATHS.iter().any(|p| p.name == *name))
+    {
+        let known: Vec<&str> = PATHS.iter().map(|p| p.name).collect();
+        return Err(anyhow!(
+            "--path {unknown}: no such path; the paths are {}",
+            known.join(", ")
+        ));
+    }
+    let paths: Vec<&'static PathSpec> = PATHS
+        .iter()
+        .filter(|p| only.is_empty() || only.iter().any(|name| name == p.name))
+        .collect();
+    with_namespace(move || measure(object, rounds, packets, &paths))
 }
 
 /// The datapath as the micro bench measures it: the base state, the whole
@@ -168,7 +187,12 @@ fn prepared_datapath(object: &'static [u8]) -> Datapath {
     dp
 }
 
-fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<Report> {
+fn measure(
+    object: &'static [u8],
+    rounds: u32,
+    packets: u32,
+    paths: &[&'static PathSpec],
+) -> anyhow::Result<Report> {
     let mut dp = prepared_datapath(object);
     let mut yardsticks = EbpfLoader::new()
         .load(crate::BASELINE_OBJECT)
@@ -185,7 +209,7 @@ fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<R
 
     let mut floor = Vec::new();
     let mut baseline = Vec::new();
-    let mut per_path: Vec<Vec<f64>> = vec![Vec::new(); PATHS.len()];
+    let mut per_path: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     for round in 0..rounds {
         for (name, samples) in [
             ("baseline_pass", &mut floor),
@@ -200,7 +224,7 @@ fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<R
                 .sum();
             samples.push(mean_ns(total, packets));
         }
-        for (index, path) in PATHS.iter().enumerate() {
+        for (index, path) in paths.iter().enumerate() {
             // Each path starts from an empty flow table.
             dp.clear_flows();
             let ns = measure_path(&mut dp, path.name, round, packets)?;
@@ -208,6 +232,7 @@ fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<R
         }
     }
     Ok(report(
+        paths,
         rounds,
         packets,
         &mut floor,
@@ -218,6 +243,7 @@ fn measure(object: &'static [u8], rounds: u32, packets: u32) -> anyhow::Result<R
 
 /// The figures of a run: medians and spreads of the rounds' samples.
 fn report(
+    paths: &[&'static PathSpec],
     rounds: u32,
     packets: u32,
     floor: &mut [f64],
@@ -227,7 +253,7 @@ fn report(
     let floor_ns = median(floor);
     let baseline_ns = median(baseline);
     let baseline_iqr_ns = iqr(baseline);
-    let paths = PATHS
+    let paths = paths
         .iter()
         .zip(per_path.iter_mut())
         .map(|(path, samples)| {

@@ -16,7 +16,7 @@ use crate::{
     family::Ip,
     parse::{
         IcmpError, IcmpError6, IpHeader, Ipv4, Ipv6, Packet, TCP_CHECK_OFFSET, UDP_CHECK_OFFSET,
-        addrs6,
+        addrs6, wide,
     },
 };
 
@@ -38,24 +38,22 @@ pub fn rewrite<F: Ip>(packet: &Packet<F>, flow: &FlowOf<F>) {
     let addrs = F::rewrite_ip(&packet.ip, flow.new_src_addr_be, flow.new_dst_addr_be);
     let l4 = &packet.l4;
     // SAFETY: the parser checked that the L4 ports and checksum lie inside
-    // the packet; they are byte arrays (align 1).
+    // the packet; each is read and written whole.
     unsafe {
-        let (old_sport, old_dport) = l4.ports_be();
-        *l4.ports = [
-            flow.new_src_port_be.to_ne_bytes(),
-            flow.new_dst_port_be.to_ne_bytes(),
-        ];
+        let ports_at = l4.ports.cast::<u8>();
+        let old_ports = wide::load32(ports_at);
+        let new_ports = wide::pair(flow.new_src_port_be, flow.new_dst_port_be);
+        wide::store32(ports_at, new_ports);
         // The L4 checksum covers the pseudo-header's addresses and the ports.
-        let l4_delta = addrs
-            .replace16(old_sport, flow.new_src_port_be)
-            .replace16(old_dport, flow.new_dst_port_be);
-        let old_check = u16::from_ne_bytes(*l4.check);
+        let l4_delta = addrs.replace32(old_ports, new_ports);
+        let check_at = l4.check.cast::<u8>();
+        let old_check = wide::load16(check_at);
         let new_check = if packet.ip.proto() == IPPROTO_UDP {
             l4_delta.apply_udp(old_check)
         } else {
             l4_delta.apply(old_check)
         };
-        *l4.check = new_check.to_ne_bytes();
+        wide::store16(check_at, new_check);
     }
 }
 
@@ -207,23 +205,26 @@ pub fn rewrite_ipv6_skb(
 #[inline(always)]
 pub fn rewrite_ip(ip: *mut Ipv4Hdr, src_be: u32, dst_be: u32) -> CsumDelta {
     // SAFETY: the parser checked that the IPv4 header lies inside the
-    // packet; all fields are byte arrays (align 1).
+    // packet; each field is read and written whole.
     unsafe {
-        let old_src = u32::from_ne_bytes((*ip).src_addr);
-        let old_dst = u32::from_ne_bytes((*ip).dst_addr);
-        let ttl_proto = ip.cast::<u8>().add(8).cast::<[u8; 2]>();
-        let old_ttl_proto = u16::from_ne_bytes(*ttl_proto);
-        (*ip).ttl -= 1;
-        let new_ttl_proto = u16::from_ne_bytes(*ttl_proto);
-        (*ip).src_addr = src_be.to_ne_bytes();
-        (*ip).dst_addr = dst_be.to_ne_bytes();
+        let at = ip.cast::<u8>();
+        let (src_at, dst_at, check_at) = (at.add(IP_SRC), at.add(IP_DST), at.add(IP_CHECK));
+        let old_src = wide::load32(src_at);
+        let old_dst = wide::load32(dst_at);
+        // TTL and protocol make one 16-bit word of the header checksum.
+        let ttl_proto = wide::load16(at.add(IP_TTL));
+        let [ttl, proto] = ttl_proto.to_ne_bytes();
+        let new_ttl_proto = u16::from_ne_bytes([ttl - 1, proto]);
+        wide::store16(at.add(IP_TTL), new_ttl_proto);
+        wide::store32(src_at, src_be);
+        wide::store32(dst_at, dst_be);
         let addrs = CsumDelta::new()
             .replace32(old_src, src_be)
             .replace32(old_dst, dst_be);
         let check = addrs
-            .replace16(old_ttl_proto, new_ttl_proto)
-            .apply(u16::from_ne_bytes((*ip).check));
-        (*ip).check = check.to_ne_bytes();
+            .replace16(ttl_proto, new_ttl_proto)
+            .apply(wide::load16(check_at));
+        wide::store16(check_at, check);
         addrs
     }
 }
@@ -236,20 +237,20 @@ pub fn rewrite_ip(ip: *mut Ipv4Hdr, src_be: u32, dst_be: u32) -> CsumDelta {
 #[inline(never)]
 pub fn rewrite_ipv6(ip: *mut Ipv6Hdr, src: &Addr6, dst: &Addr6) -> CsumDelta {
     // SAFETY: the parser checked that the IPv6 header lies inside the
-    // packet; the addresses are byte arrays (align 1), read and written
-    // a word at a time in memory order.
+    // packet; the addresses are read and written a word at a time in
+    // memory order.
     unsafe {
         (*ip).hop_limit -= 1;
-        let src_words = (*ip).src_addr.as_mut_ptr().cast::<[u8; 4]>();
-        let dst_words = (*ip).dst_addr.as_mut_ptr().cast::<[u8; 4]>();
+        let src_at = (*ip).src_addr.as_mut_ptr();
+        let dst_at = (*ip).dst_addr.as_mut_ptr();
         let mut addrs = CsumDelta::new();
         for word in 0..4 {
-            let old = u32::from_ne_bytes(*src_words.add(word));
-            addrs = addrs.replace32(old, src[word]);
-            *src_words.add(word) = src[word].to_ne_bytes();
-            let old = u32::from_ne_bytes(*dst_words.add(word));
-            addrs = addrs.replace32(old, dst[word]);
-            *dst_words.add(word) = dst[word].to_ne_bytes();
+            let at = src_at.add(word * 4);
+            addrs = addrs.replace32(wide::load32(at), src[word]);
+            wide::store32(at, src[word]);
+            let at = dst_at.add(word * 4);
+            addrs = addrs.replace32(wide::load32(at), dst[word]);
+            wide::store32(at, dst[word]);
         }
         addrs
     }

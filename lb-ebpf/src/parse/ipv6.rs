@@ -19,6 +19,7 @@ use super::{Frame, IpHeader, ptr_at};
 use lb_common::{Addr6, IPPROTO_TCP, IPPROTO_UDP, Reason};
 use network_types::ip::Ipv6Hdr;
 
+use super::wide;
 use crate::maps::{SCRATCH_FRAGMENT, scratch};
 
 const NEXTHDR_HOP: u8 = 0;
@@ -72,8 +73,8 @@ pub unsafe fn addrs6(hdr: *const Ipv6Hdr) -> (Addr6, Addr6) {
     // SAFETY: the caller's header holds both 16-byte addresses.
     unsafe {
         (
-            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).src_addr).cast()),
-            core::ptr::read_unaligned(core::ptr::addr_of!((*hdr).dst_addr).cast()),
+            wide::load128(core::ptr::addr_of!((*hdr).src_addr).cast()),
+            wide::load128(core::ptr::addr_of!((*hdr).dst_addr).cast()),
         )
     }
 }

@@ -4,7 +4,7 @@ use super::Frame;
 use lb_common::{IPPROTO_TCP, Reason};
 use network_types::{tcp::TcpHdr, udp::UdpHdr};
 
-use super::{IpHeader, ptr_at};
+use super::{IpHeader, ptr_at, wide};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -31,8 +31,7 @@ impl L4 {
     #[inline(always)]
     pub fn ports_be(&self) -> (u16, u16) {
         // SAFETY: parse_l4 checked the header is inside the packet.
-        let ports = unsafe { *self.ports };
-        (u16::from_ne_bytes(ports[0]), u16::from_ne_bytes(ports[1]))
+        wide::halves(unsafe { wide::load32(self.ports.cast()) })
     }
 }
 

@@ -9,6 +9,7 @@ mod ipv4;
 mod ipv6;
 mod l4;
 pub mod sock_addr;
+pub mod wide;
 
 pub use eth::parse_eth;
 pub use icmp::{ICMP_DEST_UNREACHABLE, ICMP_FRAG_NEEDED, IcmpError, parse_icmp_error};
