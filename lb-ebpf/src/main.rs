@@ -517,7 +517,7 @@ mod prog {
     /// Sends a packet of a known flow on, rewritten as the flow says, to the
     /// next hop cached in its entry (asking the FIB when it is due).
     #[inline(always)]
-    fn forward<F: Ip>(
+    pub(crate) fn forward<F: Ip>(
         ctx: &XdpContext,
         packet: &Packet<F>,
         entry: *mut FlowOf<F>,
