@@ -44,6 +44,11 @@ const PATHS: &[PathSpec] = &[
         goal: Some(1.3),
     },
     PathSpec {
+        name: "established_udp_30k",
+        what: "established_udp over a working set of 30k live flows (60k entries), each packet another flow's: conntrack entries out of cache, as in the lab's 60k-flow test",
+        goal: None,
+    },
+    PathSpec {
         name: "new_tcp_syn",
         what: "SYN of a new connection",
         goal: Some(3.0),
@@ -72,6 +77,11 @@ const PATHS: &[PathSpec] = &[
         name: "established_udp6",
         what: "established_udp in IPv6 (through xlb and its tail call, as frames arrive)",
         goal: Some(1.3),
+    },
+    PathSpec {
+        name: "established_udp6_30k",
+        what: "established_udp_30k in IPv6",
+        goal: None,
     },
     PathSpec {
         name: "established_udp6_xlb6",
@@ -171,12 +181,13 @@ pub fn run(
     with_namespace(move || measure(object, rounds, packets, &paths))
 }
 
-/// The datapath as the micro bench measures it: the base state, the whole
+/// The datapath as the micro bench measures it: sized as on a dual-stack
+/// node (the IPv6 working set fits its flow table), the base state, the whole
 /// port space for masquerade (so the new-flow paths measure allocation, not
 /// exhaustion of the default 4.5k-port range), and the port filter on, as
 /// the agent writes it (an older object without it is measured as it is).
 fn prepared_datapath(object: &'static [u8]) -> Datapath {
-    let mut dp = Datapath::load(object);
+    let mut dp = Datapath::load_dual_stack(object);
     dp.write_base_state();
     dp.set_config(lb_common::GlobalConfig {
         snat_port_min: 1024,
@@ -331,6 +342,24 @@ fn measure_path(dp: &mut Datapath, name: &str, round: u32, packets: u32) -> anyh
             debug_assert_eq!(src, NODE_B);
             vec![(reply.build(), dp.backend_ifindex)]
         }
+        "established_udp_30k" => {
+            let frames = (0..WORKING_SET)
+                .map(|index| {
+                    let (addr, sport) = client(round, index, WORKING_SET);
+                    let mut spec = Spec::from_client(sport, UDP_NODE_PORT, L4::Udp);
+                    spec.src = addr;
+                    spec
+                })
+                // Two datagrams each: the second assures the flow (and
+                // writes its reply entry), which the measured packets, as
+                // the lab's, find done.
+                .map(|spec| {
+                    forward(dp, &spec)?;
+                    forward(dp, &spec).map(|_| (spec.build(), client_if))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            spread(frames)
+        }
         "not_ours_pass" => vec![(Spec::from_client(40_000, 5353, L4::Udp).build(), client_if)],
         "established_udp6_xlb6" => {
             let frame = ipv6::established_udp(dp, round)?;
@@ -344,6 +373,18 @@ fn measure_path(dp: &mut Datapath, name: &str, round: u32, packets: u32) -> anyh
         total += dp.run_repeat(frame, *ifindex, 1).1;
     }
     Ok(mean_ns(total, packets))
+}
+
+/// Live flows of the `_30k` paths (60k entries, each flow has two); at
+/// most half the masquerade ports of the one backend, so none runs out.
+pub(crate) const WORKING_SET: u32 = 30_000;
+
+/// A working set's frames in an order that strides through it (any
+/// `packets` of them touch flows all over the table, not the first made).
+fn spread(frames: Vec<(Vec<u8>, u32)>) -> Vec<(Vec<u8>, u32)> {
+    let n = frames.len();
+    // 7919 is a prime that does not divide WORKING_SET: each frame once.
+    (0..n).map(|i| frames[i * 7919 % n].clone()).collect()
 }
 
 fn port_for(l4: L4) -> u16 {

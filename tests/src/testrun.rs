@@ -163,7 +163,20 @@ pub fn ifindex(name: &str) -> u32 {
 
 impl Datapath {
     pub fn load(object: &[u8]) -> Datapath {
-        let mut bpf = EbpfLoader::new().load(object).expect("load the XDP object");
+        Self::load_with(object, EbpfLoader::new())
+    }
+
+    /// `load` with `XLB_FLOWS6` as large as `XLB_FLOWS`, as the agent sizes
+    /// it on a node with an IPv6 address (the object's own size is for a
+    /// node without one): for a working set of IPv6 flows.
+    pub fn load_dual_stack(object: &[u8]) -> Datapath {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::FLOWS6, lb_common::maps::FLOWS_MAX);
+        Self::load_with(object, loader)
+    }
+
+    fn load_with(object: &[u8], mut loader: EbpfLoader) -> Datapath {
+        let mut bpf = loader.load(object).expect("load the XDP object");
         let program: &mut Xdp = bpf
             .program_mut(names::PROGRAM)
             .expect("program")

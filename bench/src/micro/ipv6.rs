@@ -30,6 +30,19 @@ pub(super) fn frames(
             })
             .collect(),
         "established_udp6" => vec![(established_udp(dp, round)?, client_if)],
+        "established_udp6_30k" => {
+            let frames = (0..super::WORKING_SET)
+                .map(|index| {
+                    let (src, sport) = client(round, index, super::WORKING_SET);
+                    let mut spec = Spec6::from_client(sport, UDP_NODE_PORT, L4::Udp);
+                    spec.src = src;
+                    // Assured, as IPv4's working set (`spread`'s caller).
+                    forward(dp, &spec)?;
+                    forward(dp, &spec).map(|_| (spec.build(), client_if))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            super::spread(frames)
+        }
         "reply_reverse_nat6" => {
             let sport = 31_000 + round as u16;
             let at_backend = forward(dp, &Spec6::from_client(sport, UDP_NODE_PORT, L4::Udp))?;
