@@ -398,8 +398,8 @@ pub(super) fn run(
 /// What each bench's repeats measured, by (IPv6, test).
 type Samples = BTreeMap<(bool, &'static str), Vec<Window>>;
 
-/// Every test in both families on every bench, `plan.repeats` times, the
-/// order of systems and of families rotating; a bench that fails leaves
+/// Every test in both families on every bench, `plan.repeats` times in a
+/// row, the order of systems and of families rotating; a bench that fails leaves
 /// (its error in `figures`). Also each bench's established windows that
 /// created flows.
 fn measure_all(
@@ -410,8 +410,11 @@ fn measure_all(
 ) -> (Vec<Samples>, Vec<Vec<String>>) {
     let mut samples: Vec<Samples> = vec![BTreeMap::new(); benches.len()];
     let mut created: Vec<Vec<String>> = vec![Vec::new(); benches.len()];
-    for repeat in 0..plan.repeats as usize {
-        for (test, flows) in TESTS {
+    // Every repeat of a test before the next, the flood last (as the
+    // headline's, see `headline::HEADLINE`): after a flood, 60k-flow
+    // windows ran at 0.4-0.7x a first repeat's, in either family.
+    for (test, flows) in TESTS {
+        for repeat in 0..plan.repeats as usize {
             for turn in 0..benches.len() {
                 let slot = (turn + repeat) % benches.len();
                 let Some(bench) = benches[slot].as_mut() else {
