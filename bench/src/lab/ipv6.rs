@@ -414,6 +414,9 @@ fn measure_all(
     // headline's, see `headline::HEADLINE`): after a flood, 60k-flow
     // windows ran at 0.4-0.7x a first repeat's, in either family.
     for (test, flows) in TESTS {
+        if flows == Flows::New {
+            fill_tables(benches, figures, plan, failed);
+        }
         for repeat in 0..plan.repeats as usize {
             for turn in 0..benches.len() {
                 let slot = (turn + repeat) % benches.len();
@@ -457,6 +460,35 @@ fn measure_all(
         }
     }
     (samples, created)
+}
+
+/// A new-flow flood window per system and family, not measured, before
+/// the first measured one: every measured window is then a flood into
+/// full tables (see `headline::fill_tables`).
+fn fill_tables(
+    benches: &mut [Option<DualBench>],
+    figures: &mut [FamilyFigures],
+    plan: Plan,
+    failed: &mut bool,
+) {
+    for (slot, entry) in benches.iter_mut().enumerate() {
+        for ipv6 in [false, true] {
+            let Some(bench) = entry.as_mut() else {
+                continue;
+            };
+            eprintln!(
+                "xlb-bench: {} {} new-flow flood to fill its tables (not measured) ...",
+                bench.system.name(),
+                if ipv6 { "IPv6" } else { "IPv4" }
+            );
+            if let Err(error) = bench.udp(ipv6, Flows::New, plan) {
+                *failed = true;
+                eprintln!("xlb-bench: {} failed: {error:#}", bench.system.name());
+                figures[slot].error = Some(format!("{error:#}"));
+                *entry = None;
+            }
+        }
+    }
 }
 
 /// The row's name: the kube-proxy system is iptables for IPv4 and
