@@ -61,6 +61,51 @@ fn table_of<F: Ip>(flow: &FlowOf<F>) -> &'static Table<F> {
     }
 }
 
+/// The key of (`src`, `dst`) (address and port each, in memory order) for
+/// `proto`. Its fields are written one by one, the protocol and its three
+/// bytes of padding as one aligned word: written as `_pad: [0; 3]`, the
+/// padding was a call to the linker's byte-loop `memset` (bpf-linker's
+/// in-order memcpy expansion leaves every memset to it), on every packet.
+#[inline(always)]
+pub fn key<F: Ip>(
+    (src_addr_be, src_port_be): (F::Addr, u16),
+    (dst_addr_be, dst_port_be): (F::Addr, u16),
+    proto: u8,
+) -> FlowKeyOf<F> {
+    let mut key = core::mem::MaybeUninit::<FlowKeyOf<F>>::uninit();
+    let at = key.as_mut_ptr();
+    // SAFETY: every field is written below; the protocol's word is
+    // aligned (checked after this function).
+    unsafe {
+        (&raw mut (*at).src_addr_be).write(src_addr_be);
+        (&raw mut (*at).dst_addr_be).write(dst_addr_be);
+        (&raw mut (*at).src_port_be).write(src_port_be);
+        (&raw mut (*at).dst_port_be).write(dst_port_be);
+        let word = u32::from_ne_bytes([proto, 0, 0, 0]);
+        (&raw mut (*at).proto).cast::<u32>().write(word);
+        key.assume_init()
+    }
+}
+
+// `key`'s protocol word: 4-byte aligned in both families.
+const _: () = {
+    assert!(core::mem::offset_of!(lb_common::FlowKey, proto) % 4 == 0);
+    assert!(core::mem::offset_of!(lb_common::FlowKey6, proto) % 4 == 0);
+    assert!(core::mem::align_of::<lb_common::FlowKey>() >= 4);
+    assert!(core::mem::align_of::<lb_common::FlowKey6>() >= 4);
+};
+
+/// The key of the opposite direction's entry, given `entry`'s rewrite
+/// (`FlowKeyOf::peer_of`, written as `key` writes keys).
+#[inline(always)]
+pub fn peer_key<F: Ip>(entry: &FlowOf<F>, proto: u8) -> FlowKeyOf<F> {
+    key(
+        (entry.new_dst_addr_be, entry.new_dst_port_be),
+        (entry.new_src_addr_be, entry.new_src_port_be),
+        proto,
+    )
+}
+
 /// `a` is later than `b` in sequence space.
 #[inline(always)]
 fn seq_after(a: u32, b: u32) -> bool {
@@ -113,13 +158,13 @@ fn paired<F: Ip>(table: &Table<F>, key: &FlowKeyOf<F>, entry: &FlowOf<F>) -> boo
         };
         // SAFETY: this CPU's scratch slot, sized for a key.
         let peer = unsafe {
-            *peer_key = FlowKeyOf::peer_of(entry, key.proto);
+            *peer_key = self::peer_key(entry, key.proto);
             table.get_ptr(&*peer_key)
         };
         // SAFETY: plain-integer map value.
         return peer.is_some_and(|peer| FlowOf::is_peer(unsafe { &*peer }, key));
     }
-    match table.get_ptr(FlowKeyOf::peer_of(entry, key.proto)) {
+    match table.get_ptr(peer_key(entry, key.proto)) {
         // SAFETY: plain-integer map value.
         Some(peer) => FlowOf::is_peer(unsafe { &*peer }, key),
         None => false,
@@ -161,7 +206,7 @@ pub fn track<F: Ip>(
     let confirmed = entry.state & FLOW_S_CONFIRMED != 0;
     let due = entry.refresh_due(key.proto, cfg, now);
     let table = table_of(entry);
-    let peer_key = FlowKeyOf::peer_of(entry, key.proto);
+    let peer_key = peer_key(entry, key.proto);
     let mut add = if reply { FLOW_S_SEEN_REPLY } else { 0 };
     let mut rst_ignored = false;
     let mut confirm = false;
@@ -354,14 +399,11 @@ pub fn create<F: Ip>(
     };
     // The tuple the backend's replies carry (with masquerade, its port is
     // chosen below).
-    let mut reply_key = FlowKeyOf::<F> {
-        src_addr_be: new.backend.addr_be,
-        dst_addr_be: src_addr_be,
-        src_port_be: new.backend.port_be,
-        dst_port_be: src_port_be,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let mut reply_key = self::key::<F>(
+        (new.backend.addr_be, new.backend.port_be),
+        (src_addr_be, src_port_be),
+        key.proto,
+    );
     // One entry on the stack: the REPLY entry, then rewritten in place into
     // the ORIGINAL one.
     let mut entry = reply_entry(key, new, now);

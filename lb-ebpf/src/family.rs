@@ -50,6 +50,11 @@ pub trait Ip: Family {
 
     /// (source, destination) address of the packet.
     fn addrs(ip: &Self::Header) -> (Self::Addr, Self::Addr);
+    /// Zeroes `addr` in place with plain stores: built as a zero value,
+    /// an IPv6 address was a call to the linker's byte-loop `memset`
+    /// (bpf-linker's in-order memcpy expansion leaves every memset to it);
+    /// volatile, or LLVM merges the four stores back into one memset.
+    fn clear_addr(addr: &mut Self::Addr);
     /// TTL or hop limit.
     fn hop_limit(ip: &Self::Header) -> u8;
     /// The IP packet's length (header included), as the FIB's MTU check
@@ -126,6 +131,10 @@ impl Ip for V4 {
         &XLB_AFFINITY
     }
 
+    #[inline(always)]
+    fn clear_addr(addr: &mut u32) {
+        *addr = 0;
+    }
     #[inline(always)]
     fn addrs(ip: &Ipv4) -> (u32, u32) {
         // SAFETY: the parser checked the IPv4 header is inside the packet.
@@ -237,6 +246,13 @@ impl Ip for V6 {
         &XLB_AFFINITY6
     }
 
+    #[inline(always)]
+    fn clear_addr(addr: &mut Self::Addr) {
+        for word in addr.iter_mut() {
+            // SAFETY: a valid, aligned reference.
+            unsafe { core::ptr::write_volatile(word, 0) };
+        }
+    }
     #[inline(always)]
     fn addrs(ip: &Ipv6) -> (Self::Addr, Self::Addr) {
         // SAFETY: the parser checked the IPv6 header is inside the packet.

@@ -62,14 +62,18 @@ pub fn next_hop<F: Ip>(
     tot_len: u16,
     from_tc: bool,
 ) -> Result<NextHop, Reason> {
-    // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is a valid value.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut params = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    // SAFETY: a plain C struct; all-zero is a valid value.
+    let params = unsafe {
+        zero_params(params.as_mut_ptr());
+        params.assume_init_mut()
+    };
     let addrs = (src_addr_be, dst_addr_be);
-    let mut ret = lookup::<F>(ctx, ingress_ifindex, &mut params, addrs, proto, tot_len);
+    let mut ret = lookup::<F>(ctx, ingress_ifindex, params, addrs, proto, tot_len);
     if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED && tot_len != 0 {
         // The route's MTU is smaller than the packet: find the hop anyway,
         // and let xlb's own check (mtu.rs) answer as a router does.
-        ret = lookup::<F>(ctx, ingress_ifindex, &mut params, addrs, proto, 0);
+        ret = lookup::<F>(ctx, ingress_ifindex, params, addrs, proto, 0);
     }
     match ret {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
@@ -87,6 +91,25 @@ pub fn next_hop<F: Ip>(
     }
 }
 
+/// Zeroes the 64 bytes of `params` a word at a time: `mem::zeroed()` was a
+/// call to the linker's byte-loop `memset` (64 iterations; bpf-linker's
+/// in-order memcpy expansion leaves every memset to it). Volatile, or LLVM
+/// merges the stores back into one memset.
+///
+/// # Safety
+/// `params` is valid for writes.
+#[inline(always)]
+unsafe fn zero_params(params: *mut bpf_fib_lookup) {
+    const WORDS: usize = core::mem::size_of::<bpf_fib_lookup>() / 4;
+    const _: () = assert!(core::mem::size_of::<bpf_fib_lookup>() % 4 == 0);
+    const _: () = assert!(core::mem::align_of::<bpf_fib_lookup>() >= 4);
+    let words = params.cast::<u32>();
+    for word in 0..WORDS {
+        // SAFETY: inside the caller's struct, 4-byte aligned.
+        unsafe { core::ptr::write_volatile(words.add(word), 0) };
+    }
+}
+
 /// One FIB lookup; `tot_len` 0 skips its MTU check.
 #[inline(always)]
 fn lookup<F: Ip>(
@@ -97,9 +120,9 @@ fn lookup<F: Ip>(
     proto: u8,
     tot_len: u16,
 ) -> u32 {
-    // SAFETY: as above; outputs of an earlier lookup (some share unions
-    // with inputs) must not leak into this one.
-    *params = unsafe { core::mem::zeroed() };
+    // SAFETY: a valid struct; outputs of an earlier lookup (some share
+    // unions with inputs) must not leak into this one.
+    unsafe { zero_params(params) };
     F::fib_addrs(params, &src_addr_be, &dst_addr_be);
     params.l4_protocol = proto;
     params.__bindgen_anon_1.tot_len = tot_len;
@@ -142,9 +165,13 @@ pub fn hop_to_backend<F: Ip>(
         tot_len,
         now,
     };
-    let mut found = (NextHop::default(), F::Addr::default());
-    match hop_to_backend_outlined(ctx, &query, &mut found) {
-        HOP_FOUND => Ok(found),
+    // Written by the outlined function when it finds a hop; left
+    // uninitialised, not zeroed: a zeroed (NextHop, Addr6) was a call to
+    // the linker's byte-loop `memset` for 32 bytes on every new flow.
+    let mut found = core::mem::MaybeUninit::<(NextHop, F::Addr)>::uninit();
+    match hop_to_backend_outlined(ctx, &query, found.as_mut_ptr()) {
+        // SAFETY: HOP_FOUND means the function wrote `found`.
+        HOP_FOUND => Ok(unsafe { found.assume_init() }),
         reason => Err(Reason::from_index(reason).unwrap_or(Reason::PassFibFailed)),
     }
 }
@@ -163,12 +190,13 @@ struct HopQuery<'a, F: Ip> {
 /// `hop_to_backend_outlined`'s answer when it wrote the hop.
 const HOP_FOUND: u32 = u32::MAX;
 
-/// The next hop into `found`, or the reason there is none.
+/// The next hop into `found` (written only then), or the reason there is
+/// none.
 #[inline(never)]
 fn hop_to_backend_outlined<F: Ip>(
     ctx: &XdpContext,
     query: &HopQuery<F>,
-    found: &mut (NextHop, F::Addr),
+    found: *mut (NextHop, F::Addr),
 ) -> u32 {
     let q = query;
     match cached_hop_to_backend::<F>(
@@ -181,7 +209,8 @@ fn hop_to_backend_outlined<F: Ip>(
         q.now,
     ) {
         Ok(hop) => {
-            *found = hop;
+            // SAFETY: the caller's slot, valid for writes.
+            unsafe { found.write(hop) };
             HOP_FOUND
         }
         Err(reason) => reason as u32,

@@ -50,13 +50,11 @@ pub fn service_for<F: Ip>(dst_addr_be: F::Addr, dst_port_be: u16, proto: u8) -> 
     F::node_addrs()
         .get_ptr(dst_addr_be)
         .map(|_: *const NodeAddr| ())?;
-    let node_port = ServiceKeyOf::<F> {
-        addr_be: F::Addr::default(),
-        ..key
-    };
+    let mut node_port = key;
+    F::clear_addr(&mut node_port.addr_be);
     // SAFETY: as above.
     F::services()
-        .get_ptr(node_port)
+        .get_ptr(&node_port)
         .map(|service| unsafe { *service })
 }
 

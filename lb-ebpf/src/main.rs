@@ -557,14 +557,11 @@ mod prog {
     pub(crate) fn flow_key<F: Ip>(packet: &Packet<F>) -> FlowKeyOf<F> {
         let (src_port_be, dst_port_be) = packet.l4.ports_be();
         let (src_addr_be, dst_addr_be) = F::addrs(&packet.ip);
-        FlowKeyOf {
-            src_addr_be,
-            dst_addr_be,
-            src_port_be,
-            dst_port_be,
-            proto: packet.ip.proto(),
-            _pad: [0; 3],
-        }
+        conntrack::key(
+            (src_addr_be, src_port_be),
+            (dst_addr_be, dst_port_be),
+            packet.ip.proto(),
+        )
     }
 
     /// We forward like a router: a packet that would leave with TTL (hop
