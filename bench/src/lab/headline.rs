@@ -195,14 +195,20 @@ fn measure_all(
                 );
                 if let Err(error) = measure_headline(bench, measurement, plan, samples) {
                     failed = true;
-                    eprintln!("xlb-bench: {} failed: {error:#}", bench.system.name());
-                    figures[slot].error = Some(format!("{error:#}"));
+                    note_failure(bench.system, &error, &mut figures[slot]);
                     *entry = None;
                 }
             }
         }
     }
     failed
+}
+
+/// A system's failure, said and kept in its figures (the caller drops
+/// the system from the run).
+fn note_failure(system: System, error: &anyhow::Error, figures: &mut SystemFigures) {
+    eprintln!("xlb-bench: {} failed: {error:#}", system.name());
+    figures.error = Some(format!("{error:#}"));
 }
 
 /// A new-flow flood window per system, not measured, before the first
@@ -228,8 +234,7 @@ fn fill_tables(
         );
         if let Err(error) = bench.udp(Flows::New, plan) {
             failed = true;
-            eprintln!("xlb-bench: {} failed: {error:#}", bench.system.name());
-            figures[slot].error = Some(format!("{error:#}"));
+            note_failure(bench.system, &error, &mut figures[slot]);
             *entry = None;
         }
     }

@@ -16,43 +16,51 @@
 
 use core::arch::asm;
 
-/// The 4 bytes at `at`, in memory order (as `u32::from_ne_bytes`).
-///
-/// # Safety
-/// `at .. at + 4` is inside the packet.
-#[inline(always)]
-pub unsafe fn load32(at: *const u8) -> u32 {
-    let word: u64;
-    // SAFETY: the caller's bytes; one BPF_LDX | BPF_W, which the verifier
-    // checks against the packet's bounds.
-    unsafe {
-        asm!(
-            "{word} = *(u32 *)({at} + 0)",
-            at = in(reg) at,
-            word = lateout(reg) word,
-            options(readonly, nostack, preserves_flags, pure),
-        );
-    }
-    word as u32
+/// `$load` and `$store` for `$ty`: one BPF_LDX / BPF_STX of `$width` bytes
+/// (`$size` in the BPF assembly's spelling).
+macro_rules! access {
+    ($load:ident, $store:ident, $ty:ty, $width:literal, $size:literal) => {
+        #[doc = concat!("The ", $width, " bytes at `at`, in memory order (as `", stringify!($ty), "::from_ne_bytes`).")]
+        ///
+        /// # Safety
+        #[doc = concat!("`at .. at + ", $width, "` is inside the packet.")]
+        #[inline(always)]
+        pub unsafe fn $load(at: *const u8) -> $ty {
+            let word: u64;
+            // SAFETY: the caller's bytes; one load, which the verifier
+            // checks against the packet's bounds.
+            unsafe {
+                asm!(
+                    concat!("{word} = *(", $size, " *)({at} + 0)"),
+                    at = in(reg) at,
+                    word = lateout(reg) word,
+                    options(readonly, nostack, preserves_flags, pure),
+                );
+            }
+            word as $ty
+        }
+
+        #[doc = concat!("Writes `word` (memory order) to the ", $width, " bytes at `at`.")]
+        ///
+        /// # Safety
+        #[doc = concat!("`at .. at + ", $width, "` is inside the packet.")]
+        #[inline(always)]
+        pub unsafe fn $store(at: *mut u8, word: $ty) {
+            // SAFETY: the caller's bytes; one store.
+            unsafe {
+                asm!(
+                    concat!("*(", $size, " *)({at} + 0) = {word}"),
+                    at = in(reg) at,
+                    word = in(reg) u64::from(word),
+                    options(nostack, preserves_flags),
+                );
+            }
+        }
+    };
 }
 
-/// Writes `word` (memory order, as `u32::to_ne_bytes`) to the 4 bytes at
-/// `at`.
-///
-/// # Safety
-/// `at .. at + 4` is inside the packet.
-#[inline(always)]
-pub unsafe fn store32(at: *mut u8, word: u32) {
-    // SAFETY: the caller's bytes; one BPF_STX | BPF_W.
-    unsafe {
-        asm!(
-            "*(u32 *)({at} + 0) = {word}",
-            at = in(reg) at,
-            word = in(reg) u64::from(word),
-            options(nostack, preserves_flags),
-        );
-    }
-}
+access!(load32, store32, u32, "4", "u32");
+access!(load16, store16, u16, "2", "u16");
 
 /// The 16 bytes of an IPv6 address at `at`, as four words in memory order.
 ///
@@ -68,42 +76,6 @@ pub unsafe fn load128(at: *const u8) -> [u32; 4] {
             load32(at.add(8)),
             load32(at.add(12)),
         ]
-    }
-}
-
-/// The 2 bytes at `at`, in memory order (as `u16::from_ne_bytes`).
-///
-/// # Safety
-/// `at .. at + 2` is inside the packet.
-#[inline(always)]
-pub unsafe fn load16(at: *const u8) -> u16 {
-    let word: u64;
-    // SAFETY: the caller's bytes; one BPF_LDX | BPF_H.
-    unsafe {
-        asm!(
-            "{word} = *(u16 *)({at} + 0)",
-            at = in(reg) at,
-            word = lateout(reg) word,
-            options(readonly, nostack, preserves_flags, pure),
-        );
-    }
-    word as u16
-}
-
-/// Writes `word` (memory order) to the 2 bytes at `at`.
-///
-/// # Safety
-/// `at .. at + 2` is inside the packet.
-#[inline(always)]
-pub unsafe fn store16(at: *mut u8, word: u16) {
-    // SAFETY: the caller's bytes; one BPF_STX | BPF_H.
-    unsafe {
-        asm!(
-            "*(u16 *)({at} + 0) = {word}",
-            at = in(reg) at,
-            word = in(reg) u64::from(word),
-            options(nostack, preserves_flags),
-        );
     }
 }
 
