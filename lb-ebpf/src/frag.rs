@@ -83,14 +83,7 @@ pub fn follow(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32, Re
     if now.saturating_sub(ports.seen_ns) > FRAG_TIMEOUT_NS {
         return Err(Reason::PassFragmentUnknown);
     }
-    let key = FlowKey {
-        src_addr_be: src,
-        dst_addr_be: dst,
-        src_port_be: ports.src_port_be,
-        dst_port_be: ports.dst_port_be,
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let key: FlowKey = conntrack::key((src, ports.src_port_be), (dst, ports.dst_port_be), ip.proto);
     let entry = conntrack::lookup(&key, cfg, now).ok_or(Reason::PassFragmentUnknown)?;
     // SAFETY: valid map value pointer for this run.
     let flow = unsafe { *entry };
@@ -169,14 +162,7 @@ pub fn follow6(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32, R
     if now.saturating_sub(ports.seen_ns) > FRAG_TIMEOUT_NS {
         return Err(Reason::PassFragmentUnknown);
     }
-    let key = FlowKey6 {
-        src_addr_be: src,
-        dst_addr_be: dst,
-        src_port_be: ports.src_port_be,
-        dst_port_be: ports.dst_port_be,
-        proto,
-        _pad: [0; 3],
-    };
+    let key: FlowKey6 = conntrack::key((src, ports.src_port_be), (dst, ports.dst_port_be), proto);
     let entry = conntrack::lookup(&key, cfg, now).ok_or(Reason::PassFragmentUnknown)?;
     // SAFETY: valid map value pointer for this run.
     let flow = unsafe { &*entry };

@@ -118,14 +118,11 @@ impl IcmpFamily for V4 {
                 *error.inner_ports,
             )
         };
-        FlowKeyOf {
-            src_addr_be: u32::from_ne_bytes(dst),
-            dst_addr_be: u32::from_ne_bytes(src),
-            src_port_be: u16::from_ne_bytes(ports[1]),
-            dst_port_be: u16::from_ne_bytes(ports[0]),
-            proto: error.inner_proto,
-            _pad: [0; 3],
-        }
+        conntrack::key(
+            (u32::from_ne_bytes(dst), u16::from_ne_bytes(ports[1])),
+            (u32::from_ne_bytes(src), u16::from_ne_bytes(ports[0])),
+            error.inner_proto,
+        )
     }
 
     #[inline(always)]
@@ -160,14 +157,11 @@ impl IcmpFamily for V6 {
         // SAFETY: the parser checked the quoted IPv6 header and ports are
         // inside the packet.
         let ((src, dst), ports) = unsafe { (parse::addrs6(error.inner), *error.inner_ports) };
-        FlowKeyOf {
-            src_addr_be: dst,
-            dst_addr_be: src,
-            src_port_be: u16::from_ne_bytes(ports[1]),
-            dst_port_be: u16::from_ne_bytes(ports[0]),
-            proto: error.inner_proto,
-            _pad: [0; 3],
-        }
+        conntrack::key(
+            (dst, u16::from_ne_bytes(ports[1])),
+            (src, u16::from_ne_bytes(ports[0])),
+            error.inner_proto,
+        )
     }
 
     #[inline(always)]
