@@ -62,19 +62,18 @@ pub fn next_hop<F: Ip>(
     tot_len: u16,
     from_tc: bool,
 ) -> Result<NextHop, Reason> {
+    // Zeroed by each lookup, not before.
     let mut params = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
-    // SAFETY: a plain C struct; all-zero is a valid value.
-    let params = unsafe {
-        zero_params(params.as_mut_ptr());
-        params.assume_init_mut()
-    };
     let addrs = (src_addr_be, dst_addr_be);
-    let mut ret = lookup::<F>(ctx, ingress_ifindex, params, addrs, proto, tot_len);
+    let at = params.as_mut_ptr();
+    let mut ret = lookup::<F>(ctx, ingress_ifindex, at, addrs, proto, tot_len);
     if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED && tot_len != 0 {
         // The route's MTU is smaller than the packet: find the hop anyway,
         // and let xlb's own check (mtu.rs) answer as a router does.
-        ret = lookup::<F>(ctx, ingress_ifindex, params, addrs, proto, 0);
+        ret = lookup::<F>(ctx, ingress_ifindex, at, addrs, proto, 0);
     }
+    // SAFETY: `lookup` zeroed it, then the FIB filled it in.
+    let params = unsafe { params.assume_init_ref() };
     match ret {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             ifindex: params.ifindex,
@@ -110,19 +109,24 @@ unsafe fn zero_params(params: *mut bpf_fib_lookup) {
     }
 }
 
-/// One FIB lookup; `tot_len` 0 skips its MTU check.
+/// One FIB lookup into `params` (valid for writes, initialised or not: it
+/// is zeroed first); `tot_len` 0 skips its MTU check.
 #[inline(always)]
 fn lookup<F: Ip>(
     ctx: *mut c_void,
     ingress_ifindex: u32,
-    params: &mut bpf_fib_lookup,
+    params: *mut bpf_fib_lookup,
     (src_addr_be, dst_addr_be): (F::Addr, F::Addr),
     proto: u8,
     tot_len: u16,
 ) -> u32 {
-    // SAFETY: a valid struct; outputs of an earlier lookup (some share
-    // unions with inputs) must not leak into this one.
-    unsafe { zero_params(params) };
+    // SAFETY: the caller's struct, zeroed whole (a plain C struct: all-zero
+    // is a valid value); outputs of an earlier lookup (some share unions
+    // with inputs) must not leak into this one.
+    let params = unsafe {
+        zero_params(params);
+        &mut *params
+    };
     F::fib_addrs(params, &src_addr_be, &dst_addr_be);
     params.l4_protocol = proto;
     params.__bindgen_anon_1.tot_len = tot_len;
