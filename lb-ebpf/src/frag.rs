@@ -15,7 +15,7 @@
 
 use aya_ebpf::{bindings::BPF_ANY, programs::XdpContext};
 use lb_common::{
-    FlowKey, FlowKey6, FragKey, FragKey6, FragPorts, GlobalConfig, Reason, V4, V6,
+    Addr6, FlowKey, FlowKey6, FragKey, FragKey6, FragPorts, GlobalConfig, Reason, V4, V6,
     flow::FLOW_DIR_REPLY, frag::FRAG_TIMEOUT_NS,
 };
 use network_types::{eth::EthHdr, ip::Ipv6Hdr};
@@ -105,13 +105,7 @@ pub fn remember6(key: &FlowKey6, now: u64) {
     let Some((id_be, _)) = parse::ipv6_fragment() else {
         return;
     };
-    let datagram = FragKey6 {
-        src_addr_be: key.src_addr_be,
-        dst_addr_be: key.dst_addr_be,
-        id_be,
-        proto: key.proto,
-        _pad: [0; 3],
-    };
+    let datagram = datagram6(key.src_addr_be, key.dst_addr_be, id_be, key.proto);
     let ports = FragPorts {
         src_port_be: key.src_port_be,
         dst_port_be: key.dst_port_be,
@@ -120,6 +114,28 @@ pub fn remember6(key: &FlowKey6, now: u64) {
     };
     // Losing the record costs the datagram (its later fragments pass).
     let _ = XLB_FRAGS6.insert(&datagram, &ports, u64::from(BPF_ANY));
+}
+
+/// `XLB_FRAGS6`' key of an IPv6 datagram, written as `conntrack::key`
+/// writes flow keys: the protocol and its padding as one aligned word, not
+/// `_pad: [0; 3]` (a call to the linker's byte-loop `memset`, once per
+/// later fragment).
+#[inline(always)]
+fn datagram6(src_addr_be: Addr6, dst_addr_be: Addr6, id_be: u32, proto: u8) -> FragKey6 {
+    const _: () = assert!(core::mem::offset_of!(FragKey6, proto) % 4 == 0);
+    const _: () = assert!(core::mem::align_of::<FragKey6>() >= 4);
+    let mut key = core::mem::MaybeUninit::<FragKey6>::uninit();
+    let at = key.as_mut_ptr();
+    // SAFETY: every field is written; the protocol's word is aligned
+    // (asserted above).
+    unsafe {
+        (&raw mut (*at).src_addr_be).write(src_addr_be);
+        (&raw mut (*at).dst_addr_be).write(dst_addr_be);
+        (&raw mut (*at).id_be).write(id_be);
+        let word = u32::from_ne_bytes([proto, 0, 0, 0]);
+        (&raw mut (*at).proto).cast::<u32>().write(word);
+        key.assume_init()
+    }
 }
 
 /// Forwards an IPv6 later fragment after its first one, rewritten as its
@@ -146,13 +162,7 @@ pub fn follow6(ctx: &XdpContext, cfg: &GlobalConfig, now: u64) -> Result<(u32, R
             u16::from_be_bytes((*hdr).payload_len),
         )
     };
-    let datagram = FragKey6 {
-        src_addr_be: src,
-        dst_addr_be: dst,
-        id_be,
-        proto,
-        _pad: [0; 3],
-    };
+    let datagram = datagram6(src, dst, id_be, proto);
     // SAFETY: plain-integer LRU value; a racing update gives another
     // datagram's valid ports at worst.
     let ports = match XLB_FRAGS6.get_ptr(&datagram) {
