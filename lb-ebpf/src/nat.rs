@@ -350,22 +350,22 @@ pub fn rewrite_icmp6_error(error: &IcmpError6, flow: &Flow6) {
     }
 }
 
-/// Writes `new` over the IPv6 address at `addr` a word at a time; returns
-/// `delta` with the change added. A BPF function of its own: inline, its
-/// bytes spill over the caller's frame.
+/// Writes `new` over the IPv6 address at `addr` a word at a time (as
+/// `rewrite_ipv6` does); returns `delta` with the change added. A BPF
+/// function of its own: inline, its words spill over the caller's frame.
 ///
 /// # Safety
 /// `addr` points to 16 bytes inside the packet.
 #[inline(never)]
 unsafe fn replace_addr6(addr: *mut [u8; 16], new: &Addr6, delta: CsumDelta) -> CsumDelta {
-    let words = addr.cast::<[u8; 4]>();
+    let at = addr.cast::<u8>();
     let mut delta = delta;
     for (word, new) in new.iter().enumerate() {
         // SAFETY: the caller's 16 bytes hold four words.
         unsafe {
-            let old = u32::from_ne_bytes(*words.add(word));
-            delta = delta.replace32(old, *new);
-            *words.add(word) = new.to_ne_bytes();
+            let word_at = at.add(word * 4);
+            delta = delta.replace32(wide::load32(word_at), *new);
+            wide::store32(word_at, *new);
         }
     }
     delta
