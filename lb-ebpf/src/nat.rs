@@ -48,12 +48,19 @@ pub fn rewrite<F: Ip>(packet: &Packet<F>, flow: &FlowOf<F>) {
         let l4_delta = addrs.replace32(old_ports, new_ports);
         let check_at = l4.check.cast::<u8>();
         let old_check = wide::load16(check_at);
-        let new_check = if packet.ip.proto() == IPPROTO_UDP {
-            l4_delta.apply_udp(old_check)
-        } else {
-            l4_delta.apply(old_check)
-        };
+        let new_check = l4_check(l4_delta, old_check, packet.ip.proto());
         wide::store16(check_at, new_check);
+    }
+}
+
+/// A TCP or UDP checksum `check` after the change `delta`: UDP's as
+/// `CsumDelta::apply_udp` (0, no checksum, stays 0), others' as `apply`.
+#[inline(always)]
+fn l4_check(delta: CsumDelta, check: u16, proto: u8) -> u16 {
+    if proto == IPPROTO_UDP {
+        delta.apply_udp(check)
+    } else {
+        delta.apply(check)
     }
 }
 
@@ -295,11 +302,7 @@ pub fn rewrite_quoted(error: &IcmpError, flow: &Flow) {
             let l4 = addrs
                 .replace16(old_sport, sport)
                 .replace16(old_dport, dport);
-            let new_check = if error.inner_proto == IPPROTO_UDP {
-                l4.apply_udp(old_check)
-            } else {
-                l4.apply(old_check)
-            };
+            let new_check = l4_check(l4, old_check, error.inner_proto);
             *check = new_check.to_ne_bytes();
             icmp = icmp.replace16(old_check, new_check);
         }
@@ -336,11 +339,7 @@ pub fn rewrite_icmp6_error(error: &IcmpError6, flow: &Flow6) {
         let check = error.inner_check;
         if !check.is_null() {
             let old_check = u16::from_ne_bytes(*check);
-            let new_check = if error.inner_proto == IPPROTO_UDP {
-                l4.apply_udp(old_check)
-            } else {
-                l4.apply(old_check)
-            };
+            let new_check = l4_check(l4, old_check, error.inner_proto);
             *check = new_check.to_ne_bytes();
             icmp = icmp.replace16(old_check, new_check);
         }
